@@ -1,0 +1,129 @@
+//! Configuration in layers: built-in defaults, then one section of a TOML file, then environment.
+//!
+//! One file can configure the whole mesh: each service reads its own section (`[gateway]`,
+//! `[generation]`, `[cache]`, `[health]`). Environment variables are scoped the same way:
+//! `LLMESH_GATEWAY_LISTEN`, `LLMESH_CACHE_REDIS_URL`, and `__` for nesting
+//! (`LLMESH_GATEWAY_LIMITS__MAX_TOKENS`). Errors name the offending key.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Command-line arguments every service binary accepts.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServiceArgs {
+    /// TOML file with a section per service ([gateway], [generation], [cache], [health]).
+    #[arg(long, env = "LLMESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on; port 0 picks a free port (the chosen address is logged).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+}
+
+/// Loads the `section` of the configuration over `T::default()`, then the file, then the environment,
+/// then `--listen` (as the `listen` key).
+pub fn load<T>(section: &str, args: &ServiceArgs) -> Result<T, Box<figment::Error>>
+where
+    T: Serialize + DeserializeOwned + Default,
+{
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(path) = &args.config {
+        figment = figment.merge(Figment::from(Toml::file_exact(path)).focus(section));
+    }
+    figment = figment.merge(Env::prefixed(&env_prefix(section)).split("__"));
+    if let Some(listen) = args.listen {
+        figment = figment.merge(Serialized::default("listen", listen.to_string()));
+    }
+    figment.extract().map_err(Box::new)
+}
+
+/// `gateway` -> `LLMESH_GATEWAY_`.
+pub fn env_prefix(section: &str) -> String {
+    format!("LLMESH_{}_", section.to_ascii_uppercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Demo {
+        listen: SocketAddr,
+        limits: Limits,
+    }
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Limits {
+        max_tokens: u32,
+    }
+
+    impl Default for Demo {
+        fn default() -> Self {
+            Self {
+                listen: ([127, 0, 0, 1], 1).into(),
+                limits: Limits::default(),
+            }
+        }
+    }
+
+    impl Default for Limits {
+        fn default() -> Self {
+            Self { max_tokens: 10 }
+        }
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "mesh.toml",
+                "[demo]\nlisten = \"127.0.0.1:2\"\n[demo.limits]\nmax_tokens = 20\n",
+            )?;
+            let mut args = ServiceArgs {
+                config: Some("mesh.toml".into()),
+                listen: None,
+            };
+            let cfg: Demo = load("demo", &args).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.listen.port(), 2);
+            assert_eq!(cfg.limits.max_tokens, 20);
+
+            jail.set_env("LLMESH_DEMO_LIMITS__MAX_TOKENS", "30");
+            let cfg: Demo = load("demo", &args).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.limits.max_tokens, 30);
+
+            args.listen = Some(([127, 0, 0, 1], 3).into());
+            let cfg: Demo = load("demo", &args).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.listen.port(), 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LLMESH_DEMO_LIMITS__MAX_TOKEN", "30");
+            let err = load::<Demo>("demo", &ServiceArgs::default())
+                .err()
+                .map(|e| e.to_string());
+            let err = err.unwrap_or_default();
+            assert!(err.contains("max_token"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let args = ServiceArgs {
+            config: Some("/nonexistent/llmesh.toml".into()),
+            listen: None,
+        };
+        assert!(load::<Demo>("demo", &args).is_err());
+    }
+}

@@ -1,0 +1,123 @@
+//! The gRPC server every service runs: its own services plus `grpc.health.v1` and server
+//! reflection, on a listener that may have been bound to port 0, with graceful shutdown.
+//!
+//! Shutdown order: health flips to NOT_SERVING first (so balancers and probes stop sending), the
+//! listener closes, in-flight calls drain, and whatever is still open after the grace period is cut.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tonic::{server::NamedService, transport::server::Router};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+/// Binds `addr` and logs the `listening on ADDR` line (with the real port when `addr` asked for 0).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener
+        .local_addr()
+        .context("listener has no local address")?;
+    tracing::info!("listening on {local}");
+    Ok(listener)
+}
+
+/// A router that already serves health and reflection.
+pub struct Base {
+    pub router: Router,
+    pub health: HealthReporter,
+    services: Vec<&'static str>,
+}
+
+impl Base {
+    pub fn new() -> anyhow::Result<Self> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(llmesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building the reflection service")?;
+        // grpcurl and older clients still ask the v1alpha service.
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(llmesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("building the reflection service")?;
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        Ok(Self {
+            router,
+            health,
+            services: Vec::new(),
+        })
+    }
+
+    /// Marks `S` as SERVING in `grpc.health.v1` and remembers it for shutdown.
+    pub async fn serving<S: NamedService>(&mut self) {
+        self.health.set_serving::<S>().await;
+        self.services.push(S::NAME);
+    }
+
+    /// Adds the service's own gRPC services: `base.route(|r| r.add_service(MyServer::new(svc)))`.
+    pub fn route(self, add: impl FnOnce(Router) -> Router) -> Self {
+        Self {
+            router: add(self.router),
+            ..self
+        }
+    }
+
+    /// Serves until `shutdown` resolves, then drains for at most `grace`.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+        grace: Duration,
+    ) -> anyhow::Result<()> {
+        let Self {
+            router,
+            health,
+            services,
+        } = self;
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        }));
+
+        tokio::select! {
+            result = &mut server => {
+                return result.context("server task failed")?.context("server failed");
+            }
+            () = shutdown => {}
+        }
+
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        for name in services {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        let _ = stop_tx.send(());
+        match tokio::time::timeout(grace, &mut server).await {
+            Ok(result) => result
+                .context("server task failed")?
+                .context("server failed during shutdown"),
+            Err(_) => {
+                tracing::warn!(
+                    grace_ms = grace.as_millis() as u64,
+                    "grace period over; closing open calls"
+                );
+                server.abort();
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! The llmesh contract: generated messages, clients and servers for every service, and the
+//! encoded file descriptor set that each server registers for reflection.
+
+#![allow(clippy::doc_markdown)]
+
+pub mod common {
+    pub mod v1 {
+        tonic::include_proto!("llmesh.common.v1");
+    }
+}
+
+pub mod generation {
+    pub mod v1 {
+        tonic::include_proto!("llmesh.generation.v1");
+    }
+}
+
+pub mod gateway {
+    pub mod v1 {
+        tonic::include_proto!("llmesh.gateway.v1");
+    }
+}
+
+pub mod cache {
+    pub mod v1 {
+        tonic::include_proto!("llmesh.cache.v1");
+    }
+}
+
+pub mod health {
+    pub mod v1 {
+        tonic::include_proto!("llmesh.health.v1");
+    }
+}
+
+mod convert;
+
+/// The encoded `FileDescriptorSet` of every llmesh proto file, for tonic-reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("llmesh_descriptor");

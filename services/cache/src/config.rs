@@ -1,0 +1,39 @@
+//! Cache service configuration: `[cache]` in the mesh file, `LLMESH_CACHE_*` in the environment.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub shutdown_grace_ms: u64,
+    /// `redis://host:port/db`; unset means the in-memory store.
+    pub redis_url: Option<String>,
+    /// How long to wait for Redis at start-up, and per connection attempt after.
+    pub redis_connect_timeout_ms: u64,
+    /// Longest wait for one Redis reply.
+    pub redis_response_timeout_ms: u64,
+    /// Time to live of an entry when the caller gives none.
+    pub ttl_ms: u64,
+    /// Larger entries are not stored.
+    pub max_entry_bytes: usize,
+    /// Bound of the in-memory store, in bytes of encoded entries.
+    pub memory_max_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 50053).into(),
+            shutdown_grace_ms: 10_000,
+            redis_url: None,
+            redis_connect_timeout_ms: 2_000,
+            redis_response_timeout_ms: 200,
+            ttl_ms: 60 * 60 * 1000,
+            max_entry_bytes: 1024 * 1024,
+            memory_max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The cache key: SHA-256 over a canonical encoding of every request field that changes the
+//! output. Each field of `llmesh.generation.v1.GenerateRequest` must be listed either in
+//! [`KEY_FIELDS`] or in [`EXCLUDED_FIELDS`]; a test fails when a new field is in neither.
+
+use llmesh_proto::generation::v1::GenerateRequest;
+use sha2::{Digest, Sha256};
+
+/// Fields that change the answer, in the order they are encoded.
+pub const KEY_FIELDS: &[&str] = &[
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+];
+
+/// Fields that do not change the answer.
+pub const EXCLUDED_FIELDS: &[&str] = &[
+    "user",            // who asked, not what
+    "metadata",        // caller's labels
+    "cache",           // how to use the cache, not what to generate
+    "idempotency_key", // deduplication of submissions
+];
+
+/// Bumped whenever the encoding changes, so old entries are simply never found.
+const VERSION: &[u8] = b"llmesh-cache-key-v1";
+
+/// The hex key of `request`.
+pub fn of(request: &GenerateRequest) -> String {
+    let mut hasher = Canonical(Sha256::new());
+    hasher.bytes(VERSION);
+    hasher.bytes(request.model.as_bytes());
+    hasher.bytes(request.prompt.as_bytes());
+    hasher.count(request.messages.len());
+    for message in &request.messages {
+        hasher.bytes(message.role.as_bytes());
+        hasher.bytes(message.content.as_bytes());
+    }
+    hasher.bytes(&request.max_tokens.to_le_bytes());
+    hasher.optional(
+        request
+            .temperature
+            .map(f32::to_le_bytes)
+            .as_ref()
+            .map(<[u8; 4]>::as_slice),
+    );
+    hasher.optional(
+        request
+            .top_p
+            .map(f32::to_le_bytes)
+            .as_ref()
+            .map(<[u8; 4]>::as_slice),
+    );
+    hasher.count(request.stop.len());
+    for stop in &request.stop {
+        hasher.bytes(stop.as_bytes());
+    }
+    hasher.optional(
+        request
+            .seed
+            .map(i64::to_le_bytes)
+            .as_ref()
+            .map(<[u8; 8]>::as_slice),
+    );
+    let digest = hasher.0.finalize();
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Length-prefixed encoding: no two different field sequences produce the same bytes.
+struct Canonical(Sha256);
+
+impl Canonical {
+    fn bytes(&mut self, bytes: &[u8]) {
+        self.count(bytes.len());
+        self.0.update(bytes);
+    }
+
+    fn count(&mut self, n: usize) {
+        self.0.update((n as u64).to_le_bytes());
+    }
+
+    fn optional(&mut self, value: Option<&[u8]>) {
+        match value {
+            None => self.0.update([0]),
+            Some(bytes) => {
+                self.0.update([1]);
+                self.bytes(bytes);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llmesh_proto::common::v1::ChatMessage;
+    use prost::Message as _;
+
+    fn base() -> GenerateRequest {
+        GenerateRequest {
+            model: "sim".into(),
+            prompt: "hello".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_request_field_is_keyed_or_excluded() {
+        let set =
+            prost_types::FileDescriptorSet::decode(llmesh_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let request = set
+            .file
+            .iter()
+            .filter(|f| f.package() == "llmesh.generation.v1")
+            .flat_map(|f| &f.message_type)
+            .find(|m| m.name() == "GenerateRequest")
+            .expect("GenerateRequest in the descriptor set");
+        let mut fields: Vec<&str> = request.field.iter().map(|f| f.name()).collect();
+        fields.sort_unstable();
+        let mut listed: Vec<&str> = KEY_FIELDS.iter().chain(EXCLUDED_FIELDS).copied().collect();
+        listed.sort_unstable();
+        assert_eq!(
+            fields, listed,
+            "a GenerateRequest field is neither in KEY_FIELDS nor in EXCLUDED_FIELDS"
+        );
+    }
+
+    #[test]
+    fn every_key_field_changes_the_key() {
+        let variants = [
+            GenerateRequest {
+                model: "other".into(),
+                ..base()
+            },
+            GenerateRequest {
+                prompt: "hello!".into(),
+                ..base()
+            },
+            GenerateRequest {
+                prompt: String::new(),
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "hello".into(),
+                }],
+                ..base()
+            },
+            GenerateRequest {
+                max_tokens: 9,
+                ..base()
+            },
+            GenerateRequest {
+                temperature: Some(0.0),
+                ..base()
+            },
+            GenerateRequest {
+                top_p: Some(0.5),
+                ..base()
+            },
+            GenerateRequest {
+                stop: vec!["x".into()],
+                ..base()
+            },
+            GenerateRequest {
+                seed: Some(0),
+                ..base()
+            },
+        ];
+        assert_eq!(variants.len(), KEY_FIELDS.len());
+        let mut keys: Vec<String> = variants.iter().map(of).collect();
+        keys.push(of(&base()));
+        let count = keys.len();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), count, "two different requests share a key");
+    }
+
+    #[test]
+    fn excluded_fields_do_not_change_the_key() {
+        let varied = GenerateRequest {
+            user: "someone".into(),
+            metadata: [("a".to_string(), "b".to_string())].into(),
+            cache: 2,
+            idempotency_key: "k".into(),
+            ..base()
+        };
+        assert_eq!(of(&varied), of(&base()));
+    }
+
+    #[test]
+    fn field_boundaries_matter() {
+        let a = GenerateRequest {
+            model: "ab".into(),
+            prompt: "c".into(),
+            ..base()
+        };
+        let b = GenerateRequest {
+            model: "a".into(),
+            prompt: "bc".into(),
+            ..base()
+        };
+        assert_ne!(of(&a), of(&b));
+    }
+}

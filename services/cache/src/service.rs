@@ -1,0 +1,197 @@
+//! The `llmesh.cache.v1.Cache` gRPC service. A backend failure is a miss (or a refused store) and
+//! a counted error, never a failed call: the cache must not take generation down with it.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use llmesh_proto::{
+    cache::v1::{
+        Entry, InvalidateRequest, InvalidateResponse, LookupRequest, LookupResponse, StatsRequest,
+        StatsResponse, StoreRequest, StoreResponse, cache_server::Cache,
+        invalidate_request::Target,
+    },
+    common::v1::FinishReason,
+    generation::v1::GenerateRequest,
+};
+use prost::Message as _;
+use tonic::{Request, Response, Status};
+
+use crate::{config::Config, key, store::Store};
+
+#[derive(Debug, Clone)]
+pub struct CacheService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    ttl: Duration,
+    max_entry_bytes: usize,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    errors: AtomicU64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn required(request: Option<GenerateRequest>) -> Result<GenerateRequest, Status> {
+    request.ok_or_else(|| Status::invalid_argument("request: required"))
+}
+
+impl CacheService {
+    pub fn new(store: Store, config: &Config) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                ttl: Duration::from_millis(config.ttl_ms),
+                max_entry_bytes: config.max_entry_bytes,
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Cache for CacheService {
+    async fn lookup(
+        &self,
+        request: Request<LookupRequest>,
+    ) -> Result<Response<LookupResponse>, Status> {
+        let request = required(request.into_inner().request)?;
+        let key = key::of(&request);
+        let inner = &self.inner;
+        let found = match inner.store.get(&key).await {
+            Ok(found) => found,
+            Err(error) => {
+                inner.errors.fetch_add(1, Relaxed);
+                tracing::warn!(%error, "cache lookup failed; answering miss");
+                None
+            }
+        };
+        let Some(entry) = found else {
+            inner.misses.fetch_add(1, Relaxed);
+            return Ok(Response::new(LookupResponse {
+                hit: false,
+                key,
+                ..Default::default()
+            }));
+        };
+        inner.hits.fetch_add(1, Relaxed);
+        let mut response = entry.response.clone().unwrap_or_default();
+        response.cached = true;
+        let age_ms = u64::try_from(now_ms().saturating_sub(entry.stored_at_unix_ms)).unwrap_or(0);
+        Ok(Response::new(LookupResponse {
+            hit: true,
+            key,
+            response: Some(response),
+            chunks: entry.chunks.clone(),
+            age_ms,
+        }))
+    }
+
+    async fn store(
+        &self,
+        request: Request<StoreRequest>,
+    ) -> Result<Response<StoreResponse>, Status> {
+        let StoreRequest {
+            request,
+            response,
+            chunks,
+            ttl_ms,
+        } = request.into_inner();
+        let request = required(request)?;
+        let response = response.ok_or_else(|| Status::invalid_argument("response: required"))?;
+        let key = key::of(&request);
+        let refuse = |reason: &str| {
+            Ok(Response::new(StoreResponse {
+                key: key.clone(),
+                stored: false,
+                reason: reason.into(),
+            }))
+        };
+        if response.degraded.is_some() {
+            return refuse("degraded answers are not cached");
+        }
+        if response.finish_reason == i32::from(FinishReason::Unspecified) {
+            return refuse("unfinished answers are not cached");
+        }
+        let mut response = response;
+        response.cached = false;
+        let entry = Entry {
+            response: Some(response),
+            chunks,
+            stored_at_unix_ms: now_ms(),
+        };
+        if entry.encoded_len() > self.inner.max_entry_bytes {
+            return refuse("entry larger than max_entry_bytes");
+        }
+        let ttl = if ttl_ms == 0 {
+            self.inner.ttl
+        } else {
+            Duration::from_millis(ttl_ms)
+        };
+        if let Err(error) = self.inner.store.put(&key, &request.model, entry, ttl).await {
+            self.inner.errors.fetch_add(1, Relaxed);
+            tracing::warn!(%error, "cache store failed");
+            return refuse("backend error");
+        }
+        Ok(Response::new(StoreResponse {
+            key,
+            stored: true,
+            reason: String::new(),
+        }))
+    }
+
+    async fn invalidate(
+        &self,
+        request: Request<InvalidateRequest>,
+    ) -> Result<Response<InvalidateResponse>, Status> {
+        let removed = match request.into_inner().target {
+            Some(Target::Key(key)) if !key.is_empty() => self.inner.store.remove(&key).await,
+            Some(Target::Model(model)) if !model.is_empty() => {
+                self.inner.store.remove_model(&model).await
+            }
+            _ => return Err(Status::invalid_argument("target: set key or model")),
+        }
+        .map_err(|error| {
+            self.inner.errors.fetch_add(1, Relaxed);
+            Status::unavailable(format!("cache backend: {error}"))
+        })?;
+        Ok(Response::new(InvalidateResponse { removed }))
+    }
+
+    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let inner = &self.inner;
+        let size = inner.store.size().await.map_err(|error| {
+            inner.errors.fetch_add(1, Relaxed);
+            Status::unavailable(format!("cache backend: {error}"))
+        })?;
+        let (hits, misses) = (inner.hits.load(Relaxed), inner.misses.load(Relaxed));
+        let lookups = hits + misses;
+        Ok(Response::new(StatsResponse {
+            hits,
+            misses,
+            errors: inner.errors.load(Relaxed),
+            entries: size.entries,
+            bytes: size.bytes,
+            hit_rate: if lookups == 0 {
+                0.0
+            } else {
+                hits as f64 / lookups as f64
+            },
+            backend: inner.store.backend().to_string(),
+        }))
+    }
+}

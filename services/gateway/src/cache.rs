@@ -1,0 +1,116 @@
+//! The gateway's side of the response cache. Every call has a small time budget; a cache that is
+//! slow, down or failing is logged and bypassed, never a failed request.
+
+use std::time::Duration;
+
+use llmesh_proto::{
+    cache::v1::{LookupRequest, LookupResponse, StoreRequest, cache_client::CacheClient},
+    common::v1::CachePolicy,
+    generation::v1::{GenerateRequest, GenerateResponse},
+};
+use tonic::transport::Channel;
+
+#[derive(Debug, Clone)]
+pub struct Cache {
+    client: Option<CacheClient<Channel>>,
+    budget: Duration,
+}
+
+/// What a request's cache policy allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Use {
+    pub read: bool,
+    pub write: bool,
+    /// Answer NOT_FOUND instead of generating on a miss.
+    pub only_cached: bool,
+}
+
+impl Use {
+    pub fn of(policy: i32) -> Self {
+        match CachePolicy::try_from(policy).unwrap_or(CachePolicy::Default) {
+            CachePolicy::Unspecified | CachePolicy::Default => Self {
+                read: true,
+                write: true,
+                only_cached: false,
+            },
+            CachePolicy::Bypass => Self {
+                read: false,
+                write: false,
+                only_cached: false,
+            },
+            CachePolicy::Refresh => Self {
+                read: false,
+                write: true,
+                only_cached: false,
+            },
+            CachePolicy::OnlyIfCached => Self {
+                read: true,
+                write: false,
+                only_cached: true,
+            },
+        }
+    }
+}
+
+impl Cache {
+    pub fn new(client: Option<CacheClient<Channel>>, budget: Duration) -> Self {
+        Self { client, budget }
+    }
+
+    /// The cached answer, if there is one and the cache answers within budget.
+    pub async fn lookup(
+        &self,
+        request: &GenerateRequest,
+        remaining: Duration,
+    ) -> Option<LookupResponse> {
+        let mut client = self.client.clone()?;
+        let budget = self.budget.min(remaining);
+        let mut call = tonic::Request::new(LookupRequest {
+            request: Some(request.clone()),
+        });
+        call.set_timeout(budget);
+        match tokio::time::timeout(budget, client.lookup(call)).await {
+            Ok(Ok(response)) => {
+                Some(response.into_inner()).filter(|r| r.hit && r.response.is_some())
+            }
+            Ok(Err(status)) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), "cache lookup failed; bypassing");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    budget_ms = budget.as_millis() as u64,
+                    "cache lookup over budget; bypassing"
+                );
+                None
+            }
+        }
+    }
+
+    /// Stores an answer in the background: the client does not wait for the cache.
+    pub fn store(&self, request: GenerateRequest, response: GenerateResponse, chunks: Vec<String>) {
+        let Some(mut client) = self.client.clone() else {
+            return;
+        };
+        let budget = self.budget;
+        tokio::spawn(async move {
+            let mut call = tonic::Request::new(StoreRequest {
+                request: Some(request),
+                response: Some(response),
+                chunks,
+                ttl_ms: 0,
+            });
+            call.set_timeout(budget);
+            match tokio::time::timeout(budget, client.store(call)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) => {
+                    tracing::warn!(code = ?status.code(), message = status.message(), "cache store failed")
+                }
+                Err(_) => tracing::warn!(
+                    budget_ms = budget.as_millis() as u64,
+                    "cache store over budget"
+                ),
+            }
+        });
+    }
+}

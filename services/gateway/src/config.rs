@@ -1,0 +1,69 @@
+//! Gateway configuration: `[gateway]` in the mesh file, `LLMESH_GATEWAY_*` in the environment.
+
+use std::net::SocketAddr;
+
+use llmesh_common::validate::Limits;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub shutdown_grace_ms: u64,
+    pub limits: Limits,
+    /// Longest a call may take; a client's shorter grpc-timeout wins.
+    pub request_timeout_ms: u64,
+    /// How long to wait at start-up for generation (and the cache) to answer SERVING.
+    pub startup_timeout_ms: u64,
+    pub generation: GenerationConfig,
+    pub cache: CacheConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationConfig {
+    /// Generation replicas, as `http://host:port`.
+    pub endpoints: Vec<String>,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// The cache service, as `http://host:port`; empty turns caching off.
+    pub endpoint: String,
+    /// Time budget of one cache call; past it the gateway goes on without the cache.
+    pub budget_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 50051).into(),
+            shutdown_grace_ms: 10_000,
+            limits: Limits::default(),
+            request_timeout_ms: 30_000,
+            startup_timeout_ms: 5_000,
+            generation: GenerationConfig::default(),
+            cache: CacheConfig::default(),
+        }
+    }
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: vec!["http://127.0.0.1:50052".into()],
+            connect_timeout_ms: 1_000,
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "http://127.0.0.1:50053".into(),
+            budget_ms: 20,
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The call's deadline: the smaller of the client's `grpc-timeout` and the configured limit.
+//! What remains of it is passed on to every downstream call.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::metadata::MetadataMap;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(Instant);
+
+impl Deadline {
+    pub fn new(metadata: &MetadataMap, limit: Duration) -> Self {
+        let client = metadata
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        Self(Instant::now() + client.map_or(limit, |c| c.min(limit)))
+    }
+
+    pub fn remaining(&self) -> Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_unit() {
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
+        assert_eq!(parse_grpc_timeout("5"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("xS"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_timeout_wins_when_shorter() {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("grpc-timeout", "100m".parse().unwrap());
+        assert_eq!(
+            Deadline::new(&metadata, Duration::from_secs(30)).remaining(),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            Deadline::new(&metadata, Duration::from_millis(50)).remaining(),
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            Deadline::new(&MetadataMap::new(), Duration::from_secs(30)).remaining(),
+            Duration::from_secs(30)
+        );
+    }
+}

@@ -1,0 +1,40 @@
+//! The generation service: routes each model name to a provider and serves `Generate`,
+//! `GenerateStream` and `ListModels` over gRPC.
+
+pub mod config;
+pub mod provider;
+mod service;
+
+use std::{future::Future, time::Duration};
+
+use llmesh_common::{ServiceArgs, server};
+use llmesh_proto::generation::v1::generation_server::GenerationServer;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use service::GenerationService;
+
+/// Loads the configuration and serves until SIGTERM or Ctrl-C.
+pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
+    let config: Config = llmesh_common::config::load("generation", &args)?;
+    let listener = server::bind(config.listen).await?;
+    serve(config, listener, llmesh_common::shutdown::signal()).await
+}
+
+/// Serves on `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let service = GenerationService::new(&config)?;
+    let mut base = server::Base::new()?;
+    base.serving::<GenerationServer<GenerationService>>().await;
+    base.route(|router| router.add_service(GenerationServer::new(service)))
+        .serve(
+            listener,
+            shutdown,
+            Duration::from_millis(config.shutdown_grace_ms),
+        )
+        .await
+}

@@ -1,0 +1,69 @@
+//! Providers turn a generation request into a stream of events. Unary calls collect the stream,
+//! so both RPCs share one code path per provider.
+
+pub mod sim;
+
+use std::pin::Pin;
+
+use futures::Stream;
+use llmesh_proto::{
+    common::v1::{FinishReason, Usage},
+    generation::v1::GenerateRequest,
+};
+use tonic::Status;
+
+use crate::config::ModelConfig;
+
+/// One step of a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// More text.
+    Delta(String),
+    /// The end: why it ended and what it cost. Always the last event of a successful stream.
+    Finish { reason: FinishReason, usage: Usage },
+}
+
+/// A provider's answer. Dropping it cancels the upstream work.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
+
+/// A configured model's provider.
+#[derive(Debug)]
+pub enum Provider {
+    Sim(sim::Sim),
+}
+
+impl Provider {
+    pub fn from_config(config: &ModelConfig) -> Self {
+        match config {
+            ModelConfig::Sim(sim) => Self::Sim(sim::Sim::new(sim.clone())),
+        }
+    }
+
+    /// The provider's low-cardinality name, as reported in responses and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Sim(_) => "sim",
+        }
+    }
+
+    /// True when the same request always yields the same answer.
+    pub fn deterministic(&self) -> bool {
+        match self {
+            Self::Sim(_) => true,
+        }
+    }
+
+    /// The model name sent upstream.
+    pub fn upstream_model<'a>(&'a self, name: &'a str) -> &'a str {
+        match self {
+            Self::Sim(_) => name,
+        }
+    }
+
+    /// Starts generating. `max_tokens` is already resolved against the configured default.
+    pub fn stream(&self, request: &GenerateRequest, max_tokens: u32) -> EventStream {
+        match self {
+            Self::Sim(sim) => sim.stream(request, max_tokens),
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The `llmesh.generation.v1.Generation` gRPC service.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use anyhow::bail;
+use futures::{StreamExt as _, TryStreamExt as _};
+use llmesh_common::validate::{self, Limits};
+use llmesh_proto::{
+    common::v1::FinishReason,
+    generation::v1::{
+        GenerateRequest, GenerateResponse, GenerateStreamRequest, GenerateStreamResponse,
+        ListModelsRequest, ListModelsResponse, Model, generation_server::Generation,
+    },
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    config::Config,
+    provider::{Event, EventStream, Provider},
+};
+
+#[derive(Debug, Clone)]
+pub struct GenerationService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    models: BTreeMap<String, Provider>,
+    limits: Limits,
+}
+
+/// A started generation: the provider's events and what to label the chunks with.
+struct Started {
+    id: String,
+    model: String,
+    provider: &'static str,
+    events: EventStream,
+}
+
+impl GenerationService {
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        if config.models.is_empty() {
+            bail!("no models configured: add at least one [generation.models.NAME] section");
+        }
+        let models = config
+            .models
+            .iter()
+            .map(|(name, model)| (name.clone(), Provider::from_config(model)))
+            .collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                models,
+                limits: config.limits.clone(),
+            }),
+        })
+    }
+
+    fn start(&self, request: &GenerateRequest) -> Result<Started, Status> {
+        validate::generate_request(request, &self.inner.limits)?;
+        let provider = self.inner.models.get(&request.model).ok_or_else(|| {
+            let known: Vec<&str> = self.inner.models.keys().map(String::as_str).collect();
+            Status::invalid_argument(format!(
+                "model: unknown model {:?}; available: {}",
+                request.model,
+                known.join(", ")
+            ))
+        })?;
+        let max_tokens = validate::effective_max_tokens(request, &self.inner.limits);
+        Ok(Started {
+            id: format!("gen-{}", uuid::Uuid::now_v7().simple()),
+            model: request.model.clone(),
+            provider: provider.name(),
+            events: provider.stream(request, max_tokens),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateResponse>, Status> {
+        let started = self.start(request.get_ref())?;
+        let mut response = GenerateResponse {
+            id: started.id,
+            model: started.model,
+            provider: started.provider.to_string(),
+            ..Default::default()
+        };
+        let mut events = started.events;
+        while let Some(event) = events.try_next().await? {
+            match event {
+                Event::Delta(delta) => response.text.push_str(&delta),
+                Event::Finish { reason, usage } => {
+                    response.finish_reason = reason.into();
+                    response.usage = Some(usage);
+                }
+            }
+        }
+        if response.finish_reason == i32::from(FinishReason::Unspecified) {
+            return Err(Status::unavailable(
+                "provider ended the answer without finishing it",
+            ));
+        }
+        Ok(Response::new(response))
+    }
+
+    type GenerateStreamStream =
+        futures::stream::BoxStream<'static, Result<GenerateStreamResponse, Status>>;
+
+    async fn generate_stream(
+        &self,
+        request: Request<GenerateStreamRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let request: GenerateRequest = request.into_inner().into();
+        let Started {
+            id,
+            model,
+            provider,
+            events,
+        } = self.start(&request)?;
+        // The provider stream is polled by tonic as the client reads: back-pressure comes for free,
+        // and a client that goes away drops the stream, which stops the upstream work.
+        let chunks = events.map_ok(move |event| {
+            let mut chunk = GenerateStreamResponse {
+                id: id.clone(),
+                model: model.clone(),
+                provider: provider.to_string(),
+                ..Default::default()
+            };
+            match event {
+                Event::Delta(delta) => chunk.delta = delta,
+                Event::Finish { reason, usage } => {
+                    chunk.finish_reason = reason.into();
+                    chunk.usage = Some(usage);
+                }
+            }
+            chunk
+        });
+        Ok(Response::new(chunks.boxed()))
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        let models = self
+            .inner
+            .models
+            .iter()
+            .map(|(name, provider)| Model {
+                name: name.clone(),
+                provider: provider.name().to_string(),
+                upstream_model: provider.upstream_model(name).to_string(),
+                deterministic: provider.deterministic(),
+            })
+            .collect();
+        Ok(Response::new(ListModelsResponse { models }))
+    }
+}

@@ -1,0 +1,55 @@
+//! Health service configuration: `[health]` in the mesh file, `LLMESH_HEALTH_*` in the environment.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub shutdown_grace_ms: u64,
+    /// How often every target is checked.
+    pub poll_interval_ms: u64,
+    /// A target that does not answer within this is NOT_SERVING.
+    pub check_timeout_ms: u64,
+    pub targets: Vec<Target>,
+}
+
+/// One process to watch. Several targets may share a `name` (replicas of one service).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// Component name: "gateway", "generation", "cache".
+    pub name: String,
+    /// `http://host:port`.
+    pub address: String,
+    /// The grpc.health.v1 service name to ask about.
+    pub service: String,
+}
+
+impl Target {
+    fn new(name: &str, port: u16, service: &str) -> Self {
+        Self {
+            name: name.into(),
+            address: format!("http://127.0.0.1:{port}"),
+            service: service.into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 50054).into(),
+            shutdown_grace_ms: 5_000,
+            poll_interval_ms: 1_000,
+            check_timeout_ms: 500,
+            targets: vec![
+                Target::new("gateway", 50051, "llmesh.gateway.v1.Gateway"),
+                Target::new("generation", 50052, "llmesh.generation.v1.Generation"),
+                Target::new("cache", 50053, "llmesh.cache.v1.Cache"),
+            ],
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! The health service: polls `grpc.health.v1` of every process in the mesh and serves the result
+//! as `grpc.health.v1` (service "" for the whole mesh, and each watched service name) and as the
+//! richer `llmesh.health.v1.MeshHealth`.
+
+pub mod config;
+mod monitor;
+mod service;
+
+use std::{future::Future, time::Duration};
+
+use llmesh_common::{ServiceArgs, server};
+use llmesh_proto::health::v1::mesh_health_server::MeshHealthServer;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use service::MeshHealthService;
+
+/// Loads the configuration and serves until SIGTERM or Ctrl-C.
+pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
+    let config: Config = llmesh_common::config::load("health", &args)?;
+    let listener = server::bind(config.listen).await?;
+    serve(config, listener, llmesh_common::shutdown::signal()).await
+}
+
+/// Serves on `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut base = server::Base::new()?;
+    base.serving::<MeshHealthServer<MeshHealthService>>().await;
+    let monitor = monitor::Monitor::new(&config, base.health.clone())?;
+    let status = monitor.subscribe();
+    let poller = tokio::spawn(monitor.run());
+    // Stop polling before the server reports NOT_SERVING, so the poller cannot flip it back.
+    let shutdown = async move {
+        shutdown.await;
+        poller.abort();
+    };
+    base.route(|router| router.add_service(MeshHealthServer::new(MeshHealthService::new(status))))
+        .serve(
+            listener,
+            shutdown,
+            Duration::from_millis(config.shutdown_grace_ms),
+        )
+        .await
+}

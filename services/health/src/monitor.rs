@@ -1,0 +1,233 @@
+//! The poller: checks every target, folds the answers into one mesh status, publishes it on a
+//! watch channel and mirrors it into `grpc.health.v1`.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use llmesh_common::deps;
+use llmesh_proto::health::v1::{Component, ServingStatus, StatusResponse};
+use tokio::{sync::watch, time::Instant};
+use tonic::transport::Channel;
+use tonic_health::{
+    pb::{HealthCheckRequest, health_check_response, health_client::HealthClient},
+    server::HealthReporter,
+};
+
+use crate::config::{Config, Target};
+
+pub struct Monitor {
+    targets: Vec<(Target, HealthClient<Channel>)>,
+    interval: Duration,
+    timeout: Duration,
+    reporter: HealthReporter,
+    state: watch::Sender<StatusResponse>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Monitor {
+    pub fn new(config: &Config, reporter: HealthReporter) -> anyhow::Result<Self> {
+        let timeout = Duration::from_millis(config.check_timeout_ms);
+        let targets = config
+            .targets
+            .iter()
+            .map(|target| {
+                let channel = deps::endpoint(&target.address, timeout)?.connect_lazy();
+                Ok((target.clone(), HealthClient::new(channel)))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let initial = StatusResponse {
+            status: ServingStatus::Unknown.into(),
+            ..Default::default()
+        };
+        Ok(Self {
+            targets,
+            interval: Duration::from_millis(config.poll_interval_ms.max(10)),
+            timeout,
+            reporter,
+            state: watch::channel(initial).0,
+        })
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<StatusResponse> {
+        self.state.subscribe()
+    }
+
+    pub async fn run(self) {
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let checks = self
+                .targets
+                .iter()
+                .map(|(target, client)| self.check(target, client.clone()));
+            let components = futures::future::join_all(checks).await;
+            self.publish(components).await;
+        }
+    }
+
+    async fn check(&self, target: &Target, mut client: HealthClient<Channel>) -> Component {
+        let started = Instant::now();
+        let request = HealthCheckRequest {
+            service: target.service.clone(),
+        };
+        let (status, detail) = match tokio::time::timeout(self.timeout, client.check(request)).await
+        {
+            Ok(Ok(response)) => match response.into_inner().status() {
+                health_check_response::ServingStatus::Serving => {
+                    (ServingStatus::Serving, String::new())
+                }
+                other => (
+                    ServingStatus::NotServing,
+                    format!("reports {}", other.as_str_name()),
+                ),
+            },
+            Ok(Err(status)) => (
+                ServingStatus::NotServing,
+                format!("{:?}: {}", status.code(), status.message()),
+            ),
+            Err(_) => (
+                ServingStatus::NotServing,
+                format!("no answer within {} ms", self.timeout.as_millis()),
+            ),
+        };
+        Component {
+            name: target.name.clone(),
+            service: target.service.clone(),
+            address: target.address.clone(),
+            status: status.into(),
+            detail,
+            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            last_change_unix_ms: 0,
+        }
+    }
+
+    async fn publish(&self, mut components: Vec<Component>) {
+        // Keep each component's time of last change from the previous round.
+        let previous = self.state.borrow().components.clone();
+        for component in &mut components {
+            let before = previous
+                .iter()
+                .find(|p| p.name == component.name && p.address == component.address);
+            component.last_change_unix_ms = match before {
+                Some(before) if before.status == component.status => before.last_change_unix_ms,
+                _ => now_ms(),
+            };
+        }
+
+        let by_service = per_service(&components);
+        for (service, status) in &by_service {
+            self.reporter
+                .set_service_status(service, grpc_status(*status))
+                .await;
+        }
+        let overall = overall(by_service.values().copied());
+        self.reporter
+            .set_service_status("", grpc_status(overall))
+            .await;
+
+        let next = StatusResponse {
+            status: overall.into(),
+            components,
+            checked_at_unix_ms: now_ms(),
+        };
+        self.state.send_if_modified(|current| {
+            let changed = current.status != next.status
+                || current.components.len() != next.components.len()
+                || current
+                    .components
+                    .iter()
+                    .zip(&next.components)
+                    .any(|(a, b)| a.status != b.status || a.detail != b.detail);
+            *current = next;
+            changed
+        });
+    }
+}
+
+/// One status per watched service name: SERVING when every replica serves, DEGRADED when some do,
+/// NOT_SERVING when none does.
+fn per_service(components: &[Component]) -> BTreeMap<String, ServingStatus> {
+    let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for component in components {
+        let entry = counts.entry(component.service.clone()).or_default();
+        entry.0 += 1;
+        entry.1 += usize::from(component.status == i32::from(ServingStatus::Serving));
+    }
+    counts
+        .into_iter()
+        .map(|(service, (total, serving))| {
+            let status = match serving {
+                0 => ServingStatus::NotServing,
+                n if n == total => ServingStatus::Serving,
+                _ => ServingStatus::Degraded,
+            };
+            (service, status)
+        })
+        .collect()
+}
+
+fn overall(statuses: impl Iterator<Item = ServingStatus>) -> ServingStatus {
+    statuses.fold(ServingStatus::Serving, |acc, s| match (acc, s) {
+        (ServingStatus::NotServing, _) | (_, ServingStatus::NotServing) => {
+            ServingStatus::NotServing
+        }
+        (ServingStatus::Degraded, _) | (_, ServingStatus::Degraded) => ServingStatus::Degraded,
+        _ => ServingStatus::Serving,
+    })
+}
+
+/// grpc.health.v1 has no "degraded": a service that still answers is SERVING there.
+fn grpc_status(status: ServingStatus) -> tonic_health::ServingStatus {
+    match status {
+        ServingStatus::Serving | ServingStatus::Degraded => tonic_health::ServingStatus::Serving,
+        ServingStatus::NotServing => tonic_health::ServingStatus::NotServing,
+        ServingStatus::Unspecified | ServingStatus::Unknown => tonic_health::ServingStatus::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn component(service: &str, status: ServingStatus) -> Component {
+        Component {
+            service: service.into(),
+            status: status.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn replicas_fold_into_one_status() {
+        let components = [
+            component("gen", ServingStatus::Serving),
+            component("gen", ServingStatus::NotServing),
+            component("cache", ServingStatus::Serving),
+            component("gw", ServingStatus::NotServing),
+        ];
+        let by_service = per_service(&components);
+        assert_eq!(by_service["gen"], ServingStatus::Degraded);
+        assert_eq!(by_service["cache"], ServingStatus::Serving);
+        assert_eq!(by_service["gw"], ServingStatus::NotServing);
+        assert_eq!(
+            overall(by_service.values().copied()),
+            ServingStatus::NotServing
+        );
+        assert_eq!(
+            overall([ServingStatus::Serving, ServingStatus::Degraded].into_iter()),
+            ServingStatus::Degraded
+        );
+        assert_eq!(
+            overall([ServingStatus::Serving].into_iter()),
+            ServingStatus::Serving
+        );
+    }
+}

@@ -1,1 +1,284 @@
+//! Test support: the real llmesh binaries as child processes on ephemeral loopback ports, and a
+//! real redis-server per test. Everything is killed when its handle drops.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use llmesh_proto::{
+    cache::v1::cache_client::CacheClient, gateway::v1::gateway_client::GatewayClient,
+    generation::v1::generation_client::GenerationClient, health::v1::mesh_health_client::MeshHealthClient,
+};
+use tokio::{
+    io::{AsyncBufReadExt as _, BufReader},
+    process::{Child, Command},
+    sync::oneshot,
+};
+use tonic::transport::Channel;
+
+/// How long a service may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The directory holding the built binaries: `target/<profile>/`, next to `deps/` where the test
+/// executable runs from. Run `cargo build --workspace --bins` first (scripts/test does).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// A running service process.
+pub struct Proc {
+    pub name: String,
+    pub addr: SocketAddr,
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Starts `name` (a binary in the target dir) on 127.0.0.1:0 and waits for its
+    /// `listening on` line.
+    pub async fn spawn(name: &str, env: &[(&str, String)]) -> anyhow::Result<Self> {
+        let (child, logs, addr) = launch(name, &["--listen", "127.0.0.1:0"], env)?;
+        let mut child = child;
+        let addr = tokio::select! {
+            addr = tokio::time::timeout(START_TIMEOUT, addr) => addr
+                .map_err(|_| anyhow!("{name} did not listen within {START_TIMEOUT:?}"))?
+                .map_err(|_| anyhow!("{name} closed its log before listening"))?,
+            status = child.wait() => bail!("{name} exited at start-up ({status:?}):\n{}", logs.lock().unwrap().join("\n")),
+        };
+        Ok(Self { name: name.to_string(), addr, child, logs })
+    }
+
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(self.uri()).unwrap().connect().await.unwrap()
+    }
+
+    /// Everything the process has logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(i32::try_from(self.child.id().expect("running")).unwrap())
+    }
+
+    /// Sends SIGTERM, as an orchestrator would.
+    pub fn terminate(&self) {
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    }
+
+    /// Sends SIGKILL: a crash.
+    pub async fn kill(&mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    /// Waits for the process to exit, at most `within`.
+    pub async fn wait(&mut self, within: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(within, self.child.wait()).await.ok().and_then(Result::ok)
+    }
+}
+
+type Launched = (Child, Arc<Mutex<Vec<String>>>, oneshot::Receiver<SocketAddr>);
+
+fn launch(name: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Launched> {
+    let mut child = Command::new(bin(name))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("LLMESH_LOG_FORMAT", "text")
+        .env("RUST_LOG", std::env::var("LLMESH_TEST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawning {name}"))?;
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = oneshot::channel();
+    let stderr = child.stderr.take().context("stderr")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    tokio::spawn(collect(stderr, logs.clone(), Some(tx)));
+    tokio::spawn(collect(stdout, logs.clone(), None));
+    Ok((child, logs, rx))
+}
+
+async fn collect(
+    pipe: impl tokio::io::AsyncRead + Unpin,
+    logs: Arc<Mutex<Vec<String>>>,
+    mut addr_tx: Option<oneshot::Sender<SocketAddr>>,
+) {
+    let mut lines = BufReader::new(pipe).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(addr) = listening_addr(&line)
+            && let Some(tx) = addr_tx.take()
+        {
+            let _ = tx.send(addr);
+        }
+        logs.lock().unwrap().push(line);
+    }
+}
+
+/// The address in a `listening on ADDR` line.
+pub fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
+    rest.split_whitespace().next()?.trim_end_matches(['"', ',']).parse().ok()
+}
+
+/// Runs `name` with `args` until it exits (at most `within`), for start-up failure tests.
+/// Returns its exit status and everything it logged.
+pub async fn run_to_exit(
+    name: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+    within: Duration,
+) -> anyhow::Result<(ExitStatus, String)> {
+    let (mut child, logs, _addr) = launch(name, args, env)?;
+    let status = tokio::time::timeout(within, child.wait())
+        .await
+        .map_err(|_| anyhow!("{name} still running after {within:?}"))??;
+    // Let the log readers drain the pipes.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let logs = logs.lock().unwrap().join("\n");
+    Ok((status, logs))
+}
+
+/// A free loopback port (bound and released: good enough for a test that starts a server on it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A private redis-server on a free loopback port, without persistence.
+pub struct Redis {
+    pub port: u16,
+    child: Child,
+}
+
+impl Redis {
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_on(free_port()).await
+    }
+
+    /// Starts redis-server on `port` (used again to restart one on the same port).
+    pub async fn start_on(port: u16) -> anyhow::Result<Self> {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning redis-server (scripts/test installs it)")?;
+        let redis = Self { port, child };
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            if tokio::time::Instant::now() > deadline {
+                bail!("redis-server did not listen on {port}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(redis)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub async fn kill(&mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// What a test mesh should look like.
+#[derive(Debug, Default, Clone)]
+pub struct MeshOptions {
+    /// Extra environment for every service (`LLMESH_<SVC>_...`).
+    pub env: Vec<(&'static str, String)>,
+    pub redis_url: Option<String>,
+}
+
+/// generation, cache, gateway and health, wired together.
+pub struct Mesh {
+    pub generation: Proc,
+    pub cache: Proc,
+    pub gateway: Proc,
+    pub health: Proc,
+}
+
+impl Mesh {
+    pub async fn start() -> Self {
+        Self::start_with(MeshOptions::default()).await
+    }
+
+    pub async fn start_with(options: MeshOptions) -> Self {
+        let mut env = options.env.clone();
+        if let Some(url) = &options.redis_url {
+            env.push(("LLMESH_CACHE_REDIS_URL", url.clone()));
+        }
+        let generation = Proc::spawn("generation", &env).await.unwrap();
+        let cache = Proc::spawn("cache", &env).await.unwrap();
+        let mut gateway_env = env.clone();
+        gateway_env.push(("LLMESH_GATEWAY_GENERATION__ENDPOINTS", format!("[\"{}\"]", generation.uri())));
+        gateway_env.push(("LLMESH_GATEWAY_CACHE__ENDPOINT", cache.uri()));
+        let gateway = Proc::spawn("gateway", &gateway_env).await.unwrap();
+        let mut health_env = env.clone();
+        let targets = [
+            ("gateway", &gateway, "llmesh.gateway.v1.Gateway"),
+            ("generation", &generation, "llmesh.generation.v1.Generation"),
+            ("cache", &cache, "llmesh.cache.v1.Cache"),
+        ]
+        .iter()
+        .map(|(name, proc, service)| format!("{{name=\"{name}\",address=\"{}\",service=\"{service}\"}}", proc.uri()))
+        .collect::<Vec<_>>()
+        .join(",");
+        health_env.push(("LLMESH_HEALTH_TARGETS", format!("[{targets}]")));
+        health_env.push(("LLMESH_HEALTH_POLL_INTERVAL_MS", "100".into()));
+        let health = Proc::spawn("health", &health_env).await.unwrap();
+        Self { generation, cache, gateway, health }
+    }
+
+    pub async fn gateway(&self) -> GatewayClient<Channel> {
+        GatewayClient::new(self.gateway.channel().await)
+    }
+
+    pub async fn generation(&self) -> GenerationClient<Channel> {
+        GenerationClient::new(self.generation.channel().await)
+    }
+
+    pub async fn cache(&self) -> CacheClient<Channel> {
+        CacheClient::new(self.cache.channel().await)
+    }
+
+    pub async fn mesh_health(&self) -> MeshHealthClient<Channel> {
+        MeshHealthClient::new(self.health.channel().await)
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, at most `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

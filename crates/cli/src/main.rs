@@ -8,11 +8,7 @@ use clap::{Parser, Subcommand};
 use llmesh_common::ServiceArgs;
 
 #[derive(Parser)]
-#[command(
-    name = "llmesh",
-    version,
-    about = "llmesh: a gRPC service mesh for LLM applications"
-)]
+#[command(name = "llmesh", version, about = "llmesh: a gRPC service mesh for LLM applications")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -93,11 +93,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
 async fn start_all(args: &UpArgs, running: &mut Vec<Running>) -> anyhow::Result<()> {
     let listen = |service: Service| {
-        let port = if args.base_port == 0 {
-            0
-        } else {
-            args.base_port.saturating_add(service.port_offset())
-        };
+        let port = if args.base_port == 0 { 0 } else { args.base_port.saturating_add(service.port_offset()) };
         SocketAddr::new(args.host, port)
     };
     let mut cache_env = Vec::new();
@@ -106,65 +102,32 @@ async fn start_all(args: &UpArgs, running: &mut Vec<Running>) -> anyhow::Result<
     }
     let startup = Duration::from_secs(args.startup_timeout_secs);
 
-    running.push(
-        start(
-            Service::Generation,
-            listen(Service::Generation),
-            Vec::new(),
-            startup,
-        )
-        .await?,
-    );
+    running.push(start(Service::Generation, listen(Service::Generation), Vec::new(), startup).await?);
     running.push(start(Service::Cache, listen(Service::Cache), cache_env, startup).await?);
     let generation = running[0].addr;
     let cache = running[1].addr;
 
     let gateway_env = vec![
-        (
-            "LLMESH_GATEWAY_GENERATION__ENDPOINTS".to_string(),
-            format!("[\"{}\"]", uri(generation)),
-        ),
+        ("LLMESH_GATEWAY_GENERATION__ENDPOINTS".to_string(), format!("[\"{}\"]", uri(generation))),
         ("LLMESH_GATEWAY_CACHE__ENDPOINT".to_string(), uri(cache)),
     ];
-    running.push(
-        start(
-            Service::Gateway,
-            listen(Service::Gateway),
-            gateway_env,
-            startup,
-        )
-        .await?,
-    );
+    running.push(start(Service::Gateway, listen(Service::Gateway), gateway_env, startup).await?);
     let gateway = running[2].addr;
 
-    let targets: Vec<String> = [
-        (Service::Gateway, gateway),
-        (Service::Generation, generation),
-        (Service::Cache, cache),
-    ]
-    .into_iter()
-    .map(|(service, addr)| {
-        format!(
-            "{{name=\"{}\",address=\"{}\",service=\"{}\"}}",
-            service.name(),
-            uri(addr),
-            service.grpc_service()
-        )
-    })
-    .collect();
-    let health_env = vec![(
-        "LLMESH_HEALTH_TARGETS".to_string(),
-        format!("[{}]", targets.join(",")),
-    )];
-    running.push(
-        start(
-            Service::Health,
-            listen(Service::Health),
-            health_env,
-            startup,
-        )
-        .await?,
-    );
+    let targets: Vec<String> =
+        [(Service::Gateway, gateway), (Service::Generation, generation), (Service::Cache, cache)]
+            .into_iter()
+            .map(|(service, addr)| {
+                format!(
+                    "{{name=\"{}\",address=\"{}\",service=\"{}\"}}",
+                    service.name(),
+                    uri(addr),
+                    service.grpc_service()
+                )
+            })
+            .collect();
+    let health_env = vec![("LLMESH_HEALTH_TARGETS".to_string(), format!("[{}]", targets.join(",")))];
+    running.push(start(Service::Health, listen(Service::Health), health_env, startup).await?);
     // The health service's "" is the whole mesh: SERVING once it has seen every service serve.
     let health = uri(running[3].addr);
     deps::wait_serving("the mesh", &health, "", startup).await?;
@@ -193,10 +156,7 @@ async fn start(
         .spawn()
         .with_context(|| format!("cannot start {}", service.name()))?;
 
-    let stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| anyhow!("no stderr pipe"))?;
+    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr pipe"))?;
     let (addr_tx, addr_rx) = oneshot::channel();
     tokio::spawn(forward_logs(service.name(), stderr, addr_tx));
 
@@ -208,18 +168,10 @@ async fn start(
         status = child.wait() => bail!("{} exited during start-up ({})", service.name(), status.map(|s| s.to_string()).unwrap_or_default()),
     };
     deps::wait_serving(service.name(), &uri(addr), service.grpc_service(), within).await?;
-    Ok(Running {
-        service,
-        addr,
-        child,
-    })
+    Ok(Running { service, addr, child })
 }
 
-async fn forward_logs(
-    name: &'static str,
-    stderr: tokio::process::ChildStderr,
-    addr_tx: oneshot::Sender<SocketAddr>,
-) {
+async fn forward_logs(name: &'static str, stderr: tokio::process::ChildStderr, addr_tx: oneshot::Sender<SocketAddr>) {
     let mut addr_tx = Some(addr_tx);
     let mut lines = BufReader::new(stderr).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -235,20 +187,12 @@ async fn forward_logs(
 /// The address in a `listening on ADDR` log line.
 pub fn listening_addr(line: &str) -> Option<SocketAddr> {
     let rest = &line[line.find("listening on ")? + "listening on ".len()..];
-    let token: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || ".:[]".contains(*c))
-        .collect();
+    let token: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || ".:[]".contains(*c)).collect();
     token.parse().ok()
 }
 
 fn print_banner(running: &[Running]) -> anyhow::Result<()> {
-    let addr = |service: Service| {
-        running
-            .iter()
-            .find(|r| r.service == service)
-            .map(|r| r.addr)
-    };
+    let addr = |service: Service| running.iter().find(|r| r.service == service).map(|r| r.addr);
     let (Some(gateway), Some(health)) = (addr(Service::Gateway), addr(Service::Health)) else {
         bail!("the mesh is incomplete");
     };
@@ -278,12 +222,7 @@ Ctrl-C stops the mesh."#
 async fn wait_for_stop(running: &mut [Running]) -> anyhow::Result<()> {
     let exits = running.iter_mut().map(|r| {
         Box::pin(async move {
-            let status = r
-                .child
-                .wait()
-                .await
-                .map(|s| s.to_string())
-                .unwrap_or_else(|e| e.to_string());
+            let status = r.child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
             (r.service.name(), status)
         })
     });
@@ -300,21 +239,14 @@ async fn wait_for_stop(running: &mut [Running]) -> anyhow::Result<()> {
 async fn stop_all(running: &mut [Running], grace: Duration) {
     for r in running.iter().rev() {
         if let Some(pid) = r.child.id().and_then(|pid| i32::try_from(pid).ok()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
         }
     }
     for r in running.iter_mut().rev() {
         match tokio::time::timeout(grace, r.child.wait()).await {
             Ok(_) => tracing::info!("{} stopped", r.service.name()),
             Err(_) => {
-                tracing::warn!(
-                    "{} did not stop within {} s; killing it",
-                    r.service.name(),
-                    grace.as_secs()
-                );
+                tracing::warn!("{} did not stop within {} s; killing it", r.service.name(), grace.as_secs());
                 let _ = r.child.kill().await;
             }
         }

@@ -47,6 +47,8 @@ pub fn env_prefix(section: &str) -> String {
 }
 
 #[cfg(test)]
+// figment::Jail's closures return figment::Error, which is large; fine in tests.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use serde::Deserialize;
@@ -66,10 +68,7 @@ mod tests {
 
     impl Default for Demo {
         fn default() -> Self {
-            Self {
-                listen: ([127, 0, 0, 1], 1).into(),
-                limits: Limits::default(),
-            }
+            Self { listen: ([127, 0, 0, 1], 1).into(), limits: Limits::default() }
         }
     }
 
@@ -82,14 +81,8 @@ mod tests {
     #[test]
     fn layers_apply_in_order() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file(
-                "mesh.toml",
-                "[demo]\nlisten = \"127.0.0.1:2\"\n[demo.limits]\nmax_tokens = 20\n",
-            )?;
-            let mut args = ServiceArgs {
-                config: Some("mesh.toml".into()),
-                listen: None,
-            };
+            jail.create_file("mesh.toml", "[demo]\nlisten = \"127.0.0.1:2\"\n[demo.limits]\nmax_tokens = 20\n")?;
+            let mut args = ServiceArgs { config: Some("mesh.toml".into()), listen: None };
             let cfg: Demo = load("demo", &args).map_err(|e| e.to_string())?;
             assert_eq!(cfg.listen.port(), 2);
             assert_eq!(cfg.limits.max_tokens, 20);
@@ -109,9 +102,7 @@ mod tests {
     fn unknown_keys_are_named() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("LLMESH_DEMO_LIMITS__MAX_TOKEN", "30");
-            let err = load::<Demo>("demo", &ServiceArgs::default())
-                .err()
-                .map(|e| e.to_string());
+            let err = load::<Demo>("demo", &ServiceArgs::default()).err().map(|e| e.to_string());
             let err = err.unwrap_or_default();
             assert!(err.contains("max_token"), "{err}");
             Ok(())
@@ -120,10 +111,7 @@ mod tests {
 
     #[test]
     fn missing_file_is_an_error() {
-        let args = ServiceArgs {
-            config: Some("/nonexistent/llmesh.toml".into()),
-            listen: None,
-        };
+        let args = ServiceArgs { config: Some("/nonexistent/llmesh.toml".into()), listen: None };
         assert!(load::<Demo>("demo", &args).is_err());
     }
 }

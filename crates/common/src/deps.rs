@@ -5,9 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
 use tonic::transport::{Channel, Endpoint};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 /// An endpoint with the mesh's connection settings.
 pub fn endpoint(uri: &str, connect_timeout: Duration) -> anyhow::Result<Endpoint> {
@@ -20,12 +18,7 @@ pub fn endpoint(uri: &str, connect_timeout: Duration) -> anyhow::Result<Endpoint
 }
 
 /// Waits until `service` at `uri` reports SERVING over `grpc.health.v1`, retrying until `within`.
-pub async fn wait_serving(
-    name: &str,
-    uri: &str,
-    service: &str,
-    within: Duration,
-) -> anyhow::Result<()> {
+pub async fn wait_serving(name: &str, uri: &str, service: &str, within: Duration) -> anyhow::Result<()> {
     let endpoint = endpoint(uri, within)?;
     let deadline = tokio::time::Instant::now() + within;
     let mut last_error = anyhow!("no attempt made");
@@ -36,10 +29,7 @@ pub async fn wait_serving(
             Err(error) => last_error = error,
         }
         if tokio::time::Instant::now() + Duration::from_millis(100) >= deadline {
-            return Err(last_error.context(format!(
-                "cannot reach {name} at {uri} within {} ms",
-                within.as_millis()
-            )));
+            return Err(last_error.context(format!("cannot reach {name} at {uri} within {} ms", within.as_millis())));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -48,9 +38,7 @@ pub async fn wait_serving(
 async fn check(endpoint: &Endpoint, service: &str) -> anyhow::Result<ServingStatus> {
     let channel: Channel = endpoint.connect().await.context("connection failed")?;
     let response = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.to_string(),
-        })
+        .check(HealthCheckRequest { service: service.to_string() })
         .await
         .context("health check failed")?;
     Ok(response.into_inner().status())

@@ -15,13 +15,6 @@ pub fn init() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
-    let _already_set = if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .try_init()
-    } else {
-        builder.try_init()
-    };
+    let _already_set =
+        if json { builder.json().flatten_event(true).with_current_span(true).try_init() } else { builder.try_init() };
 }

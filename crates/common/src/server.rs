@@ -13,12 +13,8 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 /// Binds `addr` and logs the `listening on ADDR` line (with the real port when `addr` asked for 0).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    let local = listener
-        .local_addr()
-        .context("listener has no local address")?;
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr().context("listener has no local address")?;
     tracing::info!("listening on {local}");
     Ok(listener)
 }
@@ -50,11 +46,7 @@ impl Base {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        Ok(Self {
-            router,
-            health,
-            services: Vec::new(),
-        })
+        Ok(Self { router, health, services: Vec::new() })
     }
 
     /// Marks `S` as SERVING in `grpc.health.v1` and remembers it for shutdown.
@@ -65,10 +57,7 @@ impl Base {
 
     /// Adds the service's own gRPC services: `base.route(|r| r.add_service(MyServer::new(svc)))`.
     pub fn route(self, add: impl FnOnce(Router) -> Router) -> Self {
-        Self {
-            router: add(self.router),
-            ..self
-        }
+        Self { router: add(self.router), ..self }
     }
 
     /// Serves until `shutdown` resolves, then drains for at most `grace`.
@@ -78,13 +67,8 @@ impl Base {
         shutdown: impl Future<Output = ()>,
         grace: Duration,
     ) -> anyhow::Result<()> {
-        let Self {
-            router,
-            health,
-            services,
-        } = self;
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let Self { router, health, services } = self;
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
@@ -97,24 +81,15 @@ impl Base {
             () = shutdown => {}
         }
 
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
+        health.set_service_status("", ServingStatus::NotServing).await;
         for name in services {
-            health
-                .set_service_status(name, ServingStatus::NotServing)
-                .await;
+            health.set_service_status(name, ServingStatus::NotServing).await;
         }
         let _ = stop_tx.send(());
         match tokio::time::timeout(grace, &mut server).await {
-            Ok(result) => result
-                .context("server task failed")?
-                .context("server failed during shutdown"),
+            Ok(result) => result.context("server task failed")?.context("server failed during shutdown"),
             Err(_) => {
-                tracing::warn!(
-                    grace_ms = grace.as_millis() as u64,
-                    "grace period over; closing open calls"
-                );
+                tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over; closing open calls");
                 server.abort();
                 Ok(())
             }

@@ -58,29 +58,18 @@ pub fn generate_request(request: &GenerateRequest, limits: &Limits) -> Result<()
     }
     for (i, message) in request.messages.iter().enumerate() {
         if !ROLES.contains(&message.role.as_str()) {
-            return invalid(format!(
-                "messages[{i}].role: {:?} is not one of {}",
-                message.role,
-                ROLES.join(", ")
-            ));
+            return invalid(format!("messages[{i}].role: {:?} is not one of {}", message.role, ROLES.join(", ")));
         }
     }
-    if !request.messages.is_empty() && request.messages.iter().all(|m| m.content.trim().is_empty())
-    {
+    if !request.messages.is_empty() && request.messages.iter().all(|m| m.content.trim().is_empty()) {
         return invalid("messages: every message content is blank".into());
     }
     let prompt_bytes = prompt_bytes(request);
     if prompt_bytes > limits.max_prompt_bytes {
-        return invalid(format!(
-            "prompt: {prompt_bytes} bytes exceed the limit of {} bytes",
-            limits.max_prompt_bytes
-        ));
+        return invalid(format!("prompt: {prompt_bytes} bytes exceed the limit of {} bytes", limits.max_prompt_bytes));
     }
     if request.max_tokens > limits.max_tokens {
-        return invalid(format!(
-            "max_tokens: {} exceeds the limit of {}",
-            request.max_tokens, limits.max_tokens
-        ));
+        return invalid(format!("max_tokens: {} exceeds the limit of {}", request.max_tokens, limits.max_tokens));
     }
     if let Some(t) = request.temperature
         && !(0.0..=2.0).contains(&t)
@@ -103,31 +92,19 @@ pub fn generate_request(request: &GenerateRequest, limits: &Limits) -> Result<()
         return invalid("stop: sequences must not be empty".into());
     }
     if CachePolicy::try_from(request.cache).is_err() {
-        return invalid(format!(
-            "cache: {} is not a known cache policy",
-            request.cache
-        ));
+        return invalid(format!("cache: {} is not a known cache policy", request.cache));
     }
     Ok(())
 }
 
 /// Bytes of prompt text the request carries.
 pub fn prompt_bytes(request: &GenerateRequest) -> usize {
-    request.prompt.len()
-        + request
-            .messages
-            .iter()
-            .map(|m| m.content.len())
-            .sum::<usize>()
+    request.prompt.len() + request.messages.iter().map(|m| m.content.len()).sum::<usize>()
 }
 
 /// The `max_tokens` to use: the request's, or the default when it left it at 0.
 pub fn effective_max_tokens(request: &GenerateRequest, limits: &Limits) -> u32 {
-    if request.max_tokens == 0 {
-        limits.default_max_tokens
-    } else {
-        request.max_tokens
-    }
+    if request.max_tokens == 0 { limits.default_max_tokens } else { request.max_tokens }
 }
 
 #[cfg(test)]
@@ -137,22 +114,13 @@ mod tests {
     use tonic::Code;
 
     fn ok() -> GenerateRequest {
-        GenerateRequest {
-            model: "sim".into(),
-            prompt: "hello".into(),
-            ..Default::default()
-        }
+        GenerateRequest { model: "sim".into(), prompt: "hello".into(), ..Default::default() }
     }
 
     fn rejects(request: GenerateRequest, field: &str) {
-        let status =
-            generate_request(&request, &Limits::default()).expect_err("should be rejected");
+        let status = generate_request(&request, &Limits::default()).expect_err("should be rejected");
         assert_eq!(status.code(), Code::InvalidArgument);
-        assert!(
-            status.message().starts_with(field),
-            "{:?} does not name {field}",
-            status.message()
-        );
+        assert!(status.message().starts_with(field), "{:?} does not name {field}", status.message());
     }
 
     #[test]
@@ -162,113 +130,27 @@ mod tests {
 
     #[test]
     fn names_the_field_at_fault() {
-        rejects(
-            GenerateRequest {
-                model: String::new(),
-                ..ok()
-            },
-            "model",
-        );
-        rejects(
-            GenerateRequest {
-                prompt: String::new(),
-                ..ok()
-            },
-            "prompt",
-        );
-        rejects(
-            GenerateRequest {
-                prompt: "   ".into(),
-                ..ok()
-            },
-            "prompt",
-        );
-        let message = ChatMessage {
-            role: "user".into(),
-            content: "hi".into(),
-        };
-        rejects(
-            GenerateRequest {
-                messages: vec![message.clone()],
-                ..ok()
-            },
-            "prompt",
-        );
-        let bad_role = ChatMessage {
-            role: "robot".into(),
-            content: "hi".into(),
-        };
-        rejects(
-            GenerateRequest {
-                prompt: String::new(),
-                messages: vec![bad_role],
-                ..ok()
-            },
-            "messages[0].role",
-        );
-        rejects(
-            GenerateRequest {
-                prompt: "x".repeat(64 * 1024 + 1),
-                ..ok()
-            },
-            "prompt",
-        );
-        rejects(
-            GenerateRequest {
-                max_tokens: 4097,
-                ..ok()
-            },
-            "max_tokens",
-        );
-        rejects(
-            GenerateRequest {
-                temperature: Some(2.5),
-                ..ok()
-            },
-            "temperature",
-        );
-        rejects(
-            GenerateRequest {
-                temperature: Some(f32::NAN),
-                ..ok()
-            },
-            "temperature",
-        );
-        rejects(
-            GenerateRequest {
-                top_p: Some(0.0),
-                ..ok()
-            },
-            "top_p",
-        );
-        rejects(
-            GenerateRequest {
-                stop: vec![String::new()],
-                ..ok()
-            },
-            "stop",
-        );
-        rejects(
-            GenerateRequest {
-                stop: vec!["a".into(); 5],
-                ..ok()
-            },
-            "stop",
-        );
+        rejects(GenerateRequest { model: String::new(), ..ok() }, "model");
+        rejects(GenerateRequest { prompt: String::new(), ..ok() }, "prompt");
+        rejects(GenerateRequest { prompt: "   ".into(), ..ok() }, "prompt");
+        let message = ChatMessage { role: "user".into(), content: "hi".into() };
+        rejects(GenerateRequest { messages: vec![message.clone()], ..ok() }, "prompt");
+        let bad_role = ChatMessage { role: "robot".into(), content: "hi".into() };
+        rejects(GenerateRequest { prompt: String::new(), messages: vec![bad_role], ..ok() }, "messages[0].role");
+        rejects(GenerateRequest { prompt: "x".repeat(64 * 1024 + 1), ..ok() }, "prompt");
+        rejects(GenerateRequest { max_tokens: 4097, ..ok() }, "max_tokens");
+        rejects(GenerateRequest { temperature: Some(2.5), ..ok() }, "temperature");
+        rejects(GenerateRequest { temperature: Some(f32::NAN), ..ok() }, "temperature");
+        rejects(GenerateRequest { top_p: Some(0.0), ..ok() }, "top_p");
+        rejects(GenerateRequest { stop: vec![String::new()], ..ok() }, "stop");
+        rejects(GenerateRequest { stop: vec!["a".into(); 5], ..ok() }, "stop");
         rejects(GenerateRequest { cache: 99, ..ok() }, "cache");
     }
 
     #[test]
     fn messages_alone_are_fine() {
-        let message = ChatMessage {
-            role: "user".into(),
-            content: "hi".into(),
-        };
-        let request = GenerateRequest {
-            prompt: String::new(),
-            messages: vec![message],
-            ..ok()
-        };
+        let message = ChatMessage { role: "user".into(), content: "hi".into() };
+        let request = GenerateRequest { prompt: String::new(), messages: vec![message], ..ok() };
         assert!(generate_request(&request, &Limits::default()).is_ok());
     }
 }

@@ -66,10 +66,7 @@ mod tests {
         let public = gw::GenerateRequest {
             model: "sim".into(),
             prompt: String::new(),
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: "hi".into(),
-            }],
+            messages: vec![ChatMessage { role: "user".into(), content: "hi".into() }],
             max_tokens: 7,
             temperature: Some(0.5),
             top_p: Some(0.9),
@@ -82,9 +79,6 @@ mod tests {
         };
         let internal: gen_v1::GenerateRequest = public.clone().into();
         // Same field numbers on both sides: the encodings are byte-identical.
-        assert_eq!(
-            prost::Message::encode_to_vec(&public),
-            prost::Message::encode_to_vec(&internal)
-        );
+        assert_eq!(prost::Message::encode_to_vec(&public), prost::Message::encode_to_vec(&internal));
     }
 }

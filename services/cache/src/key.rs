@@ -6,16 +6,7 @@ use llmesh_proto::generation::v1::GenerateRequest;
 use sha2::{Digest, Sha256};
 
 /// Fields that change the answer, in the order they are encoded.
-pub const KEY_FIELDS: &[&str] = &[
-    "model",
-    "prompt",
-    "messages",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "stop",
-    "seed",
-];
+pub const KEY_FIELDS: &[&str] = &["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed"];
 
 /// Fields that do not change the answer.
 pub const EXCLUDED_FIELDS: &[&str] = &[
@@ -40,31 +31,13 @@ pub fn of(request: &GenerateRequest) -> String {
         hasher.bytes(message.content.as_bytes());
     }
     hasher.bytes(&request.max_tokens.to_le_bytes());
-    hasher.optional(
-        request
-            .temperature
-            .map(f32::to_le_bytes)
-            .as_ref()
-            .map(<[u8; 4]>::as_slice),
-    );
-    hasher.optional(
-        request
-            .top_p
-            .map(f32::to_le_bytes)
-            .as_ref()
-            .map(<[u8; 4]>::as_slice),
-    );
+    hasher.optional(request.temperature.map(f32::to_le_bytes).as_ref().map(<[u8; 4]>::as_slice));
+    hasher.optional(request.top_p.map(f32::to_le_bytes).as_ref().map(<[u8; 4]>::as_slice));
     hasher.count(request.stop.len());
     for stop in &request.stop {
         hasher.bytes(stop.as_bytes());
     }
-    hasher.optional(
-        request
-            .seed
-            .map(i64::to_le_bytes)
-            .as_ref()
-            .map(<[u8; 8]>::as_slice),
-    );
+    hasher.optional(request.seed.map(i64::to_le_bytes).as_ref().map(<[u8; 8]>::as_slice));
     let digest = hasher.0.finalize();
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -100,17 +73,12 @@ mod tests {
     use prost::Message as _;
 
     fn base() -> GenerateRequest {
-        GenerateRequest {
-            model: "sim".into(),
-            prompt: "hello".into(),
-            ..Default::default()
-        }
+        GenerateRequest { model: "sim".into(), prompt: "hello".into(), ..Default::default() }
     }
 
     #[test]
     fn every_request_field_is_keyed_or_excluded() {
-        let set =
-            prost_types::FileDescriptorSet::decode(llmesh_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let set = prost_types::FileDescriptorSet::decode(llmesh_proto::FILE_DESCRIPTOR_SET).unwrap();
         let request = set
             .file
             .iter()
@@ -122,51 +90,24 @@ mod tests {
         fields.sort_unstable();
         let mut listed: Vec<&str> = KEY_FIELDS.iter().chain(EXCLUDED_FIELDS).copied().collect();
         listed.sort_unstable();
-        assert_eq!(
-            fields, listed,
-            "a GenerateRequest field is neither in KEY_FIELDS nor in EXCLUDED_FIELDS"
-        );
+        assert_eq!(fields, listed, "a GenerateRequest field is neither in KEY_FIELDS nor in EXCLUDED_FIELDS");
     }
 
     #[test]
     fn every_key_field_changes_the_key() {
         let variants = [
-            GenerateRequest {
-                model: "other".into(),
-                ..base()
-            },
-            GenerateRequest {
-                prompt: "hello!".into(),
-                ..base()
-            },
+            GenerateRequest { model: "other".into(), ..base() },
+            GenerateRequest { prompt: "hello!".into(), ..base() },
             GenerateRequest {
                 prompt: String::new(),
-                messages: vec![ChatMessage {
-                    role: "user".into(),
-                    content: "hello".into(),
-                }],
+                messages: vec![ChatMessage { role: "user".into(), content: "hello".into() }],
                 ..base()
             },
-            GenerateRequest {
-                max_tokens: 9,
-                ..base()
-            },
-            GenerateRequest {
-                temperature: Some(0.0),
-                ..base()
-            },
-            GenerateRequest {
-                top_p: Some(0.5),
-                ..base()
-            },
-            GenerateRequest {
-                stop: vec!["x".into()],
-                ..base()
-            },
-            GenerateRequest {
-                seed: Some(0),
-                ..base()
-            },
+            GenerateRequest { max_tokens: 9, ..base() },
+            GenerateRequest { temperature: Some(0.0), ..base() },
+            GenerateRequest { top_p: Some(0.5), ..base() },
+            GenerateRequest { stop: vec!["x".into()], ..base() },
+            GenerateRequest { seed: Some(0), ..base() },
         ];
         assert_eq!(variants.len(), KEY_FIELDS.len());
         let mut keys: Vec<String> = variants.iter().map(of).collect();
@@ -191,16 +132,8 @@ mod tests {
 
     #[test]
     fn field_boundaries_matter() {
-        let a = GenerateRequest {
-            model: "ab".into(),
-            prompt: "c".into(),
-            ..base()
-        };
-        let b = GenerateRequest {
-            model: "a".into(),
-            prompt: "bc".into(),
-            ..base()
-        };
+        let a = GenerateRequest { model: "ab".into(), prompt: "c".into(), ..base() };
+        let b = GenerateRequest { model: "a".into(), prompt: "bc".into(), ..base() };
         assert_ne!(of(&a), of(&b));
     }
 }

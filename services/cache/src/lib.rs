@@ -24,21 +24,13 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
 
 /// Serves on `listener` until `shutdown` resolves. Fails at once when Redis is configured and
 /// cannot be reached.
-pub async fn serve(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let store = store::Store::open(&config).await?;
     tracing::info!(backend = store.backend(), "cache store ready");
     let service = CacheService::new(store, &config);
     let mut base = server::Base::new()?;
     base.serving::<CacheServer<CacheService>>().await;
     base.route(|router| router.add_service(CacheServer::new(service)))
-        .serve(
-            listener,
-            shutdown,
-            Duration::from_millis(config.shutdown_grace_ms),
-        )
+        .serve(listener, shutdown, Duration::from_millis(config.shutdown_grace_ms))
         .await
 }

@@ -11,9 +11,8 @@ use std::{
 
 use llmesh_proto::{
     cache::v1::{
-        Entry, InvalidateRequest, InvalidateResponse, LookupRequest, LookupResponse, StatsRequest,
-        StatsResponse, StoreRequest, StoreResponse, cache_server::Cache,
-        invalidate_request::Target,
+        Entry, InvalidateRequest, InvalidateResponse, LookupRequest, LookupResponse, StatsRequest, StatsResponse,
+        StoreRequest, StoreResponse, cache_server::Cache, invalidate_request::Target,
     },
     common::v1::FinishReason,
     generation::v1::GenerateRequest,
@@ -39,9 +38,7 @@ struct Inner {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn required(request: Option<GenerateRequest>) -> Result<GenerateRequest, Status> {
@@ -65,10 +62,7 @@ impl CacheService {
 
 #[tonic::async_trait]
 impl Cache for CacheService {
-    async fn lookup(
-        &self,
-        request: Request<LookupRequest>,
-    ) -> Result<Response<LookupResponse>, Status> {
+    async fn lookup(&self, request: Request<LookupRequest>) -> Result<Response<LookupResponse>, Status> {
         let request = required(request.into_inner().request)?;
         let key = key::of(&request);
         let inner = &self.inner;
@@ -82,11 +76,7 @@ impl Cache for CacheService {
         };
         let Some(entry) = found else {
             inner.misses.fetch_add(1, Relaxed);
-            return Ok(Response::new(LookupResponse {
-                hit: false,
-                key,
-                ..Default::default()
-            }));
+            return Ok(Response::new(LookupResponse { hit: false, key, ..Default::default() }));
         };
         inner.hits.fetch_add(1, Relaxed);
         let mut response = entry.response.clone().unwrap_or_default();
@@ -101,26 +91,13 @@ impl Cache for CacheService {
         }))
     }
 
-    async fn store(
-        &self,
-        request: Request<StoreRequest>,
-    ) -> Result<Response<StoreResponse>, Status> {
-        let StoreRequest {
-            request,
-            response,
-            chunks,
-            ttl_ms,
-        } = request.into_inner();
+    async fn store(&self, request: Request<StoreRequest>) -> Result<Response<StoreResponse>, Status> {
+        let StoreRequest { request, response, chunks, ttl_ms } = request.into_inner();
         let request = required(request)?;
         let response = response.ok_or_else(|| Status::invalid_argument("response: required"))?;
         let key = key::of(&request);
-        let refuse = |reason: &str| {
-            Ok(Response::new(StoreResponse {
-                key: key.clone(),
-                stored: false,
-                reason: reason.into(),
-            }))
-        };
+        let refuse =
+            |reason: &str| Ok(Response::new(StoreResponse { key: key.clone(), stored: false, reason: reason.into() }));
         if response.degraded.is_some() {
             return refuse("degraded answers are not cached");
         }
@@ -129,40 +106,23 @@ impl Cache for CacheService {
         }
         let mut response = response;
         response.cached = false;
-        let entry = Entry {
-            response: Some(response),
-            chunks,
-            stored_at_unix_ms: now_ms(),
-        };
+        let entry = Entry { response: Some(response), chunks, stored_at_unix_ms: now_ms() };
         if entry.encoded_len() > self.inner.max_entry_bytes {
             return refuse("entry larger than max_entry_bytes");
         }
-        let ttl = if ttl_ms == 0 {
-            self.inner.ttl
-        } else {
-            Duration::from_millis(ttl_ms)
-        };
+        let ttl = if ttl_ms == 0 { self.inner.ttl } else { Duration::from_millis(ttl_ms) };
         if let Err(error) = self.inner.store.put(&key, &request.model, entry, ttl).await {
             self.inner.errors.fetch_add(1, Relaxed);
             tracing::warn!(%error, "cache store failed");
             return refuse("backend error");
         }
-        Ok(Response::new(StoreResponse {
-            key,
-            stored: true,
-            reason: String::new(),
-        }))
+        Ok(Response::new(StoreResponse { key, stored: true, reason: String::new() }))
     }
 
-    async fn invalidate(
-        &self,
-        request: Request<InvalidateRequest>,
-    ) -> Result<Response<InvalidateResponse>, Status> {
+    async fn invalidate(&self, request: Request<InvalidateRequest>) -> Result<Response<InvalidateResponse>, Status> {
         let removed = match request.into_inner().target {
             Some(Target::Key(key)) if !key.is_empty() => self.inner.store.remove(&key).await,
-            Some(Target::Model(model)) if !model.is_empty() => {
-                self.inner.store.remove_model(&model).await
-            }
+            Some(Target::Model(model)) if !model.is_empty() => self.inner.store.remove_model(&model).await,
             _ => return Err(Status::invalid_argument("target: set key or model")),
         }
         .map_err(|error| {
@@ -186,11 +146,7 @@ impl Cache for CacheService {
             errors: inner.errors.load(Relaxed),
             entries: size.entries,
             bytes: size.bytes,
-            hit_rate: if lookups == 0 {
-                0.0
-            } else {
-                hits as f64 / lookups as f64
-            },
+            hit_rate: if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 },
             backend: inner.store.backend().to_string(),
         }))
     }

@@ -28,26 +28,10 @@ pub struct Use {
 impl Use {
     pub fn of(policy: i32) -> Self {
         match CachePolicy::try_from(policy).unwrap_or(CachePolicy::Default) {
-            CachePolicy::Unspecified | CachePolicy::Default => Self {
-                read: true,
-                write: true,
-                only_cached: false,
-            },
-            CachePolicy::Bypass => Self {
-                read: false,
-                write: false,
-                only_cached: false,
-            },
-            CachePolicy::Refresh => Self {
-                read: false,
-                write: true,
-                only_cached: false,
-            },
-            CachePolicy::OnlyIfCached => Self {
-                read: true,
-                write: false,
-                only_cached: true,
-            },
+            CachePolicy::Unspecified | CachePolicy::Default => Self { read: true, write: true, only_cached: false },
+            CachePolicy::Bypass => Self { read: false, write: false, only_cached: false },
+            CachePolicy::Refresh => Self { read: false, write: true, only_cached: false },
+            CachePolicy::OnlyIfCached => Self { read: true, write: false, only_cached: true },
         }
     }
 }
@@ -58,30 +42,19 @@ impl Cache {
     }
 
     /// The cached answer, if there is one and the cache answers within budget.
-    pub async fn lookup(
-        &self,
-        request: &GenerateRequest,
-        remaining: Duration,
-    ) -> Option<LookupResponse> {
+    pub async fn lookup(&self, request: &GenerateRequest, remaining: Duration) -> Option<LookupResponse> {
         let mut client = self.client.clone()?;
         let budget = self.budget.min(remaining);
-        let mut call = tonic::Request::new(LookupRequest {
-            request: Some(request.clone()),
-        });
+        let mut call = tonic::Request::new(LookupRequest { request: Some(request.clone()) });
         call.set_timeout(budget);
         match tokio::time::timeout(budget, client.lookup(call)).await {
-            Ok(Ok(response)) => {
-                Some(response.into_inner()).filter(|r| r.hit && r.response.is_some())
-            }
+            Ok(Ok(response)) => Some(response.into_inner()).filter(|r| r.hit && r.response.is_some()),
             Ok(Err(status)) => {
                 tracing::warn!(code = ?status.code(), message = status.message(), "cache lookup failed; bypassing");
                 None
             }
             Err(_) => {
-                tracing::warn!(
-                    budget_ms = budget.as_millis() as u64,
-                    "cache lookup over budget; bypassing"
-                );
+                tracing::warn!(budget_ms = budget.as_millis() as u64, "cache lookup over budget; bypassing");
                 None
             }
         }
@@ -106,10 +79,7 @@ impl Cache {
                 Ok(Err(status)) => {
                     tracing::warn!(code = ?status.code(), message = status.message(), "cache store failed")
                 }
-                Err(_) => tracing::warn!(
-                    budget_ms = budget.as_millis() as u64,
-                    "cache store over budget"
-                ),
+                Err(_) => tracing::warn!(budget_ms = budget.as_millis() as u64, "cache store over budget"),
             }
         });
     }

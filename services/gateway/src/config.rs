@@ -52,18 +52,12 @@ impl Default for Config {
 
 impl Default for GenerationConfig {
     fn default() -> Self {
-        Self {
-            endpoints: vec!["http://127.0.0.1:50052".into()],
-            connect_timeout_ms: 1_000,
-        }
+        Self { endpoints: vec!["http://127.0.0.1:50052".into()], connect_timeout_ms: 1_000 }
     }
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self {
-            endpoint: "http://127.0.0.1:50053".into(),
-            budget_ms: 20,
-        }
+        Self { endpoint: "http://127.0.0.1:50053".into(), budget_ms: 20 }
     }
 }

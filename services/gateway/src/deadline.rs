@@ -1,25 +1,41 @@
 //! The call's deadline: the smaller of the client's `grpc-timeout` and the configured limit.
 //! What remains of it is passed on to every downstream call.
+//!
+//! tonic's server enforces `grpc-timeout` itself, outside every layer of ours, and answers
+//! CANCELLED when it fires. To give the client a real DEADLINE_EXCEEDED, the gateway's deadline
+//! falls [`MARGIN`] before the client's.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use tokio::time::Instant;
-use tonic::metadata::MetadataMap;
+use tonic::{Code, Status, metadata::MetadataMap};
+
+/// How much earlier than the client's deadline the gateway gives up.
+pub const MARGIN: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline(Instant);
 
 impl Deadline {
     pub fn new(metadata: &MetadataMap, limit: Duration) -> Self {
-        let client = metadata
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
-        Self(Instant::now() + client.map_or(limit, |c| c.min(limit)))
+        let client = metadata.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let budget = client.map_or(limit, |c| c.saturating_sub(MARGIN).min(limit));
+        Self(Instant::now() + budget)
     }
 
     pub fn remaining(&self) -> Duration {
         self.0.saturating_duration_since(Instant::now())
+    }
+
+    /// Runs `call` until the deadline. Expiry, here or reported by the callee as its own timeout,
+    /// is DEADLINE_EXCEEDED.
+    pub async fn run<T>(&self, what: &str, call: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+        let exceeded = || Status::deadline_exceeded(format!("deadline exceeded waiting for {what}"));
+        match tokio::time::timeout_at(self.0, call).await {
+            Err(_) => Err(exceeded()),
+            Ok(Err(status)) if status.code() == Code::Cancelled && self.remaining().is_zero() => Err(exceeded()),
+            Ok(result) => result,
+        }
     }
 }
 
@@ -62,17 +78,35 @@ mod tests {
     async fn client_timeout_wins_when_shorter() {
         let mut metadata = MetadataMap::new();
         metadata.insert("grpc-timeout", "100m".parse().unwrap());
-        assert_eq!(
-            Deadline::new(&metadata, Duration::from_secs(30)).remaining(),
-            Duration::from_millis(100)
-        );
-        assert_eq!(
-            Deadline::new(&metadata, Duration::from_millis(50)).remaining(),
-            Duration::from_millis(50)
-        );
-        assert_eq!(
-            Deadline::new(&MetadataMap::new(), Duration::from_secs(30)).remaining(),
-            Duration::from_secs(30)
-        );
+        assert_eq!(Deadline::new(&metadata, Duration::from_secs(30)).remaining(), Duration::from_millis(100) - MARGIN);
+        assert_eq!(Deadline::new(&metadata, Duration::from_millis(50)).remaining(), Duration::from_millis(50));
+        assert_eq!(Deadline::new(&MetadataMap::new(), Duration::from_secs(30)).remaining(), Duration::from_secs(30));
+    }
+}
+
+#[cfg(test)]
+mod run_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_is_deadline_exceeded() {
+        let deadline = Deadline::new(&MetadataMap::new(), Duration::from_millis(100));
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<_, Status>(())
+        };
+        let status = deadline.run("generation", slow).await.unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert!(status.message().contains("generation"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callee_timeout_after_the_deadline_is_deadline_exceeded() {
+        let deadline = Deadline::new(&MetadataMap::new(), Duration::ZERO);
+        let cancelled = async { Err::<(), _>(Status::cancelled("Timeout expired")) };
+        assert_eq!(deadline.run("x", cancelled).await.unwrap_err().code(), Code::DeadlineExceeded);
+        let deadline = Deadline::new(&MetadataMap::new(), Duration::from_secs(1));
+        let cancelled = async { Err::<(), _>(Status::cancelled("client went away")) };
+        assert_eq!(deadline.run("x", cancelled).await.unwrap_err().code(), Code::Cancelled);
     }
 }

@@ -25,20 +25,12 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
 
 /// Serves on `listener` until `shutdown` resolves. Fails when no generation replica (or the
 /// configured cache) answers within the start-up timeout.
-pub async fn serve(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let upstream = upstream::Upstream::connect(&config).await?;
     let service = GatewayService::new(&config, upstream);
     let mut base = server::Base::new()?;
     base.serving::<GatewayServer<GatewayService>>().await;
     base.route(|router| router.add_service(GatewayServer::new(service)))
-        .serve(
-            listener,
-            shutdown,
-            Duration::from_millis(config.shutdown_grace_ms),
-        )
+        .serve(listener, shutdown, Duration::from_millis(config.shutdown_grace_ms))
         .await
 }

@@ -7,9 +7,9 @@ use llmesh_common::validate::{self, Limits};
 use llmesh_proto::{
     common::v1::FinishReason,
     gateway::v1::{
-        self as gw, CancelJobRequest, CancelJobResponse, GetJobRequest, GetJobResponse,
-        ListModelsRequest, ListModelsResponse, SubmitJobRequest, SubmitJobResponse,
-        WatchJobRequest, WatchJobResponse, gateway_server::Gateway,
+        self as gw, CancelJobRequest, CancelJobResponse, GetJobRequest, GetJobResponse, ListModelsRequest,
+        ListModelsResponse, SubmitJobRequest, SubmitJobResponse, WatchJobRequest, WatchJobResponse,
+        gateway_server::Gateway,
     },
     generation::v1::{self as generation, generation_client::GenerationClient},
 };
@@ -42,10 +42,7 @@ impl GatewayService {
         Self {
             inner: Arc::new(Inner {
                 generation: upstream.generation,
-                cache: Cache::new(
-                    upstream.cache,
-                    Duration::from_millis(config.cache.budget_ms),
-                ),
+                cache: Cache::new(upstream.cache, Duration::from_millis(config.cache.budget_ms)),
                 limits: config.limits.clone(),
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
             }),
@@ -68,9 +65,7 @@ impl GatewayService {
             return Ok(Some((response, hit.chunks)));
         }
         if policy.only_cached {
-            return Err(Status::not_found(
-                "cache: no cached answer for this request (policy ONLY_IF_CACHED)",
-            ));
+            return Err(Status::not_found("cache: no cached answer for this request (policy ONLY_IF_CACHED)"));
         }
         Ok(None)
     }
@@ -79,9 +74,7 @@ impl GatewayService {
 fn with_timeout<T>(message: T, deadline: Deadline) -> Result<Request<T>, Status> {
     let remaining = deadline.remaining();
     if remaining.is_zero() {
-        return Err(Status::deadline_exceeded(
-            "deadline exceeded before calling generation",
-        ));
+        return Err(Status::deadline_exceeded("deadline exceeded before calling generation"));
     }
     let mut request = Request::new(message);
     request.set_timeout(remaining);
@@ -90,24 +83,17 @@ fn with_timeout<T>(message: T, deadline: Deadline) -> Result<Request<T>, Status>
 
 #[tonic::async_trait]
 impl Gateway for GatewayService {
-    async fn generate(
-        &self,
-        request: Request<gw::GenerateRequest>,
-    ) -> Result<Response<gw::GenerateResponse>, Status> {
+    async fn generate(&self, request: Request<gw::GenerateRequest>) -> Result<Response<gw::GenerateResponse>, Status> {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
         let request: generation::GenerateRequest = request.into_inner().into();
         if let Some((response, _)) = self.cached(&request, deadline).await? {
             return Ok(Response::new(response.into()));
         }
         let mut client = self.inner.generation.clone();
-        let response = client
-            .generate(with_timeout(request.clone(), deadline)?)
-            .await?
-            .into_inner();
+        let call = client.generate(with_timeout(request.clone(), deadline)?);
+        let response = deadline.run("generation", call).await?.into_inner();
         if Use::of(request.cache).write {
-            self.inner
-                .cache
-                .store(request, response.clone(), Vec::new());
+            self.inner.cache.store(request, response.clone(), Vec::new());
         }
         Ok(Response::new(response.into()))
     }
@@ -125,20 +111,13 @@ impl Gateway for GatewayService {
         }
         let mut client = self.inner.generation.clone();
         let upstream_request = generation::GenerateStreamRequest::from(request.clone());
-        let upstream = client
-            .generate_stream(with_timeout(upstream_request, deadline)?)
-            .await?
-            .into_inner();
-        let cache = Use::of(request.cache)
-            .write
-            .then(|| self.inner.cache.clone());
-        Ok(Response::new(relay(upstream, request, cache)))
+        let call = client.generate_stream(with_timeout(upstream_request, deadline)?);
+        let upstream = deadline.run("generation", call).await?.into_inner();
+        let cache = Use::of(request.cache).write.then(|| self.inner.cache.clone());
+        Ok(Response::new(relay(upstream, request, cache, deadline)))
     }
 
-    async fn submit_job(
-        &self,
-        _: Request<SubmitJobRequest>,
-    ) -> Result<Response<SubmitJobResponse>, Status> {
+    async fn submit_job(&self, _: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
         Err(jobs_unavailable())
     }
 
@@ -148,33 +127,20 @@ impl Gateway for GatewayService {
 
     type WatchJobStream = futures::stream::BoxStream<'static, Result<WatchJobResponse, Status>>;
 
-    async fn watch_job(
-        &self,
-        _: Request<WatchJobRequest>,
-    ) -> Result<Response<Self::WatchJobStream>, Status> {
+    async fn watch_job(&self, _: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
         Err(jobs_unavailable())
     }
 
-    async fn cancel_job(
-        &self,
-        _: Request<CancelJobRequest>,
-    ) -> Result<Response<CancelJobResponse>, Status> {
+    async fn cancel_job(&self, _: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
         Err(jobs_unavailable())
     }
 
-    async fn list_models(
-        &self,
-        request: Request<ListModelsRequest>,
-    ) -> Result<Response<ListModelsResponse>, Status> {
+    async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
         let mut client = self.inner.generation.clone();
-        let models = client
-            .list_models(with_timeout(generation::ListModelsRequest {}, deadline)?)
-            .await?
-            .into_inner();
-        Ok(Response::new(ListModelsResponse {
-            models: models.models.into_iter().map(Into::into).collect(),
-        }))
+        let call = client.list_models(with_timeout(generation::ListModelsRequest {}, deadline)?);
+        let models = deadline.run("generation", call).await?.into_inner();
+        Ok(Response::new(ListModelsResponse { models: models.models.into_iter().map(Into::into).collect() }))
     }
 }
 
@@ -185,11 +151,7 @@ fn jobs_unavailable() -> Status {
 /// A cached answer, sent as the chunks it was first streamed in (or as one chunk when it was
 /// cached from a unary call), then the final chunk.
 fn replay(response: generation::GenerateResponse, chunks: Vec<String>) -> ChunkStream {
-    let chunks = if chunks.is_empty() {
-        vec![response.text.clone()]
-    } else {
-        chunks
-    };
+    let chunks = if chunks.is_empty() { vec![response.text.clone()] } else { chunks };
     let header = move |delta: String| gw::GenerateStreamResponse {
         id: response.id.clone(),
         model: response.model.clone(),
@@ -202,17 +164,17 @@ fn replay(response: generation::GenerateResponse, chunks: Vec<String>) -> ChunkS
     last.finish_reason = response.finish_reason;
     last.usage = response.usage;
     let deltas: Vec<_> = chunks.into_iter().map(|delta| Ok(header(delta))).collect();
-    futures::stream::iter(deltas)
-        .chain(futures::stream::once(async move { Ok(last) }))
-        .boxed()
+    futures::stream::iter(deltas).chain(futures::stream::once(async move { Ok(last) })).boxed()
 }
 
-/// Passes generation's chunks on as they arrive. When the stream finishes normally, the whole
-/// answer is stored in the cache (chunk boundaries included, for replay).
+/// Passes generation's chunks on as they arrive, until the call's deadline. When the stream
+/// finishes normally, the whole answer is stored in the cache (chunk boundaries included, for
+/// replay).
 fn relay(
     upstream: Streaming<generation::GenerateStreamResponse>,
     request: generation::GenerateRequest,
     cache: Option<Cache>,
+    deadline: Deadline,
 ) -> ChunkStream {
     struct Relay {
         upstream: Streaming<generation::GenerateStreamResponse>,
@@ -221,26 +183,19 @@ fn relay(
         chunks: Vec<String>,
         done: bool,
     }
-    let state = Relay {
-        upstream,
-        request: Some(request),
-        cache,
-        chunks: Vec::new(),
-        done: false,
-    };
-    futures::stream::unfold(state, |mut state| async move {
+    let state = Relay { upstream, request: Some(request), cache, chunks: Vec::new(), done: false };
+    futures::stream::unfold(state, move |mut state| async move {
         if state.done {
             return None;
         }
-        let item = match state.upstream.message().await {
+        let item = match deadline.run("generation's next chunk", state.upstream.message()).await {
             Ok(Some(chunk)) => {
                 if state.cache.is_some() && !chunk.delta.is_empty() {
                     state.chunks.push(chunk.delta.clone());
                 }
                 if chunk.finish_reason != i32::from(FinishReason::Unspecified) {
                     state.done = true;
-                    if let (Some(cache), Some(request)) = (state.cache.take(), state.request.take())
-                    {
+                    if let (Some(cache), Some(request)) = (state.cache.take(), state.request.take()) {
                         let response = generation::GenerateResponse {
                             id: chunk.id.clone(),
                             model: chunk.model.clone(),
@@ -258,9 +213,7 @@ fn relay(
             }
             Ok(None) => {
                 state.done = true;
-                Err(Status::unavailable(
-                    "generation ended the stream without a final chunk",
-                ))
+                Err(Status::unavailable("generation ended the stream without a final chunk"))
             }
             Err(status) => {
                 state.done = true;

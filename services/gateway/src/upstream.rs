@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use llmesh_common::deps;
-use llmesh_proto::{
-    cache::v1::cache_client::CacheClient, generation::v1::generation_client::GenerationClient,
-};
+use llmesh_proto::{cache::v1::cache_client::CacheClient, generation::v1::generation_client::GenerationClient};
 use tonic::transport::Channel;
 
 use crate::config::Config;
@@ -36,15 +34,9 @@ impl Upstream {
             .iter()
             .map(|uri| deps::wait_serving("generation", uri, GENERATION_SERVICE, within));
         let results = futures::future::join_all(checks).await;
-        let failures: Vec<String> = results
-            .iter()
-            .filter_map(|r| r.as_ref().err().map(|e| format!("{e:#}")))
-            .collect();
+        let failures: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().map(|e| format!("{e:#}"))).collect();
         if failures.len() == results.len() {
-            bail!(
-                "no generation replica is reachable: {}",
-                failures.join("; ")
-            );
+            bail!("no generation replica is reachable: {}", failures.join("; "));
         }
         for failure in &failures {
             tracing::warn!("{failure}; starting without this replica for now");

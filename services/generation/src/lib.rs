@@ -22,19 +22,11 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
 }
 
 /// Serves on `listener` until `shutdown` resolves.
-pub async fn serve(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let service = GenerationService::new(&config)?;
     let mut base = server::Base::new()?;
     base.serving::<GenerationServer<GenerationService>>().await;
     base.route(|router| router.add_service(GenerationServer::new(service)))
-        .serve(
-            listener,
-            shutdown,
-            Duration::from_millis(config.shutdown_grace_ms),
-        )
+        .serve(listener, shutdown, Duration::from_millis(config.shutdown_grace_ms))
         .await
 }

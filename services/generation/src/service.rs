@@ -8,8 +8,8 @@ use llmesh_common::validate::{self, Limits};
 use llmesh_proto::{
     common::v1::FinishReason,
     generation::v1::{
-        GenerateRequest, GenerateResponse, GenerateStreamRequest, GenerateStreamResponse,
-        ListModelsRequest, ListModelsResponse, Model, generation_server::Generation,
+        GenerateRequest, GenerateResponse, GenerateStreamRequest, GenerateStreamResponse, ListModelsRequest,
+        ListModelsResponse, Model, generation_server::Generation,
     },
 };
 use tonic::{Request, Response, Status};
@@ -43,17 +43,8 @@ impl GenerationService {
         if config.models.is_empty() {
             bail!("no models configured: add at least one [generation.models.NAME] section");
         }
-        let models = config
-            .models
-            .iter()
-            .map(|(name, model)| (name.clone(), Provider::from_config(model)))
-            .collect();
-        Ok(Self {
-            inner: Arc::new(Inner {
-                models,
-                limits: config.limits.clone(),
-            }),
-        })
+        let models = config.models.iter().map(|(name, model)| (name.clone(), Provider::from_config(model))).collect();
+        Ok(Self { inner: Arc::new(Inner { models, limits: config.limits.clone() }) })
     }
 
     fn start(&self, request: &GenerateRequest) -> Result<Started, Status> {
@@ -78,10 +69,7 @@ impl GenerationService {
 
 #[tonic::async_trait]
 impl Generation for GenerationService {
-    async fn generate(
-        &self,
-        request: Request<GenerateRequest>,
-    ) -> Result<Response<GenerateResponse>, Status> {
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
         let started = self.start(request.get_ref())?;
         let mut response = GenerateResponse {
             id: started.id,
@@ -100,27 +88,19 @@ impl Generation for GenerationService {
             }
         }
         if response.finish_reason == i32::from(FinishReason::Unspecified) {
-            return Err(Status::unavailable(
-                "provider ended the answer without finishing it",
-            ));
+            return Err(Status::unavailable("provider ended the answer without finishing it"));
         }
         Ok(Response::new(response))
     }
 
-    type GenerateStreamStream =
-        futures::stream::BoxStream<'static, Result<GenerateStreamResponse, Status>>;
+    type GenerateStreamStream = futures::stream::BoxStream<'static, Result<GenerateStreamResponse, Status>>;
 
     async fn generate_stream(
         &self,
         request: Request<GenerateStreamRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let request: GenerateRequest = request.into_inner().into();
-        let Started {
-            id,
-            model,
-            provider,
-            events,
-        } = self.start(&request)?;
+        let Started { id, model, provider, events } = self.start(&request)?;
         // The provider stream is polled by tonic as the client reads: back-pressure comes for free,
         // and a client that goes away drops the stream, which stops the upstream work.
         let chunks = events.map_ok(move |event| {
@@ -142,10 +122,7 @@ impl Generation for GenerationService {
         Ok(Response::new(chunks.boxed()))
     }
 
-    async fn list_models(
-        &self,
-        _: Request<ListModelsRequest>,
-    ) -> Result<Response<ListModelsResponse>, Status> {
+    async fn list_models(&self, _: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         let models = self
             .inner
             .models

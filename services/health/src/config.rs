@@ -30,11 +30,7 @@ pub struct Target {
 
 impl Target {
     fn new(name: &str, port: u16, service: &str) -> Self {
-        Self {
-            name: name.into(),
-            address: format!("http://127.0.0.1:{port}"),
-            service: service.into(),
-        }
+        Self { name: name.into(), address: format!("http://127.0.0.1:{port}"), service: service.into() }
     }
 }
 

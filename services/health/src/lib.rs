@@ -23,11 +23,7 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
 }
 
 /// Serves on `listener` until `shutdown` resolves.
-pub async fn serve(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let mut base = server::Base::new()?;
     base.serving::<MeshHealthServer<MeshHealthService>>().await;
     let monitor = monitor::Monitor::new(&config, base.health.clone())?;
@@ -39,10 +35,6 @@ pub async fn serve(
         poller.abort();
     };
     base.route(|router| router.add_service(MeshHealthServer::new(MeshHealthService::new(status))))
-        .serve(
-            listener,
-            shutdown,
-            Duration::from_millis(config.shutdown_grace_ms),
-        )
+        .serve(listener, shutdown, Duration::from_millis(config.shutdown_grace_ms))
         .await
 }

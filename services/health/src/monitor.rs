@@ -26,9 +26,7 @@ pub struct Monitor {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl Monitor {
@@ -42,10 +40,7 @@ impl Monitor {
                 Ok((target.clone(), HealthClient::new(channel)))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let initial = StatusResponse {
-            status: ServingStatus::Unknown.into(),
-            ..Default::default()
-        };
+        let initial = StatusResponse { status: ServingStatus::Unknown.into(), ..Default::default() };
         Ok(Self {
             targets,
             interval: Duration::from_millis(config.poll_interval_ms.max(10)),
@@ -64,10 +59,7 @@ impl Monitor {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let checks = self
-                .targets
-                .iter()
-                .map(|(target, client)| self.check(target, client.clone()));
+            let checks = self.targets.iter().map(|(target, client)| self.check(target, client.clone()));
             let components = futures::future::join_all(checks).await;
             self.publish(components).await;
         }
@@ -75,28 +67,14 @@ impl Monitor {
 
     async fn check(&self, target: &Target, mut client: HealthClient<Channel>) -> Component {
         let started = Instant::now();
-        let request = HealthCheckRequest {
-            service: target.service.clone(),
-        };
-        let (status, detail) = match tokio::time::timeout(self.timeout, client.check(request)).await
-        {
+        let request = HealthCheckRequest { service: target.service.clone() };
+        let (status, detail) = match tokio::time::timeout(self.timeout, client.check(request)).await {
             Ok(Ok(response)) => match response.into_inner().status() {
-                health_check_response::ServingStatus::Serving => {
-                    (ServingStatus::Serving, String::new())
-                }
-                other => (
-                    ServingStatus::NotServing,
-                    format!("reports {}", other.as_str_name()),
-                ),
+                health_check_response::ServingStatus::Serving => (ServingStatus::Serving, String::new()),
+                other => (ServingStatus::NotServing, format!("reports {}", other.as_str_name())),
             },
-            Ok(Err(status)) => (
-                ServingStatus::NotServing,
-                format!("{:?}: {}", status.code(), status.message()),
-            ),
-            Err(_) => (
-                ServingStatus::NotServing,
-                format!("no answer within {} ms", self.timeout.as_millis()),
-            ),
+            Ok(Err(status)) => (ServingStatus::NotServing, format!("{:?}: {}", status.code(), status.message())),
+            Err(_) => (ServingStatus::NotServing, format!("no answer within {} ms", self.timeout.as_millis())),
         };
         Component {
             name: target.name.clone(),
@@ -113,9 +91,7 @@ impl Monitor {
         // Keep each component's time of last change from the previous round.
         let previous = self.state.borrow().components.clone();
         for component in &mut components {
-            let before = previous
-                .iter()
-                .find(|p| p.name == component.name && p.address == component.address);
+            let before = previous.iter().find(|p| p.name == component.name && p.address == component.address);
             component.last_change_unix_ms = match before {
                 Some(before) if before.status == component.status => before.last_change_unix_ms,
                 _ => now_ms(),
@@ -124,20 +100,12 @@ impl Monitor {
 
         let by_service = per_service(&components);
         for (service, status) in &by_service {
-            self.reporter
-                .set_service_status(service, grpc_status(*status))
-                .await;
+            self.reporter.set_service_status(service, grpc_status(*status)).await;
         }
         let overall = overall(by_service.values().copied());
-        self.reporter
-            .set_service_status("", grpc_status(overall))
-            .await;
+        self.reporter.set_service_status("", grpc_status(overall)).await;
 
-        let next = StatusResponse {
-            status: overall.into(),
-            components,
-            checked_at_unix_ms: now_ms(),
-        };
+        let next = StatusResponse { status: overall.into(), components, checked_at_unix_ms: now_ms() };
         self.state.send_if_modified(|current| {
             let changed = current.status != next.status
                 || current.components.len() != next.components.len()
@@ -176,9 +144,7 @@ fn per_service(components: &[Component]) -> BTreeMap<String, ServingStatus> {
 
 fn overall(statuses: impl Iterator<Item = ServingStatus>) -> ServingStatus {
     statuses.fold(ServingStatus::Serving, |acc, s| match (acc, s) {
-        (ServingStatus::NotServing, _) | (_, ServingStatus::NotServing) => {
-            ServingStatus::NotServing
-        }
+        (ServingStatus::NotServing, _) | (_, ServingStatus::NotServing) => ServingStatus::NotServing,
         (ServingStatus::Degraded, _) | (_, ServingStatus::Degraded) => ServingStatus::Degraded,
         _ => ServingStatus::Serving,
     })
@@ -198,11 +164,7 @@ mod tests {
     use super::*;
 
     fn component(service: &str, status: ServingStatus) -> Component {
-        Component {
-            service: service.into(),
-            status: status.into(),
-            ..Default::default()
-        }
+        Component { service: service.into(), status: status.into(), ..Default::default() }
     }
 
     #[test]
@@ -217,17 +179,8 @@ mod tests {
         assert_eq!(by_service["gen"], ServingStatus::Degraded);
         assert_eq!(by_service["cache"], ServingStatus::Serving);
         assert_eq!(by_service["gw"], ServingStatus::NotServing);
-        assert_eq!(
-            overall(by_service.values().copied()),
-            ServingStatus::NotServing
-        );
-        assert_eq!(
-            overall([ServingStatus::Serving, ServingStatus::Degraded].into_iter()),
-            ServingStatus::Degraded
-        );
-        assert_eq!(
-            overall([ServingStatus::Serving].into_iter()),
-            ServingStatus::Serving
-        );
+        assert_eq!(overall(by_service.values().copied()), ServingStatus::NotServing);
+        assert_eq!(overall([ServingStatus::Serving, ServingStatus::Degraded].into_iter()), ServingStatus::Degraded);
+        assert_eq!(overall([ServingStatus::Serving].into_iter()), ServingStatus::Serving);
     }
 }

@@ -29,11 +29,7 @@ impl MeshHealth for MeshHealthService {
     type WatchStream = futures::stream::BoxStream<'static, Result<WatchResponse, Status>>;
 
     async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let changes = WatchStream::new(self.state.clone()).map(|status| {
-            Ok(WatchResponse {
-                status: Some(status),
-            })
-        });
+        let changes = WatchStream::new(self.state.clone()).map(|status| Ok(WatchResponse { status: Some(status) }));
         Ok(Response::new(changes.boxed()))
     }
 }

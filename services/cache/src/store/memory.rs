@@ -23,12 +23,7 @@ struct Stored {
 struct PerEntryTtl;
 
 impl Expiry<String, Stored> for PerEntryTtl {
-    fn expire_after_create(
-        &self,
-        _key: &String,
-        value: &Stored,
-        _created_at: Instant,
-    ) -> Option<Duration> {
+    fn expire_after_create(&self, _key: &String, value: &Stored, _created_at: Instant) -> Option<Duration> {
         Some(value.ttl)
     }
 
@@ -65,12 +60,7 @@ impl MemoryStore {
 
     pub async fn put(&self, key: &str, model: &str, entry: Entry, ttl: Duration) {
         let bytes = u32::try_from(entry.encoded_len()).unwrap_or(u32::MAX);
-        let stored = Stored {
-            entry: Arc::new(entry),
-            model: model.into(),
-            ttl,
-            bytes,
-        };
+        let stored = Stored { entry: Arc::new(entry), model: model.into(), ttl, bytes };
         self.cache.insert(key.to_string(), stored).await;
     }
 
@@ -79,12 +69,8 @@ impl MemoryStore {
     }
 
     pub async fn remove_model(&self, model: &str) -> u64 {
-        let keys: Vec<Arc<String>> = self
-            .cache
-            .iter()
-            .filter(|(_, stored)| &*stored.model == model)
-            .map(|(key, _)| key)
-            .collect();
+        let keys: Vec<Arc<String>> =
+            self.cache.iter().filter(|(_, stored)| &*stored.model == model).map(|(key, _)| key).collect();
         let mut removed = 0;
         for key in keys {
             removed += u64::from(self.cache.remove(key.as_str()).await.is_some());
@@ -94,10 +80,7 @@ impl MemoryStore {
 
     pub async fn size(&self) -> Size {
         self.cache.run_pending_tasks().await;
-        Size {
-            entries: self.cache.entry_count(),
-            bytes: self.cache.weighted_size(),
-        }
+        Size { entries: self.cache.entry_count(), bytes: self.cache.weighted_size() }
     }
 }
 
@@ -107,35 +90,15 @@ mod tests {
     use llmesh_proto::generation::v1::GenerateResponse;
 
     fn entry(text: &str) -> Entry {
-        Entry {
-            response: Some(GenerateResponse {
-                text: text.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+        Entry { response: Some(GenerateResponse { text: text.into(), ..Default::default() }), ..Default::default() }
     }
 
     #[tokio::test]
     async fn put_get_remove() {
         let store = MemoryStore::new(1 << 20);
-        store
-            .put("k1", "sim", entry("a"), Duration::from_secs(60))
-            .await;
-        store
-            .put("k2", "other", entry("b"), Duration::from_secs(60))
-            .await;
-        assert_eq!(
-            store
-                .get("k1")
-                .await
-                .unwrap()
-                .response
-                .as_ref()
-                .unwrap()
-                .text,
-            "a"
-        );
+        store.put("k1", "sim", entry("a"), Duration::from_secs(60)).await;
+        store.put("k2", "other", entry("b"), Duration::from_secs(60)).await;
+        assert_eq!(store.get("k1").await.unwrap().response.as_ref().unwrap().text, "a");
         assert_eq!(store.size().await.entries, 2);
         assert_eq!(store.remove_model("sim").await, 1);
         assert!(store.get("k1").await.is_none());
@@ -146,9 +109,7 @@ mod tests {
     #[tokio::test]
     async fn entries_expire() {
         let store = MemoryStore::new(1 << 20);
-        store
-            .put("k", "sim", entry("a"), Duration::from_millis(50))
-            .await;
+        store.put("k", "sim", entry("a"), Duration::from_millis(50)).await;
         assert!(store.get("k").await.is_some());
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert!(store.get("k").await.is_none());
@@ -158,14 +119,7 @@ mod tests {
     async fn bounded_by_bytes() {
         let store = MemoryStore::new(10_000);
         for i in 0..200 {
-            store
-                .put(
-                    &format!("k{i}"),
-                    "sim",
-                    entry(&"x".repeat(500)),
-                    Duration::from_secs(60),
-                )
-                .await;
+            store.put(&format!("k{i}"), "sim", entry(&"x".repeat(500)), Duration::from_secs(60)).await;
         }
         let size = store.size().await;
         assert!(size.bytes <= 10_000, "{size:?}");

@@ -33,9 +33,7 @@ impl Store {
     pub async fn open(config: &Config) -> anyhow::Result<Self> {
         match &config.redis_url {
             Some(url) => Ok(Self::Redis(redis::RedisStore::connect(url, config).await?)),
-            None => Ok(Self::Memory(memory::MemoryStore::new(
-                config.memory_max_bytes,
-            ))),
+            None => Ok(Self::Memory(memory::MemoryStore::new(config.memory_max_bytes))),
         }
     }
 
@@ -53,13 +51,7 @@ impl Store {
         }
     }
 
-    pub async fn put(
-        &self,
-        key: &str,
-        model: &str,
-        entry: Entry,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
+    pub async fn put(&self, key: &str, model: &str, entry: Entry, ttl: Duration) -> Result<(), StoreError> {
         match self {
             Self::Memory(store) => {
                 store.put(key, model, entry, ttl).await;

@@ -44,14 +44,11 @@ impl RedisStore {
     /// password) when it does not within the connect timeout.
     pub async fn connect(url: &str, config: &Config) -> anyhow::Result<Self> {
         let shown = redact(url);
-        let client =
-            redis::Client::open(url).with_context(|| format!("invalid redis_url {shown}"))?;
+        let client = redis::Client::open(url).with_context(|| format!("invalid redis_url {shown}"))?;
         let connect_timeout = Duration::from_millis(config.redis_connect_timeout_ms);
         let manager_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(Some(Duration::from_millis(
-                config.redis_response_timeout_ms,
-            )))
+            .set_response_timeout(Some(Duration::from_millis(config.redis_response_timeout_ms)))
             .set_number_of_retries(2);
         let connect = async {
             let mut conn = ConnectionManager::new_with_config(client, manager_config).await?;
@@ -78,13 +75,7 @@ impl RedisStore {
             .transpose()
     }
 
-    pub async fn put(
-        &self,
-        key: &str,
-        model: &str,
-        entry: &Entry,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
+    pub async fn put(&self, key: &str, model: &str, entry: &Entry, ttl: Duration) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let index = model_key(model);
@@ -151,11 +142,7 @@ impl RedisStore {
                 .await?;
             for key in keys.iter().filter(|k| !k.starts_with(&model_key(""))) {
                 size.entries += 1;
-                let bytes: Option<u64> = redis::cmd("MEMORY")
-                    .arg("USAGE")
-                    .arg(key)
-                    .query_async(&mut conn)
-                    .await?;
+                let bytes: Option<u64> = redis::cmd("MEMORY").arg("USAGE").arg(key).query_async(&mut conn).await?;
                 size.bytes += bytes.unwrap_or(0);
             }
             cursor = next;
@@ -182,10 +169,7 @@ mod tests {
 
     #[test]
     fn passwords_stay_out_of_messages() {
-        assert_eq!(
-            redact("redis://:secret@host:6379/0"),
-            "redis://***@host:6379/0"
-        );
+        assert_eq!(redact("redis://:secret@host:6379/0"), "redis://***@host:6379/0");
         assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }

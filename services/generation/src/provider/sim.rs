@@ -25,11 +25,7 @@ pub struct SimConfig {
 
 impl Default for SimConfig {
     fn default() -> Self {
-        Self {
-            time_to_first_token_ms: 0,
-            tokens_per_second: 0.0,
-            output_tokens: 24,
-        }
+        Self { time_to_first_token_ms: 0, tokens_per_second: 0.0, output_tokens: 24 }
     }
 }
 
@@ -87,51 +83,32 @@ impl Sim {
         } else {
             Duration::ZERO
         };
-        let deltas = futures::stream::iter(tokens.into_iter().enumerate()).then(
-            move |(i, token)| async move {
-                let pause = if i == 0 { first } else { gap };
-                if !pause.is_zero() {
-                    tokio::time::sleep(pause).await;
-                }
-                Ok(Event::Delta(token))
-            },
-        );
+        let deltas = futures::stream::iter(tokens.into_iter().enumerate()).then(move |(i, token)| async move {
+            let pause = if i == 0 { first } else { gap };
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            Ok(Event::Delta(token))
+        });
         let finish = futures::stream::once(async move { Ok(Event::Finish { reason, usage }) });
         Box::pin(deltas.chain(finish))
     }
 }
 
 /// The answer's tokens (each with its leading space) and why it ended.
-fn answer(
-    request: &GenerateRequest,
-    output_tokens: u32,
-    max_tokens: u32,
-) -> (Vec<String>, FinishReason) {
+fn answer(request: &GenerateRequest, output_tokens: u32, max_tokens: u32) -> (Vec<String>, FinishReason) {
     let mut rng = SplitMix64(seed_of(request));
     let natural = output_tokens.max(1) as usize;
     let length = natural.min(max_tokens as usize);
     let tokens: Vec<String> = (0..length)
         .map(|i| {
             let word = WORDS[(rng.next() % WORDS.len() as u64) as usize];
-            if i == 0 {
-                capitalise(word)
-            } else {
-                format!(" {word}")
-            }
+            if i == 0 { capitalise(word) } else { format!(" {word}") }
         })
         .collect();
     let text = tokens.concat();
-    let Some(cut) = request
-        .stop
-        .iter()
-        .filter_map(|stop| text.find(stop.as_str()))
-        .min()
-    else {
-        let reason = if length < natural {
-            FinishReason::Length
-        } else {
-            FinishReason::Stop
-        };
+    let Some(cut) = request.stop.iter().filter_map(|stop| text.find(stop.as_str())).min() else {
+        let reason = if length < natural { FinishReason::Length } else { FinishReason::Stop };
         return (tokens, reason);
     };
     // Keep only what precedes the first stop sequence, as OpenAI does.
@@ -153,11 +130,7 @@ fn answer(
 fn usage(request: &GenerateRequest, completion_tokens: usize) -> Usage {
     // The sim's tokenizer is "one word, one token", so these counts are exact for it.
     let prompt_tokens = request.prompt.split_whitespace().count()
-        + request
-            .messages
-            .iter()
-            .map(|m| m.content.split_whitespace().count())
-            .sum::<usize>();
+        + request.messages.iter().map(|m| m.content.split_whitespace().count()).sum::<usize>();
     let prompt_tokens = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
     let completion_tokens = u32::try_from(completion_tokens).unwrap_or(u32::MAX);
     Usage {
@@ -170,10 +143,7 @@ fn usage(request: &GenerateRequest, completion_tokens: usize) -> Usage {
 
 fn capitalise(word: &str) -> String {
     let mut chars = word.chars();
-    chars
-        .next()
-        .map(|c| c.to_uppercase().chain(chars).collect())
-        .unwrap_or_default()
+    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
 }
 
 /// FNV-1a over everything that changes the answer.
@@ -213,29 +183,17 @@ mod tests {
     use futures::TryStreamExt as _;
 
     fn request(prompt: &str) -> GenerateRequest {
-        GenerateRequest {
-            model: "sim".into(),
-            prompt: prompt.into(),
-            ..Default::default()
-        }
+        GenerateRequest { model: "sim".into(), prompt: prompt.into(), ..Default::default() }
     }
 
-    async fn collect(
-        sim: &Sim,
-        request: &GenerateRequest,
-        max_tokens: u32,
-    ) -> (String, FinishReason, Usage) {
+    async fn collect(sim: &Sim, request: &GenerateRequest, max_tokens: u32) -> (String, FinishReason, Usage) {
         let events: Vec<Event> = sim.stream(request, max_tokens).try_collect().await.unwrap();
         let mut text = String::new();
         for event in &events[..events.len() - 1] {
-            let Event::Delta(delta) = event else {
-                panic!("finish before the end: {events:?}")
-            };
+            let Event::Delta(delta) = event else { panic!("finish before the end: {events:?}") };
             text.push_str(delta);
         }
-        let Some(Event::Finish { reason, usage }) = events.last().cloned() else {
-            panic!("no finish: {events:?}")
-        };
+        let Some(Event::Finish { reason, usage }) = events.last().cloned() else { panic!("no finish: {events:?}") };
         (text, reason, usage)
     }
 
@@ -279,11 +237,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn paces_tokens() {
-        let sim = Sim::new(SimConfig {
-            time_to_first_token_ms: 100,
-            tokens_per_second: 10.0,
-            output_tokens: 3,
-        });
+        let sim = Sim::new(SimConfig { time_to_first_token_ms: 100, tokens_per_second: 10.0, output_tokens: 3 });
         let start = tokio::time::Instant::now();
         let mut stream = sim.stream(&request("hi"), 256);
         stream.next().await;

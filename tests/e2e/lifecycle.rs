@@ -1,0 +1,150 @@
+//! Start-up, shutdown and the `llmesh up` launcher.
+
+use std::time::Duration;
+
+use llmesh_e2e::{Proc, bin, free_port, run_to_exit};
+use tokio::io::AsyncBufReadExt as _;
+
+#[tokio::test]
+async fn gateway_without_generation_exits_naming_it() {
+    let dead = format!("[\"http://127.0.0.1:{}\"]", free_port());
+    let env =
+        [("LLMESH_GATEWAY_GENERATION__ENDPOINTS", dead), ("LLMESH_GATEWAY_STARTUP_TIMEOUT_MS", "500".to_string())];
+    let (status, logs) =
+        run_to_exit("gateway", &["--listen", "127.0.0.1:0"], &env, Duration::from_secs(10)).await.unwrap();
+    assert!(!status.success());
+    assert!(logs.contains("cannot reach generation"), "{logs}");
+}
+
+#[tokio::test]
+async fn gateway_without_cache_exits_naming_it() {
+    let generation = Proc::spawn("generation", &[]).await.unwrap();
+    let env = [
+        ("LLMESH_GATEWAY_GENERATION__ENDPOINTS", format!("[\"{}\"]", generation.uri())),
+        ("LLMESH_GATEWAY_CACHE__ENDPOINT", format!("http://127.0.0.1:{}", free_port())),
+        ("LLMESH_GATEWAY_STARTUP_TIMEOUT_MS", "500".to_string()),
+    ];
+    let (status, logs) =
+        run_to_exit("gateway", &["--listen", "127.0.0.1:0"], &env, Duration::from_secs(10)).await.unwrap();
+    assert!(!status.success());
+    assert!(logs.contains("cannot reach cache"), "{logs}");
+}
+
+#[tokio::test]
+async fn cache_without_redis_exits_naming_it() {
+    let env = [
+        ("LLMESH_CACHE_REDIS_URL", format!("redis://:hunter2@127.0.0.1:{}/", free_port())),
+        ("LLMESH_CACHE_REDIS_CONNECT_TIMEOUT_MS", "500".to_string()),
+    ];
+    let (status, logs) =
+        run_to_exit("cache", &["--listen", "127.0.0.1:0"], &env, Duration::from_secs(10)).await.unwrap();
+    assert!(!status.success());
+    assert!(logs.contains("cannot reach redis"), "{logs}");
+    assert!(!logs.contains("hunter2"), "the password leaked into the logs: {logs}");
+}
+
+#[tokio::test]
+async fn bad_config_is_named() {
+    let env = [("LLMESH_GENERATION_LIMITS__MAX_TOKENZ", "5".to_string())];
+    let (status, logs) =
+        run_to_exit("generation", &["--listen", "127.0.0.1:0"], &env, Duration::from_secs(10)).await.unwrap();
+    assert!(!status.success());
+    assert!(logs.contains("max_tokenz"), "{logs}");
+}
+
+#[tokio::test]
+async fn config_file_sections_apply() {
+    let dir = tempfile_dir();
+    let path = dir.join("mesh.toml");
+    std::fs::write(&path, "[generation.models.tiny]\nprovider = \"sim\"\noutput_tokens = 2\n").unwrap();
+    let generation = Proc::spawn("generation", &[("LLMESH_CONFIG", path.display().to_string())]).await.unwrap();
+    let mut client = llmesh_proto::generation::v1::generation_client::GenerationClient::new(generation.channel().await);
+    let request = llmesh_proto::generation::v1::GenerateRequest {
+        model: "tiny".into(),
+        prompt: "hi".into(),
+        ..Default::default()
+    };
+    let response = client.generate(request).await.unwrap().into_inner();
+    assert_eq!(response.usage.unwrap().completion_tokens, 2);
+    // The defaults are still there beside the file's model.
+    let models = client.list_models(llmesh_proto::generation::v1::ListModelsRequest {}).await.unwrap().into_inner();
+    assert!(models.models.iter().any(|m| m.name == "sim"));
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("llmesh-e2e-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_and_finishes_streams_in_flight() {
+    let env = [
+        ("LLMESH_GENERATION_MODELS__PACED__PROVIDER", "sim".to_string()),
+        ("LLMESH_GENERATION_MODELS__PACED__TOKENS_PER_SECOND", "20".to_string()),
+        ("LLMESH_GENERATION_MODELS__PACED__OUTPUT_TOKENS", "10".to_string()),
+    ];
+    let mut generation = Proc::spawn("generation", &env).await.unwrap();
+    let mut client = llmesh_proto::generation::v1::generation_client::GenerationClient::new(generation.channel().await);
+    let request = llmesh_proto::generation::v1::GenerateStreamRequest {
+        model: "paced".into(),
+        prompt: "take your time".into(),
+        ..Default::default()
+    };
+    let mut stream = client.generate_stream(request).await.unwrap().into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+
+    generation.terminate();
+    // The stream in flight (about half a second left) still completes within the grace period.
+    let mut rest = 0;
+    while let Some(chunk) = stream.message().await.unwrap() {
+        rest += 1;
+        if chunk.finish_reason != 0 {
+            break;
+        }
+    }
+    assert_eq!(rest, 10);
+    let status = generation.wait(Duration::from_secs(5)).await.expect("exited after SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", generation.logs());
+    assert!(generation.logs().contains("SIGTERM"), "{}", generation.logs());
+}
+
+#[tokio::test]
+async fn llmesh_up_runs_the_mesh_and_stops_it() {
+    let mut child = tokio::process::Command::new(bin("llmesh"))
+        .args(["up", "--base-port", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut gateway = None;
+    let found = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(addr) = line.trim().strip_prefix("gateway") {
+                gateway = Some(addr.trim().to_string());
+            }
+            if line.contains("Ctrl-C stops the mesh") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "llmesh up never printed its banner");
+    let gateway = gateway.expect("gateway address in the banner");
+
+    let mut client =
+        llmesh_proto::gateway::v1::gateway_client::GatewayClient::connect(format!("http://{gateway}")).await.unwrap();
+    let response = client.generate(crate::prompt("hello")).await.unwrap().into_inner();
+    assert!(!response.text.is_empty());
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "{status:?}");
+    // Its children are gone too.
+    assert!(client.generate(crate::prompt("anyone?")).await.is_err());
+}

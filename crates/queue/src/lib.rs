@@ -1,0 +1,1 @@
+//! The llmesh job queue (work in progress).

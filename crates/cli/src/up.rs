@@ -78,14 +78,21 @@ fn uri(addr: SocketAddr) -> String {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    // Registered before the first child starts: a signal during start-up stops the children too.
+    let shutdown = llmesh_common::shutdown::signal();
+    tokio::pin!(shutdown);
     let mut running: Vec<Running> = Vec::new();
-    let result = start_all(&args, &mut running).await;
-    let outcome = match result {
-        Ok(()) => {
-            print_banner(&running)?;
-            wait_for_stop(&mut running).await
-        }
-        Err(error) => Err(error),
+    let started = tokio::select! {
+        result = start_all(&args, &mut running) => Some(result),
+        () = &mut shutdown => None,
+    };
+    let outcome = match started {
+        None => Ok(()),
+        Some(Err(error)) => Err(error),
+        Some(Ok(())) => match print_banner(&running) {
+            Ok(()) => wait_for_stop(&mut running, shutdown).await,
+            Err(error) => Err(error),
+        },
     };
     stop_all(&mut running, Duration::from_secs(args.stop_timeout_secs)).await;
     outcome
@@ -218,19 +225,26 @@ Ctrl-C stops the mesh."#
     Ok(())
 }
 
-/// Until Ctrl-C / SIGTERM (a clean stop) or until a service dies (an error naming it).
-async fn wait_for_stop(running: &mut [Running]) -> anyhow::Result<()> {
+/// Until Ctrl-C / SIGTERM, or until a service exits. A service that exits cleanly was asked to
+/// stop (by a process-group signal, systemd, a person): the mesh stops with it. One that fails
+/// is an error naming it.
+async fn wait_for_stop(running: &mut [Running], shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let exits = running.iter_mut().map(|r| {
         Box::pin(async move {
-            let status = r.child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            let status = r.child.wait().await;
             (r.service.name(), status)
         })
     });
     tokio::select! {
-        () = llmesh_common::shutdown::signal() => Ok(()),
-        ((name, status), _, _) = futures::future::select_all(exits) => {
-            Err(anyhow!("{name} exited unexpectedly ({status}); stopping the mesh"))
-        }
+        () = shutdown => Ok(()),
+        ((name, status), _, _) = futures::future::select_all(exits) => match status {
+            Ok(status) if status.success() => {
+                tracing::info!("{name} stopped; stopping the mesh");
+                Ok(())
+            }
+            Ok(status) => Err(anyhow!("{name} exited unexpectedly ({status}); stopping the mesh")),
+            Err(error) => Err(anyhow!("cannot wait for {name}: {error}; stopping the mesh")),
+        },
     }
 }
 

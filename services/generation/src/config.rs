@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use llmesh_common::validate::Limits;
 use serde::{Deserialize, Serialize};
 
-use crate::provider::sim::SimConfig;
+use crate::provider::{
+    openai::OpenAiConfig,
+    sim::{Failure, SimConfig},
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -25,9 +28,25 @@ impl Default for Config {
             listen: ([127, 0, 0, 1], 50052).into(),
             shutdown_grace_ms: 10_000,
             limits: Limits::default(),
-            models: BTreeMap::from([("sim".to_string(), ModelConfig::Sim(SimConfig::default()))]),
+            models: default_models(),
         }
     }
+}
+
+/// `sim` for trying the mesh out and for load tests, and the fault-injecting variants chaos tests
+/// use by name (`sim-flaky-N`, failing every Nth call, needs no entry: see `provider::sim`).
+fn default_models() -> BTreeMap<String, ModelConfig> {
+    let sim = SimConfig::default();
+    let failing = |failure| SimConfig { fail_every: 1, failure, ..sim.clone() };
+    BTreeMap::from([
+        ("sim".to_string(), ModelConfig::Sim(sim.clone())),
+        (
+            "sim-slow".to_string(),
+            ModelConfig::Sim(SimConfig { time_to_first_token_ms: 2_000, tokens_per_second: 20.0, ..sim.clone() }),
+        ),
+        ("sim-error".to_string(), ModelConfig::Sim(failing(Failure::Unavailable))),
+        ("sim-429".to_string(), ModelConfig::Sim(failing(Failure::RateLimited))),
+    ])
 }
 
 /// Which provider serves a model, and how.
@@ -36,4 +55,6 @@ impl Default for Config {
 pub enum ModelConfig {
     /// The built-in simulated model: deterministic text, no network, no key.
     Sim(SimConfig),
+    /// Any OpenAI-compatible chat completions endpoint.
+    Openai(OpenAiConfig),
 }

@@ -1,6 +1,9 @@
 //! The `llmesh.generation.v1.Generation` gRPC service.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
 
 use anyhow::bail;
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -16,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     config::Config,
-    provider::{Event, EventStream, Provider},
+    provider::{Event, EventStream, Mode, Provider, sim},
 };
 
 #[derive(Debug, Clone)]
@@ -26,7 +29,9 @@ pub struct GenerationService {
 
 #[derive(Debug)]
 struct Inner {
-    models: BTreeMap<String, Provider>,
+    models: BTreeMap<String, Arc<Provider>>,
+    /// `sim-flaky-N` providers made on first use (at most 1000 names exist).
+    flaky: Mutex<HashMap<String, Arc<Provider>>>,
     limits: Limits,
 }
 
@@ -43,26 +48,40 @@ impl GenerationService {
         if config.models.is_empty() {
             bail!("no models configured: add at least one [generation.models.NAME] section");
         }
-        let models = config.models.iter().map(|(name, model)| (name.clone(), Provider::from_config(model))).collect();
-        Ok(Self { inner: Arc::new(Inner { models, limits: config.limits.clone() }) })
+        let models = config
+            .models
+            .iter()
+            .map(|(name, model)| Ok((name.clone(), Arc::new(Provider::from_config(name, model)?))))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { inner: Arc::new(Inner { models, flaky: Mutex::default(), limits: config.limits.clone() }) })
     }
 
-    fn start(&self, request: &GenerateRequest) -> Result<Started, Status> {
+    fn provider(&self, model: &str) -> Result<Arc<Provider>, Status> {
+        if let Some(provider) = self.inner.models.get(model) {
+            return Ok(provider.clone());
+        }
+        if let Some(config) = sim::flaky(model) {
+            let mut flaky = self.inner.flaky.lock().map_err(|_| Status::internal("flaky model table poisoned"))?;
+            let provider =
+                flaky.entry(model.to_string()).or_insert_with(|| Arc::new(Provider::Sim(sim::Sim::new(config))));
+            return Ok(provider.clone());
+        }
+        let known: Vec<&str> = self.inner.models.keys().map(String::as_str).collect();
+        Err(Status::invalid_argument(format!(
+            "model: unknown model {model:?}; available: {} (and sim-flaky-N)",
+            known.join(", ")
+        )))
+    }
+
+    fn start(&self, request: &GenerateRequest, mode: Mode) -> Result<Started, Status> {
         validate::generate_request(request, &self.inner.limits)?;
-        let provider = self.inner.models.get(&request.model).ok_or_else(|| {
-            let known: Vec<&str> = self.inner.models.keys().map(String::as_str).collect();
-            Status::invalid_argument(format!(
-                "model: unknown model {:?}; available: {}",
-                request.model,
-                known.join(", ")
-            ))
-        })?;
+        let provider = self.provider(&request.model)?;
         let max_tokens = validate::effective_max_tokens(request, &self.inner.limits);
         Ok(Started {
             id: format!("gen-{}", uuid::Uuid::now_v7().simple()),
             model: request.model.clone(),
             provider: provider.name(),
-            events: provider.stream(request, max_tokens),
+            events: provider.stream(request, max_tokens, mode),
         })
     }
 }
@@ -70,7 +89,7 @@ impl GenerationService {
 #[tonic::async_trait]
 impl Generation for GenerationService {
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
-        let started = self.start(request.get_ref())?;
+        let started = self.start(request.get_ref(), Mode::Unary)?;
         let mut response = GenerateResponse {
             id: started.id,
             model: started.model,
@@ -100,7 +119,7 @@ impl Generation for GenerationService {
         request: Request<GenerateStreamRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let request: GenerateRequest = request.into_inner().into();
-        let Started { id, model, provider, events } = self.start(&request)?;
+        let Started { id, model, provider, events } = self.start(&request, Mode::Stream)?;
         // The provider stream is polled by tonic as the client reads: back-pressure comes for free,
         // and a client that goes away drops the stream, which stops the upstream work.
         let chunks = events.map_ok(move |event| {

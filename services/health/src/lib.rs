@@ -18,8 +18,9 @@ pub use service::MeshHealthService;
 /// Loads the configuration and serves until SIGTERM or Ctrl-C.
 pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
     let config: Config = llmesh_common::config::load("health", &args)?;
+    let shutdown = llmesh_common::shutdown::signal();
     let listener = server::bind(config.listen).await?;
-    serve(config, listener, llmesh_common::shutdown::signal()).await
+    serve(config, listener, shutdown).await
 }
 
 /// Serves on `listener` until `shutdown` resolves.

@@ -1,7 +1,9 @@
 //! Providers turn a generation request into a stream of events. Unary calls collect the stream,
 //! so both RPCs share one code path per provider.
 
+pub mod openai;
 pub mod sim;
+mod sse;
 
 use std::pin::Pin;
 
@@ -26,23 +28,33 @@ pub enum Event {
 /// A provider's answer. Dropping it cancels the upstream work.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
 
+/// Whether the caller wants the answer streamed (upstreams may answer differently).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Unary,
+    Stream,
+}
+
 /// A configured model's provider.
 #[derive(Debug)]
 pub enum Provider {
     Sim(sim::Sim),
+    OpenAi(openai::OpenAi),
 }
 
 impl Provider {
-    pub fn from_config(config: &ModelConfig) -> Self {
-        match config {
+    pub fn from_config(name: &str, config: &ModelConfig) -> anyhow::Result<Self> {
+        Ok(match config {
             ModelConfig::Sim(sim) => Self::Sim(sim::Sim::new(sim.clone())),
-        }
+            ModelConfig::Openai(openai) => Self::OpenAi(openai::OpenAi::new(name, openai)?),
+        })
     }
 
     /// The provider's low-cardinality name, as reported in responses and metrics.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Sim(_) => "sim",
+            Self::OpenAi(_) => "openai",
         }
     }
 
@@ -50,6 +62,7 @@ impl Provider {
     pub fn deterministic(&self) -> bool {
         match self {
             Self::Sim(_) => true,
+            Self::OpenAi(openai) => openai.deterministic(),
         }
     }
 
@@ -57,13 +70,15 @@ impl Provider {
     pub fn upstream_model<'a>(&'a self, name: &'a str) -> &'a str {
         match self {
             Self::Sim(_) => name,
+            Self::OpenAi(openai) => openai.upstream_model(),
         }
     }
 
     /// Starts generating. `max_tokens` is already resolved against the configured default.
-    pub fn stream(&self, request: &GenerateRequest, max_tokens: u32) -> EventStream {
+    pub fn stream(&self, request: &GenerateRequest, max_tokens: u32, mode: Mode) -> EventStream {
         match self {
             Self::Sim(sim) => sim.stream(request, max_tokens),
+            Self::OpenAi(openai) => openai.stream(request, max_tokens, mode),
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The simulated model: deterministic text derived from the request, with configurable time to
 //! first token, pace and length. Lets the mesh run, and be load-tested, with no key and no network.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use futures::StreamExt as _;
 use llmesh_proto::{
@@ -9,6 +12,7 @@ use llmesh_proto::{
     generation::v1::GenerateRequest,
 };
 use serde::{Deserialize, Serialize};
+use tonic::{Status, metadata::MetadataValue};
 
 use super::{Event, EventStream};
 
@@ -21,17 +25,62 @@ pub struct SimConfig {
     pub tokens_per_second: f64,
     /// How many tokens an answer has when max_tokens does not cut it short.
     pub output_tokens: u32,
+    /// Fault injection: every Nth call fails (0 never, 1 always).
+    pub fail_every: u32,
+    /// How injected failures fail.
+    pub failure: Failure,
+}
+
+/// An injected failure, as a real upstream would fail.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Failure {
+    /// UNAVAILABLE, like a provider outage.
+    #[default]
+    Unavailable,
+    /// RESOURCE_EXHAUSTED with a one-second retry pushback, like an upstream 429.
+    RateLimited,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        Self { time_to_first_token_ms: 0, tokens_per_second: 0.0, output_tokens: 24 }
+        Self {
+            time_to_first_token_ms: 0,
+            tokens_per_second: 0.0,
+            output_tokens: 24,
+            fail_every: 0,
+            failure: Failure::Unavailable,
+        }
     }
 }
+
+/// The retry pushback an injected rate limit asks for.
+pub const RATE_LIMIT_PUSHBACK_MS: u64 = 1_000;
 
 #[derive(Debug)]
 pub struct Sim {
     config: SimConfig,
+    calls: AtomicU64,
+}
+
+/// `sim-flaky-N`: the sim failing every Nth call (N from 1 to 1000), for chaos tests without
+/// any configuration.
+pub fn flaky(model: &str) -> Option<SimConfig> {
+    let n: u32 = model.strip_prefix("sim-flaky-")?.parse().ok()?;
+    (1..=1000).contains(&n).then(|| SimConfig { fail_every: n, ..SimConfig::default() })
+}
+
+fn injected(failure: Failure) -> Status {
+    match failure {
+        Failure::Unavailable => Status::unavailable("sim: injected failure"),
+        Failure::RateLimited => {
+            let mut status = Status::resource_exhausted("sim: injected rate limit");
+            let pushback = MetadataValue::from(RATE_LIMIT_PUSHBACK_MS);
+            status.metadata_mut().insert("grpc-retry-pushback-ms", pushback.clone());
+            status.metadata_mut().insert("retry-after-ms", pushback);
+            status
+        }
+    }
 }
 
 const WORDS: &[&str] = &[
@@ -71,10 +120,15 @@ const WORDS: &[&str] = &[
 
 impl Sim {
     pub fn new(config: SimConfig) -> Self {
-        Self { config }
+        Self { config, calls: AtomicU64::new(0) }
     }
 
     pub fn stream(&self, request: &GenerateRequest, max_tokens: u32) -> EventStream {
+        let call = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.config.fail_every > 0 && call.is_multiple_of(u64::from(self.config.fail_every)) {
+            let status = injected(self.config.failure);
+            return Box::pin(futures::stream::once(async move { Err(status) }));
+        }
         let (tokens, reason) = answer(request, self.config.output_tokens, max_tokens);
         let usage = usage(request, tokens.len());
         let first = Duration::from_millis(self.config.time_to_first_token_ms);
@@ -235,9 +289,31 @@ mod tests {
         assert!(full.starts_with(&text));
     }
 
+    #[tokio::test]
+    async fn injected_failures() {
+        let every_third = Sim::new(flaky("sim-flaky-3").unwrap());
+        let mut failed = Vec::new();
+        for _ in 0..9 {
+            let first = every_third.stream(&request("x"), 256).next().await.unwrap();
+            failed.push(first.is_err());
+        }
+        assert_eq!(failed, [false, false, true, false, false, true, false, false, true]);
+        assert!(flaky("sim-flaky-0").is_none() && flaky("sim-flaky-x").is_none() && flaky("sim").is_none());
+
+        let limited = Sim::new(SimConfig { fail_every: 1, failure: Failure::RateLimited, ..SimConfig::default() });
+        let status = limited.stream(&request("x"), 256).next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "1000");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn paces_tokens() {
-        let sim = Sim::new(SimConfig { time_to_first_token_ms: 100, tokens_per_second: 10.0, output_tokens: 3 });
+        let sim = Sim::new(SimConfig {
+            time_to_first_token_ms: 100,
+            tokens_per_second: 10.0,
+            output_tokens: 3,
+            ..SimConfig::default()
+        });
         let start = tokio::time::Instant::now();
         let mut stream = sim.stream(&request("hi"), 256);
         stream.next().await;

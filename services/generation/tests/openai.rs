@@ -1,0 +1,339 @@
+//! The OpenAI-compatible provider against a real HTTP upstream written here to misbehave on
+//! purpose: 429 with Retry-After, 500, a stall after the first chunk, a reset mid-stream,
+//! malformed SSE, and a client that goes away mid-stream.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use llmesh_generation::{Config, config::ModelConfig, provider::openai::OpenAiConfig};
+use llmesh_proto::{
+    common::v1::FinishReason,
+    generation::v1::{GenerateRequest, GenerateStreamRequest, generation_client::GenerationClient},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+use tonic::{Code, transport::Channel};
+
+/// What the upstream does with one request.
+#[derive(Clone)]
+enum Step {
+    Write(String),
+    Sleep(u64),
+    /// Close with RST instead of FIN.
+    Reset,
+}
+
+type Script = Arc<dyn Fn(&str) -> Vec<Step> + Send + Sync>;
+
+/// A one-route HTTP/1.1 server that follows a script per request and remembers what it got.
+struct Upstream {
+    addr: SocketAddr,
+    requests: Arc<Mutex<Vec<String>>>,
+    /// Set when a write to the client failed: it went away.
+    broken: Arc<Mutex<bool>>,
+}
+
+impl Upstream {
+    async fn start(script: Script) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let broken = Arc::new(Mutex::new(false));
+        let (seen, gone) = (requests.clone(), broken.clone());
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let (script, seen, gone) = (script.clone(), seen.clone(), gone.clone());
+                tokio::spawn(async move { serve(socket, script, seen, gone).await });
+            }
+        });
+        Self { addr, requests, broken }
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    fn request(&self, i: usize) -> (String, serde_json::Value) {
+        let request = self.requests.lock().unwrap()[i].clone();
+        let split = request.find("\r\n\r\n").unwrap();
+        (request[..split].to_lowercase(), serde_json::from_str(&request[split + 4..]).unwrap())
+    }
+}
+
+async fn serve(mut socket: TcpStream, script: Script, seen: Arc<Mutex<Vec<String>>>, gone: Arc<Mutex<bool>>) {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let (head_end, length) = loop {
+        let n = socket.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            return;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buffer[..end]).to_lowercase();
+            let length =
+                head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
+            break (end + 4, length);
+        }
+    };
+    while buffer.len() < head_end + length {
+        let n = socket.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            return;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    let request = String::from_utf8_lossy(&buffer).to_string();
+    let body = request[head_end..].to_string();
+    seen.lock().unwrap().push(request);
+    for step in script(&body) {
+        match step {
+            Step::Write(text) => {
+                if socket.write_all(text.as_bytes()).await.is_err() || socket.flush().await.is_err() {
+                    *gone.lock().unwrap() = true;
+                    return;
+                }
+            }
+            Step::Sleep(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            Step::Reset => {
+                socket.set_zero_linger().unwrap();
+                return;
+            }
+        }
+    }
+}
+
+fn json_response(status: &str, extra_headers: &str, body: &str) -> Step {
+    Step::Write(format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra_headers}connection: close\r\n\r\n{body}",
+        body.len()
+    ))
+}
+
+fn sse_head() -> Step {
+    Step::Write("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n".into())
+}
+
+fn sse(data: &str) -> Step {
+    Step::Write(format!("data: {data}\n\n"))
+}
+
+fn delta(text: &str) -> String {
+    format!(r#"{{"choices":[{{"index":0,"delta":{{"content":"{text}"}},"finish_reason":null}}]}}"#)
+}
+
+const FINISH: &str = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+const USAGE: &str = r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#;
+
+/// A generation server in this process whose model "up" is the upstream at `base_url`.
+async fn generation(base_url: String, key_file: Option<std::path::PathBuf>) -> GenerationClient<Channel> {
+    let mut config = Config::default();
+    let openai = OpenAiConfig {
+        base_url,
+        upstream_model: "gpt-test".into(),
+        api_key_env: "LLMESH_TEST_UNSET_KEY".into(),
+        api_key_file: key_file,
+        first_token_timeout_ms: 1_000,
+        idle_timeout_ms: 300,
+        total_timeout_ms: 5_000,
+        ..OpenAiConfig::default()
+    };
+    config.models.insert("up".into(), ModelConfig::Openai(openai));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(llmesh_generation::serve(config, listener, std::future::pending()));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    GenerationClient::new(channel)
+}
+
+fn unary() -> GenerateRequest {
+    GenerateRequest { model: "up".into(), prompt: "hello upstream".into(), max_tokens: 5, ..Default::default() }
+}
+
+fn streaming() -> GenerateStreamRequest {
+    GenerateStreamRequest { model: "up".into(), prompt: "hello upstream".into(), max_tokens: 5, ..Default::default() }
+}
+
+async fn collect_stream(
+    client: &mut GenerationClient<Channel>,
+) -> Result<Vec<llmesh_proto::generation::v1::GenerateStreamResponse>, tonic::Status> {
+    let mut stream = client.generate_stream(streaming()).await?.into_inner();
+    let mut chunks = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        chunks.push(chunk);
+    }
+    Ok(chunks)
+}
+
+#[tokio::test]
+async fn unary_completion_with_usage_and_key() {
+    let upstream = Upstream::start(Arc::new(|_| {
+        vec![json_response(
+            "200 OK",
+            "",
+            r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi there"},"finish_reason":"length"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+        )]
+    }))
+    .await;
+    let key = std::env::temp_dir().join(format!("llmesh-key-{}", std::process::id()));
+    std::fs::write(&key, "sk-test-123\n").unwrap();
+    let mut client = generation(upstream.base_url(), Some(key)).await;
+
+    let response = client.generate(unary()).await.unwrap().into_inner();
+    assert_eq!(response.text, "Hi there");
+    assert_eq!(response.provider, "openai");
+    assert_eq!(response.finish_reason, i32::from(FinishReason::Length));
+    let usage = response.usage.unwrap();
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, usage.estimated), (3, 2, 5, false));
+
+    let (head, body) = upstream.request(0);
+    assert!(head.starts_with("post /v1/chat/completions "), "{head}");
+    assert!(head.contains("authorization: bearer sk-test-123"), "{head}");
+    assert_eq!(body["model"], "gpt-test");
+    assert_eq!(body["max_tokens"], 5);
+    assert_eq!(body["stream"], false);
+    assert_eq!(body["messages"][0]["content"], "hello upstream");
+}
+
+#[tokio::test]
+async fn stream_relays_chunks_with_usage() {
+    let upstream = Upstream::start(Arc::new(|_| {
+        vec![sse_head(), sse(&delta("Hel")), sse(&delta("lo")), sse(FINISH), sse(USAGE), sse("[DONE]")]
+    }))
+    .await;
+    let mut client = generation(upstream.base_url(), None).await;
+    let chunks = collect_stream(&mut client).await.unwrap();
+    let text: String = chunks.iter().map(|c| c.delta.as_str()).collect();
+    assert_eq!(text, "Hello");
+    let last = chunks.last().unwrap();
+    assert_eq!(last.finish_reason, i32::from(FinishReason::Stop));
+    let usage = last.usage.unwrap();
+    assert_eq!((usage.total_tokens, usage.estimated), (9, false));
+
+    let (head, body) = upstream.request(0);
+    assert!(!head.contains("authorization:"), "no key configured, none sent");
+    assert_eq!(body["stream"], true);
+    assert_eq!(body["stream_options"]["include_usage"], true);
+}
+
+#[tokio::test]
+async fn stream_without_usage_is_estimated() {
+    let upstream =
+        Upstream::start(Arc::new(|_| vec![sse_head(), sse(&delta("abcdefgh")), sse(FINISH), sse("[DONE]")])).await;
+    let mut client = generation(upstream.base_url(), None).await;
+    let chunks = collect_stream(&mut client).await.unwrap();
+    let usage = chunks.last().unwrap().usage.unwrap();
+    assert!(usage.estimated);
+    assert_eq!(usage.completion_tokens, 2);
+}
+
+#[tokio::test]
+async fn rate_limit_becomes_resource_exhausted_with_pushback() {
+    let upstream = Upstream::start(Arc::new(|_| {
+        vec![json_response("429 Too Many Requests", "retry-after: 2\r\n", r#"{"error":{"message":"slow down"}}"#)]
+    }))
+    .await;
+    let mut client = generation(upstream.base_url(), None).await;
+    let status = client.generate(unary()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("slow down"));
+    assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "2000");
+    let status = collect_stream(&mut client).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+}
+
+#[tokio::test]
+async fn server_error_is_unavailable() {
+    let upstream = Upstream::start(Arc::new(|_| vec![json_response("500 Internal Server Error", "", "boom")])).await;
+    let mut client = generation(upstream.base_url(), None).await;
+    let status = client.generate(unary()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("500"));
+}
+
+#[tokio::test]
+async fn stall_after_first_chunk_is_unavailable_not_a_hang() {
+    let upstream =
+        Upstream::start(Arc::new(|_| vec![sse_head(), sse(&delta("Hel")), Step::Sleep(10_000), sse(FINISH)])).await;
+    let mut client = generation(upstream.base_url(), None).await;
+    let started = std::time::Instant::now();
+    let mut stream = client.generate_stream(streaming()).await.unwrap().into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().delta, "Hel");
+    let status = stream.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("stalled"), "{status:?}");
+    // The idle timeout is 300 ms.
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn reset_mid_stream_is_unavailable() {
+    let upstream = Upstream::start(Arc::new(|_| vec![sse_head(), sse(&delta("Hel")), Step::Reset])).await;
+    let mut client = generation(upstream.base_url(), None).await;
+    let status = collect_stream(&mut client).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+#[tokio::test]
+async fn early_close_is_unavailable() {
+    let upstream = Upstream::start(Arc::new(|_| vec![sse_head(), sse(&delta("Hel"))])).await;
+    let mut client = generation(upstream.base_url(), None).await;
+    let status = collect_stream(&mut client).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("before finishing"), "{status:?}");
+}
+
+#[tokio::test]
+async fn malformed_chunk_is_a_clear_error() {
+    let upstream =
+        Upstream::start(Arc::new(|_| vec![sse_head(), sse(&delta("ok")), sse("{not json"), Step::Sleep(5_000)])).await;
+    let mut client = generation(upstream.base_url(), None).await;
+    let started = std::time::Instant::now();
+    let status = collect_stream(&mut client).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("malformed"), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    let upstream = Upstream::start(Arc::new(|_| vec![json_response("200 OK", "", "<html>")])).await;
+    let mut client = generation(upstream.base_url(), None).await;
+    let status = client.generate(unary()).await.unwrap_err();
+    assert!(status.message().contains("malformed"), "{status:?}");
+}
+
+#[tokio::test]
+async fn client_cancel_stops_the_upstream() {
+    let upstream = Upstream::start(Arc::new(|_| {
+        let mut steps = vec![sse_head()];
+        for _ in 0..100 {
+            steps.push(sse(&delta("tick")));
+            steps.push(Step::Sleep(50));
+        }
+        steps
+    }))
+    .await;
+    let mut client = generation(upstream.base_url(), None).await;
+    let mut stream = client.generate_stream(streaming()).await.unwrap().into_inner();
+    stream.message().await.unwrap().unwrap();
+    drop(stream);
+    // The upstream notices within a few of its 50 ms ticks, long before its 5 s script ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !*upstream.broken.lock().unwrap() {
+        assert!(std::time::Instant::now() < deadline, "upstream kept streaming after the client left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_unavailable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut client = generation(format!("http://127.0.0.1:{port}/v1"), None).await;
+    let status = client.generate(unary()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}

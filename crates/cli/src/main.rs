@@ -1,5 +1,6 @@
 //! `llmesh`: run the whole mesh on one machine (`llmesh up`) or any one service (`llmesh serve`).
 
+mod load;
 mod up;
 
 use std::process::ExitCode;
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Start all four services as child processes, wait until each is SERVING, and print how to call them.
     Up(up::UpArgs),
+    /// Send load to a gateway (or straight to generation) and report throughput, errors and latency.
+    Load(load::LoadArgs),
     /// Run one service in this process (what `llmesh up` runs in each child).
     Serve {
         #[arg(value_enum)]
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     llmesh_common::run_main(|| async move {
         match cli.command {
             Command::Up(args) => up::run(args).await,
+            Command::Load(args) => load::run(args).await,
             Command::Serve { service, args } => match service {
                 Service::Gateway => llmesh_gateway::run(args).await,
                 Service::Generation => llmesh_generation::run(args).await,

@@ -242,7 +242,12 @@ impl Mesh {
         .map(|(name, proc, service)| format!("{{name=\"{name}\",address=\"{}\",service=\"{service}\"}}", proc.uri()))
         .collect::<Vec<_>>()
         .join(",");
-        health_env.push(("LLMESH_HEALTH_TARGETS", format!("[{targets}]")));
+        let redis_target = options
+            .redis_url
+            .as_ref()
+            .map(|url| format!(",{{name=\"redis\",address=\"{url}\",service=\"redis\",required=false}}"))
+            .unwrap_or_default();
+        health_env.push(("LLMESH_HEALTH_TARGETS", format!("[{targets}{redis_target}]")));
         health_env.push(("LLMESH_HEALTH_POLL_INTERVAL_MS", "100".into()));
         let health = Proc::spawn("health", &health_env).await.unwrap();
         Self { generation, cache, gateway, health }

@@ -1,6 +1,7 @@
 //! Plumbing every llmesh service shares: configuration in layers, logging, the gRPC server
 //! runner (health, reflection, graceful shutdown), dependency checks and request validation.
 
+pub mod cache_key;
 pub mod config;
 pub mod deps;
 pub mod logging;

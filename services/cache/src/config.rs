@@ -21,6 +21,8 @@ pub struct Config {
     pub max_entry_bytes: usize,
     /// Bound of the in-memory store, in bytes of encoded entries.
     pub memory_max_bytes: u64,
+    /// Bound of the in-memory store, in entries.
+    pub memory_max_entries: u64,
 }
 
 impl Default for Config {
@@ -34,6 +36,7 @@ impl Default for Config {
             ttl_ms: 60 * 60 * 1000,
             max_entry_bytes: 1024 * 1024,
             memory_max_bytes: 256 * 1024 * 1024,
+            memory_max_entries: 100_000,
         }
     }
 }

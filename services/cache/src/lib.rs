@@ -2,7 +2,6 @@
 //! that changes the output, in Redis or in a bounded in-memory store.
 
 pub mod config;
-pub mod key;
 mod service;
 pub mod store;
 

@@ -20,7 +20,9 @@ use llmesh_proto::{
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
-use crate::{config::Config, key, store::Store};
+use llmesh_common::cache_key as key;
+
+use crate::{config::Config, store::Store};
 
 #[derive(Debug, Clone)]
 pub struct CacheService {

@@ -26,9 +26,14 @@ pub struct Use {
 }
 
 impl Use {
-    pub fn of(policy: i32) -> Self {
+    /// What `policy` allows for a request. Under the default policy only `cacheable` requests
+    /// (deterministic ones, unless configured otherwise) touch the cache; an explicit REFRESH or
+    /// ONLY_IF_CACHED is honoured either way.
+    pub fn of(policy: i32, cacheable: bool) -> Self {
         match CachePolicy::try_from(policy).unwrap_or(CachePolicy::Default) {
-            CachePolicy::Unspecified | CachePolicy::Default => Self { read: true, write: true, only_cached: false },
+            CachePolicy::Unspecified | CachePolicy::Default => {
+                Self { read: cacheable, write: cacheable, only_cached: false }
+            }
             CachePolicy::Bypass => Self { read: false, write: false, only_cached: false },
             CachePolicy::Refresh => Self { read: false, write: true, only_cached: false },
             CachePolicy::OnlyIfCached => Self { read: true, write: false, only_cached: true },

@@ -34,6 +34,11 @@ pub struct CacheConfig {
     pub endpoint: String,
     /// Time budget of one cache call; past it the gateway goes on without the cache.
     pub budget_ms: u64,
+    /// Cache sampling requests too. By default only deterministic ones are cached: temperature 0,
+    /// a seed, or a model generation declares deterministic.
+    pub cache_nondeterministic: bool,
+    /// Longest an identical request waits for the one already in flight before calling on its own.
+    pub single_flight_wait_ms: u64,
 }
 
 impl Default for Config {
@@ -58,6 +63,11 @@ impl Default for GenerationConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { endpoint: "http://127.0.0.1:50053".into(), budget_ms: 20 }
+        Self {
+            endpoint: "http://127.0.0.1:50053".into(),
+            budget_ms: 20,
+            cache_nondeterministic: false,
+            single_flight_wait_ms: 30_000,
+        }
     }
 }

@@ -2,9 +2,11 @@
 //! and otherwise calls a generation replica and stores the answer.
 
 mod cache;
+mod catalog;
 pub mod config;
 mod deadline;
 mod service;
+mod single_flight;
 mod upstream;
 
 use std::{future::Future, time::Duration};
@@ -28,7 +30,13 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
 /// configured cache) answers within the start-up timeout.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let upstream = upstream::Upstream::connect(&config).await?;
-    let service = GatewayService::new(&config, upstream);
+    let catalog = catalog::Catalog::default();
+    let mut generation = upstream.generation.clone();
+    if let Err(status) = catalog.refresh(&mut generation).await {
+        tracing::warn!(code = ?status.code(), message = status.message(), "cannot list models yet; will retry");
+    }
+    catalog.keep_fresh(generation, Duration::from_secs(30));
+    let service = GatewayService::new(&config, upstream, catalog);
     let mut base = server::Base::new()?;
     base.serving::<GatewayServer<GatewayService>>().await;
     base.route(|router| router.add_service(GatewayServer::new(service)))

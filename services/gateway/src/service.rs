@@ -3,7 +3,10 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
-use llmesh_common::validate::{self, Limits};
+use llmesh_common::{
+    cache_key,
+    validate::{self, Limits},
+};
 use llmesh_proto::{
     common::v1::FinishReason,
     gateway::v1::{
@@ -17,8 +20,10 @@ use tonic::{Request, Response, Status, Streaming, transport::Channel};
 
 use crate::{
     cache::{Cache, Use},
+    catalog::Catalog,
     config::Config,
     deadline::Deadline,
+    single_flight::{Flight, SingleFlight},
     upstream::Upstream,
 };
 
@@ -31,43 +36,70 @@ pub struct GatewayService {
 struct Inner {
     generation: GenerationClient<Channel>,
     cache: Cache,
+    catalog: Catalog,
+    flights: SingleFlight,
     limits: Limits,
     request_timeout: Duration,
+    cache_nondeterministic: bool,
+    single_flight_wait: Duration,
+}
+
+/// What the cache said about a request.
+enum Cached {
+    Hit(Box<generation::GenerateResponse>, Vec<String>),
+    Miss(Use),
 }
 
 type ChunkStream = futures::stream::BoxStream<'static, Result<gw::GenerateStreamResponse, Status>>;
 
 impl GatewayService {
-    pub fn new(config: &Config, upstream: Upstream) -> Self {
+    pub fn new(config: &Config, upstream: Upstream, catalog: Catalog) -> Self {
         Self {
             inner: Arc::new(Inner {
                 generation: upstream.generation,
                 cache: Cache::new(upstream.cache, Duration::from_millis(config.cache.budget_ms)),
+                catalog,
+                flights: SingleFlight::default(),
                 limits: config.limits.clone(),
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
+                cache_nondeterministic: config.cache.cache_nondeterministic,
+                single_flight_wait: Duration::from_millis(config.cache.single_flight_wait_ms),
             }),
         }
     }
 
-    /// Validates the request and consults the cache. `Ok(Some(hit))` answers from the cache;
-    /// `Ok(None)` means generate.
-    async fn cached(
-        &self,
-        request: &generation::GenerateRequest,
-        deadline: Deadline,
-    ) -> Result<Option<(generation::GenerateResponse, Vec<String>)>, Status> {
+    /// True when the same request is expected to give the same answer, so caching it is safe.
+    fn cacheable(&self, request: &generation::GenerateRequest) -> bool {
+        self.inner.cache_nondeterministic
+            || request.temperature == Some(0.0)
+            || request.seed.is_some()
+            || self.inner.catalog.deterministic(&request.model)
+    }
+
+    /// Validates the request and consults the cache.
+    async fn cached(&self, request: &generation::GenerateRequest, deadline: Deadline) -> Result<Cached, Status> {
         validate::generate_request(request, &self.inner.limits)?;
-        let policy = Use::of(request.cache);
+        let policy = Use::of(request.cache, self.cacheable(request));
         if policy.read
             && let Some(hit) = self.inner.cache.lookup(request, deadline.remaining()).await
             && let Some(response) = hit.response
         {
-            return Ok(Some((response, hit.chunks)));
+            return Ok(Cached::Hit(Box::new(response), hit.chunks));
         }
         if policy.only_cached {
             return Err(Status::not_found("cache: no cached answer for this request (policy ONLY_IF_CACHED)"));
         }
-        Ok(None)
+        Ok(Cached::Miss(policy))
+    }
+
+    async fn call_generation(
+        &self,
+        request: &generation::GenerateRequest,
+        deadline: Deadline,
+    ) -> Result<generation::GenerateResponse, Status> {
+        let mut client = self.inner.generation.clone();
+        let call = client.generate(with_timeout(request.clone(), deadline)?);
+        Ok(deadline.run("generation", call).await?.into_inner())
     }
 }
 
@@ -86,13 +118,30 @@ impl Gateway for GatewayService {
     async fn generate(&self, request: Request<gw::GenerateRequest>) -> Result<Response<gw::GenerateResponse>, Status> {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
         let request: generation::GenerateRequest = request.into_inner().into();
-        if let Some((response, _)) = self.cached(&request, deadline).await? {
-            return Ok(Response::new(response.into()));
+        let policy = match self.cached(&request, deadline).await? {
+            Cached::Hit(response, _) => return Ok(Response::new((*response).into())),
+            Cached::Miss(policy) => policy,
+        };
+        // Identical cacheable misses in flight at once share one generation call.
+        let leader = if policy.read {
+            match self.inner.flights.join(cache_key::of(&request)) {
+                Flight::Leader(leader) => Some(leader),
+                Flight::Follower(follower) => {
+                    let wait = self.inner.single_flight_wait.min(deadline.remaining());
+                    if let Some(response) = follower.wait(wait).await {
+                        return Ok(Response::new(response.into()));
+                    }
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let response = self.call_generation(&request, deadline).await?;
+        if let Some(leader) = leader {
+            leader.finish(&response);
         }
-        let mut client = self.inner.generation.clone();
-        let call = client.generate(with_timeout(request.clone(), deadline)?);
-        let response = deadline.run("generation", call).await?.into_inner();
-        if Use::of(request.cache).write {
+        if policy.write {
             self.inner.cache.store(request, response.clone(), Vec::new());
         }
         Ok(Response::new(response.into()))
@@ -106,14 +155,15 @@ impl Gateway for GatewayService {
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
         let request: generation::GenerateRequest = request.into_inner().into();
-        if let Some((response, chunks)) = self.cached(&request, deadline).await? {
-            return Ok(Response::new(replay(response, chunks)));
-        }
+        let policy = match self.cached(&request, deadline).await? {
+            Cached::Hit(response, chunks) => return Ok(Response::new(replay(*response, chunks))),
+            Cached::Miss(policy) => policy,
+        };
         let mut client = self.inner.generation.clone();
         let upstream_request = generation::GenerateStreamRequest::from(request.clone());
         let call = client.generate_stream(with_timeout(upstream_request, deadline)?);
         let upstream = deadline.run("generation", call).await?.into_inner();
-        let cache = Use::of(request.cache).write.then(|| self.inner.cache.clone());
+        let cache = policy.write.then(|| self.inner.cache.clone());
         Ok(Response::new(relay(upstream, request, cache, deadline)))
     }
 

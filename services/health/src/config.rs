@@ -24,13 +24,21 @@ pub struct Target {
     pub name: String,
     /// `http://host:port`.
     pub address: String,
-    /// The grpc.health.v1 service name to ask about.
+    /// The grpc.health.v1 service name to ask about (any label for a `redis://` address).
     pub service: String,
+    /// When false, this target being down degrades the mesh instead of stopping it (a cache's
+    /// Redis: the gateway answers without the cache).
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Target {
     fn new(name: &str, port: u16, service: &str) -> Self {
-        Self { name: name.into(), address: format!("http://127.0.0.1:{port}"), service: service.into() }
+        Self { name: name.into(), address: format!("http://127.0.0.1:{port}"), service: service.into(), required: true }
     }
 }
 

@@ -17,8 +17,16 @@ use tonic_health::{
 
 use crate::config::{Config, Target};
 
+/// How a target is checked.
+enum Probe {
+    /// `grpc.health.v1.Health/Check` of the target's service.
+    Grpc(HealthClient<Channel>),
+    /// `PING` to a Redis the mesh depends on.
+    Redis(redis::Client),
+}
+
 pub struct Monitor {
-    targets: Vec<(Target, HealthClient<Channel>)>,
+    targets: Vec<(Target, Probe)>,
     interval: Duration,
     timeout: Duration,
     reporter: HealthReporter,
@@ -36,8 +44,12 @@ impl Monitor {
             .targets
             .iter()
             .map(|target| {
-                let channel = deps::endpoint(&target.address, timeout)?.connect_lazy();
-                Ok((target.clone(), HealthClient::new(channel)))
+                let probe = if target.address.starts_with("redis://") || target.address.starts_with("rediss://") {
+                    Probe::Redis(redis::Client::open(target.address.as_str())?)
+                } else {
+                    Probe::Grpc(HealthClient::new(deps::endpoint(&target.address, timeout)?.connect_lazy()))
+                };
+                Ok((target.clone(), probe))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let initial = StatusResponse { status: ServingStatus::Unknown.into(), ..Default::default() };
@@ -59,21 +71,40 @@ impl Monitor {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let checks = self.targets.iter().map(|(target, client)| self.check(target, client.clone()));
+            let checks = self.targets.iter().map(|(target, probe)| self.check(target, probe));
             let components = futures::future::join_all(checks).await;
             self.publish(components).await;
         }
     }
 
-    async fn check(&self, target: &Target, mut client: HealthClient<Channel>) -> Component {
+    async fn check(&self, target: &Target, probe: &Probe) -> Component {
         let started = Instant::now();
-        let request = HealthCheckRequest { service: target.service.clone() };
-        let (status, detail) = match tokio::time::timeout(self.timeout, client.check(request)).await {
-            Ok(Ok(response)) => match response.into_inner().status() {
-                health_check_response::ServingStatus::Serving => (ServingStatus::Serving, String::new()),
-                other => (ServingStatus::NotServing, format!("reports {}", other.as_str_name())),
-            },
-            Ok(Err(status)) => (ServingStatus::NotServing, format!("{:?}: {}", status.code(), status.message())),
+        let answer = match probe {
+            Probe::Grpc(client) => {
+                let mut client = client.clone();
+                let request = HealthCheckRequest { service: target.service.clone() };
+                tokio::time::timeout(self.timeout, async move {
+                    match client.check(request).await {
+                        Ok(response) => match response.into_inner().status() {
+                            health_check_response::ServingStatus::Serving => Ok(()),
+                            other => Err(format!("reports {}", other.as_str_name())),
+                        },
+                        Err(status) => Err(format!("{:?}: {}", status.code(), status.message())),
+                    }
+                })
+                .await
+            }
+            Probe::Redis(client) => {
+                tokio::time::timeout(self.timeout, async {
+                    let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+                    redis::cmd("PING").query_async::<String>(&mut conn).await.map(drop).map_err(|e| e.to_string())
+                })
+                .await
+            }
+        };
+        let (status, detail) = match answer {
+            Ok(Ok(())) => (ServingStatus::Serving, String::new()),
+            Ok(Err(detail)) => (ServingStatus::NotServing, detail),
             Err(_) => (ServingStatus::NotServing, format!("no answer within {} ms", self.timeout.as_millis())),
         };
         Component {
@@ -102,7 +133,10 @@ impl Monitor {
         for (service, status) in &by_service {
             self.reporter.set_service_status(service, grpc_status(*status)).await;
         }
-        let overall = overall(by_service.values().copied());
+        let overall = overall(by_service.iter().map(|(service, status)| {
+            let optional = self.targets.iter().any(|(t, _)| &t.service == service && !t.required);
+            if optional && *status == ServingStatus::NotServing { ServingStatus::Degraded } else { *status }
+        }));
         self.reporter.set_service_status("", grpc_status(overall)).await;
 
         let next = StatusResponse { status: overall.into(), components, checked_at_unix_ms: now_ms() };

@@ -1,5 +1,9 @@
-//! The in-memory store: TinyLFU admission and LRU eviction (moka), bounded by the encoded size of
-//! its entries, with a time to live per entry.
+//! The in-memory store: TinyLFU admission and LRU eviction (moka), bounded both by the encoded
+//! size of its entries and by their number, with a time to live per entry.
+//!
+//! moka bounds one weight. Each entry weighs at least `max_bytes / max_entries`, so the byte bound
+//! also caps the count: many tiny entries cannot grow the map (and its per-entry overhead) past
+//! `max_entries`.
 
 use std::{
     sync::Arc,
@@ -44,11 +48,12 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
-    pub fn new(max_bytes: u64) -> Self {
+    pub fn new(max_bytes: u64, max_entries: u64) -> Self {
+        let floor = u32::try_from(max_bytes / max_entries.max(1)).unwrap_or(u32::MAX);
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            // The weight is the encoded size plus the key: what the entry costs, roughly.
-            .weigher(|key: &String, value: &Stored| value.bytes.saturating_add(key.len() as u32))
+            // The encoded size plus the key (what the entry costs, roughly), but never below the floor.
+            .weigher(move |key: &String, value: &Stored| value.bytes.saturating_add(key.len() as u32).max(floor))
             .expire_after(PerEntryTtl)
             .build();
         Self { cache }
@@ -95,7 +100,7 @@ mod tests {
 
     #[tokio::test]
     async fn put_get_remove() {
-        let store = MemoryStore::new(1 << 20);
+        let store = MemoryStore::new(1 << 20, 1000);
         store.put("k1", "sim", entry("a"), Duration::from_secs(60)).await;
         store.put("k2", "other", entry("b"), Duration::from_secs(60)).await;
         assert_eq!(store.get("k1").await.unwrap().response.as_ref().unwrap().text, "a");
@@ -108,7 +113,7 @@ mod tests {
 
     #[tokio::test]
     async fn entries_expire() {
-        let store = MemoryStore::new(1 << 20);
+        let store = MemoryStore::new(1 << 20, 1000);
         store.put("k", "sim", entry("a"), Duration::from_millis(50)).await;
         assert!(store.get("k").await.is_some());
         tokio::time::sleep(Duration::from_millis(120)).await;
@@ -117,12 +122,23 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_by_bytes() {
-        let store = MemoryStore::new(10_000);
+        let store = MemoryStore::new(10_000, 1000);
         for i in 0..200 {
             store.put(&format!("k{i}"), "sim", entry(&"x".repeat(500)), Duration::from_secs(60)).await;
         }
         let size = store.size().await;
         assert!(size.bytes <= 10_000, "{size:?}");
         assert!(size.entries < 200, "{size:?}");
+    }
+
+    #[tokio::test]
+    async fn bounded_by_entries() {
+        let store = MemoryStore::new(1 << 20, 50);
+        for i in 0..500 {
+            store.put(&format!("k{i}"), "sim", entry("x"), Duration::from_secs(60)).await;
+        }
+        let size = store.size().await;
+        assert!(size.entries <= 50, "{size:?}");
+        assert!(size.entries > 0, "{size:?}");
     }
 }

@@ -33,7 +33,7 @@ impl Store {
     pub async fn open(config: &Config) -> anyhow::Result<Self> {
         match &config.redis_url {
             Some(url) => Ok(Self::Redis(redis::RedisStore::connect(url, config).await?)),
-            None => Ok(Self::Memory(memory::MemoryStore::new(config.memory_max_bytes))),
+            None => Ok(Self::Memory(memory::MemoryStore::new(config.memory_max_bytes, config.memory_max_entries))),
         }
     }
 

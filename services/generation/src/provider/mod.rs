@@ -61,7 +61,7 @@ impl Provider {
     /// True when the same request always yields the same answer.
     pub fn deterministic(&self) -> bool {
         match self {
-            Self::Sim(_) => true,
+            Self::Sim(sim) => sim.deterministic(),
             Self::OpenAi(openai) => openai.deterministic(),
         }
     }

@@ -29,6 +29,9 @@ pub struct SimConfig {
     pub fail_every: u32,
     /// How injected failures fail.
     pub failure: Failure,
+    /// Whether to declare the model deterministic. The sim always is; `false` makes it stand in
+    /// for a sampling model, which the gateway does not cache by default.
+    pub deterministic: bool,
 }
 
 /// An injected failure, as a real upstream would fail.
@@ -50,6 +53,7 @@ impl Default for SimConfig {
             output_tokens: 24,
             fail_every: 0,
             failure: Failure::Unavailable,
+            deterministic: true,
         }
     }
 }
@@ -121,6 +125,10 @@ const WORDS: &[&str] = &[
 impl Sim {
     pub fn new(config: SimConfig) -> Self {
         Self { config, calls: AtomicU64::new(0) }
+    }
+
+    pub fn deterministic(&self) -> bool {
+        self.config.deterministic
     }
 
     pub fn stream(&self, request: &GenerateRequest, max_tokens: u32) -> EventStream {

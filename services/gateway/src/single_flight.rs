@@ -1,0 +1,127 @@
+//! Single flight: concurrent identical cache misses make one upstream call. The first caller of a
+//! key leads and calls generation; the others follow and take its answer. Followers wait a bounded
+//! time; if the leader fails, gives up or takes too long, each follower goes on its own.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use llmesh_proto::generation::v1::GenerateResponse;
+use tokio::sync::watch;
+
+type Slot = watch::Receiver<Option<GenerateResponse>>;
+
+#[derive(Debug, Clone, Default)]
+pub struct SingleFlight {
+    flights: Arc<Mutex<HashMap<String, Slot>>>,
+}
+
+/// The caller's role for one key.
+pub enum Flight {
+    /// Call upstream, then [`Leader::finish`] with the answer.
+    Leader(Leader),
+    /// Someone else is calling upstream: [`Follower::wait`] for their answer.
+    Follower(Follower),
+}
+
+pub struct Leader {
+    key: String,
+    flights: Arc<Mutex<HashMap<String, Slot>>>,
+    tx: watch::Sender<Option<GenerateResponse>>,
+}
+
+pub struct Follower(Slot);
+
+impl SingleFlight {
+    pub fn join(&self, key: String) -> Flight {
+        let Ok(mut flights) = self.flights.lock() else {
+            // A poisoned map only loses deduplication, never the call.
+            let (tx, _) = watch::channel(None);
+            return Flight::Leader(Leader { key, flights: self.flights.clone(), tx });
+        };
+        if let Some(slot) = flights.get(&key) {
+            return Flight::Follower(Follower(slot.clone()));
+        }
+        let (tx, rx) = watch::channel(None);
+        flights.insert(key.clone(), rx);
+        Flight::Leader(Leader { key, flights: self.flights.clone(), tx })
+    }
+
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
+        self.flights.lock().map(|f| f.len()).unwrap_or(0)
+    }
+}
+
+impl Leader {
+    /// Hands a successful answer to the followers. Failures are not shared: each follower then
+    /// tries for itself.
+    pub fn finish(self, response: &GenerateResponse) {
+        self.tx.send_replace(Some(response.clone()));
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if let Ok(mut flights) = self.flights.lock() {
+            flights.remove(&self.key);
+        }
+    }
+}
+
+impl Follower {
+    /// The leader's answer, or `None` when it failed or did not answer within `limit`.
+    pub async fn wait(mut self, limit: Duration) -> Option<GenerateResponse> {
+        let answered = tokio::time::timeout(limit, self.0.wait_for(Option::is_some)).await;
+        match answered {
+            Ok(Ok(answer)) => answer.clone(),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(text: &str) -> GenerateResponse {
+        GenerateResponse { text: text.into(), ..Default::default() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn followers_take_the_leaders_answer() {
+        let flights = SingleFlight::default();
+        let Flight::Leader(leader) = flights.join("k".into()) else { panic!("first caller leads") };
+        let Flight::Follower(follower) = flights.join("k".into()) else { panic!("second caller follows") };
+        let Flight::Leader(_other) = flights.join("other".into()) else { panic!("other keys lead") };
+        let waiting = tokio::spawn(follower.wait(Duration::from_secs(1)));
+        leader.finish(&answer("once"));
+        assert_eq!(waiting.await.unwrap().unwrap().text, "once");
+        // The leader is gone: the next caller leads a new flight.
+        assert!(matches!(flights.join("k".into()), Flight::Leader(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_leader_releases_followers_at_once() {
+        let flights = SingleFlight::default();
+        let Flight::Leader(leader) = flights.join("k".into()) else { panic!() };
+        let Flight::Follower(follower) = flights.join("k".into()) else { panic!() };
+        let started = tokio::time::Instant::now();
+        drop(leader);
+        assert!(follower.wait(Duration::from_secs(10)).await.is_none());
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(flights.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn followers_wait_a_bounded_time() {
+        let flights = SingleFlight::default();
+        let Flight::Leader(_leader) = flights.join("k".into()) else { panic!() };
+        let Flight::Follower(follower) = flights.join("k".into()) else { panic!() };
+        let started = tokio::time::Instant::now();
+        assert!(follower.wait(Duration::from_millis(250)).await.is_none());
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
+    }
+}

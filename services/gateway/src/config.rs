@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use llmesh_common::validate::Limits;
 use serde::{Deserialize, Serialize};
 
+use crate::admission::{AuthConfig, RateLimitConfig, ShedConfig};
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -17,6 +19,9 @@ pub struct Config {
     pub startup_timeout_ms: u64,
     pub generation: GenerationConfig,
     pub cache: CacheConfig,
+    pub auth: AuthConfig,
+    pub rate_limit: RateLimitConfig,
+    pub shed: ShedConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +56,9 @@ impl Default for Config {
             startup_timeout_ms: 5_000,
             generation: GenerationConfig::default(),
             cache: CacheConfig::default(),
+            auth: AuthConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            shed: ShedConfig::default(),
         }
     }
 }

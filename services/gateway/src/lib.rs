@@ -1,6 +1,7 @@
 //! The gateway: the mesh's public entry. Validates requests, answers from the cache when it can,
 //! and otherwise calls a generation replica and stores the answer.
 
+pub mod admission;
 mod cache;
 mod catalog;
 pub mod config;

@@ -1,0 +1,114 @@
+//! The job record: one Redis hash per job, and how it reads back as a `Job`.
+//!
+//! Fields: `state` (the proto name, e.g. `JOB_STATE_QUEUED`, readable in redis-cli), `attempts`
+//! (attempts started), `request` (encoded `generation.v1.GenerateRequest`), `result` (encoded
+//! `generation.v1.GenerateResponse`, once SUCCEEDED), `error` (the last attempt's failure),
+//! `created_at_ms` and `updated_at_ms` (Redis clock, unix ms), `idempotency_key` (the Redis key
+//! of the job's idempotency record, or empty).
+
+use llmesh_proto::{
+    gateway::v1::{Job, JobState},
+    generation::v1::GenerateResponse,
+};
+use prost::Message as _;
+
+use crate::error::CorruptRecord;
+
+/// The fields a `Job` is built from, in the order scripts and HMGET return them.
+pub(crate) const SNAPSHOT_FIELDS: [&str; 6] =
+    ["state", "attempts", "result", "error", "created_at_ms", "updated_at_ms"];
+
+/// The values of [`SNAPSHOT_FIELDS`], `None` where a field is absent.
+pub(crate) type Snapshot = Vec<Option<Vec<u8>>>;
+
+/// States a job never leaves.
+pub fn is_terminal(state: JobState) -> bool {
+    matches!(state, JobState::Succeeded | JobState::Failed | JobState::DeadLettered | JobState::Cancelled)
+}
+
+/// Builds the job from its snapshot; `None` when the record does not exist (every field absent).
+pub(crate) fn parse_snapshot(id: &str, snapshot: Snapshot) -> Result<Option<Job>, CorruptRecord> {
+    if snapshot.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let mut fields = snapshot.into_iter();
+    let mut next = || fields.next().flatten();
+    let (state, attempts, result, error, created, updated) = (next(), next(), next(), next(), next(), next());
+
+    let state = parse_state(required("state", state)?)?;
+    let attempts = parse_number("attempts", required("attempts", attempts)?)?;
+    let result = match result.filter(|bytes| !bytes.is_empty()) {
+        Some(bytes) => Some(
+            GenerateResponse::decode(bytes.as_slice())
+                .map_err(|cause| CorruptRecord::Undecodable { field: "result", cause })?
+                .into(),
+        ),
+        None => None,
+    };
+    Ok(Some(Job {
+        id: id.to_owned(),
+        state: state as i32,
+        attempts,
+        result,
+        error: error.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default(),
+        created_at_unix_ms: parse_number("created_at_ms", required("created_at_ms", created)?)?,
+        updated_at_unix_ms: parse_number("updated_at_ms", required("updated_at_ms", updated)?)?,
+    }))
+}
+
+pub(crate) fn parse_state(name: Vec<u8>) -> Result<JobState, CorruptRecord> {
+    std::str::from_utf8(&name).ok().and_then(JobState::from_str_name).ok_or_else(|| CorruptRecord::Invalid {
+        field: "state",
+        value: String::from_utf8_lossy(&name).into_owned(),
+        expected: "a job state",
+    })
+}
+
+fn required(field: &'static str, value: Option<Vec<u8>>) -> Result<Vec<u8>, CorruptRecord> {
+    value.ok_or(CorruptRecord::Missing(field))
+}
+
+fn parse_number<T: std::str::FromStr>(field: &'static str, value: Vec<u8>) -> Result<T, CorruptRecord> {
+    std::str::from_utf8(&value).ok().and_then(|text| text.parse().ok()).ok_or_else(|| CorruptRecord::Invalid {
+        field,
+        value: String::from_utf8_lossy(&value).into_owned(),
+        expected: "a number",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(text: &str) -> Option<Vec<u8>> {
+        Some(text.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn a_missing_record_is_none() {
+        assert_eq!(parse_snapshot("job-1", vec![None; 6]).unwrap(), None);
+    }
+
+    #[test]
+    fn reads_a_finished_job() {
+        let result = GenerateResponse { text: "hello".into(), ..Default::default() }.encode_to_vec();
+        let snapshot =
+            vec![bytes("JOB_STATE_SUCCEEDED"), bytes("2"), Some(result), bytes(""), bytes("10"), bytes("20")];
+        let job = parse_snapshot("job-1", snapshot).unwrap().unwrap();
+        assert_eq!(job.state(), JobState::Succeeded);
+        assert_eq!(job.attempts, 2);
+        assert_eq!(job.result.unwrap().text, "hello");
+        assert_eq!((job.created_at_unix_ms, job.updated_at_unix_ms), (10, 20));
+    }
+
+    #[test]
+    fn names_the_field_that_is_wrong() {
+        let snapshot = vec![bytes("JOB_STATE_QUEUED"), bytes("many"), None, None, bytes("1"), bytes("1")];
+        let error = parse_snapshot("job-1", snapshot).unwrap_err();
+        assert!(matches!(error, CorruptRecord::Invalid { field: "attempts", .. }), "{error}");
+
+        let snapshot = vec![bytes("SLEEPING"), bytes("0"), None, None, bytes("1"), bytes("1")];
+        let error = parse_snapshot("job-1", snapshot).unwrap_err();
+        assert!(matches!(error, CorruptRecord::Invalid { field: "state", .. }), "{error}");
+    }
+}

@@ -1,0 +1,266 @@
+//! The Lua scripts behind every state change of a job.
+//!
+//! Each change touches several keys (the job hash, the stream and its consumer group, the delayed
+//! set, the dead-letter stream) and must not be seen half done, nor done twice by two workers: a
+//! script runs atomically. All times come from the Redis clock (`TIME`), so workers on hosts with
+//! skewed clocks agree on when a retry is due.
+//!
+//! The scripts declare the keys they are given in KEYS, but derive two from their values: the
+//! hash of an existing job found by idempotency key (`submit`), and a job's idempotency record
+//! (`expire_finished`). Fine on the single Redis llmesh runs; a Redis Cluster would need the
+//! keys of one queue under one hash tag.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+use crate::record::SNAPSHOT_FIELDS;
+
+/// Shared definitions, prepended to every script.
+const PRELUDE: &str = r"
+local QUEUED = 'JOB_STATE_QUEUED'
+local RUNNING = 'JOB_STATE_RUNNING'
+local SUCCEEDED = 'JOB_STATE_SUCCEEDED'
+local DEAD_LETTERED = 'JOB_STATE_DEAD_LETTERED'
+local CANCELLED = 'JOB_STATE_CANCELLED'
+local TERMINAL = {
+  JOB_STATE_SUCCEEDED = true, JOB_STATE_FAILED = true, JOB_STATE_DEAD_LETTERED = true, JOB_STATE_CANCELLED = true,
+}
+
+local function clock_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+local function ms_text(ms)
+  return string.format('%.0f', ms)
+end
+
+local function snapshot(job)
+  return redis.call('HMGET', job, unpack(SNAPSHOT_FIELDS))
+end
+
+-- A finished job, and its idempotency record, stay readable for the result TTL only.
+local function expire_finished(job, ttl_ms)
+  redis.call('PEXPIRE', job, ttl_ms)
+  local idempotency = redis.call('HGET', job, 'idempotency_key')
+  if idempotency and idempotency ~= '' then
+    redis.call('PEXPIRE', idempotency, ttl_ms)
+  end
+end
+
+-- Done with one delivery: acknowledge it and drop the entry, so the stream holds only work to do.
+local function settle(stream, group, entry)
+  redis.call('XACK', stream, group, entry)
+  redis.call('XDEL', stream, entry)
+end
+";
+
+/// Creates a job and queues it, unless the idempotency key already names a live job.
+///
+/// KEYS: job hash, stream, [idempotency record]. ARGV: job id, encoded request, job key prefix.
+/// Returns `{job id, 1 if it already existed else 0, snapshot}`.
+const SUBMIT: &str = r"
+local job, stream, idempotency = KEYS[1], KEYS[2], KEYS[3]
+local id, request, job_prefix = ARGV[1], ARGV[2], ARGV[3]
+if idempotency then
+  local existing = redis.call('GET', idempotency)
+  if existing then
+    local existing_job = job_prefix .. existing
+    if redis.call('EXISTS', existing_job) == 1 then
+      return {existing, 1, snapshot(existing_job)}
+    end
+  end
+  redis.call('SET', idempotency, id)
+end
+local now = ms_text(clock_ms())
+redis.call('HSET', job, 'state', QUEUED, 'attempts', 0, 'request', request, 'error', '',
+  'created_at_ms', now, 'updated_at_ms', now, 'idempotency_key', idempotency or '')
+redis.call('XADD', stream, '*', 'job', id)
+return {id, 0, snapshot(job)}
+";
+
+/// Cancels a job that is waiting (queued, or waiting for a retry). Its stream entry, if any,
+/// stays: the worker that reads it finds the job CANCELLED and only acknowledges it.
+///
+/// KEYS: job hash, delayed set. ARGV: job id, result TTL (ms).
+/// Returns `{'cancelled' | 'refused' | 'missing', snapshot}`.
+const CANCEL: &str = r"
+local job, delayed = KEYS[1], KEYS[2]
+local id, ttl_ms = ARGV[1], ARGV[2]
+local state = redis.call('HGET', job, 'state')
+if not state then
+  return {'missing', snapshot(job)}
+end
+if state ~= QUEUED then
+  return {'refused', snapshot(job)}
+end
+redis.call('HSET', job, 'state', CANCELLED, 'updated_at_ms', ms_text(clock_ms()))
+redis.call('ZREM', delayed, id)
+expire_finished(job, ttl_ms)
+return {'cancelled', snapshot(job)}
+";
+
+/// Starts an attempt at a delivered job: RUNNING, one more attempt. A job that is finished (or
+/// gone) is only acknowledged: whatever happened before (a worker that died between storing
+/// its result and acknowledging), it never runs again. A job whose last allowed attempt was
+/// lost with its worker is left to the caller to dead-letter.
+///
+/// KEYS: job hash, stream. ARGV: group, entry id, max attempts.
+/// Returns `{'run' | 'finished' | 'gone' | 'exhausted', state, attempts, request or nil}`.
+const BEGIN_ATTEMPT: &str = r"
+local job, stream = KEYS[1], KEYS[2]
+local group, entry, max_attempts = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local state = redis.call('HGET', job, 'state')
+if not state then
+  settle(stream, group, entry)
+  return {'gone', '', 0, false}
+end
+local attempts = tonumber(redis.call('HGET', job, 'attempts'))
+if TERMINAL[state] then
+  settle(stream, group, entry)
+  return {'finished', state, attempts, false}
+end
+if attempts >= max_attempts then
+  return {'exhausted', state, attempts, false}
+end
+attempts = attempts + 1
+redis.call('HSET', job, 'state', RUNNING, 'attempts', attempts, 'updated_at_ms', ms_text(clock_ms()))
+return {'run', RUNNING, attempts, redis.call('HGET', job, 'request')}
+";
+
+/// Checks shared by the scripts that end an attempt. Returns nil when the attempt may be ended,
+/// or the reply to give: `gone`, or the terminal state the job already has (the first result
+/// wins; the delivery is acknowledged), or `stale` when another worker has since started a newer
+/// attempt (it owns the delivery now; nothing is touched).
+const END_ATTEMPT_CHECKS: &str = r"
+local function refuse_end(job, stream, group, entry, attempt, stale_matters)
+  local state = redis.call('HGET', job, 'state')
+  if not state then
+    settle(stream, group, entry)
+    return 'gone'
+  end
+  if TERMINAL[state] then
+    settle(stream, group, entry)
+    return state
+  end
+  if stale_matters and redis.call('HGET', job, 'attempts') ~= attempt then
+    return 'stale'
+  end
+  return nil
+end
+";
+
+/// Stores a result: SUCCEEDED and the result together, then the acknowledgement, in one step.
+/// A success from an attempt that is no longer the newest is still taken if the job has no
+/// result yet: a result is a result.
+///
+/// KEYS: job hash, stream, delayed set. ARGV: group, entry id, job id, attempt, encoded result,
+/// result TTL (ms). Returns `'applied' | 'gone' | <terminal state>`.
+const COMPLETE: &str = r"
+local job, stream, delayed = KEYS[1], KEYS[2], KEYS[3]
+local group, entry, id, attempt, result, ttl_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local refused = refuse_end(job, stream, group, entry, attempt, false)
+if refused then
+  return refused
+end
+redis.call('HSET', job, 'state', SUCCEEDED, 'result', result, 'error', '', 'updated_at_ms', ms_text(clock_ms()))
+redis.call('ZREM', delayed, id)
+expire_finished(job, ttl_ms)
+settle(stream, group, entry)
+return 'applied'
+";
+
+/// Puts a failed job back to wait for its retry: QUEUED with the error, in the delayed set until
+/// it is due, and the delivery acknowledged.
+///
+/// KEYS: job hash, stream, delayed set. ARGV: group, entry id, job id, attempt, delay (ms), error.
+/// Returns `'applied' | 'gone' | 'stale' | <terminal state>`.
+const SCHEDULE_RETRY: &str = r"
+local job, stream, delayed = KEYS[1], KEYS[2], KEYS[3]
+local group, entry, id, attempt, delay_ms, error = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local refused = refuse_end(job, stream, group, entry, attempt, true)
+if refused then
+  return refused
+end
+local now = clock_ms()
+redis.call('HSET', job, 'state', QUEUED, 'error', error, 'updated_at_ms', ms_text(now))
+redis.call('ZADD', delayed, now + delay_ms, id)
+settle(stream, group, entry)
+return 'applied'
+";
+
+/// Gives up on a job: FAILED or DEAD_LETTERED with the error; a dead-lettered job also goes to
+/// the dead-letter stream.
+///
+/// KEYS: job hash, stream, dead-letter stream. ARGV: group, entry id, job id, attempt, final
+/// state, error, result TTL (ms). Returns `'applied' | 'gone' | 'stale' | <terminal state>`.
+const GIVE_UP: &str = r"
+local job, stream, dead = KEYS[1], KEYS[2], KEYS[3]
+local group, entry, id, attempt, final_state, error, ttl_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local refused = refuse_end(job, stream, group, entry, attempt, true)
+if refused then
+  return refused
+end
+redis.call('HSET', job, 'state', final_state, 'error', error, 'updated_at_ms', ms_text(clock_ms()))
+expire_finished(job, ttl_ms)
+if final_state == DEAD_LETTERED then
+  redis.call('XADD', dead, '*', 'job', id, 'error', error, 'attempts', attempt)
+end
+settle(stream, group, entry)
+return 'applied'
+";
+
+/// Moves retries that are due from the delayed set back onto the stream. Atomic, so two workers
+/// running it at once cannot queue one job twice.
+///
+/// KEYS: delayed set, stream. ARGV: most to move. Returns `{moved, ms until the next is due or -1}`.
+const PROMOTE_DUE: &str = r"
+local delayed, stream = KEYS[1], KEYS[2]
+local now = clock_ms()
+local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, id in ipairs(due) do
+  redis.call('ZREM', delayed, id)
+  redis.call('XADD', stream, '*', 'job', id)
+end
+local next_due = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+local wait_ms = -1
+if next_due[2] then
+  wait_ms = math.max(0, math.ceil(tonumber(next_due[2]) - now))
+end
+return {#due, wait_ms}
+";
+
+/// Counts, in one consistent look. A stream without its group (Redis restarted empty) counts
+/// nothing as pending.
+///
+/// KEYS: stream, delayed set, dead-letter stream. ARGV: group.
+/// Returns `{entries in the stream, delivered and unacknowledged, delayed, dead-lettered}`.
+const STATS: &str = r"
+local stream, delayed, dead = KEYS[1], KEYS[2], KEYS[3]
+local pending = 0
+local summary = redis.pcall('XPENDING', stream, ARGV[1])
+if type(summary) == 'table' and not summary.err then
+  pending = summary[1]
+end
+return {redis.call('XLEN', stream), pending, redis.call('ZCARD', delayed), redis.call('XLEN', dead)}
+";
+
+fn script(parts: &[&str]) -> Script {
+    let fields: Vec<String> = SNAPSHOT_FIELDS.iter().map(|field| format!("'{field}'")).collect();
+    let mut source = format!("local SNAPSHOT_FIELDS = {{{}}}\n{PRELUDE}", fields.join(", "));
+    for part in parts {
+        source.push_str(part);
+    }
+    Script::new(&source)
+}
+
+pub(crate) static SUBMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[SUBMIT]));
+pub(crate) static CANCEL_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[CANCEL]));
+pub(crate) static BEGIN_ATTEMPT_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[BEGIN_ATTEMPT]));
+pub(crate) static COMPLETE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[END_ATTEMPT_CHECKS, COMPLETE]));
+pub(crate) static SCHEDULE_RETRY_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[END_ATTEMPT_CHECKS, SCHEDULE_RETRY]));
+pub(crate) static GIVE_UP_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[END_ATTEMPT_CHECKS, GIVE_UP]));
+pub(crate) static PROMOTE_DUE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[PROMOTE_DUE]));
+pub(crate) static STATS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[STATS]));

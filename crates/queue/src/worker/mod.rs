@@ -1,0 +1,304 @@
+//! Workers: take jobs off the queue, run them, and record how each attempt ended.
+//!
+//! A worker runs one job at a time; run several, each under its own consumer name, for more.
+//! Each step of its loop:
+//! 1. moves the retries that are due back onto the stream;
+//! 2. now and then, takes over a job delivered to a worker that stopped answering (XAUTOCLAIM);
+//! 3. waits for a new job (XREADGROUP BLOCK on a connection of its own), no longer than until
+//!    the next retry is due or the next look for abandoned jobs.
+//!
+//! While a job runs, the worker re-claims its delivery every third of the claim idle time: a long
+//! job is not mistaken for one whose worker died.
+
+mod delivery;
+
+use std::{convert::Infallible, future::Future, panic::AssertUnwindSafe, pin::pin, time::Duration};
+
+use futures::FutureExt as _;
+use llmesh_proto::{
+    gateway::v1::JobState,
+    generation::v1::{GenerateRequest, GenerateResponse},
+};
+use prost::Message as _;
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::Instrument as _;
+
+use self::delivery::{Begin, Deliveries, Delivery, Ended, Ending};
+use crate::{
+    JobQueue,
+    backoff::{Backoff, OutageBackoff},
+    error::{JobError, QueueError, error_chain},
+};
+
+/// Longest a single blocking read waits. Shutdown does not wait for it (the loop is dropped);
+/// it bounds how stale the worker's view of the delayed set can get.
+const MAX_BLOCK: Duration = Duration::from_secs(1);
+/// Shortest wait between steps when a retry is due right away, so the loop never spins.
+const MIN_BLOCK: Duration = Duration::from_millis(5);
+/// Pauses after a failed step (Redis down): from 100 ms, doubling, up to 5 s.
+const OUTAGE_PAUSE: Backoff = Backoff::from_millis(100, 5_000);
+
+/// Takes jobs off a queue and runs them.
+#[derive(Debug)]
+pub struct Worker {
+    queue: JobQueue,
+    consumer: String,
+}
+
+impl Worker {
+    /// `consumer_name` names this worker in the consumer group: unique among live workers, and
+    /// best stable across restarts of the same worker (a host name and an index).
+    pub fn new(queue: JobQueue, consumer_name: impl Into<String>) -> Self {
+        Self { queue, consumer: consumer_name.into() }
+    }
+
+    /// Runs jobs until `shutdown` resolves. `execute` runs one attempt; its error says whether
+    /// another attempt may help.
+    ///
+    /// On shutdown the job in hand, if any, is abandoned: its delivery stays pending, and another
+    /// worker takes it over after the claim idle time. While Redis is down the worker pauses
+    /// between tries, from 100 ms up to 5 s. Returns an error only when the worker cannot
+    /// start (its connection cannot be set up); a Redis outage never ends it.
+    pub async fn run<F, Fut>(self, execute: F, shutdown: impl Future<Output = ()>) -> Result<(), QueueError>
+    where
+        F: Fn(GenerateRequest) -> Fut,
+        Fut: Future<Output = Result<GenerateResponse, JobError>>,
+    {
+        let span = tracing::info_span!("worker", consumer = %self.consumer, stream = %self.queue.keys().stream);
+        let worker = WorkerLoop::new(&self.queue, self.consumer, execute)?;
+        worker.run(shutdown).instrument(span).await;
+        Ok(())
+    }
+}
+
+/// The state of a running worker.
+struct WorkerLoop<F> {
+    deliveries: Deliveries,
+    execute: F,
+    max_attempts: u32,
+    retry_backoff: Backoff,
+    rng: fastrand::Rng,
+    /// Longest an attempt's end is retried while Redis is unreachable: half the claim idle time,
+    /// after which another worker may take the job over anyway.
+    end_patience: Duration,
+    reclaim_every: Duration,
+    heartbeat_every: Duration,
+    next_reclaim: Instant,
+}
+
+impl<F, Fut> WorkerLoop<F>
+where
+    F: Fn(GenerateRequest) -> Fut,
+    Fut: Future<Output = Result<GenerateResponse, JobError>>,
+{
+    fn new(queue: &JobQueue, consumer: String, execute: F) -> Result<Self, QueueError> {
+        let config = queue.config();
+        let limit = config.worker_response_timeout();
+        let conn = queue.open_connection(limit, MAX_BLOCK + limit)?;
+        let claim_idle = config.claim_idle();
+        Ok(Self {
+            deliveries: Deliveries::new(conn, queue.keys().clone(), config, consumer),
+            execute,
+            max_attempts: config.max_attempts(),
+            retry_backoff: Backoff::new(
+                Duration::from_millis(config.backoff_base_ms),
+                Duration::from_millis(config.backoff_max_ms),
+            ),
+            rng: fastrand::Rng::new(),
+            end_patience: claim_idle / 2,
+            reclaim_every: (claim_idle / 2).max(MIN_BLOCK),
+            heartbeat_every: (claim_idle / 3).max(MIN_BLOCK),
+            next_reclaim: Instant::now(),
+        })
+    }
+
+    async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let mut shutdown = pin!(shutdown);
+        let mut outages = OutageBackoff::new(OUTAGE_PAUSE);
+        tracing::info!("worker started");
+        loop {
+            let step = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                step = self.step() => step,
+            };
+            match step {
+                Ok(()) if outages.failures() > 0 => {
+                    tracing::info!(failed_steps = outages.failures(), "redis answers again");
+                    outages.reset();
+                }
+                Ok(()) => {}
+                Err(error) => {
+                    let pause = outages.next_pause();
+                    tracing::warn!(error = %error_chain(&error), pause_ms = pause.as_millis(), "worker step failed");
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!("worker stopped");
+    }
+
+    async fn step(&mut self) -> Result<(), QueueError> {
+        let next_due = self.deliveries.promote_due().await?;
+        let now = Instant::now();
+        if now >= self.next_reclaim {
+            let reclaimed = self.deliveries.reclaim().await?;
+            // Look again at once while there is more to look at; otherwise after a while.
+            if reclaimed.is_none() && self.deliveries.reclaim_scan_complete() {
+                self.next_reclaim = now + self.reclaim_every;
+            }
+            if let Some(delivery) = reclaimed {
+                tracing::info!(job_id = %delivery.job_id, "taking over a job whose worker stopped answering");
+                return self.handle(delivery).await;
+            }
+        }
+        let until_reclaim = self.next_reclaim.saturating_duration_since(now);
+        let block = next_due.unwrap_or(MAX_BLOCK).min(until_reclaim).clamp(MIN_BLOCK, MAX_BLOCK);
+        match self.deliveries.read_new(block).await? {
+            Some(delivery) => self.handle(delivery).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn handle(&mut self, delivery: Delivery) -> Result<(), QueueError> {
+        let span = tracing::info_span!("job", job_id = %delivery.job_id);
+        async {
+            match self.deliveries.begin(&delivery).await? {
+                Begin::Run { attempt, request } => {
+                    tracing::debug!(attempt, "attempt started");
+                    let started = read_request(request).and_then(|request| {
+                        std::panic::catch_unwind(AssertUnwindSafe(|| (self.execute)(request))).map_err(|_| panicked())
+                    });
+                    let outcome = match started {
+                        Ok(attempt) => run_claimed(attempt, &self.deliveries, &delivery, self.heartbeat_every).await,
+                        Err(error) => Err(error),
+                    };
+                    let ending = self.ending(attempt, outcome);
+                    self.end(&delivery, attempt, ending).await
+                }
+                Begin::Finished(state) => {
+                    tracing::info!(state = state.as_str_name(), "job already finished; acknowledged, not run again");
+                    Ok(())
+                }
+                Begin::Gone => {
+                    tracing::info!("job record gone (expired); acknowledged");
+                    Ok(())
+                }
+                Begin::Exhausted { attempts } => {
+                    let error = format!("no attempts left: the worker running attempt {attempts} stopped answering");
+                    self.end(&delivery, attempts, Ending::GiveUp { state: JobState::DeadLettered, error }).await
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn ending(&mut self, attempt: u32, outcome: Result<GenerateResponse, JobError>) -> Ending {
+        match outcome {
+            Ok(response) => Ending::Succeeded { result: response.encode_to_vec() },
+            Err(JobError { retryable: true, message }) if attempt < self.max_attempts => {
+                Ending::Retry { delay: self.retry_backoff.delay(attempt, &mut self.rng), error: message }
+            }
+            // Retries used up: dead-lettered, to look at and maybe replay. A failure no retry
+            // would fix (the request itself is wrong) just fails: replaying it would fail again.
+            Err(JobError { retryable, message }) => {
+                let state = if retryable { JobState::DeadLettered } else { JobState::Failed };
+                Ending::GiveUp { state, error: message }
+            }
+        }
+    }
+
+    /// Records how the attempt ended. When Redis is unreachable, keeps trying for a while:
+    /// otherwise the job, though it ran, would run again once another worker takes it over.
+    /// (`&mut self`, like every method awaited in the loop: the loop's future then needs `F:
+    /// Send` only, not `F: Sync`.)
+    async fn end(&mut self, delivery: &Delivery, attempt: u32, ending: Ending) -> Result<(), QueueError> {
+        let give_up_at = Instant::now() + self.end_patience;
+        let mut outages = OutageBackoff::new(OUTAGE_PAUSE);
+        let ended = loop {
+            match self.deliveries.end(delivery, attempt, &ending).await {
+                Err(error) if error.is_unavailable() && Instant::now() < give_up_at => {
+                    let pause = outages.next_pause().min(give_up_at.saturating_duration_since(Instant::now()));
+                    tracing::warn!(error = %error_chain(&error), pause_ms = pause.as_millis(), "cannot record the attempt yet");
+                    tokio::time::sleep(pause).await;
+                }
+                other => break other?,
+            }
+        };
+        log_ending(attempt, &ending, &ended);
+        Ok(())
+    }
+}
+
+/// The stored request. A record without a readable one fails for good: no retry would fix it.
+fn read_request(stored: Option<Vec<u8>>) -> Result<GenerateRequest, JobError> {
+    let bytes = stored.ok_or_else(|| JobError::permanent("the job record holds no request"))?;
+    GenerateRequest::decode(bytes.as_slice())
+        .map_err(|cause| JobError::permanent(format!("the stored request cannot be read: {cause}")))
+}
+
+/// A panic in `execute` fails the job for good: it is a bug, and the next attempt would hit it
+/// too. The worker goes on with other jobs.
+fn panicked() -> JobError {
+    JobError::permanent("the job panicked")
+}
+
+/// Runs the attempt, keeping its delivery claimed meanwhile.
+async fn run_claimed(
+    attempt: impl Future<Output = Result<GenerateResponse, JobError>>,
+    deliveries: &Deliveries,
+    delivery: &Delivery,
+    heartbeat_every: Duration,
+) -> Result<GenerateResponse, JobError> {
+    tokio::select! {
+        outcome = AssertUnwindSafe(attempt).catch_unwind() => {
+            outcome.unwrap_or_else(|_| Err(panicked()))
+        }
+        never = keep_claimed(deliveries, delivery, heartbeat_every) => match never {},
+    }
+}
+
+/// Re-claims the delivery now and then, for as long as the attempt runs (the caller drops this
+/// when the attempt ends).
+async fn keep_claimed(deliveries: &Deliveries, delivery: &Delivery, every: Duration) -> Infallible {
+    let mut beats = tokio::time::interval_at(Instant::now() + every, every);
+    beats.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        beats.tick().await;
+        match deliveries.keep_alive(delivery).await {
+            Ok(true) => {}
+            Ok(false) => tracing::info!("delivery no longer pending: the job was settled elsewhere"),
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), "heartbeat failed; another worker may take the job over");
+            }
+        }
+    }
+}
+
+fn log_ending(attempt: u32, ending: &Ending, ended: &Ended) {
+    match (ended, ending) {
+        (Ended::Applied, Ending::Succeeded { .. }) => tracing::debug!(attempt, "job succeeded"),
+        (Ended::Applied, Ending::Retry { delay, error }) => {
+            tracing::info!(attempt, delay_ms = delay.as_millis(), %error, "attempt failed; retry scheduled");
+        }
+        (Ended::Applied, Ending::GiveUp { state, error }) => {
+            tracing::warn!(attempt, state = state.as_str_name(), %error, "job failed for good");
+        }
+        (Ended::AlreadyFinished(state), _) => {
+            tracing::info!(
+                attempt,
+                state = state.as_str_name(),
+                "job had already finished; this attempt's outcome dropped"
+            );
+        }
+        (Ended::Stale, _) => {
+            tracing::info!(attempt, "another worker took the job over; this attempt's outcome dropped");
+        }
+        (Ended::Gone, _) => tracing::info!(attempt, "job record gone; this attempt's outcome dropped"),
+    }
+}

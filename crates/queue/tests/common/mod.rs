@@ -1,0 +1,156 @@
+//! Shared by the integration tests: a private redis-server per test, a queue on it, workers that
+//! stop on demand, and waiting for a job to get somewhere.
+
+// Test support: panicking on a broken setup is the point, and each test binary uses only some helpers.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{
+    future::Future,
+    net::TcpListener,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use llmesh_proto::{
+    gateway::v1::Job,
+    generation::v1::{GenerateRequest, GenerateResponse},
+};
+use llmesh_queue::{JobError, JobQueue, QueueConfig, QueueError, Worker};
+use tokio::{
+    process::{Child, Command},
+    sync::oneshot,
+    task::JoinHandle,
+};
+
+/// A redis-server of the test's own, on a free loopback port, without persistence. Killed when
+/// dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Self::start_on(port).await
+    }
+
+    /// Starts one on `port`: used again to bring Redis back on the port it had.
+    pub async fn start_on(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self { port, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub async fn kill(&mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    /// Reads one job off the stream the way a worker does, then "crashes": never acknowledges it.
+    pub async fn read_and_crash(&self) -> (String, String) {
+        let mut raw = self.raw().await;
+        let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("llmesh-workers")
+            .arg("crashed-worker")
+            .arg("COUNT")
+            .arg(1)
+            .arg("STREAMS")
+            .arg("llmesh:jobs")
+            .arg(">")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let entry = reply.keys[0].ids[0].clone();
+        (entry.id.clone(), entry.get("job").unwrap())
+    }
+
+    /// A plain connection, to look at (or tamper with) what the queue stored.
+    pub async fn raw(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
+}
+
+/// Settings for tests: quick retries, a roomy response timeout (a busy test machine is slow).
+pub fn config() -> QueueConfig {
+    QueueConfig {
+        backoff_base_ms: 10,
+        backoff_max_ms: 200,
+        response_timeout_ms: 1_000,
+        worker_response_timeout_ms: 2_000,
+        ..QueueConfig::default()
+    }
+}
+
+pub async fn connect(redis: &RedisServer, config: QueueConfig) -> JobQueue {
+    JobQueue::connect(&redis.url(), config).await.unwrap()
+}
+
+pub fn request(prompt: &str) -> GenerateRequest {
+    GenerateRequest { model: "sim".into(), prompt: prompt.into(), max_tokens: 8, ..Default::default() }
+}
+
+/// The answer an echo worker gives.
+pub fn echo(request: &GenerateRequest) -> GenerateResponse {
+    GenerateResponse { model: request.model.clone(), text: format!("echo: {}", request.prompt), ..Default::default() }
+}
+
+pub async fn echo_execute(request: GenerateRequest) -> Result<GenerateResponse, JobError> {
+    Ok(echo(&request))
+}
+
+/// A worker running on its own task.
+pub struct RunningWorker {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), QueueError>>,
+}
+
+pub fn spawn_worker<F, Fut>(queue: &JobQueue, name: &str, execute: F) -> RunningWorker
+where
+    F: Fn(GenerateRequest) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<GenerateResponse, JobError>> + Send + 'static,
+{
+    let (stop, stopped) = oneshot::channel::<()>();
+    let worker = Worker::new(queue.clone(), name);
+    let task = tokio::spawn(worker.run(execute, async move {
+        let _ = stopped.await;
+    }));
+    RunningWorker { stop, task }
+}
+
+impl RunningWorker {
+    /// Asks the worker to stop and waits for it; returns how long it took.
+    pub async fn stop(self) -> Duration {
+        let start = Instant::now();
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(5), self.task).await.expect("worker did not stop").unwrap().unwrap();
+        start.elapsed()
+    }
+}
+
+/// Polls the job until `done` holds; fails the test after `within`.
+pub async fn wait_for(queue: &JobQueue, id: &str, within: Duration, done: impl Fn(&Job) -> bool) -> Job {
+    let deadline = Instant::now() + within;
+    loop {
+        let job = queue.get(id).await.unwrap();
+        match job {
+            Some(job) if done(&job) => return job,
+            _ if Instant::now() > deadline => panic!("job {id} did not get there within {within:?}: {job:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}

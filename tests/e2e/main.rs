@@ -5,6 +5,7 @@
 mod bad_input;
 mod cache;
 mod fakellm;
+mod jobs;
 mod lifecycle;
 mod mesh;
 mod redis_cache;

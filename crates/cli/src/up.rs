@@ -27,8 +27,8 @@ pub struct UpArgs {
     /// Gateway port; generation, cache and health take the next three. 0 picks free ports.
     #[arg(long, default_value_t = 50051)]
     base_port: u16,
-    /// Use Redis for the cache instead of memory.
-    #[arg(long, env = "LLMESH_CACHE_REDIS_URL")]
+    /// A Redis for the cache (instead of memory) and the job queue.
+    #[arg(long, env = "LLMESH_REDIS_URL")]
     redis_url: Option<String>,
     /// How long each service may take to become SERVING.
     #[arg(long, default_value_t = 30)]
@@ -103,25 +103,23 @@ async fn start_all(args: &UpArgs, running: &mut Vec<Running>) -> anyhow::Result<
         let port = if args.base_port == 0 { 0 } else { args.base_port.saturating_add(service.port_offset()) };
         SocketAddr::new(args.host, port)
     };
-    let mut cache_env = Vec::new();
-    if let Some(url) = &args.redis_url {
-        cache_env.push(("LLMESH_CACHE_REDIS_URL".to_string(), url.clone()));
-    }
+    let with_redis = |key: &str| args.redis_url.iter().map(|url| (key.to_string(), url.clone())).collect::<Vec<_>>();
+    let cache_env = with_redis("LLMESH_CACHE_REDIS_URL");
     let startup = Duration::from_secs(args.startup_timeout_secs);
 
-    running.push(start(Service::Generation, listen(Service::Generation), Vec::new(), startup).await?);
+    let generation_env = with_redis("LLMESH_GENERATION_QUEUE__REDIS_URL");
+    running.push(start(Service::Generation, listen(Service::Generation), generation_env, startup).await?);
     running.push(start(Service::Cache, listen(Service::Cache), cache_env, startup).await?);
     let generation = running[0].addr;
     let cache = running[1].addr;
 
-    let gateway_env = vec![
-        ("LLMESH_GATEWAY_GENERATION__ENDPOINTS".to_string(), format!("[\"{}\"]", uri(generation))),
-        ("LLMESH_GATEWAY_CACHE__ENDPOINT".to_string(), uri(cache)),
-    ];
+    let mut gateway_env = with_redis("LLMESH_GATEWAY_QUEUE__REDIS_URL");
+    gateway_env.push(("LLMESH_GATEWAY_GENERATION__ENDPOINTS".to_string(), format!("[\"{}\"]", uri(generation))));
+    gateway_env.push(("LLMESH_GATEWAY_CACHE__ENDPOINT".to_string(), uri(cache)));
     running.push(start(Service::Gateway, listen(Service::Gateway), gateway_env, startup).await?);
     let gateway = running[2].addr;
 
-    let targets: Vec<String> =
+    let mut targets: Vec<String> =
         [(Service::Gateway, gateway), (Service::Generation, generation), (Service::Cache, cache)]
             .into_iter()
             .map(|(service, addr)| {
@@ -133,6 +131,10 @@ async fn start_all(args: &UpArgs, running: &mut Vec<Running>) -> anyhow::Result<
                 )
             })
             .collect();
+    if let Some(url) = &args.redis_url {
+        // Optional: without Redis the mesh is degraded (no cache hits, no jobs), not down.
+        targets.push(format!("{{name=\"redis\",address=\"{url}\",service=\"redis\",required=false}}"));
+    }
     let health_env = vec![("LLMESH_HEALTH_TARGETS".to_string(), format!("[{}]", targets.join(",")))];
     running.push(start(Service::Health, listen(Service::Health), health_env, startup).await?);
     // The health service's "" is the whole mesh: SERVING once it has seen every service serve.

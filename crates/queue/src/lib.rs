@@ -34,6 +34,7 @@ mod keys;
 mod queue;
 mod record;
 mod scripts;
+mod settings;
 mod watch;
 mod worker;
 
@@ -41,4 +42,5 @@ pub use config::QueueConfig;
 pub use error::{CorruptRecord, JobError, Outage, QueueError};
 pub use queue::{JobQueue, QueueStats, Submitted};
 pub use record::is_terminal;
+pub use settings::QueueSettings;
 pub use worker::Worker;

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use llmesh_common::validate::Limits;
 use serde::{Deserialize, Serialize};
 
+use llmesh_queue::QueueSettings;
+
 use crate::admission::{AuthConfig, RateLimitConfig, ShedConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -22,6 +24,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub rate_limit: RateLimitConfig,
     pub shed: ShedConfig,
+    /// The job queue behind SubmitJob and friends.
+    pub queue: QueueSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,6 +63,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rate_limit: RateLimitConfig::default(),
             shed: ShedConfig::default(),
+            queue: QueueSettings::default(),
         }
     }
 }

@@ -6,6 +6,7 @@ mod cache;
 mod catalog;
 pub mod config;
 mod deadline;
+mod jobs;
 mod service;
 mod single_flight;
 mod upstream;
@@ -37,7 +38,8 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         tracing::warn!(code = ?status.code(), message = status.message(), "cannot list models yet; will retry");
     }
     catalog.keep_fresh(generation, Duration::from_secs(30));
-    let service = GatewayService::new(&config, upstream, catalog);
+    let jobs = jobs::Jobs::connect(&config.queue).await?;
+    let service = GatewayService::new(&config, upstream, catalog, jobs);
     let mut base = server::Base::new()?;
     base.serving::<GatewayServer<GatewayService>>().await;
     base.route(|router| router.add_service(GatewayServer::new(service)))

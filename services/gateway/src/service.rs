@@ -23,6 +23,7 @@ use crate::{
     catalog::Catalog,
     config::Config,
     deadline::Deadline,
+    jobs::{self, Jobs},
     single_flight::{Flight, SingleFlight},
     upstream::Upstream,
 };
@@ -42,6 +43,7 @@ struct Inner {
     request_timeout: Duration,
     cache_nondeterministic: bool,
     single_flight_wait: Duration,
+    jobs: Jobs,
 }
 
 /// What the cache said about a request.
@@ -53,7 +55,7 @@ enum Cached {
 type ChunkStream = futures::stream::BoxStream<'static, Result<gw::GenerateStreamResponse, Status>>;
 
 impl GatewayService {
-    pub fn new(config: &Config, upstream: Upstream, catalog: Catalog) -> Self {
+    pub fn new(config: &Config, upstream: Upstream, catalog: Catalog, jobs: Jobs) -> Self {
         Self {
             inner: Arc::new(Inner {
                 generation: upstream.generation,
@@ -64,6 +66,7 @@ impl GatewayService {
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
                 cache_nondeterministic: config.cache.cache_nondeterministic,
                 single_flight_wait: Duration::from_millis(config.cache.single_flight_wait_ms),
+                jobs,
             }),
         }
     }
@@ -167,22 +170,38 @@ impl Gateway for GatewayService {
         Ok(Response::new(relay(upstream, request, cache, deadline)))
     }
 
-    async fn submit_job(&self, _: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
-        Err(jobs_unavailable())
+    async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
+        let queue = self.inner.jobs.queue()?;
+        let request = request.into_inner();
+        let idempotency_key = request.idempotency_key.clone();
+        let generate: generation::GenerateRequest = request.into();
+        validate::generate_request(&generate, &self.inner.limits)?;
+        let submitted = queue.submit(&generate, &idempotency_key).await.map_err(jobs::status)?;
+        Ok(Response::new(SubmitJobResponse { job: Some(submitted.job), existing: submitted.existing }))
     }
 
-    async fn get_job(&self, _: Request<GetJobRequest>) -> Result<Response<GetJobResponse>, Status> {
-        Err(jobs_unavailable())
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<GetJobResponse>, Status> {
+        let queue = self.inner.jobs.queue()?;
+        let id = jobs::job_id(&request.get_ref().job_id)?;
+        let job = jobs::found(queue.get(id).await.map_err(jobs::status)?, id)?;
+        Ok(Response::new(GetJobResponse { job: Some(job) }))
     }
 
     type WatchJobStream = futures::stream::BoxStream<'static, Result<WatchJobResponse, Status>>;
 
-    async fn watch_job(&self, _: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
-        Err(jobs_unavailable())
+    async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let queue = self.inner.jobs.queue()?;
+        let id = jobs::job_id(&request.get_ref().job_id)?;
+        let changes =
+            queue.watch(id).map(|change| change.map(|job| WatchJobResponse { job: Some(job) }).map_err(jobs::status));
+        Ok(Response::new(changes.boxed()))
     }
 
-    async fn cancel_job(&self, _: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
-        Err(jobs_unavailable())
+    async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
+        let queue = self.inner.jobs.queue()?;
+        let id = jobs::job_id(&request.get_ref().job_id)?;
+        let job = queue.cancel(id).await.map_err(jobs::status)?;
+        Ok(Response::new(CancelJobResponse { job: Some(job) }))
     }
 
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
@@ -192,10 +211,6 @@ impl Gateway for GatewayService {
         let models = deadline.run("generation", call).await?.into_inner();
         Ok(Response::new(ListModelsResponse { models: models.models.into_iter().map(Into::into).collect() }))
     }
-}
-
-fn jobs_unavailable() -> Status {
-    Status::unimplemented("jobs: the job queue is not part of this build yet")
 }
 
 /// A cached answer, sent as the chunks it was first streamed in (or as one chunk when it was

@@ -4,6 +4,7 @@
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use llmesh_common::validate::Limits;
+use llmesh_queue::QueueSettings;
 use serde::{Deserialize, Serialize};
 
 use crate::provider::{
@@ -20,6 +21,8 @@ pub struct Config {
     pub limits: Limits,
     /// Model name (as clients send it) to provider settings.
     pub models: BTreeMap<String, ModelConfig>,
+    /// The job queue this process works on (no workers when `redis_url` is unset).
+    pub queue: QueueSettings,
 }
 
 impl Default for Config {
@@ -29,6 +32,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             limits: Limits::default(),
             models: default_models(),
+            queue: QueueSettings::default(),
         }
     }
 }

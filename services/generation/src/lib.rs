@@ -4,6 +4,7 @@
 pub mod config;
 pub mod provider;
 mod service;
+mod workers;
 
 use std::{future::Future, time::Duration};
 
@@ -22,9 +23,16 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
     serve(config, listener, shutdown).await
 }
 
-/// Serves on `listener` until `shutdown` resolves.
+/// Serves on `listener` until `shutdown` resolves, and works on the job queue when one is
+/// configured (Redis unreachable at start-up is then an error naming it).
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let service = GenerationService::new(&config)?;
+    let (stop_workers, workers_stop) = tokio::sync::watch::channel(false);
+    workers::start(&config.queue, &service, workers_stop).await?;
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_workers.send(true);
+    };
     let mut base = server::Base::new()?;
     base.serving::<GenerationServer<GenerationService>>().await;
     base.route(|router| router.add_service(GenerationServer::new(service)))

@@ -15,7 +15,8 @@ use llmesh_proto::{
         ListModelsResponse, Model, generation_server::Generation,
     },
 };
-use tonic::{Request, Response, Status};
+use llmesh_queue::JobError;
+use tonic::{Code, Request, Response, Status};
 
 use crate::{
     config::Config,
@@ -86,10 +87,10 @@ impl GenerationService {
     }
 }
 
-#[tonic::async_trait]
-impl Generation for GenerationService {
-    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
-        let started = self.start(request.get_ref(), Mode::Unary)?;
+impl GenerationService {
+    /// One whole answer: the unary RPC and the queue's workers both come here.
+    pub async fn complete(&self, request: &GenerateRequest) -> Result<GenerateResponse, Status> {
+        let started = self.start(request, Mode::Unary)?;
         let mut response = GenerateResponse {
             id: started.id,
             model: started.model,
@@ -109,7 +110,28 @@ impl Generation for GenerationService {
         if response.finish_reason == i32::from(FinishReason::Unspecified) {
             return Err(Status::unavailable("provider ended the answer without finishing it"));
         }
-        Ok(Response::new(response))
+        Ok(response)
+    }
+
+    /// Runs a queued job. Failures a retry may fix (the upstream down, rate limited, slow) are
+    /// retryable; a request the provider rejects is not.
+    pub async fn run_job(&self, request: GenerateRequest) -> Result<GenerateResponse, JobError> {
+        self.complete(&request).await.map_err(|status| {
+            let message = format!("{:?}: {}", status.code(), status.message());
+            match status.code() {
+                Code::InvalidArgument | Code::FailedPrecondition | Code::PermissionDenied | Code::NotFound => {
+                    JobError::permanent(message)
+                }
+                _ => JobError::retryable(message),
+            }
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
+        self.complete(request.get_ref()).await.map(Response::new)
     }
 
     type GenerateStreamStream = futures::stream::BoxStream<'static, Result<GenerateStreamResponse, Status>>;

@@ -60,7 +60,12 @@ async fn generation_validates_too() {
 #[tokio::test]
 async fn cache_rejects_a_missing_request() {
     let mesh = Mesh::start().await;
-    let status = mesh.cache().await.lookup(llmesh_proto::cache::v1::LookupRequest { request: None }).await.unwrap_err();
+    let status = mesh
+        .cache()
+        .await
+        .lookup(llmesh_proto::cache::v1::LookupRequest { request: None, allow_stale: false })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("request"));
     let status =

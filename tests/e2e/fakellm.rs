@@ -95,7 +95,15 @@ async fn generates_through_fakellm() {
     assert_eq!(last.finish_reason, i32::from(FinishReason::Stop));
     assert!(last.usage.unwrap().estimated);
 
-    let status = gateway.generate(fake("please rate limit me")).await.unwrap_err();
+    // Generation reports the upstream's 429 as RESOURCE_EXHAUSTED ...
+    let direct = llmesh_proto::generation::v1::GenerateRequest::from(fake("please rate limit me"));
+    let status = mesh.generation().await.generate(direct).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("Rate limit exceeded"), "{status:?}");
+    // ... and the gateway degrades gracefully, saying why.
+    let degraded = gateway.generate(fake("please rate limit me")).await.unwrap().into_inner();
+    assert_eq!(degraded.finish_reason, i32::from(FinishReason::Fallback));
+    let why = degraded.degraded.unwrap();
+    assert_eq!((why.reason.as_str(), why.source.as_str()), ("overloaded", "message"));
+    assert!(why.detail.contains("Rate limit exceeded"), "{why:?}");
 }

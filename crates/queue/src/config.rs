@@ -44,7 +44,7 @@ impl Default for QueueConfig {
             claim_idle_ms: 30_000,
             result_ttl_ms: 24 * 60 * 60 * 1_000,
             connect_timeout_ms: 1_000,
-            response_timeout_ms: 100,
+            response_timeout_ms: 50,
             worker_response_timeout_ms: 2_000,
         }
     }

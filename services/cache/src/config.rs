@@ -17,6 +17,9 @@ pub struct Config {
     pub redis_response_timeout_ms: u64,
     /// Time to live of an entry when the caller gives none.
     pub ttl_ms: u64,
+    /// How long an entry is kept past its TTL, for fallback answers when generation is down
+    /// (`allow_stale` lookups only). 0 keeps nothing past the TTL.
+    pub stale_ttl_ms: u64,
     /// Larger entries are not stored.
     pub max_entry_bytes: usize,
     /// Bound of the in-memory store, in bytes of encoded entries.
@@ -34,6 +37,7 @@ impl Default for Config {
             redis_connect_timeout_ms: 2_000,
             redis_response_timeout_ms: 200,
             ttl_ms: 60 * 60 * 1000,
+            stale_ttl_ms: 24 * 60 * 60 * 1000,
             max_entry_bytes: 1024 * 1024,
             memory_max_bytes: 256 * 1024 * 1024,
             memory_max_entries: 100_000,

@@ -33,6 +33,7 @@ pub struct CacheService {
 struct Inner {
     store: Store,
     ttl: Duration,
+    stale_ttl: Duration,
     max_entry_bytes: usize,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -53,6 +54,7 @@ impl CacheService {
             inner: Arc::new(Inner {
                 store,
                 ttl: Duration::from_millis(config.ttl_ms),
+                stale_ttl: Duration::from_millis(config.stale_ttl_ms),
                 max_entry_bytes: config.max_entry_bytes,
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
@@ -65,7 +67,8 @@ impl CacheService {
 #[tonic::async_trait]
 impl Cache for CacheService {
     async fn lookup(&self, request: Request<LookupRequest>) -> Result<Response<LookupResponse>, Status> {
-        let request = required(request.into_inner().request)?;
+        let LookupRequest { request, allow_stale } = request.into_inner();
+        let request = required(request)?;
         let key = key::of(&request);
         let inner = &self.inner;
         let found = match inner.store.get(&key).await {
@@ -76,20 +79,24 @@ impl Cache for CacheService {
                 None
             }
         };
-        let Some(entry) = found else {
+        let now = now_ms();
+        // Entries without an expiry (stored before it existed) are fresh for as long as they live.
+        let stale = |entry: &Entry| entry.expires_at_unix_ms != 0 && now >= entry.expires_at_unix_ms;
+        let Some(entry) = found.filter(|entry| allow_stale || !stale(entry)) else {
             inner.misses.fetch_add(1, Relaxed);
             return Ok(Response::new(LookupResponse { hit: false, key, ..Default::default() }));
         };
         inner.hits.fetch_add(1, Relaxed);
         let mut response = entry.response.clone().unwrap_or_default();
         response.cached = true;
-        let age_ms = u64::try_from(now_ms().saturating_sub(entry.stored_at_unix_ms)).unwrap_or(0);
+        let age_ms = u64::try_from(now.saturating_sub(entry.stored_at_unix_ms)).unwrap_or(0);
         Ok(Response::new(LookupResponse {
             hit: true,
             key,
             response: Some(response),
             chunks: entry.chunks.clone(),
             age_ms,
+            stale: stale(&entry),
         }))
     }
 
@@ -108,12 +115,15 @@ impl Cache for CacheService {
         }
         let mut response = response;
         response.cached = false;
-        let entry = Entry { response: Some(response), chunks, stored_at_unix_ms: now_ms() };
+        let ttl = if ttl_ms == 0 { self.inner.ttl } else { Duration::from_millis(ttl_ms) };
+        let now = now_ms();
+        let expires_at_unix_ms = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        let entry = Entry { response: Some(response), chunks, stored_at_unix_ms: now, expires_at_unix_ms };
         if entry.encoded_len() > self.inner.max_entry_bytes {
             return refuse("entry larger than max_entry_bytes");
         }
-        let ttl = if ttl_ms == 0 { self.inner.ttl } else { Duration::from_millis(ttl_ms) };
-        if let Err(error) = self.inner.store.put(&key, &request.model, entry, ttl).await {
+        let kept_for = ttl.saturating_add(self.inner.stale_ttl);
+        if let Err(error) = self.inner.store.put(&key, &request.model, entry, kept_for).await {
             self.inner.errors.fetch_add(1, Relaxed);
             tracing::warn!(%error, "cache store failed");
             return refuse("backend error");

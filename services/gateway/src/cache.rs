@@ -48,9 +48,18 @@ impl Cache {
 
     /// The cached answer, if there is one and the cache answers within budget.
     pub async fn lookup(&self, request: &GenerateRequest, remaining: Duration) -> Option<LookupResponse> {
+        self.find(request, remaining, false).await
+    }
+
+    /// An answer for the fallback: fresh or past its TTL.
+    pub async fn lookup_stale(&self, request: &GenerateRequest, remaining: Duration) -> Option<LookupResponse> {
+        self.find(request, remaining, true).await
+    }
+
+    async fn find(&self, request: &GenerateRequest, remaining: Duration, allow_stale: bool) -> Option<LookupResponse> {
         let mut client = self.client.clone()?;
         let budget = self.budget.min(remaining);
-        let mut call = tonic::Request::new(LookupRequest { request: Some(request.clone()) });
+        let mut call = tonic::Request::new(LookupRequest { request: Some(request.clone()), allow_stale });
         call.set_timeout(budget);
         match tokio::time::timeout(budget, client.lookup(call)).await {
             Ok(Ok(response)) => Some(response.into_inner()).filter(|r| r.hit && r.response.is_some()),

@@ -7,8 +7,9 @@ use std::{
     time::Duration,
 };
 
-use llmesh_proto::generation::v1::{ListModelsRequest, Model, generation_client::GenerationClient};
-use tonic::transport::Channel;
+use llmesh_proto::generation::v1::Model;
+
+use crate::{deadline::Deadline, upstream::Upstream};
 
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
@@ -21,10 +22,8 @@ impl Catalog {
         self.models.read().is_ok_and(|models| models.get(model).is_some_and(|m| m.deterministic))
     }
 
-    pub async fn refresh(&self, client: &mut GenerationClient<Channel>) -> Result<(), tonic::Status> {
-        let mut request = tonic::Request::new(ListModelsRequest {});
-        request.set_timeout(Duration::from_secs(2));
-        let models = client.list_models(request).await?.into_inner().models;
+    pub async fn refresh(&self, upstream: &Upstream) -> Result<(), tonic::Status> {
+        let models = upstream.list_models(Deadline::after(Duration::from_secs(2))).await?.models;
         if let Ok(mut current) = self.models.write() {
             *current = models.into_iter().map(|m| (m.name.clone(), m)).collect();
         }
@@ -32,14 +31,14 @@ impl Catalog {
     }
 
     /// Refreshes every `every` in the background, for as long as the process runs.
-    pub fn keep_fresh(&self, mut client: GenerationClient<Channel>, every: Duration) {
+    pub fn keep_fresh(&self, upstream: Upstream, every: Duration) {
         let catalog = self.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(every);
             ticker.tick().await;
             loop {
                 ticker.tick().await;
-                if let Err(status) = catalog.refresh(&mut client).await {
+                if let Err(status) = catalog.refresh(&upstream).await {
                     tracing::debug!(code = ?status.code(), "model catalog refresh failed; keeping the last one");
                 }
             }

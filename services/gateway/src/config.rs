@@ -7,7 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use llmesh_queue::QueueSettings;
 
-use crate::admission::{AuthConfig, RateLimitConfig, ShedConfig};
+use crate::{
+    admission::{AuthConfig, RateLimitConfig, ShedConfig},
+    fallback::FallbackConfig,
+    upstream::{BreakerConfig, RetryConfig},
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -26,14 +30,25 @@ pub struct Config {
     pub shed: ShedConfig,
     /// The job queue behind SubmitJob and friends.
     pub queue: QueueSettings,
+    pub fallback: FallbackConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GenerationConfig {
-    /// Generation replicas, as `http://host:port`.
+    /// Generation replicas: `http://host:port`, or `dns://name:port` for every address the name
+    /// resolves to, re-resolved every `dns_refresh_ms`.
     pub endpoints: Vec<String>,
     pub connect_timeout_ms: u64,
+    pub dns_refresh_ms: u64,
+    /// Longest one attempt may take (0: only the call's deadline).
+    pub per_try_timeout_ms: u64,
+    /// How fast a replica's latency estimate forgets a spike.
+    pub ewma_decay_ms: u64,
+    /// The latency a failed or rate-limited call counts as, so it steers traffic away.
+    pub failure_penalty_ms: u64,
+    pub breaker: BreakerConfig,
+    pub retry: RetryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,13 +79,23 @@ impl Default for Config {
             rate_limit: RateLimitConfig::default(),
             shed: ShedConfig::default(),
             queue: QueueSettings::default(),
+            fallback: FallbackConfig::default(),
         }
     }
 }
 
 impl Default for GenerationConfig {
     fn default() -> Self {
-        Self { endpoints: vec!["http://127.0.0.1:50052".into()], connect_timeout_ms: 1_000 }
+        Self {
+            endpoints: vec!["http://127.0.0.1:50052".into()],
+            connect_timeout_ms: 1_000,
+            dns_refresh_ms: 5_000,
+            per_try_timeout_ms: 0,
+            ewma_decay_ms: 10_000,
+            failure_penalty_ms: 1_000,
+            breaker: BreakerConfig::default(),
+            retry: RetryConfig::default(),
+        }
     }
 }
 

@@ -14,24 +14,44 @@ use tonic::{Code, Status, metadata::MetadataMap};
 pub const MARGIN: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone, Copy)]
-pub struct Deadline(Instant);
+pub struct Deadline {
+    at: Instant,
+    /// The client's deadline is the one that binds: when it passes, nobody is listening.
+    client_bound: bool,
+}
 
 impl Deadline {
     pub fn new(metadata: &MetadataMap, limit: Duration) -> Self {
         let client = metadata.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
-        let budget = client.map_or(limit, |c| c.saturating_sub(MARGIN).min(limit));
-        Self(Instant::now() + budget)
+        let client = client.map(|c| c.saturating_sub(MARGIN));
+        let (budget, client_bound) = match client {
+            Some(client) if client <= limit => (client, true),
+            _ => (limit, false),
+        };
+        Self { at: Instant::now() + budget, client_bound }
+    }
+
+    /// A deadline of the gateway's own, for calls no client waits on.
+    pub fn after(limit: Duration) -> Self {
+        Self { at: Instant::now() + limit, client_bound: false }
     }
 
     pub fn remaining(&self) -> Duration {
-        self.0.saturating_duration_since(Instant::now())
+        self.at.saturating_duration_since(Instant::now())
+    }
+
+    /// True when the client's own deadline is the one that binds (so past it, only
+    /// DEADLINE_EXCEEDED makes sense); false when it is the gateway's configured limit (so a
+    /// fallback answer can still reach the client).
+    pub fn client_bound(&self) -> bool {
+        self.client_bound
     }
 
     /// Runs `call` until the deadline. Expiry, here or reported by the callee as its own timeout,
     /// is DEADLINE_EXCEEDED.
     pub async fn run<T>(&self, what: &str, call: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
         let exceeded = || Status::deadline_exceeded(format!("deadline exceeded waiting for {what}"));
-        match tokio::time::timeout_at(self.0, call).await {
+        match tokio::time::timeout_at(self.at, call).await {
             Err(_) => Err(exceeded()),
             Ok(Err(status)) if status.code() == Code::Cancelled && self.remaining().is_zero() => Err(exceeded()),
             Ok(result) => result,

@@ -6,6 +6,7 @@ mod cache;
 mod catalog;
 pub mod config;
 mod deadline;
+mod fallback;
 mod jobs;
 mod service;
 mod single_flight;
@@ -31,13 +32,12 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
 /// Serves on `listener` until `shutdown` resolves. Fails when no generation replica (or the
 /// configured cache) answers within the start-up timeout.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let upstream = upstream::Upstream::connect(&config).await?;
+    let upstream = upstream::connect(&config).await?;
     let catalog = catalog::Catalog::default();
-    let mut generation = upstream.generation.clone();
-    if let Err(status) = catalog.refresh(&mut generation).await {
+    if let Err(status) = catalog.refresh(&upstream).await {
         tracing::warn!(code = ?status.code(), message = status.message(), "cannot list models yet; will retry");
     }
-    catalog.keep_fresh(generation, Duration::from_secs(30));
+    catalog.keep_fresh(upstream.clone(), Duration::from_secs(30));
     let jobs = jobs::Jobs::connect(&config.queue).await?;
     let service = GatewayService::new(&config, upstream, catalog, jobs);
     let mut base = server::Base::new()?;

@@ -14,18 +14,19 @@ use llmesh_proto::{
         ListModelsResponse, SubmitJobRequest, SubmitJobResponse, WatchJobRequest, WatchJobResponse,
         gateway_server::Gateway,
     },
-    generation::v1::{self as generation, generation_client::GenerationClient},
+    generation::v1 as generation,
 };
-use tonic::{Request, Response, Status, Streaming, transport::Channel};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     cache::{Cache, Use},
     catalog::Catalog,
     config::Config,
     deadline::Deadline,
+    fallback::{self, FallbackConfig},
     jobs::{self, Jobs},
     single_flight::{Flight, SingleFlight},
-    upstream::Upstream,
+    upstream::{Started, Upstream},
 };
 
 #[derive(Debug, Clone)]
@@ -35,10 +36,11 @@ pub struct GatewayService {
 
 #[derive(Debug)]
 struct Inner {
-    generation: GenerationClient<Channel>,
+    upstream: Upstream,
     cache: Cache,
     catalog: Catalog,
     flights: SingleFlight,
+    fallback: FallbackConfig,
     limits: Limits,
     request_timeout: Duration,
     cache_nondeterministic: bool,
@@ -58,10 +60,11 @@ impl GatewayService {
     pub fn new(config: &Config, upstream: Upstream, catalog: Catalog, jobs: Jobs) -> Self {
         Self {
             inner: Arc::new(Inner {
-                generation: upstream.generation,
-                cache: Cache::new(upstream.cache, Duration::from_millis(config.cache.budget_ms)),
+                cache: Cache::new(upstream.cache.clone(), Duration::from_millis(config.cache.budget_ms)),
+                upstream,
                 catalog,
                 flights: SingleFlight::default(),
+                fallback: config.fallback.clone(),
                 limits: config.limits.clone(),
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
                 cache_nondeterministic: config.cache.cache_nondeterministic,
@@ -95,25 +98,51 @@ impl GatewayService {
         Ok(Cached::Miss(policy))
     }
 
-    async fn call_generation(
+    /// Generation's answer, or a fallback one when generation cannot give it.
+    async fn answer(
         &self,
         request: &generation::GenerateRequest,
         deadline: Deadline,
     ) -> Result<generation::GenerateResponse, Status> {
-        let mut client = self.inner.generation.clone();
-        let call = client.generate(with_timeout(request.clone(), deadline)?);
-        Ok(deadline.run("generation", call).await?.into_inner())
+        match self.inner.upstream.generate(request, deadline).await {
+            Ok(response) => Ok(response),
+            Err(status) => self.degrade(request, status, deadline).await,
+        }
     }
-}
 
-fn with_timeout<T>(message: T, deadline: Deadline) -> Result<Request<T>, Status> {
-    let remaining = deadline.remaining();
-    if remaining.is_zero() {
-        return Err(Status::deadline_exceeded("deadline exceeded before calling generation"));
+    /// The fallback chain: a secondary model, a stale cache entry, the configured message. Past
+    /// the client's own deadline nobody is listening, so the failure stands.
+    async fn degrade(
+        &self,
+        request: &generation::GenerateRequest,
+        status: Status,
+        deadline: Deadline,
+    ) -> Result<generation::GenerateResponse, Status> {
+        let config = &self.inner.fallback;
+        let Some(reason) = fallback::reason(&status).filter(|_| config.enabled) else { return Err(status) };
+        if deadline.remaining().is_zero() && deadline.client_bound() {
+            return Err(status);
+        }
+        if let Some(secondary) = config.secondary_model.as_ref().filter(|m| **m != request.model)
+            && !deadline.remaining().is_zero()
+        {
+            let second = generation::GenerateRequest { model: secondary.clone(), ..request.clone() };
+            if let Ok(mut response) = self.inner.upstream.generate(&second, deadline).await {
+                response.degraded = Some(fallback::degraded(reason, "secondary_model", &status));
+                return Ok(response);
+            }
+        }
+        if config.stale_cache
+            && !deadline.remaining().is_zero()
+            && let Some(hit) = self.inner.cache.lookup_stale(request, deadline.remaining()).await
+            && let Some(mut response) = hit.response
+        {
+            response.degraded = Some(fallback::degraded(reason, "stale_cache", &status));
+            return Ok(response);
+        }
+        tracing::warn!(reason, code = ?status.code(), message = status.message(), "answering with the fallback message");
+        Ok(config.message(&request.model, reason, &status))
     }
-    let mut request = Request::new(message);
-    request.set_timeout(remaining);
-    Ok(request)
 }
 
 #[tonic::async_trait]
@@ -140,7 +169,7 @@ impl Gateway for GatewayService {
         } else {
             None
         };
-        let response = self.call_generation(&request, deadline).await?;
+        let response = self.answer(&request, deadline).await?;
         if let Some(leader) = leader {
             leader.finish(&response);
         }
@@ -162,12 +191,17 @@ impl Gateway for GatewayService {
             Cached::Hit(response, chunks) => return Ok(Response::new(replay(*response, chunks))),
             Cached::Miss(policy) => policy,
         };
-        let mut client = self.inner.generation.clone();
-        let upstream_request = generation::GenerateStreamRequest::from(request.clone());
-        let call = client.generate_stream(with_timeout(upstream_request, deadline)?);
-        let upstream = deadline.run("generation", call).await?.into_inner();
+        let started = match self.inner.upstream.generate_stream(&request, deadline).await {
+            Ok(started) => started,
+            // Nothing was streamed yet: a fallback answer can still be the whole stream.
+            Err(status) => {
+                let response = self.degrade(&request, status, deadline).await?;
+                let chunks = if response.cached { Vec::new() } else { vec![response.text.clone()] };
+                return Ok(Response::new(replay(response, chunks)));
+            }
+        };
         let cache = policy.write.then(|| self.inner.cache.clone());
-        Ok(Response::new(relay(upstream, request, cache, deadline)))
+        Ok(Response::new(relay(started, request, cache, deadline)))
     }
 
     async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
@@ -206,22 +240,22 @@ impl Gateway for GatewayService {
 
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
-        let mut client = self.inner.generation.clone();
-        let call = client.list_models(with_timeout(generation::ListModelsRequest {}, deadline)?);
-        let models = deadline.run("generation", call).await?.into_inner();
+        let models = deadline.run("generation", self.inner.upstream.list_models(deadline)).await?;
         Ok(Response::new(ListModelsResponse { models: models.models.into_iter().map(Into::into).collect() }))
     }
 }
 
-/// A cached answer, sent as the chunks it was first streamed in (or as one chunk when it was
-/// cached from a unary call), then the final chunk.
+/// A whole answer sent as a stream: a cached one as the chunks it was first streamed in (or as
+/// one chunk when it was cached from a unary call), a fallback one as one chunk; then the final
+/// chunk with the finish reason and usage.
 fn replay(response: generation::GenerateResponse, chunks: Vec<String>) -> ChunkStream {
     let chunks = if chunks.is_empty() { vec![response.text.clone()] } else { chunks };
     let header = move |delta: String| gw::GenerateStreamResponse {
         id: response.id.clone(),
         model: response.model.clone(),
         provider: response.provider.clone(),
-        cached: true,
+        cached: response.cached,
+        degraded: response.degraded.clone(),
         delta,
         ..Default::default()
     };
@@ -236,46 +270,63 @@ fn replay(response: generation::GenerateResponse, chunks: Vec<String>) -> ChunkS
 /// finishes normally, the whole answer is stored in the cache (chunk boundaries included, for
 /// replay).
 fn relay(
-    upstream: Streaming<generation::GenerateStreamResponse>,
+    started: Started,
     request: generation::GenerateRequest,
     cache: Option<Cache>,
     deadline: Deadline,
 ) -> ChunkStream {
     struct Relay {
-        upstream: Streaming<generation::GenerateStreamResponse>,
+        first: Option<generation::GenerateStreamResponse>,
+        rest: Streaming<generation::GenerateStreamResponse>,
         request: Option<generation::GenerateRequest>,
         cache: Option<Cache>,
         chunks: Vec<String>,
         done: bool,
     }
-    let state = Relay { upstream, request: Some(request), cache, chunks: Vec::new(), done: false };
+
+    impl Relay {
+        fn pass(&mut self, chunk: generation::GenerateStreamResponse) -> gw::GenerateStreamResponse {
+            if self.cache.is_some() && !chunk.delta.is_empty() {
+                self.chunks.push(chunk.delta.clone());
+            }
+            if chunk.finish_reason != i32::from(FinishReason::Unspecified) {
+                self.done = true;
+                if let (Some(cache), Some(request)) = (self.cache.take(), self.request.take()) {
+                    let response = generation::GenerateResponse {
+                        id: chunk.id.clone(),
+                        model: chunk.model.clone(),
+                        text: self.chunks.concat(),
+                        finish_reason: chunk.finish_reason,
+                        usage: chunk.usage,
+                        cached: false,
+                        degraded: chunk.degraded.clone(),
+                        provider: chunk.provider.clone(),
+                    };
+                    cache.store(request, response, std::mem::take(&mut self.chunks));
+                }
+            }
+            chunk.into()
+        }
+    }
+
+    let state = Relay {
+        first: Some(started.first),
+        rest: started.rest,
+        request: Some(request),
+        cache,
+        chunks: Vec::new(),
+        done: false,
+    };
     futures::stream::unfold(state, move |mut state| async move {
         if state.done {
             return None;
         }
-        let item = match deadline.run("generation's next chunk", state.upstream.message()).await {
-            Ok(Some(chunk)) => {
-                if state.cache.is_some() && !chunk.delta.is_empty() {
-                    state.chunks.push(chunk.delta.clone());
-                }
-                if chunk.finish_reason != i32::from(FinishReason::Unspecified) {
-                    state.done = true;
-                    if let (Some(cache), Some(request)) = (state.cache.take(), state.request.take()) {
-                        let response = generation::GenerateResponse {
-                            id: chunk.id.clone(),
-                            model: chunk.model.clone(),
-                            text: state.chunks.concat(),
-                            finish_reason: chunk.finish_reason,
-                            usage: chunk.usage,
-                            cached: false,
-                            degraded: chunk.degraded.clone(),
-                            provider: chunk.provider.clone(),
-                        };
-                        cache.store(request, response, std::mem::take(&mut state.chunks));
-                    }
-                }
-                Ok(chunk.into())
-            }
+        let next = match state.first.take() {
+            Some(first) => Ok(Some(first)),
+            None => deadline.run("generation's next chunk", state.rest.message()).await,
+        };
+        let item = match next {
+            Ok(Some(chunk)) => Ok(state.pass(chunk)),
             Ok(None) => {
                 state.done = true;
                 Err(Status::unavailable("generation ended the stream without a final chunk"))

@@ -1,0 +1,142 @@
+//! The way from the gateway to generation, innermost layers first: replicas from static entries or
+//! DNS ([`discovery`]), a breaker and a peak-EWMA latency estimate per replica ([`endpoint`]),
+//! power-of-two-choices selection ([`pool`]), a per-try timeout, and retries within a budget
+//! ([`retry`]) — never after a stream's first chunk.
+
+mod breaker;
+mod connect;
+mod discovery;
+mod endpoint;
+mod ewma;
+mod pool;
+mod retry;
+
+use std::{sync::Arc, time::Duration};
+
+use llmesh_proto::{
+    cache::v1::cache_client::CacheClient,
+    generation::v1::{
+        GenerateRequest, GenerateResponse, GenerateStreamRequest, GenerateStreamResponse, ListModelsRequest,
+        ListModelsResponse,
+    },
+};
+use tonic::{Code, Status, Streaming, transport::Channel};
+
+pub use breaker::BreakerConfig;
+pub use connect::connect;
+pub use pool::{CIRCUIT_OPEN, REASON_KEY};
+pub use retry::RetryConfig;
+
+use crate::deadline::{Deadline, MARGIN};
+
+/// The timeout sent to generation: a little longer than the gateway's own timer, so the gateway's
+/// DEADLINE_EXCEEDED (and its fallback) comes first, not tonic's CANCELLED from the callee.
+fn callee_timeout(ours: Duration) -> Duration {
+    ours + MARGIN
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pool: Arc<pool::Pool>,
+    retry: retry::Retry,
+    per_try_timeout: Option<Duration>,
+    pub cache: Option<CacheClient<Channel>>,
+}
+
+/// A stream whose first chunk has arrived: from here on it is never retried.
+pub struct Started {
+    pub first: GenerateStreamResponse,
+    pub rest: Streaming<GenerateStreamResponse>,
+}
+
+impl Upstream {
+    /// Each replica's address and breaker state, for health and metrics.
+    pub fn replicas(&self) -> Vec<(String, &'static str)> {
+        self.pool.snapshot().iter().map(|e| (e.addr.clone(), e.state().as_str())).collect()
+    }
+
+    fn try_timeout(&self, deadline: Deadline) -> Result<Duration, Status> {
+        let remaining = deadline.remaining();
+        if remaining.is_zero() {
+            return Err(Status::deadline_exceeded("deadline exceeded before calling generation"));
+        }
+        Ok(self.per_try_timeout.map_or(remaining, |t| t.min(remaining)))
+    }
+
+    /// Calls `attempt` on a replica until it succeeds, fails for good, or retries run out.
+    async fn with_retries<T, F, Fut>(&self, deadline: Deadline, mut attempt: F) -> Result<T, Status>
+    where
+        F: FnMut(endpoint::Lease, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        self.retry.deposit();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let per_try = self.try_timeout(deadline)?;
+            let lease = self.pool.lease()?;
+            let endpoint = lease.addr().to_string();
+            let result = match tokio::time::timeout(per_try, attempt(lease, per_try)).await {
+                Ok(result) => result,
+                Err(_) => Err(Status::deadline_exceeded(format!("generation did not answer within {per_try:?}"))),
+            };
+            let status = match result {
+                Ok(value) => return Ok(value),
+                Err(status) => status,
+            };
+            match self.retry.next(tries, &status, deadline.remaining()) {
+                Some(wait) => {
+                    tracing::debug!(%endpoint, code = ?status.code(), tries, wait_ms = wait.as_millis() as u64, "retrying generation");
+                    tokio::time::sleep(wait).await;
+                }
+                None => return Err(status),
+            }
+        }
+    }
+
+    pub async fn generate(&self, request: &GenerateRequest, deadline: Deadline) -> Result<GenerateResponse, Status> {
+        self.with_retries(deadline, |lease, per_try| async move {
+            let mut call = tonic::Request::new(request.clone());
+            call.set_timeout(callee_timeout(per_try));
+            let result = lease.client().generate(call).await;
+            lease.finish(result.as_ref().map_or_else(Status::code, |_| Code::Ok));
+            result.map(tonic::Response::into_inner)
+        })
+        .await
+    }
+
+    /// Starts a stream and waits for its first chunk (retrying until then).
+    pub async fn generate_stream(&self, request: &GenerateRequest, deadline: Deadline) -> Result<Started, Status> {
+        self.with_retries(deadline, |lease, per_try| async move {
+            let mut call = tonic::Request::new(GenerateStreamRequest::from(request.clone()));
+            call.set_timeout(callee_timeout(deadline.remaining()));
+            let first = async {
+                let mut rest = lease.client().generate_stream(call).await?.into_inner();
+                let first = rest
+                    .message()
+                    .await?
+                    .ok_or_else(|| Status::unavailable("generation ended the stream before its first chunk"))?;
+                Ok::<_, Status>(Started { first, rest })
+            };
+            let result = match tokio::time::timeout(per_try, first).await {
+                Ok(result) => result,
+                Err(_) => Err(Status::deadline_exceeded(format!("no first chunk within {per_try:?}"))),
+            };
+            // The replica is judged by its time to first chunk.
+            lease.finish(result.as_ref().map_or_else(Status::code, |_| Code::Ok));
+            result
+        })
+        .await
+    }
+
+    pub async fn list_models(&self, deadline: Deadline) -> Result<ListModelsResponse, Status> {
+        self.with_retries(deadline, |lease, per_try| async move {
+            let mut call = tonic::Request::new(ListModelsRequest {});
+            call.set_timeout(callee_timeout(per_try));
+            let result = lease.client().list_models(call).await;
+            lease.finish(result.as_ref().map_or_else(Status::code, |_| Code::Ok));
+            result.map(tonic::Response::into_inner)
+        })
+        .await
+    }
+}

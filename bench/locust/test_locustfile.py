@@ -1,0 +1,138 @@
+"""Keeps bench/locust/locustfile.py working: the seed's task weights, and short headless Locust
+runs against a real mesh (`llmesh up --base-port 0`, binary from $LLMESH_BIN_DIR, default
+<repo>/target/debug) that must send requests and see no failure.
+
+Locust runs in a child process (as a user runs it), so its gevent patching never touches pytest.
+Run: .venv/bin/python -m pytest -q bench/locust
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+LOCUSTFILE = HERE / "locustfile.py"
+BIN_DIR = Path(os.environ.get("LLMESH_BIN_DIR", REPO / "target" / "debug"))
+
+STARTUP_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+# A headless run may take this long beyond its -t (start-up, stub generation, shutdown).
+RUN_SLACK_S = 20.0
+# One line of the banner `llmesh up` prints once every service is SERVING: "  gateway    127.0.0.1:4000".
+BANNER_LINE = re.compile(r"^\s*(generation|cache|gateway|health)\s+(\S+:\d+)\s*$")
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory):
+    """A running mesh; yields the gateway's host:port. Stopped with SIGTERM afterwards."""
+    binary = BIN_DIR / "llmesh"
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        pytest.fail(f"{binary} is missing or not executable: build it (cargo build) or set LLMESH_BIN_DIR")
+    log_path = tmp_path_factory.mktemp("mesh") / "llmesh-up.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(binary), "up", "--base-port", "0"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+        )
+    addresses: dict[str, str] = {}
+    up = threading.Event()
+
+    def read_banner() -> None:
+        # Drains stdout for the mesh's whole life, so the pipe never fills.
+        for raw in process.stdout:
+            match = BANNER_LINE.match(raw.decode(errors="replace"))
+            if match and not up.is_set():
+                addresses[match.group(1)] = match.group(2)
+                if len(addresses) == 4:
+                    up.set()
+
+    reader = threading.Thread(target=read_banner, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not up.wait(timeout=0.1):
+            if process.poll() is not None or time.monotonic() > deadline:
+                logs = log_path.read_text(errors="replace")[-4000:]
+                pytest.fail(f"the mesh was not up within {STARTUP_TIMEOUT_S:.0f} s (exit {process.poll()}):\n{logs}")
+        yield addresses["gateway"]
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=5)
+        reader.join(timeout=5)
+        process.stdout.close()
+
+
+def test_tasks_are_the_seeds_prompts_weighted_3_2_1() -> None:
+    script = """
+import json, collections, locustfile as lf
+counts = collections.Counter(t.__name__ for t in lf.GatewayUser.tasks)
+prompts = [lf.SHORT_PROMPT, lf.MEDIUM_PROMPT, lf.LONG_PROMPT]
+wait = [lf.GatewayUser.wait_time(None) for _ in range(200)]
+print(json.dumps({"counts": counts, "prompts": prompts, "wait": [min(wait), max(wait)], "key": lf.API_KEY}))
+"""
+    env = {**os.environ, "LLMESH_LOCUST_WAIT_MIN": "0.5", "LLMESH_LOCUST_WAIT_MAX": "0.75"}
+    env.pop("LLMESH_API_KEY", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=HERE, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["counts"] == {"short_prompt": 3, "medium_prompt": 2, "long_prompt": 1}
+    assert found["prompts"] == ["简单提示词", "中等长度的提示词示例", "较长的提示词带有上下文信息的示例"]
+    assert 0.5 <= found["wait"][0] <= found["wait"][1] <= 0.75, found["wait"]
+    assert found["key"] == "test-key"
+
+
+@pytest.mark.parametrize(("stream", "seconds"), [("0", 5), ("1", 3)], ids=["Generate", "GenerateStream"])
+def test_a_headless_run_sends_requests_without_failures(
+    gateway: str, tmp_path: Path, stream: str, seconds: int
+) -> None:
+    env = {
+        **os.environ,
+        "LLMESH_LOCUST_WAIT_MIN": "0.05",
+        "LLMESH_LOCUST_WAIT_MAX": "0.2",
+        "LLMESH_LOCUST_STREAM": stream,
+    }
+    csv_prefix = tmp_path / "locust"
+    command = [
+        sys.executable, "-m", "locust",
+        "-f", str(LOCUSTFILE),
+        "--headless", "-u", "5", "-r", "5", "-t", f"{seconds}s",
+        "--host", gateway,
+        "--csv", str(csv_prefix),
+        "--only-summary",
+    ]  # fmt: skip
+    # In tmp_path: no locust.conf from the caller's directory applies.
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=seconds + RUN_SLACK_S
+    )
+    output = f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, output
+
+    with open(f"{csv_prefix}_stats.csv", newline="") as f:
+        rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(f)}
+    name = "GenerateStream" if stream == "1" else "Generate"
+    assert ("grpc", name) in rows, f"{rows}\n{output}"
+    total = rows[("", "Aggregated")]
+    assert int(total["Request Count"]) > 0, output
+    assert int(total["Failure Count"]) == 0, output

@@ -1,0 +1,1 @@
+//! llmesh telemetry (work in progress).

@@ -27,6 +27,7 @@ async fn hundred_identical_misses_make_one_upstream_call() {
     let options = MeshOptions {
         env: vec![("LLMESH_GENERATION_MODELS__SIM__TIME_TO_FIRST_TOKEN_MS", "400".into())],
         redis_url: None,
+        ..Default::default()
     };
     let mesh = Mesh::start_with(options).await;
     let gateway = mesh.gateway().await;
@@ -47,7 +48,11 @@ async fn hundred_identical_misses_make_one_upstream_call() {
 async fn entries_expire_after_their_ttl() {
     let redis = Redis::start().await.unwrap();
     for redis_url in [None, Some(redis.url())] {
-        let options = MeshOptions { env: vec![("LLMESH_CACHE_TTL_MS", "500".into())], redis_url: redis_url.clone() };
+        let options = MeshOptions {
+            env: vec![("LLMESH_CACHE_TTL_MS", "500".into())],
+            redis_url: redis_url.clone(),
+            ..Default::default()
+        };
         let mesh = Mesh::start_with(options).await;
         let gateway = mesh.gateway().await;
         let request = prompt("short lived");
@@ -65,7 +70,7 @@ async fn only_deterministic_requests_are_cached_by_default() {
         ("LLMESH_GENERATION_MODELS__SAMPLER__PROVIDER", "sim".to_string()),
         ("LLMESH_GENERATION_MODELS__SAMPLER__DETERMINISTIC", "false".to_string()),
     ];
-    let mesh = Mesh::start_with(MeshOptions { env: sampler.clone(), redis_url: None }).await;
+    let mesh = Mesh::start_with(MeshOptions { env: sampler.clone(), redis_url: None, ..Default::default() }).await;
     let gateway = mesh.gateway().await;
     let sampled = GenerateRequest { model: "sampler".into(), temperature: Some(0.8), ..prompt("roll the dice") };
     gateway.clone().generate(sampled.clone()).await.unwrap();
@@ -84,7 +89,7 @@ async fn only_deterministic_requests_are_cached_by_default() {
 
     let mut env = sampler;
     env.push(("LLMESH_GATEWAY_CACHE__CACHE_NONDETERMINISTIC", "true".to_string()));
-    let mesh = Mesh::start_with(MeshOptions { env, redis_url: None }).await;
+    let mesh = Mesh::start_with(MeshOptions { env, redis_url: None, ..Default::default() }).await;
     let gateway = mesh.gateway().await;
     gateway.clone().generate(sampled.clone()).await.unwrap();
     assert!(cached_soon(&gateway, sampled).await, "cache_nondeterministic caches sampling requests");

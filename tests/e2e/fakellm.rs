@@ -73,6 +73,7 @@ async fn generates_through_fakellm() {
             ("LLMESH_GENERATION_MODELS__FAKE__UPSTREAM_MODEL", "gpt-4o-mini".into()),
         ],
         redis_url: None,
+        ..Default::default()
     };
     let mesh = Mesh::start_with(options).await;
     let mut gateway = mesh.gateway().await;

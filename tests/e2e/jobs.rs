@@ -28,7 +28,8 @@ async fn get(gateway: &mut GatewayClient<Channel>, id: &str) -> Job {
 #[tokio::test]
 async fn submit_watch_succeed() {
     let redis = Redis::start().await.unwrap();
-    let mesh = Mesh::start_with(MeshOptions { env: queue_env(&redis, &[]), redis_url: None }).await;
+    let mesh =
+        Mesh::start_with(MeshOptions { env: queue_env(&redis, &[]), redis_url: None, ..Default::default() }).await;
     let mut gateway = mesh.gateway().await;
 
     let submitted = gateway.submit_job(job("a job")).await.unwrap().into_inner();
@@ -60,7 +61,7 @@ async fn idempotency_cancel_and_bad_input() {
     let redis = Redis::start().await.unwrap();
     // No workers: jobs stay queued.
     let env = queue_env(&redis, &[("LLMESH_GENERATION_QUEUE__WORKERS", "0")]);
-    let mesh = Mesh::start_with(MeshOptions { env, redis_url: None }).await;
+    let mesh = Mesh::start_with(MeshOptions { env, redis_url: None, ..Default::default() }).await;
     let mut gateway = mesh.gateway().await;
 
     let keyed = SubmitJobRequest { idempotency_key: "order-42".into(), ..job("once only") };
@@ -96,7 +97,8 @@ async fn without_a_queue_jobs_are_a_failed_precondition() {
 #[tokio::test]
 async fn redis_down_submit_fails_fast() {
     let mut redis = Redis::start().await.unwrap();
-    let mesh = Mesh::start_with(MeshOptions { env: queue_env(&redis, &[]), redis_url: None }).await;
+    let mesh =
+        Mesh::start_with(MeshOptions { env: queue_env(&redis, &[]), redis_url: None, ..Default::default() }).await;
     let mut gateway = mesh.gateway().await;
     gateway.submit_job(job("warm up")).await.unwrap();
     redis.kill().await;
@@ -123,7 +125,7 @@ async fn thousand_jobs_survive_killed_workers() {
     // The mesh's own generation takes no jobs: only the processes this test kills do.
     let mut mesh_env = queue_env(&redis, tuning);
     mesh_env.push(("LLMESH_GENERATION_QUEUE__WORKERS", "0".into()));
-    let mesh = Mesh::start_with(MeshOptions { env: mesh_env, redis_url: None }).await;
+    let mesh = Mesh::start_with(MeshOptions { env: mesh_env, redis_url: None, ..Default::default() }).await;
     let worker_env = queue_env(&redis, tuning);
     let mut workers = Vec::new();
     for _ in 0..3 {

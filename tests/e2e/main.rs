@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod cache;
+mod chaos;
 mod fakellm;
 mod jobs;
 mod lifecycle;

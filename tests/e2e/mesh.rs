@@ -147,6 +147,7 @@ async fn deadlines_end_slow_calls() {
             ("LLMESH_GATEWAY_FALLBACK__ENABLED", "false".into()),
         ],
         redis_url: None,
+        ..Default::default()
     };
     let mesh = Mesh::start_with(options).await;
     let mut gateway = mesh.gateway().await;

@@ -48,7 +48,12 @@ impl Proc {
     /// Starts `name` (a binary in the target dir) on 127.0.0.1:0 and waits for its
     /// `listening on` line.
     pub async fn spawn(name: &str, env: &[(&str, String)]) -> anyhow::Result<Self> {
-        let (child, logs, addr) = launch(name, &["--listen", "127.0.0.1:0"], env)?;
+        Self::spawn_at(name, env, "127.0.0.1:0").await
+    }
+
+    /// Starts `name` listening on `listen` (to bring a service back on the port it had).
+    pub async fn spawn_at(name: &str, env: &[(&str, String)], listen: &str) -> anyhow::Result<Self> {
+        let (child, logs, addr) = launch(name, &["--listen", listen], env)?;
         let mut child = child;
         let addr = tokio::select! {
             addr = tokio::time::timeout(START_TIMEOUT, addr) => addr
@@ -206,11 +211,15 @@ pub struct MeshOptions {
     /// Extra environment for every service (`LLMESH_<SVC>_...`).
     pub env: Vec<(&'static str, String)>,
     pub redis_url: Option<String>,
+    /// More generation replicas behind the gateway, each with its own extra environment.
+    pub replicas: Vec<Vec<(&'static str, String)>>,
 }
 
 /// generation, cache, gateway and health, wired together.
 pub struct Mesh {
     pub generation: Proc,
+    /// The replicas of `MeshOptions::replicas`, beside `generation`.
+    pub replicas: Vec<Proc>,
     pub cache: Proc,
     pub gateway: Proc,
     pub health: Proc,
@@ -227,9 +236,16 @@ impl Mesh {
             env.push(("LLMESH_CACHE_REDIS_URL", url.clone()));
         }
         let generation = Proc::spawn("generation", &env).await.unwrap();
+        let mut replicas = Vec::new();
+        for extra in &options.replicas {
+            let replica_env: Vec<_> = env.iter().chain(extra).cloned().collect();
+            replicas.push(Proc::spawn("generation", &replica_env).await.unwrap());
+        }
         let cache = Proc::spawn("cache", &env).await.unwrap();
         let mut gateway_env = env.clone();
-        gateway_env.push(("LLMESH_GATEWAY_GENERATION__ENDPOINTS", format!("[\"{}\"]", generation.uri())));
+        let endpoints: Vec<String> =
+            std::iter::once(&generation).chain(&replicas).map(|p| format!("\"{}\"", p.uri())).collect();
+        gateway_env.push(("LLMESH_GATEWAY_GENERATION__ENDPOINTS", format!("[{}]", endpoints.join(","))));
         gateway_env.push(("LLMESH_GATEWAY_CACHE__ENDPOINT", cache.uri()));
         let gateway = Proc::spawn("gateway", &gateway_env).await.unwrap();
         let mut health_env = env.clone();
@@ -250,7 +266,7 @@ impl Mesh {
         health_env.push(("LLMESH_HEALTH_TARGETS", format!("[{targets}{redis_target}]")));
         health_env.push(("LLMESH_HEALTH_POLL_INTERVAL_MS", "100".into()));
         let health = Proc::spawn("health", &health_env).await.unwrap();
-        Self { generation, cache, gateway, health }
+        Self { generation, replicas, cache, gateway, health }
     }
 
     pub async fn gateway(&self) -> GatewayClient<Channel> {

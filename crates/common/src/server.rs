@@ -4,12 +4,54 @@
 //! Shutdown order: health flips to NOT_SERVING first (so balancers and probes stop sending), the
 //! listener closes, in-flight calls drain, and whatever is still open after the grace period is cut.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tonic::{server::NamedService, transport::server::Router};
+use tonic::{body::Body, server::NamedService, transport::server::Router};
 use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::{Layer, Service, util::BoxCloneSyncService};
+
+/// Every request the server takes, as one boxed service: what HTTP-level layers wrap.
+pub type HttpService = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
+
+/// HTTP-level middleware for a whole server (tracing, auth, rate limits, load shedding), applied
+/// around every gRPC service it serves. Its layers must answer with a response (a gRPC status),
+/// never an error: tonic would turn an unknown error into UNKNOWN.
+#[derive(Clone)]
+pub struct HttpLayer(Arc<dyn Fn(HttpService) -> HttpService + Send + Sync>);
+
+impl HttpLayer {
+    pub fn new(wrap: impl Fn(HttpService) -> HttpService + Send + Sync + 'static) -> Self {
+        Self(Arc::new(wrap))
+    }
+
+    /// No middleware.
+    pub fn identity() -> Self {
+        Self::new(|inner| inner)
+    }
+
+    /// `self` around `inner`: `outer.around(inner)` runs `outer` first.
+    pub fn around(self, inner: HttpLayer) -> Self {
+        Self::new(move |service| (self.0)((inner.0)(service)))
+    }
+}
+
+impl<S> Layer<S> for HttpLayer
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Service = HttpService;
+
+    fn layer(&self, inner: S) -> HttpService {
+        (self.0)(BoxCloneSyncService::new(inner))
+    }
+}
 
 /// Binds `addr` and logs the `listening on ADDR` line (with the real port when `addr` asked for 0).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -19,15 +61,23 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
+/// The router every llmesh server builds on: one [`HttpLayer`] around every service.
+pub type MeshRouter = Router<tower::layer::util::Stack<HttpLayer, tower::layer::util::Identity>>;
+
 /// A router that already serves health and reflection.
 pub struct Base {
-    pub router: Router,
+    pub router: MeshRouter,
     pub health: HealthReporter,
     services: Vec<&'static str>,
 }
 
 impl Base {
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_layer(HttpLayer::identity())
+    }
+
+    /// A server whose every request goes through `layer` first.
+    pub fn with_layer(layer: HttpLayer) -> anyhow::Result<Self> {
         let (health, health_service) = tonic_health::server::health_reporter();
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(llmesh_proto::FILE_DESCRIPTOR_SET)
@@ -43,6 +93,7 @@ impl Base {
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .layer(layer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
@@ -56,7 +107,7 @@ impl Base {
     }
 
     /// Adds the service's own gRPC services: `base.route(|r| r.add_service(MyServer::new(svc)))`.
-    pub fn route(self, add: impl FnOnce(Router) -> Router) -> Self {
+    pub fn route(self, add: impl FnOnce(MeshRouter) -> MeshRouter) -> Self {
         Self { router: add(self.router), ..self }
     }
 

@@ -12,14 +12,50 @@ mod service;
 mod single_flight;
 mod upstream;
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
-use llmesh_common::{ServiceArgs, server};
+use llmesh_common::{
+    ServiceArgs,
+    server::{self, HttpLayer},
+};
 use llmesh_proto::gateway::v1::gateway_server::GatewayServer;
 use tokio::net::TcpListener;
+use tower::{ServiceBuilder, util::BoxCloneSyncService};
 
 pub use config::Config;
 pub use service::GatewayService;
+
+/// The admission layers (outermost first: auth, rate limit, load shed) and the limiter the
+/// handlers reserve tokens with.
+struct Admission {
+    keys: Arc<admission::KeyStore>,
+    limiter: Arc<admission::RateLimiter>,
+    shed: admission::ShedLayer,
+}
+
+impl Admission {
+    fn new(config: &Config) -> anyhow::Result<Self> {
+        let keys = Arc::new(admission::KeyStore::load(&config.auth)?);
+        if keys.is_empty() {
+            tracing::warn!("no API keys configured: auth is off and every caller shares the anonymous limits");
+        }
+        let limiter = Arc::new(admission::RateLimiter::new(&config.rate_limit)?);
+        Ok(Self { keys, limiter, shed: admission::ShedLayer::new(config.shed.max_concurrency) })
+    }
+
+    fn layer(&self) -> HttpLayer {
+        let (keys, limiter, shed) = (self.keys.clone(), self.limiter.clone(), self.shed.clone());
+        HttpLayer::new(move |inner| {
+            BoxCloneSyncService::new(
+                ServiceBuilder::new()
+                    .layer(admission::AuthLayer::new(keys.clone()))
+                    .layer(admission::RateLimitLayer::new(limiter.clone()))
+                    .layer(shed.clone())
+                    .service(inner),
+            )
+        })
+    }
+}
 
 /// Loads the configuration and serves until SIGTERM or Ctrl-C.
 pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
@@ -39,8 +75,9 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     }
     catalog.keep_fresh(upstream.clone(), Duration::from_secs(30));
     let jobs = jobs::Jobs::connect(&config.queue).await?;
-    let service = GatewayService::new(&config, upstream, catalog, jobs);
-    let mut base = server::Base::new()?;
+    let admission = Admission::new(&config)?;
+    let service = GatewayService::new(&config, upstream, catalog, jobs, admission.limiter.clone());
+    let mut base = server::Base::with_layer(admission.layer())?;
     base.serving::<GatewayServer<GatewayService>>().await;
     base.route(|router| router.add_service(GatewayServer::new(service)))
         .serve(listener, shutdown, Duration::from_millis(config.shutdown_grace_ms))

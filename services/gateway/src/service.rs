@@ -8,7 +8,7 @@ use llmesh_common::{
     validate::{self, Limits},
 };
 use llmesh_proto::{
-    common::v1::FinishReason,
+    common::v1::{FinishReason, Usage},
     gateway::v1::{
         self as gw, CancelJobRequest, CancelJobResponse, GetJobRequest, GetJobResponse, ListModelsRequest,
         ListModelsResponse, SubmitJobRequest, SubmitJobResponse, WatchJobRequest, WatchJobResponse,
@@ -19,6 +19,7 @@ use llmesh_proto::{
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    admission::{Principal, RateLimiter, Reservation},
     cache::{Cache, Use},
     catalog::Catalog,
     config::Config,
@@ -46,6 +47,7 @@ struct Inner {
     cache_nondeterministic: bool,
     single_flight_wait: Duration,
     jobs: Jobs,
+    limiter: Arc<RateLimiter>,
 }
 
 /// What the cache said about a request.
@@ -57,7 +59,7 @@ enum Cached {
 type ChunkStream = futures::stream::BoxStream<'static, Result<gw::GenerateStreamResponse, Status>>;
 
 impl GatewayService {
-    pub fn new(config: &Config, upstream: Upstream, catalog: Catalog, jobs: Jobs) -> Self {
+    pub fn new(config: &Config, upstream: Upstream, catalog: Catalog, jobs: Jobs, limiter: Arc<RateLimiter>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 cache: Cache::new(upstream.cache.clone(), Duration::from_millis(config.cache.budget_ms)),
@@ -70,8 +72,36 @@ impl GatewayService {
                 cache_nondeterministic: config.cache.cache_nondeterministic,
                 single_flight_wait: Duration::from_millis(config.cache.single_flight_wait_ms),
                 jobs,
+                limiter,
             }),
         }
+    }
+
+    /// Validates the request and admits it for the caller: the key may use the model, and its
+    /// token quota covers the prompt and `max_tokens` (settled with the real usage afterwards).
+    async fn admit(
+        &self,
+        extensions: &http::Extensions,
+        request: &generation::GenerateRequest,
+    ) -> Result<Reservation, Status> {
+        validate::generate_request(request, &self.inner.limits)?;
+        let principal = extensions.get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
+        if !principal.allows(&request.model) {
+            return Err(Status::permission_denied(format!(
+                "model: API key {} may not use {:?}",
+                principal.id, request.model
+            )));
+        }
+        let prompt_tokens = u32::try_from(validate::prompt_bytes(request).div_ceil(4)).unwrap_or(u32::MAX);
+        let max_tokens = validate::effective_max_tokens(request, &self.inner.limits);
+        self.inner.limiter.reserve_tokens(&principal, prompt_tokens.saturating_add(max_tokens)).await
+    }
+
+    /// Settles a reservation with what was used, and tells the client what is left.
+    async fn settle<T>(&self, reservation: Reservation, usage: Option<Usage>, response: &mut Response<T>) {
+        let used = usage.map_or(0, |u| u.total_tokens);
+        let quota = self.inner.limiter.settle(reservation, used).await;
+        quota.write_metadata(response.metadata_mut());
     }
 
     /// True when the same request is expected to give the same answer, so caching it is safe.
@@ -82,9 +112,8 @@ impl GatewayService {
             || self.inner.catalog.deterministic(&request.model)
     }
 
-    /// Validates the request and consults the cache.
+    /// Consults the cache.
     async fn cached(&self, request: &generation::GenerateRequest, deadline: Deadline) -> Result<Cached, Status> {
-        validate::generate_request(request, &self.inner.limits)?;
         let policy = Use::of(request.cache, self.cacheable(request));
         if policy.read
             && let Some(hit) = self.inner.cache.lookup(request, deadline.remaining()).await
@@ -96,6 +125,43 @@ impl GatewayService {
             return Err(Status::not_found("cache: no cached answer for this request (policy ONLY_IF_CACHED)"));
         }
         Ok(Cached::Miss(policy))
+    }
+
+    /// The answer to a unary call, from the cache, a call in flight for the same request, or
+    /// generation; with the usage generation reported when this call is the one that paid for it.
+    async fn respond(
+        &self,
+        request: generation::GenerateRequest,
+        deadline: Deadline,
+    ) -> Result<(generation::GenerateResponse, Option<Usage>), Status> {
+        let policy = match self.cached(&request, deadline).await? {
+            Cached::Hit(response, _) => return Ok((*response, None)),
+            Cached::Miss(policy) => policy,
+        };
+        // Identical cacheable misses in flight at once share one generation call.
+        let leader = if policy.read {
+            match self.inner.flights.join(cache_key::of(&request)) {
+                Flight::Leader(leader) => Some(leader),
+                Flight::Follower(follower) => {
+                    let wait = self.inner.single_flight_wait.min(deadline.remaining());
+                    if let Some(response) = follower.wait(wait).await {
+                        return Ok((response, None));
+                    }
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let response = self.answer(&request, deadline).await?;
+        if let Some(leader) = leader {
+            leader.finish(&response);
+        }
+        let used = response.usage.filter(|_| response.degraded.is_none());
+        if policy.write {
+            self.inner.cache.store(request, response.clone(), Vec::new());
+        }
+        Ok((response, used))
     }
 
     /// Generation's answer, or a fallback one when generation cannot give it.
@@ -149,34 +215,21 @@ impl GatewayService {
 impl Gateway for GatewayService {
     async fn generate(&self, request: Request<gw::GenerateRequest>) -> Result<Response<gw::GenerateResponse>, Status> {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
-        let request: generation::GenerateRequest = request.into_inner().into();
-        let policy = match self.cached(&request, deadline).await? {
-            Cached::Hit(response, _) => return Ok(Response::new((*response).into())),
-            Cached::Miss(policy) => policy,
-        };
-        // Identical cacheable misses in flight at once share one generation call.
-        let leader = if policy.read {
-            match self.inner.flights.join(cache_key::of(&request)) {
-                Flight::Leader(leader) => Some(leader),
-                Flight::Follower(follower) => {
-                    let wait = self.inner.single_flight_wait.min(deadline.remaining());
-                    if let Some(response) = follower.wait(wait).await {
-                        return Ok(Response::new(response.into()));
-                    }
-                    None
-                }
+        let (_, extensions, request) = request.into_parts();
+        let request: generation::GenerateRequest = request.into();
+        let reservation = self.admit(&extensions, &request).await?;
+        match self.respond(request, deadline).await {
+            Ok((response, used)) => {
+                let mut response = Response::new(gw::GenerateResponse::from(response));
+                self.settle(reservation, used, &mut response).await;
+                Ok(response)
             }
-        } else {
-            None
-        };
-        let response = self.answer(&request, deadline).await?;
-        if let Some(leader) = leader {
-            leader.finish(&response);
+            Err(status) => {
+                // A failed call costs the caller nothing.
+                self.inner.limiter.settle(reservation, 0).await;
+                Err(status)
+            }
         }
-        if policy.write {
-            self.inner.cache.store(request, response.clone(), Vec::new());
-        }
-        Ok(Response::new(response.into()))
     }
 
     type GenerateStreamStream = ChunkStream;
@@ -186,30 +239,48 @@ impl Gateway for GatewayService {
         request: Request<gw::GenerateStreamRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
-        let request: generation::GenerateRequest = request.into_inner().into();
-        let policy = match self.cached(&request, deadline).await? {
-            Cached::Hit(response, chunks) => return Ok(Response::new(replay(*response, chunks))),
-            Cached::Miss(policy) => policy,
+        let (_, extensions, request) = request.into_parts();
+        let request: generation::GenerateRequest = request.into();
+        let reservation = self.admit(&extensions, &request).await?;
+        let policy = match self.cached(&request, deadline).await {
+            Ok(Cached::Hit(response, chunks)) => {
+                let mut reply = Response::new(replay(*response, chunks));
+                self.settle(reservation, None, &mut reply).await;
+                return Ok(reply);
+            }
+            Ok(Cached::Miss(policy)) => policy,
+            Err(status) => {
+                self.inner.limiter.settle(reservation, 0).await;
+                return Err(status);
+            }
         };
         let started = match self.inner.upstream.generate_stream(&request, deadline).await {
             Ok(started) => started,
             // Nothing was streamed yet: a fallback answer can still be the whole stream.
             Err(status) => {
-                let response = self.degrade(&request, status, deadline).await?;
+                let degraded = self.degrade(&request, status, deadline).await;
+                self.inner.limiter.settle(reservation, 0).await;
+                let response = degraded?;
                 let chunks = if response.cached { Vec::new() } else { vec![response.text.clone()] };
                 return Ok(Response::new(replay(response, chunks)));
             }
         };
         let cache = policy.write.then(|| self.inner.cache.clone());
-        Ok(Response::new(relay(started, request, cache, deadline)))
+        // Headers go out before the tokens are known: they carry what is left after the reservation.
+        let quota = reservation.quota();
+        let settle = Settle { limiter: self.inner.limiter.clone(), reservation };
+        let mut reply = Response::new(relay(started, request, cache, deadline, settle));
+        quota.write_metadata(reply.metadata_mut());
+        Ok(reply)
     }
 
     async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
         let queue = self.inner.jobs.queue()?;
-        let request = request.into_inner();
-        let idempotency_key = request.idempotency_key.clone();
+        let idempotency_key = request.get_ref().idempotency_key.clone();
+        let (_, extensions, request) = request.into_parts();
         let generate: generation::GenerateRequest = request.into();
-        validate::generate_request(&generate, &self.inner.limits)?;
+        // The job's tokens stay reserved: the work happens later, on a worker.
+        let _reservation = self.admit(&extensions, &generate).await?;
         let submitted = queue.submit(&generate, &idempotency_key).await.map_err(jobs::status)?;
         Ok(Response::new(SubmitJobResponse { job: Some(submitted.job), existing: submitted.existing }))
     }
@@ -266,16 +337,24 @@ fn replay(response: generation::GenerateResponse, chunks: Vec<String>) -> ChunkS
     futures::stream::iter(deltas).chain(futures::stream::once(async move { Ok(last) })).boxed()
 }
 
+/// A stream's token reservation, settled with the usage its final chunk reports.
+struct Settle {
+    limiter: Arc<RateLimiter>,
+    reservation: Reservation,
+}
+
 /// Passes generation's chunks on as they arrive, until the call's deadline. When the stream
 /// finishes normally, the whole answer is stored in the cache (chunk boundaries included, for
-/// replay).
+/// replay) and the token reservation is settled.
 fn relay(
     started: Started,
     request: generation::GenerateRequest,
     cache: Option<Cache>,
     deadline: Deadline,
+    settle: Settle,
 ) -> ChunkStream {
     struct Relay {
+        settle: Option<Settle>,
         first: Option<generation::GenerateStreamResponse>,
         rest: Streaming<generation::GenerateStreamResponse>,
         request: Option<generation::GenerateRequest>,
@@ -310,6 +389,7 @@ fn relay(
     }
 
     let state = Relay {
+        settle: Some(settle),
         first: Some(started.first),
         rest: started.rest,
         request: Some(request),
@@ -326,7 +406,15 @@ fn relay(
             None => deadline.run("generation's next chunk", state.rest.message()).await,
         };
         let item = match next {
-            Ok(Some(chunk)) => Ok(state.pass(chunk)),
+            Ok(Some(chunk)) => {
+                let chunk = state.pass(chunk);
+                if state.done
+                    && let Some(Settle { limiter, reservation }) = state.settle.take()
+                {
+                    limiter.settle(reservation, chunk.usage.map_or(0, |u| u.total_tokens)).await;
+                }
+                Ok(chunk)
+            }
             Ok(None) => {
                 state.done = true;
                 Err(Status::unavailable("generation ended the stream without a final chunk"))

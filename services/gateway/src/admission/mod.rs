@@ -1,13 +1,29 @@
 //! Admission: who may call, how often, and whether the gateway has room. Three tower layers on
-//! the HTTP requests, outermost first: auth, rate limit, load shed. Each rejection is a gRPC
-//! status response (never an error tonic would turn into UNKNOWN). Token quotas need the decoded
-//! request, so the typed handler reserves them through [`TokenLimiter`].
+//! the HTTP requests, outermost first:
 //!
-//! (Work in progress: the configuration below is the interface the rest of the gateway uses.)
+//! 1. [`AuthLayer`]: checks `x-api-key` and puts the caller's [`Principal`] into the request
+//!    extensions (UNAUTHENTICATED otherwise).
+//! 2. [`RateLimitLayer`]: one request against the principal's requests-per-minute (GCRA, shared
+//!    across replicas through Redis; RESOURCE_EXHAUSTED with `retry-after-ms` otherwise).
+//! 3. [`ShedLayer`]: a bound on calls in flight, streams included until their body ends
+//!    (RESOURCE_EXHAUSTED at once otherwise, never queued).
+//!
+//! Each rejection is a gRPC status response (never an error tonic would turn into UNKNOWN).
+//! Health checks and reflection pass every layer untouched. Token quotas need the decoded
+//! request, so the typed handler reserves them through [`RateLimiter::reserve_tokens`] and settles
+//! them with [`RateLimiter::settle`] once the usage is known.
+
+pub mod auth;
+pub mod rate_limit;
+pub mod shed;
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+pub use auth::{AuthLayer, KeyStore, Principal, generate_key};
+pub use rate_limit::{Quota, RateLimitLayer, RateLimiter, Reservation};
+pub use shed::ShedLayer;
 
 /// `[gateway.auth]`. With no keys at all, auth is off and every caller is `anonymous`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -67,5 +83,27 @@ pub struct ShedConfig {
 impl Default for ShedConfig {
     fn default() -> Self {
         Self { max_concurrency: 1024 }
+    }
+}
+
+/// Calls every layer lets through untouched: health probes and reflection (grpcurl's discovery)
+/// must work without a key and even when the gateway is saturated.
+pub fn is_exempt(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_exempt;
+
+    #[test]
+    fn probes_and_reflection_are_exempt() {
+        assert!(is_exempt("/grpc.health.v1.Health/Check"));
+        assert!(is_exempt("/grpc.health.v1.Health/Watch"));
+        assert!(is_exempt("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"));
+        assert!(is_exempt("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"));
+        assert!(!is_exempt("/llmesh.gateway.v1.Gateway/Generate"));
+        assert!(!is_exempt("/grpc.health.v1.HealthX/Check"));
+        assert!(!is_exempt("/llmesh.health.v1.MeshHealth/Status"));
     }
 }

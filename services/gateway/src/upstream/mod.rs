@@ -29,10 +29,35 @@ pub use retry::RetryConfig;
 
 use crate::deadline::{Deadline, MARGIN};
 
+/// A connection that broke under a call (a replica killed mid-call) reaches tonic's client as
+/// UNKNOWN with the transport error as its source; a status the server sent has no source. The
+/// former is the replica's trouble, as retryable as any UNAVAILABLE.
+fn normalize(status: Status) -> Status {
+    if status.code() == Code::Unknown && std::error::Error::source(&status).is_some() {
+        return Status::unavailable(format!("generation connection failed: {}", status.message()));
+    }
+    status
+}
+
 /// The timeout sent to generation: a little longer than the gateway's own timer, so the gateway's
 /// DEADLINE_EXCEEDED (and its fallback) comes first, not tonic's CANCELLED from the callee.
 fn callee_timeout(ours: Duration) -> Duration {
     ours + MARGIN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broken_connections_are_unavailable_server_statuses_are_kept() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let broken = Status::from_error(Box::new(io));
+        assert_eq!(broken.code(), Code::Unknown);
+        assert_eq!(normalize(broken).code(), Code::Unavailable);
+        assert_eq!(normalize(Status::unknown("the server said so")).code(), Code::Unknown);
+        assert_eq!(normalize(Status::invalid_argument("bad")).code(), Code::InvalidArgument);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -98,7 +123,7 @@ impl Upstream {
         self.with_retries(deadline, |lease, per_try| async move {
             let mut call = tonic::Request::new(request.clone());
             call.set_timeout(callee_timeout(per_try));
-            let result = lease.client().generate(call).await;
+            let result = lease.client().generate(call).await.map_err(normalize);
             lease.finish(result.as_ref().map_or_else(Status::code, |_| Code::Ok));
             result.map(tonic::Response::into_inner)
         })
@@ -111,10 +136,11 @@ impl Upstream {
             let mut call = tonic::Request::new(GenerateStreamRequest::from(request.clone()));
             call.set_timeout(callee_timeout(deadline.remaining()));
             let first = async {
-                let mut rest = lease.client().generate_stream(call).await?.into_inner();
+                let mut rest = lease.client().generate_stream(call).await.map_err(normalize)?.into_inner();
                 let first = rest
                     .message()
-                    .await?
+                    .await
+                    .map_err(normalize)?
                     .ok_or_else(|| Status::unavailable("generation ended the stream before its first chunk"))?;
                 Ok::<_, Status>(Started { first, rest })
             };
@@ -133,7 +159,7 @@ impl Upstream {
         self.with_retries(deadline, |lease, per_try| async move {
             let mut call = tonic::Request::new(ListModelsRequest {});
             call.set_timeout(callee_timeout(per_try));
-            let result = lease.client().list_models(call).await;
+            let result = lease.client().list_models(call).await.map_err(normalize);
             lease.finish(result.as_ref().map_or_else(Status::code, |_| Code::Ok));
             result.map(tonic::Response::into_inner)
         })

@@ -1,0 +1,326 @@
+//! Who is calling: API keys from `x-api-key`, checked against SHA-256 digests, become a
+//! [`Principal`] in the request extensions.
+//!
+//! Keys come from `[gateway.auth] keys` and from `keys_file` (a TOML file of `[[keys]]` tables of
+//! the same shape, e.g. a mounted secret). The format of the keys the gateway issues is described
+//! in [`key`]. With no keys at all auth is off and every caller is [`Principal::anonymous`].
+
+mod key;
+mod layer;
+
+use std::{collections::HashMap, fmt, path::Path, sync::Arc};
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+
+pub use key::{KEY_TAG, constant_time_eq, generate_key, prefix_of, sha256_hex};
+pub use layer::{API_KEY_HEADER, Auth, AuthLayer};
+
+use crate::admission::{ApiKey, AuthConfig};
+
+/// The caller of a request, as the auth layer found it. Cheap to clone (the strings are shared).
+///
+/// Handlers read it with `request.extensions().get::<Principal>()`; it is always there on the
+/// gateway's own RPCs once [`AuthLayer`] is installed (health and reflection get none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The key's public name (`anonymous` when auth is off): rate-limit bucket, logs, metrics.
+    pub id: Arc<str>,
+    /// This key's own limit, overriding `[gateway.rate_limit]`; `Some(0)` means unlimited.
+    pub requests_per_minute: Option<u32>,
+    /// This key's own token limit, overriding `[gateway.rate_limit]`; `Some(0)` means unlimited.
+    pub tokens_per_minute: Option<u32>,
+    /// Models this key may use; empty means all.
+    pub models: Arc<[String]>,
+}
+
+impl Principal {
+    /// The id of every caller when auth is off.
+    pub const ANONYMOUS: &'static str = "anonymous";
+
+    /// The caller when no keys are configured: no overrides, every model.
+    pub fn anonymous() -> Self {
+        Self { id: Self::ANONYMOUS.into(), requests_per_minute: None, tokens_per_minute: None, models: Arc::new([]) }
+    }
+
+    pub fn is_anonymous(&self) -> bool {
+        &*self.id == Self::ANONYMOUS
+    }
+
+    /// Whether this key may use `model` (every model when the key lists none).
+    pub fn allows(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|allowed| allowed == model)
+    }
+
+    fn from_key(key: &ApiKey) -> Self {
+        Self {
+            id: key.id.as_str().into(),
+            requests_per_minute: key.requests_per_minute,
+            tokens_per_minute: key.tokens_per_minute,
+            models: key.models.iter().cloned().collect(),
+        }
+    }
+}
+
+/// Why a key was refused; the message tells the caller which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Missing,
+    Unknown,
+}
+
+impl Rejection {
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::Missing => "missing x-api-key",
+            Self::Unknown => "unknown API key",
+        }
+    }
+}
+
+/// The configured keys, found by their public prefix and compared by digest in constant time.
+pub struct KeyStore {
+    entries: Vec<Entry>,
+    /// Entries by prefix (several when keys share one, e.g. while a key is rotated).
+    by_prefix: HashMap<String, Vec<usize>>,
+    /// Distinct prefix lengths, shortest first: the candidate prefixes of a presented key.
+    prefix_lengths: Vec<usize>,
+}
+
+struct Entry {
+    digest: [u8; 32],
+    principal: Principal,
+}
+
+/// The shape of `keys_file`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct KeysFile {
+    keys: Vec<ApiKey>,
+}
+
+impl KeyStore {
+    /// The keys of `[gateway.auth]`: `keys` first, then those of `keys_file`. Fails on an
+    /// unreadable file or a malformed entry, naming which.
+    pub fn load(config: &AuthConfig) -> anyhow::Result<Self> {
+        let mut keys = config.keys.clone();
+        if let Some(path) = &config.keys_file {
+            keys.extend(read_keys_file(path)?);
+        }
+        Self::from_keys(keys)
+    }
+
+    pub fn from_keys(keys: impl IntoIterator<Item = ApiKey>) -> anyhow::Result<Self> {
+        let mut store = Self { entries: Vec::new(), by_prefix: HashMap::new(), prefix_lengths: Vec::new() };
+        for (index, key) in keys.into_iter().enumerate() {
+            let entry = validate(&key).with_context(|| format!("API key #{} (id {:?})", index + 1, key.id))?;
+            store.by_prefix.entry(key.prefix.clone()).or_default().push(store.entries.len());
+            store.entries.push(entry);
+            if !store.prefix_lengths.contains(&key.prefix.len()) {
+                store.prefix_lengths.push(key.prefix.len());
+            }
+        }
+        store.prefix_lengths.sort_unstable();
+        Ok(store)
+    }
+
+    /// No keys configured: auth is off.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The ids of the configured keys (an id may repeat: two keys of one owner during rotation).
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|entry| &*entry.principal.id)
+    }
+
+    /// The principal a presented key belongs to. Auth off: everyone is anonymous.
+    pub fn authenticate(&self, presented: Option<&str>) -> Result<Principal, Rejection> {
+        if self.is_empty() {
+            return Ok(Principal::anonymous());
+        }
+        let presented = presented.filter(|key| !key.is_empty()).ok_or(Rejection::Missing)?;
+        self.find(presented).cloned().ok_or(Rejection::Unknown)
+    }
+
+    fn find(&self, presented: &str) -> Option<&Principal> {
+        let digest = key::sha256(presented);
+        let mut found = None;
+        for &length in &self.prefix_lengths {
+            let Some(candidates) = presented.get(..length).and_then(|prefix| self.by_prefix.get(prefix)) else {
+                continue;
+            };
+            for &index in candidates {
+                let entry = &self.entries[index];
+                // Every candidate is compared: the time taken depends on the public prefix only.
+                if constant_time_eq(&entry.digest, &digest) && found.is_none() {
+                    found = Some(&entry.principal);
+                }
+            }
+        }
+        found
+    }
+}
+
+impl fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Ids only: digests stay out of logs even though they are not the keys.
+        f.debug_struct("KeyStore").field("ids", &self.ids().collect::<Vec<_>>()).finish_non_exhaustive()
+    }
+}
+
+fn read_keys_file(path: &Path) -> anyhow::Result<Vec<ApiKey>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read keys file {}", path.display()))?;
+    let file: KeysFile = toml::from_str(&text).with_context(|| format!("invalid keys file {}", path.display()))?;
+    Ok(file.keys)
+}
+
+fn validate(key: &ApiKey) -> anyhow::Result<Entry> {
+    if key.id.trim().is_empty() {
+        bail!("`id` is empty");
+    }
+    if key.id == Principal::ANONYMOUS {
+        bail!("`id` {:?} is reserved for callers when auth is off", Principal::ANONYMOUS);
+    }
+    if key.prefix.is_empty() {
+        bail!("`prefix` is empty (the key's public first characters, e.g. `lk_1f2e3d4c`)");
+    }
+    let Some(digest) = key::parse_sha256_hex(&key.sha256) else {
+        bail!("`sha256` must be the 64 hex digits of the key's SHA-256");
+    };
+    Ok(Entry { digest, principal: Principal::from_key(key) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_of(keys: &[(&str, &str)]) -> KeyStore {
+        KeyStore::from_keys(keys.iter().map(|(id, key)| ApiKey {
+            id: (*id).into(),
+            prefix: prefix_of(key).unwrap_or(&key[..4]).into(),
+            sha256: sha256_hex(key),
+            ..ApiKey::default()
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn no_keys_means_everyone_is_anonymous() {
+        let store = KeyStore::from_keys([]).unwrap();
+        assert!(store.is_empty());
+        let principal = store.authenticate(None).unwrap();
+        assert_eq!(&*principal.id, "anonymous");
+        assert!(principal.is_anonymous());
+        assert_eq!(store.authenticate(Some("anything")).unwrap(), principal);
+    }
+
+    #[test]
+    fn keys_are_found_by_prefix_and_digest() {
+        let (a, _) = generate_key("a");
+        let (b, _) = generate_key("b");
+        let store = store_of(&[("a", &a), ("b", &b), ("legacy", "legacy-key-without-the-format")]);
+        assert_eq!(&*store.authenticate(Some(&a)).unwrap().id, "a");
+        assert_eq!(&*store.authenticate(Some(&b)).unwrap().id, "b");
+        assert_eq!(&*store.authenticate(Some("legacy-key-without-the-format")).unwrap().id, "legacy");
+
+        assert_eq!(store.authenticate(None), Err(Rejection::Missing));
+        assert_eq!(store.authenticate(Some("")), Err(Rejection::Missing));
+        // Right prefix, wrong secret; wrong prefix; too short for any prefix.
+        let mut wrong = a.clone();
+        wrong.pop();
+        wrong.push(if a.ends_with('x') { 'y' } else { 'x' });
+        assert_eq!(store.authenticate(Some(&wrong)), Err(Rejection::Unknown));
+        assert_eq!(store.authenticate(Some(&a.replacen("lk_", "lk-", 1))), Err(Rejection::Unknown));
+        assert_eq!(store.authenticate(Some("lk")), Err(Rejection::Unknown));
+        assert_eq!(store.authenticate(Some(&a[..a.len() - 1])), Err(Rejection::Unknown));
+    }
+
+    #[test]
+    fn keys_sharing_a_prefix_are_all_compared() {
+        let (old, entry) = generate_key("rotating");
+        let new = format!("{}_{}", entry.prefix, "another-secret");
+        let store = store_of(&[("rotating", &old), ("rotating-new", &new)]);
+        assert_eq!(&*store.authenticate(Some(&old)).unwrap().id, "rotating");
+        assert_eq!(&*store.authenticate(Some(&new)).unwrap().id, "rotating-new");
+    }
+
+    #[test]
+    fn principal_carries_the_key_settings() {
+        let (key, mut entry) = generate_key("team");
+        entry.requests_per_minute = Some(10);
+        entry.tokens_per_minute = Some(0);
+        entry.models = vec!["sim-small".into()];
+        let store = KeyStore::from_keys([entry]).unwrap();
+        let principal = store.authenticate(Some(&key)).unwrap();
+        assert_eq!(principal.requests_per_minute, Some(10));
+        assert_eq!(principal.tokens_per_minute, Some(0));
+        assert!(principal.allows("sim-small"));
+        assert!(!principal.allows("sim-large"));
+        assert!(Principal::anonymous().allows("sim-large"));
+    }
+
+    #[test]
+    fn malformed_entries_are_named() {
+        let (_, good) = generate_key("good");
+        let cases = [
+            (ApiKey { id: String::new(), ..good.clone() }, "`id` is empty"),
+            (ApiKey { id: "anonymous".into(), ..good.clone() }, "reserved"),
+            (ApiKey { prefix: String::new(), ..good.clone() }, "`prefix` is empty"),
+            (ApiKey { sha256: "abc".into(), ..good.clone() }, "`sha256`"),
+        ];
+        for (bad, expected) in cases {
+            let error = KeyStore::from_keys([good.clone(), bad]).unwrap_err();
+            let text = format!("{error:#}");
+            assert!(text.contains("API key #2") && text.contains(expected), "{text}");
+        }
+    }
+
+    #[test]
+    fn keys_file_entries_are_merged_after_the_inline_ones() {
+        let (inline_key, inline) = generate_key("inline");
+        let (file_key, from_file) = generate_key("from-file");
+        let path = std::env::temp_dir().join(format!("llmesh-keys-{}-{}.toml", std::process::id(), fastrand::u64(..)));
+        let text = format!(
+            "# mounted secret\n[[keys]]\nid = \"from-file\"\nprefix = \"{}\"\nsha256 = \"{}\"\n\
+             requests_per_minute = 5\nmodels = [\"sim-small\"]\n",
+            from_file.prefix, from_file.sha256
+        );
+        std::fs::write(&path, text).unwrap();
+        let config = AuthConfig { keys_file: Some(path.clone()), keys: vec![inline] };
+        let store = KeyStore::load(&config);
+        std::fs::remove_file(&path).unwrap();
+        let store = store.unwrap();
+        assert_eq!(store.ids().collect::<Vec<_>>(), ["inline", "from-file"]);
+        assert_eq!(&*store.authenticate(Some(&inline_key)).unwrap().id, "inline");
+        let principal = store.authenticate(Some(&file_key)).unwrap();
+        assert_eq!(principal.requests_per_minute, Some(5));
+        assert_eq!(&*principal.models, ["sim-small".to_owned()]);
+    }
+
+    #[test]
+    fn bad_keys_files_are_errors() {
+        let missing = AuthConfig { keys_file: Some("/nonexistent/keys.toml".into()), keys: vec![] };
+        assert!(format!("{:#}", KeyStore::load(&missing).unwrap_err()).contains("cannot read keys file"));
+
+        let path = std::env::temp_dir().join(format!("llmesh-keys-{}-{}.toml", std::process::id(), fastrand::u64(..)));
+        std::fs::write(&path, "[[keys]]\nid = \"x\"\nsecret = \"typo\"\n").unwrap();
+        let result = KeyStore::load(&AuthConfig { keys_file: Some(path.clone()), keys: vec![] });
+        std::fs::remove_file(&path).unwrap();
+        let text = format!("{:#}", result.unwrap_err());
+        assert!(text.contains("invalid keys file") && text.contains("secret"), "{text}");
+    }
+
+    #[test]
+    fn debug_output_shows_ids_only() {
+        let (_, entry) = generate_key("visible");
+        let digest = entry.sha256.clone();
+        let store = KeyStore::from_keys([entry]).unwrap();
+        let text = format!("{store:?}");
+        assert!(text.contains("visible") && !text.contains(&digest), "{text}");
+    }
+}

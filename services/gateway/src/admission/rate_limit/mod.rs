@@ -1,0 +1,399 @@
+//! Per-key rate limits: requests per minute (checked by [`RateLimitLayer`] on every call) and
+//! tokens per minute (reserved by the handler once it knows the request, settled once it knows
+//! the usage).
+//!
+//! Each limit is a GCRA ([`gcra`]) with a burst of one minute's worth: a key limited to 60
+//! requests a minute may send 60 at once, then one a second. With `redis_url` the state lives in
+//! Redis and the limit holds across every gateway replica; without it, or while Redis fails or is
+//! slower than `redis_timeout_ms`, each replica decides with its own in-process state (so N
+//! replicas allow up to N times the limit) and [`RateLimiter::local_fallbacks`] counts it.
+//! A limit of 0 is unlimited and costs nothing, not even a Redis call.
+
+pub mod gcra;
+mod layer;
+mod local;
+mod redis;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use http::{HeaderMap, HeaderValue};
+use tonic::{
+    Code, Status,
+    metadata::{MetadataMap, MetadataValue},
+};
+
+pub use gcra::{Cost, Decision, Limit};
+pub use layer::{RateLimit, RateLimitLayer};
+pub use redis::decision_from_reply;
+
+use self::{local::LocalLimiter, redis::RedisLimiter};
+use crate::admission::{RateLimitConfig, auth::Principal};
+
+/// Response metadata: requests the key may still send right now.
+pub const REMAINING_REQUESTS: &str = "x-ratelimit-remaining-requests";
+/// Response metadata: tokens the key may still use right now.
+pub const REMAINING_TOKENS: &str = "x-ratelimit-remaining-tokens";
+/// Rejection metadata: milliseconds to wait before trying again.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+/// Rejection metadata read by gRPC clients' retry policies (negative: do not retry).
+pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
+
+/// Which limit of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Requests,
+    Tokens,
+}
+
+impl Kind {
+    fn unit(self) -> &'static str {
+        match self {
+            Self::Requests => "requests",
+            Self::Tokens => "tokens",
+        }
+    }
+}
+
+/// What a key has left, for the response metadata. `None`: that limit is off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    pub remaining_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+}
+
+impl Quota {
+    /// Writes `x-ratelimit-remaining-requests` / `-tokens` (those that are limited).
+    pub fn write_headers(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.entries() {
+            headers.insert(name, HeaderValue::from(value));
+        }
+    }
+
+    /// The same, into a tonic response's metadata.
+    pub fn write_metadata(&self, metadata: &mut MetadataMap) {
+        for (name, value) in self.entries() {
+            metadata.insert(name, MetadataValue::from(value));
+        }
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [(REMAINING_REQUESTS, self.remaining_requests), (REMAINING_TOKENS, self.remaining_tokens)]
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, value?)))
+    }
+}
+
+/// Tokens taken from a key's budget before the call, to be settled with the real usage.
+/// Dropping it without [`RateLimiter::settle`] keeps the whole reservation charged.
+#[derive(Debug)]
+#[must_use = "settle the reservation once the usage is known"]
+pub struct Reservation {
+    id: Arc<str>,
+    /// `None`: the key's tokens are unlimited and there is nothing to settle.
+    limit: Option<Limit>,
+    tokens: u32,
+    remaining: Option<u64>,
+}
+
+impl Reservation {
+    pub fn tokens(&self) -> u32 {
+        self.tokens
+    }
+
+    /// Tokens the key had left once this reservation was taken.
+    pub fn quota(&self) -> Quota {
+        Quota { remaining_requests: None, remaining_tokens: self.remaining }
+    }
+}
+
+pub struct RateLimiter {
+    requests_per_minute: u32,
+    tokens_per_minute: u32,
+    local: LocalLimiter,
+    redis: Option<Arc<RedisLimiter>>,
+    fallbacks: AtomicU64,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("requests_per_minute", &self.requests_per_minute)
+            .field("tokens_per_minute", &self.tokens_per_minute)
+            .field("redis", &self.redis.is_some())
+            .field("local_fallbacks", &self.local_fallbacks())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimiter {
+    /// A limiter for `[gateway.rate_limit]`. With `redis_url` it must run inside a Tokio runtime;
+    /// it connects in the background and never fails because Redis is down (it logs, and the
+    /// local limiter decides until Redis answers). Fails only on a malformed URL.
+    pub fn new(config: &RateLimitConfig) -> anyhow::Result<Self> {
+        let redis = match &config.redis_url {
+            Some(url) if !url.trim().is_empty() => {
+                let runtime = tokio::runtime::Handle::try_current()
+                    .map_err(|_| anyhow::anyhow!("the Redis rate limiter must be created inside a Tokio runtime"))?;
+                let redis = Arc::new(RedisLimiter::new(url, Duration::from_millis(config.redis_timeout_ms.max(1)))?);
+                let warming = redis.clone();
+                runtime.spawn(async move { warming.warm_up().await });
+                Some(redis)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            requests_per_minute: config.requests_per_minute,
+            tokens_per_minute: config.tokens_per_minute,
+            local: LocalLimiter::new(local::DEFAULT_CAPACITY),
+            redis,
+            fallbacks: AtomicU64::new(0),
+        })
+    }
+
+    /// The principal's request limit; `None` when unlimited.
+    pub fn request_limit(&self, principal: &Principal) -> Option<Limit> {
+        Limit::per_minute(principal.requests_per_minute.unwrap_or(self.requests_per_minute))
+    }
+
+    /// The principal's token limit; `None` when unlimited.
+    pub fn token_limit(&self, principal: &Principal) -> Option<Limit> {
+        Limit::per_minute(principal.tokens_per_minute.unwrap_or(self.tokens_per_minute))
+    }
+
+    /// Counts one request against the principal's requests per minute.
+    pub async fn check_request(&self, principal: &Principal) -> Result<Quota, Status> {
+        let Some(limit) = self.request_limit(principal) else {
+            return Ok(Quota::default());
+        };
+        let decision = self.decide(&principal.id, Kind::Requests, limit, Cost::Take(1)).await;
+        if decision.allowed {
+            Ok(Quota { remaining_requests: Some(decision.remaining), remaining_tokens: None })
+        } else {
+            Err(exhausted(Kind::Requests, limit, &principal.id, decision))
+        }
+    }
+
+    /// Takes `tokens` (the most the call can use: prompt plus `max_tokens`) from the principal's
+    /// tokens per minute, all or nothing.
+    pub async fn reserve_tokens(&self, principal: &Principal, tokens: u32) -> Result<Reservation, Status> {
+        let Some(limit) = self.token_limit(principal) else {
+            return Ok(Reservation { id: principal.id.clone(), limit: None, tokens, remaining: None });
+        };
+        if tokens > limit.burst {
+            return Err(never_fits(tokens, limit, &principal.id));
+        }
+        let decision = self.decide(&principal.id, Kind::Tokens, limit, Cost::Take(tokens)).await;
+        if decision.allowed {
+            Ok(Reservation {
+                id: principal.id.clone(),
+                limit: Some(limit),
+                tokens,
+                remaining: Some(decision.remaining),
+            })
+        } else {
+            Err(exhausted(Kind::Tokens, limit, &principal.id, decision))
+        }
+    }
+
+    /// Settles a reservation with the tokens really used: gives back the difference, or charges
+    /// the excess (even past the limit: the tokens are spent; later calls wait). Returns what the
+    /// key has left.
+    pub async fn settle(&self, reservation: Reservation, used_tokens: u32) -> Quota {
+        let Some(limit) = reservation.limit else {
+            return Quota::default();
+        };
+        let cost = match used_tokens.cmp(&reservation.tokens) {
+            std::cmp::Ordering::Less => Cost::Refund(reservation.tokens - used_tokens),
+            std::cmp::Ordering::Greater => Cost::Force(used_tokens - reservation.tokens),
+            std::cmp::Ordering::Equal => return reservation.quota(),
+        };
+        let decision = self.decide(&reservation.id, Kind::Tokens, limit, cost).await;
+        Quota { remaining_requests: None, remaining_tokens: Some(decision.remaining) }
+    }
+
+    /// Calls the local limiter answered because Redis failed, was too slow, or was being given a
+    /// rest after failing. Zero when no Redis is configured.
+    pub fn local_fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Whether Redis answered the last time it was asked (false when none is configured).
+    pub fn redis_healthy(&self) -> bool {
+        self.redis.as_ref().is_some_and(|redis| redis.healthy())
+    }
+
+    async fn decide(&self, id: &Arc<str>, kind: Kind, limit: Limit, cost: Cost) -> Decision {
+        if let Some(redis) = &self.redis {
+            if redis.should_try()
+                && let Ok(decision) = redis.decide(&redis_key(kind, id), limit, cost).await
+            {
+                return decision;
+            }
+            self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        }
+        self.local.decide(id, kind, limit, cost)
+    }
+}
+
+/// The Redis key of one limit of one key id.
+fn redis_key(kind: Kind, id: &str) -> String {
+    format!("llmesh:ratelimit:{}:{id}", kind.unit())
+}
+
+fn exhausted(kind: Kind, limit: Limit, id: &str, decision: Decision) -> Status {
+    let wait_ms = u64::try_from(decision.retry_after.as_micros().div_ceil(1000)).unwrap_or(u64::MAX).max(1);
+    let mut metadata = MetadataMap::new();
+    metadata.insert(RETRY_AFTER_MS, MetadataValue::from(wait_ms));
+    metadata.insert(RETRY_PUSHBACK_MS, MetadataValue::from(wait_ms));
+    let remaining = match kind {
+        Kind::Requests => REMAINING_REQUESTS,
+        Kind::Tokens => REMAINING_TOKENS,
+    };
+    metadata.insert(remaining, MetadataValue::from(decision.remaining));
+    tracing::debug!(key = id, limit = kind.unit(), wait_ms, "rate limited");
+    Status::with_metadata(
+        Code::ResourceExhausted,
+        format!("rate limit: {} {} per minute for key {id}", limit.burst, kind.unit()),
+        metadata,
+    )
+}
+
+/// A reservation larger than the whole limit: waiting will not help, so clients are told not to
+/// retry.
+fn never_fits(tokens: u32, limit: Limit, id: &str) -> Status {
+    let mut metadata = MetadataMap::new();
+    metadata.insert(RETRY_PUSHBACK_MS, MetadataValue::from(-1i64));
+    Status::with_metadata(
+        Code::ResourceExhausted,
+        format!("rate limit: {} tokens per minute for key {id}; this call needs up to {tokens}", limit.burst),
+        metadata,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(id: &str, requests: Option<u32>, tokens: Option<u32>) -> Principal {
+        Principal { id: id.into(), requests_per_minute: requests, tokens_per_minute: tokens, models: Arc::new([]) }
+    }
+
+    fn limiter(requests: u32, tokens: u32) -> RateLimiter {
+        RateLimiter::new(&RateLimitConfig {
+            requests_per_minute: requests,
+            tokens_per_minute: tokens,
+            ..RateLimitConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn metadata(status: &Status, key: &str) -> Option<String> {
+        status.metadata().get(key).map(|v| v.to_str().unwrap().to_owned())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_over_the_limit_are_resource_exhausted_with_a_wait() {
+        let limiter = limiter(2, 0);
+        let alice = principal("alice", None, None);
+        assert_eq!(limiter.check_request(&alice).await.unwrap().remaining_requests, Some(1));
+        assert_eq!(limiter.check_request(&alice).await.unwrap().remaining_requests, Some(0));
+        let status = limiter.check_request(&alice).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.message(), "rate limit: 2 requests per minute for key alice");
+        assert_eq!(metadata(&status, RETRY_AFTER_MS).as_deref(), Some("30000"));
+        assert_eq!(metadata(&status, RETRY_PUSHBACK_MS).as_deref(), Some("30000"));
+        assert_eq!(metadata(&status, REMAINING_REQUESTS).as_deref(), Some("0"));
+
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let status = limiter.check_request(&alice).await.unwrap_err();
+        assert_eq!(metadata(&status, RETRY_AFTER_MS).as_deref(), Some("20000"));
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(limiter.check_request(&alice).await.is_ok());
+        assert_eq!(limiter.local_fallbacks(), 0);
+        assert!(!limiter.redis_healthy());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_is_unlimited_and_keys_override_the_default() {
+        let limiter = limiter(0, 0);
+        let anonymous = Principal::anonymous();
+        for _ in 0..1000 {
+            assert_eq!(limiter.check_request(&anonymous).await.unwrap(), Quota::default());
+        }
+        let strict = principal("strict", Some(1), None);
+        assert!(limiter.check_request(&strict).await.is_ok());
+        assert!(limiter.check_request(&strict).await.is_err());
+
+        let limiter = self::limiter(1, 0);
+        let exempt = principal("exempt", Some(0), None);
+        for _ in 0..100 {
+            assert!(limiter.check_request(&exempt).await.is_ok());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_reservations_are_settled_with_the_real_usage() {
+        let limiter = limiter(0, 1_000);
+        let bob = principal("bob", None, None);
+        let reservation = limiter.reserve_tokens(&bob, 600).await.unwrap();
+        assert_eq!(reservation.quota().remaining_tokens, Some(400));
+        let status = limiter.reserve_tokens(&bob, 500).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.message(), "rate limit: 1000 tokens per minute for key bob");
+        assert_eq!(metadata(&status, RETRY_AFTER_MS).as_deref(), Some("6000"));
+
+        // Only 100 used: 500 come back.
+        assert_eq!(limiter.settle(reservation, 100).await.remaining_tokens, Some(900));
+        let reservation = limiter.reserve_tokens(&bob, 500).await.unwrap();
+        assert_eq!(reservation.quota().remaining_tokens, Some(400));
+        // 1200 used: the 700 over are charged even past the limit (300 over it, 18 s at 60 ms a token).
+        assert_eq!(limiter.settle(reservation, 1_200).await.remaining_tokens, Some(0));
+        let status = limiter.reserve_tokens(&bob, 1).await.unwrap_err();
+        assert_eq!(metadata(&status, RETRY_AFTER_MS).as_deref(), Some("18060"));
+        // Exactly as reserved: nothing to do.
+        tokio::time::advance(Duration::from_secs(120)).await;
+        let reservation = limiter.reserve_tokens(&bob, 10).await.unwrap();
+        assert_eq!(limiter.settle(reservation, 10).await.remaining_tokens, Some(990));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reservation_larger_than_the_limit_is_refused_for_good() {
+        let limiter = limiter(0, 1_000);
+        let status = limiter.reserve_tokens(&principal("carol", None, None), 1_001).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.message().contains("needs up to 1001"), "{}", status.message());
+        assert_eq!(metadata(&status, RETRY_PUSHBACK_MS).as_deref(), Some("-1"));
+        assert_eq!(metadata(&status, RETRY_AFTER_MS), None);
+        // Unlimited tokens: reservations are free and settle to nothing.
+        let limiter = self::limiter(0, 0);
+        let reservation = limiter.reserve_tokens(&principal("carol", None, None), u32::MAX).await.unwrap();
+        assert_eq!(limiter.settle(reservation, 5).await, Quota::default());
+    }
+
+    #[test]
+    fn quotas_become_headers_and_metadata() {
+        let quota = Quota { remaining_requests: Some(7), remaining_tokens: None };
+        let mut headers = HeaderMap::new();
+        quota.write_headers(&mut headers);
+        assert_eq!(headers[REMAINING_REQUESTS], "7");
+        assert!(!headers.contains_key(REMAINING_TOKENS));
+
+        let quota = Quota { remaining_requests: None, remaining_tokens: Some(1234) };
+        let mut metadata = MetadataMap::new();
+        quota.write_metadata(&mut metadata);
+        assert_eq!(metadata.get(REMAINING_TOKENS).unwrap(), "1234");
+        assert!(metadata.get(REMAINING_REQUESTS).is_none());
+    }
+
+    #[test]
+    fn redis_keys_name_the_limit_and_the_key() {
+        assert_eq!(redis_key(Kind::Requests, "team-a"), "llmesh:ratelimit:requests:team-a");
+        assert_eq!(redis_key(Kind::Tokens, "team-a"), "llmesh:ratelimit:tokens:team-a");
+    }
+}

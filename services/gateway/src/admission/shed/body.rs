@@ -1,0 +1,45 @@
+//! A response body that holds a concurrency permit until it ends.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use http_body::{Frame, SizeHint};
+use tokio::sync::OwnedSemaphorePermit;
+use tonic::{Status, codegen::Bytes};
+
+/// The inner body, plus the permit of its call: released when the body has yielded its last
+/// frame (trailers included), failed, or was dropped (the client went away).
+#[derive(Debug)]
+pub struct PermitBody {
+    inner: tonic::body::Body,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl PermitBody {
+    pub fn new(inner: tonic::body::Body, permit: Option<OwnedSemaphorePermit>) -> Self {
+        Self { inner, permit }
+    }
+}
+
+impl http_body::Body for PermitBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(poll, Poll::Ready(None | Some(Err(_)))) || self.inner.is_end_stream() {
+            self.permit = None;
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

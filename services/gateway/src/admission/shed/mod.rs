@@ -1,0 +1,301 @@
+//! Load shedding: at most `max_concurrency` calls in flight; the next is refused at once with
+//! RESOURCE_EXHAUSTED rather than queued, so an overloaded gateway answers fast and clients (or
+//! their balancers) go elsewhere. A call counts from the moment it arrives until its response
+//! body ends, so a stream holds its place for as long as it streams.
+
+mod body;
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll, ready},
+};
+
+use http::{Request, Response};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::Status;
+use tower::{Layer, Service};
+
+pub use body::PermitBody;
+
+use crate::admission::is_exempt;
+
+/// Refuses calls beyond `max_concurrency` in flight (0: no bound). Clones share the count, so
+/// keep a clone to read [`ShedLayer::shed_count`] and [`ShedLayer::in_flight`]. Health and
+/// reflection are never refused nor counted.
+#[derive(Debug, Clone)]
+pub struct ShedLayer {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// `None`: no bound.
+    permits: Option<Arc<Semaphore>>,
+    max_concurrency: usize,
+    shed: AtomicU64,
+}
+
+impl ShedLayer {
+    pub fn new(max_concurrency: usize) -> Self {
+        let max_concurrency = max_concurrency.min(Semaphore::MAX_PERMITS);
+        let permits = (max_concurrency > 0).then(|| Arc::new(Semaphore::new(max_concurrency)));
+        Self { shared: Arc::new(Shared { permits, max_concurrency, shed: AtomicU64::new(0) }) }
+    }
+
+    /// Calls refused so far.
+    pub fn shed_count(&self) -> u64 {
+        self.shared.shed.load(Ordering::Relaxed)
+    }
+
+    /// Calls in flight now (counted ones: health and reflection are not).
+    pub fn in_flight(&self) -> usize {
+        self.shared.permits.as_ref().map_or(0, |permits| self.shared.max_concurrency - permits.available_permits())
+    }
+
+    pub fn max_concurrency(&self) -> usize {
+        self.shared.max_concurrency
+    }
+}
+
+impl<S> Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Shed { inner, shared: self.shared.clone() }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Shed<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S, ReqBody> Service<Request<ReqBody>> for Shed<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<tonic::body::Body>>,
+{
+    type Response = Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = ShedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let permit = match &self.shared.permits {
+            Some(permits) if !is_exempt(request.uri().path()) => match permits.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    self.shared.shed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(max_concurrency = self.shared.max_concurrency, "call shed");
+                    let status = Status::resource_exhausted(format!(
+                        "overloaded: {} calls in flight",
+                        self.shared.max_concurrency
+                    ));
+                    return ShedFuture { state: State::Refused(Some(status)) };
+                }
+            },
+            _ => None,
+        };
+        ShedFuture { state: State::Called { inner: Box::pin(self.inner.call(request)), permit } }
+    }
+}
+
+/// The response of a call that got a permit (its body then holds the permit), or the refusal.
+pub struct ShedFuture<F> {
+    state: State<F>,
+}
+
+enum State<F> {
+    Called { inner: Pin<Box<F>>, permit: Option<OwnedSemaphorePermit> },
+    Refused(Option<Status>),
+}
+
+impl<F> std::fmt::Debug for ShedFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Called { .. } => "called",
+            State::Refused(_) => "refused",
+        };
+        f.debug_struct("ShedFuture").field("state", &state).finish()
+    }
+}
+
+impl<F, E> Future for ShedFuture<F>
+where
+    F: Future<Output = Result<Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            State::Called { inner, permit } => {
+                let response = ready!(inner.as_mut().poll(cx))?;
+                Poll::Ready(Ok(match permit.take() {
+                    Some(permit) => response.map(|body| tonic::body::Body::new(PermitBody::new(body, Some(permit)))),
+                    None => response,
+                }))
+            }
+            State::Refused(status) => {
+                let status = status.take().unwrap_or_else(|| Status::internal("shed future polled after completion"));
+                Poll::Ready(Ok(status.into_http()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{convert::Infallible, time::Duration};
+
+    use futures::future::join_all;
+    use http_body::Body as _;
+    use tokio::sync::{mpsc, oneshot};
+    use tonic::Code;
+    use tower::{ServiceExt as _, service_fn};
+
+    use super::*;
+
+    /// A body streaming whatever the test sends, ended when the sender is dropped.
+    struct ChannelBody(mpsc::Receiver<&'static str>);
+
+    impl http_body::Body for ChannelBody {
+        type Data = tonic::codegen::Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Status>>> {
+            self.0.poll_recv(cx).map(|chunk| chunk.map(|text| Ok(http_body::Frame::data(text.into()))))
+        }
+    }
+
+    fn request(path: &str) -> Request<()> {
+        Request::builder().uri(format!("http://gateway{path}")).body(()).unwrap()
+    }
+
+    fn code(response: &Response<tonic::body::Body>) -> Option<Code> {
+        response.headers().get("grpc-status").map(|v| Code::from_bytes(v.as_bytes()))
+    }
+
+    const GENERATE: &str = "/llmesh.gateway.v1.Gateway/GenerateStream";
+
+    /// Reads the body to its end.
+    async fn drain(mut body: tonic::body::Body) -> usize {
+        let mut frames = 0;
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            frame.unwrap();
+            frames += 1;
+        }
+        frames
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_call_after_the_limit_is_refused_at_once() {
+        let layer = ShedLayer::new(3);
+        // Each call waits for its release before answering.
+        let (release_tx, mut release_rx) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            let (tx, rx) = oneshot::channel();
+            let _ = release_tx.send(tx);
+            async move {
+                let _ = rx.await;
+                Ok::<_, Infallible>(Response::new(tonic::body::Body::empty()))
+            }
+        }));
+        let pending: Vec<_> = (0..3).map(|_| tokio::spawn(service.clone().oneshot(request(GENERATE)))).collect();
+        let mut releases = Vec::new();
+        for _ in 0..3 {
+            releases.push(release_rx.recv().await.unwrap());
+        }
+        assert_eq!(layer.in_flight(), 3);
+
+        let refused = tokio::time::timeout(Duration::from_millis(1), service.clone().oneshot(request(GENERATE)))
+            .await
+            .expect("refused without waiting")
+            .unwrap();
+        assert_eq!(code(&refused), Some(Code::ResourceExhausted));
+        assert_eq!(refused.headers()["grpc-message"], "overloaded:%203%20calls%20in%20flight");
+        assert_eq!(layer.shed_count(), 1);
+
+        // Probes still get through.
+        let probe = tokio::spawn(service.clone().oneshot(request("/grpc.health.v1.Health/Check")));
+        release_rx.recv().await.unwrap().send(()).unwrap();
+        assert_eq!(code(&probe.await.unwrap().unwrap()), None);
+
+        for release in releases {
+            release.send(()).unwrap();
+        }
+        for response in join_all(pending).await {
+            assert_eq!(code(&response.unwrap().unwrap()), None);
+        }
+        // The bodies were empty: each permit went back with its response.
+        assert_eq!(layer.in_flight(), 0);
+        let again = tokio::spawn(service.clone().oneshot(request(GENERATE)));
+        release_rx.recv().await.unwrap().send(()).unwrap();
+        assert_eq!(code(&again.await.unwrap().unwrap()), None);
+        assert_eq!(layer.shed_count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_holds_its_permit_until_its_body_ends() {
+        let layer = ShedLayer::new(1);
+        let (chunks_tx, chunks_rx) = mpsc::channel(4);
+        let body = Arc::new(std::sync::Mutex::new(Some(ChannelBody(chunks_rx))));
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            let body = body.lock().unwrap().take().map_or_else(tonic::body::Body::empty, tonic::body::Body::new);
+            async move { Ok::<_, Infallible>(Response::new(body)) }
+        }));
+
+        let stream = service.clone().oneshot(request(GENERATE)).await.unwrap();
+        assert_eq!(code(&stream), None);
+        // The headers are out but the stream goes on: the call still counts.
+        assert_eq!(layer.in_flight(), 1);
+        let refused = service.clone().oneshot(request(GENERATE)).await.unwrap();
+        assert_eq!(code(&refused), Some(Code::ResourceExhausted));
+
+        let reader = tokio::spawn(drain(stream.into_body()));
+        chunks_tx.send("one").await.unwrap();
+        chunks_tx.send("two").await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(layer.in_flight(), 1);
+        drop(chunks_tx);
+        assert_eq!(reader.await.unwrap(), 2);
+        assert_eq!(layer.in_flight(), 0);
+        assert_eq!(code(&service.clone().oneshot(request(GENERATE)).await.unwrap()), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_body_releases_its_permit() {
+        let layer = ShedLayer::new(1);
+        let (_chunks_tx, chunks_rx) = mpsc::channel::<&'static str>(1);
+        let body = Arc::new(std::sync::Mutex::new(Some(ChannelBody(chunks_rx))));
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            let body = body.lock().unwrap().take().map_or_else(tonic::body::Body::empty, tonic::body::Body::new);
+            async move { Ok::<_, Infallible>(Response::new(body)) }
+        }));
+        let stream = service.clone().oneshot(request(GENERATE)).await.unwrap();
+        assert_eq!(layer.in_flight(), 1);
+        drop(stream); // the client went away
+        assert_eq!(layer.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn zero_means_no_bound() {
+        let layer = ShedLayer::new(0);
+        let service = layer.layer(service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(tonic::body::Body::empty()))
+        }));
+        let responses = join_all((0..100).map(|_| service.clone().oneshot(request(GENERATE)))).await;
+        assert!(responses.iter().all(|r| code(r.as_ref().unwrap()).is_none()));
+        assert_eq!(layer.shed_count(), 0);
+    }
+}

@@ -1,0 +1,417 @@
+//! Admission against real peers: the GCRA script on a real `redis-server`, the limit shared by
+//! two limiters, the local fallback when Redis dies or stalls, and the whole stack (auth, rate
+//! limit, shed) in a real tonic server called over loopback.
+
+// Test helpers outside `#[test]` functions fail loudly too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+// In a module named after the file, so that `cargo test -p llmesh-gateway admission` runs these too.
+mod admission {
+    use std::{
+        future::Future,
+        pin::Pin,
+        process::Stdio,
+        sync::Arc,
+        time::{Duration, Instant},
+    };
+
+    use futures::{Stream, StreamExt as _};
+    use llmesh_gateway::admission::{
+        AuthLayer, KeyStore, Principal, RateLimitConfig, RateLimitLayer, RateLimiter, ShedLayer, generate_key,
+        rate_limit::{Cost, Limit, decision_from_reply, gcra},
+    };
+    use llmesh_proto::health::v1::{
+        Component, StatusRequest, StatusResponse, WatchRequest, WatchResponse,
+        mesh_health_client::MeshHealthClient,
+        mesh_health_server::{MeshHealth, MeshHealthServer},
+    };
+    use tokio::process::{Child, Command};
+    use tonic::{Code, Request, Response, Status};
+    use tower::ServiceBuilder;
+
+    /// Every test finishes within this, whatever happens.
+    const TEST_LIMIT: Duration = Duration::from_secs(60);
+
+    async fn bounded<T>(test: impl Future<Output = T>) -> T {
+        tokio::time::timeout(TEST_LIMIT, test).await.expect("test took too long")
+    }
+
+    /// A `redis-server` of the test's own on a free loopback port, killed when dropped.
+    struct Redis {
+        child: Child,
+        port: u16,
+    }
+
+    impl Redis {
+        async fn start() -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            Self::start_on(port).await
+        }
+
+        async fn start_on(port: u16) -> Self {
+            let child = Command::new("/usr/bin/redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("redis-server runs");
+            let redis = Self { child, port };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(mut conn) = redis.connection().await
+                    && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+                {
+                    return redis;
+                }
+                assert!(Instant::now() < deadline, "redis-server did not start on port {port}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}/", self.port)
+        }
+
+        async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+            redis::Client::open(self.url())?.get_multiplexed_async_connection().await
+        }
+
+        async fn kill(&mut self) {
+            self.child.kill().await.unwrap();
+        }
+    }
+
+    fn principal(id: &str) -> Principal {
+        Principal { id: id.into(), ..Principal::anonymous() }
+    }
+
+    fn config(redis: &Redis, requests_per_minute: u32, redis_timeout_ms: u64) -> RateLimitConfig {
+        RateLimitConfig { redis_url: Some(redis.url()), requests_per_minute, tokens_per_minute: 0, redis_timeout_ms }
+    }
+
+    /// Checks until Redis (not the local limiter) decided, or fails after `within`.
+    async fn until_redis_decides(limiter: &RateLimiter, principal: &Principal, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let before = limiter.local_fallbacks();
+            let _ = limiter.check_request(principal).await;
+            if limiter.local_fallbacks() == before && limiter.redis_healthy() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "Redis was not used again within {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_lua_script_computes_what_the_rust_function_does() {
+        bounded(async {
+            let redis = Redis::start().await;
+            let mut conn = redis.connection().await.unwrap();
+            let script = redis::Script::new(gcra::SCRIPT);
+            let mut rng = fastrand::Rng::with_seed(20261101);
+            let (mut allowed, mut refused, mut refunds, mut forced) = (0, 0, 0, 0);
+            for per_minute in [1, 7, 600, 60_000, 7_000_000] {
+                let limit = Limit::per_minute(per_minute).unwrap();
+                let key = format!("test:gcra:{per_minute}");
+                for _ in 0..200 {
+                    let most = limit.burst / 3 + 1;
+                    let cost = match rng.u8(0..10) {
+                        0 => Cost::Refund(rng.u32(0..=most)),
+                        1 => Cost::Force(rng.u32(0..=most)),
+                        _ => Cost::Take(rng.u32(0..=most)),
+                    };
+                    let before: Option<u64> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+                    let (amount, force) = cost.as_args();
+                    let reply: [i64; 5] = script
+                        .key(&key)
+                        .arg(u64::try_from(limit.interval.as_nanos()).unwrap())
+                        .arg(limit.burst)
+                        .arg(amount)
+                        .arg(force)
+                        .invoke_async(&mut conn)
+                        .await
+                        .unwrap();
+                    let now = u64::try_from(reply[4]).unwrap();
+                    let expected = limit.decide(before.unwrap_or(0), now, cost);
+                    assert_eq!(decision_from_reply(reply), Some(expected), "{cost:?} at {now} after {before:?}");
+
+                    let after: Option<u64> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+                    if !expected.allowed {
+                        assert_eq!(after, before, "a refusal stores nothing");
+                        refused += 1;
+                    } else {
+                        assert_eq!(after, (expected.new_tat > now).then_some(expected.new_tat));
+                        allowed += 1;
+                        refunds += usize::from(matches!(cost, Cost::Refund(_)));
+                        forced += usize::from(matches!(cost, Cost::Force(_)));
+                    }
+                }
+            }
+            // Every branch was compared, not just the easy one.
+            assert!(
+                allowed > 200 && refused > 50 && refunds > 20 && forced > 20,
+                "{allowed} {refused} {refunds} {forced}"
+            );
+
+            // Keys expire once their bucket is full again (when the TAT is reached), so idle keys cost
+            // nothing.
+            let key = "test:gcra:ttl";
+            let limit = Limit::per_minute(600).unwrap();
+            let reply: [i64; 5] = script
+                .key(key)
+                .arg(100_000_000u64)
+                .arg(limit.burst)
+                .arg(300)
+                .arg(0)
+                .invoke_async(&mut conn)
+                .await
+                .unwrap();
+            let until_full_ms = (reply[1] - reply[4]) / 1000;
+            assert_eq!(until_full_ms, 30_000);
+            let ttl: i64 = redis::cmd("PTTL").arg(key).query_async(&mut conn).await.unwrap();
+            assert!((until_full_ms - 100..=until_full_ms + 1).contains(&ttl), "{ttl}");
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_limiters_sharing_redis_enforce_one_limit() {
+        bounded(async {
+            let redis = Redis::start().await;
+            // 1200 a minute: 20 a second between the two, after a burst of 1200.
+            let config = config(&redis, 1_200, 250);
+            let limiters = [Arc::new(RateLimiter::new(&config).unwrap()), Arc::new(RateLimiter::new(&config).unwrap())];
+            let key = principal("shared");
+
+            // Spend the burst, from both.
+            let mut spent = 0;
+            loop {
+                let a = limiters[0].check_request(&key).await.is_ok();
+                let b = limiters[1].check_request(&key).await.is_ok();
+                spent += usize::from(a) + usize::from(b);
+                if !a && !b {
+                    break;
+                }
+                assert!(spent <= 1_300, "the burst never ran out");
+            }
+            assert!((1_200..=1_210).contains(&spent), "{spent}");
+
+            // Then 400 calls a second (200 from each), for 3 seconds: 20 a second get through.
+            let start = Instant::now();
+            let window = Duration::from_secs(3);
+            let tasks = limiters.clone().map(|limiter| {
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let mut allowed = 0u32;
+                    while start.elapsed() < window {
+                        allowed += u32::from(limiter.check_request(&key).await.is_ok());
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    allowed
+                })
+            });
+            let mut per_limiter = Vec::new();
+            for task in tasks {
+                per_limiter.push(task.await.unwrap());
+            }
+            let elapsed = start.elapsed().as_secs_f64();
+            let total = f64::from(per_limiter.iter().sum::<u32>());
+            let expected = 20.0 * elapsed;
+            assert!(
+                total >= expected * 0.9 && total <= expected * 1.1 + 1.0,
+                "{total} allowed in {elapsed:.2} s ({per_limiter:?}); the shared limit allows {expected:.1}"
+            );
+            assert!(per_limiter.iter().all(|&n| n > 0), "both limiters were served: {per_limiter:?}");
+            assert_eq!(limiters[0].local_fallbacks() + limiters[1].local_fallbacks(), 0, "Redis decided every call");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn redis_killed_then_back_falls_back_locally_then_shares_again() {
+        bounded(async {
+            let mut redis = Redis::start().await;
+            let port = redis.port;
+            let limiter = RateLimiter::new(&config(&redis, 600, 50)).unwrap();
+            let key = principal("fallback");
+            until_redis_decides(&limiter, &key, Duration::from_secs(5)).await;
+            assert_eq!(limiter.local_fallbacks(), 0);
+
+            redis.kill().await;
+            let start = Instant::now();
+            let quota = limiter.check_request(&key).await.unwrap();
+            assert!(start.elapsed() < Duration::from_millis(50 + 200), "took {:?}", start.elapsed());
+            assert_eq!(quota.remaining_requests, Some(599), "the local limiter starts from a full bucket");
+            assert_eq!(limiter.local_fallbacks(), 1);
+            assert!(!limiter.redis_healthy());
+
+            // While Redis is down, calls do not wait for it each time.
+            let start = Instant::now();
+            for _ in 0..100 {
+                limiter.check_request(&key).await.unwrap();
+            }
+            assert!(start.elapsed() < Duration::from_millis(500), "took {:?}", start.elapsed());
+            assert_eq!(limiter.local_fallbacks(), 101);
+
+            // Redis back on the same port: used again, without anyone doing anything.
+            let redis = Redis::start_on(port).await;
+            until_redis_decides(&limiter, &key, Duration::from_secs(5)).await;
+            let fallbacks = limiter.local_fallbacks();
+            for _ in 0..20 {
+                limiter.check_request(&key).await.unwrap();
+            }
+            assert_eq!(limiter.local_fallbacks(), fallbacks);
+            let mut conn = redis.connection().await.unwrap();
+            let tat: Option<u64> =
+                redis::cmd("GET").arg("llmesh:ratelimit:requests:fallback").query_async(&mut conn).await.unwrap();
+            assert!(tat.is_some(), "the limit lives in Redis again");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_stalled_redis_is_given_up_on_after_the_timeout() {
+        bounded(async {
+            let redis = Redis::start().await;
+            let limiter = RateLimiter::new(&config(&redis, 600, 50)).unwrap();
+            let key = principal("stalled");
+            until_redis_decides(&limiter, &key, Duration::from_secs(5)).await;
+
+            // Redis stops answering everyone for a second.
+            let mut admin = redis.connection().await.unwrap();
+            let () = redis::cmd("CLIENT").arg("PAUSE").arg(1_000).arg("ALL").query_async(&mut admin).await.unwrap();
+            let start = Instant::now();
+            limiter.check_request(&key).await.unwrap();
+            let elapsed = start.elapsed();
+            assert!(elapsed >= Duration::from_millis(45) && elapsed < Duration::from_millis(250), "took {elapsed:?}");
+            assert_eq!(limiter.local_fallbacks(), 1);
+            assert!(!limiter.redis_healthy());
+
+            until_redis_decides(&limiter, &key, Duration::from_secs(5)).await;
+            assert!(limiter.redis_healthy());
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_limiter_whose_redis_is_down_from_the_start_still_starts() {
+        bounded(async {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let config = RateLimitConfig {
+                redis_url: Some(format!("redis://127.0.0.1:{port}/")),
+                requests_per_minute: 2,
+                tokens_per_minute: 0,
+                redis_timeout_ms: 20,
+            };
+            let limiter = RateLimiter::new(&config).unwrap();
+            let key = principal("early");
+            assert!(limiter.check_request(&key).await.is_ok());
+            assert!(limiter.check_request(&key).await.is_ok());
+            let status = limiter.check_request(&key).await.unwrap_err();
+            assert_eq!(status.code(), Code::ResourceExhausted);
+            assert_eq!(limiter.local_fallbacks(), 3);
+            assert!(!limiter.redis_healthy());
+        })
+        .await;
+    }
+
+    /// A MeshHealth that answers `Status` with the caller's principal id and streams `Watch` forever.
+    struct Echo;
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl MeshHealth for Echo {
+        async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+            let principal = request.extensions().get::<Principal>().ok_or_else(|| Status::internal("no principal"))?;
+            let component = Component { name: principal.id.to_string(), ..Component::default() };
+            Ok(Response::new(StatusResponse { components: vec![component], ..StatusResponse::default() }))
+        }
+
+        type WatchStream = WatchStream;
+
+        async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+            let first = futures::stream::once(async { Ok(WatchResponse::default()) });
+            Ok(Response::new(Box::pin(first.chain(futures::stream::pending()))))
+        }
+    }
+
+    fn with_key<T>(message: T, key: &str) -> Request<T> {
+        let mut request = Request::new(message);
+        request.metadata_mut().insert("x-api-key", key.parse().unwrap());
+        request
+    }
+
+    #[tokio::test]
+    async fn the_stack_in_a_real_server() {
+        bounded(async {
+            let (limited_key, mut limited) = generate_key("limited");
+            limited.requests_per_minute = Some(3);
+            let (free_key, free) = generate_key("free");
+            let keys = Arc::new(KeyStore::from_keys([limited, free]).unwrap());
+            let limiter = Arc::new(RateLimiter::new(&RateLimitConfig::default()).unwrap());
+            let shed = ShedLayer::new(1);
+
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let server = tokio::spawn(
+                tonic::transport::Server::builder()
+                    .layer(
+                        ServiceBuilder::new()
+                            .layer(AuthLayer::new(keys))
+                            .layer(RateLimitLayer::new(limiter))
+                            .layer(shed.clone()),
+                    )
+                    .add_service(MeshHealthServer::new(Echo))
+                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+            );
+            let mut client = MeshHealthClient::connect(format!("http://{address}")).await.unwrap();
+
+            // Auth.
+            let status = client.status(StatusRequest {}).await.unwrap_err();
+            assert_eq!((status.code(), status.message()), (Code::Unauthenticated, "missing x-api-key"));
+            let (stranger, _) = generate_key("stranger");
+            let status = client.status(with_key(StatusRequest {}, &stranger)).await.unwrap_err();
+            assert_eq!((status.code(), status.message()), (Code::Unauthenticated, "unknown API key"));
+            let response = client.status(with_key(StatusRequest {}, &free_key)).await.unwrap();
+            assert_eq!(response.get_ref().components[0].name, "free");
+            assert!(response.metadata().get("x-ratelimit-remaining-requests").is_none(), "no request limit");
+
+            // Rate limit: 3 a minute for this key.
+            for remaining in ["2", "1", "0"] {
+                let response = client.status(with_key(StatusRequest {}, &limited_key)).await.unwrap();
+                assert_eq!(response.get_ref().components[0].name, "limited");
+                assert_eq!(response.metadata().get("x-ratelimit-remaining-requests").unwrap(), remaining);
+            }
+            let status = client.status(with_key(StatusRequest {}, &limited_key)).await.unwrap_err();
+            assert_eq!(status.code(), Code::ResourceExhausted);
+            assert_eq!(status.message(), "rate limit: 3 requests per minute for key limited");
+            let wait: u64 = status.metadata().get("retry-after-ms").unwrap().to_str().unwrap().parse().unwrap();
+            assert!((19_000..=20_000).contains(&wait), "{wait}");
+            assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap().to_str().unwrap(), wait.to_string());
+
+            // Shed: one call in flight at a time, and an open stream is one.
+            let mut stream = client.watch(with_key(WatchRequest {}, &free_key)).await.unwrap().into_inner();
+            stream.message().await.unwrap().unwrap();
+            assert_eq!(shed.in_flight(), 1);
+            let status = client.status(with_key(StatusRequest {}, &free_key)).await.unwrap_err();
+            assert_eq!((status.code(), status.message()), (Code::ResourceExhausted, "overloaded: 1 calls in flight"));
+            assert_eq!(shed.shed_count(), 1);
+
+            // The client cancels the stream: its place is free again.
+            drop(stream);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while shed.in_flight() > 0 {
+                assert!(Instant::now() < deadline, "the cancelled stream kept its permit");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            client.status(with_key(StatusRequest {}, &free_key)).await.unwrap();
+            assert_eq!(shed.in_flight(), 0);
+
+            server.abort();
+        })
+        .await;
+    }
+}

@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod admission;
 mod bad_input;
 mod cache;
 mod chaos;
@@ -9,6 +10,7 @@ mod fakellm;
 mod jobs;
 mod lifecycle;
 mod mesh;
+mod overload;
 mod redis_cache;
 
 use llmesh_proto::gateway::v1::{GenerateRequest, GenerateStreamRequest, GenerateStreamResponse};

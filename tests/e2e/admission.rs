@@ -1,0 +1,158 @@
+//! Admission through real gateways: API keys, per-key limits shared across gateway replicas via
+//! Redis, the local limiter when Redis dies.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use llmesh_e2e::{Mesh, MeshOptions, Proc, Redis};
+use llmesh_proto::{
+    common::v1::CachePolicy,
+    gateway::v1::{GenerateRequest, gateway_client::GatewayClient},
+};
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::prompt;
+
+fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("x-api-key", key.parse().unwrap());
+    request
+}
+
+/// The demo key and its entry, from the keys file the compose stack ships.
+fn demo_keys() -> (String, String) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/keys.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let key = text.lines().find_map(|l| l.strip_prefix("# x-api-key: ")).unwrap().split_whitespace().next().unwrap();
+    (key.to_string(), path.display().to_string())
+}
+
+#[tokio::test]
+async fn api_keys_from_the_shipped_keys_file() {
+    let (key, file) = demo_keys();
+    let restricted = r#"[{id="sim-only",prefix="lk_00000000",sha256="0000000000000000000000000000000000000000000000000000000000000000",models=["sim"]}]"#;
+    let options = MeshOptions {
+        env: vec![
+            ("LLMESH_GATEWAY_AUTH__KEYS_FILE", file),
+            ("LLMESH_GATEWAY_AUTH__KEYS", restricted.into()),
+            ("LLMESH_GATEWAY_RATE_LIMIT__REQUESTS_PER_MINUTE", "1000".into()),
+            ("LLMESH_GATEWAY_RATE_LIMIT__TOKENS_PER_MINUTE", "100000".into()),
+        ],
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with(options).await;
+    let mut gateway = mesh.gateway().await;
+
+    let missing = gateway.generate(prompt("no key")).await.unwrap_err();
+    assert_eq!(missing.code(), Code::Unauthenticated);
+    assert!(missing.message().contains("missing x-api-key"), "{missing:?}");
+    let wrong = gateway.generate(with_key(prompt("bad key"), "lk_00000000_not-the-right-secret")).await.unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    let ok = gateway.generate(with_key(prompt("good key"), &key)).await.unwrap();
+    assert!(!ok.get_ref().text.is_empty());
+    let remaining = |name: &str| ok.metadata().get(name).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    assert_eq!(remaining("x-ratelimit-remaining-requests"), Some(999), "{:?}", ok.metadata());
+    // Reserved before the call, settled with the real usage after: what is left is below the limit.
+    assert!(remaining("x-ratelimit-remaining-tokens").is_some_and(|t| t < 100_000), "{:?}", ok.metadata());
+    assert!(!mesh.gateway.logs().contains(&key), "the key leaked into the gateway's logs");
+
+    // Probes need no key.
+    let mut health = HealthClient::new(mesh.gateway.channel().await);
+    assert!(health.check(HealthCheckRequest { service: String::new() }).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_key_limited_to_some_models() {
+    let (key, entry) = {
+        let (key, mut entry) = llmesh_gateway::admission::generate_key("narrow");
+        entry.models = vec!["sim".into()];
+        (key, entry)
+    };
+    let keys = format!(r#"[{{id="{}",prefix="{}",sha256="{}",models=["sim"]}}]"#, entry.id, entry.prefix, entry.sha256);
+    let mesh =
+        Mesh::start_with(MeshOptions { env: vec![("LLMESH_GATEWAY_AUTH__KEYS", keys)], ..Default::default() }).await;
+    let mut gateway = mesh.gateway().await;
+    assert!(gateway.generate(with_key(prompt("allowed"), &key)).await.is_ok());
+    let other = GenerateRequest { model: "sim-slow".into(), ..prompt("not allowed") };
+    let denied = gateway.generate(with_key(other, &key)).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().starts_with("model"), "{denied:?}");
+}
+
+/// A second gateway process in front of `mesh`'s generation and cache.
+async fn second_gateway(mesh: &Mesh, env: &[(&'static str, String)]) -> Proc {
+    let mut env = env.to_vec();
+    env.push(("LLMESH_GATEWAY_GENERATION__ENDPOINTS", format!("[\"{}\"]", mesh.generation.uri())));
+    env.push(("LLMESH_GATEWAY_CACHE__ENDPOINT", mesh.cache.uri()));
+    Proc::spawn("gateway", &env).await.unwrap()
+}
+
+/// Sends calls at about `per_second` to each gateway for `run`; returns (allowed, limited).
+async fn hammer(gateways: &[GatewayClient<Channel>], per_second: u64, run: Duration) -> (usize, usize) {
+    let (allowed, limited) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let stop = Instant::now() + run;
+    let tasks: Vec<_> = gateways
+        .iter()
+        .enumerate()
+        .map(|(g, gateway)| {
+            let (gateway, allowed, limited) = (gateway.clone(), allowed.clone(), limited.clone());
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / per_second));
+                let mut i = 0;
+                while Instant::now() < stop && i < 100_000 {
+                    ticker.tick().await;
+                    let request = GenerateRequest { cache: CachePolicy::Bypass.into(), ..prompt(&format!("g{g} {i}")) };
+                    match gateway.clone().generate(request).await {
+                        Ok(_) => allowed.fetch_add(1, Relaxed),
+                        Err(status) => {
+                            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                            assert!(status.metadata().get("grpc-retry-pushback-ms").is_some(), "{status:?}");
+                            limited.fetch_add(1, Relaxed)
+                        }
+                    };
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    (allowed.load(Relaxed), limited.load(Relaxed))
+}
+
+#[tokio::test]
+async fn two_gateways_share_one_limit_and_fall_back_to_local_when_redis_dies() {
+    let mut redis = Redis::start().await.unwrap();
+    // 120 a minute: a burst of 120, then 2 a second, for the anonymous key.
+    let limits = vec![
+        ("LLMESH_GATEWAY_RATE_LIMIT__REDIS_URL", redis.url()),
+        ("LLMESH_GATEWAY_RATE_LIMIT__REQUESTS_PER_MINUTE", "120".to_string()),
+    ];
+    let mesh = Mesh::start_with(MeshOptions { env: limits.clone(), ..Default::default() }).await;
+    let other = second_gateway(&mesh, &limits).await;
+    let gateways = [mesh.gateway().await, GatewayClient::new(other.channel().await)];
+
+    let run = Duration::from_secs(3);
+    let (allowed, limited) = hammer(&gateways, 50, run).await;
+    // One shared limit: the burst plus 2/s, not twice that.
+    let expected = 120.0 + 2.0 * run.as_secs_f64();
+    assert!(
+        (allowed as f64 - expected).abs() <= 0.1 * expected,
+        "two gateways allowed {allowed} (expected about {expected:.0}); {limited} were limited"
+    );
+    assert!(limited > 0);
+
+    // Redis gone: each gateway limits on its own; calls keep being answered at once.
+    redis.kill().await;
+    let started = Instant::now();
+    let (allowed_local, _) = hammer(&gateways[..1], 20, Duration::from_secs(1)).await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(allowed_local > 0, "the local limiter let nothing through");
+}

@@ -53,6 +53,21 @@ where
     }
 }
 
+/// How a server stops.
+#[derive(Debug, Clone, Copy)]
+pub struct ShutdownTiming {
+    /// Still serving, but NOT_SERVING, before the listener closes.
+    pub drain: Duration,
+    /// Longest the calls in flight may take to finish after that.
+    pub grace: Duration,
+}
+
+impl ShutdownTiming {
+    pub fn from_ms(drain_ms: u64, grace_ms: u64) -> Self {
+        Self { drain: Duration::from_millis(drain_ms), grace: Duration::from_millis(grace_ms) }
+    }
+}
+
 /// Binds `addr` and logs the `listening on ADDR` line (with the real port when `addr` asked for 0).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
@@ -111,12 +126,14 @@ impl Base {
         Self { router: add(self.router), ..self }
     }
 
-    /// Serves until `shutdown` resolves, then drains for at most `grace`.
+    /// Serves until `shutdown` resolves; then reports NOT_SERVING while still serving for
+    /// `timing.drain` (so balancers and probes notice), stops taking calls, and gives the calls
+    /// in flight at most `timing.grace` to finish.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
-        grace: Duration,
+        timing: ShutdownTiming,
     ) -> anyhow::Result<()> {
         let Self { router, health, services } = self;
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -136,7 +153,12 @@ impl Base {
         for name in services {
             health.set_service_status(name, ServingStatus::NotServing).await;
         }
+        if !timing.drain.is_zero() {
+            tracing::info!(drain_ms = timing.drain.as_millis() as u64, "NOT_SERVING; draining before stopping");
+            tokio::time::sleep(timing.drain).await;
+        }
         let _ = stop_tx.send(());
+        let grace = timing.grace;
         match tokio::time::timeout(grace, &mut server).await {
             Ok(result) => result.context("server task failed")?.context("server failed during shutdown"),
             Err(_) => {

@@ -1,1 +1,56 @@
-//! llmesh telemetry (work in progress).
+//! llmesh telemetry: OpenTelemetry traces, metrics and logs, W3C trace propagation across gRPC
+//! hops, a Prometheus `/metrics` exposition and CPU profiling.
+//!
+//! Wiring a service:
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! let telemetry = llmesh_telemetry::init("gateway")?; // inside the Tokio runtime, first thing
+//!
+//! // /metrics, /healthz, /debug/pprof/profile
+//! let admin = llmesh_telemetry::AdminServer::bind("0.0.0.0:9464".parse()?).await?;
+//! let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+//! let admin_task = tokio::spawn(admin.serve(async move {
+//!     let _ = stop_rx.await;
+//! }));
+//!
+//! // Server side: one span per call (continuing the caller's trace) and the seed's metrics.
+//! // tonic::transport::Server::builder()
+//! //     .layer(llmesh_telemetry::GrpcTraceLayer::new())
+//! //     .add_service(...)
+//!
+//! // Client side: propagate the current span to the next hop.
+//! let mut request = tonic::Request::new(());
+//! llmesh_telemetry::inject(&mut request);
+//!
+//! // On the way out.
+//! let _ = stop_tx.send(());
+//! let _ = admin_task.await;
+//! telemetry.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Metrics are recorded through `opentelemetry::global::meter("llmesh")` ([`meter`]); the
+//! Prometheus names follow `docs/METRICS.md` (see [`prometheus`] for the naming rules).
+
+mod admin;
+mod config;
+mod logging;
+pub mod metrics;
+pub mod prometheus;
+mod propagation;
+mod providers;
+mod server;
+
+pub use admin::{AdminServer, serve_admin};
+pub use config::{LogFormat, SamplerConfig, TelemetryConfig};
+pub use logging::build_subscriber;
+pub use metrics::{InFlight, METER_NAME, ProcessMetrics, SeedMetrics, code_name, meter, register_process_metrics};
+pub use prometheus::PrometheusReader;
+pub use propagation::{
+    context_from_traceparent, current_context, current_trace_id, current_traceparent, extract_headers,
+    extract_metadata, inject, inject_headers, inject_interceptor, inject_metadata, set_parent_from_traceparent,
+};
+pub use providers::{Providers, SHUTDOWN_TIMEOUT, Telemetry, init, init_with_config, render_prometheus};
+pub use server::{GrpcTrace, GrpcTraceLayer, ResponseFuture, TracedBody, is_exempt};

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// After SIGTERM: still serving, but NOT_SERVING, for this long (let balancers notice).
+    pub shutdown_drain_ms: u64,
     pub shutdown_grace_ms: u64,
     /// `redis://host:port/db`; unset means the in-memory store.
     pub redis_url: Option<String>,
@@ -32,6 +34,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: ([127, 0, 0, 1], 50053).into(),
+            shutdown_drain_ms: 0,
             shutdown_grace_ms: 10_000,
             redis_url: None,
             redis_connect_timeout_ms: 2_000,

@@ -5,7 +5,7 @@ pub mod config;
 mod service;
 pub mod store;
 
-use std::{future::Future, time::Duration};
+use std::future::Future;
 
 use llmesh_common::{ServiceArgs, server};
 use llmesh_proto::cache::v1::cache_server::CacheServer;
@@ -31,6 +31,6 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let mut base = server::Base::new()?;
     base.serving::<CacheServer<CacheService>>().await;
     base.route(|router| router.add_service(CacheServer::new(service)))
-        .serve(listener, shutdown, Duration::from_millis(config.shutdown_grace_ms))
+        .serve(listener, shutdown, server::ShutdownTiming::from_ms(config.shutdown_drain_ms, config.shutdown_grace_ms))
         .await
 }

@@ -17,6 +17,8 @@ use crate::{
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// After SIGTERM: still serving, but NOT_SERVING, for this long (let balancers notice).
+    pub shutdown_drain_ms: u64,
     pub shutdown_grace_ms: u64,
     pub limits: Limits,
     /// Longest a call may take; a client's shorter grpc-timeout wins.
@@ -69,6 +71,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: ([127, 0, 0, 1], 50051).into(),
+            shutdown_drain_ms: 0,
             shutdown_grace_ms: 10_000,
             limits: Limits::default(),
             request_timeout_ms: 30_000,

@@ -80,6 +80,6 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let mut base = server::Base::with_layer(admission.layer())?;
     base.serving::<GatewayServer<GatewayService>>().await;
     base.route(|router| router.add_service(GatewayServer::new(service)))
-        .serve(listener, shutdown, Duration::from_millis(config.shutdown_grace_ms))
+        .serve(listener, shutdown, server::ShutdownTiming::from_ms(config.shutdown_drain_ms, config.shutdown_grace_ms))
         .await
 }

@@ -17,6 +17,8 @@ use crate::provider::{
 pub struct Config {
     pub listen: SocketAddr,
     /// How long in-flight calls may take to finish after SIGTERM.
+    /// After SIGTERM: still serving, but NOT_SERVING, for this long (let balancers notice).
+    pub shutdown_drain_ms: u64,
     pub shutdown_grace_ms: u64,
     pub limits: Limits,
     /// Model name (as clients send it) to provider settings.
@@ -29,6 +31,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: ([127, 0, 0, 1], 50052).into(),
+            shutdown_drain_ms: 0,
             shutdown_grace_ms: 10_000,
             limits: Limits::default(),
             models: default_models(),

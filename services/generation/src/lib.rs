@@ -6,7 +6,7 @@ pub mod provider;
 mod service;
 mod workers;
 
-use std::{future::Future, time::Duration};
+use std::future::Future;
 
 use llmesh_common::{ServiceArgs, server};
 use llmesh_proto::generation::v1::generation_server::GenerationServer;
@@ -36,6 +36,6 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let mut base = server::Base::new()?;
     base.serving::<GenerationServer<GenerationService>>().await;
     base.route(|router| router.add_service(GenerationServer::new(service)))
-        .serve(listener, shutdown, Duration::from_millis(config.shutdown_grace_ms))
+        .serve(listener, shutdown, server::ShutdownTiming::from_ms(config.shutdown_drain_ms, config.shutdown_grace_ms))
         .await
 }

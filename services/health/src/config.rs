@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// After SIGTERM: still serving, but NOT_SERVING, for this long (let balancers notice).
+    pub shutdown_drain_ms: u64,
     pub shutdown_grace_ms: u64,
     /// How often every target is checked.
     pub poll_interval_ms: u64,
@@ -46,6 +48,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: ([127, 0, 0, 1], 50054).into(),
+            shutdown_drain_ms: 0,
             shutdown_grace_ms: 5_000,
             poll_interval_ms: 1_000,
             check_timeout_ms: 500,

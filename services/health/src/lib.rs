@@ -6,7 +6,7 @@ pub mod config;
 mod monitor;
 mod service;
 
-use std::{future::Future, time::Duration};
+use std::future::Future;
 
 use llmesh_common::{ServiceArgs, server};
 use llmesh_proto::health::v1::mesh_health_server::MeshHealthServer;
@@ -36,6 +36,6 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         poller.abort();
     };
     base.route(|router| router.add_service(MeshHealthServer::new(MeshHealthService::new(status))))
-        .serve(listener, shutdown, Duration::from_millis(config.shutdown_grace_ms))
+        .serve(listener, shutdown, server::ShutdownTiming::from_ms(config.shutdown_drain_ms, config.shutdown_grace_ms))
         .await
 }

@@ -1,0 +1,290 @@
+//! The admin HTTP/1 listener: `/metrics`, `/healthz` and `/debug/pprof/profile`.
+//!
+//! ```text
+//! GET /metrics                                  Prometheus text (text/plain; version=0.0.4)
+//! GET /healthz                                  200 "ok"
+//! GET /debug/pprof/profile?seconds=N            CPU profile at 99 Hz (N: default 10, 1..=60),
+//!                                               pprof protobuf (application/octet-stream)
+//! GET /debug/pprof/profile?seconds=N&format=svg the same as a flamegraph (image/svg+xml)
+//! ```
+//! One profile at a time (a second one gets 409). Other paths are 404, other methods 405.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::prometheus::{CONTENT_TYPE, PrometheusReader};
+
+/// CPU profiling sample rate (Hz); 99 rather than 100 avoids lock-step with periodic work.
+const PROFILE_FREQUENCY: i32 = 99;
+const PROFILE_DEFAULT_SECONDS: u64 = 10;
+const PROFILE_MAX_SECONDS: u64 = 60;
+/// Slow clients may not hold a connection open without sending a request.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bound admin listener; [`AdminServer::local_addr`] tells the port when binding port 0.
+#[derive(Debug)]
+pub struct AdminServer {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    metrics: Option<PrometheusReader>,
+}
+
+impl AdminServer {
+    /// Binds `addr` and logs `admin listening on ADDR`. `/metrics` renders the global meter
+    /// provider installed by [`crate::init`].
+    pub async fn bind(addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener =
+            TcpListener::bind(addr).await.with_context(|| format!("binding the admin listener on {addr}"))?;
+        let local_addr = listener.local_addr().context("reading the admin listener's address")?;
+        tracing::info!("admin listening on {local_addr}");
+        Ok(Self { listener, local_addr, metrics: None })
+    }
+
+    /// Serves `/metrics` from `reader` instead of the global provider (tests, embedded use).
+    pub fn with_metrics(mut self, reader: PrometheusReader) -> Self {
+        self.metrics = Some(reader);
+        self
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting and asks open connections to close
+    /// after their current request.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let state = Arc::new(State { metrics: self.metrics });
+        let (closing_tx, closing_rx) = tokio::sync::watch::channel(());
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            let stream = match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(err) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %err, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let state = Arc::clone(&state);
+            let mut closing = closing_rx.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| handle(Arc::clone(&state), request));
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(connection);
+                let result = tokio::select! {
+                    result = connection.as_mut() => result,
+                    _ = closing.changed() => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                };
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, "admin connection ended with an error");
+                }
+            });
+        }
+        drop(closing_tx);
+        Ok(())
+    }
+}
+
+/// Binds `addr` and serves until `shutdown` resolves.
+pub async fn serve_admin(addr: SocketAddr, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    AdminServer::bind(addr).await?.serve(shutdown).await
+}
+
+#[derive(Debug)]
+struct State {
+    metrics: Option<PrometheusReader>,
+}
+
+type AdminResponse = Response<Full<Bytes>>;
+
+async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<AdminResponse, Infallible> {
+    let path = request.uri().path();
+    let known = matches!(path, "/metrics" | "/healthz" | "/debug/pprof/profile");
+    if !known {
+        return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
+    }
+    if request.method() != Method::GET {
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+        return Ok(response);
+    }
+    Ok(match path {
+        "/metrics" => {
+            let body = match &state.metrics {
+                Some(reader) => reader.render(),
+                None => crate::render_prometheus(),
+            };
+            with_type(StatusCode::OK, CONTENT_TYPE, body.into_bytes())
+        }
+        "/healthz" => text(StatusCode::OK, "ok"),
+        _ => profile(request.uri().query().unwrap_or("")).await,
+    })
+}
+
+fn text(status: StatusCode, body: &'static str) -> AdminResponse {
+    with_type(status, "text/plain; charset=utf-8", body.as_bytes().to_vec())
+}
+
+fn with_type(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> AdminResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response
+}
+
+/// Set while a profile runs (pprof's profiler is process-global).
+static PROFILING: AtomicBool = AtomicBool::new(false);
+
+/// Clears [`PROFILING`] when the profile really ends (it lives on the profiling thread, so a
+/// client that hangs up does not free the slot while the profiler still runs).
+struct ProfilingSlot;
+
+impl ProfilingSlot {
+    fn acquire() -> Option<Self> {
+        PROFILING.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).ok().map(|_| Self)
+    }
+}
+
+impl Drop for ProfilingSlot {
+    fn drop(&mut self) {
+        PROFILING.store(false, Ordering::Release);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProfileFormat {
+    Pprof,
+    Svg,
+}
+
+fn parse_profile_query(query: &str) -> Result<(Duration, ProfileFormat), String> {
+    let mut seconds = PROFILE_DEFAULT_SECONDS;
+    let mut format = ProfileFormat::Pprof;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "seconds" => {
+                seconds = value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|s| *s > 0)
+                    .ok_or_else(|| format!("seconds must be a positive integer, got {value:?}\n"))?
+                    .min(PROFILE_MAX_SECONDS);
+            }
+            "format" => {
+                format = match value {
+                    "svg" | "flamegraph" => ProfileFormat::Svg,
+                    "pprof" | "proto" | "" => ProfileFormat::Pprof,
+                    other => return Err(format!("format must be svg or pprof, got {other:?}\n")),
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((Duration::from_secs(seconds), format))
+}
+
+async fn profile(query: &str) -> AdminResponse {
+    let (duration, format) = match parse_profile_query(query) {
+        Ok(parsed) => parsed,
+        Err(message) => return with_type(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", message.into_bytes()),
+    };
+    let Some(slot) = ProfilingSlot::acquire() else {
+        return text(StatusCode::CONFLICT, "a profile is already running\n");
+    };
+    tracing::info!(seconds = duration.as_secs(), ?format, "CPU profile started");
+    let result = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        run_profile(duration, format)
+    })
+    .await;
+    match result {
+        Ok(Ok(body)) => match format {
+            ProfileFormat::Pprof => with_type(StatusCode::OK, "application/octet-stream", body),
+            ProfileFormat::Svg => with_type(StatusCode::OK, "image/svg+xml", body),
+        },
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "CPU profile failed");
+            with_type(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", format!("{err:#}\n").into_bytes())
+        }
+        Err(join) => {
+            tracing::warn!(error = %join, "CPU profile task failed");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "profile failed\n")
+        }
+    }
+}
+
+/// Profiles the whole process for `duration` (blocking).
+fn run_profile(duration: Duration, format: ProfileFormat) -> anyhow::Result<Vec<u8>> {
+    let guard = pprof::ProfilerGuardBuilder::default()
+        .frequency(PROFILE_FREQUENCY)
+        // libgcc's unwinder is not signal-safe; skip samples taken inside these libraries.
+        .blocklist(&["libc", "libgcc", "pthread", "vdso"])
+        .build()
+        .context("starting the profiler")?;
+    std::thread::sleep(duration);
+    let report = guard.report().build().context("building the profile report")?;
+    drop(guard);
+    match format {
+        ProfileFormat::Pprof => {
+            use pprof::protos::Message as _;
+            let profile = report.pprof().context("encoding the profile")?;
+            profile.write_to_bytes().context("serialising the profile")
+        }
+        ProfileFormat::Svg => {
+            let mut svg = Vec::new();
+            report.flamegraph(&mut svg).context("drawing the flamegraph")?;
+            if svg.is_empty() {
+                // inferno writes nothing without samples; answer a valid, empty picture.
+                svg = EMPTY_FLAMEGRAPH.as_bytes().to_vec();
+            }
+            Ok(svg)
+        }
+    }
+}
+
+const EMPTY_FLAMEGRAPH: &str = concat!(
+    r#"<?xml version="1.0" standalone="no"?>"#,
+    "\n",
+    r#"<svg version="1.1" width="600" height="60" xmlns="http://www.w3.org/2000/svg">"#,
+    r#"<text x="10" y="35" font-family="monospace" font-size="14">No samples: the process was idle.</text></svg>"#,
+    "\n"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_query() {
+        assert_eq!(parse_profile_query(""), Ok((Duration::from_secs(10), ProfileFormat::Pprof)));
+        assert_eq!(parse_profile_query("seconds=3"), Ok((Duration::from_secs(3), ProfileFormat::Pprof)));
+        assert_eq!(parse_profile_query("seconds=600&format=svg"), Ok((Duration::from_secs(60), ProfileFormat::Svg)));
+        assert!(parse_profile_query("seconds=0").is_err());
+        assert!(parse_profile_query("seconds=abc").is_err());
+        assert!(parse_profile_query("format=png").is_err());
+    }
+}

@@ -1,0 +1,224 @@
+//! The server side of trace propagation, and the seed's metrics, as one tower layer for tonic:
+//! `Server::builder().layer(GrpcTraceLayer::new())`.
+//!
+//! For every call except health checks and reflection it
+//! 1. extracts `traceparent` / `tracestate` with the global propagator;
+//! 2. opens an INFO span `grpc.server` whose OpenTelemetry name is `{service}/{method}`
+//!    (`otel.kind = "server"`, `rpc.system = "grpc"`, `rpc.service`, `rpc.method`) with the extracted
+//!    context as its parent, and runs the inner service in it;
+//! 3. counts `llm_active_requests`, and when the gRPC status is known records `llm_requests_total`
+//!    `{endpoint=<method>, status=<code name>}`, `llm_response_time{endpoint}` and the span's
+//!    `rpc.grpc.status_code`.
+//!
+//! The status comes from the `grpc-status` header of a trailers-only response (errors), else from
+//! the trailers at the end of the body (unary successes, streams): the response body is wrapped, and
+//! the span stays open until the body ends, so a stream's span and `llm_response_time` cover the
+//! whole stream. A body that ends without a status counts as `UNKNOWN`; one dropped before its end
+//! (the client went away) as `CANCELLED`. A non-200 HTTP status without `grpc-status` maps to the
+//! code gRPC clients derive from it.
+//!
+//! Calls answered `UNIMPLEMENTED` are recorded under `endpoint="unknown"` and renamed
+//! `grpc.unimplemented`: the method name comes from the request path before routing and auth, so a
+//! client sending random paths could otherwise create unbounded metric series and span names.
+//!
+//! The layer never fails a call of its own: errors are the inner service's.
+
+mod body;
+mod future;
+
+use std::task::{Context, Poll};
+
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::TraceContextExt as _;
+use tower::{Layer, Service};
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+pub use self::body::TracedBody;
+pub use self::future::ResponseFuture;
+use crate::metrics::SeedMetrics;
+use crate::propagation::extract_headers;
+
+/// The `endpoint` label of calls answered UNIMPLEMENTED (unknown services and methods).
+pub const UNKNOWN_ENDPOINT: &str = "unknown";
+/// The span name of calls answered UNIMPLEMENTED.
+const UNIMPLEMENTED_SPAN_NAME: &str = "grpc.unimplemented";
+
+/// Paths that get neither a span nor metrics (probes and tooling would drown the real traffic).
+pub fn is_exempt(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
+}
+
+/// `/pkg.Service/Method` → (`pkg.Service`, `Method`).
+fn split_path(path: &str) -> (&str, &str) {
+    path.strip_prefix('/').and_then(|p| p.split_once('/')).unwrap_or(("unknown", path))
+}
+
+/// The tower layer; see the module docs.
+#[derive(Clone, Debug)]
+pub struct GrpcTraceLayer {
+    metrics: Option<SeedMetrics>,
+}
+
+impl Default for GrpcTraceLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GrpcTraceLayer {
+    /// Spans plus the seed's metrics on the global meter. Build it after [`crate::init`].
+    pub fn new() -> Self {
+        Self { metrics: Some(SeedMetrics::global()) }
+    }
+
+    /// Spans plus the seed's metrics on the given instruments.
+    pub fn with_metrics(metrics: SeedMetrics) -> Self {
+        Self { metrics: Some(metrics) }
+    }
+
+    /// Spans only (for a service that should not report the seed's metrics).
+    pub fn without_metrics() -> Self {
+        Self { metrics: None }
+    }
+}
+
+impl<S> Layer<S> for GrpcTraceLayer {
+    type Service = GrpcTrace<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcTrace { inner, metrics: self.metrics.clone() }
+    }
+}
+
+/// The service [`GrpcTraceLayer`] builds.
+#[derive(Clone, Debug)]
+pub struct GrpcTrace<S> {
+    inner: S,
+    metrics: Option<SeedMetrics>,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcTrace<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    ResBody: hyper::body::Body<Data = hyper::body::Bytes> + Send + Unpin + 'static,
+    ResBody::Error: Into<body::BoxError>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let path = request.uri().path();
+        if is_exempt(path) {
+            return ResponseFuture::passthrough(self.inner.call(request));
+        }
+        let (service, method) = split_path(path);
+        let parent = extract_headers(request.headers());
+        let span = tracing::info_span!(
+            "grpc.server",
+            otel.name = %format_args!("{service}/{method}"),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        // Only fails when the span is disabled (RUST_LOG above info) or no OpenTelemetry layer is
+        // installed; the parent is still attached below, so outgoing calls keep the caller's trace.
+        let _ = span.set_parent(parent.clone());
+        let in_flight = self.metrics.as_ref().map(|m| m.start(method));
+        let inner = span.in_scope(|| self.inner.call(request));
+        // Order matters: the parent context is attached first, then the span is entered on top.
+        let future = inner.instrument(span.clone()).with_context(parent);
+        ResponseFuture::traced(future, span, in_flight)
+    }
+}
+
+/// Where the status code is known, it is recorded on the span and in the metrics exactly once.
+#[derive(Debug)]
+pub(crate) struct CallRecord {
+    span: tracing::Span,
+    in_flight: Option<crate::metrics::InFlight>,
+    finished: bool,
+}
+
+impl CallRecord {
+    pub(crate) fn new(span: tracing::Span, in_flight: Option<crate::metrics::InFlight>) -> Self {
+        Self { span, in_flight, finished: false }
+    }
+
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    pub(crate) fn finish(&mut self, code: tonic::Code) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        if code == tonic::Code::Unimplemented {
+            // The method name comes from the request path, before any routing or auth: a client
+            // sending random paths must not mint metric series or span names.
+            if let Some(in_flight) = &mut self.in_flight {
+                in_flight.relabel(UNKNOWN_ENDPOINT);
+            }
+            self.span.context().span().update_name(UNIMPLEMENTED_SPAN_NAME);
+        }
+        self.span.record("rpc.grpc.status_code", code as i64);
+        if is_server_error(code) {
+            self.span.record("otel.status_code", "error");
+        }
+        if let Some(in_flight) = &mut self.in_flight {
+            in_flight.finish(code);
+        }
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        // Dropped before any status: the client cancelled (or the connection went).
+        self.finish(tonic::Code::Cancelled);
+    }
+}
+
+/// Server span status per the RPC semantic conventions: these codes are server errors.
+fn is_server_error(code: tonic::Code) -> bool {
+    use tonic::Code;
+    matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    )
+}
+
+/// `grpc-status` from headers or trailers.
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    headers.get("grpc-status").map(|v| tonic::Code::from_bytes(v.as_bytes()))
+}
+
+/// The code a gRPC client derives from an HTTP status when there is no `grpc-status`
+/// (grpc/doc/http-grpc-status-mapping.md).
+pub(crate) fn code_from_http(status: http::StatusCode) -> tonic::Code {
+    use tonic::Code;
+    match status.as_u16() {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502 | 503 | 504 => Code::Unavailable,
+        _ => Code::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests;

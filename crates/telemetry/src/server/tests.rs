@@ -1,0 +1,220 @@
+use std::sync::{Arc, Mutex};
+
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use opentelemetry::trace::{SpanKind, TraceContextExt as _, TracerProvider as _};
+use opentelemetry::{KeyValue, Value};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use tower::{Layer as _, ServiceExt as _};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use super::*;
+use crate::config::TelemetryConfig;
+use crate::prometheus::PrometheusReader;
+
+#[derive(Clone, Debug, Default)]
+struct Spans(Arc<Mutex<Vec<SpanData>>>);
+
+impl SpanExporter for Spans {
+    fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+        self.0.lock().expect("lock").extend(batch);
+        std::future::ready(Ok(()))
+    }
+}
+
+impl Spans {
+    fn named(&self, name: &str) -> Vec<SpanData> {
+        self.0.lock().expect("lock").iter().filter(|s| s.name == name).cloned().collect()
+    }
+}
+
+struct Harness {
+    spans: Spans,
+    metrics: PrometheusReader,
+    layer: GrpcTraceLayer,
+    _guard: tracing::subscriber::DefaultGuard,
+    _tracer_provider: SdkTracerProvider,
+    _meter_provider: SdkMeterProvider,
+}
+
+fn harness() -> Harness {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let spans = Spans::default();
+    let tracer_provider = SdkTracerProvider::builder().with_simple_exporter(spans.clone()).build();
+    let metrics = PrometheusReader::new();
+    let meter_provider = SdkMeterProvider::builder().with_reader(metrics.clone()).build();
+    let meter = opentelemetry::metrics::MeterProvider::meter(&meter_provider, "llmesh");
+    let (subscriber, _) = crate::logging::build_subscriber(
+        &TelemetryConfig::new("test"),
+        tracer_provider.tracer("test"),
+        None,
+        std::io::sink,
+        false,
+    );
+    let guard = tracing::subscriber::set_default(subscriber);
+    Harness {
+        spans,
+        metrics,
+        layer: GrpcTraceLayer::with_metrics(SeedMetrics::new(&meter)),
+        _guard: guard,
+        _tracer_provider: tracer_provider,
+        _meter_provider: meter_provider,
+    }
+}
+
+fn grpc_request(path: &str, headers: http::HeaderMap) -> http::Request<tonic::body::Body> {
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .body(tonic::body::Body::empty())
+        .expect("request");
+    request.headers_mut().extend(headers);
+    request
+}
+
+/// A unary success: headers, one message, trailers with `grpc-status: 0`.
+fn ok_response() -> http::Response<tonic::body::Body> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let body = Full::new(Bytes::from_static(b"\0\0\0\0\0")).with_trailers(async move { Some(Ok(trailers)) });
+    http::Response::builder()
+        .header("content-type", "application/grpc")
+        .body(tonic::body::Body::new(body))
+        .expect("response")
+}
+
+/// An error as tonic sends it: trailers-only, the status in the headers.
+fn error_response(code: tonic::Code) -> http::Response<tonic::body::Body> {
+    tonic::Status::new(code, "nope").into_http()
+}
+
+fn attr<'a>(span: &'a SpanData, key: &str) -> Option<&'a Value> {
+    span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv: &KeyValue| &kv.value)
+}
+
+#[tokio::test]
+async fn continues_the_callers_trace_and_records_the_seed_metrics() {
+    let h = harness();
+    let service = h.layer.layer(tower::service_fn(|_req: http::Request<tonic::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(ok_response())
+    }));
+
+    let client = tracing::info_span!("client call");
+    let mut headers = http::HeaderMap::new();
+    client.in_scope(|| crate::propagation::inject_headers(&mut headers));
+    let client_cx = client.context();
+    let client_sc = client_cx.span().span_context().clone();
+    assert!(headers.contains_key("traceparent"));
+
+    let response = service.oneshot(grpc_request("/llmesh.gateway.v1.Gateway/Generate", headers)).await.expect("call");
+    // The status arrives in the trailers, so nothing is counted before the body ends.
+    assert!(h.metrics.render().contains("llm_active_requests 1\n"), "{}", h.metrics.render());
+    let collected = response.into_body().collect().await.expect("body");
+    assert_eq!(collected.trailers().and_then(|t| t.get("grpc-status")).map(|v| v.as_bytes()), Some(&b"0"[..]));
+
+    let server = h.spans.named("llmesh.gateway.v1.Gateway/Generate");
+    assert_eq!(server.len(), 1, "{:?}", h.spans.0.lock().expect("lock"));
+    let server = &server[0];
+    assert_eq!(server.span_kind, SpanKind::Server);
+    assert_eq!(server.span_context.trace_id(), client_sc.trace_id());
+    assert_eq!(server.parent_span_id, client_sc.span_id());
+    assert!(server.parent_span_is_remote);
+    assert_eq!(attr(server, "rpc.system"), Some(&Value::from("grpc")));
+    assert_eq!(attr(server, "rpc.service"), Some(&Value::from("llmesh.gateway.v1.Gateway")));
+    assert_eq!(attr(server, "rpc.method"), Some(&Value::from("Generate")));
+    assert_eq!(attr(server, "rpc.grpc.status_code"), Some(&Value::I64(0)));
+
+    let text = h.metrics.render();
+    assert!(text.contains("llm_requests_total{endpoint=\"Generate\",status=\"OK\"} 1\n"), "{text}");
+    assert!(text.contains("llm_response_time_bucket{endpoint=\"Generate\",le=\"0.1\"} 1\n"), "{text}");
+    assert!(text.contains("llm_response_time_count{endpoint=\"Generate\"} 1\n"), "{text}");
+    assert!(text.contains("llm_active_requests 0\n"), "{text}");
+}
+
+#[tokio::test]
+async fn trailers_only_errors_are_recorded_from_the_headers() {
+    let h = harness();
+    let service = h.layer.layer(tower::service_fn(|_req: http::Request<tonic::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(error_response(tonic::Code::InvalidArgument))
+    }));
+    let response = service.oneshot(grpc_request("/llmesh.gateway.v1.Gateway/Generate", http::HeaderMap::new())).await;
+    let response = response.expect("call");
+    // Recorded as soon as the headers are known, before the (empty) body is read.
+    let text = h.metrics.render();
+    assert!(text.contains("llm_requests_total{endpoint=\"Generate\",status=\"INVALID_ARGUMENT\"} 1\n"), "{text}");
+    drop(response);
+
+    let server = h.spans.named("llmesh.gateway.v1.Gateway/Generate");
+    assert_eq!(server.len(), 1);
+    assert_eq!(attr(&server[0], "rpc.grpc.status_code"), Some(&Value::I64(3)));
+    // No incoming traceparent: a root span.
+    assert_eq!(server[0].parent_span_id, opentelemetry::trace::SpanId::INVALID);
+    assert_eq!(server[0].status, opentelemetry::trace::Status::Unset);
+}
+
+#[tokio::test]
+async fn server_errors_mark_the_span_and_dropped_bodies_count_as_cancelled() {
+    let h = harness();
+    let unavailable = h.layer.layer(tower::service_fn(|_req: http::Request<tonic::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(error_response(tonic::Code::Unavailable))
+    }));
+    drop(unavailable.oneshot(grpc_request("/x.Y/Unavailable", http::HeaderMap::new())).await.expect("call"));
+    let span = &h.spans.named("x.Y/Unavailable")[0];
+    assert!(matches!(span.status, opentelemetry::trace::Status::Error { .. }), "{:?}", span.status);
+
+    let streaming = h.layer.layer(tower::service_fn(|_req: http::Request<tonic::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(ok_response())
+    }));
+    let response = streaming.oneshot(grpc_request("/x.Y/Stream", http::HeaderMap::new())).await.expect("call");
+    drop(response); // the client hung up before the end of the stream
+    let text = h.metrics.render();
+    assert!(text.contains("llm_requests_total{endpoint=\"Stream\",status=\"CANCELLED\"} 1\n"), "{text}");
+    assert!(text.contains("llm_requests_total{endpoint=\"Unavailable\",status=\"UNAVAILABLE\"} 1\n"), "{text}");
+    assert!(text.contains("llm_active_requests 0\n"), "{text}");
+}
+
+#[tokio::test]
+async fn unknown_methods_do_not_mint_series() {
+    let h = harness();
+    let service = h.layer.layer(tower::service_fn(|_req: http::Request<tonic::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(error_response(tonic::Code::Unimplemented))
+    }));
+    for path in ["/evil.Service/aaaa", "/evil.Service/bbbb"] {
+        drop(service.clone().oneshot(grpc_request(path, http::HeaderMap::new())).await.expect("call"));
+    }
+    let text = h.metrics.render();
+    assert!(text.contains("llm_requests_total{endpoint=\"unknown\",status=\"UNIMPLEMENTED\"} 2\n"), "{text}");
+    assert!(!text.contains("aaaa") && !text.contains("bbbb"), "{text}");
+    assert_eq!(h.spans.named("grpc.unimplemented").len(), 2);
+    assert!(h.spans.named("evil.Service/aaaa").is_empty());
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_exempt() {
+    let h = harness();
+    let service = h.layer.layer(tower::service_fn(|_req: http::Request<tonic::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(ok_response())
+    }));
+    for path in ["/grpc.health.v1.Health/Check", "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"] {
+        let response = service.clone().oneshot(grpc_request(path, http::HeaderMap::new())).await.expect("call");
+        response.into_body().collect().await.expect("body");
+    }
+    assert!(h.spans.0.lock().expect("lock").is_empty());
+    let text = h.metrics.render();
+    assert!(!text.contains("llm_requests_total"), "{text}");
+}
+
+#[test]
+fn paths_and_http_codes() {
+    assert_eq!(split_path("/llmesh.cache.v1.Cache/Lookup"), ("llmesh.cache.v1.Cache", "Lookup"));
+    assert_eq!(split_path("/weird"), ("unknown", "/weird"));
+    assert!(is_exempt("/grpc.health.v1.Health/Watch"));
+    assert!(!is_exempt("/llmesh.health.v1.MeshHealth/Status"));
+    assert_eq!(code_from_http(http::StatusCode::NOT_FOUND), tonic::Code::Unimplemented);
+    assert_eq!(code_from_http(http::StatusCode::SERVICE_UNAVAILABLE), tonic::Code::Unavailable);
+    assert_eq!(code_from_http(http::StatusCode::IM_A_TEAPOT), tonic::Code::Unknown);
+}

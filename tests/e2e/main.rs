@@ -12,6 +12,7 @@ mod lifecycle;
 mod mesh;
 mod overload;
 mod redis_cache;
+mod telemetry;
 
 use llmesh_proto::gateway::v1::{GenerateRequest, GenerateStreamRequest, GenerateStreamResponse};
 

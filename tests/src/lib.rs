@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod otlp;
+
 use std::{
     net::{SocketAddr, TcpListener},
     path::PathBuf,

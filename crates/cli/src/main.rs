@@ -56,7 +56,11 @@ pub enum Service {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    llmesh_common::run_main(|| async move {
+    let service = match &cli.command {
+        Command::Serve { service, .. } => service.name(),
+        _ => "cli",
+    };
+    llmesh_common::run_main(service, || async move {
         match cli.command {
             Command::Up(args) => up::run(args).await,
             Command::Load(args) => load::run(args).await,

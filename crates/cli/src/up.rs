@@ -45,7 +45,7 @@ struct Running {
 }
 
 impl Service {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Self::Gateway => "gateway",
             Self::Generation => "generation",

@@ -13,6 +13,14 @@ use figment::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
+/// `[<service>.admin]`: the HTTP listener for `/metrics` and `/debug/pprof/profile`. Off unless
+/// `listen` is set (for example `0.0.0.0:9464` in containers).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: Option<SocketAddr>,
+}
+
 /// Command-line arguments every service binary accepts.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServiceArgs {

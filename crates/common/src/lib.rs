@@ -13,26 +13,39 @@ pub use config::ServiceArgs;
 
 use std::{future::Future, process::ExitCode};
 
-/// The body of every service's `main`: logging, a multi-threaded runtime, and an exit code that
-/// says whether `run` failed (its error and cause chain are logged).
-pub fn run_main<F, Fut>(run: F) -> ExitCode
+/// The body of every process's `main`: a multi-threaded runtime, telemetry for `service` (logs,
+/// and OTLP export when configured; flushed on the way out), and an exit code that says whether
+/// `run` failed (its error and cause chain are logged).
+pub fn run_main<F, Fut>(service: &str, run: F) -> ExitCode
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    logging::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
+            logging::init();
             tracing::error!(%error, "cannot start the async runtime");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!("{error:#}");
-            ExitCode::FAILURE
+    runtime.block_on(async {
+        let telemetry = match llmesh_telemetry::init(service) {
+            Ok(telemetry) => telemetry,
+            Err(error) => {
+                logging::init();
+                tracing::error!("telemetry configuration: {error:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let result = run().await;
+        telemetry.shutdown().await;
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!("{error:#}");
+                ExitCode::FAILURE
+            }
         }
-    }
+    })
 }

@@ -84,6 +84,7 @@ pub struct Base {
     pub router: MeshRouter,
     pub health: HealthReporter,
     services: Vec<&'static str>,
+    admin: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Base {
@@ -91,8 +92,12 @@ impl Base {
         Self::with_layer(HttpLayer::identity())
     }
 
-    /// A server whose every request goes through `layer` first.
+    /// A server whose every request goes through `layer` first — inside the tracing layer, which
+    /// is always outermost: it continues the caller's trace and records the seed's metrics.
     pub fn with_layer(layer: HttpLayer) -> anyhow::Result<Self> {
+        let trace = llmesh_telemetry::GrpcTraceLayer::new();
+        let traced = HttpLayer::new(move |inner| BoxCloneSyncService::new(trace.layer(inner)));
+        let layer = traced.around(layer);
         let (health, health_service) = tonic_health::server::health_reporter();
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(llmesh_proto::FILE_DESCRIPTOR_SET)
@@ -112,7 +117,21 @@ impl Base {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        Ok(Self { router, health, services: Vec::new() })
+        Ok(Self { router, health, services: Vec::new(), admin: None })
+    }
+
+    /// Starts the admin HTTP listener (`/metrics`, `/healthz`, `/debug/pprof/profile`) when
+    /// configured; it stops with the server.
+    pub async fn admin(&mut self, config: &crate::config::AdminConfig) -> anyhow::Result<()> {
+        let Some(addr) = config.listen else { return Ok(()) };
+        let admin =
+            llmesh_telemetry::AdminServer::bind(addr).await.with_context(|| format!("admin listener {addr}"))?;
+        self.admin = Some(tokio::spawn(async move {
+            if let Err(error) = admin.serve(std::future::pending()).await {
+                tracing::warn!("admin listener stopped: {error:#}");
+            }
+        }));
+        Ok(())
     }
 
     /// Marks `S` as SERVING in `grpc.health.v1` and remembers it for shutdown.
@@ -135,7 +154,8 @@ impl Base {
         shutdown: impl Future<Output = ()>,
         timing: ShutdownTiming,
     ) -> anyhow::Result<()> {
-        let Self { router, health, services } = self;
+        let Self { router, health, services, admin } = self;
+        let _admin = admin.map(AbortOnDrop);
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
@@ -167,5 +187,14 @@ impl Base {
                 Ok(())
             }
         }
+    }
+}
+
+/// Stops a background task when the server it belongs to stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     pub listen: SocketAddr,
     /// After SIGTERM: still serving, but NOT_SERVING, for this long (let balancers notice).
+    /// `/metrics` and profiling over HTTP; off unless `listen` is set.
+    pub admin: llmesh_common::config::AdminConfig,
     pub shutdown_drain_ms: u64,
     pub shutdown_grace_ms: u64,
     /// `redis://host:port/db`; unset means the in-memory store.
@@ -34,6 +36,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: ([127, 0, 0, 1], 50053).into(),
+            admin: llmesh_common::config::AdminConfig::default(),
             shutdown_drain_ms: 0,
             shutdown_grace_ms: 10_000,
             redis_url: None,

@@ -12,5 +12,5 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    llmesh_common::run_main(|| llmesh_cache::run(cli.args))
+    llmesh_common::run_main("cache", || llmesh_cache::run(cli.args))
 }

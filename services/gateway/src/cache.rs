@@ -10,6 +10,8 @@ use llmesh_proto::{
 };
 use tonic::transport::Channel;
 
+use crate::metrics::{label, metrics};
+
 #[derive(Debug, Clone)]
 pub struct Cache {
     client: Option<CacheClient<Channel>>,
@@ -59,19 +61,34 @@ impl Cache {
     async fn find(&self, request: &GenerateRequest, remaining: Duration, allow_stale: bool) -> Option<LookupResponse> {
         let mut client = self.client.clone()?;
         let budget = self.budget.min(remaining);
-        let mut call = tonic::Request::new(LookupRequest { request: Some(request.clone()), allow_stale });
-        call.set_timeout(budget);
-        match tokio::time::timeout(budget, client.lookup(call)).await {
-            Ok(Ok(response)) => Some(response.into_inner()).filter(|r| r.hit && r.response.is_some()),
+        let span =
+            tracing::info_span!("cache.lookup", otel.kind = "client", allow_stale, cache.hit = tracing::field::Empty);
+        let lookup = async {
+            let mut call = tonic::Request::new(LookupRequest { request: Some(request.clone()), allow_stale });
+            call.set_timeout(budget);
+            llmesh_telemetry::inject(&mut call);
+            tokio::time::timeout(budget, client.lookup(call)).await
+        };
+        let (found, result) = match tracing::Instrument::instrument(lookup, span.clone()).await {
+            Ok(Ok(response)) => {
+                let found = Some(response.into_inner()).filter(|r| r.hit && r.response.is_some());
+                let result = if found.is_some() { "hit" } else { "miss" };
+                (found, result)
+            }
             Ok(Err(status)) => {
                 tracing::warn!(code = ?status.code(), message = status.message(), "cache lookup failed; bypassing");
-                None
+                (None, "error")
             }
             Err(_) => {
                 tracing::warn!(budget_ms = budget.as_millis() as u64, "cache lookup over budget; bypassing");
-                None
+                (None, "timeout")
             }
+        };
+        span.record("cache.hit", found.is_some());
+        if !allow_stale {
+            metrics().cache_requests.add(1, &[label("result", result)]);
         }
+        found
     }
 
     /// Stores an answer in the background: the client does not wait for the cache.
@@ -80,7 +97,8 @@ impl Cache {
             return;
         };
         let budget = self.budget;
-        tokio::spawn(async move {
+        let span = tracing::info_span!("cache.store", otel.kind = "client");
+        let store = async move {
             let mut call = tonic::Request::new(StoreRequest {
                 request: Some(request),
                 response: Some(response),
@@ -88,6 +106,7 @@ impl Cache {
                 ttl_ms: 0,
             });
             call.set_timeout(budget);
+            llmesh_telemetry::inject(&mut call);
             match tokio::time::timeout(budget, client.store(call)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(status)) => {
@@ -95,6 +114,7 @@ impl Cache {
                 }
                 Err(_) => tracing::warn!(budget_ms = budget.as_millis() as u64, "cache store over budget"),
             }
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(store, span));
     }
 }

@@ -18,6 +18,8 @@ use crate::{
 pub struct Config {
     pub listen: SocketAddr,
     /// After SIGTERM: still serving, but NOT_SERVING, for this long (let balancers notice).
+    /// `/metrics` and profiling over HTTP; off unless `listen` is set.
+    pub admin: llmesh_common::config::AdminConfig,
     pub shutdown_drain_ms: u64,
     pub shutdown_grace_ms: u64,
     pub limits: Limits,
@@ -33,6 +35,16 @@ pub struct Config {
     /// The job queue behind SubmitJob and friends.
     pub queue: QueueSettings,
     pub fallback: FallbackConfig,
+    /// Price per model, for the `llmesh_cost_usd_total` metric.
+    pub prices: std::collections::BTreeMap<String, Price>,
+}
+
+/// What a model costs, in US dollars per million tokens.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Price {
+    pub input_per_million: f64,
+    pub output_per_million: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,6 +83,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: ([127, 0, 0, 1], 50051).into(),
+            admin: llmesh_common::config::AdminConfig::default(),
             shutdown_drain_ms: 0,
             shutdown_grace_ms: 10_000,
             limits: Limits::default(),
@@ -83,6 +96,7 @@ impl Default for Config {
             shed: ShedConfig::default(),
             queue: QueueSettings::default(),
             fallback: FallbackConfig::default(),
+            prices: std::collections::BTreeMap::new(),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 mod deadline;
 mod fallback;
 mod jobs;
+mod metrics;
 mod service;
 mod single_flight;
 mod upstream;
@@ -19,6 +20,10 @@ use llmesh_common::{
     server::{self, HttpLayer},
 };
 use llmesh_proto::gateway::v1::gateway_server::GatewayServer;
+use opentelemetry::{
+    KeyValue,
+    metrics::{ObservableCounter, ObservableGauge},
+};
 use tokio::net::TcpListener;
 use tower::{ServiceBuilder, util::BoxCloneSyncService};
 
@@ -57,6 +62,52 @@ impl Admission {
     }
 }
 
+/// Gauges read when metrics are collected: each replica's breaker, how many replicas are ready,
+/// and how many calls were shed. Kept alive for as long as the server runs.
+fn gauges(upstream: &upstream::Upstream, admission: &Admission) -> Gauges {
+    let meter = llmesh_telemetry::meter();
+    let replicas = upstream.clone();
+    let breakers = meter
+        .u64_observable_gauge("llmesh.breaker_state")
+        .with_description("Circuit breaker per generation replica: 0 closed, 1 half-open, 2 open")
+        .with_callback(move |gauge| {
+            for (addr, state) in replicas.replicas() {
+                let value = match state {
+                    "closed" => 0,
+                    "half_open" => 1,
+                    _ => 2,
+                };
+                gauge.observe(value, &[KeyValue::new("endpoint", addr)]);
+            }
+        })
+        .build();
+    let replicas = upstream.clone();
+    let ready = meter
+        .u64_observable_gauge("llmesh.upstream_replicas")
+        .with_description("Generation replicas the balancer knows, by state")
+        .with_callback(move |gauge| {
+            let all = replicas.replicas();
+            let ready = all.iter().filter(|(_, state)| *state == "closed").count() as u64;
+            gauge.observe(ready, &[KeyValue::new("state", "ready")]);
+            gauge.observe(all.len() as u64 - ready, &[KeyValue::new("state", "ejected")]);
+        })
+        .build();
+    let shed = admission.shed.clone();
+    let shed = meter
+        .u64_observable_counter("llmesh.shed")
+        .with_description("Calls refused by load shedding")
+        .with_callback(move |counter| counter.observe(shed.shed_count(), &[KeyValue::new("reason", "concurrency")]))
+        .build();
+    Gauges { _breakers: breakers, _ready: ready, _shed: shed }
+}
+
+/// Held so the observable instruments live as long as the server.
+struct Gauges {
+    _breakers: ObservableGauge<u64>,
+    _ready: ObservableGauge<u64>,
+    _shed: ObservableCounter<u64>,
+}
+
 /// Loads the configuration and serves until SIGTERM or Ctrl-C.
 pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
     let config: Config = llmesh_common::config::load("gateway", &args)?;
@@ -76,8 +127,10 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     catalog.keep_fresh(upstream.clone(), Duration::from_secs(30));
     let jobs = jobs::Jobs::connect(&config.queue).await?;
     let admission = Admission::new(&config)?;
+    let _gauges = gauges(&upstream, &admission);
     let service = GatewayService::new(&config, upstream, catalog, jobs, admission.limiter.clone());
     let mut base = server::Base::with_layer(admission.layer())?;
+    base.admin(&config.admin).await?;
     base.serving::<GatewayServer<GatewayService>>().await;
     base.route(|router| router.add_service(GatewayServer::new(service)))
         .serve(listener, shutdown, server::ShutdownTiming::from_ms(config.shutdown_drain_ms, config.shutdown_grace_ms))

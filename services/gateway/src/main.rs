@@ -12,5 +12,5 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    llmesh_common::run_main(|| llmesh_gateway::run(cli.args))
+    llmesh_common::run_main("gateway", || llmesh_gateway::run(cli.args))
 }

@@ -22,10 +22,11 @@ use crate::{
     admission::{Principal, RateLimiter, Reservation},
     cache::{Cache, Use},
     catalog::Catalog,
-    config::Config,
+    config::{Config, Price},
     deadline::Deadline,
     fallback::{self, FallbackConfig},
     jobs::{self, Jobs},
+    metrics::{label, metrics},
     single_flight::{Flight, SingleFlight},
     upstream::{Started, Upstream},
 };
@@ -48,6 +49,7 @@ struct Inner {
     single_flight_wait: Duration,
     jobs: Jobs,
     limiter: Arc<RateLimiter>,
+    prices: std::collections::BTreeMap<String, Price>,
 }
 
 /// What the cache said about a request.
@@ -73,6 +75,7 @@ impl GatewayService {
                 single_flight_wait: Duration::from_millis(config.cache.single_flight_wait_ms),
                 jobs,
                 limiter,
+                prices: config.prices.clone(),
             }),
         }
     }
@@ -83,7 +86,7 @@ impl GatewayService {
         &self,
         extensions: &http::Extensions,
         request: &generation::GenerateRequest,
-    ) -> Result<Reservation, Status> {
+    ) -> Result<(Principal, Reservation), Status> {
         validate::generate_request(request, &self.inner.limits)?;
         let principal = extensions.get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
         if !principal.allows(&request.model) {
@@ -94,14 +97,46 @@ impl GatewayService {
         }
         let prompt_tokens = u32::try_from(validate::prompt_bytes(request).div_ceil(4)).unwrap_or(u32::MAX);
         let max_tokens = validate::effective_max_tokens(request, &self.inner.limits);
-        self.inner.limiter.reserve_tokens(&principal, prompt_tokens.saturating_add(max_tokens)).await
+        let reservation =
+            self.inner.limiter.reserve_tokens(&principal, prompt_tokens.saturating_add(max_tokens)).await?;
+        Ok((principal, reservation))
     }
 
-    /// Settles a reservation with what was used, and tells the client what is left.
-    async fn settle<T>(&self, reservation: Reservation, usage: Option<Usage>, response: &mut Response<T>) {
-        let used = usage.map_or(0, |u| u.total_tokens);
-        let quota = self.inner.limiter.settle(reservation, used).await;
+    /// Settles a reservation with what was used, tells the client what is left, and counts the
+    /// tokens and their cost for the key.
+    async fn settle<T>(
+        &self,
+        who: &Principal,
+        model: &str,
+        reservation: Reservation,
+        usage: Option<Usage>,
+        response: &mut Response<T>,
+    ) {
+        let quota = self.inner.limiter.settle(reservation, usage.map_or(0, |u| u.total_tokens)).await;
         quota.write_metadata(response.metadata_mut());
+        self.account(who, model, usage, quota.remaining_tokens);
+    }
+
+    fn account(&self, who: &Principal, model: &str, usage: Option<Usage>, remaining_tokens: Option<u64>) {
+        let metrics = metrics();
+        if let Some(usage) = usage {
+            let key = || label("api_key", who.id.to_string());
+            let model_label = || label("model", model.to_string());
+            metrics.tokens.add(u64::from(usage.prompt_tokens), &[key(), model_label(), label("type", "input")]);
+            metrics.tokens.add(u64::from(usage.completion_tokens), &[key(), model_label(), label("type", "output")]);
+            if let Some(price) = self.inner.prices.get(model) {
+                let cost = (f64::from(usage.prompt_tokens) * price.input_per_million
+                    + f64::from(usage.completion_tokens) * price.output_per_million)
+                    / 1e6;
+                metrics.cost_usd.add(cost, &[key(), model_label()]);
+            }
+        }
+        if let (Some(remaining), Some(limit)) = (remaining_tokens, self.inner.limiter.token_limit(who)) {
+            let ratio = remaining as f64 / f64::from(limit.burst.max(1));
+            metrics
+                .ratelimit_remaining_ratio
+                .record(ratio, &[label("api_key", who.id.to_string()), label("kind", "tokens")]);
+        }
     }
 
     /// True when the same request is expected to give the same answer, so caching it is safe.
@@ -115,6 +150,9 @@ impl GatewayService {
     /// Consults the cache.
     async fn cached(&self, request: &generation::GenerateRequest, deadline: Deadline) -> Result<Cached, Status> {
         let policy = Use::of(request.cache, self.cacheable(request));
+        if !policy.read && !policy.only_cached {
+            metrics().cache_requests.add(1, &[label("result", "bypass")]);
+        }
         if policy.read
             && let Some(hit) = self.inner.cache.lookup(request, deadline.remaining()).await
             && let Some(response) = hit.response
@@ -133,9 +171,9 @@ impl GatewayService {
         &self,
         request: generation::GenerateRequest,
         deadline: Deadline,
-    ) -> Result<(generation::GenerateResponse, Option<Usage>), Status> {
+    ) -> Result<(generation::GenerateResponse, Option<Usage>, Duration), Status> {
         let policy = match self.cached(&request, deadline).await? {
-            Cached::Hit(response, _) => return Ok((*response, None)),
+            Cached::Hit(response, _) => return Ok((*response, None, Duration::ZERO)),
             Cached::Miss(policy) => policy,
         };
         // Identical cacheable misses in flight at once share one generation call.
@@ -144,8 +182,9 @@ impl GatewayService {
                 Flight::Leader(leader) => Some(leader),
                 Flight::Follower(follower) => {
                     let wait = self.inner.single_flight_wait.min(deadline.remaining());
+                    let waited = std::time::Instant::now();
                     if let Some(response) = follower.wait(wait).await {
-                        return Ok((response, None));
+                        return Ok((response, None, waited.elapsed()));
                     }
                     None
                 }
@@ -153,7 +192,9 @@ impl GatewayService {
         } else {
             None
         };
+        let called = std::time::Instant::now();
         let response = self.answer(&request, deadline).await?;
+        let upstream_time = called.elapsed();
         if let Some(leader) = leader {
             leader.finish(&response);
         }
@@ -161,7 +202,7 @@ impl GatewayService {
         if policy.write {
             self.inner.cache.store(request, response.clone(), Vec::new());
         }
-        Ok((response, used))
+        Ok((response, used, upstream_time))
     }
 
     /// Generation's answer, or a fallback one when generation cannot give it.
@@ -189,13 +230,28 @@ impl GatewayService {
         if deadline.remaining().is_zero() && deadline.client_bound() {
             return Err(status);
         }
+        let answer = self.fallback_answer(request, reason, status, deadline).await;
+        let source = answer.degraded.as_ref().map_or("message", |d| d.source.as_str()).to_string();
+        metrics().fallbacks.add(1, &[label("reason", reason), label("source", source)]);
+        tracing::info!(reason, "answered with a fallback");
+        Ok(answer)
+    }
+
+    async fn fallback_answer(
+        &self,
+        request: &generation::GenerateRequest,
+        reason: &'static str,
+        status: Status,
+        deadline: Deadline,
+    ) -> generation::GenerateResponse {
+        let config = &self.inner.fallback;
         if let Some(secondary) = config.secondary_model.as_ref().filter(|m| **m != request.model)
             && !deadline.remaining().is_zero()
         {
             let second = generation::GenerateRequest { model: secondary.clone(), ..request.clone() };
             if let Ok(mut response) = self.inner.upstream.generate(&second, deadline).await {
                 response.degraded = Some(fallback::degraded(reason, "secondary_model", &status));
-                return Ok(response);
+                return response;
             }
         }
         if config.stale_cache
@@ -204,10 +260,10 @@ impl GatewayService {
             && let Some(mut response) = hit.response
         {
             response.degraded = Some(fallback::degraded(reason, "stale_cache", &status));
-            return Ok(response);
+            return response;
         }
         tracing::warn!(reason, code = ?status.code(), message = status.message(), "answering with the fallback message");
-        Ok(config.message(&request.model, reason, &status))
+        config.message(&request.model, reason, &status)
     }
 }
 
@@ -217,11 +273,17 @@ impl Gateway for GatewayService {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
         let (_, extensions, request) = request.into_parts();
         let request: generation::GenerateRequest = request.into();
-        let reservation = self.admit(&extensions, &request).await?;
+        let (who, reservation) = self.admit(&extensions, &request).await?;
+        let model = request.model.clone();
+        let started = std::time::Instant::now();
         match self.respond(request, deadline).await {
-            Ok((response, used)) => {
+            Ok((response, used, upstream_time)) => {
+                metrics().overhead.record(
+                    started.elapsed().saturating_sub(upstream_time).as_secs_f64(),
+                    &[label("endpoint", "Generate")],
+                );
                 let mut response = Response::new(gw::GenerateResponse::from(response));
-                self.settle(reservation, used, &mut response).await;
+                self.settle(&who, &model, reservation, used, &mut response).await;
                 Ok(response)
             }
             Err(status) => {
@@ -241,11 +303,11 @@ impl Gateway for GatewayService {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
         let (_, extensions, request) = request.into_parts();
         let request: generation::GenerateRequest = request.into();
-        let reservation = self.admit(&extensions, &request).await?;
+        let (who, reservation) = self.admit(&extensions, &request).await?;
         let policy = match self.cached(&request, deadline).await {
             Ok(Cached::Hit(response, chunks)) => {
                 let mut reply = Response::new(replay(*response, chunks));
-                self.settle(reservation, None, &mut reply).await;
+                self.settle(&who, &request.model, reservation, None, &mut reply).await;
                 return Ok(reply);
             }
             Ok(Cached::Miss(policy)) => policy,
@@ -268,7 +330,7 @@ impl Gateway for GatewayService {
         let cache = policy.write.then(|| self.inner.cache.clone());
         // Headers go out before the tokens are known: they carry what is left after the reservation.
         let quota = reservation.quota();
-        let settle = Settle { limiter: self.inner.limiter.clone(), reservation };
+        let settle = Settle { service: self.clone(), who, model: request.model.clone(), reservation };
         let mut reply = Response::new(relay(started, request, cache, deadline, settle));
         quota.write_metadata(reply.metadata_mut());
         Ok(reply)
@@ -280,7 +342,7 @@ impl Gateway for GatewayService {
         let (_, extensions, request) = request.into_parts();
         let generate: generation::GenerateRequest = request.into();
         // The job's tokens stay reserved: the work happens later, on a worker.
-        let _reservation = self.admit(&extensions, &generate).await?;
+        let _admitted = self.admit(&extensions, &generate).await?;
         let submitted = queue.submit(&generate, &idempotency_key).await.map_err(jobs::status)?;
         Ok(Response::new(SubmitJobResponse { job: Some(submitted.job), existing: submitted.existing }))
     }
@@ -339,7 +401,9 @@ fn replay(response: generation::GenerateResponse, chunks: Vec<String>) -> ChunkS
 
 /// A stream's token reservation, settled with the usage its final chunk reports.
 struct Settle {
-    limiter: Arc<RateLimiter>,
+    service: GatewayService,
+    who: Principal,
+    model: String,
     reservation: Reservation,
 }
 
@@ -409,9 +473,11 @@ fn relay(
             Ok(Some(chunk)) => {
                 let chunk = state.pass(chunk);
                 if state.done
-                    && let Some(Settle { limiter, reservation }) = state.settle.take()
+                    && let Some(Settle { service, who, model, reservation }) = state.settle.take()
                 {
-                    limiter.settle(reservation, chunk.usage.map_or(0, |u| u.total_tokens)).await;
+                    let usage = chunk.usage.filter(|_| chunk.degraded.is_none());
+                    let quota = service.inner.limiter.settle(reservation, usage.map_or(0, |u| u.total_tokens)).await;
+                    service.account(&who, &model, usage, quota.remaining_tokens);
                 }
                 Ok(chunk)
             }

@@ -18,6 +18,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// How long in-flight calls may take to finish after SIGTERM.
     /// After SIGTERM: still serving, but NOT_SERVING, for this long (let balancers notice).
+    /// `/metrics` and profiling over HTTP; off unless `listen` is set.
+    pub admin: llmesh_common::config::AdminConfig,
     pub shutdown_drain_ms: u64,
     pub shutdown_grace_ms: u64,
     pub limits: Limits,
@@ -31,6 +33,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: ([127, 0, 0, 1], 50052).into(),
+            admin: llmesh_common::config::AdminConfig::default(),
             shutdown_drain_ms: 0,
             shutdown_grace_ms: 10_000,
             limits: Limits::default(),

@@ -2,6 +2,7 @@
 //! `GenerateStream` and `ListModels` over gRPC.
 
 pub mod config;
+mod observe;
 pub mod provider;
 mod service;
 mod workers;
@@ -34,6 +35,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         let _ = stop_workers.send(true);
     };
     let mut base = server::Base::new()?;
+    base.admin(&config.admin).await?;
     base.serving::<GenerationServer<GenerationService>>().await;
     base.route(|router| router.add_service(GenerationServer::new(service)))
         .serve(listener, shutdown, server::ShutdownTiming::from_ms(config.shutdown_drain_ms, config.shutdown_grace_ms))

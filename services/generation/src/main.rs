@@ -12,5 +12,5 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    llmesh_common::run_main(|| llmesh_generation::run(cli.args))
+    llmesh_common::run_main("generation", || llmesh_generation::run(cli.args))
 }

@@ -20,6 +20,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::{
     config::Config,
+    observe::{Call, GenAiMetrics, observe},
     provider::{Event, EventStream, Mode, Provider, sim},
 };
 
@@ -30,6 +31,7 @@ pub struct GenerationService {
 
 #[derive(Debug)]
 struct Inner {
+    metrics: Arc<GenAiMetrics>,
     models: BTreeMap<String, Arc<Provider>>,
     /// `sim-flaky-N` providers made on first use (at most 1000 names exist).
     flaky: Mutex<HashMap<String, Arc<Provider>>>,
@@ -54,7 +56,8 @@ impl GenerationService {
             .iter()
             .map(|(name, model)| Ok((name.clone(), Arc::new(Provider::from_config(name, model)?))))
             .collect::<anyhow::Result<_>>()?;
-        Ok(Self { inner: Arc::new(Inner { models, flaky: Mutex::default(), limits: config.limits.clone() }) })
+        let metrics = Arc::new(GenAiMetrics::new(&llmesh_telemetry::meter()));
+        Ok(Self { inner: Arc::new(Inner { metrics, models, flaky: Mutex::default(), limits: config.limits.clone() }) })
     }
 
     fn provider(&self, model: &str) -> Result<Arc<Provider>, Status> {
@@ -78,12 +81,10 @@ impl GenerationService {
         validate::generate_request(request, &self.inner.limits)?;
         let provider = self.provider(&request.model)?;
         let max_tokens = validate::effective_max_tokens(request, &self.inner.limits);
-        Ok(Started {
-            id: format!("gen-{}", uuid::Uuid::now_v7().simple()),
-            model: request.model.clone(),
-            provider: provider.name(),
-            events: provider.stream(request, max_tokens, mode),
-        })
+        let id = format!("gen-{}", uuid::Uuid::now_v7().simple());
+        let call = Call { id: &id, model: &request.model, provider: provider.name(), max_tokens };
+        let events = observe(provider.stream(request, max_tokens, mode), self.inner.metrics.clone(), call);
+        Ok(Started { id, model: request.model.clone(), provider: provider.name(), events })
     }
 }
 

@@ -26,6 +26,7 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
 /// Serves on `listener` until `shutdown` resolves.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let mut base = server::Base::new()?;
+    base.admin(&config.admin).await?;
     base.serving::<MeshHealthServer<MeshHealthService>>().await;
     let monitor = monitor::Monitor::new(&config, base.health.clone())?;
     let status = monitor.subscribe();

@@ -26,6 +26,8 @@ enum Probe {
 }
 
 pub struct Monitor {
+    component_up: opentelemetry::metrics::Gauge<u64>,
+    dependency_up: opentelemetry::metrics::Gauge<u64>,
     targets: Vec<(Target, Probe)>,
     interval: Duration,
     timeout: Duration,
@@ -53,7 +55,13 @@ impl Monitor {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let initial = StatusResponse { status: ServingStatus::Unknown.into(), ..Default::default() };
+        let meter = llmesh_telemetry::meter();
         Ok(Self {
+            component_up: meter.u64_gauge("llmesh.component_up").with_description("1 SERVING, 0 not").build(),
+            dependency_up: meter
+                .u64_gauge("llmesh.dependency_up")
+                .with_description("1 when at least one instance of the dependency serves")
+                .build(),
             targets,
             interval: Duration::from_millis(config.poll_interval_ms.max(10)),
             timeout,
@@ -129,6 +137,21 @@ impl Monitor {
             };
         }
 
+        for component in &components {
+            let up = u64::from(component.status == i32::from(ServingStatus::Serving));
+            let labels = [
+                opentelemetry::KeyValue::new("component", component.name.clone()),
+                opentelemetry::KeyValue::new("address", component.address.clone()),
+            ];
+            self.component_up.record(up, &labels);
+        }
+        let mut names: Vec<&str> = components.iter().map(|c| c.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            let up = components.iter().any(|c| c.name == name && c.status == i32::from(ServingStatus::Serving));
+            self.dependency_up.record(u64::from(up), &[opentelemetry::KeyValue::new("dependency", name.to_string())]);
+        }
         let by_service = per_service(&components);
         for (service, status) in &by_service {
             self.reporter.set_service_status(service, grpc_status(*status)).await;

@@ -12,6 +12,8 @@ use llmesh_proto::generation::v1::generation_client::GenerationClient;
 use tokio::time::Instant;
 use tonic::{Code, transport::Channel};
 
+use crate::metrics::{label, metrics};
+
 use super::{
     breaker::{self, Breaker, BreakerConfig, Permit, State},
     ewma::PeakEwma,
@@ -99,6 +101,9 @@ impl Lease {
             && let Some(state) = self.endpoint.breaker.record(permit, failed)
         {
             tracing::warn!(endpoint = %self.endpoint.addr, state = state.as_str(), "circuit breaker changed state");
+            metrics()
+                .breaker_transitions
+                .add(1, &[label("endpoint", self.endpoint.addr.clone()), label("to", state.as_str())]);
         }
     }
 }

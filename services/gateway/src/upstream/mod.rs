@@ -89,7 +89,12 @@ impl Upstream {
     }
 
     /// Calls `attempt` on a replica until it succeeds, fails for good, or retries run out.
-    async fn with_retries<T, F, Fut>(&self, deadline: Deadline, mut attempt: F) -> Result<T, Status>
+    async fn with_retries<T, F, Fut>(
+        &self,
+        method: &'static str,
+        deadline: Deadline,
+        mut attempt: F,
+    ) -> Result<T, Status>
     where
         F: FnMut(endpoint::Lease, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
@@ -101,7 +106,16 @@ impl Upstream {
             let per_try = self.try_timeout(deadline)?;
             let lease = self.pool.lease()?;
             let endpoint = lease.addr().to_string();
-            let result = match tokio::time::timeout(per_try, attempt(lease, per_try)).await {
+            let span = tracing::info_span!(
+                "generation.attempt",
+                otel.kind = "client",
+                rpc.system = "grpc",
+                rpc.method = method,
+                server.address = %endpoint,
+                attempt = tries,
+            );
+            let call = tracing::Instrument::instrument(tokio::time::timeout(per_try, attempt(lease, per_try)), span);
+            let result = match call.await {
                 Ok(result) => result,
                 Err(_) => Err(Status::deadline_exceeded(format!("generation did not answer within {per_try:?}"))),
             };
@@ -109,7 +123,7 @@ impl Upstream {
                 Ok(value) => return Ok(value),
                 Err(status) => status,
             };
-            match self.retry.next(tries, &status, deadline.remaining()) {
+            match self.retry.next(method, tries, &status, deadline.remaining()) {
                 Some(wait) => {
                     tracing::debug!(%endpoint, code = ?status.code(), tries, wait_ms = wait.as_millis() as u64, "retrying generation");
                     tokio::time::sleep(wait).await;
@@ -120,9 +134,10 @@ impl Upstream {
     }
 
     pub async fn generate(&self, request: &GenerateRequest, deadline: Deadline) -> Result<GenerateResponse, Status> {
-        self.with_retries(deadline, |lease, per_try| async move {
+        self.with_retries("Generate", deadline, |lease, per_try| async move {
             let mut call = tonic::Request::new(request.clone());
             call.set_timeout(callee_timeout(per_try));
+            llmesh_telemetry::inject(&mut call);
             let result = lease.client().generate(call).await.map_err(normalize);
             lease.finish(result.as_ref().map_or_else(Status::code, |_| Code::Ok));
             result.map(tonic::Response::into_inner)
@@ -132,9 +147,10 @@ impl Upstream {
 
     /// Starts a stream and waits for its first chunk (retrying until then).
     pub async fn generate_stream(&self, request: &GenerateRequest, deadline: Deadline) -> Result<Started, Status> {
-        self.with_retries(deadline, |lease, per_try| async move {
+        self.with_retries("GenerateStream", deadline, |lease, per_try| async move {
             let mut call = tonic::Request::new(GenerateStreamRequest::from(request.clone()));
             call.set_timeout(callee_timeout(deadline.remaining()));
+            llmesh_telemetry::inject(&mut call);
             let first = async {
                 let mut rest = lease.client().generate_stream(call).await.map_err(normalize)?.into_inner();
                 let first = rest
@@ -156,9 +172,10 @@ impl Upstream {
     }
 
     pub async fn list_models(&self, deadline: Deadline) -> Result<ListModelsResponse, Status> {
-        self.with_retries(deadline, |lease, per_try| async move {
+        self.with_retries("ListModels", deadline, |lease, per_try| async move {
             let mut call = tonic::Request::new(ListModelsRequest {});
             call.set_timeout(callee_timeout(per_try));
+            llmesh_telemetry::inject(&mut call);
             let result = lease.client().list_models(call).await.map_err(normalize);
             lease.finish(result.as_ref().map_or_else(Status::code, |_| Code::Ok));
             result.map(tonic::Response::into_inner)

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 use tower::retry::budget::{Budget as _, TpsBudget};
 
+use crate::metrics::{label, metrics};
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
@@ -69,8 +71,8 @@ impl Retry {
 
     /// How long to wait before attempt `attempt + 1` after `status`, or `None` to stop here:
     /// not retryable, out of attempts, pushback says no or says longer than `remaining`, or the
-    /// budget is spent.
-    pub fn next(&self, attempt: u32, status: &Status, remaining: Duration) -> Option<Duration> {
+    /// budget is spent (counted under `endpoint`).
+    pub fn next(&self, endpoint: &'static str, attempt: u32, status: &Status, remaining: Duration) -> Option<Duration> {
         if !is_retryable(status.code()) || attempt >= self.config.max_attempts {
             return None;
         }
@@ -79,9 +81,16 @@ impl Retry {
             Some(Err(())) => return None,
             None => self.backoff(attempt),
         };
-        if wait >= remaining || !self.budget.withdraw() {
+        if wait >= remaining {
             return None;
         }
+        if !self.budget.withdraw() {
+            metrics().retry_budget_exhausted.add(1, &[label("endpoint", endpoint)]);
+            return None;
+        }
+        metrics()
+            .retries
+            .add(1, &[label("endpoint", endpoint), label("reason", llmesh_telemetry::code_name(status.code()))]);
         Some(wait)
     }
 
@@ -105,10 +114,10 @@ mod tests {
     async fn retries_only_what_may_succeed() {
         let retry = Retry::new(RetryConfig::default());
         let long = Duration::from_secs(10);
-        assert!(retry.next(1, &unavailable(), long).is_some());
-        assert!(retry.next(1, &Status::invalid_argument("bad"), long).is_none());
-        assert!(retry.next(3, &unavailable(), long).is_none(), "out of attempts");
-        assert!(retry.next(1, &unavailable(), Duration::from_millis(1)).is_none(), "no time left");
+        assert!(retry.next("Generate", 1, &unavailable(), long).is_some());
+        assert!(retry.next("Generate", 1, &Status::invalid_argument("bad"), long).is_none());
+        assert!(retry.next("Generate", 3, &unavailable(), long).is_none(), "out of attempts");
+        assert!(retry.next("Generate", 1, &unavailable(), Duration::from_millis(1)).is_none(), "no time left");
     }
 
     #[tokio::test(start_paused = true)]
@@ -116,10 +125,14 @@ mod tests {
         let retry = Retry::new(RetryConfig::default());
         let mut status = Status::resource_exhausted("slow down");
         status.metadata_mut().insert("grpc-retry-pushback-ms", "300".parse().unwrap());
-        assert_eq!(retry.next(1, &status, Duration::from_secs(10)), Some(Duration::from_millis(300)));
-        assert_eq!(retry.next(1, &status, Duration::from_millis(200)), None, "pushback past the deadline");
+        assert_eq!(retry.next("Generate", 1, &status, Duration::from_secs(10)), Some(Duration::from_millis(300)));
+        assert_eq!(retry.next("Generate", 1, &status, Duration::from_millis(200)), None, "pushback past the deadline");
         status.metadata_mut().insert("grpc-retry-pushback-ms", "-1".parse().unwrap());
-        assert_eq!(retry.next(1, &status, Duration::from_secs(10)), None, "negative pushback: do not retry");
+        assert_eq!(
+            retry.next("Generate", 1, &status, Duration::from_secs(10)),
+            None,
+            "negative pushback: do not retry"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -129,7 +142,8 @@ mod tests {
         for _ in 0..100 {
             retry.deposit();
         }
-        let granted = (0..100).filter(|_| retry.next(1, &unavailable(), Duration::from_secs(10)).is_some()).count();
+        let granted =
+            (0..100).filter(|_| retry.next("Generate", 1, &unavailable(), Duration::from_secs(10)).is_some()).count();
         assert!((15..=25).contains(&granted), "granted {granted} retries for 100 calls at 20%");
     }
 

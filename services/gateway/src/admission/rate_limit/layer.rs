@@ -71,7 +71,9 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let limiter = self.limiter.clone();
         Either::Right(Box::pin(async move {
-            match limiter.check_request(&principal).await {
+            let decided = limiter.check_request(&principal).await;
+            record_decision(&limiter, &principal, &decided);
+            match decided {
                 Ok(quota) => {
                     let mut response = inner.call(request).await?;
                     quota.write_headers(response.headers_mut());
@@ -80,6 +82,23 @@ where
                 Err(status) => Ok(status.into_http()),
             }
         }))
+    }
+}
+
+/// `llmesh_ratelimit_decisions_total` and the share of the request quota left.
+fn record_decision(limiter: &RateLimiter, principal: &Principal, decided: &Result<super::Quota, tonic::Status>) {
+    use crate::metrics::{label, metrics};
+    let limiter_kind = if limiter.redis_healthy() { "redis" } else { "local" };
+    let result = if decided.is_ok() { "allowed" } else { "rejected" };
+    let key = principal.id.to_string();
+    metrics()
+        .ratelimit_decisions
+        .add(1, &[label("api_key", key.clone()), label("result", result), label("limiter", limiter_kind)]);
+    if let (Ok(quota), Some(limit)) = (decided, limiter.request_limit(principal))
+        && let Some(remaining) = quota.remaining_requests
+    {
+        let ratio = remaining as f64 / f64::from(limit.burst.max(1));
+        metrics().ratelimit_remaining_ratio.record(ratio, &[label("api_key", key), label("kind", "requests")]);
     }
 }
 

@@ -1,0 +1,80 @@
+//! The gateway's own instruments (docs/METRICS.md): cache, fallbacks, retries, breakers,
+//! replicas, tokens and cost per key, rate limits, shedding, and its own overhead. Created once,
+//! on first use, from the global meter provider that telemetry installs at start-up.
+
+use std::sync::OnceLock;
+
+use opentelemetry::{
+    KeyValue,
+    metrics::{Counter, Gauge, Histogram},
+};
+
+#[derive(Debug)]
+pub struct GatewayMetrics {
+    /// `result`: hit, miss, error, timeout, bypass.
+    pub cache_requests: Counter<u64>,
+    /// `reason`, `source`.
+    pub fallbacks: Counter<u64>,
+    /// `endpoint` (RPC method), `reason` (gRPC code name).
+    pub retries: Counter<u64>,
+    pub retry_budget_exhausted: Counter<u64>,
+    /// `endpoint` (replica address), `to`.
+    pub breaker_transitions: Counter<u64>,
+    /// `api_key`, `model`, `type` (input, output).
+    pub tokens: Counter<u64>,
+    /// `api_key`, `model`.
+    pub cost_usd: Counter<f64>,
+    /// `api_key`, `result` (allowed, rejected), `limiter` (redis, local).
+    pub ratelimit_decisions: Counter<u64>,
+    /// `api_key`, `kind` (requests, tokens).
+    pub ratelimit_remaining_ratio: Gauge<f64>,
+    /// `endpoint`.
+    pub overhead: Histogram<f64>,
+}
+
+/// The instruments.
+pub fn metrics() -> &'static GatewayMetrics {
+    static METRICS: OnceLock<GatewayMetrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let meter = llmesh_telemetry::meter();
+        GatewayMetrics {
+            cache_requests: meter
+                .u64_counter("llmesh.cache.requests")
+                .with_description("Cache lookups by result")
+                .build(),
+            fallbacks: meter.u64_counter("llmesh.fallbacks").with_description("Degraded answers given").build(),
+            retries: meter.u64_counter("llmesh.retries").with_description("Retry attempts made").build(),
+            retry_budget_exhausted: meter
+                .u64_counter("llmesh.retry_budget_exhausted")
+                .with_description("Retries refused by the budget")
+                .build(),
+            breaker_transitions: meter
+                .u64_counter("llmesh.breaker.transitions")
+                .with_description("Circuit breaker state changes")
+                .build(),
+            tokens: meter.u64_counter("llmesh.tokens").with_description("Tokens used, per key and model").build(),
+            cost_usd: meter
+                .f64_counter("llmesh.cost_usd")
+                .with_description("Tokens times the configured price")
+                .build(),
+            ratelimit_decisions: meter
+                .u64_counter("llmesh.ratelimit.decisions")
+                .with_description("Rate-limit decisions")
+                .build(),
+            ratelimit_remaining_ratio: meter
+                .f64_gauge("llmesh.ratelimit.remaining_ratio")
+                .with_description("Share of the per-minute quota left")
+                .build(),
+            overhead: meter
+                .f64_histogram("llmesh.gateway.overhead")
+                .with_unit("s")
+                .with_description("Time spent in the gateway itself (total minus upstream)")
+                .with_boundaries(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1])
+                .build(),
+        }
+    })
+}
+
+pub fn label(key: &'static str, value: impl Into<opentelemetry::Value>) -> KeyValue {
+    KeyValue::new(key, value)
+}

@@ -148,3 +148,65 @@ async fn llmesh_up_runs_the_mesh_and_stops_it() {
     // Its children are gone too.
     assert!(client.generate(crate::prompt("anyone?")).await.is_err());
 }
+
+#[tokio::test]
+async fn every_service_accepts_the_shipped_configuration() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in ["deploy/config/mesh.toml", "deploy/k8s/mesh.toml"] {
+        let path = root.join(file).display().to_string();
+        for service in ["gateway", "generation", "cache", "health"] {
+            let env = [("LLMESH_CONFIG", path.clone())];
+            let (status, logs) =
+                run_to_exit(service, &["--check-config"], &env, Duration::from_secs(10)).await.unwrap();
+            assert!(status.success(), "{service} rejects {file}:\n{logs}");
+        }
+    }
+    // And a wrong key in the same file is caught.
+    let dir = tempfile_dir();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[gateway]\nrequest_timeout = 5\n").unwrap();
+    let env = [("LLMESH_CONFIG", bad.display().to_string())];
+    let (status, logs) = run_to_exit("gateway", &["--check-config"], &env, Duration::from_secs(10)).await.unwrap();
+    assert!(!status.success());
+    assert!(logs.contains("request_timeout"), "{logs}");
+}
+
+#[tokio::test]
+async fn dns_names_lead_to_replicas_for_the_gateway_and_health() {
+    let generation = Proc::spawn("generation", &[]).await.unwrap();
+    let cache = Proc::spawn("cache", &[]).await.unwrap();
+    let by_name = format!("dns://localhost:{}", generation.addr.port());
+    let gateway_env = [
+        ("LLMESH_GATEWAY_GENERATION__ENDPOINTS", format!("[\"{by_name}\"]")),
+        ("LLMESH_GATEWAY_CACHE__ENDPOINT", cache.uri()),
+    ];
+    let gateway = Proc::spawn("gateway", &gateway_env).await.unwrap();
+    let mut client = llmesh_proto::gateway::v1::gateway_client::GatewayClient::new(gateway.channel().await);
+    for i in 0..10 {
+        assert!(client.generate(crate::prompt(&format!("by name {i}"))).await.is_ok());
+    }
+
+    let targets =
+        format!("[{{name=\"generation\",address=\"{by_name}\",service=\"llmesh.generation.v1.Generation\"}}]");
+    let health =
+        Proc::spawn("health", &[("LLMESH_HEALTH_TARGETS", targets), ("LLMESH_HEALTH_POLL_INTERVAL_MS", "100".into())])
+            .await
+            .unwrap();
+    let mut mesh_health = llmesh_proto::health::v1::mesh_health_client::MeshHealthClient::new(health.channel().await);
+    let expected = format!("http://127.0.0.1:{}", generation.addr.port());
+    let seen = llmesh_e2e::eventually(Duration::from_secs(5), || {
+        let mut mesh_health = mesh_health.clone();
+        let expected = expected.clone();
+        async move {
+            let status = mesh_health.status(llmesh_proto::health::v1::StatusRequest {}).await.ok()?.into_inner();
+            status
+                .components
+                .iter()
+                .any(|c| c.address == expected && c.status() == llmesh_proto::health::v1::ServingStatus::Serving)
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(seen.is_some(), "health never listed the replica behind {by_name}");
+    let _ = mesh_health.status(llmesh_proto::health::v1::StatusRequest {}).await;
+}

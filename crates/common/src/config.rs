@@ -30,6 +30,9 @@ pub struct ServiceArgs {
     /// Address to listen on; port 0 picks a free port (the chosen address is logged).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Load and check the configuration, then exit (0 when it is valid).
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// Loads the `section` of the configuration over `T::default()`, then the file, then the environment,
@@ -90,7 +93,7 @@ mod tests {
     fn layers_apply_in_order() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("mesh.toml", "[demo]\nlisten = \"127.0.0.1:2\"\n[demo.limits]\nmax_tokens = 20\n")?;
-            let mut args = ServiceArgs { config: Some("mesh.toml".into()), listen: None };
+            let mut args = ServiceArgs { config: Some("mesh.toml".into()), listen: None, check_config: false };
             let cfg: Demo = load("demo", &args).map_err(|e| e.to_string())?;
             assert_eq!(cfg.listen.port(), 2);
             assert_eq!(cfg.limits.max_tokens, 20);
@@ -119,7 +122,7 @@ mod tests {
 
     #[test]
     fn missing_file_is_an_error() {
-        let args = ServiceArgs { config: Some("/nonexistent/llmesh.toml".into()), listen: None };
+        let args = ServiceArgs { config: Some("/nonexistent/llmesh.toml".into()), listen: None, check_config: false };
         assert!(load::<Demo>("demo", &args).is_err());
     }
 }

@@ -21,6 +21,8 @@ use crate::config::{Config, Target};
 enum Probe {
     /// `grpc.health.v1.Health/Check` of the target's service.
     Grpc(HealthClient<Channel>),
+    /// Every address `host` resolves to, each checked like `Grpc` (replicas behind a DNS name).
+    Dns { host: String, port: u16, clients: std::sync::Mutex<BTreeMap<String, HealthClient<Channel>>> },
     /// `PING` to a Redis the mesh depends on.
     Redis(redis::Client),
 }
@@ -48,6 +50,13 @@ impl Monitor {
             .map(|target| {
                 let probe = if target.address.starts_with("redis://") || target.address.starts_with("rediss://") {
                     Probe::Redis(redis::Client::open(target.address.as_str())?)
+                } else if let Some(name) = target.address.strip_prefix("dns://") {
+                    let (host, port) = name
+                        .trim_end_matches('/')
+                        .rsplit_once(':')
+                        .ok_or_else(|| anyhow::anyhow!("{}: dns:// needs host:port", target.address))?;
+                    let port = port.parse().map_err(|_| anyhow::anyhow!("{}: bad port", target.address))?;
+                    Probe::Dns { host: host.to_string(), port, clients: Default::default() }
                 } else {
                     Probe::Grpc(HealthClient::new(deps::endpoint(&target.address, timeout)?.connect_lazy()))
                 };
@@ -79,10 +88,45 @@ impl Monitor {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let checks = self.targets.iter().map(|(target, probe)| self.check(target, probe));
-            let components = futures::future::join_all(checks).await;
+            let checks = self.targets.iter().map(|(target, probe)| self.check_all(target, probe));
+            let components = futures::future::join_all(checks).await.into_iter().flatten().collect();
             self.publish(components).await;
         }
+    }
+
+    /// One component per address behind the target.
+    async fn check_all(&self, target: &Target, probe: &Probe) -> Vec<Component> {
+        let Probe::Dns { host, port, clients } = probe else {
+            return vec![self.check(target, probe).await];
+        };
+        let addrs: Vec<String> = match tokio::net::lookup_host((host.as_str(), *port)).await {
+            Ok(found) => found.map(|a| format!("http://{a}")).collect(),
+            Err(error) => {
+                let mut gone = self.check(target, probe).await;
+                gone.detail = format!("cannot resolve {host}: {error}");
+                return vec![gone];
+            }
+        };
+        let probes: Vec<(Target, Probe)> = {
+            let Ok(mut clients) = clients.lock() else { return Vec::new() };
+            clients.retain(|addr, _| addrs.contains(addr));
+            addrs
+                .iter()
+                .filter_map(|addr| {
+                    let client = match clients.get(addr) {
+                        Some(client) => client.clone(),
+                        None => {
+                            let channel = deps::endpoint(addr, self.timeout).ok()?.connect_lazy();
+                            let client = HealthClient::new(channel);
+                            clients.insert(addr.clone(), client.clone());
+                            client
+                        }
+                    };
+                    Some((Target { address: addr.clone(), ..target.clone() }, Probe::Grpc(client)))
+                })
+                .collect()
+        };
+        futures::future::join_all(probes.iter().map(|(target, probe)| self.check(target, probe))).await
     }
 
     async fn check(&self, target: &Target, probe: &Probe) -> Component {
@@ -102,6 +146,7 @@ impl Monitor {
                 })
                 .await
             }
+            Probe::Dns { host, .. } => Ok(Err(format!("{host} resolves to no address"))),
             Probe::Redis(client) => {
                 tokio::time::timeout(self.timeout, async {
                     let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;

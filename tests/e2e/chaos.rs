@@ -102,6 +102,8 @@ async fn the_breaker_opens_falls_back_fast_and_closes_after_recovery() {
     let open = gateway.generate(fresh("while open")).await.unwrap().into_inner();
     assert_eq!(open.degraded.unwrap().reason, "circuit_open");
     assert!(started.elapsed() < Duration::from_millis(50), "an open breaker answered in {:?}", started.elapsed());
+    // The health service shows the breaker, as the gateway sees it.
+    assert!(breaker_shown(&mesh, "open").await, "health never showed the open breaker");
 
     // Generation back on the same port: after the recovery time one probe goes through and closes it.
     let env = [("LLMESH_GENERATION_LISTEN", format!("127.0.0.1:{port}"))];
@@ -113,6 +115,22 @@ async fn the_breaker_opens_falls_back_fast_and_closes_after_recovery() {
         let answer = gateway.generate(fresh(&format!("closed again {i}"))).await.unwrap().into_inner();
         assert!(answer.degraded.is_none());
     }
+    assert!(breaker_shown(&mesh, "closed").await, "health never showed the breaker closed again");
+}
+
+/// Whether the health service comes to list a generation replica whose breaker is `state`.
+async fn breaker_shown(mesh: &Mesh, state: &str) -> bool {
+    let health = mesh.mesh_health().await;
+    let wanted = format!("circuit breaker {state}");
+    llmesh_e2e::eventually(Duration::from_secs(5), || {
+        let (mut health, wanted) = (health.clone(), wanted.clone());
+        async move {
+            let status = health.status(llmesh_proto::health::v1::StatusRequest {}).await.ok()?.into_inner();
+            status.components.iter().any(|c| c.name == "generation-breaker" && c.detail.contains(&wanted)).then_some(())
+        }
+    })
+    .await
+    .is_some()
 }
 
 #[tokio::test]

@@ -212,7 +212,12 @@ async fn every_service_reports_health_and_the_mesh_is_serving() {
     assert_eq!(status.status(), ServingStatus::Serving);
     let mut names: Vec<&str> = status.components.iter().map(|c| c.name.as_str()).collect();
     names.sort_unstable();
-    assert_eq!(names, ["cache", "gateway", "generation"]);
+    // The three services, and the generation replica as the gateway sees it (its breaker).
+    assert_eq!(names, ["cache", "gateway", "generation", "generation-breaker"]);
+    let breaker = status.components.iter().find(|c| c.name == "generation-breaker").unwrap();
+    assert_eq!(breaker.status(), ServingStatus::Serving);
+    assert_eq!(breaker.address, mesh.generation.uri());
+    assert!(breaker.detail.contains("circuit breaker closed"), "{breaker:?}");
 }
 
 #[tokio::test]

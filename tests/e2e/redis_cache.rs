@@ -49,8 +49,19 @@ async fn entries_survive_a_cache_restart_on_redis() {
     .await
     .expect("cached");
 
-    // A second mesh on the same Redis sees the entry at once.
+    // A second mesh on the same Redis finds the entry (its first lookup may miss its 20 ms budget
+    // on a loaded machine, so it gets a few tries; it never generates the entry itself, since its
+    // own answers are not needed for the hit).
     let other = Mesh::start_with(MeshOptions { redis_url: Some(redis.url()), ..Default::default() }).await;
-    let response = other.gateway().await.generate(prompt("persist me")).await.unwrap().into_inner();
-    assert!(response.cached);
+    let gateway = other.gateway().await;
+    let hit = eventually(Duration::from_secs(3), || {
+        let mut gateway = gateway.clone();
+        let only_cached = llmesh_proto::gateway::v1::GenerateRequest {
+            cache: llmesh_proto::common::v1::CachePolicy::OnlyIfCached.into(),
+            ..prompt("persist me")
+        };
+        async move { gateway.generate(only_cached).await.ok().filter(|r| r.get_ref().cached) }
+    })
+    .await;
+    assert!(hit.is_some(), "the second mesh never found the entry in Redis");
 }

@@ -9,6 +9,7 @@ mod deadline;
 mod fallback;
 mod jobs;
 mod metrics;
+mod replicas;
 mod service;
 mod single_flight;
 mod upstream;
@@ -19,7 +20,7 @@ use llmesh_common::{
     ServiceArgs,
     server::{self, HttpLayer},
 };
-use llmesh_proto::gateway::v1::gateway_server::GatewayServer;
+use llmesh_proto::{gateway::v1::gateway_server::GatewayServer, health::v1::mesh_health_server::MeshHealthServer};
 use opentelemetry::{
     KeyValue,
     metrics::{ObservableCounter, ObservableGauge},
@@ -132,11 +133,12 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let jobs = jobs::Jobs::connect(&config.queue).await?;
     let admission = Admission::new(&config)?;
     let _gauges = gauges(&upstream, &admission);
+    let replicas = replicas::Replicas(upstream.clone());
     let service = GatewayService::new(&config, upstream, catalog, jobs, admission.limiter.clone());
     let mut base = server::Base::with_layer(admission.layer())?;
     base.admin(&config.admin).await?;
     base.serving::<GatewayServer<GatewayService>>().await;
-    base.route(|router| router.add_service(GatewayServer::new(service)))
+    base.route(|router| router.add_service(GatewayServer::new(service)).add_service(MeshHealthServer::new(replicas)))
         .serve(listener, shutdown, server::ShutdownTiming::from_ms(config.shutdown_drain_ms, config.shutdown_grace_ms))
         .await
 }

@@ -20,10 +20,11 @@ mod admission {
         AuthLayer, KeyStore, Principal, RateLimitConfig, RateLimitLayer, RateLimiter, ShedLayer, generate_key,
         rate_limit::{Cost, Limit, decision_from_reply, gcra},
     };
-    use llmesh_proto::health::v1::{
-        Component, StatusRequest, StatusResponse, WatchRequest, WatchResponse,
-        mesh_health_client::MeshHealthClient,
-        mesh_health_server::{MeshHealth, MeshHealthServer},
+    use llmesh_proto::generation::v1::{
+        GenerateRequest, GenerateResponse, GenerateStreamRequest, GenerateStreamResponse, ListModelsRequest,
+        ListModelsResponse,
+        generation_client::GenerationClient,
+        generation_server::{Generation, GenerationServer},
     };
     use tokio::process::{Child, Command};
     use tonic::{Code, Request, Response, Status};
@@ -186,6 +187,7 @@ mod admission {
             let key = principal("shared");
 
             // Spend the burst, from both.
+            let spending = Instant::now();
             let mut spent = 0;
             loop {
                 let a = limiters[0].check_request(&key).await.is_ok();
@@ -196,7 +198,10 @@ mod admission {
                 }
                 assert!(spent <= 1_300, "the burst never ran out");
             }
-            assert!((1_200..=1_210).contains(&spent), "{spent}");
+            // The burst, plus what flowed back (20 a second) while it was being spent: how long that
+            // took depends on the machine, so the bound is computed from the time measured.
+            let refilled = (spending.elapsed().as_secs_f64() * 20.0).ceil() as usize;
+            assert!((1_200..=1_202 + refilled).contains(&spent), "{spent} spent, {refilled} refilled");
 
             // Then 400 calls a second (200 from each), for 3 seconds: 20 a second get through.
             let start = Instant::now();
@@ -317,24 +322,28 @@ mod admission {
         .await;
     }
 
-    /// A MeshHealth that answers `Status` with the caller's principal id and streams `Watch` forever.
+    /// A stand-in for the gateway's RPCs: `Generate` answers with the caller's principal id,
+    /// `GenerateStream` sends one chunk and then stays open.
     struct Echo;
 
-    type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+    type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, Status>> + Send>>;
 
     #[tonic::async_trait]
-    impl MeshHealth for Echo {
-        async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    impl Generation for Echo {
+        async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
             let principal = request.extensions().get::<Principal>().ok_or_else(|| Status::internal("no principal"))?;
-            let component = Component { name: principal.id.to_string(), ..Component::default() };
-            Ok(Response::new(StatusResponse { components: vec![component], ..StatusResponse::default() }))
+            Ok(Response::new(GenerateResponse { text: principal.id.to_string(), ..GenerateResponse::default() }))
         }
 
-        type WatchStream = WatchStream;
+        type GenerateStreamStream = ChunkStream;
 
-        async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
-            let first = futures::stream::once(async { Ok(WatchResponse::default()) });
+        async fn generate_stream(&self, _: Request<GenerateStreamRequest>) -> Result<Response<ChunkStream>, Status> {
+            let first = futures::stream::once(async { Ok(GenerateStreamResponse::default()) });
             Ok(Response::new(Box::pin(first.chain(futures::stream::pending()))))
+        }
+
+        async fn list_models(&self, _: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+            Ok(Response::new(ListModelsResponse::default()))
         }
     }
 
@@ -364,28 +373,28 @@ mod admission {
                             .layer(RateLimitLayer::new(limiter))
                             .layer(shed.clone()),
                     )
-                    .add_service(MeshHealthServer::new(Echo))
+                    .add_service(GenerationServer::new(Echo))
                     .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
             );
-            let mut client = MeshHealthClient::connect(format!("http://{address}")).await.unwrap();
+            let mut client = GenerationClient::connect(format!("http://{address}")).await.unwrap();
 
             // Auth.
-            let status = client.status(StatusRequest {}).await.unwrap_err();
+            let status = client.generate(GenerateRequest::default()).await.unwrap_err();
             assert_eq!((status.code(), status.message()), (Code::Unauthenticated, "missing x-api-key"));
             let (stranger, _) = generate_key("stranger");
-            let status = client.status(with_key(StatusRequest {}, &stranger)).await.unwrap_err();
+            let status = client.generate(with_key(GenerateRequest::default(), &stranger)).await.unwrap_err();
             assert_eq!((status.code(), status.message()), (Code::Unauthenticated, "unknown API key"));
-            let response = client.status(with_key(StatusRequest {}, &free_key)).await.unwrap();
-            assert_eq!(response.get_ref().components[0].name, "free");
+            let response = client.generate(with_key(GenerateRequest::default(), &free_key)).await.unwrap();
+            assert_eq!(response.get_ref().text, "free");
             assert!(response.metadata().get("x-ratelimit-remaining-requests").is_none(), "no request limit");
 
             // Rate limit: 3 a minute for this key.
             for remaining in ["2", "1", "0"] {
-                let response = client.status(with_key(StatusRequest {}, &limited_key)).await.unwrap();
-                assert_eq!(response.get_ref().components[0].name, "limited");
+                let response = client.generate(with_key(GenerateRequest::default(), &limited_key)).await.unwrap();
+                assert_eq!(response.get_ref().text, "limited");
                 assert_eq!(response.metadata().get("x-ratelimit-remaining-requests").unwrap(), remaining);
             }
-            let status = client.status(with_key(StatusRequest {}, &limited_key)).await.unwrap_err();
+            let status = client.generate(with_key(GenerateRequest::default(), &limited_key)).await.unwrap_err();
             assert_eq!(status.code(), Code::ResourceExhausted);
             assert_eq!(status.message(), "rate limit: 3 requests per minute for key limited");
             let wait: u64 = status.metadata().get("retry-after-ms").unwrap().to_str().unwrap().parse().unwrap();
@@ -393,10 +402,14 @@ mod admission {
             assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap().to_str().unwrap(), wait.to_string());
 
             // Shed: one call in flight at a time, and an open stream is one.
-            let mut stream = client.watch(with_key(WatchRequest {}, &free_key)).await.unwrap().into_inner();
+            let mut stream = client
+                .generate_stream(with_key(GenerateStreamRequest::default(), &free_key))
+                .await
+                .unwrap()
+                .into_inner();
             stream.message().await.unwrap().unwrap();
             assert_eq!(shed.in_flight(), 1);
-            let status = client.status(with_key(StatusRequest {}, &free_key)).await.unwrap_err();
+            let status = client.generate(with_key(GenerateRequest::default(), &free_key)).await.unwrap_err();
             assert_eq!((status.code(), status.message()), (Code::ResourceExhausted, "overloaded: 1 calls in flight"));
             assert_eq!(shed.shed_count(), 1);
 
@@ -407,7 +420,7 @@ mod admission {
                 assert!(Instant::now() < deadline, "the cancelled stream kept its permit");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            client.status(with_key(StatusRequest {}, &free_key)).await.unwrap();
+            client.generate(with_key(GenerateRequest::default(), &free_key)).await.unwrap();
             assert_eq!(shed.in_flight(), 0);
 
             server.abort();

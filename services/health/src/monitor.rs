@@ -7,7 +7,9 @@ use std::{
 };
 
 use llmesh_common::deps;
-use llmesh_proto::health::v1::{Component, ServingStatus, StatusResponse};
+use llmesh_proto::health::v1::{
+    Component, ServingStatus, StatusRequest, StatusResponse, mesh_health_client::MeshHealthClient,
+};
 use tokio::{sync::watch, time::Instant};
 use tonic::transport::Channel;
 use tonic_health::{
@@ -27,7 +29,14 @@ enum Probe {
     Redis(redis::Client),
 }
 
+/// The grpc.health.v1 name gateways answer to: their replicas' breakers are fetched too.
+const GATEWAY_SERVICE: &str = "llmesh.gateway.v1.Gateway";
+/// Where breaker components are grouped: optional, an open breaker degrades the mesh.
+const BREAKER_SERVICE: &str = "llmesh.gateway.v1.Gateway/breakers";
+
 pub struct Monitor {
+    /// Each gRPC target's channel, by address (for the gateway's MeshHealth).
+    channels: BTreeMap<String, Channel>,
     component_up: opentelemetry::metrics::Gauge<u64>,
     dependency_up: opentelemetry::metrics::Gauge<u64>,
     targets: Vec<(Target, Probe)>,
@@ -58,14 +67,22 @@ impl Monitor {
                     let port = port.parse().map_err(|_| anyhow::anyhow!("{}: bad port", target.address))?;
                     Probe::Dns { host: host.to_string(), port, clients: Default::default() }
                 } else {
-                    Probe::Grpc(HealthClient::new(deps::endpoint(&target.address, timeout)?.connect_lazy()))
+                    let channel = deps::endpoint(&target.address, timeout)?.connect_lazy();
+                    Probe::Grpc(HealthClient::new(channel))
                 };
                 Ok((target.clone(), probe))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let initial = StatusResponse { status: ServingStatus::Unknown.into(), ..Default::default() };
+        let channels = config
+            .targets
+            .iter()
+            .filter(|t| t.service == GATEWAY_SERVICE)
+            .filter_map(|t| Some((t.address.clone(), deps::endpoint(&t.address, timeout).ok()?.connect_lazy())))
+            .collect();
         let meter = llmesh_telemetry::meter();
         Ok(Self {
+            channels,
             component_up: meter.u64_gauge("llmesh.component_up").with_description("1 SERVING, 0 not").build(),
             dependency_up: meter
                 .u64_gauge("llmesh.dependency_up")
@@ -94,10 +111,18 @@ impl Monitor {
         }
     }
 
-    /// One component per address behind the target.
+    /// One component per address behind the target; for a gateway, also the generation replicas
+    /// it balances over, with their circuit breakers.
     async fn check_all(&self, target: &Target, probe: &Probe) -> Vec<Component> {
         let Probe::Dns { host, port, clients } = probe else {
-            return vec![self.check(target, probe).await];
+            let mut components = vec![self.check(target, probe).await];
+            if matches!(probe, Probe::Grpc(_))
+                && target.service == GATEWAY_SERVICE
+                && components[0].status == i32::from(ServingStatus::Serving)
+            {
+                components.extend(self.breakers(target).await);
+            }
+            return components;
         };
         let addrs: Vec<String> = match tokio::net::lookup_host((host.as_str(), *port)).await {
             Ok(found) => found.map(|a| format!("http://{a}")).collect(),
@@ -127,6 +152,26 @@ impl Monitor {
                 .collect()
         };
         futures::future::join_all(probes.iter().map(|(target, probe)| self.check(target, probe))).await
+    }
+
+    /// The gateway's own view of generation (its `MeshHealth`): one component per replica, under
+    /// the gateway's name, whose status is its circuit breaker's.
+    async fn breakers(&self, gateway: &Target) -> Vec<Component> {
+        let Some(channel) = self.channels.get(&gateway.address) else { return Vec::new() };
+        let mut mesh = MeshHealthClient::new(channel.clone());
+        match tokio::time::timeout(self.timeout, mesh.status(StatusRequest {})).await {
+            Ok(Ok(status)) => status
+                .into_inner()
+                .components
+                .into_iter()
+                .map(|c| Component {
+                    service: BREAKER_SERVICE.into(),
+                    detail: format!("{} (seen by the gateway at {})", c.detail, gateway.address),
+                    ..c
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     async fn check(&self, target: &Target, probe: &Probe) -> Component {
@@ -202,7 +247,8 @@ impl Monitor {
             self.reporter.set_service_status(service, grpc_status(*status)).await;
         }
         let overall = overall(by_service.iter().map(|(service, status)| {
-            let optional = self.targets.iter().any(|(t, _)| &t.service == service && !t.required);
+            let optional =
+                service == BREAKER_SERVICE || self.targets.iter().any(|(t, _)| &t.service == service && !t.required);
             if optional && *status == ServingStatus::NotServing { ServingStatus::Degraded } else { *status }
         }));
         self.reporter.set_service_status("", grpc_status(overall)).await;

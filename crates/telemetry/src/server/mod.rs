@@ -46,7 +46,9 @@ const UNIMPLEMENTED_SPAN_NAME: &str = "grpc.unimplemented";
 
 /// Paths that get neither a span nor metrics (probes and tooling would drown the real traffic).
 pub fn is_exempt(path: &str) -> bool {
-    path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
+    path.starts_with("/grpc.health.v1.Health/")
+        || path.starts_with("/llmesh.health.v1.MeshHealth/")
+        || path.starts_with("/grpc.reflection.")
 }
 
 /// `/pkg.Service/Method` → (`pkg.Service`, `Method`).

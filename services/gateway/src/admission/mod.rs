@@ -86,10 +86,11 @@ impl Default for ShedConfig {
     }
 }
 
-/// Calls every layer lets through untouched: health probes and reflection (grpcurl's discovery)
-/// must work without a key and even when the gateway is saturated.
+/// Calls every layer lets through untouched: health probes, the mesh's health and reflection
+/// (grpcurl's discovery) must work without a key and even when the gateway is saturated. The same
+/// rule the tracing layer uses.
 pub fn is_exempt(path: &str) -> bool {
-    path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
+    llmesh_telemetry::is_exempt(path)
 }
 
 #[cfg(test)]
@@ -104,6 +105,8 @@ mod tests {
         assert!(is_exempt("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"));
         assert!(!is_exempt("/llmesh.gateway.v1.Gateway/Generate"));
         assert!(!is_exempt("/grpc.health.v1.HealthX/Check"));
-        assert!(!is_exempt("/llmesh.health.v1.MeshHealth/Status"));
+        // The gateway's view of its replicas is health, polled by the health service without a key.
+        assert!(is_exempt("/llmesh.health.v1.MeshHealth/Status"));
+        assert!(!is_exempt("/llmesh.health.v1.MeshHealthX/Status"));
     }
 }

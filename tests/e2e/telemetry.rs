@@ -134,3 +134,43 @@ async fn a_dead_collector_slows_nothing() {
     }
     assert!(started.elapsed() < Duration::from_secs(5), "50 calls took {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn a_job_continues_the_trace_of_its_submission() {
+    let redis = llmesh_e2e::Redis::start().await.unwrap();
+    let (collector, received) = otlp::receiver().await;
+    let mut env = telemetry_env(format!("http://{collector}"));
+    env.push(("LLMESH_GATEWAY_QUEUE__REDIS_URL", redis.url()));
+    env.push(("LLMESH_GENERATION_QUEUE__REDIS_URL", redis.url()));
+    let mesh = Mesh::start_with(MeshOptions { env, ..Default::default() }).await;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = tonic::Request::new(llmesh_proto::gateway::v1::SubmitJobRequest {
+        model: "sim".into(),
+        prompt: "a traced job".into(),
+        ..Default::default()
+    });
+    request.metadata_mut().insert("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01").parse().unwrap());
+    mesh.gateway().await.submit_job(request).await.unwrap();
+
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let job_span = eventually(Duration::from_secs(10), || {
+        let received = received.clone();
+        async move {
+            received.spans().into_iter().find(|s| {
+                s.service == "llmesh-generation" && s.span.name == "job.run" && hex(&s.span.trace_id) == trace_id
+            })
+        }
+    })
+    .await;
+    assert!(job_span.is_some(), "the worker's span is not in the submission's trace: {:#?}", received.spans());
+    // Its GenAI span is part of the same trace.
+    let chat =
+        eventually(Duration::from_secs(5), || {
+            let received = received.clone();
+            async move {
+                received.spans().into_iter().find(|s| s.span.name == "chat sim" && hex(&s.span.trace_id) == trace_id)
+            }
+        })
+        .await;
+    assert!(chat.is_some());
+}

@@ -49,8 +49,9 @@ pub use logging::build_subscriber;
 pub use metrics::{InFlight, METER_NAME, ProcessMetrics, SeedMetrics, code_name, meter, register_process_metrics};
 pub use prometheus::PrometheusReader;
 pub use propagation::{
-    context_from_traceparent, current_context, current_trace_id, current_traceparent, extract_headers,
-    extract_metadata, inject, inject_headers, inject_interceptor, inject_metadata, set_parent_from_traceparent,
+    JOB_TRACEPARENT_KEY, context_from_traceparent, current_context, current_trace_id, current_traceparent,
+    extract_headers, extract_metadata, inject, inject_headers, inject_interceptor, inject_metadata,
+    set_parent_from_traceparent,
 };
 pub use providers::{Providers, SHUTDOWN_TIMEOUT, Telemetry, init, init_with_config, render_prometheus};
 pub use server::{GrpcTrace, GrpcTraceLayer, ResponseFuture, TracedBody, is_exempt};

@@ -57,6 +57,10 @@ pub fn extract_metadata(metadata: &MetadataMap) -> Context {
 
 /// The current context as a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`), for a job that is
 /// queued now and run later; `None` outside any trace.
+/// Where a queued job's request carries its submitter's trace context (`metadata` is free-form and
+/// not part of the cache key).
+pub const JOB_TRACEPARENT_KEY: &str = "llmesh.traceparent";
+
 pub fn current_traceparent() -> Option<String> {
     let cx = current_context();
     if !cx.span().span_context().is_valid() {

@@ -340,9 +340,14 @@ impl Gateway for GatewayService {
         let queue = self.inner.jobs.queue()?;
         let idempotency_key = request.get_ref().idempotency_key.clone();
         let (_, extensions, request) = request.into_parts();
-        let generate: generation::GenerateRequest = request.into();
+        let mut generate: generation::GenerateRequest = request.into();
         // The job's tokens stay reserved: the work happens later, on a worker.
         let _admitted = self.admit(&extensions, &generate).await?;
+        // The worker's span continues this trace.
+        generate.metadata.remove(llmesh_telemetry::JOB_TRACEPARENT_KEY);
+        if let Some(traceparent) = llmesh_telemetry::current_traceparent() {
+            generate.metadata.insert(llmesh_telemetry::JOB_TRACEPARENT_KEY.to_string(), traceparent);
+        }
         let submitted = queue.submit(&generate, &idempotency_key).await.map_err(jobs::status)?;
         Ok(Response::new(SubmitJobResponse { job: Some(submitted.job), existing: submitted.existing }))
     }

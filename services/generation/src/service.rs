@@ -117,7 +117,13 @@ impl GenerationService {
     /// Runs a queued job. Failures a retry may fix (the upstream down, rate limited, slow) are
     /// retryable; a request the provider rejects is not.
     pub async fn run_job(&self, request: GenerateRequest) -> Result<GenerateResponse, JobError> {
-        self.complete(&request).await.map_err(|status| {
+        // The job's span continues the trace of its submission.
+        let span = tracing::info_span!("job.run", otel.kind = "consumer", gen_ai.request.model = %request.model);
+        if let Some(traceparent) = request.metadata.get(llmesh_telemetry::JOB_TRACEPARENT_KEY) {
+            llmesh_telemetry::set_parent_from_traceparent(&span, traceparent);
+        }
+        let completed = tracing::Instrument::instrument(self.complete(&request), span).await;
+        completed.map_err(|status| {
             let message = format!("{:?}: {}", status.code(), status.message());
             match status.code() {
                 Code::InvalidArgument | Code::FailedPrecondition | Code::PermissionDenied | Code::NotFound => {

@@ -305,3 +305,89 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A private three-primary Redis Cluster on loopback, without persistence.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    _nodes: Vec<Child>,
+    _dir: PathBuf,
+}
+
+impl RedisCluster {
+    pub async fn start() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("llmesh-cluster-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir)?;
+        let mut ports = Vec::new();
+        // Each node also needs its cluster bus port, port + 10000.
+        while ports.len() < 3 {
+            let port = free_port();
+            if port < 55_000 && !ports.contains(&port) && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+                ports.push(port);
+            }
+        }
+        let mut nodes = Vec::new();
+        for port in &ports {
+            let node = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("spawning redis-server (scripts/test installs it)")?;
+            nodes.push(node);
+        }
+        for port in &ports {
+            let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+            while tokio::net::TcpStream::connect(("127.0.0.1", *port)).await.is_err() {
+                if tokio::time::Instant::now() > deadline {
+                    bail!("cluster node {port} did not listen");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .context("redis-cli --cluster create")?;
+        if !created.status.success() {
+            bail!("cluster create failed: {}", String::from_utf8_lossy(&created.stderr));
+        }
+        let ready = eventually(START_TIMEOUT, || {
+            let ports = ports.clone();
+            async move {
+                for port in ports {
+                    let info = Command::new("redis-cli")
+                        .args(["-p", &port.to_string(), "cluster", "info"])
+                        .output()
+                        .await
+                        .ok()?;
+                    if !String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        })
+        .await;
+        if ready.is_none() {
+            bail!("the cluster never reached cluster_state:ok");
+        }
+        Ok(Self { ports, _nodes: nodes, _dir: dir })
+    }
+
+    pub fn seed_urls(&self) -> String {
+        let urls: Vec<String> = self.ports.iter().map(|p| format!("\"redis://127.0.0.1:{p}\"")).collect();
+        format!("[{}]", urls.join(","))
+    }
+}

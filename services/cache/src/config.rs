@@ -13,8 +13,10 @@ pub struct Config {
     pub admin: llmesh_common::config::AdminConfig,
     pub shutdown_drain_ms: u64,
     pub shutdown_grace_ms: u64,
-    /// `redis://host:port/db`; unset means the in-memory store.
+    /// `redis://host:port/db`; unset (and no cluster) means the in-memory store.
     pub redis_url: Option<String>,
+    /// Seed nodes of a Redis Cluster (`redis://host:port` each); takes the place of `redis_url`.
+    pub redis_cluster_nodes: Vec<String>,
     /// How long to wait for Redis at start-up, and per connection attempt after.
     pub redis_connect_timeout_ms: u64,
     /// Longest wait for one Redis reply.
@@ -40,6 +42,7 @@ impl Default for Config {
             shutdown_drain_ms: 0,
             shutdown_grace_ms: 10_000,
             redis_url: None,
+            redis_cluster_nodes: Vec::new(),
             redis_connect_timeout_ms: 2_000,
             redis_response_timeout_ms: 200,
             ttl_ms: 60 * 60 * 1000,

@@ -31,6 +31,9 @@ impl Store {
     /// The Redis store when `redis_url` is set (failing when Redis cannot be reached), the
     /// in-memory store otherwise.
     pub async fn open(config: &Config) -> anyhow::Result<Self> {
+        if !config.redis_cluster_nodes.is_empty() {
+            return Ok(Self::Redis(redis::RedisStore::connect_cluster(&config.redis_cluster_nodes, config).await?));
+        }
         match &config.redis_url {
             Some(url) => Ok(Self::Redis(redis::RedisStore::connect(url, config).await?)),
             None => Ok(Self::Memory(memory::MemoryStore::new(config.memory_max_bytes, config.memory_max_entries))),

@@ -1,6 +1,8 @@
-//! The Redis store. Values are encoded `llmesh.cache.v1.Entry` messages under
-//! `llmesh:cache:v1:<key>`; a set per model (`llmesh:cache:v1:model:<model>`) lists its keys so a
-//! whole model can be invalidated.
+//! The Redis store, on one Redis or a Redis Cluster. Values are encoded `llmesh.cache.v1.Entry`
+//! messages under `llmesh:cache:v1:<key>`; a set per model (`llmesh:cache:v1:model:<model>`) lists
+//! its keys so a whole model can be invalidated. On a cluster the entry and its model's set live
+//! in different slots, so they are written by one pipeline but not in one transaction (a set that
+//! misses a key only means Invalidate-by-model misses it until its TTL).
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,7 +18,43 @@ const PREFIX: &str = "llmesh:cache:v1:";
 
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
+}
+
+/// One Redis (reconnecting on its own) or a cluster (following its slots on its own): the store's
+/// commands are the same over either.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -60,7 +98,29 @@ impl RedisStore {
             .map_err(|_| anyhow::anyhow!("no answer within {} ms", connect_timeout.as_millis()))
             .and_then(|r| r.map_err(anyhow::Error::from))
             .with_context(|| format!("cannot reach redis at {shown}"))?;
-        Ok(Self { conn })
+        Ok(Self { conn: Conn::Single(conn) })
+    }
+
+    /// Connects to a Redis Cluster through any of `nodes`, and checks it answers.
+    pub async fn connect_cluster(nodes: &[String], config: &Config) -> anyhow::Result<Self> {
+        let shown: Vec<String> = nodes.iter().map(|n| redact(n)).collect();
+        let connect_timeout = Duration::from_millis(config.redis_connect_timeout_ms);
+        let client = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
+            .connection_timeout(connect_timeout)
+            .response_timeout(Duration::from_millis(config.redis_response_timeout_ms))
+            .build()
+            .with_context(|| format!("invalid redis_cluster_nodes {shown:?}"))?;
+        let connect = async {
+            let mut conn = client.get_async_connection().await?;
+            let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+            Ok::<_, redis::RedisError>(conn)
+        };
+        let conn = tokio::time::timeout(connect_timeout, connect)
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within {} ms", connect_timeout.as_millis()))
+            .and_then(|r| r.map_err(anyhow::Error::from))
+            .with_context(|| format!("cannot reach the redis cluster at {shown:?}"))?;
+        Ok(Self { conn: Conn::Cluster(conn) })
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Arc<Entry>>, StoreError> {
@@ -79,15 +139,18 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let index = model_key(model);
-        redis::pipe()
-            .atomic()
-            .cmd("SET")
-            .arg(entry_key(key))
-            .arg(entry.encode_to_vec())
-            .arg("PX")
-            .arg(ttl_ms)
-            .ignore()
-            .cmd("SADD")
+        let mut set = redis::cmd("SET");
+        set.arg(entry_key(key)).arg(entry.encode_to_vec()).arg("PX").arg(ttl_ms);
+        let mut pipe = redis::pipe();
+        match self.conn {
+            // One Redis: the entry and its index in one transaction.
+            Conn::Single(_) => {
+                pipe.atomic().add_command(set).ignore();
+            }
+            // A cluster: they live in different slots, which no pipeline may cross.
+            Conn::Cluster(_) => set.exec_async(&mut conn).await?,
+        }
+        pipe.cmd("SADD")
             .arg(&index)
             .arg(key)
             .ignore()
@@ -117,7 +180,9 @@ impl RedisStore {
         let index = model_key(model);
         let keys: Vec<String> = conn.smembers(&index).await?;
         let mut removed = 0;
-        for chunk in keys.chunks(500) {
+        // One Redis takes many keys at once; on a cluster they may sit in different slots.
+        let chunk = if matches!(self.conn, Conn::Single(_)) { 500 } else { 1 };
+        for chunk in keys.chunks(chunk) {
             let entry_keys: Vec<String> = chunk.iter().map(|k| entry_key(k)).collect();
             removed += conn.del::<_, u64>(entry_keys).await?;
         }
@@ -126,9 +191,14 @@ impl RedisStore {
     }
 
     /// Counts entries and their bytes with SCAN and MEMORY USAGE: fine for an occasional Stats
-    /// call, not for a hot path.
+    /// call, not for a hot path. On a cluster, SCAN would see one node only: the count there is
+    /// DBSIZE summed over the primaries (every key, model sets included) and bytes are not counted.
     pub async fn size(&self) -> Result<Size, StoreError> {
         let mut conn = self.conn.clone();
+        if let Conn::Cluster(_) = conn {
+            let keys: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await?;
+            return Ok(Size { entries: keys, bytes: 0 });
+        }
         let mut size = Size::default();
         let mut cursor: u64 = 0;
         loop {

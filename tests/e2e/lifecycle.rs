@@ -210,3 +210,46 @@ async fn dns_names_lead_to_replicas_for_the_gateway_and_health() {
     assert!(seen.is_some(), "health never listed the replica behind {by_name}");
     let _ = mesh_health.status(llmesh_proto::health::v1::StatusRequest {}).await;
 }
+
+#[tokio::test]
+async fn the_gateway_drains_then_finishes_calls_in_flight() {
+    let options = llmesh_e2e::MeshOptions {
+        env: vec![
+            ("LLMESH_GENERATION_MODELS__SIM__TIME_TO_FIRST_TOKEN_MS", "800".into()),
+            ("LLMESH_GATEWAY_SHUTDOWN_DRAIN_MS", "500".into()),
+            ("LLMESH_GATEWAY_SHUTDOWN_GRACE_MS", "2000".into()),
+        ],
+        ..Default::default()
+    };
+    let mut mesh = llmesh_e2e::Mesh::start_with(options).await;
+    let gateway = mesh.gateway().await;
+    let in_flight = {
+        let mut gateway = gateway.clone();
+        tokio::spawn(async move { gateway.generate(crate::prompt("finish me")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let signalled = std::time::Instant::now();
+    mesh.gateway.terminate();
+
+    // Health says NOT_SERVING at once, while the gateway still answers (the drain).
+    let mut health = tonic_health::pb::health_client::HealthClient::new(mesh.gateway.channel().await);
+    let not_serving = llmesh_e2e::eventually(Duration::from_millis(400), || {
+        let mut health = health.clone();
+        async move {
+            let request = tonic_health::pb::HealthCheckRequest { service: "llmesh.gateway.v1.Gateway".into() };
+            let status = health.check(request).await.ok()?.into_inner().status();
+            (status == tonic_health::pb::health_check_response::ServingStatus::NotServing).then_some(())
+        }
+    })
+    .await;
+    assert!(not_serving.is_some(), "health did not report NOT_SERVING during the drain");
+    let _ = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
+
+    // The call in flight finishes normally.
+    let answer = in_flight.await.unwrap().expect("the call in flight finished");
+    assert!(!answer.get_ref().text.is_empty());
+    // And the process exits, cleanly, within drain + grace + 2 s.
+    let status = mesh.gateway.wait(Duration::from_millis(500 + 2000 + 2000)).await.expect("the gateway exited");
+    assert!(status.success(), "{status:?}");
+    assert!(signalled.elapsed() < Duration::from_millis(4500), "{:?}", signalled.elapsed());
+}

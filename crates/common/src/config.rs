@@ -13,6 +13,14 @@ use figment::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
+/// A service's configuration: its section of the mesh file, and where it listens.
+pub trait ServiceConfig: Serialize + DeserializeOwned + Default {
+    /// `gateway`, `generation`, ...: the file's section and the `LLMESH_<SECTION>_` prefix.
+    const SECTION: &'static str;
+
+    fn listen(&self) -> SocketAddr;
+}
+
 /// `[<service>.admin]`: the HTTP listener for `/metrics` and `/debug/pprof/profile`. Off unless
 /// `listen` is set (for example `0.0.0.0:9464` in containers).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]

@@ -9,9 +9,32 @@ pub mod server;
 pub mod shutdown;
 pub mod validate;
 
-pub use config::ServiceArgs;
+pub use config::{ServiceArgs, ServiceConfig};
 
-use std::{future::Future, process::ExitCode};
+use std::{future::Future, pin::Pin, process::ExitCode};
+
+use tokio::net::TcpListener;
+
+/// The signal a service stops on.
+pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What every service binary does: load its configuration (or only check it, with
+/// `--check-config`), register for SIGTERM / Ctrl-C before anything can arrive, bind, and serve.
+pub async fn run_service<C, F, Fut>(args: ServiceArgs, serve: F) -> anyhow::Result<()>
+where
+    C: ServiceConfig,
+    F: FnOnce(C, TcpListener, Shutdown) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let config: C = config::load(C::SECTION, &args)?;
+    if args.check_config {
+        tracing::info!("configuration is valid");
+        return Ok(());
+    }
+    let shutdown: Shutdown = Box::pin(shutdown::signal());
+    let listener = server::bind(config.listen()).await?;
+    serve(config, listener, shutdown).await
+}
 
 /// The body of every process's `main`: a multi-threaded runtime, telemetry for `service` (logs,
 /// and OTLP export when configured; flushed on the way out), and an exit code that says whether

@@ -53,3 +53,11 @@ impl Default for Config {
         }
     }
 }
+
+impl llmesh_common::ServiceConfig for Config {
+    const SECTION: &'static str = "cache";
+
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+}

@@ -126,3 +126,11 @@ impl Default for CacheConfig {
         }
     }
 }
+
+impl llmesh_common::ServiceConfig for Config {
+    const SECTION: &'static str = "gateway";
+
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+}

@@ -111,14 +111,7 @@ struct Gauges {
 
 /// Loads the configuration and serves until SIGTERM or Ctrl-C.
 pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
-    let config: Config = llmesh_common::config::load("gateway", &args)?;
-    if args.check_config {
-        tracing::info!("configuration is valid");
-        return Ok(());
-    }
-    let shutdown = llmesh_common::shutdown::signal();
-    let listener = server::bind(config.listen).await?;
-    serve(config, listener, shutdown).await
+    llmesh_common::run_service(args, serve).await
 }
 
 /// Serves on `listener` until `shutdown` resolves. Fails when no generation replica (or the

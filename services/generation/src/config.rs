@@ -68,3 +68,11 @@ pub enum ModelConfig {
     /// Any OpenAI-compatible chat completions endpoint.
     Openai(OpenAiConfig),
 }
+
+impl llmesh_common::ServiceConfig for Config {
+    const SECTION: &'static str = "generation";
+
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+}

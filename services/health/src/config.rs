@@ -63,3 +63,11 @@ impl Default for Config {
         }
     }
 }
+
+impl llmesh_common::ServiceConfig for Config {
+    const SECTION: &'static str = "health";
+
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+}

@@ -1,6 +1,40 @@
 //! The calls themselves: Generate or GenerateStream on the gateway or on generation, over a few
 //! HTTP/2 connections taken in turn.
 
+/// One call on a client of either service: their messages have the same fields, so the same body
+/// serves both.
+macro_rules! call_with {
+    ($name:ident, $client:ty, $messages:ident) => {
+        async fn $name(&self, mut client: $client, prompt: String) -> CallResult {
+            let (model, max_tokens) = (self.model.clone(), self.max_tokens);
+            if self.stream {
+                let message = $messages::GenerateStreamRequest { model, prompt, max_tokens, ..Default::default() };
+                match client.generate_stream(self.request(message)).await {
+                    Ok(response) => {
+                        consume(response.into_inner(), |c| Chunk {
+                            has_text: !c.delta.is_empty(),
+                            cached: c.cached,
+                            last: c.finish_reason != 0,
+                            usage: c.usage,
+                        })
+                        .await
+                    }
+                    Err(status) => failed(&status),
+                }
+            } else {
+                let message = $messages::GenerateRequest { model, prompt, max_tokens, ..Default::default() };
+                match client.generate(self.request(message)).await {
+                    Ok(response) => {
+                        let response = response.into_inner();
+                        CallResult::ok(success(response.cached, response.usage))
+                    }
+                    Err(status) => failed(&status),
+                }
+            }
+        }
+    };
+}
+
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -90,61 +124,8 @@ impl GrpcCaller {
         request
     }
 
-    async fn gateway(&self, mut client: GatewayClient<Channel>, prompt: String) -> CallResult {
-        let (model, max_tokens) = (self.model.clone(), self.max_tokens);
-        if self.stream {
-            let message = gw::GenerateStreamRequest { model, prompt, max_tokens, ..Default::default() };
-            match client.generate_stream(self.request(message)).await {
-                Ok(response) => {
-                    consume(response.into_inner(), |c| Chunk {
-                        has_text: !c.delta.is_empty(),
-                        cached: c.cached,
-                        last: c.finish_reason != 0,
-                        usage: c.usage,
-                    })
-                    .await
-                }
-                Err(status) => failed(&status),
-            }
-        } else {
-            let message = gw::GenerateRequest { model, prompt, max_tokens, ..Default::default() };
-            match client.generate(self.request(message)).await {
-                Ok(response) => {
-                    let response = response.into_inner();
-                    CallResult::ok(success(response.cached, response.usage))
-                }
-                Err(status) => failed(&status),
-            }
-        }
-    }
-
-    async fn generation(&self, mut client: GenerationClient<Channel>, prompt: String) -> CallResult {
-        let (model, max_tokens) = (self.model.clone(), self.max_tokens);
-        if self.stream {
-            let message = gen_v1::GenerateStreamRequest { model, prompt, max_tokens, ..Default::default() };
-            match client.generate_stream(self.request(message)).await {
-                Ok(response) => {
-                    consume(response.into_inner(), |c| Chunk {
-                        has_text: !c.delta.is_empty(),
-                        cached: c.cached,
-                        last: c.finish_reason != 0,
-                        usage: c.usage,
-                    })
-                    .await
-                }
-                Err(status) => failed(&status),
-            }
-        } else {
-            let message = gen_v1::GenerateRequest { model, prompt, max_tokens, ..Default::default() };
-            match client.generate(self.request(message)).await {
-                Ok(response) => {
-                    let response = response.into_inner();
-                    CallResult::ok(success(response.cached, response.usage))
-                }
-                Err(status) => failed(&status),
-            }
-        }
-    }
+    call_with!(gateway, GatewayClient<Channel>, gw);
+    call_with!(generation, GenerationClient<Channel>, gen_v1);
 }
 
 impl Caller for GrpcCaller {

@@ -1,0 +1,104 @@
+"""Self-test of the benchmark harness: a --quick run of two scenarios against the built binaries.
+
+    cargo build --workspace --bins
+    .venv/bin/python -m pytest -q bench/test_bench.py
+
+Binaries from $LLMESH_BIN_DIR (default target/debug). Bounded: the harness gets --max-time 90
+and the test kills it at 150 s. Checks that it exits 0, writes report.md with both sections and a
+raw `llmesh load` JSON per run, and leaves no process behind.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+BIN_DIR = Path(os.environ.get("LLMESH_BIN_DIR", ROOT / "target" / "debug"))
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_quick_overhead_and_cache(tmp_path):
+    missing = [n for n in ("gateway", "generation", "cache", "health", "llmesh") if not (BIN_DIR / n).exists()]
+    assert not missing, f"build the binaries first (cargo build --workspace --bins): {missing} not in {BIN_DIR}"
+    out = tmp_path / "bench"
+    argv = [sys.executable, str(BENCH / "run"), "--quick", "--scenarios", "overhead,cache",
+            "--bin-dir", str(BIN_DIR), "--out", str(out), "--max-time", "90"]
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+        pytest.fail(f"bench/run --quick did not finish within 150 s:\n{output[-4000:]}")
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, f"bench/run exited {proc.returncode}:\n{output[-4000:]}"
+
+    report = (out / "report.md").read_text()
+    assert "## 1. Gateway overhead" in report, report
+    assert "## 2. Cache-hit path" in report, report
+    assert "load average" in report and "cores" in report
+    assert "## Targets" in report
+
+    raws = sorted((out / "raw").glob("*.json"))
+    names = [p.name for p in raws]
+    assert any("overhead-direct-200" in n for n in names), names
+    assert any("overhead-gateway-200" in n for n in names), names
+    assert any("cache-hit-memory-200" in n for n in names), names
+    for path in raws:
+        data = json.loads(path.read_text())
+        assert data["schema"] == "llmesh.load.v1", path
+        assert data["successes"] > 0, (path, data["codes"])
+    memory_hits = json.loads(next(p for p in raws if "cache-hit-memory-200" in p.name).read_text())
+    assert memory_hits["cache_hit_share"] > 0.99, memory_hits
+    direct = json.loads(next(p for p in raws if "overhead-direct-200" in p.name).read_text())
+    assert direct["service"] == "generation" and direct["unique"], direct
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["facts"]["nproc"] >= 1
+    assert any("1 ms" in v["target"] for v in summary["verdicts"]), summary["verdicts"]
+
+    # Everything the harness started is gone.
+    time.sleep(0.5)
+    pids = [int(line.split()[0]) for line in (out / "logs" / "pids.txt").read_text().splitlines() if line.strip()]
+    assert len(pids) >= 6
+    left = [pid for pid in pids if alive(pid)]
+    assert not left, f"processes left running: {left}"
+    print(f"bench/run --quick overhead,cache took {elapsed:.1f} s")
+
+
+def test_httpload_against_mock(tmp_path):
+    """The LiteLLM scenario's HTTP pieces, without LiteLLM: the mock answers, the client counts."""
+    mock = subprocess.Popen([sys.executable, str(BENCH / "mock_openai.py"), "--port", "0"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = mock.stderr.readline()
+        assert "listening on 127.0.0.1:" in line, line
+        addr = line.split("listening on ", 1)[1].strip()
+        report_path = tmp_path / "http.json"
+        run = subprocess.run([sys.executable, str(BENCH / "httpload.py"), "--url", f"http://{addr}/v1/chat/completions",
+                              "--concurrency", "4", "--duration", "1", "--json", str(report_path)],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        report = json.loads(report_path.read_text())
+        assert report["successes"] > 10 and report["errors"] == 0, report
+        assert report["codes"] == {"200": report["successes"]}
+        assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] <= report["latency_ms"]["max"]
+    finally:
+        mock.terminate()
+        mock.wait(timeout=10)

@@ -5,6 +5,7 @@ pub mod cache_key;
 pub mod config;
 pub mod deps;
 pub mod logging;
+pub mod redact;
 pub mod server;
 pub mod shutdown;
 pub mod validate;

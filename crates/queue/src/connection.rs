@@ -110,22 +110,3 @@ pub(crate) async fn ensure_group(
 pub(crate) fn is_missing_group(error: &QueueError) -> bool {
     matches!(error, QueueError::Rejected { cause, .. } if cause.code() == Some("NOGROUP"))
 }
-
-/// The URL with any password replaced, for logs and errors.
-pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
-        _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_stay_out_of_messages() {
-        assert_eq!(redact("redis://:secret@host:6379/0"), "redis://***@host:6379/0");
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-    }
-}

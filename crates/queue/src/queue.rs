@@ -2,13 +2,14 @@
 
 use std::{sync::Arc, time::Duration};
 
+use llmesh_common::redact::redact_url;
 use llmesh_proto::{gateway::v1::Job, generation::v1::GenerateRequest};
 use prost::Message as _;
 use redis::FromRedisValue;
 
 use crate::{
     config::QueueConfig,
-    connection::{BoundedConnection, ensure_group, redact},
+    connection::{BoundedConnection, ensure_group},
     error::QueueError,
     keys::Keys,
     record::{SNAPSHOT_FIELDS, Snapshot, parse_snapshot},
@@ -62,12 +63,13 @@ impl JobQueue {
     /// Connects to Redis and makes sure the stream and its consumer group exist. Fails with
     /// `Unavailable` when Redis does not answer within the connect timeout.
     pub async fn connect(url: &str, config: QueueConfig) -> Result<Self, QueueError> {
-        let client = redis::Client::open(url).map_err(|cause| QueueError::InvalidUrl { url: redact(url), cause })?;
+        let client =
+            redis::Client::open(url).map_err(|cause| QueueError::InvalidUrl { url: redact_url(url), cause })?;
         let first_call = config.connect_timeout() + config.response_timeout();
         let api = BoundedConnection::open(&client, &config, config.response_timeout(), first_call)?;
         let keys = Keys::new(&config.stream);
         ensure_group(&api, &keys.stream, &config.group, first_call).await?;
-        tracing::debug!(redis = %redact(url), stream = %keys.stream, group = %config.group, "job queue connected");
+        tracing::debug!(redis = %redact_url(url), stream = %keys.stream, group = %config.group, "job queue connected");
         Ok(Self { inner: Arc::new(Inner { client, api, keys, config }) })
     }
 

@@ -81,7 +81,7 @@ impl RedisStore {
     /// Connects, and checks with a PING that Redis answers. Fails naming the URL (without its
     /// password) when it does not within the connect timeout.
     pub async fn connect(url: &str, config: &Config) -> anyhow::Result<Self> {
-        let shown = redact(url);
+        let shown = llmesh_common::redact::redact_url(url);
         let client = redis::Client::open(url).with_context(|| format!("invalid redis_url {shown}"))?;
         let connect_timeout = Duration::from_millis(config.redis_connect_timeout_ms);
         let manager_config = redis::aio::ConnectionManagerConfig::new()
@@ -103,7 +103,7 @@ impl RedisStore {
 
     /// Connects to a Redis Cluster through any of `nodes`, and checks it answers.
     pub async fn connect_cluster(nodes: &[String], config: &Config) -> anyhow::Result<Self> {
-        let shown: Vec<String> = nodes.iter().map(|n| redact(n)).collect();
+        let shown: Vec<String> = nodes.iter().map(|n| llmesh_common::redact::redact_url(n)).collect();
         let connect_timeout = Duration::from_millis(config.redis_connect_timeout_ms);
         let client = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
             .connection_timeout(connect_timeout)
@@ -220,26 +220,5 @@ impl RedisStore {
                 return Ok(size);
             }
         }
-    }
-}
-
-/// The URL with any password replaced, for logs and errors.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_stay_out_of_messages() {
-        assert_eq!(redact("redis://:secret@host:6379/0"), "redis://***@host:6379/0");
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }

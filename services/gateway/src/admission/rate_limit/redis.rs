@@ -50,7 +50,7 @@ pub(super) enum RedisFailure {
 impl RedisLimiter {
     /// A lazy connection: nothing is sent until the first call. Needs a Tokio runtime.
     pub(super) fn new(url: &str, timeout: Duration) -> anyhow::Result<Self> {
-        let redacted = redact(url);
+        let redacted = llmesh_common::redact::redact_url(url);
         let client = redis::Client::open(url).with_context(|| format!("invalid rate_limit.redis_url {redacted}"))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -160,23 +160,9 @@ pub fn decision_from_reply([allowed, new_tat, retry_after, remaining, _now]: [i6
     })
 }
 
-/// The URL with any password replaced, for logs and errors.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_stay_out_of_logs() {
-        assert_eq!(redact("redis://:secret@host:6379/0"), "redis://***@host:6379/0");
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-    }
 
     #[test]
     fn replies_are_checked() {

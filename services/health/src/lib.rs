@@ -24,6 +24,10 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let mut base = server::Base::new()?;
     base.admin(&config.admin).await?;
+    // The mesh ("") is not SERVING until the first round of checks says so: tonic-health starts
+    // it at SERVING, which would tell probes and `llmesh up` the mesh is ready before anything
+    // was checked.
+    base.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     base.serving::<MeshHealthServer<MeshHealthService>>().await;
     let monitor = monitor::Monitor::new(&config, base.health.clone())?;
     let status = monitor.subscribe();

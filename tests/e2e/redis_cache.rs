@@ -15,7 +15,14 @@ async fn gateway_hits_through_redis_and_invalidate_by_model() {
     // The gateway connects to the cache on first use, which may not fit in the first lookup's
     // 20 ms budget on a loaded machine: open that connection first.
     gateway.generate(prompt("warm up")).await.unwrap();
-    let warm = mesh.cache().await.stats(StatsRequest {}).await.unwrap().into_inner();
+    // The store happens in the background: wait until the warm-up entry is in Redis.
+    let mut cache = mesh.cache().await;
+    let warm = eventually(Duration::from_secs(3), || {
+        let mut cache = cache.clone();
+        async move { Some(cache.stats(StatsRequest {}).await.ok()?.into_inner()).filter(|s| s.entries == 1) }
+    })
+    .await
+    .expect("the warm-up answer stored");
 
     let first = gateway.generate(prompt("redis please")).await.unwrap().into_inner();
     assert!(!first.cached);
@@ -27,7 +34,6 @@ async fn gateway_hits_through_redis_and_invalidate_by_model() {
     .expect("hit from redis");
     assert_eq!(hit.text, first.text);
 
-    let mut cache = mesh.cache().await;
     let stats = cache.stats(StatsRequest {}).await.unwrap().into_inner();
     assert_eq!(stats.backend, "redis");
     assert_eq!(stats.entries, 1 + warm.entries);

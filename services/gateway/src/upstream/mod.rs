@@ -30,10 +30,12 @@ pub use retry::RetryConfig;
 use crate::deadline::{Deadline, MARGIN};
 
 /// A connection that broke under a call (a replica killed mid-call) reaches tonic's client as
-/// UNKNOWN with the transport error as its source; a status the server sent has no source. The
-/// former is the replica's trouble, as retryable as any UNAVAILABLE.
+/// UNKNOWN or CANCELLED ("operation was canceled") with the transport error as its source; a
+/// status the server sent has no source. The former is the replica's trouble, as retryable as any
+/// UNAVAILABLE (and not a cancellation by our own caller, which never reaches here).
 fn normalize(status: Status) -> Status {
-    if status.code() == Code::Unknown && std::error::Error::source(&status).is_some() {
+    let transport = std::error::Error::source(&status).is_some();
+    if transport && matches!(status.code(), Code::Unknown | Code::Cancelled) {
         return Status::unavailable(format!("generation connection failed: {}", status.message()));
     }
     status
@@ -56,6 +58,10 @@ mod tests {
         assert_eq!(broken.code(), Code::Unknown);
         assert_eq!(normalize(broken).code(), Code::Unavailable);
         assert_eq!(normalize(Status::unknown("the server said so")).code(), Code::Unknown);
+        assert_eq!(normalize(Status::cancelled("the server said so")).code(), Code::Cancelled);
+        let mut canceled = Status::cancelled("operation was canceled");
+        canceled.set_source(std::sync::Arc::new(std::io::Error::other("connection closed")));
+        assert_eq!(normalize(canceled).code(), Code::Unavailable);
         assert_eq!(normalize(Status::invalid_argument("bad")).code(), Code::InvalidArgument);
     }
 }

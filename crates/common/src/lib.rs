@@ -4,6 +4,7 @@
 pub mod cache_key;
 pub mod config;
 pub mod deps;
+pub mod errors;
 pub mod logging;
 pub mod redact;
 pub mod server;

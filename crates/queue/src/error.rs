@@ -112,17 +112,7 @@ fn is_outage(error: &redis::RedisError) -> bool {
         )
 }
 
-/// The error and its causes, one after the other, for a log line.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use llmesh_common::errors::error_chain;
 
 /// A failed attempt at a job, as reported by the worker's `execute` function.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -10,6 +10,7 @@ use std::{collections::VecDeque, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _};
+use llmesh_common::errors::error_chain;
 use llmesh_proto::{
     common::v1::{FinishReason, Usage},
     generation::v1::GenerateRequest,
@@ -219,17 +220,6 @@ async fn within<T>(deadline: Instant, what: &str, future: impl std::future::Futu
 
 fn malformed(detail: String) -> Status {
     Status::unavailable(format!("upstream sent a malformed answer: {detail}"))
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Maps an upstream HTTP error to the gRPC status a caller can act on.

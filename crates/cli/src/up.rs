@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use llmesh_common::deps;
+use llmesh_common::{deps, runtime::WORKER_THREADS_ENV};
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader},
     process::{Child, Command},
@@ -152,12 +152,13 @@ async fn start(
     within: Duration,
 ) -> anyhow::Result<Running> {
     let exe = std::env::current_exe().context("cannot find the llmesh executable")?;
-    let mut child = Command::new(exe)
-        .arg("serve")
-        .arg(service.name())
-        .arg("--listen")
-        .arg(listen.to_string())
-        .envs(env)
+    let mut command = Command::new(exe);
+    command.arg("serve").arg(service.name()).arg("--listen").arg(listen.to_string()).envs(env);
+    // Four services share this machine's cores: one worker thread each unless told otherwise.
+    if std::env::var_os(WORKER_THREADS_ENV).is_none() {
+        command.env(WORKER_THREADS_ENV, "1");
+    }
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped())

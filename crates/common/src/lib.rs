@@ -7,6 +7,7 @@ pub mod deps;
 pub mod errors;
 pub mod logging;
 pub mod redact;
+pub mod runtime;
 pub mod server;
 pub mod shutdown;
 pub mod validate;
@@ -38,19 +39,19 @@ where
     serve(config, listener, shutdown).await
 }
 
-/// The body of every process's `main`: a multi-threaded runtime, telemetry for `service` (logs,
-/// and OTLP export when configured; flushed on the way out), and an exit code that says whether
-/// `run` failed (its error and cause chain are logged).
+/// The body of every process's `main`: a multi-threaded runtime (see [`runtime`]), telemetry for
+/// `service` (logs, and OTLP export when configured; flushed on the way out), and an exit code
+/// that says whether `run` failed (its error and cause chain are logged).
 pub fn run_main<F, Fut>(service: &str, run: F) -> ExitCode
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime::runtime() {
         Ok(runtime) => runtime,
         Err(error) => {
             logging::init();
-            tracing::error!(%error, "cannot start the async runtime");
+            tracing::error!("cannot start the async runtime: {error:#}");
             return ExitCode::FAILURE;
         }
     };

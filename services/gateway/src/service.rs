@@ -104,7 +104,7 @@ impl GatewayService {
 
     /// Settles a reservation with what was used, tells the client what is left, and counts the
     /// tokens and their cost for the key.
-    async fn settle<T>(
+    fn settle<T>(
         &self,
         who: &Principal,
         model: &str,
@@ -112,7 +112,7 @@ impl GatewayService {
         usage: Option<Usage>,
         response: &mut Response<T>,
     ) {
-        let quota = self.inner.limiter.settle(reservation, usage.map_or(0, |u| u.total_tokens)).await;
+        let quota = self.inner.limiter.settle_in_background(reservation, usage.map_or(0, |u| u.total_tokens));
         quota.write_metadata(response.metadata_mut());
         self.account(who, model, usage, quota.remaining_tokens);
     }
@@ -283,12 +283,12 @@ impl Gateway for GatewayService {
                     &[label("endpoint", "Generate")],
                 );
                 let mut response = Response::new(gw::GenerateResponse::from(response));
-                self.settle(&who, &model, reservation, used, &mut response).await;
+                self.settle(&who, &model, reservation, used, &mut response);
                 Ok(response)
             }
             Err(status) => {
                 // A failed call costs the caller nothing.
-                self.inner.limiter.settle(reservation, 0).await;
+                self.inner.limiter.settle_in_background(reservation, 0);
                 Err(status)
             }
         }
@@ -307,12 +307,12 @@ impl Gateway for GatewayService {
         let policy = match self.cached(&request, deadline).await {
             Ok(Cached::Hit(response, chunks)) => {
                 let mut reply = Response::new(replay(*response, chunks));
-                self.settle(&who, &request.model, reservation, None, &mut reply).await;
+                self.settle(&who, &request.model, reservation, None, &mut reply);
                 return Ok(reply);
             }
             Ok(Cached::Miss(policy)) => policy,
             Err(status) => {
-                self.inner.limiter.settle(reservation, 0).await;
+                self.inner.limiter.settle_in_background(reservation, 0);
                 return Err(status);
             }
         };
@@ -321,7 +321,7 @@ impl Gateway for GatewayService {
             // Nothing was streamed yet: a fallback answer can still be the whole stream.
             Err(status) => {
                 let degraded = self.degrade(&request, status, deadline).await;
-                self.inner.limiter.settle(reservation, 0).await;
+                self.inner.limiter.settle_in_background(reservation, 0);
                 let response = degraded?;
                 let chunks = if response.cached { Vec::new() } else { vec![response.text.clone()] };
                 return Ok(Response::new(replay(response, chunks)));
@@ -481,7 +481,8 @@ fn relay(
                     && let Some(Settle { service, who, model, reservation }) = state.settle.take()
                 {
                     let usage = chunk.usage.filter(|_| chunk.degraded.is_none());
-                    let quota = service.inner.limiter.settle(reservation, usage.map_or(0, |u| u.total_tokens)).await;
+                    let quota =
+                        service.inner.limiter.settle_in_background(reservation, usage.map_or(0, |u| u.total_tokens));
                     service.account(&who, &model, usage, quota.remaining_tokens);
                 }
                 Ok(chunk)

@@ -5,7 +5,10 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, bail};
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 
-use super::runner::{Mode, RunPlan};
+use super::{
+    pacer::Pacing,
+    runner::{Mode, RunPlan},
+};
 
 /// The gateway's address in `llmesh up`'s default layout.
 const GATEWAY_TARGET: &str = "http://127.0.0.1:50051";
@@ -194,7 +197,14 @@ impl LoadArgs {
             prompts: self.prompts,
             unique: self.unique,
             seed: self.seed.unwrap_or_else(|| fastrand::u64(..)),
-            run: RunPlan { mode, duration, requests: self.requests, timeout: self.timeout, grace: self.grace },
+            run: RunPlan {
+                mode,
+                duration,
+                requests: self.requests,
+                timeout: self.timeout,
+                grace: self.grace,
+                pacing: Pacing::Thread,
+            },
             json,
         })
     }

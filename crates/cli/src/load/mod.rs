@@ -4,8 +4,8 @@
 //! - [`args`]: flags, validated into a [`args::Plan`];
 //! - [`workload`]: the prompt of each request (a weighted mix; optionally unique per request);
 //! - [`client`]: the gRPC calls, over a few HTTP/2 connections in turn;
-//! - [`runner`]: when calls start: an open loop on a timetable ([`schedule`]) or a closed loop of
-//!   workers, then the grace period and the hard stop;
+//! - [`runner`]: when calls start: an open loop on a timetable ([`schedule`], paced by [`pacer`]) or
+//!   a closed loop of workers, then the grace period and the hard stop;
 //! - [`recorder`]: HDR histograms and counters, fed by the finished calls ([`outcome`]), with a
 //!   live [`progress`] bar on a terminal;
 //! - [`report`]: the human summary and the JSON.
@@ -13,6 +13,7 @@
 mod args;
 mod client;
 mod outcome;
+mod pacer;
 mod progress;
 mod recorder;
 mod report;

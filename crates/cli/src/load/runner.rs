@@ -21,6 +21,7 @@ use tonic::Code;
 
 use super::{
     outcome::{CallResult, Failure, Timed},
+    pacer::{self, Pacing},
     schedule::{Schedule, far_future},
 };
 
@@ -46,6 +47,8 @@ pub struct RunPlan {
     pub timeout: Duration,
     /// How long calls in flight may still take once the run stops starting calls.
     pub grace: Duration,
+    /// The open loop's clock.
+    pub pacing: Pacing,
 }
 
 /// Makes one call. `seq` numbers the calls from 0 in start order (the open loop's timetable
@@ -172,6 +175,7 @@ impl<S: Future<Output = ()> + Unpin> Run<S> {
         call: &Call<C>,
     ) -> (Instant, u64) {
         let permits = Arc::new(Semaphore::new(max_in_flight));
+        let mut ticks = pacer::ticks(plan.pacing, schedule, plan.requests, end);
         let mut end_reached = std::pin::pin!(sleep_until(end.unwrap_or_else(far_future)));
         let mut seq = 0u64;
         let mut by_count = false;
@@ -190,7 +194,11 @@ impl<S: Future<Output = ()> + Unpin> Run<S> {
                     self.interrupted = true;
                     break;
                 }
-                () = sleep_until(intended) => {}
+                tick = ticks.recv() => match tick {
+                    Some(tick) => debug_assert_eq!(tick, seq),
+                    // The pacer stops only where the checks above do, or when it could not start.
+                    None => break,
+                },
             }
             // Past the limit the start waits; its latency still counts from `intended`.
             let permit = tokio::select! {
@@ -329,6 +337,7 @@ mod tests {
             requests,
             timeout: Duration::from_secs(3600),
             grace: Duration::from_secs(2),
+            pacing: Pacing::Runtime,
         }
     }
 

@@ -217,6 +217,25 @@ impl RateLimiter {
         Quota { remaining_requests: None, remaining_tokens: Some(decision.remaining) }
     }
 
+    /// [`settle`](Self::settle) in the background, so that the answer does not wait for another
+    /// Redis round trip. Returns what the key has left by this reservation's reckoning: what was
+    /// left once it was taken, plus the refund (at most a full bucket) or minus the excess. Calls
+    /// on other replicas in between are not in that figure, as they are not in the reservation's.
+    pub fn settle_in_background(self: &Arc<Self>, reservation: Reservation, used_tokens: u32) -> Quota {
+        let remaining = reservation.remaining.zip(reservation.limit).map(|(remaining, limit)| {
+            if used_tokens <= reservation.tokens {
+                (remaining + u64::from(reservation.tokens - used_tokens)).min(u64::from(limit.burst))
+            } else {
+                remaining.saturating_sub(u64::from(used_tokens - reservation.tokens))
+            }
+        });
+        if reservation.limit.is_some() && used_tokens != reservation.tokens {
+            let limiter = self.clone();
+            tokio::spawn(async move { limiter.settle(reservation, used_tokens).await });
+        }
+        Quota { remaining_requests: None, remaining_tokens: remaining }
+    }
+
     /// Calls the local limiter answered because Redis failed, was too slow, or was being given a
     /// rest after failing. Zero when no Redis is configured.
     pub fn local_fallbacks(&self) -> u64 {
@@ -360,6 +379,33 @@ mod tests {
         tokio::time::advance(Duration::from_secs(120)).await;
         let reservation = limiter.reserve_tokens(&bob, 10).await.unwrap();
         assert_eq!(limiter.settle(reservation, 10).await.remaining_tokens, Some(990));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settling_in_the_background_reports_and_charges_what_settling_would() {
+        let shared = Arc::new(limiter(0, 1_000));
+        let bob = principal("bob", None, None);
+        // Refunds: the estimate is the settled figure, capped at a full bucket.
+        let reservation = shared.reserve_tokens(&bob, 600).await.unwrap();
+        assert_eq!(shared.settle_in_background(reservation, 100).remaining_tokens, Some(900));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let reservation = shared.reserve_tokens(&bob, 500).await.unwrap();
+        assert_eq!(reservation.quota().remaining_tokens, Some(400));
+        // The excess is charged once the background settle has run: the next call must wait.
+        assert_eq!(shared.settle_in_background(reservation, 1_200).remaining_tokens, Some(0));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let status = shared.reserve_tokens(&bob, 1).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        // A failed call gives everything back.
+        tokio::time::advance(Duration::from_secs(120)).await;
+        let reservation = shared.reserve_tokens(&bob, 300).await.unwrap();
+        assert_eq!(shared.settle_in_background(reservation, 0).remaining_tokens, Some(1_000));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(shared.reserve_tokens(&bob, 1_000).await.unwrap().quota().remaining_tokens, Some(0));
+        // Unlimited keys have nothing to report.
+        let unlimited = Arc::new(limiter(0, 0));
+        let reservation = unlimited.reserve_tokens(&bob, 10).await.unwrap();
+        assert_eq!(unlimited.settle_in_background(reservation, 5), Quota::default());
     }
 
     #[tokio::test(start_paused = true)]

@@ -135,6 +135,7 @@ async fn two_gateways_share_one_limit_and_fall_back_to_local_when_redis_dies() {
     let limits = vec![
         ("LLMESH_GATEWAY_RATE_LIMIT__REDIS_URL", redis.url()),
         ("LLMESH_GATEWAY_RATE_LIMIT__REQUESTS_PER_MINUTE", "120".to_string()),
+        ("LLMESH_GATEWAY_ADMIN__LISTEN", "127.0.0.1:0".to_string()),
     ];
     let mesh = Mesh::start_with(MeshOptions { env: limits.clone(), ..Default::default() }).await;
     let other = second_gateway(&mesh, &limits).await;
@@ -156,4 +157,41 @@ async fn two_gateways_share_one_limit_and_fall_back_to_local_when_redis_dies() {
     let (allowed_local, _) = hammer(&gateways[..1], 20, Duration::from_secs(1)).await;
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(allowed_local > 0, "the local limiter let nothing through");
+
+    // Redis back on its port, empty: both gateways return to one shared limit without a restart.
+    let restarted = Instant::now();
+    let _redis = Redis::start_on(redis.port).await.unwrap();
+    let procs = [&mesh.gateway, &other];
+    let shared_before = [redis_decisions(procs[0]).await, redis_decisions(procs[1]).await];
+    let back = llmesh_e2e::eventually(Duration::from_secs(10), || {
+        let gateways = gateways.clone();
+        async move {
+            for mut gateway in gateways {
+                let _ = gateway.generate(prompt("probe")).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = [redis_decisions(procs[0]).await, redis_decisions(procs[1]).await];
+            (now[0] > shared_before[0] && now[1] > shared_before[1]).then_some(())
+        }
+    })
+    .await;
+    assert!(back.is_some(), "the gateways did not go back to Redis within 10 s");
+    let local_before = local_decisions(procs[0]).await + local_decisions(procs[1]).await;
+    let (allowed, limited) = hammer(&gateways, 50, run).await;
+    assert_eq!(local_decisions(procs[0]).await + local_decisions(procs[1]).await, local_before);
+    // One fresh bucket for both: at most its burst plus 2/s since Redis came back (each gateway
+    // alone would have allowed about that much again).
+    let most = 120.0 + 2.0 * restarted.elapsed().as_secs_f64();
+    assert!(
+        allowed as f64 <= 1.1 * most && limited > 0,
+        "after Redis came back two gateways allowed {allowed} (at most about {most:.0}); {limited} were limited"
+    );
+}
+
+async fn redis_decisions(gateway: &Proc) -> f64 {
+    gateway.metric_sum("llmesh_ratelimit_decisions_total", "limiter=\"redis\"").await
+}
+
+async fn local_decisions(gateway: &Proc) -> f64 {
+    gateway.metric_sum("llmesh_ratelimit_decisions_total", "limiter=\"local\"").await
 }

@@ -170,26 +170,6 @@ async fn traffic_moves_off_a_slow_replica() {
     assert!(late_slow * 100 <= total, "{late_slow} of {total} calls still went to the slow replica after 3 s");
 }
 
-/// Reads one metric's total from a service's `/metrics` (summing every label set).
-async fn metric_total(proc: &llmesh_e2e::Proc, name: &str) -> f64 {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let logs = proc.logs();
-    let admin = logs
-        .lines()
-        .find_map(|l| l.split("admin listening on ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the admin listener's address in the logs")
-        .to_string();
-    let mut stream = tokio::net::TcpStream::connect(&admin).await.unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn retries_stay_within_their_budget() {
     // Every call fails upstream; the breaker is told never to open, so only the budget holds
@@ -212,8 +192,8 @@ async fn retries_stay_within_their_budget() {
         let answer = gateway.generate(request).await.unwrap().into_inner();
         assert_eq!(answer.finish_reason, i32::from(FinishReason::Fallback));
     }
-    let retries = metric_total(&mesh.gateway, "llmesh_retries_total").await;
-    let refused = metric_total(&mesh.gateway, "llmesh_retry_budget_exhausted_total").await;
+    let retries = mesh.gateway.metric_sum("llmesh_retries_total", "").await;
+    let refused = mesh.gateway.metric_sum("llmesh_retry_budget_exhausted_total", "").await;
     assert!(retries > 0.0, "no retry at all");
     assert!(retries <= 0.25 * f64::from(calls), "{retries} retries for {calls} calls");
     assert!(refused > 0.0, "the budget never refused a retry");

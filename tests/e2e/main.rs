@@ -6,6 +6,7 @@ mod admission;
 mod bad_input;
 mod cache;
 mod chaos;
+mod discovery;
 mod fakellm;
 mod jobs;
 mod lifecycle;

@@ -7,7 +7,7 @@ pub mod otlp;
 
 use std::{
     net::{SocketAddr, TcpListener},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
@@ -55,7 +55,24 @@ impl Proc {
 
     /// Starts `name` listening on `listen` (to bring a service back on the port it had).
     pub async fn spawn_at(name: &str, env: &[(&str, String)], listen: &str) -> anyhow::Result<Self> {
-        let (child, logs, addr) = launch(name, &["--listen", listen], env)?;
+        Self::start(name, Command::new(bin(name)), &["--listen", listen], env).await
+    }
+
+    /// Starts `name` on 127.0.0.1:0 in a mount namespace of its own where `hosts` is mounted over
+    /// /etc/hosts: the names it resolves are the test's to change while it runs (write the file in
+    /// place; a rename would leave the mount on the old file). Needs root and util-linux `unshare`.
+    pub async fn spawn_with_hosts(name: &str, env: &[(&str, String)], hosts: &Path) -> anyhow::Result<Self> {
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+            .arg(hosts)
+            .arg(bin(name));
+        Self::start(name, command, &["--listen", "127.0.0.1:0"], env).await
+    }
+
+    async fn start(name: &str, command: Command, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Self> {
+        let (child, logs, addr) = launch(name, command, args, env)?;
         let mut child = child;
         let addr = tokio::select! {
             addr = tokio::time::timeout(START_TIMEOUT, addr) => addr
@@ -83,6 +100,27 @@ impl Proc {
         nix::unistd::Pid::from_raw(i32::try_from(self.child.id().expect("running")).unwrap())
     }
 
+    /// The sum of one metric over the label sets whose line contains `labels` ("" for all), from
+    /// the process's `/metrics`.
+    pub async fn metric_sum(&self, name: &str, labels: &str) -> f64 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let logs = self.logs();
+        let admin = logs
+            .lines()
+            .find_map(|l| l.split("admin listening on ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("the admin listener's address in the logs")
+            .to_string();
+        let mut stream = tokio::net::TcpStream::connect(&admin).await.unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Sends SIGTERM, as an orchestrator would.
     pub fn terminate(&self) {
         nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -101,8 +139,8 @@ impl Proc {
 
 type Launched = (Child, Arc<Mutex<Vec<String>>>, oneshot::Receiver<SocketAddr>);
 
-fn launch(name: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Launched> {
-    let mut child = Command::new(bin(name))
+fn launch(name: &str, mut command: Command, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Launched> {
+    let mut child = command
         .args(args)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("LLMESH_LOG_FORMAT", "text")
@@ -152,7 +190,7 @@ pub async fn run_to_exit(
     env: &[(&str, String)],
     within: Duration,
 ) -> anyhow::Result<(ExitStatus, String)> {
-    let (mut child, logs, _addr) = launch(name, args, env)?;
+    let (mut child, logs, _addr) = launch(name, Command::new(bin(name)), args, env)?;
     let status = tokio::time::timeout(within, child.wait())
         .await
         .map_err(|_| anyhow!("{name} still running after {within:?}"))??;

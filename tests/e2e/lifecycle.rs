@@ -253,3 +253,23 @@ async fn the_gateway_drains_then_finishes_calls_in_flight() {
     assert!(status.success(), "{status:?}");
     assert!(signalled.elapsed() < Duration::from_millis(4500), "{:?}", signalled.elapsed());
 }
+
+#[tokio::test]
+async fn worker_threads_are_set_by_the_environment() {
+    let generation = Proc::spawn("generation", &[("LLMESH_WORKER_THREADS", "3".to_string())]).await.unwrap();
+    let task_dir = format!("/proc/{}/task", generation.pid());
+    let workers = std::fs::read_dir(&task_dir)
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count();
+    assert_eq!(workers, 3, "threads named tokio-rt-worker in {task_dir}");
+
+    for bad in ["0", "many"] {
+        let env = [("LLMESH_WORKER_THREADS", bad.to_string())];
+        let (status, logs) =
+            run_to_exit("generation", &["--listen", "127.0.0.1:0"], &env, Duration::from_secs(10)).await.unwrap();
+        assert!(!status.success());
+        assert!(logs.contains(&format!("LLMESH_WORKER_THREADS={bad:?}")), "{logs}");
+    }
+}

@@ -4,8 +4,8 @@
 //! That suits one service alone on a machine. Several services on the same cores (`llmesh up`, a
 //! laptop, a benchmark host) each start that many workers, and a call that crosses three
 //! processes then wakes a thread per hop that has to find a free core: on the 2-core benchmark
-//! machine one worker per service cut the gateway's p99 at 500 req/s by about half (see
-//! docs/BENCHMARKS.md). `llmesh up` sets it to 1 for its children; a container with a CPU limit of
+//! machine one worker per service gave the lower p99 in most of the compared runs (docs/BENCHMARKS.md,
+//! "Worker threads"). `llmesh up` sets it to 1 for its children; a container with a CPU limit of
 //! one core or less gets one worker by Tokio's own count.
 
 use anyhow::Context as _;

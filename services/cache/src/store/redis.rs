@@ -69,6 +69,25 @@ impl From<redis::RedisError> for StoreError {
     }
 }
 
+/// Connects with `connect` and checks the connection with a PING, all within `timeout`; an error
+/// names `target`.
+async fn checked<C: redis::aio::ConnectionLike>(
+    timeout: Duration,
+    target: String,
+    connect: impl Future<Output = redis::RedisResult<C>>,
+) -> anyhow::Result<C> {
+    let ping = async {
+        let mut conn = connect.await?;
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok::<_, redis::RedisError>(conn)
+    };
+    tokio::time::timeout(timeout, ping)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {} ms", timeout.as_millis()))
+        .and_then(|r| r.map_err(anyhow::Error::from))
+        .with_context(|| format!("cannot reach {target}"))
+}
+
 fn entry_key(key: &str) -> String {
     format!("{PREFIX}{key}")
 }
@@ -88,16 +107,12 @@ impl RedisStore {
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(Duration::from_millis(config.redis_response_timeout_ms)))
             .set_number_of_retries(2);
-        let connect = async {
-            let mut conn = ConnectionManager::new_with_config(client, manager_config).await?;
-            let _: String = redis::cmd("PING").query_async(&mut conn).await?;
-            Ok::<_, redis::RedisError>(conn)
-        };
-        let conn = tokio::time::timeout(connect_timeout, connect)
-            .await
-            .map_err(|_| anyhow::anyhow!("no answer within {} ms", connect_timeout.as_millis()))
-            .and_then(|r| r.map_err(anyhow::Error::from))
-            .with_context(|| format!("cannot reach redis at {shown}"))?;
+        let conn = checked(
+            connect_timeout,
+            format!("redis at {shown}"),
+            ConnectionManager::new_with_config(client, manager_config),
+        )
+        .await?;
         Ok(Self { conn: Conn::Single(conn) })
     }
 
@@ -110,16 +125,8 @@ impl RedisStore {
             .response_timeout(Duration::from_millis(config.redis_response_timeout_ms))
             .build()
             .with_context(|| format!("invalid redis_cluster_nodes {shown:?}"))?;
-        let connect = async {
-            let mut conn = client.get_async_connection().await?;
-            let _: String = redis::cmd("PING").query_async(&mut conn).await?;
-            Ok::<_, redis::RedisError>(conn)
-        };
-        let conn = tokio::time::timeout(connect_timeout, connect)
-            .await
-            .map_err(|_| anyhow::anyhow!("no answer within {} ms", connect_timeout.as_millis()))
-            .and_then(|r| r.map_err(anyhow::Error::from))
-            .with_context(|| format!("cannot reach the redis cluster at {shown:?}"))?;
+        let conn =
+            checked(connect_timeout, format!("the redis cluster at {shown:?}"), client.get_async_connection()).await?;
         Ok(Self { conn: Conn::Cluster(conn) })
     }
 

@@ -11,7 +11,8 @@
 //! Each rejection is a gRPC status response (never an error tonic would turn into UNKNOWN).
 //! Health checks and reflection pass every layer untouched. Token quotas need the decoded
 //! request, so the typed handler reserves them through [`RateLimiter::reserve_tokens`] and settles
-//! them with [`RateLimiter::settle`] once the usage is known.
+//! them once the usage is known, in the background ([`RateLimiter::settle_in_background`]) so
+//! that the answer does not wait for that Redis round trip.
 
 pub mod auth;
 pub mod rate_limit;

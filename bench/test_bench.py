@@ -66,6 +66,10 @@ def test_quick_overhead_and_cache(tmp_path):
         assert data["successes"] > 0, (path, data["codes"])
     memory_hits = json.loads(next(p for p in raws if "cache-hit-memory-200" in p.name).read_text())
     assert memory_hits["cache_hit_share"] > 0.99, memory_hits
+    # The gateway's own overhead histogram, read around the run, counted every answered call.
+    gateway = json.loads(next(p for p in raws if "overhead-gateway-200" in p.name).read_text())
+    own = next(line for line in report.splitlines() if line.startswith("| 200 | ") and "%" in line)
+    assert own.split("|")[2].strip() == str(gateway["successes"]), own
     direct = json.loads(next(p for p in raws if "overhead-direct-200" in p.name).read_text())
     assert direct["service"] == "generation" and direct["unique"], direct
 

@@ -270,12 +270,13 @@ impl GatewayService {
 #[tonic::async_trait]
 impl Gateway for GatewayService {
     async fn generate(&self, request: Request<gw::GenerateRequest>) -> Result<Response<gw::GenerateResponse>, Status> {
+        // The gateway's own time counts from here: the token reservation and the cache are in it.
+        let started = std::time::Instant::now();
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
         let (_, extensions, request) = request.into_parts();
         let request: generation::GenerateRequest = request.into();
         let (who, reservation) = self.admit(&extensions, &request).await?;
         let model = request.model.clone();
-        let started = std::time::Instant::now();
         match self.respond(request, deadline).await {
             Ok((response, used, upstream_time)) => {
                 metrics().overhead.record(

@@ -195,3 +195,42 @@ async fn redis_decisions(gateway: &Proc) -> f64 {
 async fn local_decisions(gateway: &Proc) -> f64 {
     gateway.metric_sum("llmesh_ratelimit_decisions_total", "limiter=\"local\"").await
 }
+
+#[tokio::test]
+async fn a_stream_the_client_drops_pays_only_for_what_it_received() {
+    let env = vec![
+        ("LLMESH_GATEWAY_RATE_LIMIT__TOKENS_PER_MINUTE", "1000".to_string()),
+        ("LLMESH_GENERATION_MODELS__PACED__PROVIDER", "sim".to_string()),
+        ("LLMESH_GENERATION_MODELS__PACED__TOKENS_PER_SECOND", "20".to_string()),
+        ("LLMESH_GENERATION_MODELS__PACED__OUTPUT_TOKENS", "400".to_string()),
+    ];
+    let mesh = Mesh::start_with(MeshOptions { env, ..Default::default() }).await;
+    let mut gateway = mesh.gateway().await;
+    let remaining = |metadata: &tonic::metadata::MetadataMap| {
+        metadata.get("x-ratelimit-remaining-tokens").and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap()
+    };
+
+    // A 400-token stream reserves its prompt and all 400 tokens up front.
+    let request = llmesh_proto::gateway::v1::GenerateStreamRequest {
+        model: "paced".into(),
+        prompt: "a long answer, please".into(),
+        max_tokens: 400,
+        cache: CachePolicy::Bypass.into(),
+        ..Default::default()
+    };
+    let response = gateway.generate_stream(request).await.unwrap();
+    assert!(remaining(response.metadata()) < 600, "{:?}", response.metadata());
+    let mut stream = response.into_inner();
+    for _ in 0..2 {
+        assert!(stream.message().await.unwrap().is_some());
+    }
+    // The client goes away after two chunks: the gateway settles with what it streamed.
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let request = GenerateRequest { max_tokens: 10, cache: CachePolicy::Bypass.into(), ..prompt("short") };
+    let answer = gateway.generate(request).await.unwrap();
+    let left = remaining(answer.metadata());
+    // Without the refund about 600 would be left (minus this call); with it, nearly all 1000.
+    assert!(left > 900, "{left} tokens left after a dropped stream: its reservation was kept");
+}

@@ -102,6 +102,13 @@ pub fn prompt_bytes(request: &GenerateRequest) -> usize {
     request.prompt.len() + request.messages.iter().map(|m| m.content.len()).sum::<usize>()
 }
 
+/// About four characters a token (the usual rule of thumb for English text): what llmesh counts
+/// where no tokenizer has counted (reservations before a call, text streamed to a client that went
+/// away, usage an upstream did not report).
+pub fn estimated_tokens(chars: usize) -> u32 {
+    u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX)
+}
+
 /// The `max_tokens` to use: the request's, or the default when it left it at 0.
 pub fn effective_max_tokens(request: &GenerateRequest, limits: &Limits) -> u32 {
     if request.max_tokens == 0 { limits.default_max_tokens } else { request.max_tokens }

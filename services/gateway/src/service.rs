@@ -19,7 +19,7 @@ use llmesh_proto::{
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    admission::{Principal, RateLimiter, Reservation},
+    admission::{Held, Principal, RateLimiter},
     cache::{Cache, Use},
     catalog::Catalog,
     config::{Config, Price},
@@ -86,7 +86,7 @@ impl GatewayService {
         &self,
         extensions: &http::Extensions,
         request: &generation::GenerateRequest,
-    ) -> Result<(Principal, Reservation), Status> {
+    ) -> Result<(Principal, Held), Status> {
         validate::generate_request(request, &self.inner.limits)?;
         let principal = extensions.get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
         if !principal.allows(&request.model) {
@@ -95,24 +95,16 @@ impl GatewayService {
                 principal.id, request.model
             )));
         }
-        let prompt_tokens = u32::try_from(validate::prompt_bytes(request).div_ceil(4)).unwrap_or(u32::MAX);
+        let prompt_tokens = validate::estimated_tokens(validate::prompt_bytes(request));
         let max_tokens = validate::effective_max_tokens(request, &self.inner.limits);
-        let reservation =
-            self.inner.limiter.reserve_tokens(&principal, prompt_tokens.saturating_add(max_tokens)).await?;
-        Ok((principal, reservation))
+        let held = self.inner.limiter.hold_tokens(&principal, prompt_tokens.saturating_add(max_tokens)).await?;
+        Ok((principal, held))
     }
 
     /// Settles a reservation with what was used, tells the client what is left, and counts the
     /// tokens and their cost for the key.
-    fn settle<T>(
-        &self,
-        who: &Principal,
-        model: &str,
-        reservation: Reservation,
-        usage: Option<Usage>,
-        response: &mut Response<T>,
-    ) {
-        let quota = self.inner.limiter.settle_in_background(reservation, usage.map_or(0, |u| u.total_tokens));
+    fn settle<T>(&self, who: &Principal, model: &str, held: Held, usage: Option<Usage>, response: &mut Response<T>) {
+        let quota = held.settle(usage.map_or(0, |u| u.total_tokens));
         quota.write_metadata(response.metadata_mut());
         self.account(who, model, usage, quota.remaining_tokens);
     }
@@ -275,7 +267,7 @@ impl Gateway for GatewayService {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
         let (_, extensions, request) = request.into_parts();
         let request: generation::GenerateRequest = request.into();
-        let (who, reservation) = self.admit(&extensions, &request).await?;
+        let (who, held) = self.admit(&extensions, &request).await?;
         let model = request.model.clone();
         match self.respond(request, deadline).await {
             Ok((response, used, upstream_time)) => {
@@ -284,12 +276,12 @@ impl Gateway for GatewayService {
                     &[label("endpoint", "Generate")],
                 );
                 let mut response = Response::new(gw::GenerateResponse::from(response));
-                self.settle(&who, &model, reservation, used, &mut response);
+                self.settle(&who, &model, held, used, &mut response);
                 Ok(response)
             }
             Err(status) => {
                 // A failed call costs the caller nothing.
-                self.inner.limiter.settle_in_background(reservation, 0);
+                held.settle(0);
                 Err(status)
             }
         }
@@ -304,16 +296,16 @@ impl Gateway for GatewayService {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
         let (_, extensions, request) = request.into_parts();
         let request: generation::GenerateRequest = request.into();
-        let (who, reservation) = self.admit(&extensions, &request).await?;
+        let (who, held) = self.admit(&extensions, &request).await?;
         let policy = match self.cached(&request, deadline).await {
             Ok(Cached::Hit(response, chunks)) => {
                 let mut reply = Response::new(replay(*response, chunks));
-                self.settle(&who, &request.model, reservation, None, &mut reply);
+                self.settle(&who, &request.model, held, None, &mut reply);
                 return Ok(reply);
             }
             Ok(Cached::Miss(policy)) => policy,
             Err(status) => {
-                self.inner.limiter.settle_in_background(reservation, 0);
+                held.settle(0);
                 return Err(status);
             }
         };
@@ -322,7 +314,7 @@ impl Gateway for GatewayService {
             // Nothing was streamed yet: a fallback answer can still be the whole stream.
             Err(status) => {
                 let degraded = self.degrade(&request, status, deadline).await;
-                self.inner.limiter.settle_in_background(reservation, 0);
+                held.settle(0);
                 let response = degraded?;
                 let chunks = if response.cached { Vec::new() } else { vec![response.text.clone()] };
                 return Ok(Response::new(replay(response, chunks)));
@@ -330,8 +322,8 @@ impl Gateway for GatewayService {
         };
         let cache = policy.write.then(|| self.inner.cache.clone());
         // Headers go out before the tokens are known: they carry what is left after the reservation.
-        let quota = reservation.quota();
-        let settle = Settle { service: self.clone(), who, model: request.model.clone(), reservation };
+        let quota = held.quota();
+        let settle = Settle { service: self.clone(), who, model: request.model.clone(), held };
         let mut reply = Response::new(relay(started, request, cache, deadline, settle));
         quota.write_metadata(reply.metadata_mut());
         Ok(reply)
@@ -405,12 +397,13 @@ fn replay(response: generation::GenerateResponse, chunks: Vec<String>) -> ChunkS
     futures::stream::iter(deltas).chain(futures::stream::once(async move { Ok(last) })).boxed()
 }
 
-/// A stream's token reservation, settled with the usage its final chunk reports.
+/// A stream's token reservation, settled with the usage its final chunk reports; if the stream
+/// ends before that (the client went away), with the text it received.
 struct Settle {
     service: GatewayService,
     who: Principal,
     model: String,
-    reservation: Reservation,
+    held: Held,
 }
 
 /// Passes generation's chunks on as they arrive, until the call's deadline. When the stream
@@ -435,6 +428,9 @@ fn relay(
 
     impl Relay {
         fn pass(&mut self, chunk: generation::GenerateStreamResponse) -> gw::GenerateStreamResponse {
+            if let Some(settle) = self.settle.as_mut() {
+                settle.held.received(validate::estimated_tokens(chunk.delta.len()));
+            }
             if self.cache.is_some() && !chunk.delta.is_empty() {
                 self.chunks.push(chunk.delta.clone());
             }
@@ -479,11 +475,10 @@ fn relay(
             Ok(Some(chunk)) => {
                 let chunk = state.pass(chunk);
                 if state.done
-                    && let Some(Settle { service, who, model, reservation }) = state.settle.take()
+                    && let Some(Settle { service, who, model, held }) = state.settle.take()
                 {
                     let usage = chunk.usage.filter(|_| chunk.degraded.is_none());
-                    let quota =
-                        service.inner.limiter.settle_in_background(reservation, usage.map_or(0, |u| u.total_tokens));
+                    let quota = held.settle(usage.map_or(0, |u| u.total_tokens));
                     service.account(&who, &model, usage, quota.remaining_tokens);
                 }
                 Ok(chunk)

@@ -272,9 +272,9 @@ fn prompt_chars(request: &GenerateRequest) -> usize {
     request.prompt.chars().count() + request.messages.iter().map(|m| m.content.chars().count()).sum::<usize>()
 }
 
-/// About four characters a token: what llmesh reports when an upstream gives no usage.
+/// What llmesh reports when an upstream gives no usage.
 fn estimate(prompt_chars: usize, completion_chars: usize) -> Usage {
-    let tokens = |chars: usize| u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX);
+    let tokens = llmesh_common::validate::estimated_tokens;
     let (prompt_tokens, completion_tokens) = (tokens(prompt_chars), tokens(completion_chars));
     Usage {
         prompt_tokens,

@@ -10,6 +10,7 @@
 //! A limit of 0 is unlimited and costs nothing, not even a Redis call.
 
 pub mod gcra;
+mod held;
 mod layer;
 mod local;
 mod redis;
@@ -29,6 +30,7 @@ use tonic::{
 };
 
 pub use gcra::{Cost, Decision, Limit};
+pub use held::Held;
 pub use layer::{RateLimit, RateLimitLayer};
 pub use redis::decision_from_reply;
 
@@ -90,7 +92,8 @@ impl Quota {
 }
 
 /// Tokens taken from a key's budget before the call, to be settled with the real usage.
-/// Dropping it without [`RateLimiter::settle`] keeps the whole reservation charged.
+/// Dropping it without [`RateLimiter::settle`] keeps the whole reservation charged; a call holds
+/// it as a [`Held`], which settles on drop.
 #[derive(Debug)]
 #[must_use = "settle the reservation once the usage is known"]
 pub struct Reservation {
@@ -199,6 +202,12 @@ impl RateLimiter {
         } else {
             Err(exhausted(Kind::Tokens, limit, &principal.id, decision))
         }
+    }
+
+    /// [`reserve_tokens`](Self::reserve_tokens), held by the call until it settles or is dropped.
+    pub async fn hold_tokens(self: &Arc<Self>, principal: &Principal, tokens: u32) -> Result<Held, Status> {
+        let reservation = self.reserve_tokens(principal, tokens).await?;
+        Ok(Held::new(self.clone(), reservation))
     }
 
     /// Settles a reservation with the tokens really used: gives back the difference, or charges

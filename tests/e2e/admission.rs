@@ -17,20 +17,12 @@ use llmesh_proto::{
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::prompt;
+use crate::{demo_keys, prompt};
 
 fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert("x-api-key", key.parse().unwrap());
     request
-}
-
-/// The demo key and its entry, from the keys file the compose stack ships.
-fn demo_keys() -> (String, String) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/keys.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let key = text.lines().find_map(|l| l.strip_prefix("# x-api-key: ")).unwrap().split_whitespace().next().unwrap();
-    (key.to_string(), path.display().to_string())
 }
 
 #[tokio::test]

@@ -5,14 +5,17 @@ use std::time::Duration;
 use llmesh_e2e::{Mesh, MeshOptions, eventually, otlp};
 use llmesh_proto::{common::v1::CachePolicy, gateway::v1::GenerateRequest};
 
-use crate::prompt;
+use crate::{demo_keys, prompt};
 
 #[tokio::test]
 async fn one_generate_is_one_trace_across_gateway_cache_and_generation() {
     let (collector, received) = otlp::receiver().await;
-    let options = MeshOptions { env: telemetry_env(format!("http://{collector}")), ..Default::default() };
-    let mesh = Mesh::start_with(options).await;
-    one_trace_arrives(&mesh, &received).await;
+    // With auth on: the caller's API key must not reach any span.
+    let (key, keys_file) = demo_keys();
+    let mut env = telemetry_env(format!("http://{collector}"));
+    env.push(("LLMESH_GATEWAY_AUTH__KEYS_FILE", keys_file));
+    let mesh = Mesh::start_with(MeshOptions { env, ..Default::default() }).await;
+    one_trace_arrives(&mesh, &received, Some(&key)).await;
 }
 
 /// The same through rotel (PyPI `rotel`), an OTLP collector no one here wrote: the mesh exports to
@@ -43,7 +46,7 @@ async fn the_trace_crosses_rotel_an_independent_collector() {
     assert!(ready.is_some(), "rotel did not start");
     let options = MeshOptions { env: telemetry_env(format!("http://127.0.0.1:{grpc}")), ..Default::default() };
     let mesh = Mesh::start_with(options).await;
-    one_trace_arrives(&mesh, &received).await;
+    one_trace_arrives(&mesh, &received, None).await;
 }
 
 fn telemetry_env(endpoint: String) -> Vec<(&'static str, String)> {
@@ -57,11 +60,14 @@ fn telemetry_env(endpoint: String) -> Vec<(&'static str, String)> {
 
 /// One Generate with a client traceparent: spans from gateway, cache and generation in that trace,
 /// with the right parents and GenAI attributes, no prompt text, and the metrics by name.
-async fn one_trace_arrives(mesh: &Mesh, received: &otlp::Received) {
+async fn one_trace_arrives(mesh: &Mesh, received: &otlp::Received, api_key: Option<&str>) {
     // The client starts the trace; the gateway continues it.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut request = tonic::Request::new(GenerateRequest { cache: CachePolicy::Default.into(), ..prompt("trace me") });
     request.metadata_mut().insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap());
+    if let Some(key) = api_key {
+        request.metadata_mut().insert("x-api-key", key.parse().unwrap());
+    }
     mesh.gateway().await.generate(request).await.unwrap();
 
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
@@ -102,8 +108,12 @@ async fn one_trace_arrives(mesh: &Mesh, received: &otlp::Received) {
     {
         assert!(attributes.contains(&key), "{key} missing from {attributes:?}");
     }
-    // The prompt stays off the spans.
+    // The prompt stays off the spans, and so does the key (its secret part or any of it).
     assert!(spans.iter().all(|s| !format!("{:?}", s.span.attributes).contains("trace me")));
+    if let Some(key) = api_key {
+        let secret = key.rsplit('_').next().unwrap();
+        assert!(spans.iter().all(|s| !format!("{:?}", s.span).contains(secret)), "the API key reached a span");
+    }
 
     let metrics = eventually(Duration::from_secs(10), || {
         let received = received.clone();

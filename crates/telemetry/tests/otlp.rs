@@ -234,6 +234,13 @@ async fn no_endpoint_builds_no_exporter() {
     assert!(!config.otlp_enabled());
     let providers = Providers::build(&config).unwrap();
     assert!(providers.logger_provider.is_none());
+    // Spans are not recorded when they go nowhere, but still have ids (for logs and propagation).
+    {
+        use opentelemetry::trace::{Span as _, Tracer as _};
+        let span = providers.tracer().start("unexported");
+        assert!(!span.is_recording());
+        assert!(span.span_context().is_valid());
+    }
     let started = Instant::now();
     providers.shutdown(Duration::from_secs(2)).await;
     assert!(started.elapsed() < Duration::from_millis(500));

@@ -118,6 +118,13 @@ impl TelemetryConfig {
         self
     }
 
+    /// The sampler spans really get: the configured one when traces are exported; without a
+    /// traces endpoint every span is dropped, unrecorded (its ids still exist, for the trace ids
+    /// in logs and for propagation), since a recorded span would go nowhere.
+    pub fn effective_sampler(&self) -> SamplerConfig {
+        if self.traces_endpoint.is_some() { self.sampler } else { SamplerConfig::AlwaysOff }
+    }
+
     /// Whether any signal is exported over OTLP.
     pub fn otlp_enabled(&self) -> bool {
         self.traces_endpoint.is_some() || self.metrics_endpoint.is_some() || self.logs_endpoint.is_some()
@@ -348,6 +355,11 @@ mod tests {
         let c = config(&[("OTEL_TRACES_SAMPLER", "bogus")]);
         assert_eq!(c.sampler, SamplerConfig::ParentBasedAlwaysOn);
         assert_eq!(c.warnings.len(), 1);
+
+        // Spans are only recorded when they are exported.
+        let c = config(&[("OTEL_TRACES_SAMPLER", "always_on")]);
+        assert_eq!(c.effective_sampler(), SamplerConfig::AlwaysOff);
+        assert_eq!(c.with_otlp_endpoint("http://collector:4317").effective_sampler(), SamplerConfig::AlwaysOn);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::resource::TelemetryResourceDetector;
-use opentelemetry_sdk::trace::{BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracer, SdkTracerProvider};
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::TelemetryConfig;
@@ -57,11 +57,9 @@ impl Providers {
         }
         let resource = resource(config);
 
-        // Spans that go nowhere are not recorded: without a traces endpoint every span is dropped
-        // by the sampler. Its ids still exist (for the trace ids in logs and for propagation), but
-        // the SDK builds no span data for it.
-        let sampler = if config.traces_endpoint.is_some() { config.sampler.to_sampler() } else { Sampler::AlwaysOff };
-        let mut tracer_builder = SdkTracerProvider::builder().with_resource(resource.clone()).with_sampler(sampler);
+        let mut tracer_builder = SdkTracerProvider::builder()
+            .with_resource(resource.clone())
+            .with_sampler(config.effective_sampler().to_sampler());
         if let Some(endpoint) = &config.traces_endpoint {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
@@ -244,7 +242,7 @@ pub fn init_with_config(config: TelemetryConfig) -> anyhow::Result<Telemetry> {
         otlp.traces = %show(&config.traces_endpoint),
         otlp.metrics = %show(&config.metrics_endpoint),
         otlp.logs = %show(&config.logs_endpoint),
-        sampler = %if config.traces_endpoint.is_some() { format!("{:?}", config.sampler) } else { "AlwaysOff (no traces endpoint)".to_owned() },
+        sampler = ?config.effective_sampler(),
         "telemetry initialised"
     );
     Ok(Telemetry { inner: Some((providers, process)) })

@@ -11,9 +11,8 @@
 //! Each rejection is a gRPC status response (never an error tonic would turn into UNKNOWN).
 //! Health checks and reflection pass every layer untouched. Token quotas need the decoded
 //! request, so the typed handler holds them through [`RateLimiter::hold_tokens`] and settles
-//! them once the usage is known, in the background ([`RateLimiter::settle_in_background`]) so
-//! that the answer does not wait for that Redis round trip; a call that ends without settling
-//! pays for what it received ([`Held`]).
+//! them once the usage is known, in the background so that the answer does not wait for that
+//! Redis round trip; a call that ends without settling pays for what it received ([`Held`]).
 
 pub mod auth;
 pub mod rate_limit;
@@ -24,7 +23,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use auth::{AuthLayer, KeyStore, Principal, generate_key};
-pub use rate_limit::{Held, Quota, RateLimitLayer, RateLimiter, Reservation};
+pub use rate_limit::{Held, Quota, RateLimitLayer, RateLimiter};
 pub use shed::ShedLayer;
 
 /// `[gateway.auth]`. With no keys at all, auth is off and every caller is `anonymous`.

@@ -230,7 +230,7 @@ impl RateLimiter {
     /// Redis round trip. Returns what the key has left by this reservation's reckoning: what was
     /// left once it was taken, plus the refund (at most a full bucket) or minus the excess. Calls
     /// on other replicas in between are not in that figure, as they are not in the reservation's.
-    pub fn settle_in_background(self: &Arc<Self>, reservation: Reservation, used_tokens: u32) -> Quota {
+    fn settle_in_background(self: &Arc<Self>, reservation: Reservation, used_tokens: u32) -> Quota {
         let remaining = reservation.remaining.zip(reservation.limit).map(|(remaining, limit)| {
             if used_tokens <= reservation.tokens {
                 (remaining + u64::from(reservation.tokens - used_tokens)).min(u64::from(limit.burst))

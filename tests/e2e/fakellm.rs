@@ -30,6 +30,7 @@ rules:
 struct FakeLlm {
     port: u16,
     _child: tokio::process::Child,
+    _dir: tempfile::TempDir,
 }
 
 async fn fakellm() -> FakeLlm {
@@ -38,9 +39,8 @@ async fn fakellm() -> FakeLlm {
         .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
     let exe = venv.join("bin/fakellm");
     assert!(exe.exists(), "{} is missing: scripts/test installs tests/python/requirements.txt", exe.display());
-    let dir = std::env::temp_dir().join(format!("llmesh-fakellm-{}-{}", std::process::id(), free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("fakellm.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fakellm.yaml");
     std::fs::write(&config, CONFIG).unwrap();
     let port = free_port();
     let child = tokio::process::Command::new(exe)
@@ -56,7 +56,7 @@ async fn fakellm() -> FakeLlm {
         assert!(tokio::time::Instant::now() < deadline, "fakellm did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    FakeLlm { port, _child: child }
+    FakeLlm { port, _child: child, _dir: dir }
 }
 
 fn fake(prompt: &str) -> GenerateRequest {

@@ -54,8 +54,8 @@ async fn bad_config_is_named() {
 
 #[tokio::test]
 async fn config_file_sections_apply() {
-    let dir = tempfile_dir();
-    let path = dir.join("mesh.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.toml");
     std::fs::write(&path, "[generation.models.tiny]\nprovider = \"sim\"\noutput_tokens = 2\n").unwrap();
     let generation = Proc::spawn("generation", &[("LLMESH_CONFIG", path.display().to_string())]).await.unwrap();
     let mut client = llmesh_proto::generation::v1::generation_client::GenerationClient::new(generation.channel().await);
@@ -69,12 +69,6 @@ async fn config_file_sections_apply() {
     // The defaults are still there beside the file's model.
     let models = client.list_models(llmesh_proto::generation::v1::ListModelsRequest {}).await.unwrap().into_inner();
     assert!(models.models.iter().any(|m| m.name == "sim"));
-}
-
-fn tempfile_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("llmesh-e2e-{}-{}", std::process::id(), free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 #[tokio::test]
@@ -162,8 +156,8 @@ async fn every_service_accepts_the_shipped_configuration() {
         }
     }
     // And a wrong key in the same file is caught.
-    let dir = tempfile_dir();
-    let bad = dir.join("bad.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[gateway]\nrequest_timeout = 5\n").unwrap();
     let env = [("LLMESH_CONFIG", bad.display().to_string())];
     let (status, logs) = run_to_exit("gateway", &["--check-config"], &env, Duration::from_secs(10)).await.unwrap();

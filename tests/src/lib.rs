@@ -348,13 +348,12 @@ where
 pub struct RedisCluster {
     pub ports: Vec<u16>,
     _nodes: Vec<Child>,
-    _dir: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 impl RedisCluster {
     pub async fn start() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("llmesh-cluster-{}-{}", std::process::id(), free_port()));
-        std::fs::create_dir_all(&dir)?;
+        let dir = tempfile::Builder::new().prefix("llmesh-cluster-").tempdir()?;
         let mut ports = Vec::new();
         // Each node also needs its cluster bus port, port + 10000.
         while ports.len() < 3 {
@@ -370,7 +369,7 @@ impl RedisCluster {
                 .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
                 .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
                 .arg("--dir")
-                .arg(&dir)
+                .arg(dir.path())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .kill_on_drop(true)

@@ -182,7 +182,8 @@ async fn unary_completion_with_usage_and_key() {
         )]
     }))
     .await;
-    let key = std::env::temp_dir().join(format!("llmesh-key-{}", std::process::id()));
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
     std::fs::write(&key, "sk-test-123\n").unwrap();
     let mut client = generation(upstream.base_url(), Some(key)).await;
 

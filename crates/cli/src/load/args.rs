@@ -203,7 +203,7 @@ impl LoadArgs {
                 requests: self.requests,
                 timeout: self.timeout,
                 grace: self.grace,
-                pacing: Pacing::Thread,
+                pacing: Pacing::Precise,
             },
             json,
         })

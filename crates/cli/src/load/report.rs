@@ -290,7 +290,7 @@ mod tests {
                 requests: None,
                 timeout: Duration::from_secs(30),
                 grace: Duration::from_secs(5),
-                pacing: crate::load::pacer::Pacing::Thread,
+                pacing: crate::load::pacer::Pacing::Precise,
             },
             json: None,
         }

@@ -21,7 +21,7 @@ use tonic::Code;
 
 use super::{
     outcome::{CallResult, Failure, Timed},
-    pacer::{self, Pacing},
+    pacer::{Pacing, Ticker},
     schedule::{Schedule, far_future},
 };
 
@@ -175,7 +175,7 @@ impl<S: Future<Output = ()> + Unpin> Run<S> {
         call: &Call<C>,
     ) -> (Instant, u64) {
         let permits = Arc::new(Semaphore::new(max_in_flight));
-        let mut ticks = pacer::ticks(plan.pacing, schedule, plan.requests, end);
+        let mut ticker = Ticker::new(plan.pacing, schedule, plan.requests, end);
         let mut end_reached = std::pin::pin!(sleep_until(end.unwrap_or_else(far_future)));
         let mut seq = 0u64;
         let mut by_count = false;
@@ -194,9 +194,9 @@ impl<S: Future<Output = ()> + Unpin> Run<S> {
                     self.interrupted = true;
                     break;
                 }
-                tick = ticks.recv() => match tick {
+                tick = ticker.tick() => match tick {
                     Some(tick) => debug_assert_eq!(tick, seq),
-                    // The pacer stops only where the checks above do, or when it could not start.
+                    // The ticker stops only where the checks above do.
                     None => break,
                 },
             }

@@ -56,7 +56,11 @@ def test_rust_toolchain_is_new_enough():
 
 def test_cargo_build_uses_cache_mounts_and_builds_every_binary():
     (build,) = [i for i in instructions("RUN") if "cargo build" in i]
-    assert "--release" in build and "--workspace" in build and "--bins" in build and "--locked" in build
+    assert "--profile production" in build and "--workspace" in build and "--bins" in build and "--locked" in build
+    # The binaries are copied from the profile's own directory, and the profile exists.
+    assert "target/production/$bin" in build
+    with (REPO / "Cargo.toml").open("rb") as f:
+        assert tomllib.load(f)["profile"]["production"]["inherits"] == "release"
     for target in ("/usr/local/cargo/registry", "/usr/local/cargo/git", "/src/target"):
         assert re.search(rf"--mount=type=cache,[^ ]*target={re.escape(target)}", build), target
     for binary in BINARIES:

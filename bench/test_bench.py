@@ -1,4 +1,4 @@
-"""Self-test of the benchmark harness: a --quick run of two scenarios against the built binaries.
+"""Self-test of the benchmark harness: a --quick run of three scenarios against the built binaries.
 
     cargo build --workspace --bins
     .venv/bin/python -m pytest -q bench/test_bench.py
@@ -31,12 +31,12 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_quick_overhead_and_cache(tmp_path):
+def test_quick_overhead_cache_and_memory(tmp_path):
     missing = [n for n in ("gateway", "generation", "cache", "health", "llmesh") if not (BIN_DIR / n).exists()]
     assert not missing, f"build the binaries first (cargo build --workspace --bins): {missing} not in {BIN_DIR}"
     out = tmp_path / "bench"
-    argv = [sys.executable, str(BENCH / "run"), "--quick", "--scenarios", "overhead,cache",
-            "--bin-dir", str(BIN_DIR), "--out", str(out), "--max-time", "90"]
+    argv = [sys.executable, str(BENCH / "run"), "--quick", "--scenarios", "overhead,cache,memory",
+            "--bin-dir", str(BIN_DIR), "--out", str(out), "--max-time", "120"]
     started = time.monotonic()
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -52,6 +52,10 @@ def test_quick_overhead_and_cache(tmp_path):
     report = (out / "report.md").read_text()
     assert "## 1. Gateway overhead" in report, report
     assert "## 2. Cache-hit path" in report, report
+    assert "## 5. Memory" in report, report
+    # Every `llmesh load` the report lists ran with the services' worker-thread count.
+    loads = [line for line in report.splitlines() if "/llmesh load " in line]
+    assert loads and all("LLMESH_WORKER_THREADS=1 " in line for line in loads), loads
     assert "load average" in report and "cores" in report
     assert "## Targets" in report
 
@@ -60,7 +64,8 @@ def test_quick_overhead_and_cache(tmp_path):
     assert any("overhead-direct-200" in n for n in names), names
     assert any("overhead-gateway-200" in n for n in names), names
     assert any("cache-hit-memory-200" in n for n in names), names
-    for path in raws:
+    assert any("memory-steady" in n and n.endswith("-rss.json") for n in names), names
+    for path in (p for p in raws if not p.name.endswith("-rss.json")):
         data = json.loads(path.read_text())
         assert data["schema"] == "llmesh.load.v1", path
         assert data["successes"] > 0, (path, data["codes"])

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use llmesh_common::{deps, runtime::WORKER_THREADS_ENV};
+use llmesh_common::{deps, runtime::WORKER_THREADS_ENV, server};
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader},
     process::{Child, Command},
@@ -158,6 +158,9 @@ async fn start(
     if std::env::var_os(WORKER_THREADS_ENV).is_none() {
         command.env(WORKER_THREADS_ENV, "1");
     }
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        command.env("RUST_LOG", child_log_filter(&filter));
+    }
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
@@ -192,6 +195,13 @@ async fn forward_logs(name: &'static str, stderr: tokio::process::ChildStderr, a
         }
         let _ = writeln!(std::io::stderr(), "[{name:<10}] {line}");
     }
+}
+
+/// A child's `RUST_LOG`: the user's filter, with the `listening on` line kept at INFO, because the
+/// child's address is read from it (with `RUST_LOG=warn` start-up would wait for it in vain).
+fn child_log_filter(filter: &str) -> String {
+    let keep = format!("{}=info", server::LISTENING_LOG_TARGET);
+    if filter.trim().is_empty() { keep } else { format!("{filter},{keep}") }
 }
 
 /// The address in a `listening on ADDR` log line.
@@ -272,7 +282,14 @@ async fn stop_all(running: &mut [Running], grace: Duration) {
 
 #[cfg(test)]
 mod tests {
-    use super::listening_addr;
+    use super::{child_log_filter, listening_addr};
+
+    #[test]
+    fn children_keep_the_listening_line_whatever_the_filter() {
+        assert_eq!(child_log_filter("warn"), "warn,llmesh_common::server=info");
+        assert_eq!(child_log_filter("off"), "off,llmesh_common::server=info");
+        assert_eq!(child_log_filter(" "), "llmesh_common::server=info");
+    }
 
     #[test]
     fn finds_the_address_in_log_lines() {

@@ -28,18 +28,24 @@ fn llmesh() -> PathBuf {
 struct Mesh {
     child: Child,
     addresses: HashMap<String, String>,
-    log: PathBuf,
+    /// Everything `llmesh up` and its children logged.
+    log: tempfile::NamedTempFile,
 }
 
 impl Mesh {
     fn start() -> Self {
-        let log = std::env::temp_dir().join(format!("llmesh-load-test-{}.log", std::process::id()));
+        Self::start_with(&[])
+    }
+
+    fn start_with(env: &[(&str, &str)]) -> Self {
+        let log = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(llmesh())
             .args(["up", "--base-port", "0"])
             .env("LLMESH_LOG_FORMAT", "text")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(log.reopen().unwrap())
             .spawn()
             .unwrap();
         // The banner: "  gateway    127.0.0.1:PORT" for each service, once all are SERVING.
@@ -70,7 +76,7 @@ impl Mesh {
     }
 
     fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 }
 
@@ -82,7 +88,6 @@ impl Drop for Mesh {
         let deadline = std::time::Instant::now() + STOP_TIMEOUT;
         while std::time::Instant::now() < deadline {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
-                let _ = std::fs::remove_file(&self.log);
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -155,4 +160,17 @@ fn load_reports_what_the_mesh_answered() {
     );
     assert_eq!(report["codes"], serde_json::json!({"RESOURCE_EXHAUSTED": 5}), "{report:#}");
     assert_eq!(report["latency_ms"], Value::Null);
+}
+
+#[test]
+fn up_comes_up_with_a_quiet_log_filter() {
+    // `llmesh up` reads each child's address from its `listening on` line, an INFO line: a user's
+    // RUST_LOG=warn must not hide it (start-up used to wait for it until its timeout).
+    let mesh = Mesh::start_with(&[("RUST_LOG", "warn")]);
+    let report = load(&mesh, &["--target", mesh.addr("gateway"), "--requests", "5", "--concurrency", "1"]);
+    assert_eq!(report["successes"], 5, "{report}");
+    // And the filter still applies otherwise: no INFO line but the listening ones.
+    let logs = mesh.logs();
+    let info: Vec<&str> = logs.lines().filter(|l| l.contains(" INFO ") && !l.contains("listening on")).collect();
+    assert!(info.is_empty(), "{info:#?}");
 }

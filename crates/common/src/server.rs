@@ -68,11 +68,15 @@ impl ShutdownTiming {
     }
 }
 
+/// The tracing target of the `listening on ADDR` line, at INFO: `llmesh up` reads each child's
+/// address from it, and keeps it on whatever `RUST_LOG` says.
+pub const LISTENING_LOG_TARGET: &str = module_path!();
+
 /// Binds `addr` and logs the `listening on ADDR` line (with the real port when `addr` asked for 0).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr().context("listener has no local address")?;
-    tracing::info!("listening on {local}");
+    tracing::info!(target: LISTENING_LOG_TARGET, "listening on {local}");
     Ok(listener)
 }
 

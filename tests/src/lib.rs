@@ -144,7 +144,12 @@ fn launch(name: &str, mut command: Command, args: &[&str], env: &[(&str, String)
         .args(args)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("LLMESH_LOG_FORMAT", "text")
-        .env("RUST_LOG", std::env::var("LLMESH_TEST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            llmesh_common::server::log_filter_keeping_listening_line(
+                &std::env::var("LLMESH_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            ),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -159,7 +159,7 @@ async fn start(
         command.env(WORKER_THREADS_ENV, "1");
     }
     if let Ok(filter) = std::env::var("RUST_LOG") {
-        command.env("RUST_LOG", child_log_filter(&filter));
+        command.env("RUST_LOG", server::log_filter_keeping_listening_line(&filter));
     }
     let mut child = command
         .stdin(Stdio::null())
@@ -195,13 +195,6 @@ async fn forward_logs(name: &'static str, stderr: tokio::process::ChildStderr, a
         }
         let _ = writeln!(std::io::stderr(), "[{name:<10}] {line}");
     }
-}
-
-/// A child's `RUST_LOG`: the user's filter, with the `listening on` line kept at INFO, because the
-/// child's address is read from it (with `RUST_LOG=warn` start-up would wait for it in vain).
-fn child_log_filter(filter: &str) -> String {
-    let keep = format!("{}=info", server::LISTENING_LOG_TARGET);
-    if filter.trim().is_empty() { keep } else { format!("{filter},{keep}") }
 }
 
 /// The address in a `listening on ADDR` log line.
@@ -282,14 +275,7 @@ async fn stop_all(running: &mut [Running], grace: Duration) {
 
 #[cfg(test)]
 mod tests {
-    use super::{child_log_filter, listening_addr};
-
-    #[test]
-    fn children_keep_the_listening_line_whatever_the_filter() {
-        assert_eq!(child_log_filter("warn"), "warn,llmesh_common::server=info");
-        assert_eq!(child_log_filter("off"), "off,llmesh_common::server=info");
-        assert_eq!(child_log_filter(" "), "llmesh_common::server=info");
-    }
+    use super::listening_addr;
 
     #[test]
     fn finds_the_address_in_log_lines() {

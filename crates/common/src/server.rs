@@ -68,9 +68,16 @@ impl ShutdownTiming {
     }
 }
 
-/// The tracing target of the `listening on ADDR` line, at INFO: `llmesh up` reads each child's
-/// address from it, and keeps it on whatever `RUST_LOG` says.
-pub const LISTENING_LOG_TARGET: &str = module_path!();
+/// The tracing target of the `listening on ADDR` line, at INFO.
+const LISTENING_LOG_TARGET: &str = module_path!();
+
+/// The `RUST_LOG` for a child process whose parent reads its address from the `listening on` line
+/// (`llmesh up`, the end-to-end tests): `filter`, with that line kept at INFO whatever `filter`
+/// says (with `warn` the parent would wait for it in vain).
+pub fn log_filter_keeping_listening_line(filter: &str) -> String {
+    let keep = format!("{LISTENING_LOG_TARGET}=info");
+    if filter.trim().is_empty() { keep } else { format!("{filter},{keep}") }
+}
 
 /// Binds `addr` and logs the `listening on ADDR` line (with the real port when `addr` asked for 0).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -200,5 +207,17 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter_keeping_listening_line;
+
+    #[test]
+    fn the_listening_line_is_kept_whatever_the_filter() {
+        assert_eq!(log_filter_keeping_listening_line("warn"), "warn,llmesh_common::server=info");
+        assert_eq!(log_filter_keeping_listening_line("off"), "off,llmesh_common::server=info");
+        assert_eq!(log_filter_keeping_listening_line(" "), "llmesh_common::server=info");
     }
 }

@@ -252,12 +252,20 @@ async fn the_gateway_drains_then_finishes_calls_in_flight() {
 async fn worker_threads_are_set_by_the_environment() {
     let generation = Proc::spawn("generation", &[("LLMESH_WORKER_THREADS", "3".to_string())]).await.unwrap();
     let task_dir = format!("/proc/{}/task", generation.pid());
-    let workers = std::fs::read_dir(&task_dir)
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|name| name.trim() == "tokio-rt-worker")
-        .count();
-    assert_eq!(workers, 3, "threads named tokio-rt-worker in {task_dir}");
+    let named_workers = || {
+        std::fs::read_dir(&task_dir)
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim() == "tokio-rt-worker")
+            .count()
+    };
+    // A new thread names itself once it first runs: on a busy machine a worker may still carry the
+    // process's name just after the listening line. Wait (bounded) until three have their name.
+    let started = std::time::Instant::now();
+    while named_workers() < 3 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(named_workers(), 3, "threads named tokio-rt-worker in {task_dir}");
 
     for bad in ["0", "many"] {
         let env = [("LLMESH_WORKER_THREADS", bad.to_string())];

@@ -72,8 +72,7 @@ impl Proc {
     }
 
     async fn start(name: &str, command: Command, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Self> {
-        let (child, logs, addr) = launch(name, command, args, env)?;
-        let mut child = child;
+        let Launched { mut child, logs, addr, readers: _ } = launch(name, command, args, env)?;
         let addr = tokio::select! {
             addr = tokio::time::timeout(START_TIMEOUT, addr) => addr
                 .map_err(|_| anyhow!("{name} did not listen within {START_TIMEOUT:?}"))?
@@ -137,7 +136,14 @@ impl Proc {
     }
 }
 
-type Launched = (Child, Arc<Mutex<Vec<String>>>, oneshot::Receiver<SocketAddr>);
+/// A started process: its handle, its log lines so far, its `listening on` address when it
+/// prints one, and the tasks reading its pipes (they end when the process's pipes close).
+struct Launched {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+    addr: oneshot::Receiver<SocketAddr>,
+    readers: [tokio::task::JoinHandle<()>; 2],
+}
 
 fn launch(name: &str, mut command: Command, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Launched> {
     let mut child = command
@@ -160,9 +166,9 @@ fn launch(name: &str, mut command: Command, args: &[&str], env: &[(&str, String)
     let (tx, rx) = oneshot::channel();
     let stderr = child.stderr.take().context("stderr")?;
     let stdout = child.stdout.take().context("stdout")?;
-    tokio::spawn(collect(stderr, logs.clone(), Some(tx)));
-    tokio::spawn(collect(stdout, logs.clone(), None));
-    Ok((child, logs, rx))
+    let readers =
+        [tokio::spawn(collect(stderr, logs.clone(), Some(tx))), tokio::spawn(collect(stdout, logs.clone(), None))];
+    Ok(Launched { child, logs, addr: rx, readers })
 }
 
 async fn collect(
@@ -195,12 +201,13 @@ pub async fn run_to_exit(
     env: &[(&str, String)],
     within: Duration,
 ) -> anyhow::Result<(ExitStatus, String)> {
-    let (mut child, logs, _addr) = launch(name, Command::new(bin(name)), args, env)?;
+    let Launched { mut child, logs, readers, .. } = launch(name, Command::new(bin(name)), args, env)?;
     let status = tokio::time::timeout(within, child.wait())
         .await
         .map_err(|_| anyhow!("{name} still running after {within:?}"))??;
-    // Let the log readers drain the pipes.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Its last lines may still be in the pipes: read them to the end (bounded, in case something
+    // the process started still holds a pipe open).
+    let _ = tokio::time::timeout(within, futures::future::join_all(readers)).await;
     let logs = logs.lock().unwrap().join("\n");
     Ok((status, logs))
 }

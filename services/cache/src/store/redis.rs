@@ -1,8 +1,10 @@
 //! The Redis store, on one Redis or a Redis Cluster. Values are encoded `llmesh.cache.v1.Entry`
 //! messages under `llmesh:cache:v1:<key>`; a set per model (`llmesh:cache:v1:model:<model>`) lists
-//! its keys so a whole model can be invalidated. On a cluster the entry and its model's set live
-//! in different slots, so they are written by one pipeline but not in one transaction (a set that
-//! misses a key only means Invalidate-by-model misses it until its TTL).
+//! its keys so a whole model can be invalidated. On one Redis the entry and its key's place in the
+//! set are written in one transaction. On a cluster they live in different slots, which no
+//! transaction may cross, so the set is written first: a put cut short between the two (the caller
+//! gave up, the connection dropped) leaves at worst a name in the set without an entry, never an
+//! entry that Invalidate-by-model cannot find.
 
 use std::{sync::Arc, time::Duration};
 
@@ -88,6 +90,9 @@ async fn checked<C: redis::aio::ConnectionLike>(
         .with_context(|| format!("cannot reach {target}"))
 }
 
+/// How much longer than its longest-lived entry a model's index lives.
+const INDEX_TTL_MARGIN_MS: u64 = 1_000;
+
 fn entry_key(key: &str) -> String {
     format!("{PREFIX}{key}")
 }
@@ -146,34 +151,34 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let index = model_key(model);
-        let mut set = redis::cmd("SET");
-        set.arg(entry_key(key)).arg(entry.encode_to_vec()).arg("PX").arg(ttl_ms);
-        let mut pipe = redis::pipe();
-        match self.conn {
-            // One Redis: the entry and its index in one transaction.
-            Conn::Single(_) => {
-                pipe.atomic().add_command(set).ignore();
-            }
-            // A cluster: they live in different slots, which no pipeline may cross.
-            Conn::Cluster(_) => set.exec_async(&mut conn).await?,
-        }
-        pipe.cmd("SADD")
+        // The index outlives its longest-lived entry (by a margin: on a cluster it is written
+        // first, a moment before the entry).
+        let index_ttl_ms = ttl_ms.saturating_add(INDEX_TTL_MARGIN_MS);
+        let mut index_pipe = redis::pipe();
+        index_pipe
+            .cmd("SADD")
             .arg(&index)
             .arg(key)
             .ignore()
-            // The index lives as long as its longest-lived entry.
             .cmd("PEXPIRE")
             .arg(&index)
-            .arg(ttl_ms)
+            .arg(index_ttl_ms)
             .arg("GT")
             .ignore()
             .cmd("PEXPIRE")
             .arg(&index)
-            .arg(ttl_ms)
+            .arg(index_ttl_ms)
             .arg("NX")
-            .ignore()
-            .exec_async(&mut conn)
-            .await?;
+            .ignore();
+        let mut set = redis::cmd("SET");
+        set.arg(entry_key(key)).arg(entry.encode_to_vec()).arg("PX").arg(ttl_ms);
+        match self.conn {
+            Conn::Single(_) => index_pipe.atomic().add_command(set).ignore().exec_async(&mut conn).await?,
+            Conn::Cluster(_) => {
+                index_pipe.exec_async(&mut conn).await?;
+                set.exec_async(&mut conn).await?;
+            }
+        }
         Ok(())
     }
 

@@ -170,7 +170,14 @@ async fn two_gateways_share_one_limit_and_fall_back_to_local_when_redis_dies() {
     assert!(back.is_some(), "the gateways did not go back to Redis within 10 s");
     let local_before = local_decisions(procs[0]).await + local_decisions(procs[1]).await;
     let (allowed, limited) = hammer(&gateways, 50, run).await;
-    assert_eq!(local_decisions(procs[0]).await + local_decisions(procs[1]).await, local_before);
+    // Back on the shared limit: a decision falls back to the local limiter only when its Redis
+    // call misses the time budget, which a loaded machine makes rare but not impossible.
+    let local_during = local_decisions(procs[0]).await + local_decisions(procs[1]).await - local_before;
+    assert!(
+        local_during <= 0.02 * (allowed + limited) as f64,
+        "{local_during} of {} decisions were local after Redis came back",
+        allowed + limited
+    );
     // One fresh bucket for both: at most its burst plus 2/s since Redis came back (each gateway
     // alone would have allowed about that much again).
     let most = 120.0 + 2.0 * restarted.elapsed().as_secs_f64();

@@ -138,7 +138,13 @@ async fn thousand_jobs_survive_killed_workers() {
     let ids: Vec<String> = futures::stream::iter(0..1000)
         .map(|i| {
             let mut gateway = gateway.clone();
-            async move { gateway.submit_job(job(&format!("job {i}"))).await.unwrap().into_inner().job.unwrap().id }
+            async move {
+                submit_retrying(
+                    &mut gateway,
+                    SubmitJobRequest { idempotency_key: format!("k{i}"), ..job(&format!("job {i}")) },
+                )
+                .await
+            }
         })
         .buffer_unordered(50)
         .collect()
@@ -187,6 +193,21 @@ async fn thousand_jobs_survive_killed_workers() {
     .expect("the poison job is dead-lettered");
     assert_eq!(poisoned.attempts, 4);
     assert!(poisoned.error.contains("injected"), "{poisoned:?}");
+}
+
+/// Submits as a careful client does: the gateway gives each Redis call a small budget, so on a
+/// loaded machine a submit can be UNAVAILABLE; the client tries again (bounded) with the same
+/// idempotency key, which also covers a submit that was stored but answered too late.
+async fn submit_retrying(gateway: &mut GatewayClient<Channel>, request: SubmitJobRequest) -> String {
+    assert!(!request.idempotency_key.is_empty());
+    for _ in 0..20 {
+        match gateway.submit_job(request.clone()).await {
+            Ok(response) => return response.into_inner().job.unwrap().id,
+            Err(status) if status.code() == Code::Unavailable => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    panic!("SubmitJob was UNAVAILABLE 20 times in a row")
 }
 
 /// How many of `ids` are not in a terminal state yet.

@@ -115,9 +115,15 @@ async fn stream_relays_chunks_and_replays_from_cache() {
     assert_eq!(replayed, original, "replay keeps the chunk boundaries");
     assert_eq!(replay.last().unwrap().usage, last.usage);
 
-    // A unary call for the same request is a hit too: one cache, both shapes.
-    let unary_hit = gateway.generate(prompt("stream me")).await.unwrap().into_inner();
-    assert!(unary_hit.cached);
+    // A unary call for the same request is a hit too: one cache, both shapes. (A lookup past its
+    // 20 ms budget on a loaded machine is a miss by design, so this gets a few tries too.)
+    let unary_hit = eventually(Duration::from_secs(3), || {
+        let mut gateway = gateway.clone();
+        async move { gateway.generate(prompt("stream me")).await.ok().filter(|r| r.get_ref().cached) }
+    })
+    .await
+    .expect("the streamed answer serves a unary call from cache")
+    .into_inner();
     assert_eq!(unary_hit.text, text);
 }
 
@@ -252,7 +258,8 @@ async fn health_sees_a_dead_service() {
     assert_eq!(mesh_status.status(), health_check_response::ServingStatus::NotServing);
 
     // The gateway keeps answering without its cache.
-    let answer = mesh.gateway().await.generate(prompt("no cache")).await.unwrap().into_inner();
+    let answer = mesh.gateway().await.generate(prompt("no cache")).await;
+    let answer = answer.unwrap_or_else(|e| panic!("{e:?}\nGATEWAY LOGS:\n{}", mesh.gateway.logs())).into_inner();
     assert!(!answer.cached);
 }
 

@@ -77,8 +77,17 @@ async fn one_trace_arrives(mesh: &Mesh, received: &otlp::Received, api_key: Opti
             let spans: Vec<_> = received.spans().into_iter().filter(|s| hex(&s.span.trace_id) == trace_id).collect();
             let services: std::collections::BTreeSet<_> = spans.iter().map(|s| s.service.clone()).collect();
             let expected = ["llmesh-cache", "llmesh-gateway", "llmesh-generation"];
-            (expected.iter().all(|e| services.contains(*e)) && spans.iter().any(|s| s.span.name == "chat sim"))
-                .then_some(spans)
+            // Every span the checks below look at: a server span ends after its children, so it
+            // may come in a later export batch than they do.
+            let server_spans = ["llmesh-cache", "llmesh-generation"]
+                .iter()
+                .all(|e| spans.iter().any(|s| s.service == *e && s.span.kind == 2));
+            let gateway_root = spans.iter().any(|s| hex(&s.span.parent_span_id) == "00f067aa0ba902b7");
+            (expected.iter().all(|e| services.contains(*e))
+                && server_spans
+                && gateway_root
+                && spans.iter().any(|s| s.span.name == "chat sim"))
+            .then_some(spans)
         }
     })
     .await

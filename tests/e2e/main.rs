@@ -11,6 +11,7 @@ mod fakellm;
 mod jobs;
 mod lifecycle;
 mod mesh;
+mod near_cache;
 mod overload;
 mod redis_cache;
 mod telemetry;

@@ -1,6 +1,7 @@
 //! The cache service: stores generation responses under a key derived from every request field
 //! that changes the output, in Redis or in a bounded in-memory store.
 
+mod changes;
 pub mod config;
 mod service;
 pub mod store;
@@ -25,7 +26,14 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let store = store::Store::open(&config).await?;
     tracing::info!(backend = store.backend(), "cache store ready");
     let _size = watch_size(store.clone());
-    let service = CacheService::new(store, &config);
+    // Where the change channel is subscribed: the Redis, or a cluster's seed nodes in turn.
+    let subscribe_urls = if config.redis_cluster_nodes.is_empty() {
+        config.redis_url.iter().cloned().collect()
+    } else {
+        config.redis_cluster_nodes.clone()
+    };
+    let changes = changes::Changes::new(store.clone(), subscribe_urls);
+    let service = CacheService::new(store, changes, &config);
     let mut base = server::Base::new()?;
     base.admin(&config.admin).await?;
     base.serving::<CacheServer<CacheService>>().await;

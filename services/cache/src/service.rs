@@ -12,7 +12,8 @@ use std::{
 use llmesh_proto::{
     cache::v1::{
         Entry, InvalidateRequest, InvalidateResponse, LookupRequest, LookupResponse, StatsRequest, StatsResponse,
-        StoreRequest, StoreResponse, cache_server::Cache, invalidate_request::Target,
+        StoreRequest, StoreResponse, WatchChangesRequest, WatchChangesResponse, cache_server::Cache,
+        invalidate_request::Target, watch_changes_response::Change,
     },
     common::v1::FinishReason,
     generation::v1::GenerateRequest,
@@ -22,7 +23,7 @@ use tonic::{Request, Response, Status};
 
 use llmesh_common::cache_key as key;
 
-use crate::{config::Config, store::Store};
+use crate::{changes::Changes, config::Config, store::Store};
 
 #[derive(Debug, Clone)]
 pub struct CacheService {
@@ -32,6 +33,7 @@ pub struct CacheService {
 #[derive(Debug)]
 struct Inner {
     store: Store,
+    changes: Changes,
     ttl: Duration,
     stale_ttl: Duration,
     max_entry_bytes: usize,
@@ -49,10 +51,11 @@ fn required(request: Option<GenerateRequest>) -> Result<GenerateRequest, Status>
 }
 
 impl CacheService {
-    pub fn new(store: Store, config: &Config) -> Self {
+    pub fn new(store: Store, changes: Changes, config: &Config) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
+                changes,
                 ttl: Duration::from_millis(config.ttl_ms),
                 stale_ttl: Duration::from_millis(config.stale_ttl_ms),
                 max_entry_bytes: config.max_entry_bytes,
@@ -97,6 +100,7 @@ impl Cache for CacheService {
             chunks: entry.chunks.clone(),
             age_ms,
             stale: stale(&entry),
+            fresh_for_ms: u64::try_from(entry.expires_at_unix_ms.saturating_sub(now)).unwrap_or(0),
         }))
     }
 
@@ -128,20 +132,34 @@ impl Cache for CacheService {
             tracing::warn!(%error, "cache store failed");
             return refuse("backend error");
         }
+        // A new answer under a key a near cache may hold an older one for (REFRESH).
+        self.inner.changes.publish(Change::Key(key.clone())).await;
         Ok(Response::new(StoreResponse { key, stored: true, reason: String::new() }))
     }
 
     async fn invalidate(&self, request: Request<InvalidateRequest>) -> Result<Response<InvalidateResponse>, Status> {
-        let removed = match request.into_inner().target {
-            Some(Target::Key(key)) if !key.is_empty() => self.inner.store.remove(&key).await,
-            Some(Target::Model(model)) if !model.is_empty() => self.inner.store.remove_model(&model).await,
+        let (removed, change) = match request.into_inner().target {
+            Some(Target::Key(key)) if !key.is_empty() => (self.inner.store.remove(&key).await, Change::Key(key)),
+            Some(Target::Model(model)) if !model.is_empty() => {
+                (self.inner.store.remove_model(&model).await, Change::Model(model))
+            }
             _ => return Err(Status::invalid_argument("target: set key or model")),
-        }
-        .map_err(|error| {
+        };
+        let removed = removed.map_err(|error| {
             self.inner.errors.fetch_add(1, Relaxed);
             Status::unavailable(format!("cache backend: {error}"))
         })?;
+        self.inner.changes.publish(change).await;
         Ok(Response::new(InvalidateResponse { removed }))
+    }
+
+    type WatchChangesStream = futures::stream::BoxStream<'static, Result<WatchChangesResponse, Status>>;
+
+    async fn watch_changes(
+        &self,
+        _: Request<WatchChangesRequest>,
+    ) -> Result<Response<Self::WatchChangesStream>, Status> {
+        Ok(Response::new(Box::pin(self.inner.changes.watch()?)))
     }
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {

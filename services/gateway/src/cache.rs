@@ -1,7 +1,8 @@
 //! The gateway's side of the response cache. Every call has a small time budget; a cache that is
-//! slow, down or failing is logged and bypassed, never a failed request.
+//! slow, down or failing is logged and bypassed, never a failed request. Recent hits are also kept
+//! in the gateway's near cache ([`crate::near_cache`]) and answered from there.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use llmesh_proto::{
     cache::v1::{LookupRequest, LookupResponse, StoreRequest, cache_client::CacheClient},
@@ -10,12 +11,33 @@ use llmesh_proto::{
 };
 use tonic::transport::Channel;
 
-use crate::metrics::{label, metrics};
+use crate::{
+    config::CacheConfig,
+    metrics::{label, metrics},
+    near_cache::NearCache,
+};
 
 #[derive(Debug, Clone)]
 pub struct Cache {
     client: Option<CacheClient<Channel>>,
     budget: Duration,
+    near: Option<Near>,
+}
+
+/// The near cache and the task that keeps it following the cache service's changes.
+#[derive(Debug, Clone)]
+struct Near {
+    cache: Arc<NearCache>,
+    _follower: Arc<AbortOnDrop>,
+}
+
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What a request's cache policy allows.
@@ -44,8 +66,15 @@ impl Use {
 }
 
 impl Cache {
-    pub fn new(client: Option<CacheClient<Channel>>, budget: Duration) -> Self {
-        Self { client, budget }
+    /// The cache behind `client` (none: caching off), with a near cache when `config` asks for
+    /// one. Call within the runtime: the near cache follows the service's changes from a task.
+    pub fn new(client: Option<CacheClient<Channel>>, config: &CacheConfig) -> Self {
+        let near = client.as_ref().and_then(|client| {
+            let cache = Arc::new(NearCache::new(config)?);
+            let follower = cache.follow(client.clone());
+            Some(Near { cache, _follower: Arc::new(AbortOnDrop(follower)) })
+        });
+        Self { client, budget: Duration::from_millis(config.budget_ms), near }
     }
 
     /// The cached answer, if there is one and the cache answers within budget.
@@ -60,6 +89,15 @@ impl Cache {
 
     async fn find(&self, request: &GenerateRequest, remaining: Duration, allow_stale: bool) -> Option<LookupResponse> {
         let mut client = self.client.clone()?;
+        // The near cache holds fresh answers only: a stale one is the cache service's to give.
+        let near = self.near.as_ref().map(|near| &near.cache).filter(|_| !allow_stale);
+        if let Some(near) = near
+            && let Some(hit) = near.get(&llmesh_common::cache_key::of(request))
+        {
+            metrics().cache_requests.add(1, &[label("result", "hit"), label("tier", "near")]);
+            return Some(hit);
+        }
+        let ticket = near.and_then(|near| near.ticket());
         let budget = self.budget.min(remaining);
         let span =
             tracing::info_span!("cache.lookup", otel.kind = "client", allow_stale, cache.hit = tracing::field::Empty);
@@ -86,7 +124,13 @@ impl Cache {
         };
         span.record("cache.hit", found.is_some());
         if !allow_stale {
-            metrics().cache_requests.add(1, &[label("result", result)]);
+            match &found {
+                Some(_) => metrics().cache_requests.add(1, &[label("result", result), label("tier", "service")]),
+                None => metrics().cache_requests.add(1, &[label("result", result)]),
+            }
+        }
+        if let (Some(near), Some(ticket), Some(found)) = (near, ticket, &found) {
+            near.keep(ticket, found);
         }
         found
     }
@@ -96,6 +140,10 @@ impl Cache {
         let Some(mut client) = self.client.clone() else {
             return;
         };
+        // A copy this gateway holds is older than the answer being stored (REFRESH).
+        if let Some(near) = &self.near {
+            near.cache.forget(&llmesh_common::cache_key::of(&request));
+        }
         let budget = self.budget;
         let span = tracing::info_span!("cache.store", otel.kind = "client");
         let store = async move {

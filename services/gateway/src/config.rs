@@ -77,6 +77,14 @@ pub struct CacheConfig {
     pub cache_nondeterministic: bool,
     /// Longest an identical request waits for the one already in flight before calling on its own.
     pub single_flight_wait_ms: u64,
+    /// The near cache: recent hits kept in the gateway's memory and answered without calling the
+    /// cache service, kept in step with it by its change feed. Bounded by entries and by bytes;
+    /// 0 in either turns it off.
+    pub near_max_entries: u64,
+    pub near_max_bytes: u64,
+    /// Longest a near copy is kept, however long the entry stays fresh in the cache service: the
+    /// bound on serving an answer whose change never reached the feed.
+    pub near_max_ttl_ms: u64,
 }
 
 impl Default for Config {
@@ -123,6 +131,9 @@ impl Default for CacheConfig {
             budget_ms: 20,
             cache_nondeterministic: false,
             single_flight_wait_ms: 30_000,
+            near_max_entries: 10_000,
+            near_max_bytes: 64 * 1024 * 1024,
+            near_max_ttl_ms: 60_000,
         }
     }
 }

@@ -9,6 +9,7 @@ mod deadline;
 mod fallback;
 mod jobs;
 mod metrics;
+mod near_cache;
 mod replicas;
 mod service;
 mod single_flight;

@@ -64,7 +64,7 @@ impl GatewayService {
     pub fn new(config: &Config, upstream: Upstream, catalog: Catalog, jobs: Jobs, limiter: Arc<RateLimiter>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                cache: Cache::new(upstream.cache.clone(), Duration::from_millis(config.cache.budget_ms)),
+                cache: Cache::new(upstream.cache.clone(), &config.cache),
                 upstream,
                 catalog,
                 flights: SingleFlight::default(),

@@ -182,6 +182,13 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Publishes `message` on `channel` (on a cluster, every node relays it to its subscribers).
+    pub async fn publish(&self, channel: &str, message: Vec<u8>) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _receivers: u64 = conn.publish(channel, message).await?;
+        Ok(())
+    }
+
     pub async fn remove(&self, key: &str) -> Result<u64, StoreError> {
         let mut conn = self.conn.clone();
         Ok(conn.del(entry_key(key)).await?)

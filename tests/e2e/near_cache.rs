@@ -1,0 +1,135 @@
+//! The gateway's near cache: repeated hits answered by the gateway alone, and dropped when the
+//! cache service says an entry changed, here or at another cache replica, or when the gateway can
+//! no longer hear about changes.
+
+use std::time::Duration;
+
+use llmesh_e2e::{Mesh, MeshOptions, Proc, Redis, eventually};
+use llmesh_proto::{
+    cache::v1::{
+        InvalidateRequest, LookupRequest, StatsRequest, cache_client::CacheClient, invalidate_request::Target,
+    },
+    gateway::v1::{GenerateRequest, GenerateResponse, gateway_client::GatewayClient},
+};
+use tonic::transport::Channel;
+
+use crate::prompt;
+
+fn admin_env() -> Vec<(&'static str, String)> {
+    vec![("LLMESH_GATEWAY_ADMIN__LISTEN", "127.0.0.1:0".to_string())]
+}
+
+async fn near_hits(mesh: &Mesh) -> f64 {
+    mesh.gateway.metric_sum("llmesh_cache_requests_total", "tier=\"near\"").await
+}
+
+async fn cache_service_hits(cache: &mut CacheClient<Channel>) -> u64 {
+    cache.stats(StatsRequest {}).await.unwrap().into_inner().hits
+}
+
+/// Generates `request` until the gateway answers it from its near cache: the hits the cache service
+/// counts stop growing while the gateway's near hits do. Returns the cached answer.
+async fn until_near(mesh: &Mesh, request: &GenerateRequest) -> GenerateResponse {
+    let gateway = mesh.gateway().await;
+    let cache = mesh.cache().await;
+    eventually(Duration::from_secs(5), || {
+        let (mut gateway, mut cache, request) = (gateway.clone(), cache.clone(), request.clone());
+        async move {
+            let (service_before, near_before) = (cache_service_hits(&mut cache).await, near_hits(mesh).await);
+            let mut last = None;
+            for _ in 0..5 {
+                let answer = gateway.generate(request.clone()).await.ok()?.into_inner();
+                last = Some(answer).filter(|a| a.cached);
+            }
+            let (service_after, near_after) = (cache_service_hits(&mut cache).await, near_hits(mesh).await);
+            (service_after == service_before && near_after >= near_before + 5.0).then_some(last).flatten()
+        }
+    })
+    .await
+    .expect("the gateway never answered from its near cache")
+}
+
+/// Generates `request` until an answer is not from a cache: after an Invalidate, the gateway's
+/// near copy goes when the change reaches it over the feed (milliseconds, not at once).
+pub async fn until_uncached(gateway: &GatewayClient<Channel>, request: &GenerateRequest, what: &str) {
+    let fresh = eventually(Duration::from_secs(5), || {
+        let (mut gateway, request) = (gateway.clone(), request.clone());
+        async move { gateway.generate(request).await.ok().filter(|r| !r.get_ref().cached) }
+    })
+    .await;
+    assert!(fresh.is_some(), "still answered from a cache after {what}");
+}
+
+#[tokio::test]
+async fn repeated_hits_stay_in_the_gateway_until_invalidated() {
+    let mesh = Mesh::start_with(MeshOptions { env: admin_env(), ..Default::default() }).await;
+    let gateway = mesh.gateway().await;
+    let request = prompt("near me");
+    let first = gateway.clone().generate(request.clone()).await.unwrap().into_inner();
+    assert!(!first.cached);
+    let near = until_near(&mesh, &request).await;
+    assert_eq!(near.text, first.text);
+
+    // Invalidate one key at the cache service: the gateway drops its copy.
+    let mut cache = mesh.cache().await;
+    let key = cache
+        .lookup(LookupRequest { request: Some(request.clone().into()), allow_stale: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .key;
+    let removed = cache.invalidate(InvalidateRequest { target: Some(Target::Key(key)) }).await.unwrap();
+    assert_eq!(removed.into_inner().removed, 1);
+    until_uncached(&gateway, &request, "Invalidate(key)").await;
+
+    // Near again, then a whole model invalidated.
+    until_near(&mesh, &request).await;
+    cache.invalidate(InvalidateRequest { target: Some(Target::Model("sim".into())) }).await.unwrap();
+    until_uncached(&gateway, &request, "Invalidate(model)").await;
+}
+
+#[tokio::test]
+async fn a_dead_cache_service_takes_the_near_copies_with_it() {
+    let mut mesh = Mesh::start_with(MeshOptions { env: admin_env(), ..Default::default() }).await;
+    let gateway = mesh.gateway().await;
+    let request = prompt("near, then alone");
+    gateway.clone().generate(request.clone()).await.unwrap();
+    until_near(&mesh, &request).await;
+    // With the cache service gone the gateway cannot hear of changes: it stops serving copies.
+    mesh.cache.kill().await;
+    until_uncached(&gateway, &request, "the cache service died").await;
+}
+
+#[tokio::test]
+async fn changes_at_another_cache_replica_reach_the_gateway() {
+    let mut redis = Redis::start().await.unwrap();
+    let options = MeshOptions { env: admin_env(), redis_url: Some(redis.url()), ..Default::default() };
+    let mesh = Mesh::start_with(options).await;
+    // A second cache replica on the same Redis, which the gateway does not talk to.
+    let other = Proc::spawn("cache", &[("LLMESH_CACHE_REDIS_URL", redis.url())]).await.unwrap();
+    let mut other_cache = CacheClient::new(other.channel().await);
+    let gateway = mesh.gateway().await;
+    let request = prompt("near, on redis");
+    gateway.clone().generate(request.clone()).await.unwrap();
+    until_near(&mesh, &request).await;
+    let removed = other_cache.invalidate(InvalidateRequest { target: Some(Target::Model("sim".into())) }).await;
+    assert!(removed.unwrap().into_inner().removed >= 1);
+    until_uncached(&gateway, &request, "Invalidate at another cache replica").await;
+
+    // Redis gone: the replicas cannot hear each other, so the gateway serves no copies.
+    until_near(&mesh, &request).await;
+    let port = redis.port;
+    redis.kill().await;
+    until_uncached(&gateway, &request, "Redis died").await;
+
+    // Redis back (empty): the feed resumes and repeated hits are near again.
+    let _redis = Redis::start_on(port).await.unwrap();
+    let back = eventually(Duration::from_secs(10), || {
+        let mut gateway = gateway.clone();
+        let request = request.clone();
+        async move { gateway.generate(request).await.ok().filter(|r| r.get_ref().cached) }
+    })
+    .await;
+    assert!(back.is_some(), "no hits after Redis came back");
+    until_near(&mesh, &request).await;
+}

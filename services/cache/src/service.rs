@@ -46,6 +46,15 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Runs a change to the store and its announcement to the near caches to the end, even when the
+/// caller gives up half-way (the gateway's stores have a 20 ms budget): a change made but never
+/// announced would leave near copies of the old answer.
+async fn finish_even_if_cancelled<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, crate::store::StoreError>> + Send + 'static,
+) -> Result<T, crate::store::StoreError> {
+    tokio::spawn(change).await.unwrap_or_else(|join| Err(crate::store::StoreError::from_join(join)))
+}
+
 fn required(request: Option<GenerateRequest>) -> Result<GenerateRequest, Status> {
     request.ok_or_else(|| Status::invalid_argument("request: required"))
 }
@@ -127,29 +136,43 @@ impl Cache for CacheService {
             return refuse("entry larger than max_entry_bytes");
         }
         let kept_for = ttl.saturating_add(self.inner.stale_ttl);
-        if let Err(error) = self.inner.store.put(&key, &request.model, entry, kept_for).await {
+        let (inner, stored_key) = (self.inner.clone(), key.clone());
+        let stored = finish_even_if_cancelled(async move {
+            inner.store.put(&stored_key, &request.model, entry, kept_for).await?;
+            // A new answer under a key a near cache may hold an older one for (REFRESH).
+            inner.changes.publish(Change::Key(stored_key)).await;
+            Ok::<_, crate::store::StoreError>(())
+        })
+        .await;
+        if let Err(error) = stored {
             self.inner.errors.fetch_add(1, Relaxed);
             tracing::warn!(%error, "cache store failed");
             return refuse("backend error");
         }
-        // A new answer under a key a near cache may hold an older one for (REFRESH).
-        self.inner.changes.publish(Change::Key(key.clone())).await;
         Ok(Response::new(StoreResponse { key, stored: true, reason: String::new() }))
     }
 
     async fn invalidate(&self, request: Request<InvalidateRequest>) -> Result<Response<InvalidateResponse>, Status> {
-        let (removed, change) = match request.into_inner().target {
-            Some(Target::Key(key)) if !key.is_empty() => (self.inner.store.remove(&key).await, Change::Key(key)),
-            Some(Target::Model(model)) if !model.is_empty() => {
-                (self.inner.store.remove_model(&model).await, Change::Model(model))
-            }
+        let change = match request.into_inner().target {
+            Some(Target::Key(key)) if !key.is_empty() => Change::Key(key),
+            Some(Target::Model(model)) if !model.is_empty() => Change::Model(model),
             _ => return Err(Status::invalid_argument("target: set key or model")),
         };
-        let removed = removed.map_err(|error| {
+        let inner = self.inner.clone();
+        let removed = finish_even_if_cancelled(async move {
+            let removed = match &change {
+                Change::Key(key) => inner.store.remove(key).await?,
+                Change::Model(model) => inner.store.remove_model(model).await?,
+                Change::Everything(_) => 0,
+            };
+            inner.changes.publish(change).await;
+            Ok::<_, crate::store::StoreError>(removed)
+        })
+        .await
+        .map_err(|error| {
             self.inner.errors.fetch_add(1, Relaxed);
             Status::unavailable(format!("cache backend: {error}"))
         })?;
-        self.inner.changes.publish(change).await;
         Ok(Response::new(InvalidateResponse { removed }))
     }
 

@@ -27,6 +27,13 @@ pub enum Store {
 #[error("{0}")]
 pub struct StoreError(String);
 
+impl StoreError {
+    /// The task making a change panicked or was aborted.
+    pub fn from_join(error: tokio::task::JoinError) -> Self {
+        Self(format!("the change did not finish: {error}"))
+    }
+}
+
 impl Store {
     /// The Redis store when `redis_url` is set (failing when Redis cannot be reached), the
     /// in-memory store otherwise.

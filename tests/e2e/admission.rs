@@ -79,13 +79,6 @@ async fn a_key_limited_to_some_models() {
 }
 
 /// A second gateway process in front of `mesh`'s generation and cache.
-async fn second_gateway(mesh: &Mesh, env: &[(&'static str, String)]) -> Proc {
-    let mut env = env.to_vec();
-    env.push(("LLMESH_GATEWAY_GENERATION__ENDPOINTS", format!("[\"{}\"]", mesh.generation.uri())));
-    env.push(("LLMESH_GATEWAY_CACHE__ENDPOINT", mesh.cache.uri()));
-    Proc::spawn("gateway", &env).await.unwrap()
-}
-
 /// Sends calls at about `per_second` to each gateway for `run`; returns (allowed, limited).
 async fn hammer(gateways: &[GatewayClient<Channel>], per_second: u64, run: Duration) -> (usize, usize) {
     let (allowed, limited) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -130,7 +123,7 @@ async fn two_gateways_share_one_limit_and_fall_back_to_local_when_redis_dies() {
         ("LLMESH_GATEWAY_ADMIN__LISTEN", "127.0.0.1:0".to_string()),
     ];
     let mesh = Mesh::start_with(MeshOptions { env: limits.clone(), ..Default::default() }).await;
-    let other = second_gateway(&mesh, &limits).await;
+    let other = mesh.second_gateway(&limits).await;
     let gateways = [mesh.gateway().await, GatewayClient::new(other.channel().await)];
 
     let run = Duration::from_secs(3);

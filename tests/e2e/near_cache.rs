@@ -9,6 +9,7 @@ use llmesh_proto::{
     cache::v1::{
         InvalidateRequest, LookupRequest, StatsRequest, cache_client::CacheClient, invalidate_request::Target,
     },
+    common::v1::CachePolicy,
     gateway::v1::{GenerateRequest, GenerateResponse, gateway_client::GatewayClient},
 };
 use tonic::transport::Channel;
@@ -19,29 +20,33 @@ fn admin_env() -> Vec<(&'static str, String)> {
     vec![("LLMESH_GATEWAY_ADMIN__LISTEN", "127.0.0.1:0".to_string())]
 }
 
-async fn near_hits(mesh: &Mesh) -> f64 {
-    mesh.gateway.metric_sum("llmesh_cache_requests_total", "tier=\"near\"").await
+async fn near_hits(gateway: &Proc) -> f64 {
+    gateway.metric_sum("llmesh_cache_requests_total", "tier=\"near\"").await
 }
 
 async fn cache_service_hits(cache: &mut CacheClient<Channel>) -> u64 {
     cache.stats(StatsRequest {}).await.unwrap().into_inner().hits
 }
 
-/// Generates `request` until the gateway answers it from its near cache: the hits the cache service
+/// Generates `request` until `gateway` answers it from its near cache: the hits the cache service
 /// counts stop growing while the gateway's near hits do. Returns the cached answer.
 async fn until_near(mesh: &Mesh, request: &GenerateRequest) -> GenerateResponse {
-    let gateway = mesh.gateway().await;
+    until_near_at(mesh, &mesh.gateway, request).await
+}
+
+async fn until_near_at(mesh: &Mesh, gateway: &Proc, request: &GenerateRequest) -> GenerateResponse {
+    let client = GatewayClient::new(gateway.channel().await);
     let cache = mesh.cache().await;
     eventually(Duration::from_secs(5), || {
-        let (mut gateway, mut cache, request) = (gateway.clone(), cache.clone(), request.clone());
+        let (mut client, mut cache, request) = (client.clone(), cache.clone(), request.clone());
         async move {
-            let (service_before, near_before) = (cache_service_hits(&mut cache).await, near_hits(mesh).await);
+            let (service_before, near_before) = (cache_service_hits(&mut cache).await, near_hits(gateway).await);
             let mut last = None;
             for _ in 0..5 {
-                let answer = gateway.generate(request.clone()).await.ok()?.into_inner();
+                let answer = client.generate(request.clone()).await.ok()?.into_inner();
                 last = Some(answer).filter(|a| a.cached);
             }
-            let (service_after, near_after) = (cache_service_hits(&mut cache).await, near_hits(mesh).await);
+            let (service_after, near_after) = (cache_service_hits(&mut cache).await, near_hits(gateway).await);
             (service_after == service_before && near_after >= near_before + 5.0).then_some(last).flatten()
         }
     })
@@ -86,6 +91,37 @@ async fn repeated_hits_stay_in_the_gateway_until_invalidated() {
     until_near(&mesh, &request).await;
     cache.invalidate(InvalidateRequest { target: Some(Target::Model("sim".into())) }).await.unwrap();
     until_uncached(&gateway, &request, "Invalidate(model)").await;
+}
+
+#[tokio::test]
+async fn a_refresh_through_one_gateway_drops_the_copies_of_the_others() {
+    let mesh = Mesh::start_with(MeshOptions { env: admin_env(), ..Default::default() }).await;
+    let other = mesh.second_gateway(&admin_env()).await;
+    let request = prompt("refresh me");
+    mesh.gateway().await.generate(request.clone()).await.unwrap();
+    until_near(&mesh, &request).await;
+    until_near_at(&mesh, &other, &request).await;
+
+    let refresh = GenerateRequest { cache: CachePolicy::Refresh.into(), ..request.clone() };
+    let refreshed = mesh.gateway().await.generate(refresh).await.unwrap().into_inner();
+    assert!(!refreshed.cached);
+    // The other gateway's copy is gone: its next hit comes from the cache service again.
+    let cache = mesh.cache().await;
+    let other_client = GatewayClient::new(other.channel().await);
+    let from_service = eventually(Duration::from_secs(5), || {
+        let (mut cache, mut other_client, request) = (cache.clone(), other_client.clone(), request.clone());
+        let other = &other;
+        async move {
+            let (service_before, near_before) = (cache_service_hits(&mut cache).await, near_hits(other).await);
+            let answer = other_client.generate(request).await.ok()?.into_inner();
+            let (service_after, near_after) = (cache_service_hits(&mut cache).await, near_hits(other).await);
+            (answer.cached && service_after == service_before + 1 && near_after == near_before).then_some(())
+        }
+    })
+    .await;
+    assert!(from_service.is_some(), "the other gateway kept serving its copy after a REFRESH");
+    // And the gateway that refreshed dropped its own at once.
+    until_near(&mesh, &request).await;
 }
 
 #[tokio::test]

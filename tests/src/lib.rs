@@ -321,6 +321,14 @@ impl Mesh {
         Self { generation, replicas, cache, gateway, health }
     }
 
+    /// Another gateway in front of this mesh's generation and cache, with `env` besides.
+    pub async fn second_gateway(&self, env: &[(&'static str, String)]) -> Proc {
+        let mut env = env.to_vec();
+        env.push(("LLMESH_GATEWAY_GENERATION__ENDPOINTS", format!("[\"{}\"]", self.generation.uri())));
+        env.push(("LLMESH_GATEWAY_CACHE__ENDPOINT", self.cache.uri()));
+        Proc::spawn("gateway", &env).await.unwrap()
+    }
+
     pub async fn gateway(&self) -> GatewayClient<Channel> {
         GatewayClient::new(self.gateway.channel().await)
     }

@@ -15,7 +15,7 @@ use llmesh_proto::{
         StoreRequest, StoreResponse, WatchChangesRequest, WatchChangesResponse, cache_server::Cache,
         invalidate_request::Target, watch_changes_response::Change,
     },
-    common::v1::FinishReason,
+    common::v1::{CachePolicy, FinishReason},
     generation::v1::GenerateRequest,
 };
 use prost::Message as _;
@@ -136,11 +136,16 @@ impl Cache for CacheService {
             return refuse("entry larger than max_entry_bytes");
         }
         let kept_for = ttl.saturating_add(self.inner.stale_ttl);
+        // Only a REFRESH replaces an answer a near cache may hold: any other store follows a miss,
+        // and a near copy never outlives the entry it was read from. Announcing those too would
+        // send every gateway a message per miss.
+        let replaces = request.cache == i32::from(CachePolicy::Refresh);
         let (inner, stored_key) = (self.inner.clone(), key.clone());
         let stored = finish_even_if_cancelled(async move {
             inner.store.put(&stored_key, &request.model, entry, kept_for).await?;
-            // A new answer under a key a near cache may hold an older one for (REFRESH).
-            inner.changes.publish(Change::Key(stored_key)).await;
+            if replaces {
+                inner.changes.publish(Change::Key(stored_key)).await;
+            }
             Ok::<_, crate::store::StoreError>(())
         })
         .await;

@@ -140,8 +140,11 @@ impl Cache {
         let Some(mut client) = self.client.clone() else {
             return;
         };
-        // A copy this gateway holds is older than the answer being stored (REFRESH).
-        if let Some(near) = &self.near {
+        // A REFRESH replaces an answer this gateway may hold a copy of (the cache service tells
+        // the other gateways).
+        if let Some(near) = &self.near
+            && request.cache == i32::from(CachePolicy::Refresh)
+        {
             near.cache.forget(&llmesh_common::cache_key::of(&request));
         }
         let budget = self.budget;

@@ -7,9 +7,10 @@ use std::time::Duration;
 use llmesh_e2e::{Mesh, MeshOptions, Proc, Redis, eventually};
 use llmesh_proto::{
     cache::v1::{
-        InvalidateRequest, LookupRequest, StatsRequest, cache_client::CacheClient, invalidate_request::Target,
+        InvalidateRequest, LookupRequest, StatsRequest, StoreRequest, cache_client::CacheClient,
+        invalidate_request::Target,
     },
-    common::v1::CachePolicy,
+    common::v1::{CachePolicy, FinishReason},
     gateway::v1::{GenerateRequest, GenerateResponse, gateway_client::GatewayClient},
 };
 use tonic::transport::Channel;
@@ -120,8 +121,65 @@ async fn a_refresh_through_one_gateway_drops_the_copies_of_the_others() {
     })
     .await;
     assert!(from_service.is_some(), "the other gateway kept serving its copy after a REFRESH");
-    // And the gateway that refreshed dropped its own at once.
-    until_near(&mesh, &request).await;
+    // Both gateways end up serving the refreshed answer, near again.
+    for gateway in [&mesh.gateway, &other] {
+        let answer = until_near_at(&mesh, gateway, &request).await;
+        assert_eq!(answer.id, refreshed.id, "a gateway serves the answer the REFRESH replaced");
+    }
+}
+
+/// The answer in `gateway`'s near cache has the text `text` (bounded wait).
+async fn until_text(gateway: &GatewayClient<Channel>, request: &GenerateRequest, text: &str) {
+    let seen = eventually(Duration::from_secs(5), || {
+        let (mut gateway, request) = (gateway.clone(), request.clone());
+        async move { gateway.generate(request).await.ok().filter(|r| r.get_ref().text == text) }
+    })
+    .await;
+    assert!(seen.is_some(), "the gateway never answered {text:?}");
+}
+
+/// Any store that replaces an entry is announced, not only a REFRESH: a gateway whose lookup ran
+/// past its budget stores what it generated over the entry, and `Store` may be called by anyone.
+/// Here a second cache replica on the same Redis replaces the entry, and the gateway, which
+/// talks to the first replica only, must drop its copy: the key crosses the Redis channel.
+#[tokio::test]
+async fn an_entry_replaced_at_another_cache_replica_drops_the_copies() {
+    let redis = Redis::start().await.unwrap();
+    let options = MeshOptions { env: admin_env(), redis_url: Some(redis.url()), ..Default::default() };
+    let mesh = Mesh::start_with(options).await;
+    let other = Proc::spawn("cache", &[("LLMESH_CACHE_REDIS_URL", redis.url())]).await.unwrap();
+    let mut other_cache = CacheClient::new(other.channel().await);
+    let gateway = mesh.gateway().await;
+    let request = prompt("replace me");
+    let first = gateway.clone().generate(request.clone()).await.unwrap().into_inner();
+    // A copy of another entry, which the replacement must leave alone.
+    let bystander = prompt("leave me");
+    gateway.clone().generate(bystander.clone()).await.unwrap();
+    until_near(&mesh, &bystander).await;
+    assert_eq!(until_near(&mesh, &request).await.text, first.text);
+
+    let replacement = llmesh_proto::generation::v1::GenerateResponse {
+        text: "the replacement".into(),
+        finish_reason: FinishReason::Stop.into(),
+        ..Default::default()
+    };
+    let stored = other_cache
+        .store(StoreRequest {
+            request: Some(request.clone().into()),
+            response: Some(replacement),
+            chunks: vec![],
+            ttl_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stored.stored, "{}", stored.reason);
+    until_text(&gateway, &request, "the replacement").await;
+    assert_eq!(until_near(&mesh, &request).await.text, "the replacement");
+    // One key changed, so the other copy is still served by the gateway alone.
+    let near_before = near_hits(&mesh.gateway).await;
+    gateway.clone().generate(bystander).await.unwrap();
+    assert_eq!(near_hits(&mesh.gateway).await, near_before + 1.0, "the bystander's copy was dropped too");
 }
 
 #[tokio::test]
@@ -134,6 +192,21 @@ async fn a_dead_cache_service_takes_the_near_copies_with_it() {
     // With the cache service gone the gateway cannot hear of changes: it stops serving copies.
     mesh.cache.kill().await;
     until_uncached(&gateway, &request, "the cache service died").await;
+}
+
+/// A cache service that hangs (here SIGSTOPped) keeps its connections open but says nothing: the
+/// gateway takes the silence of its feed (no heartbeat for 3 s) as the feed's end.
+#[tokio::test]
+async fn a_silent_feed_takes_the_near_copies_with_it() {
+    let mesh = Mesh::start_with(MeshOptions { env: admin_env(), ..Default::default() }).await;
+    let gateway = mesh.gateway().await;
+    let request = prompt("near, then silence");
+    gateway.clone().generate(request.clone()).await.unwrap();
+    until_near(&mesh, &request).await;
+    use nix::sys::signal::{Signal, kill};
+    kill(mesh.cache.pid(), Signal::SIGSTOP).unwrap();
+    until_uncached(&gateway, &request, "the cache service stopped answering").await;
+    kill(mesh.cache.pid(), Signal::SIGCONT).unwrap();
 }
 
 #[tokio::test]

@@ -1,32 +1,58 @@
-//! The feed behind `WatchChanges`: every entry stored or removed, for the near caches in front of
+//! The feed behind `WatchChanges`: every entry replaced or removed, for the near caches in front of
 //! this service (each gateway keeps recent hits in its own memory) to drop their copies.
 //!
 //! With the in-memory store every change happens here, so the feed is this process's own. With
 //! Redis, other cache replicas change the same entries: each change is also published on a Redis
-//! channel, and every replica relays what it hears on that channel to its watchers. While that
-//! subscription is down a replica cannot see every change, so it ends its watchers' streams and
-//! refuses new ones; a watcher drops everything it holds and comes back once the subscription is.
+//! channel, and every replica relays what it hears on that channel to its watchers. Pub/sub loses
+//! messages silently, so a replica checks that it hears everything:
+//! - each publisher numbers its messages; a number still missing after [`SILENCE`] (a publish that
+//!   failed, a message dropped) means a change was lost;
+//! - each replica publishes a heartbeat every [`HEARTBEAT`] and must hear its own within
+//!   [`SILENCE`], or its subscription is dead even if its connection looks open.
+//!
+//! A replica that may have missed a change ends its watchers' streams (while its subscription is
+//! down it refuses new ones); a watcher drops everything it holds and watches again. The stream to
+//! each watcher carries a heartbeat of its own when it has nothing else to send, so a gateway can
+//! tell a live feed from a silent, broken connection.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures::StreamExt as _;
-use llmesh_proto::cache::v1::{WatchChangesResponse, watch_changes_response::Change};
+use llmesh_proto::cache::v1::{Relayed, WatchChangesResponse, watch_changes_response::Change};
 use prost::Message as _;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{Mutex, broadcast, watch};
 use tonic::Status;
 
-use crate::store::Store;
+use crate::store::{Store, StoreError, redis::RedisStore};
 
-/// The Redis channel the replicas publish changes on (encoded `WatchChangesResponse` messages).
+/// The Redis channel the replicas publish changes on (encoded [`Relayed`] messages).
 const CHANNEL: &str = "llmesh:cache:v1:changes";
 
 /// How many changes a slow watcher may fall behind before its stream ends (it then starts over).
 const FEED_CAPACITY: usize = 4096;
 
+/// How often each replica publishes a heartbeat, and how long a watcher's stream stays quiet
+/// before it carries one.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// How long a replica waits for its own heartbeat, or for a missing message, before it counts
+/// the channel as lost.
+const SILENCE: Duration = Duration::from_secs(3);
+
+/// More numbers missing at once than this is a loss without waiting.
+const MAX_MISSING: u64 = 1024;
+
+/// A publisher not heard from for this long is forgotten (a replica that went away).
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+
 #[derive(Debug, Clone)]
 enum Event {
     Change(Arc<WatchChangesResponse>),
-    /// The replica stopped seeing every change: its watchers' streams end.
+    /// The replica may have missed a change: its watchers' streams end.
     Lost,
 }
 
@@ -35,10 +61,10 @@ pub struct Changes {
     feed: broadcast::Sender<Event>,
     /// Whether this replica sees every change (always, in memory; while subscribed, on Redis).
     complete: watch::Receiver<bool>,
-    /// The store, to publish on when it is Redis.
-    store: Store,
-    /// Keeps the Redis subscription alive as long as the service is.
-    _subscription: Option<Arc<AbortOnDrop>>,
+    /// Where changes go to the other replicas: `None` with the in-memory store.
+    relay: Option<Arc<Publisher>>,
+    /// The Redis subscription and the heartbeat, alive as long as the service is.
+    _tasks: Arc<[AbortOnDrop]>,
 }
 
 #[derive(Debug)]
@@ -47,6 +73,25 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// This replica's numbered messages on the channel.
+#[derive(Debug)]
+struct Publisher {
+    store: RedisStore,
+    id: u64,
+    /// The last number used. Held across the publish, so numbers reach Redis in order.
+    seq: Mutex<u64>,
+}
+
+impl Publisher {
+    /// Publishes `change`, or a heartbeat when `None`.
+    async fn publish(&self, change: Option<WatchChangesResponse>) -> Result<(), StoreError> {
+        let mut seq = self.seq.lock().await;
+        *seq += 1;
+        let message = Relayed { publisher: self.id, seq: *seq, change };
+        self.store.publish(CHANNEL, message.encode_to_vec()).await
     }
 }
 
@@ -60,32 +105,36 @@ impl Changes {
             Store::Memory(_) => {
                 let (_, complete) = watch::channel(true);
                 // A receiver whose sender is gone keeps its last value: complete for good.
-                Self { feed, complete, store, _subscription: None }
+                Self { feed, complete, relay: None, _tasks: Arc::new([]) }
             }
-            Store::Redis(_) => {
+            Store::Redis(store) => {
                 let (complete_tx, complete) = watch::channel(false);
-                let task = tokio::spawn(subscribe(subscribe_urls, feed.clone(), complete_tx));
-                Self { feed, complete, store, _subscription: Some(Arc::new(AbortOnDrop(task))) }
+                let publisher = Arc::new(Publisher { store, id: fastrand::u64(..), seq: Mutex::new(0) });
+                let tasks = [
+                    AbortOnDrop(tokio::spawn(subscribe(subscribe_urls, publisher.id, feed.clone(), complete_tx))),
+                    AbortOnDrop(tokio::spawn(heartbeat(publisher.clone()))),
+                ];
+                Self { feed, complete, relay: Some(publisher), _tasks: Arc::new(tasks) }
             }
         }
     }
 
-    /// Tells every watcher (here and, on Redis, at every replica) about `change`. A failed publish
-    /// is logged: Redis is then most likely down, and the replicas' subscriptions with it, which
-    /// ends every watcher's stream anyway.
-    pub async fn publish(&self, change: Change) {
-        let message = Arc::new(WatchChangesResponse { change: Some(change) });
+    /// Tells every watcher (here and, on Redis, at every replica) about `change`. When the publish
+    /// fails the other replicas notice the missing number and end their watchers' streams; the
+    /// error is for the caller to report.
+    pub async fn publish(&self, change: Change) -> Result<(), StoreError> {
+        let message = WatchChangesResponse { change: Some(change) };
         // Our own watchers hear it at once (and again from the channel, which does no harm).
-        let _ = self.feed.send(Event::Change(message.clone()));
-        if let Store::Redis(store) = &self.store
-            && let Err(error) = store.publish(CHANNEL, message.encode_to_vec()).await
-        {
-            tracing::warn!(%error, "could not publish a cache change to the other replicas");
+        let _ = self.feed.send(Event::Change(Arc::new(message.clone())));
+        match &self.relay {
+            Some(publisher) => publisher.publish(Some(message)).await,
+            None => Ok(()),
         }
     }
 
-    /// The stream for one watcher: `everything`, then each change, ending with UNAVAILABLE when
-    /// this replica stops seeing every change or the watcher falls too far behind.
+    /// The stream for one watcher: `everything`, then each change (or a heartbeat after a quiet
+    /// second), ending with UNAVAILABLE when this replica may have missed a change or the watcher
+    /// falls too far behind.
     pub fn watch(&self) -> Result<impl futures::Stream<Item = Result<WatchChangesResponse, Status>> + use<>, Status> {
         // Subscribe before checking, so no change between the two is missed.
         let events = self.feed.subscribe();
@@ -96,13 +145,19 @@ impl Changes {
         // Each change in turn; the stream ends after its first error.
         let rest = futures::stream::unfold(Some(events), |events| async move {
             let mut events = events?;
-            let ended = match events.recv().await {
-                Ok(Event::Change(change)) => return Some((Ok(WatchChangesResponse::clone(&change)), Some(events))),
-                Ok(Event::Lost) => Status::unavailable("the cache lost its Redis change channel: watch again"),
-                Err(broadcast::error::RecvError::Lagged(n)) => {
+            let ended = match tokio::time::timeout(HEARTBEAT, events.recv()).await {
+                Err(_quiet) => {
+                    let heartbeat = WatchChangesResponse { change: Some(Change::Heartbeat(true)) };
+                    return Some((Ok(heartbeat), Some(events)));
+                }
+                Ok(Ok(Event::Change(change))) => {
+                    return Some((Ok(WatchChangesResponse::clone(&change)), Some(events)));
+                }
+                Ok(Ok(Event::Lost)) => Status::unavailable("the cache may have missed a change: watch again"),
+                Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
                     Status::unavailable(format!("fell {n} changes behind: watch again"))
                 }
-                Err(broadcast::error::RecvError::Closed) => return None,
+                Ok(Err(broadcast::error::RecvError::Closed)) => return None,
             };
             Some((Err(ended), None))
         });
@@ -110,11 +165,23 @@ impl Changes {
     }
 }
 
+/// Publishes a heartbeat every [`HEARTBEAT`], for this replica to hear its own (and the others to
+/// see its numbers go on).
+async fn heartbeat(publisher: Arc<Publisher>) {
+    let mut ticker = tokio::time::interval(HEARTBEAT);
+    loop {
+        ticker.tick().await;
+        if let Err(error) = publisher.publish(None).await {
+            tracing::debug!(%error, "cache change channel: heartbeat not published");
+        }
+    }
+}
+
 /// Keeps a subscription to the change channel, relaying what it hears, and says whether it is up.
-async fn subscribe(urls: Vec<String>, feed: broadcast::Sender<Event>, complete: watch::Sender<bool>) {
+async fn subscribe(urls: Vec<String>, own_id: u64, feed: broadcast::Sender<Event>, complete: watch::Sender<bool>) {
     let mut backoff = Duration::from_millis(100);
     for url in urls.iter().cycle() {
-        match listen(url, &feed, &complete).await {
+        match listen(url, own_id, &feed, &complete).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(error) => tracing::warn!(%error, "cache change channel unavailable"),
         }
@@ -127,8 +194,13 @@ async fn subscribe(urls: Vec<String>, feed: broadcast::Sender<Event>, complete: 
     }
 }
 
-/// One subscription, until its connection ends.
-async fn listen(url: &str, feed: &broadcast::Sender<Event>, complete: &watch::Sender<bool>) -> anyhow::Result<()> {
+/// One subscription, until its connection ends or goes silent.
+async fn listen(
+    url: &str,
+    own_id: u64,
+    feed: &broadcast::Sender<Event>,
+    complete: &watch::Sender<bool>,
+) -> anyhow::Result<()> {
     let client = redis::Client::open(url)?;
     let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
         .await
@@ -137,13 +209,152 @@ async fn listen(url: &str, feed: &broadcast::Sender<Event>, complete: &watch::Se
     complete.send_replace(true);
     tracing::info!("subscribed to the cache change channel");
     let mut messages = pubsub.into_on_message();
-    while let Some(message) = messages.next().await {
-        match WatchChangesResponse::decode(message.get_payload_bytes()) {
-            Ok(change) => {
-                let _ = feed.send(Event::Change(Arc::new(change)));
+    let mut sequences = Sequences::default();
+    let mut heard_self = Instant::now();
+    let mut check = tokio::time::interval(HEARTBEAT);
+    loop {
+        let checked = tokio::select! {
+            message = messages.next() => {
+                let Some(message) = message else { return Ok(()) };
+                let relayed = match Relayed::decode(message.get_payload_bytes()) {
+                    Ok(relayed) => relayed,
+                    Err(error) => {
+                        tracing::warn!(%error, "undecodable message on the cache change channel");
+                        continue;
+                    }
+                };
+                let now = Instant::now();
+                if relayed.publisher == own_id {
+                    heard_self = now;
+                }
+                if let Some(change) = relayed.change {
+                    let _ = feed.send(Event::Change(Arc::new(change)));
+                }
+                sequences.saw(relayed.publisher, relayed.seq, now)
             }
-            Err(error) => tracing::warn!(%error, "undecodable message on the cache change channel"),
+            _ = check.tick() => {
+                if heard_self.elapsed() > SILENCE {
+                    anyhow::bail!("none of this replica's own heartbeats came back for {SILENCE:?}");
+                }
+                sequences.overdue(Instant::now())
+            }
+        };
+        if let Err(Gap { publisher }) = checked {
+            tracing::warn!(
+                publisher = format_args!("{publisher:016x}"),
+                "a cache change was lost on the channel; near caches start over"
+            );
+            let _ = feed.send(Event::Lost);
+            sequences = Sequences::default();
         }
     }
-    Ok(())
+}
+
+/// A message that did not arrive.
+#[derive(Debug, PartialEq, Eq)]
+struct Gap {
+    publisher: u64,
+}
+
+/// The numbers heard from each publisher, to notice one that never arrives. Messages may come
+/// out of order (a cluster relays them through different nodes): a missing number gets
+/// [`SILENCE`] to turn up.
+#[derive(Debug, Default)]
+struct Sequences {
+    publishers: HashMap<u64, Heard>,
+}
+
+#[derive(Debug)]
+struct Heard {
+    highest: u64,
+    /// Numbers below `highest` not heard yet, with when they were first missed.
+    missing: BTreeMap<u64, Instant>,
+    last: Instant,
+}
+
+impl Sequences {
+    /// Records message `seq` of `publisher`. A publisher heard for the first time starts where it
+    /// is (what it sent before this subscription began is not this subscription's to relay).
+    fn saw(&mut self, publisher: u64, seq: u64, now: Instant) -> Result<(), Gap> {
+        let heard = self.publishers.entry(publisher).or_insert_with(|| Heard {
+            highest: seq,
+            missing: BTreeMap::new(),
+            last: now,
+        });
+        heard.last = now;
+        if seq > heard.highest {
+            if seq - heard.highest > MAX_MISSING {
+                return Err(Gap { publisher });
+            }
+            heard.missing.extend((heard.highest + 1..seq).map(|n| (n, now)));
+            heard.highest = seq;
+        } else {
+            heard.missing.remove(&seq);
+        }
+        Ok(())
+    }
+
+    /// A gap when a number has been missing for longer than [`SILENCE`]; forgets publishers not
+    /// heard from for [`FORGET_AFTER`].
+    fn overdue(&mut self, now: Instant) -> Result<(), Gap> {
+        self.publishers.retain(|_, heard| now.duration_since(heard.last) < FORGET_AFTER);
+        for (&publisher, heard) in &self.publishers {
+            if heard.missing.values().any(|&since| now.duration_since(since) > SILENCE) {
+                return Err(Gap { publisher });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_in_order_are_fine_from_wherever_a_publisher_starts() {
+        let (mut seen, t0) = (Sequences::default(), Instant::now());
+        for seq in 57..70 {
+            assert_eq!(seen.saw(1, seq, t0), Ok(()));
+        }
+        assert_eq!(seen.saw(2, 1, t0), Ok(()));
+        assert_eq!(seen.overdue(t0 + SILENCE * 2), Ok(()));
+    }
+
+    #[test]
+    fn a_number_late_but_within_the_silence_is_fine() {
+        let (mut seen, t0) = (Sequences::default(), Instant::now());
+        seen.saw(1, 1, t0).unwrap();
+        seen.saw(1, 3, t0).unwrap();
+        assert_eq!(seen.overdue(t0 + Duration::from_secs(1)), Ok(()), "2 may still come");
+        seen.saw(1, 2, t0 + Duration::from_secs(1)).unwrap();
+        assert_eq!(seen.overdue(t0 + SILENCE * 2), Ok(()));
+        // Repeats and old numbers change nothing.
+        seen.saw(1, 2, t0).unwrap();
+        assert_eq!(seen.overdue(t0 + SILENCE * 2), Ok(()));
+    }
+
+    #[test]
+    fn a_number_that_never_comes_is_a_gap() {
+        let (mut seen, t0) = (Sequences::default(), Instant::now());
+        seen.saw(7, 10, t0).unwrap();
+        seen.saw(7, 12, t0).unwrap();
+        assert_eq!(seen.overdue(t0 + SILENCE + Duration::from_millis(1)), Err(Gap { publisher: 7 }));
+    }
+
+    #[test]
+    fn a_jump_too_far_is_a_gap_at_once() {
+        let (mut seen, t0) = (Sequences::default(), Instant::now());
+        seen.saw(7, 1, t0).unwrap();
+        assert_eq!(seen.saw(7, 2 + MAX_MISSING, t0), Err(Gap { publisher: 7 }));
+    }
+
+    #[test]
+    fn publishers_gone_quiet_are_forgotten() {
+        let (mut seen, t0) = (Sequences::default(), Instant::now());
+        seen.saw(7, 1, t0).unwrap();
+        seen.saw(8, 1, t0 + FORGET_AFTER).unwrap();
+        assert_eq!(seen.overdue(t0 + FORGET_AFTER + Duration::from_secs(1)), Ok(()));
+        assert_eq!(seen.publishers.len(), 1);
+    }
 }

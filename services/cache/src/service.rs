@@ -136,17 +136,19 @@ impl Cache for CacheService {
             return refuse("entry larger than max_entry_bytes");
         }
         let kept_for = ttl.saturating_add(self.inner.stale_ttl);
-        // Only a REFRESH replaces an answer a near cache may hold: any other store follows a miss,
-        // and a near copy never outlives the entry it was read from. Announcing those too would
-        // send every gateway a message per miss.
-        let replaces = request.cache == i32::from(CachePolicy::Refresh);
+        let refresh = request.cache == i32::from(CachePolicy::Refresh);
         let (inner, stored_key) = (self.inner.clone(), key.clone());
         let stored = finish_even_if_cancelled(async move {
-            inner.store.put(&stored_key, &request.model, entry, kept_for).await?;
-            if replaces {
-                inner.changes.publish(Change::Key(stored_key)).await;
+            let put = inner.store.put(&stored_key, &request.model, entry, kept_for).await;
+            // Near caches hold copies of entries, so a store that replaced one is announced; a store
+            // into an empty place (after a miss, the usual case) is not, or every miss would send
+            // every gateway a message. A REFRESH is announced whatever it replaced: the old entry
+            // may have been evicted while copies of it live on. So is a put that failed, which may
+            // have been made all the same.
+            if refresh || !matches!(put, Ok(false)) {
+                inner.changes.publish(Change::Key(stored_key)).await?;
             }
-            Ok::<_, crate::store::StoreError>(())
+            put.map(|_replaced| ())
         })
         .await;
         if let Err(error) = stored {
@@ -166,12 +168,13 @@ impl Cache for CacheService {
         let inner = self.inner.clone();
         let removed = finish_even_if_cancelled(async move {
             let removed = match &change {
-                Change::Key(key) => inner.store.remove(key).await?,
-                Change::Model(model) => inner.store.remove_model(model).await?,
-                Change::Everything(_) => 0,
+                Change::Key(key) => inner.store.remove(key).await,
+                Change::Model(model) => inner.store.remove_model(model).await,
+                Change::Everything(_) | Change::Heartbeat(_) => Ok(0),
             };
-            inner.changes.publish(change).await;
-            Ok::<_, crate::store::StoreError>(removed)
+            // Announced even when the removal failed: it may have been made in part.
+            inner.changes.publish(change).await?;
+            removed
         })
         .await
         .map_err(|error| {

@@ -3,7 +3,8 @@
 //!
 //! It must never answer with something the cache service no longer would. So it follows the
 //! service's change feed (`WatchChanges`) and:
-//! - serves only while the feed is live: a change it cannot see could be about any entry;
+//! - serves only while the feed is live: a change it cannot see could be about any entry; a feed
+//!   silent for [`FEED_SILENCE`] counts as ended (the service sends a heartbeat every second);
 //! - drops everything when the feed starts (changes before it were not seen) and when it ends;
 //! - keeps an answer no longer than the service said it stays fresh, and at most `max_ttl` (which
 //!   bounds the harm of a change that never reached the feed);
@@ -44,9 +45,13 @@ struct Held {
     bytes: u32,
 }
 
-/// The state of the feed when a read from the cache service began; see [`NearCache::keep`].
+/// The state of the feed when a read from the cache service began, and when it began (the entry's
+/// freshness is counted from there); see [`NearCache::keep`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ticket(u64);
+pub struct Ticket {
+    epoch: u64,
+    at: Instant,
+}
 
 struct HeldTtl;
 
@@ -92,7 +97,7 @@ impl NearCache {
 
     /// Taken before reading from the cache service; `None` while the feed is not live.
     pub fn ticket(&self) -> Option<Ticket> {
-        self.live.load(SeqCst).then(|| Ticket(self.epoch.load(SeqCst)))
+        self.live.load(SeqCst).then(|| Ticket { epoch: self.epoch.load(SeqCst), at: Instant::now() })
     }
 
     /// Keeps a fresh answer read from the cache service, unless a change arrived since `ticket`.
@@ -100,16 +105,19 @@ impl NearCache {
         if !answer.hit || answer.stale || answer.fresh_for_ms == 0 || answer.response.is_none() {
             return;
         }
-        if self.epoch.load(SeqCst) != ticket.0 {
+        if self.epoch.load(SeqCst) != ticket.epoch {
             return;
         }
-        let ttl = Duration::from_millis(answer.fresh_for_ms).min(self.max_ttl);
-        let bytes = u32::try_from(answer.encoded_len()).unwrap_or(u32::MAX);
-        let held = Held { answer: answer.clone(), kept_at: Instant::now(), ttl, bytes };
+        // Counted from before the read: the service measured the freshness then, not on arrival.
+        let ttl = Duration::from_millis(answer.fresh_for_ms).min(self.max_ttl).saturating_sub(ticket.at.elapsed());
+        if ttl.is_zero() {
+            return;
+        }
+        let held = Held { answer: answer.clone(), kept_at: Instant::now(), ttl, bytes: weight(answer) };
         self.entries.insert(answer.key.clone(), Arc::new(held));
         // A change applied between the check and the insert bumped the epoch before dropping
         // entries: either it dropped this one, or this sees the bump and drops it.
-        if self.epoch.load(SeqCst) != ticket.0 {
+        if self.epoch.load(SeqCst) != ticket.epoch {
             self.entries.invalidate(&answer.key);
         }
     }
@@ -136,6 +144,7 @@ impl NearCache {
             }
             // A model's entries: this cache does not index by model, and such changes are rare.
             Some(Change::Model(_)) | None => self.forget_all(),
+            Some(Change::Heartbeat(_)) => {}
         }
     }
 
@@ -159,6 +168,14 @@ impl NearCache {
     }
 }
 
+/// What a kept answer costs in memory, roughly: its encoded size, plus a string's header and
+/// allocation slack for each streamed chunk (many small chunks cost more than their bytes).
+fn weight(answer: &LookupResponse) -> u32 {
+    const PER_CHUNK: usize = std::mem::size_of::<String>() + 16;
+    let bytes = answer.encoded_len().saturating_add(answer.chunks.len().saturating_mul(PER_CHUNK));
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -167,6 +184,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often to ask again a cache service that has no change feed (it may be upgraded).
 const UNIMPLEMENTED_PAUSE: Duration = Duration::from_secs(60);
+/// A feed with no message for this long is dead, even if its connection looks open: the service
+/// sends a heartbeat after every quiet second.
+pub const FEED_SILENCE: Duration = Duration::from_secs(3);
 
 async fn follow(near: Arc<NearCache>, mut client: CacheClient<Channel>) {
     let mut backoff = FIRST_BACKOFF;
@@ -175,7 +195,10 @@ async fn follow(near: Arc<NearCache>, mut client: CacheClient<Channel>) {
             Ok(response) => {
                 let mut feed = response.into_inner();
                 let ended = loop {
-                    match feed.message().await {
+                    let Ok(next) = tokio::time::timeout(FEED_SILENCE, feed.message()).await else {
+                        break Some(tonic::Status::unavailable(format!("no message for {FEED_SILENCE:?}")));
+                    };
+                    match next {
                         Ok(Some(message)) => {
                             if !near.live.load(SeqCst) {
                                 tracing::info!("near cache following the cache service's changes");
@@ -292,19 +315,33 @@ mod tests {
         let config = CacheConfig {
             near_max_entries: 100,
             near_max_bytes: 1 << 20,
-            near_max_ttl_ms: 50,
+            near_max_ttl_ms: 500,
             ..CacheConfig::default()
         };
         let near = NearCache::new(&config).unwrap();
         near.apply(Some(Change::Everything(true)));
-        near.keep(near.ticket().unwrap(), &answer("short", 20));
+        near.keep(near.ticket().unwrap(), &answer("short", 200));
         near.keep(near.ticket().unwrap(), &answer("capped", 10_000));
         assert!(near.get("short").is_some() && near.get("capped").is_some());
-        std::thread::sleep(Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(300));
         assert!(near.get("short").is_none(), "past the entry's freshness");
         assert!(near.get("capped").is_some());
-        std::thread::sleep(Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(300));
         assert!(near.get("capped").is_none(), "past near_max_ttl_ms");
+    }
+
+    #[test]
+    fn freshness_counts_from_before_the_read() {
+        let near = near();
+        let ticket = near.ticket().unwrap();
+        // The read took longer than the entry had left when the service answered.
+        std::thread::sleep(Duration::from_millis(30));
+        near.keep(ticket, &answer("late", 20));
+        assert!(near.get("late").is_none());
+        near.apply(Some(Change::Heartbeat(true)));
+        near.keep(near.ticket().unwrap(), &answer("kept", 10_000));
+        near.apply(Some(Change::Heartbeat(true)));
+        assert!(near.get("kept").is_some(), "a heartbeat changes nothing");
     }
 
     #[test]

@@ -63,10 +63,13 @@ impl MemoryStore {
         self.cache.get(key).await.map(|stored| stored.entry)
     }
 
-    pub async fn put(&self, key: &str, model: &str, entry: Entry, ttl: Duration) {
+    /// Stores `entry` under `key`; true when it replaced an entry that had not expired.
+    pub async fn put(&self, key: &str, model: &str, entry: Entry, ttl: Duration) -> bool {
         let bytes = u32::try_from(entry.encoded_len()).unwrap_or(u32::MAX);
         let stored = Stored { entry: Arc::new(entry), model: model.into(), ttl, bytes };
-        self.cache.insert(key.to_string(), stored).await;
+        // One atomic step per key, so two puts racing cannot both see "nothing there".
+        let upserted = self.cache.entry(key.to_string()).and_upsert_with(|_| std::future::ready(stored)).await;
+        upserted.is_old_value_replaced()
     }
 
     pub async fn remove(&self, key: &str) -> u64 {
@@ -101,8 +104,9 @@ mod tests {
     #[tokio::test]
     async fn put_get_remove() {
         let store = MemoryStore::new(1 << 20, 1000);
-        store.put("k1", "sim", entry("a"), Duration::from_secs(60)).await;
-        store.put("k2", "other", entry("b"), Duration::from_secs(60)).await;
+        assert!(!store.put("k1", "sim", entry("a"), Duration::from_secs(60)).await, "nothing to replace");
+        assert!(!store.put("k2", "other", entry("b"), Duration::from_secs(60)).await);
+        assert!(store.put("k1", "sim", entry("a"), Duration::from_secs(60)).await, "replaced k1");
         assert_eq!(store.get("k1").await.unwrap().response.as_ref().unwrap().text, "a");
         assert_eq!(store.size().await.entries, 2);
         assert_eq!(store.remove_model("sim").await, 1);

@@ -61,12 +61,11 @@ impl Store {
         }
     }
 
-    pub async fn put(&self, key: &str, model: &str, entry: Entry, ttl: Duration) -> Result<(), StoreError> {
+    /// Stores `entry` under `key`; true when it replaced an entry still in the store (which a
+    /// near cache may hold a copy of).
+    pub async fn put(&self, key: &str, model: &str, entry: Entry, ttl: Duration) -> Result<bool, StoreError> {
         match self {
-            Self::Memory(store) => {
-                store.put(key, model, entry, ttl).await;
-                Ok(())
-            }
+            Self::Memory(store) => Ok(store.put(key, model, entry, ttl).await),
             Self::Redis(store) => store.put(key, model, &entry, ttl).await,
         }
     }

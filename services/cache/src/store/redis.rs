@@ -147,7 +147,9 @@ impl RedisStore {
             .transpose()
     }
 
-    pub async fn put(&self, key: &str, model: &str, entry: &Entry, ttl: Duration) -> Result<(), StoreError> {
+    /// Stores `entry`; true when it replaced an entry (SET's GET answers the old value, in the same
+    /// atomic step as the write, so two replicas' racing puts cannot both see nothing there).
+    pub async fn put(&self, key: &str, model: &str, entry: &Entry, ttl: Duration) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let index = model_key(model);
@@ -171,15 +173,18 @@ impl RedisStore {
             .arg("NX")
             .ignore();
         let mut set = redis::cmd("SET");
-        set.arg(entry_key(key)).arg(entry.encode_to_vec()).arg("PX").arg(ttl_ms);
-        match self.conn {
-            Conn::Single(_) => index_pipe.atomic().add_command(set).ignore().exec_async(&mut conn).await?,
+        set.arg(entry_key(key)).arg(entry.encode_to_vec()).arg("PX").arg(ttl_ms).arg("GET");
+        let old: redis::Value = match self.conn {
+            Conn::Single(_) => {
+                let (old,) = index_pipe.atomic().add_command(set).query_async(&mut conn).await?;
+                old
+            }
             Conn::Cluster(_) => {
                 index_pipe.exec_async(&mut conn).await?;
-                set.exec_async(&mut conn).await?;
+                set.query_async(&mut conn).await?
             }
-        }
-        Ok(())
+        };
+        Ok(!matches!(old, redis::Value::Nil))
     }
 
     /// Publishes `message` on `channel` (on a cluster, every node relays it to its subscribers).

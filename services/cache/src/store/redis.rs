@@ -11,7 +11,11 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context as _;
 use llmesh_proto::cache::v1::Entry;
 use prost::Message as _;
-use redis::{AsyncCommands as _, aio::ConnectionManager};
+use redis::{
+    AsyncCommands as _,
+    aio::ConnectionManager,
+    cluster_routing::{RoutingInfo, SingleNodeRoutingInfo},
+};
 
 use super::{Size, StoreError};
 use crate::config::Config;
@@ -214,35 +218,90 @@ impl RedisStore {
         Ok(removed)
     }
 
-    /// Counts entries and their bytes with SCAN and MEMORY USAGE: fine for an occasional Stats
-    /// call, not for a hot path. On a cluster, SCAN would see one node only: the count there is
-    /// DBSIZE summed over the primaries (every key, model sets included) and bytes are not counted.
+    /// Counts entries and their bytes with SCAN and MEMORY USAGE, on every primary of a cluster:
+    /// fine for an occasional Stats call (every 10 s for the gauges), not for a hot path.
     pub async fn size(&self) -> Result<Size, StoreError> {
-        let mut conn = self.conn.clone();
-        if let Conn::Cluster(_) = conn {
-            let keys: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await?;
-            return Ok(Size { entries: keys, bytes: 0 });
-        }
         let mut size = Size::default();
+        match &self.conn {
+            Conn::Single(_) => self.count(None, &mut size).await?,
+            Conn::Cluster(conn) => {
+                for (host, port) in primaries(&mut conn.clone()).await? {
+                    self.count(Some(SingleNodeRoutingInfo::ByAddress { host, port }), &mut size).await?;
+                }
+            }
+        }
+        Ok(size)
+    }
+
+    /// Adds the entries of one node (`None`: the only one) to `size`.
+    async fn count(&self, node: Option<SingleNodeRoutingInfo>, size: &mut Size) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{PREFIX}*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor).arg("MATCH").arg(format!("{PREFIX}*")).arg("COUNT").arg(1000);
+            let (next, keys): (u64, Vec<String>) = match (&node, &mut conn) {
+                (Some(node), Conn::Cluster(cluster)) => {
+                    let reply = cluster.route_command(scan, RoutingInfo::SingleNode(node.clone())).await?;
+                    redis::from_redis_value(reply).map_err(|error| StoreError(format!("SCAN reply: {error}")))?
+                }
+                _ => scan.query_async(&mut conn).await?,
+            };
             for key in keys.iter().filter(|k| !k.starts_with(&model_key(""))) {
                 size.entries += 1;
+                // Routed by the key's slot on a cluster: the node just scanned.
                 let bytes: Option<u64> = redis::cmd("MEMORY").arg("USAGE").arg(key).query_async(&mut conn).await?;
                 size.bytes += bytes.unwrap_or(0);
             }
             cursor = next;
             if cursor == 0 {
-                return Ok(size);
+                return Ok(());
             }
         }
+    }
+}
+
+/// The cluster's primaries that are up, as (host, port), from CLUSTER NODES: lines of
+/// `<id> <host>:<port>@<bus-port>[,<hostname>] <flags> ...`.
+async fn primaries(conn: &mut redis::cluster_async::ClusterConnection) -> Result<Vec<(String, u16)>, StoreError> {
+    let reply = conn
+        .route_command(
+            redis::cmd("CLUSTER").arg("NODES").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        )
+        .await?;
+    let text: String = redis::from_redis_value(reply).map_err(|error| StoreError(format!("CLUSTER NODES: {error}")))?;
+    Ok(parse_primaries(&text))
+}
+
+fn parse_primaries(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (address, flags) = (fields.nth(1)?, fields.next()?);
+            let flags: Vec<&str> = flags.split(',').collect();
+            if !flags.contains(&"master") || flags.iter().any(|f| f.starts_with("fail") || *f == "handshake") {
+                return None;
+            }
+            let (host, port) = address.split(['@', ',']).next()?.rsplit_once(':')?;
+            Some((host.to_string(), port.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primaries_are_read_from_cluster_nodes() {
+        let nodes = "\
+07c37dfeb235213a872192d90877d0cd55635b91 127.0.0.1:30004@31004,host-a slave e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 0 1426238317239 4 connected
+67ed2db8d677e59ec4a4cefb06858cf2a1a89fa1 127.0.0.1:30002@31002 master - 0 1426238316232 2 connected 5461-10922
+292f8b365bb7edb5e285caf0b7e6ddc7265d2f4f 127.0.0.1:30003@31003 master,fail - 0 1426238318243 3 connected 10923-16383
+e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460
+";
+        assert_eq!(parse_primaries(nodes), [("127.0.0.1".to_string(), 30002), ("127.0.0.1".to_string(), 30001)]);
     }
 }

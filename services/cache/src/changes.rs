@@ -5,10 +5,14 @@
 //! Redis, other cache replicas change the same entries: each change is also published on a Redis
 //! channel, and every replica relays what it hears on that channel to its watchers. Pub/sub loses
 //! messages silently, so a replica checks that it hears everything:
-//! - each publisher numbers its messages; a number still missing after [`SILENCE`] (a publish that
-//!   failed, a message dropped) means a change was lost;
-//! - each replica publishes a heartbeat every [`HEARTBEAT`] and must hear its own within
-//!   [`SILENCE`], or its subscription is dead even if its connection looks open.
+//! - each publisher numbers its messages; a number still missing after [`SILENCE`] (a message
+//!   dropped) means a change was lost;
+//! - a publisher whose publish failed says so in its next message (`lost`);
+//! - each replica publishes a heartbeat every [`HEARTBEAT`]: one not heard from for [`SILENCE`]
+//!   may have made a change it could not announce (it stopped, hung or lost Redis), and a replica
+//!   that does not hear its own within [`SILENCE`] has a dead subscription, even if its connection
+//!   looks open. A replica that stops therefore ends every gateway's feed once: they drop their
+//!   copies and watch again.
 //!
 //! A replica that may have missed a change ends its watchers' streams (while its subscription is
 //! down it refuses new ones); a watcher drops everything it holds and watches again. The stream to
@@ -17,14 +21,17 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::SeqCst},
+    },
     time::{Duration, Instant},
 };
 
 use futures::StreamExt as _;
 use llmesh_proto::cache::v1::{Relayed, WatchChangesResponse, watch_changes_response::Change};
 use prost::Message as _;
-use tokio::sync::{Mutex, broadcast, watch};
+use tokio::sync::{broadcast, watch};
 use tonic::Status;
 
 use crate::store::{Store, StoreError, redis::RedisStore};
@@ -45,9 +52,6 @@ const SILENCE: Duration = Duration::from_secs(3);
 
 /// More numbers missing at once than this is a loss without waiting.
 const MAX_MISSING: u64 = 1024;
-
-/// A publisher not heard from for this long is forgotten (a replica that went away).
-const FORGET_AFTER: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone)]
 enum Event {
@@ -76,22 +80,29 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// This replica's numbered messages on the channel.
+/// This replica's numbered messages on the channel. Publishes run concurrently and may reach
+/// Redis out of order: the receivers allow for that (see [`Sequences`]).
 #[derive(Debug)]
 struct Publisher {
     store: RedisStore,
     id: u64,
-    /// The last number used. Held across the publish, so numbers reach Redis in order.
-    seq: Mutex<u64>,
+    /// The last number used.
+    seq: AtomicU64,
+    /// A publish failed since the last message that went out.
+    failed: AtomicBool,
 }
 
 impl Publisher {
     /// Publishes `change`, or a heartbeat when `None`.
     async fn publish(&self, change: Option<WatchChangesResponse>) -> Result<(), StoreError> {
-        let mut seq = self.seq.lock().await;
-        *seq += 1;
-        let message = Relayed { publisher: self.id, seq: *seq, change };
-        self.store.publish(CHANNEL, message.encode_to_vec()).await
+        let seq = self.seq.fetch_add(1, SeqCst) + 1;
+        let lost = self.failed.swap(false, SeqCst);
+        let message = Relayed { publisher: self.id, seq, change, lost };
+        let published = self.store.publish(CHANNEL, message.encode_to_vec()).await;
+        if published.is_err() {
+            self.failed.store(true, SeqCst);
+        }
+        published
     }
 }
 
@@ -109,7 +120,12 @@ impl Changes {
             }
             Store::Redis(store) => {
                 let (complete_tx, complete) = watch::channel(false);
-                let publisher = Arc::new(Publisher { store, id: fastrand::u64(..), seq: Mutex::new(0) });
+                let publisher = Arc::new(Publisher {
+                    store,
+                    id: fastrand::u64(..),
+                    seq: AtomicU64::new(0),
+                    failed: AtomicBool::new(false),
+                });
                 let tasks = [
                     AbortOnDrop(tokio::spawn(subscribe(subscribe_urls, publisher.id, feed.clone(), complete_tx))),
                     AbortOnDrop(tokio::spawn(heartbeat(publisher.clone()))),
@@ -120,8 +136,8 @@ impl Changes {
     }
 
     /// Tells every watcher (here and, on Redis, at every replica) about `change`. When the publish
-    /// fails the other replicas notice the missing number and end their watchers' streams; the
-    /// error is for the caller to report.
+    /// fails the other replicas learn it from this replica's next message (or its silence) and end
+    /// their watchers' streams; the error is for the caller to report.
     pub async fn publish(&self, change: Change) -> Result<(), StoreError> {
         let message = WatchChangesResponse { change: Some(change) };
         // Our own watchers hear it at once (and again from the channel, which does no harm).
@@ -216,21 +232,24 @@ async fn listen(
         let checked = tokio::select! {
             message = messages.next() => {
                 let Some(message) = message else { return Ok(()) };
-                let relayed = match Relayed::decode(message.get_payload_bytes()) {
-                    Ok(relayed) => relayed,
+                match Relayed::decode(message.get_payload_bytes()) {
+                    Ok(relayed) => {
+                        let now = Instant::now();
+                        if relayed.publisher == own_id {
+                            heard_self = now;
+                        }
+                        if let Some(change) = relayed.change {
+                            let _ = feed.send(Event::Change(Arc::new(change)));
+                        }
+                        let seen = sequences.saw(relayed.publisher, relayed.seq, now);
+                        if relayed.lost { Err(Gap { publisher: relayed.publisher }) } else { seen }
+                    }
+                    // Another version's message, or a corrupt one: it may have been a change.
                     Err(error) => {
                         tracing::warn!(%error, "undecodable message on the cache change channel");
-                        continue;
+                        Err(Gap { publisher: 0 })
                     }
-                };
-                let now = Instant::now();
-                if relayed.publisher == own_id {
-                    heard_self = now;
                 }
-                if let Some(change) = relayed.change {
-                    let _ = feed.send(Event::Change(Arc::new(change)));
-                }
-                sequences.saw(relayed.publisher, relayed.seq, now)
             }
             _ = check.tick() => {
                 if heard_self.elapsed() > SILENCE {
@@ -250,7 +269,7 @@ async fn listen(
     }
 }
 
-/// A message that did not arrive.
+/// A message that did not arrive, or may have been lost.
 #[derive(Debug, PartialEq, Eq)]
 struct Gap {
     publisher: u64,
@@ -294,10 +313,14 @@ impl Sequences {
         Ok(())
     }
 
-    /// A gap when a number has been missing for longer than [`SILENCE`]; forgets publishers not
-    /// heard from for [`FORGET_AFTER`].
+    /// A gap when a number has been missing for longer than [`SILENCE`], or a publisher has not
+    /// been heard from for that long (it is forgotten: if it comes back, it starts anew).
     fn overdue(&mut self, now: Instant) -> Result<(), Gap> {
-        self.publishers.retain(|_, heard| now.duration_since(heard.last) < FORGET_AFTER);
+        let silent = self.publishers.iter().find(|(_, heard)| now.duration_since(heard.last) > SILENCE);
+        if let Some((&publisher, _)) = silent {
+            self.publishers.remove(&publisher);
+            return Err(Gap { publisher });
+        }
         for (&publisher, heard) in &self.publishers {
             if heard.missing.values().any(|&since| now.duration_since(since) > SILENCE) {
                 return Err(Gap { publisher });
@@ -318,7 +341,7 @@ mod tests {
             assert_eq!(seen.saw(1, seq, t0), Ok(()));
         }
         assert_eq!(seen.saw(2, 1, t0), Ok(()));
-        assert_eq!(seen.overdue(t0 + SILENCE * 2), Ok(()));
+        assert_eq!(seen.overdue(t0 + SILENCE), Ok(()));
     }
 
     #[test]
@@ -327,11 +350,12 @@ mod tests {
         seen.saw(1, 1, t0).unwrap();
         seen.saw(1, 3, t0).unwrap();
         assert_eq!(seen.overdue(t0 + Duration::from_secs(1)), Ok(()), "2 may still come");
-        seen.saw(1, 2, t0 + Duration::from_secs(1)).unwrap();
-        assert_eq!(seen.overdue(t0 + SILENCE * 2), Ok(()));
+        let t1 = t0 + Duration::from_secs(2);
+        seen.saw(1, 2, t1).unwrap();
+        assert_eq!(seen.overdue(t1 + Duration::from_secs(1)), Ok(()));
         // Repeats and old numbers change nothing.
-        seen.saw(1, 2, t0).unwrap();
-        assert_eq!(seen.overdue(t0 + SILENCE * 2), Ok(()));
+        seen.saw(1, 2, t1).unwrap();
+        assert_eq!(seen.overdue(t1 + Duration::from_secs(1)), Ok(()));
     }
 
     #[test]
@@ -339,7 +363,10 @@ mod tests {
         let (mut seen, t0) = (Sequences::default(), Instant::now());
         seen.saw(7, 10, t0).unwrap();
         seen.saw(7, 12, t0).unwrap();
-        assert_eq!(seen.overdue(t0 + SILENCE + Duration::from_millis(1)), Err(Gap { publisher: 7 }));
+        // The publisher goes on (its heartbeats), but 11 never comes.
+        let later = t0 + SILENCE + Duration::from_millis(1);
+        seen.saw(7, 13, later).unwrap();
+        assert_eq!(seen.overdue(later), Err(Gap { publisher: 7 }));
     }
 
     #[test]
@@ -350,11 +377,15 @@ mod tests {
     }
 
     #[test]
-    fn publishers_gone_quiet_are_forgotten() {
+    fn a_publisher_gone_silent_is_a_gap_once_then_forgotten() {
         let (mut seen, t0) = (Sequences::default(), Instant::now());
         seen.saw(7, 1, t0).unwrap();
-        seen.saw(8, 1, t0 + FORGET_AFTER).unwrap();
-        assert_eq!(seen.overdue(t0 + FORGET_AFTER + Duration::from_secs(1)), Ok(()));
-        assert_eq!(seen.publishers.len(), 1);
+        let later = t0 + SILENCE + Duration::from_millis(1);
+        seen.saw(8, 1, later).unwrap();
+        assert_eq!(seen.overdue(later), Err(Gap { publisher: 7 }));
+        assert_eq!(seen.overdue(later), Ok(()), "reported once");
+        // Back after all: it starts anew.
+        seen.saw(7, 9, later).unwrap();
+        assert_eq!(seen.overdue(later), Ok(()));
     }
 }

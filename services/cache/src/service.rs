@@ -145,8 +145,11 @@ impl Cache for CacheService {
             // every gateway a message. A REFRESH is announced whatever it replaced: the old entry
             // may have been evicted while copies of it live on. So is a put that failed, which may
             // have been made all the same.
-            if refresh || !matches!(put, Ok(false)) {
-                inner.changes.publish(Change::Key(stored_key)).await?;
+            let announce = refresh || !matches!(put, Ok(false));
+            if announce && let Err(error) = inner.changes.publish(Change::Key(stored_key)).await {
+                // The other replicas learn of the failure and end their feeds: the entry stays.
+                inner.errors.fetch_add(1, Relaxed);
+                tracing::warn!(%error, "a cache store could not be announced to the near caches");
             }
             put.map(|_replaced| ())
         })

@@ -1,8 +1,9 @@
 //! The near cache: recent hits kept in the gateway's own memory, so a repeated request is answered
 //! without a call to the cache service (one hop instead of two).
 //!
-//! It must never answer with something the cache service no longer would. So it follows the
-//! service's change feed (`WatchChanges`) and:
+//! It must not answer with something the cache service has replaced or removed (an entry evicted
+//! for space is not announced: its copy lives out its freshness). So it follows the service's
+//! change feed (`WatchChanges`) and:
 //! - serves only while the feed is live: a change it cannot see could be about any entry; a feed
 //!   silent for [`FEED_SILENCE`] counts as ended (the service sends a heartbeat every second);
 //! - drops everything when the feed starts (changes before it were not seen) and when it ends;

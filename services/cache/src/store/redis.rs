@@ -14,7 +14,7 @@ use prost::Message as _;
 use redis::{
     AsyncCommands as _,
     aio::ConnectionManager,
-    cluster_routing::{RoutingInfo, SingleNodeRoutingInfo},
+    cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr},
 };
 
 use super::{Size, StoreError};
@@ -225,8 +225,9 @@ impl RedisStore {
         match &self.conn {
             Conn::Single(_) => self.count(None, &mut size).await?,
             Conn::Cluster(conn) => {
-                for (host, port) in primaries(&mut conn.clone()).await? {
-                    self.count(Some(SingleNodeRoutingInfo::ByAddress { host, port }), &mut size).await?;
+                for slot in primaries(&mut conn.clone()).await? {
+                    let primary = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+                    self.count(Some(primary), &mut size).await?;
                 }
             }
         }
@@ -261,9 +262,10 @@ impl RedisStore {
     }
 }
 
-/// The cluster's primaries that are up, as (host, port), from CLUSTER NODES: lines of
-/// `<id> <host>:<port>@<bus-port>[,<hostname>] <flags> ...`.
-async fn primaries(conn: &mut redis::cluster_async::ClusterConnection) -> Result<Vec<(String, u16)>, StoreError> {
+/// One slot of each primary that serves slots, from CLUSTER NODES (lines of `<id> <address>
+/// <flags> <primary> <ping> <pong> <epoch> <link> <slot ranges>...`). A command routed to a slot
+/// reaches its primary whatever name or address the cluster announces it by.
+async fn primaries(conn: &mut redis::cluster_async::ClusterConnection) -> Result<Vec<u16>, StoreError> {
     let reply = conn
         .route_command(
             redis::cmd("CLUSTER").arg("NODES").clone(),
@@ -274,18 +276,17 @@ async fn primaries(conn: &mut redis::cluster_async::ClusterConnection) -> Result
     Ok(parse_primaries(&text))
 }
 
-fn parse_primaries(nodes: &str) -> Vec<(String, u16)> {
+fn parse_primaries(nodes: &str) -> Vec<u16> {
     nodes
         .lines()
         .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (address, flags) = (fields.nth(1)?, fields.next()?);
-            let flags: Vec<&str> = flags.split(',').collect();
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags: Vec<&str> = fields.get(2)?.split(',').collect();
             if !flags.contains(&"master") || flags.iter().any(|f| f.starts_with("fail") || *f == "handshake") {
                 return None;
             }
-            let (host, port) = address.split(['@', ',']).next()?.rsplit_once(':')?;
-            Some((host.to_string(), port.parse().ok()?))
+            // Ranges ("0-5460") or single slots; "[slot->-id]" marks a slot being moved.
+            fields.iter().skip(8).find_map(|range| range.split('-').next()?.parse().ok())
         })
         .collect()
 }
@@ -301,7 +302,10 @@ mod tests {
 67ed2db8d677e59ec4a4cefb06858cf2a1a89fa1 127.0.0.1:30002@31002 master - 0 1426238316232 2 connected 5461-10922
 292f8b365bb7edb5e285caf0b7e6ddc7265d2f4f 127.0.0.1:30003@31003 master,fail - 0 1426238318243 3 connected 10923-16383
 e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460
+5a1b2c3d4e5f60718293a4b5c6d7e8f901234567 127.0.0.1:30005@31005 master - 0 0 5 connected
+6a1b2c3d4e5f60718293a4b5c6d7e8f901234567 node-6:30006@31006 master - 0 0 6 connected [93->-5a1b] 16000
 ";
-        assert_eq!(parse_primaries(nodes), [("127.0.0.1".to_string(), 30002), ("127.0.0.1".to_string(), 30001)]);
+        // Up primaries with slots only (the one without slots has nothing to count).
+        assert_eq!(parse_primaries(nodes), [5461, 0, 16000]);
     }
 }

@@ -11,12 +11,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -26,60 +22,24 @@ REPO = HERE.parents[1]
 LOCUSTFILE = HERE / "locustfile.py"
 BIN_DIR = Path(os.environ.get("LLMESH_BIN_DIR", REPO / "target" / "debug"))
 
+# The mesh fixture is the Python tests' own (tests/python/mesh_process.py).
+sys.path.insert(0, str(REPO / "tests" / "python"))
+import mesh_process  # noqa: E402
+
 STARTUP_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 10.0
 # A headless run may take this long beyond its -t (start-up, stub generation, shutdown).
 RUN_SLACK_S = 20.0
-# One line of the banner `llmesh up` prints once every service is SERVING: "  gateway    127.0.0.1:4000".
-BANNER_LINE = re.compile(r"^\s*(generation|cache|gateway|health)\s+(\S+:\d+)\s*$")
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory):
     """A running mesh; yields the gateway's host:port. Stopped with SIGTERM afterwards."""
-    binary = BIN_DIR / "llmesh"
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        pytest.fail(f"{binary} is missing or not executable: build it (cargo build) or set LLMESH_BIN_DIR")
-    log_path = tmp_path_factory.mktemp("mesh") / "llmesh-up.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [str(binary), "up", "--base-port", "0"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            start_new_session=True,
-        )
-    addresses: dict[str, str] = {}
-    up = threading.Event()
-
-    def read_banner() -> None:
-        # Drains stdout for the mesh's whole life, so the pipe never fills.
-        for raw in process.stdout:
-            match = BANNER_LINE.match(raw.decode(errors="replace"))
-            if match and not up.is_set():
-                addresses[match.group(1)] = match.group(2)
-                if len(addresses) == 4:
-                    up.set()
-
-    reader = threading.Thread(target=read_banner, daemon=True)
-    reader.start()
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not up.wait(timeout=0.1):
-            if process.poll() is not None or time.monotonic() > deadline:
-                logs = log_path.read_text(errors="replace")[-4000:]
-                pytest.fail(f"the mesh was not up within {STARTUP_TIMEOUT_S:.0f} s (exit {process.poll()}):\n{logs}")
-        yield addresses["gateway"]
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=5)
-        reader.join(timeout=5)
-        process.stdout.close()
+        mesh = mesh_process.running(BIN_DIR / "llmesh", tmp_path_factory.mktemp("mesh"), STARTUP_TIMEOUT_S)
+        with mesh as addresses:
+            yield addresses["gateway"]
+    except mesh_process.MeshError as error:
+        pytest.fail(str(error))
 
 
 def test_tasks_are_the_seeds_prompts_weighted_3_2_1() -> None:

@@ -192,6 +192,8 @@ async fn a_dead_cache_service_takes_the_near_copies_with_it() {
     // With the cache service gone the gateway cannot hear of changes: it stops serving copies.
     mesh.cache.kill().await;
     until_uncached(&gateway, &request, "the cache service died").await;
+    let resets = mesh.gateway.metric_sum("llmesh_cache_near_resets_total", "reason=\"ended\"").await;
+    assert!(resets >= 1.0, "the ended feed's reset was not counted");
 }
 
 /// A cache service that hangs (here SIGSTOPped) keeps its connections open but says nothing: the
@@ -207,6 +209,8 @@ async fn a_silent_feed_takes_the_near_copies_with_it() {
     kill(mesh.cache.pid(), Signal::SIGSTOP).unwrap();
     until_uncached(&gateway, &request, "the cache service stopped answering").await;
     kill(mesh.cache.pid(), Signal::SIGCONT).unwrap();
+    let resets = mesh.gateway.metric_sum("llmesh_cache_near_resets_total", "reason=\"silent\"").await;
+    assert!(resets >= 1.0, "the silent feed's reset was not counted");
 }
 
 #[tokio::test]

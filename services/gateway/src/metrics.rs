@@ -13,6 +13,8 @@ use opentelemetry::{
 pub struct GatewayMetrics {
     /// `result`: hit, miss, error, timeout, bypass.
     pub cache_requests: Counter<u64>,
+    /// `reason`: ended (the feed ended or failed), silent (no message for 3 s).
+    pub near_cache_resets: Counter<u64>,
     /// `reason`, `source`.
     pub fallbacks: Counter<u64>,
     /// `endpoint` (RPC method), `reason` (gRPC code name).
@@ -41,6 +43,10 @@ pub fn metrics() -> &'static GatewayMetrics {
             cache_requests: meter
                 .u64_counter("llmesh.cache.requests")
                 .with_description("Cache lookups by result")
+                .build(),
+            near_cache_resets: meter
+                .u64_counter("llmesh.cache.near.resets")
+                .with_description("Times the near cache dropped its copies because its change feed ended")
                 .build(),
             fallbacks: meter.u64_counter("llmesh.fallbacks").with_description("Degraded answers given").build(),
             retries: meter.u64_counter("llmesh.retries").with_description("Retry attempts made").build(),

@@ -26,7 +26,10 @@ use llmesh_proto::cache::v1::{
 use prost::Message as _;
 use tonic::{Code, transport::Channel};
 
-use crate::config::CacheConfig;
+use crate::{
+    config::CacheConfig,
+    metrics::{label, metrics},
+};
 
 #[derive(Debug)]
 pub struct NearCache {
@@ -195,8 +198,10 @@ async fn follow(near: Arc<NearCache>, mut client: CacheClient<Channel>) {
         let ended = match client.watch_changes(WatchChangesRequest {}).await {
             Ok(response) => {
                 let mut feed = response.into_inner();
+                let mut silent = false;
                 let ended = loop {
                     let Ok(next) = tokio::time::timeout(FEED_SILENCE, feed.message()).await else {
+                        silent = true;
                         break Some(tonic::Status::unavailable(format!("no message for {FEED_SILENCE:?}")));
                     };
                     match next {
@@ -213,6 +218,8 @@ async fn follow(near: Arc<NearCache>, mut client: CacheClient<Channel>) {
                 };
                 if near.live.load(SeqCst) {
                     tracing::warn!(reason = ?ended.as_ref().map(|s| s.message()), "near cache off: the cache service's change feed ended");
+                    let reason = if silent { "silent" } else { "ended" };
+                    metrics().near_cache_resets.add(1, &[label("reason", reason)]);
                 }
                 ended
             }

@@ -213,6 +213,31 @@ async fn a_silent_feed_takes_the_near_copies_with_it() {
     assert!(resets >= 1.0, "the silent feed's reset was not counted");
 }
 
+/// A cache replica that stops (here SIGKILLed) may have made a change it never announced: the
+/// replicas that stop hearing its heartbeat end their feeds, so the gateways start over.
+#[tokio::test]
+async fn a_cache_replica_that_stops_resets_the_near_caches() {
+    let redis = Redis::start().await.unwrap();
+    let mut env = admin_env();
+    env.push(("LLMESH_CACHE_ADMIN__LISTEN", "127.0.0.1:0".to_string()));
+    let mesh = Mesh::start_with(MeshOptions { env, redis_url: Some(redis.url()), ..Default::default() }).await;
+    let mut other = Proc::spawn("cache", &[("LLMESH_CACHE_REDIS_URL", redis.url())]).await.unwrap();
+    let request = prompt("near, then a replica dies");
+    mesh.gateway().await.generate(request.clone()).await.unwrap();
+    until_near(&mesh, &request).await;
+    // Both replicas hear each other's heartbeats before one dies.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let resets = || mesh.gateway.metric_sum("llmesh_cache_near_resets_total", "reason=\"ended\"");
+    let before = resets().await;
+    other.kill().await;
+    let reset = eventually(Duration::from_secs(10), || async { (resets().await > before).then_some(()) }).await;
+    assert!(reset.is_some(), "the gateway kept its copies after a cache replica died");
+    let silent = mesh.cache.metric_sum("llmesh_cache_changes_lost_total", "reason=\"silent\"").await;
+    assert!(silent >= 1.0, "the surviving replica did not count the silent one");
+    // And the gateway serves from its near cache again once it watches anew.
+    until_near(&mesh, &request).await;
+}
+
 #[tokio::test]
 async fn changes_at_another_cache_replica_reach_the_gateway() {
     let mut redis = Redis::start().await.unwrap();

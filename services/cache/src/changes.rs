@@ -30,6 +30,7 @@ use std::{
 
 use futures::StreamExt as _;
 use llmesh_proto::cache::v1::{Relayed, WatchChangesResponse, watch_changes_response::Change};
+use opentelemetry::{KeyValue, metrics::Counter};
 use prost::Message as _;
 use tokio::sync::{broadcast, watch};
 use tonic::Status;
@@ -193,16 +194,27 @@ async fn heartbeat(publisher: Arc<Publisher>) {
     }
 }
 
+/// `llmesh.cache.changes.lost{reason}`: each time this replica ended its watchers' feeds because
+/// it may have missed a change.
+fn lost_counter() -> Counter<u64> {
+    llmesh_telemetry::meter()
+        .u64_counter("llmesh.cache.changes.lost")
+        .with_description("Times the cache may have missed a change on its Redis channel and ended its change feeds")
+        .build()
+}
+
 /// Keeps a subscription to the change channel, relaying what it hears, and says whether it is up.
 async fn subscribe(urls: Vec<String>, own_id: u64, feed: broadcast::Sender<Event>, complete: watch::Sender<bool>) {
+    let lost = lost_counter();
     let mut backoff = Duration::from_millis(100);
     for url in urls.iter().cycle() {
-        match listen(url, own_id, &feed, &complete).await {
+        match listen(url, own_id, &feed, &complete, &lost).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(error) => tracing::warn!(%error, "cache change channel unavailable"),
         }
         if complete.send_replace(false) {
             tracing::warn!("lost the cache change channel; near caches drop their copies until it is back");
+            lost.add(1, &[KeyValue::new("reason", "subscription")]);
             let _ = feed.send(Event::Lost);
         }
         tokio::time::sleep(backoff).await;
@@ -216,6 +228,7 @@ async fn listen(
     own_id: u64,
     feed: &broadcast::Sender<Event>,
     complete: &watch::Sender<bool>,
+    lost: &Counter<u64>,
 ) -> anyhow::Result<()> {
     let client = redis::Client::open(url)?;
     let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
@@ -242,12 +255,12 @@ async fn listen(
                             let _ = feed.send(Event::Change(Arc::new(change)));
                         }
                         let seen = sequences.saw(relayed.publisher, relayed.seq, now);
-                        if relayed.lost { Err(Gap { publisher: relayed.publisher }) } else { seen }
+                        if relayed.lost { Err(Gap { publisher: relayed.publisher, why: Why::Reported }) } else { seen }
                     }
                     // Another version's message, or a corrupt one: it may have been a change.
                     Err(error) => {
                         tracing::warn!(%error, "undecodable message on the cache change channel");
-                        Err(Gap { publisher: 0 })
+                        Err(Gap { publisher: 0, why: Why::Undecodable })
                     }
                 }
             }
@@ -258,11 +271,13 @@ async fn listen(
                 sequences.overdue(Instant::now())
             }
         };
-        if let Err(Gap { publisher }) = checked {
+        if let Err(Gap { publisher, why }) = checked {
             tracing::warn!(
                 publisher = format_args!("{publisher:016x}"),
-                "a cache change was lost on the channel; near caches start over"
+                reason = why.as_str(),
+                "a cache change may have been lost on the channel; near caches start over"
             );
+            lost.add(1, &[KeyValue::new("reason", why.as_str())]);
             let _ = feed.send(Event::Lost);
             sequences = Sequences::default();
         }
@@ -273,6 +288,29 @@ async fn listen(
 #[derive(Debug, PartialEq, Eq)]
 struct Gap {
     publisher: u64,
+    why: Why,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// A number never arrived.
+    Missing,
+    /// The publisher said a publish of its failed.
+    Reported,
+    /// The publisher went quiet: it stopped or hung, maybe with a change unannounced.
+    Silent,
+    Undecodable,
+}
+
+impl Why {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Reported => "reported",
+            Self::Silent => "silent",
+            Self::Undecodable => "undecodable",
+        }
+    }
 }
 
 /// The numbers heard from each publisher, to notice one that never arrives. Messages may come
@@ -303,7 +341,7 @@ impl Sequences {
         heard.last = now;
         if seq > heard.highest {
             if seq - heard.highest > MAX_MISSING {
-                return Err(Gap { publisher });
+                return Err(Gap { publisher, why: Why::Missing });
             }
             heard.missing.extend((heard.highest + 1..seq).map(|n| (n, now)));
             heard.highest = seq;
@@ -319,11 +357,11 @@ impl Sequences {
         let silent = self.publishers.iter().find(|(_, heard)| now.duration_since(heard.last) > SILENCE);
         if let Some((&publisher, _)) = silent {
             self.publishers.remove(&publisher);
-            return Err(Gap { publisher });
+            return Err(Gap { publisher, why: Why::Silent });
         }
         for (&publisher, heard) in &self.publishers {
             if heard.missing.values().any(|&since| now.duration_since(since) > SILENCE) {
-                return Err(Gap { publisher });
+                return Err(Gap { publisher, why: Why::Missing });
             }
         }
         Ok(())
@@ -366,14 +404,14 @@ mod tests {
         // The publisher goes on (its heartbeats), but 11 never comes.
         let later = t0 + SILENCE + Duration::from_millis(1);
         seen.saw(7, 13, later).unwrap();
-        assert_eq!(seen.overdue(later), Err(Gap { publisher: 7 }));
+        assert_eq!(seen.overdue(later), Err(Gap { publisher: 7, why: Why::Missing }));
     }
 
     #[test]
     fn a_jump_too_far_is_a_gap_at_once() {
         let (mut seen, t0) = (Sequences::default(), Instant::now());
         seen.saw(7, 1, t0).unwrap();
-        assert_eq!(seen.saw(7, 2 + MAX_MISSING, t0), Err(Gap { publisher: 7 }));
+        assert_eq!(seen.saw(7, 2 + MAX_MISSING, t0), Err(Gap { publisher: 7, why: Why::Missing }));
     }
 
     #[test]
@@ -382,7 +420,7 @@ mod tests {
         seen.saw(7, 1, t0).unwrap();
         let later = t0 + SILENCE + Duration::from_millis(1);
         seen.saw(8, 1, later).unwrap();
-        assert_eq!(seen.overdue(later), Err(Gap { publisher: 7 }));
+        assert_eq!(seen.overdue(later), Err(Gap { publisher: 7, why: Why::Silent }));
         assert_eq!(seen.overdue(later), Ok(()), "reported once");
         // Back after all: it starts anew.
         seen.saw(7, 9, later).unwrap();

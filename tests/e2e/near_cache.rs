@@ -21,6 +21,17 @@ fn admin_env() -> Vec<(&'static str, String)> {
     vec![("LLMESH_GATEWAY_ADMIN__LISTEN", "127.0.0.1:0".to_string())]
 }
 
+/// A mesh on a fresh Redis (admin listeners on the gateway and the cache) and a second cache
+/// replica on the same Redis, which the gateway does not talk to.
+async fn mesh_and_another_cache_replica() -> (Redis, Mesh, Proc) {
+    let redis = Redis::start().await.unwrap();
+    let mut env = admin_env();
+    env.push(("LLMESH_CACHE_ADMIN__LISTEN", "127.0.0.1:0".to_string()));
+    let mesh = Mesh::start_with(MeshOptions { env, redis_url: Some(redis.url()), ..Default::default() }).await;
+    let other = Proc::spawn("cache", &[("LLMESH_CACHE_REDIS_URL", redis.url())]).await.unwrap();
+    (redis, mesh, other)
+}
+
 async fn near_hits(gateway: &Proc) -> f64 {
     gateway.metric_sum("llmesh_cache_requests_total", "tier=\"near\"").await
 }
@@ -144,10 +155,7 @@ async fn until_text(gateway: &GatewayClient<Channel>, request: &GenerateRequest,
 /// talks to the first replica only, must drop its copy: the key crosses the Redis channel.
 #[tokio::test]
 async fn an_entry_replaced_at_another_cache_replica_drops_the_copies() {
-    let redis = Redis::start().await.unwrap();
-    let options = MeshOptions { env: admin_env(), redis_url: Some(redis.url()), ..Default::default() };
-    let mesh = Mesh::start_with(options).await;
-    let other = Proc::spawn("cache", &[("LLMESH_CACHE_REDIS_URL", redis.url())]).await.unwrap();
+    let (_redis, mesh, other) = mesh_and_another_cache_replica().await;
     let mut other_cache = CacheClient::new(other.channel().await);
     let gateway = mesh.gateway().await;
     let request = prompt("replace me");
@@ -217,11 +225,7 @@ async fn a_silent_feed_takes_the_near_copies_with_it() {
 /// replicas that stop hearing its heartbeat end their feeds, so the gateways start over.
 #[tokio::test]
 async fn a_cache_replica_that_stops_resets_the_near_caches() {
-    let redis = Redis::start().await.unwrap();
-    let mut env = admin_env();
-    env.push(("LLMESH_CACHE_ADMIN__LISTEN", "127.0.0.1:0".to_string()));
-    let mesh = Mesh::start_with(MeshOptions { env, redis_url: Some(redis.url()), ..Default::default() }).await;
-    let mut other = Proc::spawn("cache", &[("LLMESH_CACHE_REDIS_URL", redis.url())]).await.unwrap();
+    let (_redis, mesh, mut other) = mesh_and_another_cache_replica().await;
     let request = prompt("near, then a replica dies");
     mesh.gateway().await.generate(request.clone()).await.unwrap();
     until_near(&mesh, &request).await;
@@ -240,11 +244,7 @@ async fn a_cache_replica_that_stops_resets_the_near_caches() {
 
 #[tokio::test]
 async fn changes_at_another_cache_replica_reach_the_gateway() {
-    let mut redis = Redis::start().await.unwrap();
-    let options = MeshOptions { env: admin_env(), redis_url: Some(redis.url()), ..Default::default() };
-    let mesh = Mesh::start_with(options).await;
-    // A second cache replica on the same Redis, which the gateway does not talk to.
-    let other = Proc::spawn("cache", &[("LLMESH_CACHE_REDIS_URL", redis.url())]).await.unwrap();
+    let (mut redis, mesh, other) = mesh_and_another_cache_replica().await;
     let mut other_cache = CacheClient::new(other.channel().await);
     let gateway = mesh.gateway().await;
     let request = prompt("near, on redis");

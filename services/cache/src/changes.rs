@@ -45,7 +45,7 @@ const FEED_CAPACITY: usize = 4096;
 
 /// How often each replica publishes a heartbeat, and how long a watcher's stream stays quiet
 /// before it carries one.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// How long a replica waits for its own heartbeat, or for a missing message, before it counts
 /// the channel as lost.

@@ -190,7 +190,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const UNIMPLEMENTED_PAUSE: Duration = Duration::from_secs(60);
 /// A feed with no message for this long is dead, even if its connection looks open: the service
 /// sends a heartbeat after every quiet second.
-pub const FEED_SILENCE: Duration = Duration::from_secs(3);
+const FEED_SILENCE: Duration = Duration::from_secs(3);
 
 async fn follow(near: Arc<NearCache>, mut client: CacheClient<Channel>) {
     let mut backoff = FIRST_BACKOFF;

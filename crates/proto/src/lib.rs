@@ -35,5 +35,16 @@ pub mod health {
 
 mod convert;
 
+/// What generation tells its callers about a failure, in the status' metadata (a trailer when a
+/// stream fails): where it came from, so that a caller charges it to the right thing.
+pub mod failure {
+    /// The metadata key.
+    pub const ORIGIN_KEY: &str = "llmesh-failure-origin";
+    /// The model's upstream failed (the provider's endpoint, or a fault-injection model): the
+    /// replica itself is fine and other models on it are not affected. Without the key, the
+    /// failure is the replica's own.
+    pub const ORIGIN_UPSTREAM: &str = "upstream";
+}
+
 /// The encoded `FileDescriptorSet` of every llmesh proto file, for tonic-reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("llmesh_descriptor");

@@ -4,18 +4,66 @@
 
 use std::{sync::Arc, time::Duration};
 
+use llmesh_common::deps;
 use llmesh_proto::{
-    cache::v1::{LookupRequest, LookupResponse, StoreRequest, cache_client::CacheClient},
+    cache::v1::{LookupRequest, LookupResponse, StoreRequest, cache_client::CacheClient, cache_server::SERVICE_NAME},
     common::v1::CachePolicy,
     generation::v1::{GenerateRequest, GenerateResponse},
 };
+use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
 use crate::{
-    config::CacheConfig,
     metrics::{label, metrics},
     near_cache::NearCache,
 };
+
+/// `[gateway.cache]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// The cache service, as `http://host:port`; unset (or empty) turns caching off.
+    pub endpoint: Option<String>,
+    /// How long to wait for it to answer the first call at start-up.
+    pub connect_timeout_ms: u64,
+    /// Time budget of one cache call; past it the gateway goes on without the cache.
+    pub budget_ms: u64,
+    /// Cache sampling requests too. By default only deterministic ones are cached: temperature 0,
+    /// a seed, or a model generation declares deterministic.
+    pub cache_nondeterministic: bool,
+    /// Longest an identical request waits for the one already in flight before calling on its own.
+    pub single_flight_wait_ms: u64,
+    /// The near cache: recent hits kept in the gateway's memory and answered without calling the
+    /// cache service, kept in step with it by its change feed. Bounded by entries and by bytes;
+    /// 0 in either turns it off.
+    pub near_max_entries: u64,
+    pub near_max_bytes: u64,
+    /// Longest a near copy is kept, however long the entry stays fresh in the cache service: the
+    /// bound on serving an answer whose change never reached the feed.
+    pub near_max_ttl_ms: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: Some("http://127.0.0.1:50053".into()),
+            connect_timeout_ms: 1_000,
+            budget_ms: 20,
+            cache_nondeterministic: false,
+            single_flight_wait_ms: 30_000,
+            near_max_entries: 10_000,
+            near_max_bytes: 64 * 1024 * 1024,
+            near_max_ttl_ms: 60_000,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The cache service's address, unless caching is off.
+    pub fn endpoint(&self) -> Option<&str> {
+        self.endpoint.as_deref().map(str::trim).filter(|e| !e.is_empty())
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Cache {
@@ -66,6 +114,18 @@ impl Use {
 }
 
 impl Cache {
+    /// The cache service `config` names (caching off when it names none), which must answer
+    /// SERVING within `within`; the error says why it could not be reached.
+    pub async fn connect(config: &CacheConfig, within: Duration) -> anyhow::Result<Self> {
+        let Some(uri) = config.endpoint() else {
+            tracing::info!("cache disabled (gateway.cache.endpoint is unset)");
+            return Ok(Self::new(None, config));
+        };
+        deps::wait_serving("cache", uri, SERVICE_NAME, within).await?;
+        let channel = deps::endpoint(uri, Duration::from_millis(config.connect_timeout_ms))?.connect_lazy();
+        Ok(Self::new(Some(CacheClient::new(channel)), config))
+    }
+
     /// The cache behind `client` (none: caching off), with a near cache when `config` asks for
     /// one. Call within the runtime: the near cache follows the service's changes from a task.
     pub fn new(client: Option<CacheClient<Channel>>, config: &CacheConfig) -> Self {

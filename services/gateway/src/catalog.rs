@@ -1,5 +1,6 @@
 //! What the gateway knows of the models generation serves: refreshed from `ListModels` so the
-//! cache can tell deterministic models (safe to cache at any temperature) from sampling ones.
+//! cache can tell deterministic models (safe to cache at any temperature) from sampling ones, and
+//! metrics can tell a model generation serves from a name a client made up.
 
 use std::{
     collections::HashMap,
@@ -9,7 +10,11 @@ use std::{
 
 use llmesh_proto::generation::v1::Model;
 
-use crate::{deadline::Deadline, upstream::Upstream};
+use crate::{
+    admission::Principal,
+    deadline::Deadline,
+    pipeline::{self, Ask, Call, Generation, Reply, UpstreamError},
+};
 
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
@@ -22,24 +27,30 @@ impl Catalog {
         self.models.read().is_ok_and(|models| models.get(model).is_some_and(|m| m.deterministic))
     }
 
-    pub async fn refresh(&self, upstream: &Upstream) -> Result<(), tonic::Status> {
-        let models = upstream.list_models(Deadline::after(Duration::from_secs(2))).await?.models;
+    /// True when generation lists `model`.
+    pub fn knows(&self, model: &str) -> bool {
+        self.models.read().is_ok_and(|models| models.contains_key(model))
+    }
+
+    pub async fn refresh(&self, generation: &Generation) -> Result<(), UpstreamError> {
+        let call = Call::new(Ask::ListModels, Deadline::after(Duration::from_secs(2)), Principal::anonymous());
+        let Reply::Models(listed) = pipeline::ask(generation, call).await? else { return Ok(()) };
         if let Ok(mut current) = self.models.write() {
-            *current = models.into_iter().map(|m| (m.name.clone(), m)).collect();
+            *current = listed.models.into_iter().map(|m| (m.name.clone(), m)).collect();
         }
         Ok(())
     }
 
     /// Refreshes every `every` in the background, for as long as the process runs.
-    pub fn keep_fresh(&self, upstream: Upstream, every: Duration) {
+    pub fn keep_fresh(&self, generation: Generation, every: Duration) {
         let catalog = self.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(every);
             ticker.tick().await;
             loop {
                 ticker.tick().await;
-                if let Err(status) = catalog.refresh(&upstream).await {
-                    tracing::debug!(code = ?status.code(), "model catalog refresh failed; keeping the last one");
+                if let Err(error) = catalog.refresh(&generation).await {
+                    tracing::debug!(%error, "model catalog refresh failed; keeping the last one");
                 }
             }
         });

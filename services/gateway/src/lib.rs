@@ -2,18 +2,19 @@
 //! and otherwise calls a generation replica and stores the answer.
 
 pub mod admission;
+mod answer;
 mod cache;
 mod catalog;
 pub mod config;
 mod deadline;
-mod fallback;
 mod jobs;
 mod metrics;
 mod near_cache;
+pub mod pipeline;
+mod relay;
 mod replicas;
 mod service;
 mod single_flight;
-mod upstream;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -64,34 +65,36 @@ impl Admission {
     }
 }
 
-/// Gauges read when metrics are collected: each replica's breaker, how many replicas are ready,
-/// and how many calls were shed. Kept alive for as long as the server runs.
-fn gauges(upstream: &upstream::Upstream, admission: &Admission) -> Gauges {
+/// Gauges read when metrics are collected: each breaker (a replica's, or a model's on it), how
+/// many replicas are ready, and how many calls were shed. Kept alive for as long as the server runs.
+fn gauges(pool: &Arc<pipeline::balance::Pool>, admission: &Admission) -> Gauges {
     let meter = llmesh_telemetry::meter();
-    let replicas = upstream.clone();
+    let replicas = pool.clone();
     let breakers = meter
         .u64_observable_gauge("llmesh.breaker_state")
-        .with_description("Circuit breaker per generation replica: 0 closed, 1 half-open, 2 open")
+        .with_description("Circuit breaker per generation replica (and per model on it): 0 closed, 1 half-open, 2 open")
         .with_callback(move |gauge| {
-            for (addr, state) in replicas.replicas() {
-                let value = match state {
-                    "closed" => 0,
-                    "half_open" => 1,
-                    _ => 2,
-                };
-                gauge.observe(value, &[KeyValue::new("endpoint", addr)]);
+            for endpoint in replicas.snapshot().iter() {
+                let breakers = endpoint.breakers();
+                gauge.observe(breakers.replica().state().gauge(), &[KeyValue::new("endpoint", endpoint.addr.clone())]);
+                for breaker in breakers.models() {
+                    let model = breaker.scope().model.as_deref().unwrap_or_default().to_string();
+                    let labels = [KeyValue::new("endpoint", endpoint.addr.clone()), KeyValue::new("model", model)];
+                    gauge.observe(breaker.state().gauge(), &labels);
+                }
             }
         })
         .build();
-    let replicas = upstream.clone();
+    let replicas = pool.clone();
     let ready = meter
         .u64_observable_gauge("llmesh.upstream_replicas")
         .with_description("Generation replicas the balancer knows, by state")
         .with_callback(move |gauge| {
-            let all = replicas.replicas();
-            let ready = all.iter().filter(|(_, state)| *state == "closed").count() as u64;
-            gauge.observe(ready, &[KeyValue::new("state", "ready")]);
-            gauge.observe(all.len() as u64 - ready, &[KeyValue::new("state", "ejected")]);
+            let all = replicas.snapshot();
+            let ready =
+                all.iter().filter(|e| e.breakers().replica().state() == pipeline::breaker::State::Closed).count();
+            gauge.observe(ready as u64, &[KeyValue::new("state", "ready")]);
+            gauge.observe((all.len() - ready) as u64, &[KeyValue::new("state", "ejected")]);
         })
         .build();
     let shed = admission.shed.clone();
@@ -118,17 +121,28 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
 /// Serves on `listener` until `shutdown` resolves. Fails when no generation replica (or the
 /// configured cache) answers within the start-up timeout.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let upstream = upstream::connect(&config).await?;
+    let startup = Duration::from_millis(config.startup_timeout_ms);
+    let pool = pipeline::balance::connect(&config.generation, startup).await?;
+    let cache = cache::Cache::connect(&config.cache, startup).await?;
+    let generation = pipeline::stack(&config.generation, config.fallback.clone(), cache.clone(), pool.clone());
     let catalog = catalog::Catalog::default();
-    if let Err(status) = catalog.refresh(&upstream).await {
-        tracing::warn!(code = ?status.code(), message = status.message(), "cannot list models yet; will retry");
+    if let Err(error) = catalog.refresh(&generation).await {
+        tracing::warn!(%error, "cannot list models yet; will retry");
     }
-    catalog.keep_fresh(upstream.clone(), Duration::from_secs(30));
+    catalog.keep_fresh(generation.clone(), Duration::from_secs(30));
     let jobs = jobs::Jobs::connect(&config.queue).await?;
     let admission = Admission::new(&config)?;
-    let _gauges = gauges(&upstream, &admission);
-    let replicas = replicas::Replicas(upstream.clone());
-    let service = GatewayService::new(&config, upstream, catalog, jobs, admission.limiter.clone());
+    let _gauges = gauges(&pool, &admission);
+    let tokens = admission::TokenAdmission::new(
+        config.limits.clone(),
+        admission.limiter.clone(),
+        config.prices.clone(),
+        catalog.clone(),
+    );
+    let answers = answer::Answers::new(generation.clone(), cache, catalog, &config.cache);
+    let request_timeout = Duration::from_millis(config.request_timeout_ms);
+    let service = GatewayService::new(tokens, answers, generation, jobs, request_timeout);
+    let replicas = replicas::Replicas(pool);
     let mut base = server::Base::with_layer(admission.layer())?;
     base.admin(&config.admin).await?;
     base.serving::<GatewayServer<GatewayService>>().await;

@@ -27,7 +27,7 @@ use prost::Message as _;
 use tonic::{Code, transport::Channel};
 
 use crate::{
-    config::CacheConfig,
+    cache::CacheConfig,
     metrics::{label, metrics},
 };
 

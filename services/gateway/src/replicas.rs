@@ -1,7 +1,12 @@
 //! The gateway's view of generation, served as `llmesh.health.v1.MeshHealth`: one component per
-//! replica with its circuit breaker's state, for the health service to show beside the others.
+//! replica with its circuit breaker's state, and one per model breaker a replica keeps (a model
+//! whose upstream failed there), for the health service to show beside the others.
+//!
+//! The overall status follows the replicas: NOT_SERVING only when no replica's own breaker lets
+//! calls through. An open model breaker makes it DEGRADED (that model is failing), never
+//! NOT_SERVING: the other models are served.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
 use llmesh_proto::health::v1::{
@@ -10,43 +15,61 @@ use llmesh_proto::health::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::upstream::Upstream;
+use crate::pipeline::{
+    balance::Pool,
+    breaker::{Breaker, State},
+};
 
 /// The component name replicas are reported under.
 pub const COMPONENT: &str = "generation-breaker";
+/// The component name of a model's breaker on a replica.
+pub const MODEL_COMPONENT: &str = "generation-model-breaker";
 
 #[derive(Debug, Clone)]
-pub struct Replicas(pub Upstream);
+pub struct Replicas(pub Arc<Pool>);
+
+fn serving(state: State) -> ServingStatus {
+    match state {
+        State::Closed => ServingStatus::Serving,
+        State::HalfOpen => ServingStatus::Degraded,
+        State::Open => ServingStatus::NotServing,
+    }
+}
+
+fn component(name: &str, address: &str, breaker: &Breaker) -> Component {
+    let state = breaker.state();
+    let detail = match &breaker.scope().model {
+        Some(model) => format!("model {model}: circuit breaker {}", state.as_str()),
+        None => format!("circuit breaker {}", state.as_str()),
+    };
+    Component {
+        name: name.into(),
+        service: llmesh_proto::generation::v1::generation_server::SERVICE_NAME.into(),
+        address: address.to_string(),
+        status: serving(state).into(),
+        detail,
+        ..Default::default()
+    }
+}
 
 impl Replicas {
     fn status(&self) -> StatusResponse {
-        let components: Vec<Component> = self
-            .0
-            .replicas()
-            .into_iter()
-            .map(|(address, breaker)| {
-                let status = match breaker {
-                    "closed" => ServingStatus::Serving,
-                    "half_open" => ServingStatus::Degraded,
-                    _ => ServingStatus::NotServing,
-                };
-                Component {
-                    name: COMPONENT.into(),
-                    service: "llmesh.generation.v1.Generation".into(),
-                    address,
-                    status: status.into(),
-                    detail: format!("circuit breaker {breaker}"),
-                    ..Default::default()
-                }
-            })
-            .collect();
+        let mut components = Vec::new();
+        let mut models = Vec::new();
+        for endpoint in self.0.snapshot().iter() {
+            components.push(component(COMPONENT, &endpoint.addr, endpoint.breakers().replica()));
+            let mut breakers = endpoint.breakers().models();
+            breakers.sort_by(|a, b| a.scope().model.cmp(&b.scope().model));
+            models.extend(breakers.iter().map(|breaker| component(MODEL_COMPONENT, &endpoint.addr, breaker)));
+        }
         let serving = components.iter().any(|c| c.status() == ServingStatus::Serving);
-        let all = components.iter().all(|c| c.status() == ServingStatus::Serving);
+        let all = components.iter().chain(&models).all(|c| c.status() == ServingStatus::Serving);
         let status = match (serving, all) {
             (_, true) => ServingStatus::Serving,
             (true, false) => ServingStatus::Degraded,
             (false, false) => ServingStatus::NotServing,
         };
+        components.extend(models);
         StatusResponse { status: status.into(), components, checked_at_unix_ms: 0 }
     }
 }

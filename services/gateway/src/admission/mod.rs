@@ -10,13 +10,14 @@
 //!
 //! Each rejection is a gRPC status response (never an error tonic would turn into UNKNOWN).
 //! Health checks and reflection pass every layer untouched. Token quotas need the decoded
-//! request, so the typed handler holds them through [`RateLimiter::hold_tokens`] and settles
-//! them once the usage is known, in the background so that the answer does not wait for that
-//! Redis round trip; a call that ends without settling pays for what it received ([`Held`]).
+//! request, so the typed handler admits it through [`TokenAdmission`] ([`tokens`]), whose
+//! [`Tokens`] are settled once the usage is known, in the background so that the answer does not
+//! wait for that Redis round trip; a call that ends without settling pays for what it received.
 
 pub mod auth;
 pub mod rate_limit;
 pub mod shed;
+pub mod tokens;
 
 use std::path::PathBuf;
 
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 pub use auth::{AuthLayer, KeyStore, Principal, generate_key};
 pub use rate_limit::{Held, Quota, RateLimitLayer, RateLimiter};
 pub use shed::ShedLayer;
+pub use tokens::{Admitted, Price, TokenAdmission, Tokens};
 
 /// `[gateway.auth]`. With no keys at all, auth is off and every caller is `anonymous`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -1,0 +1,217 @@
+//! Where an answer comes from: the cache, an identical call already in flight (single flight), or
+//! the pipeline to generation — and, when generation answered and the policy allows, into the
+//! cache. One place for both RPCs, so unary calls and streams read, share and store alike.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use llmesh_common::cache_key;
+use llmesh_proto::{
+    common::v1::Usage,
+    generation::v1::{GenerateRequest, GenerateResponse},
+};
+use tonic::Status;
+
+use crate::{
+    admission::Principal,
+    cache::{Cache, CacheConfig, Use},
+    catalog::Catalog,
+    deadline::Deadline,
+    metrics::{label, metrics},
+    pipeline::{self, Ask, Call, FallbackSource, Generation, Reply, Started, UpstreamError},
+    single_flight::{Flight, SingleFlight},
+};
+
+/// Answers generation requests; see the module docs.
+#[derive(Debug, Clone)]
+pub struct Answers {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    generation: Generation,
+    cache: Cache,
+    catalog: Catalog,
+    flights: SingleFlight,
+    cache_nondeterministic: bool,
+    single_flight_wait: Duration,
+}
+
+/// A whole answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub response: GenerateResponse,
+    /// The chunks a cached stream was first sent in (empty: one chunk, the whole text).
+    pub chunks: Vec<String>,
+    /// How long generation (or the call this one followed) took, out of the gateway's own time.
+    pub upstream_time: Duration,
+    /// Whether this call is the one that paid for generating it (not a hit, not a follower).
+    generated: bool,
+}
+
+impl Answer {
+    /// The usage the caller is charged for: what generation reported for an answer this call made —
+    /// the secondary model's included — and nothing for a cached, shared or fallback-message one.
+    pub fn billable(&self) -> Option<Usage> {
+        let charged = match &self.response.degraded {
+            None => self.generated,
+            Some(degraded) => self.generated && degraded.source == FallbackSource::SecondaryModel.as_str(),
+        };
+        self.response.usage.filter(|_| charged)
+    }
+}
+
+/// A stream's answer: whole (from the cache, or a fallback before the first chunk), or live.
+pub enum Streamed {
+    Whole(Answer),
+    /// Generation's stream, and the cache to store it in once it has finished (when allowed).
+    Live(Started, Option<Cache>),
+}
+
+/// Why there is no answer.
+#[derive(Debug)]
+pub enum AnswerError {
+    /// ONLY_IF_CACHED, and the cache has nothing.
+    NotCached,
+    Upstream(UpstreamError),
+}
+
+impl AnswerError {
+    pub fn into_status(self) -> Status {
+        match self {
+            Self::NotCached => Status::not_found("cache: no cached answer for this request (policy ONLY_IF_CACHED)"),
+            Self::Upstream(error) => error.into_status(),
+        }
+    }
+}
+
+impl From<UpstreamError> for AnswerError {
+    fn from(error: UpstreamError) -> Self {
+        Self::Upstream(error)
+    }
+}
+
+/// What the cache said.
+enum Cached {
+    Hit(Box<Answer>),
+    Miss(Use),
+}
+
+impl Answers {
+    pub fn new(generation: Generation, cache: Cache, catalog: Catalog, config: &CacheConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                generation,
+                cache,
+                catalog,
+                flights: SingleFlight::default(),
+                cache_nondeterministic: config.cache_nondeterministic,
+                single_flight_wait: Duration::from_millis(config.single_flight_wait_ms),
+            }),
+        }
+    }
+
+    /// The answer to a unary call: cached, shared with an identical call in flight, or generated
+    /// (and stored).
+    pub async fn unary(
+        &self,
+        request: &Arc<GenerateRequest>,
+        deadline: Deadline,
+        caller: &Principal,
+    ) -> Result<Answer, AnswerError> {
+        let policy = match self.cached(request, deadline).await? {
+            Cached::Hit(answer) => return Ok(*answer),
+            Cached::Miss(policy) => policy,
+        };
+        // Identical cacheable misses in flight at once share one generation call.
+        let leader = if policy.read {
+            match self.inner.flights.join(cache_key::of(request)) {
+                Flight::Leader(leader) => Some(leader),
+                Flight::Follower(follower) => {
+                    let waited = Instant::now();
+                    if let Some(response) = follower.wait(self.inner.single_flight_wait.min(deadline.remaining())).await
+                    {
+                        let upstream_time = waited.elapsed();
+                        return Ok(Answer { response, chunks: Vec::new(), upstream_time, generated: false });
+                    }
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let called = Instant::now();
+        let call = Call::new(Ask::Generate(request.clone()), deadline, caller.clone());
+        let Reply::Generated(response) = pipeline::ask(&self.inner.generation, call).await? else {
+            return Err(unexpected_reply());
+        };
+        let upstream_time = called.elapsed();
+        if let Some(leader) = leader {
+            leader.finish(&response);
+        }
+        if policy.write {
+            self.inner.cache.store((**request).clone(), response.clone(), Vec::new());
+        }
+        Ok(Answer { response, chunks: Vec::new(), upstream_time, generated: true })
+    }
+
+    /// The answer to a stream: cached (replayed in its chunks), or generation's stream once its
+    /// first chunk has arrived, or a fallback answer when generation failed before that.
+    pub async fn stream(
+        &self,
+        request: &Arc<GenerateRequest>,
+        deadline: Deadline,
+        caller: &Principal,
+    ) -> Result<Streamed, AnswerError> {
+        let policy = match self.cached(request, deadline).await? {
+            Cached::Hit(answer) => return Ok(Streamed::Whole(*answer)),
+            Cached::Miss(policy) => policy,
+        };
+        let call = Call::new(Ask::Stream(request.clone()), deadline, caller.clone());
+        match pipeline::ask(&self.inner.generation, call).await? {
+            Reply::Streaming(started) => Ok(Streamed::Live(started, policy.write.then(|| self.inner.cache.clone()))),
+            // Nothing was streamed yet: a fallback answer is the whole stream.
+            Reply::Generated(response) => Ok(Streamed::Whole(Answer {
+                response,
+                chunks: Vec::new(),
+                upstream_time: Duration::ZERO,
+                generated: true,
+            })),
+            Reply::Models(_) => Err(unexpected_reply()),
+        }
+    }
+
+    /// True when the same request is expected to give the same answer, so caching it is safe.
+    fn cacheable(&self, request: &GenerateRequest) -> bool {
+        self.inner.cache_nondeterministic
+            || request.temperature == Some(0.0)
+            || request.seed.is_some()
+            || self.inner.catalog.deterministic(&request.model)
+    }
+
+    async fn cached(&self, request: &GenerateRequest, deadline: Deadline) -> Result<Cached, AnswerError> {
+        let policy = Use::of(request.cache, self.cacheable(request));
+        if !policy.read && !policy.only_cached {
+            metrics().cache_requests.add(1, &[label("result", "bypass")]);
+        }
+        if policy.read
+            && let Some(hit) = self.inner.cache.lookup(request, deadline.remaining()).await
+            && let Some(response) = hit.response
+        {
+            let answer = Answer { response, chunks: hit.chunks, upstream_time: Duration::ZERO, generated: false };
+            return Ok(Cached::Hit(Box::new(answer)));
+        }
+        if policy.only_cached {
+            return Err(AnswerError::NotCached);
+        }
+        Ok(Cached::Miss(policy))
+    }
+}
+
+/// The pipeline answers each ask with its own kind of reply; anything else is a bug of ours.
+fn unexpected_reply() -> AnswerError {
+    AnswerError::Upstream(UpstreamError::Transport(Status::internal("generation's reply did not match the call")))
+}

@@ -9,6 +9,7 @@ import yaml
 
 from support import (
     DASHBOARDS,
+    DEPLOY,
     K8S,
     MESH_TOML,
     REPO,
@@ -78,6 +79,18 @@ def test_models_take_keys_from_the_environment_only(mesh_config):
         assert "api_key" not in model, f"model {name}: keys come from api_key_env / api_key_file, never the file"
         if model.get("provider") == "openai":
             assert model.get("api_key_env", "OPENAI_API_KEY") == "OPENAI_API_KEY"
+
+
+def test_fault_injection_models_are_off_in_deployments(mesh_config):
+    """sim-error and friends fail on purpose: no deployed mesh may serve them."""
+    assert mesh_config["generation"].get("fault_models", False) is False
+    models = mesh_config["generation"].get("models", {})
+    assert not {"sim-slow", "sim-error", "sim-429"} & set(models), "fault models configured by name"
+    for path in [DEPLOY / "docker-compose.yml", *sorted(K8S.glob("*.yaml")), *sorted(K8S.glob("*.toml"))]:
+        lines = [line.split("#")[0] for line in path.read_text().splitlines()]
+        for line in lines:
+            assert "LLMESH_GENERATION_FAULT_MODELS" not in line, f"{path} sets the fault models: {line}"
+            assert "fault_models" not in line, f"{path} sets the fault models: {line}"
 
 
 def test_health_watches_every_other_service(mesh_config):

@@ -146,6 +146,10 @@ struct Launched {
 }
 
 fn launch(name: &str, mut command: Command, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Launched> {
+    if name == "generation" {
+        // The tests' chaos needs the fault-injection models; a test can still turn them off.
+        command.env("LLMESH_GENERATION_FAULT_MODELS", "true");
+    }
     let mut child = command
         .args(args)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))

@@ -19,6 +19,9 @@ use tokio::{
 
 use crate::Service;
 
+/// Turns generation's fault-injection models on or off.
+const FAULT_MODELS_ENV: &str = "LLMESH_GENERATION_FAULT_MODELS";
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpArgs {
     /// Address every service listens on.
@@ -107,7 +110,12 @@ async fn start_all(args: &UpArgs, running: &mut Vec<Running>) -> anyhow::Result<
     let cache_env = with_redis("LLMESH_CACHE_REDIS_URL");
     let startup = Duration::from_secs(args.startup_timeout_secs);
 
-    let generation_env = with_redis("LLMESH_GENERATION_QUEUE__REDIS_URL");
+    let mut generation_env = with_redis("LLMESH_GENERATION_QUEUE__REDIS_URL");
+    // A local mesh is for trying things out: the fault-injection models (sim-error, ...) are
+    // there, unless the caller's environment says otherwise.
+    if std::env::var_os(FAULT_MODELS_ENV).is_none() {
+        generation_env.push((FAULT_MODELS_ENV.to_string(), "true".to_string()));
+    }
     running.push(start(Service::Generation, listen(Service::Generation), generation_env, startup).await?);
     running.push(start(Service::Cache, listen(Service::Cache), cache_env, startup).await?);
     let generation = running[0].addr;

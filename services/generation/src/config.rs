@@ -8,7 +8,7 @@ use llmesh_queue::QueueSettings;
 use serde::{Deserialize, Serialize};
 
 use crate::provider::{
-    openai::OpenAiConfig,
+    openai::{DEFAULT_MAX_RESPONSE_BYTES, OpenAiConfig},
     sim::{Failure, SimConfig},
 };
 
@@ -25,6 +25,15 @@ pub struct Config {
     pub limits: Limits,
     /// Model name (as clients send it) to provider settings.
     pub models: BTreeMap<String, ModelConfig>,
+    /// The fault-injection models: `sim-slow`, `sim-error`, `sim-429` (see [`fault_models`]) and
+    /// `sim-flaky-N` for N from 1 to 1000, failing every Nth call. Off unless set: they make a
+    /// mesh fail on purpose, which only a test or a trial wants (`llmesh up` and the e2e harness
+    /// set it; `deploy/` does not). A configured model of the same name wins over a fault model.
+    pub fault_models: bool,
+    /// Largest answer an upstream may send to one call, in bytes (a unary body, or the total of a
+    /// stream), for an `openai` model that sets no `max_response_bytes` of its own. Past it the
+    /// call fails UNAVAILABLE and the upstream call is dropped.
+    pub max_upstream_response_bytes: u64,
     /// The job queue this process works on (no workers when `redis_url` is unset).
     pub queue: QueueSettings,
 }
@@ -38,18 +47,24 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             limits: Limits::default(),
             models: default_models(),
+            fault_models: false,
+            max_upstream_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             queue: QueueSettings::default(),
         }
     }
 }
 
-/// `sim` for trying the mesh out and for load tests, and the fault-injecting variants chaos tests
-/// use by name (`sim-flaky-N`, failing every Nth call, needs no entry: see `provider::sim`).
+/// `sim`, for trying the mesh out and for load tests.
 fn default_models() -> BTreeMap<String, ModelConfig> {
+    BTreeMap::from([("sim".to_string(), ModelConfig::Sim(SimConfig::default()))])
+}
+
+/// The fault-injecting sims chaos tests use by name, when `fault_models` is set (`sim-flaky-N`
+/// needs no entry: see `provider::sim::Flaky`).
+pub fn fault_models() -> BTreeMap<String, ModelConfig> {
     let sim = SimConfig::default();
     let failing = |failure| SimConfig { fail_every: 1, failure, ..sim.clone() };
     BTreeMap::from([
-        ("sim".to_string(), ModelConfig::Sim(sim.clone())),
         (
             "sim-slow".to_string(),
             ModelConfig::Sim(SimConfig { time_to_first_token_ms: 2_000, tokens_per_second: 20.0, ..sim.clone() }),

@@ -2,6 +2,10 @@
 //! GenAI metrics (operation duration, token usage, time to first token, time per output token).
 //! One adapter over the provider's events serves unary and streaming calls alike. Prompts and
 //! completions never go on spans or logs.
+//!
+//! Metric labels are built once per model at start-up ([`ModelLabels`]): the model label is a
+//! configured model's name, or `sim-flaky` for the whole `sim-flaky-N` family, never a name a
+//! client made up (unknown models are refused before they get here).
 
 use std::{sync::Arc, time::Instant};
 
@@ -58,12 +62,40 @@ impl GenAiMetrics {
     }
 }
 
+/// The label sets of one model's metrics.
+#[derive(Debug)]
+pub struct ModelLabels {
+    base: Vec<KeyValue>,
+    input: Vec<KeyValue>,
+    output: Vec<KeyValue>,
+}
+
+impl ModelLabels {
+    /// `model` must come from a known set (see the module doc).
+    pub fn new(model: &str, provider: &'static str) -> Arc<Self> {
+        let base = vec![
+            KeyValue::new("gen_ai.operation.name", "chat"),
+            KeyValue::new("gen_ai.request.model", model.to_string()),
+            KeyValue::new("gen_ai.provider.name", provider),
+        ];
+        let with_type = |kind: &'static str| {
+            let mut labels = base.clone();
+            labels.push(KeyValue::new("gen_ai.token.type", kind));
+            labels
+        };
+        let (input, output) = (with_type("input"), with_type("output"));
+        Arc::new(Self { base, input, output })
+    }
+}
+
 /// What a generation is about, for its span and metrics.
 pub struct Call<'a> {
     pub id: &'a str,
+    /// The model's name as requested (a known one: the span is per call, not a metric).
     pub model: &'a str,
     pub provider: &'static str,
     pub max_tokens: u32,
+    pub labels: Arc<ModelLabels>,
 }
 
 /// Wraps `events` so that its span and metrics are recorded as it runs.
@@ -82,11 +114,7 @@ pub fn observe(events: EventStream, metrics: Arc<GenAiMetrics>, call: Call<'_>) 
         gen_ai.usage.output_tokens = Empty,
         error.type = Empty,
     );
-    let labels = vec![
-        KeyValue::new("gen_ai.operation.name", "chat"),
-        KeyValue::new("gen_ai.request.model", call.model.to_string()),
-        KeyValue::new("gen_ai.provider.name", call.provider),
-    ];
+    let labels = call.labels;
     let started = Instant::now();
     let mut first_token: Option<Instant> = None;
     let observed = events.map(move |event| {
@@ -94,32 +122,27 @@ pub fn observe(events: EventStream, metrics: Arc<GenAiMetrics>, call: Call<'_>) 
             Ok(Event::Delta(_)) => {
                 if first_token.is_none() {
                     first_token = Some(Instant::now());
-                    metrics.time_to_first_token.record(started.elapsed().as_secs_f64(), &labels);
+                    metrics.time_to_first_token.record(started.elapsed().as_secs_f64(), &labels.base);
                 }
             }
             Ok(Event::Finish { reason, usage }) => {
                 let now = Instant::now();
-                metrics.duration.record(started.elapsed().as_secs_f64(), &labels);
-                let with_type = |kind: &'static str| {
-                    let mut labels = labels.clone();
-                    labels.push(KeyValue::new("gen_ai.token.type", kind));
-                    labels
-                };
-                metrics.tokens.record(u64::from(usage.prompt_tokens), &with_type("input"));
-                metrics.tokens.record(u64::from(usage.completion_tokens), &with_type("output"));
+                metrics.duration.record(started.elapsed().as_secs_f64(), &labels.base);
+                metrics.tokens.record(u64::from(usage.prompt_tokens), &labels.input);
+                metrics.tokens.record(u64::from(usage.completion_tokens), &labels.output);
                 if let Some(first) = first_token
                     && usage.completion_tokens > 1
                 {
                     let per_token = now.duration_since(first).as_secs_f64() / f64::from(usage.completion_tokens - 1);
-                    metrics.time_per_output_token.record(per_token, &labels);
+                    metrics.time_per_output_token.record(per_token, &labels.base);
                 }
                 span.record("gen_ai.response.finish_reasons", reason.as_str_name());
                 span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
                 span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
             }
-            Err(status) => {
-                let kind = llmesh_telemetry::code_name(status.code());
-                let mut with_error = labels.clone();
+            Err(error) => {
+                let kind = llmesh_telemetry::code_name(error.code());
+                let mut with_error = labels.base.clone();
                 with_error.push(KeyValue::new("error.type", kind));
                 metrics.duration.record(started.elapsed().as_secs_f64(), &with_error);
                 span.record("error.type", kind);

@@ -1,9 +1,16 @@
 //! The `llmesh.generation.v1.Generation` gRPC service.
+//!
+//! Routes each request's model name to its provider: a configured model, a fault-injection model
+//! when `fault_models` is set, or nothing (INVALID_ARGUMENT on `model`). The routing table and the
+//! metric label sets are made at start-up: no name a client sends adds an entry, a provider or a
+//! label value.
+//!
+//! Failures: whatever a provider reports is its upstream's, and the caller gets a status marked
+//! `llmesh-failure-origin: upstream` (see `provider::error`): as the unary call's status, and as a
+//! stream's error item (in its trailers) whether it comes before or after the first chunk. A
+//! status the replica makes itself (validation, an unknown model) has no mark.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 use anyhow::bail;
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -12,17 +19,24 @@ use llmesh_proto::{
     common::v1::FinishReason,
     generation::v1::{
         GenerateRequest, GenerateResponse, GenerateStreamRequest, GenerateStreamResponse, ListModelsRequest,
-        ListModelsResponse, Model, generation_server::Generation,
+        ListModelsResponse, Model as ListedModel, generation_server::Generation,
     },
 };
 use llmesh_queue::JobError;
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
-    config::Config,
-    observe::{Call, GenAiMetrics, observe},
-    provider::{Event, EventStream, Mode, Provider, sim},
+    config::{self, Config},
+    observe::{Call, GenAiMetrics, ModelLabels, observe},
+    provider::{
+        Event, EventStream, Mode, Provider, UpstreamError,
+        error::Kind,
+        sim::{self, Flaky},
+    },
 };
+
+/// How much of an unknown model's name an error message shows.
+const SHOWN_NAME_CHARS: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct GenerationService {
@@ -32,10 +46,18 @@ pub struct GenerationService {
 #[derive(Debug)]
 struct Inner {
     metrics: Arc<GenAiMetrics>,
-    models: BTreeMap<String, Arc<Provider>>,
-    /// `sim-flaky-N` providers made on first use (at most 1000 names exist).
-    flaky: Mutex<HashMap<String, Arc<Provider>>>,
+    models: BTreeMap<String, Model>,
+    /// The `sim-flaky-N` family, when fault models are on: one provider and one label set for
+    /// every N.
+    flaky: Option<(Flaky, Arc<ModelLabels>)>,
     limits: Limits,
+}
+
+/// A configured model.
+#[derive(Debug)]
+struct Model {
+    provider: Provider,
+    labels: Arc<ModelLabels>,
 }
 
 /// A started generation: the provider's events and what to label the chunks with.
@@ -51,41 +73,62 @@ impl GenerationService {
         if config.models.is_empty() {
             bail!("no models configured: add at least one [generation.models.NAME] section");
         }
-        let models = config
-            .models
+        let mut configured = config.models.clone();
+        if config.fault_models {
+            for (name, model) in config::fault_models() {
+                configured.entry(name).or_insert(model);
+            }
+        }
+        let models = configured
             .iter()
-            .map(|(name, model)| Ok((name.clone(), Arc::new(Provider::from_config(name, model)?))))
+            .map(|(name, model)| {
+                let provider = Provider::from_config(name, model, config.max_upstream_response_bytes)?;
+                let labels = ModelLabels::new(name, provider.name());
+                Ok((name.clone(), Model { provider, labels }))
+            })
             .collect::<anyhow::Result<_>>()?;
+        let flaky = config.fault_models.then(|| (Flaky::default(), ModelLabels::new(sim::FLAKY, "sim")));
         let metrics = Arc::new(GenAiMetrics::new(&llmesh_telemetry::meter()));
-        Ok(Self { inner: Arc::new(Inner { metrics, models, flaky: Mutex::default(), limits: config.limits.clone() }) })
+        Ok(Self { inner: Arc::new(Inner { metrics, models, flaky, limits: config.limits.clone() }) })
     }
 
-    fn provider(&self, model: &str) -> Result<Arc<Provider>, Status> {
-        if let Some(provider) = self.inner.models.get(model) {
-            return Ok(provider.clone());
-        }
-        if let Some(config) = sim::flaky(model) {
-            let mut flaky = self.inner.flaky.lock().map_err(|_| Status::internal("flaky model table poisoned"))?;
-            let provider =
-                flaky.entry(model.to_string()).or_insert_with(|| Arc::new(Provider::Sim(sim::Sim::new(config))));
-            return Ok(provider.clone());
-        }
+    fn unknown(&self, model: &str) -> Status {
         let known: Vec<&str> = self.inner.models.keys().map(String::as_str).collect();
-        Err(Status::invalid_argument(format!(
-            "model: unknown model {model:?}; available: {} (and sim-flaky-N)",
+        let family = if self.inner.flaky.is_some() { " (and sim-flaky-N, N from 1 to 1000)" } else { "" };
+        Status::invalid_argument(format!(
+            "model: unknown model {}; available: {}{family}",
+            shown(model),
             known.join(", ")
-        )))
+        ))
     }
 
     fn start(&self, request: &GenerateRequest, mode: Mode) -> Result<Started, Status> {
         validate::generate_request(request, &self.inner.limits)?;
-        let provider = self.provider(&request.model)?;
         let max_tokens = validate::effective_max_tokens(request, &self.inner.limits);
+        let (events, provider, labels) = match self.inner.models.get(&request.model) {
+            Some(model) => {
+                (model.provider.stream(request, max_tokens, mode), model.provider.name(), model.labels.clone())
+            }
+            None => match (&self.inner.flaky, sim::flaky_n(&request.model)) {
+                (Some((flaky, labels)), Some(n)) => (flaky.stream(n, request, max_tokens), "sim", labels.clone()),
+                _ => return Err(self.unknown(&request.model)),
+            },
+        };
         let id = format!("gen-{}", uuid::Uuid::now_v7().simple());
-        let call = Call { id: &id, model: &request.model, provider: provider.name(), max_tokens };
-        let events = observe(provider.stream(request, max_tokens, mode), self.inner.metrics.clone(), call);
-        Ok(Started { id, model: request.model.clone(), provider: provider.name(), events })
+        let call = Call { id: &id, model: &request.model, provider, max_tokens, labels };
+        let events = observe(events, self.inner.metrics.clone(), call);
+        Ok(Started { id, model: request.model.clone(), provider, events })
     }
+}
+
+/// A name as an error message may show it: quoted, and cut short when long (a client may send a
+/// megabyte of it).
+fn shown(name: &str) -> String {
+    if name.chars().count() <= SHOWN_NAME_CHARS {
+        return format!("{name:?}");
+    }
+    let start: String = name.chars().take(SHOWN_NAME_CHARS).collect();
+    format!("{start:?}... ({} bytes)", name.len())
 }
 
 impl GenerationService {
@@ -99,7 +142,7 @@ impl GenerationService {
             ..Default::default()
         };
         let mut events = started.events;
-        while let Some(event) = events.try_next().await? {
+        while let Some(event) = events.try_next().await.map_err(|error| error.into_status(&response.model))? {
             match event {
                 Event::Delta(delta) => response.text.push_str(&delta),
                 Event::Finish { reason, usage } => {
@@ -109,7 +152,8 @@ impl GenerationService {
             }
         }
         if response.finish_reason == i32::from(FinishReason::Unspecified) {
-            return Err(Status::unavailable("provider ended the answer without finishing it"));
+            let error = UpstreamError::new(Kind::Unfinished, "the provider's answer ended without a finish");
+            return Err(error.into_status(&response.model));
         }
         Ok(response)
     }
@@ -151,7 +195,8 @@ impl Generation for GenerationService {
         let Started { id, model, provider, events } = self.start(&request, Mode::Stream)?;
         // The provider stream is polled by tonic as the client reads: back-pressure comes for free,
         // and a client that goes away drops the stream, which stops the upstream work.
-        let chunks = events.map_ok(move |event| {
+        let chunks = events.map(move |event| {
+            let event = event.map_err(|error| error.into_status(&model))?;
             let mut chunk = GenerateStreamResponse {
                 id: id.clone(),
                 model: model.clone(),
@@ -165,23 +210,139 @@ impl Generation for GenerationService {
                     chunk.usage = Some(usage);
                 }
             }
-            chunk
+            Ok(chunk)
         });
         Ok(Response::new(chunks.boxed()))
     }
 
+    /// The configured models, and the fault-injection models `sim-slow`, `sim-error` and
+    /// `sim-429` when `fault_models` is on. The `sim-flaky-N` family is not listed (a thousand
+    /// names of one model); an unknown model's error message mentions it when it is on.
     async fn list_models(&self, _: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         let models = self
             .inner
             .models
             .iter()
-            .map(|(name, provider)| Model {
+            .map(|(name, model)| ListedModel {
                 name: name.clone(),
-                provider: provider.name().to_string(),
-                upstream_model: provider.upstream_model(name).to_string(),
-                deterministic: provider.deterministic(),
+                provider: model.provider.name().to_string(),
+                upstream_model: model.provider.upstream_model(name).to_string(),
+                deterministic: model.provider.deterministic(),
             })
             .collect();
         Ok(Response::new(ListModelsResponse { models }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use llmesh_proto::{
+        failure::{ORIGIN_KEY, ORIGIN_UPSTREAM},
+        generation::v1::generation_client::GenerationClient,
+    };
+    use tonic::transport::Channel;
+
+    use super::*;
+
+    /// A generation server on a loopback port, with fault models as asked.
+    async fn client(fault_models: bool) -> GenerationClient<Channel> {
+        let config = Config { fault_models, ..Config::default() };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(crate::serve(config, listener, std::future::pending()));
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+        GenerationClient::new(endpoint.connect().await.unwrap())
+    }
+
+    fn request(model: &str) -> GenerateRequest {
+        GenerateRequest { model: model.into(), prompt: "hello".into(), ..Default::default() }
+    }
+
+    fn origin(status: &Status) -> Option<&str> {
+        status.metadata().get(ORIGIN_KEY).and_then(|v| v.to_str().ok())
+    }
+
+    async fn stream_error(client: &mut GenerationClient<Channel>, model: &str) -> Status {
+        let request = GenerateStreamRequest { model: model.into(), prompt: "hello".into(), ..Default::default() };
+        let mut stream = match client.generate_stream(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return status,
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("{model}: the stream ended without an error"),
+                Err(status) => return status,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn injected_failures_are_the_upstreams_on_both_rpcs() {
+        let mut client = client(true).await;
+        for (model, code) in [("sim-error", Code::Unavailable), ("sim-429", Code::ResourceExhausted)] {
+            let unary = client.generate(request(model)).await.unwrap_err();
+            let stream = stream_error(&mut client, model).await;
+            for status in [unary, stream] {
+                assert_eq!(status.code(), code, "{model}: {status:?}");
+                assert_eq!(origin(&status), Some(ORIGIN_UPSTREAM), "{model}: {status:?}");
+            }
+        }
+        let status = client.generate(request("sim-flaky-1")).await.unwrap_err();
+        assert_eq!(origin(&status), Some(ORIGIN_UPSTREAM), "{status:?}");
+        assert!(client.generate(request("sim")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_replicas_own_answers_are_not_marked() {
+        let mut client = client(true).await;
+        let invalid = client.generate(GenerateRequest { prompt: String::new(), ..request("sim") }).await.unwrap_err();
+        let unknown = client.generate(request("nope")).await.unwrap_err();
+        let unknown_stream = stream_error(&mut client, "nope").await;
+        for status in [invalid, unknown, unknown_stream] {
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            assert_eq!(origin(&status), None, "{status:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn fault_models_exist_only_when_enabled() {
+        let mut off = client(false).await;
+        for model in ["sim-error", "sim-429", "sim-slow", "sim-flaky-1", "sim-flaky-3"] {
+            let status = off.generate(request(model)).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{model}: {status:?}");
+            assert!(status.message().starts_with("model: unknown model"), "{model}: {status:?}");
+            assert!(!status.message().contains("sim-flaky-N"), "{status:?}");
+        }
+        let listed = off.list_models(ListModelsRequest {}).await.unwrap().into_inner().models;
+        assert_eq!(listed.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["sim"]);
+
+        let mut on = client(true).await;
+        let listed = on.list_models(ListModelsRequest {}).await.unwrap().into_inner().models;
+        let names: Vec<&str> = listed.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["sim", "sim-429", "sim-error", "sim-slow"]);
+        assert!(on.generate(request("sim-flaky-2")).await.is_ok());
+        for model in ["sim-flaky-007", "sim-flaky-+7", "sim-flaky-0", "sim-flaky-1001"] {
+            let status = on.generate(request(model)).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{model}: {status:?}");
+            assert_eq!(origin(&status), None, "{status:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_unknown_name_is_not_echoed_whole() {
+        let mut client = client(true).await;
+        let name = format!("sim-flaky-{}", "0".repeat(100_000));
+        let status = client.generate(request(&name)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().len() < 400, "{} bytes of message", status.message().len());
+        assert!(status.message().starts_with("model: "), "{}", status.message());
+    }
+
+    #[test]
+    fn names_are_shown_short() {
+        assert_eq!(shown("gpt-4o"), "\"gpt-4o\"");
+        let long = "é".repeat(100);
+        assert_eq!(shown(&long), format!("{:?}... (200 bytes)", "é".repeat(64)));
     }
 }

@@ -1,6 +1,8 @@
 //! The OpenAI-compatible provider against a real HTTP upstream written here to misbehave on
 //! purpose: 429 with Retry-After, 500, a stall after the first chunk, a reset mid-stream,
-//! malformed SSE, and a client that goes away mid-stream.
+//! malformed SSE, answers past the size limit, a 401 whose body holds secrets, and a client that
+//! goes away mid-stream. Every failure the upstream caused is marked `llmesh-failure-origin:
+//! upstream` and says nothing the upstream said.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -134,8 +136,18 @@ const USAGE: &str = r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_toke
 
 /// A generation server in this process whose model "up" is the upstream at `base_url`.
 async fn generation(base_url: String, key_file: Option<std::path::PathBuf>) -> GenerationClient<Channel> {
+    generation_with(base_url, key_file, None).await
+}
+
+/// The same, with a size limit on the upstream's answers.
+async fn generation_with(
+    base_url: String,
+    key_file: Option<std::path::PathBuf>,
+    max_response_bytes: Option<u64>,
+) -> GenerationClient<Channel> {
     let mut config = Config::default();
     let openai = OpenAiConfig {
+        max_response_bytes,
         base_url,
         upstream_model: "gpt-test".into(),
         api_key_env: "LLMESH_TEST_UNSET_KEY".into(),
@@ -151,6 +163,12 @@ async fn generation(base_url: String, key_file: Option<std::path::PathBuf>) -> G
     tokio::spawn(llmesh_generation::serve(config, listener, std::future::pending()));
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     GenerationClient::new(channel)
+}
+
+/// Whether `status` says the model's upstream failed.
+fn from_upstream(status: &tonic::Status) -> bool {
+    status.metadata().get(llmesh_proto::failure::ORIGIN_KEY).and_then(|v| v.to_str().ok())
+        == Some(llmesh_proto::failure::ORIGIN_UPSTREAM)
 }
 
 fn unary() -> GenerateRequest {
@@ -244,10 +262,111 @@ async fn rate_limit_becomes_resource_exhausted_with_pushback() {
     let mut client = generation(upstream.base_url(), None).await;
     let status = client.generate(unary()).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(status.message().contains("slow down"));
+    assert_eq!(status.message(), "upstream rate limit (HTTP 429)");
     assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "2000");
+    assert!(from_upstream(&status), "{status:?}");
     let status = collect_stream(&mut client).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(from_upstream(&status), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_401_reaches_the_caller_without_the_upstream_body() {
+    const BODY: &str = r#"{"error":{"message":"Incorrect API key provided: sk-live-SECRET123. See http://billing.internal.corp:8080/admin"}}"#;
+    let upstream = Upstream::start(Arc::new(|_| vec![json_response("401 Unauthorized", "", BODY)])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "sk-live-SECRET123\n").unwrap();
+    let mut client = generation(upstream.base_url(), Some(key)).await;
+
+    let unary = client.generate(unary()).await.unwrap_err();
+    let stream = collect_stream(&mut client).await.unwrap_err();
+    for status in [unary, stream] {
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert_eq!(status.message(), "upstream authentication failed (HTTP 401)");
+        assert!(from_upstream(&status), "{status:?}");
+        let everything = format!("{status:?}");
+        for secret in ["SECRET123", "internal.corp", "Incorrect", &upstream.addr.to_string()] {
+            assert!(!everything.contains(secret), "{secret} reached the caller: {everything}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_shows_neither_its_url_nor_its_credentials() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut client = generation(format!("http://llmesh:hunter2@127.0.0.1:{port}/v1"), None).await;
+    let status = client.generate(unary()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "upstream unavailable");
+    assert!(from_upstream(&status), "{status:?}");
+    let everything = format!("{status:?}");
+    assert!(!everything.contains("hunter2") && !everything.contains(&port.to_string()), "{everything}");
+}
+
+#[tokio::test]
+async fn a_completion_past_the_size_limit_is_unavailable() {
+    let big = format!(
+        r#"{{"choices":[{{"index":0,"message":{{"role":"assistant","content":"{}"}},"finish_reason":"stop"}}]}}"#,
+        "x".repeat(4_000)
+    );
+    // Declared too long up front, and (without a length) found too long as it is read.
+    let declared = big.clone();
+    let upstream = Upstream::start(Arc::new(move |_| vec![json_response("200 OK", "", &declared)])).await;
+    let mut client = generation_with(upstream.base_url(), None, Some(1_000)).await;
+    let status = client.generate(unary()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "upstream answer exceeds the size limit of 1000 bytes");
+    assert!(from_upstream(&status), "{status:?}");
+
+    let upstream = Upstream::start(Arc::new(move |_| {
+        vec![Step::Write(format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{big}"
+        ))]
+    }))
+    .await;
+    let mut client = generation_with(upstream.base_url(), None, Some(1_000)).await;
+    let status = client.generate(unary()).await.unwrap_err();
+    assert_eq!(status.message(), "upstream answer exceeds the size limit of 1000 bytes", "{status:?}");
+
+    // Under the limit, the same answer is fine.
+    let mut client = generation_with(upstream.base_url(), None, Some(10_000)).await;
+    assert_eq!(client.generate(unary()).await.unwrap().into_inner().text.len(), 4_000);
+}
+
+#[tokio::test]
+async fn a_stream_past_the_size_limit_fails_and_drops_the_upstream() {
+    let upstream = Upstream::start(Arc::new(|_| {
+        let mut steps = vec![sse_head()];
+        for _ in 0..1_000 {
+            steps.push(sse(&delta("tick")));
+            steps.push(Step::Sleep(5));
+        }
+        steps
+    }))
+    .await;
+    let mut client = generation_with(upstream.base_url(), None, Some(2_000)).await;
+    let mut stream = client.generate_stream(streaming()).await.unwrap().into_inner();
+    let mut deltas = 0;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => deltas += 1,
+            Ok(None) => panic!("the stream ended without an error after {deltas} chunks"),
+            Err(status) => break status,
+        }
+    };
+    // 2000 bytes hold 25 of these 80-byte events: at most those pass (fewer when the reads
+    // coalesce), then the error, in the trailers.
+    assert!(deltas <= 25, "{deltas} chunks before the limit");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "upstream answer exceeds the size limit of 2000 bytes");
+    assert!(from_upstream(&status), "{status:?}");
+    // The upstream call was dropped: the upstream notices long before its 5 s script ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while !*upstream.broken.lock().unwrap() {
+        assert!(std::time::Instant::now() < deadline, "the upstream kept streaming past the limit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -256,7 +375,8 @@ async fn server_error_is_unavailable() {
     let mut client = generation(upstream.base_url(), None).await;
     let status = client.generate(unary()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(status.message().contains("500"));
+    assert_eq!(status.message(), "upstream failed (HTTP 500)");
+    assert!(from_upstream(&status), "{status:?}");
 }
 
 #[tokio::test]
@@ -270,6 +390,8 @@ async fn stall_after_first_chunk_is_unavailable_not_a_hang() {
     let status = stream.message().await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("stalled"), "{status:?}");
+    // After the first chunk the status travels in the trailers, and so does its origin.
+    assert!(from_upstream(&status), "{status:?}");
     // The idle timeout is 300 ms.
     assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
 }
@@ -278,8 +400,11 @@ async fn stall_after_first_chunk_is_unavailable_not_a_hang() {
 async fn reset_mid_stream_is_unavailable() {
     let upstream = Upstream::start(Arc::new(|_| vec![sse_head(), sse(&delta("Hel")), Step::Reset])).await;
     let mut client = generation(upstream.base_url(), None).await;
-    let status = collect_stream(&mut client).await.unwrap_err();
+    let mut stream = client.generate_stream(streaming()).await.unwrap().into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().delta, "Hel");
+    let status = stream.message().await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(from_upstream(&status), "{status:?}");
 }
 
 #[tokio::test]
@@ -300,6 +425,8 @@ async fn malformed_chunk_is_a_clear_error() {
     let status = collect_stream(&mut client).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("malformed"), "{status:?}");
+    assert!(!status.message().contains("not json"), "the upstream's text reached the caller: {status:?}");
+    assert!(from_upstream(&status), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(2));
 
     let upstream = Upstream::start(Arc::new(|_| vec![json_response("200 OK", "", "<html>")])).await;
@@ -329,12 +456,4 @@ async fn client_cancel_stops_the_upstream() {
         assert!(std::time::Instant::now() < deadline, "upstream kept streaming after the client left");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-#[tokio::test]
-async fn unreachable_upstream_is_unavailable() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut client = generation(format!("http://127.0.0.1:{port}/v1"), None).await;
-    let status = client.generate(unary()).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }

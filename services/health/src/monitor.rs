@@ -1,5 +1,9 @@
 //! The poller: checks every target, folds the answers into one mesh status, publishes it on a
 //! watch channel and mirrors it into `grpc.health.v1`.
+//!
+//! Target addresses may hold credentials (`redis://user:pass@host`, a token in a query string).
+//! Wherever the poller shows an address (a component's `address` and `detail`, metric labels,
+//! error messages) it shows it through [`redact_target`]: no user information, no query values.
 
 use std::{
     collections::BTreeMap,
@@ -57,17 +61,23 @@ impl Monitor {
             .targets
             .iter()
             .map(|target| {
+                let shown = redact_target(&target.address);
                 let probe = if target.address.starts_with("redis://") || target.address.starts_with("rediss://") {
-                    Probe::Redis(redis::Client::open(target.address.as_str())?)
+                    // Not `?`: redis' error may quote the URL.
+                    let client = redis::Client::open(target.address.as_str())
+                        .map_err(|e| anyhow::anyhow!("health target {shown}: not a Redis URL ({:?})", e.kind()))?;
+                    Probe::Redis(client)
                 } else if let Some(name) = target.address.strip_prefix("dns://") {
                     let (host, port) = name
                         .trim_end_matches('/')
                         .rsplit_once(':')
-                        .ok_or_else(|| anyhow::anyhow!("{}: dns:// needs host:port", target.address))?;
-                    let port = port.parse().map_err(|_| anyhow::anyhow!("{}: bad port", target.address))?;
+                        .ok_or_else(|| anyhow::anyhow!("{shown}: dns:// needs host:port"))?;
+                    let port = port.parse().map_err(|_| anyhow::anyhow!("{shown}: bad port"))?;
                     Probe::Dns { host: host.to_string(), port, clients: Default::default() }
                 } else {
-                    let channel = deps::endpoint(&target.address, timeout)?.connect_lazy();
+                    let channel = deps::endpoint(&target.address, timeout)
+                        .map_err(|e| anyhow::anyhow!("health target {shown}: invalid endpoint: {}", e.root_cause()))?
+                        .connect_lazy();
                     Probe::Grpc(HealthClient::new(channel))
                 };
                 Ok((target.clone(), probe))
@@ -166,7 +176,8 @@ impl Monitor {
                 .into_iter()
                 .map(|c| Component {
                     service: BREAKER_SERVICE.into(),
-                    detail: format!("{} (seen by the gateway at {})", c.detail, gateway.address),
+                    address: redact_target(&c.address),
+                    detail: format!("{} (seen by the gateway at {})", c.detail, redact_target(&gateway.address)),
                     ..c
                 })
                 .collect(),
@@ -208,7 +219,7 @@ impl Monitor {
         Component {
             name: target.name.clone(),
             service: target.service.clone(),
-            address: target.address.clone(),
+            address: redact_target(&target.address),
             status: status.into(),
             detail,
             latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -268,6 +279,41 @@ impl Monitor {
     }
 }
 
+/// `url` fit to show: user information (`user:password@`) becomes `***@`, every query value and
+/// the fragment `***`. Scheme, host, port and path stay, so that an operator can tell targets apart.
+pub fn redact_target(url: &str) -> String {
+    let (scheme, rest) = url.find("://").map_or(("", url), |i| url.split_at(i + 3));
+    let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    let mut shown = String::with_capacity(url.len());
+    shown.push_str(scheme);
+    match authority.rfind('@') {
+        Some(at) => {
+            shown.push_str("***@");
+            shown.push_str(&authority[at + 1..]);
+        }
+        None => shown.push_str(authority),
+    }
+    let (before_fragment, fragment) = tail.split_once('#').map_or((tail, None), |(a, b)| (a, Some(b)));
+    let (path, query) = before_fragment.split_once('?').map_or((before_fragment, None), |(a, b)| (a, Some(b)));
+    shown.push_str(path);
+    if let Some(query) = query {
+        shown.push('?');
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, _)) => format!("{name}=***"),
+                None if param.is_empty() => String::new(),
+                None => "***".to_string(),
+            })
+            .collect();
+        shown.push_str(&params.join("&"));
+    }
+    if fragment.is_some() {
+        shown.push_str("#***");
+    }
+    shown
+}
+
 /// One status per watched service name: SERVING when every replica serves, DEGRADED when some do,
 /// NOT_SERVING when none does.
 fn per_service(components: &[Component]) -> BTreeMap<String, ServingStatus> {
@@ -310,6 +356,63 @@ fn grpc_status(status: ServingStatus) -> tonic_health::ServingStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_target_urls_are_redacted() {
+        for (url, shown) in [
+            ("redis://user:hunter2@redis:6379/0", "redis://***@redis:6379/0"),
+            ("redis://:hunter2@redis:6379", "redis://***@redis:6379"),
+            ("rediss://redis:6379/0?password=hunter2&db=1", "rediss://redis:6379/0?password=***&db=***"),
+            ("http://gateway:50051", "http://gateway:50051"),
+            ("http://a:b@gateway:50051/x?token=hunter2#hunter2", "http://***@gateway:50051/x?token=***#***"),
+            // An `@` after the authority is not user information.
+            ("http://gateway:50051/path?mail=a@b", "http://gateway:50051/path?mail=***"),
+            ("dns://generation:50052", "dns://generation:50052"),
+            ("127.0.0.1:6379?hunter2", "127.0.0.1:6379?***"),
+        ] {
+            assert_eq!(redact_target(url), shown, "{url}");
+        }
+    }
+
+    /// Components, their details and the metric labels (made from the components' addresses) show
+    /// no credential, for a Redis target and a gRPC one, both unreachable.
+    #[tokio::test]
+    async fn components_show_no_credentials() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let target = |name: &str, address: String, service: &str| Target {
+            name: name.into(),
+            address,
+            service: service.into(),
+            required: false,
+        };
+        let config = Config {
+            check_timeout_ms: 2_000,
+            targets: vec![
+                target("redis", format!("redis://llmesh:hunter2@127.0.0.1:{port}/0?token=hunter3"), "redis"),
+                target(
+                    "cache",
+                    format!("http://llmesh:hunter4@127.0.0.1:{port}/?token=hunter5"),
+                    "llmesh.cache.v1.Cache",
+                ),
+            ],
+            ..Config::default()
+        };
+        let (reporter, _) = tonic_health::server::health_reporter();
+        let monitor = Monitor::new(&config, reporter).unwrap();
+        let mut components = Vec::new();
+        for (target, probe) in &monitor.targets {
+            components.extend(monitor.check_all(target, probe).await);
+        }
+        monitor.publish(components).await;
+        let status = monitor.subscribe().borrow().clone();
+        assert_eq!(status.components.len(), 2, "{status:?}");
+        for component in &status.components {
+            assert_eq!(component.status, i32::from(ServingStatus::NotServing), "{component:?}");
+            assert!(component.address.contains("***@127.0.0.1"), "{component:?}");
+            let shown = format!("{component:?}");
+            assert!(!shown.contains("hunter"), "{shown}");
+        }
+    }
 
     fn component(service: &str, status: ServingStatus) -> Component {
         Component { service: service.into(), status: status.into(), ..Default::default() }

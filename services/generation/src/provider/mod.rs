@@ -1,20 +1,21 @@
 //! Providers turn a generation request into a stream of events. Unary calls collect the stream,
-//! so both RPCs share one code path per provider.
+//! so both RPCs share one code path per provider. A provider fails only with an [`UpstreamError`]:
+//! whatever goes wrong in it is the model's upstream, never the replica.
 
+pub mod error;
 pub mod openai;
 pub mod sim;
 mod sse;
 
 use std::pin::Pin;
 
+pub use self::error::UpstreamError;
+use crate::config::ModelConfig;
 use futures::Stream;
 use llmesh_proto::{
     common::v1::{FinishReason, Usage},
     generation::v1::GenerateRequest,
 };
-use tonic::Status;
-
-use crate::config::ModelConfig;
 
 /// One step of a generation.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,7 +27,7 @@ pub enum Event {
 }
 
 /// A provider's answer. Dropping it cancels the upstream work.
-pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, UpstreamError>> + Send>>;
 
 /// Whether the caller wants the answer streamed (upstreams may answer differently).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,10 +44,11 @@ pub enum Provider {
 }
 
 impl Provider {
-    pub fn from_config(name: &str, config: &ModelConfig) -> anyhow::Result<Self> {
+    /// `max_response_bytes`: the default size limit of an upstream's answer.
+    pub fn from_config(name: &str, config: &ModelConfig, max_response_bytes: u64) -> anyhow::Result<Self> {
         Ok(match config {
             ModelConfig::Sim(sim) => Self::Sim(sim::Sim::new(sim.clone())),
-            ModelConfig::Openai(openai) => Self::OpenAi(openai::OpenAi::new(name, openai)?),
+            ModelConfig::Openai(openai) => Self::OpenAi(openai::OpenAi::new(name, openai, max_response_bytes)?),
         })
     }
 

@@ -4,13 +4,19 @@
 //! `stream_options.include_usage`, so streamed answers still report tokens. Upstream failures map
 //! to gRPC codes a caller can act on: 429 is RESOURCE_EXHAUSTED with the upstream's Retry-After as
 //! `grpc-retry-pushback-ms`, 5xx, resets and stalls are UNAVAILABLE, a malformed chunk is a clear
-//! UNAVAILABLE rather than a hang.
+//! UNAVAILABLE rather than a hang. Every such failure is an [`UpstreamError`]: the caller sees a
+//! fixed description, the log gets the detail (the upstream's status, a fragment of its body, the
+//! error chain, the URL with its credentials redacted, the model's key scrubbed).
+//!
+//! An answer has a total size limit (`max_response_bytes`, else the generation-wide default): a
+//! unary body, or all the bytes of a stream, past it is UNAVAILABLE and the upstream call is
+//! dropped at that point. An error body is read only up to a few KiB, for the log.
 
 use std::{collections::VecDeque, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _};
-use llmesh_common::errors::error_chain;
+use llmesh_common::{errors::error_chain, redact::redact_url};
 use llmesh_proto::{
     common::v1::{FinishReason, Usage},
     generation::v1::GenerateRequest,
@@ -18,9 +24,19 @@ use llmesh_proto::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use tonic::{Code, Status, metadata::MetadataValue};
 
-use super::{Event, EventStream, Mode, sse::SseParser};
+use super::{
+    Event, EventStream, Mode,
+    error::{Kind, UpstreamError},
+    sse::SseParser,
+};
+
+/// The generation-wide default of `max_response_bytes`.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 8 * 1024 * 1024;
+/// How much of an error body is read, for the log.
+const ERROR_BODY_BYTES: usize = 4 * 1024;
+/// How much of it the log shows.
+const ERROR_DETAIL_CHARS: usize = 200;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -43,6 +59,9 @@ pub struct OpenAiConfig {
     pub total_timeout_ms: u64,
     /// Declare that the upstream answers the same request the same way (safe to cache at any temperature).
     pub deterministic: bool,
+    /// Largest answer, in bytes: a unary body, or the total of a stream. Unset means the
+    /// generation-wide `max_upstream_response_bytes` (8 MiB by default).
+    pub max_response_bytes: Option<u64>,
 }
 
 impl Default for OpenAiConfig {
@@ -57,6 +76,7 @@ impl Default for OpenAiConfig {
             idle_timeout_ms: 30_000,
             total_timeout_ms: 300_000,
             deterministic: false,
+            max_response_bytes: None,
         }
     }
 }
@@ -70,17 +90,22 @@ pub struct OpenAi {
     idle: Duration,
     total: Duration,
     deterministic: bool,
+    max_response_bytes: u64,
 }
 
 impl std::fmt::Debug for OpenAi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key.
-        f.debug_struct("OpenAi").field("url", &self.url).field("model", &self.model).finish_non_exhaustive()
+        f.debug_struct("OpenAi")
+            .field("url", &redact_url(&self.url))
+            .field("model", &self.model)
+            .finish_non_exhaustive()
     }
 }
 
 impl OpenAi {
-    pub fn new(name: &str, config: &OpenAiConfig) -> anyhow::Result<Self> {
+    /// `max_response_bytes` is the generation-wide default, for a model that sets none.
+    pub fn new(name: &str, config: &OpenAiConfig, max_response_bytes: u64) -> anyhow::Result<Self> {
         let key = match &config.api_key_file {
             Some(path) => Some(
                 std::fs::read_to_string(path)
@@ -106,6 +131,7 @@ impl OpenAi {
             idle: Duration::from_millis(config.idle_timeout_ms),
             total: Duration::from_millis(config.total_timeout_ms),
             deterministic: config.deterministic,
+            max_response_bytes: config.max_response_bytes.unwrap_or(max_response_bytes),
         })
     }
 
@@ -122,31 +148,34 @@ impl OpenAi {
         let prompt_chars = prompt_chars(request);
         let started = Instant::now();
         let send = self.send(body, started);
-        let (idle, first_token, deadline) = (self.idle, self.first_token, started + self.total);
+        let (idle, first_token, deadline, limit) =
+            (self.idle, self.first_token, started + self.total, self.max_response_bytes);
         match mode {
             Mode::Unary => Box::pin(
                 futures::stream::once(async move {
                     let response = send.await?;
-                    let completion = within(deadline, "the completion", response.json::<Completion>())
-                        .await?
-                        .map_err(|e| malformed(format!("the completion is not valid JSON: {e}")))?;
+                    let body = within(deadline, "completion", read_body(response, limit)).await??;
+                    let completion = serde_json::from_slice::<Completion>(&body).map_err(|e| {
+                        UpstreamError::new(Kind::Malformed, format!("the completion is not valid JSON: {e}"))
+                    })?;
                     Ok(completion.into_events(prompt_chars))
                 })
-                .map(|result: Result<Vec<Event>, Status>| match result {
+                .map(|result: Result<Vec<Event>, UpstreamError>| match result {
                     Ok(events) => futures::stream::iter(events.into_iter().map(Ok)).left_stream(),
-                    Err(status) => futures::stream::once(async move { Err(status) }).right_stream(),
+                    Err(error) => futures::stream::once(async move { Err(error) }).right_stream(),
                 })
                 .flatten(),
             ),
             Mode::Stream => Box::pin(
                 futures::stream::once(async move {
                     let response = send.await?;
-                    let chunks = SseStream::new(response.bytes_stream(), prompt_chars, first_token, idle, deadline);
-                    Ok::<_, Status>(chunks.into_stream())
+                    let limits = StreamLimits { first_token, idle, deadline, bytes: limit };
+                    let chunks = SseStream::new(response.bytes_stream(), prompt_chars, limits);
+                    Ok::<_, UpstreamError>(chunks.into_stream())
                 })
                 .map(|result| match result {
                     Ok(events) => events.left_stream(),
-                    Err(status) => futures::stream::once(async move { Err(status) }).right_stream(),
+                    Err(error) => futures::stream::once(async move { Err(error) }).right_stream(),
                 })
                 .flatten(),
             ),
@@ -187,68 +216,112 @@ impl OpenAi {
         &self,
         body: Value,
         started: Instant,
-    ) -> impl std::future::Future<Output = Result<reqwest::Response, Status>> + Send + 'static {
+    ) -> impl std::future::Future<Output = Result<reqwest::Response, UpstreamError>> + Send + 'static {
         let mut builder = self.client.post(&self.url).json(&body);
         if let Some(key) = &self.key {
             builder = builder.bearer_auth(key);
         }
         let deadline = (started + self.first_token).min(started + self.total);
-        let model = self.model.clone();
+        let (url, key) = (redact_url(&self.url), self.key.clone());
         async move {
-            let response = within(deadline, "the response", builder.send())
-                .await?
-                .map_err(|e| Status::unavailable(format!("upstream request failed: {}", error_chain(&e))))?;
+            let response = within(deadline, "response", builder.send()).await?.map_err(|e| {
+                // The URL is logged once, redacted: reqwest's own message would show it whole.
+                UpstreamError::new(Kind::Unreachable, format!("POST {url}: {}", error_chain(&e.without_url())))
+            })?;
             if response.status().is_success() {
                 return Ok(response);
             }
             let status = response.status();
             let headers = response.headers().clone();
-            let text =
-                within(deadline, "the error body", response.text()).await.ok().and_then(Result::ok).unwrap_or_default();
-            Err(status_error(status, &headers, &text, &model))
+            let body =
+                within(deadline, "error body", read_prefix(response, ERROR_BODY_BYTES)).await.unwrap_or_default();
+            let detail = scrub(&error_detail(&body), key.as_deref());
+            Err(http_error(status, &headers, format!("HTTP {} from POST {url}: {detail}", status.as_u16())))
         }
     }
 }
 
 /// Runs `future` until `deadline`; past it the upstream is UNAVAILABLE (stalled), a retryable
 /// condition that the gateway's breaker counts.
-async fn within<T>(deadline: Instant, what: &str, future: impl std::future::Future<Output = T>) -> Result<T, Status> {
+async fn within<T>(
+    deadline: Instant,
+    what: &'static str,
+    future: impl std::future::Future<Output = T>,
+) -> Result<T, UpstreamError> {
     tokio::time::timeout_at(deadline, future)
         .await
-        .map_err(|_| Status::unavailable(format!("upstream stalled: no {what} in time")))
+        .map_err(|_| UpstreamError::new(Kind::Stalled { what }, format!("no {what} in time")))
 }
 
-fn malformed(detail: String) -> Status {
-    Status::unavailable(format!("upstream sent a malformed answer: {detail}"))
+fn too_large(limit: u64, what: &str) -> UpstreamError {
+    UpstreamError::new(Kind::TooLarge { limit }, format!("{what} went past {limit} bytes; dropped the call"))
 }
 
-/// Maps an upstream HTTP error to the gRPC status a caller can act on.
-fn status_error(status: reqwest::StatusCode, headers: &reqwest::header::HeaderMap, body: &str, model: &str) -> Status {
-    let detail: String = serde_json::from_str::<Value>(body)
+fn broken(error: reqwest::Error) -> UpstreamError {
+    UpstreamError::new(Kind::Broken, error_chain(&error.without_url()))
+}
+
+/// The whole body, when it is at most `limit` bytes; past it, an error, and the rest is never read
+/// (dropping the response closes the connection).
+async fn read_body(mut response: reqwest::Response, limit: u64) -> Result<Vec<u8>, UpstreamError> {
+    if let Some(length) = response.content_length()
+        && length > limit
+    {
+        return Err(too_large(limit, "the completion's declared length"));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(broken)? {
+        if u64::try_from(body.len() + chunk.len()).unwrap_or(u64::MAX) > limit {
+            return Err(too_large(limit, "the completion"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The first `limit` bytes of the body (fewer when it ends or breaks first).
+async fn read_prefix(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        let Ok(Some(chunk)) = response.chunk().await else { break };
+        body.extend_from_slice(&chunk[..chunk.len().min(limit - body.len())]);
+    }
+    body
+}
+
+/// The part of an error body worth logging: OpenAI's `error.message`, else its first characters.
+fn error_detail(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    serde_json::from_str::<Value>(&text)
         .ok()
         .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_string))
-        .unwrap_or_else(|| body.chars().take(200).collect());
-    let code = status.as_u16();
-    match code {
-        429 => {
-            let wait = retry_after(headers);
-            let mut status = Status::resource_exhausted(format!("upstream rate limit (HTTP 429): {detail}"));
-            if let Some(wait) = wait {
-                let ms = wait.as_millis().to_string();
-                if let Ok(value) = MetadataValue::try_from(ms.as_str()) {
-                    status.metadata_mut().insert("grpc-retry-pushback-ms", value.clone());
-                    status.metadata_mut().insert("retry-after-ms", value);
-                }
-            }
-            status
-        }
-        400 | 413 | 422 => Status::invalid_argument(format!("upstream rejected the request (HTTP {code}): {detail}")),
-        401 | 403 => Status::failed_precondition(format!(
-            "upstream refused llmesh's credentials (HTTP {code}); check the API key: {detail}"
-        )),
-        404 => Status::failed_precondition(format!("upstream has no model {model:?} (HTTP 404): {detail}")),
-        _ => Status::new(Code::Unavailable, format!("upstream failed (HTTP {code}): {detail}")),
+        .unwrap_or_else(|| text.into_owned())
+        .chars()
+        .take(ERROR_DETAIL_CHARS)
+        .collect()
+}
+
+/// `text` without the model's key, should the upstream echo it.
+fn scrub(text: &str, key: Option<&str>) -> String {
+    match key {
+        Some(key) if key.len() >= 4 => text.replace(key, "***"),
+        _ => text.to_string(),
     }
+}
+
+/// Maps an upstream HTTP error to the failure a caller can act on.
+fn http_error(status: reqwest::StatusCode, headers: &reqwest::header::HeaderMap, detail: String) -> UpstreamError {
+    let http = status.as_u16();
+    let kind = match http {
+        429 => Kind::RateLimited {
+            retry_after_ms: retry_after(headers).map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+        },
+        400 | 413 | 422 => Kind::Rejected { http },
+        401 | 403 => Kind::Unauthorized { http },
+        404 => Kind::NoSuchModel,
+        _ => Kind::Failed { http },
+    };
+    UpstreamError::new(kind, detail)
 }
 
 /// `retry-after-ms` (OpenAI's), else `retry-after` in seconds.
@@ -348,82 +421,96 @@ struct Delta {
     content: Option<String>,
 }
 
+/// How long and how much a stream may take.
+struct StreamLimits {
+    first_token: Duration,
+    idle: Duration,
+    deadline: Instant,
+    /// Total bytes from the upstream.
+    bytes: u64,
+}
+
 /// The state of one streamed answer.
 struct SseStream<S> {
-    bytes: S,
+    /// The upstream's body; `None` once the answer is over (`done`), which drops the upstream call.
+    bytes: Option<S>,
     parser: SseParser,
-    pending: VecDeque<Result<Event, Status>>,
+    pending: VecDeque<Result<Event, UpstreamError>>,
     prompt_chars: usize,
     completion_chars: usize,
     reason: Option<FinishReason>,
     usage: Option<Usage>,
-    first_token: Duration,
-    idle: Duration,
-    deadline: Instant,
+    limits: StreamLimits,
+    received: u64,
     got_first: bool,
     done: bool,
 }
 
-impl<S, B, E> SseStream<S>
+impl<S, B> SseStream<S>
 where
-    S: Stream<Item = Result<B, E>> + Unpin + Send + 'static,
+    S: Stream<Item = Result<B, reqwest::Error>> + Unpin + Send + 'static,
     B: AsRef<[u8]>,
-    E: std::error::Error + Send + 'static,
 {
-    fn new(bytes: S, prompt_chars: usize, first_token: Duration, idle: Duration, deadline: Instant) -> Self {
+    fn new(bytes: S, prompt_chars: usize, limits: StreamLimits) -> Self {
         Self {
-            bytes,
+            bytes: Some(bytes),
             parser: SseParser::default(),
             pending: VecDeque::new(),
             prompt_chars,
             completion_chars: 0,
             reason: None,
             usage: None,
-            first_token,
-            idle,
-            deadline,
+            limits,
+            received: 0,
             got_first: false,
             done: false,
         }
     }
 
-    fn into_stream(self) -> impl Stream<Item = Result<Event, Status>> + Send + 'static {
+    fn into_stream(self) -> impl Stream<Item = Result<Event, UpstreamError>> + Send + 'static {
         futures::stream::unfold(self, |mut state| async move {
             loop {
                 if let Some(item) = state.pending.pop_front() {
                     return Some((item, state));
                 }
-                if state.done {
-                    return None;
+                let mut bytes = state.bytes.take()?;
+                state.pull(&mut bytes).await;
+                // Past the end, the upstream call is dropped at once, not when the caller lets go.
+                if !state.done {
+                    state.bytes = Some(bytes);
                 }
-                state.pull().await;
             }
         })
     }
 
     /// Reads the next bytes from upstream and turns them into pending events (or an error).
-    async fn pull(&mut self) {
-        let gap = if self.got_first { self.idle } else { self.first_token };
-        let wait_until = (Instant::now() + gap).min(self.deadline);
+    async fn pull(&mut self, bytes: &mut S) {
+        let gap = if self.got_first { self.limits.idle } else { self.limits.first_token };
+        let wait_until = (Instant::now() + gap).min(self.limits.deadline);
         let what = if self.got_first { "chunk" } else { "first chunk" };
-        match within(wait_until, what, self.bytes.next()).await {
-            Err(status) => self.fail(status),
+        match within(wait_until, what, bytes.next()).await {
+            Err(error) => self.fail(error),
             Ok(None) if self.reason.is_some() => self.finish(),
-            Ok(None) => self.fail(Status::unavailable("upstream closed the stream before finishing")),
-            Ok(Some(Err(error))) => {
-                self.fail(Status::unavailable(format!("upstream stream broke: {}", error_chain(&error))));
-            }
-            Ok(Some(Ok(bytes))) => match self.parser.push(bytes.as_ref()) {
-                Err(error) => self.fail(malformed(error.to_string())),
-                Ok(events) => {
-                    for data in events {
-                        if self.done {
-                            break;
+            Ok(None) => self.fail(UpstreamError::new(Kind::Unfinished, "the body ended without [DONE] or a finish")),
+            Ok(Some(Err(error))) => self.fail(broken(error)),
+            Ok(Some(Ok(bytes))) => {
+                let bytes = bytes.as_ref();
+                self.received = self.received.saturating_add(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+                if self.received > self.limits.bytes {
+                    return self.fail(too_large(self.limits.bytes, "the stream"));
+                }
+                match self.parser.push(bytes) {
+                    Err(error) => self.fail(UpstreamError::new(Kind::Malformed, error.to_string())),
+                    Ok(events) => {
+                        for data in events {
+                            if self.done {
+                                break;
+                            }
+                            self.event(&data);
                         }
-                        self.event(&data);
                     }
                 }
-            },
+            }
         }
     }
 
@@ -436,7 +523,8 @@ where
             Ok(chunk) => chunk,
             Err(error) => {
                 let shown: String = data.chars().take(80).collect();
-                return self.fail(malformed(format!("chunk {shown:?} is not a completion chunk: {error}")));
+                let detail = format!("chunk {shown:?} is not a completion chunk: {error}");
+                return self.fail(UpstreamError::new(Kind::Malformed, detail));
             }
         };
         if let Some(usage) = chunk.usage {
@@ -462,8 +550,8 @@ where
         self.done = true;
     }
 
-    fn fail(&mut self, status: Status) {
-        self.pending.push_back(Err(status));
+    fn fail(&mut self, error: UpstreamError) {
+        self.pending.push_back(Err(error));
         self.done = true;
     }
 }
@@ -472,21 +560,31 @@ where
 mod tests {
     use super::*;
 
+    fn error(status: u16, headers: &reqwest::header::HeaderMap) -> UpstreamError {
+        http_error(reqwest::StatusCode::from_u16(status).unwrap(), headers, String::new())
+    }
+
     #[test]
     fn http_errors_map_to_actionable_codes() {
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert("retry-after", "2".parse().unwrap());
-        let status =
-            status_error(reqwest::StatusCode::TOO_MANY_REQUESTS, &headers, r#"{"error":{"message":"slow down"}}"#, "m");
-        assert_eq!(status.code(), Code::ResourceExhausted);
-        assert!(status.message().contains("slow down"));
-        assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "2000");
+        let limited = error(429, &headers);
+        assert_eq!(limited.kind(), Kind::RateLimited { retry_after_ms: Some(2_000) });
+        assert_eq!(limited.code(), tonic::Code::ResourceExhausted);
 
         let none = reqwest::header::HeaderMap::new();
-        assert_eq!(status_error(reqwest::StatusCode::BAD_GATEWAY, &none, "", "m").code(), Code::Unavailable);
-        assert_eq!(status_error(reqwest::StatusCode::BAD_REQUEST, &none, "", "m").code(), Code::InvalidArgument);
-        assert_eq!(status_error(reqwest::StatusCode::UNAUTHORIZED, &none, "", "m").code(), Code::FailedPrecondition);
-        assert_eq!(status_error(reqwest::StatusCode::NOT_FOUND, &none, "", "m").code(), Code::FailedPrecondition);
+        assert_eq!(error(502, &none).code(), tonic::Code::Unavailable);
+        assert_eq!(error(400, &none).code(), tonic::Code::InvalidArgument);
+        assert_eq!(error(401, &none).code(), tonic::Code::FailedPrecondition);
+        assert_eq!(error(404, &none).code(), tonic::Code::FailedPrecondition);
+    }
+
+    #[test]
+    fn error_details_are_short_and_keyless() {
+        assert_eq!(error_detail(br#"{"error":{"message":"slow down"}}"#), "slow down");
+        assert_eq!(error_detail("x".repeat(5_000).as_bytes()).len(), ERROR_DETAIL_CHARS);
+        assert_eq!(scrub("bad key sk-live-123 given", Some("sk-live-123")), "bad key *** given");
+        assert_eq!(scrub("no key", None), "no key");
     }
 
     #[test]

@@ -1,20 +1,25 @@
 //! The simulated model: deterministic text derived from the request, with configurable time to
 //! first token, pace and length. Lets the mesh run, and be load-tested, with no key and no network.
+//!
+//! Its fault-injecting variants (`fail_every`, and the `sim-flaky-N` family) fail as an upstream
+//! would: their failures are the model's, not the replica's (see `provider::error`). They exist only
+//! where the generation config enables fault models.
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
+use super::{
+    Event, EventStream,
+    error::{Kind, UpstreamError},
+};
 use futures::StreamExt as _;
 use llmesh_proto::{
     common::v1::{FinishReason, Usage},
     generation::v1::GenerateRequest,
 };
 use serde::{Deserialize, Serialize};
-use tonic::{Status, metadata::MetadataValue};
-
-use super::{Event, EventStream};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -67,24 +72,51 @@ pub struct Sim {
     calls: AtomicU64,
 }
 
-/// `sim-flaky-N`: the sim failing every Nth call (N from 1 to 1000), for chaos tests without
-/// any configuration.
-pub fn flaky(model: &str) -> Option<SimConfig> {
-    let n: u32 = model.strip_prefix("sim-flaky-")?.parse().ok()?;
-    (1..=1000).contains(&n).then(|| SimConfig { fail_every: n, ..SimConfig::default() })
+/// The `sim-flaky-N` family's prefix, and its name as a metric label.
+pub const FLAKY: &str = "sim-flaky";
+/// The largest N of `sim-flaky-N`.
+pub const FLAKY_MAX: u32 = 1000;
+
+/// The N of `sim-flaky-N` when `model` names one in its canonical form: N written in decimal
+/// digits only, without sign or leading zero, from 1 to [`FLAKY_MAX`]. Any other spelling is not a
+/// model, so that one N has exactly one name.
+pub fn flaky_n(model: &str) -> Option<u32> {
+    let digits = model.strip_prefix(FLAKY)?.strip_prefix('-')?;
+    // Four digits at most: the check is cheap whatever the length of the name.
+    let canonical =
+        (1..=4).contains(&digits.len()) && !digits.starts_with('0') && digits.bytes().all(|b| b.is_ascii_digit());
+    let n: u32 = if canonical { digits.parse().ok()? } else { return None };
+    (1..=FLAKY_MAX).contains(&n).then_some(n)
 }
 
-fn injected(failure: Failure) -> Status {
-    match failure {
-        Failure::Unavailable => Status::unavailable("sim: injected failure"),
-        Failure::RateLimited => {
-            let mut status = Status::resource_exhausted("sim: injected rate limit");
-            let pushback = MetadataValue::from(RATE_LIMIT_PUSHBACK_MS);
-            status.metadata_mut().insert("grpc-retry-pushback-ms", pushback.clone());
-            status.metadata_mut().insert("retry-after-ms", pushback);
-            status
-        }
+/// Every `sim-flaky-N`: the default sim failing every Nth call to that N. One provider for the
+/// whole family, with one call counter per N allocated up front, so that nothing grows with the
+/// names clients send.
+#[derive(Debug)]
+pub struct Flaky {
+    config: SimConfig,
+    /// `calls[n - 1]` counts the calls to `sim-flaky-n`.
+    calls: Box<[AtomicU64]>,
+}
+
+impl Default for Flaky {
+    fn default() -> Self {
+        Self { config: SimConfig::default(), calls: (0..FLAKY_MAX).map(|_| AtomicU64::new(0)).collect() }
     }
+}
+
+impl Flaky {
+    /// Starts `sim-flaky-n`; `n` comes from [`flaky_n`] (any other value fails every call).
+    pub fn stream(&self, n: u32, request: &GenerateRequest, max_tokens: u32) -> EventStream {
+        let index = usize::try_from(n).unwrap_or(usize::MAX).wrapping_sub(1);
+        let call = self.calls.get(index).map_or(0, |calls| calls.fetch_add(1, Ordering::Relaxed) + 1);
+        let config = SimConfig { fail_every: n.max(1), ..self.config.clone() };
+        generate(&config, call, request, max_tokens)
+    }
+}
+
+fn injected(failure: Failure) -> UpstreamError {
+    UpstreamError::new(Kind::Injected(failure), "fault-injection model")
 }
 
 const WORDS: &[&str] = &[
@@ -133,28 +165,33 @@ impl Sim {
 
     pub fn stream(&self, request: &GenerateRequest, max_tokens: u32) -> EventStream {
         let call = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.config.fail_every > 0 && call.is_multiple_of(u64::from(self.config.fail_every)) {
-            let status = injected(self.config.failure);
-            return Box::pin(futures::stream::once(async move { Err(status) }));
-        }
-        let (tokens, reason) = answer(request, self.config.output_tokens, max_tokens);
-        let usage = usage(request, tokens.len());
-        let first = Duration::from_millis(self.config.time_to_first_token_ms);
-        let gap = if self.config.tokens_per_second > 0.0 {
-            Duration::from_secs_f64(1.0 / self.config.tokens_per_second)
-        } else {
-            Duration::ZERO
-        };
-        let deltas = futures::stream::iter(tokens.into_iter().enumerate()).then(move |(i, token)| async move {
-            let pause = if i == 0 { first } else { gap };
-            if !pause.is_zero() {
-                tokio::time::sleep(pause).await;
-            }
-            Ok(Event::Delta(token))
-        });
-        let finish = futures::stream::once(async move { Ok(Event::Finish { reason, usage }) });
-        Box::pin(deltas.chain(finish))
+        generate(&self.config, call, request, max_tokens)
     }
+}
+
+/// The `call`th answer (counting from 1) of a sim configured as `config`.
+fn generate(config: &SimConfig, call: u64, request: &GenerateRequest, max_tokens: u32) -> EventStream {
+    if config.fail_every > 0 && call.is_multiple_of(u64::from(config.fail_every)) {
+        let error = injected(config.failure);
+        return Box::pin(futures::stream::once(async move { Err(error) }));
+    }
+    let (tokens, reason) = answer(request, config.output_tokens, max_tokens);
+    let usage = usage(request, tokens.len());
+    let first = Duration::from_millis(config.time_to_first_token_ms);
+    let gap = if config.tokens_per_second > 0.0 {
+        Duration::from_secs_f64(1.0 / config.tokens_per_second)
+    } else {
+        Duration::ZERO
+    };
+    let deltas = futures::stream::iter(tokens.into_iter().enumerate()).then(move |(i, token)| async move {
+        let pause = if i == 0 { first } else { gap };
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        Ok(Event::Delta(token))
+    });
+    let finish = futures::stream::once(async move { Ok(Event::Finish { reason, usage }) });
+    Box::pin(deltas.chain(finish))
 }
 
 /// The answer's tokens (each with its leading space) and why it ended.
@@ -299,19 +336,51 @@ mod tests {
 
     #[tokio::test]
     async fn injected_failures() {
-        let every_third = Sim::new(flaky("sim-flaky-3").unwrap());
+        let flaky = Flaky::default();
         let mut failed = Vec::new();
         for _ in 0..9 {
-            let first = every_third.stream(&request("x"), 256).next().await.unwrap();
+            let first = flaky.stream(3, &request("x"), 256).next().await.unwrap();
             failed.push(first.is_err());
         }
         assert_eq!(failed, [false, false, true, false, false, true, false, false, true]);
-        assert!(flaky("sim-flaky-0").is_none() && flaky("sim-flaky-x").is_none() && flaky("sim").is_none());
+        // Each N counts its own calls.
+        assert!(flaky.stream(2, &request("x"), 256).next().await.unwrap().is_ok());
+        assert!(flaky.stream(2, &request("x"), 256).next().await.unwrap().is_err());
+        let error = flaky.stream(1, &request("x"), 256).next().await.unwrap().unwrap_err();
+        assert_eq!(error.kind(), Kind::Injected(Failure::Unavailable));
 
         let limited = Sim::new(SimConfig { fail_every: 1, failure: Failure::RateLimited, ..SimConfig::default() });
-        let status = limited.stream(&request("x"), 256).next().await.unwrap().unwrap_err();
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        let error = limited.stream(&request("x"), 256).next().await.unwrap().unwrap_err();
+        assert_eq!(error.code(), tonic::Code::ResourceExhausted);
+        let status = error.into_status("sim-429");
         assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "1000");
+    }
+
+    #[test]
+    fn only_canonical_flaky_names_exist() {
+        assert_eq!(flaky_n("sim-flaky-1"), Some(1));
+        assert_eq!(flaky_n("sim-flaky-7"), Some(7));
+        assert_eq!(flaky_n("sim-flaky-1000"), Some(1000));
+        let long = format!("sim-flaky-{}", "0".repeat(1 << 20));
+        for refused in [
+            "sim-flaky-0",
+            "sim-flaky-007",
+            "sim-flaky-+7",
+            "sim-flaky--7",
+            "sim-flaky- 7",
+            "sim-flaky-7 ",
+            "sim-flaky-1001",
+            "sim-flaky-99999",
+            "sim-flaky-",
+            "sim-flaky-x",
+            "sim-flaky-７",
+            "sim-flaky",
+            "sim-flaky7",
+            "sim",
+            &long,
+        ] {
+            assert_eq!(flaky_n(refused), None, "{refused:.20}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,6 +9,7 @@ mod chaos;
 mod discovery;
 mod fakellm;
 mod jobs;
+mod keys_cli;
 mod lifecycle;
 mod mesh;
 mod near_cache;

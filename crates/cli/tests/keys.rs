@@ -236,3 +236,16 @@ fn list_names_a_missing_or_broken_file() {
     assert!(!output.status.success());
     assert!(stderr(&output).contains("invalid keys file") && stderr(&output).contains("secret"), "{}", stderr(&output));
 }
+
+#[test]
+fn list_reads_any_layout_the_gateway_reads() {
+    // An inline array (written by hand) cannot be edited in place, but it lists.
+    let (_dir, path) = temp_keys_file();
+    let text = format!("keys = [{{ id = \"inline\", prefix = \"lk_00000000\", sha256 = \"{}\" }}]\n", "0".repeat(64));
+    std::fs::write(&path, text).unwrap();
+    let table = ok(&["list", "--file", path_str(&path)]);
+    assert!(table.lines().nth(1).is_some_and(|line| line.starts_with("inline  lk_00000000")), "{table}");
+    let output = keys(&["revoke", "--id", "inline", "--file", path_str(&path)]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("inline array"), "{}", stderr(&output));
+}

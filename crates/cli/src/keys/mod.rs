@@ -13,10 +13,13 @@
 
 mod file;
 
-use std::{io::Write as _, path::PathBuf};
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, bail};
-use llmesh_gateway::admission::{ApiKey, KeyStore, generate_key};
+use llmesh_gateway::admission::{ApiKey, KeyStore, auth::parse_keys_file, generate_key};
 use serde::Serialize;
 
 use self::file::{Changes, Field, KeysFile, Selector};
@@ -112,7 +115,7 @@ pub fn run(command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::New { id, file: None, settings } => new_key_printed(&id, &settings),
         KeysCommand::New { id, file: Some(path), settings } => new_key_in_file(&id, &path, &settings),
-        KeysCommand::List { file, json } => list(&KeysFile::open(&file, false)?, json),
+        KeysCommand::List { file, json } => list(&file, &read_entries(&file)?, json),
         KeysCommand::Revoke { key, file } => revoke(&key, &file),
         KeysCommand::Set { key, file, settings, clear } => set(&key, &file, &settings, clear),
     }
@@ -141,7 +144,7 @@ fn new_key_printed(id: &str, settings: &Settings) -> anyhow::Result<()> {
     print_key(&key)
 }
 
-fn new_key_in_file(id: &str, path: &std::path::Path, settings: &Settings) -> anyhow::Result<()> {
+fn new_key_in_file(id: &str, path: &Path, settings: &Settings) -> anyhow::Result<()> {
     let mut file = KeysFile::open(path, true)?;
     let (key, entry) = make_key(id, settings);
     let prefix = entry.prefix.clone();
@@ -165,15 +168,21 @@ fn print_key(key: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn list(file: &KeysFile, as_json: bool) -> anyhow::Result<()> {
-    let entries = file.entries();
+/// The entries of the keys file at `path`, read as the gateway reads them (any layout it accepts,
+/// inline arrays included: listing edits nothing).
+fn read_entries(path: &Path) -> anyhow::Result<Vec<ApiKey>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read keys file {}", path.display()))?;
+    parse_keys_file(&text).with_context(|| format!("invalid keys file {}", path.display()))
+}
+
+fn list(path: &Path, entries: &[ApiKey], as_json: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if as_json {
         let listed: Vec<Listed<'_>> = entries.iter().map(Listed::from).collect();
         serde_json::to_writer_pretty(&mut out, &listed)?;
         writeln!(out)?;
     } else if entries.is_empty() {
-        writeln!(std::io::stderr(), "{} holds no keys (a gateway refuses to start on it)", file.path().display())?;
+        writeln!(std::io::stderr(), "{} holds no keys (a gateway refuses to start on it)", path.display())?;
     } else {
         let rows: Vec<[String; 6]> =
             std::iter::once(["ID", "PREFIX", "TEAM", "MODELS", "REQUESTS/MIN", "TOKENS/MIN"].map(str::to_owned))
@@ -237,7 +246,7 @@ fn limit(value: Option<u32>) -> String {
     }
 }
 
-fn revoke(key: &Which, path: &std::path::Path) -> anyhow::Result<()> {
+fn revoke(key: &Which, path: &Path) -> anyhow::Result<()> {
     let mut file = KeysFile::open(path, false)?;
     let removed = file.remove(Selector { id: &key.id, prefix: key.prefix.as_deref() })?;
     file.save()?;
@@ -252,7 +261,7 @@ fn revoke(key: &Which, path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn set(key: &Which, path: &std::path::Path, settings: &Settings, clear: Vec<Field>) -> anyhow::Result<()> {
+fn set(key: &Which, path: &Path, settings: &Settings, clear: Vec<Field>) -> anyhow::Result<()> {
     if settings.is_empty() && clear.is_empty() {
         bail!("nothing to change: give --team, --models, --requests-per-minute, --tokens-per-minute or --clear");
     }

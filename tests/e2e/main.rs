@@ -10,6 +10,7 @@ mod discovery;
 mod fakellm;
 mod generation_hardening;
 mod jobs;
+mod keys_cli;
 mod lifecycle;
 mod mesh;
 mod near_cache;

@@ -1,9 +1,15 @@
-//! `llmesh`: run the whole mesh on one machine (`llmesh up`) or any one service (`llmesh serve`).
+//! `llmesh`: run the whole mesh on one machine (`llmesh up`) or any one service (`llmesh serve`),
+//! send it load (`llmesh load`), manage its API keys (`llmesh keys`).
+//!
+//! A service (`serve`) logs at `info`, as every service does. The commands an operator runs by
+//! hand print what they were asked for and otherwise only warnings and errors: their default log
+//! filter is [`COMMAND_LOG_FILTER`], and `RUST_LOG` overrides it.
 
+mod keys;
 mod load;
 mod up;
 
-use std::process::ExitCode;
+use std::{future::Future, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use llmesh_common::ServiceArgs;
@@ -21,10 +27,10 @@ enum Command {
     Up(up::UpArgs),
     /// Send load to a gateway (or straight to generation) and report throughput, errors and latency.
     Load(load::LoadArgs),
-    /// Manage gateway API keys.
+    /// Manage the gateway's API keys: make, list, revoke, and change their limits.
     Keys {
         #[command(subcommand)]
-        command: KeysCommand,
+        command: keys::KeysCommand,
     },
     /// Run one service in this process (what `llmesh up` runs in each child).
     Serve {
@@ -32,17 +38,6 @@ enum Command {
         service: Service,
         #[command(flatten)]
         args: ServiceArgs,
-    },
-}
-
-#[derive(Subcommand)]
-enum KeysCommand {
-    /// Make a new API key: prints the key (give it to its owner; it is not stored) and the
-    /// `[[keys]]` entry for the gateway's keys file.
-    New {
-        /// The key's public name (metrics label, logs).
-        #[arg(long)]
-        id: String,
     },
 }
 
@@ -54,32 +49,76 @@ pub enum Service {
     Health,
 }
 
+/// The default log filter of the commands other than `serve`: warnings and errors, plus the
+/// progress lines of `up` and `load` (which children stopped, what load is being sent). The
+/// telemetry banner and the libraries' info lines are not what an operator asked for.
+const COMMAND_LOG_FILTER: &str = "warn,llmesh::up=info,llmesh::load=info";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let service = match &cli.command {
-        Command::Serve { service, .. } => service.name(),
-        _ => "cli",
-    };
-    llmesh_common::run_main(service, || async move {
-        match cli.command {
-            Command::Up(args) => up::run(args).await,
-            Command::Load(args) => load::run(args).await,
-            Command::Keys { command: KeysCommand::New { id } } => new_key(&id),
-            Command::Serve { service, args } => match service {
+    match cli.command {
+        Command::Serve { service, args } => llmesh_common::run_main(service.name(), || async move {
+            match service {
                 Service::Gateway => llmesh_gateway::run(args).await,
                 Service::Generation => llmesh_generation::run(args).await,
                 Service::Cache => llmesh_cache::run(args).await,
                 Service::Health => llmesh_health::run(args).await,
-            },
-        }
-    })
+            }
+        }),
+        Command::Up(args) => run_command(Export::Yes, || up::run(args)),
+        Command::Load(args) => run_command(Export::Yes, || load::run(args)),
+        // Editing a file by hand has nothing to export (and no reason to wait for a collector).
+        Command::Keys { command } => run_command(Export::No, || async move { keys::run(command) }),
+    }
 }
 
-fn new_key(id: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let (key, entry) = llmesh_gateway::admission::generate_key(id);
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "# x-api-key for {id} (shown once; llmesh stores only its SHA-256):\n# {key}")?;
-    writeln!(out, "[[keys]]\nid = {:?}\nprefix = {:?}\nsha256 = {:?}", entry.id, entry.prefix, entry.sha256)?;
-    Ok(())
+/// Whether a command sends OTLP telemetry when the environment configures it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Export {
+    Yes,
+    No,
+}
+
+/// [`llmesh_common::run_main`] for a command: the same runtime, telemetry and exit code, with
+/// [`COMMAND_LOG_FILTER`] unless `RUST_LOG` is set.
+fn run_command<F, Fut>(export: Export, run: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let telemetry = llmesh_telemetry::TelemetryConfig::from_lookup("cli", |name| match name {
+        "OTEL_SDK_DISABLED" if export == Export::No => Some("true".to_owned()),
+        "RUST_LOG" => std::env::var(name)
+            .ok()
+            .filter(|value| !value.trim().is_empty())
+            .or_else(|| Some(COMMAND_LOG_FILTER.to_owned())),
+        _ => std::env::var(name).ok(),
+    });
+    let runtime = match llmesh_common::runtime::runtime() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            llmesh_common::logging::init();
+            tracing::error!("cannot start the async runtime: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let telemetry = match llmesh_telemetry::init_with_config(telemetry) {
+            Ok(telemetry) => telemetry,
+            Err(error) => {
+                llmesh_common::logging::init();
+                tracing::error!("telemetry configuration: {error:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let result = run().await;
+        telemetry.shutdown().await;
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!("{error:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }

@@ -44,6 +44,9 @@ pub struct AuthConfig {
 pub struct ApiKey {
     /// Public name, used in metrics and logs.
     pub id: String,
+    /// The team the key belongs to, if any (`llmesh keys new --team`); a key in no team stands
+    /// alone. Recorded for listings now; budgets per team build on it.
+    pub team: Option<String>,
     pub prefix: String,
     /// Hex SHA-256 of the whole key.
     pub sha256: String,

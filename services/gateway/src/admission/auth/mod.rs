@@ -2,8 +2,14 @@
 //! [`Principal`] in the request extensions.
 //!
 //! Keys come from `[gateway.auth] keys` and from `keys_file` (a TOML file of `[[keys]]` tables of
-//! the same shape, e.g. a mounted secret). The format of the keys the gateway issues is described
-//! in [`key`]. With no keys at all auth is off and every caller is [`Principal::anonymous`].
+//! the same shape, e.g. a mounted secret, written by `llmesh keys`). The format of the keys the
+//! gateway issues is described in [`key`].
+//!
+//! Auth fails closed. It is off (every caller is [`Principal::anonymous`]) only when neither
+//! `keys` nor `keys_file` is configured at all. A configured `keys_file` that is missing,
+//! unreadable, malformed or holds no key is an error naming the file, so that the gateway does not
+//! start: a secret that was not mounted, or was mounted empty, must not quietly open the gateway to
+//! everyone.
 
 mod key;
 mod layer;
@@ -100,8 +106,9 @@ struct KeysFile {
 }
 
 impl KeyStore {
-    /// The keys of `[gateway.auth]`: `keys` first, then those of `keys_file`. Fails on an
-    /// unreadable file or a malformed entry, naming which.
+    /// The keys of `[gateway.auth]`: `keys` first, then those of `keys_file`. Fails, naming the
+    /// file, when `keys_file` is set but missing, unreadable, malformed or without a key, and on
+    /// a malformed entry, naming which. Empty (auth off) only when neither is configured.
     pub fn load(config: &AuthConfig) -> anyhow::Result<Self> {
         let mut keys = config.keys.clone();
         if let Some(path) = &config.keys_file {
@@ -173,9 +180,29 @@ impl fmt::Debug for KeyStore {
     }
 }
 
+/// The keys of a configured keys file, at least one.
 fn read_keys_file(path: &Path) -> anyhow::Result<Vec<ApiKey>> {
+    if path.as_os_str().is_empty() {
+        bail!("`keys_file` is set but empty: name the keys file, or unset it to turn auth off");
+    }
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read keys file {}", path.display()))?;
-    let file: KeysFile = toml::from_str(&text).with_context(|| format!("invalid keys file {}", path.display()))?;
+    let keys = parse_keys_file(&text).with_context(|| format!("invalid keys file {}", path.display()))?;
+    if keys.is_empty() {
+        bail!(
+            "keys file {} holds no keys; refusing to start with auth off (add one with \
+             `llmesh keys new --id NAME --file {}`, or unset `keys_file` to turn auth off)",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(keys)
+}
+
+/// The entries of a keys file's text (`[[keys]]` tables), in order, as the gateway reads them;
+/// each is checked only when a [`KeyStore`] is built from them. `llmesh keys` reads files with it
+/// too, so that it never writes one the gateway would refuse.
+pub fn parse_keys_file(text: &str) -> anyhow::Result<Vec<ApiKey>> {
+    let file: KeysFile = toml::from_str(text)?;
     Ok(file.keys)
 }
 
@@ -185,6 +212,9 @@ fn validate(key: &ApiKey) -> anyhow::Result<Entry> {
     }
     if key.id == Principal::ANONYMOUS {
         bail!("`id` {:?} is reserved for callers when auth is off", Principal::ANONYMOUS);
+    }
+    if key.team.as_deref().is_some_and(|team| team.trim().is_empty()) {
+        bail!("`team` is empty (leave it out for a key in no team)");
     }
     if key.prefix.is_empty() {
         bail!("`prefix` is empty (the key's public first characters, e.g. `lk_1f2e3d4c`)");
@@ -197,6 +227,8 @@ fn validate(key: &ApiKey) -> anyhow::Result<Entry> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     fn store_of(keys: &[(&str, &str)]) -> KeyStore {
@@ -270,6 +302,7 @@ mod tests {
         let cases = [
             (ApiKey { id: String::new(), ..good.clone() }, "`id` is empty"),
             (ApiKey { id: "anonymous".into(), ..good.clone() }, "reserved"),
+            (ApiKey { team: Some(" ".into()), ..good.clone() }, "`team` is empty"),
             (ApiKey { prefix: String::new(), ..good.clone() }, "`prefix` is empty"),
             (ApiKey { sha256: "abc".into(), ..good.clone() }, "`sha256`"),
         ];
@@ -284,7 +317,7 @@ mod tests {
     fn keys_file_entries_are_merged_after_the_inline_ones() {
         let (inline_key, inline) = generate_key("inline");
         let (file_key, from_file) = generate_key("from-file");
-        let path = std::env::temp_dir().join(format!("llmesh-keys-{}-{}.toml", std::process::id(), fastrand::u64(..)));
+        let path = temp_path();
         let text = format!(
             "# mounted secret\n[[keys]]\nid = \"from-file\"\nprefix = \"{}\"\nsha256 = \"{}\"\n\
              requests_per_minute = 5\nmodels = [\"sim-small\"]\n",
@@ -302,17 +335,87 @@ mod tests {
         assert_eq!(&*principal.models, ["sim-small".to_owned()]);
     }
 
-    #[test]
-    fn bad_keys_files_are_errors() {
-        let missing = AuthConfig { keys_file: Some("/nonexistent/keys.toml".into()), keys: vec![] };
-        assert!(format!("{:#}", KeyStore::load(&missing).unwrap_err()).contains("cannot read keys file"));
+    /// The error of loading a keys file of `contents` (None: a path that does not exist), with an
+    /// inline key besides so that the store would not be empty without the file.
+    fn load_error(contents: Option<&[u8]>) -> (String, String) {
+        let path = temp_path();
+        if let Some(contents) = contents {
+            std::fs::write(&path, contents).unwrap();
+        }
+        let (_, inline) = generate_key("inline");
+        let config = AuthConfig { keys_file: Some(path.clone()), keys: vec![inline] };
+        let error = KeyStore::load(&config).err().map(|e| format!("{e:#}"));
+        let _ = std::fs::remove_file(&path);
+        (error.unwrap_or_else(|| panic!("{contents:?} loaded")), path.display().to_string())
+    }
 
-        let path = std::env::temp_dir().join(format!("llmesh-keys-{}-{}.toml", std::process::id(), fastrand::u64(..)));
-        std::fs::write(&path, "[[keys]]\nid = \"x\"\nsecret = \"typo\"\n").unwrap();
-        let result = KeyStore::load(&AuthConfig { keys_file: Some(path.clone()), keys: vec![] });
-        std::fs::remove_file(&path).unwrap();
-        let text = format!("{:#}", result.unwrap_err());
-        assert!(text.contains("invalid keys file") && text.contains("secret"), "{text}");
+    fn temp_path() -> PathBuf {
+        std::env::temp_dir().join(format!("llmesh-keys-{}-{}.toml", std::process::id(), fastrand::u64(..)))
+    }
+
+    #[test]
+    fn a_missing_keys_file_is_an_error_naming_it() {
+        let (error, path) = load_error(None);
+        assert!(error.contains("cannot read keys file") && error.contains(&path), "{error}");
+    }
+
+    #[test]
+    fn an_unreadable_keys_file_is_an_error_naming_it() {
+        // Tests may run as root, who can read any mode: a directory and bytes that are not UTF-8
+        // are unreadable for everyone.
+        let dir = std::env::temp_dir();
+        let config = AuthConfig { keys_file: Some(dir.clone()), keys: vec![] };
+        let error = format!("{:#}", KeyStore::load(&config).unwrap_err());
+        assert!(error.contains("cannot read keys file") && error.contains(&dir.display().to_string()), "{error}");
+
+        let (error, path) = load_error(Some(b"[[keys]]\nid = \"\xff\"\n"));
+        assert!(error.contains("cannot read keys file") && error.contains(&path), "{error}");
+    }
+
+    #[test]
+    fn a_malformed_keys_file_is_an_error_naming_it_and_the_field() {
+        let (error, path) = load_error(Some(b"[[keys]]\nid = \"x\"\nsecret = \"typo\"\n"));
+        assert!(error.contains("invalid keys file") && error.contains(&path) && error.contains("secret"), "{error}");
+        let (error, path) = load_error(Some(b"[[keys]\nid = \"x\"\n"));
+        assert!(error.contains("invalid keys file") && error.contains(&path), "{error}");
+    }
+
+    #[test]
+    fn a_keys_file_without_keys_is_an_error_naming_it() {
+        let empty: [&[u8]; 4] = [b"", b"\n", b"# every key was revoked\n", b"keys = []\n"];
+        for contents in empty {
+            let (error, path) = load_error(Some(contents));
+            assert!(error.contains("holds no keys") && error.contains(&path), "{contents:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn an_empty_keys_file_setting_is_an_error() {
+        // `LLMESH_GATEWAY_AUTH__KEYS_FILE=` set to nothing is a mistake, not a way to turn auth off.
+        let config = AuthConfig { keys_file: Some(PathBuf::new()), keys: vec![] };
+        let error = format!("{:#}", KeyStore::load(&config).unwrap_err());
+        assert!(error.contains("`keys_file` is set but empty"), "{error}");
+    }
+
+    #[test]
+    fn auth_is_off_only_without_any_keys_configured() {
+        let store = KeyStore::load(&AuthConfig::default()).unwrap();
+        assert!(store.is_empty());
+        let (_, inline) = generate_key("inline");
+        let store = KeyStore::load(&AuthConfig { keys_file: None, keys: vec![inline] }).unwrap();
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn a_team_is_read_from_the_keys_file() {
+        let (_, entry) = generate_key("in-a-team");
+        let text = format!(
+            "[[keys]]\nid = \"in-a-team\"\nteam = \"search\"\nprefix = \"{}\"\nsha256 = \"{}\"\n",
+            entry.prefix, entry.sha256
+        );
+        let keys = parse_keys_file(&text).unwrap();
+        assert_eq!(keys[0].team.as_deref(), Some("search"));
+        assert_eq!(KeyStore::from_keys(keys).unwrap().len(), 1);
     }
 
     #[test]

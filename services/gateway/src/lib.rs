@@ -48,7 +48,7 @@ impl Admission {
             tracing::warn!("no API keys configured: auth is off and every caller shares the anonymous limits");
         }
         let limiter = Arc::new(admission::RateLimiter::new(&config.rate_limit)?);
-        Ok(Self { keys, limiter, shed: admission::ShedLayer::new(config.shed.max_concurrency) })
+        Ok(Self { keys, limiter, shed: admission::ShedLayer::new(&config.shed) })
     }
 
     fn layer(&self) -> HttpLayer {
@@ -101,7 +101,10 @@ fn gauges(pool: &Arc<pipeline::balance::Pool>, admission: &Admission) -> Gauges 
     let shed = meter
         .u64_observable_counter("llmesh.shed")
         .with_description("Calls refused by load shedding")
-        .with_callback(move |counter| counter.observe(shed.shed_count(), &[KeyValue::new("reason", "concurrency")]))
+        .with_callback(move |counter| {
+            counter.observe(shed.shed_count(), &[KeyValue::new("reason", "concurrency")]);
+            counter.observe(shed.shed_per_key_count(), &[KeyValue::new("reason", "key_concurrency")]);
+        })
         .build();
     Gauges { _breakers: breakers, _ready: ready, _shed: shed }
 }
@@ -121,6 +124,8 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
 /// Serves on `listener` until `shutdown` resolves. Fails when no generation replica (or the
 /// configured cache) answers within the start-up timeout.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Keys first: a keys file that is configured but broken stops start-up before anything else.
+    let admission = Admission::new(&config)?;
     let startup = Duration::from_millis(config.startup_timeout_ms);
     let pool = pipeline::balance::connect(&config.generation, startup).await?;
     let cache = cache::Cache::connect(&config.cache, startup).await?;
@@ -131,7 +136,6 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     }
     catalog.keep_fresh(generation.clone(), Duration::from_secs(30));
     let jobs = jobs::Jobs::connect(&config.queue).await?;
-    let admission = Admission::new(&config)?;
     let _gauges = gauges(&pool, &admission);
     let tokens = admission::TokenAdmission::new(
         config.limits.clone(),

@@ -361,7 +361,8 @@ mod admission {
             let (free_key, free) = generate_key("free");
             let keys = Arc::new(KeyStore::from_keys([limited, free]).unwrap());
             let limiter = Arc::new(RateLimiter::new(&RateLimitConfig::default()).unwrap());
-            let shed = ShedLayer::new(1);
+            let shed =
+                ShedLayer::new(&llmesh_gateway::admission::ShedConfig { max_concurrency: 1, max_in_flight_per_key: 0 });
 
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let address = listener.local_addr().unwrap();

@@ -56,6 +56,8 @@ pub struct ApiKey {
     pub tokens_per_minute: Option<u32>,
     /// Models this key may use; empty means all.
     pub models: Vec<String>,
+    /// Overrides `shed.max_in_flight_per_key` for this key (0: no bound of its own).
+    pub max_in_flight: Option<u32>,
 }
 
 /// `[gateway.rate_limit]`: per key, across every gateway replica sharing `redis_url`.
@@ -84,11 +86,14 @@ pub struct ShedConfig {
     /// Calls in flight at once (streams count until they end); more are refused at once with
     /// RESOURCE_EXHAUSTED.
     pub max_concurrency: usize,
+    /// Calls in flight at once for one key (a key's `max_in_flight` overrides it; 0: no bound), so
+    /// that one key cannot take the whole of `max_concurrency` from the others.
+    pub max_in_flight_per_key: u32,
 }
 
 impl Default for ShedConfig {
     fn default() -> Self {
-        Self { max_concurrency: 1024 }
+        Self { max_concurrency: 1024, max_in_flight_per_key: 256 }
     }
 }
 

@@ -38,6 +38,8 @@ pub struct Principal {
     pub tokens_per_minute: Option<u32>,
     /// Models this key may use; empty means all.
     pub models: Arc<[String]>,
+    /// This key's own bound on calls in flight, overriding `[gateway.shed]`; `Some(0)` means none.
+    pub max_in_flight: Option<u32>,
 }
 
 impl Principal {
@@ -46,7 +48,13 @@ impl Principal {
 
     /// The caller when no keys are configured: no overrides, every model.
     pub fn anonymous() -> Self {
-        Self { id: Self::ANONYMOUS.into(), requests_per_minute: None, tokens_per_minute: None, models: Arc::new([]) }
+        Self {
+            id: Self::ANONYMOUS.into(),
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            models: Arc::new([]),
+            max_in_flight: None,
+        }
     }
 
     pub fn is_anonymous(&self) -> bool {
@@ -64,6 +72,7 @@ impl Principal {
             requests_per_minute: key.requests_per_minute,
             tokens_per_minute: key.tokens_per_minute,
             models: key.models.iter().cloned().collect(),
+            max_in_flight: key.max_in_flight,
         }
     }
 }

@@ -74,7 +74,13 @@ mod tests {
     }
 
     fn bob() -> Principal {
-        Principal { id: "bob".into(), requests_per_minute: None, tokens_per_minute: None, models: Arc::new([]) }
+        Principal {
+            id: "bob".into(),
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            models: Arc::new([]),
+            max_in_flight: None,
+        }
     }
 
     /// Lets the background settlement run, then says how many tokens the key could take now.

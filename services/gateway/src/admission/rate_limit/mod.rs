@@ -309,7 +309,13 @@ mod tests {
     use super::*;
 
     fn principal(id: &str, requests: Option<u32>, tokens: Option<u32>) -> Principal {
-        Principal { id: id.into(), requests_per_minute: requests, tokens_per_minute: tokens, models: Arc::new([]) }
+        Principal {
+            id: id.into(),
+            requests_per_minute: requests,
+            tokens_per_minute: tokens,
+            models: Arc::new([]),
+            max_in_flight: None,
+        }
     }
 
     fn limiter(requests: u32, tokens: u32) -> RateLimiter {

@@ -9,17 +9,30 @@ use http_body::{Frame, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Status, codegen::Bytes};
 
-/// The inner body, plus the permit of its call: released when the body has yielded its last
+/// The slots a call holds: the gateway's and its key's.
+#[derive(Debug)]
+pub struct Slots {
+    _global: Option<OwnedSemaphorePermit>,
+    _key: Option<OwnedSemaphorePermit>,
+}
+
+impl Slots {
+    pub fn new(global: Option<OwnedSemaphorePermit>, key: Option<OwnedSemaphorePermit>) -> Self {
+        Self { _global: global, _key: key }
+    }
+}
+
+/// The inner body, plus the slots of its call: released when the body has yielded its last
 /// frame (trailers included), failed, or was dropped (the client went away).
 #[derive(Debug)]
 pub struct PermitBody {
     inner: tonic::body::Body,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Slots>,
 }
 
 impl PermitBody {
-    pub fn new(inner: tonic::body::Body, permit: Option<OwnedSemaphorePermit>) -> Self {
-        Self { inner, permit }
+    pub fn new(inner: tonic::body::Body, slots: Slots) -> Self {
+        Self { inner, permit: Some(slots) }
     }
 }
 

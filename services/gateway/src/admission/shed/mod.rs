@@ -1,15 +1,21 @@
-//! Load shedding: at most `max_concurrency` calls in flight; the next is refused at once with
-//! RESOURCE_EXHAUSTED rather than queued, so an overloaded gateway answers fast and clients (or
-//! their balancers) go elsewhere. A call counts from the moment it arrives until its response
-//! body ends, so a stream holds its place for as long as it streams.
+//! Load shedding: at most `max_concurrency` calls in flight, and at most `max_in_flight_per_key`
+//! (or the key's own `max_in_flight`) of them for any one key; the next is refused at once with
+//! RESOURCE_EXHAUSTED and a retry hint rather than queued, so an overloaded gateway answers fast,
+//! clients (or their balancers) go elsewhere, and one key cannot take every slot from the others.
+//! A call counts from the moment it arrives until its response body ends, so a stream (a
+//! `WatchJob` too) holds its place for as long as it streams.
+//!
+//! The per-key slots are kept per key id, which comes from the configured keys (the auth layer
+//! runs first): the map holds at most one entry per configured key, never a name a client made up.
 
 mod body;
 
 use std::{
+    collections::HashMap,
     future::Future,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll, ready},
@@ -17,12 +23,18 @@ use std::{
 
 use http::{Request, Response};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::Status;
+use tonic::{Status, metadata::MetadataValue};
 use tower::{Layer, Service};
 
-pub use body::PermitBody;
+pub use body::{PermitBody, Slots};
 
-use crate::admission::is_exempt;
+use crate::admission::{Principal, ShedConfig, is_exempt};
+
+/// One key's bound on calls in flight, and its slots.
+type KeySlots = (u32, Arc<Semaphore>);
+
+/// What a refused call is told to wait before trying again.
+const RETRY_HINT_MS: u64 = 250;
 
 /// Refuses calls beyond `max_concurrency` in flight (0: no bound). Clones share the count, so
 /// keep a clone to read [`ShedLayer::shed_count`] and [`ShedLayer::in_flight`]. Health and
@@ -37,19 +49,37 @@ struct Shared {
     /// `None`: no bound.
     permits: Option<Arc<Semaphore>>,
     max_concurrency: usize,
+    /// Per key id: its bound and its slots.
+    per_key: Mutex<HashMap<Arc<str>, KeySlots>>,
+    max_in_flight_per_key: u32,
     shed: AtomicU64,
+    shed_per_key: AtomicU64,
 }
 
 impl ShedLayer {
-    pub fn new(max_concurrency: usize) -> Self {
-        let max_concurrency = max_concurrency.min(Semaphore::MAX_PERMITS);
+    pub fn new(config: &ShedConfig) -> Self {
+        let max_concurrency = config.max_concurrency.min(Semaphore::MAX_PERMITS);
         let permits = (max_concurrency > 0).then(|| Arc::new(Semaphore::new(max_concurrency)));
-        Self { shared: Arc::new(Shared { permits, max_concurrency, shed: AtomicU64::new(0) }) }
+        Self {
+            shared: Arc::new(Shared {
+                permits,
+                max_concurrency,
+                per_key: Mutex::default(),
+                max_in_flight_per_key: config.max_in_flight_per_key,
+                shed: AtomicU64::new(0),
+                shed_per_key: AtomicU64::new(0),
+            }),
+        }
     }
 
-    /// Calls refused so far.
+    /// Calls refused so far because the gateway was full.
     pub fn shed_count(&self) -> u64 {
         self.shared.shed.load(Ordering::Relaxed)
+    }
+
+    /// Calls refused so far because their key had its bound of calls in flight.
+    pub fn shed_per_key_count(&self) -> u64 {
+        self.shared.shed_per_key.load(Ordering::Relaxed)
     }
 
     /// Calls in flight now (counted ones: health and reflection are not).
@@ -89,23 +119,69 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let permit = match &self.shared.permits {
-            Some(permits) if !is_exempt(request.uri().path()) => match permits.clone().try_acquire_owned() {
+        if is_exempt(request.uri().path()) {
+            return ShedFuture { state: State::Called { inner: Box::pin(self.inner.call(request)), slots: None } };
+        }
+        // The key's slot first: a key at its bound must not take a global slot from the others.
+        let key = match self.shared.key_slot(request.extensions().get::<Principal>()) {
+            Ok(key) => key,
+            Err(status) => return ShedFuture { state: State::Refused(Some(status)) },
+        };
+        let global = match &self.shared.permits {
+            Some(permits) => match permits.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
                     self.shared.shed.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(max_concurrency = self.shared.max_concurrency, "call shed");
-                    let status = Status::resource_exhausted(format!(
-                        "overloaded: {} calls in flight",
-                        self.shared.max_concurrency
-                    ));
-                    return ShedFuture { state: State::Refused(Some(status)) };
+                    let message = format!("overloaded: {} calls in flight", self.shared.max_concurrency);
+                    return ShedFuture { state: State::Refused(Some(refusal(message))) };
                 }
             },
-            _ => None,
+            None => None,
         };
-        ShedFuture { state: State::Called { inner: Box::pin(self.inner.call(request)), permit } }
+        let slots = Some(Slots::new(global, key));
+        ShedFuture { state: State::Called { inner: Box::pin(self.inner.call(request)), slots } }
     }
+}
+
+impl Shared {
+    /// A slot of the caller's key (anonymous when the auth layer put no principal), or the refusal.
+    fn key_slot(&self, principal: Option<&Principal>) -> Result<Option<OwnedSemaphorePermit>, Status> {
+        let (id, own) = match principal {
+            Some(principal) => (principal.id.clone(), principal.max_in_flight),
+            None => (Principal::ANONYMOUS.into(), None),
+        };
+        let bound = own.unwrap_or(self.max_in_flight_per_key).min(Semaphore::MAX_PERMITS as u32);
+        if bound == 0 {
+            return Ok(None);
+        }
+        let slots = {
+            let Ok(mut per_key) = self.per_key.lock() else { return Ok(None) };
+            let entry = per_key.entry(id.clone()).or_insert_with(|| (bound, Arc::new(Semaphore::new(bound as usize))));
+            if entry.0 != bound {
+                // The key's bound changed: calls in flight keep their old slots.
+                *entry = (bound, Arc::new(Semaphore::new(bound as usize)));
+            }
+            entry.1.clone()
+        };
+        match slots.try_acquire_owned() {
+            Ok(permit) => Ok(Some(permit)),
+            Err(_) => {
+                self.shed_per_key.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(key = %id, bound, "call shed: the key has its bound of calls in flight");
+                Err(refusal(format!("overloaded: API key {id} has {bound} calls in flight, its limit")))
+            }
+        }
+    }
+}
+
+/// RESOURCE_EXHAUSTED with a hint of when to try again.
+fn refusal(message: String) -> Status {
+    let mut status = Status::resource_exhausted(message);
+    for key in ["retry-after-ms", "grpc-retry-pushback-ms"] {
+        status.metadata_mut().insert(key, MetadataValue::from(RETRY_HINT_MS));
+    }
+    status
 }
 
 /// The response of a call that got a permit (its body then holds the permit), or the refusal.
@@ -114,7 +190,7 @@ pub struct ShedFuture<F> {
 }
 
 enum State<F> {
-    Called { inner: Pin<Box<F>>, permit: Option<OwnedSemaphorePermit> },
+    Called { inner: Pin<Box<F>>, slots: Option<Slots> },
     Refused(Option<Status>),
 }
 
@@ -136,10 +212,10 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.state {
-            State::Called { inner, permit } => {
+            State::Called { inner, slots } => {
                 let response = ready!(inner.as_mut().poll(cx))?;
-                Poll::Ready(Ok(match permit.take() {
-                    Some(permit) => response.map(|body| tonic::body::Body::new(PermitBody::new(body, Some(permit)))),
+                Poll::Ready(Ok(match slots.take() {
+                    Some(slots) => response.map(|body| tonic::body::Body::new(PermitBody::new(body, slots))),
                     None => response,
                 }))
             }
@@ -188,6 +264,53 @@ mod tests {
 
     const GENERATE: &str = "/llmesh.gateway.v1.Gateway/GenerateStream";
 
+    fn config(max_concurrency: usize, max_in_flight_per_key: u32) -> ShedConfig {
+        ShedConfig { max_concurrency, max_in_flight_per_key }
+    }
+
+    fn request_by(key: &str, own: Option<u32>) -> Request<()> {
+        let mut request = request(GENERATE);
+        let principal = Principal { id: key.into(), max_in_flight: own, ..Principal::anonymous() };
+        request.extensions_mut().insert(principal);
+        request
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_key_at_its_bound_leaves_room_for_the_others() {
+        let layer = ShedLayer::new(&config(10, 2));
+        let (release_tx, mut release_rx) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            let (tx, rx) = oneshot::channel();
+            let _ = release_tx.send(tx);
+            async move {
+                let _ = rx.await;
+                Ok::<_, Infallible>(Response::new(tonic::body::Body::empty()))
+            }
+        }));
+        let greedy: Vec<_> =
+            (0..2).map(|_| tokio::spawn(service.clone().oneshot(request_by("greedy", None)))).collect();
+        let mut releases = vec![release_rx.recv().await.unwrap(), release_rx.recv().await.unwrap()];
+        let refused = service.clone().oneshot(request_by("greedy", None)).await.unwrap();
+        assert_eq!(code(&refused), Some(Code::ResourceExhausted));
+        assert_eq!(refused.headers()["grpc-retry-pushback-ms"], "250", "a retry hint");
+        assert_eq!(layer.shed_per_key_count(), 1);
+        assert_eq!(layer.in_flight(), 2, "the refused call took no global slot");
+        // Another key, and a key with a larger bound of its own, still get in.
+        let polite = tokio::spawn(service.clone().oneshot(request_by("polite", None)));
+        releases.push(release_rx.recv().await.unwrap());
+        let vip: Vec<_> = (0..3).map(|_| tokio::spawn(service.clone().oneshot(request_by("vip", Some(3))))).collect();
+        for _ in 0..3 {
+            releases.push(release_rx.recv().await.unwrap());
+        }
+        for release in releases {
+            release.send(()).unwrap();
+        }
+        for response in join_all(greedy.into_iter().chain([polite]).chain(vip)).await {
+            assert_eq!(code(&response.unwrap().unwrap()), None);
+        }
+        assert_eq!(layer.in_flight(), 0);
+    }
+
     /// Reads the body to its end.
     async fn drain(mut body: tonic::body::Body) -> usize {
         let mut frames = 0;
@@ -200,7 +323,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_call_after_the_limit_is_refused_at_once() {
-        let layer = ShedLayer::new(3);
+        let layer = ShedLayer::new(&config(3, 0));
         // Each call waits for its release before answering.
         let (release_tx, mut release_rx) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
         let service = layer.layer(service_fn(move |_: Request<()>| {
@@ -247,7 +370,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_stream_holds_its_permit_until_its_body_ends() {
-        let layer = ShedLayer::new(1);
+        let layer = ShedLayer::new(&config(1, 0));
         let (chunks_tx, chunks_rx) = mpsc::channel(4);
         let body = Arc::new(std::sync::Mutex::new(Some(ChannelBody(chunks_rx))));
         let service = layer.layer(service_fn(move |_: Request<()>| {
@@ -275,7 +398,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_dropped_body_releases_its_permit() {
-        let layer = ShedLayer::new(1);
+        let layer = ShedLayer::new(&config(1, 0));
         let (_chunks_tx, chunks_rx) = mpsc::channel::<&'static str>(1);
         let body = Arc::new(std::sync::Mutex::new(Some(ChannelBody(chunks_rx))));
         let service = layer.layer(service_fn(move |_: Request<()>| {
@@ -290,7 +413,7 @@ mod tests {
 
     #[tokio::test]
     async fn zero_means_no_bound() {
-        let layer = ShedLayer::new(0);
+        let layer = ShedLayer::new(&config(0, 0));
         let service = layer.layer(service_fn(|_: Request<()>| async {
             Ok::<_, Infallible>(Response::new(tonic::body::Body::empty()))
         }));

@@ -8,6 +8,7 @@ mod cache;
 mod chaos;
 mod discovery;
 mod fakellm;
+mod isolation;
 mod generation_hardening;
 mod jobs;
 mod keys_cli;

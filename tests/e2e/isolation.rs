@@ -1,0 +1,212 @@
+//! One tenant cannot starve or blind another, through the real gateway: failures are charged to
+//! the model whose upstream failed (not to the replica, not to other models), a client's own
+//! deadline counts against nothing, the fallback's secondary model obeys the key and is charged,
+//! and one key holding its bound of streams leaves room for the others.
+
+use std::time::Duration;
+
+use llmesh_e2e::{Mesh, MeshOptions, Redis, eventually, free_port};
+use llmesh_proto::{
+    common::v1::{CachePolicy, FinishReason},
+    gateway::v1::{GenerateRequest, SubmitJobRequest, WatchJobRequest, gateway_client::GatewayClient},
+    health::v1::{ServingStatus, StatusRequest, mesh_health_client::MeshHealthClient},
+};
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_check_response, health_client::HealthClient};
+
+use crate::{prompt, stream_prompt};
+
+/// A request that always reaches generation (no cache).
+fn fresh(model: &str, text: &str) -> GenerateRequest {
+    GenerateRequest { model: model.into(), cache: CachePolicy::Bypass.into(), ..prompt(text) }
+}
+
+fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("x-api-key", key.parse().unwrap());
+    request
+}
+
+/// A key for `id` and its entry as an inline TOML table, with `extra` fields.
+fn key(id: &str, extra: &str) -> (String, String) {
+    let (key, entry) = llmesh_gateway::admission::generate_key(id);
+    let table = format!(r#"{{id="{}",prefix="{}",sha256="{}"{extra}}}"#, entry.id, entry.prefix, entry.sha256);
+    (key, table)
+}
+
+/// Whether every `sim` call now comes back undegraded.
+async fn sim_is_served(gateway: &mut GatewayClient<Channel>, round: usize) -> bool {
+    for i in 0..5 {
+        let answer = gateway.generate(fresh("sim", &format!("other model {round} {i}"))).await.unwrap().into_inner();
+        if answer.degraded.is_some() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Checks the gateway's own view (every replica's breaker closed, `dead`'s open) and the health
+/// service's `grpc.health.v1` answer for the whole mesh (SERVING).
+async fn replicas_serve_and_model_is_open(mesh: &Mesh, dead: &str) {
+    let mut view = MeshHealthClient::new(mesh.gateway.channel().await);
+    let status = view.status(StatusRequest {}).await.unwrap().into_inner();
+    let replicas: Vec<_> = status.components.iter().filter(|c| c.name == "generation-breaker").collect();
+    assert_eq!(replicas.len(), 2, "{status:?}");
+    assert!(replicas.iter().all(|c| c.status() == ServingStatus::Serving), "a replica was blamed: {status:?}");
+    assert_ne!(status.status(), ServingStatus::NotServing, "{status:?}");
+    let models: Vec<_> = status.components.iter().filter(|c| c.name == "generation-model-breaker").collect();
+    assert!(
+        models.iter().any(|c| c.detail == format!("model {dead}: circuit breaker open")),
+        "MeshHealth shows the model's breaker: {status:?}"
+    );
+    let mut health = HealthClient::new(mesh.health.channel().await);
+    let serving = eventually(Duration::from_secs(5), || {
+        let mut health = health.clone();
+        async move {
+            let answer = health.check(HealthCheckRequest { service: String::new() }).await.ok()?.into_inner();
+            (answer.status() == health_check_response::ServingStatus::Serving).then_some(())
+        }
+    })
+    .await;
+    assert!(serving.is_some(), "the health service does not say the mesh is SERVING");
+    let _ = health.check(HealthCheckRequest { service: String::new() }).await;
+}
+
+#[tokio::test]
+async fn a_dead_upstream_for_one_model_degrades_that_model_only() {
+    // `dead` is an OpenAI-compatible model whose endpoint refuses connections; `sim-error` is the
+    // fault model that always fails upstream. Two replicas, so the calls spread and retry.
+    let refused = format!("http://127.0.0.1:{}/v1", free_port());
+    let dead_model = vec![
+        ("LLMESH_GENERATION_MODELS__DEAD__PROVIDER", "openai".to_string()),
+        ("LLMESH_GENERATION_MODELS__DEAD__BASE_URL", refused),
+        ("LLMESH_GENERATION_MODELS__DEAD__UPSTREAM_MODEL", "gpt-4o-mini".to_string()),
+    ];
+    let options = MeshOptions { env: dead_model.clone(), replicas: vec![dead_model], ..Default::default() };
+    let mesh = Mesh::start_with(options).await;
+    let mut gateway = mesh.gateway().await;
+
+    for dead in ["sim-error", "dead"] {
+        let mut reasons = Vec::new();
+        for i in 0..30 {
+            let answer = gateway.generate(fresh(dead, &format!("doomed {i}"))).await.unwrap().into_inner();
+            assert_eq!(answer.finish_reason, i32::from(FinishReason::Fallback), "{answer:?}");
+            reasons.push(answer.degraded.unwrap().reason);
+        }
+        assert!(reasons.iter().any(|r| r == "circuit_open"), "the model's breakers never opened: {reasons:?}");
+        assert!(sim_is_served(&mut gateway, 0).await, "a dead upstream for {dead} degraded sim");
+        replicas_serve_and_model_is_open(&mesh, dead).await;
+    }
+    // Streams of the other model too.
+    let chunks = crate::chunks(&mut gateway, stream_prompt("a stream of another model")).await;
+    assert!(chunks.iter().all(|c| c.degraded.is_none()), "{chunks:?}");
+}
+
+/// The gateway's DEADLINE_EXCEEDED, or the client's own timer when it fires first (the gateway
+/// answers 5 ms before the client's deadline; a loaded machine can take longer than that).
+fn gave_up(status: &tonic::Status) -> bool {
+    status.code() == Code::DeadlineExceeded || (status.code() == Code::Cancelled && status.message() == "Timeout expired")
+}
+
+#[tokio::test]
+async fn a_clients_own_deadline_counts_against_nothing() {
+    let mesh = Mesh::start().await;
+    let mut gateway = mesh.gateway().await;
+    // sim-slow takes 2 s to its first token; each client gives up after 100 ms, on streams and
+    // unary calls alike. None of that is the replica's fault, nor the model's.
+    for i in 0..8 {
+        let mut stream = tonic::Request::new(llmesh_proto::gateway::v1::GenerateStreamRequest {
+            model: "sim-slow".into(),
+            cache: CachePolicy::Bypass.into(),
+            ..stream_prompt(&format!("impatient stream {i}"))
+        });
+        stream.set_timeout(Duration::from_millis(100));
+        let status = gateway.generate_stream(stream).await.map(drop).unwrap_err();
+        assert!(gave_up(&status), "{status:?}");
+        let mut unary = tonic::Request::new(fresh("sim-slow", &format!("impatient call {i}")));
+        unary.set_timeout(Duration::from_millis(100));
+        let status = gateway.generate(unary).await.unwrap_err();
+        assert!(gave_up(&status), "{status:?}");
+    }
+    assert!(sim_is_served(&mut gateway, 0).await, "a client's deadline opened the replica's breaker");
+    let patient = gateway.generate(fresh("sim-slow", "a patient caller")).await.unwrap().into_inner();
+    assert!(patient.degraded.is_none(), "a client's deadline opened sim-slow's breaker: {patient:?}");
+    let mut view = MeshHealthClient::new(mesh.gateway.channel().await);
+    let status = view.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.status(), ServingStatus::Serving, "{status:?}");
+}
+
+#[tokio::test]
+async fn the_secondary_model_obeys_the_key_and_is_charged() {
+    let (narrow, narrow_entry) = key("narrow", r#",models=["sim-error"]"#);
+    let (wide, wide_entry) = key("wide", r#",models=["sim-error","sim"]"#);
+    let options = MeshOptions {
+        env: vec![
+            ("LLMESH_GATEWAY_AUTH__KEYS", format!("[{narrow_entry},{wide_entry}]")),
+            ("LLMESH_GATEWAY_FALLBACK__SECONDARY_MODEL", "sim".into()),
+            ("LLMESH_GATEWAY_RATE_LIMIT__TOKENS_PER_MINUTE", "1000".into()),
+            ("LLMESH_GATEWAY_GENERATION__RETRY__MAX_ATTEMPTS", "1".into()),
+        ],
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with(options).await;
+    let mut gateway = mesh.gateway().await;
+
+    // A key that may not use the secondary model gets the message, never the model's answer.
+    let answer = gateway.generate(with_key(fresh("sim-error", "refused"), &narrow)).await.unwrap().into_inner();
+    let degraded = answer.degraded.unwrap();
+    assert_eq!((degraded.reason.as_str(), degraded.source.as_str()), ("error", "message"));
+
+    // A key that may use it gets its answer, and pays for it.
+    let response = gateway.generate(with_key(fresh("sim-error", "allowed"), &wide)).await.unwrap();
+    let remaining: u64 = response.metadata().get("x-ratelimit-remaining-tokens").unwrap().to_str().unwrap().parse().unwrap();
+    let answer = response.into_inner();
+    assert_eq!(answer.degraded.as_ref().unwrap().source, "secondary_model", "{answer:?}");
+    assert_eq!(answer.model, "sim");
+    let used = u64::from(answer.usage.unwrap().total_tokens);
+    assert!(used > 0);
+    // Tokens flow back at about 17 a second: allow a couple for the time the call took.
+    assert!(remaining <= 1000 - used + 2, "charged {} of {used} tokens (remaining {remaining})", 1000 - remaining);
+}
+
+#[tokio::test]
+async fn one_key_holding_its_bound_of_streams_leaves_room_for_another() {
+    let redis = Redis::start().await.unwrap();
+    let (greedy, greedy_entry) = key("greedy", "");
+    let (polite, polite_entry) = key("polite", "");
+    let options = MeshOptions {
+        env: vec![
+            ("LLMESH_GATEWAY_AUTH__KEYS", format!("[{greedy_entry},{polite_entry}]")),
+            ("LLMESH_GATEWAY_SHED__MAX_CONCURRENCY", "4".into()),
+            ("LLMESH_GATEWAY_SHED__MAX_IN_FLIGHT_PER_KEY", "2".into()),
+            ("LLMESH_GATEWAY_QUEUE__REDIS_URL", redis.url()),
+            ("LLMESH_GENERATION_QUEUE__REDIS_URL", redis.url()),
+        ],
+        redis_url: None,
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with(options).await;
+    let mut gateway = mesh.gateway().await;
+    // A slow job to watch: sim-slow takes 2 s to its first token and then streams for seconds.
+    let job = SubmitJobRequest { model: "sim-slow".into(), prompt: "take your time".into(), ..Default::default() };
+    let job = gateway.submit_job(with_key(job, &greedy)).await.unwrap().into_inner().job.unwrap();
+
+    // The greedy key opens as many watches as the whole gateway has room for.
+    let mut watches = Vec::new();
+    let mut refused = 0;
+    for _ in 0..4 {
+        match gateway.watch_job(with_key(WatchJobRequest { job_id: job.id.clone() }, &greedy)).await {
+            Ok(stream) => watches.push(stream.into_inner()),
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.metadata().get("grpc-retry-pushback-ms").is_some(), "a retry hint: {status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((watches.len(), refused), (2, 2), "the greedy key got more than its bound");
+    // Another key is still served.
+    let answer = gateway.generate(with_key(fresh("sim", "my turn"), &polite)).await.unwrap().into_inner();
+    assert!(answer.degraded.is_none());
+    drop(watches);
+}

@@ -8,6 +8,7 @@ mod cache;
 mod chaos;
 mod discovery;
 mod fakellm;
+mod input_limits;
 mod jobs;
 mod lifecycle;
 mod mesh;

@@ -143,16 +143,18 @@ pub fn contract_methods(service: &str) -> Vec<String> {
         .collect()
 }
 
-/// What the tracing layer is told: [`EXEMPT_SERVICES`], and the contract's methods of `served`.
-fn routes(served: &[&str]) -> llmesh_telemetry::Routes {
+/// What the tracing layer is told: [`EXEMPT_SERVICES`], the contract's methods of `served`, and
+/// the `extra` paths as they are.
+fn routes(served: &[&str], extra: &[(&str, &[&str])]) -> llmesh_telemetry::Routes {
     let exempt = EXEMPT_SERVICES.iter().fold(llmesh_telemetry::Routes::new(), |r, s| r.exempt_service(s));
-    served.iter().fold(exempt, |routes, service| {
+    let contract = served.iter().fold(exempt, |routes, service| {
         let methods = contract_methods(service);
         if methods.is_empty() {
             tracing::warn!(service, "not in the contract's descriptor set; its calls are recorded as unknown");
         }
         routes.serve(service, methods)
-    })
+    });
+    extra.iter().fold(contract, |routes, (service, methods)| routes.serve(service, methods.iter()))
 }
 
 /// The router every llmesh server builds on: one [`HttpLayer`] around every service.
@@ -163,6 +165,8 @@ pub struct Base {
     pub router: MeshRouter,
     pub health: HealthReporter,
     services: Vec<&'static str>,
+    /// Paths served outside the contract ([`Base::also_serves`]).
+    extra: Vec<(&'static str, &'static [&'static str])>,
     /// What the tracing layer knows, set once the services are known (in [`Base::serve`], before
     /// the layer is applied).
     routes: Arc<OnceLock<Arc<llmesh_telemetry::Routes>>>,
@@ -211,7 +215,7 @@ impl Base {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        Ok(Self { router, health, services: Vec::new(), routes, admin: None })
+        Ok(Self { router, health, services: Vec::new(), extra: Vec::new(), routes, admin: None })
     }
 
     /// Starts the admin HTTP listener (`/metrics`, `/healthz`, `/debug/pprof/profile`) when
@@ -235,6 +239,13 @@ impl Base {
         self.services.push(S::NAME);
     }
 
+    /// Paths the server serves outside the contract, such as HTTP routes: `/{prefix}/{path}` for
+    /// each of `paths` (`also_serves("v1", &["chat/completions"])` for `/v1/chat/completions`) is
+    /// named in spans and metrics like a method of a service marked [`Base::serving`].
+    pub fn also_serves(&mut self, prefix: &'static str, paths: &'static [&'static str]) {
+        self.extra.push((prefix, paths));
+    }
+
     /// Adds the service's own gRPC services: `base.route(|r| r.add_service(MyServer::new(svc)))`.
     pub fn route(self, add: impl FnOnce(MeshRouter) -> MeshRouter) -> Self {
         Self { router: add(self.router), ..self }
@@ -249,9 +260,9 @@ impl Base {
         shutdown: impl Future<Output = ()>,
         timing: ShutdownTiming,
     ) -> anyhow::Result<()> {
-        let Self { router, health, services, routes: known, admin } = self;
+        let Self { router, health, services, extra, routes: known, admin } = self;
         // Set only here, so it can be set only once.
-        let _ = known.set(Arc::new(routes(&services)));
+        let _ = known.set(Arc::new(routes(&services, &extra)));
         let _admin = admin.map(AbortOnDrop);
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -330,8 +341,10 @@ mod tests {
         assert!(contract_methods("x.Y").is_empty());
         assert!(contract_methods("llmesh.gateway.v1").is_empty());
 
-        let routes = routes(&["llmesh.gateway.v1.Gateway"]);
+        let routes = routes(&["llmesh.gateway.v1.Gateway"], &[("v1", &["chat/completions"])]);
         assert!(routes.is_served("/llmesh.gateway.v1.Gateway/Generate"));
+        assert!(routes.is_served("/v1/chat/completions"));
+        assert!(!routes.is_served("/v1/models"));
         assert!(!routes.is_served("/llmesh.gateway.v1.Gateway/NoSuch"));
         assert!(!routes.is_served("/llmesh.cache.v1.Cache/Lookup"));
         assert!(routes.is_exempt("/grpc.health.v1.Health/Check"));

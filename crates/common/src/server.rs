@@ -8,7 +8,7 @@
 //! [`CONTROL_MESSAGE_BYTES`], each service's own server sets its `max_decoding_message_size`
 //! (generate requests: `Limits::max_request_bytes`), and a message over a bound is answered
 //! INVALID_ARGUMENT `request: N bytes exceed the limit of M bytes` before it is decoded (tonic says
-//! OUT_OF_RANGE with its own words; see [`oversize`]).
+//! OUT_OF_RANGE with its own words; see the `oversize` module).
 //!
 //! Shutdown order: health flips to NOT_SERVING first (so balancers and probes stop sending), the
 //! listener closes, in-flight calls drain, and whatever is still open after the grace period is cut.

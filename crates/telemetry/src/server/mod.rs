@@ -30,7 +30,6 @@ mod body;
 mod future;
 mod routes;
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -140,9 +139,10 @@ where
         // Names come only from the served methods: anything else is one `unknown`.
         let (service, method, name) = if self.routes.is_served(path) {
             let (service, method) = split_path(path);
-            (service, method, Cow::Owned(format!("{service}/{method}")))
+            // `/{service}/{method}` without its slash is the span's name, `{service}/{method}`.
+            (service, method, path.strip_prefix('/').unwrap_or(path))
         } else {
-            (UNKNOWN_ENDPOINT, UNKNOWN_ENDPOINT, Cow::Borrowed(UNKNOWN_SPAN_NAME))
+            (UNKNOWN_ENDPOINT, UNKNOWN_ENDPOINT, UNKNOWN_SPAN_NAME)
         };
         let parent = extract_headers(request.headers());
         let span = tracing::info_span!(

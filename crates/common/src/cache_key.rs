@@ -42,6 +42,11 @@ pub fn of(request: &GenerateRequest) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Whether `key` has the form [`of`] gives: 64 lowercase hex digits.
+pub fn is_key(key: &str) -> bool {
+    key.len() == 64 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// Length-prefixed encoding: no two different field sequences produce the same bytes.
 struct Canonical(Sha256);
 
@@ -128,6 +133,15 @@ mod tests {
             ..base()
         };
         assert_eq!(of(&varied), of(&base()));
+    }
+
+    #[test]
+    fn keys_have_one_form() {
+        assert!(is_key(&of(&base())));
+        assert!(!is_key(&of(&base()).to_uppercase()));
+        assert!(!is_key(&of(&base())[1..]));
+        assert!(!is_key(&format!("{}0", of(&base()))));
+        assert!(!is_key(""));
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub struct AdminConfig {
 /// Command-line arguments every service binary accepts.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServiceArgs {
-    /// TOML file with a section per service ([gateway], [generation], [cache], [health]).
+    /// TOML file with a section per service (`[gateway]`, `[generation]`, `[cache]`, `[health]`).
     #[arg(long, env = "LLMESH_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on; port 0 picks a free port (the chosen address is logged).

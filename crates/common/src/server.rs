@@ -1,10 +1,27 @@
 //! The gRPC server every service runs: its own services plus `grpc.health.v1` and server
 //! reflection, on a listener that may have been bound to port 0, with graceful shutdown.
 //!
+//! Every call goes through the tracing layer first, which this runner tells what the process
+//! serves (the methods of each service marked with [`Base::serving`], from the contract's
+//! descriptor set: any other path is recorded as `unknown`) and what it exempts
+//! ([`EXEMPT_SERVICES`]). Messages are bounded: health and reflection take at most
+//! [`CONTROL_MESSAGE_BYTES`], each service's own server sets its `max_decoding_message_size`
+//! (generate requests: `Limits::max_request_bytes`), and a message over a bound is answered
+//! INVALID_ARGUMENT `request: N bytes exceed the limit of M bytes` before it is decoded (tonic says
+//! OUT_OF_RANGE with its own words; see the `oversize` module).
+//!
 //! Shutdown order: health flips to NOT_SERVING first (so balancers and probes stop sending), the
 //! listener closes, in-flight calls drain, and whatever is still open after the grace period is cut.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
+mod oversize;
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -87,6 +104,59 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
+/// Services whose calls get no span and no metrics, and that the gateway's admission lets through
+/// untouched: health probes, the mesh's health and reflection (grpcurl's discovery) must work
+/// without a key and even when the gateway is saturated.
+pub const EXEMPT_SERVICES: &[&str] = &[
+    tonic_health::pb::health_server::SERVICE_NAME,
+    llmesh_proto::health::v1::mesh_health_server::SERVICE_NAME,
+    tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
+    tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
+];
+
+/// Whether `path` (`/pkg.Service/Method`) is a call to one of the [`EXEMPT_SERVICES`].
+pub fn is_exempt(path: &str) -> bool {
+    let service = path.strip_prefix('/').and_then(|p| p.split_once('/')).map(|(service, _)| service);
+    service.is_some_and(|service| EXEMPT_SERVICES.contains(&service))
+}
+
+/// The largest request health checks, reflection and `llmesh.health.v1.MeshHealth` take: their
+/// requests carry a service or symbol name at most, never user content.
+pub const CONTROL_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// The methods of `service` (`llmesh.gateway.v1.Gateway`) in the contract's descriptor set; none
+/// for a service it does not define.
+pub fn contract_methods(service: &str) -> Vec<String> {
+    use prost::Message as _;
+    let Ok(set) = prost_types::FileDescriptorSet::decode(llmesh_proto::FILE_DESCRIPTOR_SET) else {
+        return Vec::new();
+    };
+    let named = |package: &str, name: &str| match service.strip_suffix(name) {
+        Some(prefix) if package.is_empty() => prefix.is_empty(),
+        Some(prefix) => prefix.strip_suffix('.') == Some(package),
+        None => false,
+    };
+    set.file
+        .iter()
+        .flat_map(|file| file.service.iter().filter(|s| named(file.package(), s.name())))
+        .flat_map(|s| s.method.iter().map(|m| m.name().to_string()))
+        .collect()
+}
+
+/// What the tracing layer is told: [`EXEMPT_SERVICES`], the contract's methods of `served`, and
+/// the `extra` paths as they are.
+fn routes(served: &[&str], extra: &[(&str, &[&str])]) -> llmesh_telemetry::Routes {
+    let exempt = EXEMPT_SERVICES.iter().fold(llmesh_telemetry::Routes::new(), |r, s| r.exempt_service(s));
+    let contract = served.iter().fold(exempt, |routes, service| {
+        let methods = contract_methods(service);
+        if methods.is_empty() {
+            tracing::warn!(service, "not in the contract's descriptor set; its calls are recorded as unknown");
+        }
+        routes.serve(service, methods)
+    });
+    extra.iter().fold(contract, |routes, (service, methods)| routes.serve(service, methods.iter()))
+}
+
 /// The router every llmesh server builds on: one [`HttpLayer`] around every service.
 pub type MeshRouter = Router<tower::layer::util::Stack<HttpLayer, tower::layer::util::Identity>>;
 
@@ -95,6 +165,11 @@ pub struct Base {
     pub router: MeshRouter,
     pub health: HealthReporter,
     services: Vec<&'static str>,
+    /// Paths served outside the contract ([`Base::also_serves`]).
+    extra: Vec<(&'static str, &'static [&'static str])>,
+    /// What the tracing layer knows, set once the services are known (in [`Base::serve`], before
+    /// the layer is applied).
+    routes: Arc<OnceLock<Arc<llmesh_telemetry::Routes>>>,
     admin: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -107,20 +182,32 @@ impl Base {
     /// is always outermost: it continues the caller's trace and records the seed's metrics.
     pub fn with_layer(layer: HttpLayer) -> anyhow::Result<Self> {
         let trace = llmesh_telemetry::GrpcTraceLayer::new();
-        let traced = HttpLayer::new(move |inner| BoxCloneSyncService::new(trace.layer(inner)));
-        let layer = traced.around(layer);
+        let routes: Arc<OnceLock<Arc<llmesh_telemetry::Routes>>> = Arc::default();
+        let known = routes.clone();
+        let traced = HttpLayer::new(move |inner| {
+            // Applied when the server starts, after `serve` has set the routes; were it not, every
+            // call would be recorded as unknown, which is still bounded.
+            let routes = known.get().cloned().unwrap_or_default();
+            BoxCloneSyncService::new(trace.clone().with_routes(routes).layer(inner))
+        });
+        // Innermost, next to the services: what the router answers is rewritten before any
+        // layer (and the metrics) see it.
+        let layer = traced.around(layer).around(oversize::layer());
         let (health, health_service) = tonic_health::server::health_reporter();
+        let health_service = health_service.max_decoding_message_size(CONTROL_MESSAGE_BYTES);
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(llmesh_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
-            .context("building the reflection service")?;
+            .context("building the reflection service")?
+            .max_decoding_message_size(CONTROL_MESSAGE_BYTES);
         // grpcurl and older clients still ask the v1alpha service.
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(llmesh_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
-            .context("building the reflection service")?;
+            .context("building the reflection service")?
+            .max_decoding_message_size(CONTROL_MESSAGE_BYTES);
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -128,7 +215,7 @@ impl Base {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        Ok(Self { router, health, services: Vec::new(), admin: None })
+        Ok(Self { router, health, services: Vec::new(), extra: Vec::new(), routes, admin: None })
     }
 
     /// Starts the admin HTTP listener (`/metrics`, `/healthz`, `/debug/pprof/profile`) when
@@ -145,10 +232,18 @@ impl Base {
         Ok(())
     }
 
-    /// Marks `S` as SERVING in `grpc.health.v1` and remembers it for shutdown.
+    /// Marks `S` as SERVING in `grpc.health.v1` and remembers it for shutdown and for the tracing
+    /// layer: the methods of the services marked here are the ones named in spans and metrics.
     pub async fn serving<S: NamedService>(&mut self) {
         self.health.set_serving::<S>().await;
         self.services.push(S::NAME);
+    }
+
+    /// Paths the server serves outside the contract, such as HTTP routes: `/{prefix}/{path}` for
+    /// each of `paths` (`also_serves("v1", &["chat/completions"])` for `/v1/chat/completions`) is
+    /// named in spans and metrics like a method of a service marked [`Base::serving`].
+    pub fn also_serves(&mut self, prefix: &'static str, paths: &'static [&'static str]) {
+        self.extra.push((prefix, paths));
     }
 
     /// Adds the service's own gRPC services: `base.route(|r| r.add_service(MyServer::new(svc)))`.
@@ -165,7 +260,9 @@ impl Base {
         shutdown: impl Future<Output = ()>,
         timing: ShutdownTiming,
     ) -> anyhow::Result<()> {
-        let Self { router, health, services, admin } = self;
+        let Self { router, health, services, extra, routes: known, admin } = self;
+        // Set only here, so it can be set only once.
+        let _ = known.set(Arc::new(routes(&services, &extra)));
         let _admin = admin.map(AbortOnDrop);
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -212,7 +309,46 @@ impl Drop for AbortOnDrop {
 
 #[cfg(test)]
 mod tests {
-    use super::log_filter_keeping_listening_line;
+    use super::*;
+
+    #[test]
+    fn exempt_services_are_health_and_reflection() {
+        for path in [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/llmesh.health.v1.MeshHealth/Status",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(is_exempt(path), "{path}");
+            // The rule the gateway still takes from telemetry agrees, until it switches.
+            assert!(llmesh_telemetry::is_exempt(path), "{path}");
+        }
+        for path in
+            ["/llmesh.gateway.v1.Gateway/Generate", "/grpc.health.v1.HealthX/Check", "/grpc.health.v1.Health", ""]
+        {
+            assert!(!is_exempt(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn the_contract_names_each_services_methods() {
+        let gateway = contract_methods("llmesh.gateway.v1.Gateway");
+        for method in ["Generate", "GenerateStream", "SubmitJob", "GetJob", "WatchJob", "CancelJob", "ListModels"] {
+            assert!(gateway.iter().any(|m| m == method), "{method} missing from {gateway:?}");
+        }
+        assert!(contract_methods("llmesh.cache.v1.Cache").iter().any(|m| m == "Lookup"));
+        assert!(contract_methods("x.Y").is_empty());
+        assert!(contract_methods("llmesh.gateway.v1").is_empty());
+
+        let routes = routes(&["llmesh.gateway.v1.Gateway"], &[("v1", &["chat/completions"])]);
+        assert!(routes.is_served("/llmesh.gateway.v1.Gateway/Generate"));
+        assert!(routes.is_served("/v1/chat/completions"));
+        assert!(!routes.is_served("/v1/models"));
+        assert!(!routes.is_served("/llmesh.gateway.v1.Gateway/NoSuch"));
+        assert!(!routes.is_served("/llmesh.cache.v1.Cache/Lookup"));
+        assert!(routes.is_exempt("/grpc.health.v1.Health/Check"));
+    }
 
     #[test]
     fn the_listening_line_is_kept_whatever_the_filter() {

@@ -16,7 +16,7 @@
 //!
 //! // Server side: one span per call (continuing the caller's trace) and the seed's metrics.
 //! // tonic::transport::Server::builder()
-//! //     .layer(llmesh_telemetry::GrpcTraceLayer::new())
+//! //     .layer(llmesh_telemetry::GrpcTraceLayer::new().with_routes(routes))
 //! //     .add_service(...)
 //!
 //! // Client side: propagate the current span to the next hop.
@@ -54,4 +54,6 @@ pub use propagation::{
     set_parent_from_traceparent,
 };
 pub use providers::{Providers, SHUTDOWN_TIMEOUT, Telemetry, init, init_with_config, render_prometheus};
-pub use server::{GrpcTrace, GrpcTraceLayer, ResponseFuture, TracedBody, is_exempt};
+pub use server::{
+    GrpcTrace, GrpcTraceLayer, ResponseFuture, Routes, TracedBody, UNKNOWN_ENDPOINT, UNKNOWN_SPAN_NAME, is_exempt,
+};

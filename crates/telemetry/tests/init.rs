@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt as _;
-use llmesh_telemetry::{GrpcTraceLayer, TelemetryConfig};
+use llmesh_telemetry::{GrpcTraceLayer, Routes, TelemetryConfig};
 use tower::{Layer as _, ServiceExt as _};
 
 #[tokio::test]
@@ -31,11 +31,14 @@ async fn init_installs_everything_once() {
     assert!(request.metadata().get("traceparent").is_some());
 
     // The layer built after init records into the global provider, which /metrics renders.
-    let service = GrpcTraceLayer::new().layer(tower::service_fn(|_req: http::Request<tonic::body::Body>| async {
-        Ok::<_, std::convert::Infallible>(
-            tonic::Status::invalid_argument("bad prompt").into_http::<tonic::body::Body>(),
-        )
-    }));
+    let routes = Routes::new().serve("llmesh.gateway.v1.Gateway", ["Generate"]);
+    let service = GrpcTraceLayer::new().with_routes(routes).layer(tower::service_fn(
+        |_req: http::Request<tonic::body::Body>| async {
+            Ok::<_, std::convert::Infallible>(
+                tonic::Status::invalid_argument("bad prompt").into_http::<tonic::body::Body>(),
+            )
+        },
+    ));
     let request = http::Request::builder()
         .uri("http://localhost/llmesh.gateway.v1.Gateway/Generate")
         .body(tonic::body::Body::empty())

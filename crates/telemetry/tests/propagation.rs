@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
-use llmesh_telemetry::{GrpcTraceLayer, PrometheusReader, SeedMetrics, TelemetryConfig, build_subscriber};
+use llmesh_telemetry::{GrpcTraceLayer, PrometheusReader, Routes, SeedMetrics, TelemetryConfig, build_subscriber};
 use opentelemetry::trace::{SpanKind, TraceContextExt as _, TracerProvider as _};
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -115,7 +115,10 @@ async fn the_server_span_continues_the_clients_trace() {
     let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = incoming.local_addr().unwrap();
     let server = tonic::transport::Server::builder()
-        .layer(GrpcTraceLayer::with_metrics(SeedMetrics::new(&meter)))
+        .layer(
+            GrpcTraceLayer::with_metrics(SeedMetrics::new(&meter))
+                .with_routes(Routes::new().serve("test.Echo", ["Say", "Fail"])),
+        )
         .add_service(echo.clone())
         .serve_with_incoming(incoming);
     let server = tokio::spawn(server);

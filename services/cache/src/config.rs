@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use llmesh_common::validate::Limits;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -26,8 +27,16 @@ pub struct Config {
     /// How long an entry is kept past its TTL, for fallback answers when generation is down
     /// (`allow_stale` lookups only). 0 keeps nothing past the TTL.
     pub stale_ttl_ms: u64,
-    /// Larger entries are not stored.
+    /// Larger entries (the answer and its stream chunks, encoded) are not stored.
     pub max_entry_bytes: usize,
+    /// Entries with more stream chunks are not stored: each chunk costs memory of its own
+    /// however short it is. An answer of `max_tokens` tokens has at most about that many.
+    pub max_entry_chunks: usize,
+    /// The request limits of the gateways that use this cache (set the same `limits` as in
+    /// `[gateway]`). A Lookup carries a request, a Store a request and an entry: a message larger
+    /// than [`Config::max_message_bytes`] is refused before it is read, and a model name outside
+    /// them is refused (it names a Redis key).
+    pub limits: Limits,
     /// Bound of the in-memory store, in bytes of encoded entries.
     pub memory_max_bytes: u64,
     /// Bound of the in-memory store, in entries.
@@ -48,9 +57,22 @@ impl Default for Config {
             ttl_ms: 60 * 60 * 1000,
             stale_ttl_ms: 24 * 60 * 60 * 1000,
             max_entry_bytes: 1024 * 1024,
+            max_entry_chunks: 8192,
+            limits: Limits::default(),
             memory_max_bytes: 256 * 1024 * 1024,
             memory_max_entries: 100_000,
         }
+    }
+}
+
+/// Room for a Store's own fields and framing besides its request and its entry.
+const STORE_FRAMING_BYTES: usize = 1024;
+
+impl Config {
+    /// The largest message the cache accepts (its server's `max_decoding_message_size`): a Store
+    /// of the largest valid request with the largest entry that may be stored.
+    pub fn max_message_bytes(&self) -> usize {
+        self.limits.max_request_bytes().saturating_add(self.max_entry_bytes).saturating_add(STORE_FRAMING_BYTES)
     }
 }
 

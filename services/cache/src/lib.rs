@@ -37,7 +37,8 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let mut base = server::Base::new()?;
     base.admin(&config.admin).await?;
     base.serving::<CacheServer<CacheService>>().await;
-    base.route(|router| router.add_service(CacheServer::new(service)))
+    let service = CacheServer::new(service).max_decoding_message_size(config.max_message_bytes());
+    base.route(|router| router.add_service(service))
         .serve(listener, shutdown, server::ShutdownTiming::from_ms(config.shutdown_drain_ms, config.shutdown_grace_ms))
         .await
 }

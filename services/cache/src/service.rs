@@ -1,5 +1,11 @@
 //! The `llmesh.cache.v1.Cache` gRPC service. A backend failure is a miss (or a refused store) and
 //! a counted error, never a failed call: the cache must not take generation down with it.
+//!
+//! What a caller sends is bounded before it is kept: the whole message by the server's
+//! `max_decoding_message_size` ([`Config::max_message_bytes`]); a stored entry by
+//! `max_entry_bytes` and `max_entry_chunks` (over them, the store is refused, not failed); a model
+//! name, which names a Redis key and travels to every gateway, by the request limits
+//! (INVALID_ARGUMENT); an invalidated key by the one form keys have (INVALID_ARGUMENT).
 
 use std::{
     sync::{
@@ -21,7 +27,10 @@ use llmesh_proto::{
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
-use llmesh_common::cache_key as key;
+use llmesh_common::{
+    cache_key as key,
+    validate::{self, Limits},
+};
 
 use crate::{changes::Changes, config::Config, store::Store};
 
@@ -37,6 +46,8 @@ struct Inner {
     ttl: Duration,
     stale_ttl: Duration,
     max_entry_bytes: usize,
+    max_entry_chunks: usize,
+    limits: Limits,
     hits: AtomicU64,
     misses: AtomicU64,
     errors: AtomicU64,
@@ -59,6 +70,14 @@ fn required(request: Option<GenerateRequest>) -> Result<GenerateRequest, Status>
     request.ok_or_else(|| Status::invalid_argument("request: required"))
 }
 
+/// A model name within the request limits; `field` is where it was (`request.model`, `model`).
+fn model(model: &str, field: &str, limits: &Limits) -> Result<(), Status> {
+    validate::model(model, limits).map_err(|status| {
+        let detail = status.message().strip_prefix("model").unwrap_or(status.message());
+        Status::invalid_argument(format!("{field}{detail}"))
+    })
+}
+
 impl CacheService {
     pub fn new(store: Store, changes: Changes, config: &Config) -> Self {
         Self {
@@ -68,6 +87,8 @@ impl CacheService {
                 ttl: Duration::from_millis(config.ttl_ms),
                 stale_ttl: Duration::from_millis(config.stale_ttl_ms),
                 max_entry_bytes: config.max_entry_bytes,
+                max_entry_chunks: config.max_entry_chunks,
+                limits: config.limits.clone(),
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
@@ -117,9 +138,13 @@ impl Cache for CacheService {
         let StoreRequest { request, response, chunks, ttl_ms } = request.into_inner();
         let request = required(request)?;
         let response = response.ok_or_else(|| Status::invalid_argument("response: required"))?;
+        model(&request.model, "request.model", &self.inner.limits)?;
         let key = key::of(&request);
         let refuse =
             |reason: &str| Ok(Response::new(StoreResponse { key: key.clone(), stored: false, reason: reason.into() }));
+        if chunks.len() > self.inner.max_entry_chunks {
+            return refuse("entry has more chunks than max_entry_chunks");
+        }
         if response.degraded.is_some() {
             return refuse("degraded answers are not cached");
         }
@@ -164,8 +189,19 @@ impl Cache for CacheService {
 
     async fn invalidate(&self, request: Request<InvalidateRequest>) -> Result<Response<InvalidateResponse>, Status> {
         let change = match request.into_inner().target {
-            Some(Target::Key(key)) if !key.is_empty() => Change::Key(key),
-            Some(Target::Model(model)) if !model.is_empty() => Change::Model(model),
+            Some(Target::Key(key)) if !key.is_empty() => {
+                if !key::is_key(&key) {
+                    return Err(Status::invalid_argument(format!(
+                        "key: {} is not a cache key (64 lowercase hex digits, as Lookup and Store answer)",
+                        validate::echo(&key)
+                    )));
+                }
+                Change::Key(key)
+            }
+            Some(Target::Model(name)) if !name.is_empty() => {
+                model(&name, "model", &self.inner.limits)?;
+                Change::Model(name)
+            }
             _ => return Err(Status::invalid_argument("target: set key or model")),
         };
         let inner = self.inner.clone();

@@ -34,7 +34,8 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let mut base = server::Base::new()?;
     base.admin(&config.admin).await?;
     base.serving::<GenerationServer<GenerationService>>().await;
-    base.route(|router| router.add_service(GenerationServer::new(service)))
+    let service = GenerationServer::new(service).max_decoding_message_size(config.limits.max_request_bytes());
+    base.route(|router| router.add_service(service))
         .serve(listener, shutdown, server::ShutdownTiming::from_ms(config.shutdown_drain_ms, config.shutdown_grace_ms))
         .await
 }

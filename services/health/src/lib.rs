@@ -37,7 +37,9 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         shutdown.await;
         poller.abort();
     };
-    base.route(|router| router.add_service(MeshHealthServer::new(MeshHealthService::new(status))))
+    let service =
+        MeshHealthServer::new(MeshHealthService::new(status)).max_decoding_message_size(server::CONTROL_MESSAGE_BYTES);
+    base.route(|router| router.add_service(service))
         .serve(listener, shutdown, server::ShutdownTiming::from_ms(config.shutdown_drain_ms, config.shutdown_grace_ms))
         .await
 }

@@ -1,7 +1,7 @@
 //! The server side of trace propagation, and the seed's metrics, as one tower layer for tonic:
-//! `Server::builder().layer(GrpcTraceLayer::new())`.
+//! `Server::builder().layer(GrpcTraceLayer::new().with_routes(routes))`.
 //!
-//! For every call except health checks and reflection it
+//! For every call except those to exempt services (health checks, reflection: see [`Routes`]) it
 //! 1. extracts `traceparent` / `tracestate` with the global propagator;
 //! 2. opens an INFO span `grpc.server` whose OpenTelemetry name is `{service}/{method}`
 //!    (`otel.kind = "server"`, `rpc.system = "grpc"`, `rpc.service`, `rpc.method`) with the extracted
@@ -17,34 +17,43 @@
 //! (the client went away) as `CANCELLED`. A non-200 HTTP status without `grpc-status` maps to the
 //! code gRPC clients derive from it.
 //!
-//! Calls answered `UNIMPLEMENTED` are recorded under `endpoint="unknown"` and renamed
-//! `grpc.unimplemented`: the method name comes from the request path before routing and auth, so a
-//! client sending random paths could otherwise create unbounded metric series and span names.
+//! A path that is not a method the process serves ([`Routes::serve`]) is recorded under
+//! `endpoint="unknown"`, in a span named `grpc.unknown` whose `rpc.service` and `rpc.method` are
+//! `unknown` too, however it is answered: the method name comes from the request path before
+//! routing and auth, so a client sending random paths could otherwise create unbounded metric
+//! series and span names (an auth layer refuses them with UNAUTHENTICATED before the router could
+//! say UNIMPLEMENTED).
 //!
 //! The layer never fails a call of its own: errors are the inner service's.
 
 mod body;
 mod future;
+mod routes;
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use opentelemetry::context::FutureExt as _;
-use opentelemetry::trace::TraceContextExt as _;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 pub use self::body::TracedBody;
 pub use self::future::ResponseFuture;
+pub use self::routes::Routes;
 use crate::metrics::SeedMetrics;
 use crate::propagation::extract_headers;
 
-/// The `endpoint` label of calls answered UNIMPLEMENTED (unknown services and methods).
+/// The `endpoint` label (and `rpc.service`, `rpc.method`) of calls to paths the process does not
+/// serve.
 pub const UNKNOWN_ENDPOINT: &str = "unknown";
-/// The span name of calls answered UNIMPLEMENTED.
-const UNIMPLEMENTED_SPAN_NAME: &str = "grpc.unimplemented";
+/// The span name of calls to paths the process does not serve.
+pub const UNKNOWN_SPAN_NAME: &str = "grpc.unknown";
 
-/// Paths that get neither a span nor metrics (probes and tooling would drown the real traffic).
+/// The services llmesh servers have always exempted: health checks, the mesh's health and
+/// reflection. Kept for the gateway's admission until it takes the list from
+/// `llmesh_common::server` (which passes it to this layer as [`Routes`]); the layer itself no
+/// longer reads it.
 pub fn is_exempt(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/")
         || path.starts_with("/llmesh.health.v1.MeshHealth/")
@@ -60,6 +69,7 @@ fn split_path(path: &str) -> (&str, &str) {
 #[derive(Clone, Debug)]
 pub struct GrpcTraceLayer {
     metrics: Option<SeedMetrics>,
+    routes: Arc<Routes>,
 }
 
 impl Default for GrpcTraceLayer {
@@ -69,19 +79,25 @@ impl Default for GrpcTraceLayer {
 }
 
 impl GrpcTraceLayer {
-    /// Spans plus the seed's metrics on the global meter. Build it after [`crate::init`].
+    /// Spans plus the seed's metrics on the global meter. Build it after [`crate::init`]. Until
+    /// [`GrpcTraceLayer::with_routes`] says what is served, every call is recorded as `unknown`.
     pub fn new() -> Self {
-        Self { metrics: Some(SeedMetrics::global()) }
+        Self { metrics: Some(SeedMetrics::global()), routes: Arc::default() }
     }
 
     /// Spans plus the seed's metrics on the given instruments.
     pub fn with_metrics(metrics: SeedMetrics) -> Self {
-        Self { metrics: Some(metrics) }
+        Self { metrics: Some(metrics), routes: Arc::default() }
     }
 
     /// Spans only (for a service that should not report the seed's metrics).
     pub fn without_metrics() -> Self {
-        Self { metrics: None }
+        Self { metrics: None, routes: Arc::default() }
+    }
+
+    /// The same layer, with what the process serves and what it exempts.
+    pub fn with_routes(self, routes: impl Into<Arc<Routes>>) -> Self {
+        Self { routes: routes.into(), ..self }
     }
 }
 
@@ -89,7 +105,7 @@ impl<S> Layer<S> for GrpcTraceLayer {
     type Service = GrpcTrace<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcTrace { inner, metrics: self.metrics.clone() }
+        GrpcTrace { inner, metrics: self.metrics.clone(), routes: self.routes.clone() }
     }
 }
 
@@ -98,6 +114,7 @@ impl<S> Layer<S> for GrpcTraceLayer {
 pub struct GrpcTrace<S> {
     inner: S,
     metrics: Option<SeedMetrics>,
+    routes: Arc<Routes>,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcTrace<S>
@@ -116,14 +133,21 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let path = request.uri().path();
-        if is_exempt(path) {
+        if self.routes.is_exempt(path) {
             return ResponseFuture::passthrough(self.inner.call(request));
         }
-        let (service, method) = split_path(path);
+        // Names come only from the served methods: anything else is one `unknown`.
+        let (service, method, name) = if self.routes.is_served(path) {
+            let (service, method) = split_path(path);
+            // `/{service}/{method}` without its slash is the span's name, `{service}/{method}`.
+            (service, method, path.strip_prefix('/').unwrap_or(path))
+        } else {
+            (UNKNOWN_ENDPOINT, UNKNOWN_ENDPOINT, UNKNOWN_SPAN_NAME)
+        };
         let parent = extract_headers(request.headers());
         let span = tracing::info_span!(
             "grpc.server",
-            otel.name = %format_args!("{service}/{method}"),
+            otel.name = %name,
             otel.kind = "server",
             rpc.system = "grpc",
             rpc.service = %service,
@@ -164,14 +188,6 @@ impl CallRecord {
             return;
         }
         self.finished = true;
-        if code == tonic::Code::Unimplemented {
-            // The method name comes from the request path, before any routing or auth: a client
-            // sending random paths must not mint metric series or span names.
-            if let Some(in_flight) = &mut self.in_flight {
-                in_flight.relabel(UNKNOWN_ENDPOINT);
-            }
-            self.span.context().span().update_name(UNIMPLEMENTED_SPAN_NAME);
-        }
         self.span.record("rpc.grpc.status_code", code as i64);
         if is_server_error(code) {
             self.span.record("otel.status_code", "error");

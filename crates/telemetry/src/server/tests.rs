@@ -58,11 +58,20 @@ fn harness() -> Harness {
     Harness {
         spans,
         metrics,
-        layer: GrpcTraceLayer::with_metrics(SeedMetrics::new(&meter)),
+        layer: GrpcTraceLayer::with_metrics(SeedMetrics::new(&meter)).with_routes(routes()),
         _guard: guard,
         _tracer_provider: tracer_provider,
         _meter_provider: meter_provider,
     }
+}
+
+/// What a gateway-like server would pass: health and reflection exempt, two services served.
+fn routes() -> Routes {
+    Routes::new()
+        .exempt_service("grpc.health.v1.Health")
+        .exempt_service("grpc.reflection.v1.ServerReflection")
+        .serve("llmesh.gateway.v1.Gateway", ["Generate", "GenerateStream"])
+        .serve("x.Y", ["Unavailable", "Stream"])
 }
 
 fn grpc_request(path: &str, headers: http::HeaderMap) -> http::Request<tonic::body::Body> {
@@ -189,8 +198,50 @@ async fn unknown_methods_do_not_mint_series() {
     let text = h.metrics.render();
     assert!(text.contains("llm_requests_total{endpoint=\"unknown\",status=\"UNIMPLEMENTED\"} 2\n"), "{text}");
     assert!(!text.contains("aaaa") && !text.contains("bbbb"), "{text}");
-    assert_eq!(h.spans.named("grpc.unimplemented").len(), 2);
+    let spans = h.spans.named(UNKNOWN_SPAN_NAME);
+    assert_eq!(spans.len(), 2);
+    assert_eq!(attr(&spans[0], "rpc.service"), Some(&Value::from("unknown")));
+    assert_eq!(attr(&spans[0], "rpc.method"), Some(&Value::from("unknown")));
     assert!(h.spans.named("evil.Service/aaaa").is_empty());
+}
+
+/// An auth layer in front of the router refuses unknown paths before the router could answer
+/// UNIMPLEMENTED: they must still land on `unknown`, never on a label of their own.
+#[tokio::test]
+async fn unknown_methods_refused_by_auth_land_on_unknown() {
+    let h = harness();
+    let auth = h.layer.layer(tower::service_fn(|_req: http::Request<tonic::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(error_response(tonic::Code::Unauthenticated))
+    }));
+    let paths = ["/x.Y/Z", "/llmesh.gateway.v1.Gateway/NoSuch", "/llmesh.gateway.v1.Gateway/Generate/x", "/weird"];
+    for path in paths {
+        drop(auth.clone().oneshot(grpc_request(path, http::HeaderMap::new())).await.expect("call"));
+    }
+    // A served method refused the same way keeps its name.
+    drop(
+        auth.oneshot(grpc_request("/llmesh.gateway.v1.Gateway/Generate", http::HeaderMap::new())).await.expect("call"),
+    );
+
+    let text = h.metrics.render();
+    assert!(text.contains("llm_requests_total{endpoint=\"unknown\",status=\"UNAUTHENTICATED\"} 4\n"), "{text}");
+    assert!(text.contains("llm_requests_total{endpoint=\"Generate\",status=\"UNAUTHENTICATED\"} 1\n"), "{text}");
+    assert!(!text.contains("NoSuch") && !text.contains("endpoint=\"Z\""), "{text}");
+    let series = text.lines().filter(|l| l.starts_with("llm_requests_total{")).count();
+    assert_eq!(series, 2, "{text}");
+    assert_eq!(h.spans.named(UNKNOWN_SPAN_NAME).len(), 4);
+    assert_eq!(h.spans.named("llmesh.gateway.v1.Gateway/Generate").len(), 1);
+    assert!(h.spans.named("x.Y/Z").is_empty() && h.spans.named("llmesh.gateway.v1.Gateway/NoSuch").is_empty());
+}
+
+#[tokio::test]
+async fn without_routes_every_call_is_unknown() {
+    let h = harness();
+    let layer = GrpcTraceLayer::with_metrics(SeedMetrics::new(&opentelemetry::global::meter("unused")));
+    let service = layer.layer(tower::service_fn(|_req: http::Request<tonic::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(error_response(tonic::Code::InvalidArgument))
+    }));
+    drop(service.oneshot(grpc_request("/llmesh.gateway.v1.Gateway/Generate", http::HeaderMap::new())).await);
+    assert_eq!(h.spans.named(UNKNOWN_SPAN_NAME).len(), 1);
 }
 
 #[tokio::test]
@@ -206,6 +257,15 @@ async fn health_and_reflection_are_exempt() {
     assert!(h.spans.0.lock().expect("lock").is_empty());
     let text = h.metrics.render();
     assert!(!text.contains("llm_requests_total"), "{text}");
+
+    // Only what the server says is exempt: without routes, health checks are traced (as unknown).
+    let plain =
+        GrpcTraceLayer::without_metrics().layer(tower::service_fn(|_req: http::Request<tonic::body::Body>| async {
+            Ok::<_, std::convert::Infallible>(ok_response())
+        }));
+    let response = plain.oneshot(grpc_request("/grpc.health.v1.Health/Check", http::HeaderMap::new())).await;
+    response.expect("call").into_body().collect().await.expect("body");
+    assert_eq!(h.spans.named(UNKNOWN_SPAN_NAME).len(), 1);
 }
 
 #[test]

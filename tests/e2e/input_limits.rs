@@ -1,0 +1,178 @@
+//! Every input is bounded (issue 13, item 4): oversized fields are refused with a status naming
+//! what is wrong, before any work and without growing the process; the cache bounds what it
+//! keeps; calls to methods a process does not serve all land on one `endpoint="unknown"` label.
+
+use std::time::Duration;
+
+use llmesh_e2e::{Mesh, MeshOptions, Proc};
+use llmesh_proto::{
+    cache::v1::{InvalidateRequest, StoreRequest, cache_client::CacheClient, invalidate_request::Target},
+    common::v1::FinishReason,
+    generation::v1::{GenerateRequest, GenerateResponse, generation_client::GenerationClient},
+};
+use tonic::{Code, Status};
+
+use crate::demo_keys;
+
+fn request(model: &str) -> GenerateRequest {
+    GenerateRequest { model: model.into(), prompt: "hello".into(), ..Default::default() }
+}
+
+/// A request carrying one metadata value of `bytes` bytes.
+fn with_metadata(bytes: usize) -> GenerateRequest {
+    GenerateRequest { metadata: [("team".to_string(), "v".repeat(bytes))].into(), ..request("sim") }
+}
+
+/// Resident memory of a process, in bytes, from /proc/<pid>/status.
+fn rss_bytes(process: &Proc) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", process.pid())).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// A clear refusal of the client's input: INVALID_ARGUMENT, and a message that starts with
+/// `field` and does not repeat the huge value.
+fn assert_refused(status: &Status, field: &str, what: &str) {
+    assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+    assert!(status.message().starts_with(field), "{what}: {:?} does not name {field}", status.message());
+    assert!(status.message().len() < 300, "{what}: the message echoes the value ({} bytes)", status.message().len());
+}
+
+async fn generate_stream(client: &mut GenerationClient<tonic::transport::Channel>, r: GenerateRequest) -> Status {
+    match client.generate_stream(llmesh_proto::generation::v1::GenerateStreamRequest::from(r)).await {
+        Err(status) => status,
+        Ok(stream) => {
+            let mut stream = stream.into_inner();
+            match stream.message().await {
+                Err(status) => status,
+                Ok(chunk) => panic!("a stream started: {chunk:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn generation_refuses_huge_fields_without_growing() {
+    let generation = Proc::spawn("generation", &[]).await.unwrap();
+    let mut client = GenerationClient::new(generation.channel().await);
+
+    // Just over a field's limit, but well within a message: the field is named.
+    let status = client.generate(request(&"m".repeat(10_000))).await.unwrap_err();
+    assert_refused(&status, "model", "a 10 kB model name");
+    let status = client.generate(with_metadata(10_000)).await.unwrap_err();
+    assert_refused(&status, "metadata", "a 10 kB metadata value");
+    let status = client.generate(request("sim flaky")).await.unwrap_err();
+    assert_refused(&status, "model", "a model name with a space");
+
+    // Warm up (connections, buffers, the allocator's arenas) before measuring.
+    for _ in 0..5 {
+        client.generate(request("sim")).await.unwrap();
+        let _ = client.generate(with_metadata(2 << 20)).await;
+    }
+    let before = rss_bytes(&generation);
+
+    // Far over what any valid request can be: refused before the message is read. A different
+    // name each time: a process that kept something per name would grow by a megabyte a call.
+    for i in 0..50 {
+        let (status, what) = match i % 4 {
+            0 => (client.generate(with_metadata(2 << 20)).await.unwrap_err(), "a 2 MiB metadata value"),
+            1 => {
+                let model = format!("sim-flaky-{}{i}", "0".repeat(1_000_000));
+                (client.generate(request(&model)).await.unwrap_err(), "a 1 MB model name")
+            }
+            2 => (generate_stream(&mut client, with_metadata(2 << 20)).await, "a streamed 2 MiB metadata value"),
+            _ => {
+                let model = format!("{}{i}", "m".repeat(1_000_000));
+                (generate_stream(&mut client, request(&model)).await, "a streamed 1 MB model name")
+            }
+        };
+        assert_refused(&status, "request", what);
+        assert!(status.message().contains("exceed the limit of"), "{what}: {status:?}");
+    }
+
+    // Still serving, and no bigger for it.
+    let answer = client.generate(request("sim")).await.unwrap().into_inner();
+    assert!(!answer.text.is_empty());
+    let after = rss_bytes(&generation);
+    let grown = after.saturating_sub(before);
+    assert!(grown <= 32 << 20, "generation's RSS grew by {} MiB over 50 huge requests", grown >> 20);
+}
+
+#[tokio::test]
+async fn the_cache_bounds_what_it_keeps() {
+    let cache = Proc::spawn("cache", &[("LLMESH_CACHE_MAX_ENTRY_CHUNKS", "8".to_string())]).await.unwrap();
+    let mut client = CacheClient::new(cache.channel().await);
+    let answer = || GenerateResponse {
+        text: "hi".into(),
+        finish_reason: FinishReason::Stop.into(),
+        model: "sim".into(),
+        ..Default::default()
+    };
+    let store = |request: GenerateRequest, chunks: usize| StoreRequest {
+        request: Some(request),
+        response: Some(answer()),
+        chunks: vec!["h".to_string(); chunks],
+        ttl_ms: 0,
+    };
+
+    let stored = client.store(store(request("sim"), 8)).await.unwrap().into_inner();
+    assert!(stored.stored, "{stored:?}");
+    let refused = client.store(store(request("sim"), 9)).await.unwrap().into_inner();
+    assert!(!refused.stored && refused.reason.contains("max_entry_chunks"), "{refused:?}");
+
+    // A model name names a Redis key and goes to every gateway: bounded.
+    let status = client.store(store(request(&"m".repeat(1000)), 1)).await.unwrap_err();
+    assert_refused(&status, "request.model", "a 1000-byte model name");
+    let status = client.store(store(with_metadata(4 << 20), 1)).await.unwrap_err();
+    assert_refused(&status, "request", "a 4 MiB store");
+    let invalidate = |target| InvalidateRequest { target: Some(target) };
+    let status = client.invalidate(invalidate(Target::Key("k".repeat(100_000)))).await.unwrap_err();
+    assert_refused(&status, "key", "a 100 kB key");
+    let status = client.invalidate(invalidate(Target::Model("m".repeat(1000)))).await.unwrap_err();
+    assert_refused(&status, "model", "a 1000-byte model");
+
+    assert_eq!(client.invalidate(invalidate(Target::Key(stored.key))).await.unwrap().into_inner().removed, 1);
+}
+
+#[tokio::test]
+async fn unknown_methods_share_one_label() {
+    let (key, file) = demo_keys();
+    let options = MeshOptions {
+        env: vec![
+            ("LLMESH_GATEWAY_AUTH__KEYS_FILE", file),
+            ("LLMESH_GATEWAY_ADMIN__LISTEN", "127.0.0.1:0".to_string()),
+        ],
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with(options).await;
+    let channel = mesh.gateway.channel().await;
+
+    // Methods the gateway does not serve, without a key (refused by auth before any routing) and
+    // with one (UNIMPLEMENTED).
+    let mut generation = GenerationClient::new(channel.clone());
+    let mut cache = CacheClient::new(channel);
+    let status = generation.generate(request("sim")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let status = cache.invalidate(InvalidateRequest { target: Some(Target::Model("sim".into())) }).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let mut keyed = tonic::Request::new(request("sim"));
+    keyed.metadata_mut().insert("x-api-key", key.parse().unwrap());
+    let status = generation.generate(keyed).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+
+    let gateway = &mesh.gateway;
+    let unknown = |status: &'static str| {
+        let labels = format!("endpoint=\"unknown\",status=\"{status}\"");
+        async move { gateway.metric_sum("llm_requests_total", &labels).await }
+    };
+    // The metrics are recorded as the answer leaves; give the last one a moment.
+    let recorded = llmesh_e2e::eventually(Duration::from_secs(5), || async {
+        (unknown("UNAUTHENTICATED").await == 2.0 && unknown("UNIMPLEMENTED").await == 1.0).then_some(())
+    })
+    .await;
+    assert!(recorded.is_some(), "unknown methods were not counted under endpoint=\"unknown\"");
+    for endpoint in ["Generate", "Invalidate"] {
+        let counted = gateway.metric_sum("llm_requests_total", &format!("endpoint=\"{endpoint}\"")).await;
+        assert_eq!(counted, 0.0, "a call to a method the gateway does not serve counted as {endpoint}");
+    }
+}

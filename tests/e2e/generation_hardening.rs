@@ -233,11 +233,6 @@ async fn a_stream_past_the_size_limit_is_unavailable() {
     assert!(from_upstream(&status), "{status:?}");
 }
 
-fn rss_kib(pid: nix::unistd::Pid) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().split_whitespace().next().unwrap().parse().unwrap()
-}
-
 #[tokio::test]
 async fn names_a_client_makes_up_grow_nothing() {
     let generation =
@@ -245,7 +240,7 @@ async fn names_a_client_makes_up_grow_nothing() {
     let mut client = GenerationClient::new(generation.channel().await);
     // Warm up, so that the first calls' one-off allocations are in the baseline.
     assert!(client.generate(request("sim")).await.is_ok());
-    let before = rss_kib(generation.pid());
+    let before = generation.rss_kib();
     for i in 0..50 {
         // `sim-flaky-000…0N`: a megabyte each, and each a different name for the same N.
         let model = format!("sim-flaky-{}{}", "0".repeat(1_000_000), i % 7 + 1);
@@ -253,7 +248,7 @@ async fn names_a_client_makes_up_grow_nothing() {
         assert_eq!(status.code(), Code::InvalidArgument, "{:?}", status.code());
         assert!(status.message().len() < 1_000, "the name was echoed: {} bytes", status.message().len());
     }
-    let after = rss_kib(generation.pid());
+    let after = generation.rss_kib();
     assert!(after < before + 32 * 1024, "generation's RSS grew from {before} KiB to {after} KiB");
 
     // The metrics know one `sim-flaky` model, whatever N was asked for.

@@ -23,13 +23,6 @@ fn with_metadata(bytes: usize) -> GenerateRequest {
     GenerateRequest { metadata: [("team".to_string(), "v".repeat(bytes))].into(), ..request("sim") }
 }
 
-/// Resident memory of a process, in bytes, from /proc/<pid>/status.
-fn rss_bytes(process: &Proc) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", process.pid())).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-}
-
 /// A clear refusal of the client's input: INVALID_ARGUMENT, and a message that starts with
 /// `field` and does not repeat the huge value.
 fn assert_refused(status: &Status, field: &str, what: &str) {
@@ -69,7 +62,7 @@ async fn generation_refuses_huge_fields_without_growing() {
         client.generate(request("sim")).await.unwrap();
         let _ = client.generate(with_metadata(2 << 20)).await;
     }
-    let before = rss_bytes(&generation);
+    let before = generation.rss_kib() * 1024;
 
     // Far over what any valid request can be: refused before the message is read. A different
     // name each time: a process that kept something per name would grow by a megabyte a call.
@@ -93,7 +86,7 @@ async fn generation_refuses_huge_fields_without_growing() {
     // Still serving, and no bigger for it.
     let answer = client.generate(request("sim")).await.unwrap().into_inner();
     assert!(!answer.text.is_empty());
-    let after = rss_bytes(&generation);
+    let after = generation.rss_kib() * 1024;
     let grown = after.saturating_sub(before);
     assert!(grown <= 32 << 20, "generation's RSS grew by {} MiB over 50 huge requests", grown >> 20);
 }

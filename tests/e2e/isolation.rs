@@ -105,7 +105,8 @@ async fn a_dead_upstream_for_one_model_degrades_that_model_only() {
 /// The gateway's DEADLINE_EXCEEDED, or the client's own timer when it fires first (the gateway
 /// answers 5 ms before the client's deadline; a loaded machine can take longer than that).
 fn gave_up(status: &tonic::Status) -> bool {
-    status.code() == Code::DeadlineExceeded || (status.code() == Code::Cancelled && status.message() == "Timeout expired")
+    status.code() == Code::DeadlineExceeded
+        || (status.code() == Code::Cancelled && status.message() == "Timeout expired")
 }
 
 #[tokio::test]
@@ -159,7 +160,8 @@ async fn the_secondary_model_obeys_the_key_and_is_charged() {
 
     // A key that may use it gets its answer, and pays for it.
     let response = gateway.generate(with_key(fresh("sim-error", "allowed"), &wide)).await.unwrap();
-    let remaining: u64 = response.metadata().get("x-ratelimit-remaining-tokens").unwrap().to_str().unwrap().parse().unwrap();
+    let remaining: u64 =
+        response.metadata().get("x-ratelimit-remaining-tokens").unwrap().to_str().unwrap().parse().unwrap();
     let answer = response.into_inner();
     assert_eq!(answer.degraded.as_ref().unwrap().source, "secondary_model", "{answer:?}");
     assert_eq!(answer.model, "sim");
@@ -209,4 +211,66 @@ async fn one_key_holding_its_bound_of_streams_leaves_room_for_another() {
     let answer = gateway.generate(with_key(fresh("sim", "my turn"), &polite)).await.unwrap().into_inner();
     assert!(answer.degraded.is_none());
     drop(watches);
+}
+
+#[tokio::test]
+async fn huge_fields_are_refused_and_grow_no_service() {
+    let redis = Redis::start().await.unwrap();
+    let options = MeshOptions {
+        env: vec![
+            ("LLMESH_GATEWAY_QUEUE__REDIS_URL", redis.url()),
+            ("LLMESH_GENERATION_QUEUE__REDIS_URL", redis.url()),
+        ],
+        redis_url: None,
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with(options).await;
+    let mut gateway = mesh.gateway().await;
+    let services = [&mesh.gateway, &mesh.generation, &mesh.cache, &mesh.health];
+    // Warm up, so the allocators have what a normal call needs.
+    gateway.generate(fresh("sim", "warm up")).await.unwrap();
+    let before: Vec<u64> = services.iter().map(|s| s.rss_kib()).collect();
+
+    let huge = "x".repeat(1 << 20);
+    for i in 0..50 {
+        let status = match i % 5 {
+            0 => gateway.generate(fresh(&format!("{huge}{i}"), "a 1 MB model name")).await.unwrap_err(),
+            1 => gateway
+                .generate(GenerateRequest { user: huge.clone(), ..fresh("sim", "a 1 MB user") })
+                .await
+                .unwrap_err(),
+            2 => {
+                let metadata = [("k".to_string(), huge.clone())].into();
+                gateway.generate(GenerateRequest { metadata, ..fresh("sim", "1 MB of metadata") }).await.unwrap_err()
+            }
+            3 => {
+                let stream = llmesh_proto::gateway::v1::GenerateStreamRequest {
+                    stop: vec![huge.clone()],
+                    ..stream_prompt("a 1 MB stop")
+                };
+                gateway.generate_stream(stream).await.map(drop).unwrap_err()
+            }
+            _ => {
+                let job = SubmitJobRequest {
+                    model: "sim".into(),
+                    prompt: "a 1 MB idempotency key".into(),
+                    idempotency_key: huge.clone(),
+                    ..Default::default()
+                };
+                gateway.submit_job(job).await.unwrap_err()
+            }
+        };
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "call {i}: {}",
+            &status.message()[..status.message().len().min(200)]
+        );
+        assert!(status.message().len() < 512, "call {i} echoed the value back ({} bytes)", status.message().len());
+    }
+    assert!(gateway.generate(fresh("sim", "still serving")).await.is_ok());
+    for (service, before) in services.iter().zip(before) {
+        let after = service.rss_kib();
+        assert!(after < before + 32 * 1024, "{} grew from {before} KiB to {after} KiB", service.name);
+    }
 }

@@ -9,11 +9,6 @@ use tonic::Code;
 
 use crate::prompt;
 
-fn rss_kib(pid: nix::unistd::Pid) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().split_whitespace().next().unwrap().parse().unwrap()
-}
-
 fn p99(mut values: Vec<Duration>) -> Duration {
     values.sort_unstable();
     values.get(values.len() * 99 / 100).copied().unwrap_or_default()
@@ -31,7 +26,7 @@ async fn three_times_capacity() {
     };
     let mesh = Mesh::start_with(options).await;
     let gateway = mesh.gateway().await;
-    let rss_before = rss_kib(mesh.gateway.pid());
+    let rss_before = mesh.gateway.rss_kib();
 
     let stop = Instant::now() + Duration::from_secs(4);
     let clients: Vec<_> = (0..24)
@@ -64,7 +59,7 @@ async fn three_times_capacity() {
         admitted.extend(a);
         refused.extend(r);
     }
-    let rss_after = rss_kib(mesh.gateway.pid());
+    let rss_after = mesh.gateway.rss_kib();
 
     assert!(admitted.len() > 300 && refused.len() > 300, "admitted {}, refused {}", admitted.len(), refused.len());
     let (admitted_p99, refused_p99) = (p99(admitted), p99(refused));

@@ -95,6 +95,13 @@ impl Proc {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// Resident memory, in KiB, from /proc/<pid>/status.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).expect("VmRSS in /proc/<pid>/status");
+        line.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
     pub fn pid(&self) -> nix::unistd::Pid {
         nix::unistd::Pid::from_raw(i32::try_from(self.child.id().expect("running")).unwrap())
     }

@@ -54,6 +54,4 @@ pub use propagation::{
     set_parent_from_traceparent,
 };
 pub use providers::{Providers, SHUTDOWN_TIMEOUT, Telemetry, init, init_with_config, render_prometheus};
-pub use server::{
-    GrpcTrace, GrpcTraceLayer, ResponseFuture, Routes, TracedBody, UNKNOWN_ENDPOINT, UNKNOWN_SPAN_NAME, is_exempt,
-};
+pub use server::{GrpcTrace, GrpcTraceLayer, ResponseFuture, Routes, TracedBody, UNKNOWN_ENDPOINT, UNKNOWN_SPAN_NAME};

@@ -150,7 +150,9 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let mut base = server::Base::with_layer(admission.layer())?;
     base.admin(&config.admin).await?;
     base.serving::<GatewayServer<GatewayService>>().await;
-    base.route(|router| router.add_service(GatewayServer::new(service)).add_service(MeshHealthServer::new(replicas)))
+    let gateway = GatewayServer::new(service).max_decoding_message_size(config.limits.max_request_bytes());
+    let replicas = MeshHealthServer::new(replicas).max_decoding_message_size(server::CONTROL_MESSAGE_BYTES);
+    base.route(|router| router.add_service(gateway).add_service(replicas))
         .serve(listener, shutdown, server::ShutdownTiming::from_ms(config.shutdown_drain_ms, config.shutdown_grace_ms))
         .await
 }

@@ -50,16 +50,6 @@ pub const UNKNOWN_ENDPOINT: &str = "unknown";
 /// The span name of calls to paths the process does not serve.
 pub const UNKNOWN_SPAN_NAME: &str = "grpc.unknown";
 
-/// The services llmesh servers have always exempted: health checks, the mesh's health and
-/// reflection. Kept for the gateway's admission until it takes the list from
-/// `llmesh_common::server` (which passes it to this layer as [`Routes`]); the layer itself no
-/// longer reads it.
-pub fn is_exempt(path: &str) -> bool {
-    path.starts_with("/grpc.health.v1.Health/")
-        || path.starts_with("/llmesh.health.v1.MeshHealth/")
-        || path.starts_with("/grpc.reflection.")
-}
-
 /// `/pkg.Service/Method` → (`pkg.Service`, `Method`).
 fn split_path(path: &str) -> (&str, &str) {
     path.strip_prefix('/').and_then(|p| p.split_once('/')).unwrap_or(("unknown", path))

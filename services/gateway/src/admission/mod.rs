@@ -98,10 +98,11 @@ impl Default for ShedConfig {
 }
 
 /// Calls every layer lets through untouched: health probes, the mesh's health and reflection
-/// (grpcurl's discovery) must work without a key and even when the gateway is saturated. The same
-/// rule the tracing layer uses.
+/// (grpcurl's discovery) must work without a key and even when the gateway is saturated. The
+/// server runner's list ([`llmesh_common::server::EXEMPT_SERVICES`]), which it also gives the
+/// tracing layer.
 pub fn is_exempt(path: &str) -> bool {
-    llmesh_telemetry::is_exempt(path)
+    llmesh_common::server::is_exempt(path)
 }
 
 #[cfg(test)]

@@ -11,8 +11,7 @@ use llmesh_proto::{
     common::v1::{FinishReason, Usage},
     gateway::v1::{
         self as gw, CancelJobRequest, CancelJobResponse, GetJobRequest, GetJobResponse, ListModelsRequest,
-        ListModelsResponse, SubmitJobRequest, SubmitJobResponse, WatchJobRequest, WatchJobResponse,
-        gateway_server::Gateway,
+        ListModelsResponse, SubmitJobRequest, SubmitJobResponse, WatchJobRequest, gateway_server::Gateway,
     },
     generation::v1 as generation,
 };
@@ -330,43 +329,24 @@ impl Gateway for GatewayService {
     }
 
     async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
-        let queue = self.inner.jobs.queue()?;
-        let idempotency_key = request.get_ref().idempotency_key.clone();
-        let (_, extensions, request) = request.into_parts();
-        let mut generate: generation::GenerateRequest = request.into();
-        // The job's tokens stay reserved: the work happens later, on a worker.
-        let _admitted = self.admit(&extensions, &generate).await?;
-        // The worker's span continues this trace.
-        generate.metadata.remove(llmesh_telemetry::JOB_TRACEPARENT_KEY);
-        if let Some(traceparent) = llmesh_telemetry::current_traceparent() {
-            generate.metadata.insert(llmesh_telemetry::JOB_TRACEPARENT_KEY.to_string(), traceparent);
-        }
-        let submitted = queue.submit(&generate, &idempotency_key).await.map_err(jobs::status)?;
-        Ok(Response::new(SubmitJobResponse { job: Some(submitted.job), existing: submitted.existing }))
+        self.inner
+            .jobs
+            .submit(request, &self.inner.limiter, async |extensions, generate| self.admit(extensions, generate).await)
+            .await
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<GetJobResponse>, Status> {
-        let queue = self.inner.jobs.queue()?;
-        let id = jobs::job_id(&request.get_ref().job_id)?;
-        let job = jobs::found(queue.get(id).await.map_err(jobs::status)?, id)?;
-        Ok(Response::new(GetJobResponse { job: Some(job) }))
+        self.inner.jobs.get(request).await
     }
 
-    type WatchJobStream = futures::stream::BoxStream<'static, Result<WatchJobResponse, Status>>;
+    type WatchJobStream = jobs::WatchStream;
 
     async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
-        let queue = self.inner.jobs.queue()?;
-        let id = jobs::job_id(&request.get_ref().job_id)?;
-        let changes =
-            queue.watch(id).map(|change| change.map(|job| WatchJobResponse { job: Some(job) }).map_err(jobs::status));
-        Ok(Response::new(changes.boxed()))
+        self.inner.jobs.watch(request).await
     }
 
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
-        let queue = self.inner.jobs.queue()?;
-        let id = jobs::job_id(&request.get_ref().job_id)?;
-        let job = queue.cancel(id).await.map_err(jobs::status)?;
-        Ok(Response::new(CancelJobResponse { job: Some(job) }))
+        self.inner.jobs.cancel(request, &self.inner.limiter).await
     }
 
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {

@@ -32,6 +32,11 @@ impl Held {
         self.reservation.as_ref().map(Reservation::quota).unwrap_or_default()
     }
 
+    /// The reservation held; `None` once it was settled or handed over.
+    pub fn reservation(&self) -> Option<&Reservation> {
+        self.reservation.as_ref()
+    }
+
     /// Counts `tokens` more as received by the caller (streamed text, before the usage is known).
     pub fn received(&mut self, tokens: u32) {
         self.received = self.received.saturating_add(tokens);

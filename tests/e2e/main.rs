@@ -8,6 +8,7 @@ mod cache;
 mod chaos;
 mod discovery;
 mod fakellm;
+mod job_isolation;
 mod jobs;
 mod lifecycle;
 mod mesh;

@@ -59,12 +59,6 @@ pub struct Jobs {
     watch_max: Duration,
 }
 
-impl Default for Jobs {
-    fn default() -> Self {
-        Self { queue: None, watch_max: Duration::from_millis(QueueSettings::default().watch_max_ms) }
-    }
-}
-
 impl Jobs {
     /// Connects when `queue.redis_url` is set. Redis unreachable at start-up is an error naming it.
     pub async fn connect(settings: &QueueSettings) -> anyhow::Result<Self> {

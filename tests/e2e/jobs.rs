@@ -77,10 +77,13 @@ async fn idempotency_cancel_and_bad_input() {
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_eq!(get(&mut gateway, &id).await.state(), JobState::Cancelled);
 
-    let status = gateway.get_job(GetJobRequest { job_id: "job-nope".into() }).await.unwrap_err();
-    assert_eq!(status.code(), Code::NotFound);
-    let status = gateway.get_job(GetJobRequest { job_id: String::new() }).await.unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = gateway.get_job(GetJobRequest { job_id: "job-00000000000000000000000000000000".into() }).await;
+    assert_eq!(status.unwrap_err().code(), Code::NotFound);
+    for malformed in ["", "job-nope"] {
+        let status = gateway.get_job(GetJobRequest { job_id: malformed.into() }).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with("job_id"), "{status:?}");
+    }
     let status = gateway.submit_job(job("")).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("prompt"));

@@ -11,6 +11,7 @@ mod fakellm;
 mod generation_hardening;
 mod input_limits;
 mod isolation;
+mod job_isolation;
 mod jobs;
 mod keys_cli;
 mod lifecycle;

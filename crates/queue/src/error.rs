@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use llmesh_proto::gateway::v1::JobState;
 
+use crate::input::InvalidInput;
+
 /// A failed queue operation.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -16,9 +18,13 @@ pub enum QueueError {
         #[source]
         cause: Outage,
     },
-    /// No such job: never submitted, or finished longer than the result TTL ago.
-    #[error("job {id} does not exist (never submitted, or expired)")]
+    /// No such job for this owner: never submitted, finished longer than the result TTL ago, or
+    /// another owner's (which the caller must not be able to tell apart).
+    #[error("job {id} does not exist (never submitted, expired, or not the caller's)")]
     NotFound { id: String },
+    /// A job id or idempotency key no job could have: refused before any call to Redis.
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
     /// Only a job still waiting (queued, or waiting for a retry) can be cancelled.
     #[error("job {id} is {} and can no longer be cancelled", state.as_str_name())]
     NotCancellable { id: String, state: JobState },

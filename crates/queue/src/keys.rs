@@ -12,7 +12,8 @@ pub(crate) struct Keys {
     pub delayed: String,
     /// `<prefix><job id>`: one hash per job (see `record`).
     pub job_prefix: String,
-    /// `<prefix><idempotency key>`: the id of the job submitted with that key.
+    /// `<prefix><owner's length>:<owner>:<idempotency key>`: the id of the job the owner
+    /// submitted with that key.
     pub idempotency_prefix: String,
 }
 
@@ -31,8 +32,11 @@ impl Keys {
         format!("{}{id}", self.job_prefix)
     }
 
-    pub fn idempotency(&self, key: &str) -> String {
-        format!("{}{key}", self.idempotency_prefix)
+    /// One owner's idempotency record. Each owner has its own namespace, and no two (owner, key)
+    /// pairs share a record whatever characters they hold: the owner's length (in bytes) says
+    /// where the owner ends. (`a:b` + `c` and `a` + `b:c` would both be `a:b:c` without it.)
+    pub fn idempotency(&self, owner: &str, key: &str) -> String {
+        format!("{}{}:{owner}:{key}", self.idempotency_prefix, owner.len())
     }
 }
 
@@ -47,6 +51,15 @@ mod tests {
         assert_eq!(keys.dead, "llmesh:jobs:dead");
         assert_eq!(keys.delayed, "llmesh:jobs:delayed");
         assert_eq!(keys.job("job-1"), "llmesh:jobs:job:job-1");
-        assert_eq!(keys.idempotency("abc"), "llmesh:jobs:idem:abc");
+        assert_eq!(keys.idempotency("team-a", "abc"), "llmesh:jobs:idem:6:team-a:abc");
+    }
+
+    #[test]
+    fn idempotency_records_are_per_owner_and_unambiguous() {
+        let keys = Keys::new("llmesh:jobs");
+        assert_ne!(keys.idempotency("a", "k"), keys.idempotency("b", "k"));
+        assert_ne!(keys.idempotency("a:b", "c"), keys.idempotency("a", "b:c"));
+        assert_ne!(keys.idempotency("1:a", "k"), keys.idempotency("1", "a:k"));
+        assert_ne!(keys.idempotency("", "1::k"), keys.idempotency("1:", "k"));
     }
 }

@@ -1,4 +1,10 @@
 //! The client side of the queue: submit, read, cancel and count jobs.
+//!
+//! Every job has an owner (the API key id that submitted it), and every call about a job names
+//! the caller: a job is only ever seen, found by idempotency key, or cancelled by its owner.
+//! Another owner's job answers exactly as a job that does not exist (`None`, `NotFound`), so a
+//! caller cannot learn that it exists. Job ids and idempotency keys are checked (see `input`)
+//! before any call to Redis.
 
 use std::{sync::Arc, time::Duration};
 
@@ -11,8 +17,10 @@ use crate::{
     config::QueueConfig,
     connection::{BoundedConnection, ensure_group},
     error::QueueError,
+    input::{check_idempotency_key, check_job_id, new_job_id},
     keys::Keys,
-    record::{SNAPSHOT_FIELDS, Snapshot, parse_snapshot},
+    record::{SNAPSHOT_FIELDS, Snapshot, Stored, parse_snapshot},
+    reservation::{Settlement, TokenReservation, parse_reservation},
     scripts::{CANCEL_SCRIPT, STATS_SCRIPT, SUBMIT_SCRIPT},
 };
 
@@ -42,6 +50,16 @@ pub struct Submitted {
     pub job: Job,
     /// True when the idempotency key named a job submitted earlier, which is the job returned.
     pub existing: bool,
+}
+
+/// The answer to a cancellation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cancelled {
+    /// The job, now CANCELLED.
+    pub job: Job,
+    /// The job's token reservation, handed to this caller to refund (whole: the job used
+    /// nothing). `None` when the job reserved nothing.
+    pub settlement: Option<Settlement>,
 }
 
 /// How much work the queue holds.
@@ -90,49 +108,75 @@ impl JobQueue {
         BoundedConnection::open(&self.inner.client, &self.inner.config, limit, longest_call)
     }
 
-    /// Queues a request and returns at once with the job QUEUED. With a non-empty
-    /// `idempotency_key` that an earlier submission used, and whose job is still kept, returns
-    /// that job instead (`existing`), whatever its state; the check and the creation are one
-    /// atomic step, so two racing submissions create one job.
-    pub async fn submit(&self, request: &GenerateRequest, idempotency_key: &str) -> Result<Submitted, QueueError> {
+    /// Queues a request for `owner` and returns at once with the job QUEUED, storing `tokens`,
+    /// the reservation the caller took for it, to be settled when the job ends. With a non-empty
+    /// `idempotency_key` that an earlier submission of the same owner used, and whose job is
+    /// still kept, returns that job instead (`existing`, and `tokens` is not stored: the caller
+    /// gives it back), whatever its state; the check and the creation are one atomic step, so two
+    /// racing submissions create one job. Another owner's use of the same key is no match.
+    pub async fn submit(
+        &self,
+        owner: &str,
+        request: &GenerateRequest,
+        idempotency_key: &str,
+        tokens: Option<&TokenReservation>,
+    ) -> Result<Submitted, QueueError> {
+        check_idempotency_key(idempotency_key)?;
         let keys = self.keys();
-        let id = format!("job-{}", uuid::Uuid::now_v7().simple());
+        let id = new_job_id();
         let mut invocation = SUBMIT_SCRIPT.key(keys.job(&id));
         invocation.key(&keys.stream);
         if !idempotency_key.is_empty() {
-            invocation.key(keys.idempotency(idempotency_key));
+            invocation.key(keys.idempotency(owner, idempotency_key));
         }
-        invocation.arg(&id).arg(request.encode_to_vec()).arg(&keys.job_prefix);
+        let (store, reserved, per_minute) = tokens.map(TokenReservation::fields).unwrap_or_default();
+        invocation.arg(&id).arg(request.encode_to_vec()).arg(&keys.job_prefix).arg(owner);
+        invocation.arg(store).arg(reserved).arg(per_minute);
         let (id, existing, snapshot): (String, bool, Snapshot) = self.inner.api.invoke("submit", &invocation).await?;
-        let job = self.job_from(&id, snapshot)?.ok_or(QueueError::NotFound { id })?;
+        let job = self.stored(&id, snapshot)?.ok_or(QueueError::NotFound { id })?.job;
         if !existing {
             tracing::debug!(job_id = %job.id, "job submitted");
         }
         Ok(Submitted { job, existing })
     }
 
-    /// The job, or `None` when there is no such job (never submitted, or expired).
-    pub async fn get(&self, id: &str) -> Result<Option<Job>, QueueError> {
+    /// `owner`'s job, or `None` when it has no such job (never submitted, expired, or another
+    /// owner's).
+    pub async fn get(&self, owner: &str, id: &str) -> Result<Option<Job>, QueueError> {
+        check_job_id(id)?;
         let mut hmget = redis::cmd("HMGET");
         hmget.arg(self.keys().job(id)).arg(&SNAPSHOT_FIELDS[..]);
         let snapshot: Snapshot = self.inner.api.query("get a job", &hmget).await?;
-        self.job_from(id, snapshot)
+        Ok(self.stored(id, snapshot)?.filter(|stored| stored.owned_by(owner)).map(|stored| stored.job))
     }
 
-    /// Cancels a job that has not started, or is waiting for a retry. A running or finished job
-    /// cannot be cancelled: `NotCancellable` says its state.
-    pub async fn cancel(&self, id: &str) -> Result<Job, QueueError> {
+    /// Cancels `owner`'s job that has not started, or is waiting for a retry, and hands its token
+    /// reservation over to be refunded. A running or finished job cannot be cancelled:
+    /// `NotCancellable` says its state. Another owner's job is `NotFound`, and untouched.
+    pub async fn cancel(&self, owner: &str, id: &str) -> Result<Cancelled, QueueError> {
+        check_job_id(id)?;
         let keys = self.keys();
         let mut invocation = CANCEL_SCRIPT.key(keys.job(id));
-        invocation.key(&keys.delayed).arg(id).arg(self.inner.config.result_ttl_ms());
-        let (outcome, snapshot): (String, Snapshot) = self.inner.api.invoke("cancel a job", &invocation).await?;
-        let job = self.job_from(id, snapshot)?;
-        match (outcome.as_str(), job) {
-            ("cancelled", Some(job)) => {
+        invocation.key(&keys.delayed).arg(id).arg(self.inner.config.result_ttl_ms()).arg(owner);
+        let (outcome, snapshot, reservation): (String, Snapshot, Snapshot) =
+            self.inner.api.invoke("cancel a job", &invocation).await?;
+        let stored = self.stored(id, snapshot)?;
+        match (outcome.as_str(), stored) {
+            ("cancelled", Some(stored)) => {
                 tracing::debug!(job_id = %id, "job cancelled");
-                Ok(job)
+                let reservation =
+                    parse_reservation(reservation).map_err(|cause| QueueError::Corrupt { id: id.to_owned(), cause })?;
+                let settlement = reservation.map(|(owner, reservation)| Settlement {
+                    job_id: id.to_owned(),
+                    owner,
+                    reservation,
+                    used: 0,
+                });
+                Ok(Cancelled { job: stored.job, settlement })
             }
-            ("refused", Some(job)) => Err(QueueError::NotCancellable { id: id.to_owned(), state: job.state() }),
+            ("refused", Some(stored)) => {
+                Err(QueueError::NotCancellable { id: id.to_owned(), state: stored.job.state() })
+            }
             _ => Err(QueueError::NotFound { id: id.to_owned() }),
         }
     }
@@ -149,7 +193,7 @@ impl JobQueue {
         Ok(QueueStats { depth: entries.saturating_sub(pending), pending, delayed, dead_lettered })
     }
 
-    fn job_from(&self, id: &str, snapshot: Snapshot) -> Result<Option<Job>, QueueError> {
+    fn stored(&self, id: &str, snapshot: Snapshot) -> Result<Option<Stored>, QueueError> {
         parse_snapshot(id, snapshot).map_err(|cause| QueueError::Corrupt { id: id.to_owned(), cause })
     }
 }

@@ -4,7 +4,8 @@
 //! (attempts started), `request` (encoded `generation.v1.GenerateRequest`), `result` (encoded
 //! `generation.v1.GenerateResponse`, once SUCCEEDED), `error` (the last attempt's failure),
 //! `created_at_ms` and `updated_at_ms` (Redis clock, unix ms), `idempotency_key` (the Redis key
-//! of the job's idempotency record, or empty).
+//! of the job's idempotency record, or empty), `owner` (the API key id that submitted it; see
+//! [`LEGACY_OWNER`]), and the token reservation's fields (see `reservation`).
 
 use llmesh_proto::{
     gateway::v1::{Job, JobState},
@@ -14,9 +15,14 @@ use prost::Message as _;
 
 use crate::error::CorruptRecord;
 
-/// The fields a `Job` is built from, in the order scripts and HMGET return them.
-pub(crate) const SNAPSHOT_FIELDS: [&str; 6] =
-    ["state", "attempts", "result", "error", "created_at_ms", "updated_at_ms"];
+/// Whom a record without an `owner` belongs to: one written before jobs had owners. The id
+/// every caller has when the gateway's auth is off, so a mesh without keys keeps its jobs across
+/// the upgrade; with keys, no key is `anonymous`, and those jobs are no one's.
+pub const LEGACY_OWNER: &str = "anonymous";
+
+/// The fields a `Job` and its owner are built from, in the order scripts and HMGET return them.
+pub(crate) const SNAPSHOT_FIELDS: [&str; 7] =
+    ["state", "attempts", "result", "error", "created_at_ms", "updated_at_ms", "owner"];
 
 /// The values of [`SNAPSHOT_FIELDS`], `None` where a field is absent.
 pub(crate) type Snapshot = Vec<Option<Vec<u8>>>;
@@ -26,14 +32,30 @@ pub fn is_terminal(state: JobState) -> bool {
     matches!(state, JobState::Succeeded | JobState::Failed | JobState::DeadLettered | JobState::Cancelled)
 }
 
+/// A job as stored, with its owner.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Stored {
+    pub job: Job,
+    /// `None` for a record written before jobs had owners.
+    pub owner: Option<String>,
+}
+
+impl Stored {
+    /// Whether `owner` may see and change this job.
+    pub fn owned_by(&self, owner: &str) -> bool {
+        self.owner.as_deref().unwrap_or(LEGACY_OWNER) == owner
+    }
+}
+
 /// Builds the job from its snapshot; `None` when the record does not exist (every field absent).
-pub(crate) fn parse_snapshot(id: &str, snapshot: Snapshot) -> Result<Option<Job>, CorruptRecord> {
+pub(crate) fn parse_snapshot(id: &str, snapshot: Snapshot) -> Result<Option<Stored>, CorruptRecord> {
     if snapshot.iter().all(Option::is_none) {
         return Ok(None);
     }
     let mut fields = snapshot.into_iter();
     let mut next = || fields.next().flatten();
     let (state, attempts, result, error, created, updated) = (next(), next(), next(), next(), next(), next());
+    let owner = next().map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
 
     let state = parse_state(required("state", state)?)?;
     let attempts = parse_number("attempts", required("attempts", attempts)?)?;
@@ -45,7 +67,7 @@ pub(crate) fn parse_snapshot(id: &str, snapshot: Snapshot) -> Result<Option<Job>
         ),
         None => None,
     };
-    Ok(Some(Job {
+    let job = Job {
         id: id.to_owned(),
         state: state as i32,
         attempts,
@@ -53,7 +75,8 @@ pub(crate) fn parse_snapshot(id: &str, snapshot: Snapshot) -> Result<Option<Job>
         error: error.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default(),
         created_at_unix_ms: parse_number("created_at_ms", required("created_at_ms", created)?)?,
         updated_at_unix_ms: parse_number("updated_at_ms", required("updated_at_ms", updated)?)?,
-    }))
+    };
+    Ok(Some(Stored { job, owner }))
 }
 
 pub(crate) fn parse_state(name: Vec<u8>) -> Result<JobState, CorruptRecord> {
@@ -68,7 +91,7 @@ fn required(field: &'static str, value: Option<Vec<u8>>) -> Result<Vec<u8>, Corr
     value.ok_or(CorruptRecord::Missing(field))
 }
 
-fn parse_number<T: std::str::FromStr>(field: &'static str, value: Vec<u8>) -> Result<T, CorruptRecord> {
+pub(crate) fn parse_number<T: std::str::FromStr>(field: &'static str, value: Vec<u8>) -> Result<T, CorruptRecord> {
     std::str::from_utf8(&value).ok().and_then(|text| text.parse().ok()).ok_or_else(|| CorruptRecord::Invalid {
         field,
         value: String::from_utf8_lossy(&value).into_owned(),
@@ -86,19 +109,37 @@ mod tests {
 
     #[test]
     fn a_missing_record_is_none() {
-        assert_eq!(parse_snapshot("job-1", vec![None; 6]).unwrap(), None);
+        assert_eq!(parse_snapshot("job-1", vec![None; 7]).unwrap(), None);
     }
 
     #[test]
     fn reads_a_finished_job() {
         let result = GenerateResponse { text: "hello".into(), ..Default::default() }.encode_to_vec();
-        let snapshot =
-            vec![bytes("JOB_STATE_SUCCEEDED"), bytes("2"), Some(result), bytes(""), bytes("10"), bytes("20")];
-        let job = parse_snapshot("job-1", snapshot).unwrap().unwrap();
+        let snapshot = vec![
+            bytes("JOB_STATE_SUCCEEDED"),
+            bytes("2"),
+            Some(result),
+            bytes(""),
+            bytes("10"),
+            bytes("20"),
+            bytes("team-a"),
+        ];
+        let stored = parse_snapshot("job-1", snapshot).unwrap().unwrap();
+        assert!(stored.owned_by("team-a") && !stored.owned_by("team-b") && !stored.owned_by(LEGACY_OWNER));
+        let job = stored.job;
         assert_eq!(job.state(), JobState::Succeeded);
         assert_eq!(job.attempts, 2);
         assert_eq!(job.result.unwrap().text, "hello");
         assert_eq!((job.created_at_unix_ms, job.updated_at_unix_ms), (10, 20));
+    }
+
+    #[test]
+    fn a_record_from_before_owners_is_the_legacy_owners_only() {
+        let snapshot = vec![bytes("JOB_STATE_QUEUED"), bytes("0"), None, None, bytes("1"), bytes("1"), None];
+        let stored = parse_snapshot("job-1", snapshot).unwrap().unwrap();
+        assert_eq!(stored.owner, None);
+        assert!(stored.owned_by("anonymous"));
+        assert!(!stored.owned_by("team-a") && !stored.owned_by(""));
     }
 
     #[test]

@@ -9,12 +9,21 @@
 //! hash of an existing job found by idempotency key (`submit`), and a job's idempotency record
 //! (`expire_finished`). Fine on the single Redis llmesh runs; a Redis Cluster would need the
 //! keys of one queue under one hash tag.
+//!
+//! Ownership is checked in the scripts that change a job on a caller's behalf (`submit` finding
+//! an earlier job, `cancel`), in the same atomic step as the change: another owner's job is
+//! `missing`, exactly as one that does not exist. The scripts that make a job terminal (`complete`,
+//! `give_up`, `cancel`) return its token reservation: they are the one step that can hand it
+//! over, once (see `reservation`).
 
 use std::sync::LazyLock;
 
 use redis::Script;
 
-use crate::record::SNAPSHOT_FIELDS;
+use crate::{
+    record::{LEGACY_OWNER, SNAPSHOT_FIELDS},
+    reservation::RESERVATION_FIELDS,
+};
 
 /// Shared definitions, prepended to every script.
 const PRELUDE: &str = r"
@@ -40,6 +49,16 @@ local function snapshot(job)
   return redis.call('HMGET', job, unpack(SNAPSHOT_FIELDS))
 end
 
+-- Whether `owner` may see and change the job (a record from before owners is LEGACY_OWNER's).
+local function owned_by(job, owner)
+  return (redis.call('HGET', job, 'owner') or LEGACY_OWNER) == owner
+end
+
+-- The job's owner and token reservation, for the one step that ends the job to hand over.
+local function reservation(job)
+  return redis.call('HMGET', job, unpack(RESERVATION_FIELDS))
+end
+
 -- A finished job, and its idempotency record, stay readable for the result TTL only.
 local function expire_finished(job, ttl_ms)
   redis.call('PEXPIRE', job, ttl_ms)
@@ -56,18 +75,21 @@ local function settle(stream, group, entry)
 end
 ";
 
-/// Creates a job and queues it, unless the idempotency key already names a live job.
+/// Creates a job and queues it, unless the idempotency record (the owner's: its key names the
+/// owner) already names a live job of the owner.
 ///
-/// KEYS: job hash, stream, [idempotency record]. ARGV: job id, encoded request, job key prefix.
+/// KEYS: job hash, stream, [idempotency record]. ARGV: job id, encoded request, job key prefix,
+/// owner, tokens store ('' when nothing is reserved), tokens reserved, tokens per minute.
 /// Returns `{job id, 1 if it already existed else 0, snapshot}`.
 const SUBMIT: &str = r"
 local job, stream, idempotency = KEYS[1], KEYS[2], KEYS[3]
-local id, request, job_prefix = ARGV[1], ARGV[2], ARGV[3]
+local id, request, job_prefix, owner = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local tokens_store, tokens_reserved, tokens_per_minute = ARGV[5], ARGV[6], ARGV[7]
 if idempotency then
   local existing = redis.call('GET', idempotency)
   if existing then
     local existing_job = job_prefix .. existing
-    if redis.call('EXISTS', existing_job) == 1 then
+    if redis.call('EXISTS', existing_job) == 1 and owned_by(existing_job, owner) then
       return {existing, 1, snapshot(existing_job)}
     end
   end
@@ -75,30 +97,36 @@ if idempotency then
 end
 local now = ms_text(clock_ms())
 redis.call('HSET', job, 'state', QUEUED, 'attempts', 0, 'request', request, 'error', '',
-  'created_at_ms', now, 'updated_at_ms', now, 'idempotency_key', idempotency or '')
+  'created_at_ms', now, 'updated_at_ms', now, 'idempotency_key', idempotency or '', 'owner', owner)
+if tokens_store ~= '' then
+  redis.call('HSET', job, 'tokens_store', tokens_store, 'tokens_reserved', tokens_reserved,
+    'tokens_per_minute', tokens_per_minute)
+end
 redis.call('XADD', stream, '*', 'job', id)
 return {id, 0, snapshot(job)}
 ";
 
-/// Cancels a job that is waiting (queued, or waiting for a retry). Its stream entry, if any,
-/// stays: the worker that reads it finds the job CANCELLED and only acknowledges it.
+/// Cancels a job of the owner's that is waiting (queued, or waiting for a retry). Its stream
+/// entry, if any, stays: the worker that reads it finds the job CANCELLED and only acknowledges
+/// it. Another owner's job is `missing`, and untouched.
 ///
-/// KEYS: job hash, delayed set. ARGV: job id, result TTL (ms).
-/// Returns `{'cancelled' | 'refused' | 'missing', snapshot}`.
+/// KEYS: job hash, delayed set. ARGV: job id, result TTL (ms), owner.
+/// Returns `{'cancelled' | 'refused' | 'missing', snapshot, reservation}` (the snapshot and
+/// reservation empty when missing, the reservation empty unless cancelled).
 const CANCEL: &str = r"
 local job, delayed = KEYS[1], KEYS[2]
-local id, ttl_ms = ARGV[1], ARGV[2]
+local id, ttl_ms, owner = ARGV[1], ARGV[2], ARGV[3]
 local state = redis.call('HGET', job, 'state')
-if not state then
-  return {'missing', snapshot(job)}
+if not state or not owned_by(job, owner) then
+  return {'missing', {}, {}}
 end
 if state ~= QUEUED then
-  return {'refused', snapshot(job)}
+  return {'refused', snapshot(job), {}}
 end
 redis.call('HSET', job, 'state', CANCELLED, 'updated_at_ms', ms_text(clock_ms()))
 redis.call('ZREM', delayed, id)
 expire_finished(job, ttl_ms)
-return {'cancelled', snapshot(job)}
+return {'cancelled', snapshot(job), reservation(job)}
 ";
 
 /// Starts an attempt at a delivered job: RUNNING, one more attempt. A job that is finished (or
@@ -156,51 +184,52 @@ end
 /// result yet: a result is a result.
 ///
 /// KEYS: job hash, stream, delayed set. ARGV: group, entry id, job id, attempt, encoded result,
-/// result TTL (ms). Returns `'applied' | 'gone' | <terminal state>`.
+/// result TTL (ms). Returns `{'applied' | 'gone' | <terminal state>, reservation if applied}`.
 const COMPLETE: &str = r"
 local job, stream, delayed = KEYS[1], KEYS[2], KEYS[3]
 local group, entry, id, attempt, result, ttl_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local refused = refuse_end(job, stream, group, entry, attempt, false)
 if refused then
-  return refused
+  return {refused, {}}
 end
 redis.call('HSET', job, 'state', SUCCEEDED, 'result', result, 'error', '', 'updated_at_ms', ms_text(clock_ms()))
 redis.call('ZREM', delayed, id)
 expire_finished(job, ttl_ms)
 settle(stream, group, entry)
-return 'applied'
+return {'applied', reservation(job)}
 ";
 
 /// Puts a failed job back to wait for its retry: QUEUED with the error, in the delayed set until
 /// it is due, and the delivery acknowledged.
 ///
 /// KEYS: job hash, stream, delayed set. ARGV: group, entry id, job id, attempt, delay (ms), error.
-/// Returns `'applied' | 'gone' | 'stale' | <terminal state>`.
+/// Returns `{'applied' | 'gone' | 'stale' | <terminal state>, {}}` (not terminal: nothing to settle).
 const SCHEDULE_RETRY: &str = r"
 local job, stream, delayed = KEYS[1], KEYS[2], KEYS[3]
 local group, entry, id, attempt, delay_ms, error = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local refused = refuse_end(job, stream, group, entry, attempt, true)
 if refused then
-  return refused
+  return {refused, {}}
 end
 local now = clock_ms()
 redis.call('HSET', job, 'state', QUEUED, 'error', error, 'updated_at_ms', ms_text(now))
 redis.call('ZADD', delayed, now + delay_ms, id)
 settle(stream, group, entry)
-return 'applied'
+return {'applied', {}}
 ";
 
 /// Gives up on a job: FAILED or DEAD_LETTERED with the error; a dead-lettered job also goes to
 /// the dead-letter stream.
 ///
 /// KEYS: job hash, stream, dead-letter stream. ARGV: group, entry id, job id, attempt, final
-/// state, error, result TTL (ms). Returns `'applied' | 'gone' | 'stale' | <terminal state>`.
+/// state, error, result TTL (ms). Returns `{'applied' | 'gone' | 'stale' | <terminal state>,
+/// reservation if applied}`.
 const GIVE_UP: &str = r"
 local job, stream, dead = KEYS[1], KEYS[2], KEYS[3]
 local group, entry, id, attempt, final_state, error, ttl_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local refused = refuse_end(job, stream, group, entry, attempt, true)
 if refused then
-  return refused
+  return {refused, {}}
 end
 redis.call('HSET', job, 'state', final_state, 'error', error, 'updated_at_ms', ms_text(clock_ms()))
 expire_finished(job, ttl_ms)
@@ -208,7 +237,7 @@ if final_state == DEAD_LETTERED then
   redis.call('XADD', dead, '*', 'job', id, 'error', error, 'attempts', attempt)
 end
 settle(stream, group, entry)
-return 'applied'
+return {'applied', reservation(job)}
 ";
 
 /// Moves retries that are due from the delayed set back onto the stream. Atomic, so two workers
@@ -247,8 +276,12 @@ return {redis.call('XLEN', stream), pending, redis.call('ZCARD', delayed), redis
 ";
 
 fn script(parts: &[&str]) -> Script {
-    let fields: Vec<String> = SNAPSHOT_FIELDS.iter().map(|field| format!("'{field}'")).collect();
-    let mut source = format!("local SNAPSHOT_FIELDS = {{{}}}\n{PRELUDE}", fields.join(", "));
+    let quoted = |fields: &[&str]| fields.iter().map(|field| format!("'{field}'")).collect::<Vec<_>>().join(", ");
+    let mut source = format!(
+        "local SNAPSHOT_FIELDS = {{{}}}\nlocal RESERVATION_FIELDS = {{{}}}\nlocal LEGACY_OWNER = '{LEGACY_OWNER}'\n{PRELUDE}",
+        quoted(&SNAPSHOT_FIELDS),
+        quoted(&RESERVATION_FIELDS),
+    );
     for part in parts {
         source.push_str(part);
     }

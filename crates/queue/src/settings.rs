@@ -12,11 +12,15 @@ pub struct QueueSettings {
     pub redis_url: Option<String>,
     /// Worker tasks per generation process (the gateway runs none).
     pub workers: u32,
+    /// Longest one `WatchJob` call follows a job (the gateway's; generation has no use for it).
+    /// Past it the stream ends with DEADLINE_EXCEEDED, and the client watches again: a watch
+    /// never holds a call slot for as long as a job may wait. 5 minutes.
+    pub watch_max_ms: u64,
     pub options: QueueConfig,
 }
 
 impl Default for QueueSettings {
     fn default() -> Self {
-        Self { redis_url: None, workers: 4, options: QueueConfig::default() }
+        Self { redis_url: None, workers: 4, watch_max_ms: 5 * 60 * 1_000, options: QueueConfig::default() }
     }
 }

@@ -16,17 +16,20 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Where a watch is between two items.
 struct Watching {
     queue: JobQueue,
+    owner: String,
     id: String,
     last: Option<Job>,
 }
 
 impl JobQueue {
-    /// The job as it is now, then the job each time it changes; ends after a terminal state.
-    /// Also ends, after yielding it, on the first error: `NotFound` when there is no such job (or
-    /// it expired), `Unavailable` when Redis cannot be read (the caller may watch again).
-    /// The stream is `Unpin` (boxed), so callers can poll it, or hand it to tonic, as it is.
-    pub fn watch(&self, id: &str) -> impl Stream<Item = Result<Job, QueueError>> + Send + Unpin + 'static {
-        let start = Watching { queue: self.clone(), id: id.to_owned(), last: None };
+    /// `owner`'s job as it is now, then the job each time it changes; ends after a terminal
+    /// state. Also ends, after yielding it, on the first error: `NotFound` when the owner has no
+    /// such job (or it expired), `Invalid` for an id no job has, `Unavailable` when Redis cannot
+    /// be read (the caller may watch again). It never ends on its own before the job does: the
+    /// caller bounds how long it watches. The stream is `Unpin` (boxed), so callers can poll it,
+    /// or hand it to tonic, as it is.
+    pub fn watch(&self, owner: &str, id: &str) -> impl Stream<Item = Result<Job, QueueError>> + Send + Unpin + 'static {
+        let start = Watching { queue: self.clone(), owner: owner.to_owned(), id: id.to_owned(), last: None };
         futures::stream::unfold(Some(start), |watching| async move { watching?.next().await }).boxed()
     }
 }
@@ -37,7 +40,7 @@ impl Watching {
             if self.last.is_some() {
                 tokio::time::sleep(POLL_INTERVAL).await;
             }
-            let job = match self.queue.get(&self.id).await {
+            let job = match self.queue.get(&self.owner, &self.id).await {
                 Ok(Some(job)) => job,
                 Ok(None) => return Some((Err(QueueError::NotFound { id: self.id }), None)),
                 Err(error) => return Some((Err(error), None)),

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{RedisServer, config, connect, echo, request, spawn_worker};
+use common::{OWNER, RedisServer, config, connect, echo, request, spawn_worker};
 use llmesh_proto::{gateway::v1::JobState, generation::v1::GenerateRequest};
 use llmesh_queue::{JobError, QueueConfig, QueueStats, is_terminal};
 use redis::AsyncCommands as _;
@@ -64,14 +64,14 @@ async fn two_hundred_jobs_four_workers_retries_and_poison() {
     let start = Instant::now();
     let mut ids = Vec::with_capacity(JOBS);
     for index in 0..JOBS {
-        ids.push(queue.submit(&request(&format!("job {index}")), "").await.unwrap().job.id);
+        ids.push(queue.submit(OWNER, &request(&format!("job {index}")), "", None).await.unwrap().job.id);
     }
 
     let deadline = start + Duration::from_secs(30);
     let jobs = loop {
         let mut jobs = Vec::with_capacity(JOBS);
         for id in &ids {
-            jobs.push(queue.get(id).await.unwrap().unwrap());
+            jobs.push(queue.get(OWNER, id).await.unwrap().unwrap());
         }
         if jobs.iter().all(|job| is_terminal(job.state())) {
             break jobs;

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RedisServer, config, connect, request};
+use common::{NO_SUCH_JOB, OWNER, RedisServer, config, connect, request};
 use llmesh_proto::{gateway::v1::JobState, generation::v1::GenerateRequest};
 use llmesh_queue::{JobQueue, QueueConfig, QueueError, QueueStats};
 use prost::Message as _;
@@ -17,7 +17,7 @@ async fn submit_returns_a_queued_job_at_once_and_stores_its_record() {
     let queue = connect(&redis, config()).await;
     let sent = request("hello");
 
-    let submitted = queue.submit(&sent, "").await.unwrap();
+    let submitted = queue.submit(OWNER, &sent, "", None).await.unwrap();
 
     let job = submitted.job;
     assert!(!submitted.existing);
@@ -26,7 +26,7 @@ async fn submit_returns_a_queued_job_at_once_and_stores_its_record() {
     assert_eq!(job.attempts, 0);
     assert!(job.result.is_none() && job.error.is_empty());
     assert!(job.created_at_unix_ms > 1_600_000_000_000 && job.created_at_unix_ms == job.updated_at_unix_ms);
-    assert_eq!(queue.get(&job.id).await.unwrap(), Some(job.clone()));
+    assert_eq!(queue.get(OWNER, &job.id).await.unwrap(), Some(job.clone()));
 
     let mut raw = redis.raw().await;
     let key = format!("llmesh:jobs:job:{}", job.id);
@@ -47,9 +47,9 @@ async fn submit_returns_a_queued_job_at_once_and_stores_its_record() {
 async fn an_unknown_job_is_none_and_cannot_be_cancelled() {
     let redis = RedisServer::start().await;
     let queue = connect(&redis, config()).await;
-    assert_eq!(queue.get("job-nope").await.unwrap(), None);
-    let error = queue.cancel("job-nope").await.unwrap_err();
-    assert!(matches!(error, QueueError::NotFound { ref id } if id == "job-nope"), "{error:?}");
+    assert_eq!(queue.get(OWNER, NO_SUCH_JOB).await.unwrap(), None);
+    let error = queue.cancel(OWNER, NO_SUCH_JOB).await.unwrap_err();
+    assert!(matches!(error, QueueError::NotFound { ref id } if id == NO_SUCH_JOB), "{error:?}");
 }
 
 #[tokio::test]
@@ -57,17 +57,17 @@ async fn the_same_idempotency_key_returns_the_existing_job() {
     let redis = RedisServer::start().await;
     let queue = connect(&redis, config()).await;
 
-    let first = queue.submit(&request("a"), "key-1").await.unwrap();
-    let again = queue.submit(&request("a, again"), "key-1").await.unwrap();
-    let other = queue.submit(&request("b"), "key-2").await.unwrap();
+    let first = queue.submit(OWNER, &request("a"), "key-1", None).await.unwrap();
+    let again = queue.submit(OWNER, &request("a, again"), "key-1", None).await.unwrap();
+    let other = queue.submit(OWNER, &request("b"), "key-2", None).await.unwrap();
 
     assert!(!first.existing && again.existing && !other.existing);
     assert_eq!(again.job, first.job);
     assert_ne!(other.job.id, first.job.id);
 
     // An empty key means no idempotency: two submissions, two jobs.
-    let one = queue.submit(&request("c"), "").await.unwrap();
-    let two = queue.submit(&request("c"), "").await.unwrap();
+    let one = queue.submit(OWNER, &request("c"), "", None).await.unwrap();
+    let two = queue.submit(OWNER, &request("c"), "", None).await.unwrap();
     assert!(!one.existing && !two.existing && one.job.id != two.job.id);
     assert_eq!(queue.stats().await.unwrap().depth, 4);
 }
@@ -80,7 +80,7 @@ async fn racing_submissions_with_one_key_create_one_job() {
 
     let submissions = (0..40).map(|i| {
         let queue = queues[i % 2].clone();
-        tokio::spawn(async move { queue.submit(&request("same"), "racy-key").await.unwrap() })
+        tokio::spawn(async move { queue.submit(OWNER, &request("same"), "racy-key", None).await.unwrap() })
     });
     let results: Vec<_> = futures::future::join_all(submissions).await.into_iter().map(Result::unwrap).collect();
 
@@ -94,14 +94,14 @@ async fn racing_submissions_with_one_key_create_one_job() {
 async fn cancel_takes_a_waiting_job_out_and_refuses_a_finished_one() {
     let redis = RedisServer::start().await;
     let queue = connect(&redis, config()).await;
-    let job = queue.submit(&request("never mind"), "").await.unwrap().job;
+    let job = queue.submit(OWNER, &request("never mind"), "", None).await.unwrap().job;
 
-    let cancelled = queue.cancel(&job.id).await.unwrap();
+    let cancelled = queue.cancel(OWNER, &job.id).await.unwrap().job;
     assert_eq!(cancelled.state(), JobState::Cancelled);
     assert!(cancelled.updated_at_unix_ms >= job.updated_at_unix_ms);
-    assert_eq!(queue.get(&job.id).await.unwrap(), Some(cancelled));
+    assert_eq!(queue.get(OWNER, &job.id).await.unwrap(), Some(cancelled));
 
-    let error = queue.cancel(&job.id).await.unwrap_err();
+    let error = queue.cancel(OWNER, &job.id).await.unwrap_err();
     assert!(
         matches!(error, QueueError::NotCancellable { state: JobState::Cancelled, .. }),
         "a cancelled job cannot be cancelled again: {error:?}"
@@ -113,18 +113,18 @@ async fn cancel_takes_a_waiting_job_out_and_refuses_a_finished_one() {
 async fn finished_jobs_and_their_idempotency_keys_expire_after_the_result_ttl() {
     let redis = RedisServer::start().await;
     let queue = connect(&redis, QueueConfig { result_ttl_ms: 300, ..config() }).await;
-    let job = queue.submit(&request("short-lived"), "idem").await.unwrap().job;
-    queue.cancel(&job.id).await.unwrap();
+    let job = queue.submit(OWNER, &request("short-lived"), "idem", None).await.unwrap().job;
+    queue.cancel(OWNER, &job.id).await.unwrap();
 
     let mut raw = redis.raw().await;
     let ttl: i64 = raw.pttl(format!("llmesh:jobs:job:{}", job.id)).await.unwrap();
     assert!((1..=300).contains(&ttl), "the finished job expires: pttl {ttl}");
-    let idem_ttl: i64 = raw.pttl("llmesh:jobs:idem:idem").await.unwrap();
+    let idem_ttl: i64 = raw.pttl("llmesh:jobs:idem:5:alice:idem").await.unwrap();
     assert!((1..=300).contains(&idem_ttl), "and so does its idempotency key: pttl {idem_ttl}");
 
     tokio::time::sleep(Duration::from_millis(450)).await;
-    assert_eq!(queue.get(&job.id).await.unwrap(), None);
-    let resubmitted = queue.submit(&request("short-lived"), "idem").await.unwrap();
+    assert_eq!(queue.get(OWNER, &job.id).await.unwrap(), None);
+    let resubmitted = queue.submit(OWNER, &request("short-lived"), "idem", None).await.unwrap();
     assert!(!resubmitted.existing, "once the job expired, its key is free again");
 }
 
@@ -134,11 +134,11 @@ async fn queues_on_different_streams_do_not_see_each_other() {
     let blue = connect(&redis, QueueConfig { stream: "blue".into(), ..config() }).await;
     let green = connect(&redis, QueueConfig { stream: "green".into(), ..config() }).await;
 
-    let job = blue.submit(&request("x"), "shared-key").await.unwrap().job;
-    let other = green.submit(&request("x"), "shared-key").await.unwrap();
+    let job = blue.submit(OWNER, &request("x"), "shared-key", None).await.unwrap().job;
+    let other = green.submit(OWNER, &request("x"), "shared-key", None).await.unwrap();
 
     assert!(!other.existing);
-    assert_eq!(green.get(&job.id).await.unwrap(), None);
+    assert_eq!(green.get(OWNER, &job.id).await.unwrap(), None);
     assert_eq!(blue.stats().await.unwrap().depth, 1);
     assert_eq!(green.stats().await.unwrap().depth, 1);
 }
@@ -147,16 +147,16 @@ async fn queues_on_different_streams_do_not_see_each_other() {
 async fn calls_fail_fast_with_unavailable_once_redis_is_gone() {
     let mut redis = RedisServer::start().await;
     let queue = connect(&redis, QueueConfig { response_timeout_ms: 50, ..config() }).await;
-    let job = queue.submit(&request("before"), "").await.unwrap().job;
+    let job = queue.submit(OWNER, &request("before"), "", None).await.unwrap().job;
     redis.kill().await;
 
     // Each call, including the first ones that find the connection dead, answers in time.
     let after = request("after");
     for round in 0..3 {
         let calls = [
-            ("submit", timed(queue.submit(&after, "")).await),
-            ("get", timed(queue.get(&job.id)).await),
-            ("cancel", timed(queue.cancel(&job.id)).await),
+            ("submit", timed(queue.submit(OWNER, &after, "", None)).await),
+            ("get", timed(queue.get(OWNER, &job.id)).await),
+            ("cancel", timed(queue.cancel(OWNER, &job.id)).await),
             ("stats", timed(queue.stats()).await),
         ];
         for (name, (result, elapsed)) in calls {

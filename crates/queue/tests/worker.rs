@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{RedisServer, config, connect, echo, echo_execute, request, spawn_worker, wait_for};
+use common::{NO_SUCH_JOB, OWNER, RedisServer, config, connect, echo, echo_execute, request, spawn_worker, wait_for};
 use futures::StreamExt as _;
 use llmesh_proto::{
     gateway::v1::{Job, JobState},
@@ -36,7 +36,7 @@ async fn a_worker_runs_a_job_stores_its_result_and_leaves_nothing_behind() {
     let worker = spawn_worker(&queue, "w1", echo_execute);
     let sent = request("hi");
 
-    let job = queue.submit(&sent, "").await.unwrap().job;
+    let job = queue.submit(OWNER, &sent, "", None).await.unwrap().job;
     let done = wait_for(&queue, &job.id, SOON, state_is(JobState::Succeeded)).await;
 
     assert_eq!(done.attempts, 1);
@@ -48,7 +48,7 @@ async fn a_worker_runs_a_job_stores_its_result_and_leaves_nothing_behind() {
     let ttl: i64 = raw.pttl(format!("llmesh:jobs:job:{}", job.id)).await.unwrap();
     assert!((1..=500).contains(&ttl), "the finished job expires after the result ttl: pttl {ttl}");
     tokio::time::sleep(Duration::from_millis(650)).await;
-    assert_eq!(queue.get(&job.id).await.unwrap(), None, "expired");
+    assert_eq!(queue.get(OWNER, &job.id).await.unwrap(), None, "expired");
     worker.stop().await;
 }
 
@@ -57,9 +57,9 @@ async fn watch_yields_the_current_state_then_each_change_and_ends_when_finished(
     let redis = RedisServer::start().await;
     let queue = connect(&redis, config()).await;
     let release = Arc::new(Notify::new());
-    let job = queue.submit(&request("slow"), "").await.unwrap().job;
+    let job = queue.submit(OWNER, &request("slow"), "", None).await.unwrap().job;
 
-    let watch = tokio::spawn(queue.watch(&job.id).collect::<Vec<_>>());
+    let watch = tokio::spawn(queue.watch(OWNER, &job.id).collect::<Vec<_>>());
     tokio::time::sleep(Duration::from_millis(150)).await;
     let gate = release.clone();
     let worker = spawn_worker(&queue, "w1", move |request: GenerateRequest| {
@@ -79,7 +79,7 @@ async fn watch_yields_the_current_state_then_each_change_and_ends_when_finished(
     assert!(seen.last().unwrap().as_ref().unwrap().result.is_some());
     worker.stop().await;
 
-    let mut missing = queue.watch("job-nope");
+    let mut missing = queue.watch(OWNER, NO_SUCH_JOB);
     assert!(matches!(missing.next().await, Some(Err(QueueError::NotFound { .. }))));
     assert!(missing.next().await.is_none(), "the watch ends after its error");
 }
@@ -98,7 +98,7 @@ async fn retryable_failures_wait_with_backoff_then_succeed() {
     });
 
     let start = Instant::now();
-    let job = queue.submit(&request("flaky"), "").await.unwrap().job;
+    let job = queue.submit(OWNER, &request("flaky"), "", None).await.unwrap().job;
     // Between attempts the job waits, QUEUED with the last error, in the delayed set.
     let waiting = wait_for(&queue, &job.id, SOON, |job| job.state() == JobState::Queued && job.attempts == 1).await;
     assert_eq!(waiting.error, "overloaded (1)");
@@ -124,10 +124,10 @@ async fn a_poison_job_is_dead_lettered_after_its_retries_and_does_not_block_othe
         if request.prompt == "poison" { Err(JobError::retryable("provider down")) } else { Ok(echo(&request)) }
     });
 
-    let poison = queue.submit(&request("poison"), "").await.unwrap().job;
+    let poison = queue.submit(OWNER, &request("poison"), "", None).await.unwrap().job;
     let mut healthy = Vec::new();
     for i in 0..3 {
-        healthy.push(queue.submit(&request(&format!("fine {i}")), "").await.unwrap().job);
+        healthy.push(queue.submit(OWNER, &request(&format!("fine {i}")), "", None).await.unwrap().job);
     }
     for job in &healthy {
         wait_for(&queue, &job.id, SOON, state_is(JobState::Succeeded)).await;
@@ -158,7 +158,7 @@ async fn a_failure_no_retry_can_fix_fails_at_once_without_a_dead_letter() {
         async { Err::<GenerateResponse, _>(JobError::permanent("unknown model")) }
     });
 
-    let job = queue.submit(&request("bad"), "").await.unwrap().job;
+    let job = queue.submit(OWNER, &request("bad"), "", None).await.unwrap().job;
     let failed = wait_for(&queue, &job.id, SOON, state_is(JobState::Failed)).await;
 
     assert_eq!((failed.attempts, failed.error.as_str()), (1, "unknown model"));
@@ -180,9 +180,9 @@ async fn a_panicking_job_fails_and_the_worker_goes_on() {
         }
     });
 
-    let before = queue.submit(&request("boom before the future"), "").await.unwrap().job;
-    let inside = queue.submit(&request("boom inside the future"), "").await.unwrap().job;
-    let fine = queue.submit(&request("fine"), "").await.unwrap().job;
+    let before = queue.submit(OWNER, &request("boom before the future"), "", None).await.unwrap().job;
+    let inside = queue.submit(OWNER, &request("boom inside the future"), "", None).await.unwrap().job;
+    let fine = queue.submit(OWNER, &request("fine"), "", None).await.unwrap().job;
 
     for boom in [before, inside] {
         let failed = wait_for(&queue, &boom.id, SOON, state_is(JobState::Failed)).await;
@@ -196,7 +196,7 @@ async fn a_panicking_job_fails_and_the_worker_goes_on() {
 async fn jobs_of_a_crashed_worker_are_taken_over_after_the_claim_idle_time() {
     let redis = RedisServer::start().await;
     let queue = connect(&redis, QueueConfig { claim_idle_ms: 200, ..config() }).await;
-    let job = queue.submit(&request("orphan"), "").await.unwrap().job;
+    let job = queue.submit(OWNER, &request("orphan"), "", None).await.unwrap().job;
 
     // The crashed worker got as far as starting its attempt.
     let (_entry, job_id) = redis.read_and_crash().await;
@@ -220,7 +220,7 @@ async fn jobs_of_a_crashed_worker_are_taken_over_after_the_claim_idle_time() {
 async fn a_job_whose_last_attempt_died_with_its_worker_is_dead_lettered_not_run_again() {
     let redis = RedisServer::start().await;
     let queue = connect(&redis, QueueConfig { claim_idle_ms: 200, max_retries: 1, ..config() }).await;
-    let job = queue.submit(&request("crashes its worker"), "").await.unwrap().job;
+    let job = queue.submit(OWNER, &request("crashes its worker"), "", None).await.unwrap().job;
 
     // Its second and last attempt took its worker down with it.
     redis.read_and_crash().await;
@@ -247,7 +247,7 @@ async fn a_job_whose_last_attempt_died_with_its_worker_is_dead_lettered_not_run_
 async fn a_job_that_finished_before_its_worker_crashed_is_acknowledged_not_run_again() {
     let redis = RedisServer::start().await;
     let queue = connect(&redis, QueueConfig { claim_idle_ms: 200, ..config() }).await;
-    let job = queue.submit(&request("done already"), "").await.unwrap().job;
+    let job = queue.submit(OWNER, &request("done already"), "", None).await.unwrap().job;
 
     // The crashed worker stored its result (and SUCCEEDED, as one step), then died before XACK.
     let (_entry, _) = redis.read_and_crash().await;
@@ -263,8 +263,8 @@ async fn a_job_that_finished_before_its_worker_crashed_is_acknowledged_not_run_a
         .await
         .unwrap();
     // And a cancelled job's entry is waiting on the stream too.
-    let cancelled = queue.submit(&request("cancelled"), "").await.unwrap().job;
-    queue.cancel(&cancelled.id).await.unwrap();
+    let cancelled = queue.submit(OWNER, &request("cancelled"), "", None).await.unwrap().job;
+    queue.cancel(OWNER, &cancelled.id).await.unwrap();
 
     let runs = Arc::new(AtomicU32::new(0));
     let counter = runs.clone();
@@ -279,10 +279,10 @@ async fn a_job_that_finished_before_its_worker_crashed_is_acknowledged_not_run_a
     }
 
     assert_eq!(runs.load(Ordering::SeqCst), 0, "neither job ran");
-    let kept = queue.get(&job.id).await.unwrap().unwrap();
+    let kept = queue.get(OWNER, &job.id).await.unwrap().unwrap();
     assert_eq!((kept.state(), kept.attempts), (JobState::Succeeded, 1));
     assert_eq!(kept.result.unwrap().text, "the first and only result");
-    assert_eq!(queue.get(&cancelled.id).await.unwrap().unwrap().state(), JobState::Cancelled);
+    assert_eq!(queue.get(OWNER, &cancelled.id).await.unwrap().unwrap().state(), JobState::Cancelled);
     worker.stop().await;
 }
 
@@ -303,7 +303,7 @@ async fn a_long_job_keeps_its_claim_and_is_not_run_twice() {
     };
     let workers = [spawn_worker(&queue, "w1", execute.clone()), spawn_worker(&queue, "w2", execute)];
 
-    let job = queue.submit(&request("takes a while"), "").await.unwrap().job;
+    let job = queue.submit(OWNER, &request("takes a while"), "", None).await.unwrap().job;
     let done = wait_for(&queue, &job.id, SOON, state_is(JobState::Succeeded)).await;
 
     assert_eq!((done.attempts, runs.load(Ordering::SeqCst)), (1, 1), "the heartbeat kept the other worker off");
@@ -326,16 +326,16 @@ async fn cancel_refuses_a_running_job_and_takes_one_out_of_its_retry_wait() {
         }
     });
 
-    let job = queue.submit(&request("x"), "").await.unwrap().job;
+    let job = queue.submit(OWNER, &request("x"), "", None).await.unwrap().job;
     wait_for(&queue, &job.id, SOON, state_is(JobState::Running)).await;
-    let error = queue.cancel(&job.id).await.unwrap_err();
+    let error = queue.cancel(OWNER, &job.id).await.unwrap_err();
     assert!(matches!(error, QueueError::NotCancellable { state: JobState::Running, .. }), "{error:?}");
     assert_eq!(queue.stats().await.unwrap().pending, 1);
 
     release.notify_one();
     wait_for(&queue, &job.id, SOON, |job| job.state() == JobState::Queued && job.attempts == 1).await;
     assert_eq!(queue.stats().await.unwrap().delayed, 1);
-    let cancelled = queue.cancel(&job.id).await.unwrap();
+    let cancelled = queue.cancel(OWNER, &job.id).await.unwrap().job;
     assert_eq!(cancelled.state(), JobState::Cancelled);
     assert_eq!(cancelled.error, "try later", "the last error stays");
     assert_eq!(queue.stats().await.unwrap(), QueueStats::default(), "out of the delayed set");
@@ -350,7 +350,7 @@ async fn shutdown_is_prompt_and_the_abandoned_job_is_taken_over() {
         tokio::time::sleep(Duration::from_secs(3_600)).await;
         Err::<GenerateResponse, _>(JobError::retryable("unreachable"))
     });
-    let job = queue.submit(&request("handed over"), "").await.unwrap().job;
+    let job = queue.submit(OWNER, &request("handed over"), "", None).await.unwrap().job;
     wait_for(&queue, &job.id, SOON, state_is(JobState::Running)).await;
 
     let took = stuck.stop().await;
@@ -388,7 +388,7 @@ async fn a_worker_pauses_while_redis_is_down_then_resumes_where_it_left_off() {
     let port = redis.port;
     let queue = connect(&redis, config()).await;
     let worker = spawn_worker(&queue, "w1", echo_execute);
-    let job = queue.submit(&request("before"), "").await.unwrap().job;
+    let job = queue.submit(OWNER, &request("before"), "", None).await.unwrap().job;
     wait_for(&queue, &job.id, SOON, state_is(JobState::Succeeded)).await;
 
     redis.kill().await;
@@ -401,7 +401,7 @@ async fn a_worker_pauses_while_redis_is_down_then_resumes_where_it_left_off() {
     let _redis = RedisServer::start_on(port).await;
     let deadline = Instant::now() + SOON;
     let job = loop {
-        match queue.submit(&request("after"), "").await {
+        match queue.submit(OWNER, &request("after"), "", None).await {
             Ok(submitted) => break submitted.job,
             Err(error) => {
                 assert!(error.is_unavailable() && Instant::now() < deadline, "{error:?}");

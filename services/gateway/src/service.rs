@@ -100,21 +100,27 @@ impl Gateway for GatewayService {
     }
 
     async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
-        jobs::submit(&self.inner.jobs, &self.inner.admission, request).await
+        let admission = &self.inner.admission;
+        // Jobs are admitted exactly as generate calls are; the job then holds the tokens.
+        let admit = async |extensions: &http::Extensions, generate: &generation::GenerateRequest| {
+            let admitted = admission.admit(extensions, generate.clone()).await?;
+            Ok((admitted.principal, admitted.tokens.into_held()))
+        };
+        self.inner.jobs.submit(request, admission.limiter(), admit).await
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<GetJobResponse>, Status> {
-        jobs::get(&self.inner.jobs, request).await
+        self.inner.jobs.get(request).await
     }
 
     type WatchJobStream = jobs::WatchStream;
 
     async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
-        jobs::watch(&self.inner.jobs, request).await
+        self.inner.jobs.watch(request).await
     }
 
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
-        jobs::cancel(&self.inner.jobs, request).await
+        self.inner.jobs.cancel(request, self.inner.admission.limiter()).await
     }
 
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {

@@ -36,6 +36,29 @@ pub struct Config {
     pub max_upstream_response_bytes: u64,
     /// The job queue this process works on (no workers when `redis_url` is unset).
     pub queue: QueueSettings,
+    /// Where the workers settle the token reservations of the jobs they end.
+    pub rate_limit: RateLimitSettings,
+}
+
+/// `[generation.rate_limit]`: the Redis of the gateways' rate limiter
+/// (`gateway.rate_limit.redis_url`), where a job's token reservation is settled once the job ends:
+/// the unused part given back, an excess charged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// Unset: the queue's Redis (`queue.redis_url`), where the gateways' limiter usually is too.
+    /// Set it when the gateways limit on another Redis: settling elsewhere would change nothing
+    /// the gateways see.
+    pub redis_url: Option<String>,
+    /// Longest wait for one settlement; past it the reservation stays charged (the way of the
+    /// limit) and the worker goes on.
+    pub timeout_ms: u64,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self { redis_url: None, timeout_ms: 1_000 }
+    }
 }
 
 impl Default for Config {
@@ -50,6 +73,7 @@ impl Default for Config {
             fault_models: false,
             max_upstream_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             queue: QueueSettings::default(),
+            rate_limit: RateLimitSettings::default(),
         }
     }
 }

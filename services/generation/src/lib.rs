@@ -26,7 +26,7 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let service = GenerationService::new(&config)?;
     let (stop_workers, workers_stop) = tokio::sync::watch::channel(false);
-    workers::start(&config.queue, &service, workers_stop).await?;
+    workers::start(&config.queue, &config.rate_limit, &service, workers_stop).await?;
     let shutdown = async move {
         shutdown.await;
         let _ = stop_workers.send(true);

@@ -1,4 +1,10 @@
 //! The queue workers a generation process runs beside its gRPC service.
+//!
+//! Each job's token reservation, taken by the gateway when the job was submitted, is settled by
+//! the worker that ends the job ([`JobTokens`]): on the gateways' limiter Redis, with the same
+//! GCRA and the same key as the gateways' own reservations, so the next reservation any gateway
+//! takes for that API key sees what the job really used. A reservation a gateway replica took in
+//! its own memory (no Redis for its limiter) cannot be reached from here and stays charged there.
 
 use std::{
     sync::{
@@ -8,16 +14,20 @@ use std::{
     time::Duration,
 };
 
-use llmesh_queue::{JobQueue, QueueSettings, Worker};
+use llmesh_common::redact::redact_url;
+use llmesh_queue::{JobQueue, QueueSettings, ReservationStore, Settlement, Worker};
+use llmesh_ratelimit::{Kind, Limit, RedisGcra};
 use opentelemetry::KeyValue;
 use tokio::sync::watch;
 
-use crate::GenerationService;
+use crate::{GenerationService, config::RateLimitSettings};
 
-/// Starts `settings.workers` workers when a queue is configured. They stop when `stop` turns true
-/// (a job in hand is abandoned and taken over by another worker later).
+/// Starts `settings.workers` workers when a queue is configured, settling the token reservations
+/// of the jobs they end on `rate_limit`'s Redis (the queue's by default). They stop when `stop`
+/// turns true (a job in hand is abandoned and taken over by another worker later).
 pub async fn start(
     settings: &QueueSettings,
+    rate_limit: &RateLimitSettings,
     service: &GenerationService,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -25,6 +35,7 @@ pub async fn start(
     let queue = JobQueue::connect(url, settings.options.clone())
         .await
         .map_err(|error| anyhow::anyhow!("cannot reach the job queue's redis: {error}"))?;
+    let tokens = JobTokens::new(rate_limit.redis_url.as_deref().unwrap_or(url), rate_limit.timeout_ms)?;
     watch_backlog(queue.clone(), stop.clone());
     let completed = llmesh_telemetry::meter()
         .u64_counter("llmesh.queue.jobs_completed")
@@ -33,7 +44,9 @@ pub async fn start(
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "generation".into());
     for i in 0..settings.workers {
         let consumer = format!("{host}-{}-{i}", std::process::id());
-        let worker = Worker::new(queue.clone(), consumer);
+        let tokens = tokens.clone();
+        let worker =
+            Worker::new(queue.clone(), consumer).settling_with(move |settlement| tokens.clone().settle(settlement));
         let service = service.clone();
         let completed = completed.clone();
         let mut stop = stop.clone();
@@ -61,6 +74,46 @@ pub async fn start(
     }
     tracing::info!(workers = settings.workers, "working on the job queue");
     Ok(())
+}
+
+/// Settles job token reservations on the gateways' limiter Redis.
+#[derive(Debug, Clone)]
+struct JobTokens {
+    gcra: RedisGcra,
+}
+
+impl JobTokens {
+    /// A lazy connection to `url`: a Redis that is down fails settlements, not the start-up.
+    fn new(url: &str, timeout_ms: u64) -> anyhow::Result<Self> {
+        let gcra = RedisGcra::new(url, Duration::from_millis(timeout_ms.max(1)))
+            .map_err(|error| anyhow::anyhow!("invalid rate_limit.redis_url {}: {error}", redact_url(url)))?;
+        Ok(Self { gcra })
+    }
+
+    /// Gives back what the job did not use, or charges what it used beyond its reservation. Once
+    /// per job: the queue hands each reservation to one worker.
+    async fn settle(self, settlement: Settlement) {
+        let Settlement { job_id, owner, reservation, used } = settlement;
+        if let ReservationStore::Local { replica } = &reservation.store {
+            tracing::debug!(%job_id, %replica, "the job's tokens were reserved in a gateway's memory: they stay charged there");
+            return;
+        }
+        let (Some(limit), Some(cost)) =
+            (Limit::per_minute(reservation.per_minute), llmesh_ratelimit::settlement(reservation.tokens, used))
+        else {
+            return;
+        };
+        match self.gcra.decide(&llmesh_ratelimit::key(Kind::Tokens, &owner), limit, cost).await {
+            Ok(decision) => {
+                tracing::debug!(%job_id, reserved = reservation.tokens, used, remaining = decision.remaining, "job tokens settled");
+            }
+            Err(failure) => tracing::warn!(
+                %job_id,
+                error = %failure,
+                "cannot settle the job's tokens; its reservation stays charged until the key's bucket fills again"
+            ),
+        }
+    }
 }
 
 /// Polls the queue's backlog every few seconds for the `llmesh_queue_jobs{state}` gauge (the

@@ -12,6 +12,7 @@ use crate::{
     error::{CorruptRecord, QueueError},
     keys::Keys,
     record::parse_state,
+    reservation::{Settlement, parse_reservation},
     scripts::{BEGIN_ATTEMPT_SCRIPT, COMPLETE_SCRIPT, GIVE_UP_SCRIPT, PROMOTE_DUE_SCRIPT, SCHEDULE_RETRY_SCRIPT},
 };
 
@@ -41,15 +42,28 @@ pub(crate) enum Begin {
 /// How an attempt ends.
 #[derive(Debug)]
 pub(crate) enum Ending {
-    Succeeded { result: Vec<u8> },
-    Retry { delay: Duration, error: String },
-    GiveUp { state: JobState, error: String },
+    /// `used`: the tokens the answer reported using; `None` when it reported none (the
+    /// reservation then stands whole).
+    Succeeded {
+        result: Vec<u8>,
+        used: Option<u32>,
+    },
+    Retry {
+        delay: Duration,
+        error: String,
+    },
+    GiveUp {
+        state: JobState,
+        error: String,
+    },
 }
 
 /// What ending an attempt did.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Ended {
-    Applied,
+    /// The job moved on; when that made it terminal and it had reserved tokens, they are this
+    /// worker's to settle (and no one else's).
+    Applied(Option<Settlement>),
     /// The job had finished meanwhile (another worker's result, or a cancel): nothing changed.
     AlreadyFinished(JobState),
     /// Another worker took the job over and started a newer attempt: nothing changed.
@@ -150,7 +164,7 @@ impl Deliveries {
     pub async fn end(&self, delivery: &Delivery, attempt: u32, ending: &Ending) -> Result<Ended, QueueError> {
         let keys = &self.keys;
         let (operation, invocation) = match ending {
-            Ending::Succeeded { result } => {
+            Ending::Succeeded { result, .. } => {
                 let mut invocation = COMPLETE_SCRIPT.key(keys.job(&delivery.job_id));
                 invocation.key(&keys.stream).key(&keys.delayed);
                 invocation.arg(&self.group).arg(&delivery.entry).arg(&delivery.job_id).arg(attempt);
@@ -172,9 +186,19 @@ impl Deliveries {
                 ("give up on a job", invocation)
             }
         };
-        let outcome: Vec<u8> = self.conn.invoke(operation, &invocation).await?;
+        let (outcome, reservation): (Vec<u8>, Vec<Option<Vec<u8>>>) = self.conn.invoke(operation, &invocation).await?;
         match outcome.as_slice() {
-            b"applied" => Ok(Ended::Applied),
+            b"applied" => {
+                let reservation = parse_reservation(reservation)
+                    .map_err(|cause| QueueError::Corrupt { id: delivery.job_id.clone(), cause })?;
+                Ok(Ended::Applied(reservation.map(|(owner, reservation)| {
+                    let used = match ending {
+                        Ending::Succeeded { used, .. } => used.unwrap_or(reservation.tokens),
+                        Ending::Retry { .. } | Ending::GiveUp { .. } => 0,
+                    };
+                    Settlement { job_id: delivery.job_id.clone(), owner, reservation, used }
+                })))
+            }
             b"stale" => Ok(Ended::Stale),
             b"gone" => Ok(Ended::Gone),
             _ => parse_state(outcome)

@@ -9,12 +9,16 @@
 //!
 //! While a job runs, the worker re-claims its delivery every third of the claim idle time: a long
 //! job is not mistaken for one whose worker died.
+//!
+//! When the worker's step makes a job terminal, and the job reserved tokens, the worker settles
+//! them through the function given to [`Worker::settling_with`] (without one they stay charged):
+//! with the usage the answer reported, or none for a job that failed or was dead-lettered.
 
 mod delivery;
 
-use std::{convert::Infallible, future::Future, panic::AssertUnwindSafe, pin::pin, time::Duration};
+use std::{convert::Infallible, future::Future, panic::AssertUnwindSafe, pin::pin, sync::Arc, time::Duration};
 
-use futures::FutureExt as _;
+use futures::{FutureExt as _, future::BoxFuture};
 use llmesh_proto::{
     gateway::v1::JobState,
     generation::v1::{GenerateRequest, GenerateResponse},
@@ -28,6 +32,7 @@ use crate::{
     JobQueue,
     backoff::{Backoff, OutageBackoff},
     error::{JobError, QueueError, error_chain},
+    reservation::Settlement,
 };
 
 /// Longest a single blocking read waits. Shutdown does not wait for it (the loop is dropped);
@@ -38,18 +43,44 @@ const MIN_BLOCK: Duration = Duration::from_millis(5);
 /// Pauses after a failed step (Redis down): from 100 ms, doubling, up to 5 s.
 const OUTAGE_PAUSE: Backoff = Backoff::from_millis(100, 5_000);
 
+/// Settles the token reservation of a job this worker ended.
+type Settle = Arc<dyn Fn(Settlement) -> BoxFuture<'static, ()> + Send + Sync>;
+
 /// Takes jobs off a queue and runs them.
-#[derive(Debug)]
 pub struct Worker {
     queue: JobQueue,
     consumer: String,
+    settle: Option<Settle>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("queue", &self.queue)
+            .field("consumer", &self.consumer)
+            .field("settles", &self.settle.is_some())
+            .finish()
+    }
 }
 
 impl Worker {
     /// `consumer_name` names this worker in the consumer group: unique among live workers, and
     /// best stable across restarts of the same worker (a host name and an index).
     pub fn new(queue: JobQueue, consumer_name: impl Into<String>) -> Self {
-        Self { queue, consumer: consumer_name.into() }
+        Self { queue, consumer: consumer_name.into(), settle: None }
+    }
+
+    /// Settles the token reservations of the jobs this worker ends with `settle`, awaited before
+    /// the worker takes its next job (so bound it in time). Each reservation comes once, to one
+    /// worker (see [`Settlement`]). Failures are `settle`'s to log: the job has ended either way.
+    #[must_use]
+    pub fn settling_with<S, Fut>(mut self, settle: S) -> Self
+    where
+        S: Fn(Settlement) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.settle = Some(Arc::new(move |settlement| settle(settlement).boxed()));
+        self
     }
 
     /// Runs jobs until `shutdown` resolves. `execute` runs one attempt; its error says whether
@@ -65,7 +96,7 @@ impl Worker {
         Fut: Future<Output = Result<GenerateResponse, JobError>>,
     {
         let span = tracing::info_span!("worker", consumer = %self.consumer, stream = %self.queue.keys().stream);
-        let worker = WorkerLoop::new(&self.queue, self.consumer, execute)?;
+        let worker = WorkerLoop::new(&self.queue, self.consumer, execute, self.settle)?;
         worker.run(shutdown).instrument(span).await;
         Ok(())
     }
@@ -75,6 +106,7 @@ impl Worker {
 struct WorkerLoop<F> {
     deliveries: Deliveries,
     execute: F,
+    settle: Option<Settle>,
     max_attempts: u32,
     retry_backoff: Backoff,
     rng: fastrand::Rng,
@@ -91,7 +123,7 @@ where
     F: Fn(GenerateRequest) -> Fut,
     Fut: Future<Output = Result<GenerateResponse, JobError>>,
 {
-    fn new(queue: &JobQueue, consumer: String, execute: F) -> Result<Self, QueueError> {
+    fn new(queue: &JobQueue, consumer: String, execute: F, settle: Option<Settle>) -> Result<Self, QueueError> {
         let config = queue.config();
         let limit = config.worker_response_timeout();
         let conn = queue.open_connection(limit, MAX_BLOCK + limit)?;
@@ -99,6 +131,7 @@ where
         Ok(Self {
             deliveries: Deliveries::new(conn, queue.keys().clone(), config, consumer),
             execute,
+            settle,
             max_attempts: config.max_attempts(),
             retry_backoff: Backoff::new(
                 Duration::from_millis(config.backoff_base_ms),
@@ -200,7 +233,10 @@ where
 
     fn ending(&mut self, attempt: u32, outcome: Result<GenerateResponse, JobError>) -> Ending {
         match outcome {
-            Ok(response) => Ending::Succeeded { result: response.encode_to_vec() },
+            Ok(response) => {
+                let used = response.usage.map(|usage| usage.total_tokens);
+                Ending::Succeeded { result: response.encode_to_vec(), used }
+            }
             Err(JobError { retryable: true, message }) if attempt < self.max_attempts => {
                 Ending::Retry { delay: self.retry_backoff.delay(attempt, &mut self.rng), error: message }
             }
@@ -231,6 +267,14 @@ where
             }
         };
         log_ending(attempt, &ending, &ended);
+        if let Ended::Applied(Some(settlement)) = ended {
+            match &self.settle {
+                Some(settle) => settle(settlement).await,
+                None => {
+                    tracing::debug!(tokens = settlement.reservation.tokens, "no settler: the reservation stays charged")
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -282,11 +326,11 @@ async fn keep_claimed(deliveries: &Deliveries, delivery: &Delivery, every: Durat
 
 fn log_ending(attempt: u32, ending: &Ending, ended: &Ended) {
     match (ended, ending) {
-        (Ended::Applied, Ending::Succeeded { .. }) => tracing::debug!(attempt, "job succeeded"),
-        (Ended::Applied, Ending::Retry { delay, error }) => {
+        (Ended::Applied(_), Ending::Succeeded { .. }) => tracing::debug!(attempt, "job succeeded"),
+        (Ended::Applied(_), Ending::Retry { delay, error }) => {
             tracing::info!(attempt, delay_ms = delay.as_millis(), %error, "attempt failed; retry scheduled");
         }
-        (Ended::Applied, Ending::GiveUp { state, error }) => {
+        (Ended::Applied(_), Ending::GiveUp { state, error }) => {
             tracing::warn!(attempt, state = state.as_str_name(), %error, "job failed for good");
         }
         (Ended::AlreadyFinished(state), _) => {

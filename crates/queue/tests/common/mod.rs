@@ -8,6 +8,7 @@ use std::{
     future::Future,
     net::TcpListener,
     process::Stdio,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -15,7 +16,7 @@ use llmesh_proto::{
     gateway::v1::Job,
     generation::v1::{GenerateRequest, GenerateResponse},
 };
-use llmesh_queue::{JobError, JobQueue, QueueConfig, QueueError, Worker};
+use llmesh_queue::{JobError, JobQueue, QueueConfig, QueueError, Settlement, Worker};
 use tokio::{
     process::{Child, Command},
     sync::oneshot,
@@ -85,6 +86,12 @@ impl RedisServer {
     }
 }
 
+/// Who submits the tests' jobs.
+pub const OWNER: &str = "alice";
+
+/// A well-formed job id that no job has.
+pub const NO_SUCH_JOB: &str = "job-00000000000000000000000000000000";
+
 /// Settings for tests: quick retries, a roomy response timeout (a busy test machine is slow).
 pub fn config() -> QueueConfig {
     QueueConfig {
@@ -124,8 +131,32 @@ where
     F: Fn(GenerateRequest) -> Fut + Send + 'static,
     Fut: Future<Output = Result<GenerateResponse, JobError>> + Send + 'static,
 {
+    run_worker(Worker::new(queue.clone(), name), execute)
+}
+
+/// The settlements workers handed over, in order.
+pub type Settled = Arc<Mutex<Vec<Settlement>>>;
+
+/// A worker that records the settlements it is handed in `settled`.
+pub fn spawn_settling_worker<F, Fut>(queue: &JobQueue, name: &str, execute: F, settled: &Settled) -> RunningWorker
+where
+    F: Fn(GenerateRequest) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<GenerateResponse, JobError>> + Send + 'static,
+{
+    let settled = settled.clone();
+    let worker = Worker::new(queue.clone(), name).settling_with(move |settlement| {
+        settled.lock().unwrap().push(settlement);
+        async {}
+    });
+    run_worker(worker, execute)
+}
+
+fn run_worker<F, Fut>(worker: Worker, execute: F) -> RunningWorker
+where
+    F: Fn(GenerateRequest) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<GenerateResponse, JobError>> + Send + 'static,
+{
     let (stop, stopped) = oneshot::channel::<()>();
-    let worker = Worker::new(queue.clone(), name);
     let task = tokio::spawn(worker.run(execute, async move {
         let _ = stopped.await;
     }));
@@ -146,7 +177,7 @@ impl RunningWorker {
 pub async fn wait_for(queue: &JobQueue, id: &str, within: Duration, done: impl Fn(&Job) -> bool) -> Job {
     let deadline = Instant::now() + within;
     loop {
-        let job = queue.get(id).await.unwrap();
+        let job = queue.get(OWNER, id).await.unwrap();
         match job {
             Some(job) if done(&job) => return job,
             _ if Instant::now() > deadline => panic!("job {id} did not get there within {within:?}: {job:?}"),

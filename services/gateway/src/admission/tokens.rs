@@ -58,6 +58,10 @@ impl TokenAdmission {
         &self.limits
     }
 
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
     /// Validates `request` and admits it for the caller the auth layer put in `extensions`
     /// (anonymous when auth is off).
     pub async fn admit(&self, extensions: &http::Extensions, request: GenerateRequest) -> Result<Admitted, Status> {
@@ -94,6 +98,11 @@ impl Tokens {
     /// Counts `tokens` more as received (streamed text, before the usage is known).
     pub fn received(&mut self, tokens: u32) {
         self.held.received(tokens);
+    }
+
+    /// The reservation itself, for a call whose tokens outlive it (a job: its worker settles them).
+    pub fn into_held(self) -> Held {
+        self.held
     }
 
     /// Settles with the usage the call is charged for (`None`: nothing — a cached answer, a

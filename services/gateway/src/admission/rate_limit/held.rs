@@ -5,6 +5,10 @@
 //! settles when the [`Held`] is dropped, with the tokens marked as received so far: nothing for
 //! a unary call that never answered, an estimate of the streamed text for a stream. Without this
 //! a cancelled call would keep its whole reservation (prompt plus `max_tokens`) charged.
+//!
+//! A job's reservation outlives the call that submitted it: the handler [`Held::detach`]es it and
+//! stores it with the job, and the worker that finishes the job (or the call that cancels it)
+//! settles it.
 
 use std::sync::Arc;
 
@@ -28,6 +32,11 @@ impl Held {
         self.reservation.as_ref().map(Reservation::quota).unwrap_or_default()
     }
 
+    /// The reservation held; `None` once it was settled or handed over.
+    pub fn reservation(&self) -> Option<&Reservation> {
+        self.reservation.as_ref()
+    }
+
     /// Counts `tokens` more as received by the caller (streamed text, before the usage is known).
     pub fn received(&mut self, tokens: u32) {
         self.received = self.received.saturating_add(tokens);
@@ -40,6 +49,13 @@ impl Held {
             Some(reservation) => self.limiter.settle_in_background(reservation, used),
             None => Quota::default(),
         }
+    }
+
+    /// Hands the reservation over to outlive the call: it is no longer settled on drop, and stays
+    /// charged until its new holder settles it (a job's, when the job ends). `None` only when
+    /// there is nothing left to hand over.
+    pub fn detach(mut self) -> Option<Reservation> {
+        self.reservation.take()
     }
 }
 
@@ -109,6 +125,16 @@ mod tests {
         held.received(20);
         drop(held);
         assert_eq!(left(&limiter).await, Some(950));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_detached_reservation_stays_charged_until_settled() {
+        let limiter = limiter();
+        let held = limiter.hold_tokens(&bob(), 600).await.unwrap();
+        let reservation = held.detach().unwrap();
+        assert_eq!(left(&limiter).await, Some(400), "not refunded when the held reservation went");
+        assert_eq!(limiter.settle(reservation, 100).await.remaining_tokens, Some(900));
+        assert_eq!(left(&limiter).await, Some(900));
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,10 +8,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use super::{
-    Kind,
-    gcra::{Cost, Decision, Limit},
-};
+use llmesh_ratelimit::{Cost, Decision, Kind, Limit};
 
 /// Keys kept at most. Only configured keys and `anonymous` ever reach the limiter, so this is a
 /// guard, not a working size.

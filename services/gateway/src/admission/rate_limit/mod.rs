@@ -8,8 +8,15 @@
 //! slower than `redis_timeout_ms`, each replica decides with its own in-process state (so N
 //! replicas allow up to N times the limit) and [`RateLimiter::local_fallbacks`] counts it.
 //! A limit of 0 is unlimited and costs nothing, not even a Redis call.
+//!
+//! The arithmetic, its Redis script and the key names are `llmesh-ratelimit`'s, shared with
+//! generation's workers, which settle the token reservations of jobs on the same Redis keys.
+//!
+//! A token reservation is settled where it was taken ([`Taken`]): one Redis took is settled in
+//! Redis, one the local limiter took (no Redis, or Redis failing at the time) in this replica's
+//! memory. When that place cannot be reached, the settlement goes the way of the limit: a refund
+//! is dropped, an excess is charged locally.
 
-pub mod gcra;
 mod held;
 mod layer;
 mod local;
@@ -29,10 +36,10 @@ use tonic::{
     metadata::{MetadataMap, MetadataValue},
 };
 
-pub use gcra::{Cost, Decision, Limit};
 pub use held::Held;
 pub use layer::{RateLimit, RateLimitLayer};
-pub use redis::decision_from_reply;
+pub use llmesh_ratelimit::{Cost, Decision, Limit, decision_from_reply, gcra};
+use llmesh_ratelimit::{Kind, key as redis_key};
 
 use self::{local::LocalLimiter, redis::RedisLimiter};
 use crate::admission::{RateLimitConfig, auth::Principal};
@@ -45,22 +52,6 @@ pub const REMAINING_TOKENS: &str = "x-ratelimit-remaining-tokens";
 pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 /// Rejection metadata read by gRPC clients' retry policies (negative: do not retry).
 pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
-
-/// Which limit of a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Requests,
-    Tokens,
-}
-
-impl Kind {
-    fn unit(self) -> &'static str {
-        match self {
-            Self::Requests => "requests",
-            Self::Tokens => "tokens",
-        }
-    }
-}
 
 /// What a key has left, for the response metadata. `None`: that limit is off.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -91,9 +82,20 @@ impl Quota {
     }
 }
 
+/// Where a reservation was taken, and so where it is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// In Redis: any process reaching that Redis can settle it (a job's worker does).
+    Shared,
+    /// In this replica's memory (no Redis configured, or Redis failing at the time): only this
+    /// replica can settle it.
+    Local,
+}
+
 /// Tokens taken from a key's budget before the call, to be settled with the real usage.
 /// Dropping it without [`RateLimiter::settle`] keeps the whole reservation charged; a call holds
-/// it as a [`Held`], which settles on drop.
+/// it as a [`Held`], which settles on drop; a job stores it ([`Held::detach`]) and its worker, or
+/// whoever cancels it, settles it.
 #[derive(Debug)]
 #[must_use = "settle the reservation once the usage is known"]
 pub struct Reservation {
@@ -102,11 +104,21 @@ pub struct Reservation {
     limit: Option<Limit>,
     tokens: u32,
     remaining: Option<u64>,
+    taken: Taken,
 }
 
 impl Reservation {
     pub fn tokens(&self) -> u32 {
         self.tokens
+    }
+
+    /// The key's token limit it was taken under; `None` when unlimited (nothing to settle).
+    pub fn limit(&self) -> Option<Limit> {
+        self.limit
+    }
+
+    pub fn taken(&self) -> Taken {
+        self.taken
     }
 
     /// Tokens the key had left once this reservation was taken.
@@ -121,6 +133,8 @@ pub struct RateLimiter {
     local: LocalLimiter,
     redis: Option<Arc<RedisLimiter>>,
     fallbacks: AtomicU64,
+    /// This replica's name for the reservations its local limiter took (unique per process).
+    replica: Arc<str>,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -156,7 +170,20 @@ impl RateLimiter {
             local: LocalLimiter::new(local::DEFAULT_CAPACITY),
             redis,
             fallbacks: AtomicU64::new(0),
+            replica: format!("gateway-{}", uuid::Uuid::now_v7().simple()).into(),
         })
+    }
+
+    /// This process's name for the reservations its local limiter takes: a job records it, so
+    /// that only this replica settles them.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// A reservation stored away from its call (with a job), made whole again to be settled
+    /// here: `tokens` taken from `id`'s budget of `per_minute` (0: unlimited, nothing to settle).
+    pub fn restore(&self, id: &str, tokens: u32, per_minute: u32, taken: Taken) -> Reservation {
+        Reservation { id: id.into(), limit: Limit::per_minute(per_minute), tokens, remaining: None, taken }
     }
 
     /// The principal's request limit; `None` when unlimited.
@@ -174,7 +201,7 @@ impl RateLimiter {
         let Some(limit) = self.request_limit(principal) else {
             return Ok(Quota::default());
         };
-        let decision = self.decide(&principal.id, Kind::Requests, limit, Cost::Take(1)).await;
+        let (decision, _) = self.decide(&principal.id, Kind::Requests, limit, Cost::Take(1)).await;
         if decision.allowed {
             Ok(Quota { remaining_requests: Some(decision.remaining), remaining_tokens: None })
         } else {
@@ -186,18 +213,25 @@ impl RateLimiter {
     /// tokens per minute, all or nothing.
     pub async fn reserve_tokens(&self, principal: &Principal, tokens: u32) -> Result<Reservation, Status> {
         let Some(limit) = self.token_limit(principal) else {
-            return Ok(Reservation { id: principal.id.clone(), limit: None, tokens, remaining: None });
+            return Ok(Reservation {
+                id: principal.id.clone(),
+                limit: None,
+                tokens,
+                remaining: None,
+                taken: Taken::Local,
+            });
         };
         if tokens > limit.burst {
             return Err(never_fits(tokens, limit, &principal.id));
         }
-        let decision = self.decide(&principal.id, Kind::Tokens, limit, Cost::Take(tokens)).await;
+        let (decision, taken) = self.decide(&principal.id, Kind::Tokens, limit, Cost::Take(tokens)).await;
         if decision.allowed {
             Ok(Reservation {
                 id: principal.id.clone(),
                 limit: Some(limit),
                 tokens,
                 remaining: Some(decision.remaining),
+                taken,
             })
         } else {
             Err(exhausted(Kind::Tokens, limit, &principal.id, decision))
@@ -211,19 +245,37 @@ impl RateLimiter {
     }
 
     /// Settles a reservation with the tokens really used: gives back the difference, or charges
-    /// the excess (even past the limit: the tokens are spent; later calls wait). Returns what the
-    /// key has left.
+    /// the excess (even past the limit: the tokens are spent; later calls wait), where the
+    /// reservation was taken. Returns what the key has left (what it had once the reservation
+    /// was taken, when the settlement could not be made).
     pub async fn settle(&self, reservation: Reservation, used_tokens: u32) -> Quota {
         let Some(limit) = reservation.limit else {
             return Quota::default();
         };
-        let cost = match used_tokens.cmp(&reservation.tokens) {
-            std::cmp::Ordering::Less => Cost::Refund(reservation.tokens - used_tokens),
-            std::cmp::Ordering::Greater => Cost::Force(used_tokens - reservation.tokens),
-            std::cmp::Ordering::Equal => return reservation.quota(),
+        let Some(cost) = llmesh_ratelimit::settlement(reservation.tokens, used_tokens) else {
+            return reservation.quota();
         };
-        let decision = self.decide(&reservation.id, Kind::Tokens, limit, cost).await;
-        Quota { remaining_requests: None, remaining_tokens: Some(decision.remaining) }
+        let decision = match reservation.taken {
+            Taken::Local => Some(self.local.decide(&reservation.id, Kind::Tokens, limit, cost)),
+            Taken::Shared => match self.decide_in_redis(&reservation.id, Kind::Tokens, limit, cost).await {
+                Some(decision) => Some(decision),
+                // Redis cannot take it now: the way of the limit. An excess is charged here (this
+                // replica's own calls wait for it); a refund is dropped (it stays charged in Redis,
+                // until the key's bucket fills again within the minute).
+                None if matches!(cost, Cost::Force(_)) => {
+                    self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                    Some(self.local.decide(&reservation.id, Kind::Tokens, limit, cost))
+                }
+                None => {
+                    tracing::debug!(key = %reservation.id, "Redis unavailable: a token refund is dropped");
+                    None
+                }
+            },
+        };
+        match decision {
+            Some(decision) => Quota { remaining_requests: None, remaining_tokens: Some(decision.remaining) },
+            None => reservation.quota(),
+        }
     }
 
     /// [`settle`](Self::settle) in the background, so that the answer does not wait for another
@@ -256,22 +308,26 @@ impl RateLimiter {
         self.redis.as_ref().is_some_and(|redis| redis.healthy())
     }
 
-    async fn decide(&self, id: &Arc<str>, kind: Kind, limit: Limit, cost: Cost) -> Decision {
-        if let Some(redis) = &self.redis {
-            if redis.should_try()
-                && let Ok(decision) = redis.decide(&redis_key(kind, id), limit, cost).await
-            {
-                return decision;
+    /// Decides in Redis when it is configured and answers, else in this replica's memory; says
+    /// which took the decision.
+    async fn decide(&self, id: &Arc<str>, kind: Kind, limit: Limit, cost: Cost) -> (Decision, Taken) {
+        if self.redis.is_some() {
+            if let Some(decision) = self.decide_in_redis(id, kind, limit, cost).await {
+                return (decision, Taken::Shared);
             }
             self.fallbacks.fetch_add(1, Ordering::Relaxed);
         }
-        self.local.decide(id, kind, limit, cost)
+        (self.local.decide(id, kind, limit, cost), Taken::Local)
     }
-}
 
-/// The Redis key of one limit of one key id.
-fn redis_key(kind: Kind, id: &str) -> String {
-    format!("llmesh:ratelimit:{}:{id}", kind.unit())
+    /// Redis' decision; `None` when none is configured, it failed, or it is being given a rest.
+    async fn decide_in_redis(&self, id: &str, kind: Kind, limit: Limit, cost: Cost) -> Option<Decision> {
+        let redis = self.redis.as_ref()?;
+        if !redis.should_try() {
+            return None;
+        }
+        redis.decide(&redis_key(kind, id), limit, cost).await.ok()
+    }
 }
 
 fn exhausted(kind: Kind, limit: Limit, id: &str, decision: Decision) -> Status {
@@ -456,5 +512,39 @@ mod tests {
     fn redis_keys_name_the_limit_and_the_key() {
         assert_eq!(redis_key(Kind::Requests, "team-a"), "llmesh:ratelimit:requests:team-a");
         assert_eq!(redis_key(Kind::Tokens, "team-a"), "llmesh:ratelimit:tokens:team-a");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restored_local_reservation_settles_in_this_replicas_memory() {
+        let limiter = limiter(0, 1_000);
+        let bob = principal("bob", None, None);
+        let taken = limiter.reserve_tokens(&bob, 900).await.unwrap();
+        assert_eq!(taken.taken(), Taken::Local, "no Redis configured");
+        assert_eq!(taken.limit(), Limit::per_minute(1_000));
+        // The call ends, the reservation lives on with a job (dropped here without settling).
+        let (tokens, per_minute) = (taken.tokens(), taken.limit().unwrap().burst);
+        drop(taken);
+        assert!(limiter.reserve_tokens(&bob, 900).await.is_err(), "still charged");
+        let restored = limiter.restore("bob", tokens, per_minute, Taken::Local);
+        assert_eq!(limiter.settle(restored, 0).await.remaining_tokens, Some(1_000));
+        assert!(limiter.reserve_tokens(&bob, 900).await.is_ok());
+        // Unlimited: nothing to settle.
+        let unlimited = limiter.restore("bob", 10, 0, Taken::Local);
+        assert_eq!(limiter.settle(unlimited, 0).await, Quota::default());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_reservation_is_never_refunded_into_local_memory() {
+        // No Redis: a reservation Redis took (restored from a job) cannot be refunded here.
+        let limiter = limiter(0, 1_000);
+        let bob = principal("bob", None, None);
+        let _local = limiter.reserve_tokens(&bob, 900).await.unwrap();
+        let shared = limiter.restore("bob", 900, 1_000, Taken::Shared);
+        assert_eq!(limiter.settle(shared, 0).await.remaining_tokens, None);
+        assert!(limiter.reserve_tokens(&bob, 200).await.is_err(), "the refund was dropped");
+        // An excess is charged here all the same: the way of the limit.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let shared = limiter.restore("bob", 100, 1_000, Taken::Shared);
+        assert_eq!(limiter.settle(shared, 600).await.remaining_tokens, Some(500));
     }
 }

@@ -274,3 +274,48 @@ async fn huge_fields_are_refused_and_grow_no_service() {
         assert!(after < before + 32 * 1024, "{} grew from {before} KiB to {after} KiB", service.name);
     }
 }
+
+#[tokio::test]
+async fn a_key_can_keep_its_cache_to_itself_or_off() {
+    let (a, a_entry) = key("a", "");
+    let (b, b_entry) = key("b", "");
+    let (private, private_entry) = key("private", r#",cache="private""#);
+    let (off, off_entry) = key("off", r#",cache="off""#);
+    let keys = format!("[{a_entry},{b_entry},{private_entry},{off_entry}]");
+    let mesh =
+        Mesh::start_with(MeshOptions { env: vec![("LLMESH_GATEWAY_AUTH__KEYS", keys)], ..Default::default() }).await;
+    let mut gateway = mesh.gateway().await;
+    fn ask(key: &str) -> tonic::Request<GenerateRequest> {
+        with_key(prompt("the same question"), key)
+    }
+
+    // The store after a miss runs in the background: ask until it has landed (bounded).
+    let shared = gateway.clone();
+    let cached_for = |key: String| {
+        let gateway = shared.clone();
+        eventually(Duration::from_secs(5), move || {
+            let (mut gateway, key) = (gateway.clone(), key.clone());
+            async move { gateway.generate(ask(&key)).await.ok()?.into_inner().cached.then_some(()) }
+        })
+    };
+    // Shared by default: an equal request of another key is answered from the cache.
+    assert!(!gateway.generate(ask(&a)).await.unwrap().into_inner().cached);
+    assert!(cached_for(b.clone()).await.is_some(), "shared keys share the cache");
+    // A private key neither reads the shared entry nor lets others read its own.
+    assert!(!gateway.generate(ask(&private)).await.unwrap().into_inner().cached, "read a shared entry");
+    assert!(cached_for(private.clone()).await.is_some(), "its own entry is kept");
+    // Off: never cached.
+    for _ in 0..2 {
+        assert!(!gateway.generate(ask(&off)).await.unwrap().into_inner().cached);
+    }
+    let only_cached = GenerateRequest { cache: CachePolicy::OnlyIfCached.into(), ..prompt("the same question") };
+    assert_eq!(gateway.generate(with_key(only_cached, &off)).await.unwrap_err().code(), Code::NotFound);
+    // Nobody can name another key's scope.
+    let sneaky = GenerateRequest {
+        metadata: [("llmesh.cache_scope".to_string(), "private".to_string())].into(),
+        ..prompt("the same question")
+    };
+    let status = gateway.generate(with_key(sneaky, &a)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("metadata"), "{status:?}");
+}

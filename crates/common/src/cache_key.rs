@@ -11,10 +11,15 @@ pub const KEY_FIELDS: &[&str] = &["model", "prompt", "messages", "max_tokens", "
 /// Fields that do not change the answer.
 pub const EXCLUDED_FIELDS: &[&str] = &[
     "user",            // who asked, not what
-    "metadata",        // caller's labels
+    "metadata",        // caller's labels (but for the scope below)
     "cache",           // how to use the cache, not what to generate
     "idempotency_key", // deduplication of submissions
 ];
+
+/// A `metadata` entry that scopes a cache entry to one owner: the gateway sets it to the API key's
+/// id for keys whose cache is private (clients cannot set `llmesh.` keys), so an equal request of
+/// another key has another cache key. Requests without it keep the keys they always had.
+pub const SCOPE_METADATA_KEY: &str = "llmesh.cache_scope";
 
 /// Bumped whenever the encoding changes, so old entries are simply never found.
 const VERSION: &[u8] = b"llmesh-cache-key-v1";
@@ -38,6 +43,10 @@ pub fn of(request: &GenerateRequest) -> String {
         hasher.bytes(stop.as_bytes());
     }
     hasher.optional(request.seed.map(i64::to_le_bytes).as_ref().map(<[u8; 8]>::as_slice));
+    if let Some(scope) = request.metadata.get(SCOPE_METADATA_KEY) {
+        hasher.bytes(SCOPE_METADATA_KEY.as_bytes());
+        hasher.bytes(scope.as_bytes());
+    }
     let digest = hasher.0.finalize();
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -121,6 +130,17 @@ mod tests {
         keys.sort();
         keys.dedup();
         assert_eq!(keys.len(), count, "two different requests share a key");
+    }
+
+    #[test]
+    fn a_private_scope_changes_the_key_and_only_it() {
+        let scoped = |owner: &str| GenerateRequest {
+            metadata: [(SCOPE_METADATA_KEY.to_string(), owner.to_string()), ("a".into(), "b".into())].into(),
+            ..base()
+        };
+        assert_ne!(of(&scoped("team-a")), of(&base()));
+        assert_ne!(of(&scoped("team-a")), of(&scoped("team-b")));
+        assert_eq!(of(&scoped("team-a")), of(&scoped("team-a")));
     }
 
     #[test]

@@ -26,11 +26,20 @@ pub const MODEL_PUNCTUATION: &str = "._:/@-";
 /// The most characters of a client's value that an error message repeats.
 pub const ECHO_CHARS: usize = 64;
 
+/// Metadata keys with this prefix are the mesh's own: the gateway adds them after validating a
+/// client's request (a queued job's trace context, [`RESERVED_METADATA_KEY`]; a private cache
+/// scope, [`crate::cache_key::SCOPE_METADATA_KEY`]) and refuses them from clients
+/// ([`no_reserved_metadata`]). They do not count against [`Limits::max_metadata_entries`], so a
+/// request with the most entries a client may send still passes when generation validates it
+/// again; their sizes are checked like any other entry's.
+pub const RESERVED_METADATA_PREFIX: &str = "llmesh.";
+
 /// The metadata key the gateway adds to a queued job's request (the submitter's trace context,
-/// [`llmesh_telemetry::JOB_TRACEPARENT_KEY`]) after validating it. It does not count against
-/// [`Limits::max_metadata_entries`], so a request with the most entries a client may send still
-/// passes when generation validates it again; its size is checked like any other entry's.
+/// [`llmesh_telemetry::JOB_TRACEPARENT_KEY`]); see [`RESERVED_METADATA_PREFIX`].
 pub const RESERVED_METADATA_KEY: &str = llmesh_telemetry::JOB_TRACEPARENT_KEY;
+
+/// The most reserved entries the mesh adds to one request (trace context, cache scope).
+const RESERVED_METADATA_ENTRIES: usize = 2;
 
 /// Room kept for `idempotency_key` in [`Limits::max_request_bytes`]: its rules are the job
 /// queue's, which allows far less than this.
@@ -118,7 +127,7 @@ impl Limits {
     /// The largest encoded generate request (gateway or generation, unary or stream, or a
     /// `SubmitJob`) that can pass [`generate_request`], plus a margin: what a server's
     /// `max_decoding_message_size` should be. A larger message cannot be valid, so it is refused
-    /// before it is read into memory. It grows with every limit here (93,660 bytes with the
+    /// before it is read into memory. It grows with every limit here (94,291 bytes with the
     /// defaults).
     pub fn max_request_bytes(&self) -> usize {
         let field = |bytes: usize| bytes.saturating_add(FIELD_FRAMING);
@@ -133,8 +142,8 @@ impl Limits {
             per_message.saturating_mul(self.max_messages),
             field(self.max_stop_bytes).saturating_mul(self.max_stop_sequences),
             field(self.max_user_bytes),
-            // The reserved key's entry is allowed beside the client's.
-            per_metadata_entry.saturating_mul(self.max_metadata_entries.saturating_add(1)),
+            // The mesh's own entries are allowed beside the client's.
+            per_metadata_entry.saturating_mul(self.max_metadata_entries.saturating_add(RESERVED_METADATA_ENTRIES)),
             field(IDEMPOTENCY_KEY_ALLOWANCE),
             SCALAR_FIELDS_BYTES,
         ]
@@ -251,8 +260,22 @@ fn stop(stop: &[String], limits: &Limits) -> Result<(), Status> {
     Ok(())
 }
 
+/// Refuses metadata keys a client may not set: those with [`RESERVED_METADATA_PREFIX`], which
+/// the mesh sets itself (a client naming another key's cache scope would read its private
+/// entries). For the gateway, on a client's request.
+pub fn no_reserved_metadata(request: &GenerateRequest) -> Result<(), Status> {
+    match request.metadata.keys().find(|key| key.starts_with(RESERVED_METADATA_PREFIX)) {
+        Some(key) => invalid(format!(
+            "metadata: keys starting with {RESERVED_METADATA_PREFIX:?} are the mesh's own; {} is not allowed",
+            echo(key)
+        )),
+        None => Ok(()),
+    }
+}
+
 fn metadata(metadata: &std::collections::HashMap<String, String>, limits: &Limits) -> Result<(), Status> {
-    let entries = metadata.len() - usize::from(metadata.contains_key(RESERVED_METADATA_KEY));
+    let reserved = metadata.keys().filter(|key| key.starts_with(RESERVED_METADATA_PREFIX)).count();
+    let entries = metadata.len() - reserved.min(RESERVED_METADATA_ENTRIES);
     if entries > limits.max_metadata_entries {
         return invalid(format!("metadata: {entries} entries exceed the limit of {}", limits.max_metadata_entries));
     }
@@ -314,6 +337,21 @@ mod tests {
 
     fn rejects(request: GenerateRequest, field: &str) {
         rejected(request, field);
+    }
+
+    #[test]
+    fn clients_may_not_set_the_meshs_own_metadata() {
+        let mine = GenerateRequest { metadata: metadata(&[("llmesh.cache_scope", "team-b")]), ..ok() };
+        let status = no_reserved_metadata(&mine).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().starts_with("metadata"), "{status:?}");
+        assert!(no_reserved_metadata(&GenerateRequest { metadata: metadata(&[("team", "a")]), ..ok() }).is_ok());
+        // The mesh's own entries pass generation's check beside the most a client may send.
+        let limits = Limits::default();
+        let mut full = many_metadata(limits.max_metadata_entries);
+        full.insert("llmesh.cache_scope".into(), "team-a".into());
+        full.insert(RESERVED_METADATA_KEY.into(), "00-trace".into());
+        assert!(generate_request(&GenerateRequest { metadata: full, ..ok() }, &limits).is_ok());
     }
 
     fn metadata(entries: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
@@ -540,7 +578,7 @@ mod tests {
             }
         }
         // The figure README and docs/OPERATIONS.md give.
-        assert_eq!(Limits::default().max_request_bytes(), 93_660);
+        assert_eq!(Limits::default().max_request_bytes(), 94_291);
     }
 
     #[test]

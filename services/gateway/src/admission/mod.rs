@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use auth::{AuthLayer, KeyStore, Principal, generate_key};
+
 pub use rate_limit::{Held, Quota, RateLimitLayer, RateLimiter};
 pub use shed::ShedLayer;
 pub use tokens::{Admitted, Price, TokenAdmission, Tokens};
@@ -58,6 +59,22 @@ pub struct ApiKey {
     pub models: Vec<String>,
     /// Overrides `shed.max_in_flight_per_key` for this key (0: no bound of its own).
     pub max_in_flight: Option<u32>,
+    /// Whether this key's answers are cached with everyone's (`shared`, the default), only for
+    /// itself (`private`), or not at all (`off`).
+    pub cache: CacheScope,
+}
+
+/// Whose cache a key's calls read and write.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheScope {
+    /// One cache for every key: an equal request from any key is answered from it.
+    #[default]
+    Shared,
+    /// Entries of this key's own, which no other key reads (nor this key another's).
+    Private,
+    /// Never cached, never answered from the cache.
+    Off,
 }
 
 /// `[gateway.rate_limit]`: per key, across every gateway replica sharing `redis_url`.

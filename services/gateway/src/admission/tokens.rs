@@ -8,13 +8,19 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use llmesh_common::validate::{self, Limits};
-use llmesh_proto::{common::v1::Usage, generation::v1::GenerateRequest};
+use llmesh_common::{
+    cache_key,
+    validate::{self, Limits},
+};
+use llmesh_proto::{
+    common::v1::{CachePolicy, Usage},
+    generation::v1::GenerateRequest,
+};
 use opentelemetry::KeyValue;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 
-use super::{Held, Principal, Quota, RateLimiter};
+use super::{CacheScope, Held, Principal, Quota, RateLimiter};
 use crate::{
     catalog::Catalog,
     metrics::{label, metrics},
@@ -64,8 +70,9 @@ impl TokenAdmission {
 
     /// Validates `request` and admits it for the caller the auth layer put in `extensions`
     /// (anonymous when auth is off).
-    pub async fn admit(&self, extensions: &http::Extensions, request: GenerateRequest) -> Result<Admitted, Status> {
+    pub async fn admit(&self, extensions: &http::Extensions, mut request: GenerateRequest) -> Result<Admitted, Status> {
         validate::generate_request(&request, &self.limits)?;
+        validate::no_reserved_metadata(&request)?;
         let principal = extensions.get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
         if !principal.allows(&request.model) {
             return Err(Status::permission_denied(format!(
@@ -73,12 +80,32 @@ impl TokenAdmission {
                 principal.id, request.model
             )));
         }
+        scope_cache(&mut request, &principal)?;
         let prompt_tokens = validate::estimated_tokens(validate::prompt_bytes(&request));
         let max_tokens = validate::effective_max_tokens(&request, &self.limits);
         let held = self.limiter.hold_tokens(&principal, prompt_tokens.saturating_add(max_tokens)).await?;
         let tokens = Tokens { held, who: principal.clone(), accounting: self.accounting.clone() };
         Ok(Admitted { principal, request: Arc::new(request), tokens })
     }
+}
+
+/// Applies the key's cache scope to its request: a private key's entries are its own (a scope in
+/// the cache key, see [`cache_key::SCOPE_METADATA_KEY`]); an `off` key's calls never touch the
+/// cache (and so `ONLY_IF_CACHED` finds nothing).
+fn scope_cache(request: &mut GenerateRequest, principal: &Principal) -> Result<(), Status> {
+    match principal.cache {
+        CacheScope::Shared => {}
+        CacheScope::Private => {
+            request.metadata.insert(cache_key::SCOPE_METADATA_KEY.to_string(), principal.id.to_string());
+        }
+        CacheScope::Off if request.cache == i32::from(CachePolicy::OnlyIfCached) => {
+            return Err(Status::not_found(
+                "cache: no cached answer for this request (policy ONLY_IF_CACHED; this key's answers are never cached)",
+            ));
+        }
+        CacheScope::Off => request.cache = CachePolicy::Bypass.into(),
+    }
+    Ok(())
 }
 
 /// The tokens a call holds until it settles.

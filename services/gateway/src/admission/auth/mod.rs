@@ -22,7 +22,7 @@ use serde::Deserialize;
 pub use key::{KEY_TAG, constant_time_eq, generate_key, prefix_of, sha256_hex};
 pub use layer::{API_KEY_HEADER, Auth, AuthLayer};
 
-use crate::admission::{ApiKey, AuthConfig};
+use crate::admission::{ApiKey, AuthConfig, CacheScope};
 
 /// The caller of a request, as the auth layer found it. Cheap to clone (the strings are shared).
 ///
@@ -40,6 +40,8 @@ pub struct Principal {
     pub models: Arc<[String]>,
     /// This key's own bound on calls in flight, overriding `[gateway.shed]`; `Some(0)` means none.
     pub max_in_flight: Option<u32>,
+    /// Whose cache this key's calls use.
+    pub cache: CacheScope,
 }
 
 impl Principal {
@@ -54,6 +56,7 @@ impl Principal {
             tokens_per_minute: None,
             models: Arc::new([]),
             max_in_flight: None,
+            cache: CacheScope::Shared,
         }
     }
 
@@ -73,6 +76,7 @@ impl Principal {
             tokens_per_minute: key.tokens_per_minute,
             models: key.models.iter().cloned().collect(),
             max_in_flight: key.max_in_flight,
+            cache: key.cache,
         }
     }
 }

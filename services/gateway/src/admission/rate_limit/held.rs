@@ -90,13 +90,7 @@ mod tests {
     }
 
     fn bob() -> Principal {
-        Principal {
-            id: "bob".into(),
-            requests_per_minute: None,
-            tokens_per_minute: None,
-            models: Arc::new([]),
-            max_in_flight: None,
-        }
+        Principal { id: "bob".into(), ..Principal::anonymous() }
     }
 
     /// Lets the background settlement run, then says how many tokens the key could take now.

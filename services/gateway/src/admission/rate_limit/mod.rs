@@ -365,13 +365,7 @@ mod tests {
     use super::*;
 
     fn principal(id: &str, requests: Option<u32>, tokens: Option<u32>) -> Principal {
-        Principal {
-            id: id.into(),
-            requests_per_minute: requests,
-            tokens_per_minute: tokens,
-            models: Arc::new([]),
-            max_in_flight: None,
-        }
+        Principal { id: id.into(), requests_per_minute: requests, tokens_per_minute: tokens, ..Principal::anonymous() }
     }
 
     fn limiter(requests: u32, tokens: u32) -> RateLimiter {

@@ -59,10 +59,10 @@ impl Service {
 
     fn grpc_service(self) -> &'static str {
         match self {
-            Self::Gateway => "llmesh.gateway.v1.Gateway",
-            Self::Generation => "llmesh.generation.v1.Generation",
-            Self::Cache => "llmesh.cache.v1.Cache",
-            Self::Health => "llmesh.health.v1.MeshHealth",
+            Self::Gateway => llmesh_proto::gateway::v1::gateway_server::SERVICE_NAME,
+            Self::Generation => llmesh_proto::generation::v1::generation_server::SERVICE_NAME,
+            Self::Cache => llmesh_proto::cache::v1::cache_server::SERVICE_NAME,
+            Self::Health => llmesh_proto::health::v1::mesh_health_server::SERVICE_NAME,
         }
     }
 

@@ -1,16 +1,14 @@
-//! Plumbing every llmesh service shares: configuration in layers, logging, the gRPC server
-//! runner (health, reflection, graceful shutdown), dependency checks and request validation.
+//! The runner every llmesh service shares: configuration in layers, logging, the gRPC server
+//! (health, reflection, tracing, message bounds, graceful shutdown) and dependency checks. The
+//! contract's rules (request validation, the cache key) live with the contract in `llmesh-proto`;
+//! small helpers any crate may use (redaction, error chains, task handles) in `llmesh-util`.
 
-pub mod cache_key;
 pub mod config;
 pub mod deps;
-pub mod errors;
 pub mod logging;
-pub mod redact;
 pub mod runtime;
 pub mod server;
 pub mod shutdown;
-pub mod validate;
 
 pub use config::{ServiceArgs, ServiceConfig};
 

@@ -263,7 +263,8 @@ impl Base {
         let Self { router, health, services, extra, routes: known, admin } = self;
         // Set only here, so it can be set only once.
         let _ = known.set(Arc::new(routes(&services, &extra)));
-        let _admin = admin.map(AbortOnDrop);
+        // Stops the admin listener when the server it belongs to stops.
+        let _admin = admin.map(llmesh_util::AbortOnDropHandle::new);
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
@@ -295,15 +296,6 @@ impl Base {
                 Ok(())
             }
         }
-    }
-}
-
-/// Stops a background task when the server it belongs to stops.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

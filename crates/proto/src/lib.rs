@@ -1,5 +1,7 @@
-//! The llmesh contract: generated messages, clients and servers for every service, and the
-//! encoded file descriptor set that each server registers for reflection.
+//! The llmesh contract: generated messages, clients and servers for every service, the encoded
+//! file descriptor set that each server registers for reflection, and the rules that go with the
+//! messages: what a valid request is ([`validate`]) and which of its fields key the cache
+//! ([`cache_key`]).
 
 #![allow(clippy::doc_markdown)]
 
@@ -33,7 +35,9 @@ pub mod health {
     }
 }
 
+pub mod cache_key;
 mod convert;
+pub mod validate;
 
 /// What generation tells its callers about a failure, in the status' metadata (a trailer when a
 /// stream fails): where it came from, so that a caller charges it to the right thing.

@@ -118,7 +118,7 @@ fn is_outage(error: &redis::RedisError) -> bool {
         )
 }
 
-pub(crate) use llmesh_common::errors::error_chain;
+pub(crate) use llmesh_util::errors::error_chain;
 
 /// A failed attempt at a job, as reported by the worker's `execute` function.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -8,8 +8,8 @@
 
 use std::{sync::Arc, time::Duration};
 
-use llmesh_common::redact::redact_url;
 use llmesh_proto::{gateway::v1::Job, generation::v1::GenerateRequest};
+use llmesh_util::redact::redact_url;
 use prost::Message as _;
 use redis::FromRedisValue;
 

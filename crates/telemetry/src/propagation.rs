@@ -55,12 +55,12 @@ pub fn extract_metadata(metadata: &MetadataMap) -> Context {
     opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)))
 }
 
+/// Where a queued job's request carries its submitter's trace context (a contract rule: reserved
+/// `metadata`, not part of the cache key).
+pub use llmesh_proto::validate::JOB_TRACEPARENT_KEY;
+
 /// The current context as a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`), for a job that is
 /// queued now and run later; `None` outside any trace.
-/// Where a queued job's request carries its submitter's trace context (`metadata` is free-form and
-/// not part of the cache key).
-pub const JOB_TRACEPARENT_KEY: &str = "llmesh.traceparent";
-
 pub fn current_traceparent() -> Option<String> {
     let cx = current_context();
     if !cx.span().span_context().is_valid() {

@@ -30,6 +30,7 @@ use std::{
 
 use futures::StreamExt as _;
 use llmesh_proto::cache::v1::{Relayed, WatchChangesResponse, watch_changes_response::Change};
+use llmesh_util::AbortOnDropHandle;
 use opentelemetry::{KeyValue, metrics::Counter};
 use prost::Message as _;
 use tokio::sync::{broadcast, watch};
@@ -69,16 +70,7 @@ pub struct Changes {
     /// Where changes go to the other replicas: `None` with the in-memory store.
     relay: Option<Arc<Publisher>>,
     /// The Redis subscription and the heartbeat, alive as long as the service is.
-    _tasks: Arc<[AbortOnDrop]>,
-}
-
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    _tasks: Arc<[AbortOnDropHandle<()>]>,
 }
 
 /// This replica's numbered messages on the channel. Publishes run concurrently and may reach
@@ -128,8 +120,13 @@ impl Changes {
                     failed: AtomicBool::new(false),
                 });
                 let tasks = [
-                    AbortOnDrop(tokio::spawn(subscribe(subscribe_urls, publisher.id, feed.clone(), complete_tx))),
-                    AbortOnDrop(tokio::spawn(heartbeat(publisher.clone()))),
+                    AbortOnDropHandle::new(tokio::spawn(subscribe(
+                        subscribe_urls,
+                        publisher.id,
+                        feed.clone(),
+                        complete_tx,
+                    ))),
+                    AbortOnDropHandle::new(tokio::spawn(heartbeat(publisher.clone()))),
                 ];
                 Self { feed, complete, relay: Some(publisher), _tasks: Arc::new(tasks) }
             }

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use llmesh_common::validate::Limits;
+use llmesh_proto::validate::Limits;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

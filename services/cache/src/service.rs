@@ -27,7 +27,7 @@ use llmesh_proto::{
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
-use llmesh_common::{
+use llmesh_proto::{
     cache_key as key,
     validate::{self, Limits},
 };

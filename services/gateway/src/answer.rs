@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use llmesh_common::cache_key;
+use llmesh_proto::cache_key;
 use llmesh_proto::{
     common::v1::Usage,
     generation::v1::{GenerateRequest, GenerateResponse},

@@ -76,16 +76,7 @@ pub struct Cache {
 #[derive(Debug, Clone)]
 struct Near {
     cache: Arc<NearCache>,
-    _follower: Arc<AbortOnDrop>,
-}
-
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    _follower: Arc<llmesh_util::AbortOnDropHandle<()>>,
 }
 
 /// What a request's cache policy allows.
@@ -132,7 +123,7 @@ impl Cache {
         let near = client.as_ref().and_then(|client| {
             let cache = Arc::new(NearCache::new(config)?);
             let follower = cache.follow(client.clone());
-            Some(Near { cache, _follower: Arc::new(AbortOnDrop(follower)) })
+            Some(Near { cache, _follower: Arc::new(llmesh_util::AbortOnDropHandle::new(follower)) })
         });
         Self { client, budget: Duration::from_millis(config.budget_ms), near }
     }
@@ -152,7 +143,7 @@ impl Cache {
         // The near cache holds fresh answers only: a stale one is the cache service's to give.
         let near = self.near.as_ref().map(|near| &near.cache).filter(|_| !allow_stale);
         if let Some(near) = near
-            && let Some(hit) = near.get(&llmesh_common::cache_key::of(request))
+            && let Some(hit) = near.get(&llmesh_proto::cache_key::of(request))
         {
             metrics().cache_requests.add(1, &[label("result", "hit"), label("tier", "near")]);
             return Some(hit);
@@ -205,7 +196,7 @@ impl Cache {
         if let Some(near) = &self.near
             && request.cache == i32::from(CachePolicy::Refresh)
         {
-            near.cache.forget(&llmesh_common::cache_key::of(&request));
+            near.cache.forget(&llmesh_proto::cache_key::of(&request));
         }
         let budget = self.budget;
         let span = tracing::info_span!("cache.store", otel.kind = "client");

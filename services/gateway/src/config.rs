@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use llmesh_common::validate::Limits;
+use llmesh_proto::validate::Limits;
 use llmesh_queue::QueueSettings;
 use serde::{Deserialize, Serialize};
 

@@ -2,7 +2,7 @@
 //! stream passed on as it arrives ([`relay`]), each settling the call's tokens once.
 
 use futures::StreamExt as _;
-use llmesh_common::validate;
+use llmesh_proto::validate;
 use llmesh_proto::{
     common::v1::FinishReason,
     gateway::v1 as gw,

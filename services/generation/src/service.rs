@@ -14,7 +14,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use anyhow::bail;
 use futures::{StreamExt as _, TryStreamExt as _};
-use llmesh_common::validate::{self, Limits};
+use llmesh_proto::validate::{self, Limits};
 use llmesh_proto::{
     common::v1::FinishReason,
     generation::v1::{

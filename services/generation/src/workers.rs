@@ -14,9 +14,9 @@ use std::{
     time::Duration,
 };
 
-use llmesh_common::redact::redact_url;
 use llmesh_queue::{JobQueue, QueueSettings, ReservationStore, Settlement, Worker};
 use llmesh_ratelimit::{Kind, Limit, RedisGcra};
+use llmesh_util::redact::redact_url;
 use opentelemetry::KeyValue;
 use tokio::sync::watch;
 

@@ -56,9 +56,9 @@ impl Default for Config {
             poll_interval_ms: 1_000,
             check_timeout_ms: 500,
             targets: vec![
-                Target::new("gateway", 50051, "llmesh.gateway.v1.Gateway"),
-                Target::new("generation", 50052, "llmesh.generation.v1.Generation"),
-                Target::new("cache", 50053, "llmesh.cache.v1.Cache"),
+                Target::new("gateway", 50051, llmesh_proto::gateway::v1::gateway_server::SERVICE_NAME),
+                Target::new("generation", 50052, llmesh_proto::generation::v1::generation_server::SERVICE_NAME),
+                Target::new("cache", 50053, llmesh_proto::cache::v1::cache_server::SERVICE_NAME),
             ],
         }
     }

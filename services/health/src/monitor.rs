@@ -3,7 +3,7 @@
 //!
 //! Target addresses may hold credentials (`redis://user:pass@host`, a token in a query string).
 //! Wherever the poller shows an address (a component's `address` and `detail`, metric labels,
-//! error messages) it shows it through [`redact_target`]: no user information, no query values.
+//! error messages) it shows it through [`redact_url`]: no user information, no query values.
 
 use std::{
     collections::BTreeMap,
@@ -14,6 +14,7 @@ use llmesh_common::deps;
 use llmesh_proto::health::v1::{
     Component, ServingStatus, StatusRequest, StatusResponse, mesh_health_client::MeshHealthClient,
 };
+use llmesh_util::redact::redact_url;
 use tokio::{sync::watch, time::Instant};
 use tonic::transport::Channel;
 use tonic_health::{
@@ -34,7 +35,7 @@ enum Probe {
 }
 
 /// The grpc.health.v1 name gateways answer to: their replicas' breakers are fetched too.
-const GATEWAY_SERVICE: &str = "llmesh.gateway.v1.Gateway";
+const GATEWAY_SERVICE: &str = llmesh_proto::gateway::v1::gateway_server::SERVICE_NAME;
 /// Where breaker components are grouped: optional, an open breaker degrades the mesh.
 const BREAKER_SERVICE: &str = "llmesh.gateway.v1.Gateway/breakers";
 
@@ -61,7 +62,7 @@ impl Monitor {
             .targets
             .iter()
             .map(|target| {
-                let shown = redact_target(&target.address);
+                let shown = redact_url(&target.address);
                 let probe = if target.address.starts_with("redis://") || target.address.starts_with("rediss://") {
                     // Not `?`: redis' error may quote the URL.
                     let client = redis::Client::open(target.address.as_str())
@@ -176,8 +177,8 @@ impl Monitor {
                 .into_iter()
                 .map(|c| Component {
                     service: BREAKER_SERVICE.into(),
-                    address: redact_target(&c.address),
-                    detail: format!("{} (seen by the gateway at {})", c.detail, redact_target(&gateway.address)),
+                    address: redact_url(&c.address),
+                    detail: format!("{} (seen by the gateway at {})", c.detail, redact_url(&gateway.address)),
                     ..c
                 })
                 .collect(),
@@ -219,7 +220,7 @@ impl Monitor {
         Component {
             name: target.name.clone(),
             service: target.service.clone(),
-            address: redact_target(&target.address),
+            address: redact_url(&target.address),
             status: status.into(),
             detail,
             latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -279,41 +280,6 @@ impl Monitor {
     }
 }
 
-/// `url` fit to show: user information (`user:password@`) becomes `***@`, every query value and
-/// the fragment `***`. Scheme, host, port and path stay, so that an operator can tell targets apart.
-pub fn redact_target(url: &str) -> String {
-    let (scheme, rest) = url.find("://").map_or(("", url), |i| url.split_at(i + 3));
-    let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
-    let mut shown = String::with_capacity(url.len());
-    shown.push_str(scheme);
-    match authority.rfind('@') {
-        Some(at) => {
-            shown.push_str("***@");
-            shown.push_str(&authority[at + 1..]);
-        }
-        None => shown.push_str(authority),
-    }
-    let (before_fragment, fragment) = tail.split_once('#').map_or((tail, None), |(a, b)| (a, Some(b)));
-    let (path, query) = before_fragment.split_once('?').map_or((before_fragment, None), |(a, b)| (a, Some(b)));
-    shown.push_str(path);
-    if let Some(query) = query {
-        shown.push('?');
-        let params: Vec<String> = query
-            .split('&')
-            .map(|param| match param.split_once('=') {
-                Some((name, _)) => format!("{name}=***"),
-                None if param.is_empty() => String::new(),
-                None => "***".to_string(),
-            })
-            .collect();
-        shown.push_str(&params.join("&"));
-    }
-    if fragment.is_some() {
-        shown.push_str("#***");
-    }
-    shown
-}
-
 /// One status per watched service name: SERVING when every replica serves, DEGRADED when some do,
 /// NOT_SERVING when none does.
 fn per_service(components: &[Component]) -> BTreeMap<String, ServingStatus> {
@@ -356,23 +322,6 @@ fn grpc_status(status: ServingStatus) -> tonic_health::ServingStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn credentials_in_target_urls_are_redacted() {
-        for (url, shown) in [
-            ("redis://user:hunter2@redis:6379/0", "redis://***@redis:6379/0"),
-            ("redis://:hunter2@redis:6379", "redis://***@redis:6379"),
-            ("rediss://redis:6379/0?password=hunter2&db=1", "rediss://redis:6379/0?password=***&db=***"),
-            ("http://gateway:50051", "http://gateway:50051"),
-            ("http://a:b@gateway:50051/x?token=hunter2#hunter2", "http://***@gateway:50051/x?token=***#***"),
-            // An `@` after the authority is not user information.
-            ("http://gateway:50051/path?mail=a@b", "http://gateway:50051/path?mail=***"),
-            ("dns://generation:50052", "dns://generation:50052"),
-            ("127.0.0.1:6379?hunter2", "127.0.0.1:6379?***"),
-        ] {
-            assert_eq!(redact_target(url), shown, "{url}");
-        }
-    }
 
     /// Components, their details and the metric labels (made from the components' addresses) show
     /// no credential, for a Redis target and a gRPC one, both unreachable.

@@ -120,8 +120,8 @@ impl Service {
     /// The fully qualified gRPC service name.
     pub fn grpc_name(self) -> &'static str {
         match self {
-            Self::Gateway => "llmesh.gateway.v1.Gateway",
-            Self::Generation => "llmesh.generation.v1.Generation",
+            Self::Gateway => llmesh_proto::gateway::v1::gateway_server::SERVICE_NAME,
+            Self::Generation => llmesh_proto::generation::v1::generation_server::SERVICE_NAME,
         }
     }
 }

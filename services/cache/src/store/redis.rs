@@ -109,7 +109,7 @@ impl RedisStore {
     /// Connects, and checks with a PING that Redis answers. Fails naming the URL (without its
     /// password) when it does not within the connect timeout.
     pub async fn connect(url: &str, config: &Config) -> anyhow::Result<Self> {
-        let shown = llmesh_common::redact::redact_url(url);
+        let shown = llmesh_util::redact::redact_url(url);
         let client = redis::Client::open(url).with_context(|| format!("invalid redis_url {shown}"))?;
         let connect_timeout = Duration::from_millis(config.redis_connect_timeout_ms);
         let manager_config = redis::aio::ConnectionManagerConfig::new()
@@ -127,7 +127,7 @@ impl RedisStore {
 
     /// Connects to a Redis Cluster through any of `nodes`, and checks it answers.
     pub async fn connect_cluster(nodes: &[String], config: &Config) -> anyhow::Result<Self> {
-        let shown: Vec<String> = nodes.iter().map(|n| llmesh_common::redact::redact_url(n)).collect();
+        let shown: Vec<String> = nodes.iter().map(|n| llmesh_util::redact::redact_url(n)).collect();
         let connect_timeout = Duration::from_millis(config.redis_connect_timeout_ms);
         let client = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
             .connection_timeout(connect_timeout)

@@ -8,13 +8,11 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use llmesh_common::{
-    cache_key,
-    validate::{self, Limits},
-};
 use llmesh_proto::{
+    cache_key,
     common::v1::{CachePolicy, Usage},
     generation::v1::GenerateRequest,
+    validate::{self, Limits},
 };
 use opentelemetry::KeyValue;
 use serde::{Deserialize, Serialize};

@@ -16,11 +16,11 @@ use std::{collections::VecDeque, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _};
-use llmesh_common::{errors::error_chain, redact::redact_url};
 use llmesh_proto::{
     common::v1::{FinishReason, Usage},
     generation::v1::GenerateRequest,
 };
+use llmesh_util::{errors::error_chain, redact::redact_url};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -347,7 +347,7 @@ fn prompt_chars(request: &GenerateRequest) -> usize {
 
 /// What llmesh reports when an upstream gives no usage.
 fn estimate(prompt_chars: usize, completion_chars: usize) -> Usage {
-    let tokens = llmesh_common::validate::estimated_tokens;
+    let tokens = llmesh_proto::validate::estimated_tokens;
     let (prompt_tokens, completion_tokens) = (tokens(prompt_chars), tokens(completion_chars));
     Usage {
         prompt_tokens,

@@ -14,15 +14,66 @@
 mod key;
 mod layer;
 
-use std::{collections::HashMap, fmt, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::{Context as _, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use key::{KEY_TAG, constant_time_eq, generate_key, prefix_of, sha256_hex};
 pub use layer::{API_KEY_HEADER, Auth, AuthLayer};
 
-use crate::admission::{ApiKey, AuthConfig, CacheScope};
+/// `[gateway.auth]`. With no keys at all, auth is off and every caller is `anonymous`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// TOML file with `[[keys]]` tables (same shape as `keys`), e.g. a mounted secret.
+    pub keys_file: Option<PathBuf>,
+    pub keys: Vec<ApiKey>,
+}
+
+/// One API key, stored as the SHA-256 of the key; `prefix` (the key's first characters) is public
+/// and finds the candidate to compare.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiKey {
+    /// Public name, used in metrics and logs.
+    pub id: String,
+    /// The team the key belongs to, if any (`llmesh keys new --team`); a key in no team stands
+    /// alone. Recorded for listings now; budgets per team build on it.
+    pub team: Option<String>,
+    pub prefix: String,
+    /// Hex SHA-256 of the whole key.
+    pub sha256: String,
+    /// Overrides `rate_limit.requests_per_minute` for this key.
+    pub requests_per_minute: Option<u32>,
+    /// Overrides `rate_limit.tokens_per_minute` for this key.
+    pub tokens_per_minute: Option<u32>,
+    /// Models this key may use; empty means all.
+    pub models: Vec<String>,
+    /// Overrides `shed.max_in_flight_per_key` for this key (0: no bound of its own).
+    pub max_in_flight: Option<u32>,
+    /// Whether this key's answers are cached with everyone's (`shared`, the default), only for
+    /// itself (`private`), or not at all (`off`).
+    pub cache: CacheScope,
+}
+
+/// Whose cache a key's calls read and write.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheScope {
+    /// One cache for every key: an equal request from any key is answered from it.
+    #[default]
+    Shared,
+    /// Entries of this key's own, which no other key reads (nor this key another's).
+    Private,
+    /// Never cached, never answered from the cache.
+    Off,
+}
 
 /// The caller of a request, as the auth layer found it. Cheap to clone (the strings are shared).
 ///

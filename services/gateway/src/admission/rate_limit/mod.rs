@@ -42,7 +42,28 @@ pub use llmesh_ratelimit::{Cost, Decision, Limit, decision_from_reply, gcra};
 use llmesh_ratelimit::{Kind, key as redis_key};
 
 use self::{local::LocalLimiter, redis::RedisLimiter};
-use crate::admission::{RateLimitConfig, auth::Principal};
+use serde::{Deserialize, Serialize};
+
+use crate::admission::auth::Principal;
+
+/// `[gateway.rate_limit]`: per key, across every gateway replica sharing `redis_url`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Shared limiter state; unset means each replica limits on its own.
+    pub redis_url: Option<String>,
+    /// Per key, unless the key says otherwise; 0 means unlimited.
+    pub requests_per_minute: u32,
+    pub tokens_per_minute: u32,
+    /// Longest wait for Redis before the local limiter decides instead.
+    pub redis_timeout_ms: u64,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self { redis_url: None, requests_per_minute: 0, tokens_per_minute: 0, redis_timeout_ms: 20 }
+    }
+}
 
 /// Response metadata: requests the key may still send right now.
 pub const REMAINING_REQUESTS: &str = "x-ratelimit-remaining-requests";

@@ -31,7 +31,7 @@ pub(super) struct RedisLimiter {
 impl RedisLimiter {
     /// A lazy connection: nothing is sent until the first call. Needs a Tokio runtime.
     pub(super) fn new(url: &str, timeout: Duration) -> anyhow::Result<Self> {
-        let redacted = llmesh_common::redact::redact_url(url);
+        let redacted = llmesh_util::redact::redact_url(url);
         let gcra = RedisGcra::new(url, timeout).with_context(|| format!("invalid rate_limit.redis_url {redacted}"))?;
         Ok(Self {
             gcra,

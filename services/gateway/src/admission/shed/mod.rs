@@ -28,7 +28,27 @@ use tower::{Layer, Service};
 
 pub use body::{PermitBody, Slots};
 
-use crate::admission::{Principal, ShedConfig, is_exempt};
+use serde::{Deserialize, Serialize};
+
+use crate::admission::{Principal, is_exempt};
+
+/// `[gateway.shed]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShedConfig {
+    /// Calls in flight at once (streams count until they end); more are refused at once with
+    /// RESOURCE_EXHAUSTED.
+    pub max_concurrency: usize,
+    /// Calls in flight at once for one key (a key's `max_in_flight` overrides it; 0: no bound), so
+    /// that one key cannot take the whole of `max_concurrency` from the others.
+    pub max_in_flight_per_key: u32,
+}
+
+impl Default for ShedConfig {
+    fn default() -> Self {
+        Self { max_concurrency: 1024, max_in_flight_per_key: 256 }
+    }
+}
 
 /// One key's bound on calls in flight, and its slots.
 type KeySlots = (u32, Arc<Semaphore>);

@@ -14,7 +14,7 @@
 //! `idempotency_key` (the job queue's rules; [`IDEMPOTENCY_KEY_ALLOWANCE`] is the room kept for it
 //! in [`Limits::max_request_bytes`]).
 
-use llmesh_proto::{common::v1::CachePolicy, generation::v1::GenerateRequest};
+use crate::{common::v1::CachePolicy, generation::v1::GenerateRequest};
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 
@@ -34,9 +34,12 @@ pub const ECHO_CHARS: usize = 64;
 /// again; their sizes are checked like any other entry's.
 pub const RESERVED_METADATA_PREFIX: &str = "llmesh.";
 
-/// The metadata key the gateway adds to a queued job's request (the submitter's trace context,
-/// [`llmesh_telemetry::JOB_TRACEPARENT_KEY`]); see [`RESERVED_METADATA_PREFIX`].
-pub const RESERVED_METADATA_KEY: &str = llmesh_telemetry::JOB_TRACEPARENT_KEY;
+/// Where a queued job's request carries its submitter's trace context (a W3C `traceparent`), so
+/// that the worker's span continues the submitter's trace; see [`RESERVED_METADATA_PREFIX`].
+pub const JOB_TRACEPARENT_KEY: &str = "llmesh.traceparent";
+
+/// The metadata key the gateway adds to a queued job's request: [`JOB_TRACEPARENT_KEY`].
+pub const RESERVED_METADATA_KEY: &str = JOB_TRACEPARENT_KEY;
 
 /// The most reserved entries the mesh adds to one request (trace context, cache scope).
 const RESERVED_METADATA_ENTRIES: usize = 2;
@@ -320,7 +323,7 @@ pub fn effective_max_tokens(request: &GenerateRequest, limits: &Limits) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llmesh_proto::common::v1::ChatMessage;
+    use crate::common::v1::ChatMessage;
     use prost::Message as _;
     use tonic::Code;
 
@@ -381,7 +384,7 @@ mod tests {
 
     #[test]
     fn every_request_field_is_bounded() {
-        let set = prost_types::FileDescriptorSet::decode(llmesh_proto::FILE_DESCRIPTOR_SET).expect("descriptor set");
+        let set = prost_types::FileDescriptorSet::decode(crate::FILE_DESCRIPTOR_SET).expect("descriptor set");
         for (package, message) in [
             ("llmesh.generation.v1", "GenerateRequest"),
             ("llmesh.generation.v1", "GenerateStreamRequest"),

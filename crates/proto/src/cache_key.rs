@@ -2,7 +2,7 @@
 //! output. Each field of `llmesh.generation.v1.GenerateRequest` must be listed either in
 //! [`KEY_FIELDS`] or in [`EXCLUDED_FIELDS`]; a test fails when a new field is in neither.
 
-use llmesh_proto::generation::v1::GenerateRequest;
+use crate::generation::v1::GenerateRequest;
 use sha2::{Digest, Sha256};
 
 /// Fields that change the answer, in the order they are encoded.
@@ -83,7 +83,7 @@ impl Canonical {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llmesh_proto::common::v1::ChatMessage;
+    use crate::common::v1::ChatMessage;
     use prost::Message as _;
 
     fn base() -> GenerateRequest {
@@ -92,7 +92,7 @@ mod tests {
 
     #[test]
     fn every_request_field_is_keyed_or_excluded() {
-        let set = prost_types::FileDescriptorSet::decode(llmesh_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let set = prost_types::FileDescriptorSet::decode(crate::FILE_DESCRIPTOR_SET).unwrap();
         let request = set
             .file
             .iter()

@@ -34,7 +34,7 @@ use tower::Service;
 use tracing::Instrument as _;
 
 pub use connect::connect;
-pub use endpoint::{Endpoint, Lease};
+pub use endpoint::{Endpoint, EndpointSettings, Lease};
 pub use pool::Pool;
 
 use super::{Ask, Call, Reply, Started, UpstreamError};

@@ -205,3 +205,99 @@ impl Breakers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use tonic::Status;
+    use tower::{Layer as _, ServiceExt as _, service_fn};
+
+    use super::*;
+    use crate::{
+        deadline::Deadline,
+        pipeline::{
+            Call, Reply,
+            balance::{EndpointSettings, Pool},
+            testing,
+            timeout::PerTryTimeoutLayer,
+        },
+    };
+
+    fn pool() -> Arc<Pool> {
+        let settings = EndpointSettings {
+            connect_timeout: Duration::from_millis(100),
+            ewma_decay: Duration::from_secs(10),
+            penalty: Duration::from_secs(1),
+            breaker: BreakerConfig { consecutive_failures: 3, ..BreakerConfig::default() },
+        };
+        let pool = Arc::new(Pool::new(settings));
+        pool.set(&["http://127.0.0.1:1".to_string()]);
+        pool
+    }
+
+    /// A balancer stand-in: leases from `pool` as the real one does, then answers with `answer`
+    /// after `delay`.
+    fn balancer(
+        pool: Arc<Pool>,
+        delay: Duration,
+        answer: fn() -> Result<Reply, UpstreamError>,
+    ) -> impl tower::Service<Call, Response = Reply, Error = UpstreamError, Future: Send> + Clone {
+        service_fn(move |call: Call| {
+            let lease = pool.lease(call.ask.request());
+            async move {
+                call.pick.put(lease?);
+                tokio::time::sleep(delay).await;
+                answer()
+            }
+        })
+    }
+
+    fn replica_state(pool: &Pool) -> State {
+        pool.snapshot()[0].breakers().replica().state()
+    }
+
+    #[tokio::test]
+    async fn each_attempts_outcome_is_charged_to_the_replica_the_balancer_picked() {
+        let pool = pool();
+        let refused = || Err(UpstreamError::Transport(Status::unavailable("connection refused")));
+        let service = BreakerLayer.layer(balancer(pool.clone(), Duration::ZERO, refused));
+        for _ in 0..3 {
+            let call = testing::generate("hello", Deadline::after(Duration::from_secs(5)));
+            assert!(service.clone().oneshot(call).await.is_err());
+        }
+        assert_eq!(replica_state(&pool), State::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timed_out_attempt_is_charged_too_but_not_the_clients_deadline() {
+        // Outside the timeout, the breaker layer still finds the lease of an attempt the timeout
+        // dropped: three per-try timeouts open the model's breaker on that replica.
+        let pool = pool();
+        let answer = || Ok(testing::answer("too late"));
+        let slow = balancer(pool.clone(), Duration::from_secs(10), answer);
+        let service = BreakerLayer.layer(PerTryTimeoutLayer::new(Some(Duration::from_secs(1))).layer(slow));
+        for _ in 0..3 {
+            let call = testing::generate("hello", Deadline::after(Duration::from_secs(30)));
+            let error = service.clone().oneshot(call).await.unwrap_err();
+            assert!(matches!(error, UpstreamError::Timeout { cause: crate::pipeline::TimeoutCause::PerTry, .. }));
+        }
+        let endpoint = pool.snapshot()[0].clone();
+        assert_eq!(endpoint.breakers().replica().state(), State::Closed, "a slow model is not a dead replica");
+        let models = endpoint.breakers().models();
+        assert_eq!(models.len(), 1);
+        assert_eq!(models[0].state(), State::Open);
+
+        // The client's own deadline, however often, opens nothing.
+        let pool = self::pool();
+        let slow = balancer(pool.clone(), Duration::from_secs(10), answer);
+        let service = BreakerLayer.layer(PerTryTimeoutLayer::new(None).layer(slow));
+        for _ in 0..10 {
+            let call = testing::generate("hello", testing::client_deadline(Duration::from_millis(100)));
+            let error = service.clone().oneshot(call).await.unwrap_err();
+            assert!(matches!(error, UpstreamError::Timeout { cause: crate::pipeline::TimeoutCause::Client, .. }));
+        }
+        assert_eq!(replica_state(&pool), State::Closed);
+        assert!(pool.snapshot()[0].breakers().models().is_empty());
+    }
+}

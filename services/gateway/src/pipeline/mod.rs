@@ -206,6 +206,18 @@ where
     BoxCloneSyncService::new(service)
 }
 
+/// A cache that is off, and a deadline of the gateway's own: for the pipeline's benchmark, which
+/// builds the stack from outside the crate.
+#[doc(hidden)]
+pub fn disabled_cache() -> Cache {
+    Cache::new(None, &crate::cache::CacheConfig::default())
+}
+
+#[doc(hidden)]
+pub fn deadline_after(limit: Duration) -> Deadline {
+    Deadline::after(limit)
+}
+
 /// Asks generation once, through the whole stack.
 pub async fn ask(generation: &Generation, call: Call) -> Result<Reply, UpstreamError> {
     generation.clone().oneshot(call).await

@@ -54,4 +54,6 @@ pub use propagation::{
     set_parent_from_traceparent,
 };
 pub use providers::{Providers, SHUTDOWN_TIMEOUT, Telemetry, init, init_with_config, render_prometheus};
-pub use server::{GrpcTrace, GrpcTraceLayer, ResponseFuture, TracedBody, is_exempt};
+pub use server::{
+    GrpcTrace, GrpcTraceLayer, HTTP_ROUTES, ResponseFuture, TracedBody, code_of_http_status, http_route, is_exempt,
+};

@@ -49,11 +49,12 @@ where
                 Poll::Ready(Some(Err(err.into())))
             }
             Poll::Ready(None) => {
-                // The end: a body without trailers (and without a header status) is UNKNOWN.
+                // The end: a gRPC body without trailers (and without a header status) is UNKNOWN.
                 if let Some(mut record) = this.record.take()
                     && !record.is_finished()
                 {
-                    record.finish(tonic::Code::Unknown);
+                    let code = record.code_at_end();
+                    record.finish(code);
                 }
                 Poll::Ready(None)
             }

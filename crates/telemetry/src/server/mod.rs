@@ -204,6 +204,10 @@ impl CallRecord {
         self.finished
     }
 
+    pub(crate) fn is_http(&self) -> bool {
+        self.http
+    }
+
     pub(crate) fn finish(&mut self, code: tonic::Code) {
         if self.finished {
             return;

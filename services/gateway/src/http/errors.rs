@@ -17,12 +17,13 @@ use std::{
     time::Duration,
 };
 
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use tonic::{Code, Status, body::Body};
 use tower::{Layer, Service};
 
 use super::Api;
 use crate::admission::{
+    Quota,
     rate_limit::{REMAINING_REQUESTS, REMAINING_TOKENS, RETRY_AFTER_MS},
     shed::Overloaded,
 };
@@ -87,8 +88,8 @@ pub struct Problem {
     pub message: String,
     pub param: Option<String>,
     pub retry_after: Option<Duration>,
-    /// `x-ratelimit-remaining-*` as the limiter reported them.
-    pub quota: HeaderMap,
+    /// What the key has left, as the limiter reported it (`x-ratelimit-remaining-*`).
+    pub quota: Quota,
 }
 
 impl Problem {
@@ -115,12 +116,9 @@ impl Problem {
             .get(RETRY_AFTER_MS)
             .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
             .map(Duration::from_millis);
-        let mut quota = HeaderMap::new();
-        for name in [REMAINING_REQUESTS, REMAINING_TOKENS] {
-            if let Some(value) = metadata.get(name).and_then(|v| HeaderValue::from_bytes(v.as_encoded_bytes()).ok()) {
-                quota.insert(HeaderName::from_static(name), value);
-            }
-        }
+        let remaining = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+        let quota =
+            Quota { remaining_requests: remaining(REMAINING_REQUESTS), remaining_tokens: remaining(REMAINING_TOKENS) };
         Self { kind, code: status.code(), message: status.message().to_string(), param, retry_after, quota }
     }
 
@@ -132,7 +130,7 @@ impl Problem {
     }
 
     pub fn new(kind: Kind, code: Code, message: impl Into<String>) -> Self {
-        Self { kind, code, message: message.into(), param: None, retry_after: None, quota: HeaderMap::new() }
+        Self { kind, code, message: message.into(), param: None, retry_after: None, quota: Quota::default() }
     }
 
     /// A body over the limit.
@@ -150,7 +148,7 @@ impl Problem {
     pub fn respond(&self, body: &serde_json::Value) -> Response<Body> {
         let mut response = super::json_response(self.kind.status(), body);
         let headers = response.headers_mut();
-        headers.extend(self.quota.clone());
+        self.quota.write_headers(headers);
         if let Some(wait) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(wait.as_millis().div_ceil(1000).max(1) as u64));
             headers.insert(HeaderName::from_static(RETRY_AFTER_MS), HeaderValue::from(wait.as_millis() as u64));

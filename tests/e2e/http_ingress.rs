@@ -185,6 +185,24 @@ async fn openai_and_anthropic_over_http1_and_http2_share_the_grpc_cache() {
     assert_eq!(delta["delta"]["stop_reason"], "max_tokens");
     assert_eq!(delta["usage"]["output_tokens"], 16);
 
+    // Generation failing before the first chunk: an ordinary stream of the fallback's text, and
+    // the headers say it was one.
+    let failing =
+        json!({"model": "sim-error", "stream": true, "messages": [{"role": "user", "content": unique("fallback")}]});
+    let answer = post(gateway, "/v1/chat/completions", &failing, &["-N"]).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.header("x-llmesh-degraded"), Some("error"), "{answer:?}");
+    assert_eq!(answer.header("x-llmesh-degraded-source"), Some("message"), "{answer:?}");
+    let events = answer.events();
+    assert_eq!(events.last().map(|(_, d)| d.as_str()), Some("[DONE]"), "{events:?}");
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .filter_map(|(_, d)| {
+            serde_json::from_str::<Value>(d).ok()?["choices"][0]["delta"]["content"].as_str().map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text, "服务暂时不可用，请稍后重试");
+
     // Errors in each API's shape, with the HTTP statuses of its conventions.
     let unknown = post(
         gateway,

@@ -116,3 +116,36 @@ def test_httpload_against_mock(tmp_path):
     finally:
         mock.terminate()
         mock.wait(timeout=10)
+
+
+def test_quick_http_against_grpc(tmp_path):
+    """The http scenario: the same load over gRPC and over HTTP through one gateway, with its CPU per call."""
+    out = tmp_path / "bench"
+    argv = [sys.executable, str(BENCH / "run"), "--quick", "--scenarios", "http",
+            "--bin-dir", str(BIN_DIR), "--out", str(out), "--max-time", "90"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+        pytest.fail(f"bench/run --quick --scenarios http did not finish within 150 s:\n{output[-4000:]}")
+    assert proc.returncode == 0, f"bench/run exited {proc.returncode}:\n{output[-4000:]}"
+    report = (out / "report.md").read_text()
+    assert "## 3b. gRPC against HTTP" in report, report
+    assert "--protocol http" in report, report
+    raws = {p.name: json.loads(p.read_text()) for p in (out / "raw").glob("*.json")}
+    http = [r for name, r in raws.items() if "-http-http-" in name or "-http-stream-http-" in name]
+    grpc = [r for name, r in raws.items() if "-http-grpc-" in name or "-http-stream-grpc-" in name]
+    assert len(http) == 2 and len(grpc) == 2, sorted(raws)
+    for r in http + grpc:
+        assert r["successes"] > 0 and r["errors"] == 0, r["codes"]
+    assert all(r["protocol"] == "http" for r in http) and all(r["protocol"] == "grpc" for r in grpc)
+    assert all(r["ttft_ms"] for r in http + grpc if r["rpc"] == "GenerateStream")
+    # The CPU per call columns are filled (a number of µs, not the dash of a missing figure).
+    rows = [line for line in report.splitlines() if line.startswith("| 200 |")]
+    assert len(rows) == 2 and all(line.split("|")[8].strip().isdigit() for line in rows), rows
+    time.sleep(0.5)
+    pids = [int(line.split()[0]) for line in (out / "logs" / "pids.txt").read_text().splitlines() if line.strip()]
+    assert not [pid for pid in pids if alive(pid)]

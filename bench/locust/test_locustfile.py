@@ -96,3 +96,67 @@ def test_a_headless_run_sends_requests_without_failures(
     total = rows[("", "Aggregated")]
     assert int(total["Request Count"]) > 0, output
     assert int(total["Failure Count"]) == 0, output
+
+
+LOCUSTFILE_HTTP = HERE / "locustfile_http.py"
+
+
+def test_the_seeds_http_users_run_headless_against_post_generate(gateway: str, tmp_path: Path) -> None:
+    """The seed's two HttpUser scripts, headless: every request succeeds, and LoadTest's three
+    prompts are sent about 3:2:1."""
+    env = {**os.environ, "LLMESH_LOCUST_WAIT_MIN": "0.02", "LLMESH_LOCUST_WAIT_MAX": "0.1"}
+    env.pop("LLMESH_API_KEY", None)
+    seconds = 8
+    csv_prefix = tmp_path / "locust-http"
+    command = [
+        sys.executable, "-m", "locust",
+        "-f", str(LOCUSTFILE_HTTP),
+        "--headless", "-u", "6", "-r", "6", "-t", f"{seconds}s",
+        "--host", f"http://{gateway}",
+        "--csv", str(csv_prefix),
+        "--only-summary",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=seconds + RUN_SLACK_S
+    )
+    output = f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, output
+
+    with open(f"{csv_prefix}_stats.csv", newline="") as f:
+        rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(f)}
+    total = rows[("", "Aggregated")]
+    assert int(total["Failure Count"]) == 0, output
+    counts = {}
+    for size in ("short", "medium", "long", "seed"):
+        row = rows.get(("POST", f"/generate {size}"))
+        assert row is not None, f"no /generate {size} in {sorted(rows)}\n{output}"
+        assert int(row["Failure Count"]) == 0, row
+        counts[size] = int(row["Request Count"])
+        assert counts[size] > 0, row
+    # 3:2:1 within Locust's randomness: each share within five standard deviations of its weight.
+    mix = counts["short"] + counts["medium"] + counts["long"]
+    print(f"locust http mix: {counts}")
+    assert mix >= 30, f"too few requests to judge the mix: {counts}\n{output}"
+    for size, weight in (("short", 3 / 6), ("medium", 2 / 6), ("long", 1 / 6)):
+        sigma = (weight * (1 - weight) / mix) ** 0.5
+        assert abs(counts[size] / mix - weight) <= 5 * sigma, f"{size}: {counts}"
+
+
+def test_the_http_users_are_the_seeds() -> None:
+    script = """
+import json, collections, locustfile_http as lf
+counts = collections.Counter(t.__name__ for t in lf.LoadTest.tasks)
+wait = [lf.LoadTest.wait_time(None) for _ in range(200)] + [lf.LLMUser.wait_time(None) for _ in range(200)]
+print(json.dumps({"counts": counts, "prompts": [lf.SEED_PROMPT, lf.SHORT_PROMPT, lf.MEDIUM_PROMPT, lf.LONG_PROMPT],
+                  "wait": [min(wait), max(wait)], "key": lf.API_KEY}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMESH_LOCUST_WAIT") and k != "LLMESH_API_KEY"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=HERE, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["counts"] == {"test_short_prompt": 3, "test_medium_prompt": 2, "test_long_prompt": 1}
+    assert found["prompts"] == ["测试提示词", "简单提示词", "中等长度的提示词示例", "较长的提示词带有上下文信息的示例"]
+    assert 1 <= found["wait"][0] <= found["wait"][1] <= 5, found["wait"]
+    assert found["key"] == "test-key"

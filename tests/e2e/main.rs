@@ -9,6 +9,7 @@ mod chaos;
 mod discovery;
 mod fakellm;
 mod generation_hardening;
+mod http_ingress;
 mod input_limits;
 mod isolation;
 mod job_isolation;

@@ -69,9 +69,14 @@ class _StdoutReader(threading.Thread):
 
 @contextlib.contextmanager
 def running(
-    binary: Path, log_dir: Path, startup_timeout_s: float = 60.0, stop_timeout_s: float = 15.0
+    binary: Path,
+    log_dir: Path,
+    startup_timeout_s: float = 60.0,
+    stop_timeout_s: float = 15.0,
+    env: dict[str, str] | None = None,
 ) -> Iterator[dict[str, str]]:
-    """A running mesh from `binary` (the `llmesh` CLI), its stderr in `log_dir`."""
+    """A running mesh from `binary` (the `llmesh` CLI), its stderr in `log_dir`; `env` is added to
+    the environment it inherits (e.g. `LLMESH_GATEWAY_AUTH__KEYS`)."""
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         raise MeshError(f"{binary} is missing or not executable: build it (cargo build) or set LLMESH_BIN_DIR")
     log_path = log_dir / "llmesh-up.stderr.log"
@@ -81,6 +86,7 @@ def running(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
+            env={**os.environ, **(env or {})},
             # Its own process group: a Ctrl-C at the terminal reaches the test runner only, which
             # stops the mesh on its way out.
             start_new_session=True,

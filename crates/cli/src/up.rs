@@ -21,6 +21,8 @@ use crate::Service;
 
 /// Turns generation's fault-injection models on or off.
 const FAULT_MODELS_ENV: &str = "LLMESH_GENERATION_FAULT_MODELS";
+/// The model of a `POST /generate` that names none.
+const DEFAULT_MODEL_ENV: &str = "LLMESH_GATEWAY_DEFAULT_MODEL";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpArgs {
@@ -122,6 +124,10 @@ async fn start_all(args: &UpArgs, running: &mut Vec<Running>) -> anyhow::Result<
     let cache = running[1].addr;
 
     let mut gateway_env = with_redis("LLMESH_GATEWAY_QUEUE__REDIS_URL");
+    // `POST /generate` without a model asks for the sim, unless the caller's environment says otherwise.
+    if std::env::var_os(DEFAULT_MODEL_ENV).is_none() {
+        gateway_env.push((DEFAULT_MODEL_ENV.to_string(), "sim".to_string()));
+    }
     gateway_env.push(("LLMESH_GATEWAY_GENERATION__ENDPOINTS".to_string(), format!("[\"{}\"]", uri(generation))));
     gateway_env.push(("LLMESH_GATEWAY_CACHE__ENDPOINT".to_string(), uri(cache)));
     running.push(start(Service::Gateway, listen(Service::Gateway), gateway_env, startup).await?);
@@ -232,6 +238,13 @@ Try it:
   grpcurl -plaintext {health} grpc.health.v1.Health/Check
   grpcurl -plaintext {health} llmesh.health.v1.MeshHealth/Status
   buf curl --protocol grpc --http2-prior-knowledge -d '{{"model":"sim","prompt":"hello"}}' http://{gateway}/llmesh.gateway.v1.Gateway/Generate
+
+Over HTTP, on the same port (OpenAI base URL http://{gateway}/v1; API keys as Authorization: Bearer or x-api-key):
+  curl -s http://{gateway}/v1/chat/completions -H 'content-type: application/json' -d '{{"model":"sim","messages":[{{"role":"user","content":"hello"}}]}}'
+  curl -sN http://{gateway}/v1/chat/completions -H 'content-type: application/json' -d '{{"model":"sim","stream":true,"messages":[{{"role":"user","content":"hello"}}]}}'
+  curl -s http://{gateway}/v1/messages -H 'content-type: application/json' -d '{{"model":"sim","max_tokens":64,"messages":[{{"role":"user","content":"hello"}}]}}'
+  curl -s http://{gateway}/generate -H 'X-API-Key: test-key' -H 'content-type: application/json' -d '{{"prompt":"hello"}}'
+  curl -s http://{gateway}/v1/models
 
 Ctrl-C stops the mesh."#
     )?;

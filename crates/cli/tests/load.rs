@@ -174,3 +174,28 @@ fn up_comes_up_with_a_quiet_log_filter() {
     let info: Vec<&str> = logs.lines().filter(|l| l.contains(" INFO ") && !l.contains("listening on")).collect();
     assert!(info.is_empty(), "{info:#?}");
 }
+
+#[test]
+fn load_over_http_reports_like_grpc() {
+    let mesh = Mesh::start();
+    let gateway = mesh.addr("gateway").to_string();
+
+    // OpenAI chat completions over HTTP/1.1, repeated prompts: all OK, most from the cache.
+    let report = load(&mesh, &["--protocol", "http", "--target", &gateway, "--requests", "30", "--concurrency", "3"]);
+    assert_eq!(report["protocol"], "http");
+    assert_eq!(report["codes"], serde_json::json!({"OK": 30}), "{report:#}");
+    assert!(report["cache_hits"].as_u64().unwrap() > 0, "{report:#}");
+    assert!(report["tokens"]["completion"].as_u64().unwrap() > 0, "{report:#}");
+
+    // Server-sent events, open loop, unique prompts: each call has its time to first token.
+    let args = ["--protocol", "http", "--target", &gateway, "--rate", "20", "--duration", "1s", "--unique", "--stream"];
+    let report = load(&mesh, &args);
+    assert_eq!(report["successes"], 20, "{report:#}");
+    assert_eq!(report["cache_hits"], 0, "{report:#}");
+    assert_eq!(report["ttft_ms"]["count"], 20, "{report:#}");
+    assert!(report["tokens"]["completion"].as_u64().unwrap() > 0, "{report:#}");
+
+    // Errors count under the gRPC code their HTTP status stands for.
+    let report = load(&mesh, &["--protocol", "http", "--target", &gateway, "--model", "nope", "--requests", "3"]);
+    assert_eq!(report["codes"], serde_json::json!({"NOT_FOUND": 3}), "{report:#}");
+}

@@ -181,6 +181,17 @@ impl Base {
     /// A server whose every request goes through `layer` first — inside the tracing layer, which
     /// is always outermost: it continues the caller's trace and records the seed's metrics.
     pub fn with_layer(layer: HttpLayer) -> anyhow::Result<Self> {
+        Self::build(layer, false)
+    }
+
+    /// Like [`Base::with_layer`], and the port also takes HTTP/1.1 (besides HTTP/2, with or
+    /// without TLS): for a server whose `layer` answers plain HTTP routes of its own (the
+    /// gateway's OpenAI-compatible API), which curl and the official SDKs call over HTTP/1.1.
+    pub fn with_layer_and_http1(layer: HttpLayer) -> anyhow::Result<Self> {
+        Self::build(layer, true)
+    }
+
+    fn build(layer: HttpLayer, accept_http1: bool) -> anyhow::Result<Self> {
         let trace = llmesh_telemetry::GrpcTraceLayer::new();
         let routes: Arc<OnceLock<Arc<llmesh_telemetry::Routes>>> = Arc::default();
         let known = routes.clone();
@@ -210,6 +221,7 @@ impl Base {
             .max_decoding_message_size(CONTROL_MESSAGE_BYTES);
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .accept_http1(accept_http1)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .layer(layer)
             .add_service(health_service)

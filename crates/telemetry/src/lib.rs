@@ -54,4 +54,7 @@ pub use propagation::{
     set_parent_from_traceparent,
 };
 pub use providers::{Providers, SHUTDOWN_TIMEOUT, Telemetry, init, init_with_config, render_prometheus};
-pub use server::{GrpcTrace, GrpcTraceLayer, ResponseFuture, Routes, TracedBody, UNKNOWN_ENDPOINT, UNKNOWN_SPAN_NAME};
+pub use server::{
+    GrpcTrace, GrpcTraceLayer, HTTP_ROUTES, ResponseFuture, Routes, TracedBody, UNKNOWN_ENDPOINT, UNKNOWN_SPAN_NAME,
+    code_of_http_status, http_route,
+};

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::{
     admission::{AuthConfig, Price, RateLimitConfig, ShedConfig},
     cache::CacheConfig,
+    http::HttpConfig,
     pipeline::{GenerationConfig, breaker::BreakerConfig, fallback::FallbackConfig, retry::RetryConfig},
 };
 
@@ -38,6 +39,11 @@ pub struct Config {
     pub fallback: FallbackConfig,
     /// Price per model, for the `llmesh_cost_usd_total` metric.
     pub prices: BTreeMap<String, Price>,
+    /// The model `POST /generate` asks for when its body names none (`sim` under `llmesh up`);
+    /// unset, the body must name one.
+    pub default_model: Option<String>,
+    /// The OpenAI- and Anthropic-compatible HTTP routes on the gateway's port.
+    pub http: HttpConfig,
 }
 
 impl Default for Config {
@@ -58,6 +64,8 @@ impl Default for Config {
             queue: QueueSettings::default(),
             fallback: FallbackConfig::default(),
             prices: BTreeMap::new(),
+            default_model: None,
+            http: HttpConfig::default(),
         }
     }
 }

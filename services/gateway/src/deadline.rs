@@ -23,6 +23,12 @@ pub struct Deadline {
 impl Deadline {
     pub fn new(metadata: &MetadataMap, limit: Duration) -> Self {
         let client = metadata.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        Self::within(client, limit)
+    }
+
+    /// The smaller of the client's own timeout (from whatever header its protocol sends it in)
+    /// and `limit`, less [`MARGIN`] when the client's is the one that binds.
+    pub fn within(client: Option<Duration>, limit: Duration) -> Self {
         let client = client.map(|c| c.saturating_sub(MARGIN));
         let (budget, client_bound) = match client {
             Some(client) if client <= limit => (client, true),

@@ -7,6 +7,7 @@ mod cache;
 mod catalog;
 pub mod config;
 mod deadline;
+pub mod http;
 mod jobs;
 mod metrics;
 mod near_cache;
@@ -51,11 +52,19 @@ impl Admission {
         Ok(Self { keys, limiter, shed: admission::ShedLayer::new(&config.shed) })
     }
 
-    fn layer(&self) -> HttpLayer {
+    /// The layers around every request; with `routes`, the HTTP routes sit innermost (beside the
+    /// gRPC services, behind every layer) and the layers' refusals of plain HTTP requests are
+    /// answered in the HTTP APIs' terms.
+    fn layer(&self, routes: Option<http::Ingress>) -> HttpLayer {
         let (keys, limiter, shed) = (self.keys.clone(), self.limiter.clone(), self.shed.clone());
         HttpLayer::new(move |inner| {
+            let inner = match &routes {
+                Some(routes) => routes.around(inner),
+                None => inner,
+            };
             BoxCloneSyncService::new(
                 ServiceBuilder::new()
+                    .option_layer(routes.as_ref().map(|_| http::RejectionLayer))
                     .layer(admission::AuthLayer::new(keys.clone()))
                     .layer(admission::RateLimitLayer::new(limiter.clone()))
                     .layer(shed.clone())
@@ -143,11 +152,19 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         config.prices.clone(),
         catalog.clone(),
     );
-    let answers = answer::Answers::new(generation.clone(), cache, catalog, &config.cache);
+    let answers = answer::Answers::new(generation.clone(), cache, catalog.clone(), &config.cache);
     let request_timeout = Duration::from_millis(config.request_timeout_ms);
     let service = GatewayService::new(tokens, answers, generation, jobs, request_timeout);
     let replicas = replicas::Replicas(pool);
-    let mut base = server::Base::with_layer(admission.layer())?;
+    // The HTTP routes share the port, the layers and the service's one path to an answer.
+    let routes = config
+        .http
+        .enabled
+        .then(|| http::Ingress::new(service.clone(), catalog, config.default_model.clone(), &config.http));
+    let mut base = match routes {
+        Some(routes) => server::Base::with_layer_and_http1(admission.layer(Some(routes)))?,
+        None => server::Base::with_layer(admission.layer(None))?,
+    };
     base.admin(&config.admin).await?;
     base.serving::<GatewayServer<GatewayService>>().await;
     let gateway = GatewayServer::new(service).max_decoding_message_size(config.limits.max_request_bytes());

@@ -1,7 +1,8 @@
-//! The `llmesh.gateway.v1.Gateway` gRPC service: RPC glue. Each generation RPC is admitted
+//! The `llmesh.gateway.v1.Gateway` gRPC service: RPC glue. Each generation call is admitted
 //! ([`TokenAdmission`]), answered ([`Answers`]: cache, single flight, the pipeline to generation),
-//! and settled (its [`Tokens`](crate::admission::Tokens)) in one shared path; the job RPCs are in
-//! [`jobs`].
+//! and settled (its [`Tokens`](crate::admission::Tokens)) in one shared path — [`GatewayService::
+//! unary`] and [`GatewayService::stream`], which the HTTP routes ([`crate::http`]) take too; the
+//! job RPCs are in [`jobs`].
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,8 +16,8 @@ use llmesh_proto::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    admission::{Admitted, TokenAdmission},
-    answer::{Answers, Streamed},
+    admission::{Admitted, Principal, Quota, TokenAdmission},
+    answer::{AnswerError, Answers, Streamed},
     deadline::Deadline,
     jobs::{self, Jobs},
     metrics::{label, metrics},
@@ -38,6 +39,35 @@ struct Inner {
     request_timeout: Duration,
 }
 
+/// Why a generation call got no answer: its admission refused it, or no answer came.
+#[derive(Debug)]
+pub enum CallError {
+    /// Invalid, not allowed for the key, or over the key's tokens (the status says which).
+    Admission(Status),
+    Answer(AnswerError),
+}
+
+impl CallError {
+    pub fn into_status(self) -> Status {
+        match self {
+            Self::Admission(status) => status,
+            Self::Answer(error) => error.into_status(),
+        }
+    }
+}
+
+/// A unary call's answer and what the key has left after it.
+pub struct Unary {
+    pub response: generation::GenerateResponse,
+    pub quota: Quota,
+}
+
+/// A stream's chunks and what the key had left when its headers went out.
+pub struct Stream {
+    pub chunks: ChunkStream,
+    pub quota: Quota,
+}
+
 impl GatewayService {
     pub fn new(
         admission: TokenAdmission,
@@ -49,31 +79,84 @@ impl GatewayService {
         Self { inner: Arc::new(Inner { admission, answers, generation, jobs, request_timeout }) }
     }
 
-    /// The call's deadline and its admission, from the typed request.
-    async fn admit<T: Into<generation::GenerateRequest>>(
+    /// The configured longest a call may take.
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.request_timeout
+    }
+
+    /// One unary generation call, whichever way it came in: admitted for the caller the auth layer
+    /// put in `extensions`, answered, and settled. `endpoint` labels the overhead metric.
+    pub async fn unary(
+        &self,
+        extensions: &http::Extensions,
+        request: generation::GenerateRequest,
+        deadline: Deadline,
+        endpoint: &'static str,
+    ) -> Result<Unary, CallError> {
+        // The gateway's own time counts from here: the token reservation and the cache are in it.
+        let started = std::time::Instant::now();
+        let Admitted { principal, request, tokens } =
+            self.inner.admission.admit(extensions, request).await.map_err(CallError::Admission)?;
+        // A failure drops `tokens`: the call costs the caller nothing.
+        let answer = self.inner.answers.unary(&request, deadline, &principal).await.map_err(CallError::Answer)?;
+        metrics().overhead.record(
+            started.elapsed().saturating_sub(answer.upstream_time).as_secs_f64(),
+            &[label("endpoint", endpoint)],
+        );
+        let quota = tokens.settle(answer.billable(), &answer.response.model);
+        Ok(Unary { response: answer.response, quota })
+    }
+
+    /// One streamed generation call, whichever way it came in: admitted, answered (from the cache,
+    /// a fallback, or generation's live stream), and settled when the stream ends — or, when the
+    /// client goes away first, when its chunks are dropped.
+    pub async fn stream(
+        &self,
+        extensions: &http::Extensions,
+        request: generation::GenerateRequest,
+        deadline: Deadline,
+    ) -> Result<Stream, CallError> {
+        let Admitted { principal, request, tokens } =
+            self.inner.admission.admit(extensions, request).await.map_err(CallError::Admission)?;
+        let streamed = self.inner.answers.stream(&request, deadline, &principal).await.map_err(CallError::Answer)?;
+        let (chunks, quota) = match streamed {
+            Streamed::Whole(answer) => relay::replay(answer, tokens),
+            // Headers go out before the tokens are known: they carry what is left after the reservation.
+            Streamed::Live(started, cache) => {
+                let quota = tokens.quota();
+                (relay::relay(started, request, cache, deadline, tokens), quota)
+            }
+        };
+        Ok(Stream { chunks, quota })
+    }
+
+    /// The models generation serves, for `caller`.
+    pub async fn models(&self, caller: Principal, deadline: Deadline) -> Result<Vec<generation::Model>, Status> {
+        let reply = pipeline::ask(&self.inner.generation, Call::new(Ask::ListModels, deadline, caller)).await;
+        match reply.map_err(pipeline::UpstreamError::into_status)? {
+            Reply::Models(models) => Ok(models.models),
+            _ => Err(Status::internal("generation's reply did not match the call")),
+        }
+    }
+
+    /// The call's deadline, and its request with the caller the auth layer found.
+    fn parts<T: Into<generation::GenerateRequest>>(
         &self,
         request: Request<T>,
-    ) -> Result<(Deadline, Admitted), Status> {
+    ) -> (Deadline, http::Extensions, generation::GenerateRequest) {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
         let (_, extensions, request) = request.into_parts();
-        Ok((deadline, self.inner.admission.admit(&extensions, request.into()).await?))
+        (deadline, extensions, request.into())
     }
 }
 
 #[tonic::async_trait]
 impl Gateway for GatewayService {
     async fn generate(&self, request: Request<gw::GenerateRequest>) -> Result<Response<gw::GenerateResponse>, Status> {
-        // The gateway's own time counts from here: the token reservation and the cache are in it.
-        let started = std::time::Instant::now();
-        let (deadline, Admitted { principal, request, tokens }) = self.admit(request).await?;
-        // A failure drops `tokens`: the call costs the caller nothing.
-        let answer = self.inner.answers.unary(&request, deadline, &principal).await.map_err(|e| e.into_status())?;
-        metrics().overhead.record(
-            started.elapsed().saturating_sub(answer.upstream_time).as_secs_f64(),
-            &[label("endpoint", "Generate")],
-        );
-        let quota = tokens.settle(answer.billable(), &answer.response.model);
-        let mut response = Response::new(gw::GenerateResponse::from(answer.response));
+        let (deadline, extensions, request) = self.parts(request);
+        let Unary { response, quota } =
+            self.unary(&extensions, request, deadline, "Generate").await.map_err(CallError::into_status)?;
+        let mut response = Response::new(gw::GenerateResponse::from(response));
         quota.write_metadata(response.metadata_mut());
         Ok(response)
     }
@@ -84,16 +167,9 @@ impl Gateway for GatewayService {
         &self,
         request: Request<gw::GenerateStreamRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (deadline, Admitted { principal, request, tokens }) = self.admit(request).await?;
-        let streamed = self.inner.answers.stream(&request, deadline, &principal).await.map_err(|e| e.into_status())?;
-        let (chunks, quota) = match streamed {
-            Streamed::Whole(answer) => relay::replay(answer, tokens),
-            // Headers go out before the tokens are known: they carry what is left after the reservation.
-            Streamed::Live(started, cache) => {
-                let quota = tokens.quota();
-                (relay::relay(started, request, cache, deadline, tokens), quota)
-            }
-        };
+        let (deadline, extensions, request) = self.parts(request);
+        let Stream { chunks, quota } =
+            self.stream(&extensions, request, deadline).await.map_err(CallError::into_status)?;
         let mut response = Response::new(chunks);
         quota.write_metadata(response.metadata_mut());
         Ok(response)
@@ -125,13 +201,8 @@ impl Gateway for GatewayService {
 
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
-        let caller = request.extensions().get().cloned().unwrap_or_else(crate::admission::Principal::anonymous);
-        let reply = pipeline::ask(&self.inner.generation, Call::new(Ask::ListModels, deadline, caller)).await;
-        match reply.map_err(pipeline::UpstreamError::into_status)? {
-            Reply::Models(models) => {
-                Ok(Response::new(ListModelsResponse { models: models.models.into_iter().map(Into::into).collect() }))
-            }
-            _ => Err(Status::internal("generation's reply did not match the call")),
-        }
+        let caller = request.extensions().get().cloned().unwrap_or_else(Principal::anonymous);
+        let models = self.models(caller, deadline).await?;
+        Ok(Response::new(ListModelsResponse { models: models.into_iter().map(Into::into).collect() }))
     }
 }

@@ -29,6 +29,11 @@ pub struct LoadArgs {
     /// (the floor: no cache, no gateway hop).
     #[arg(long, value_enum, default_value_t = Service::Gateway, help_heading = "Target")]
     pub service: Service,
+    /// How to call it: gRPC (`Generate` / `GenerateStream`), or HTTP/1.1 as OpenAI chat
+    /// completions on the gateway's own port (`POST /v1/chat/completions`; server-sent events with
+    /// --stream; the key as `Authorization: Bearer`).
+    #[arg(long, value_enum, default_value_t = Protocol::Grpc, help_heading = "Target")]
+    pub protocol: Protocol,
     /// Model to ask for (`sim` is instant; `sim-slow`, `sim-flaky-3`, `sim-429` inject delays and faults).
     #[arg(long, default_value = "sim", help_heading = "Target")]
     pub model: String,
@@ -97,6 +102,7 @@ Examples:
   llmesh load --rate 200 --duration 1m --unique --stream
   llmesh load --service generation --target 127.0.0.1:50052 --rate 500 --requests 10000
   llmesh load --prompts prompts.txt --json report.json
+  llmesh load --protocol http --rate 200 --duration 30s --unique --stream
 
 Ctrl-C stops the run early and still prints the report.";
 
@@ -126,6 +132,23 @@ impl Service {
     }
 }
 
+/// The protocol `llmesh load` calls with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    Grpc,
+    /// OpenAI chat completions over HTTP/1.1 (the gateway only).
+    Http,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::Http => "http",
+        }
+    }
+}
+
 /// Where `--json` writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JsonOut {
@@ -138,6 +161,7 @@ pub enum JsonOut {
 pub struct Plan {
     pub target: String,
     pub service: Service,
+    pub protocol: Protocol,
     pub model: String,
     pub api_key: Option<AsciiMetadataValue>,
     pub stream: bool,
@@ -172,6 +196,9 @@ impl LoadArgs {
         if self.model.is_empty() {
             bail!("--model must not be empty");
         }
+        if self.protocol == Protocol::Http && self.service == Service::Generation {
+            bail!("--protocol http calls the gateway's HTTP routes; generation speaks gRPC only");
+        }
         let mode = match (self.rate, self.concurrency) {
             (Some(rate), _) => Mode::Open { rate, max_in_flight: self.max_in_flight as usize },
             (None, concurrency) => Mode::Closed { concurrency: concurrency.unwrap_or(8) as usize },
@@ -189,6 +216,7 @@ impl LoadArgs {
         Ok(Plan {
             target,
             service: self.service,
+            protocol: self.protocol,
             model: self.model,
             api_key,
             stream: self.stream,
@@ -321,5 +349,8 @@ mod tests {
         assert!(plan(&["--duration", "0s"]).is_err());
         assert!(plan(&["--timeout", "0s"]).is_err());
         assert!(plan(&["--api-key", "clé"]).is_err());
+        assert_eq!(plan(&["--protocol", "http"]).unwrap().protocol, Protocol::Http);
+        assert_eq!(plan(&[]).unwrap().protocol, Protocol::Grpc);
+        assert!(plan(&["--protocol", "http", "--service", "generation"]).is_err());
     }
 }

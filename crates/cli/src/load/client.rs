@@ -147,7 +147,7 @@ fn failed(status: &Status) -> CallResult {
     CallResult::failed(Failure::Status(status.code()))
 }
 
-fn success(cached: bool, usage: Option<Usage>) -> Success {
+pub(super) fn success(cached: bool, usage: Option<Usage>) -> Success {
     let usage = usage.unwrap_or_default();
     Success {
         cached,

@@ -3,7 +3,8 @@
 //! The pipeline, one module per stage:
 //! - [`args`]: flags, validated into a [`args::Plan`];
 //! - [`workload`]: the prompt of each request (a weighted mix; optionally unique per request);
-//! - [`client`]: the gRPC calls, over a few HTTP/2 connections in turn;
+//! - [`client`]: the gRPC calls, over a few HTTP/2 connections in turn; [`http`]: the same load
+//!   as OpenAI chat completions over HTTP/1.1 (`--protocol http`);
 //! - [`runner`]: when calls start: an open loop on a timetable ([`schedule`], paced by [`pacer`]) or
 //!   a closed loop of workers, then the grace period and the hard stop;
 //! - [`recorder`]: HDR histograms and counters, fed by the finished calls ([`outcome`]), with a
@@ -12,6 +13,7 @@
 
 mod args;
 mod client;
+mod http;
 mod outcome;
 mod pacer;
 mod progress;
@@ -27,8 +29,9 @@ use anyhow::Context as _;
 
 pub use self::args::LoadArgs;
 use self::{
-    args::JsonOut,
+    args::{JsonOut, Protocol},
     client::{CallSettings, GrpcCaller},
+    http::HttpCaller,
     progress::{Goal, Progress},
     recorder::Recorder,
     report::Report,
@@ -53,7 +56,6 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let channels = client::connect(&plan.target, plan.connections).await?;
     let settings = CallSettings {
         model: plan.model.clone(),
         max_tokens: plan.max_tokens,
@@ -61,10 +63,17 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         api_key: plan.api_key.clone(),
         timeout: plan.run.timeout,
     };
-    let caller = Arc::new(GrpcCaller::new(plan.service, channels, workload, settings));
+    let caller = Arc::new(match plan.protocol {
+        Protocol::Grpc => {
+            let channels = client::connect(&plan.target, plan.connections).await?;
+            AnyCaller::Grpc(GrpcCaller::new(plan.service, channels, workload, settings))
+        }
+        Protocol::Http => AnyCaller::Http(HttpCaller::connect(&plan.target, workload, settings).await?),
+    });
     tracing::info!(
         target = %plan.target,
         service = plan.service.grpc_name(),
+        protocol = plan.protocol.name(),
         stream = plan.stream,
         model = %plan.model,
         prompts = prompt_count,
@@ -103,4 +112,19 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// The caller of either protocol.
+enum AnyCaller {
+    Grpc(GrpcCaller),
+    Http(HttpCaller),
+}
+
+impl runner::Caller for AnyCaller {
+    async fn call(&self, seq: u64) -> outcome::CallResult {
+        match self {
+            Self::Grpc(caller) => caller.call(seq).await,
+            Self::Http(caller) => caller.call(seq).await,
+        }
+    }
 }

@@ -15,8 +15,10 @@ use super::{
 /// meanings are stable (a change of meaning or a removal bumps `schema`; new fields may appear).
 ///
 /// - `schema`: `"llmesh.load.v1"`.
-/// - `target`, `service` (`"gateway"` | `"generation"`), `rpc` (`"Generate"` | `"GenerateStream"`),
-///   `model`: what was called.
+/// - `target`, `service` (`"gateway"` | `"generation"`), `rpc` (`"Generate"` | `"GenerateStream"`:
+///   its HTTP equivalent with `protocol` `"http"`), `protocol` (`"grpc"`, or `"http"`: OpenAI chat
+///   completions over HTTP/1.1, status codes counted under the gRPC code they stand for), `model`:
+///   what was called.
 /// - `mode`: `"open"` (fixed `rate`, requests per second) or `"closed"` (fixed `concurrency`, calls
 ///   in flight); the other of `rate` / `concurrency` is `null`. `connections`: HTTP/2 connections.
 /// - `unique`: whether each prompt carried a nonce (cache misses). `seed`: the prompt choice's seed.
@@ -48,6 +50,7 @@ pub struct Report {
     pub target: String,
     pub service: &'static str,
     pub rpc: &'static str,
+    pub protocol: &'static str,
     pub model: String,
     pub mode: &'static str,
     pub rate: Option<f64>,
@@ -142,6 +145,7 @@ impl Report {
             target: plan.target.clone(),
             service: plan.service.name(),
             rpc: if plan.stream { "GenerateStream" } else { "Generate" },
+            protocol: plan.protocol.name(),
             model: plan.model.clone(),
             mode,
             rate,
@@ -176,7 +180,16 @@ impl Report {
 
     /// The human summary.
     pub fn write_human(&self, out: &mut impl Write) -> std::io::Result<()> {
-        writeln!(out, "llmesh load: {}/{} at {}, model {}", self.grpc_service, self.rpc, self.target, self.model)?;
+        if self.protocol == "http" {
+            let stream = if self.rpc == "GenerateStream" { " (stream)" } else { "" };
+            writeln!(
+                out,
+                "llmesh load: POST /v1/chat/completions{stream} over HTTP/1.1 at {}, model {}",
+                self.target, self.model
+            )?;
+        } else {
+            writeln!(out, "llmesh load: {}/{} at {}, model {}", self.grpc_service, self.rpc, self.target, self.model)?;
+        }
         let prompts = if self.unique { "unique prompts (cache misses)" } else { "repeated prompts" };
         match (self.rate, self.concurrency) {
             (Some(rate), _) => writeln!(
@@ -276,6 +289,7 @@ mod tests {
         Plan {
             target: "http://127.0.0.1:50051".into(),
             service: Service::Gateway,
+            protocol: crate::load::args::Protocol::Grpc,
             model: "sim".into(),
             api_key: None,
             stream,
@@ -424,6 +438,7 @@ llmesh load: llmesh.gateway.v1.Gateway/Generate at http://127.0.0.1:50051, model
             "target",
             "service",
             "rpc",
+            "protocol",
             "model",
             "mode",
             "rate",

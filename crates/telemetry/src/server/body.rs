@@ -39,6 +39,16 @@ where
                 if let (Some(trailers), Some(record)) = (frame.trailers_ref(), this.record.as_mut()) {
                     record.finish(grpc_status(trailers).unwrap_or(tonic::Code::Unknown));
                 }
+                // A body that knows it has ended (an HTTP route's whole JSON answer) is not polled
+                // again: its end is now.
+                if let Some(record) = this.record.as_mut()
+                    && record.is_http()
+                    && !record.is_finished()
+                    && this.inner.is_end_stream()
+                {
+                    let code = record.code_at_end();
+                    record.finish(code);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => {
@@ -49,11 +59,12 @@ where
                 Poll::Ready(Some(Err(err.into())))
             }
             Poll::Ready(None) => {
-                // The end: a body without trailers (and without a header status) is UNKNOWN.
+                // The end: a gRPC body without trailers (and without a header status) is UNKNOWN.
                 if let Some(mut record) = this.record.take()
                     && !record.is_finished()
                 {
-                    record.finish(tonic::Code::Unknown);
+                    let code = record.code_at_end();
+                    record.finish(code);
                 }
                 Poll::Ready(None)
             }

@@ -11,9 +11,8 @@ use std::task::{Context, Poll, ready};
 use opentelemetry::context::WithContext;
 use tracing::instrument::Instrumented;
 
+use super::CallRecord;
 use super::body::TracedBody;
-use super::{CallRecord, code_from_http, grpc_status};
-use crate::metrics::InFlight;
 
 /// Resolves to the inner service's response with its body wrapped in [`TracedBody`].
 pub struct ResponseFuture<F> {
@@ -36,12 +35,8 @@ impl<F> ResponseFuture<F> {
         Self { kind: Kind::Passthrough(Box::pin(future)) }
     }
 
-    pub(super) fn traced(
-        future: WithContext<Instrumented<F>>,
-        span: tracing::Span,
-        in_flight: Option<InFlight>,
-    ) -> Self {
-        Self { kind: Kind::Traced { future: Box::pin(future), record: Some(CallRecord::new(span, in_flight)) } }
+    pub(super) fn traced(future: WithContext<Instrumented<F>>, record: CallRecord) -> Self {
+        Self { kind: Kind::Traced { future: Box::pin(future), record: Some(record) } }
     }
 }
 
@@ -71,9 +66,7 @@ where
                 match result {
                     Ok(response) => {
                         let (parts, body) = response.into_parts();
-                        let header_code = grpc_status(&parts.headers)
-                            .or_else(|| (parts.status != http::StatusCode::OK).then(|| code_from_http(parts.status)));
-                        if let Some(code) = header_code {
+                        if let Some(code) = record.code_of_head(&parts) {
                             record.finish(code);
                         }
                         let body = TracedBody::new(body, record);

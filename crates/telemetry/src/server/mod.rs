@@ -24,10 +24,14 @@
 //! series and span names (an auth layer refuses them with UNAUTHENTICATED before the router could
 //! say UNIMPLEMENTED).
 //!
+//! Plain HTTP routes ([`http_routes`]: the gateway's OpenAI-compatible API and friends) get an
+//! INFO span `http.server` named `{METHOD} {route}`, and the route as their `endpoint` label.
+//!
 //! The layer never fails a call of its own: errors are the inner service's.
 
 mod body;
 mod future;
+mod http_routes;
 mod routes;
 
 use std::sync::Arc;
@@ -40,6 +44,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 pub use self::body::TracedBody;
 pub use self::future::ResponseFuture;
+pub use self::http_routes::{HTTP_ROUTES, code_of_http_status, http_route};
 pub use self::routes::Routes;
 use crate::metrics::SeedMetrics;
 use crate::propagation::extract_headers;
@@ -126,6 +131,23 @@ where
         if self.routes.is_exempt(path) {
             return ResponseFuture::passthrough(self.inner.call(request));
         }
+        let parent = extract_headers(request.headers());
+        if let Some(route) = http_route(path) {
+            let span = tracing::info_span!(
+                "http.server",
+                otel.name = %format_args!("{} {route}", request.method()),
+                otel.kind = "server",
+                http.request.method = %request.method(),
+                http.route = route,
+                http.response.status_code = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
+            let _ = span.set_parent(parent.clone());
+            let in_flight = self.metrics.as_ref().map(|m| m.start(route));
+            let inner = span.in_scope(|| self.inner.call(request));
+            let future = inner.instrument(span.clone()).with_context(parent);
+            return ResponseFuture::traced(future, CallRecord::http(span, in_flight));
+        }
         // Names come only from the served methods: anything else is one `unknown`.
         let (service, method, name) = if self.routes.is_served(path) {
             let (service, method) = split_path(path);
@@ -134,7 +156,6 @@ where
         } else {
             (UNKNOWN_ENDPOINT, UNKNOWN_ENDPOINT, UNKNOWN_SPAN_NAME)
         };
-        let parent = extract_headers(request.headers());
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = %name,
@@ -152,7 +173,7 @@ where
         let inner = span.in_scope(|| self.inner.call(request));
         // Order matters: the parent context is attached first, then the span is entered on top.
         let future = inner.instrument(span.clone()).with_context(parent);
-        ResponseFuture::traced(future, span, in_flight)
+        ResponseFuture::traced(future, CallRecord::new(span, in_flight))
     }
 }
 
@@ -162,15 +183,43 @@ pub(crate) struct CallRecord {
     span: tracing::Span,
     in_flight: Option<crate::metrics::InFlight>,
     finished: bool,
+    /// A plain HTTP route's call (see [`http_routes`]), not a gRPC one.
+    http: bool,
 }
 
 impl CallRecord {
     pub(crate) fn new(span: tracing::Span, in_flight: Option<crate::metrics::InFlight>) -> Self {
-        Self { span, in_flight, finished: false }
+        Self { span, in_flight, finished: false, http: false }
+    }
+
+    pub(crate) fn http(span: tracing::Span, in_flight: Option<crate::metrics::InFlight>) -> Self {
+        Self { span, in_flight, finished: false, http: true }
+    }
+
+    /// The outcome a response head tells, if it tells one: its `grpc-status`; on an HTTP route
+    /// the code its extensions carry, else its HTTP status's; on gRPC a non-200 status's.
+    pub(crate) fn code_of_head(&self, parts: &http::response::Parts) -> Option<tonic::Code> {
+        if self.http {
+            self.span.record("http.response.status_code", parts.status.as_u16());
+            let code = parts.extensions.get::<tonic::Code>().copied();
+            return Some(code.unwrap_or_else(|| code_of_http_status(parts.status))).filter(|c| *c != tonic::Code::Ok);
+        }
+        grpc_status(&parts.headers)
+            .or_else(|| (parts.status != http::StatusCode::OK).then(|| code_from_http(parts.status)))
+    }
+
+    /// The outcome of a body that ended without a status: an HTTP route's ended well; a gRPC
+    /// call without trailers is UNKNOWN.
+    pub(crate) fn code_at_end(&self) -> tonic::Code {
+        if self.http { tonic::Code::Ok } else { tonic::Code::Unknown }
     }
 
     pub(crate) fn is_finished(&self) -> bool {
         self.finished
+    }
+
+    pub(crate) fn is_http(&self) -> bool {
+        self.http
     }
 
     pub(crate) fn finish(&mut self, code: tonic::Code) {

@@ -276,3 +276,52 @@ fn paths_and_http_codes() {
     assert_eq!(code_from_http(http::StatusCode::SERVICE_UNAVAILABLE), tonic::Code::Unavailable);
     assert_eq!(code_from_http(http::StatusCode::IM_A_TEAPOT), tonic::Code::Unknown);
 }
+
+/// The gateway's HTTP routes: labelled by route, a whole JSON answer is OK once sent, an error's
+/// code comes from its extensions (else its HTTP status), a stream's failure from its trailer.
+#[tokio::test]
+async fn http_routes_are_labelled_by_route_and_read_their_outcome() {
+    let h = harness();
+    let answer = |status: u16, code: Option<tonic::Code>| {
+        let mut response = http::Response::new(tonic::body::Body::new(Full::new(Bytes::from_static(b"{}"))));
+        *response.status_mut() = http::StatusCode::from_u16(status).expect("status");
+        if let Some(code) = code {
+            response.extensions_mut().insert(code);
+        }
+        response
+    };
+    let request = |path: &str| {
+        http::Request::builder().method("POST").uri(format!("http://localhost{path}")).body(tonic::body::Body::empty())
+    };
+    for (path, status, code) in [
+        ("/v1/chat/completions", 200, None),
+        ("/generate", 404, Some(tonic::Code::InvalidArgument)),
+        ("/generate", 429, None),
+    ] {
+        let service = h.layer.layer(tower::service_fn(move |_req: http::Request<tonic::body::Body>| async move {
+            Ok::<_, std::convert::Infallible>(answer(status, code))
+        }));
+        let response = service.oneshot(request(path).expect("request")).await.expect("call");
+        // Read as hyper does: up to the frame after which the body says it has ended.
+        response.into_body().frame().await.expect("a frame").expect("data");
+    }
+    let failing = h.layer.layer(tower::service_fn(|_req: http::Request<tonic::body::Body>| async {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from(tonic::Code::Unavailable as i32));
+        let body = Full::new(Bytes::from_static(b"data: {}\n\n")).with_trailers(async { Some(Ok(trailers)) });
+        Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::new(body)))
+    }));
+    let response = failing.oneshot(request("/v1/messages").expect("request")).await.expect("call");
+    response.into_body().collect().await.expect("body");
+    let text = h.metrics.render();
+    for line in [
+        "llm_requests_total{endpoint=\"/v1/chat/completions\",status=\"OK\"} 1\n",
+        "llm_requests_total{endpoint=\"/generate\",status=\"INVALID_ARGUMENT\"} 1\n",
+        "llm_requests_total{endpoint=\"/generate\",status=\"RESOURCE_EXHAUSTED\"} 1\n",
+        "llm_requests_total{endpoint=\"/v1/messages\",status=\"UNAVAILABLE\"} 1\n",
+        "llm_active_requests 0\n",
+    ] {
+        assert!(text.contains(line), "{line}: {text}");
+    }
+    assert_eq!(h.spans.named("POST /generate").len(), 2);
+}

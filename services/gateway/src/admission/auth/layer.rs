@@ -1,4 +1,4 @@
-//! The auth layer over tonic's HTTP requests.
+//! The auth layer over tonic's HTTP requests (gRPC calls and the gateway's HTTP routes alike).
 
 use std::{
     future::{Ready, ready},
@@ -17,7 +17,11 @@ use crate::admission::is_exempt;
 /// The metadata key that carries the API key.
 pub const API_KEY_HEADER: &str = "x-api-key";
 
-/// Checks `x-api-key` and puts the caller's [`Principal`] into the request extensions; refuses
+/// The scheme of an `Authorization` header that carries the API key instead (the OpenAI SDKs').
+const BEARER: &str = "Bearer ";
+
+/// Checks `x-api-key` (or, without it, `Authorization: Bearer <key>`, as the OpenAI SDKs send
+/// it) and puts the caller's [`Principal`] into the request extensions; refuses
 /// with UNAUTHENTICATED otherwise. The key itself is removed from the request, so nothing further
 /// in can log or forward it. Health and reflection calls pass without a key (and get no
 /// principal).
@@ -46,11 +50,21 @@ pub struct Auth<S> {
     keys: Arc<KeyStore>,
 }
 
+/// The key a request presents: `x-api-key`, else a bearer token. A value that is not visible
+/// ASCII cannot be one of our keys (it is presented as one that matches none).
+fn presented(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers.get(API_KEY_HEADER) {
+        return Some(value.to_str().unwrap_or("\u{0}"));
+    }
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().unwrap_or("\u{0}");
+    // The scheme is case-insensitive (RFC 9110); anything but a bearer token is no key of ours.
+    let scheme = value.get(..BEARER.len()).filter(|scheme| scheme.eq_ignore_ascii_case(BEARER))?;
+    Some(value[scheme.len()..].trim())
+}
+
 impl<S> Auth<S> {
     fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, Status> {
-        // A value that is not visible ASCII cannot be one of our keys.
-        let presented = headers.get(API_KEY_HEADER).map(|value| value.to_str().unwrap_or("\u{0}"));
-        self.keys.authenticate(presented).map_err(|rejection| {
+        self.keys.authenticate(presented(headers)).map_err(|rejection| {
             tracing::debug!(reason = rejection.message(), "call refused");
             Status::unauthenticated(rejection.message())
         })
@@ -77,6 +91,7 @@ where
         match self.authenticate(request.headers()) {
             Ok(principal) => {
                 request.headers_mut().remove(API_KEY_HEADER);
+                request.headers_mut().remove(http::header::AUTHORIZATION);
                 request.extensions_mut().insert(principal);
                 Either::Right(self.inner.call(request))
             }
@@ -103,6 +118,9 @@ mod tests {
         }
         if request.headers().contains_key(API_KEY_HEADER) {
             response.headers_mut().insert("x-saw-key", "1".parse().unwrap());
+        }
+        if request.headers().contains_key(http::header::AUTHORIZATION) {
+            response.headers_mut().insert("x-saw-auth", "1".parse().unwrap());
         }
         Ok(response)
     }
@@ -151,6 +169,35 @@ mod tests {
         binary.headers_mut().insert(API_KEY_HEADER, http::HeaderValue::from_bytes(&[0xff, 0xfe]).unwrap());
         let response = service.oneshot(binary).await.unwrap();
         assert_eq!(code(&response), Some(Code::Unauthenticated));
+    }
+
+    #[tokio::test]
+    async fn a_bearer_token_is_a_key_too_and_goes_no_further() {
+        let (key, entry) = generate_key("sdk");
+        let service = AuthLayer::new(Arc::new(KeyStore::from_keys([entry]).unwrap())).layer(service_fn(echo));
+        for header in [format!("Bearer {key}"), format!("bearer  {key}")] {
+            let mut request = request("/v1/chat/completions", None);
+            request.headers_mut().insert(http::header::AUTHORIZATION, header.parse().unwrap());
+            let response = service.clone().oneshot(request).await.unwrap();
+            assert_eq!(code(&response), None, "{header}");
+            assert_eq!(response.headers()["x-principal"], "sdk");
+            assert!(!response.headers().contains_key("x-saw-auth"), "the Authorization header went further");
+        }
+        // Other schemes carry no key of ours; a wrong bearer token is an unknown key.
+        for (header, message) in
+            [(format!("Basic {key}"), "missing%20x-api-key"), ("Bearer lk_wrong".to_string(), "unknown%20API%20key")]
+        {
+            let mut request = request("/v1/chat/completions", None);
+            request.headers_mut().insert(http::header::AUTHORIZATION, header.parse().unwrap());
+            let response = service.clone().oneshot(request).await.unwrap();
+            assert_eq!(code(&response), Some(Code::Unauthenticated), "{header}");
+            assert_eq!(response.headers()["grpc-message"], message);
+        }
+        // x-api-key wins over a bearer token.
+        let mut both = request(GENERATE, Some(&key));
+        both.headers_mut().insert(http::header::AUTHORIZATION, "Bearer lk_wrong".parse().unwrap());
+        let response = service.oneshot(both).await.unwrap();
+        assert_eq!(response.headers()["x-principal"], "sdk");
     }
 
     #[tokio::test]

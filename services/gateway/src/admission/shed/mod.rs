@@ -53,6 +53,11 @@ impl Default for ShedConfig {
 /// One key's bound on calls in flight, and its slots.
 type KeySlots = (u32, Arc<Semaphore>);
 
+/// Marks (in its extensions) the response of a call refused because the whole gateway was full,
+/// as opposed to its key's own bound: the HTTP routes answer it 503 rather than 429.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overloaded;
+
 /// What a refused call is told to wait before trying again.
 const RETRY_HINT_MS: u64 = 250;
 
@@ -145,7 +150,7 @@ where
         // The key's slot first: a key at its bound must not take a global slot from the others.
         let key = match self.shared.key_slot(request.extensions().get::<Principal>()) {
             Ok(key) => key,
-            Err(status) => return ShedFuture { state: State::Refused(Some(status)) },
+            Err(status) => return ShedFuture { state: State::Refused(Some((status, None))) },
         };
         let global = match &self.shared.permits {
             Some(permits) => match permits.clone().try_acquire_owned() {
@@ -154,7 +159,7 @@ where
                     self.shared.shed.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(max_concurrency = self.shared.max_concurrency, "call shed");
                     let message = format!("overloaded: {} calls in flight", self.shared.max_concurrency);
-                    return ShedFuture { state: State::Refused(Some(refusal(message))) };
+                    return ShedFuture { state: State::Refused(Some((refusal(message), Some(Overloaded)))) };
                 }
             },
             None => None,
@@ -210,8 +215,12 @@ pub struct ShedFuture<F> {
 }
 
 enum State<F> {
-    Called { inner: Pin<Box<F>>, slots: Option<Slots> },
-    Refused(Option<Status>),
+    Called {
+        inner: Pin<Box<F>>,
+        slots: Option<Slots>,
+    },
+    /// The refusal, and whether the whole gateway (not the key) was full.
+    Refused(Option<(Status, Option<Overloaded>)>),
 }
 
 impl<F> std::fmt::Debug for ShedFuture<F> {
@@ -239,9 +248,14 @@ where
                     None => response,
                 }))
             }
-            State::Refused(status) => {
-                let status = status.take().unwrap_or_else(|| Status::internal("shed future polled after completion"));
-                Poll::Ready(Ok(status.into_http()))
+            State::Refused(refused) => {
+                let (status, overloaded) =
+                    refused.take().unwrap_or_else(|| (Status::internal("shed future polled after completion"), None));
+                let mut response = status.into_http();
+                if let Some(overloaded) = overloaded {
+                    response.extensions_mut().insert(overloaded);
+                }
+                Poll::Ready(Ok(response))
             }
         }
     }

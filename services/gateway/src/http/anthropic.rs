@@ -1,0 +1,297 @@
+//! Anthropic's Messages API: `POST /v1/messages`, as the official SDKs call it (`x-api-key`;
+//! `anthropic-version` and `anthropic-beta` are accepted and need nothing).
+//!
+//! Request fields taken: `model`, `max_tokens` (required, as Anthropic requires it), `system` (a
+//! string or text blocks), `messages` (roles user and assistant, content as a string or text
+//! blocks; `cache_control` marks are accepted and ignored), `temperature`, `top_p`,
+//! `stop_sequences`, `metadata.user_id`, `stream`. Anything else is a 400 naming it. With
+//! `stream: true` the events are Anthropic's: `message_start`, `content_block_start`, `ping`,
+//! `content_block_delta`…, `content_block_stop`, `message_delta` (stop reason and usage),
+//! `message_stop`; a failure mid-way is an `error` event.
+
+use http::{StatusCode, request::Parts};
+use llmesh_proto::validate;
+use llmesh_proto::{
+    common::v1::{ChatMessage, FinishReason, Usage},
+    gateway::v1::GenerateStreamResponse,
+    generation::v1::GenerateRequest,
+};
+use serde_json::{Value, json};
+use tonic::body::Body;
+
+use super::{
+    Facts, Fields, Ingress, Kind, Problem, finish_reason, json_response,
+    sse::{self, Events},
+};
+use crate::service::Unary;
+
+/// The one mapping of a failure to Anthropic's error body (its status is [`Kind::status`]).
+pub fn error(problem: &Problem) -> http::Response<Body> {
+    problem
+        .respond(&json!({ "type": "error", "error": { "type": error_type(problem.kind), "message": problem.message } }))
+}
+
+/// Anthropic's error `type` for a failure.
+fn error_type(kind: Kind) -> &'static str {
+    match kind {
+        Kind::InvalidRequest | Kind::MethodNotAllowed => "invalid_request_error",
+        Kind::Unauthenticated => "authentication_error",
+        Kind::PermissionDenied => "permission_error",
+        Kind::NotFound => "not_found_error",
+        Kind::TooLarge => "request_too_large",
+        Kind::RateLimited => "rate_limit_error",
+        Kind::Overloaded => "overloaded_error",
+        Kind::Timeout { .. } => "timeout_error",
+        Kind::Unavailable | Kind::Cancelled | Kind::Internal => "api_error",
+    }
+}
+
+/// Text blocks, or a string: the text.
+fn text(value: Value, path: String) -> Result<String, Problem> {
+    match value {
+        Value::String(text) => Ok(text),
+        Value::Array(blocks) => {
+            let mut texts = Vec::with_capacity(blocks.len());
+            for (i, block) in blocks.into_iter().enumerate() {
+                let at = format!("{path}[{i}]");
+                let Value::Object(block) = block else { return Err(Problem::invalid(at, "must be an object")) };
+                let mut block = Fields::within(block, at.clone());
+                let kind: String = block.take("type")?.unwrap_or_default();
+                if kind != "text" {
+                    return Err(Problem::invalid(
+                        format!("{at}.type"),
+                        format_args!("{kind:?} blocks are not supported by llmesh (only \"text\")"),
+                    ));
+                }
+                let text: String = block.required("text")?;
+                block.ignore("cache_control");
+                block.ignore("citations");
+                block.finish()?;
+                texts.push(text);
+            }
+            Ok(texts.join("\n"))
+        }
+        _ => Err(Problem::invalid(path, "must be a string or a list of text blocks")),
+    }
+}
+
+/// A messages request, parsed.
+fn parse(mut body: Fields, cache: i32) -> Result<(GenerateRequest, bool), Problem> {
+    let model: String = body.required("model")?;
+    let max_tokens: u32 = body.required("max_tokens")?;
+    if max_tokens == 0 {
+        return Err(Problem::invalid("max_tokens", "must be at least 1"));
+    }
+    let mut messages = Vec::new();
+    if let Some(system) = body.take::<Value>("system")? {
+        messages.push(ChatMessage { role: "system".into(), content: text(system, "system".into())? });
+    }
+    let listed = body.objects("messages")?.ok_or_else(|| Problem::invalid("messages", "required"))?;
+    for mut message in listed {
+        let role: String = message.required("role")?;
+        if role != "user" && role != "assistant" {
+            return Err(Problem::invalid(message.path("role"), format_args!("{role:?} is not one of user, assistant")));
+        }
+        let path = message.path("content");
+        let content = text(message.required("content")?, path)?;
+        message.finish()?;
+        messages.push(ChatMessage { role, content });
+    }
+    let user = match body.object("metadata")? {
+        None => String::new(),
+        Some(mut metadata) => {
+            let user = metadata.take::<String>("user_id")?.unwrap_or_default();
+            metadata.finish()?;
+            user
+        }
+    };
+    let stream = body.take::<bool>("stream")?.unwrap_or(false);
+    let request = GenerateRequest {
+        model,
+        messages,
+        max_tokens,
+        temperature: body.take("temperature")?,
+        top_p: body.take("top_p")?,
+        stop: body.take("stop_sequences")?.unwrap_or_default(),
+        user,
+        cache,
+        ..Default::default()
+    };
+    body.finish()?;
+    Ok((request, stream))
+}
+
+/// Anthropic's name of a finish reason.
+fn stop_reason(value: i32) -> &'static str {
+    match finish_reason(value) {
+        FinishReason::Length => "max_tokens",
+        FinishReason::ContentFilter => "refusal",
+        FinishReason::Stop | FinishReason::Fallback | FinishReason::Unspecified => "end_turn",
+    }
+}
+
+fn usage(usage: Option<Usage>) -> Value {
+    let usage = usage.unwrap_or_default();
+    json!({ "input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens })
+}
+
+fn message_id(id: &str) -> String {
+    format!("msg_{id}")
+}
+
+/// `POST /v1/messages`.
+pub async fn messages(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::Response<Body>, Problem> {
+    let deadline = ingress.deadline(&parts.headers)?;
+    let cache = Ingress::cache_policy(&parts.headers)?;
+    let (request, stream) = parse(ingress.json(body).await?, cache)?;
+    let model = request.model.clone();
+    if stream {
+        let input_tokens = validate::estimated_tokens(validate::prompt_bytes(&request));
+        let streamed = ingress
+            .gateway()
+            .stream(&parts.extensions, request, deadline)
+            .await
+            .map_err(|e| ingress.call_problem(e, &model, deadline))?;
+        let (first, chunks) = Ingress::first_chunk(streamed.chunks, deadline).await?;
+        let mut headers = http::HeaderMap::new();
+        let facts = Facts {
+            id: &first.id,
+            cached: first.cached,
+            provider: &first.provider,
+            degraded: first.degraded.as_ref(),
+            quota: streamed.quota,
+        };
+        facts.write(&mut headers);
+        return Ok(sse::response(&first, chunks, MessageEvents { input_tokens }, deadline, headers));
+    }
+    let Unary { response, quota } = ingress
+        .gateway()
+        .unary(&parts.extensions, request, deadline, "/v1/messages")
+        .await
+        .map_err(|e| ingress.call_problem(e, &model, deadline))?;
+    let body = json!({
+        "id": message_id(&response.id),
+        "type": "message",
+        "role": "assistant",
+        "model": response.model,
+        "content": [{ "type": "text", "text": response.text }],
+        "stop_reason": stop_reason(response.finish_reason),
+        "stop_sequence": null,
+        "usage": usage(response.usage),
+    });
+    let mut http = json_response(StatusCode::OK, &body);
+    let facts = Facts {
+        id: &response.id,
+        cached: response.cached,
+        provider: &response.provider,
+        degraded: response.degraded.as_ref(),
+        quota,
+    };
+    facts.write(http.headers_mut());
+    Ok(http)
+}
+
+/// Anthropic's stream events around one text block.
+struct MessageEvents {
+    /// The prompt's estimated tokens, for `message_start` (the real count comes with
+    /// `message_delta`).
+    input_tokens: u32,
+}
+
+impl Events for MessageEvents {
+    fn open(&mut self, first: &GenerateStreamResponse, out: &mut Vec<u8>) {
+        let message = json!({
+            "id": message_id(&first.id), "type": "message", "role": "assistant", "model": first.model,
+            "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": { "input_tokens": self.input_tokens, "output_tokens": 0 },
+        });
+        sse::event("message_start", &json!({ "type": "message_start", "message": message }), out);
+        let block =
+            json!({ "type": "content_block_start", "index": 0, "content_block": { "type": "text", "text": "" } });
+        sse::event("content_block_start", &block, out);
+        sse::event("ping", &json!({ "type": "ping" }), out);
+    }
+
+    fn chunk(&mut self, chunk: &GenerateStreamResponse, out: &mut Vec<u8>) {
+        if !chunk.delta.is_empty() {
+            let delta = json!({
+                "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": chunk.delta },
+            });
+            sse::event("content_block_delta", &delta, out);
+        }
+        if chunk.finish_reason != 0 {
+            sse::event("content_block_stop", &json!({ "type": "content_block_stop", "index": 0 }), out);
+            let delta = json!({
+                "type": "message_delta",
+                "delta": { "stop_reason": stop_reason(chunk.finish_reason), "stop_sequence": null },
+                "usage": usage(chunk.usage),
+            });
+            sse::event("message_delta", &delta, out);
+        }
+    }
+
+    fn close(&mut self, out: &mut Vec<u8>) {
+        sse::event("message_stop", &json!({ "type": "message_stop" }), out);
+    }
+
+    fn fail(&mut self, problem: &Problem, out: &mut Vec<u8>) {
+        let error =
+            json!({ "type": "error", "error": { "type": error_type(problem.kind), "message": problem.message } });
+        sse::event("error", &error, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(body: Value) -> Result<(GenerateRequest, bool), Problem> {
+        let Value::Object(map) = body else { unreachable!() };
+        parse(Fields::new(map), 0)
+    }
+
+    #[test]
+    fn system_messages_and_sampling_map_to_the_typed_request() {
+        let (request, stream) = parsed(json!({
+            "model": "sim", "max_tokens": 16, "system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}],
+            "temperature": 0.2, "top_p": 0.5, "stop_sequences": ["END"], "metadata": {"user_id": "u1"}, "stream": true,
+        }))
+        .unwrap();
+        assert!(stream);
+        let roles: Vec<_> = request.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+        assert_eq!(roles, [("system", "be brief"), ("user", "hi"), ("assistant", "yes")]);
+        assert_eq!((request.max_tokens, request.temperature, request.top_p), (16, Some(0.2), Some(0.5)));
+        assert_eq!(request.stop, ["END"]);
+        assert_eq!(request.user, "u1");
+    }
+
+    #[test]
+    fn what_the_mesh_does_not_do_is_a_400_naming_it() {
+        let base = || json!({"model": "sim", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]});
+        for (name, value, param) in [
+            ("top_k", json!(5), "top_k"),
+            ("tools", json!([{"name": "x"}]), "tools"),
+            ("max_tokens", json!(0), "max_tokens"),
+            ("metadata", json!({"user_id": "u", "other": 1}), "metadata.other"),
+        ] {
+            let mut body = base();
+            body[name] = value;
+            let problem = parsed(body).err().unwrap();
+            assert_eq!(problem.param.as_deref(), Some(param), "{name}: {}", problem.message);
+        }
+        let no_max = json!({"model": "sim", "messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(parsed(no_max).err().unwrap().param.as_deref(), Some("max_tokens"));
+        let image =
+            json!({"model": "sim", "max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "image"}]}]});
+        assert_eq!(parsed(image).err().unwrap().param.as_deref(), Some("messages[0].content[0].type"));
+        let system_role = json!({"model": "sim", "max_tokens": 8, "messages": [{"role": "system", "content": "x"}]});
+        assert_eq!(parsed(system_role).err().unwrap().param.as_deref(), Some("messages[0].role"));
+    }
+
+    #[test]
+    fn errors_have_anthropics_shape() {
+        let response = error(&Problem::from_status(&tonic::Status::unauthenticated("missing x-api-key")));
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+}

@@ -1,0 +1,431 @@
+//! The gateway's HTTP routes: the OpenAI Chat Completions API (`POST /v1/chat/completions`,
+//! `GET /v1/models`), Anthropic's Messages API (`POST /v1/messages`) and the seed's
+//! `POST /generate`, on the gateway's own port (HTTP/1.1 and HTTP/2).
+//!
+//! What it promises:
+//! - The routes are thin translators. Each turns its body into the same typed `GenerateRequest`
+//!   a gRPC call makes, and takes the same path: the server's tracing layer and the admission
+//!   layers (auth — `x-api-key` or `Authorization: Bearer` —, request rate, load shedding) run
+//!   before any route, then [`GatewayService::unary`] / [`GatewayService::stream`] admit the
+//!   call's tokens, answer it (cache, single flight, the pipeline: fallback, retry, breakers,
+//!   balance) and settle it. An HTTP request and the equal gRPC request share one cache entry:
+//!   the cache key is made from the typed request, which does not know how it came.
+//! - Errors are each API's own: its HTTP status and its error body ([`errors`]), 500 never for a
+//!   client's mistake. A field the mesh does not support is a 400 naming it, not ignored.
+//! - Deadlines: the configured `request_timeout_ms`, or less when the client says so in
+//!   `x-llmesh-timeout-ms` (milliseconds) or `x-stainless-timeout` (seconds, which the official
+//!   OpenAI and Anthropic SDKs send).
+//! - Streams are server-sent events, one write per chunk as it arrives; a client that goes away
+//!   drops the stream, which cancels the call to generation and settles the tokens received so
+//!   far, as on gRPC. A failure before the first chunk is an ordinary error response (or, when a
+//!   fallback answered, an ordinary stream of the fallback's text).
+//! - The mesh's own facts go in response headers: `x-llmesh-cached`, `x-llmesh-provider`,
+//!   `x-llmesh-degraded` (the fallback's reason) and `x-llmesh-degraded-source`, `x-request-id`,
+//!   `x-llmesh-trace-id`, and the key's `x-ratelimit-remaining-*`.
+//! - `x-llmesh-cache: default | bypass | refresh | only-if-cached` sets the cache policy of the
+//!   OpenAI and Anthropic routes (the seed's body has a `cache` field, as the gRPC request does).
+//!
+//! What it does not: tools, images, audio, `n` > 1, logprobs, JSON modes. `/v1/completions` (the
+//! legacy text API) is not served.
+
+mod anthropic;
+mod errors;
+mod fields;
+mod openai;
+mod seed;
+mod sse;
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt as _;
+use llmesh_common::server::HttpService;
+use llmesh_proto::{
+    common::v1::{CachePolicy, Degraded, FinishReason},
+    gateway::v1 as gw,
+};
+use prost::bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tonic::{Code, body::Body};
+use tower::Service;
+
+pub use self::errors::{Kind, Problem, RejectionLayer};
+use self::fields::Fields;
+use crate::{
+    admission::Quota,
+    answer::AnswerError,
+    catalog::Catalog,
+    deadline::Deadline,
+    relay::ChunkStream,
+    service::{CallError, GatewayService},
+};
+
+/// `[gateway.http]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve the HTTP routes on the gateway's port (which then takes HTTP/1.1 too).
+    pub enabled: bool,
+    /// Largest request body, in bytes; a larger one is refused with 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { enabled: true, max_body_bytes: 1024 * 1024 }
+    }
+}
+
+/// The client's own timeout, in milliseconds.
+const TIMEOUT_MS_HEADER: &str = "x-llmesh-timeout-ms";
+/// The client's own timeout, in seconds, as the official OpenAI and Anthropic SDKs send it.
+const SDK_TIMEOUT_HEADER: &str = "x-stainless-timeout";
+/// The cache policy of the OpenAI and Anthropic routes.
+const CACHE_HEADER: &str = "x-llmesh-cache";
+
+/// The routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    ChatCompletions,
+    Models,
+    Messages,
+    Generate,
+}
+
+impl Route {
+    const ALL: [Route; 4] = [Self::ChatCompletions, Self::Models, Self::Messages, Self::Generate];
+
+    fn of(path: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|route| route.path() == path)
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "/v1/chat/completions",
+            Self::Models => "/v1/models",
+            Self::Messages => "/v1/messages",
+            Self::Generate => "/generate",
+        }
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Self::Models => Method::GET,
+            _ => Method::POST,
+        }
+    }
+}
+
+/// Which API's conventions a plain HTTP request is answered in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    OpenAi,
+    Anthropic,
+    Seed,
+}
+
+impl Api {
+    /// Anthropic's for its route, the seed's for `/generate`, OpenAI's for everything else.
+    fn of_path(path: &str) -> Self {
+        match Route::of(path) {
+            Some(Route::Messages) => Self::Anthropic,
+            Some(Route::Generate) => Self::Seed,
+            _ => Self::OpenAi,
+        }
+    }
+
+    /// The error response in this API's terms.
+    fn error(self, problem: Problem) -> Response<Body> {
+        match self {
+            Self::OpenAi => openai::error(&problem),
+            Self::Anthropic => anthropic::error(&problem),
+            Self::Seed => seed::error(&problem),
+        }
+    }
+}
+
+/// A gRPC call (whose refusals stay gRPC responses), as opposed to a plain HTTP request.
+fn is_grpc<B>(request: &Request<B>) -> bool {
+    request.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Serves the HTTP routes; see the module docs.
+#[derive(Debug, Clone)]
+pub struct Ingress {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    gateway: GatewayService,
+    catalog: Catalog,
+    default_model: Option<String>,
+    max_body_bytes: usize,
+}
+
+impl Ingress {
+    pub fn new(gateway: GatewayService, catalog: Catalog, default_model: Option<String>, config: &HttpConfig) -> Self {
+        let default_model = default_model.filter(|model| !model.trim().is_empty());
+        Self { shared: Arc::new(Shared { gateway, catalog, default_model, max_body_bytes: config.max_body_bytes }) }
+    }
+
+    /// `inner` (the gRPC services) with the HTTP routes beside it: the innermost step of the
+    /// server's stack, so that every admission layer runs before a route too.
+    pub fn around(&self, inner: HttpService) -> HttpService {
+        HttpService::new(Routed { inner, ingress: self.clone() })
+    }
+
+    async fn handle(self, route: Route, request: Request<Body>) -> Response<Body> {
+        let api = Api::of_path(route.path());
+        if request.method() != route.method() {
+            let message = format!("{} takes {} requests, not {}", route.path(), route.method(), request.method());
+            let mut response = api.error(Problem::new(Kind::MethodNotAllowed, Code::InvalidArgument, message));
+            let allow = if route.method() == Method::GET { "GET" } else { "POST" };
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+            return response;
+        }
+        let (parts, body) = request.into_parts();
+        let result = match route {
+            Route::ChatCompletions => openai::chat(&self, parts, body).await,
+            Route::Models => openai::models(&self, parts).await,
+            Route::Messages => anthropic::messages(&self, parts, body).await,
+            Route::Generate => seed::generate(&self, parts, body).await,
+        };
+        result.unwrap_or_else(|problem| api.error(problem))
+    }
+
+    fn gateway(&self) -> &GatewayService {
+        &self.shared.gateway
+    }
+
+    /// The request body as a JSON object, at most `max_body_bytes` long.
+    async fn json(&self, body: Body) -> Result<Fields, Problem> {
+        let limit = self.shared.max_body_bytes;
+        let bytes = match http_body_util::Limited::new(body, limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(Problem::too_large(limit)),
+            // The client stopped sending mid-body.
+            Err(error) => return Err(Problem::new(Kind::Cancelled, Code::Cancelled, format!("request body: {error}"))),
+        };
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|error| Problem::invalid("body", format_args!("not valid JSON ({error})")))?;
+        match value {
+            serde_json::Value::Object(map) => Ok(Fields::new(map)),
+            _ => Err(Problem::invalid("body", "must be a JSON object")),
+        }
+    }
+
+    /// The call's deadline: the configured limit, or the client's own timeout when shorter.
+    fn deadline(&self, headers: &HeaderMap) -> Result<Deadline, Problem> {
+        let limit = self.shared.gateway.request_timeout();
+        let text = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or_default().trim());
+        let client = match (text(TIMEOUT_MS_HEADER), text(SDK_TIMEOUT_HEADER)) {
+            (Some(ms), _) => Some(Duration::from_millis(
+                ms.parse::<u64>()
+                    .map_err(|_| Problem::invalid(TIMEOUT_MS_HEADER, "must be a whole number of milliseconds"))?,
+            )),
+            // The SDKs' own header: a value this gateway cannot read is no deadline of the client's.
+            (None, Some(seconds)) => seconds.parse::<f64>().ok().and_then(|s| Duration::try_from_secs_f64(s).ok()),
+            (None, None) => None,
+        };
+        Ok(Deadline::within(client, limit))
+    }
+
+    /// The cache policy `x-llmesh-cache` asks for (DEFAULT without it).
+    fn cache_policy(headers: &HeaderMap) -> Result<i32, Problem> {
+        let Some(value) = headers.get(CACHE_HEADER) else { return Ok(CachePolicy::Default.into()) };
+        let text = value.to_str().unwrap_or_default();
+        cache_policy_named(text)
+            .ok_or_else(|| Problem::invalid(CACHE_HEADER, format_args!("{text:?} is not one of {CACHE_POLICIES}")))
+    }
+
+    /// The model a request names, or the configured default (`/generate` only).
+    fn default_model(&self) -> Option<&str> {
+        self.shared.default_model.as_deref()
+    }
+
+    /// A failed call in the HTTP APIs' terms: as its status says, except that a model generation
+    /// does not know is 404, generation (or its upstream) being out of capacity is `Overloaded`
+    /// rather than the key's own limit, and a timeout says whose deadline it was.
+    fn call_problem(&self, error: CallError, model: &str, deadline: Deadline) -> Problem {
+        match error {
+            CallError::Admission(status) => Problem::from_status(&status),
+            CallError::Answer(AnswerError::NotCached) => Problem::from_status(&AnswerError::NotCached.into_status()),
+            CallError::Answer(AnswerError::Upstream(error)) => {
+                let mut problem = upstream_problem(&error.into_status(), deadline);
+                if problem.kind == Kind::InvalidRequest
+                    && problem.param.as_deref() == Some("model")
+                    && !self.shared.catalog.knows(model)
+                {
+                    problem.kind = Kind::NotFound;
+                }
+                problem
+            }
+        }
+    }
+
+    /// A stream's first chunk (its facts make the response headers), and the stream from there on.
+    /// A failure before the first chunk is the call's failure.
+    async fn first_chunk(
+        chunks: ChunkStream,
+        deadline: Deadline,
+    ) -> Result<(gw::GenerateStreamResponse, ChunkStream), Problem> {
+        use futures::StreamExt as _;
+        let mut chunks = chunks;
+        match chunks.next().await {
+            Some(Ok(first)) => Ok((first.clone(), futures::stream::once(async { Ok(first) }).chain(chunks).boxed())),
+            Some(Err(status)) => Err(upstream_problem(&status, deadline)),
+            None => Err(Problem::new(Kind::Unavailable, Code::Unavailable, "generation sent an empty stream")),
+        }
+    }
+}
+
+/// A failure of generation's, or of the stream from it, in the HTTP APIs' terms.
+fn upstream_problem(status: &tonic::Status, deadline: Deadline) -> Problem {
+    let mut problem = Problem::from_status(status);
+    match problem.kind {
+        Kind::RateLimited => problem.kind = Kind::Overloaded,
+        Kind::Timeout { .. } => problem.kind = Kind::Timeout { client: deadline.client_bound() },
+        _ => {}
+    }
+    problem
+}
+
+/// The policies `x-llmesh-cache` (and the seed's `cache` field) may name.
+const CACHE_POLICIES: &str = "default, bypass, refresh, only-if-cached";
+
+/// A cache policy by its short name (`bypass`) or its proto name (`CACHE_POLICY_BYPASS`).
+fn cache_policy_named(name: &str) -> Option<i32> {
+    let name = name.trim().to_ascii_lowercase().replace('_', "-");
+    let name = name.strip_prefix("cache-policy-").unwrap_or(&name);
+    let policy = match name {
+        "default" | "unspecified" => CachePolicy::Default,
+        "bypass" => CachePolicy::Bypass,
+        "refresh" => CachePolicy::Refresh,
+        "only-if-cached" => CachePolicy::OnlyIfCached,
+        _ => return None,
+    };
+    Some(policy.into())
+}
+
+/// What the mesh says about an answer, as response headers.
+struct Facts<'a> {
+    id: &'a str,
+    cached: bool,
+    provider: &'a str,
+    degraded: Option<&'a Degraded>,
+    quota: Quota,
+}
+
+impl Facts<'_> {
+    fn write(&self, headers: &mut HeaderMap) {
+        let mut put = |name: &'static str, value: &str| {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(HeaderName::from_static(name), value);
+            }
+        };
+        put("x-request-id", self.id);
+        put("x-llmesh-cached", if self.cached { "true" } else { "false" });
+        if !self.provider.is_empty() {
+            put("x-llmesh-provider", self.provider);
+        }
+        if let Some(degraded) = self.degraded {
+            put("x-llmesh-degraded", &degraded.reason);
+            put("x-llmesh-degraded-source", &degraded.source);
+        }
+        if let Some(trace) = llmesh_telemetry::current_trace_id() {
+            put("x-llmesh-trace-id", &trace);
+        }
+        self.quota.write_headers(headers);
+    }
+}
+
+/// A JSON response.
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut response = Response::new(Body::new(http_body_util::Full::new(Bytes::from(bytes))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Seconds since the epoch, for the `created` fields.
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+}
+
+/// The finish reason's enum value.
+fn finish_reason(value: i32) -> FinishReason {
+    FinishReason::try_from(value).unwrap_or(FinishReason::Unspecified)
+}
+
+/// The gRPC services with the HTTP routes beside them.
+#[derive(Clone)]
+struct Routed {
+    inner: HttpService,
+    ingress: Ingress,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+impl Service<Request<Body>> for Routed {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = futures::future::Either<<HttpService as Service<Request<Body>>>::Future, BoxFuture>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        use futures::future::Either;
+        if let Some(route) = Route::of(request.uri().path()) {
+            let ingress = self.ingress.clone();
+            return Either::Right(Box::pin(async move { Ok(ingress.handle(route, request).await) }));
+        }
+        if !is_grpc(&request) {
+            // Not a route and not gRPC: an HTTP client that lost its way gets a 404 it can read.
+            let message = format!("no route {} {}", request.method(), request.uri().path());
+            let response = Api::OpenAi.error(Problem::new(Kind::NotFound, Code::Unimplemented, message));
+            return Either::Right(Box::pin(async move { Ok(response) }));
+        }
+        Either::Left(self.inner.call(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_has_its_own_metric_label() {
+        for route in Route::ALL {
+            assert_eq!(llmesh_telemetry::http_route(route.path()), Some(route.path()), "{route:?}");
+            assert_eq!(Route::of(route.path()), Some(route));
+        }
+    }
+
+    #[test]
+    fn cache_policies_by_either_name() {
+        assert_eq!(cache_policy_named("bypass"), Some(CachePolicy::Bypass.into()));
+        assert_eq!(cache_policy_named("CACHE_POLICY_ONLY_IF_CACHED"), Some(CachePolicy::OnlyIfCached.into()));
+        assert_eq!(cache_policy_named("Only-If-Cached"), Some(CachePolicy::OnlyIfCached.into()));
+        assert_eq!(cache_policy_named("sometimes"), None);
+    }
+
+    #[test]
+    fn the_client_timeout_binds_when_shorter() {
+        // The deadline helper without a gateway: the same arithmetic as `Ingress::deadline`.
+        let client = Deadline::within(Some(Duration::from_millis(100)), Duration::from_secs(30));
+        assert!(client.client_bound());
+        let configured = Deadline::within(Some(Duration::from_secs(600)), Duration::from_secs(30));
+        assert!(!configured.client_bound());
+    }
+}

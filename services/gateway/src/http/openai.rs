@@ -1,0 +1,381 @@
+//! The OpenAI Chat Completions API: `POST /v1/chat/completions` (JSON, or server-sent events
+//! ending in `data: [DONE]` with `stream: true`) and `GET /v1/models`, as the official SDKs call
+//! them.
+//!
+//! Request fields taken: `model`, `messages` (roles system, developer, user, assistant, tool;
+//! content as a string or as text parts), `max_completion_tokens` or `max_tokens`, `temperature`,
+//! `top_p`, `stop` (a string or a list), `seed`, `user`, `metadata`, `stream`,
+//! `stream_options.include_usage`, and `n`, `presence_penalty`, `frequency_penalty`, `logprobs` at
+//! their defaults only. Anything else is a 400 naming it.
+
+use http::{StatusCode, request::Parts};
+use llmesh_proto::{
+    common::v1::{ChatMessage, FinishReason, Usage},
+    gateway::v1::GenerateStreamResponse,
+    generation::v1::GenerateRequest,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tonic::body::Body;
+
+use super::{
+    Facts, Ingress, Kind, Problem, finish_reason, json_response, now_unix,
+    sse::{self, Events},
+};
+use crate::{admission::Principal, service::Unary};
+
+/// The one mapping of a failure to OpenAI's error body (its status is [`Kind::status`]).
+pub fn error(problem: &Problem) -> http::Response<Body> {
+    let (kind, code) = error_type(problem);
+    problem.respond(&json!({ "error": body(problem, kind, code) }))
+}
+
+/// OpenAI's error `type` and `code` for a failure.
+fn error_type(problem: &Problem) -> (&'static str, Option<&'static str>) {
+    match problem.kind {
+        Kind::InvalidRequest | Kind::MethodNotAllowed => ("invalid_request_error", None),
+        Kind::Unauthenticated => ("authentication_error", Some("invalid_api_key")),
+        Kind::PermissionDenied => ("permission_error", None),
+        Kind::NotFound if problem.param.as_deref() == Some("model") => {
+            ("invalid_request_error", Some("model_not_found"))
+        }
+        Kind::NotFound => ("invalid_request_error", None),
+        Kind::TooLarge => ("invalid_request_error", Some("request_too_large")),
+        Kind::RateLimited => ("rate_limit_error", Some("rate_limit_exceeded")),
+        Kind::Overloaded => ("server_error", Some("overloaded")),
+        Kind::Timeout { .. } => ("timeout_error", Some("timeout")),
+        Kind::Unavailable | Kind::Internal => ("server_error", None),
+        Kind::Cancelled => ("cancelled", None),
+    }
+}
+
+fn body(problem: &Problem, kind: &str, code: Option<&str>) -> Value {
+    json!({ "message": problem.message, "type": kind, "param": problem.param, "code": code })
+}
+
+/// A chat completion request, parsed.
+struct Chat {
+    request: GenerateRequest,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// `stop`: one sequence or several.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(one) => vec![one],
+            Self::Many(many) => many,
+        }
+    }
+}
+
+fn parse(mut body: super::Fields, cache: i32) -> Result<Chat, Problem> {
+    let model: String = body.required("model")?;
+    let messages = body.objects("messages")?.ok_or_else(|| Problem::invalid("messages", "required"))?;
+    let messages = messages.into_iter().map(message).collect::<Result<Vec<_>, _>>()?;
+    let max_completion_tokens: Option<u32> = body.take("max_completion_tokens")?;
+    let max_tokens: Option<u32> = body.take("max_tokens")?;
+    let stream = body.take::<bool>("stream")?.unwrap_or(false);
+    let include_usage = match body.object("stream_options")? {
+        None => false,
+        Some(_) if !stream => return Err(Problem::invalid("stream_options", "only allowed when stream is true")),
+        Some(mut options) => {
+            let include = options.take::<bool>("include_usage")?.unwrap_or(false);
+            options.finish()?;
+            include
+        }
+    };
+    body.only("n", 1u32)?;
+    body.only("presence_penalty", 0.0f32)?;
+    body.only("frequency_penalty", 0.0f32)?;
+    body.only("logprobs", false)?;
+    let request = GenerateRequest {
+        model,
+        messages,
+        max_tokens: max_completion_tokens.or(max_tokens).unwrap_or(0),
+        temperature: body.take("temperature")?,
+        top_p: body.take("top_p")?,
+        stop: body.take::<Stop>("stop")?.map(Stop::into_vec).unwrap_or_default(),
+        seed: body.take("seed")?,
+        user: body.take("user")?.unwrap_or_default(),
+        metadata: body.take("metadata")?.unwrap_or_default(),
+        cache,
+        ..Default::default()
+    };
+    body.finish()?;
+    Ok(Chat { request, stream, include_usage })
+}
+
+/// One message: its role, and its content as a string or as text parts (joined by newlines).
+fn message(mut fields: super::Fields) -> Result<ChatMessage, Problem> {
+    let role: String = fields.required("role")?;
+    let path = fields.path("content");
+    let content = match fields.required::<Value>("content")? {
+        Value::String(text) => text,
+        Value::Array(parts) => {
+            let mut texts: Vec<String> = Vec::with_capacity(parts.len());
+            for (j, part) in parts.into_iter().enumerate() {
+                let Value::Object(part) = part else {
+                    return Err(Problem::invalid(format!("{path}[{j}]"), "must be an object"));
+                };
+                let mut part = super::Fields::within(part, format!("{path}[{j}]"));
+                let kind: String = part.required("type")?;
+                if kind != "text" {
+                    return Err(Problem::invalid(
+                        part.path("type"),
+                        format_args!("{kind:?} parts are not supported by llmesh (only \"text\")"),
+                    ));
+                }
+                texts.push(part.required("text")?);
+                part.finish()?;
+            }
+            texts.join("\n")
+        }
+        _ => return Err(Problem::invalid(path, "must be a string or a list of text parts")),
+    };
+    fields.ignore("refusal");
+    fields.finish()?;
+    Ok(ChatMessage { role, content })
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::Response<Body>, Problem> {
+    let deadline = ingress.deadline(&parts.headers)?;
+    let cache = Ingress::cache_policy(&parts.headers)?;
+    let Chat { request, stream, include_usage } = parse(ingress.json(body).await?, cache)?;
+    let model = request.model.clone();
+    let created = now_unix();
+    if stream {
+        let streamed = ingress
+            .gateway()
+            .stream(&parts.extensions, request, deadline)
+            .await
+            .map_err(|e| ingress.call_problem(e, &model, deadline))?;
+        let (first, chunks) = Ingress::first_chunk(streamed.chunks, deadline).await?;
+        let mut headers = http::HeaderMap::new();
+        let facts = Facts {
+            id: &first.id,
+            cached: first.cached,
+            provider: &first.provider,
+            degraded: first.degraded.as_ref(),
+            quota: streamed.quota,
+        };
+        facts.write(&mut headers);
+        let events = ChunkEvents { id: completion_id(&first.id), created, include_usage };
+        return Ok(sse::response(&first, chunks, events, deadline, headers));
+    }
+    let Unary { response, quota } = ingress
+        .gateway()
+        .unary(&parts.extensions, request, deadline, "/v1/chat/completions")
+        .await
+        .map_err(|e| ingress.call_problem(e, &model, deadline))?;
+    let body = json!({
+        "id": completion_id(&response.id),
+        "object": "chat.completion",
+        "created": created,
+        "model": response.model,
+        "choices": [{
+            "index": 0,
+            "message": { "role": "assistant", "content": response.text, "refusal": null },
+            "logprobs": null,
+            "finish_reason": finish(response.finish_reason),
+        }],
+        "usage": usage(response.usage),
+        "system_fingerprint": null,
+    });
+    let mut http = json_response(StatusCode::OK, &body);
+    let facts = Facts {
+        id: &response.id,
+        cached: response.cached,
+        provider: &response.provider,
+        degraded: response.degraded.as_ref(),
+        quota,
+    };
+    facts.write(http.headers_mut());
+    Ok(http)
+}
+
+fn completion_id(id: &str) -> String {
+    format!("chatcmpl-{id}")
+}
+
+/// OpenAI's name of a finish reason: a fallback's answer finished normally (the headers say it
+/// was a fallback).
+fn finish(value: i32) -> &'static str {
+    match finish_reason(value) {
+        FinishReason::Length => "length",
+        FinishReason::ContentFilter => "content_filter",
+        FinishReason::Stop | FinishReason::Fallback | FinishReason::Unspecified => "stop",
+    }
+}
+
+fn usage(usage: Option<Usage>) -> Value {
+    let usage = usage.unwrap_or_default();
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    })
+}
+
+/// `chat.completion.chunk` events: the assistant role first, a chunk per delta, the finish
+/// reason, the usage (when asked for), then `[DONE]`.
+struct ChunkEvents {
+    id: String,
+    created: u64,
+    include_usage: bool,
+}
+
+impl ChunkEvents {
+    fn make(&self, model: &str, choices: Value, usage: Option<Value>) -> Value {
+        let mut chunk = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": model,
+            "system_fingerprint": null,
+            "choices": choices,
+        });
+        // With include_usage, every chunk has the field: null until the last.
+        if self.include_usage {
+            chunk["usage"] = usage.unwrap_or(Value::Null);
+        }
+        chunk
+    }
+}
+
+impl Events for ChunkEvents {
+    fn open(&mut self, first: &GenerateStreamResponse, out: &mut Vec<u8>) {
+        let choices = json!([{
+            "index": 0, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null,
+        }]);
+        sse::data(&self.make(&first.model, choices, None), out);
+    }
+
+    fn chunk(&mut self, chunk: &GenerateStreamResponse, out: &mut Vec<u8>) {
+        if !chunk.delta.is_empty() {
+            let choices = json!([{
+                "index": 0, "delta": { "content": chunk.delta }, "logprobs": null, "finish_reason": null,
+            }]);
+            sse::data(&self.make(&chunk.model, choices, None), out);
+        }
+        if chunk.finish_reason != 0 {
+            let choices = json!([{
+                "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish(chunk.finish_reason),
+            }]);
+            sse::data(&self.make(&chunk.model, choices, None), out);
+            if self.include_usage {
+                sse::data(&self.make(&chunk.model, json!([]), Some(usage(chunk.usage))), out);
+            }
+        }
+    }
+
+    fn close(&mut self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"data: [DONE]\n\n");
+    }
+
+    fn fail(&mut self, problem: &Problem, out: &mut Vec<u8>) {
+        // The SDKs raise an APIError on a data event with an `error` field.
+        let (kind, code) = error_type(problem);
+        sse::data(&json!({ "error": body(problem, kind, code) }), out);
+    }
+}
+
+/// `GET /v1/models`: the models generation serves that the key may use.
+pub async fn models(ingress: &Ingress, parts: Parts) -> Result<http::Response<Body>, Problem> {
+    let deadline = ingress.deadline(&parts.headers)?;
+    let caller = parts.extensions.get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
+    let models = ingress
+        .gateway()
+        .models(caller.clone(), deadline)
+        .await
+        .map_err(|status| super::upstream_problem(&status, deadline))?;
+    let data: Vec<Value> = models
+        .iter()
+        .filter(|model| caller.allows(&model.name))
+        .map(|model| json!({ "id": model.name, "object": "model", "created": 0, "owned_by": model.provider }))
+        .collect();
+    Ok(json_response(StatusCode::OK, &json!({ "object": "list", "data": data })))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::http::fields::Fields;
+
+    fn parsed(body: Value) -> Result<Chat, Problem> {
+        let Value::Object(map) = body else { unreachable!() };
+        parse(Fields::new(map), 0)
+    }
+
+    #[test]
+    fn every_supported_field_maps_to_the_typed_request() {
+        let chat = parsed(json!({
+            "model": "sim",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": "ok", "refusal": null, "tool_calls": null, "annotations": []},
+            ],
+            "max_completion_tokens": 12, "temperature": 0.5, "top_p": 0.9, "stop": "END", "seed": 7,
+            "user": "u1", "metadata": {"team": "a"}, "n": 1, "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .unwrap();
+        assert!(chat.stream && chat.include_usage);
+        let r = chat.request;
+        assert_eq!(r.model, "sim");
+        assert_eq!(r.messages.len(), 3);
+        assert_eq!(r.messages[1].content, "a\nb");
+        assert_eq!((r.max_tokens, r.temperature, r.top_p, r.seed), (12, Some(0.5), Some(0.9), Some(7)));
+        assert_eq!(r.stop, ["END"]);
+        assert_eq!(r.user, "u1");
+        assert_eq!(r.metadata["team"], "a");
+        assert!(r.prompt.is_empty());
+    }
+
+    #[test]
+    fn what_the_mesh_does_not_do_is_a_400_naming_it() {
+        let base = || json!({"model": "sim", "messages": [{"role": "user", "content": "hi"}]});
+        let cases = [
+            ("tools", json!([{"type": "function"}]), "tools"),
+            ("n", json!(2), "n"),
+            ("presence_penalty", json!(0.5), "presence_penalty"),
+            ("temperature", json!("hot"), "temperature"),
+            ("stream_options", json!({"include_usage": true}), "stream_options"),
+        ];
+        for (name, value, param) in cases {
+            let mut body = base();
+            body[name] = value;
+            let problem = parsed(body).err().unwrap();
+            assert_eq!(problem.kind, Kind::InvalidRequest, "{name}");
+            assert_eq!(problem.param.as_deref(), Some(param), "{name}: {}", problem.message);
+        }
+        let image = json!({"model": "sim", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]});
+        assert_eq!(parsed(image).err().unwrap().param.as_deref(), Some("messages[0].content[0].type"));
+        let missing = json!({"model": "sim"});
+        assert_eq!(parsed(missing).err().unwrap().param.as_deref(), Some("messages"));
+    }
+
+    #[test]
+    fn errors_have_openais_shape_and_status() {
+        let problem = Problem::invalid("temperature", "5 is outside 0..=2");
+        let response = error(&problem);
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let mut problem = Problem::invalid("model", "unknown model");
+        problem.kind = Kind::NotFound;
+        assert_eq!(error(&problem).status(), StatusCode::NOT_FOUND);
+        let limited = Problem::from_status(&tonic::Status::resource_exhausted("rate limit"));
+        assert_eq!(error(&limited).status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+}

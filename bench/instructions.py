@@ -30,6 +30,8 @@ WORKLOADS = {
     "near-hit": {"unique": False, "cache": True},
     "miss, cache off": {"unique": True, "cache": False},
 }
+# With --http: the same cache miss as OpenAI chat completions over HTTP/1.1 (`llmesh load --protocol http`).
+HTTP_WORKLOADS = {"miss over HTTP (OpenAI)": {"unique": True, "cache": True, "protocol": "http"}}
 
 
 def free_port():
@@ -94,6 +96,8 @@ def gateway_instructions(bins, client, gen_addr, cache_addr, calls, workload, wo
             "--concurrency", "4", "--timeout", "60s", "--max-tokens", "64", "--prompts", prompts]
     if workload["unique"]:
         load.append("--unique")
+    if workload.get("protocol"):
+        load += ["--protocol", workload["protocol"]]
     # One call first, so a hit workload has its entry (and every workload its connections).
     warm = [a if a != str(calls) else "1" for a in load]
     subprocess.run(warm, check=True, capture_output=True, timeout=300)
@@ -108,7 +112,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bin-dir", action="append", required=True, help="a directory of built binaries (repeat to compare)")
     parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--http", action="store_true", help="also a cache miss over the gateway's HTTP ingress (builds that have one)")
     args = parser.parse_args()
+    workloads = dict(WORKLOADS, **(HTTP_WORKLOADS if args.http else {}))
     client = os.path.join(os.path.abspath(args.bin_dir[0]), "llmesh")
     results = {}
     with tempfile.TemporaryDirectory(prefix="llmesh-instructions-") as work:
@@ -117,7 +123,7 @@ def main():
             gen, gen_addr = start([os.path.join(bins, "generation"), "--listen", "127.0.0.1:0"], {}, os.path.join(work, "generation.log"))
             cache, cache_addr = start([os.path.join(bins, "cache"), "--listen", "127.0.0.1:0"], {}, os.path.join(work, "cache.log"))
             try:
-                for name, workload in WORKLOADS.items():
+                for name, workload in workloads.items():
                     small = gateway_instructions(bins, client, gen_addr, cache_addr, args.calls, workload, work)
                     large = gateway_instructions(bins, client, gen_addr, cache_addr, 3 * args.calls, workload, work)
                     per_call = (large - small) / (2 * args.calls)
@@ -129,7 +135,7 @@ def main():
     print()
     print("| workload | " + " | ".join(args.bin_dir) + (" | ratio (last / first) |" if len(args.bin_dir) > 1 else " |"))
     print("|---|" + "---:|" * len(args.bin_dir) + ("---:|" if len(args.bin_dir) > 1 else ""))
-    for name in WORKLOADS:
+    for name in workloads:
         figures = [results[(os.path.abspath(b), name)] for b in args.bin_dir]
         row = f"| {name} | " + " | ".join(f"{x:,.0f}" for x in figures) + " |"
         if len(figures) > 1:

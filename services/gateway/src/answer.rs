@@ -97,7 +97,9 @@ impl From<UpstreamError> for AnswerError {
 /// What the cache said.
 enum Cached {
     Hit(Box<Answer>),
-    Miss(Use),
+    /// What the policy allows, and the request's cache key when it may read (computed once here,
+    /// for the near cache, the cache service's lookup and single flight alike).
+    Miss(Use, Option<String>),
 }
 
 impl Answers {
@@ -122,13 +124,13 @@ impl Answers {
         deadline: Deadline,
         caller: &Principal,
     ) -> Result<Answer, AnswerError> {
-        let policy = match self.cached(request, deadline).await? {
+        let (policy, key) = match self.cached(request, deadline).await? {
             Cached::Hit(answer) => return Ok(*answer),
-            Cached::Miss(policy) => policy,
+            Cached::Miss(policy, key) => (policy, key),
         };
         // Identical cacheable misses in flight at once share one generation call.
-        let leader = if policy.read {
-            match self.inner.flights.join(cache_key::of(request)) {
+        let leader = if let Some(key) = key {
+            match self.inner.flights.join(key) {
                 Flight::Leader(leader) => Some(leader),
                 Flight::Follower(follower) => {
                     let waited = Instant::now();
@@ -168,7 +170,7 @@ impl Answers {
     ) -> Result<Streamed, AnswerError> {
         let policy = match self.cached(request, deadline).await? {
             Cached::Hit(answer) => return Ok(Streamed::Whole(*answer)),
-            Cached::Miss(policy) => policy,
+            Cached::Miss(policy, _) => policy,
         };
         let call = Call::new(Ask::Stream(request.clone()), deadline, caller.clone());
         match pipeline::ask(&self.inner.generation, call).await? {
@@ -197,8 +199,9 @@ impl Answers {
         if !policy.read && !policy.only_cached {
             metrics().cache_requests.add(1, &[label("result", "bypass")]);
         }
-        if policy.read
-            && let Some(hit) = self.inner.cache.lookup(request, deadline.remaining()).await
+        let key = policy.read.then(|| cache_key::of(request));
+        if let Some(key) = &key
+            && let Some(hit) = self.inner.cache.lookup(request, key, deadline.remaining()).await
             && let Some(response) = hit.response
         {
             let answer = Answer { response, chunks: hit.chunks, upstream_time: Duration::ZERO, generated: false };
@@ -207,7 +210,7 @@ impl Answers {
         if policy.only_cached {
             return Err(AnswerError::NotCached);
         }
-        Ok(Cached::Miss(policy))
+        Ok(Cached::Miss(policy, key))
     }
 }
 

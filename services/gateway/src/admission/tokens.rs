@@ -161,7 +161,7 @@ impl Accounting {
     fn count(&self, who: &Principal, model: &str, usage: Option<Usage>, remaining_tokens: Option<u64>) {
         let metrics = metrics();
         if let Some(usage) = usage {
-            let key = KeyValue::new("api_key", who.id.to_string());
+            let key = KeyValue::new("api_key", who.id.clone());
             let model_label = KeyValue::new("model", self.model_label(model));
             let labels = |kind: &'static str| [key.clone(), model_label.clone(), label("type", kind)];
             metrics.tokens.add(u64::from(usage.prompt_tokens), &labels("input"));
@@ -177,7 +177,7 @@ impl Accounting {
             let ratio = remaining as f64 / f64::from(limit.burst.max(1));
             metrics
                 .ratelimit_remaining_ratio
-                .record(ratio, &[label("api_key", who.id.to_string()), label("kind", "tokens")]);
+                .record(ratio, &[label("api_key", who.id.clone()), label("kind", "tokens")]);
         }
     }
 }

@@ -80,7 +80,7 @@ fn new_twice_writes_two_entries_and_no_secret() {
     assert_eq!(entries[1].models, ["sim", "sim-slow"]);
 
     // The gateway accepts both keys from that file.
-    let store = KeyStore::load(&AuthConfig { keys_file: Some(path.clone()), keys: vec![] }).unwrap();
+    let store = KeyStore::load(&AuthConfig { keys_file: Some(path.clone()), keys: vec![], teams: vec![] }).unwrap();
     assert_eq!(&*store.authenticate(Some(&a)).unwrap().id, "team-a");
     assert_eq!(&*store.authenticate(Some(&b)).unwrap().id, "team-b");
 }
@@ -146,7 +146,7 @@ fn revoke_removes_exactly_one_entry_and_keeps_the_comments() {
     assert!(text.contains("# c: batch jobs\n[[keys]]\nid = \"c\""), "{text}");
     let ids: Vec<String> = parse_keys_file(&text).unwrap().into_iter().map(|key| key.id).collect();
     assert_eq!(ids, ["a", "c"]);
-    let store = KeyStore::load(&AuthConfig { keys_file: Some(path.clone()), keys: vec![] }).unwrap();
+    let store = KeyStore::load(&AuthConfig { keys_file: Some(path.clone()), keys: vec![], teams: vec![] }).unwrap();
     assert!(store.authenticate(Some(&a)).is_ok() && store.authenticate(Some(&c)).is_ok());
     assert!(store.authenticate(Some(&b)).is_err());
 

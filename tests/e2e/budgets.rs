@@ -341,7 +341,13 @@ async fn two_gateways_share_one_team_budget_to_the_nano_dollar() {
     // a refusal means spent + held + its reservation > limit, and held is at most one reservation
     // per other client, so what was spent in the end is within one reservation per client of it.
     let bound = clients * tally.largest.load(Relaxed);
-    assert!(team.spent + bound > limit, "refused with ${} spent of ${}: more than the bound of ${} early", team.spent, limit, bound);
+    assert!(
+        team.spent + bound > limit,
+        "refused with ${} spent of ${}: more than the bound of ${} early",
+        team.spent,
+        limit,
+        bound
+    );
 }
 
 /// The MeshHealth component that says how a gateway enforces the budgets.
@@ -376,7 +382,11 @@ async fn each_path_is_charged_as_documented() {
     assert_eq!(left, format!("{:.6}", (100 * DOLLAR - spent) as f64 / 1e9), "what is left after this call");
 
     // A cache hit costs nothing (`cache_hit_share` 0, the default).
-    let cacheable = GenerateRequest { cache: CachePolicy::Default.into(), temperature: Some(0.0), ..unary("sim", &words("cached", 3)) };
+    let cacheable = GenerateRequest {
+        cache: CachePolicy::Default.into(),
+        temperature: Some(0.0),
+        ..unary("sim", &words("cached", 3))
+    };
     // The answer is stored in the background: until it is there, a call generates (and pays) again.
     let mut hit = None;
     for _ in 0..50 {
@@ -392,7 +402,8 @@ async fn each_path_is_charged_as_documented() {
     assert_eq!(settled(&redis, &who, file).await.0.spent, spent, "the hit was free");
 
     // The fallback's secondary model answers a failing one: charged at the secondary's price.
-    let degraded = gateway.generate(with_key(unary("sim-error", &words("fallback", 3)), wide)).await.unwrap().into_inner();
+    let degraded =
+        gateway.generate(with_key(unary("sim-error", &words("fallback", 3)), wide)).await.unwrap().into_inner();
     assert_eq!(degraded.degraded.as_ref().unwrap().source, "secondary_model", "{degraded:?}");
     assert_eq!(degraded.model, "sim");
     let usage = degraded.usage.unwrap();
@@ -401,7 +412,8 @@ async fn each_path_is_charged_as_documented() {
     assert_eq!(settled(&redis, &who, file).await.0.spent, spent, "at the secondary model's price");
 
     // A job: reserved at submit, settled by the worker with its answer's usage.
-    let job = SubmitJobRequest { model: "sim".into(), prompt: words("job", 4), max_tokens: MAX_TOKENS, ..Default::default() };
+    let job =
+        SubmitJobRequest { model: "sim".into(), prompt: words("job", 4), max_tokens: MAX_TOKENS, ..Default::default() };
     let id = gateway.submit_job(with_key(job, wide)).await.unwrap().into_inner().job.unwrap().id;
     let done = llmesh_e2e::eventually(Duration::from_secs(10), || {
         let (mut gateway, id) = (gateway.clone(), id.clone());

@@ -76,9 +76,10 @@ pub async fn run(args: SpendArgs) -> anyhow::Result<()> {
     let redis = RedisBudget::new(&args.redis, Duration::from_secs(5))
         .with_context(|| format!("invalid --redis {}", llmesh_util::redact::redact_url(&args.redis)))?;
     let key = budget::bucket_key(period, &window, scope, &name);
-    let level = redis.read(&key).await.with_context(|| {
-        format!("cannot read {key} from Redis {}", llmesh_util::redact::redact_url(&args.redis))
-    })?;
+    let level = redis
+        .read(&key)
+        .await
+        .with_context(|| format!("cannot read {key} from Redis {}", llmesh_util::redact::redact_url(&args.redis)))?;
     let level = Level { limit: limit.or(level.limit), ..level };
     let report = Report {
         scope: scope.as_str(),
@@ -189,7 +190,13 @@ mod tests {
     fn dates_name_their_period() {
         assert_eq!(window_named(Period::Month, "2026-12").unwrap().date, "2026-12");
         assert_eq!(window_named(Period::Day, "2026-12-03").unwrap().date, "2026-12-03");
-        for (period, bad) in [(Period::Month, "2026-12-03"), (Period::Day, "2026-12"), (Period::Month, "2026-13"), (Period::Month, "26-12"), (Period::Day, "2026-1-3")] {
+        for (period, bad) in [
+            (Period::Month, "2026-12-03"),
+            (Period::Day, "2026-12"),
+            (Period::Month, "2026-13"),
+            (Period::Month, "26-12"),
+            (Period::Day, "2026-1-3"),
+        ] {
             assert!(window_named(period, bad).is_err(), "{bad}");
         }
     }

@@ -122,8 +122,15 @@ async fn a_cancelled_job_is_settled_by_the_canceller_not_by_the_worker_that_read
 
     let cancelled = queue.cancel(OWNER, &job.id).await.unwrap();
     let settlement = cancelled.settlement.expect("the canceller refunds it");
-    let expected =
-        Settlement { job_id: job.id.clone(), owner: OWNER.into(), reservation: local, used: 0, succeeded: false, usage: None, budget: None };
+    let expected = Settlement {
+        job_id: job.id.clone(),
+        owner: OWNER.into(),
+        reservation: local,
+        used: 0,
+        succeeded: false,
+        usage: None,
+        budget: None,
+    };
     assert_eq!(settlement, expected);
 
     // A worker then reads the cancelled job's entry: acknowledged, not run, nothing to settle.
@@ -243,7 +250,8 @@ async fn a_money_reservation_is_handed_over_with_the_tokens_even_without_tokens(
         |request: GenerateRequest| async move { Ok(answer(&request, 12)) },
         &settled,
     );
-    let job = queue.submit_with_budget(OWNER, &request("money only"), "", None, Some("{\"hold\":1}")).await.unwrap().job;
+    let job =
+        queue.submit_with_budget(OWNER, &request("money only"), "", None, Some("{\"hold\":1}")).await.unwrap().job;
     wait_for(&queue, &job.id, SOON, state_is(JobState::Succeeded)).await;
     let seen = settlements(&settled, 1).await;
     assert_eq!(seen.len(), 1, "{seen:?}");
@@ -257,5 +265,8 @@ async fn a_money_reservation_is_handed_over_with_the_tokens_even_without_tokens(
     let waiting =
         queue.submit_with_budget(OWNER, &request("cancel me"), "", None, Some("{\"hold\":2}")).await.unwrap().job;
     let settlement = queue.cancel(OWNER, &waiting.id).await.unwrap().settlement.unwrap();
-    assert_eq!((settlement.budget.as_deref(), settlement.usage, settlement.succeeded), (Some("{\"hold\":2}"), None, false));
+    assert_eq!(
+        (settlement.budget.as_deref(), settlement.usage, settlement.succeeded),
+        (Some("{\"hold\":2}"), None, false)
+    );
 }

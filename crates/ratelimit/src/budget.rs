@@ -522,7 +522,10 @@ mod tests {
         // Leap years.
         let feb_29_2028 = days_from_civil(2028, 2, 29);
         assert_eq!(civil_from_days(feb_29_2028), (2028, 2, 29));
-        assert_eq!(Period::Month.window(feb_29_2028 as u64 * DAY_MS).end_ms, days_from_civil(2028, 3, 1) as u64 * DAY_MS);
+        assert_eq!(
+            Period::Month.window(feb_29_2028 as u64 * DAY_MS).end_ms,
+            days_from_civil(2028, 3, 1) as u64 * DAY_MS
+        );
         for days in 0..80_000 {
             let (y, m, d) = civil_from_days(days);
             assert_eq!(days_from_civil(y, m, d), days);
@@ -569,7 +572,8 @@ mod tests {
     #[test]
     fn stored_holds_read_back() {
         let hold = Hold::new(7, vec![Bucket::new(Period::Day, Scope::Key, "a", Some(9), 0)]);
-        let stored = StoredHold { hold, rate: Rate { input_per_million: 1.0, output_per_million: 2.0 }, local_replica: None };
+        let stored =
+            StoredHold { hold, rate: Rate { input_per_million: 1.0, output_per_million: 2.0 }, local_replica: None };
         assert_eq!(StoredHold::decode(&stored.encode()).unwrap(), stored);
         assert!(StoredHold::decode("{").is_err());
     }

@@ -209,7 +209,9 @@ async fn refund(limiter: &RateLimiter, budgets: &Budgets, settlement: Settlement
     let Settlement { owner, reservation, used, job_id, budget, .. } = settlement;
     match budget.as_deref().map(StoredHold::decode) {
         Some(Ok(money)) => budgets.settle_stored(money, 0).await,
-        Some(Err(error)) => tracing::warn!(%job_id, %error, "the cancelled job's money reservation is unreadable; it stays held"),
+        Some(Err(error)) => {
+            tracing::warn!(%job_id, %error, "the cancelled job's money reservation is unreadable; it stays held")
+        }
         None => {}
     }
     let taken = match reservation.store {

@@ -21,8 +21,8 @@ use std::{
     time::Duration,
 };
 
-use llmesh_queue::{JobQueue, QueueSettings, ReservationStore, Settlement, Worker};
 use llmesh_proto::common::v1::Usage;
+use llmesh_queue::{JobQueue, QueueSettings, ReservationStore, Settlement, Worker};
 use llmesh_ratelimit::{
     Kind, Limit, RedisGcra,
     budget::{self, RedisBudget, StoredHold},

@@ -22,7 +22,9 @@ pub mod rate_limit;
 pub mod shed;
 pub mod tokens;
 
-pub use auth::{ApiKey, AuthConfig, AuthLayer, Budget, BudgetLimit, CacheScope, KeyStore, Principal, Team, generate_key};
+pub use auth::{
+    ApiKey, AuthConfig, AuthLayer, Budget, BudgetLimit, CacheScope, KeyStore, Principal, Team, generate_key,
+};
 pub use budget::{BudgetConfig, Budgets};
 pub use rate_limit::{Held, Quota, RateLimitConfig, RateLimitLayer, RateLimiter};
 pub use shed::{ShedConfig, ShedLayer};

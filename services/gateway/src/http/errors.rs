@@ -125,9 +125,8 @@ impl Problem {
             .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
             .map(Duration::from_millis);
         let remaining = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
-        let remaining_budget = metadata
-            .get(REMAINING_USD)
-            .and_then(|v| usd_to_nanos(v.to_str().ok()?.trim().parse::<f64>().ok()?));
+        let remaining_budget =
+            metadata.get(REMAINING_USD).and_then(|v| usd_to_nanos(v.to_str().ok()?.trim().parse::<f64>().ok()?));
         let quota = Quota {
             remaining_requests: remaining(REMAINING_REQUESTS),
             remaining_tokens: remaining(REMAINING_TOKENS),

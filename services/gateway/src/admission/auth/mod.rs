@@ -596,7 +596,8 @@ mod tests {
              budget = {{ usd = 1.5, period = \"day\" }}\n\n[[teams]]\nname = \"search\"\nbudget = {{ usd = 100 }}\n",
             entry.prefix, entry.sha256
         );
-        let store = KeyStore::from_keys_and_teams(parse_keys_file(&text).unwrap(), parse_teams(&text).unwrap()).unwrap();
+        let store =
+            KeyStore::from_keys_and_teams(parse_keys_file(&text).unwrap(), parse_teams(&text).unwrap()).unwrap();
         let principal = store.authenticate(Some(&key)).unwrap();
         assert_eq!(principal.team.as_deref(), Some("search"));
         assert_eq!(principal.budget, Some(BudgetLimit { nanos: 1_500_000_000, period: Period::Day }));

@@ -63,7 +63,10 @@ impl LocalBudgets {
             }
         }
         let levels = |buckets: &HashMap<String, LocalBucket>| {
-            hold.buckets.iter().map(|bucket| buckets.get(&bucket.key).map(LocalBucket::level).unwrap_or_default()).collect()
+            hold.buckets
+                .iter()
+                .map(|bucket| buckets.get(&bucket.key).map(LocalBucket::level).unwrap_or_default())
+                .collect()
         };
         if let Some(index) = refused {
             return Err((index, levels(&buckets)));

@@ -350,7 +350,9 @@ impl Budgets {
             Some(replica) if replica == *self.replica => {
                 self.local.settle(&stored.hold, cost);
             }
-            Some(_) => tracing::debug!(hold = %stored.hold.id, "reserved in another replica's memory: stays held there"),
+            Some(_) => {
+                tracing::debug!(hold = %stored.hold.id, "reserved in another replica's memory: stays held there")
+            }
             None => self.settle_shared(stored.hold, cost, None).await,
         }
     }

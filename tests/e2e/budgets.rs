@@ -100,6 +100,9 @@ output_per_million = 9000.0
 
 [generation.queue]
 redis_url = "{url}"
+
+[generation.queue.options]
+max_retries = 0
 "#,
             keys = keys_file.path().display(),
         );
@@ -426,6 +429,26 @@ async fn each_path_is_charged_as_documented() {
     .expect("the job succeeded");
     spent += cost(&done.result.unwrap().usage.unwrap(), SIM_IN, SIM_OUT);
     assert_eq!(settled(&redis, &who, file).await.0.spent, spent, "the worker settled the job's real cost");
+
+    // A job that fails for good (dead-lettered: no retries here) costs nothing: its reservation
+    // goes back whole.
+    let failing = SubmitJobRequest {
+        model: "sim-error".into(),
+        prompt: words("dead", 4),
+        max_tokens: MAX_TOKENS,
+        ..Default::default()
+    };
+    let id = gateway.submit_job(with_key(failing, wide)).await.unwrap().into_inner().job.unwrap().id;
+    let ended = llmesh_e2e::eventually(Duration::from_secs(10), || {
+        let (mut gateway, id) = (gateway.clone(), id.clone());
+        async move {
+            let job = gateway.get_job(with_key(GetJobRequest { job_id: id }, wide)).await.unwrap().into_inner().job?;
+            matches!(job.state(), JobState::DeadLettered | JobState::Failed).then_some(job)
+        }
+    })
+    .await
+    .expect("the failing job ended");
+    assert_eq!(settled(&redis, &who, file).await.0, Level { spent, held: 0 }, "{ended:?}: refunded whole");
 
     // A stream the client drops after its first chunk pays for its prompt and what it was sent:
     // at least what the client read, at most the reservation.

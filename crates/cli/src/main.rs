@@ -7,6 +7,7 @@
 
 mod keys;
 mod load;
+mod spend;
 mod up;
 
 use std::{future::Future, process::ExitCode};
@@ -32,6 +33,8 @@ enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
+    /// Show what an API key or a team has spent of its budget in a period (read from Redis).
+    Spend(spend::SpendArgs),
     /// Run one service in this process (what `llmesh up` runs in each child).
     Serve {
         #[arg(value_enum)]
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::Load(args) => run_command(Export::Yes, || load::run(args)),
         // Editing a file by hand has nothing to export (and no reason to wait for a collector).
         Command::Keys { command } => run_command(Export::No, || async move { keys::run(command) }),
+        Command::Spend(args) => run_command(Export::No, || spend::run(args)),
     }
 }
 

@@ -62,6 +62,13 @@ impl Answer {
         };
         self.response.usage.filter(|_| charged)
     }
+
+    /// The usage of an answer this call reused rather than paid generation for — a cache hit, or
+    /// an identical call's answer in flight (single flight) — of which a budget charges a share.
+    /// `None` for anything else, a fallback's answer included.
+    pub fn reused(&self) -> Option<Usage> {
+        self.response.usage.filter(|_| !self.generated && self.response.degraded.is_none())
+    }
 }
 
 /// A stream's answer: whole (from the cache, or a fallback before the first chunk), or live.

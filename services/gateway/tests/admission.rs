@@ -292,7 +292,20 @@ mod admission {
             let elapsed = start.elapsed();
             assert!(elapsed >= Duration::from_millis(45) && elapsed < Duration::from_millis(250), "took {elapsed:?}");
             assert_eq!(limiter.local_fallbacks(), 1);
-            assert!(!limiter.redis_healthy());
+            assert!(limiter.redis_healthy(), "one slow answer is not an outage");
+
+            // Still no answer after 250 ms of timeouts: Redis is down, calls stop waiting for it.
+            let mut slow_calls: u64 = 1;
+            while limiter.redis_healthy() && slow_calls < 40 {
+                limiter.check_request(&key).await.unwrap();
+                slow_calls += 1;
+            }
+            assert!(!limiter.redis_healthy(), "{slow_calls} calls timed out and Redis was not given up on");
+            assert!(start.elapsed() >= Duration::from_millis(250), "given up on after {:?}", start.elapsed());
+            assert_eq!(limiter.local_fallbacks(), slow_calls);
+            let start = Instant::now();
+            limiter.check_request(&key).await.unwrap();
+            assert!(start.elapsed() < Duration::from_millis(45), "took {:?} while Redis was down", start.elapsed());
 
             until_redis_decides(&limiter, &key, Duration::from_secs(5)).await;
             assert!(limiter.redis_healthy());
@@ -317,6 +330,14 @@ mod admission {
             let status = limiter.check_request(&key).await.unwrap_err();
             assert_eq!(status.code(), Code::ResourceExhausted);
             assert_eq!(limiter.local_fallbacks(), 3);
+            // A refused connection is an outage at once; a connection attempt that outlasts the
+            // timeout, once that has gone on for 250 ms.
+            for _ in 0..40 {
+                if !limiter.redis_healthy() {
+                    break;
+                }
+                let _ = limiter.check_request(&key).await;
+            }
             assert!(!limiter.redis_healthy());
         })
         .await;

@@ -19,6 +19,7 @@
 pub mod auth;
 pub mod budget;
 pub mod rate_limit;
+mod redis_health;
 pub mod shed;
 pub mod tokens;
 

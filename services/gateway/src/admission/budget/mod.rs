@@ -58,14 +58,13 @@ use tonic::{
 };
 
 use self::local::LocalBudgets;
+use super::redis_health::RedisHealth;
 use super::{auth::Principal, rate_limit::RETRY_PUSHBACK_MS};
 use crate::metrics::metrics;
 
 /// Response metadata (and HTTP header): what the call's tightest budget has left, in dollars.
 pub const REMAINING_USD: &str = "x-budget-remaining-usd";
 
-/// While Redis is down, how often one call tries it again.
-const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// How often settlements and spend that could not reach Redis are retried.
 const CATCH_UP_INTERVAL: Duration = Duration::from_millis(250);
 /// Settlements kept for Redis while it is away; past this the oldest is dropped (its reservation
@@ -118,10 +117,7 @@ impl std::fmt::Debug for Budgets {
 /// Redis, and whether it is worth asking right now.
 struct Shared {
     budget: RedisBudget,
-    url: String,
-    healthy: AtomicBool,
-    start: tokio::time::Instant,
-    next_probe: AtomicU64,
+    health: RedisHealth,
 }
 
 /// Work for Redis that has to wait for it.
@@ -170,13 +166,7 @@ impl Budgets {
                 let redacted = llmesh_util::redact::redact_url(url);
                 let budget = RedisBudget::new(url, timeout.max(Duration::from_millis(1)))
                     .map_err(|error| anyhow::anyhow!("invalid rate_limit.redis_url {redacted}: {error}"))?;
-                Some(Shared {
-                    budget,
-                    url: redacted,
-                    healthy: AtomicBool::new(true),
-                    start: tokio::time::Instant::now(),
-                    next_probe: AtomicU64::new(0),
-                })
+                Some(Shared { budget, health: RedisHealth::new(redacted, "budgets") })
             }
             None => None,
         };
@@ -238,23 +228,23 @@ impl Budgets {
 
     /// Takes the hold in Redis, or alone when Redis does not answer.
     async fn take(&self, hold: Hold, labels: &Arc<[Labels]>) -> Result<(Taken, Vec<Level>), Status> {
-        if let Some(shared) = self.redis.as_ref().filter(|shared| shared.should_try()) {
+        if let Some(shared) = self.redis.as_ref().filter(|shared| shared.health.should_try()) {
             match shared.budget.reserve(&hold).await {
                 Ok(Reserved::Taken(levels)) => {
-                    shared.answered();
+                    shared.health.answered();
                     self.local.learn(&hold, &levels);
                     record(labels, &levels, "redis");
                     return Ok((Taken::Shared, levels));
                 }
                 Ok(Reserved::Refused { bucket, levels }) => {
-                    shared.answered();
+                    shared.health.answered();
                     self.local.learn(&hold, &levels);
                     record(labels, &levels, "redis");
                     return Err(self.refused(&hold, labels, bucket, &levels));
                 }
                 Ok(Reserved::Void) => tracing::warn!(hold = %hold.id, "a fresh budget reservation was void"),
                 Err(failure) => {
-                    shared.failed(&failure);
+                    shared.health.failed(&failure);
                     // It may still run once Redis reads it: release it, so that it takes nothing.
                     if matches!(failure, Failure::Timeout(_)) {
                         self.defer(Pending::Settle { hold: hold.clone(), cost: 0 });
@@ -316,20 +306,20 @@ impl Budgets {
     }
 
     async fn settle_shared(&self, hold: Hold, cost: Nanos, labels: Option<&[Labels]>) {
-        let Some(shared) = self.redis.as_ref().filter(|shared| shared.should_try()) else {
+        let Some(shared) = self.redis.as_ref().filter(|shared| shared.health.should_try()) else {
             self.defer(Pending::Settle { hold, cost });
             return;
         };
         match shared.budget.settle(&hold, cost).await {
             Ok(settled) => {
-                shared.answered();
+                shared.health.answered();
                 self.local.learn(&hold, &settled.levels);
                 if let Some(labels) = labels {
                     record(labels, &settled.levels, "redis");
                 }
             }
             Err(failure) => {
-                shared.failed(&failure);
+                shared.health.failed(&failure);
                 self.defer(Pending::Settle { hold, cost });
             }
         }
@@ -383,14 +373,14 @@ impl Budgets {
 
     /// Whether the budgets are shared through a Redis that answers.
     pub fn shared(&self) -> Option<bool> {
-        self.redis.as_ref().map(Shared::healthy)
+        self.redis.as_ref().map(|shared| shared.health.healthy())
     }
 
     /// Replays what waited for Redis: settlements, then spend decided alone. Stops at the first
     /// failure (Redis is away again). Returns whether everything went through.
     async fn catch_up_once(&self) -> bool {
         let Some(shared) = self.redis.as_ref() else { return true };
-        if (self.pending_count() == 0 && self.local.unflushed() == 0) || !shared.should_try() {
+        if (self.pending_count() == 0 && self.local.unflushed() == 0) || !shared.health.should_try() {
             return self.pending_count() == 0 && self.local.unflushed() == 0;
         }
         loop {
@@ -398,11 +388,11 @@ impl Budgets {
             let Some(Pending::Settle { hold, cost }) = next else { break };
             match shared.budget.settle(&hold, cost).await {
                 Ok(settled) => {
-                    shared.answered();
+                    shared.health.answered();
                     self.local.learn(&hold, &settled.levels);
                 }
                 Err(failure) => {
-                    shared.failed(&failure);
+                    shared.health.failed(&failure);
                     if let Ok(mut queue) = self.pending.lock() {
                         queue.push_front(Pending::Settle { hold, cost });
                     }
@@ -413,12 +403,12 @@ impl Budgets {
         for (flush, amount) in self.local.to_flush() {
             match shared.budget.add(&flush, amount).await {
                 Ok(settled) => {
-                    shared.answered();
+                    shared.health.answered();
                     self.local.flushed(&flush, amount);
                     self.local.learn(&flush, &settled.levels);
                 }
                 Err(failure) => {
-                    shared.failed(&failure);
+                    shared.health.failed(&failure);
                     return false;
                 }
             }
@@ -433,8 +423,8 @@ async fn catch_up(budgets: std::sync::Weak<Budgets>) {
         && let Some(shared) = &budgets.redis
     {
         match shared.budget.warm_up().await {
-            Ok(()) => tracing::info!(url = %shared.url, "budgets shared through Redis"),
-            Err(failure) => shared.failed(&failure),
+            Ok(()) => tracing::info!(url = %shared.health.url(), "budgets shared through Redis"),
+            Err(failure) => shared.health.failed(&failure),
         }
     }
     let mut ticker = tokio::time::interval(CATCH_UP_INTERVAL);
@@ -443,42 +433,6 @@ async fn catch_up(budgets: std::sync::Weak<Budgets>) {
         ticker.tick().await;
         let Some(budgets) = budgets.upgrade() else { return };
         budgets.catch_up_once().await;
-    }
-}
-
-impl Shared {
-    fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
-    fn should_try(&self) -> bool {
-        if self.healthy() {
-            return true;
-        }
-        let now = self.millis();
-        let next = self.next_probe.load(Ordering::Relaxed);
-        now >= next
-            && self
-                .next_probe
-                .compare_exchange(next, now + PROBE_INTERVAL.as_millis() as u64, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
-
-    fn answered(&self) {
-        if !self.healthy.swap(true, Ordering::Relaxed) {
-            tracing::info!(url = %self.url, "Redis answers again; budgets are shared again");
-        }
-    }
-
-    fn failed(&self, failure: &Failure) {
-        self.next_probe.store(self.millis() + PROBE_INTERVAL.as_millis() as u64, Ordering::Relaxed);
-        if self.healthy.swap(false, Ordering::Relaxed) {
-            tracing::warn!(url = %self.url, error = %failure, "Redis unavailable; each gateway replica enforces its share of the budgets until it answers");
-        }
-    }
-
-    fn millis(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 

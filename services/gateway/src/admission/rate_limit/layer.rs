@@ -71,8 +71,8 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let limiter = self.limiter.clone();
         Either::Right(Box::pin(async move {
-            let decided = limiter.check_request(&principal).await;
-            record_decision(&limiter, &principal, &decided);
+            let (decided, taken) = limiter.decide_request(&principal).await;
+            record_decision(&limiter, &principal, &decided, taken);
             match decided {
                 Ok(quota) => {
                     let mut response = inner.call(request).await?;
@@ -85,10 +85,17 @@ where
     }
 }
 
-/// `llmesh_ratelimit_decisions_total` and the share of the request quota left.
-fn record_decision(limiter: &RateLimiter, principal: &Principal, decided: &Result<super::Quota, tonic::Status>) {
+/// `llmesh_ratelimit_decisions_total` (`limiter`: which one decided; for a key without a request
+/// limit, where it would have been decided) and the share of the request quota left.
+fn record_decision(
+    limiter: &RateLimiter,
+    principal: &Principal,
+    decided: &Result<super::Quota, tonic::Status>,
+    taken: Option<super::Taken>,
+) {
     use crate::metrics::{label, metrics};
-    let limiter_kind = if limiter.redis_healthy() { "redis" } else { "local" };
+    let shared = taken.map_or_else(|| limiter.redis_healthy(), |taken| taken == super::Taken::Shared);
+    let limiter_kind = if shared { "redis" } else { "local" };
     let result = if decided.is_ok() { "allowed" } else { "rejected" };
     let key = principal.id.to_string();
     metrics()

@@ -231,15 +231,22 @@ impl RateLimiter {
 
     /// Counts one request against the principal's requests per minute.
     pub async fn check_request(&self, principal: &Principal) -> Result<Quota, Status> {
+        self.decide_request(principal).await.0
+    }
+
+    /// [`check_request`](Self::check_request), and which limiter decided (`None`: the principal
+    /// has no request limit, nothing was decided).
+    pub async fn decide_request(&self, principal: &Principal) -> (Result<Quota, Status>, Option<Taken>) {
         let Some(limit) = self.request_limit(principal) else {
-            return Ok(Quota::default());
+            return (Ok(Quota::default()), None);
         };
-        let (decision, _) = self.decide(&principal.id, Kind::Requests, limit, Cost::Take(1)).await;
-        if decision.allowed {
+        let (decision, taken) = self.decide(&principal.id, Kind::Requests, limit, Cost::Take(1)).await;
+        let decided = if decision.allowed {
             Ok(Quota { remaining_requests: Some(decision.remaining), ..Quota::default() })
         } else {
             Err(exhausted(Kind::Requests, limit, &principal.id, decision))
-        }
+        };
+        (decided, Some(taken))
     }
 
     /// Takes `tokens` (the most the call can use: prompt plus `max_tokens`) from the principal's

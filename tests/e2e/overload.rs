@@ -16,11 +16,14 @@ fn p99(mut values: Vec<Duration>) -> Duration {
 
 #[tokio::test]
 async fn three_times_capacity() {
-    // Capacity: 8 calls in flight at 50 ms each, about 160 calls/s. 24 clients offer three times that.
+    // Capacity: 8 calls in flight at 200 ms each, about 40 calls/s. 24 clients offer three times
+    // that. The service time is long against what a loaded host adds to a call (tens of
+    // milliseconds), so that "waited for a slot" and "answered at once" stay apart.
+    let service = Duration::from_millis(200);
     let options = MeshOptions {
         env: vec![
             ("LLMESH_GATEWAY_SHED__MAX_CONCURRENCY", "8".into()),
-            ("LLMESH_GENERATION_MODELS__SIM__TIME_TO_FIRST_TOKEN_MS", "50".into()),
+            ("LLMESH_GENERATION_MODELS__SIM__TIME_TO_FIRST_TOKEN_MS", service.as_millis().to_string()),
         ],
         ..Default::default()
     };
@@ -61,10 +64,11 @@ async fn three_times_capacity() {
     }
     let rss_after = mesh.gateway.rss_kib();
 
-    assert!(admitted.len() > 300 && refused.len() > 300, "admitted {}, refused {}", admitted.len(), refused.len());
+    assert!(admitted.len() > 80 && refused.len() > 300, "admitted {}, refused {}", admitted.len(), refused.len());
     let (admitted_p99, refused_p99) = (p99(admitted), p99(refused));
-    // The service time is 50 ms: admitted calls are not queued behind the excess.
-    assert!(admitted_p99 < Duration::from_millis(250), "admitted p99 {admitted_p99:?}");
-    assert!(refused_p99 < Duration::from_millis(50), "refused p99 {refused_p99:?}");
+    // Admitted calls are not queued behind the excess (queued, they would wait about two more
+    // service times), and the excess is refused without waiting for a slot.
+    assert!(admitted_p99 < 2 * service, "admitted p99 {admitted_p99:?}");
+    assert!(refused_p99 < service, "refused p99 {refused_p99:?}");
     assert!(rss_after < rss_before + 32 * 1024, "gateway RSS grew from {rss_before} KiB to {rss_after} KiB");
 }

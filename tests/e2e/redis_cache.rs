@@ -38,7 +38,9 @@ async fn gateway_hits_through_redis_and_invalidate_by_model() {
     assert_eq!(stats.backend, "redis");
     assert_eq!(stats.entries, 1 + warm.entries);
     assert!(stats.bytes > 0);
-    assert!(stats.hits >= 1 && stats.misses > warm.misses, "{stats:?} after {warm:?}");
+    // The first call's lookup may have been given up on by the gateway (its lookup budget is
+    // 20 ms) before the cache counted it: a miss is not certain, the hit is.
+    assert!(stats.hits >= 1 && stats.misses >= warm.misses, "{stats:?} after {warm:?}");
 
     let removed = cache.invalidate(InvalidateRequest { target: Some(Target::Model("sim".into())) }).await.unwrap();
     assert_eq!(removed.into_inner().removed, 1 + warm.entries);

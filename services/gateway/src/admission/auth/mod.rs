@@ -10,6 +10,17 @@
 //! unreadable, malformed or holds no key is an error naming the file, so that the gateway does not
 //! start: a secret that was not mounted, or was mounted empty, must not quietly open the gateway to
 //! everyone.
+//!
+//! **Keys rotate without a restart** ([`KeyStore::watch`]). The gateway re-reads `keys_file` when it
+//! changes (a Kubernetes Secret update, `llmesh keys` editing it in place) and on SIGHUP, and swaps
+//! the whole store at once: from the next call on, a removed key is refused and a new one accepted,
+//! and every setting of a key (`models`, limits, `max_in_flight`, `cache`) is the new file's.
+//! Calls already admitted carry on with the principal they were given. A new file that cannot be
+//! used (missing, malformed, a bad entry, no key at all) changes nothing: the keys in use stay,
+//! the error is logged naming the file, and it is counted (`llmesh_reloads_total{file="keys",
+//! result="error"}`, `llmesh_reload_failing{file="keys"}` 1 until a good file arrives; see
+//! [`llmesh_common::reload`]). The reload is generic over the store: whatever a `[[keys]]` entry
+//! holds follows it.
 
 mod key;
 mod layer;
@@ -22,6 +33,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use llmesh_common::reload::{self, Live};
 use serde::{Deserialize, Serialize};
 
 pub use key::{KEY_TAG, constant_time_eq, generate_key, prefix_of, sha256_hex};
@@ -179,6 +191,19 @@ impl KeyStore {
             keys.extend(read_keys_file(path)?);
         }
         Self::from_keys(keys)
+    }
+
+    /// The keys of `[gateway.auth]` as [`KeyStore::load`] reads them, and kept up to date with
+    /// `keys_file` (see the module's documentation): a broken file at start-up is an error naming
+    /// it; later, it keeps the keys in use. Without a `keys_file` the keys never change.
+    pub fn watch(config: &AuthConfig) -> anyhow::Result<Live<Self>> {
+        let Some(path) = config.keys_file.clone() else { return Ok(Live::fixed(Self::load(config)?)) };
+        let config = config.clone();
+        reload::watch("keys", vec![path], move || {
+            let store = Self::load(&config)?;
+            tracing::info!(keys = store.len(), "API keys loaded");
+            Ok(store)
+        })
     }
 
     pub fn from_keys(keys: impl IntoIterator<Item = ApiKey>) -> anyhow::Result<Self> {
@@ -480,6 +505,62 @@ mod tests {
         let keys = parse_keys_file(&text).unwrap();
         assert_eq!(keys[0].team.as_deref(), Some("search"));
         assert_eq!(KeyStore::from_keys(keys).unwrap().len(), 1);
+    }
+
+    fn keys_file_text(entries: &[&ApiKey]) -> String {
+        entries
+            .iter()
+            .map(|e| format!("[[keys]]\nid = \"{}\"\nprefix = \"{}\"\nsha256 = \"{}\"\n", e.id, e.prefix, e.sha256))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_changed_keys_file_swaps_the_keys_and_a_broken_one_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let (old_key, old) = generate_key("old");
+        let (new_key, mut new) = generate_key("new");
+        std::fs::write(&path, keys_file_text(&[&old])).unwrap();
+        let keys = KeyStore::watch(&AuthConfig { keys_file: Some(path.clone()), keys: vec![] }).unwrap();
+        assert_eq!(&*keys.load().authenticate(Some(&old_key)).unwrap().id, "old");
+        assert_eq!(keys.load().authenticate(Some(&new_key)), Err(Rejection::Unknown));
+
+        new.models = vec!["sim".into()];
+        let fresh = dir.path().join("keys.toml.new");
+        std::fs::write(&fresh, keys_file_text(&[&new]) + "models = [\"sim\"]\n").unwrap();
+        std::fs::rename(&fresh, &path).unwrap();
+        let mut swapped = false;
+        for _ in 0..250 {
+            if keys.load().authenticate(Some(&new_key)).is_ok() {
+                swapped = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(swapped, "the new key was never accepted");
+        assert_eq!(keys.load().authenticate(Some(&old_key)), Err(Rejection::Unknown));
+        assert!(!keys.load().authenticate(Some(&new_key)).unwrap().allows("sim-large"), "its models did not follow");
+
+        for broken in ["[[keys]\n", "", "[[keys]]\nid = \"x\"\nprefix = \"lk_1\"\nsha256 = \"short\"\n"] {
+            std::fs::write(&path, broken).unwrap();
+            for _ in 0..250 {
+                if keys.failing() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            assert!(keys.failing(), "{broken:?} was not noticed");
+            assert_eq!(&*keys.load().authenticate(Some(&new_key)).unwrap().id, "new", "{broken:?} replaced the keys");
+            // Good again, so that the next broken version is a change.
+            std::fs::write(&path, keys_file_text(&[&new])).unwrap();
+            for _ in 0..250 {
+                if !keys.failing() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            assert!(!keys.failing());
+        }
     }
 
     #[test]

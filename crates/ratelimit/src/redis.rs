@@ -42,7 +42,7 @@ impl RedisGcra {
     /// `timeout`. Needs a Tokio runtime. Fails only on a malformed URL (the error may hold the
     /// URL: callers name it redacted).
     pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
+        let client = llmesh_util::redis::client(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(timeout.max(CONNECT_TIMEOUT)))

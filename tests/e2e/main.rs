@@ -21,6 +21,7 @@ mod near_cache;
 mod overload;
 mod redis_cache;
 mod telemetry;
+mod tls;
 
 use llmesh_proto::gateway::v1::{GenerateRequest, GenerateStreamRequest, GenerateStreamResponse};
 

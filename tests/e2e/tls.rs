@@ -422,11 +422,17 @@ async fn tls_redis(certs: &Certs, password: &str) -> (tokio::process::Child, u16
 }
 
 #[tokio::test]
-async fn every_redis_client_works_over_rediss_with_a_password() {
+async fn every_redis_client_works_over_rediss_with_a_password_from_a_file() {
     let certs = Certs::new().await;
     let password = "s3cret-for-llmesh";
     let (_redis, port) = tls_redis(&certs, password).await;
-    let url = format!("rediss://llmesh:{password}@127.0.0.1:{port}/0?tls_ca={}", certs.shown("ca.pem"));
+    // The password from a file (a mounted Secret), as the deploy files do.
+    std::fs::write(certs.path("redis-password"), format!("{password}\n")).unwrap();
+    let url = format!(
+        "rediss://llmesh@127.0.0.1:{port}/0?tls_ca={}&password_file={}",
+        certs.shown("ca.pem"),
+        certs.shown("redis-password")
+    );
     let mut env = certs.mesh_env();
     env.extend([
         ("LLMESH_GATEWAY_QUEUE__REDIS_URL", url.clone()),
@@ -497,4 +503,37 @@ async fn every_redis_client_works_over_rediss_with_a_password() {
     for proc in [&mesh.gateway, &mesh.generation, &mesh.cache, &mesh.health] {
         assert!(!proc.logs().contains(password), "the password reached the logs of {}", proc.name);
     }
+}
+
+#[tokio::test]
+async fn a_plaintext_probe_port_answers_health_only() {
+    let certs = Certs::new().await;
+    let env: Vec<(&'static str, String)> = certs
+        .mesh_env()
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("LLMESH_GENERATION_"))
+        .chain([("LLMESH_GENERATION_TLS__HEALTH_LISTEN", "127.0.0.1:0".to_string())])
+        .collect();
+    let generation = Proc::spawn("generation", &env).await.unwrap();
+    let probes = eventually(Duration::from_secs(10), || async {
+        let logs = generation.logs();
+        let line = logs.lines().find(|l| l.contains("plaintext grpc.health.v1 probes on "))?.to_string();
+        line.split("probes on ").nth(1)?.split_whitespace().next()?.parse::<std::net::SocketAddr>().ok()
+    })
+    .await
+    .expect("the probe port in the logs");
+    let channel = Endpoint::from_shared(format!("http://{probes}")).unwrap().connect().await.unwrap();
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest { service: "llmesh.generation.v1.Generation".into() })
+        .await
+        .unwrap();
+    assert_eq!(status.into_inner().status, 1, "SERVING");
+    let request = llmesh_proto::generation::v1::GenerateRequest {
+        model: "sim".into(),
+        prompt: "through the probe port".into(),
+        ..Default::default()
+    };
+    let refused = GenerationClient::new(channel).generate(request).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
+    assert!(!plaintext_answers(&generation).await, "the TLS port answered plaintext");
 }

@@ -4,8 +4,8 @@
 //! ```text
 //! DIR/ca.pem, ca-key.pem                 the CA (its key signs nothing else here; keep it, or delete it)
 //! DIR/<service>.pem, <service>-key.pem   a server certificate per service (gateway, generation,
-//!                                        cache, health): localhost, 127.0.0.1, ::1, the service's
-//!                                        name, and every --san
+//!                                        cache, health, and redis for a Redis with TLS): localhost,
+//!                                        127.0.0.1, ::1, the service's name, and every --san
 //! DIR/client.pem, client-key.pem         the mesh's client certificate (the gateway and health
 //!                                        present it inside the mesh; grpcurl, buf curl, tests too)
 //! ```
@@ -27,8 +27,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 
-/// The services that get a server certificate each.
+/// The services of `llmesh up`.
 pub const SERVICES: [&str; 4] = ["gateway", "generation", "cache", "health"];
+/// Who gets a server certificate: the services, and Redis (rediss://, compose and Kubernetes).
+const SERVERS: [&str; 5] = ["gateway", "generation", "cache", "health", "redis"];
 /// The names every server certificate holds.
 const LOCAL_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
@@ -84,7 +86,7 @@ pub fn new(dir: &Path, sans: &[String], force: bool) -> anyhow::Result<Vec<PathB
         vec![write(dir, "ca.pem", &ca_cert.pem(), false)?, write(dir, "ca-key.pem", &ca_key.serialize_pem(), true)?];
     let issuer = Issuer::new(ca_params, ca_key);
 
-    for service in SERVICES {
+    for service in SERVERS {
         let mut names: Vec<String> = LOCAL_NAMES.iter().map(|n| n.to_string()).collect();
         names.push(service.to_string());
         for san in sans {
@@ -157,7 +159,9 @@ mod tests {
         let written = new(dir.path(), &["generation.llmesh.svc".into(), "10.0.0.1".into()], false).unwrap();
         let names: Vec<String> =
             written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-        for name in ["ca.pem", "ca-key.pem", "gateway.pem", "cache-key.pem", "client.pem", "client-key.pem"] {
+        for name in
+            ["ca.pem", "ca-key.pem", "gateway.pem", "cache-key.pem", "redis.pem", "client.pem", "client-key.pem"]
+        {
             assert!(names.iter().any(|n| n == name), "{name} missing from {names:?}");
         }
         for path in &written {

@@ -127,14 +127,7 @@ where
         }
     })
     .with_context(|| format!("cannot watch the {file} files"))?;
-    let mut dirs: Vec<&Path> = paths.iter().map(|path| directory_of(path)).collect();
-    dirs.sort();
-    dirs.dedup();
-    for dir in dirs {
-        watcher
-            .watch(dir, notify::RecursiveMode::NonRecursive)
-            .with_context(|| format!("cannot watch {} for changes to the {file} files", dir.display()))?;
-    }
+    let watched = watch_directories(&mut watcher, &paths, &[]).with_context(|| format!("the {file} files"))?;
     let hangup = match signal(SignalKind::hangup()) {
         Ok(hangup) => Some(hangup),
         Err(error) => {
@@ -150,6 +143,7 @@ where
             seen,
             events,
             hangup,
+            watched,
             reloads: llmesh_telemetry::meter()
                 .u64_counter("llmesh.reloads")
                 .with_description(
@@ -187,6 +181,41 @@ fn directory_of(path: &Path) -> &Path {
     }
 }
 
+/// The directories where a change to `path` shows: its own, and the one holding each symlink on
+/// the way to it (a Kubernetes projected volume swaps `..data` at its root, above `tls/tls.crt`).
+fn directories_of(path: &Path) -> Vec<PathBuf> {
+    let mut directories = vec![directory_of(path).to_path_buf()];
+    let mut prefix = PathBuf::new();
+    for component in path.components() {
+        prefix.push(component);
+        if prefix != path && std::fs::symlink_metadata(&prefix).is_ok_and(|m| m.file_type().is_symlink()) {
+            directories.push(directory_of(&prefix).to_path_buf());
+        }
+    }
+    directories
+}
+
+/// Watches the directories of `paths` (anew: an inotify watch follows the symlinks it was given
+/// when it was set, so a swapped one must be watched again); the directories watched.
+fn watch_directories(
+    watcher: &mut notify::RecommendedWatcher,
+    paths: &[PathBuf],
+    before: &[PathBuf],
+) -> anyhow::Result<Vec<PathBuf>> {
+    for directory in before {
+        let _ = watcher.unwatch(directory);
+    }
+    let mut directories: Vec<PathBuf> = paths.iter().flat_map(|path| directories_of(path)).collect();
+    directories.sort();
+    directories.dedup();
+    for directory in &directories {
+        watcher
+            .watch(directory, notify::RecursiveMode::NonRecursive)
+            .with_context(|| format!("cannot watch {} for changes", directory.display()))?;
+    }
+    Ok(directories)
+}
+
 /// What the files hold now (a missing or unreadable file counts as its error).
 fn fingerprint(paths: &[PathBuf]) -> u64 {
     let mut hasher = std::hash::DefaultHasher::new();
@@ -207,6 +236,8 @@ struct Follower<T> {
     seen: u64,
     events: mpsc::UnboundedReceiver<()>,
     hangup: Option<Signal>,
+    /// The directories watched now.
+    watched: Vec<PathBuf>,
     reloads: opentelemetry::metrics::Counter<u64>,
     /// Stops watching when the follower ends.
     _watcher: notify::RecommendedWatcher,
@@ -229,6 +260,11 @@ impl<T: Send + Sync + 'static> Follower<T> {
             };
             tokio::time::sleep(DEBOUNCE).await;
             while self.events.try_recv().is_ok() {}
+            // A swapped symlink leaves a watch on the directory it pointed to: watch anew.
+            match watch_directories(&mut self._watcher, &self.paths, &self.watched) {
+                Ok(watched) => self.watched = watched,
+                Err(error) => tracing::warn!(file = self.file, "{error:#}; the files are still polled"),
+            }
             let Some(shared) = self.shared.upgrade() else { return };
             let now = fingerprint(&self.paths);
             if now == self.seen && !forced {
@@ -342,6 +378,31 @@ mod tests {
         std::os::unix::fs::symlink("..2026_02", dir.path().join("..data_tmp")).unwrap();
         std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
         assert!(until(&live, 11).await, "the swapped Secret was not seen");
+    }
+
+    #[tokio::test]
+    async fn a_projected_volume_swap_is_seen_again_and_again() {
+        // A projected volume: `tls -> ..data/tls`, `..data -> ..<timestamp>`, swapped at its root.
+        let dir = tempfile::tempdir().unwrap();
+        let version = |name: &str, value: &str| {
+            let tls = dir.path().join(name).join("tls");
+            std::fs::create_dir_all(&tls).unwrap();
+            std::fs::write(tls.join("n.txt"), value).unwrap();
+        };
+        version("..v1", "20");
+        std::os::unix::fs::symlink("..v1", dir.path().join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/tls", dir.path().join("tls")).unwrap();
+        let path = dir.path().join("tls").join("n.txt");
+        let read = path.clone();
+        let live = watch("test", vec![path], move || read_number(&read)).unwrap();
+        assert_eq!(**live.load(), 20);
+        for (n, value) in [(2, 21), (3, 22), (4, 23)] {
+            version(&format!("..v{n}"), &value.to_string());
+            std::os::unix::fs::symlink(format!("..v{n}"), dir.path().join("..data_tmp")).unwrap();
+            std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+            std::fs::remove_dir_all(dir.path().join(format!("..v{}", n - 1))).unwrap();
+            assert!(until(&live, value).await, "swap {n} was not seen");
+        }
     }
 
     #[tokio::test]

@@ -17,7 +17,8 @@
 //! that a certificate, key or client CA replaced on disk is used by the next connection while the
 //! open ones (and their calls) carry on. ALPN offers `h2`, and `http/1.1` too on a port that takes
 //! HTTP/1.1. The admin listener ([`Base::admin`]) may use the same certificate and client CA, and a
-//! bearer token; on an address other hosts can reach it must use one of them.
+//! bearer token; on an address other hosts can reach it must use one of them. Probes that cannot
+//! speak TLS (Kubernetes' gRPC probes) get `tls.health_listen`: plaintext, `grpc.health.v1` only.
 
 mod oversize;
 
@@ -195,6 +196,8 @@ pub struct Base {
     /// `[<service>.tls]`, as [`Base::tls`] was given it.
     tls_config: TlsConfig,
     tls: Option<ServerTls>,
+    /// `grpc.health.v1` alone, for the plaintext probe port (`tls.health_listen`).
+    probes: tonic::service::Routes,
 }
 
 impl Base {
@@ -230,6 +233,7 @@ impl Base {
         let layer = traced.around(layer).around(oversize::layer());
         let (health, health_service) = tonic_health::server::health_reporter();
         let health_service = health_service.max_decoding_message_size(CONTROL_MESSAGE_BYTES);
+        let probes = tonic::service::Routes::new(health_service.clone());
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(llmesh_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -261,6 +265,7 @@ impl Base {
             accept_http1,
             tls_config: TlsConfig::default(),
             tls: None,
+            probes,
         })
     }
 
@@ -348,11 +353,16 @@ impl Base {
         shutdown: impl Future<Output = ()>,
         timing: ShutdownTiming,
     ) -> anyhow::Result<()> {
-        let Self { router, health, services, extra, routes: known, admin, tls, .. } = self;
+        let Self { router, health, services, extra, routes: known, admin, tls, tls_config, probes, .. } = self;
         // Set only here, so it can be set only once.
         let _ = known.set(Arc::new(routes(&services, &extra)));
         // Stops the admin listener when the server it belongs to stops.
         let _admin = admin.map(llmesh_util::AbortOnDropHandle::new);
+        // The plaintext probe port, likewise: it reports what `health` says, NOT_SERVING included.
+        let _probes = match tls_config.health_listen {
+            Some(addr) => Some(llmesh_util::AbortOnDropHandle::new(serve_probes(addr, probes).await?)),
+            None => None,
+        };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let stopped = async {
             let _ = stop_rx.await;
@@ -391,6 +401,19 @@ impl Base {
             }
         }
     }
+}
+
+/// Serves `grpc.health.v1` alone, in plaintext, on `addr` (for probes that cannot speak TLS).
+async fn serve_probes(addr: SocketAddr, probes: tonic::service::Routes) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("tls.health_listen {addr}"))?;
+    let local = listener.local_addr().context("probe listener has no local address")?;
+    tracing::info!("plaintext grpc.health.v1 probes on {local}");
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    Ok(tokio::spawn(async move {
+        if let Err(error) = tonic::transport::Server::builder().add_routes(probes).serve_with_incoming(incoming).await {
+            tracing::warn!("probe listener stopped: {error:#}");
+        }
+    }))
 }
 
 /// The admin listener's TLS handshake, with the settings current at each connection.

@@ -59,6 +59,9 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
     /// PEM CA certificates; when set, a client must present a certificate one of them signed.
     pub client_ca: Option<PathBuf>,
+    /// A plaintext port that answers `grpc.health.v1` only (the port's statuses, nothing else), for
+    /// probes that cannot speak TLS: Kubernetes' native gRPC probes. Off unless set.
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 impl TlsConfig {

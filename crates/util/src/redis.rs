@@ -6,23 +6,53 @@
 //! rediss://[user:password@]host:port/db                 TLS, the server checked against the system's roots
 //! rediss://...?tls_ca=/etc/llmesh/tls/ca.crt            TLS, the server checked against this CA instead
 //!   [&tls_cert=/path/client.crt&tls_key=/path/client.key] and a client certificate (tls-auth-clients yes)
+//! redis[s]://user@host:port/db?password_file=/path     the password read from a file (a mounted Secret),
+//!                                                       so that it is in no configuration file or variable
 //! ```
 //!
-//! The `tls_*` files are read when the client is made (start-up); a file that cannot be read is an
-//! error naming it (the path, not the URL: the URL may hold a password). Naming them on a
+//! The files are read when the client is made (start-up); a file that cannot be read is an error
+//! naming it (the path, not the URL: the URL may hold a password). Naming `tls_*` files on a
 //! `redis://` URL is an error too: a CA on a plaintext connection protects nothing. TLS is rustls
 //! over aws-lc-rs, the tree's one provider.
 
 use std::path::Path;
 
-use redis::{ErrorKind, RedisError, RedisResult, TlsCertificates};
+use redis::{ErrorKind, IntoConnectionInfo as _, RedisError, RedisResult, TlsCertificates};
 
 /// A client for `url` (see the module's documentation for the URL's forms).
 pub fn client(url: &str) -> RedisResult<redis::Client> {
-    match tls_certificates(url)? {
-        Some(certificates) => redis::Client::build_with_tls(url, certificates),
-        None => redis::Client::open(url),
+    let mut info = url.into_connection_info()?;
+    if let Some(password) = password(url)? {
+        let settings = info.redis_settings().clone().set_password(password);
+        info = info.set_redis_settings(settings);
     }
+    match tls_certificates(url)? {
+        Some(certificates) => redis::Client::build_with_tls(info, certificates),
+        None => redis::Client::open(info),
+    }
+}
+
+/// The password of `url`'s `password_file`, if it names one (trimmed of a final newline). For a
+/// cluster: give it to `ClusterClientBuilder::password`.
+pub fn password(url: &str) -> RedisResult<Option<String>> {
+    let Some(parsed) = redis::parse_redis_url(url) else {
+        return Err(invalid("not a Redis URL", String::new()));
+    };
+    let Some(path) = parsed.query_pairs().find(|(name, _)| name == "password_file").map(|(_, path)| path.into_owned())
+    else {
+        return Ok(None);
+    };
+    if parsed.password().is_some() {
+        return Err(invalid("a Redis URL holds a password and a password_file", "keep one".into()));
+    }
+    let bytes = read(&path, "password_file")?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| invalid("the Redis password file is not UTF-8", format!("password_file {path}")))?;
+    let password = text.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err(invalid("the Redis password file is empty", format!("password_file {path}")));
+    }
+    Ok(Some(password.to_owned()))
 }
 
 /// The CA and client certificate a `rediss://` URL names, or `None` when it names none. For a
@@ -82,6 +112,29 @@ mod tests {
         assert!(tls_certificates("rediss://redis:6379/0").unwrap().is_none());
         assert!(client("redis://user:secret@redis:6379/0").is_ok());
         assert!(client("rediss://redis:6379/0").is_ok(), "rediss:// needs the TLS feature");
+    }
+
+    #[test]
+    fn a_password_file_gives_the_password() {
+        let dir = std::env::temp_dir().join(format!("llmesh-redis-password-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        std::fs::write(&file, "from-a-secret\n").unwrap();
+        let url = format!("redis://llmesh@redis:6379/0?password_file={}", file.display());
+        assert_eq!(password(&url).unwrap().as_deref(), Some("from-a-secret"));
+        let client = client(&url).unwrap();
+        assert_eq!(client.get_connection_info().redis_settings().password(), Some("from-a-secret"));
+        assert_eq!(client.get_connection_info().redis_settings().username(), Some("llmesh"));
+        assert!(password("redis://redis:6379/0").unwrap().is_none());
+
+        let both = format!("redis://llmesh:inline@redis:6379/0?password_file={}", file.display());
+        assert!(password(&both).unwrap_err().to_string().contains("keep one"));
+        std::fs::write(&file, "\n").unwrap();
+        assert!(password(&url).unwrap_err().to_string().contains("empty"));
+        let missing = dir.join("missing");
+        let error = password(&format!("redis://redis?password_file={}", missing.display())).unwrap_err();
+        assert!(error.to_string().contains(&missing.display().to_string()), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

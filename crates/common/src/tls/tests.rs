@@ -93,6 +93,7 @@ async fn internal_ports_serve_only_clients_with_a_mesh_certificate() {
         cert: Some(write(dir.path(), "server.pem", &cert)),
         key: Some(write(dir.path(), "server-key.pem", &key)),
         client_ca: Some(write(dir.path(), "ca.pem", &mesh.pem)),
+        health_listen: None,
     };
     let tls = ServerTls::load(&config, &[ALPN_H2]).unwrap().unwrap();
     assert!(tls.mutual());
@@ -134,6 +135,7 @@ async fn a_certificate_replaced_on_disk_serves_new_connections_and_spares_open_o
         cert: Some(write(dir.path(), "tls.crt", &cert)),
         key: Some(write(dir.path(), "tls.key", &key)),
         client_ca: None,
+        health_listen: None,
     };
     let addr = serve(ServerTls::load(&config, &[ALPN_H2]).unwrap().unwrap()).await;
     let trusts_old = client_tls(dir.path(), &old_ca.pem, None);
@@ -177,7 +179,12 @@ fn broken_settings_are_errors_naming_the_file() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let _guard = runtime.enter();
     let server_error = |cert: &PathBuf, key: &PathBuf, client_ca: Option<&PathBuf>| {
-        let config = TlsConfig { cert: Some(cert.clone()), key: Some(key.clone()), client_ca: client_ca.cloned() };
+        let config = TlsConfig {
+            cert: Some(cert.clone()),
+            key: Some(key.clone()),
+            client_ca: client_ca.cloned(),
+            health_listen: None,
+        };
         format!("{:#}", ServerTls::load(&config, &[ALPN_H2]).unwrap_err())
     };
     for (error, named) in [

@@ -132,12 +132,16 @@ impl RedisStore {
         let mut builder = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
             .connection_timeout(connect_timeout)
             .response_timeout(Duration::from_millis(config.redis_response_timeout_ms));
-        // A CA of the cluster's own (`rediss://...?tls_ca=`): every node is checked against it.
-        if let Some(first) = nodes.first()
-            && let Some(certificates) = llmesh_util::redis::tls_certificates(first)
-                .with_context(|| format!("invalid redis_cluster_nodes {shown:?}"))?
-        {
-            builder = builder.certs(certificates);
+        // A CA of the cluster's own (`rediss://...?tls_ca=`), a password from a file: the first
+        // seed's hold for every node.
+        if let Some(first) = nodes.first() {
+            let invalid = || format!("invalid redis_cluster_nodes {shown:?}");
+            if let Some(certificates) = llmesh_util::redis::tls_certificates(first).with_context(invalid)? {
+                builder = builder.certs(certificates);
+            }
+            if let Some(password) = llmesh_util::redis::password(first).with_context(invalid)? {
+                builder = builder.password(password);
+            }
         }
         let client = builder.build().with_context(|| format!("invalid redis_cluster_nodes {shown:?}"))?;
         let conn =

@@ -149,3 +149,34 @@ def test_quick_http_against_grpc(tmp_path):
     time.sleep(0.5)
     pids = [int(line.split()[0]) for line in (out / "logs" / "pids.txt").read_text().splitlines() if line.strip()]
     assert not [pid for pid in pids if alive(pid)]
+
+
+def test_quick_budgets_on_against_off(tmp_path):
+    """The budgets scenario: the same key through a gateway with spend budgets and one without."""
+    out = tmp_path / "bench"
+    argv = [sys.executable, str(BENCH / "run"), "--quick", "--scenarios", "budgets",
+            "--bin-dir", str(BIN_DIR), "--out", str(out), "--max-time", "90"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+        pytest.fail(f"bench/run --quick --scenarios budgets did not finish within 150 s:\n{output[-4000:]}")
+    assert proc.returncode == 0, f"bench/run exited {proc.returncode}:\n{output[-4000:]}"
+    report = (out / "report.md").read_text()
+    assert "## 3c. Spend budgets on against off" in report, report
+    raws = {p.name: json.loads(p.read_text()) for p in (out / "raw").glob("*.json")}
+    on = [r for name, r in raws.items() if "budgets-on-" in name or "budgets-closed1-on" in name]
+    off = [r for name, r in raws.items() if "budgets-off-" in name or "budgets-closed1-off" in name]
+    assert len(on) == 2 and len(off) == 2, sorted(raws)
+    for r in on + off:
+        assert r["successes"] > 0 and r["errors"] == 0, r["codes"]
+    # The "on" gateway was given the keys file with the budgets.
+    assert "budget = { usd = 1000000.0" in (out / "keys-with-budgets.toml").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| 200 |")]
+    assert len(rows) == 1 and all(cell.strip() != "" for cell in rows[0].split("|")[1:-1]), rows
+    time.sleep(0.5)
+    pids = [int(line.split()[0]) for line in (out / "logs" / "pids.txt").read_text().splitlines() if line.strip()]
+    assert not [pid for pid in pids if alive(pid)]

@@ -4,6 +4,7 @@
 
 mod admission;
 mod bad_input;
+mod budgets;
 mod cache;
 mod chaos;
 mod discovery;

@@ -9,6 +9,7 @@
 mod certs;
 mod keys;
 mod load;
+mod spend;
 mod up;
 
 use std::{future::Future, process::ExitCode};
@@ -39,6 +40,8 @@ enum Command {
         #[command(subcommand)]
         command: certs::CertsCommand,
     },
+    /// Show what an API key or a team has spent of its budget in a period (read from Redis).
+    Spend(spend::SpendArgs),
     /// Run one service in this process (what `llmesh up` runs in each child).
     Serve {
         #[arg(value_enum)]
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
         // Editing a file by hand has nothing to export (and no reason to wait for a collector).
         Command::Keys { command } => run_command(Export::No, || async move { keys::run(command) }),
         Command::Certs { command } => run_command(Export::No, || async move { certs::run(command) }),
+        Command::Spend(args) => run_command(Export::No, || spend::run(args)),
     }
 }
 

@@ -80,7 +80,7 @@ fn new_twice_writes_two_entries_and_no_secret() {
     assert_eq!(entries[1].models, ["sim", "sim-slow"]);
 
     // The gateway accepts both keys from that file.
-    let store = KeyStore::load(&AuthConfig { keys_file: Some(path.clone()), keys: vec![] }).unwrap();
+    let store = KeyStore::load(&AuthConfig { keys_file: Some(path.clone()), keys: vec![], teams: vec![] }).unwrap();
     assert_eq!(&*store.authenticate(Some(&a)).unwrap().id, "team-a");
     assert_eq!(&*store.authenticate(Some(&b)).unwrap().id, "team-b");
 }
@@ -146,7 +146,7 @@ fn revoke_removes_exactly_one_entry_and_keeps_the_comments() {
     assert!(text.contains("# c: batch jobs\n[[keys]]\nid = \"c\""), "{text}");
     let ids: Vec<String> = parse_keys_file(&text).unwrap().into_iter().map(|key| key.id).collect();
     assert_eq!(ids, ["a", "c"]);
-    let store = KeyStore::load(&AuthConfig { keys_file: Some(path.clone()), keys: vec![] }).unwrap();
+    let store = KeyStore::load(&AuthConfig { keys_file: Some(path.clone()), keys: vec![], teams: vec![] }).unwrap();
     assert!(store.authenticate(Some(&a)).is_ok() && store.authenticate(Some(&c)).is_ok());
     assert!(store.authenticate(Some(&b)).is_err());
 
@@ -248,4 +248,34 @@ fn list_reads_any_layout_the_gateway_reads() {
     let output = keys(&["revoke", "--id", "inline", "--file", path_str(&path)]);
     assert!(!output.status.success());
     assert!(stderr(&output).contains("inline array"), "{}", stderr(&output));
+}
+
+#[test]
+fn budgets_are_set_kept_beside_teams_and_cleared() {
+    let (_dir, path) = temp_keys_file();
+    let file = path_str(&path);
+    new_key(&["--id", "spender", "--team", "search", "--budget-usd", "50", "--file", file]);
+    // A team's budget, written by hand, survives every edit.
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("\n[[teams]]\nname = \"search\"\nbudget = { usd = 500.0, period = \"day\" }\n");
+    std::fs::write(&path, text).unwrap();
+    assert!(std::fs::read_to_string(&path).unwrap().contains("budget = { usd = 50.0, period = \"month\" }"));
+
+    ok(&["set", "--id", "spender", "--budget-usd", "2.5", "--budget-period", "day", "--file", file]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("budget = { usd = 2.5, period = \"day\" }"), "{text}");
+    assert!(text.contains("[[teams]]") && text.contains("usd = 500.0"), "the team's budget was lost:\n{text}");
+    let listed: serde_json::Value = serde_json::from_str(&ok(&["list", "--json", "--file", file])).unwrap();
+    assert_eq!(listed[0]["budget"], serde_json::json!({"usd": 2.5, "period": "day"}));
+
+    // The gateway's own rules: a negative budget is refused and changes nothing.
+    let refused = keys(&["set", "--id", "spender", "--budget-usd=-1", "--file", file]);
+    assert!(!refused.status.success() && stderr(&refused).contains("budget.usd"), "{}", stderr(&refused));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    let period_alone = keys(&["set", "--id", "spender", "--budget-period", "day", "--file", file]);
+    assert!(!period_alone.status.success());
+
+    ok(&["set", "--id", "spender", "--clear", "budget", "--file", file]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(!text.contains("usd = 2.5") && text.contains("usd = 500.0"), "{text}");
 }

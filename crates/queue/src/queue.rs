@@ -121,6 +121,19 @@ impl JobQueue {
         idempotency_key: &str,
         tokens: Option<&TokenReservation>,
     ) -> Result<Submitted, QueueError> {
+        self.submit_with_budget(owner, request, idempotency_key, tokens, None).await
+    }
+
+    /// [`submit`](Self::submit), storing besides the job's money reservation (`budget`, text the
+    /// queue hands back unread with the token reservation: see [`Settlement::budget`]).
+    pub async fn submit_with_budget(
+        &self,
+        owner: &str,
+        request: &GenerateRequest,
+        idempotency_key: &str,
+        tokens: Option<&TokenReservation>,
+        budget: Option<&str>,
+    ) -> Result<Submitted, QueueError> {
         check_idempotency_key(idempotency_key)?;
         let keys = self.keys();
         let id = new_job_id();
@@ -131,7 +144,7 @@ impl JobQueue {
         }
         let (store, reserved, per_minute) = tokens.map(TokenReservation::fields).unwrap_or_default();
         invocation.arg(&id).arg(request.encode_to_vec()).arg(&keys.job_prefix).arg(owner);
-        invocation.arg(store).arg(reserved).arg(per_minute);
+        invocation.arg(store).arg(reserved).arg(per_minute).arg(budget.unwrap_or_default());
         let (id, existing, snapshot): (String, bool, Snapshot) = self.inner.api.invoke("submit", &invocation).await?;
         let job = self.stored(&id, snapshot)?.ok_or(QueueError::NotFound { id })?.job;
         if !existing {
@@ -166,11 +179,14 @@ impl JobQueue {
                 tracing::debug!(job_id = %id, "job cancelled");
                 let reservation =
                     parse_reservation(reservation).map_err(|cause| QueueError::Corrupt { id: id.to_owned(), cause })?;
-                let settlement = reservation.map(|(owner, reservation)| Settlement {
+                let settlement = reservation.map(|reserved| Settlement {
                     job_id: id.to_owned(),
-                    owner,
-                    reservation,
+                    owner: reserved.owner,
+                    reservation: reserved.tokens,
                     used: 0,
+                    succeeded: false,
+                    usage: None,
+                    budget: reserved.budget,
                 });
                 Ok(Cancelled { job: stored.job, settlement })
             }

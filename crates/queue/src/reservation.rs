@@ -15,6 +15,13 @@
 //! Stored in the job's hash as `tokens_store` (`shared`, or `local:<replica>`),
 //! `tokens_reserved` and `tokens_per_minute`; absent when nothing was reserved (the owner's
 //! tokens are unlimited, or the record predates reservations).
+//!
+//! A job's money reservation against its owner's spend budgets (`llmesh_ratelimit::budget`) is
+//! stored beside it as `budget`, text the queue does not read: it hands it over with the tokens,
+//! by the same step, so it too is settled at most once. A job that reserved money but no tokens
+//! hands over a token reservation of nothing (0 tokens, unlimited).
+
+use llmesh_proto::common::v1::Usage;
 
 use crate::error::CorruptRecord;
 
@@ -49,10 +56,17 @@ pub struct Settlement {
     /// Tokens the job used in the end: the usage its answer reported (the whole reservation when
     /// it reported none), 0 when it failed or was cancelled.
     pub used: u32,
+    /// Whether the job SUCCEEDED (else it failed, was dead-lettered or cancelled: it cost nothing).
+    pub succeeded: bool,
+    /// The usage the job's answer reported (`None`: it did not succeed, or reported none).
+    pub usage: Option<Usage>,
+    /// The job's money reservation as the gateway stored it, if it took one.
+    pub budget: Option<String>,
 }
 
 /// The hash fields a reservation is read back from, after `owner`, in the order scripts return them.
-pub(crate) const RESERVATION_FIELDS: [&str; 4] = ["owner", "tokens_store", "tokens_reserved", "tokens_per_minute"];
+pub(crate) const RESERVATION_FIELDS: [&str; 5] =
+    ["owner", "tokens_store", "tokens_reserved", "tokens_per_minute", "budget"];
 
 const SHARED: &str = "shared";
 const LOCAL_PREFIX: &str = "local:";
@@ -68,15 +82,28 @@ impl TokenReservation {
     }
 }
 
-/// The owner and reservation a script returned (the values of [`RESERVATION_FIELDS`]); `None`
+/// A job's reservations as a script returned them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Reserved {
+    pub owner: String,
+    pub tokens: TokenReservation,
+    pub budget: Option<String>,
+}
+
+/// The owner and reservations a script returned (the values of [`RESERVATION_FIELDS`]); `None`
 /// when the job reserved nothing.
-pub(crate) fn parse_reservation(
-    fields: Vec<Option<Vec<u8>>>,
-) -> Result<Option<(String, TokenReservation)>, CorruptRecord> {
+pub(crate) fn parse_reservation(fields: Vec<Option<Vec<u8>>>) -> Result<Option<Reserved>, CorruptRecord> {
     let mut fields = fields.into_iter();
     let mut next = || fields.next().flatten();
-    let (owner, store, tokens, per_minute) = (next(), next(), next(), next());
-    let Some(store) = store.filter(|store| !store.is_empty()) else { return Ok(None) };
+    let (owner, store, tokens, per_minute, budget) = (next(), next(), next(), next(), next());
+    let budget = budget.filter(|budget| !budget.is_empty()).map(|budget| String::from_utf8_lossy(&budget).into_owned());
+    let Some(store) = store.filter(|store| !store.is_empty()) else {
+        return Ok(budget.map(|budget| Reserved {
+            owner: owner.map(|owner| String::from_utf8_lossy(&owner).into_owned()).unwrap_or_default(),
+            tokens: TokenReservation { store: ReservationStore::Shared, tokens: 0, per_minute: 0 },
+            budget: Some(budget),
+        }));
+    };
     let store = match std::str::from_utf8(&store) {
         Ok(SHARED) => ReservationStore::Shared,
         Ok(text) if text.starts_with(LOCAL_PREFIX) => {
@@ -97,7 +124,7 @@ pub(crate) fn parse_reservation(
         "tokens_per_minute",
         per_minute.ok_or(CorruptRecord::Missing("tokens_per_minute"))?,
     )?;
-    Ok(Some((owner, TokenReservation { store, tokens, per_minute })))
+    Ok(Some(Reserved { owner, tokens: TokenReservation { store, tokens, per_minute }, budget }))
 }
 
 #[cfg(test)]
@@ -117,13 +144,17 @@ mod tests {
         for store in [ReservationStore::Shared, ReservationStore::Local { replica: "gateway-1:x".into() }] {
             let reservation = TokenReservation { store, tokens: 600, per_minute: 1_000 };
             let read = parse_reservation(stored(&reservation, "team:a")).unwrap();
-            assert_eq!(read, Some(("team:a".to_owned(), reservation)));
+            assert_eq!(read, Some(Reserved { owner: "team:a".to_owned(), tokens: reservation, budget: None }));
         }
     }
 
     #[test]
     fn no_store_is_no_reservation_and_a_strange_one_is_corrupt() {
         assert_eq!(parse_reservation(vec![Some(b"a".to_vec()), None, None, None]).unwrap(), None);
+        // Money but no tokens: a token reservation of nothing comes along.
+        let money = vec![Some(b"a".to_vec()), Some(Vec::new()), None, None, Some(b"{}".to_vec())];
+        let read = parse_reservation(money).unwrap().unwrap();
+        assert_eq!((read.tokens.tokens, read.tokens.per_minute, read.budget.as_deref()), (0, 0, Some("{}")));
         assert_eq!(parse_reservation(Vec::new()).unwrap(), None);
         let strange = vec![Some(b"a".to_vec()), Some(b"elsewhere".to_vec()), Some(b"1".to_vec()), Some(b"2".to_vec())];
         assert!(matches!(parse_reservation(strange), Err(CorruptRecord::Invalid { field: "tokens_store", .. })));

@@ -79,12 +79,13 @@ end
 /// owner) already names a live job of the owner.
 ///
 /// KEYS: job hash, stream, [idempotency record]. ARGV: job id, encoded request, job key prefix,
-/// owner, tokens store ('' when nothing is reserved), tokens reserved, tokens per minute.
+/// owner, tokens store ('' when nothing is reserved), tokens reserved, tokens per minute, money
+/// reservation ('' when none).
 /// Returns `{job id, 1 if it already existed else 0, snapshot}`.
 const SUBMIT: &str = r"
 local job, stream, idempotency = KEYS[1], KEYS[2], KEYS[3]
 local id, request, job_prefix, owner = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local tokens_store, tokens_reserved, tokens_per_minute = ARGV[5], ARGV[6], ARGV[7]
+local tokens_store, tokens_reserved, tokens_per_minute, budget = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 if idempotency then
   local existing = redis.call('GET', idempotency)
   if existing then
@@ -101,6 +102,9 @@ redis.call('HSET', job, 'state', QUEUED, 'attempts', 0, 'request', request, 'err
 if tokens_store ~= '' then
   redis.call('HSET', job, 'tokens_store', tokens_store, 'tokens_reserved', tokens_reserved,
     'tokens_per_minute', tokens_per_minute)
+end
+if budget and budget ~= '' then
+  redis.call('HSET', job, 'budget', budget)
 end
 redis.call('XADD', stream, '*', 'job', id)
 return {id, 0, snapshot(job)}

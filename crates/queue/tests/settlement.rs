@@ -93,9 +93,20 @@ async fn a_finished_job_is_settled_once_with_what_its_answer_used() {
 
     let mut seen = settlements(&settled, 4).await;
     seen.sort_by_key(|settlement| settlement.reservation.tokens);
+    let used_job = used.id.clone();
     let expected =
         [(&dead, 300, 0), (&failed, 400, 0), (&no_usage, 500, 500), (&used, 600, 30)].map(|(job, tokens, used)| {
-            Settlement { job_id: job.id.clone(), owner: OWNER.into(), reservation: reserved(tokens), used }
+            // Only the job whose answer reported its usage hands that usage over.
+            let usage = (job.id == used_job).then(|| Usage { total_tokens: 30, ..Default::default() });
+            Settlement {
+                job_id: job.id.clone(),
+                owner: OWNER.into(),
+                reservation: reserved(tokens),
+                used,
+                succeeded: used > 0,
+                usage,
+                budget: None,
+            }
         });
     assert_eq!(seen, expected, "one each, none for the job that reserved nothing");
     worker.stop().await;
@@ -111,7 +122,16 @@ async fn a_cancelled_job_is_settled_by_the_canceller_not_by_the_worker_that_read
 
     let cancelled = queue.cancel(OWNER, &job.id).await.unwrap();
     let settlement = cancelled.settlement.expect("the canceller refunds it");
-    assert_eq!(settlement, Settlement { job_id: job.id.clone(), owner: OWNER.into(), reservation: local, used: 0 });
+    let expected = Settlement {
+        job_id: job.id.clone(),
+        owner: OWNER.into(),
+        reservation: local,
+        used: 0,
+        succeeded: false,
+        usage: None,
+        budget: None,
+    };
+    assert_eq!(settlement, expected);
 
     // A worker then reads the cancelled job's entry: acknowledged, not run, nothing to settle.
     let settled = Settled::default();
@@ -206,7 +226,47 @@ async fn a_worker_that_takes_over_a_finished_job_settles_nothing_and_one_that_fi
     }
 
     let seen = settlements(&settled, 1).await;
-    let expected = Settlement { job_id: orphan.id.clone(), owner: OWNER.into(), reservation: reserved(500), used: 20 };
+    let expected = Settlement {
+        job_id: orphan.id.clone(),
+        owner: OWNER.into(),
+        reservation: reserved(500),
+        used: 20,
+        succeeded: true,
+        usage: Some(Usage { total_tokens: 20, ..Default::default() }),
+        budget: None,
+    };
     assert_eq!(seen, [expected]);
     worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_money_reservation_is_handed_over_with_the_tokens_even_without_tokens() {
+    let redis = RedisServer::start().await;
+    let queue = connect(&redis, QueueConfig { max_retries: 0, ..config() }).await;
+    let settled = Settled::default();
+    let worker = spawn_settling_worker(
+        &queue,
+        "w1",
+        |request: GenerateRequest| async move { Ok(answer(&request, 12)) },
+        &settled,
+    );
+    let job =
+        queue.submit_with_budget(OWNER, &request("money only"), "", None, Some("{\"hold\":1}")).await.unwrap().job;
+    wait_for(&queue, &job.id, SOON, state_is(JobState::Succeeded)).await;
+    let seen = settlements(&settled, 1).await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].budget.as_deref(), Some("{\"hold\":1}"));
+    assert_eq!(seen[0].usage.map(|usage| usage.total_tokens), Some(12));
+    assert!(seen[0].succeeded);
+    assert_eq!((seen[0].reservation.tokens, seen[0].reservation.per_minute), (0, 0), "no tokens reserved");
+
+    // Cancelled: the canceller gets it, whole.
+    worker.stop().await;
+    let waiting =
+        queue.submit_with_budget(OWNER, &request("cancel me"), "", None, Some("{\"hold\":2}")).await.unwrap().job;
+    let settlement = queue.cancel(OWNER, &waiting.id).await.unwrap().settlement.unwrap();
+    assert_eq!(
+        (settlement.budget.as_deref(), settlement.usage, settlement.succeeded),
+        (Some("{\"hold\":2}"), None, false)
+    );
 }

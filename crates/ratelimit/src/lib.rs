@@ -12,8 +12,12 @@
 //! the caller, which knows what a failure should mean (the gateway falls back to its local limiter;
 //! a worker leaves a reservation charged, which errs on the side of the limit).
 //!
-//! Light on purpose (redis, thiserror, tokio's timer): it is linked into every service.
+//! Spend budgets in money ([`budget`]) live here too, for the same reason: the gateway reserves
+//! and settles them, and workers settle the reservations of jobs, with the same scripts and keys.
+//!
+//! Light on purpose (redis, serde, thiserror, tokio's timer): it is linked into every service.
 
+pub mod budget;
 pub mod gcra;
 mod redis;
 

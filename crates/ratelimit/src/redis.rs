@@ -7,10 +7,24 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use crate::gcra::{Cost, Decision, Limit, SCRIPT};
 
 /// How long the first connection may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Reconnection attempts per failure: few, so that a failed attempt gives way to a fresh one soon
 /// after Redis is back rather than sleeping through a long backoff.
 const RECONNECT_RETRIES: usize = 1;
+
+/// A lazy connection to `url` whose calls the caller bounds by `timeout` (the connection's own
+/// response timeout is never below the connect timeout: a slow call fails the call, not the
+/// connection).
+pub(crate) fn connection(url: &str, timeout: Duration) -> Result<ConnectionManager, redis::RedisError> {
+    let client = llmesh_util::redis::client(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(timeout.max(CONNECT_TIMEOUT)))
+        .set_number_of_retries(RECONNECT_RETRIES)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(500));
+    ConnectionManager::new_lazy_with_config(client, config)
+}
 
 /// Runs [`SCRIPT`] on one Redis. Cheap to clone: clones share the connection.
 #[derive(Clone)]
@@ -35,6 +49,8 @@ pub enum Failure {
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply {0:?}")]
     Reply([i64; 5]),
+    #[error("unexpected budget reply {0:?}")]
+    BudgetReply(Vec<i64>),
 }
 
 impl RedisGcra {
@@ -42,14 +58,7 @@ impl RedisGcra {
     /// `timeout`. Needs a Tokio runtime. Fails only on a malformed URL (the error may hold the
     /// URL: callers name it redacted).
     pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
-        let client = llmesh_util::redis::client(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(timeout.max(CONNECT_TIMEOUT)))
-            .set_number_of_retries(RECONNECT_RETRIES)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = connection(url, timeout)?;
         Ok(Self { conn, script: redis::Script::new(SCRIPT), timeout: timeout.max(Duration::from_millis(1)) })
     }
 

@@ -62,6 +62,13 @@ impl Answer {
         };
         self.response.usage.filter(|_| charged)
     }
+
+    /// The usage of an answer this call reused rather than paid generation for — a cache hit, or
+    /// an identical call's answer in flight (single flight) — of which a budget charges a share.
+    /// `None` for anything else, a fallback's answer included.
+    pub fn reused(&self) -> Option<Usage> {
+        self.response.usage.filter(|_| !self.generated && self.response.degraded.is_none())
+    }
 }
 
 /// A stream's answer: whole (from the cache, or a fallback before the first chunk), or live.
@@ -97,7 +104,9 @@ impl From<UpstreamError> for AnswerError {
 /// What the cache said.
 enum Cached {
     Hit(Box<Answer>),
-    Miss(Use),
+    /// What the policy allows, and the request's cache key when it may read (computed once here,
+    /// for the near cache, the cache service's lookup and single flight alike).
+    Miss(Use, Option<String>),
 }
 
 impl Answers {
@@ -122,13 +131,13 @@ impl Answers {
         deadline: Deadline,
         caller: &Principal,
     ) -> Result<Answer, AnswerError> {
-        let policy = match self.cached(request, deadline).await? {
+        let (policy, key) = match self.cached(request, deadline).await? {
             Cached::Hit(answer) => return Ok(*answer),
-            Cached::Miss(policy) => policy,
+            Cached::Miss(policy, key) => (policy, key),
         };
         // Identical cacheable misses in flight at once share one generation call.
-        let leader = if policy.read {
-            match self.inner.flights.join(cache_key::of(request)) {
+        let leader = if let Some(key) = key {
+            match self.inner.flights.join(key) {
                 Flight::Leader(leader) => Some(leader),
                 Flight::Follower(follower) => {
                     let waited = Instant::now();
@@ -168,7 +177,7 @@ impl Answers {
     ) -> Result<Streamed, AnswerError> {
         let policy = match self.cached(request, deadline).await? {
             Cached::Hit(answer) => return Ok(Streamed::Whole(*answer)),
-            Cached::Miss(policy) => policy,
+            Cached::Miss(policy, _) => policy,
         };
         let call = Call::new(Ask::Stream(request.clone()), deadline, caller.clone());
         match pipeline::ask(&self.inner.generation, call).await? {
@@ -197,8 +206,9 @@ impl Answers {
         if !policy.read && !policy.only_cached {
             metrics().cache_requests.add(1, &[label("result", "bypass")]);
         }
-        if policy.read
-            && let Some(hit) = self.inner.cache.lookup(request, deadline.remaining()).await
+        let key = policy.read.then(|| cache_key::of(request));
+        if let Some(key) = &key
+            && let Some(hit) = self.inner.cache.lookup(request, key, deadline.remaining()).await
             && let Some(response) = hit.response
         {
             let answer = Answer { response, chunks: hit.chunks, upstream_time: Duration::ZERO, generated: false };
@@ -207,7 +217,7 @@ impl Answers {
         if policy.only_cached {
             return Err(AnswerError::NotCached);
         }
-        Ok(Cached::Miss(policy))
+        Ok(Cached::Miss(policy, key))
     }
 }
 

@@ -129,21 +129,25 @@ impl Cache {
     }
 
     /// The cached answer, if there is one and the cache answers within budget.
-    pub async fn lookup(&self, request: &GenerateRequest, remaining: Duration) -> Option<LookupResponse> {
-        self.find(request, remaining, false).await
+    /// `key` is the request's cache key (`cache_key::of`), computed once by the caller, who also
+    /// needs it for single flight.
+    pub async fn lookup(&self, request: &GenerateRequest, key: &str, remaining: Duration) -> Option<LookupResponse> {
+        self.find(request, Some(key), remaining).await
     }
 
     /// An answer for the fallback: fresh or past its TTL.
     pub async fn lookup_stale(&self, request: &GenerateRequest, remaining: Duration) -> Option<LookupResponse> {
-        self.find(request, remaining, true).await
+        self.find(request, None, remaining).await
     }
 
-    async fn find(&self, request: &GenerateRequest, remaining: Duration, allow_stale: bool) -> Option<LookupResponse> {
+    /// With `key`, a fresh answer (the near cache's first); without, fresh or stale (the service's).
+    async fn find(&self, request: &GenerateRequest, key: Option<&str>, remaining: Duration) -> Option<LookupResponse> {
+        let allow_stale = key.is_none();
         let mut client = self.client.clone()?;
         // The near cache holds fresh answers only: a stale one is the cache service's to give.
         let near = self.near.as_ref().map(|near| &near.cache).filter(|_| !allow_stale);
         if let Some(near) = near
-            && let Some(hit) = near.get(&llmesh_proto::cache_key::of(request))
+            && let Some(hit) = key.and_then(|key| near.get(key))
         {
             metrics().cache_requests.add(1, &[label("result", "hit"), label("tier", "near")]);
             return Some(hit);

@@ -8,7 +8,7 @@ use llmesh_queue::QueueSettings;
 use serde::{Deserialize, Serialize};
 
 pub use crate::{
-    admission::{AuthConfig, Price, RateLimitConfig, ShedConfig},
+    admission::{AuthConfig, BudgetConfig, Price, RateLimitConfig, ShedConfig},
     cache::CacheConfig,
     http::HttpConfig,
     pipeline::{GenerationConfig, breaker::BreakerConfig, fallback::FallbackConfig, retry::RetryConfig},
@@ -37,11 +37,13 @@ pub struct Config {
     pub cache: CacheConfig,
     pub auth: AuthConfig,
     pub rate_limit: RateLimitConfig,
+    /// Spend budgets (the limits are in the keys file; the state in `rate_limit.redis_url`).
+    pub budget: BudgetConfig,
     pub shed: ShedConfig,
     /// The job queue behind SubmitJob and friends.
     pub queue: QueueSettings,
     pub fallback: FallbackConfig,
-    /// Price per model, for the `llmesh_cost_usd_total` metric.
+    /// Price per model, for the `llmesh_cost_usd_total` metric and spend budgets.
     pub prices: BTreeMap<String, Price>,
     /// The model `POST /generate` asks for when its body names none (`sim` under `llmesh up`);
     /// unset, the body must name one.
@@ -66,6 +68,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             auth: AuthConfig::default(),
             rate_limit: RateLimitConfig::default(),
+            budget: BudgetConfig::default(),
             shed: ShedConfig::default(),
             queue: QueueSettings::default(),
             fallback: FallbackConfig::default(),

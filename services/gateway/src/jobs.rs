@@ -21,6 +21,11 @@
 //!   limiter, or Redis failing then), only this replica, on cancel. Workers leave such a
 //!   reservation charged, which errs on the side of the limit: the key's bucket on this replica
 //!   fills again on its own within the minute.
+//! - Under a spend budget, `SubmitJob` reserves the job's most expensive outcome too, exactly as
+//!   `Generate` does, and the money reservation goes the tokens' way: stored with the job, handed
+//!   over by the same step, settled by the worker with the cost of the usage the answer reported
+//!   (the whole reservation when it reported none), and given back whole on FAILED,
+//!   DEAD_LETTERED, or a cancel.
 //! - A `WatchJob` lasts at most `queue.watch_max_ms`, then ends with DEADLINE_EXCEEDED telling the
 //!   client to watch again: a watch never holds a call slot for as long as a job may wait.
 //!
@@ -44,8 +49,11 @@ use llmesh_queue::{
 };
 use tonic::{Request, Response, Status};
 
+use llmesh_ratelimit::budget::StoredHold;
+
 use crate::admission::{
-    Held, Principal, Quota, RateLimiter,
+    Budgets, Held, Principal, Quota, RateLimiter,
+    budget::Spend,
     rate_limit::{Reservation, Taken},
 };
 
@@ -83,30 +91,48 @@ impl Jobs {
         &self,
         request: Request<SubmitJobRequest>,
         limiter: &RateLimiter,
+        budgets: &Budgets,
         admit: A,
     ) -> Result<Response<SubmitJobResponse>, Status>
     where
-        A: AsyncFnOnce(&http::Extensions, &GenerateRequest) -> Result<(Principal, Held), Status>,
+        A: AsyncFnOnce(&http::Extensions, &GenerateRequest) -> Result<(Principal, Held, Option<Spend>), Status>,
     {
         let queue = self.queue()?;
         let (_, extensions, request) = request.into_parts();
         check_idempotency_key(&request.idempotency_key).map_err(|error| Status::invalid_argument(error.to_string()))?;
         let idempotency_key = request.idempotency_key.clone();
         let mut generate: GenerateRequest = request.into();
-        let (who, held) = admit(&extensions, &generate).await?;
+        let (who, held, spend) = admit(&extensions, &generate).await?;
         // The worker's span continues this trace.
         generate.metadata.remove(llmesh_telemetry::JOB_TRACEPARENT_KEY);
         if let Some(traceparent) = llmesh_telemetry::current_traceparent() {
             generate.metadata.insert(llmesh_telemetry::JOB_TRACEPARENT_KEY.to_string(), traceparent);
         }
         let tokens = held.reservation().and_then(|reservation| stored(reservation, limiter.replica()));
-        // On failure `held` is dropped, and so refunded: no job holds it.
-        let submitted = queue.submit(&who.id, &generate, &idempotency_key, tokens.as_ref()).await.map_err(status)?;
+        let remaining_budget = spend.as_ref().and_then(Spend::remaining);
+        // Stored with the job; given back below when no job took it.
+        let money = spend.and_then(|spend| budgets.store(spend));
+        let encoded = money.as_ref().map(StoredHold::encode);
+        let submitted =
+            queue.submit_with_budget(&who.id, &generate, &idempotency_key, tokens.as_ref(), encoded.as_deref()).await;
+        let submitted = match submitted {
+            Ok(submitted) => submitted,
+            Err(error) => {
+                // `held` is dropped, and so refunded; the money goes back too: no job holds it.
+                if let Some(money) = money {
+                    budgets.settle_stored(money, 0).await;
+                }
+                return Err(status(error));
+            }
+        };
         let quota = if submitted.existing {
-            // The earlier job holds its own reservation; this one goes back.
+            // The earlier job holds its own reservations; these go back.
+            if let Some(money) = money {
+                budgets.settle_stored(money, 0).await;
+            }
             held.settle(0)
         } else {
-            let quota = held.quota();
+            let quota = Quota { remaining_budget, ..held.quota() };
             // Now the job's, settled when it ends.
             let _job_holds_it = held.detach();
             quota
@@ -142,13 +168,14 @@ impl Jobs {
         &self,
         request: Request<CancelJobRequest>,
         limiter: &RateLimiter,
+        budgets: &Budgets,
     ) -> Result<Response<CancelJobResponse>, Status> {
         let queue = self.queue()?;
         let who = principal(request.extensions());
         let id = job_id(&request.get_ref().job_id)?;
         let cancelled = queue.cancel(&who.id, id).await.map_err(status)?;
         let quota = match cancelled.settlement {
-            Some(settlement) => refund(limiter, settlement).await,
+            Some(settlement) => refund(limiter, budgets, settlement).await,
             None => Quota::default(),
         };
         let mut response = Response::new(CancelJobResponse { job: Some(cancelled.job) });
@@ -177,9 +204,16 @@ fn stored(reservation: &Reservation, replica: &str) -> Option<TokenReservation> 
     Some(TokenReservation { store, tokens: reservation.tokens(), per_minute: limit.burst })
 }
 
-/// Gives a cancelled job's reservation back where it was taken, when this replica can reach it.
-async fn refund(limiter: &RateLimiter, settlement: Settlement) -> Quota {
-    let Settlement { owner, reservation, used, job_id } = settlement;
+/// Gives a cancelled job's reservations back where they were taken, when this replica can reach them.
+async fn refund(limiter: &RateLimiter, budgets: &Budgets, settlement: Settlement) -> Quota {
+    let Settlement { owner, reservation, used, job_id, budget, .. } = settlement;
+    match budget.as_deref().map(StoredHold::decode) {
+        Some(Ok(money)) => budgets.settle_stored(money, 0).await,
+        Some(Err(error)) => {
+            tracing::warn!(%job_id, %error, "the cancelled job's money reservation is unreadable; it stays held")
+        }
+        None => {}
+    }
     let taken = match reservation.store {
         ReservationStore::Shared => Taken::Shared,
         ReservationStore::Local { replica } if replica == limiter.replica() => Taken::Local,

@@ -42,6 +42,7 @@ struct Admission {
     /// Re-read when the keys file changes.
     keys: llmesh_common::reload::Live<admission::KeyStore>,
     limiter: Arc<admission::RateLimiter>,
+    budgets: Arc<admission::Budgets>,
     shed: admission::ShedLayer,
 }
 
@@ -52,7 +53,14 @@ impl Admission {
             tracing::warn!("no API keys configured: auth is off and every caller shares the anonymous limits");
         }
         let limiter = Arc::new(admission::RateLimiter::new(&config.rate_limit)?);
-        Ok(Self { keys, limiter, shed: admission::ShedLayer::new(&config.shed) })
+        // Budgets live beside the rate limits, in the limiter's Redis.
+        let budgets = admission::Budgets::new(
+            &config.budget,
+            config.rate_limit.redis_url.as_deref(),
+            Duration::from_millis(config.rate_limit.redis_timeout_ms),
+        )?;
+        budgets.set_in_use(keys.has_budgets());
+        Ok(Self { keys, limiter, budgets, shed: admission::ShedLayer::new(&config.shed) })
     }
 
     /// The layers around every request; with `routes`, the HTTP routes sit innermost (beside the
@@ -109,6 +117,12 @@ fn gauges(pool: &Arc<pipeline::balance::Pool>, admission: &Admission) -> Gauges 
             gauge.observe((all.len() - ready) as u64, &[KeyValue::new("state", "ejected")]);
         })
         .build();
+    let budgets = admission.budgets.clone();
+    let pending = meter
+        .u64_observable_gauge("llmesh.budget.pending_settlements")
+        .with_description("Budget settlements waiting for Redis to answer again")
+        .with_callback(move |gauge| gauge.observe(budgets.pending_count() as u64, &[]))
+        .build();
     let shed = admission.shed.clone();
     let shed = meter
         .u64_observable_counter("llmesh.shed")
@@ -118,7 +132,7 @@ fn gauges(pool: &Arc<pipeline::balance::Pool>, admission: &Admission) -> Gauges 
             counter.observe(shed.shed_per_key_count(), &[KeyValue::new("reason", "key_concurrency")]);
         })
         .build();
-    Gauges { _breakers: breakers, _ready: ready, _shed: shed }
+    Gauges { _breakers: breakers, _ready: ready, _shed: shed, _pending: pending }
 }
 
 /// Held so the observable instruments live as long as the server.
@@ -126,6 +140,7 @@ struct Gauges {
     _breakers: ObservableGauge<u64>,
     _ready: ObservableGauge<u64>,
     _shed: ObservableCounter<u64>,
+    _pending: ObservableGauge<u64>,
 }
 
 /// Loads the configuration and serves until SIGTERM or Ctrl-C.
@@ -156,11 +171,13 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         admission.limiter.clone(),
         config.prices.clone(),
         catalog.clone(),
+        admission.budgets.clone(),
+        config.fallback.secondary_model.clone().filter(|_| config.fallback.enabled),
     );
     let answers = answer::Answers::new(generation.clone(), cache, catalog.clone(), &config.cache);
     let request_timeout = Duration::from_millis(config.request_timeout_ms);
     let service = GatewayService::new(tokens, answers, generation, jobs, request_timeout);
-    let replicas = replicas::Replicas(pool);
+    let replicas = replicas::Replicas { pool, budgets: admission.budgets.clone() };
     // The HTTP routes share the port, the layers and the service's one path to an answer.
     let routes = config
         .http

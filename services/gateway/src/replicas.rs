@@ -5,6 +5,11 @@
 //! The overall status follows the replicas: NOT_SERVING only when no replica's own breaker lets
 //! calls through. An open model breaker makes it DEGRADED (that model is failing), never
 //! NOT_SERVING: the other models are served.
+//!
+//! When any key or team has a spend budget, one more component, [`BUDGET_COMPONENT`], says how
+//! the budgets are enforced: SERVING while they are shared through Redis with nothing waiting for
+//! it, DEGRADED while each replica enforces its share alone (no Redis, Redis not answering, or
+//! settlements and spend still to catch up with), which makes the whole DEGRADED too.
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,18 +20,26 @@ use llmesh_proto::health::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::pipeline::{
-    balance::Pool,
-    breaker::{Breaker, State},
+use crate::{
+    admission::Budgets,
+    pipeline::{
+        balance::Pool,
+        breaker::{Breaker, State},
+    },
 };
 
 /// The component name replicas are reported under.
 pub const COMPONENT: &str = "generation-breaker";
 /// The component name of a model's breaker on a replica.
 pub const MODEL_COMPONENT: &str = "generation-model-breaker";
+/// The component name of the spend budgets' store.
+pub const BUDGET_COMPONENT: &str = "budget-store";
 
 #[derive(Debug, Clone)]
-pub struct Replicas(pub Arc<Pool>);
+pub struct Replicas {
+    pub pool: Arc<Pool>,
+    pub budgets: Arc<Budgets>,
+}
 
 fn serving(state: State) -> ServingStatus {
     match state {
@@ -56,13 +69,23 @@ impl Replicas {
     fn status(&self) -> StatusResponse {
         let mut components = Vec::new();
         let mut models = Vec::new();
-        for endpoint in self.0.snapshot().iter() {
+        for endpoint in self.pool.snapshot().iter() {
             components.push(component(COMPONENT, &endpoint.addr, endpoint.breakers().replica()));
             let mut breakers = endpoint.breakers().models();
             breakers.sort_by(|a, b| a.scope().model.cmp(&b.scope().model));
             models.extend(breakers.iter().map(|breaker| component(MODEL_COMPONENT, &endpoint.addr, breaker)));
         }
         let serving = components.iter().any(|c| c.status() == ServingStatus::Serving);
+        if self.budgets.in_use() {
+            let standing = self.budgets.standing();
+            models.push(Component {
+                name: BUDGET_COMPONENT.into(),
+                service: "redis".into(),
+                status: if standing.exact { ServingStatus::Serving } else { ServingStatus::Degraded }.into(),
+                detail: standing.detail,
+                ..Default::default()
+            });
+        }
         let all = components.iter().chain(&models).all(|c| c.status() == ServingStatus::Serving);
         let status = match (serving, all) {
             (_, true) => ServingStatus::Serving,

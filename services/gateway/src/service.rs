@@ -103,7 +103,7 @@ impl GatewayService {
             started.elapsed().saturating_sub(answer.upstream_time).as_secs_f64(),
             &[label("endpoint", endpoint)],
         );
-        let quota = tokens.settle(answer.billable(), &answer.response.model);
+        let quota = tokens.settle_answer(&answer);
         Ok(Unary { response: answer.response, quota })
     }
 
@@ -180,9 +180,10 @@ impl Gateway for GatewayService {
         // Jobs are admitted exactly as generate calls are; the job then holds the tokens.
         let admit = async |extensions: &http::Extensions, generate: &generation::GenerateRequest| {
             let admitted = admission.admit(extensions, generate.clone()).await?;
-            Ok((admitted.principal, admitted.tokens.into_held()))
+            let (held, spend) = admitted.tokens.into_parts();
+            Ok((admitted.principal, held, spend))
         };
-        self.inner.jobs.submit(request, admission.limiter(), admit).await
+        self.inner.jobs.submit(request, admission.limiter(), admission.budgets(), admit).await
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<GetJobResponse>, Status> {
@@ -196,7 +197,8 @@ impl Gateway for GatewayService {
     }
 
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
-        self.inner.jobs.cancel(request, self.inner.admission.limiter()).await
+        let admission = &self.inner.admission;
+        self.inner.jobs.cancel(request, admission.limiter(), admission.budgets()).await
     }
 
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {

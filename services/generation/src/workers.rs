@@ -5,6 +5,13 @@
 //! GCRA and the same key as the gateways' own reservations, so the next reservation any gateway
 //! takes for that API key sees what the job really used. A reservation a gateway replica took in
 //! its own memory (no Redis for its limiter) cannot be reached from here and stays charged there.
+//!
+//! A job's money reservation against its owner's spend budgets is settled the same way, on the
+//! same Redis, with the budget scripts the gateways use (`llmesh_ratelimit::budget`): at the cost
+//! of the usage the answer reported, at the price stored with the reservation (the whole
+//! reservation when the answer reported no usage), and nothing for a job that FAILED or was
+//! DEAD_LETTERED. A settlement that fails is retried a few times; settling twice is harmless (each
+//! reservation settles once), so a retry never double-counts.
 
 use std::{
     sync::{
@@ -14,8 +21,12 @@ use std::{
     time::Duration,
 };
 
+use llmesh_proto::common::v1::Usage;
 use llmesh_queue::{JobQueue, QueueSettings, ReservationStore, Settlement, Worker};
-use llmesh_ratelimit::{Kind, Limit, RedisGcra};
+use llmesh_ratelimit::{
+    Kind, Limit, RedisGcra,
+    budget::{self, RedisBudget, StoredHold},
+};
 use llmesh_util::redact::redact_url;
 use opentelemetry::KeyValue;
 use tokio::sync::watch;
@@ -76,24 +87,71 @@ pub async fn start(
     Ok(())
 }
 
-/// Settles job token reservations on the gateways' limiter Redis.
+/// Settles job token and money reservations on the gateways' limiter Redis.
 #[derive(Debug, Clone)]
 struct JobTokens {
     gcra: RedisGcra,
+    budget: RedisBudget,
 }
+
+/// Tries at settling a job's money reservation before leaving it held.
+const BUDGET_TRIES: u32 = 3;
 
 impl JobTokens {
     /// A lazy connection to `url`: a Redis that is down fails settlements, not the start-up.
     fn new(url: &str, timeout_ms: u64) -> anyhow::Result<Self> {
-        let gcra = RedisGcra::new(url, Duration::from_millis(timeout_ms.max(1)))
-            .map_err(|error| anyhow::anyhow!("invalid rate_limit.redis_url {}: {error}", redact_url(url)))?;
-        Ok(Self { gcra })
+        let timeout = Duration::from_millis(timeout_ms.max(1));
+        let invalid = |error| anyhow::anyhow!("invalid rate_limit.redis_url {}: {error}", redact_url(url));
+        let gcra = RedisGcra::new(url, timeout).map_err(invalid)?;
+        let budget = RedisBudget::new(url, timeout).map_err(invalid)?;
+        Ok(Self { gcra, budget })
+    }
+
+    /// Settles the job's money reservation with the cost of what it used.
+    async fn settle_money(&self, job_id: &str, stored: &str, used: Option<Usage>) {
+        let stored = match StoredHold::decode(stored) {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::warn!(%job_id, %error, "the job's money reservation is unreadable; it stays held");
+                return;
+            }
+        };
+        if let Some(replica) = &stored.local_replica {
+            tracing::debug!(%job_id, %replica, "the job's money was reserved in a gateway's memory: it stays held there");
+            return;
+        }
+        let cost = match used {
+            Some(usage) => budget::cost(usage.prompt_tokens, usage.completion_tokens, stored.rate),
+            None => stored.hold.amount,
+        };
+        for attempt in 1..=BUDGET_TRIES {
+            match self.budget.settle(&stored.hold, cost).await {
+                Ok(settled) => {
+                    tracing::debug!(%job_id, reserved = stored.hold.amount, cost, applied = settled.applied, "job money settled");
+                    return;
+                }
+                Err(failure) if attempt < BUDGET_TRIES => {
+                    tracing::debug!(%job_id, error = %failure, "cannot settle the job's money yet");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                }
+                Err(failure) => tracing::warn!(
+                    %job_id,
+                    error = %failure,
+                    "cannot settle the job's money; its reservation stays held until the period ends"
+                ),
+            }
+        }
     }
 
     /// Gives back what the job did not use, or charges what it used beyond its reservation. Once
     /// per job: the queue hands each reservation to one worker.
     async fn settle(self, settlement: Settlement) {
-        let Settlement { job_id, owner, reservation, used } = settlement;
+        let Settlement { job_id, owner, reservation, used, succeeded, usage, budget } = settlement;
+        if let Some(stored) = &budget {
+            // A job that did not succeed costs nothing; one that reported no usage, its reservation.
+            let usage = if succeeded { usage } else { Some(Usage::default()) };
+            self.settle_money(&job_id, stored, usage).await;
+        }
         if let ReservationStore::Local { replica } = &reservation.store {
             tracing::debug!(%job_id, %replica, "the job's tokens were reserved in a gateway's memory: they stay charged there");
             return;

@@ -32,7 +32,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use llmesh_gateway::admission::{ApiKey, KeyStore, auth::parse_keys_file};
+use llmesh_gateway::admission::{ApiKey, Budget, KeyStore, auth::parse_keys_file};
 use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, value};
 
 /// Mode of a keys file this command creates: its owner's only.
@@ -60,6 +60,7 @@ pub struct Changes {
     pub models: Option<Vec<String>>,
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
+    pub budget: Option<Budget>,
     pub clear: Vec<Field>,
 }
 
@@ -70,6 +71,7 @@ pub enum Field {
     Models,
     RequestsPerMinute,
     TokensPerMinute,
+    Budget,
 }
 
 impl Field {
@@ -80,6 +82,7 @@ impl Field {
             Self::Models => "models",
             Self::RequestsPerMinute => "requests_per_minute",
             Self::TokensPerMinute => "tokens_per_minute",
+            Self::Budget => "budget",
         }
     }
 }
@@ -225,6 +228,9 @@ impl KeysFile {
         if let Some(tokens) = changes.tokens_per_minute {
             set_value(table, Field::TokensPerMinute, i64::from(tokens).into());
         }
+        if let Some(budget) = &changes.budget {
+            set_value(table, Field::Budget, budget_value(budget).into());
+        }
         let entry = self.entries.get_mut(index).context("entry vanished while editing")?;
         for field in &changes.clear {
             match field {
@@ -232,6 +238,7 @@ impl KeysFile {
                 Field::Models => entry.models.clear(),
                 Field::RequestsPerMinute => entry.requests_per_minute = None,
                 Field::TokensPerMinute => entry.tokens_per_minute = None,
+                Field::Budget => entry.budget = None,
             }
         }
         if let Some(team) = &changes.team {
@@ -245,6 +252,9 @@ impl KeysFile {
         }
         if changes.tokens_per_minute.is_some() {
             entry.tokens_per_minute = changes.tokens_per_minute;
+        }
+        if changes.budget.is_some() {
+            entry.budget = changes.budget;
         }
         Ok(entry.clone())
     }
@@ -340,6 +350,17 @@ pub fn entry_table(entry: &ApiKey) -> Table {
     if let Some(tokens) = entry.tokens_per_minute {
         table["tokens_per_minute"] = value(i64::from(tokens));
     }
+    if let Some(budget) = &entry.budget {
+        table["budget"] = value(budget_value(budget));
+    }
+    table
+}
+
+/// A budget as the inline table `{ usd = 50.0, period = "month" }`.
+fn budget_value(budget: &Budget) -> toml_edit::InlineTable {
+    let mut table = toml_edit::InlineTable::new();
+    table.insert("usd", budget.usd.into());
+    table.insert("period", budget.period.as_str().into());
     table
 }
 

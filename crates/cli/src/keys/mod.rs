@@ -20,7 +20,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use llmesh_gateway::admission::{ApiKey, KeyStore, auth::parse_keys_file, generate_key};
+use llmesh_gateway::admission::{ApiKey, Budget, KeyStore, auth::parse_keys_file, generate_key};
+use llmesh_ratelimit::budget::Period;
 use serde::Serialize;
 
 use self::file::{Changes, Field, KeysFile, Selector};
@@ -95,6 +96,20 @@ pub struct Settings {
     /// Tokens per minute for this key instead of `[gateway.rate_limit]`; 0 is unlimited.
     #[arg(long)]
     tokens_per_minute: Option<u32>,
+    /// A spend budget for this key, in US dollars per `--budget-period` (its team's, in the
+    /// file's `[[teams]]`, applies as well).
+    #[arg(long)]
+    budget_usd: Option<f64>,
+    /// The budget's period, a calendar day or month in UTC.
+    #[arg(long, value_enum, requires = "budget_usd")]
+    budget_period: Option<BudgetPeriod>,
+}
+
+/// `--budget-period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BudgetPeriod {
+    Day,
+    Month,
 }
 
 impl Settings {
@@ -109,6 +124,15 @@ impl Settings {
             && self.models.is_none()
             && self.requests_per_minute.is_none()
             && self.tokens_per_minute.is_none()
+            && self.budget_usd.is_none()
+    }
+
+    fn budget(&self) -> Option<Budget> {
+        let period = match self.budget_period {
+            Some(BudgetPeriod::Day) => Period::Day,
+            Some(BudgetPeriod::Month) | None => Period::Month,
+        };
+        self.budget_usd.map(|usd| Budget { usd, period })
     }
 }
 
@@ -129,6 +153,7 @@ fn make_key(id: &str, settings: &Settings) -> (String, ApiKey) {
     entry.models = settings.models().unwrap_or_default();
     entry.requests_per_minute = settings.requests_per_minute;
     entry.tokens_per_minute = settings.tokens_per_minute;
+    entry.budget = settings.budget();
     (key, entry)
 }
 
@@ -223,6 +248,8 @@ struct Listed<'a> {
     models: &'a [String],
     requests_per_minute: Option<u32>,
     tokens_per_minute: Option<u32>,
+    /// `{"usd": 50.0, "period": "month"}`, or null without a budget of its own.
+    budget: Option<Budget>,
 }
 
 impl<'a> From<&'a ApiKey> for Listed<'a> {
@@ -234,6 +261,7 @@ impl<'a> From<&'a ApiKey> for Listed<'a> {
             models: &entry.models,
             requests_per_minute: entry.requests_per_minute,
             tokens_per_minute: entry.tokens_per_minute,
+            budget: entry.budget,
         }
     }
 }
@@ -264,13 +292,17 @@ fn revoke(key: &Which, path: &Path) -> anyhow::Result<()> {
 
 fn set(key: &Which, path: &Path, settings: &Settings, clear: Vec<Field>) -> anyhow::Result<()> {
     if settings.is_empty() && clear.is_empty() {
-        bail!("nothing to change: give --team, --models, --requests-per-minute, --tokens-per-minute or --clear");
+        bail!(
+            "nothing to change: give --team, --models, --requests-per-minute, --tokens-per-minute, --budget-usd \
+             or --clear"
+        );
     }
     let contradicted = [
         (Field::Team, settings.team.is_some()),
         (Field::Models, settings.models.is_some()),
         (Field::RequestsPerMinute, settings.requests_per_minute.is_some()),
         (Field::TokensPerMinute, settings.tokens_per_minute.is_some()),
+        (Field::Budget, settings.budget_usd.is_some()),
     ];
     if let Some((field, _)) = contradicted.iter().find(|(field, given)| *given && clear.contains(field)) {
         let flag = field.key().replace('_', "-");
@@ -281,6 +313,7 @@ fn set(key: &Which, path: &Path, settings: &Settings, clear: Vec<Field>) -> anyh
         models: settings.models(),
         requests_per_minute: settings.requests_per_minute,
         tokens_per_minute: settings.tokens_per_minute,
+        budget: settings.budget(),
         clear,
     };
     let mut file = KeysFile::open(path, false)?;

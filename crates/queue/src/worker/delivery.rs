@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use llmesh_proto::gateway::v1::JobState;
+use llmesh_proto::{common::v1::Usage, gateway::v1::JobState};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 
 use crate::{
@@ -42,11 +42,11 @@ pub(crate) enum Begin {
 /// How an attempt ends.
 #[derive(Debug)]
 pub(crate) enum Ending {
-    /// `used`: the tokens the answer reported using; `None` when it reported none (the
+    /// `usage`: what the answer reported using; `None` when it reported none (the token
     /// reservation then stands whole).
     Succeeded {
         result: Vec<u8>,
-        used: Option<u32>,
+        usage: Option<Usage>,
     },
     Retry {
         delay: Duration,
@@ -191,12 +191,22 @@ impl Deliveries {
             b"applied" => {
                 let reservation = parse_reservation(reservation)
                     .map_err(|cause| QueueError::Corrupt { id: delivery.job_id.clone(), cause })?;
-                Ok(Ended::Applied(reservation.map(|(owner, reservation)| {
-                    let used = match ending {
-                        Ending::Succeeded { used, .. } => used.unwrap_or(reservation.tokens),
-                        Ending::Retry { .. } | Ending::GiveUp { .. } => 0,
+                Ok(Ended::Applied(reservation.map(|reserved| {
+                    let (used, usage, succeeded) = match ending {
+                        Ending::Succeeded { usage, .. } => {
+                            (usage.map_or(reserved.tokens.tokens, |usage| usage.total_tokens), *usage, true)
+                        }
+                        Ending::Retry { .. } | Ending::GiveUp { .. } => (0, None, false),
                     };
-                    Settlement { job_id: delivery.job_id.clone(), owner, reservation, used }
+                    Settlement {
+                        job_id: delivery.job_id.clone(),
+                        owner: reserved.owner,
+                        reservation: reserved.tokens,
+                        used,
+                        succeeded,
+                        usage,
+                        budget: reserved.budget,
+                    }
                 })))
             }
             b"stale" => Ok(Ended::Stale),

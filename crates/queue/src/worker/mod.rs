@@ -233,10 +233,7 @@ where
 
     fn ending(&mut self, attempt: u32, outcome: Result<GenerateResponse, JobError>) -> Ending {
         match outcome {
-            Ok(response) => {
-                let used = response.usage.map(|usage| usage.total_tokens);
-                Ending::Succeeded { result: response.encode_to_vec(), used }
-            }
+            Ok(response) => Ending::Succeeded { result: response.encode_to_vec(), usage: response.usage },
             Err(JobError { retryable: true, message }) if attempt < self.max_attempts => {
                 Ending::Retry { delay: self.retry_backoff.delay(attempt, &mut self.rng), error: message }
             }

@@ -8,6 +8,8 @@
 //! 3. [`ShedLayer`]: a bound on calls in flight, streams included until their body ends
 //!    (RESOURCE_EXHAUSTED at once otherwise, never queued).
 //!
+//! Spend budgets per key and team ([`budget`]) are reserved with the tokens, by [`TokenAdmission`].
+//!
 //! Each rejection is a gRPC status response (never an error tonic would turn into UNKNOWN).
 //! Health checks and reflection pass every layer untouched. Token quotas need the decoded
 //! request, so the typed handler admits it through [`TokenAdmission`] ([`tokens`]), whose
@@ -15,11 +17,15 @@
 //! wait for that Redis round trip; a call that ends without settling pays for what it received.
 
 pub mod auth;
+pub mod budget;
 pub mod rate_limit;
 pub mod shed;
 pub mod tokens;
 
-pub use auth::{ApiKey, AuthConfig, AuthLayer, CacheScope, KeyStore, Principal, generate_key};
+pub use auth::{
+    ApiKey, AuthConfig, AuthLayer, Budget, BudgetLimit, CacheScope, KeyStore, Principal, Team, generate_key,
+};
+pub use budget::{BudgetConfig, Budgets};
 pub use rate_limit::{Held, Quota, RateLimitConfig, RateLimitLayer, RateLimiter};
 pub use shed::{ShedConfig, ShedLayer};
 pub use tokens::{Admitted, Price, TokenAdmission, Tokens};

@@ -1,10 +1,19 @@
 //! Admission of one generation call, once its request is decoded: the request is valid, the key
-//! may use the model, and the key's tokens per minute cover the prompt plus `max_tokens`.
+//! may use the model, the key's tokens per minute cover the prompt plus `max_tokens`, and the
+//! key's and its team's spend budgets cover the most the call can cost ([`super::budget`]).
 //!
-//! The reservation is held by the call as [`Tokens`] and settled exactly once: with the usage the
-//! call is charged for ([`Tokens::settle`]), or — when the call ends without settling (the client
-//! went away) — with what the client received. Settling also counts the tokens and their cost for
-//! the key, so unary calls, streams and every fallback are accounted in one place.
+//! Both reservations are held by the call as [`Tokens`] and settled exactly once: with the usage
+//! the call is charged for ([`Tokens::settle`], [`Tokens::settle_answer`]), or — when the call
+//! ends without settling (the client went away) — with what the client received. Settling also
+//! counts the tokens and their cost for the key, so unary calls, streams, jobs (whose reservations
+//! their worker settles) and every fallback are accounted in one place.
+//!
+//! What a call costs against a budget: its usage at its answering model's price (the secondary
+//! model's when the fallback answered with it); nothing for a fallback message, a stale cached
+//! answer or a failure; `[gateway.budget] cache_hit_share` of the reused usage's price for a cache
+//! hit or an answer shared with an identical call in flight. A key with a budget may use only
+//! priced models: an unpriced one (or an unpriced fallback secondary model) is refused with
+//! FAILED_PRECONDITION, never served free.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -18,8 +27,14 @@ use opentelemetry::KeyValue;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 
-use super::{CacheScope, Held, Principal, Quota, RateLimiter};
+use llmesh_ratelimit::budget::{self, Nanos, Rate};
+
+use super::{
+    CacheScope, Held, Principal, Quota, RateLimiter,
+    budget::{Budgets, Spend},
+};
 use crate::{
+    answer::Answer,
     catalog::Catalog,
     metrics::{label, metrics},
 };
@@ -52,10 +67,29 @@ pub struct Admitted {
     pub tokens: Tokens,
 }
 
+impl Price {
+    fn rate(&self) -> Rate {
+        Rate { input_per_million: self.input_per_million, output_per_million: self.output_per_million }
+    }
+}
+
 impl TokenAdmission {
-    pub fn new(limits: Limits, limiter: Arc<RateLimiter>, prices: BTreeMap<String, Price>, catalog: Catalog) -> Self {
-        let accounting = Arc::new(Accounting { prices, catalog, limiter: limiter.clone() });
+    /// `secondary_model`: the model the fallback may answer with instead (its price bounds a
+    /// budgeted call's reservation too).
+    pub fn new(
+        limits: Limits,
+        limiter: Arc<RateLimiter>,
+        prices: BTreeMap<String, Price>,
+        catalog: Catalog,
+        budgets: Arc<Budgets>,
+        secondary_model: Option<String>,
+    ) -> Self {
+        let accounting = Arc::new(Accounting { prices, catalog, limiter: limiter.clone(), budgets, secondary_model });
         Self { limits: Arc::new(limits), limiter, accounting }
+    }
+
+    pub fn budgets(&self) -> &Arc<Budgets> {
+        &self.accounting.budgets
     }
 
     pub fn limits(&self) -> &Limits {
@@ -82,8 +116,31 @@ impl TokenAdmission {
         let prompt_tokens = validate::estimated_tokens(validate::prompt_bytes(&request));
         let max_tokens = validate::effective_max_tokens(&request, &self.limits);
         let held = self.limiter.hold_tokens(&principal, prompt_tokens.saturating_add(max_tokens)).await?;
-        let tokens = Tokens { held, who: principal.clone(), accounting: self.accounting.clone() };
+        // Refused for budget, `held` is dropped: the tokens go back.
+        let spend = self.reserve_money(&principal, &request.model, prompt_tokens, max_tokens).await?;
+        let tokens = Tokens { held, spend, who: principal.clone(), accounting: self.accounting.clone() };
         Ok(Admitted { principal, request: Arc::new(request), tokens })
+    }
+
+    /// Reserves the most the call can cost from the principal's budgets (none: no budget applies).
+    async fn reserve_money(
+        &self,
+        principal: &Principal,
+        model: &str,
+        prompt_tokens: u32,
+        max_tokens: u32,
+    ) -> Result<Option<Spend>, Status> {
+        if !principal.has_budget() {
+            return Ok(None);
+        }
+        let accounting = &self.accounting;
+        let rate = accounting.rate_for_budget(model, "")?;
+        let mut amount = budget::cost(prompt_tokens, max_tokens, rate);
+        if let Some(secondary) = accounting.secondary_model.as_deref().filter(|m| *m != model && principal.allows(m)) {
+            let secondary_rate = accounting.rate_for_budget(secondary, " (the fallback's secondary model)")?;
+            amount = amount.max(budget::cost(prompt_tokens, max_tokens, secondary_rate));
+        }
+        accounting.budgets.reserve(principal, amount, rate, prompt_tokens).await
     }
 }
 
@@ -106,35 +163,65 @@ fn scope_cache(request: &mut GenerateRequest, principal: &Principal) -> Result<(
     Ok(())
 }
 
-/// The tokens a call holds until it settles.
+/// The tokens (and money, under a budget) a call holds until it settles.
 #[derive(Debug)]
 pub struct Tokens {
     held: Held,
+    /// `None`: no budget applies.
+    spend: Option<Spend>,
     who: Principal,
     accounting: Arc<Accounting>,
 }
 
 impl Tokens {
-    /// What the key had left once the reservation was taken.
+    /// What the key had left once the reservations were taken.
     pub fn quota(&self) -> Quota {
-        self.held.quota()
+        Quota { remaining_budget: self.spend.as_ref().and_then(Spend::remaining), ..self.held.quota() }
     }
 
     /// Counts `tokens` more as received (streamed text, before the usage is known).
     pub fn received(&mut self, tokens: u32) {
         self.held.received(tokens);
+        if let Some(spend) = self.spend.as_mut() {
+            spend.received(tokens);
+        }
     }
 
-    /// The reservation itself, for a call whose tokens outlive it (a job: its worker settles them).
-    pub fn into_held(self) -> Held {
-        self.held
+    /// The reservations themselves, for a call whose reservations outlive it (a job: its worker
+    /// settles them).
+    pub fn into_parts(self) -> (Held, Option<Spend>) {
+        (self.held, self.spend)
     }
 
     /// Settles with the usage the call is charged for (`None`: nothing — a cached answer, a
     /// fallback message, a failure), counts it for the key under `model`, and says what is left.
     pub fn settle(self, usage: Option<Usage>, model: &str) -> Quota {
-        let Self { held, who, accounting } = self;
-        let quota = held.settle(usage.map_or(0, |u| u.total_tokens));
+        let cost = usage.map(|usage| self.accounting.cost(&usage, model, self.spend.as_ref()));
+        self.settle_with(usage, cost.unwrap_or(0), model)
+    }
+
+    /// Settles with what `answer` is charged for: its billable usage, or the share of a reused
+    /// answer's price that `[gateway.budget] cache_hit_share` says (tokens: nothing).
+    pub fn settle_answer(self, answer: &Answer) -> Quota {
+        let model = &answer.response.model;
+        if let Some(usage) = answer.billable() {
+            return self.settle(Some(usage), model);
+        }
+        let share = self.accounting.budgets.cache_hit_share();
+        let cost = match answer.reused() {
+            Some(usage) if share > 0.0 => {
+                let full = self.accounting.cost(&usage, model, self.spend.as_ref());
+                (full as f64 * share).round() as Nanos
+            }
+            _ => 0,
+        };
+        self.settle_with(None, cost, model)
+    }
+
+    fn settle_with(self, usage: Option<Usage>, cost: Nanos, model: &str) -> Quota {
+        let Self { held, spend, who, accounting } = self;
+        let mut quota = held.settle(usage.map_or(0, |u| u.total_tokens));
+        quota.remaining_budget = spend.and_then(|spend| spend.settle(cost));
         accounting.count(&who, model, usage, quota.remaining_tokens);
         quota
     }
@@ -146,9 +233,32 @@ struct Accounting {
     prices: BTreeMap<String, Price>,
     catalog: Catalog,
     limiter: Arc<RateLimiter>,
+    budgets: Arc<Budgets>,
+    secondary_model: Option<String>,
 }
 
 impl Accounting {
+    /// `model`'s price, which a budgeted call must have: an unpriced model would be served free.
+    fn rate_for_budget(&self, model: &str, what: &str) -> Result<Rate, Status> {
+        self.prices.get(model).map(Price::rate).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "budget: model {model:?}{what} has no price ([gateway.prices.{model}]); \
+                 keys with a spend budget may use priced models only"
+            ))
+        })
+    }
+
+    /// What `usage` of `model` costs: at its price, or — for a model priced nowhere, which a
+    /// budgeted call was not admitted with — at the reserved model's.
+    fn cost(&self, usage: &Usage, model: &str, spend: Option<&Spend>) -> Nanos {
+        let rate = match (self.prices.get(model), spend) {
+            (Some(price), _) => price.rate(),
+            (None, Some(spend)) => spend.rate(),
+            (None, None) => return 0,
+        };
+        budget::cost(usage.prompt_tokens, usage.completion_tokens, rate)
+    }
+
     /// A model's label: its name when it is priced or generation lists it, else one shared value.
     fn model_label(&self, model: &str) -> String {
         if self.prices.contains_key(model) || self.catalog.knows(model) {
@@ -161,7 +271,7 @@ impl Accounting {
     fn count(&self, who: &Principal, model: &str, usage: Option<Usage>, remaining_tokens: Option<u64>) {
         let metrics = metrics();
         if let Some(usage) = usage {
-            let key = KeyValue::new("api_key", who.id.to_string());
+            let key = KeyValue::new("api_key", who.id.clone());
             let model_label = KeyValue::new("model", self.model_label(model));
             let labels = |kind: &'static str| [key.clone(), model_label.clone(), label("type", kind)];
             metrics.tokens.add(u64::from(usage.prompt_tokens), &labels("input"));
@@ -177,7 +287,7 @@ impl Accounting {
             let ratio = remaining as f64 / f64::from(limit.burst.max(1));
             metrics
                 .ratelimit_remaining_ratio
-                .record(ratio, &[label("api_key", who.id.to_string()), label("kind", "tokens")]);
+                .record(ratio, &[label("api_key", who.id.clone()), label("kind", "tokens")]);
         }
     }
 }

@@ -39,7 +39,7 @@ fn error_type(kind: Kind) -> &'static str {
         Kind::PermissionDenied => "permission_error",
         Kind::NotFound => "not_found_error",
         Kind::TooLarge => "request_too_large",
-        Kind::RateLimited => "rate_limit_error",
+        Kind::RateLimited | Kind::OverBudget => "rate_limit_error",
         Kind::Overloaded => "overloaded_error",
         Kind::Timeout { .. } => "timeout_error",
         Kind::Unavailable | Kind::Cancelled | Kind::Internal => "api_error",

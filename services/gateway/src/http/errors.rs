@@ -22,8 +22,11 @@ use tonic::{Code, Status, body::Body};
 use tower::{Layer, Service};
 
 use super::Api;
+use llmesh_ratelimit::budget::usd_to_nanos;
+
 use crate::admission::{
     Quota,
+    budget::{OverBudget, REMAINING_USD},
     rate_limit::{REMAINING_REQUESTS, REMAINING_TOKENS, RETRY_AFTER_MS},
     shed::Overloaded,
 };
@@ -45,6 +48,9 @@ pub enum Kind {
     TooLarge,
     /// The key is over one of its limits: requests or tokens per minute, calls in flight (429).
     RateLimited,
+    /// The key's or its team's spend budget for the period is spent (429; OpenAI's
+    /// `insufficient_quota`): waiting a minute will not help.
+    OverBudget,
     /// The gateway, or generation behind it, has no room now (503).
     Overloaded,
     /// The call ran out of time: the client's own timeout (408) or the gateway's (504).
@@ -68,7 +74,7 @@ impl Kind {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited | Self::OverBudget => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout { client: true } => StatusCode::REQUEST_TIMEOUT,
             Self::Timeout { client: false } => StatusCode::GATEWAY_TIMEOUT,
@@ -94,7 +100,8 @@ pub struct Problem {
 
 impl Problem {
     /// The one mapping of gRPC codes to kinds. An `INVALID_ARGUMENT` message starts with the
-    /// field at fault (the gateway's validation convention): that field is the `param`.
+    /// field at fault (the gateway's validation convention): that field is the `param`. A
+    /// RESOURCE_EXHAUSTED caused by [`OverBudget`] (a refusal for budget) is `OverBudget`.
     pub fn from_status(status: &Status) -> Self {
         let kind = match status.code() {
             Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition | Code::AlreadyExists => {
@@ -104,6 +111,7 @@ impl Problem {
             Code::Unauthenticated => Kind::Unauthenticated,
             Code::PermissionDenied => Kind::PermissionDenied,
             Code::NotFound | Code::Unimplemented => Kind::NotFound,
+            Code::ResourceExhausted if OverBudget::caused(status) => Kind::OverBudget,
             Code::ResourceExhausted => Kind::RateLimited,
             Code::DeadlineExceeded => Kind::Timeout { client: false },
             Code::Unavailable => Kind::Unavailable,
@@ -117,8 +125,13 @@ impl Problem {
             .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
             .map(Duration::from_millis);
         let remaining = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
-        let quota =
-            Quota { remaining_requests: remaining(REMAINING_REQUESTS), remaining_tokens: remaining(REMAINING_TOKENS) };
+        let remaining_budget =
+            metadata.get(REMAINING_USD).and_then(|v| usd_to_nanos(v.to_str().ok()?.trim().parse::<f64>().ok()?));
+        let quota = Quota {
+            remaining_requests: remaining(REMAINING_REQUESTS),
+            remaining_tokens: remaining(REMAINING_TOKENS),
+            remaining_budget,
+        };
         Self { kind, code: status.code(), message: status.message().to_string(), param, retry_after, quota }
     }
 
@@ -261,6 +274,21 @@ mod tests {
         assert_eq!(Problem::from_status(&Status::invalid_argument("no field here")).param, None);
         assert_eq!(Problem::from_status(&Status::invalid_argument("a sentence: then")).param, None);
         assert_eq!(Problem::from_status(&Status::permission_denied("model: no")).param, None);
+    }
+
+    #[test]
+    fn a_refusal_for_budget_is_its_own_kind() {
+        let mut status = Status::resource_exhausted("budget: team search has spent $5.000000 of its $5.000000 budget");
+        status.metadata_mut().insert(REMAINING_USD, "0.250000".parse().unwrap());
+        // The rate limiter's refusal has the same code and no such cause.
+        assert_eq!(Problem::from_status(&status).kind, Kind::RateLimited);
+        status.set_source(std::sync::Arc::new(OverBudget));
+        let problem = Problem::from_status(&status);
+        assert_eq!(problem.kind, Kind::OverBudget);
+        assert_eq!(problem.quota.remaining_budget, Some(250_000_000));
+        let response = problem.respond(&serde_json::json!({}));
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[REMAINING_USD], "0.250000");
     }
 
     #[test]

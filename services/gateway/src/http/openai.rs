@@ -42,6 +42,8 @@ fn error_type(problem: &Problem) -> (&'static str, Option<&'static str>) {
         Kind::NotFound => ("invalid_request_error", None),
         Kind::TooLarge => ("invalid_request_error", Some("request_too_large")),
         Kind::RateLimited => ("rate_limit_error", Some("rate_limit_exceeded")),
+        // OpenAI's own answer when an account's quota or budget is spent.
+        Kind::OverBudget => ("insufficient_quota", Some("insufficient_quota")),
         Kind::Overloaded => ("server_error", Some("overloaded")),
         Kind::Timeout { .. } => ("timeout_error", Some("timeout")),
         Kind::Unavailable | Kind::Internal => ("server_error", None),

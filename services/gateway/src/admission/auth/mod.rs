@@ -3,7 +3,10 @@
 //!
 //! Keys come from `[gateway.auth] keys` and from `keys_file` (a TOML file of `[[keys]]` tables of
 //! the same shape, e.g. a mounted secret, written by `llmesh keys`). The format of the keys the
-//! gateway issues is described in [`key`].
+//! gateway issues is described in [`key`]. Teams' budgets come from `[[teams]]` tables, in the
+//! same two places; each key's [`Principal`] carries its own budget and its team's (the money
+//! itself is counted in Redis, see [`crate::admission::budget`], so changing a limit here changes
+//! only the limit).
 //!
 //! Auth fails closed. It is off (every caller is [`Principal::anonymous`]) only when neither
 //! `keys` nor `keys_file` is configured at all. A configured `keys_file` that is missing,
@@ -34,6 +37,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use llmesh_common::reload::{self, Live};
+use llmesh_ratelimit::budget::{Nanos, Period, usd_to_nanos};
 use serde::{Deserialize, Serialize};
 
 pub use key::{KEY_TAG, constant_time_eq, generate_key, prefix_of, sha256_hex};
@@ -43,9 +47,48 @@ pub use layer::{API_KEY_HEADER, Auth, AuthLayer};
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// TOML file with `[[keys]]` tables (same shape as `keys`), e.g. a mounted secret.
+    /// TOML file with `[[keys]]` tables (same shape as `keys`), e.g. a mounted secret, and
+    /// `[[teams]]` tables (same shape as `teams`).
     pub keys_file: Option<PathBuf>,
     pub keys: Vec<ApiKey>,
+    /// Teams with a budget (a key names its team in `team`).
+    pub teams: Vec<Team>,
+}
+
+/// A spend limit in US dollars per calendar period (UTC): `budget = { usd = 50.0, period =
+/// "month" }` on a key or a team.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    pub usd: f64,
+    /// `day` or `month` (the default): the calendar period in UTC the amount is for.
+    #[serde(default)]
+    pub period: Period,
+}
+
+impl Budget {
+    /// The limit in the unit budgets are counted in.
+    fn limit(&self) -> anyhow::Result<BudgetLimit> {
+        match usd_to_nanos(self.usd) {
+            Some(nanos) => Ok(BudgetLimit { nanos, period: self.period }),
+            None => bail!("`budget.usd` must be a number of dollars from 0 to 9,000,000 (got {})", self.usd),
+        }
+    }
+}
+
+/// A budget as a [`Principal`] carries it: nano-dollars per period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetLimit {
+    pub nanos: Nanos,
+    pub period: Period,
+}
+
+/// A team with a budget shared by every key that names it (`[[teams]]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Team {
+    pub name: String,
+    pub budget: Option<Budget>,
 }
 
 /// One API key, stored as the SHA-256 of the key; `prefix` (the key's first characters) is public
@@ -72,6 +115,8 @@ pub struct ApiKey {
     /// Whether this key's answers are cached with everyone's (`shared`, the default), only for
     /// itself (`private`), or not at all (`off`).
     pub cache: CacheScope,
+    /// This key's own spend limit (its team's, if any, applies as well).
+    pub budget: Option<Budget>,
 }
 
 /// Whose cache a key's calls read and write.
@@ -105,6 +150,12 @@ pub struct Principal {
     pub max_in_flight: Option<u32>,
     /// Whose cache this key's calls use.
     pub cache: CacheScope,
+    /// The key's team, if any.
+    pub team: Option<Arc<str>>,
+    /// The key's own spend limit.
+    pub budget: Option<BudgetLimit>,
+    /// Its team's spend limit (shared with the team's other keys).
+    pub team_budget: Option<BudgetLimit>,
 }
 
 impl Principal {
@@ -120,7 +171,15 @@ impl Principal {
             models: Arc::new([]),
             max_in_flight: None,
             cache: CacheScope::Shared,
+            team: None,
+            budget: None,
+            team_budget: None,
         }
+    }
+
+    /// Whether any budget applies to this key's calls (its own, or its team's).
+    pub fn has_budget(&self) -> bool {
+        self.budget.is_some() || self.team_budget.is_some()
     }
 
     pub fn is_anonymous(&self) -> bool {
@@ -132,7 +191,7 @@ impl Principal {
         self.models.is_empty() || self.models.iter().any(|allowed| allowed == model)
     }
 
-    fn from_key(key: &ApiKey) -> Self {
+    fn from_key(key: &ApiKey, budget: Option<BudgetLimit>, team_budget: Option<BudgetLimit>) -> Self {
         Self {
             id: key.id.as_str().into(),
             requests_per_minute: key.requests_per_minute,
@@ -140,6 +199,9 @@ impl Principal {
             models: key.models.iter().cloned().collect(),
             max_in_flight: key.max_in_flight,
             cache: key.cache,
+            team: key.team.as_deref().map(Into::into),
+            budget,
+            team_budget,
         }
     }
 }
@@ -179,6 +241,7 @@ struct Entry {
 #[serde(default, deny_unknown_fields)]
 struct KeysFile {
     keys: Vec<ApiKey>,
+    teams: Vec<Team>,
 }
 
 impl KeyStore {
@@ -187,10 +250,13 @@ impl KeyStore {
     /// a malformed entry, naming which. Empty (auth off) only when neither is configured.
     pub fn load(config: &AuthConfig) -> anyhow::Result<Self> {
         let mut keys = config.keys.clone();
+        let mut teams = config.teams.clone();
         if let Some(path) = &config.keys_file {
-            keys.extend(read_keys_file(path)?);
+            let file = read_keys_file(path)?;
+            keys.extend(file.keys);
+            teams.extend(file.teams);
         }
-        Self::from_keys(keys)
+        Self::from_keys_and_teams(keys, teams)
     }
 
     /// The keys of `[gateway.auth]` as [`KeyStore::load`] reads them, and kept up to date with
@@ -207,9 +273,20 @@ impl KeyStore {
     }
 
     pub fn from_keys(keys: impl IntoIterator<Item = ApiKey>) -> anyhow::Result<Self> {
+        Self::from_keys_and_teams(keys, [])
+    }
+
+    /// Keys, and the teams whose budgets they share. A team named twice, or a malformed budget,
+    /// is an error naming it.
+    pub fn from_keys_and_teams(
+        keys: impl IntoIterator<Item = ApiKey>,
+        teams: impl IntoIterator<Item = Team>,
+    ) -> anyhow::Result<Self> {
+        let team_budgets = team_budgets(teams)?;
         let mut store = Self { entries: Vec::new(), by_prefix: HashMap::new(), prefix_lengths: Vec::new() };
         for (index, key) in keys.into_iter().enumerate() {
-            let entry = validate(&key).with_context(|| format!("API key #{} (id {:?})", index + 1, key.id))?;
+            let entry =
+                validate(&key, &team_budgets).with_context(|| format!("API key #{} (id {:?})", index + 1, key.id))?;
             store.by_prefix.entry(key.prefix.clone()).or_default().push(store.entries.len());
             store.entries.push(entry);
             if !store.prefix_lengths.contains(&key.prefix.len()) {
@@ -227,6 +304,11 @@ impl KeyStore {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Whether any key has a spend budget, its own or its team's.
+    pub fn has_budgets(&self) -> bool {
+        self.entries.iter().any(|entry| entry.principal.has_budget())
     }
 
     /// The ids of the configured keys (an id may repeat: two keys of one owner during rotation).
@@ -269,14 +351,30 @@ impl fmt::Debug for KeyStore {
     }
 }
 
-/// The keys of a configured keys file, at least one.
-fn read_keys_file(path: &Path) -> anyhow::Result<Vec<ApiKey>> {
+/// The budgets of `teams`, by name.
+fn team_budgets(teams: impl IntoIterator<Item = Team>) -> anyhow::Result<HashMap<String, Option<BudgetLimit>>> {
+    let mut budgets = HashMap::new();
+    for (index, team) in teams.into_iter().enumerate() {
+        let context = || format!("team #{} (name {:?})", index + 1, team.name);
+        if team.name.trim().is_empty() {
+            return Err(anyhow::anyhow!("`name` is empty")).with_context(context);
+        }
+        let budget = team.budget.as_ref().map(Budget::limit).transpose().with_context(context)?;
+        if budgets.insert(team.name.clone(), budget).is_some() {
+            return Err(anyhow::anyhow!("the team is listed twice")).with_context(context);
+        }
+    }
+    Ok(budgets)
+}
+
+/// The keys and teams of a configured keys file, at least one key.
+fn read_keys_file(path: &Path) -> anyhow::Result<KeysFile> {
     if path.as_os_str().is_empty() {
         bail!("`keys_file` is set but empty: name the keys file, or unset it to turn auth off");
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read keys file {}", path.display()))?;
-    let keys = parse_keys_file(&text).with_context(|| format!("invalid keys file {}", path.display()))?;
-    if keys.is_empty() {
+    let file: KeysFile = toml::from_str(&text).with_context(|| format!("invalid keys file {}", path.display()))?;
+    if file.keys.is_empty() {
         bail!(
             "keys file {} holds no keys; refusing to start with auth off (add one with \
              `llmesh keys new --id NAME --file {}`, or unset `keys_file` to turn auth off)",
@@ -284,7 +382,7 @@ fn read_keys_file(path: &Path) -> anyhow::Result<Vec<ApiKey>> {
             path.display()
         );
     }
-    Ok(keys)
+    Ok(file)
 }
 
 /// The entries of a keys file's text (`[[keys]]` tables), in order, as the gateway reads them;
@@ -295,7 +393,13 @@ pub fn parse_keys_file(text: &str) -> anyhow::Result<Vec<ApiKey>> {
     Ok(file.keys)
 }
 
-fn validate(key: &ApiKey) -> anyhow::Result<Entry> {
+/// The `[[teams]]` of a keys file's text, in order (`llmesh spend` reads budgets with it).
+pub fn parse_teams(text: &str) -> anyhow::Result<Vec<Team>> {
+    let file: KeysFile = toml::from_str(text)?;
+    Ok(file.teams)
+}
+
+fn validate(key: &ApiKey, team_budgets: &HashMap<String, Option<BudgetLimit>>) -> anyhow::Result<Entry> {
     if key.id.trim().is_empty() {
         bail!("`id` is empty");
     }
@@ -311,7 +415,9 @@ fn validate(key: &ApiKey) -> anyhow::Result<Entry> {
     let Some(digest) = key::parse_sha256_hex(&key.sha256) else {
         bail!("`sha256` must be the 64 hex digits of the key's SHA-256");
     };
-    Ok(Entry { digest, principal: Principal::from_key(key) })
+    let budget = key.budget.as_ref().map(Budget::limit).transpose()?;
+    let team_budget = key.team.as_ref().and_then(|team| team_budgets.get(team).copied().flatten());
+    Ok(Entry { digest, principal: Principal::from_key(key, budget, team_budget) })
 }
 
 #[cfg(test)]
@@ -413,7 +519,7 @@ mod tests {
             from_file.prefix, from_file.sha256
         );
         std::fs::write(&path, text).unwrap();
-        let config = AuthConfig { keys_file: Some(path.clone()), keys: vec![inline] };
+        let config = AuthConfig { keys_file: Some(path.clone()), keys: vec![inline], teams: vec![] };
         let store = KeyStore::load(&config);
         std::fs::remove_file(&path).unwrap();
         let store = store.unwrap();
@@ -432,7 +538,7 @@ mod tests {
             std::fs::write(&path, contents).unwrap();
         }
         let (_, inline) = generate_key("inline");
-        let config = AuthConfig { keys_file: Some(path.clone()), keys: vec![inline] };
+        let config = AuthConfig { keys_file: Some(path.clone()), keys: vec![inline], teams: vec![] };
         let error = KeyStore::load(&config).err().map(|e| format!("{e:#}"));
         let _ = std::fs::remove_file(&path);
         (error.unwrap_or_else(|| panic!("{contents:?} loaded")), path.display().to_string())
@@ -453,7 +559,7 @@ mod tests {
         // Tests may run as root, who can read any mode: a directory and bytes that are not UTF-8
         // are unreadable for everyone.
         let dir = std::env::temp_dir();
-        let config = AuthConfig { keys_file: Some(dir.clone()), keys: vec![] };
+        let config = AuthConfig { keys_file: Some(dir.clone()), keys: vec![], teams: vec![] };
         let error = format!("{:#}", KeyStore::load(&config).unwrap_err());
         assert!(error.contains("cannot read keys file") && error.contains(&dir.display().to_string()), "{error}");
 
@@ -481,7 +587,7 @@ mod tests {
     #[test]
     fn an_empty_keys_file_setting_is_an_error() {
         // `LLMESH_GATEWAY_AUTH__KEYS_FILE=` set to nothing is a mistake, not a way to turn auth off.
-        let config = AuthConfig { keys_file: Some(PathBuf::new()), keys: vec![] };
+        let config = AuthConfig { keys_file: Some(PathBuf::new()), keys: vec![], teams: vec![] };
         let error = format!("{:#}", KeyStore::load(&config).unwrap_err());
         assert!(error.contains("`keys_file` is set but empty"), "{error}");
     }
@@ -491,7 +597,7 @@ mod tests {
         let store = KeyStore::load(&AuthConfig::default()).unwrap();
         assert!(store.is_empty());
         let (_, inline) = generate_key("inline");
-        let store = KeyStore::load(&AuthConfig { keys_file: None, keys: vec![inline] }).unwrap();
+        let store = KeyStore::load(&AuthConfig { keys_file: None, keys: vec![inline], teams: vec![] }).unwrap();
         assert_eq!(store.len(), 1);
     }
 
@@ -561,6 +667,43 @@ mod tests {
             }
             assert!(!keys.failing());
         }
+    }
+
+    #[test]
+    fn budgets_of_keys_and_teams_reach_the_principal() {
+        let (key, entry) = generate_key("spender");
+        let text = format!(
+            "[[keys]]\nid = \"spender\"\nteam = \"search\"\nprefix = \"{}\"\nsha256 = \"{}\"\n\
+             budget = {{ usd = 1.5, period = \"day\" }}\n\n[[teams]]\nname = \"search\"\nbudget = {{ usd = 100 }}\n",
+            entry.prefix, entry.sha256
+        );
+        let store =
+            KeyStore::from_keys_and_teams(parse_keys_file(&text).unwrap(), parse_teams(&text).unwrap()).unwrap();
+        let principal = store.authenticate(Some(&key)).unwrap();
+        assert_eq!(principal.team.as_deref(), Some("search"));
+        assert_eq!(principal.budget, Some(BudgetLimit { nanos: 1_500_000_000, period: Period::Day }));
+        assert_eq!(principal.team_budget, Some(BudgetLimit { nanos: 100_000_000_000, period: Period::Month }));
+        assert!(principal.has_budget() && !Principal::anonymous().has_budget());
+        // A team without a `[[teams]]` entry has no budget; the key's own still applies.
+        let store = KeyStore::from_keys(parse_keys_file(&text).unwrap()).unwrap();
+        let principal = store.authenticate(Some(&key)).unwrap();
+        assert_eq!((principal.team_budget, principal.budget.map(|b| b.nanos)), (None, Some(1_500_000_000)));
+    }
+
+    #[test]
+    fn malformed_budgets_and_teams_are_named() {
+        let (_, good) = generate_key("good");
+        let bad = ApiKey { budget: Some(Budget { usd: -1.0, period: Period::Month }), ..good.clone() };
+        let error = format!("{:#}", KeyStore::from_keys([bad]).unwrap_err());
+        assert!(error.contains("API key #1") && error.contains("budget.usd"), "{error}");
+        let team = |name: &str| Team { name: name.into(), budget: Some(Budget { usd: 1.0, period: Period::Day }) };
+        let error = format!("{:#}", KeyStore::from_keys_and_teams([good.clone()], [team("a"), team("a")]).unwrap_err());
+        assert!(error.contains("team #2") && error.contains("listed twice"), "{error}");
+        let error = format!("{:#}", KeyStore::from_keys_and_teams([good.clone()], [team(" ")]).unwrap_err());
+        assert!(error.contains("`name` is empty"), "{error}");
+        let nan = Team { name: "n".into(), budget: Some(Budget { usd: f64::INFINITY, period: Period::Day }) };
+        assert!(KeyStore::from_keys_and_teams([good], [nan]).is_err());
+        assert!(parse_teams("[[teams]]\nname = \"x\"\nbudget = { usd = 1, period = \"week\" }\n").is_err());
     }
 
     #[test]

@@ -79,27 +79,39 @@ pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 pub struct Quota {
     pub remaining_requests: Option<u64>,
     pub remaining_tokens: Option<u64>,
+    /// What the call's tightest spend budget (the key's or its team's) has left, in nano-dollars
+    /// (`x-budget-remaining-usd`, in dollars).
+    pub remaining_budget: Option<llmesh_ratelimit::budget::Nanos>,
 }
 
 impl Quota {
-    /// Writes `x-ratelimit-remaining-requests` / `-tokens` (those that are limited).
+    /// Writes `x-ratelimit-remaining-requests` / `-tokens` and `x-budget-remaining-usd` (those
+    /// that are limited).
     pub fn write_headers(&self, headers: &mut HeaderMap) {
         for (name, value) in self.entries() {
-            headers.insert(name, HeaderValue::from(value));
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
         }
     }
 
     /// The same, into a tonic response's metadata.
     pub fn write_metadata(&self, metadata: &mut MetadataMap) {
         for (name, value) in self.entries() {
-            metadata.insert(name, MetadataValue::from(value));
+            if let Ok(value) = MetadataValue::try_from(value) {
+                metadata.insert(name, value);
+            }
         }
     }
 
-    fn entries(&self) -> impl Iterator<Item = (&'static str, u64)> {
-        [(REMAINING_REQUESTS, self.remaining_requests), (REMAINING_TOKENS, self.remaining_tokens)]
-            .into_iter()
-            .filter_map(|(name, value)| Some((name, value?)))
+    fn entries(&self) -> impl Iterator<Item = (&'static str, String)> {
+        [
+            (REMAINING_REQUESTS, self.remaining_requests.map(|n| n.to_string())),
+            (REMAINING_TOKENS, self.remaining_tokens.map(|n| n.to_string())),
+            (crate::admission::budget::REMAINING_USD, self.remaining_budget.map(llmesh_ratelimit::budget::format_usd)),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
     }
 }
 
@@ -144,7 +156,7 @@ impl Reservation {
 
     /// Tokens the key had left once this reservation was taken.
     pub fn quota(&self) -> Quota {
-        Quota { remaining_requests: None, remaining_tokens: self.remaining }
+        Quota { remaining_tokens: self.remaining, ..Quota::default() }
     }
 }
 
@@ -224,7 +236,7 @@ impl RateLimiter {
         };
         let (decision, _) = self.decide(&principal.id, Kind::Requests, limit, Cost::Take(1)).await;
         if decision.allowed {
-            Ok(Quota { remaining_requests: Some(decision.remaining), remaining_tokens: None })
+            Ok(Quota { remaining_requests: Some(decision.remaining), ..Quota::default() })
         } else {
             Err(exhausted(Kind::Requests, limit, &principal.id, decision))
         }
@@ -294,7 +306,7 @@ impl RateLimiter {
             },
         };
         match decision {
-            Some(decision) => Quota { remaining_requests: None, remaining_tokens: Some(decision.remaining) },
+            Some(decision) => Quota { remaining_tokens: Some(decision.remaining), ..Quota::default() },
             None => reservation.quota(),
         }
     }
@@ -315,7 +327,7 @@ impl RateLimiter {
             let limiter = self.clone();
             tokio::spawn(async move { limiter.settle(reservation, used_tokens).await });
         }
-        Quota { remaining_requests: None, remaining_tokens: remaining }
+        Quota { remaining_tokens: remaining, ..Quota::default() }
     }
 
     /// Calls the local limiter answered because Redis failed, was too slow, or was being given a
@@ -510,16 +522,17 @@ mod tests {
 
     #[test]
     fn quotas_become_headers_and_metadata() {
-        let quota = Quota { remaining_requests: Some(7), remaining_tokens: None };
+        let quota = Quota { remaining_requests: Some(7), ..Quota::default() };
         let mut headers = HeaderMap::new();
         quota.write_headers(&mut headers);
         assert_eq!(headers[REMAINING_REQUESTS], "7");
         assert!(!headers.contains_key(REMAINING_TOKENS));
 
-        let quota = Quota { remaining_requests: None, remaining_tokens: Some(1234) };
+        let quota = Quota { remaining_tokens: Some(1234), remaining_budget: Some(2_500_000_000), ..Quota::default() };
         let mut metadata = MetadataMap::new();
         quota.write_metadata(&mut metadata);
         assert_eq!(metadata.get(REMAINING_TOKENS).unwrap(), "1234");
+        assert_eq!(metadata.get("x-budget-remaining-usd").unwrap(), "2.500000");
         assert!(metadata.get(REMAINING_REQUESTS).is_none());
     }
 

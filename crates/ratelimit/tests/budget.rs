@@ -1,0 +1,161 @@
+//! The budget scripts on a real `redis-server`: all or nothing across a key's and its team's
+//! buckets, settlement at most once however often it is retried, a late reservation voided by its
+//! release, and exact totals under concurrent callers.
+
+// Test helpers: a broken set-up should fail the test where it happens.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use llmesh_ratelimit::budget::{Bucket, Hold, Level, Period, RedisBudget, Reserved, Scope};
+use tokio::process::{Child, Command};
+
+/// A redis-server of the test's own on a free loopback port, killed when dropped.
+struct Redis {
+    _child: Child,
+    port: u16,
+}
+
+impl Redis {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server runs");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self { _child: child, port }
+    }
+
+    fn budget(&self) -> RedisBudget {
+        RedisBudget::new(&format!("redis://127.0.0.1:{}/", self.port), Duration::from_secs(2)).unwrap()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+fn buckets(key_limit: Option<u64>, team_limit: Option<u64>) -> Vec<Bucket> {
+    vec![
+        Bucket::new(Period::Month, Scope::Key, "alice", key_limit, now_ms()),
+        Bucket::new(Period::Day, Scope::Team, "search", team_limit, now_ms()),
+    ]
+}
+
+#[tokio::test]
+async fn reservations_take_from_every_bucket_or_none() {
+    let redis = Redis::start().await;
+    let budget = redis.budget();
+    budget.warm_up().await.unwrap();
+    let first = Hold::new(600, buckets(Some(1_000), Some(700)));
+    let Reserved::Taken(levels) = budget.reserve(&first).await.unwrap() else { panic!("refused") };
+    assert_eq!(levels[0], Level { spent: 0, held: 600, limit: Some(1_000) });
+    assert_eq!(levels[1].remaining(), Some(100));
+    // The team's bucket refuses the next: the key's is left untouched too.
+    let second = Hold::new(200, buckets(Some(1_000), Some(700)));
+    let Reserved::Refused { bucket, levels } = budget.reserve(&second).await.unwrap() else { panic!("taken") };
+    assert_eq!(bucket, 1, "the team's");
+    assert_eq!(levels[0].held, 600);
+    assert_eq!(budget.read(&first.buckets[0].key).await.unwrap().held, 600);
+    // Settling with the real cost frees the rest.
+    let settled = budget.settle(&first, 250).await.unwrap();
+    assert!(settled.applied);
+    assert_eq!(settled.levels[1], Level { spent: 250, held: 0, limit: Some(700) });
+    assert!(matches!(budget.reserve(&second).await.unwrap(), Reserved::Taken(_)));
+    // A bucket without a limit counts and never refuses.
+    let unlimited = Hold::new(u64::from(u32::MAX), buckets(None, None));
+    assert!(matches!(budget.reserve(&unlimited).await.unwrap(), Reserved::Taken(_)));
+}
+
+#[tokio::test]
+async fn a_settlement_applies_once_however_often_it_is_sent() {
+    let redis = Redis::start().await;
+    let budget = redis.budget();
+    let hold = Hold::new(1_000, buckets(Some(10_000), None));
+    assert!(matches!(budget.reserve(&hold).await.unwrap(), Reserved::Taken(_)));
+    assert!(budget.settle(&hold, 400).await.unwrap().applied);
+    for _ in 0..3 {
+        let again = budget.settle(&hold, 400).await.unwrap();
+        assert!(!again.applied);
+        assert_eq!(again.levels[0], Level { spent: 400, held: 0, limit: Some(10_000) });
+    }
+    // The same reservation sent again after it was settled takes nothing.
+    assert_eq!(budget.reserve(&hold).await.unwrap(), Reserved::Void);
+    assert_eq!(budget.read(&hold.buckets[0].key).await.unwrap().held, 0);
+}
+
+#[tokio::test]
+async fn a_release_that_arrives_first_voids_the_late_reservation() {
+    let redis = Redis::start().await;
+    let budget = redis.budget();
+    let hold = Hold::new(1_000, buckets(Some(10_000), Some(10_000)));
+    // The caller gave the reservation up (its reply was lost) before Redis ever ran it.
+    assert!(!budget.settle(&hold, 0).await.unwrap().applied);
+    assert_eq!(budget.reserve(&hold).await.unwrap(), Reserved::Void);
+    for bucket in &hold.buckets {
+        assert_eq!(budget.read(&bucket.key).await.unwrap(), Level::default());
+    }
+}
+
+#[tokio::test]
+async fn spend_added_from_elsewhere_counts_once_per_id() {
+    let redis = Redis::start().await;
+    let budget = redis.budget();
+    let flush = Hold::new(0, buckets(Some(10_000), None));
+    assert!(budget.add(&flush, 123).await.unwrap().applied);
+    assert!(!budget.add(&flush, 123).await.unwrap().applied);
+    assert_eq!(budget.read(&flush.buckets[0].key).await.unwrap().spent, 123);
+    // Large amounts go through as integers (Lua would print them as 1e+15).
+    let large = Hold::new(0, buckets(None, None));
+    assert!(budget.add(&large, 4_000_000_000_000_001).await.unwrap().applied);
+    assert_eq!(budget.read(&large.buckets[0].key).await.unwrap().spent, 4_000_000_000_000_001 + 123);
+}
+
+#[tokio::test]
+async fn concurrent_callers_never_take_past_the_limit_and_totals_are_exact() {
+    let redis = Redis::start().await;
+    let limit = 100_000;
+    let mut tasks = Vec::new();
+    for worker in 0..8u64 {
+        let budget = redis.budget();
+        tasks.push(tokio::spawn(async move {
+            let (mut spent, mut refused) = (0, 0);
+            for call in 0..50u64 {
+                let hold = Hold::new(1_000, buckets(None, Some(limit)));
+                match budget.reserve(&hold).await.unwrap() {
+                    Reserved::Taken(levels) => {
+                        assert!(levels[1].spent + levels[1].held <= limit);
+                        let cost = 1 + (worker * 50 + call) % 1_000;
+                        budget.settle(&hold, cost).await.unwrap();
+                        spent += cost;
+                    }
+                    Reserved::Refused { levels, .. } => {
+                        // Refused only when what is spent and held leaves no room for it.
+                        assert!(levels[1].spent + levels[1].held + 1_000 > limit, "{levels:?}");
+                        refused += 1;
+                    }
+                    Reserved::Void => panic!("a fresh reservation is never void"),
+                }
+            }
+            (spent, refused)
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap().0;
+    }
+    let level = redis.budget().read(&buckets(None, Some(limit))[1].key).await.unwrap();
+    assert_eq!(level, Level { spent: total, held: 0, limit: Some(limit) });
+    assert!(total <= limit);
+}

@@ -1,0 +1,144 @@
+//! The budgets without Redis (each replica alone) and with a Redis that is not there: shares,
+//! settlement, what a dropped call pays, and the refusal a caller sees. The shared path runs
+//! against a real Redis in `llmesh-ratelimit`'s tests and the e2e tests.
+
+use std::{sync::Arc, time::Duration};
+
+use llmesh_ratelimit::budget::{Period, Rate};
+use tonic::Code;
+
+use super::*;
+use crate::admission::auth::BudgetLimit;
+
+const DOLLAR: Nanos = 1_000_000_000;
+
+fn budgets(replicas: u32) -> Arc<Budgets> {
+    Budgets::new(&BudgetConfig { replicas, ..BudgetConfig::default() }, None, Duration::from_millis(20)).unwrap()
+}
+
+fn member(key: Option<Nanos>, team: Option<Nanos>) -> Principal {
+    Principal {
+        id: "alice".into(),
+        team: Some("search".into()),
+        budget: key.map(|nanos| BudgetLimit { nanos, period: Period::Month }),
+        team_budget: team.map(|nanos| BudgetLimit { nanos, period: Period::Day }),
+        ..Principal::anonymous()
+    }
+}
+
+const RATE: Rate = Rate { input_per_million: 1.0, output_per_million: 2.0 };
+
+/// Lets the background settlements run.
+async fn settled() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn keys_without_a_budget_reserve_nothing() {
+    let budgets = budgets(1);
+    assert!(budgets.reserve(&Principal::anonymous(), DOLLAR, RATE, 10).await.unwrap().is_none());
+    let in_a_team_without_budget = Principal { team: Some("search".into()), ..Principal::anonymous() };
+    assert!(budgets.reserve(&in_a_team_without_budget, DOLLAR, RATE, 10).await.unwrap().is_none());
+    assert!(!budgets.in_use());
+}
+
+#[tokio::test(start_paused = true)]
+async fn alone_each_replica_enforces_its_share() {
+    // Two replicas: each may spend half of the team's dollar.
+    let budgets = budgets(2);
+    let alice = member(None, Some(DOLLAR));
+    let first = budgets.reserve(&alice, 3 * DOLLAR / 10, RATE, 10).await.unwrap().unwrap();
+    assert_eq!(first.remaining(), Some(7 * DOLLAR / 10), "what the whole budget has left");
+    let refused = budgets.reserve(&alice, 3 * DOLLAR / 10, RATE, 10).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    // Settling for less makes room again.
+    assert_eq!(first.settle(DOLLAR / 10), Some(9 * DOLLAR / 10));
+    settled().await;
+    let second = budgets.reserve(&alice, 3 * DOLLAR / 10, RATE, 10).await.unwrap().unwrap();
+    drop(second);
+    settled().await;
+    assert_eq!(budgets.unshared_spend(), DOLLAR / 10 + DOLLAR / 10, "counted in the key's and the team's bucket");
+    assert_eq!(budgets.local_decisions(), 3);
+    assert!(budgets.in_use());
+    assert!(!budgets.standing().exact);
+    assert!(budgets.standing().detail.contains("1/2"), "{}", budgets.standing().detail);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_key_and_the_team_both_bound_a_call() {
+    let budgets = budgets(1);
+    let alice = member(Some(DOLLAR / 2), Some(10 * DOLLAR));
+    let status = budgets.reserve(&alice, DOLLAR, RATE, 10).await.unwrap_err();
+    assert!(status.message().starts_with("budget: key alice has spent $0.000000 of its $0.500000"), "{status:?}");
+    let bob = member(Some(10 * DOLLAR), Some(DOLLAR / 2));
+    let status = budgets.reserve(&bob, DOLLAR, RATE, 10).await.unwrap_err();
+    assert!(status.message().contains("team search"), "{status:?}");
+    assert!(status.message().contains("the day "), "{status:?}");
+    assert!(status.message().contains("this call may cost up to $1.000000"), "{status:?}");
+    // Clients are told not to retry, what is left, and the HTTP routes can tell it from a rate limit.
+    assert_eq!(status.metadata().get(RETRY_PUSHBACK_MS).unwrap(), "-1");
+    assert_eq!(status.metadata().get(REMAINING_USD).unwrap(), "0.500000");
+    assert!(OverBudget::caused(&status));
+    assert!(!OverBudget::caused(&Status::resource_exhausted("rate limit")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_unsettled_pays_for_what_it_was_sent() {
+    let budgets = budgets(1);
+    let alice = member(None, Some(DOLLAR));
+    // Sent nothing: pays nothing.
+    let spend = budgets.reserve(&alice, DOLLAR / 2, RATE, 1_000).await.unwrap().unwrap();
+    drop(spend);
+    settled().await;
+    assert_eq!(budgets.unshared_spend(), 0);
+    // Sent 500 tokens of a stream: its prompt at the input price, the text at the output price.
+    let mut spend = budgets.reserve(&alice, DOLLAR / 2, RATE, 1_000).await.unwrap().unwrap();
+    spend.received(200);
+    spend.received(300);
+    drop(spend);
+    settled().await;
+    let paid = budget::cost(1_000, 500, RATE);
+    assert_eq!(paid, 2_000_000);
+    assert_eq!(budgets.unshared_spend(), 2 * paid, "the key's bucket and the team's");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_redis_that_is_not_there_leaves_each_replica_alone_and_says_so() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let budgets = Budgets::new(&BudgetConfig::default(), Some(&url), Duration::from_millis(20)).unwrap();
+    let alice = member(Some(DOLLAR), None);
+    let spend = budgets.reserve(&alice, DOLLAR / 4, RATE, 10).await.unwrap().unwrap();
+    assert_eq!(budgets.local_decisions(), 1);
+    assert_eq!(budgets.shared(), Some(false));
+    spend.settle(DOLLAR / 8);
+    settled().await;
+    let standing = budgets.standing();
+    assert!(!standing.exact && standing.detail.contains("Redis unavailable"), "{standing:?}");
+    assert_eq!(budgets.unshared_spend(), DOLLAR / 8, "kept to add to Redis once it answers");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stored_reservation_settles_where_it_was_taken() {
+    let budgets = budgets(1);
+    let alice = member(Some(DOLLAR), None);
+    let spend = budgets.reserve(&alice, DOLLAR, RATE, 10).await.unwrap().unwrap();
+    let stored = budgets.store(spend).unwrap();
+    assert!(stored.local_replica.is_some(), "no Redis: this replica's");
+    assert!(budgets.reserve(&alice, 1, RATE, 10).await.is_err(), "the job holds the whole dollar");
+    // Another replica's reservation is not this one's to settle.
+    let mut elsewhere = stored.clone();
+    elsewhere.local_replica = Some("gateway-elsewhere".into());
+    budgets.settle_stored(elsewhere, 0).await;
+    assert!(budgets.reserve(&alice, 1, RATE, 10).await.is_err());
+    budgets.settle_stored(stored, 0).await;
+    assert!(budgets.reserve(&alice, DOLLAR, RATE, 10).await.is_ok(), "cancelled: given back whole");
+}
+
+#[test]
+fn the_cache_hit_share_is_a_share() {
+    for share in [-0.1, 1.5, f64::NAN] {
+        let config = BudgetConfig { cache_hit_share: share, ..BudgetConfig::default() };
+        assert!(Budgets::new(&config, None, Duration::from_millis(1)).is_err(), "{share}");
+    }
+}

@@ -505,6 +505,108 @@ async fn every_redis_client_works_over_rediss_with_a_password_from_a_file() {
     }
 }
 
+/// A keys file with one key, `spender`, in team `t`: the key's budget is `key_usd` a day and the
+/// team's 100 dollars a month. Written by a rename, as `write_keys`.
+fn write_budgeted_keys(path: &Path, entry: &llmesh_gateway::admission::ApiKey, key_usd: &str) {
+    let text = format!(
+        "[[keys]]\nid = \"spender\"\nteam = \"t\"\nprefix = \"{}\"\nsha256 = \"{}\"\n\
+         budget = {{ usd = {key_usd}, period = \"day\" }}\n\n[[teams]]\nname = \"t\"\nbudget = {{ usd = 100 }}\n",
+        entry.prefix, entry.sha256
+    );
+    let staged = path.with_extension("new");
+    std::fs::write(&staged, text).unwrap();
+    std::fs::rename(&staged, path).unwrap();
+}
+
+/// A call of at most 8 tokens: its reservation (about 2 cents at the test's prices) fits a dollar.
+fn priced(text: &str) -> llmesh_proto::gateway::v1::GenerateRequest {
+    llmesh_proto::gateway::v1::GenerateRequest { max_tokens: 8, ..prompt(text) }
+}
+
+#[tokio::test]
+async fn budgets_and_llmesh_spend_use_rediss_and_a_changed_budget_applies_at_once() {
+    let certs = Certs::new().await;
+    let password = "budget-s3cret";
+    let (_redis, port) = tls_redis(&certs, password).await;
+    std::fs::write(certs.path("redis-password"), format!("{password}\n")).unwrap();
+    let url = format!(
+        "rediss://llmesh@127.0.0.1:{port}/0?tls_ca={}&password_file={}",
+        certs.shown("ca.pem"),
+        certs.shown("redis-password")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    let (key, entry) = llmesh_gateway::admission::generate_key("spender");
+    write_budgeted_keys(&keys, &entry, "1");
+    let config = dir.path().join("mesh.toml");
+    std::fs::write(&config, "[gateway.prices.sim]\ninput_per_million = 1000.0\noutput_per_million = 2000.0\n").unwrap();
+    let generation = Proc::spawn("generation", &[]).await.unwrap();
+    let env = [
+        ("LLMESH_CONFIG", config.display().to_string()),
+        ("LLMESH_GATEWAY_GENERATION__ENDPOINTS", format!("[\"{}\"]", generation.uri())),
+        ("LLMESH_GATEWAY_CACHE__ENDPOINT", String::new()),
+        ("LLMESH_GATEWAY_AUTH__KEYS_FILE", keys.display().to_string()),
+        ("LLMESH_GATEWAY_RATE_LIMIT__REDIS_URL", url.clone()),
+        ("LLMESH_GATEWAY_RATE_LIMIT__REDIS_TIMEOUT_MS", "2000".into()),
+        ("LLMESH_GATEWAY_ADMIN__LISTEN", "127.0.0.1:0".into()),
+    ];
+    let gateway = Proc::spawn("gateway", &env).await.unwrap();
+    let mut client = GatewayClient::new(gateway.channel().await);
+
+    let answer = client.generate(with_key(priced("priced"), &key)).await;
+    let answer = answer.unwrap_or_else(|status| panic!("{status:?}\n{}", gateway.logs()));
+    assert!(answer.metadata().get("x-budget-remaining-usd").is_some(), "{:?}", answer.metadata());
+    let shared = gateway.metric_sum("llmesh_budget_decisions_total", "store=\"redis\"").await;
+    assert!(shared >= 1.0, "the budget was not kept in Redis:\n{}", gateway.logs());
+    assert_eq!(gateway.metric_sum("llmesh_budget_decisions_total", "store=\"local\"").await, 0.0);
+
+    // `llmesh spend` reads the same Redis, over TLS with the password from its file.
+    let keys_shown = keys.display().to_string();
+    let spent = eventually(Duration::from_secs(10), || {
+        let (url, keys_shown) = (url.clone(), keys_shown.clone());
+        async move {
+            let args = ["spend", "--redis", &url, "--key", "spender", "--keys-file", &keys_shown, "--json"];
+            let (status, logs) = llmesh_e2e::run_to_exit("llmesh", &args, &[], Duration::from_secs(20)).await.ok()?;
+            assert!(status.success(), "llmesh spend failed: {logs}");
+            let line = logs.lines().find(|line| line.starts_with('{'))?;
+            let report: serde_json::Value = serde_json::from_str(line).ok()?;
+            (report["held_nanos"].as_u64() == Some(0) && report["spent_nanos"].as_u64()? > 0).then_some(report)
+        }
+    })
+    .await;
+    let spent = spent.expect("llmesh spend never showed the call settled");
+    assert_eq!(spent["limit_nanos"].as_u64(), Some(1_000_000_000), "{spent}");
+
+    // The key's budget cut to a thousandth of a cent: the next calls are refused, naming it.
+    let changed = Instant::now();
+    write_budgeted_keys(&keys, &entry, "0.00001");
+    let refused = eventually(Duration::from_secs(10), || {
+        let (mut client, key) = (client.clone(), key.clone());
+        async move {
+            match client.generate(with_key(priced("one more?"), &key)).await {
+                Err(status) if status.code() == Code::ResourceExhausted => Some(status),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    let refused = refused.unwrap_or_else(|| panic!("a smaller budget was not applied:\n{}", gateway.logs()));
+    assert!(refused.message().contains("budget"), "{refused:?}");
+    let took = changed.elapsed();
+
+    // Raised again: accepted again, without a restart.
+    write_budgeted_keys(&keys, &entry, "1");
+    let accepted = eventually(Duration::from_secs(10), || {
+        let (mut client, key) = (client.clone(), key.clone());
+        async move { client.generate(with_key(priced("back in budget"), &key)).await.ok() }
+    })
+    .await;
+    assert!(accepted.is_some(), "a raised budget was not applied (the cut took {took:?}):\n{}", gateway.logs());
+    for proc in [&gateway, &generation] {
+        assert!(!proc.logs().contains(password), "the password reached the logs of {}", proc.name);
+    }
+}
+
 #[tokio::test]
 async fn a_plaintext_probe_port_answers_health_only() {
     let certs = Certs::new().await;

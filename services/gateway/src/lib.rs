@@ -48,18 +48,19 @@ struct Admission {
 
 impl Admission {
     fn new(config: &Config) -> anyhow::Result<Self> {
-        let keys = admission::KeyStore::watch(&config.auth)?;
-        if keys.load().is_empty() {
-            tracing::warn!("no API keys configured: auth is off and every caller shares the anonymous limits");
-        }
-        let limiter = Arc::new(admission::RateLimiter::new(&config.rate_limit)?);
         // Budgets live beside the rate limits, in the limiter's Redis.
         let budgets = admission::Budgets::new(
             &config.budget,
             config.rate_limit.redis_url.as_deref(),
             Duration::from_millis(config.rate_limit.redis_timeout_ms),
         )?;
-        budgets.set_in_use(keys.has_budgets());
+        // Whether any key or team has a budget follows the keys file through every reload.
+        let in_use = budgets.clone();
+        let keys = admission::KeyStore::watch(&config.auth, move |keys| in_use.set_in_use(keys.has_budgets()))?;
+        if keys.load().is_empty() {
+            tracing::warn!("no API keys configured: auth is off and every caller shares the anonymous limits");
+        }
+        let limiter = Arc::new(admission::RateLimiter::new(&config.rate_limit)?);
         Ok(Self { keys, limiter, budgets, shed: admission::ShedLayer::new(&config.shed) })
     }
 
@@ -151,7 +152,7 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
 /// Serves on `listener` until `shutdown` resolves. Fails when no generation replica (or the
 /// configured cache) answers within the start-up timeout.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    // Keys first: a keys file that is configured but broken stops start-up before anything else.
+    // Keys first: a keys file that is configured but broken stops start-up before any connection.
     let admission = Admission::new(&config)?;
     // Before the first call to generation or the cache: every mesh call uses it.
     llmesh_common::deps::use_client_tls(&config.client_tls).context("[gateway.client_tls]")?;

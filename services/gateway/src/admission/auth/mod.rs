@@ -23,7 +23,7 @@
 //! the error is logged naming the file, and it is counted (`llmesh_reloads_total{file="keys",
 //! result="error"}`, `llmesh_reload_failing{file="keys"}` 1 until a good file arrives; see
 //! [`llmesh_common::reload`]). The reload is generic over the store: whatever a `[[keys]]` entry
-//! holds follows it.
+//! holds follows it, and so do the `[[teams]]` (a changed budget, a key moved to another team).
 
 mod key;
 mod layer;
@@ -262,12 +262,21 @@ impl KeyStore {
     /// The keys of `[gateway.auth]` as [`KeyStore::load`] reads them, and kept up to date with
     /// `keys_file` (see the module's documentation): a broken file at start-up is an error naming
     /// it; later, it keeps the keys in use. Without a `keys_file` the keys never change.
-    pub fn watch(config: &AuthConfig) -> anyhow::Result<Live<Self>> {
-        let Some(path) = config.keys_file.clone() else { return Ok(Live::fixed(Self::load(config)?)) };
+    ///
+    /// `loaded` sees every store that is put in use (the first included) just before calls see
+    /// it: what the process derives from the keys file as a whole (whether any budget is
+    /// configured) follows the file with it. A broken file calls nothing.
+    pub fn watch(config: &AuthConfig, loaded: impl Fn(&Self) + Send + 'static) -> anyhow::Result<Live<Self>> {
+        let Some(path) = config.keys_file.clone() else {
+            let store = Self::load(config)?;
+            loaded(&store);
+            return Ok(Live::fixed(store));
+        };
         let config = config.clone();
         reload::watch("keys", vec![path], move || {
             let store = Self::load(&config)?;
-            tracing::info!(keys = store.len(), "API keys loaded");
+            tracing::info!(keys = store.len(), budgets = store.has_budgets(), "API keys loaded");
+            loaded(&store);
             Ok(store)
         })
     }
@@ -627,7 +636,8 @@ mod tests {
         let (old_key, old) = generate_key("old");
         let (new_key, mut new) = generate_key("new");
         std::fs::write(&path, keys_file_text(&[&old])).unwrap();
-        let keys = KeyStore::watch(&AuthConfig { keys_file: Some(path.clone()), keys: vec![] }).unwrap();
+        let keys =
+            KeyStore::watch(&AuthConfig { keys_file: Some(path.clone()), ..AuthConfig::default() }, |_| {}).unwrap();
         assert_eq!(&*keys.load().authenticate(Some(&old_key)).unwrap().id, "old");
         assert_eq!(keys.load().authenticate(Some(&new_key)), Err(Rejection::Unknown));
 
@@ -667,6 +677,76 @@ mod tests {
             }
             assert!(!keys.failing());
         }
+    }
+
+    /// Waits (bounded) until `done` holds.
+    async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+        for _ in 0..250 {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        done()
+    }
+
+    #[tokio::test]
+    async fn a_reload_changes_budgets_and_teams_and_a_broken_file_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let (key, entry) = generate_key("spender");
+        let file = |key_budget: &str, team: &str, team_budget: &str| {
+            format!(
+                "[[keys]]\nid = \"spender\"\nteam = \"{team}\"\nprefix = \"{}\"\nsha256 = \"{}\"\n{key_budget}\n\n\
+                 [[teams]]\nname = \"{team}\"\n{team_budget}\n",
+                entry.prefix, entry.sha256
+            )
+        };
+        std::fs::write(&path, file("", "search", "")).unwrap();
+        let budgeted = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let seen = budgeted.clone();
+        let keys = KeyStore::watch(&AuthConfig { keys_file: Some(path.clone()), ..AuthConfig::default() }, move |s| {
+            seen.store(s.has_budgets(), std::sync::atomic::Ordering::Relaxed)
+        })
+        .unwrap();
+        let principal = || keys.load().authenticate(Some(&key)).unwrap();
+        let budgeted = move || budgeted.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(!principal().has_budget() && !budgeted(), "no budget yet");
+
+        // A budget for the key and one for its team: both reach the next call.
+        std::fs::write(&path, file("budget = { usd = 2, period = \"day\" }", "search", "budget = { usd = 30 }"))
+            .unwrap();
+        assert!(eventually(|| principal().has_budget()).await, "the new budgets were never seen");
+        let day = BudgetLimit { nanos: 2_000_000_000, period: Period::Day };
+        let month = BudgetLimit { nanos: 30_000_000_000, period: Period::Month };
+        assert_eq!((principal().budget, principal().team_budget), (Some(day), Some(month)));
+        assert!(budgeted(), "the callback did not see the budgets");
+
+        // The key moves to another team, whose budget is smaller; its own budget is raised.
+        std::fs::write(&path, file("budget = { usd = 5, period = \"day\" }", "ads", "budget = { usd = 1 }")).unwrap();
+        assert!(eventually(|| principal().team.as_deref() == Some("ads")).await, "the new team was never seen");
+        let five = BudgetLimit { nanos: 5_000_000_000, period: Period::Day };
+        let one = BudgetLimit { nanos: 1_000_000_000, period: Period::Month };
+        assert_eq!((principal().budget, principal().team_budget), (Some(five), Some(one)));
+
+        // Broken: a team listed twice, a budget that is no amount, a team without a name. The
+        // keys, their budgets and their teams stay as they were.
+        for broken in [
+            file("", "ads", "budget = { usd = 1 }") + "[[teams]]\nname = \"ads\"\n",
+            file("budget = { usd = -3 }", "ads", ""),
+            file("", "ads", "") + "[[teams]]\nname = \"\"\n",
+        ] {
+            std::fs::write(&path, &broken).unwrap();
+            assert!(eventually(|| keys.failing()).await, "{broken:?} was not noticed");
+            assert_eq!((principal().budget, principal().team_budget), (Some(five), Some(one)), "{broken:?}");
+            assert_eq!(principal().team.as_deref(), Some("ads"));
+            assert!(budgeted(), "a broken file reached the callback");
+        }
+
+        // Budgets removed: the callback hears of it.
+        std::fs::write(&path, file("", "ads", "")).unwrap();
+        assert!(eventually(|| !keys.failing() && !principal().has_budget()).await);
+        assert!(!budgeted());
     }
 
     #[test]

@@ -172,6 +172,11 @@ async fn internal_services_serve_only_the_mesh_certificate() {
         );
         let foreign = tls_channel(proc, &ca, Some((&foreign_client.0, &foreign_client.1))).await;
         assert!(!answers(foreign).await, "{} served a certificate from another CA", proc.name);
+        // A server certificate of the mesh is no client certificate (its usage is server auth
+        // only): a service whose key leaked cannot call the others with it.
+        let (cert, key) = (certs.path("generation.pem"), certs.path("generation-key.pem"));
+        let server_cert = tls_channel(proc, &ca, Some((&cert, &key))).await;
+        assert!(!answers(server_cert).await, "{} served a mesh server certificate as a client", proc.name);
         let member = tls_channel(proc, &ca, Some((&mesh_client.0, &mesh_client.1))).await;
         assert!(answers(member).await, "{} refused the mesh's client certificate", proc.name);
     }

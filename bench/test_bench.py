@@ -1,4 +1,4 @@
-"""Self-test of the benchmark harness: a --quick run of three scenarios against the built binaries.
+"""Self-test of the benchmark harness: --quick runs of the scenarios against the built binaries.
 
     cargo build --workspace --bins
     .venv/bin/python -m pytest -q bench/test_bench.py
@@ -177,6 +177,59 @@ def test_quick_budgets_on_against_off(tmp_path):
     assert "budget = { usd = 1000000.0" in (out / "keys-with-budgets.toml").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| 200 |")]
     assert len(rows) == 1 and all(cell.strip() != "" for cell in rows[0].split("|")[1:-1]), rows
+    time.sleep(0.5)
+    pids = [int(line.split()[0]) for line in (out / "logs" / "pids.txt").read_text().splitlines() if line.strip()]
+    assert not [pid for pid in pids if alive(pid)]
+
+
+def test_quick_tls_against_plaintext(tmp_path):
+    """The tls scenario: the same calls through a plaintext mesh and a TLS one (TLS at the gateway,
+    mTLS behind it), against generation directly, with CPU per call of the gateway and the mesh."""
+    out = tmp_path / "bench"
+    argv = [sys.executable, str(BENCH / "run"), "--quick", "--scenarios", "tls",
+            "--bin-dir", str(BIN_DIR), "--out", str(out), "--max-time", "90"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+        pytest.fail(f"bench/run --quick --scenarios tls did not finish within 150 s:\n{output[-4000:]}")
+    assert proc.returncode == 0, f"bench/run exited {proc.returncode}:\n{output[-4000:]}"
+    report = (out / "report.md").read_text()
+    assert "## 3d. TLS on against off" in report, report
+    raws = {p.name: json.loads(p.read_text()) for p in (out / "raw").glob("*.json")}
+
+    def runs(kind):
+        return [r for name, r in raws.items() if f"tls-{kind}-" in name or f"tls-closed1-{kind}" in name]
+
+    direct, plain, tls = runs("direct"), runs("plain"), runs("tls")
+    assert len(direct) == 2 and len(plain) == 2 and len(tls) == 2, sorted(raws)
+    for r in direct + plain + tls:
+        assert r["successes"] > 0 and r["errors"] == 0, r["codes"]
+    # The plaintext runs and the TLS ones went where they say: generation and a gateway in
+    # plaintext, a gateway over TLS (the client given the run's CA).
+    assert all(r["target"].startswith("http://") for r in direct + plain), [r["target"] for r in direct + plain]
+    assert all(r["target"].startswith("https://") and r["service"] == "gateway" for r in tls)
+    assert all(r["service"] == "generation" for r in direct)
+    assert "--cacert" in report and (out / "certs" / "ca.pem").exists()
+    # The TLS mesh is one: the gateway serves TLS and calls over mTLS; generation and the cache
+    # (which it reached: it starts only once they answer) take nothing else.
+    logs = {name: next((out / "logs").glob(f"*-{name}.log")).read_text()
+            for name in ("gateway-tls", "generation-tls", "cache-tls", "gateway-plain")}
+    assert "serving TLS client_certificates=false" in logs["gateway-tls"], logs["gateway-tls"][-2000:]
+    assert "mesh calls use TLS mutual=true" in logs["gateway-tls"], logs["gateway-tls"][-2000:]
+    for name in ("generation-tls", "cache-tls"):
+        assert "serving TLS client_certificates=true" in logs[name], logs[name][-2000:]
+    assert "serving TLS" not in logs["gateway-plain"]
+    # Both tables have their row, every cell filled; the CPU per call cells are numbers.
+    rows = [line for line in report.splitlines() if line.startswith("| 200 |")]
+    assert len(rows) == 2, rows
+    for row in rows:
+        assert all(cell.strip() not in ("", "–") for cell in row.split("|")[1:-1]), row
+    cpu = rows[1].split("|")[2:-1]
+    assert all(cell.strip().lstrip("-").isdigit() for cell in cpu), rows[1]
     time.sleep(0.5)
     pids = [int(line.split()[0]) for line in (out / "logs" / "pids.txt").read_text().splitlines() if line.strip()]
     assert not [pid for pid in pids if alive(pid)]

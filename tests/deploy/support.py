@@ -108,6 +108,24 @@ def k8s_objects(kind: str | None = None) -> list[dict]:
     return [o for o in objs if kind is None or o.get("kind") == kind]
 
 
+def redis_urls(section: dict) -> list[str]:
+    """Every Redis URL a service's section of mesh.toml holds (redis_url settings, health targets)."""
+    urls = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and value.startswith(("redis://", "rediss://")):
+            urls.append(value)
+
+    walk(section)
+    return urls
+
+
 def iter_panels(dashboard: dict):
     """Every panel, including those nested in collapsed rows."""
     for panel in dashboard.get("panels", []):

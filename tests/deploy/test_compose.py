@@ -14,8 +14,11 @@ from support import (
     COLLECTOR_CONFIG,
     DEPLOY,
     GLOBAL_LLMESH_ENV,
+    MESH_TOML,
     SERVICES,
+    load_toml,
     load_yaml,
+    redis_urls,
 )
 
 LLMESH = sorted(SERVICES)
@@ -123,10 +126,122 @@ def test_llmesh_telemetry_settings(compose, name):
     assert "./config/mesh.toml:/etc/llmesh/mesh.toml:ro" in compose["services"][name]["volumes"]
 
 
-def test_gateway_keys_file_is_mounted(compose):
+def mounts(service: dict) -> dict[str, str]:
+    """Path in the container -> path on the host, for the service's bind mounts."""
+    return {m.split(":")[1]: m.split(":")[0] for m in service.get("volumes", []) if m.startswith(".")}
+
+
+def host_path(service: dict, path: str) -> str | None:
+    """The host file a container path comes from: its own mount, or one of a directory above it."""
+    for target, source in mounts(service).items():
+        if path == target:
+            return source
+        if path.startswith(target + "/"):
+            return source + path[len(target):]
+    return None
+
+
+@pytest.mark.parametrize("name", LLMESH)
+def test_admin_listeners_on_the_network_want_a_token(compose, name):
+    """Reachable from every container of the stack: a bearer token (Prometheus has it)."""
+    env = compose["services"][name]["environment"]
+    token = env[f"LLMESH_{name.upper()}_ADMIN__BEARER_TOKEN_FILE"]
+    assert token == "/etc/llmesh/secrets/admin-token"
+    assert host_path(compose["services"][name], token) == "./secrets/admin-token"
+
+
+@pytest.mark.parametrize("name", LLMESH)
+def test_only_the_gateway_sees_the_api_keys(compose, name):
+    """Each service mounts the secrets it reads: the keys file only the gateway."""
+    service = compose["services"][name]
+    keys = host_path(service, "/etc/llmesh/secrets/keys.toml")
+    if name == "gateway":
+        assert keys == "./secrets/keys.toml"
+    else:
+        assert keys is None, f"{name} can read the API keys file"
+        assert host_path(service, "/etc/llmesh/secrets/redis-password") == "./secrets/redis-password"
+
+
+def test_gateway_keys_file_is_the_operators(compose):
+    """No demo keys: the gateway reads the keys file the operator made with `llmesh keys new`, in
+    the git-ignored deploy/secrets (a directory mount, so that edits reach the gateway)."""
     gateway = compose["services"]["gateway"]
-    path = gateway["environment"]["LLMESH_GATEWAY_AUTH__KEYS_FILE"]
-    assert f"./config/keys.toml:{path}:ro" in gateway["volumes"]
+    assert gateway["environment"]["LLMESH_GATEWAY_AUTH__KEYS_FILE"] == "/etc/llmesh/secrets/keys.toml"
+    assert "./secrets:/etc/llmesh/secrets:ro" in gateway["volumes"]
+    assert not (DEPLOY / "config" / "keys.toml").exists(), "a keys file (with usable keys) ships with compose"
+    assert not list((DEPLOY / "secrets").glob("*.toml")), "keys in deploy/secrets are the operator's, never committed"
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    assert not re.search(r"lk_[0-9a-f]{8}_\w{20,}", text), "an API key is written in the compose file"
+
+
+@pytest.mark.parametrize("name", LLMESH)
+def test_each_service_mounts_its_own_certificate(compose, name):
+    volumes = compose["services"][name]["volumes"]
+    assert f"./certs/{name}.pem:/etc/llmesh/tls/tls.crt:ro" in volumes
+    assert f"./certs/{name}-key.pem:/etc/llmesh/tls/tls.key:ro" in volumes
+    assert "./certs/ca.pem:/etc/llmesh/tls/ca.crt:ro" in volumes
+    client = {"./certs/client.pem:/etc/llmesh/client/tls.crt:ro", "./certs/client-key.pem:/etc/llmesh/client/tls.key:ro"}
+    if name in ("gateway", "health"):
+        assert client <= set(volumes), f"{name} calls the mesh: it needs the client certificate"
+    else:
+        assert not client & set(volumes), f"{name} calls no one in the mesh: it needs no client certificate"
+    mounted = {m.split(":")[1] for m in volumes}
+    config = load_toml(MESH_TOML)[name]
+    for section in ("tls", "client_tls"):
+        for key, path in config.get(section, {}).items():
+            if key in ("cert", "key", "client_ca", "ca"):
+                assert path in mounted, f"{name}: mesh.toml's {section}.{key} {path} is not mounted"
+
+
+def test_redis_speaks_tls_only_with_a_password_from_the_secret(compose):
+    redis = compose["services"]["redis"]
+    script = redis["command"][-1]
+    assert redis["command"][:2] == ["sh", "-c"]
+    assert "user default off" in script, "the default user (no password) must be off"
+    # From the file, through stdin (a here-document): never on the command line, never in the
+    # compose file. tests/deploy/test_redis_start.py runs the script.
+    assert re.search(r"exec redis-server - .*<<CONF\n\s*user default off\n\s*user llmesh on >\$\$password ~\* &\* \+@all\n\s*CONF",
+                     script, re.S)
+    assert "cat /etc/llmesh/secrets/redis-password" in script
+    assert redis["user"] == "redis", "the image's entrypoint drops root only for a bare redis-server"
+    assert "--port 0" in script and "--tls-port 6379" in script
+    for option, path in [("--tls-cert-file", "/etc/llmesh/tls/tls.crt"), ("--tls-key-file", "/etc/llmesh/tls/tls.key"),
+                         ("--tls-ca-cert-file", "/etc/llmesh/tls/ca.crt")]:
+        assert f"{option} {path}" in script
+    assert {"./secrets/redis-password:/etc/llmesh/secrets/redis-password:ro", "./certs/redis.pem:/etc/llmesh/tls/tls.crt:ro",
+            "./certs/redis-key.pem:/etc/llmesh/tls/tls.key:ro"} <= set(redis["volumes"])
+    health = redis["healthcheck"]["test"]
+    assert health[0] == "CMD-SHELL" and "REDISCLI_AUTH" in health[1] and "--tls" in health[1] and "--user llmesh" in health[1]
+    assert not redis.get("ports"), "Redis is published"
+
+
+@pytest.mark.parametrize("name", LLMESH)
+def test_redis_clients_get_the_password_file_and_the_ca(compose, name):
+    service = compose["services"][name]
+    for url in redis_urls(load_toml(MESH_TOML)[name]):
+        query = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))
+        assert host_path(service, query["tls_ca"]) == "./certs/ca.pem", f"{name}: {url}"
+        assert host_path(service, query["password_file"]) == "./secrets/redis-password", f"{name}: {url}"
+    assert host_path(compose["services"]["redis"], "/etc/llmesh/secrets/redis-password") == "./secrets/redis-password"
+
+
+def test_operator_files_are_git_ignored():
+    for directory in ("certs", "secrets"):
+        ignore = (DEPLOY / directory / ".gitignore").read_text().split()
+        assert "*" in ignore and "!.gitignore" in ignore, f"deploy/{directory} may be committed"
+
+
+def test_grafana_has_no_default_password_and_no_anonymous_access(compose):
+    env = compose["services"]["grafana"]["environment"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?"), "a default password"
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert env.get("GF_USERS_ALLOW_SIGN_UP") == "false"
+    assert not any(k.startswith("GF_AUTH_ANONYMOUS_ORG_ROLE") for k in env)
+
+
+def test_prometheus_has_no_lifecycle_api(compose):
+    command = compose["services"]["prometheus"]["command"]
+    assert not [c for c in command if "enable-lifecycle" in c or "enable-admin-api" in c]
 
 
 def test_generation_gets_the_openai_key_from_the_host(compose):
@@ -134,14 +249,22 @@ def test_generation_gets_the_openai_key_from_the_host(compose):
 
 
 def test_published_ports(compose):
+    """Only the gateway's port on every interface; the observability stack's on the host's loopback
+    only (a laptop's browser); nothing of generation, the cache, health or Redis."""
+
     def published(name):
         return {str(p) for p in compose["services"][name].get("ports", [])}
 
-    assert "50051:50051" in published("gateway")
-    assert "3000:3000" in published("grafana")
-    assert "9090:9090" in published("prometheus")
-    assert "16686:16686" in published("jaeger")
-    assert not published("generation"), "replicas cannot share a host port"
+    assert published("gateway") == {"50051:50051"}
+    assert "127.0.0.1:3000:3000" in published("grafana")
+    assert "127.0.0.1:9090:9090" in published("prometheus")
+    assert "127.0.0.1:16686:16686" in published("jaeger")
+    for name in ("generation", "cache", "health", "redis"):
+        assert not published(name), f"{name} is published"
+    for name in compose["services"]:
+        if name != "gateway":
+            for port in published(name):
+                assert port.startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
 
 
 def test_redis_keeps_its_data_on_a_volume(compose):
@@ -149,9 +272,9 @@ def test_redis_keeps_its_data_on_a_volume(compose):
     assert redis["image"] == "redis:7-alpine"
     assert "redis_data:/data" in redis["volumes"]
     assert "redis_data" in compose["volumes"]
-    command = redis["command"]
-    assert command[command.index("--maxmemory-policy") + 1] == "volatile-lru", "never evict the job queue"
-    assert command[command.index("--appendonly") + 1] == "yes"
+    script = redis["command"][-1]
+    assert "--maxmemory-policy volatile-lru" in script, "never evict the job queue"
+    assert "--appendonly yes" in script
 
 
 def test_named_volumes_are_declared(compose):
@@ -162,11 +285,17 @@ def test_named_volumes_are_declared(compose):
                 assert source in compose["volumes"], f"{name}: undeclared volume {source}"
 
 
+# What the operator makes before the first `up` (certificates, keys, passwords), never committed.
+OPERATOR_MADE = ("./certs/", "./secrets/", "./secrets")
+
+
 def test_bind_mounts_exist(compose):
     for name, service in compose["services"].items():
         for mount in service.get("volumes", []):
             source = mount.split(":", 1)[0]
-            if source.startswith("."):
+            if source.startswith(OPERATOR_MADE):
+                assert (DEPLOY / source).resolve().parent.exists(), f"{name} mounts {source} from a missing directory"
+            elif source.startswith("."):
                 assert (DEPLOY / source).resolve().exists(), f"{name} mounts missing {source}"
 
 

@@ -43,8 +43,15 @@ def test_relative_links_resolve():
         assert (OPERATIONS_MD.parent / target).exists(), f"broken link {target}"
 
 
+# Made by the operator before the first `up` (git-ignored): only their directories are in the repository.
+OPERATOR_MADE = ("deploy/certs/", "deploy/secrets/")
+
+
 def test_repository_paths_mentioned_exist():
     for path in set(re.findall(r"`((?:deploy|otel-collector|docs|tests)/[\w./-]+)`", TEXT)):
+        if path.startswith(OPERATOR_MADE) and path not in OPERATOR_MADE:
+            assert (REPO / path).parent.is_dir(), f"docs/OPERATIONS.md mentions {path} in a missing directory"
+            continue
         assert (REPO / path.rstrip("/")).exists(), f"docs/OPERATIONS.md mentions missing {path}"
 
 

@@ -16,6 +16,7 @@ from support import (
     SERVICES,
     dashboard_files,
     load_toml,
+    redis_urls,
     yaml_files,
 )
 
@@ -66,12 +67,51 @@ def test_services_listen_on_all_interfaces_on_their_port(mesh_config, service):
 def test_gateway_discovers_every_generation_replica_by_dns(mesh_config):
     gateway = mesh_config["gateway"]
     assert gateway["generation"]["endpoints"] == ["dns://generation:50052"]
-    assert gateway["cache"]["endpoint"] == "http://cache:50053"
+    assert gateway["cache"]["endpoint"] == "https://cache:50053"
 
 
 def test_cache_and_queue_share_one_redis(mesh_config):
     assert mesh_config["cache"]["redis_url"] == mesh_config["generation"]["queue"]["redis_url"]
-    assert mesh_config["cache"]["redis_url"].startswith("redis://redis:6379/")
+    assert mesh_config["cache"]["redis_url"].startswith("rediss://llmesh@redis:6379/")
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_redis_url_is_tls_with_a_password_from_a_file(mesh_config, service):
+    for url in redis_urls(mesh_config[service]):
+        scheme, rest = url.split("://", 1)
+        assert scheme == "rediss", f"{service}: {url} is plaintext"
+        userinfo = rest.split("@", 1)[0] if "@" in rest.split("/", 1)[0] else ""
+        assert userinfo == "llmesh", f"{service}: {url}: the ACL user, and no password in the URL"
+        query = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))
+        assert query["tls_ca"] == "/etc/llmesh/tls/ca.crt"
+        assert query["password_file"] == "/etc/llmesh/secrets/redis-password"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_port_speaks_tls_and_internal_ones_require_the_mesh(mesh_config, service):
+    tls = mesh_config[service]["tls"]
+    assert tls["cert"] == "/etc/llmesh/tls/tls.crt" and tls["key"] == "/etc/llmesh/tls/tls.key"
+    if service == "gateway":
+        assert "client_ca" not in tls, "the public port takes callers with API keys, not certificates"
+    else:
+        assert tls["client_ca"] == "/etc/llmesh/tls/ca.crt", f"{service} must require a mesh client certificate"
+    # Kubelet's gRPC probes speak plaintext: a health-only port for them.
+    assert tls["health_listen"] == "0.0.0.0:50060"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_callers_inside_the_mesh_present_the_client_certificate(mesh_config, service):
+    client = mesh_config[service].get("client_tls")
+    if service not in ("gateway", "health"):
+        assert client is None, f"{service} calls no mesh service"
+        return
+    assert client == {
+        "ca": "/etc/llmesh/tls/ca.crt",
+        "cert": "/etc/llmesh/client/tls.crt",
+        "key": "/etc/llmesh/client/tls.key",
+        # Replicas found by DNS are IP addresses; their certificates name `generation`.
+        "server_name": "generation",
+    }
 
 
 def test_models_take_keys_from_the_environment_only(mesh_config):
@@ -117,12 +157,18 @@ def test_gateway_shares_rate_limits_and_the_queue_through_redis(mesh_config):
     assert gateway["queue"]["redis_url"] == redis
 
 
-def test_compose_keys_file_matches_the_gateways_format():
+def test_no_keys_file_ships_in_deploy():
+    assert not list(DEPLOY.rglob("keys.toml")), "usable API keys in deploy/"
+
+
+def test_the_tests_keys_file_matches_the_gateways_format():
+    """tests/fixtures/keys.toml: public keys for the tests and the benchmarks, never deployed."""
     import hashlib
     import re
 
-    text = (MESH_TOML.parent / "keys.toml").read_text()
-    keys = load_toml(MESH_TOML.parent / "keys.toml")["keys"]
+    fixture = REPO / "tests" / "fixtures" / "keys.toml"
+    text = fixture.read_text()
+    keys = load_toml(fixture)["keys"]
     documented = dict(re.findall(r"^# x-api-key: (\S+).*\n\[\[keys\]\]\nid = \"([^\"]+)\"", text, re.M))
     assert {k["id"] for k in keys} == set(documented.values())
     for key in keys:

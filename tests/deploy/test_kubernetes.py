@@ -16,12 +16,21 @@ from support import (
     DRAIN_SECONDS,
     GLOBAL_LLMESH_ENV,
     K8S,
+    MESH_TOML,
     SERVICES,
     k8s_manifests,
     k8s_objects,
+    load_toml,
     load_yaml,
+    load_yaml_all,
     metric_contract,
+    redis_urls,
 )
+
+# The plaintext grpc.health.v1 port of every service (tls.health_listen): kubelet cannot speak TLS.
+PROBE_PORT = 50060
+# Secrets made outside the kustomization (cert-manager/, or `llmesh certs new` and kubectl).
+TLS_SECRETS = {f"llmesh-tls-{n}" for n in [*SERVICES, "client", "redis"]}
 
 # The oldest Kubernetes version the manifests must be valid for (native gRPC probes are GA in 1.27,
 # autoscaling/v2 and policy/v1 long before).
@@ -106,7 +115,7 @@ def test_rendered_kustomization_is_valid_and_consistent():
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == "llmesh"
     configmaps = {o["metadata"]["name"] for o in rendered if o["kind"] == "ConfigMap"}
-    secrets = {o["metadata"]["name"] for o in rendered if o["kind"] == "Secret"}
+    secrets = {o["metadata"]["name"] for o in rendered if o["kind"] == "Secret"} | TLS_SECRETS
     (config,) = [o for o in rendered if o["kind"] == "ConfigMap"]
     assert config["data"]["mesh.toml"] == (K8S / "mesh.toml").read_text()
     for obj in rendered:
@@ -147,8 +156,13 @@ def test_deployment_probes_are_native_grpc(name):
     c = container(DEPLOYMENTS[name])
     grpc_ports = [p["containerPort"] for p in c["ports"] if p["name"] == "grpc"]
     assert grpc_ports == [port]
+    probe_ports = [p["containerPort"] for p in c["ports"] if p["name"] == "probes"]
+    assert probe_ports == [PROBE_PORT]
+    assert load_toml(MESH_TOML)[name]["tls"]["health_listen"].endswith(f":{PROBE_PORT}")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == port, f"{name}: {probe} must be a gRPC probe on {port}"
+        # The service port speaks TLS, which kubelet's gRPC probes cannot: the plaintext probe port
+        # answers the same grpc.health.v1 statuses.
+        assert c[probe]["grpc"]["port"] == PROBE_PORT, f"{name}: {probe} must be a gRPC probe on {PROBE_PORT}"
     assert c["readinessProbe"]["grpc"]["service"] == grpc_service
     if name == "health":
         # Its "" is the whole mesh: a probe on it would restart the reporter for others' outages.
@@ -201,6 +215,8 @@ def test_deployment_environment(name):
             assert var.startswith(prefix), f"{name}: {var} is not read by {name}"
     assert env["LLMESH_CONFIG"]["value"] == "/etc/llmesh/mesh.toml"
     assert env[f"{prefix}ADMIN__LISTEN"]["value"] == f"0.0.0.0:{ADMIN_PORT}"
+    # Reachable from the monitoring namespace: a bearer token besides the NetworkPolicy.
+    assert env[f"{prefix}ADMIN__BEARER_TOKEN_FILE"]["value"] == "/etc/llmesh/secrets/admin-token"
     assert env["OTEL_SERVICE_NAME"]["value"] == SERVICES[name][2]
     assert env["OTEL_METRICS_EXPORTER"]["value"] == "none"
     # $(VAR) references only reach variables defined earlier in the list.
@@ -225,14 +241,56 @@ def test_deployment_is_scraped(name):
     assert ADMIN_PORT in [p["containerPort"] for p in container(d)["ports"]]
 
 
+def config_sources(deployment: dict) -> list[dict]:
+    (config,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
+    return config["projected"]["sources"]
+
+
+def projected_files(deployment: dict) -> dict[str, tuple[str, str]]:
+    """Path under /etc/llmesh -> (source name, key)."""
+    files = {}
+    for source in config_sources(deployment):
+        kind = "configMap" if "configMap" in source else "secret"
+        for item in source[kind]["items"]:
+            files[item["path"]] = (source[kind]["name"], item["key"])
+    return files
+
+
 def test_gateway_mounts_its_keys_from_the_secret():
     d = DEPLOYMENTS["gateway"]
     env = env_of(container(d))
-    assert env["LLMESH_GATEWAY_AUTH__KEYS_FILE"]["value"] == "/etc/llmesh/keys.toml"
-    (config,) = [v for v in d["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
-    sources = config["projected"]["sources"]
-    assert {"secret": {"name": "llmesh-secrets", "items": [{"key": "keys.toml", "path": "keys.toml"}]}} in sources
-    assert any(s.get("configMap", {}).get("name") == "llmesh-config" for s in sources)
+    assert env["LLMESH_GATEWAY_AUTH__KEYS_FILE"]["value"] == "/etc/llmesh/secrets/keys.toml"
+    assert projected_files(d)["secrets/keys.toml"] == ("llmesh-secrets", "keys.toml")
+    assert projected_files(d)["mesh.toml"] == ("llmesh-config", "mesh.toml")
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_certificates_and_secrets_are_where_mesh_toml_looks(name):
+    """One projected volume at /etc/llmesh: swapped atomically when a Secret changes (the services
+    re-read it), and every file mesh.toml names is in it, from the right Secret."""
+    d = DEPLOYMENTS[name]
+    files = projected_files(d)
+    assert files["tls/tls.crt"] == (f"llmesh-tls-{name}", "tls.crt")
+    assert files["tls/tls.key"] == (f"llmesh-tls-{name}", "tls.key")
+    assert files["tls/ca.crt"] == (f"llmesh-tls-{name}", "ca.crt")
+    client = {"client/tls.crt": ("llmesh-tls-client", "tls.crt"), "client/tls.key": ("llmesh-tls-client", "tls.key")}
+    if name in ("gateway", "health"):
+        assert client.items() <= files.items()
+    else:
+        assert not set(client) & set(files), f"{name} needs no client certificate: it calls no mesh service"
+    assert files["secrets/redis-password"] == ("llmesh-secrets", "redis-password")
+    assert files["secrets/admin-token"] == ("llmesh-secrets", "admin-token")
+    if name != "gateway":
+        assert "secrets/keys.toml" not in files, f"{name} can read the API keys"
+    config = load_toml(MESH_TOML)[name]
+    paths = [v for section in ("tls", "client_tls") for k, v in config.get(section, {}).items() if k in ("cert", "key", "ca", "client_ca")]
+    for url in redis_urls(config):
+        query = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))
+        paths += [query["tls_ca"], query["password_file"]]
+    for path in paths:
+        assert path.removeprefix("/etc/llmesh/") in files, f"{name}: mesh.toml names {path}, which is not mounted"
+    config_volume = [v for v in d["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"][0]
+    assert config_volume["projected"]["defaultMode"] == 0o440, "private keys readable by the pod's group only"
 
 
 def test_generation_reads_the_openai_key_from_the_secret():
@@ -244,8 +302,10 @@ def test_generation_reads_the_openai_key_from_the_secret():
 def test_secret_holds_placeholders_only():
     (secret,) = k8s_objects("Secret")
     data = {**secret.get("stringData", {}), **secret.get("data", {})}
-    assert set(data) == {"keys.toml", "openai-api-key"}
-    assert data["openai-api-key"] == ""
+    assert set(data) == {"keys.toml", "openai-api-key", "redis-password", "admin-token"}
+    # Empty: Redis and the services refuse to start on an empty password or token (fail closed).
+    for key in ("openai-api-key", "redis-password", "admin-token"):
+        assert data[key] == "", f"{key}: never commit a secret"
     keys = tomllib.loads(data["keys.toml"])["keys"]
     assert keys, "keep one placeholder [[keys]] table to show the format"
     for key in keys:
@@ -323,8 +383,9 @@ def test_redis_is_persistent_and_never_evicts_the_queue():
     (redis,) = k8s_objects("StatefulSet")
     (c,) = redis["spec"]["template"]["spec"]["containers"]
     assert c["image"] == "redis:7-alpine"
-    assert c["args"][c["args"].index("--maxmemory-policy") + 1] == "volatile-lru"
-    assert c["args"][c["args"].index("--appendonly") + 1] == "yes"
+    script = c["command"][-1]
+    assert "--maxmemory-policy volatile-lru" in script
+    assert "--appendonly yes" in script
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
     assert redis["spec"]["serviceName"] in K8S_SERVICES
@@ -336,3 +397,145 @@ def test_namespace_enforces_restricted_pod_security():
     (ns,) = k8s_objects("Namespace")
     assert ns["metadata"]["name"] == KUSTOMIZATION["namespace"]
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_redis_speaks_tls_only_with_an_acl_password_from_the_secret():
+    (redis,) = k8s_objects("StatefulSet")
+    (c,) = redis["spec"]["template"]["spec"]["containers"]
+    assert c["command"][:2] == ["sh", "-c"]
+    script = c["command"][-1]
+    # The password goes on stdin (a here-document); tests/deploy/test_redis_start.py runs the script.
+    assert re.search(r"exec redis-server - .*<<CONF\n\s*user default off\n\s*user llmesh on >\$password ~\* &\* \+@all\n\s*CONF",
+                     script, re.S)
+    assert "cat /etc/llmesh/secrets/redis-password" in script
+    assert "--port 0" in script and "--tls-port 6379" in script
+    files = projected_files(redis)
+    assert files["tls/tls.crt"] == ("llmesh-tls-redis", "tls.crt")
+    assert files["tls/ca.crt"] == ("llmesh-tls-redis", "ca.crt")
+    assert files["secrets/redis-password"] == ("llmesh-secrets", "redis-password")
+    probe = " ".join(c["readinessProbe"]["exec"]["command"])
+    assert "REDISCLI_AUTH" in probe and "--tls" in probe and "--user llmesh" in probe
+    for service in SERVICES:
+        for url in redis_urls(load_toml(MESH_TOML)[service]):
+            assert url.startswith("rediss://llmesh@redis:6379/"), url
+
+
+# ------------------------------------------------------------------------------------------------
+# NetworkPolicies
+
+POLICIES = {p["metadata"]["name"]: p for p in k8s_objects("NetworkPolicy")}
+WORKLOADS = {w["metadata"]["name"]: w for w in k8s_objects("Deployment") + k8s_objects("StatefulSet")}
+
+
+def pod_labels(name: str) -> dict:
+    return WORKLOADS[name]["spec"]["template"]["metadata"]["labels"]
+
+
+def policies_of(name: str) -> list[dict]:
+    labels = pod_labels(name)
+    return [p for p in POLICIES.values() if p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()]
+
+
+def allowed(target: str, port: int, source: str | None, namespace: str = "llmesh") -> bool:
+    """Whether a pod of `source` (a workload of the mesh; None: a pod of no workload of the
+    mesh) in `namespace` may connect to `target`'s `port`, by the policies that select `target`."""
+    labels = pod_labels(source) if source else {}
+    for policy in policies_of(target):
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        for rule in policy["spec"].get("ingress", []):
+            if not any(p["port"] == port for p in rule.get("ports", [])):
+                continue
+            peers = rule.get("from")
+            if peers is None:
+                return True
+            for peer in peers:
+                if "namespaceSelector" in peer:
+                    wanted = peer["namespaceSelector"]["matchLabels"].get("kubernetes.io/metadata.name")
+                    if wanted == namespace and "podSelector" not in peer:
+                        return True
+                elif "podSelector" in peer and namespace == "llmesh":
+                    if peer["podSelector"]["matchLabels"].items() <= labels.items():
+                        return True
+    return False
+
+
+def test_every_pod_is_denied_by_default():
+    deny = POLICIES["default-deny-ingress"]
+    assert deny["spec"]["podSelector"] == {} and deny["spec"]["policyTypes"] == ["Ingress"]
+    assert not deny["spec"].get("ingress")
+    for name in WORKLOADS:
+        assert len(policies_of(name)) >= 2, f"{name} has no policy of its own"
+
+
+def test_only_the_gateway_is_reachable_from_outside_the_namespace():
+    assert allowed("gateway", 50051, None, namespace="elsewhere")
+    for name, port in [("generation", 50052), ("cache", 50053), ("health", 50054), ("redis", 6379)]:
+        assert not allowed(name, port, None, namespace="elsewhere"), f"{name} is reachable from outside"
+        assert not allowed(name, port, None), f"{name} is reachable from any pod of the namespace"
+
+
+def test_generation_and_cache_only_from_the_gateway_and_health():
+    for name, port in [("generation", 50052), ("cache", 50053)]:
+        assert allowed(name, port, "gateway") and allowed(name, port, "health")
+        for other in ("generation", "cache", "redis"):
+            if other != name:
+                assert not allowed(name, port, other), f"{other} reaches {name}"
+
+
+def test_redis_only_from_the_mesh():
+    for name in SERVICES:
+        assert allowed("redis", 6379, name), f"{name} cannot reach Redis"
+    assert not allowed("redis", 6379, None)
+
+
+def test_admin_listeners_only_from_the_monitoring_namespace():
+    for name in SERVICES:
+        assert allowed(name, ADMIN_PORT, None, namespace="monitoring"), f"Prometheus cannot scrape {name}"
+        assert not allowed(name, ADMIN_PORT, None, namespace="elsewhere")
+        assert not allowed(name, ADMIN_PORT, "gateway" if name != "gateway" else "generation")
+
+
+def test_policy_ports_are_ports_of_the_pods():
+    for policy in POLICIES.values():
+        selector = policy["spec"]["podSelector"].get("matchLabels")
+        if not selector:
+            continue
+        (workload,) = [w for w in WORKLOADS.values() if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        ports = {p["containerPort"] for c in workload["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+        for rule in policy["spec"]["ingress"]:
+            for port in rule["ports"]:
+                assert port["port"] in ports, f"{policy['metadata']['name']}: no container port {port['port']}"
+
+
+# ------------------------------------------------------------------------------------------------
+# cert-manager (optional)
+
+CERT_MANAGER = K8S / "cert-manager"
+
+
+def test_cert_manager_makes_exactly_the_secrets_the_pods_mount():
+    objects = load_yaml_all(CERT_MANAGER / "certificates.yaml")
+    kustomization = load_yaml(CERT_MANAGER / "kustomization.yaml")
+    assert kustomization["resources"] == ["certificates.yaml"] and kustomization["namespace"] == "llmesh"
+    certificates = {o["spec"]["secretName"]: o for o in objects if o["kind"] == "Certificate"}
+    issuers = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Issuer"}
+    mounted = {source["secret"]["name"] for w in WORKLOADS.values() for source in config_sources(w) if "secret" in source}
+    assert set(certificates) - {"llmesh-ca"} == mounted - {"llmesh-secrets"} == TLS_SECRETS
+    assert certificates["llmesh-ca"]["spec"]["isCA"] is True
+    # Its renewal keeps the key, so what it signed still verifies against the renewed CA.
+    assert certificates["llmesh-ca"]["spec"]["privateKey"]["rotationPolicy"] == "Never"
+    assert "selfSigned" in issuers[certificates["llmesh-ca"]["spec"]["issuerRef"]["name"]]["spec"]
+    for name, certificate in certificates.items():
+        assert certificate["metadata"]["labels"]["app.kubernetes.io/part-of"] == "llmesh"
+        if name == "llmesh-ca":
+            continue
+        spec = certificate["spec"]
+        assert issuers[spec["issuerRef"]["name"]]["spec"]["ca"]["secretName"] == "llmesh-ca"
+        assert spec["privateKey"]["rotationPolicy"] == "Always", "a renewal brings a new key"
+        if name == "llmesh-tls-client":
+            assert "client auth" in spec["usages"] and "server auth" not in spec["usages"]
+        else:
+            service = name.removeprefix("llmesh-tls-")
+            assert "server auth" in spec["usages"] and "client auth" not in spec["usages"]
+            # The names the mesh dials: mesh.toml's short names, and server_name for generation.
+            assert service in spec["dnsNames"], f"{name} does not name {service}"

@@ -37,8 +37,23 @@ SEVERITIES = {"critical", "warning", "info"}
 # promtool
 
 
-def test_promtool_check_config_compose(promtool_bin):
-    result = promtool("check", "config", "prometheus.yml", cwd=PROMETHEUS)
+def with_credentials_here(config: dict, directory) -> dict:
+    """`config` with each scrape job's credentials_file (a Secret mounted in the container) made a
+    file in `directory`: promtool checks that the file exists."""
+    for job in config["scrape_configs"]:
+        authorization = job.get("authorization")
+        if authorization and "credentials_file" in authorization:
+            token = directory / f"{job['job_name']}-token"
+            token.write_text("token\n")
+            authorization["credentials_file"] = str(token)
+    return config
+
+
+def test_promtool_check_config_compose(promtool_bin, tmp_path):
+    config = with_credentials_here(load_yaml(PROMETHEUS / "prometheus.yml"), tmp_path)
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    (tmp_path / "rules").symlink_to(PROMETHEUS / "rules")
+    result = promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert_ok(result, "promtool check config prometheus.yml")
     # The rule_files globs must find the rules (relative to the config file, as in the container).
     found = re.search(r"SUCCESS: (\d+) rule files found", result.stdout + result.stderr)
@@ -48,7 +63,7 @@ def test_promtool_check_config_compose(promtool_bin):
 def test_promtool_check_config_kubernetes(promtool_bin, tmp_path):
     # Debian's Prometheus is built without Kubernetes service discovery: swap kubernetes_sd_configs
     # for a static target and let promtool check the rest (relabelling regexes, rule files).
-    config = load_yaml(PROMETHEUS / "prometheus-k8s.yml")
+    config = with_credentials_here(load_yaml(PROMETHEUS / "prometheus-k8s.yml"), tmp_path)
     for job in config["scrape_configs"]:
         assert job.pop("kubernetes_sd_configs", None) is not None, job["job_name"]
         job["static_configs"] = [{"targets": ["pod.invalid:9464"]}]
@@ -91,6 +106,10 @@ def test_every_service_is_scraped_on_its_admin_port(compose):
         assert service in compose["services"], f"scrape job {job} names no compose service"
         env = compose["services"][service]["environment"]
         assert env[f"LLMESH_{service.upper()}_ADMIN__LISTEN"] == "0.0.0.0:9464"
+        # The admin listeners want a token; Prometheus has the same file.
+        token = jobs[job]["authorization"]["credentials_file"]
+        assert f"./secrets/admin-token:{token}:ro" in compose["services"]["prometheus"]["volumes"]
+        assert env[f"LLMESH_{service.upper()}_ADMIN__BEARER_TOKEN_FILE"].endswith("/admin-token")
 
 
 def test_collector_exporter_is_scraped_with_its_labels():
@@ -110,6 +129,7 @@ def test_kubernetes_scrape_builds_the_same_job_names():
     for service in SERVICES:
         assert re.fullmatch(to_job[0]["regex"], service)
     assert job["kubernetes_sd_configs"][0]["namespaces"]["names"] == ["llmesh"]
+    assert job["authorization"]["credentials_file"], "the admin listeners want a bearer token"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,12 +22,13 @@ mod near_cache;
 mod overload;
 mod redis_cache;
 mod telemetry;
+mod tls;
 
 use llmesh_proto::gateway::v1::{GenerateRequest, GenerateStreamRequest, GenerateStreamResponse};
 
-/// The demo key and its entry, from the keys file the compose stack ships.
+/// The test key and its keys file (tests/fixtures/keys.toml: public keys, for tests only).
 fn demo_keys() -> (String, String) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/keys.toml");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/keys.toml");
     let text = std::fs::read_to_string(&path).unwrap();
     let key = text.lines().find_map(|l| l.strip_prefix("# x-api-key: ")).unwrap().split_whitespace().next().unwrap();
     (key.to_string(), path.display().to_string())

@@ -88,8 +88,33 @@ def mesh(tmp_path_factory: pytest.TempPathFactory):
         pytest.fail(str(error))
 
 
-def _channel(address: str) -> grpc.Channel:
-    channel = grpc.insecure_channel(address)
+@pytest.fixture(scope="session")
+def tls_mesh(tmp_path_factory: pytest.TempPathFactory):
+    """A second mesh, with TLS on every port and mTLS inside (`llmesh up --tls`): yields its
+    addresses and the directory of its certificates (ca.pem, client.pem, client-key.pem, ...)."""
+    binary = BIN_DIR / "llmesh"
+    try:
+        certs = mesh_process.certificates(binary, tmp_path_factory.mktemp("certs"))
+        with mesh_process.running(binary, tmp_path_factory.mktemp("tls-mesh"), args=["--tls", str(certs)]) as addresses:
+            yield addresses, certs
+    except mesh_process.MeshError as error:
+        pytest.fail(str(error))
+
+
+def tls_credentials(certs: Path, member: bool) -> grpc.ChannelCredentials:
+    """Trusts the mesh's CA; a `member` also presents the mesh's client certificate (mTLS)."""
+    root = (certs / "ca.pem").read_bytes()
+    if not member:
+        return grpc.ssl_channel_credentials(root_certificates=root)
+    return grpc.ssl_channel_credentials(
+        root_certificates=root,
+        private_key=(certs / "client-key.pem").read_bytes(),
+        certificate_chain=(certs / "client.pem").read_bytes(),
+    )
+
+
+def _channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    channel = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
     try:
         grpc.channel_ready_future(channel).result(timeout=10)
     except grpc.FutureTimeoutError:

@@ -1,5 +1,8 @@
 """Runs a whole mesh with `llmesh up --base-port 0` for the Python tests and the Locust run.
 
+`certificates(binary, directory)` makes a development CA and the mesh's certificates there
+(`llmesh certs new`); `running(..., args=["--tls", directory])` runs the mesh with TLS on every port.
+
 `running(binary, log_dir)` starts it, waits for the banner it prints once every service is
 SERVING, yields the services' addresses ({"gateway": "127.0.0.1:PORT", "generation": ...,
 "cache": ..., "health": ...}) and stops it with SIGTERM (SIGKILL to its process group after a
@@ -55,7 +58,8 @@ class _StdoutReader(threading.Thread):
                 self.lines.append(line)
                 if self.up.is_set():
                     continue
-                if line.strip() == "llmesh is up:":
+                # "llmesh is up:", or "llmesh is up (TLS on every port, ...):".
+                if line.startswith("llmesh is up") and line.rstrip().endswith(":"):
                     in_banner = True
                     continue
                 match = BANNER_LINE.match(line) if in_banner else None
@@ -74,15 +78,16 @@ def running(
     startup_timeout_s: float = 60.0,
     stop_timeout_s: float = 15.0,
     env: dict[str, str] | None = None,
+    args: list[str] | None = None,
 ) -> Iterator[dict[str, str]]:
     """A running mesh from `binary` (the `llmesh` CLI), its stderr in `log_dir`; `env` is added to
-    the environment it inherits (e.g. `LLMESH_GATEWAY_AUTH__KEYS`)."""
+    the environment it inherits (e.g. `LLMESH_GATEWAY_AUTH__KEYS`), `args` to `llmesh up`'s."""
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         raise MeshError(f"{binary} is missing or not executable: build it (cargo build) or set LLMESH_BIN_DIR")
     log_path = log_dir / "llmesh-up.stderr.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(binary), "up", "--base-port", "0"],
+            [str(binary), "up", "--base-port", "0", *(args or [])],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -103,6 +108,16 @@ def running(
         process.stdout.close()
     if stopped is not None:
         raise MeshError(stopped)
+
+
+def certificates(binary: Path, directory: Path) -> Path:
+    """`llmesh certs new --out directory`: ca.pem, a certificate per service, client.pem."""
+    result = subprocess.run(
+        [str(binary), "certs", "new", "--out", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    if result.returncode != 0:
+        raise MeshError(f"llmesh certs new failed ({result.returncode}):\n{result.stderr}")
+    return directory
 
 
 def _wait_up(

@@ -1,7 +1,10 @@
 """The mesh seen from Python grpcio: the gateway's API, the cache behind it, health and reflection.
 
-Every test uses prompts unique to itself (see `unique`), so the shared mesh's cache never carries an
-answer from one test into another.
+Every test runs twice: against the plaintext mesh, and against one with TLS on every port and mTLS
+inside (`llmesh up --tls`), through `grpc.secure_channel` with `ssl_channel_credentials` (the CA
+for the gateway; the CA and the mesh's client certificate for health, which requires one). Every
+test uses prompts unique to itself (see `unique`), so a shared mesh's cache never carries an answer
+from one test into another.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import uuid
 
 import grpc
 import pytest
+from conftest import _channel, tls_credentials
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -22,6 +26,44 @@ CACHE_WAIT_S = 3.0
 POLL_INTERVAL_S = 0.05
 
 GATEWAY_SERVICE = "llmesh.gateway.v1.Gateway"
+
+
+@pytest.fixture(scope="session", params=["plaintext", "tls"])
+def transport(request):
+    """The plaintext mesh's addresses and no certificates, or the TLS mesh's and its certificates."""
+    if request.param == "plaintext":
+        return request.getfixturevalue("mesh"), None
+    return request.getfixturevalue("tls_mesh")
+
+
+@pytest.fixture(scope="session")
+def gateway_channel(transport):
+    addresses, certs = transport
+    # The gateway's port is public: the CA is enough, no client certificate.
+    channel = _channel(addresses["gateway"], None if certs is None else tls_credentials(certs, member=False))
+    yield channel
+    channel.close()
+
+
+@pytest.fixture(scope="session")
+def health_channel(transport):
+    addresses, certs = transport
+    channel = _channel(addresses["health"], None if certs is None else tls_credentials(certs, member=True))
+    yield channel
+    channel.close()
+
+
+def test_tls_mesh_refuses_plaintext_and_strangers(tls_mesh):
+    addresses, certs = tls_mesh
+    plaintext = grpc.insecure_channel(addresses["gateway"])
+    with pytest.raises(grpc.FutureTimeoutError):
+        grpc.channel_ready_future(plaintext).result(timeout=2)
+    plaintext.close()
+    # Health is internal: the CA alone (no client certificate) is refused at the handshake.
+    stranger = grpc.secure_channel(addresses["health"], tls_credentials(certs, member=False))
+    with pytest.raises(grpc.RpcError):
+        health_pb2_grpc.HealthStub(stranger).Check(health_pb2.HealthCheckRequest(service=""), timeout=CALL_TIMEOUT_S)
+    stranger.close()
 
 
 def unique(label: str) -> str:

@@ -1,10 +1,12 @@
 //! `llmesh`: run the whole mesh on one machine (`llmesh up`) or any one service (`llmesh serve`),
-//! send it load (`llmesh load`), manage its API keys (`llmesh keys`).
+//! send it load (`llmesh load`), manage its API keys (`llmesh keys`), make development certificates
+//! (`llmesh certs`).
 //!
 //! A service (`serve`) logs at `info`, as every service does. The commands an operator runs by
 //! hand print what they were asked for and otherwise only warnings and errors: their default log
 //! filter is [`COMMAND_LOG_FILTER`], and `RUST_LOG` overrides it.
 
+mod certs;
 mod keys;
 mod load;
 mod spend;
@@ -32,6 +34,11 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: keys::KeysCommand,
+    },
+    /// Make a development CA and the certificates a mesh needs (for `llmesh up --tls DIR`).
+    Certs {
+        #[command(subcommand)]
+        command: certs::CertsCommand,
     },
     /// Show what an API key or a team has spent of its budget in a period (read from Redis).
     Spend(spend::SpendArgs),
@@ -72,6 +79,7 @@ fn main() -> ExitCode {
         Command::Load(args) => run_command(Export::Yes, || load::run(args)),
         // Editing a file by hand has nothing to export (and no reason to wait for a collector).
         Command::Keys { command } => run_command(Export::No, || async move { keys::run(command) }),
+        Command::Certs { command } => run_command(Export::No, || async move { certs::run(command) }),
         Command::Spend(args) => run_command(Export::No, || spend::run(args)),
     }
 }

@@ -1,16 +1,22 @@
 //! `llmesh up`: the whole mesh on one machine. Each service runs as a child process
 //! (`llmesh serve <service>`), started in dependency order, wired by environment variables, and
 //! stopped with SIGTERM (then SIGKILL after a grace period) when this process is asked to stop.
+//!
+//! With `--tls DIR` (the files of `llmesh certs new --out DIR`) every port speaks TLS: the
+//! gateway's with `gateway.pem`, clients need only the CA; generation, the cache and health also
+//! require a client certificate from the CA (mTLS), which the gateway and health present
+//! (`client.pem`), as does this process when it checks that each service serves.
 
 use std::{
     io::Write as _,
     net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use llmesh_common::{deps, runtime::WORKER_THREADS_ENV, server};
+use llmesh_common::{deps, runtime::WORKER_THREADS_ENV, server, tls::ClientTlsConfig};
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader},
     process::{Child, Command},
@@ -41,6 +47,76 @@ pub struct UpArgs {
     /// How long services may take to stop after SIGTERM before they are killed.
     #[arg(long, default_value_t = 15)]
     stop_timeout_secs: u64,
+    /// TLS on every port and mTLS inside the mesh, with the certificates `llmesh certs new --out
+    /// DIR` made.
+    #[arg(long, value_name = "DIR")]
+    tls: Option<PathBuf>,
+}
+
+/// The certificates of `llmesh certs new --out DIR`, by absolute path.
+#[derive(Debug, Clone)]
+struct TlsDir(PathBuf);
+
+impl TlsDir {
+    /// The directory, once every file a mesh needs is there (an error names the first missing).
+    fn open(dir: &Path) -> anyhow::Result<Self> {
+        let dir = dir.canonicalize().with_context(|| format!("--tls {}: no such directory", dir.display()))?;
+        let tls = Self(dir);
+        let mut needed = vec!["ca.pem".to_string(), "client.pem".to_string(), "client-key.pem".to_string()];
+        for service in crate::certs::SERVICES {
+            needed.push(format!("{service}.pem"));
+            needed.push(format!("{service}-key.pem"));
+        }
+        for name in needed {
+            let path = tls.file(&name);
+            if !path.is_file() {
+                bail!(
+                    "{} is missing (make the files with `llmesh certs new --out {}`)",
+                    path.display(),
+                    tls.0.display()
+                );
+            }
+        }
+        Ok(tls)
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    fn shown(&self, name: &str) -> String {
+        self.file(name).display().to_string()
+    }
+
+    fn client(&self) -> ClientTlsConfig {
+        ClientTlsConfig {
+            ca: Some(self.file("ca.pem")),
+            cert: Some(self.file("client.pem")),
+            key: Some(self.file("client-key.pem")),
+            server_name: None,
+        }
+    }
+
+    /// The environment that gives `service` its certificate (and the client CA it requires, and
+    /// its client certificate, as its role says).
+    fn env(&self, service: Service) -> Vec<(String, String)> {
+        let prefix = format!("LLMESH_{}_", service.name().to_ascii_uppercase());
+        let mut env = vec![
+            (format!("{prefix}TLS__CERT"), self.shown(&format!("{}.pem", service.name()))),
+            (format!("{prefix}TLS__KEY"), self.shown(&format!("{}-key.pem", service.name()))),
+        ];
+        // The gateway's port is public: its callers have API keys, not certificates.
+        if service != Service::Gateway {
+            env.push((format!("{prefix}TLS__CLIENT_CA"), self.shown("ca.pem")));
+        }
+        // The gateway and health call the other services.
+        if matches!(service, Service::Gateway | Service::Health) {
+            env.push((format!("{prefix}CLIENT_TLS__CA"), self.shown("ca.pem")));
+            env.push((format!("{prefix}CLIENT_TLS__CERT"), self.shown("client.pem")));
+            env.push((format!("{prefix}CLIENT_TLS__KEY"), self.shown("client-key.pem")));
+        }
+        env
+    }
 }
 
 struct Running {
@@ -78,23 +154,32 @@ impl Service {
     }
 }
 
-fn uri(addr: SocketAddr) -> String {
-    format!("http://{addr}")
+/// How this mesh is called: `https://` with TLS, `http://` without.
+fn uri(addr: SocketAddr, tls: Option<&TlsDir>) -> String {
+    match tls {
+        Some(_) => format!("https://{addr}"),
+        None => format!("http://{addr}"),
+    }
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let tls = args.tls.as_deref().map(TlsDir::open).transpose()?;
+    // This process checks that each service serves: with TLS, as a member of the mesh.
+    if let Some(tls) = &tls {
+        deps::use_client_tls(&tls.client())?;
+    }
     // Registered before the first child starts: a signal during start-up stops the children too.
     let shutdown = llmesh_common::shutdown::signal();
     tokio::pin!(shutdown);
     let mut running: Vec<Running> = Vec::new();
     let started = tokio::select! {
-        result = start_all(&args, &mut running) => Some(result),
+        result = start_all(&args, tls.as_ref(), &mut running) => Some(result),
         () = &mut shutdown => None,
     };
     let outcome = match started {
         None => Ok(()),
         Some(Err(error)) => Err(error),
-        Some(Ok(())) => match print_banner(&running) {
+        Some(Ok(())) => match print_banner(&running, tls.as_ref()) {
             Ok(()) => wait_for_stop(&mut running, shutdown).await,
             Err(error) => Err(error),
         },
@@ -103,13 +188,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     outcome
 }
 
-async fn start_all(args: &UpArgs, running: &mut Vec<Running>) -> anyhow::Result<()> {
+async fn start_all(args: &UpArgs, tls: Option<&TlsDir>, running: &mut Vec<Running>) -> anyhow::Result<()> {
     let listen = |service: Service| {
         let port = if args.base_port == 0 { 0 } else { args.base_port.saturating_add(service.port_offset()) };
         SocketAddr::new(args.host, port)
     };
     let with_redis = |key: &str| args.redis_url.iter().map(|url| (key.to_string(), url.clone())).collect::<Vec<_>>();
-    let cache_env = with_redis("LLMESH_CACHE_REDIS_URL");
+    let with_tls = |service: Service| tls.map(|tls| tls.env(service)).unwrap_or_default();
+    let mut cache_env = with_redis("LLMESH_CACHE_REDIS_URL");
+    cache_env.extend(with_tls(Service::Cache));
     let startup = Duration::from_secs(args.startup_timeout_secs);
 
     let mut generation_env = with_redis("LLMESH_GENERATION_QUEUE__REDIS_URL");
@@ -118,8 +205,9 @@ async fn start_all(args: &UpArgs, running: &mut Vec<Running>) -> anyhow::Result<
     if std::env::var_os(FAULT_MODELS_ENV).is_none() {
         generation_env.push((FAULT_MODELS_ENV.to_string(), "true".to_string()));
     }
-    running.push(start(Service::Generation, listen(Service::Generation), generation_env, startup).await?);
-    running.push(start(Service::Cache, listen(Service::Cache), cache_env, startup).await?);
+    generation_env.extend(with_tls(Service::Generation));
+    running.push(start(Service::Generation, listen(Service::Generation), generation_env, tls, startup).await?);
+    running.push(start(Service::Cache, listen(Service::Cache), cache_env, tls, startup).await?);
     let generation = running[0].addr;
     let cache = running[1].addr;
 
@@ -128,9 +216,10 @@ async fn start_all(args: &UpArgs, running: &mut Vec<Running>) -> anyhow::Result<
     if std::env::var_os(DEFAULT_MODEL_ENV).is_none() {
         gateway_env.push((DEFAULT_MODEL_ENV.to_string(), "sim".to_string()));
     }
-    gateway_env.push(("LLMESH_GATEWAY_GENERATION__ENDPOINTS".to_string(), format!("[\"{}\"]", uri(generation))));
-    gateway_env.push(("LLMESH_GATEWAY_CACHE__ENDPOINT".to_string(), uri(cache)));
-    running.push(start(Service::Gateway, listen(Service::Gateway), gateway_env, startup).await?);
+    gateway_env.push(("LLMESH_GATEWAY_GENERATION__ENDPOINTS".to_string(), format!("[\"{}\"]", uri(generation, tls))));
+    gateway_env.push(("LLMESH_GATEWAY_CACHE__ENDPOINT".to_string(), uri(cache, tls)));
+    gateway_env.extend(with_tls(Service::Gateway));
+    running.push(start(Service::Gateway, listen(Service::Gateway), gateway_env, tls, startup).await?);
     let gateway = running[2].addr;
 
     let mut targets: Vec<String> =
@@ -140,7 +229,7 @@ async fn start_all(args: &UpArgs, running: &mut Vec<Running>) -> anyhow::Result<
                 format!(
                     "{{name=\"{}\",address=\"{}\",service=\"{}\"}}",
                     service.name(),
-                    uri(addr),
+                    uri(addr, tls),
                     service.grpc_service()
                 )
             })
@@ -149,10 +238,11 @@ async fn start_all(args: &UpArgs, running: &mut Vec<Running>) -> anyhow::Result<
         // Optional: without Redis the mesh is degraded (no cache hits, no jobs), not down.
         targets.push(format!("{{name=\"redis\",address=\"{url}\",service=\"redis\",required=false}}"));
     }
-    let health_env = vec![("LLMESH_HEALTH_TARGETS".to_string(), format!("[{}]", targets.join(",")))];
-    running.push(start(Service::Health, listen(Service::Health), health_env, startup).await?);
+    let mut health_env = vec![("LLMESH_HEALTH_TARGETS".to_string(), format!("[{}]", targets.join(",")))];
+    health_env.extend(with_tls(Service::Health));
+    running.push(start(Service::Health, listen(Service::Health), health_env, tls, startup).await?);
     // The health service's "" is the whole mesh: SERVING once it has seen every service serve.
-    let health = uri(running[3].addr);
+    let health = uri(running[3].addr, tls);
     deps::wait_serving("the mesh", &health, "", startup).await?;
     Ok(())
 }
@@ -163,6 +253,7 @@ async fn start(
     service: Service,
     listen: SocketAddr,
     env: Vec<(String, String)>,
+    tls: Option<&TlsDir>,
     within: Duration,
 ) -> anyhow::Result<Running> {
     let exe = std::env::current_exe().context("cannot find the llmesh executable")?;
@@ -194,7 +285,7 @@ async fn start(
         },
         status = child.wait() => bail!("{} exited during start-up ({})", service.name(), status.map(|s| s.to_string()).unwrap_or_default()),
     };
-    deps::wait_serving(service.name(), &uri(addr), service.grpc_service(), within).await?;
+    deps::wait_serving(service.name(), &uri(addr, tls), service.grpc_service(), within).await?;
     Ok(Running { service, addr, child })
 }
 
@@ -218,13 +309,33 @@ pub fn listening_addr(line: &str) -> Option<SocketAddr> {
     token.parse().ok()
 }
 
-fn print_banner(running: &[Running]) -> anyhow::Result<()> {
+fn print_banner(running: &[Running], tls: Option<&TlsDir>) -> anyhow::Result<()> {
     let addr = |service: Service| running.iter().find(|r| r.service == service).map(|r| r.addr);
     let (Some(gateway), Some(health)) = (addr(Service::Gateway), addr(Service::Health)) else {
         bail!("the mesh is incomplete");
     };
+    // How each tool is told to trust (and, inside the mesh, to present) the certificates.
+    let (scheme, grpcurl, grpcurl_mesh, buf, curl) = match tls {
+        None => (
+            "http",
+            "-plaintext".to_string(),
+            "-plaintext".to_string(),
+            "--http2-prior-knowledge".to_string(),
+            String::new(),
+        ),
+        Some(tls) => {
+            let (ca, cert, key) = (tls.shown("ca.pem"), tls.shown("client.pem"), tls.shown("client-key.pem"));
+            (
+                "https",
+                format!("-cacert {ca}"),
+                format!("-cacert {ca} -cert {cert} -key {key}"),
+                format!("--cacert {ca}"),
+                format!("--cacert {ca} "),
+            )
+        }
+    };
     let mut out = std::io::stdout().lock();
-    writeln!(out, "\nllmesh is up:")?;
+    writeln!(out, "\nllmesh is up{}:", if tls.is_some() { " (TLS on every port, mTLS inside the mesh)" } else { "" })?;
     for r in running {
         writeln!(out, "  {:<11}{}", r.service.name(), r.addr)?;
     }
@@ -232,22 +343,34 @@ fn print_banner(running: &[Running]) -> anyhow::Result<()> {
         out,
         r#"
 Try it:
-  grpcurl -plaintext -d '{{"model":"sim","prompt":"hello"}}' {gateway} llmesh.gateway.v1.Gateway/Generate
-  grpcurl -plaintext -d '{{"model":"sim","prompt":"hello"}}' {gateway} llmesh.gateway.v1.Gateway/GenerateStream
-  grpcurl -plaintext {gateway} llmesh.gateway.v1.Gateway/ListModels
-  grpcurl -plaintext {health} grpc.health.v1.Health/Check
-  grpcurl -plaintext {health} llmesh.health.v1.MeshHealth/Status
-  buf curl --protocol grpc --http2-prior-knowledge -d '{{"model":"sim","prompt":"hello"}}' http://{gateway}/llmesh.gateway.v1.Gateway/Generate
+  grpcurl {grpcurl} -d '{{"model":"sim","prompt":"hello"}}' {gateway} llmesh.gateway.v1.Gateway/Generate
+  grpcurl {grpcurl} -d '{{"model":"sim","prompt":"hello"}}' {gateway} llmesh.gateway.v1.Gateway/GenerateStream
+  grpcurl {grpcurl} {gateway} llmesh.gateway.v1.Gateway/ListModels
+  grpcurl {grpcurl_mesh} {health} grpc.health.v1.Health/Check
+  grpcurl {grpcurl_mesh} {health} llmesh.health.v1.MeshHealth/Status
+  buf curl --protocol grpc {buf} -d '{{"model":"sim","prompt":"hello"}}' {scheme}://{gateway}/llmesh.gateway.v1.Gateway/Generate
 
-Over HTTP, on the same port (OpenAI base URL http://{gateway}/v1; API keys as Authorization: Bearer or x-api-key):
-  curl -s http://{gateway}/v1/chat/completions -H 'content-type: application/json' -d '{{"model":"sim","messages":[{{"role":"user","content":"hello"}}]}}'
-  curl -sN http://{gateway}/v1/chat/completions -H 'content-type: application/json' -d '{{"model":"sim","stream":true,"messages":[{{"role":"user","content":"hello"}}]}}'
-  curl -s http://{gateway}/v1/messages -H 'content-type: application/json' -d '{{"model":"sim","max_tokens":64,"messages":[{{"role":"user","content":"hello"}}]}}'
-  curl -s http://{gateway}/generate -H 'X-API-Key: test-key' -H 'content-type: application/json' -d '{{"prompt":"hello"}}'
-  curl -s http://{gateway}/v1/models
-
-Ctrl-C stops the mesh."#
+Over HTTP, on the same port (OpenAI base URL {scheme}://{gateway}/v1; API keys as Authorization: Bearer or x-api-key):
+  curl -s {curl}{scheme}://{gateway}/v1/chat/completions -H 'content-type: application/json' -d '{{"model":"sim","messages":[{{"role":"user","content":"hello"}}]}}'
+  curl -sN {curl}{scheme}://{gateway}/v1/chat/completions -H 'content-type: application/json' -d '{{"model":"sim","stream":true,"messages":[{{"role":"user","content":"hello"}}]}}'
+  curl -s {curl}{scheme}://{gateway}/v1/messages -H 'content-type: application/json' -d '{{"model":"sim","max_tokens":64,"messages":[{{"role":"user","content":"hello"}}]}}'
+  curl -s {curl}{scheme}://{gateway}/generate -H 'X-API-Key: test-key' -H 'content-type: application/json' -d '{{"prompt":"hello"}}'
+  curl -s {curl}{scheme}://{gateway}/v1/models"#
     )?;
+    if let Some(tls) = tls {
+        writeln!(
+            out,
+            r#"
+From Python (grpcio):
+  channel = grpc.secure_channel("{gateway}", grpc.ssl_channel_credentials(open("{ca}", "rb").read()))
+  # inside the mesh (health, generation, the cache) also private_key= and certificate_chain=:
+  # {key} and {cert}"#,
+            ca = tls.shown("ca.pem"),
+            cert = tls.shown("client.pem"),
+            key = tls.shown("client-key.pem"),
+        )?;
+    }
+    writeln!(out, "\nCtrl-C stops the mesh.")?;
     out.flush()?;
     Ok(())
 }

@@ -21,12 +21,33 @@ pub trait ServiceConfig: Serialize + DeserializeOwned + Default {
     fn listen(&self) -> SocketAddr;
 }
 
-/// `[<service>.admin]`: the HTTP listener for `/metrics` and `/debug/pprof/profile`. Off unless
-/// `listen` is set (for example `0.0.0.0:9464` in containers).
+/// `[<service>.admin]`: the HTTP listener for `/metrics`, `/healthz` and `/debug/pprof/profile`.
+/// Off unless `listen` is set. On a loopback address (`127.0.0.1:9464`) it needs nothing else;
+/// anywhere else (`0.0.0.0:9464`, for a Prometheus in another container) it must be protected, by
+/// `bearer_token_file`, `tls` or both, or the service does not start.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
+    /// A file holding a token; every request must then carry `Authorization: Bearer <token>`.
+    /// Re-read when it changes.
+    pub bearer_token_file: Option<PathBuf>,
+    /// Serve over TLS with the service's `[<service>.tls]`: its certificate, and its client CA
+    /// when set (a scraper then needs a mesh client certificate).
+    pub tls: bool,
+}
+
+impl AdminConfig {
+    /// Why this listener may not start as configured, if it may not.
+    pub fn check(&self) -> Result<(), String> {
+        match self.listen {
+            Some(addr) if !addr.ip().is_loopback() && self.bearer_token_file.is_none() && !self.tls => Err(format!(
+                "admin.listen {addr} is reachable from other hosts: set admin.bearer_token_file, admin.tls, or \
+                 both (or listen on 127.0.0.1)"
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Command-line arguments every service binary accepts.
@@ -126,6 +147,22 @@ mod tests {
             assert!(err.contains("max_token"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn an_exposed_admin_listener_needs_protection() {
+        let admin = |listen: &str, token: bool, tls: bool| AdminConfig {
+            listen: Some(listen.parse().unwrap()),
+            bearer_token_file: token.then(|| "token".into()),
+            tls,
+        };
+        assert!(AdminConfig::default().check().is_ok());
+        assert!(admin("127.0.0.1:9464", false, false).check().is_ok());
+        assert!(admin("[::1]:9464", false, false).check().is_ok());
+        let error = admin("0.0.0.0:9464", false, false).check().unwrap_err();
+        assert!(error.contains("0.0.0.0:9464") && error.contains("bearer_token_file"), "{error}");
+        assert!(admin("0.0.0.0:9464", true, false).check().is_ok());
+        assert!(admin("10.0.0.1:9464", false, true).check().is_ok());
     }
 
     #[test]

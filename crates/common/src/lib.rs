@@ -6,9 +6,11 @@
 pub mod config;
 pub mod deps;
 pub mod logging;
+pub mod reload;
 pub mod runtime;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
 
 pub use config::{ServiceArgs, ServiceConfig};
 

@@ -12,6 +12,13 @@
 //!
 //! Shutdown order: health flips to NOT_SERVING first (so balancers and probes stop sending), the
 //! listener closes, in-flight calls drain, and whatever is still open after the grace period is cut.
+//!
+//! TLS ([`Base::tls`], from `[<service>.tls]`): the runner terminates it itself ([`crate::tls`]), so
+//! that a certificate, key or client CA replaced on disk is used by the next connection while the
+//! open ones (and their calls) carry on. ALPN offers `h2`, and `http/1.1` too on a port that takes
+//! HTTP/1.1. The admin listener ([`Base::admin`]) may use the same certificate and client CA, and a
+//! bearer token; on an address other hosts can reach it must use one of them. Probes that cannot
+//! speak TLS (Kubernetes' gRPC probes) get `tls.health_listen`: plaintext, `grpc.health.v1` only.
 
 mod oversize;
 
@@ -28,6 +35,11 @@ use tokio::net::TcpListener;
 use tonic::{body::Body, server::NamedService, transport::server::Router};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::{Layer, Service, util::BoxCloneSyncService};
+
+use crate::{
+    reload,
+    tls::{self, ServerTls, TlsConfig},
+};
 
 /// Every request the server takes, as one boxed service: what HTTP-level layers wrap.
 pub type HttpService = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
@@ -157,6 +169,14 @@ fn routes(served: &[&str], extra: &[(&str, &[&str])]) -> llmesh_telemetry::Route
     extra.iter().fold(contract, |routes, (service, methods)| routes.serve(service, methods.iter()))
 }
 
+/// Who a port is for: the mesh's own services (which should require client certificates), or
+/// the public (the gateway, whose callers present API keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    Mesh,
+    Public,
+}
+
 /// The router every llmesh server builds on: one [`HttpLayer`] around every service.
 pub type MeshRouter = Router<tower::layer::util::Stack<HttpLayer, tower::layer::util::Identity>>;
 
@@ -171,6 +191,13 @@ pub struct Base {
     /// the layer is applied).
     routes: Arc<OnceLock<Arc<llmesh_telemetry::Routes>>>,
     admin: Option<tokio::task::JoinHandle<()>>,
+    /// Whether the port takes HTTP/1.1 besides HTTP/2 (its ALPN offers both).
+    accept_http1: bool,
+    /// `[<service>.tls]`, as [`Base::tls`] was given it.
+    tls_config: TlsConfig,
+    tls: Option<ServerTls>,
+    /// `grpc.health.v1` alone, for the plaintext probe port (`tls.health_listen`).
+    probes: tonic::service::Routes,
 }
 
 impl Base {
@@ -206,6 +233,7 @@ impl Base {
         let layer = traced.around(layer).around(oversize::layer());
         let (health, health_service) = tonic_health::server::health_reporter();
         let health_service = health_service.max_decoding_message_size(CONTROL_MESSAGE_BYTES);
+        let probes = tonic::service::Routes::new(health_service.clone());
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(llmesh_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -227,15 +255,68 @@ impl Base {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        Ok(Self { router, health, services: Vec::new(), extra: Vec::new(), routes, admin: None })
+        Ok(Self {
+            router,
+            health,
+            services: Vec::new(),
+            extra: Vec::new(),
+            routes,
+            admin: None,
+            accept_http1,
+            tls_config: TlsConfig::default(),
+            tls: None,
+            probes,
+        })
+    }
+
+    /// Serves the port over TLS as `config` says (nothing when it is off). Reads every file now: a
+    /// missing or broken one is an error naming it. Call before [`Base::admin`].
+    pub fn tls(&mut self, config: &TlsConfig, audience: Audience) -> anyhow::Result<()> {
+        let alpn: &[&[u8]] = if self.accept_http1 { &[tls::ALPN_H2, tls::ALPN_HTTP1] } else { &[tls::ALPN_H2] };
+        self.tls = ServerTls::load(config, alpn).context("[tls]")?;
+        self.tls_config = config.clone();
+        match &self.tls {
+            Some(tls) if audience == Audience::Mesh && !tls.mutual() => tracing::warn!(
+                "serving TLS without requiring client certificates (no tls.client_ca): anything that can reach \
+                 this port may call it"
+            ),
+            Some(tls) => tracing::info!(client_certificates = tls.mutual(), "serving TLS"),
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Whether the port serves TLS and requires client certificates (mTLS).
+    pub fn requires_client_certificates(&self) -> bool {
+        self.tls.as_ref().is_some_and(ServerTls::mutual)
     }
 
     /// Starts the admin HTTP listener (`/metrics`, `/healthz`, `/debug/pprof/profile`) when
-    /// configured; it stops with the server.
+    /// configured; it stops with the server. An address other hosts can reach needs a bearer token
+    /// or TLS (`admin.tls`, with the port's certificate and client CA from [`Base::tls`]).
     pub async fn admin(&mut self, config: &crate::config::AdminConfig) -> anyhow::Result<()> {
         let Some(addr) = config.listen else { return Ok(()) };
-        let admin =
+        config.check().map_err(|problem| anyhow::anyhow!(problem))?;
+        let upgrade = if config.tls {
+            let tls = ServerTls::load(&self.tls_config, &[tls::ALPN_HTTP1])
+                .context("[admin] tls")?
+                .ok_or_else(|| anyhow::anyhow!("admin.tls is set but the service has no [tls] cert and key"))?;
+            Some(admin_upgrade(tls))
+        } else {
+            None
+        };
+        let token = match &config.bearer_token_file {
+            Some(path) => Some(bearer_token(path.clone())?),
+            None => None,
+        };
+        let mut admin =
             llmesh_telemetry::AdminServer::bind(addr).await.with_context(|| format!("admin listener {addr}"))?;
+        if let Some(upgrade) = upgrade {
+            admin = admin.with_upgrade(upgrade);
+        }
+        if let Some(token) = token {
+            admin = admin.with_bearer_token(token);
+        }
         self.admin = Some(tokio::spawn(async move {
             if let Err(error) = admin.serve(std::future::pending()).await {
                 tracing::warn!("admin listener stopped: {error:#}");
@@ -272,16 +353,27 @@ impl Base {
         shutdown: impl Future<Output = ()>,
         timing: ShutdownTiming,
     ) -> anyhow::Result<()> {
-        let Self { router, health, services, extra, routes: known, admin } = self;
+        let Self { router, health, services, extra, routes: known, admin, tls, tls_config, probes, .. } = self;
         // Set only here, so it can be set only once.
         let _ = known.set(Arc::new(routes(&services, &extra)));
         // Stops the admin listener when the server it belongs to stops.
         let _admin = admin.map(llmesh_util::AbortOnDropHandle::new);
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        // The plaintext probe port, likewise: it reports what `health` says, NOT_SERVING included.
+        let _probes = match tls_config.health_listen {
+            Some(addr) => Some(llmesh_util::AbortOnDropHandle::new(serve_probes(addr, probes).await?)),
+            None => None,
+        };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let stopped = async {
             let _ = stop_rx.await;
-        }));
+        };
+        let mut server = match tls {
+            Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(tls::incoming(listener, tls), stopped)),
+            None => {
+                let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            }
+        };
 
         tokio::select! {
             result = &mut server => {
@@ -309,6 +401,46 @@ impl Base {
             }
         }
     }
+}
+
+/// Serves `grpc.health.v1` alone, in plaintext, on `addr` (for probes that cannot speak TLS).
+async fn serve_probes(addr: SocketAddr, probes: tonic::service::Routes) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("tls.health_listen {addr}"))?;
+    let local = listener.local_addr().context("probe listener has no local address")?;
+    tracing::info!("plaintext grpc.health.v1 probes on {local}");
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    Ok(tokio::spawn(async move {
+        if let Err(error) = tonic::transport::Server::builder().add_routes(probes).serve_with_incoming(incoming).await {
+            tracing::warn!("probe listener stopped: {error:#}");
+        }
+    }))
+}
+
+/// The admin listener's TLS handshake, with the settings current at each connection.
+fn admin_upgrade(tls: ServerTls) -> llmesh_telemetry::Upgrade {
+    Arc::new(move |tcp| {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+        Box::pin(async move {
+            let stream = acceptor.accept(tcp).await?;
+            Ok(Box::new(stream) as Box<dyn llmesh_telemetry::AdminIo>)
+        })
+    })
+}
+
+/// The admin listener's token, from `path` (trimmed; re-read when it changes). An empty or
+/// missing file is an error naming it.
+fn bearer_token(path: std::path::PathBuf) -> anyhow::Result<llmesh_telemetry::BearerToken> {
+    let read = path.clone();
+    let token = reload::watch("admin_token", vec![path], move || {
+        let text = std::fs::read_to_string(&read)
+            .with_context(|| format!("cannot read admin.bearer_token_file {}", read.display()))?;
+        let token = text.trim();
+        if token.is_empty() {
+            anyhow::bail!("admin.bearer_token_file {} is empty", read.display());
+        }
+        Ok(Arc::<str>::from(token))
+    })?;
+    Ok(Arc::new(move || Some(Arc::clone(&**token.load()))))
 }
 
 #[cfg(test)]

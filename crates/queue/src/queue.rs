@@ -82,7 +82,7 @@ impl JobQueue {
     /// `Unavailable` when Redis does not answer within the connect timeout.
     pub async fn connect(url: &str, config: QueueConfig) -> Result<Self, QueueError> {
         let client =
-            redis::Client::open(url).map_err(|cause| QueueError::InvalidUrl { url: redact_url(url), cause })?;
+            llmesh_util::redis::client(url).map_err(|cause| QueueError::InvalidUrl { url: redact_url(url), cause })?;
         let first_call = config.connect_timeout() + config.response_timeout();
         let api = BoundedConnection::open(&client, &config, config.response_timeout(), first_call)?;
         let keys = Keys::new(&config.stream);

@@ -16,7 +16,7 @@ const RECONNECT_RETRIES: usize = 1;
 /// response timeout is never below the connect timeout: a slow call fails the call, not the
 /// connection).
 pub(crate) fn connection(url: &str, timeout: Duration) -> Result<ConnectionManager, redis::RedisError> {
-    let client = redis::Client::open(url)?;
+    let client = llmesh_util::redis::client(url)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(timeout.max(CONNECT_TIMEOUT)))

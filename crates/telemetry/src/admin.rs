@@ -8,10 +8,19 @@
 //! GET /debug/pprof/profile?seconds=N&format=svg the same as a flamegraph (image/svg+xml)
 //! ```
 //! One profile at a time (a second one gets 409). Other paths are 404, other methods 405.
+//!
+//! Protection, when the listener is reachable from elsewhere (the server runner decides; see
+//! `llmesh_common::server`): [`AdminServer::with_bearer_token`] makes every path answer 401 unless
+//! the request carries `Authorization: Bearer <token>` (compared in constant time; the token is
+//! asked for on every request, so it may change while the server runs), and
+//! [`AdminServer::with_upgrade`] runs each accepted connection through a handshake first (TLS,
+//! with or without client certificates) and serves HTTP over what it returns; a connection whose
+//! handshake fails or takes longer than [`HEADER_READ_TIMEOUT`] is closed.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -22,7 +31,8 @@ use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::prometheus::{CONTENT_TYPE, PrometheusReader};
 
@@ -33,12 +43,34 @@ const PROFILE_MAX_SECONDS: u64 = 60;
 /// Slow clients may not hold a connection open without sending a request.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A connection HTTP can be spoken over.
+pub trait AdminIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AdminIo for T {}
+
+/// What an accepted connection goes through before HTTP (a TLS handshake).
+pub type Upgrade =
+    Arc<dyn Fn(TcpStream) -> Pin<Box<dyn Future<Output = std::io::Result<Box<dyn AdminIo>>> + Send>> + Send + Sync>;
+
+/// The token every request must present, asked for on each request (`None`: none needed).
+pub type BearerToken = Arc<dyn Fn() -> Option<Arc<str>> + Send + Sync>;
+
 /// A bound admin listener; [`AdminServer::local_addr`] tells the port when binding port 0.
-#[derive(Debug)]
 pub struct AdminServer {
     listener: TcpListener,
     local_addr: SocketAddr,
     metrics: Option<PrometheusReader>,
+    upgrade: Option<Upgrade>,
+    token: Option<BearerToken>,
+}
+
+impl std::fmt::Debug for AdminServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminServer")
+            .field("local_addr", &self.local_addr)
+            .field("upgrade", &self.upgrade.is_some())
+            .field("token", &self.token.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl AdminServer {
@@ -49,7 +81,19 @@ impl AdminServer {
             TcpListener::bind(addr).await.with_context(|| format!("binding the admin listener on {addr}"))?;
         let local_addr = listener.local_addr().context("reading the admin listener's address")?;
         tracing::info!("admin listening on {local_addr}");
-        Ok(Self { listener, local_addr, metrics: None })
+        Ok(Self { listener, local_addr, metrics: None, upgrade: None, token: None })
+    }
+
+    /// Runs each accepted connection through `upgrade` (a TLS handshake) before serving it.
+    pub fn with_upgrade(mut self, upgrade: Upgrade) -> Self {
+        self.upgrade = Some(upgrade);
+        self
+    }
+
+    /// Answers 401 to every request without `Authorization: Bearer <token>`.
+    pub fn with_bearer_token(mut self, token: BearerToken) -> Self {
+        self.token = Some(token);
+        self
     }
 
     /// Serves `/metrics` from `reader` instead of the global provider (tests, embedded use).
@@ -65,7 +109,7 @@ impl AdminServer {
     /// Serves until `shutdown` resolves; then stops accepting and asks open connections to close
     /// after their current request.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let state = Arc::new(State { metrics: self.metrics });
+        let state = Arc::new(State { metrics: self.metrics, token: self.token });
         let (closing_tx, closing_rx) = tokio::sync::watch::channel(());
         tokio::pin!(shutdown);
         loop {
@@ -84,12 +128,27 @@ impl AdminServer {
             };
             let state = Arc::clone(&state);
             let mut closing = closing_rx.clone();
+            let upgrade = self.upgrade.clone();
             tokio::spawn(async move {
+                let io: Box<dyn AdminIo> = match upgrade {
+                    None => Box::new(stream),
+                    Some(upgrade) => match tokio::time::timeout(HEADER_READ_TIMEOUT, upgrade(stream)).await {
+                        Ok(Ok(io)) => io,
+                        Ok(Err(err)) => {
+                            tracing::debug!(error = %err, "admin handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("admin handshake timed out");
+                            return;
+                        }
+                    },
+                };
                 let service = service_fn(move |request| handle(Arc::clone(&state), request));
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service);
+                    .serve_connection(TokioIo::new(io), service);
                 tokio::pin!(connection);
                 let result = tokio::select! {
                     result = connection.as_mut() => result,
@@ -113,14 +172,38 @@ pub async fn serve_admin(addr: SocketAddr, shutdown: impl Future<Output = ()>) -
     AdminServer::bind(addr).await?.serve(shutdown).await
 }
 
-#[derive(Debug)]
 struct State {
     metrics: Option<PrometheusReader>,
+    token: Option<BearerToken>,
+}
+
+/// Whether `request` carries the token (always, when none is needed).
+fn authorized(state: &State, request: &Request<Incoming>) -> bool {
+    let Some(token) = state.token.as_ref().and_then(|token| token()) else { return true };
+    let Some(presented) = request.headers().get(header::AUTHORIZATION).map(|value| value.as_bytes()) else {
+        return false;
+    };
+    let Some(presented) = presented.strip_prefix(b"Bearer ") else { return false };
+    constant_time_eq(presented, token.as_bytes())
+}
+
+/// Equality whose running time depends only on the lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(difference) == 0
 }
 
 type AdminResponse = Response<Full<Bytes>>;
 
 async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<AdminResponse, Infallible> {
+    if !authorized(&state, &request) {
+        let mut response = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        return Ok(response);
+    }
     let path = request.uri().path();
     let known = matches!(path, "/metrics" | "/healthz" | "/debug/pprof/profile");
     if !known {

@@ -143,3 +143,39 @@ async fn cpu_profiles_one_at_a_time() {
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
 }
+
+/// A plain HTTP/1.1 GET with extra header lines.
+async fn get_with(addr: SocketAddr, target: &str, headers: &str) -> u16 {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw)).await.unwrap().unwrap();
+    String::from_utf8_lossy(&raw).split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_bearer_token_guards_every_path_and_may_change() {
+    let token: std::sync::Arc<std::sync::Mutex<std::sync::Arc<str>>> =
+        std::sync::Arc::new(std::sync::Mutex::new("first-token".into()));
+    let current = token.clone();
+    let server = AdminServer::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+        .with_bearer_token(std::sync::Arc::new(move || Some(current.lock().unwrap().clone())));
+    let addr = server.local_addr();
+    let task = tokio::spawn(server.serve(std::future::pending()));
+
+    for path in ["/metrics", "/healthz", "/debug/pprof/profile?seconds=1", "/nope"] {
+        assert_eq!(get_with(addr, path, "").await, 401, "{path} without a token");
+        assert_eq!(get_with(addr, path, "Authorization: Bearer wrong-token\r\n").await, 401, "{path}");
+        assert_eq!(get_with(addr, path, "Authorization: Basic first-token\r\n").await, 401, "{path}");
+    }
+    assert_eq!(get_with(addr, "/healthz", "Authorization: Bearer first-token\r\n").await, 200);
+    assert_eq!(get_with(addr, "/nope", "Authorization: Bearer first-token\r\n").await, 404);
+
+    *token.lock().unwrap() = "second-token".into();
+    assert_eq!(get_with(addr, "/healthz", "Authorization: Bearer first-token\r\n").await, 401);
+    assert_eq!(get_with(addr, "/healthz", "Authorization: Bearer second-token\r\n").await, 200);
+    task.abort();
+}

@@ -227,7 +227,7 @@ async fn listen(
     complete: &watch::Sender<bool>,
     lost: &Counter<u64>,
 ) -> anyhow::Result<()> {
-    let client = redis::Client::open(url)?;
+    let client = llmesh_util::redis::client(url)?;
     let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
         .await
         .map_err(|_| anyhow::anyhow!("no answer within 2 s"))??;

@@ -35,6 +35,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let changes = changes::Changes::new(store.clone(), subscribe_urls);
     let service = CacheService::new(store, changes, &config);
     let mut base = server::Base::new()?;
+    base.tls(&config.tls, server::Audience::Mesh)?;
     base.admin(&config.admin).await?;
     base.serving::<CacheServer<CacheService>>().await;
     let service = CacheServer::new(service).max_decoding_message_size(config.max_message_bytes());

@@ -20,6 +20,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// `/metrics` and profiling over HTTP; off unless `listen` is set.
     pub admin: llmesh_common::config::AdminConfig,
+    /// TLS on this service's port (and mTLS with `client_ca`); off unless `cert` is set.
+    pub tls: llmesh_common::tls::TlsConfig,
+    /// TLS for the calls this service makes inside the mesh; off unless `ca` is set.
+    pub client_tls: llmesh_common::tls::ClientTlsConfig,
     /// After SIGTERM: still serving, but NOT_SERVING, for this long (let balancers notice).
     pub shutdown_drain_ms: u64,
     /// How long in-flight calls may take to finish after SIGTERM.
@@ -53,6 +57,8 @@ impl Default for Config {
         Self {
             listen: ([127, 0, 0, 1], 50051).into(),
             admin: llmesh_common::config::AdminConfig::default(),
+            tls: llmesh_common::tls::TlsConfig::default(),
+            client_tls: llmesh_common::tls::ClientTlsConfig::default(),
             shutdown_drain_ms: 0,
             shutdown_grace_ms: 10_000,
             limits: Limits::default(),

@@ -19,6 +19,8 @@ mod single_flight;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
+use anyhow::Context as _;
+
 use llmesh_common::{
     ServiceArgs,
     server::{self, HttpLayer},
@@ -37,7 +39,8 @@ pub use service::GatewayService;
 /// The admission layers (outermost first: auth, rate limit, load shed) and the limiter the
 /// handlers reserve tokens with.
 struct Admission {
-    keys: Arc<admission::KeyStore>,
+    /// Re-read when the keys file changes.
+    keys: llmesh_common::reload::Live<admission::KeyStore>,
     limiter: Arc<admission::RateLimiter>,
     budgets: Arc<admission::Budgets>,
     shed: admission::ShedLayer,
@@ -45,18 +48,19 @@ struct Admission {
 
 impl Admission {
     fn new(config: &Config) -> anyhow::Result<Self> {
-        let keys = Arc::new(admission::KeyStore::load(&config.auth)?);
-        if keys.is_empty() {
-            tracing::warn!("no API keys configured: auth is off and every caller shares the anonymous limits");
-        }
-        let limiter = Arc::new(admission::RateLimiter::new(&config.rate_limit)?);
         // Budgets live beside the rate limits, in the limiter's Redis.
         let budgets = admission::Budgets::new(
             &config.budget,
             config.rate_limit.redis_url.as_deref(),
             Duration::from_millis(config.rate_limit.redis_timeout_ms),
         )?;
-        budgets.set_in_use(keys.has_budgets());
+        // Whether any key or team has a budget follows the keys file through every reload.
+        let in_use = budgets.clone();
+        let keys = admission::KeyStore::watch(&config.auth, move |keys| in_use.set_in_use(keys.has_budgets()))?;
+        if keys.load().is_empty() {
+            tracing::warn!("no API keys configured: auth is off and every caller shares the anonymous limits");
+        }
+        let limiter = Arc::new(admission::RateLimiter::new(&config.rate_limit)?);
         Ok(Self { keys, limiter, budgets, shed: admission::ShedLayer::new(&config.shed) })
     }
 
@@ -148,8 +152,10 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
 /// Serves on `listener` until `shutdown` resolves. Fails when no generation replica (or the
 /// configured cache) answers within the start-up timeout.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    // Keys first: a keys file that is configured but broken stops start-up before anything else.
+    // Keys first: a keys file that is configured but broken stops start-up before any connection.
     let admission = Admission::new(&config)?;
+    // Before the first call to generation or the cache: every mesh call uses it.
+    llmesh_common::deps::use_client_tls(&config.client_tls).context("[gateway.client_tls]")?;
     let startup = Duration::from_millis(config.startup_timeout_ms);
     let pool = pipeline::balance::connect(&config.generation, startup).await?;
     let cache = cache::Cache::connect(&config.cache, startup).await?;
@@ -182,6 +188,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         Some(routes) => server::Base::with_layer_and_http1(admission.layer(Some(routes)))?,
         None => server::Base::with_layer(admission.layer(None))?,
     };
+    base.tls(&config.tls, server::Audience::Public)?;
     base.admin(&config.admin).await?;
     base.serving::<GatewayServer<GatewayService>>().await;
     let gateway = GatewayServer::new(service).max_decoding_message_size(config.limits.max_request_bytes());

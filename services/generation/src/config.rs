@@ -20,6 +20,8 @@ pub struct Config {
     /// After SIGTERM: still serving, but NOT_SERVING, for this long (let balancers notice).
     /// `/metrics` and profiling over HTTP; off unless `listen` is set.
     pub admin: llmesh_common::config::AdminConfig,
+    /// TLS on this service's port (and mTLS with `client_ca`); off unless `cert` is set.
+    pub tls: llmesh_common::tls::TlsConfig,
     pub shutdown_drain_ms: u64,
     pub shutdown_grace_ms: u64,
     pub limits: Limits,
@@ -66,6 +68,7 @@ impl Default for Config {
         Self {
             listen: ([127, 0, 0, 1], 50052).into(),
             admin: llmesh_common::config::AdminConfig::default(),
+            tls: llmesh_common::tls::TlsConfig::default(),
             shutdown_drain_ms: 0,
             shutdown_grace_ms: 10_000,
             limits: Limits::default(),

@@ -32,6 +32,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         let _ = stop_workers.send(true);
     };
     let mut base = server::Base::new()?;
+    base.tls(&config.tls, server::Audience::Mesh)?;
     base.admin(&config.admin).await?;
     base.serving::<GenerationServer<GenerationService>>().await;
     let service = GenerationServer::new(service).max_decoding_message_size(config.limits.max_request_bytes());

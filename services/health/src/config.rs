@@ -11,6 +11,10 @@ pub struct Config {
     /// After SIGTERM: still serving, but NOT_SERVING, for this long (let balancers notice).
     /// `/metrics` and profiling over HTTP; off unless `listen` is set.
     pub admin: llmesh_common::config::AdminConfig,
+    /// TLS on this service's port (and mTLS with `client_ca`); off unless `cert` is set.
+    pub tls: llmesh_common::tls::TlsConfig,
+    /// TLS for the calls this service makes inside the mesh; off unless `ca` is set.
+    pub client_tls: llmesh_common::tls::ClientTlsConfig,
     pub shutdown_drain_ms: u64,
     pub shutdown_grace_ms: u64,
     /// How often every target is checked.
@@ -51,6 +55,8 @@ impl Default for Config {
         Self {
             listen: ([127, 0, 0, 1], 50054).into(),
             admin: llmesh_common::config::AdminConfig::default(),
+            tls: llmesh_common::tls::TlsConfig::default(),
+            client_tls: llmesh_common::tls::ClientTlsConfig::default(),
             shutdown_drain_ms: 0,
             shutdown_grace_ms: 5_000,
             poll_interval_ms: 1_000,

@@ -8,6 +8,8 @@ mod service;
 
 use std::future::Future;
 
+use anyhow::Context as _;
+
 use llmesh_common::{ServiceArgs, server};
 use llmesh_proto::health::v1::mesh_health_server::MeshHealthServer;
 use tokio::net::TcpListener;
@@ -22,7 +24,10 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<()> {
 
 /// Serves on `listener` until `shutdown` resolves.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Before the first probe: every check of a mesh service uses it.
+    llmesh_common::deps::use_client_tls(&config.client_tls).context("[health.client_tls]")?;
     let mut base = server::Base::new()?;
+    base.tls(&config.tls, server::Audience::Mesh)?;
     base.admin(&config.admin).await?;
     // The mesh ("") is not SERVING until the first round of checks says so: tonic-health starts
     // it at SERVING, which would tell probes and `llmesh up` the mesh is ready before anything

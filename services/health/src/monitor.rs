@@ -65,7 +65,7 @@ impl Monitor {
                 let shown = redact_url(&target.address);
                 let probe = if target.address.starts_with("redis://") || target.address.starts_with("rediss://") {
                     // Not `?`: redis' error may quote the URL.
-                    let client = redis::Client::open(target.address.as_str())
+                    let client = llmesh_util::redis::client(target.address.as_str())
                         .map_err(|e| anyhow::anyhow!("health target {shown}: not a Redis URL ({:?})", e.kind()))?;
                     Probe::Redis(client)
                 } else if let Some(name) = target.address.strip_prefix("dns://") {

@@ -9,7 +9,8 @@
 //! - `revoke` removes one entry; `set` changes one entry's team, models or limits.
 //!
 //! Every edit is checked against the gateway's own rules and replaces the file atomically (see
-//! [`file`]). The gateway reads the file when it starts.
+//! [`file`]). A running gateway re-reads the file when it changes: a revoked key is refused, a new
+//! one accepted, within moments and without a restart.
 
 mod file;
 

@@ -46,6 +46,16 @@ pub struct LoadArgs {
     /// Deadline of each call (sent as `grpc-timeout`, and enforced here too).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, help_heading = "Target")]
     pub timeout: Duration,
+    /// PEM CA certificates to check an `https://` target's certificate against [default: the
+    /// system's roots].
+    #[arg(long, value_name = "FILE", help_heading = "Target")]
+    pub cacert: Option<PathBuf>,
+    /// PEM client certificate to present (a target that requires mTLS); with --key.
+    #[arg(long, value_name = "FILE", requires = "key", help_heading = "Target")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert", help_heading = "Target")]
+    pub key: Option<PathBuf>,
     /// HTTP/2 connections to spread calls over, round-robin [default: the CPU count, from 1 to 4].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024), help_heading = "Target")]
     pub connections: Option<u32>,
@@ -156,10 +166,21 @@ pub enum JsonOut {
     File(PathBuf),
 }
 
+/// The TLS of an `https://` target: the CA to check it against (the system's roots without one),
+/// and a client certificate.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    pub ca: Option<Vec<u8>>,
+    /// Certificate chain and key, PEM.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// A validated `llmesh load` invocation.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub target: String,
+    /// Set for an `https://` target.
+    pub tls: Option<TlsFiles>,
     pub service: Service,
     pub protocol: Protocol,
     pub model: String,
@@ -213,8 +234,24 @@ impl LoadArgs {
             None => std::thread::available_parallelism().map_or(1, usize::from).clamp(1, 4),
         };
         let json = self.json.map(|path| if path == "-" { JsonOut::Stdout } else { JsonOut::File(path.into()) });
+        let read = |path: &PathBuf| std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
+        let https = target.starts_with("https://");
+        if !https && (self.cacert.is_some() || self.cert.is_some()) {
+            bail!("--cacert, --cert and --key need an https:// --target");
+        }
+        let tls = match https {
+            true => Some(TlsFiles {
+                ca: self.cacert.as_ref().map(read).transpose()?,
+                identity: match (&self.cert, &self.key) {
+                    (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                    _ => None,
+                },
+            }),
+            false => None,
+        };
         Ok(Plan {
             target,
+            tls,
             service: self.service,
             protocol: self.protocol,
             model: self.model,

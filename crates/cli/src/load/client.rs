@@ -47,11 +47,11 @@ use tokio::time::Instant;
 use tonic::{
     Request, Status, Streaming,
     metadata::AsciiMetadataValue,
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
 use super::{
-    args::Service,
+    args::{Service, TlsFiles},
     outcome::{CallResult, Failure, Success},
     runner::Caller,
     workload::Workload,
@@ -62,13 +62,23 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens `n` HTTP/2 connections to `target` (each `Channel` is one connection), before the clock
 /// starts, so no call pays for a handshake.
-pub async fn connect(target: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
-    let endpoint = Endpoint::from_shared(target.to_string())
+pub async fn connect(target: &str, tls: Option<&TlsFiles>, n: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut endpoint = Endpoint::from_shared(target.to_string())
         .with_context(|| format!("bad target {target:?}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         // Calls queue in the channel when the server's stream limit is reached; let them.
         .buffer_size(64 * 1024);
+    if let Some(tls) = tls {
+        let mut config = match &tls.ca {
+            Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
+        if let Some((cert, key)) = &tls.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint.tls_config(config).context("TLS settings")?;
+    }
     let mut channels = Vec::with_capacity(n);
     for _ in 0..n {
         let channel = endpoint.connect().await.with_context(|| format!("cannot connect to {target}"))?;

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tonic::Code;
 
 use super::{
+    args::TlsFiles,
     client::{CallSettings, success},
     outcome::{CallResult, Failure},
     runner::Caller,
@@ -39,8 +40,24 @@ pub struct HttpCaller {
 impl HttpCaller {
     /// A caller of `target`'s chat completions route. Checks that the route answers before the
     /// clock starts (a models listing), so a wrong target fails at once.
-    pub async fn connect(target: &str, workload: Workload, settings: CallSettings) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
+    pub async fn connect(
+        target: &str,
+        tls: Option<&TlsFiles>,
+        workload: Workload,
+        settings: CallSettings,
+    ) -> anyhow::Result<Self> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(tls) = tls {
+            if let Some(ca) = &tls.ca {
+                let roots = reqwest::Certificate::from_pem_bundle(ca).context("--cacert holds no PEM certificate")?;
+                builder = builder.tls_certs_only(roots);
+            }
+            if let Some((cert, key)) = &tls.identity {
+                let pem = [key.as_slice(), b"\n", cert.as_slice()].concat();
+                builder = builder.identity(reqwest::Identity::from_pem(&pem).context("--cert and --key")?);
+            }
+        }
+        let client = builder
             .http1_only()
             .tcp_nodelay(true)
             // Loopback benchmarks: a proxy from the environment would measure the proxy.

@@ -65,10 +65,12 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     };
     let caller = Arc::new(match plan.protocol {
         Protocol::Grpc => {
-            let channels = client::connect(&plan.target, plan.connections).await?;
+            let channels = client::connect(&plan.target, plan.tls.as_ref(), plan.connections).await?;
             AnyCaller::Grpc(GrpcCaller::new(plan.service, channels, workload, settings))
         }
-        Protocol::Http => AnyCaller::Http(HttpCaller::connect(&plan.target, workload, settings).await?),
+        Protocol::Http => {
+            AnyCaller::Http(HttpCaller::connect(&plan.target, plan.tls.as_ref(), workload, settings).await?)
+        }
     });
     tracing::info!(
         target = %plan.target,

@@ -288,6 +288,7 @@ mod tests {
     fn plan(mode: Mode, stream: bool) -> Plan {
         Plan {
             target: "http://127.0.0.1:50051".into(),
+            tls: None,
             service: Service::Gateway,
             protocol: crate::load::args::Protocol::Grpc,
             model: "sim".into(),

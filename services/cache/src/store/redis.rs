@@ -110,7 +110,7 @@ impl RedisStore {
     /// password) when it does not within the connect timeout.
     pub async fn connect(url: &str, config: &Config) -> anyhow::Result<Self> {
         let shown = llmesh_util::redact::redact_url(url);
-        let client = redis::Client::open(url).with_context(|| format!("invalid redis_url {shown}"))?;
+        let client = llmesh_util::redis::client(url).with_context(|| format!("invalid redis_url {shown}"))?;
         let connect_timeout = Duration::from_millis(config.redis_connect_timeout_ms);
         let manager_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
@@ -129,11 +129,21 @@ impl RedisStore {
     pub async fn connect_cluster(nodes: &[String], config: &Config) -> anyhow::Result<Self> {
         let shown: Vec<String> = nodes.iter().map(|n| llmesh_util::redact::redact_url(n)).collect();
         let connect_timeout = Duration::from_millis(config.redis_connect_timeout_ms);
-        let client = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
+        let mut builder = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
             .connection_timeout(connect_timeout)
-            .response_timeout(Duration::from_millis(config.redis_response_timeout_ms))
-            .build()
-            .with_context(|| format!("invalid redis_cluster_nodes {shown:?}"))?;
+            .response_timeout(Duration::from_millis(config.redis_response_timeout_ms));
+        // A CA of the cluster's own (`rediss://...?tls_ca=`), a password from a file: the first
+        // seed's hold for every node.
+        if let Some(first) = nodes.first() {
+            let invalid = || format!("invalid redis_cluster_nodes {shown:?}");
+            if let Some(certificates) = llmesh_util::redis::tls_certificates(first).with_context(invalid)? {
+                builder = builder.certs(certificates);
+            }
+            if let Some(password) = llmesh_util::redis::password(first).with_context(invalid)? {
+                builder = builder.password(password);
+            }
+        }
+        let client = builder.build().with_context(|| format!("invalid redis_cluster_nodes {shown:?}"))?;
         let conn =
             checked(connect_timeout, format!("the redis cluster at {shown:?}"), client.get_async_connection()).await?;
         Ok(Self { conn: Conn::Cluster(conn) })

@@ -2,12 +2,12 @@
 
 use std::{
     future::{Ready, ready},
-    sync::Arc,
     task::{Context, Poll},
 };
 
 use futures::future::Either;
 use http::{HeaderMap, Request, Response};
+use llmesh_common::reload::Live;
 use tonic::Status;
 use tower::{Layer, Service};
 
@@ -24,15 +24,17 @@ const BEARER: &str = "Bearer ";
 /// it) and puts the caller's [`Principal`] into the request extensions; refuses
 /// with UNAUTHENTICATED otherwise. The key itself is removed from the request, so nothing further
 /// in can log or forward it. Health and reflection calls pass without a key (and get no
-/// principal).
+/// principal). Each call is checked against the keys in force when it arrives
+/// ([`KeyStore::watch`] replaces them when the keys file changes).
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
-    keys: Arc<KeyStore>,
+    keys: Live<KeyStore>,
 }
 
 impl AuthLayer {
-    pub fn new(keys: Arc<KeyStore>) -> Self {
-        Self { keys }
+    /// `keys`: a [`Live`] store from [`KeyStore::watch`], or a fixed `Arc<KeyStore>`.
+    pub fn new(keys: impl Into<Live<KeyStore>>) -> Self {
+        Self { keys: keys.into() }
     }
 }
 
@@ -47,7 +49,7 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Debug, Clone)]
 pub struct Auth<S> {
     inner: S,
-    keys: Arc<KeyStore>,
+    keys: Live<KeyStore>,
 }
 
 /// The key a request presents: `x-api-key`, else a bearer token. A value that is not visible
@@ -64,7 +66,7 @@ fn presented(headers: &HeaderMap) -> Option<&str> {
 
 impl<S> Auth<S> {
     fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, Status> {
-        self.keys.authenticate(presented(headers)).map_err(|rejection| {
+        self.keys.load().authenticate(presented(headers)).map_err(|rejection| {
             tracing::debug!(reason = rejection.message(), "call refused");
             Status::unauthenticated(rejection.message())
         })
@@ -102,7 +104,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::convert::Infallible;
+    use std::{convert::Infallible, sync::Arc};
 
     use tonic::Code;
     use tower::{ServiceExt as _, service_fn};

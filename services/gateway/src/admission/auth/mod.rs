@@ -13,6 +13,17 @@
 //! unreadable, malformed or holds no key is an error naming the file, so that the gateway does not
 //! start: a secret that was not mounted, or was mounted empty, must not quietly open the gateway to
 //! everyone.
+//!
+//! **Keys rotate without a restart** ([`KeyStore::watch`]). The gateway re-reads `keys_file` when it
+//! changes (a Kubernetes Secret update, `llmesh keys` editing it in place) and on SIGHUP, and swaps
+//! the whole store at once: from the next call on, a removed key is refused and a new one accepted,
+//! and every setting of a key (`models`, limits, `max_in_flight`, `cache`) is the new file's.
+//! Calls already admitted carry on with the principal they were given. A new file that cannot be
+//! used (missing, malformed, a bad entry, no key at all) changes nothing: the keys in use stay,
+//! the error is logged naming the file, and it is counted (`llmesh_reloads_total{file="keys",
+//! result="error"}`, `llmesh_reload_failing{file="keys"}` 1 until a good file arrives; see
+//! [`llmesh_common::reload`]). The reload is generic over the store: whatever a `[[keys]]` entry
+//! holds follows it, and so do the `[[teams]]` (a changed budget, a key moved to another team).
 
 mod key;
 mod layer;
@@ -25,6 +36,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use llmesh_common::reload::{self, Live};
 use llmesh_ratelimit::budget::{Nanos, Period, usd_to_nanos};
 use serde::{Deserialize, Serialize};
 
@@ -245,6 +257,28 @@ impl KeyStore {
             teams.extend(file.teams);
         }
         Self::from_keys_and_teams(keys, teams)
+    }
+
+    /// The keys of `[gateway.auth]` as [`KeyStore::load`] reads them, and kept up to date with
+    /// `keys_file` (see the module's documentation): a broken file at start-up is an error naming
+    /// it; later, it keeps the keys in use. Without a `keys_file` the keys never change.
+    ///
+    /// `loaded` sees every store that is put in use (the first included) just before calls see
+    /// it: what the process derives from the keys file as a whole (whether any budget is
+    /// configured) follows the file with it. A broken file calls nothing.
+    pub fn watch(config: &AuthConfig, loaded: impl Fn(&Self) + Send + 'static) -> anyhow::Result<Live<Self>> {
+        let Some(path) = config.keys_file.clone() else {
+            let store = Self::load(config)?;
+            loaded(&store);
+            return Ok(Live::fixed(store));
+        };
+        let config = config.clone();
+        reload::watch("keys", vec![path], move || {
+            let store = Self::load(&config)?;
+            tracing::info!(keys = store.len(), budgets = store.has_budgets(), "API keys loaded");
+            loaded(&store);
+            Ok(store)
+        })
     }
 
     pub fn from_keys(keys: impl IntoIterator<Item = ApiKey>) -> anyhow::Result<Self> {
@@ -586,6 +620,133 @@ mod tests {
         let keys = parse_keys_file(&text).unwrap();
         assert_eq!(keys[0].team.as_deref(), Some("search"));
         assert_eq!(KeyStore::from_keys(keys).unwrap().len(), 1);
+    }
+
+    fn keys_file_text(entries: &[&ApiKey]) -> String {
+        entries
+            .iter()
+            .map(|e| format!("[[keys]]\nid = \"{}\"\nprefix = \"{}\"\nsha256 = \"{}\"\n", e.id, e.prefix, e.sha256))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_changed_keys_file_swaps_the_keys_and_a_broken_one_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let (old_key, old) = generate_key("old");
+        let (new_key, mut new) = generate_key("new");
+        std::fs::write(&path, keys_file_text(&[&old])).unwrap();
+        let keys =
+            KeyStore::watch(&AuthConfig { keys_file: Some(path.clone()), ..AuthConfig::default() }, |_| {}).unwrap();
+        assert_eq!(&*keys.load().authenticate(Some(&old_key)).unwrap().id, "old");
+        assert_eq!(keys.load().authenticate(Some(&new_key)), Err(Rejection::Unknown));
+
+        new.models = vec!["sim".into()];
+        let fresh = dir.path().join("keys.toml.new");
+        std::fs::write(&fresh, keys_file_text(&[&new]) + "models = [\"sim\"]\n").unwrap();
+        std::fs::rename(&fresh, &path).unwrap();
+        let mut swapped = false;
+        for _ in 0..250 {
+            if keys.load().authenticate(Some(&new_key)).is_ok() {
+                swapped = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(swapped, "the new key was never accepted");
+        assert_eq!(keys.load().authenticate(Some(&old_key)), Err(Rejection::Unknown));
+        assert!(!keys.load().authenticate(Some(&new_key)).unwrap().allows("sim-large"), "its models did not follow");
+
+        for broken in ["[[keys]\n", "", "[[keys]]\nid = \"x\"\nprefix = \"lk_1\"\nsha256 = \"short\"\n"] {
+            std::fs::write(&path, broken).unwrap();
+            for _ in 0..250 {
+                if keys.failing() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            assert!(keys.failing(), "{broken:?} was not noticed");
+            assert_eq!(&*keys.load().authenticate(Some(&new_key)).unwrap().id, "new", "{broken:?} replaced the keys");
+            // Good again, so that the next broken version is a change.
+            std::fs::write(&path, keys_file_text(&[&new])).unwrap();
+            for _ in 0..250 {
+                if !keys.failing() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            assert!(!keys.failing());
+        }
+    }
+
+    /// Waits (bounded) until `done` holds.
+    async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+        for _ in 0..250 {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        done()
+    }
+
+    #[tokio::test]
+    async fn a_reload_changes_budgets_and_teams_and_a_broken_file_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let (key, entry) = generate_key("spender");
+        let file = |key_budget: &str, team: &str, team_budget: &str| {
+            format!(
+                "[[keys]]\nid = \"spender\"\nteam = \"{team}\"\nprefix = \"{}\"\nsha256 = \"{}\"\n{key_budget}\n\n\
+                 [[teams]]\nname = \"{team}\"\n{team_budget}\n",
+                entry.prefix, entry.sha256
+            )
+        };
+        std::fs::write(&path, file("", "search", "")).unwrap();
+        let budgeted = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let seen = budgeted.clone();
+        let keys = KeyStore::watch(&AuthConfig { keys_file: Some(path.clone()), ..AuthConfig::default() }, move |s| {
+            seen.store(s.has_budgets(), std::sync::atomic::Ordering::Relaxed)
+        })
+        .unwrap();
+        let principal = || keys.load().authenticate(Some(&key)).unwrap();
+        let budgeted = move || budgeted.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(!principal().has_budget() && !budgeted(), "no budget yet");
+
+        // A budget for the key and one for its team: both reach the next call.
+        std::fs::write(&path, file("budget = { usd = 2, period = \"day\" }", "search", "budget = { usd = 30 }"))
+            .unwrap();
+        assert!(eventually(|| principal().has_budget()).await, "the new budgets were never seen");
+        let day = BudgetLimit { nanos: 2_000_000_000, period: Period::Day };
+        let month = BudgetLimit { nanos: 30_000_000_000, period: Period::Month };
+        assert_eq!((principal().budget, principal().team_budget), (Some(day), Some(month)));
+        assert!(budgeted(), "the callback did not see the budgets");
+
+        // The key moves to another team, whose budget is smaller; its own budget is raised.
+        std::fs::write(&path, file("budget = { usd = 5, period = \"day\" }", "ads", "budget = { usd = 1 }")).unwrap();
+        assert!(eventually(|| principal().team.as_deref() == Some("ads")).await, "the new team was never seen");
+        let five = BudgetLimit { nanos: 5_000_000_000, period: Period::Day };
+        let one = BudgetLimit { nanos: 1_000_000_000, period: Period::Month };
+        assert_eq!((principal().budget, principal().team_budget), (Some(five), Some(one)));
+
+        // Broken: a team listed twice, a budget that is no amount, a team without a name. The
+        // keys, their budgets and their teams stay as they were.
+        for broken in [
+            file("", "ads", "budget = { usd = 1 }") + "[[teams]]\nname = \"ads\"\n",
+            file("budget = { usd = -3 }", "ads", ""),
+            file("", "ads", "") + "[[teams]]\nname = \"\"\n",
+        ] {
+            std::fs::write(&path, &broken).unwrap();
+            assert!(eventually(|| keys.failing()).await, "{broken:?} was not noticed");
+            assert_eq!((principal().budget, principal().team_budget), (Some(five), Some(one)), "{broken:?}");
+            assert_eq!(principal().team.as_deref(), Some("ads"));
+            assert!(budgeted(), "a broken file reached the callback");
+        }
+
+        // Budgets removed: the callback hears of it.
+        std::fs::write(&path, file("", "ads", "")).unwrap();
+        assert!(eventually(|| !keys.failing() && !principal().has_budget()).await);
+        assert!(!budgeted());
     }
 
     #[test]

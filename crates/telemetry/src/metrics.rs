@@ -91,16 +91,27 @@ impl SeedMetrics {
 
     /// Records one finished call: `llm_requests_total{endpoint,status}` and `llm_response_time{endpoint}`.
     pub fn record(&self, endpoint: &str, code: tonic::Code, elapsed: Duration) {
-        let endpoint = KeyValue::new("endpoint", endpoint.to_owned());
-        self.response_time.record(elapsed.as_secs_f64(), std::slice::from_ref(&endpoint));
-        self.requests.add(1, &[endpoint, KeyValue::new("status", code_name(code))]);
+        self.record_labelled(&KeyValue::new("endpoint", endpoint.to_owned()), code, elapsed);
+    }
+
+    /// [`SeedMetrics::record`] with the `endpoint` label already built (cloning it is cheap: its
+    /// value is a static or shared string).
+    fn record_labelled(&self, endpoint: &KeyValue, code: tonic::Code, elapsed: Duration) {
+        self.response_time.record(elapsed.as_secs_f64(), std::slice::from_ref(endpoint));
+        self.requests.add(1, &[endpoint.clone(), KeyValue::new("status", code_name(code))]);
     }
 
     /// Counts a call in flight until the returned guard is finished or dropped. Dropping it without
     /// [`InFlight::finish`] records the call as `CANCELLED` (the caller went away).
     pub fn start(&self, endpoint: &str) -> InFlight {
+        self.start_labelled(KeyValue::new("endpoint", endpoint.to_owned()))
+    }
+
+    /// [`SeedMetrics::start`] with the `endpoint` label (key `endpoint`) built once by the caller,
+    /// so that a call neither formats nor allocates it.
+    pub fn start_labelled(&self, endpoint: KeyValue) -> InFlight {
         self.active.add(1, &[]);
-        InFlight { metrics: self.clone(), endpoint: endpoint.to_owned(), started: Instant::now(), done: false }
+        InFlight { metrics: self.clone(), endpoint, started: Instant::now(), done: false }
     }
 }
 
@@ -108,7 +119,8 @@ impl SeedMetrics {
 #[derive(Debug)]
 pub struct InFlight {
     metrics: SeedMetrics,
-    endpoint: String,
+    /// The `endpoint` label.
+    endpoint: KeyValue,
     started: Instant,
     done: bool,
 }
@@ -121,13 +133,13 @@ impl InFlight {
         }
         self.done = true;
         self.metrics.active.add(-1, &[]);
-        self.metrics.record(&self.endpoint, code, self.started.elapsed());
+        self.metrics.record_labelled(&self.endpoint, code, self.started.elapsed());
     }
 
     /// Changes the `endpoint` label the outcome will be recorded under (e.g. to bound the label's
     /// cardinality when the method name came from an untrusted path).
     pub fn relabel(&mut self, endpoint: &str) {
-        endpoint.clone_into(&mut self.endpoint);
+        self.endpoint = KeyValue::new("endpoint", endpoint.to_owned());
     }
 
     /// Whether the outcome has been recorded.

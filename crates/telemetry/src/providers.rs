@@ -19,7 +19,7 @@ use opentelemetry_sdk::resource::TelemetryResourceDetector;
 use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracer, SdkTracerProvider};
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-use crate::config::TelemetryConfig;
+use crate::config::{SamplerConfig, TelemetryConfig};
 use crate::metrics::{METER_NAME, ProcessMetrics, register_process_metrics};
 use crate::prometheus::PrometheusReader;
 
@@ -230,6 +230,11 @@ pub fn init_with_config(config: TelemetryConfig) -> anyhow::Result<Telemetry> {
     let _ = GLOBAL_PROMETHEUS.set(providers.prometheus.clone());
     let process = register_process_metrics(&providers.meter());
 
+    // With no span sampled, calls that bring no trace context need none (see `server`): unless
+    // another subscriber was already installed, which may want them.
+    if subscriber_result.is_ok() {
+        crate::server::set_sampling(config.effective_sampler() != SamplerConfig::AlwaysOff);
+    }
     if let Err(err) = subscriber_result {
         tracing::warn!(error = %err, "a tracing subscriber was already installed; keeping it (log settings ignored)");
     }

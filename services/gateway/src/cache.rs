@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 use crate::{
     metrics::{label, metrics},
     near_cache::NearCache,
+    pipeline,
 };
 
 /// `[gateway.cache]`.
@@ -154,8 +155,11 @@ impl Cache {
         }
         let ticket = near.and_then(|near| near.ticket());
         let budget = self.budget.min(remaining);
-        let span =
-            tracing::info_span!("cache.lookup", otel.kind = "client", allow_stale, cache.hit = tracing::field::Empty);
+        let span = if pipeline::in_a_span() {
+            tracing::info_span!("cache.lookup", otel.kind = "client", allow_stale, cache.hit = tracing::field::Empty)
+        } else {
+            tracing::Span::none()
+        };
         let lookup = async {
             let mut call = tonic::Request::new(LookupRequest { request: Some(request.clone()), allow_stale });
             call.set_timeout(budget);
@@ -203,7 +207,11 @@ impl Cache {
             near.cache.forget(&llmesh_proto::cache_key::of(&request));
         }
         let budget = self.budget;
-        let span = tracing::info_span!("cache.store", otel.kind = "client");
+        let span = if pipeline::in_a_span() {
+            tracing::info_span!("cache.store", otel.kind = "client")
+        } else {
+            tracing::Span::none()
+        };
         let store = async move {
             let mut call = tonic::Request::new(StoreRequest {
                 request: Some(request),
@@ -221,6 +229,8 @@ impl Cache {
                 Err(_) => tracing::warn!(budget_ms = budget.as_millis() as u64, "cache store over budget"),
             }
         };
-        tokio::spawn(tracing::Instrument::instrument(store, span));
+        // The call's trace context goes along (its span's, or without a span the one attached).
+        let store = tracing::Instrument::instrument(store, span);
+        tokio::spawn(opentelemetry::context::FutureExt::with_context(store, llmesh_telemetry::current_context()));
     }
 }

@@ -100,7 +100,14 @@ pub struct Call<'a> {
 
 /// Wraps `events` so that its span and metrics are recorded as it runs.
 pub fn observe(events: EventStream, metrics: Arc<GenAiMetrics>, call: Call<'_>) -> EventStream {
-    let span = tracing::info_span!(
+    // A call without a span (nothing samples it and its caller sent no trace context, see
+    // `llmesh_telemetry::GrpcTraceLayer`; or spans filtered out) gets none here either: it would
+    // be dropped unread, after formatting its fields.
+    let in_a_span = tracing::dispatcher::get_default(|dispatch| dispatch.current_span().id().is_some());
+    let span = if !in_a_span {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(
         "gen_ai.chat",
         otel.name = %format!("chat {}", call.model),
         otel.kind = "client",
@@ -113,7 +120,8 @@ pub fn observe(events: EventStream, metrics: Arc<GenAiMetrics>, call: Call<'_>) 
         gen_ai.usage.input_tokens = Empty,
         gen_ai.usage.output_tokens = Empty,
         error.type = Empty,
-    );
+        )
+    };
     let labels = call.labels;
     let started = Instant::now();
     let mut first_token: Option<Instant> = None;

@@ -27,6 +27,16 @@
 //! Plain HTTP routes ([`http_routes`]: the gateway's OpenAI-compatible API and friends) get an
 //! INFO span `http.server` named `{METHOD} {route}`, and the route as their `endpoint` label.
 //!
+//! **No span when nothing samples.** When [`crate::init`] found that no span can be sampled (no
+//! traces endpoint), a layer built afterwards by [`GrpcTraceLayer::new`] creates no span: it
+//! would be dropped unread, and creating it — the log formatter writes out its fields, the
+//! OpenTelemetry layer builds its context, and both run again at every poll — was the layer's
+//! largest cost per call. The call runs in its caller's trace context instead, or, when the caller
+//! sent none, in a fresh unsampled one: its JSON log lines, its error messages, its
+//! `x-llmesh-trace-id` and the next hop's `traceparent` carry a trace id as before (the caller's,
+//! when it sent one). Text log lines lose the span's name and fields. Metrics are recorded either
+//! way.
+//!
 //! The layer never fails a call of its own: errors are the inner service's.
 
 mod body;
@@ -35,9 +45,13 @@ mod http_routes;
 mod routes;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
+use opentelemetry::KeyValue;
 use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::{SpanContext, TraceContextExt as _, TraceFlags, TraceState};
+use opentelemetry_sdk::trace::{IdGenerator as _, RandomIdGenerator};
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -55,6 +69,15 @@ pub const UNKNOWN_ENDPOINT: &str = "unknown";
 /// The span name of calls to paths the process does not serve.
 pub const UNKNOWN_SPAN_NAME: &str = "grpc.unknown";
 
+/// Whether spans can be sampled at all, as [`crate::init`] found (true until it says otherwise, so
+/// that a layer used without `init`, as in tests, behaves as it always did).
+static SAMPLING: AtomicBool = AtomicBool::new(true);
+
+/// Called by [`crate::init`] with whether any span can be sampled; see the module docs.
+pub(crate) fn set_sampling(on: bool) {
+    SAMPLING.store(on, Ordering::Relaxed);
+}
+
 /// `/pkg.Service/Method` → (`pkg.Service`, `Method`).
 fn split_path(path: &str) -> (&str, &str) {
     path.strip_prefix('/').and_then(|p| p.split_once('/')).unwrap_or(("unknown", path))
@@ -65,6 +88,8 @@ fn split_path(path: &str) -> (&str, &str) {
 pub struct GrpcTraceLayer {
     metrics: Option<SeedMetrics>,
     routes: Arc<Routes>,
+    /// Whether calls get a span when nothing samples them (see the module docs).
+    unsampled_spans: bool,
 }
 
 impl Default for GrpcTraceLayer {
@@ -76,18 +101,25 @@ impl Default for GrpcTraceLayer {
 impl GrpcTraceLayer {
     /// Spans plus the seed's metrics on the global meter. Build it after [`crate::init`]. Until
     /// [`GrpcTraceLayer::with_routes`] says what is served, every call is recorded as `unknown`.
+    /// Calls get no span when `init` found that nothing can sample one (see the module docs).
     pub fn new() -> Self {
-        Self { metrics: Some(SeedMetrics::global()), routes: Arc::default() }
+        Self::with_metrics(SeedMetrics::global()).with_unsampled_spans(SAMPLING.load(Ordering::Relaxed))
     }
 
-    /// Spans plus the seed's metrics on the given instruments.
+    /// Spans (for every call) plus the seed's metrics on the given instruments.
     pub fn with_metrics(metrics: SeedMetrics) -> Self {
-        Self { metrics: Some(metrics), routes: Arc::default() }
+        Self { metrics: Some(metrics), routes: Arc::default(), unsampled_spans: true }
     }
 
     /// Spans only (for a service that should not report the seed's metrics).
     pub fn without_metrics() -> Self {
-        Self { metrics: None, routes: Arc::default() }
+        Self { metrics: None, routes: Arc::default(), unsampled_spans: true }
+    }
+
+    /// The same layer; `false`: calls get no span, only their caller's trace context or a fresh
+    /// unsampled one (for a process whose spans nothing samples).
+    pub fn with_unsampled_spans(self, on: bool) -> Self {
+        Self { unsampled_spans: on, ..self }
     }
 
     /// The same layer, with what the process serves and what it exempts.
@@ -100,7 +132,12 @@ impl<S> Layer<S> for GrpcTraceLayer {
     type Service = GrpcTrace<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcTrace { inner, metrics: self.metrics.clone(), routes: self.routes.clone() }
+        GrpcTrace {
+            inner,
+            metrics: self.metrics.clone(),
+            routes: self.routes.clone(),
+            unsampled_spans: self.unsampled_spans,
+        }
     }
 }
 
@@ -110,6 +147,7 @@ pub struct GrpcTrace<S> {
     inner: S,
     metrics: Option<SeedMetrics>,
     routes: Arc<Routes>,
+    unsampled_spans: bool,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcTrace<S>
@@ -132,7 +170,33 @@ where
             return ResponseFuture::passthrough(self.inner.call(request));
         }
         let parent = extract_headers(request.headers());
-        if let Some(route) = http_route(path) {
+        let route = http_route(path);
+        // Built once per served method (`Routes`): a call clones it, never formats it.
+        let endpoint = match (route, self.routes.endpoint(path)) {
+            (Some(route), _) => KeyValue::new("endpoint", route),
+            (None, Some(endpoint)) => endpoint.clone(),
+            (None, None) => KeyValue::new("endpoint", UNKNOWN_ENDPOINT),
+        };
+        let in_flight = self.metrics.as_ref().map(|m| m.start_labelled(endpoint));
+        if !self.unsampled_spans {
+            // Nothing would read the span (see the module docs): only a trace context.
+            let cx = if parent.span().span_context().is_valid() {
+                parent
+            } else {
+                parent.with_remote_span_context(fresh_span_context())
+            };
+            let inner = {
+                let _attached = cx.clone().attach();
+                self.inner.call(request)
+            };
+            let future = inner.instrument(tracing::Span::none()).with_context(cx);
+            let record = match route {
+                Some(_) => CallRecord::http(tracing::Span::none(), in_flight),
+                None => CallRecord::new(tracing::Span::none(), in_flight),
+            };
+            return ResponseFuture::traced(future, record);
+        }
+        if let Some(route) = route {
             let span = tracing::info_span!(
                 "http.server",
                 otel.name = %format_args!("{} {route}", request.method()),
@@ -143,7 +207,6 @@ where
                 otel.status_code = tracing::field::Empty,
             );
             let _ = span.set_parent(parent.clone());
-            let in_flight = self.metrics.as_ref().map(|m| m.start(route));
             let inner = span.in_scope(|| self.inner.call(request));
             let future = inner.instrument(span.clone()).with_context(parent);
             return ResponseFuture::traced(future, CallRecord::http(span, in_flight));
@@ -169,12 +232,17 @@ where
         // Only fails when the span is disabled (RUST_LOG above info) or no OpenTelemetry layer is
         // installed; the parent is still attached below, so outgoing calls keep the caller's trace.
         let _ = span.set_parent(parent.clone());
-        let in_flight = self.metrics.as_ref().map(|m| m.start(method));
         let inner = span.in_scope(|| self.inner.call(request));
         // Order matters: the parent context is attached first, then the span is entered on top.
         let future = inner.instrument(span.clone()).with_context(parent);
         ResponseFuture::traced(future, CallRecord::new(span, in_flight))
     }
+}
+
+/// A new trace's context that is not sampled: ids for a call that has no span.
+fn fresh_span_context() -> SpanContext {
+    let ids = RandomIdGenerator::default();
+    SpanContext::new(ids.new_trace_id(), ids.new_span_id(), TraceFlags::default(), false, TraceState::default())
 }
 
 /// Where the status code is known, it is recorded on the span and in the metrics exactly once.

@@ -7,15 +7,19 @@
 //! auth layer that refuses it first, ...), is recorded as the one value `unknown`. Exempt services
 //! (probes, tooling) get neither span nor metrics.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use opentelemetry::KeyValue;
 
 /// The services exempt from tracing and the methods served; see the module docs.
 #[derive(Clone, Debug, Default)]
 pub struct Routes {
     /// `/{service}/` of each exempt service.
     exempt: Vec<Box<str>>,
-    /// `/{service}/{method}` of each served method.
-    served: HashSet<Box<str>>,
+    /// `/{service}/{method}` of each served method, and its `endpoint` label (the method), built
+    /// once here so that a call only clones it (a reference count), never formats or allocates it.
+    served: HashMap<Box<str>, KeyValue>,
 }
 
 impl Routes {
@@ -34,7 +38,8 @@ impl Routes {
     /// them are named after them.
     pub fn serve<M: AsRef<str>>(mut self, service: &str, methods: impl IntoIterator<Item = M>) -> Self {
         for method in methods {
-            self.served.insert(format!("/{service}/{}", method.as_ref()).into_boxed_str());
+            let label = KeyValue::new("endpoint", Arc::<str>::from(method.as_ref()));
+            self.served.insert(format!("/{service}/{}", method.as_ref()).into_boxed_str(), label);
         }
         self
     }
@@ -46,7 +51,12 @@ impl Routes {
 
     /// Whether `path` is a served method.
     pub fn is_served(&self, path: &str) -> bool {
-        self.served.contains(path)
+        self.served.contains_key(path)
+    }
+
+    /// The `endpoint` label of a served method's calls; `None` for any other path.
+    pub(crate) fn endpoint(&self, path: &str) -> Option<&KeyValue> {
+        self.served.get(path)
     }
 }
 

@@ -325,3 +325,45 @@ async fn http_routes_are_labelled_by_route_and_read_their_outcome() {
     }
     assert_eq!(h.spans.named("POST /generate").len(), 2);
 }
+
+/// With nothing sampling (as `init` sets up without a traces endpoint), a call gets no span but a
+/// trace id — its caller's, or without one a fresh one — visible to the inner service (for its
+/// logs, error messages and next hop). Metrics count every call.
+#[tokio::test]
+async fn unsampled_calls_get_trace_ids_but_no_span() {
+    let h = harness();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let layer = h.layer.clone().with_unsampled_spans(false);
+    let service = layer.layer(tower::service_fn({
+        let seen = seen.clone();
+        move |_req: http::Request<tonic::body::Body>| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().expect("lock").push(crate::propagation::current_trace_id());
+                Ok::<_, std::convert::Infallible>(ok_response())
+            }
+        }
+    }));
+
+    for path in ["/llmesh.gateway.v1.Gateway/Generate", "/v1/chat/completions"] {
+        let response = service.clone().oneshot(grpc_request(path, http::HeaderMap::new())).await.expect("call");
+        response.into_body().collect().await.expect("body");
+    }
+    assert!(h.spans.0.lock().expect("lock").is_empty(), "no span: {:?}", h.spans.0.lock().expect("lock"));
+    let ids = seen.lock().expect("lock").clone();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.iter().all(|id| id.as_ref().is_some_and(|id| id.len() == 32)), "{ids:?}");
+    assert_ne!(ids[0], ids[1], "each call is a trace of its own");
+
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut headers = http::HeaderMap::new();
+    headers.insert("traceparent", format!("00-{trace}-b7ad6b7169203331-00").parse().expect("header"));
+    let response = service.oneshot(grpc_request("/llmesh.gateway.v1.Gateway/Generate", headers)).await.expect("call");
+    response.into_body().collect().await.expect("body");
+    assert_eq!(seen.lock().expect("lock").last().cloned().flatten().as_deref(), Some(trace));
+    assert!(h.spans.0.lock().expect("lock").is_empty(), "no span: {:?}", h.spans.0.lock().expect("lock"));
+
+    let text = h.metrics.render();
+    assert!(text.contains("llm_requests_total{endpoint=\"Generate\",status=\"OK\"} 2\n"), "{text}");
+    assert!(text.contains("llm_requests_total{endpoint=\"/v1/chat/completions\",status=\"OK\"} 1\n"), "{text}");
+}

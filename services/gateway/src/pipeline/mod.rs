@@ -218,6 +218,14 @@ pub fn deadline_after(limit: Duration) -> Deadline {
     Deadline::after(limit)
 }
 
+/// Whether the current call has a span, so that its steps' spans have a parent to belong to. It
+/// has none when nothing samples it and its caller sent no trace context (see
+/// `llmesh_telemetry::GrpcTraceLayer`), or when spans are filtered out: its steps then create none
+/// either — each would be dropped unread, after formatting its fields.
+pub(crate) fn in_a_span() -> bool {
+    tracing::dispatcher::get_default(|dispatch| dispatch.current_span().id().is_some())
+}
+
 /// Asks generation once, through the whole stack.
 pub async fn ask(generation: &Generation, call: Call) -> Result<Reply, UpstreamError> {
     generation.clone().oneshot(call).await
@@ -356,5 +364,14 @@ mod tests {
 
     async fn ask_owned(generation: Generation, call: Call) -> Result<Reply, UpstreamError> {
         ask(&generation, call).await
+    }
+
+    #[test]
+    fn steps_make_spans_only_inside_a_calls_span() {
+        tracing::subscriber::with_default(tracing_subscriber::registry(), || {
+            assert!(!in_a_span(), "no span is current");
+            tracing::info_span!("grpc.server").in_scope(|| assert!(in_a_span()));
+            tracing::Span::none().in_scope(|| assert!(!in_a_span(), "a call without a span"));
+        });
     }
 }

@@ -68,14 +68,18 @@ impl Service<Call> for Balance {
             Err(error) => return Box::pin(std::future::ready(Err(error))),
         };
         let client = lease.client();
-        let span = tracing::info_span!(
-            "generation.attempt",
-            otel.kind = "client",
-            rpc.system = "grpc",
-            rpc.method = call.ask.method(),
-            server.address = %lease.addr(),
-            attempt = call.attempt,
-        );
+        let span = if super::in_a_span() {
+            tracing::info_span!(
+                "generation.attempt",
+                otel.kind = "client",
+                rpc.system = "grpc",
+                rpc.method = call.ask.method(),
+                server.address = %lease.addr(),
+                attempt = call.attempt,
+            )
+        } else {
+            tracing::Span::none()
+        };
         call.pick.put(lease);
         Box::pin(attempt(client, call).instrument(span))
     }

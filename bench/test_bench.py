@@ -31,6 +31,31 @@ def alive(pid: int) -> bool:
         return False
 
 
+def run_quick(tmp_path, scenarios, max_time=90):
+    """`bench/run --quick --scenarios SCENARIOS` into tmp_path/bench, bounded: fails the test when it
+    does not finish within 150 s or exits non-zero. Returns (out directory, report.md's text)."""
+    out = tmp_path / "bench"
+    argv = [sys.executable, str(BENCH / "run"), "--quick", "--scenarios", scenarios,
+            "--bin-dir", str(BIN_DIR), "--out", str(out), "--max-time", str(max_time)]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+        pytest.fail(f"bench/run --quick --scenarios {scenarios} did not finish within 150 s:\n{output[-4000:]}")
+    assert proc.returncode == 0, f"bench/run exited {proc.returncode}:\n{output[-4000:]}"
+    return out, (out / "report.md").read_text()
+
+
+def assert_nothing_left_running(out):
+    """Every process the run started (logs/pids.txt) is gone."""
+    time.sleep(0.5)
+    pids = [int(line.split()[0]) for line in (out / "logs" / "pids.txt").read_text().splitlines() if line.strip()]
+    assert not [pid for pid in pids if alive(pid)]
+
+
 def test_quick_overhead_cache_and_memory(tmp_path):
     missing = [n for n in ("gateway", "generation", "cache", "health", "llmesh") if not (BIN_DIR / n).exists()]
     assert not missing, f"build the binaries first (cargo build --workspace --bins): {missing} not in {BIN_DIR}"
@@ -120,19 +145,7 @@ def test_httpload_against_mock(tmp_path):
 
 def test_quick_http_against_grpc(tmp_path):
     """The http scenario: the same load over gRPC and over HTTP through one gateway, with its CPU per call."""
-    out = tmp_path / "bench"
-    argv = [sys.executable, str(BENCH / "run"), "--quick", "--scenarios", "http",
-            "--bin-dir", str(BIN_DIR), "--out", str(out), "--max-time", "90"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        output, _ = proc.communicate(timeout=20)
-        pytest.fail(f"bench/run --quick --scenarios http did not finish within 150 s:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"bench/run exited {proc.returncode}:\n{output[-4000:]}"
-    report = (out / "report.md").read_text()
+    out, report = run_quick(tmp_path, "http")
     assert "## 3b. gRPC against HTTP" in report, report
     assert "--protocol http" in report, report
     raws = {p.name: json.loads(p.read_text()) for p in (out / "raw").glob("*.json")}
@@ -146,26 +159,12 @@ def test_quick_http_against_grpc(tmp_path):
     # The CPU per call columns are filled (a number of µs, not the dash of a missing figure).
     rows = [line for line in report.splitlines() if line.startswith("| 200 |")]
     assert len(rows) == 2 and all(line.split("|")[8].strip().isdigit() for line in rows), rows
-    time.sleep(0.5)
-    pids = [int(line.split()[0]) for line in (out / "logs" / "pids.txt").read_text().splitlines() if line.strip()]
-    assert not [pid for pid in pids if alive(pid)]
+    assert_nothing_left_running(out)
 
 
 def test_quick_budgets_on_against_off(tmp_path):
     """The budgets scenario: the same key through a gateway with spend budgets and one without."""
-    out = tmp_path / "bench"
-    argv = [sys.executable, str(BENCH / "run"), "--quick", "--scenarios", "budgets",
-            "--bin-dir", str(BIN_DIR), "--out", str(out), "--max-time", "90"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        output, _ = proc.communicate(timeout=20)
-        pytest.fail(f"bench/run --quick --scenarios budgets did not finish within 150 s:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"bench/run exited {proc.returncode}:\n{output[-4000:]}"
-    report = (out / "report.md").read_text()
+    out, report = run_quick(tmp_path, "budgets")
     assert "## 3c. Spend budgets on against off" in report, report
     raws = {p.name: json.loads(p.read_text()) for p in (out / "raw").glob("*.json")}
     on = [r for name, r in raws.items() if "budgets-on-" in name or "budgets-closed1-on" in name]
@@ -177,27 +176,13 @@ def test_quick_budgets_on_against_off(tmp_path):
     assert "budget = { usd = 1000000.0" in (out / "keys-with-budgets.toml").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| 200 |")]
     assert len(rows) == 1 and all(cell.strip() != "" for cell in rows[0].split("|")[1:-1]), rows
-    time.sleep(0.5)
-    pids = [int(line.split()[0]) for line in (out / "logs" / "pids.txt").read_text().splitlines() if line.strip()]
-    assert not [pid for pid in pids if alive(pid)]
+    assert_nothing_left_running(out)
 
 
 def test_quick_tls_against_plaintext(tmp_path):
     """The tls scenario: the same calls through a plaintext mesh and a TLS one (TLS at the gateway,
     mTLS behind it), against generation directly, with CPU per call of the gateway and the mesh."""
-    out = tmp_path / "bench"
-    argv = [sys.executable, str(BENCH / "run"), "--quick", "--scenarios", "tls",
-            "--bin-dir", str(BIN_DIR), "--out", str(out), "--max-time", "90"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        output, _ = proc.communicate(timeout=20)
-        pytest.fail(f"bench/run --quick --scenarios tls did not finish within 150 s:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"bench/run exited {proc.returncode}:\n{output[-4000:]}"
-    report = (out / "report.md").read_text()
+    out, report = run_quick(tmp_path, "tls")
     assert "## 3d. TLS on against off" in report, report
     raws = {p.name: json.loads(p.read_text()) for p in (out / "raw").glob("*.json")}
 
@@ -230,6 +215,4 @@ def test_quick_tls_against_plaintext(tmp_path):
         assert all(cell.strip() not in ("", "–") for cell in row.split("|")[1:-1]), row
     cpu = rows[1].split("|")[2:-1]
     assert all(cell.strip().lstrip("-").isdigit() for cell in cpu), rows[1]
-    time.sleep(0.5)
-    pids = [int(line.split()[0]) for line in (out / "logs" / "pids.txt").read_text().splitlines() if line.strip()]
-    assert not [pid for pid in pids if alive(pid)]
+    assert_nothing_left_running(out)

@@ -426,18 +426,24 @@ async fn tls_redis(certs: &Certs, password: &str) -> (tokio::process::Child, u16
     (child, port)
 }
 
-#[tokio::test]
-async fn every_redis_client_works_over_rediss_with_a_password_from_a_file() {
-    let certs = Certs::new().await;
-    let password = "s3cret-for-llmesh";
-    let (_redis, port) = tls_redis(&certs, password).await;
-    // The password from a file (a mounted Secret), as the deploy files do.
+/// [`tls_redis`], its password in a file (a mounted Secret, as the deploy files do), and the
+/// `rediss://` URL every Redis client of the mesh is given for it.
+async fn tls_redis_with_password_file(certs: &Certs, password: &str) -> (tokio::process::Child, String) {
+    let (redis, port) = tls_redis(certs, password).await;
     std::fs::write(certs.path("redis-password"), format!("{password}\n")).unwrap();
     let url = format!(
         "rediss://llmesh@127.0.0.1:{port}/0?tls_ca={}&password_file={}",
         certs.shown("ca.pem"),
         certs.shown("redis-password")
     );
+    (redis, url)
+}
+
+#[tokio::test]
+async fn every_redis_client_works_over_rediss_with_a_password_from_a_file() {
+    let certs = Certs::new().await;
+    let password = "s3cret-for-llmesh";
+    let (_redis, url) = tls_redis_with_password_file(&certs, password).await;
     let mut env = certs.mesh_env();
     env.extend([
         ("LLMESH_GATEWAY_QUEUE__REDIS_URL", url.clone()),
@@ -532,13 +538,7 @@ fn priced(text: &str) -> llmesh_proto::gateway::v1::GenerateRequest {
 async fn budgets_and_llmesh_spend_use_rediss_and_a_changed_budget_applies_at_once() {
     let certs = Certs::new().await;
     let password = "budget-s3cret";
-    let (_redis, port) = tls_redis(&certs, password).await;
-    std::fs::write(certs.path("redis-password"), format!("{password}\n")).unwrap();
-    let url = format!(
-        "rediss://llmesh@127.0.0.1:{port}/0?tls_ca={}&password_file={}",
-        certs.shown("ca.pem"),
-        certs.shown("redis-password")
-    );
+    let (_redis, url) = tls_redis_with_password_file(&certs, password).await;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.toml");
     let (key, entry) = llmesh_gateway::admission::generate_key("spender");

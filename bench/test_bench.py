@@ -3,8 +3,8 @@
     cargo build --workspace --bins
     .venv/bin/python -m pytest -q bench/test_bench.py
 
-Binaries from $LLMESH_BIN_DIR (default target/debug). Bounded: the harness gets --max-time 90
-and the test kills it at 150 s. Checks that it exits 0, writes report.md with both sections and a
+Binaries from $LLMESH_BIN_DIR (default target/debug). Bounded: the harness gets --max-time (90 s;
+150 for the cpu scenario) and the test kills it a minute later. Checks that it exits 0, writes report.md with both sections and a
 raw `llmesh load` JSON per run, and leaves no process behind.
 """
 
@@ -31,20 +31,21 @@ def alive(pid: int) -> bool:
         return False
 
 
-def run_quick(tmp_path, scenarios, max_time=90):
-    """`bench/run --quick --scenarios SCENARIOS` into tmp_path/bench, bounded: fails the test when it
-    does not finish within 150 s or exits non-zero. Returns (out directory, report.md's text)."""
+def run_quick(tmp_path, scenarios, max_time=90, extra=()):
+    """`bench/run --quick --scenarios SCENARIOS [EXTRA...]` into tmp_path/bench, bounded: fails the
+    test when it does not finish within a minute past MAX_TIME or exits non-zero. Returns (out directory, report.md's
+    text)."""
     out = tmp_path / "bench"
     argv = [sys.executable, str(BENCH / "run"), "--quick", "--scenarios", scenarios,
-            "--bin-dir", str(BIN_DIR), "--out", str(out), "--max-time", str(max_time)]
+            "--bin-dir", str(BIN_DIR), "--out", str(out), "--max-time", str(max_time), *extra]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=150)
+        output, _ = proc.communicate(timeout=max_time + 60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)
         output, _ = proc.communicate(timeout=20)
-        pytest.fail(f"bench/run --quick --scenarios {scenarios} did not finish within 150 s:\n{output[-4000:]}")
+        pytest.fail(f"bench/run --quick --scenarios {scenarios} did not finish within {max_time + 60} s:\n{output[-4000:]}")
     assert proc.returncode == 0, f"bench/run exited {proc.returncode}:\n{output[-4000:]}"
     return out, (out / "report.md").read_text()
 
@@ -215,4 +216,37 @@ def test_quick_tls_against_plaintext(tmp_path):
         assert all(cell.strip() not in ("", "–") for cell in row.split("|")[1:-1]), row
     cpu = rows[1].split("|")[2:-1]
     assert all(cell.strip().lstrip("-").isdigit() for cell in cpu), rows[1]
+    assert_nothing_left_running(out)
+
+
+def test_quick_cpu_against_the_floor(tmp_path):
+    """The cpu scenario: every path saturated by h2load (misses by `llmesh load --unique`) against
+    the bare HTTP/2 floor, at both log filters, each run counted only when every call was
+    answered as expected by the served service's own metrics; --profile saves a flamegraph per
+    service and run."""
+    assert (BIN_DIR / "floor").exists(), f"build the binaries first (cargo build --workspace --bins): no floor in {BIN_DIR}"
+    out, report = run_quick(tmp_path, "cpu", max_time=150, extra=["--profile"])
+    assert "## 3e. CPU per call against the bare HTTP/2 floor" in report, report
+    blocks = [line for line in report.splitlines() if line.startswith("### 1 worker thread per service, RUST_LOG=")]
+    assert blocks == ["### 1 worker thread per service, RUST_LOG=info", "### 1 worker thread per service, RUST_LOG=warn"]
+    titles = ["the floor", "generation directly", "near-cache hit", "cache-service hit", "cache bypass", "cache miss",
+              "near-cache hit, auth", "cache-service hit, auth", "cache bypass, auth", "cache miss, auth"]
+    rows = [line for line in report.splitlines() if line.startswith("| ") and line.endswith(" |") and " yes |" in line]
+    for title in titles:
+        assert sum(title in row for row in rows) >= 2, (title, report)
+    # Every run counted (no "no: why" cell) and every CPU per call cell of the called process is a number.
+    assert "| no: " not in report, report
+    for row in rows:
+        assert float(row.split("|")[3]) > 0, row
+    # The floor is the unit of the ratios: the served process's µs over the floor's.
+    assert any("Gateway's near-cache hit within 3×" in line for line in report.splitlines())
+    summary = json.loads((out / "summary.json").read_text())
+    verdicts = {v["target"]: v["verdict"] for v in summary["verdicts"]}
+    assert all(verdicts[t] in ("met", "not met") for t in verdicts if "floor" in t or "bypass" in t), verdicts
+    # h2load's own output is kept for every saturation run, and the miss runs' JSON reports.
+    assert len(list((out / "raw").glob("*-cpu-*.h2load.txt"))) == 16
+    assert len(list((out / "raw").glob("*-cpu-miss-*.json"))) == 4
+    profiles = sorted(p.name for p in (out / "profiles").glob("*.svg"))
+    assert any(n.startswith("near-plain-w1-info-gateway") for n in profiles), profiles
+    assert all((out / "profiles" / n).read_text().lstrip().startswith("<?xml") for n in profiles[:3])
     assert_nothing_left_running(out)

@@ -72,7 +72,7 @@ def test_every_workspace_member_is_in_the_build_context():
     copied = copied_sources()
     for member in workspace()["members"]:
         top = member.split("/", 1)[0]
-        assert top in copied, f"workspace member {member} is not copied into the build stage"
+        assert top in copied or member in copied, f"workspace member {member} is not copied into the build stage"
     assert {"Cargo.toml", "Cargo.lock", "proto"} <= copied
 
 

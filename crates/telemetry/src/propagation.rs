@@ -4,14 +4,20 @@
 //! `tracing` span's OpenTelemetry context into the request metadata with the global propagator
 //! (`traceparent` / `tracestate`, installed by [`crate::init`]). Incoming calls are handled by
 //! [`crate::GrpcTraceLayer`].
+//!
+//! A call without a span of its own (nothing samples it: see [`crate::GrpcTraceLayer`]) sends the
+//! same context on every hop — its caller's, or the fresh one the layer made — so [`inject`]
+//! writes that context's headers once per call ([`CallHeaders`]) and copies them onto each
+//! outgoing call, instead of formatting `traceparent` again for every hop.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
-use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry::trace::{SpanId, TraceContextExt as _, TraceId};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::metadata::{Ascii, MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// The OpenTelemetry context of the current `tracing` span, or the attached OTel context when the
@@ -29,7 +35,45 @@ pub fn inject<T>(request: &mut tonic::Request<T>) {
 /// Writes the current span's context into `metadata`.
 pub fn inject_metadata(metadata: &mut MetadataMap) {
     let cx = current_context();
+    if let Some(written) = cx.get::<CallHeaders>().and_then(|headers| headers.of(&cx)) {
+        for (key, value) in written {
+            metadata.insert(key.clone(), value.clone());
+        }
+        return;
+    }
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(metadata)));
+}
+
+/// The trace context headers of a call that has no span, written by the global propagator at most
+/// once and then copied onto every outgoing call of it. The server layer puts one in the context of
+/// each such call (an empty one: a call that makes no outgoing call formats nothing).
+///
+/// Kept for the span context it was written for: a context derived from the call's with another
+/// span in it (a span made after all) is written as before, by the propagator, every time.
+#[derive(Debug, Default)]
+pub(crate) struct CallHeaders(OnceLock<Written>);
+
+#[derive(Debug)]
+struct Written {
+    trace_id: TraceId,
+    span_id: SpanId,
+    headers: Vec<(MetadataKey<Ascii>, MetadataValue<Ascii>)>,
+}
+
+impl CallHeaders {
+    /// The headers for `cx` (written now, the first time), unless `cx` is not the context they are
+    /// kept for.
+    fn of(&self, cx: &Context) -> Option<&[(MetadataKey<Ascii>, MetadataValue<Ascii>)]> {
+        let span = cx.span();
+        let now = span.span_context();
+        let written = self.0.get_or_init(|| {
+            let mut headers = Headers::default();
+            opentelemetry::global::get_text_map_propagator(|p| p.inject_context(cx, &mut headers));
+            let headers = headers.0;
+            Written { trace_id: now.trace_id(), span_id: now.span_id(), headers }
+        });
+        (written.trace_id == now.trace_id() && written.span_id == now.span_id()).then_some(written.headers.as_slice())
+    }
 }
 
 /// Writes the current span's context into HTTP headers (for tower-level clients).
@@ -103,6 +147,19 @@ impl Injector for MetadataInjector<'_> {
     }
 }
 
+/// Headers as a propagator writes them, to be copied onto requests later.
+#[derive(Default)]
+struct Headers(Vec<(MetadataKey<Ascii>, MetadataValue<Ascii>)>);
+
+impl Injector for Headers {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value)) {
+            self.0.retain(|(kept, _)| *kept != key);
+            self.0.push((key, value));
+        }
+    }
+}
+
 struct MetadataExtractor<'a>(&'a MetadataMap);
 
 impl Extractor for MetadataExtractor<'_> {
@@ -142,5 +199,52 @@ impl Extractor for HeaderExtractor<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SpanContext, TraceFlags, TraceState};
+
+    use super::*;
+
+    fn context(trace_id: u128, span_id: u64) -> Context {
+        let span = SpanContext::new(
+            TraceId::from(trace_id),
+            SpanId::from(span_id),
+            TraceFlags::default(),
+            true,
+            TraceState::default(),
+        );
+        Context::new().with_remote_span_context(span)
+    }
+
+    fn traceparent(metadata: &MetadataMap) -> Option<&str> {
+        metadata.get("traceparent").and_then(|v| v.to_str().ok())
+    }
+
+    #[test]
+    fn call_headers_are_written_once_for_their_context_only() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        let cx = context(0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331).with_value(CallHeaders::default());
+        let expected = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+        for _ in 0..2 {
+            let mut metadata = MetadataMap::new();
+            let _attached = cx.clone().attach();
+            inject_metadata(&mut metadata);
+            assert_eq!(traceparent(&metadata), Some(expected));
+        }
+        let headers = cx.get::<CallHeaders>().and_then(|h| h.of(&cx)).expect("written");
+        assert_eq!(headers.len(), 2, "traceparent and tracestate: {headers:?}");
+
+        // A context derived from the call's (its values kept) with another span in it: written by
+        // the propagator, for that span.
+        let other = context(0x0af7651916cd43dd8448eb211c80319c, 0x1111);
+        let derived = cx.with_remote_span_context(other.span().span_context().clone());
+        assert!(derived.get::<CallHeaders>().is_some_and(|h| h.of(&derived).is_none()), "kept for the call's only");
+        let mut metadata = MetadataMap::new();
+        let _attached = derived.attach();
+        inject_metadata(&mut metadata);
+        assert_eq!(traceparent(&metadata), Some("00-0af7651916cd43dd8448eb211c80319c-0000000000001111-00"));
     }
 }

@@ -97,7 +97,8 @@ fn record_decision(
     let shared = taken.map_or_else(|| limiter.redis_healthy(), |taken| taken == super::Taken::Shared);
     let limiter_kind = if shared { "redis" } else { "local" };
     let result = if decided.is_ok() { "allowed" } else { "rejected" };
-    let key = principal.id.to_string();
+    // The key's id is shared (`Arc<str>`): the label costs a reference count, not a copy.
+    let key = principal.id.clone();
     metrics()
         .ratelimit_decisions
         .add(1, &[label("api_key", key.clone()), label("result", result), label("limiter", limiter_kind)]);

@@ -7,15 +7,15 @@
 //!
 //! A call without a span of its own (nothing samples it: see [`crate::GrpcTraceLayer`]) sends the
 //! same context on every hop — its caller's, or the fresh one the layer made — so [`inject`]
-//! writes that context's headers once per call ([`CallHeaders`]) and copies them onto each
-//! outgoing call, instead of formatting `traceparent` again for every hop.
+//! writes that context's headers once per call ([`CallHeaders`], without a `format!`) and copies
+//! them onto each outgoing call, instead of running the propagator again for every hop.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
-use opentelemetry::trace::{SpanId, TraceContextExt as _, TraceId};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tonic::metadata::{Ascii, MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -44,12 +44,14 @@ pub fn inject_metadata(metadata: &mut MetadataMap) {
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(metadata)));
 }
 
-/// The trace context headers of a call that has no span, written by the global propagator at most
-/// once and then copied onto every outgoing call of it. The server layer puts one in the context of
-/// each such call (an empty one: a call that makes no outgoing call formats nothing).
+/// The trace context headers of a call that has no span, written at most once and then copied
+/// onto every outgoing call of it. The server layer puts one in the context of each such call (an
+/// empty one: a call that makes no outgoing call writes nothing).
 ///
-/// Kept for the span context it was written for: a context derived from the call's with another
-/// span in it (a span made after all) is written as before, by the propagator, every time.
+/// They are what the W3C propagator [`crate::init`] installs writes (`traceparent`, `tracestate`),
+/// hex-encoded by hand instead of by its `format!` — the same bytes, which a test checks. Kept for
+/// the span context they were written for: a context derived from the call's with another span
+/// in it (a span made after all) is written by the global propagator, every time, as before.
 #[derive(Debug, Default)]
 pub(crate) struct CallHeaders(OnceLock<Written>);
 
@@ -66,13 +68,43 @@ impl CallHeaders {
     fn of(&self, cx: &Context) -> Option<&[(MetadataKey<Ascii>, MetadataValue<Ascii>)]> {
         let span = cx.span();
         let now = span.span_context();
-        let written = self.0.get_or_init(|| {
-            let mut headers = Headers::default();
-            opentelemetry::global::get_text_map_propagator(|p| p.inject_context(cx, &mut headers));
-            let headers = headers.0;
-            Written { trace_id: now.trace_id(), span_id: now.span_id(), headers }
+        let written = self.0.get_or_init(|| Written {
+            trace_id: now.trace_id(),
+            span_id: now.span_id(),
+            headers: w3c_headers(now),
         });
         (written.trace_id == now.trace_id() && written.span_id == now.span_id()).then_some(written.headers.as_slice())
+    }
+}
+
+/// What `TraceContextPropagator::inject_context` writes for `span`: nothing for an invalid one,
+/// else `traceparent` (`00-<trace id>-<span id>-<sampled flag>`, lowercase hex) and `tracestate`.
+fn w3c_headers(span: &SpanContext) -> Vec<(MetadataKey<Ascii>, MetadataValue<Ascii>)> {
+    if !span.is_valid() {
+        return Vec::new();
+    }
+    let mut traceparent = String::with_capacity(55);
+    traceparent.push_str("00-");
+    push_hex(&mut traceparent, &span.trace_id().to_bytes());
+    traceparent.push('-');
+    push_hex(&mut traceparent, &span.span_id().to_bytes());
+    traceparent.push('-');
+    push_hex(&mut traceparent, &[(span.trace_flags() & TraceFlags::SAMPLED).to_u8()]);
+    let mut headers = Vec::with_capacity(2);
+    if let Ok(value) = MetadataValue::try_from(traceparent) {
+        headers.push((MetadataKey::from_static("traceparent"), value));
+    }
+    if let Ok(value) = MetadataValue::try_from(span.trace_state().header()) {
+        headers.push((MetadataKey::from_static("tracestate"), value));
+    }
+    headers
+}
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for byte in bytes {
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
     }
 }
 
@@ -147,19 +179,6 @@ impl Injector for MetadataInjector<'_> {
     }
 }
 
-/// Headers as a propagator writes them, to be copied onto requests later.
-#[derive(Default)]
-struct Headers(Vec<(MetadataKey<Ascii>, MetadataValue<Ascii>)>);
-
-impl Injector for Headers {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(key), Ok(value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value)) {
-            self.0.retain(|(kept, _)| *kept != key);
-            self.0.push((key, value));
-        }
-    }
-}
-
 struct MetadataExtractor<'a>(&'a MetadataMap);
 
 impl Extractor for MetadataExtractor<'_> {
@@ -204,7 +223,7 @@ impl Extractor for HeaderExtractor<'_> {
 
 #[cfg(test)]
 mod tests {
-    use opentelemetry::trace::{SpanContext, TraceFlags, TraceState};
+    use opentelemetry::trace::TraceState;
 
     use super::*;
 
@@ -246,5 +265,28 @@ mod tests {
         let _attached = derived.attach();
         inject_metadata(&mut metadata);
         assert_eq!(traceparent(&metadata), Some("00-0af7651916cd43dd8448eb211c80319c-0000000000001111-00"));
+    }
+
+    /// The headers written by hand are the bytes the SDK's W3C propagator writes.
+    #[test]
+    fn call_headers_are_what_the_w3c_propagator_writes() {
+        let state = TraceState::from_key_value([("vendor", "value"), ("other", "1")]).expect("trace state");
+        let spans = [
+            (0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331, TraceFlags::SAMPLED, TraceState::default()),
+            (1, 1, TraceFlags::default(), state.clone()),
+            (u128::MAX, u64::MAX, TraceFlags::new(0xff), state),
+            (0, 0, TraceFlags::SAMPLED, TraceState::default()),
+        ];
+        for (trace_id, span_id, flags, state) in spans {
+            let span = SpanContext::new(TraceId::from(trace_id), SpanId::from(span_id), flags, true, state);
+            let mut expected = MetadataMap::new();
+            let cx = Context::new().with_remote_span_context(span.clone());
+            TraceContextPropagator::new().inject_context(&cx, &mut MetadataInjector(&mut expected));
+            let mut written = MetadataMap::new();
+            for (key, value) in w3c_headers(&span) {
+                written.insert(key, value);
+            }
+            assert_eq!(written.into_headers(), expected.into_headers(), "{span:?}");
+        }
     }
 }

@@ -87,17 +87,22 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// precise unit whose count fits the 8 digits gRPC allows (a test compares it with tonic's) —
 /// written digit by digit. Every outgoing call sets one (three on a cache miss).
 pub fn set_timeout<T>(request: &mut tonic::Request<T>, timeout: Duration) {
-    const MAX: u128 = 99_999_999;
-    let secs = u128::from(timeout.as_secs());
+    const MAX: u32 = 99_999_999;
+    // Counted in u64 and written from a u32 (at most 8 digits): their divisions are machine
+    // instructions, a u128's is a call.
+    let wide = |count: u128| u64::try_from(count).unwrap_or(u64::MAX);
+    let secs = timeout.as_secs();
     let units = [
-        (timeout.as_nanos(), 'n'),
-        (timeout.as_micros(), 'u'),
-        (timeout.as_millis(), 'm'),
+        (wide(timeout.as_nanos()), 'n'),
+        (wide(timeout.as_micros()), 'u'),
+        (wide(timeout.as_millis()), 'm'),
         (secs, 'S'),
         (secs / 60, 'M'),
         (secs / 3600, 'H'),
     ];
-    let Some((count, unit)) = units.into_iter().find(|(count, _)| *count <= MAX) else {
+    let found =
+        units.into_iter().find_map(|(count, unit)| u32::try_from(count).ok().filter(|c| *c <= MAX).zip(Some(unit)));
+    let Some((count, unit)) = found else {
         // Over 11,000 years: tonic's own (which refuses it).
         request.set_timeout(timeout);
         return;

@@ -162,7 +162,7 @@ impl Cache {
         };
         let lookup = async {
             let mut call = tonic::Request::new(LookupRequest { request: Some(request.clone()), allow_stale });
-            call.set_timeout(budget);
+            crate::deadline::set_timeout(&mut call, budget);
             llmesh_telemetry::inject(&mut call);
             tokio::time::timeout(budget, client.lookup(call)).await
         };
@@ -219,7 +219,7 @@ impl Cache {
                 chunks,
                 ttl_ms: 0,
             });
-            call.set_timeout(budget);
+            crate::deadline::set_timeout(&mut call, budget);
             llmesh_telemetry::inject(&mut call);
             match tokio::time::timeout(budget, client.store(call)).await {
                 Ok(Ok(_)) => {}

@@ -3,7 +3,10 @@
 //! its own overhead. Created once,
 //! on first use, from the global meter provider that telemetry installs at start-up.
 
-use std::sync::OnceLock;
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock, RwLock},
+};
 
 use opentelemetry::{
     KeyValue,
@@ -115,4 +118,67 @@ pub fn metrics() -> &'static GatewayMetrics {
 
 pub fn label(key: &'static str, value: impl Into<opentelemetry::Value>) -> KeyValue {
     KeyValue::new(key, value)
+}
+
+/// One label's values built once per name and then shared: a call clones one (a reference count),
+/// never formats or allocates it. Bounded, as every label from a caller must be: past `capacity`
+/// names, a name not yet kept is labelled `overflow` — one shared value, as a model nobody knows is
+/// labelled `other`.
+#[derive(Debug)]
+pub struct Labels {
+    key: &'static str,
+    kept: RwLock<HashMap<Box<str>, KeyValue>>,
+    capacity: usize,
+    overflow: KeyValue,
+}
+
+impl Labels {
+    pub fn new(key: &'static str, capacity: usize, overflow: &'static str) -> Self {
+        Self { key, kept: RwLock::default(), capacity, overflow: KeyValue::new(key, overflow) }
+    }
+
+    /// The label whose value is `name` (`overflow` once `capacity` other names are kept).
+    pub fn get(&self, name: &str) -> KeyValue {
+        if let Ok(kept) = self.kept.read()
+            && let Some(label) = kept.get(name)
+        {
+            return label.clone();
+        }
+        let Ok(mut kept) = self.kept.write() else {
+            return self.overflow.clone();
+        };
+        if let Some(label) = kept.get(name) {
+            return label.clone();
+        }
+        if kept.len() >= self.capacity {
+            return self.overflow.clone();
+        }
+        let label = KeyValue::new(self.key, Arc::<str>::from(name));
+        kept.insert(name.into(), label.clone());
+        label
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_built_once_and_bounded() {
+        let labels = Labels::new("model", 2, "other");
+        let sim = labels.get("sim");
+        assert_eq!((sim.key.as_str(), sim.value.as_str().as_ref()), ("model", "sim"));
+        // The same value, shared (not built again).
+        let again = labels.get("sim");
+        let (opentelemetry::Value::String(a), opentelemetry::Value::String(b)) = (&sim.value, &again.value) else {
+            panic!("string labels")
+        };
+        assert!(std::ptr::eq(a.as_str(), b.as_str()), "one allocation per name");
+        assert_eq!(labels.get("echo").value.as_str(), "echo");
+        // Full: a new name is the overflow value; the names kept stay theirs.
+        assert_eq!(labels.get("made-up").value.as_str(), "other");
+        assert_eq!(labels.get("another").value.as_str(), "other");
+        assert_eq!(labels.get("sim").value.as_str(), "sim");
+        assert_eq!(labels.kept.read().unwrap().len(), 2);
+    }
 }

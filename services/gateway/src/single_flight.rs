@@ -58,16 +58,27 @@ impl SingleFlight {
 impl Leader {
     /// Hands a successful answer to the followers. Failures are not shared: each follower then
     /// tries for itself.
+    ///
+    /// The flight leaves the map first, so no follower joins after that: the receivers left are
+    /// the followers waiting now, and without any the answer is not copied at all (most misses).
     pub fn finish(self, response: &GenerateResponse) {
-        self.tx.send_replace(Some(response.clone()));
+        self.leave();
+        if self.tx.receiver_count() > 0 {
+            self.tx.send_replace(Some(response.clone()));
+        }
+    }
+
+    /// Takes the flight out of the map (with the map's own receiver).
+    fn leave(&self) {
+        if let Ok(mut flights) = self.flights.lock() {
+            flights.remove(&self.key);
+        }
     }
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        if let Ok(mut flights) = self.flights.lock() {
-            flights.remove(&self.key);
-        }
+        self.leave();
     }
 }
 
@@ -99,7 +110,20 @@ mod tests {
         let waiting = tokio::spawn(follower.wait(Duration::from_secs(1)));
         leader.finish(&answer("once"));
         assert_eq!(waiting.await.unwrap().unwrap().text, "once");
+        assert_eq!(flights.in_flight(), 1, "only the other key's flight is left");
         // The leader is gone: the next caller leads a new flight.
+        assert!(matches!(flights.join("k".into()), Flight::Leader(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_without_followers_just_leaves() {
+        let flights = SingleFlight::default();
+        let Flight::Leader(leader) = flights.join("k".into()) else { panic!("first caller leads") };
+        let Flight::Leader(other) = flights.join("other".into()) else { panic!("other keys lead") };
+        assert_eq!(other.tx.receiver_count(), 1, "the map's own receiver");
+        leader.finish(&answer("alone"));
+        assert_eq!(flights.in_flight(), 1);
+        // A caller after the finish leads again (it did not follow a finished flight).
         assert!(matches!(flights.join("k".into()), Flight::Leader(_)));
     }
 

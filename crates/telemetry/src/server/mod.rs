@@ -34,7 +34,9 @@
 //! largest cost per call. The call runs in its caller's trace context instead, or, when the caller
 //! sent none, in a fresh unsampled one: its JSON log lines, its error messages, its
 //! `x-llmesh-trace-id` and the next hop's `traceparent` carry a trace id as before (the caller's,
-//! when it sent one). Text log lines lose the span's name and fields. Metrics are recorded either
+//! when it sent one). Every hop of such a call carries the same context, so its headers are written
+//! once per call, on the first outgoing call, and copied onto the others
+//! ([`crate::inject`]). Text log lines lose the span's name and fields. Metrics are recorded either
 //! way.
 //!
 //! The layer never fails a call of its own: errors are the inner service's.
@@ -61,7 +63,7 @@ pub use self::future::ResponseFuture;
 pub use self::http_routes::{HTTP_ROUTES, code_of_http_status, http_route};
 pub use self::routes::Routes;
 use crate::metrics::SeedMetrics;
-use crate::propagation::extract_headers;
+use crate::propagation::{CallHeaders, extract_headers};
 
 /// The `endpoint` label (and `rpc.service`, `rpc.method`) of calls to paths the process does not
 /// serve.
@@ -179,12 +181,14 @@ where
         };
         let in_flight = self.metrics.as_ref().map(|m| m.start_labelled(endpoint));
         if !self.unsampled_spans {
-            // Nothing would read the span (see the module docs): only a trace context.
+            // Nothing would read the span (see the module docs): only a trace context, whose
+            // headers each outgoing call then copies, written once (`CallHeaders`).
             let cx = if parent.span().span_context().is_valid() {
                 parent
             } else {
                 parent.with_remote_span_context(fresh_span_context())
             };
+            let cx = cx.with_value(CallHeaders::default());
             let inner = {
                 let _attached = cx.clone().attach();
                 self.inner.call(request)

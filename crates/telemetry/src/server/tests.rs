@@ -367,3 +367,49 @@ async fn unsampled_calls_get_trace_ids_but_no_span() {
     assert!(text.contains("llm_requests_total{endpoint=\"Generate\",status=\"OK\"} 2\n"), "{text}");
     assert!(text.contains("llm_requests_total{endpoint=\"/v1/chat/completions\",status=\"OK\"} 1\n"), "{text}");
 }
+
+/// A call without a span sends the same context on every hop: its headers are written once and
+/// copied, and name the caller's trace (or the call's fresh one) exactly as the propagator would.
+#[tokio::test]
+async fn unsampled_calls_send_one_traceparent_on_every_hop() {
+    let h = harness();
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let layer = h.layer.clone().with_unsampled_spans(false);
+    let service = layer.layer(tower::service_fn({
+        let sent = sent.clone();
+        move |_req: http::Request<tonic::body::Body>| {
+            let sent = sent.clone();
+            async move {
+                let mut hops = Vec::new();
+                for _ in 0..3 {
+                    let mut outgoing = tonic::Request::new(());
+                    crate::propagation::inject(&mut outgoing);
+                    let header = |name| outgoing.metadata().get(name).map(|v| v.to_str().expect("ascii").to_owned());
+                    hops.push((header("traceparent"), header("tracestate")));
+                }
+                let trace_id = crate::propagation::current_trace_id();
+                sent.lock().expect("lock").push((hops, trace_id));
+                Ok::<_, std::convert::Infallible>(ok_response())
+            }
+        }
+    }));
+
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let traceparent = format!("00-{trace}-b7ad6b7169203331-00");
+    let mut headers = http::HeaderMap::new();
+    headers.insert("traceparent", traceparent.parse().expect("header"));
+    for headers in [http::HeaderMap::new(), headers] {
+        let response = service.clone().oneshot(grpc_request("/llmesh.gateway.v1.Gateway/Generate", headers)).await;
+        response.expect("call").into_body().collect().await.expect("body");
+    }
+    let sent = sent.lock().expect("lock").clone();
+    for (hops, trace_id) in &sent {
+        let trace_id = trace_id.as_deref().expect("a trace id");
+        let (first, state) = &hops[0];
+        let first = first.as_deref().expect("a traceparent");
+        assert!(first.starts_with(&format!("00-{trace_id}-")) && first.ends_with("-00"), "{first}");
+        assert_eq!(state.as_deref(), Some(""), "tracestate as the propagator writes it");
+        assert!(hops.iter().all(|hop| hop == &hops[0]), "one context on every hop: {hops:?}");
+    }
+    assert_eq!(sent[1].0[0].0.as_deref(), Some(traceparent.as_str()), "the caller's traceparent, continued");
+}

@@ -36,7 +36,7 @@ use super::{
 use crate::{
     answer::Answer,
     catalog::Catalog,
-    metrics::{label, metrics},
+    metrics::{Labels, label, metrics},
 };
 
 /// What a model costs, in US dollars per million tokens (`[gateway.prices.MODEL]`).
@@ -49,6 +49,9 @@ pub struct Price {
 
 /// The model label of a model nobody configured or listed: metric labels come from known sets.
 const OTHER_MODEL: &str = "other";
+/// At most this many models get a label of their own (the catalog may grow while the process runs);
+/// any further one is labelled [`OTHER_MODEL`].
+const MODEL_LABELS: usize = 1_000;
 
 /// Admits generation calls; see the module docs.
 #[derive(Debug, Clone)]
@@ -84,7 +87,14 @@ impl TokenAdmission {
         budgets: Arc<Budgets>,
         secondary_model: Option<String>,
     ) -> Self {
-        let accounting = Arc::new(Accounting { prices, catalog, limiter: limiter.clone(), budgets, secondary_model });
+        let accounting = Arc::new(Accounting {
+            prices,
+            catalog,
+            limiter: limiter.clone(),
+            budgets,
+            secondary_model,
+            model_labels: Labels::new("model", MODEL_LABELS, OTHER_MODEL),
+        });
         Self { limits: Arc::new(limits), limiter, accounting }
     }
 
@@ -235,6 +245,8 @@ struct Accounting {
     limiter: Arc<RateLimiter>,
     budgets: Arc<Budgets>,
     secondary_model: Option<String>,
+    /// The `model` label of each known model.
+    model_labels: Labels,
 }
 
 impl Accounting {
@@ -259,12 +271,13 @@ impl Accounting {
         budget::cost(usage.prompt_tokens, usage.completion_tokens, rate)
     }
 
-    /// A model's label: its name when it is priced or generation lists it, else one shared value.
-    fn model_label(&self, model: &str) -> String {
+    /// A model's label: its name when it is priced or generation lists it, else one shared value
+    /// (built once per model: see [`Labels`]).
+    fn model_label(&self, model: &str) -> KeyValue {
         if self.prices.contains_key(model) || self.catalog.knows(model) {
-            model.to_string()
+            self.model_labels.get(model)
         } else {
-            OTHER_MODEL.to_string()
+            KeyValue::new("model", OTHER_MODEL)
         }
     }
 
@@ -272,7 +285,7 @@ impl Accounting {
         let metrics = metrics();
         if let Some(usage) = usage {
             let key = KeyValue::new("api_key", who.id.clone());
-            let model_label = KeyValue::new("model", self.model_label(model));
+            let model_label = self.model_label(model);
             let labels = |kind: &'static str| [key.clone(), model_label.clone(), label("type", kind)];
             metrics.tokens.add(u64::from(usage.prompt_tokens), &labels("input"));
             metrics.tokens.add(u64::from(usage.completion_tokens), &labels("output"));

@@ -162,10 +162,11 @@ impl Principal {
     /// The id of every caller when auth is off.
     pub const ANONYMOUS: &'static str = "anonymous";
 
-    /// The caller when no keys are configured: no overrides, every model.
+    /// The caller when no keys are configured: no overrides, every model. Built once: each call
+    /// of a gateway without keys takes a clone (reference counts, no allocation).
     pub fn anonymous() -> Self {
-        Self {
-            id: Self::ANONYMOUS.into(),
+        static ANONYMOUS: std::sync::LazyLock<Principal> = std::sync::LazyLock::new(|| Principal {
+            id: Principal::ANONYMOUS.into(),
             requests_per_minute: None,
             tokens_per_minute: None,
             models: Arc::new([]),
@@ -174,7 +175,8 @@ impl Principal {
             team: None,
             budget: None,
             team_budget: None,
-        }
+        });
+        ANONYMOUS.clone()
     }
 
     /// Whether any budget applies to this key's calls (its own, or its team's).

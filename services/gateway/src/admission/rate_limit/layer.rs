@@ -62,10 +62,15 @@ where
         if is_exempt(request.uri().path()) {
             return Either::Left(self.inner.call(request));
         }
-        let principal = request.extensions().get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
-        if self.limiter.request_limit(&principal).is_none() {
+        // Most keys have no request limit: their calls pass without a copy of their principal.
+        let limited = match request.extensions().get::<Principal>() {
+            Some(principal) => self.limiter.request_limit(principal).is_some(),
+            None => self.limiter.request_limit(&Principal::anonymous()).is_some(),
+        };
+        if !limited {
             return Either::Left(self.inner.call(request));
         }
+        let principal = request.extensions().get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
         // The service polled ready goes into the future; a fresh clone stays for the next call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -97,7 +102,8 @@ fn record_decision(
     let shared = taken.map_or_else(|| limiter.redis_healthy(), |taken| taken == super::Taken::Shared);
     let limiter_kind = if shared { "redis" } else { "local" };
     let result = if decided.is_ok() { "allowed" } else { "rejected" };
-    let key = principal.id.to_string();
+    // The key's id is shared (`Arc<str>`): the label costs a reference count, not a copy.
+    let key = principal.id.clone();
     metrics()
         .ratelimit_decisions
         .add(1, &[label("api_key", key.clone()), label("result", result), label("limiter", limiter_kind)]);

@@ -38,7 +38,7 @@ pub use endpoint::{Endpoint, EndpointSettings, Lease};
 pub use pool::Pool;
 
 use super::{Ask, Call, Reply, Started, UpstreamError};
-use crate::deadline::MARGIN;
+use crate::deadline::{MARGIN, set_timeout};
 
 /// The balancer over the replicas in `pool`.
 #[derive(Debug, Clone)]
@@ -91,7 +91,7 @@ async fn attempt(mut client: GenerationClient<Channel>, call: Call) -> Result<Re
     match call.ask {
         Ask::Generate(request) => {
             let mut outgoing = tonic::Request::new((*request).clone());
-            outgoing.set_timeout(timeout);
+            set_timeout(&mut outgoing, timeout);
             llmesh_telemetry::inject(&mut outgoing);
             let response = client.generate(outgoing).await.map_err(UpstreamError::from_client)?;
             Ok(Reply::Generated(response.into_inner()))
@@ -100,7 +100,7 @@ async fn attempt(mut client: GenerationClient<Channel>, call: Call) -> Result<Re
             let mut outgoing = tonic::Request::new(GenerateStreamRequest::from((*request).clone()));
             // The stream outlives the attempt (which ends at the first chunk): the callee's
             // deadline is the call's.
-            outgoing.set_timeout(call.deadline.remaining() + MARGIN);
+            set_timeout(&mut outgoing, call.deadline.remaining() + MARGIN);
             llmesh_telemetry::inject(&mut outgoing);
             let mut rest = client.generate_stream(outgoing).await.map_err(UpstreamError::from_client)?.into_inner();
             let first = rest.message().await.map_err(UpstreamError::from_client)?.ok_or_else(|| {
@@ -112,7 +112,7 @@ async fn attempt(mut client: GenerationClient<Channel>, call: Call) -> Result<Re
         }
         Ask::ListModels => {
             let mut outgoing = tonic::Request::new(ListModelsRequest {});
-            outgoing.set_timeout(timeout);
+            set_timeout(&mut outgoing, timeout);
             llmesh_telemetry::inject(&mut outgoing);
             let response = client.list_models(outgoing).await.map_err(UpstreamError::from_client)?;
             Ok(Reply::Models(response.into_inner()))

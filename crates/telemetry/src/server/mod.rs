@@ -14,8 +14,9 @@
 //! the trailers at the end of the body (unary successes, streams): the response body is wrapped, and
 //! the span stays open until the body ends, so a stream's span and `llm_response_time` cover the
 //! whole stream. A body that ends without a status counts as `UNKNOWN`; one dropped before its end
-//! (the client went away) as `CANCELLED`. A non-200 HTTP status without `grpc-status` maps to the
-//! code gRPC clients derive from it.
+//! (the client went away) as `CANCELLED`, and so does a failed call whose request body broke off
+//! (the client hung up before its request arrived; see `request.rs`). A non-200 HTTP status
+//! without `grpc-status` maps to the code gRPC clients derive from it.
 //!
 //! A path that is not a method the process serves ([`Routes::serve`]) is recorded under
 //! `endpoint="unknown"`, in a span named `grpc.unknown` whose `rpc.service` and `rpc.method` are
@@ -44,6 +45,7 @@
 mod body;
 mod future;
 mod http_routes;
+mod request;
 mod routes;
 
 use std::sync::Arc;
@@ -61,6 +63,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 pub use self::body::TracedBody;
 pub use self::future::ResponseFuture;
 pub use self::http_routes::{HTTP_ROUTES, code_of_http_status, http_route};
+use self::request::{ClientGone, WatchedBody};
 pub use self::routes::Routes;
 use crate::metrics::SeedMetrics;
 use crate::propagation::{CallHeaders, extract_headers};
@@ -154,7 +157,9 @@ pub struct GrpcTrace<S> {
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcTrace<S>
 where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>>,
+    ReqBody: hyper::body::Body<Data = hyper::body::Bytes> + Send + Unpin + 'static,
+    ReqBody::Error: Into<body::BoxError>,
     ResBody: hyper::body::Body<Data = hyper::body::Bytes> + Send + Unpin + 'static,
     ResBody::Error: Into<body::BoxError>,
 {
@@ -167,10 +172,15 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let path = request.uri().path();
+        // The request moves on below; its URI's clone shares the bytes (a reference count).
+        let uri = request.uri().clone();
+        let path = uri.path();
         if self.routes.is_exempt(path) {
-            return ResponseFuture::passthrough(self.inner.call(request));
+            return ResponseFuture::passthrough(self.inner.call(request.map(tonic::body::Body::new)));
         }
+        // Whether the client hangs up before its request has arrived (see `request`).
+        let gone = ClientGone::default();
+        let request = request.map(|body| tonic::body::Body::new(WatchedBody::new(body, gone.clone())));
         let parent = extract_headers(request.headers());
         let route = http_route(path);
         // Built once per served method (`Routes`): a call clones it, never formats it.
@@ -195,8 +205,8 @@ where
             };
             let future = inner.instrument(tracing::Span::none()).with_context(cx);
             let record = match route {
-                Some(_) => CallRecord::http(tracing::Span::none(), in_flight),
-                None => CallRecord::new(tracing::Span::none(), in_flight),
+                Some(_) => CallRecord::http(tracing::Span::none(), in_flight, gone),
+                None => CallRecord::new(tracing::Span::none(), in_flight, gone),
             };
             return ResponseFuture::traced(future, record);
         }
@@ -213,7 +223,7 @@ where
             let _ = span.set_parent(parent.clone());
             let inner = span.in_scope(|| self.inner.call(request));
             let future = inner.instrument(span.clone()).with_context(parent);
-            return ResponseFuture::traced(future, CallRecord::http(span, in_flight));
+            return ResponseFuture::traced(future, CallRecord::http(span, in_flight, gone));
         }
         // Names come only from the served methods: anything else is one `unknown`.
         let (service, method, name) = if self.routes.is_served(path) {
@@ -239,7 +249,7 @@ where
         let inner = span.in_scope(|| self.inner.call(request));
         // Order matters: the parent context is attached first, then the span is entered on top.
         let future = inner.instrument(span.clone()).with_context(parent);
-        ResponseFuture::traced(future, CallRecord::new(span, in_flight))
+        ResponseFuture::traced(future, CallRecord::new(span, in_flight, gone))
     }
 }
 
@@ -257,15 +267,17 @@ pub(crate) struct CallRecord {
     finished: bool,
     /// A plain HTTP route's call (see [`http_routes`]), not a gRPC one.
     http: bool,
+    /// Set if the request failed to arrive: a failure is then the client's cancellation.
+    client_gone: ClientGone,
 }
 
 impl CallRecord {
-    pub(crate) fn new(span: tracing::Span, in_flight: Option<crate::metrics::InFlight>) -> Self {
-        Self { span, in_flight, finished: false, http: false }
+    pub(crate) fn new(span: tracing::Span, in_flight: Option<crate::metrics::InFlight>, gone: ClientGone) -> Self {
+        Self { span, in_flight, finished: false, http: false, client_gone: gone }
     }
 
-    pub(crate) fn http(span: tracing::Span, in_flight: Option<crate::metrics::InFlight>) -> Self {
-        Self { span, in_flight, finished: false, http: true }
+    pub(crate) fn http(span: tracing::Span, in_flight: Option<crate::metrics::InFlight>, gone: ClientGone) -> Self {
+        Self { span, in_flight, finished: false, http: true, client_gone: gone }
     }
 
     /// The outcome a response head tells, if it tells one: its `grpc-status`; on an HTTP route
@@ -299,6 +311,7 @@ impl CallRecord {
             return;
         }
         self.finished = true;
+        let code = self.client_gone.code(code);
         self.span.record("rpc.grpc.status_code", code as i64);
         if is_server_error(code) {
             self.span.record("otel.status_code", "error");

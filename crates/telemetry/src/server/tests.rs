@@ -413,3 +413,59 @@ async fn unsampled_calls_send_one_traceparent_on_every_hop() {
     }
     assert_eq!(sent[1].0[0].0.as_deref(), Some(traceparent.as_str()), "the caller's traceparent, continued");
 }
+
+/// A client that hangs up before its request has arrived: tonic answers UNKNOWN (a transport
+/// error reading the body), which nobody receives; the call is the client's cancellation, not a
+/// server error. A handler that answers OK regardless stays OK.
+#[tokio::test]
+async fn a_request_body_cut_off_counts_as_cancelled() {
+    let h = harness();
+    let service = h.layer.layer(tower::service_fn(|req: http::Request<tonic::body::Body>| async move {
+        match req.into_body().collect().await {
+            Ok(_) => Ok::<_, std::convert::Infallible>(ok_response()),
+            // What tonic does with an h2 or I/O error while decoding the request.
+            Err(_) => Ok(error_response(tonic::Code::Unknown)),
+        }
+    }));
+    let broken = || {
+        let mut request = grpc_request("/llmesh.gateway.v1.Gateway/Generate", http::HeaderMap::new());
+        *request.body_mut() = tonic::body::Body::new(CutOff { sent: false });
+        request
+    };
+    let response = service.clone().oneshot(broken()).await.expect("call");
+    drop(response.into_body().collect().await);
+    let whole = service.clone().oneshot(grpc_request("/llmesh.gateway.v1.Gateway/Generate", http::HeaderMap::new()));
+    drop(whole.await.expect("call").into_body().collect().await);
+
+    let text = h.metrics.render();
+    assert!(text.contains("llm_requests_total{endpoint=\"Generate\",status=\"CANCELLED\"} 1\n"), "{text}");
+    assert!(text.contains("llm_requests_total{endpoint=\"Generate\",status=\"OK\"} 1\n"), "{text}");
+    assert!(!text.contains("UNKNOWN"), "{text}");
+    let span = &h.spans.named("llmesh.gateway.v1.Gateway/Generate")[0];
+    assert_eq!(attr(span, "rpc.grpc.status_code"), Some(&Value::I64(tonic::Code::Cancelled as i64)));
+    assert_eq!(span.status, opentelemetry::trace::Status::Unset, "a client's cancellation is no server error");
+}
+
+/// A request body whose connection breaks after its first bytes.
+struct CutOff {
+    sent: bool,
+}
+
+impl hyper::body::Body for CutOff {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        if self.sent {
+            return std::task::Poll::Ready(Some(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "connection reset",
+            ))));
+        }
+        self.sent = true;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(b"\0\0\0\0\x10partial")))))
+    }
+}

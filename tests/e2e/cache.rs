@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use llmesh_e2e::{Mesh, MeshOptions, Redis, eventually};
 use llmesh_proto::{
+    cache::v1::StatsRequest,
     gateway::v1::{GenerateRequest, gateway_client::GatewayClient},
     health::v1::{ServingStatus, StatusRequest},
 };
@@ -42,6 +43,44 @@ async fn hundred_identical_misses_make_one_upstream_call() {
     // Each generation call has its own id: one id means one call.
     assert_eq!(ids.len(), 1, "{} upstream calls for 100 identical requests", ids.len());
     assert!(answers.iter().all(|a| a.text == answers[0].text));
+}
+
+/// Untraced stores go to the cache service in batches (`StoreMany`): a burst of distinct misses
+/// is stored whole, every store counted once.
+#[tokio::test]
+async fn a_burst_of_misses_is_stored_whole() {
+    let options = MeshOptions {
+        env: vec![("LLMESH_GATEWAY_ADMIN__LISTEN", "127.0.0.1:0".to_string())],
+        redis_url: None,
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with(options).await;
+    let gateway = mesh.gateway().await;
+    let mut cache = mesh.cache().await;
+    gateway.clone().generate(prompt("warm up")).await.unwrap();
+    // Under the 256 calls in flight one key may have.
+    let burst: u32 = 200;
+    let calls = (0..burst).map(|i| {
+        let mut gateway = gateway.clone();
+        tokio::spawn(async move { gateway.generate(prompt(&format!("burst {i}"))).await.map(drop) })
+    });
+    for call in futures::future::join_all(calls).await {
+        call.unwrap().unwrap();
+    }
+    let entries = eventually(Duration::from_secs(5), || {
+        let mut cache = cache.clone();
+        async move {
+            let stats = cache.stats(StatsRequest {}).await.ok()?.into_inner();
+            Some(stats.entries).filter(|&entries| entries == u64::from(burst) + 1)
+        }
+    })
+    .await;
+    let stats = cache.stats(StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(entries, Some(u64::from(burst) + 1), "{stats:?}");
+    let stored = mesh.gateway.metric_sum("llmesh_cache_stores_total", "result=\"stored\"").await;
+    let other = mesh.gateway.metric_sum("llmesh_cache_stores_total", "").await - stored;
+    assert_eq!((stored, other), (f64::from(burst + 1), 0.0), "stores counted by result");
+    assert!(cached_soon(&gateway, prompt("burst 7")).await, "a stored answer is not served");
 }
 
 #[tokio::test]

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use llmesh_e2e::{Mesh, MeshOptions, Proc};
 use llmesh_proto::{
-    cache::v1::{InvalidateRequest, StoreRequest, cache_client::CacheClient, invalidate_request::Target},
+    cache::v1::{
+        InvalidateRequest, LookupRequest, STORE_MANY_MAX_ENTRIES, StoreManyRequest, StoreRequest,
+        cache_client::CacheClient, invalidate_request::Target,
+    },
     common::v1::FinishReason,
     generation::v1::{GenerateRequest, GenerateResponse, generation_client::GenerationClient},
 };
@@ -125,6 +128,48 @@ async fn the_cache_bounds_what_it_keeps() {
     assert_refused(&status, "model", "a 1000-byte model");
 
     assert_eq!(client.invalidate(invalidate(Target::Key(stored.key))).await.unwrap().into_inner().removed, 1);
+}
+
+/// `StoreMany` stores or refuses each entry as `Store` would, one bad entry failing only itself,
+/// and bounds how many one call may carry.
+#[tokio::test]
+async fn store_many_answers_each_entry_and_bounds_the_batch() {
+    let cache = Proc::spawn("cache", &[("LLMESH_CACHE_MAX_ENTRY_CHUNKS", "8".to_string())]).await.unwrap();
+    let mut client = CacheClient::new(cache.channel().await);
+    let store = |request: Option<GenerateRequest>, chunks: usize| StoreRequest {
+        request,
+        response: Some(GenerateResponse {
+            text: "hi".into(),
+            finish_reason: FinishReason::Stop.into(),
+            model: "sim".into(),
+            ..Default::default()
+        }),
+        chunks: vec!["h".to_string(); chunks],
+        ttl_ms: 0,
+    };
+    let kept = GenerateRequest { prompt: "kept in a batch".into(), ..request("sim") };
+    let entries = vec![
+        store(Some(kept.clone()), 1),
+        store(Some(request("sim")), 9),
+        store(Some(request(&"m".repeat(1000))), 1),
+        store(None, 1),
+    ];
+    let results = client.store_many(StoreManyRequest { entries }).await.unwrap().into_inner().results;
+    assert_eq!(results.len(), 4, "{results:?}");
+    assert!(results[0].stored && results[0].key.len() == 64, "{:?}", results[0]);
+    assert!(!results[1].stored && results[1].reason.contains("max_entry_chunks"), "{:?}", results[1]);
+    assert!(!results[2].stored && results[2].reason.starts_with("request.model"), "{:?}", results[2]);
+    assert!(results[2].reason.len() < 300, "the refusal echoes the model name: {:?}", results[2]);
+    assert!(!results[3].stored && results[3].reason.starts_with("request"), "{:?}", results[3]);
+
+    let hit = client.lookup(LookupRequest { request: Some(kept), allow_stale: false }).await.unwrap().into_inner();
+    assert!(hit.hit && hit.key == results[0].key, "the batch's entry is not kept: {hit:?}");
+
+    let over = (0..=STORE_MANY_MAX_ENTRIES).map(|_| store(Some(request("sim")), 1)).collect();
+    let status = client.store_many(StoreManyRequest { entries: over }).await.unwrap_err();
+    assert_refused(&status, "entries", "a batch one entry over the bound");
+    let alive = client.store_many(StoreManyRequest { entries: Vec::new() }).await.unwrap().into_inner();
+    assert!(alive.results.is_empty(), "{alive:?}");
 }
 
 #[tokio::test]

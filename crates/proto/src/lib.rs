@@ -26,6 +26,9 @@ pub mod gateway {
 pub mod cache {
     pub mod v1 {
         tonic::include_proto!("llmesh.cache.v1");
+
+        /// Most entries one `StoreMany` call may carry; the service refuses more (INVALID_ARGUMENT).
+        pub const STORE_MANY_MAX_ENTRIES: usize = 256;
     }
 }
 

@@ -17,9 +17,10 @@ use std::{
 
 use llmesh_proto::{
     cache::v1::{
-        Entry, InvalidateRequest, InvalidateResponse, LookupRequest, LookupResponse, StatsRequest, StatsResponse,
-        StoreRequest, StoreResponse, WatchChangesRequest, WatchChangesResponse, cache_server::Cache,
-        invalidate_request::Target, watch_changes_response::Change,
+        Entry, InvalidateRequest, InvalidateResponse, LookupRequest, LookupResponse, STORE_MANY_MAX_ENTRIES,
+        StatsRequest, StatsResponse, StoreManyRequest, StoreManyResponse, StoreRequest, StoreResponse,
+        WatchChangesRequest, WatchChangesResponse, cache_server::Cache, invalidate_request::Target,
+        watch_changes_response::Change,
     },
     common::v1::{CachePolicy, FinishReason},
     generation::v1::GenerateRequest,
@@ -76,6 +77,86 @@ fn model(model: &str, field: &str, limits: &Limits) -> Result<(), Status> {
         let detail = status.message().strip_prefix("model").unwrap_or(status.message());
         Status::invalid_argument(format!("{field}{detail}"))
     })
+}
+
+/// A store checked by [`Inner::check`]: refused (too large, not cacheable), or ready to put.
+#[expect(clippy::large_enum_variant, reason = "short-lived, moved once; boxing would allocate per store")]
+enum Checked {
+    Refused(StoreResponse),
+    Ready(Ready),
+}
+
+struct Ready {
+    key: String,
+    model: String,
+    entry: Entry,
+    kept_for: Duration,
+    refresh: bool,
+}
+
+fn refused(key: String, reason: &str) -> StoreResponse {
+    StoreResponse { key, stored: false, reason: reason.into() }
+}
+
+impl Inner {
+    /// What to do with a store: INVALID_ARGUMENT when it is malformed, a refusal when the cache
+    /// does not keep such answers, otherwise the entry to put.
+    fn check(&self, store: StoreRequest) -> Result<Checked, Status> {
+        let StoreRequest { request, response, chunks, ttl_ms } = store;
+        let request = required(request)?;
+        let mut response = response.ok_or_else(|| Status::invalid_argument("response: required"))?;
+        model(&request.model, "request.model", &self.limits)?;
+        let key = key::of(&request);
+        if chunks.len() > self.max_entry_chunks {
+            return Ok(Checked::Refused(refused(key, "entry has more chunks than max_entry_chunks")));
+        }
+        if response.degraded.is_some() {
+            return Ok(Checked::Refused(refused(key, "degraded answers are not cached")));
+        }
+        if response.finish_reason == i32::from(FinishReason::Unspecified) {
+            return Ok(Checked::Refused(refused(key, "unfinished answers are not cached")));
+        }
+        response.cached = false;
+        let ttl = if ttl_ms == 0 { self.ttl } else { Duration::from_millis(ttl_ms) };
+        let now = now_ms();
+        let expires_at_unix_ms = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        let entry = Entry { response: Some(response), chunks, stored_at_unix_ms: now, expires_at_unix_ms };
+        if entry.encoded_len() > self.max_entry_bytes {
+            return Ok(Checked::Refused(refused(key, "entry larger than max_entry_bytes")));
+        }
+        let refresh = request.cache == i32::from(CachePolicy::Refresh);
+        let kept_for = ttl.saturating_add(self.stale_ttl);
+        Ok(Checked::Ready(Ready { key, model: request.model, entry, kept_for, refresh }))
+    }
+
+    /// Puts a checked entry, announces it when near caches may hold an older copy, and answers
+    /// its store.
+    async fn put(&self, ready: Ready) -> StoreResponse {
+        let Ready { key, model, entry, kept_for, refresh } = ready;
+        let put = self.store.put(&key, &model, entry, kept_for).await;
+        // Near caches hold copies of entries, so a store that replaced one is announced; a store
+        // into an empty place (after a miss, the usual case) is not, or every miss would send
+        // every gateway a message. A REFRESH is announced whatever it replaced: the old entry
+        // may have been evicted while copies of it live on. So is a put that failed, which may
+        // have been made all the same.
+        let announce = refresh || !matches!(put, Ok(false));
+        if announce && let Err(error) = self.changes.publish(Change::Key(key.clone())).await {
+            // The other replicas learn of the failure and end their feeds: the entry stays.
+            self.errors.fetch_add(1, Relaxed);
+            tracing::warn!(%error, "a cache store could not be announced to the near caches");
+        }
+        match put {
+            Ok(_replaced) => StoreResponse { key, stored: true, reason: String::new() },
+            Err(error) => self.failed(key, &error),
+        }
+    }
+
+    /// A store the backend failed: counted, logged and refused.
+    fn failed(&self, key: String, error: &crate::store::StoreError) -> StoreResponse {
+        self.errors.fetch_add(1, Relaxed);
+        tracing::warn!(%error, "cache store failed");
+        refused(key, "backend error")
+    }
 }
 
 impl CacheService {
@@ -135,56 +216,40 @@ impl Cache for CacheService {
     }
 
     async fn store(&self, request: Request<StoreRequest>) -> Result<Response<StoreResponse>, Status> {
-        let StoreRequest { request, response, chunks, ttl_ms } = request.into_inner();
-        let request = required(request)?;
-        let response = response.ok_or_else(|| Status::invalid_argument("response: required"))?;
-        model(&request.model, "request.model", &self.inner.limits)?;
-        let key = key::of(&request);
-        let refuse =
-            |reason: &str| Ok(Response::new(StoreResponse { key: key.clone(), stored: false, reason: reason.into() }));
-        if chunks.len() > self.inner.max_entry_chunks {
-            return refuse("entry has more chunks than max_entry_chunks");
+        let ready = match self.inner.check(request.into_inner())? {
+            Checked::Refused(answer) => return Ok(Response::new(answer)),
+            Checked::Ready(ready) => ready,
+        };
+        let (inner, key) = (self.inner.clone(), ready.key.clone());
+        let answer = finish_even_if_cancelled(async move { Ok(inner.put(ready).await) }).await;
+        Ok(Response::new(answer.unwrap_or_else(|error| self.inner.failed(key, &error))))
+    }
+
+    async fn store_many(&self, request: Request<StoreManyRequest>) -> Result<Response<StoreManyResponse>, Status> {
+        let StoreManyRequest { entries } = request.into_inner();
+        if entries.len() > STORE_MANY_MAX_ENTRIES {
+            return Err(Status::invalid_argument(format!(
+                "entries: {} entries; at most {STORE_MANY_MAX_ENTRIES} in one call",
+                entries.len()
+            )));
         }
-        if response.degraded.is_some() {
-            return refuse("degraded answers are not cached");
-        }
-        if response.finish_reason == i32::from(FinishReason::Unspecified) {
-            return refuse("unfinished answers are not cached");
-        }
-        let mut response = response;
-        response.cached = false;
-        let ttl = if ttl_ms == 0 { self.inner.ttl } else { Duration::from_millis(ttl_ms) };
-        let now = now_ms();
-        let expires_at_unix_ms = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
-        let entry = Entry { response: Some(response), chunks, stored_at_unix_ms: now, expires_at_unix_ms };
-        if entry.encoded_len() > self.inner.max_entry_bytes {
-            return refuse("entry larger than max_entry_bytes");
-        }
-        let kept_for = ttl.saturating_add(self.inner.stale_ttl);
-        let refresh = request.cache == i32::from(CachePolicy::Refresh);
-        let (inner, stored_key) = (self.inner.clone(), key.clone());
-        let stored = finish_even_if_cancelled(async move {
-            let put = inner.store.put(&stored_key, &request.model, entry, kept_for).await;
-            // Near caches hold copies of entries, so a store that replaced one is announced; a store
-            // into an empty place (after a miss, the usual case) is not, or every miss would send
-            // every gateway a message. A REFRESH is announced whatever it replaced: the old entry
-            // may have been evicted while copies of it live on. So is a put that failed, which may
-            // have been made all the same.
-            let announce = refresh || !matches!(put, Ok(false));
-            if announce && let Err(error) = inner.changes.publish(Change::Key(stored_key)).await {
-                // The other replicas learn of the failure and end their feeds: the entry stays.
-                inner.errors.fetch_add(1, Relaxed);
-                tracing::warn!(%error, "a cache store could not be announced to the near caches");
-            }
-            put.map(|_replaced| ())
+        // Each entry is checked and stored on its own: a malformed or refused one fails only itself.
+        let checked: Vec<_> = entries.into_iter().map(|entry| self.inner.check(entry)).collect();
+        let inner = self.inner.clone();
+        let results = finish_even_if_cancelled(async move {
+            let puts = checked.into_iter().map(|checked| async {
+                match checked {
+                    Ok(Checked::Ready(ready)) => inner.put(ready).await,
+                    Ok(Checked::Refused(answer)) => answer,
+                    Err(status) => refused(String::new(), status.message()),
+                }
+            });
+            // Together: with Redis each put is a round trip of its own.
+            Ok(futures::future::join_all(puts).await)
         })
-        .await;
-        if let Err(error) = stored {
-            self.inner.errors.fetch_add(1, Relaxed);
-            tracing::warn!(%error, "cache store failed");
-            return refuse("backend error");
-        }
-        Ok(Response::new(StoreResponse { key, stored: true, reason: String::new() }))
+        .await
+        .map_err(|error| Status::unavailable(format!("cache backend: {error}")))?;
+        Ok(Response::new(StoreManyResponse { results }))
     }
 
     async fn invalidate(&self, request: Request<InvalidateRequest>) -> Result<Response<InvalidateResponse>, Status> {

@@ -17,6 +17,8 @@ use opentelemetry::{
 pub struct GatewayMetrics {
     /// `result`: hit, miss, error, timeout, bypass.
     pub cache_requests: Counter<u64>,
+    /// `result`: stored, refused, failed, timeout, dropped.
+    pub cache_stores: Counter<u64>,
     /// `reason`: ended (the feed ended or failed), silent (no message for 3 s).
     pub near_cache_resets: Counter<u64>,
     /// `reason`, `source`.
@@ -58,6 +60,10 @@ pub fn metrics() -> &'static GatewayMetrics {
             cache_requests: meter
                 .u64_counter("llmesh.cache.requests")
                 .with_description("Cache lookups by result")
+                .build(),
+            cache_stores: meter
+                .u64_counter("llmesh.cache.stores")
+                .with_description("Answers the gateway sent to the cache service to keep, by result")
                 .build(),
             near_cache_resets: meter
                 .u64_counter("llmesh.cache.near.resets")

@@ -13,6 +13,8 @@ use llmesh_proto::{
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
+mod stores;
+
 use crate::{
     metrics::{label, metrics},
     near_cache::NearCache,
@@ -69,6 +71,8 @@ impl CacheConfig {
 #[derive(Debug, Clone)]
 pub struct Cache {
     client: Option<CacheClient<Channel>>,
+    /// Where untraced stores queue (with `client`).
+    stores: Option<stores::Stores>,
     budget: Duration,
     near: Option<Near>,
 }
@@ -119,14 +123,17 @@ impl Cache {
     }
 
     /// The cache behind `client` (none: caching off), with a near cache when `config` asks for
-    /// one. Call within the runtime: the near cache follows the service's changes from a task.
+    /// one. Call within the runtime: the near cache follows the service's changes from a task, and
+    /// stores are sent from another.
     pub fn new(client: Option<CacheClient<Channel>>, config: &CacheConfig) -> Self {
         let near = client.as_ref().and_then(|client| {
             let cache = Arc::new(NearCache::new(config)?);
             let follower = cache.follow(client.clone());
             Some(Near { cache, _follower: Arc::new(llmesh_util::AbortOnDropHandle::new(follower)) })
         });
-        Self { client, budget: Duration::from_millis(config.budget_ms), near }
+        let budget = Duration::from_millis(config.budget_ms);
+        let stores = client.as_ref().map(|client| stores::Stores::start(client.clone(), budget));
+        Self { client, stores, budget, near }
     }
 
     /// The cached answer, if there is one and the cache answers within budget.
@@ -194,9 +201,11 @@ impl Cache {
         found
     }
 
-    /// Stores an answer in the background: the client does not wait for the cache.
+    /// Stores an answer in the background: the client does not wait for the cache. A traced call's
+    /// store is a `Store` call of its own, in the call's trace; the others go in batches
+    /// ([`stores`]).
     pub fn store(&self, request: GenerateRequest, response: GenerateResponse, chunks: Vec<String>) {
-        let Some(mut client) = self.client.clone() else {
+        let (Some(client), Some(stores)) = (&self.client, &self.stores) else {
             return;
         };
         // A REFRESH replaces an answer this gateway may hold a copy of (the cache service tells
@@ -206,31 +215,33 @@ impl Cache {
         {
             near.cache.forget(&llmesh_proto::cache_key::of(&request));
         }
-        let budget = self.budget;
-        let span = if pipeline::in_a_span() {
-            tracing::info_span!("cache.store", otel.kind = "client")
-        } else {
-            tracing::Span::none()
-        };
-        let store = async move {
-            let mut call = tonic::Request::new(StoreRequest {
-                request: Some(request),
-                response: Some(response),
-                chunks,
-                ttl_ms: 0,
-            });
-            crate::deadline::set_timeout(&mut call, budget);
-            llmesh_telemetry::inject(&mut call);
-            match tokio::time::timeout(budget, client.store(call)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(status)) => {
-                    tracing::warn!(code = ?status.code(), message = status.message(), "cache store failed")
-                }
-                Err(_) => tracing::warn!(budget_ms = budget.as_millis() as u64, "cache store over budget"),
-            }
-        };
-        // The call's trace context goes along (its span's, or without a span the one attached).
-        let store = tracing::Instrument::instrument(store, span);
+        let store = StoreRequest { request: Some(request), response: Some(response), chunks, ttl_ms: 0 };
+        if !pipeline::in_a_span() {
+            return stores.push(store);
+        }
+        let span = tracing::info_span!("cache.store", otel.kind = "client");
+        let store = tracing::Instrument::instrument(store_one(client.clone(), store, self.budget), span);
+        // The call's trace context goes along.
         tokio::spawn(opentelemetry::context::FutureExt::with_context(store, llmesh_telemetry::current_context()));
     }
+}
+
+/// One `Store` call within `budget`, its outcome logged and counted.
+async fn store_one(mut client: CacheClient<Channel>, store: StoreRequest, budget: Duration) {
+    let mut call = tonic::Request::new(store);
+    crate::deadline::set_timeout(&mut call, budget);
+    llmesh_telemetry::inject(&mut call);
+    let result = match tokio::time::timeout(budget, client.store(call)).await {
+        Ok(Ok(response)) if response.get_ref().stored => "stored",
+        Ok(Ok(_)) => "refused",
+        Ok(Err(status)) => {
+            tracing::warn!(code = ?status.code(), message = status.message(), "cache store failed");
+            "failed"
+        }
+        Err(_) => {
+            tracing::warn!(budget_ms = budget.as_millis() as u64, "cache store over budget");
+            "timeout"
+        }
+    };
+    metrics().cache_stores.add(1, &[label("result", result)]);
 }

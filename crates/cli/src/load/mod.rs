@@ -91,7 +91,14 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let progress = Progress::new(goal, counters.clone());
     let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel();
     let collector = tokio::spawn(recorder::collect(results_rx, Recorder::new()?, progress));
-    let summary = runner::run(&plan.run, caller, results_tx, counters, stop).await;
+    // On a runtime thread, not on `block_on`'s: the timer that paces the calls, the tasks that
+    // make them and their connections then share one thread (with one worker, the thread the timer
+    // woke starts the call), instead of handing every call from one thread to another — two
+    // thread wake-ups a call, which cost the client about a third of its CPU at 10,000 req/s.
+    let run_plan = plan.run;
+    let summary = tokio::spawn(async move { runner::run(&run_plan, caller, results_tx, counters, stop).await })
+        .await
+        .context("the load runner failed")?;
     let recorder = collector.await.context("the recorder task failed")?;
 
     let report = Report::new(&plan, &summary, &recorder);

@@ -176,7 +176,20 @@ fn count_results(results: &[StoreResponse]) {
 
 #[cfg(test)]
 mod tests {
-    use llmesh_proto::generation::v1::{GenerateRequest, GenerateResponse};
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::SeqCst},
+    };
+
+    use llmesh_proto::{
+        cache::v1::{
+            InvalidateRequest, InvalidateResponse, LookupRequest, LookupResponse, StatsRequest, StatsResponse,
+            StoreManyResponse, WatchChangesRequest, WatchChangesResponse,
+            cache_server::{Cache, CacheServer},
+        },
+        generation::v1::{GenerateRequest, GenerateResponse},
+    };
+    use tonic::{Request, Response, Status};
 
     use super::*;
 
@@ -224,6 +237,69 @@ mod tests {
         let carried = carried.expect("the third large store is carried over");
         assert_eq!(carried.response.unwrap().text.len(), third);
         assert_eq!(waiting.try_recv().unwrap().response.unwrap().text.len(), 10, "and the queue keeps its order");
+    }
+
+    /// A cache service from before `StoreMany`: it counts the stores it is sent one by one.
+    #[derive(Default, Clone)]
+    struct OlderCache {
+        batches: Arc<AtomicUsize>,
+        stores: Arc<AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl Cache for OlderCache {
+        async fn lookup(&self, _: Request<LookupRequest>) -> Result<Response<LookupResponse>, Status> {
+            Err(Status::unimplemented("lookup"))
+        }
+        async fn store(&self, _: Request<StoreRequest>) -> Result<Response<StoreResponse>, Status> {
+            self.stores.fetch_add(1, SeqCst);
+            Ok(Response::new(StoreResponse { key: "k".into(), stored: true, reason: String::new() }))
+        }
+        async fn store_many(&self, _: Request<StoreManyRequest>) -> Result<Response<StoreManyResponse>, Status> {
+            self.batches.fetch_add(1, SeqCst);
+            Err(Status::unimplemented("Method not found: llmesh.cache.v1.Cache/StoreMany"))
+        }
+        async fn invalidate(&self, _: Request<InvalidateRequest>) -> Result<Response<InvalidateResponse>, Status> {
+            Err(Status::unimplemented("invalidate"))
+        }
+        async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+            Err(Status::unimplemented("stats"))
+        }
+        type WatchChangesStream = futures::stream::Empty<Result<WatchChangesResponse, Status>>;
+        async fn watch_changes(
+            &self,
+            _: Request<WatchChangesRequest>,
+        ) -> Result<Response<Self::WatchChangesStream>, Status> {
+            Err(Status::unimplemented("watch_changes"))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_older_cache_service_gets_its_stores_one_by_one() {
+        let cache = OlderCache::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .add_service(CacheServer::new(cache.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        let _server = llmesh_util::AbortOnDropHandle::new(tokio::spawn(server));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect_lazy();
+        let stores = Stores::start(CacheClient::new(channel), Duration::from_secs(5));
+
+        stores.push(store(10));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while cache.batches.load(SeqCst) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "no StoreMany call within 10 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for _ in 0..3 {
+            stores.push(store(10));
+        }
+        while cache.stores.load(SeqCst) < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "{} of 3 stores arrived", cache.stores.load(SeqCst));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(cache.batches.load(SeqCst), 1, "StoreMany was tried again after UNIMPLEMENTED");
     }
 
     #[test]

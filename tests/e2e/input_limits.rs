@@ -94,32 +94,41 @@ async fn generation_refuses_huge_fields_without_growing() {
     assert!(grown <= 32 << 20, "generation's RSS grew by {} MiB over 50 huge requests", grown >> 20);
 }
 
-#[tokio::test]
-async fn the_cache_bounds_what_it_keeps() {
+/// A cache service that keeps entries of at most 8 stream chunks, and a client of it.
+async fn cache_of_8_chunks() -> (Proc, CacheClient<tonic::transport::Channel>) {
     let cache = Proc::spawn("cache", &[("LLMESH_CACHE_MAX_ENTRY_CHUNKS", "8".to_string())]).await.unwrap();
-    let mut client = CacheClient::new(cache.channel().await);
-    let answer = || GenerateResponse {
-        text: "hi".into(),
-        finish_reason: FinishReason::Stop.into(),
-        model: "sim".into(),
-        ..Default::default()
-    };
-    let store = |request: GenerateRequest, chunks: usize| StoreRequest {
-        request: Some(request),
-        response: Some(answer()),
+    let client = CacheClient::new(cache.channel().await);
+    (cache, client)
+}
+
+/// A store of a finished answer to `request`, in `chunks` chunks.
+fn store(request: Option<GenerateRequest>, chunks: usize) -> StoreRequest {
+    StoreRequest {
+        request,
+        response: Some(GenerateResponse {
+            text: "hi".into(),
+            finish_reason: FinishReason::Stop.into(),
+            model: "sim".into(),
+            ..Default::default()
+        }),
         chunks: vec!["h".to_string(); chunks],
         ttl_ms: 0,
-    };
+    }
+}
 
-    let stored = client.store(store(request("sim"), 8)).await.unwrap().into_inner();
+#[tokio::test]
+async fn the_cache_bounds_what_it_keeps() {
+    let (_cache, mut client) = cache_of_8_chunks().await;
+
+    let stored = client.store(store(Some(request("sim")), 8)).await.unwrap().into_inner();
     assert!(stored.stored, "{stored:?}");
-    let refused = client.store(store(request("sim"), 9)).await.unwrap().into_inner();
+    let refused = client.store(store(Some(request("sim")), 9)).await.unwrap().into_inner();
     assert!(!refused.stored && refused.reason.contains("max_entry_chunks"), "{refused:?}");
 
     // A model name names a Redis key and goes to every gateway: bounded.
-    let status = client.store(store(request(&"m".repeat(1000)), 1)).await.unwrap_err();
+    let status = client.store(store(Some(request(&"m".repeat(1000))), 1)).await.unwrap_err();
     assert_refused(&status, "request.model", "a 1000-byte model name");
-    let status = client.store(store(with_metadata(4 << 20), 1)).await.unwrap_err();
+    let status = client.store(store(Some(with_metadata(4 << 20)), 1)).await.unwrap_err();
     assert_refused(&status, "request", "a 4 MiB store");
     let invalidate = |target| InvalidateRequest { target: Some(target) };
     let status = client.invalidate(invalidate(Target::Key("k".repeat(100_000)))).await.unwrap_err();
@@ -134,19 +143,7 @@ async fn the_cache_bounds_what_it_keeps() {
 /// and bounds how many one call may carry.
 #[tokio::test]
 async fn store_many_answers_each_entry_and_bounds_the_batch() {
-    let cache = Proc::spawn("cache", &[("LLMESH_CACHE_MAX_ENTRY_CHUNKS", "8".to_string())]).await.unwrap();
-    let mut client = CacheClient::new(cache.channel().await);
-    let store = |request: Option<GenerateRequest>, chunks: usize| StoreRequest {
-        request,
-        response: Some(GenerateResponse {
-            text: "hi".into(),
-            finish_reason: FinishReason::Stop.into(),
-            model: "sim".into(),
-            ..Default::default()
-        }),
-        chunks: vec!["h".to_string(); chunks],
-        ttl_ms: 0,
-    };
+    let (_cache, mut client) = cache_of_8_chunks().await;
     let kept = GenerateRequest { prompt: "kept in a batch".into(), ..request("sim") };
     let entries = vec![
         store(Some(kept.clone()), 1),

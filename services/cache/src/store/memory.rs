@@ -1,97 +1,179 @@
-//! The in-memory store: TinyLFU admission and LRU eviction (moka), bounded both by the encoded
-//! size of its entries and by their number, with a time to live per entry.
+//! The in-memory store: a sharded cache with S3-FIFO admission and eviction (quick_cache), bounded
+//! both by the encoded size of its entries and by their number, with a time to live per entry.
 //!
-//! moka bounds one weight. Each entry weighs at least `max_bytes / max_entries`, so the byte bound
-//! also caps the count: many tiny entries cannot grow the map (and its per-entry overhead) past
-//! `max_entries`.
+//! Why not moka (which this used to be): moka's hash table collects the places its evicted entries
+//! leave behind by copying the whole table, in one step, on whichever call notices. A full store
+//! evicts one entry per store, so at 10,000 stores a second that copy of 100,000 entries ran every
+//! few seconds and held the service's thread for milliseconds: every lookup behind it waited.
+//! Here each shard is a table of its own, sized up front for its share of `max_entries`, so the
+//! rarest and longest step (a shard tidying its table) touches a few thousand entries, not all.
+//!
+//! quick_cache bounds one weight. Each entry weighs at least `max_bytes / max_entries`, so the byte
+//! bound also caps the count: many tiny entries cannot grow the map (and its per-entry overhead)
+//! past `max_entries`. It has no time to live: an entry carries when it expires, a read past then
+//! drops it, and [`MemoryStore::size`] sweeps out the rest.
 
 use std::{
+    cell::Cell,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use llmesh_proto::cache::v1::Entry;
-use moka::{Expiry, future::Cache};
 use prost::Message as _;
+use quick_cache::{
+    DefaultHashBuilder, OptionsBuilder, Weighter,
+    sync::{Cache, DefaultLifecycle, EntryAction, EntryResult},
+};
 
 use super::Size;
+
+/// A shard is sized for about this many entries: few enough that tidying its table is short.
+const ENTRIES_PER_SHARD: u64 = 2048;
+const MAX_SHARDS: u64 = 64;
+/// Each shard holds at least this many of the largest entries (a shard bounds its own bytes, and
+/// an entry heavier than a shard's share is not kept).
+const LARGEST_ENTRIES_PER_SHARD: u64 = 4;
 
 #[derive(Debug, Clone)]
 struct Stored {
     entry: Arc<Entry>,
     model: Arc<str>,
-    ttl: Duration,
-    bytes: u32,
+    /// `None`: a time to live too long to count (it never expires).
+    expires_at: Option<Instant>,
+    weight: u64,
 }
 
-struct PerEntryTtl;
-
-impl Expiry<String, Stored> for PerEntryTtl {
-    fn expire_after_create(&self, _key: &String, value: &Stored, _created_at: Instant) -> Option<Duration> {
-        Some(value.ttl)
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &String,
-        value: &Stored,
-        _updated_at: Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.ttl)
+impl Stored {
+    fn live(&self, now: Instant) -> bool {
+        self.expires_at.is_none_or(|at| now < at)
     }
 }
+
+/// Weighs an entry by what [`MemoryStore::put`] worked out once.
+#[derive(Debug, Clone, Copy)]
+struct ByWeight;
+
+impl Weighter<String, Stored> for ByWeight {
+    fn weight(&self, _key: &String, value: &Stored) -> u64 {
+        value.weight
+    }
+}
+
+type Entries = Cache<String, Stored, ByWeight, DefaultHashBuilder, DefaultLifecycle<String, Stored>>;
 
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
-    cache: Cache<String, Stored>,
+    cache: Arc<Entries>,
+    /// What an entry weighs at least: its share of the byte bound.
+    floor: u64,
 }
 
 impl MemoryStore {
-    pub fn new(max_bytes: u64, max_entries: u64) -> Self {
-        let floor = u32::try_from(max_bytes / max_entries.max(1)).unwrap_or(u32::MAX);
-        let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            // The encoded size plus the key (what the entry costs, roughly), but never below the floor.
-            .weigher(move |key: &String, value: &Stored| value.bytes.saturating_add(key.len() as u32).max(floor))
-            .expire_after(PerEntryTtl)
-            .build();
-        Self { cache }
+    pub fn new(max_bytes: u64, max_entries: u64, max_entry_bytes: u64) -> anyhow::Result<Self> {
+        let max_entries = max_entries.max(1);
+        let options = OptionsBuilder::new()
+            .shards(shards(max_bytes, max_entries, max_entry_bytes))
+            .estimated_items_capacity(usize::try_from(max_entries).unwrap_or(usize::MAX))
+            .weight_capacity(max_bytes)
+            .build()
+            .map_err(|error| anyhow::anyhow!("in-memory cache store: {error:?}"))?;
+        let cache = Cache::with_options(options, ByWeight, DefaultHashBuilder::default(), DefaultLifecycle::default());
+        // Rounded up, so the byte bound never lets more than `max_entries` in.
+        Ok(Self { cache: Arc::new(cache), floor: max_bytes.div_ceil(max_entries) })
     }
 
     pub async fn get(&self, key: &str) -> Option<Arc<Entry>> {
-        self.cache.get(key).await.map(|stored| stored.entry)
+        let stored = self.cache.get(key)?;
+        if stored.live(Instant::now()) {
+            return Some(stored.entry);
+        }
+        self.cache.remove_if(key, |stored| !stored.live(Instant::now()));
+        None
     }
 
     /// Stores `entry` under `key`; true when it replaced an entry that had not expired.
     pub async fn put(&self, key: &str, model: &str, entry: Entry, ttl: Duration) -> bool {
-        let bytes = u32::try_from(entry.encoded_len()).unwrap_or(u32::MAX);
-        let stored = Stored { entry: Arc::new(entry), model: model.into(), ttl, bytes };
-        // One atomic step per key, so two puts racing cannot both see "nothing there".
-        let upserted = self.cache.entry(key.to_string()).and_upsert_with(|_| std::future::ready(stored)).await;
-        upserted.is_old_value_replaced()
+        let now = Instant::now();
+        let bytes = u64::try_from(entry.encoded_len()).unwrap_or(u64::MAX);
+        // The encoded size plus the key (what the entry costs, roughly), but never below the floor.
+        let weight = bytes.saturating_add(key.len() as u64).max(self.floor).max(1);
+        let mut stored =
+            Some(Stored { entry: Arc::new(entry), model: model.into(), expires_at: now.checked_add(ttl), weight });
+        // One atomic step per key (the shard's lock), so two puts racing cannot both see "nothing
+        // there".
+        let result = self.cache.entry(key, None, |_, old| {
+            let replaced = old.live(now);
+            if let Some(new) = stored.take() {
+                *old = new;
+            }
+            EntryAction::Retain(replaced)
+        });
+        match result {
+            EntryResult::Retained(replaced) => replaced,
+            EntryResult::Vacant(place) => {
+                if let Some(new) = stored.take() {
+                    // Refused only when the entry alone outweighs its shard: then it is not kept.
+                    let _ = place.insert(new);
+                }
+                false
+            }
+            // The callback only retains, and with no timeout there is no waiting to give up.
+            EntryResult::Removed(..) | EntryResult::Replaced(..) | EntryResult::Timeout => false,
+        }
     }
 
     pub async fn remove(&self, key: &str) -> u64 {
-        u64::from(self.cache.remove(key).await.is_some())
+        let removed = self.cache.remove(key);
+        u64::from(removed.is_some_and(|(_, stored)| stored.live(Instant::now())))
     }
 
+    /// Removes every entry of `model`: a walk over the whole store, on a blocking thread so the
+    /// service's own threads go on answering (it locks one shard at a time).
     pub async fn remove_model(&self, model: &str) -> u64 {
-        let keys: Vec<Arc<String>> =
-            self.cache.iter().filter(|(_, stored)| &*stored.model == model).map(|(key, _)| key).collect();
-        let mut removed = 0;
-        for key in keys {
-            removed += u64::from(self.cache.remove(key.as_str()).await.is_some());
-        }
-        removed
+        let cache = self.cache.clone();
+        let model: Arc<str> = model.into();
+        let walk = tokio::task::spawn_blocking(move || {
+            let now = Instant::now();
+            let removed = Cell::new(0);
+            cache.retain(|_, stored| {
+                let keep = stored.model != model;
+                if !keep && stored.live(now) {
+                    removed.set(removed.get() + 1);
+                }
+                keep
+            });
+            removed.get()
+        });
+        walk.await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "removing a model's entries did not finish");
+            0
+        })
     }
 
+    /// What the store holds, after sweeping out expired entries (on a blocking thread, like
+    /// [`Self::remove_model`]).
     pub async fn size(&self) -> Size {
-        self.cache.run_pending_tasks().await;
-        Size { entries: self.cache.entry_count(), bytes: self.cache.weighted_size() }
+        let cache = self.cache.clone();
+        let sweep = tokio::task::spawn_blocking(move || {
+            let now = Instant::now();
+            cache.retain(|_, stored| stored.live(now));
+        });
+        if let Err(error) = sweep.await {
+            tracing::warn!(%error, "sweeping expired cache entries did not finish");
+        }
+        Size { entries: self.cache.len() as u64, bytes: self.cache.weight() }
     }
 }
 
+/// How many shards: about [`ENTRIES_PER_SHARD`] entries each, each still able to hold a few of the
+/// largest entries, a power of two between 1 and [`MAX_SHARDS`].
+fn shards(max_bytes: u64, max_entries: u64, max_entry_bytes: u64) -> usize {
+    let by_entries = max_entries / ENTRIES_PER_SHARD;
+    let by_bytes = max_bytes / max_entry_bytes.saturating_mul(LARGEST_ENTRIES_PER_SHARD).max(1);
+    let shards = by_entries.min(by_bytes).clamp(1, MAX_SHARDS);
+    1 << shards.ilog2()
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,7 +185,7 @@ mod tests {
 
     #[tokio::test]
     async fn put_get_remove() {
-        let store = MemoryStore::new(1 << 20, 1000);
+        let store = MemoryStore::new(1 << 20, 1000, 1 << 16).unwrap();
         assert!(!store.put("k1", "sim", entry("a"), Duration::from_secs(60)).await, "nothing to replace");
         assert!(!store.put("k2", "other", entry("b"), Duration::from_secs(60)).await);
         assert!(store.put("k1", "sim", entry("a"), Duration::from_secs(60)).await, "replaced k1");
@@ -117,7 +199,7 @@ mod tests {
 
     #[tokio::test]
     async fn entries_expire() {
-        let store = MemoryStore::new(1 << 20, 1000);
+        let store = MemoryStore::new(1 << 20, 1000, 1 << 16).unwrap();
         store.put("k", "sim", entry("a"), Duration::from_millis(50)).await;
         assert!(store.get("k").await.is_some());
         tokio::time::sleep(Duration::from_millis(120)).await;
@@ -126,7 +208,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_by_bytes() {
-        let store = MemoryStore::new(10_000, 1000);
+        let store = MemoryStore::new(10_000, 1000, 1 << 16).unwrap();
         for i in 0..200 {
             store.put(&format!("k{i}"), "sim", entry(&"x".repeat(500)), Duration::from_secs(60)).await;
         }
@@ -137,12 +219,47 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_by_entries() {
-        let store = MemoryStore::new(1 << 20, 50);
+        let store = MemoryStore::new(1 << 20, 50, 1 << 16).unwrap();
         for i in 0..500 {
             store.put(&format!("k{i}"), "sim", entry("x"), Duration::from_secs(60)).await;
         }
         let size = store.size().await;
         assert!(size.entries <= 50, "{size:?}");
         assert!(size.entries > 0, "{size:?}");
+    }
+
+    #[tokio::test]
+    async fn an_expired_entry_is_not_replaced_nor_removed_nor_counted() {
+        let store = MemoryStore::new(1 << 20, 1000, 1 << 16).unwrap();
+        store.put("gone", "sim", entry("a"), Duration::from_millis(20)).await;
+        store.put("kept", "sim", entry("b"), Duration::from_secs(60)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(store.size().await.entries, 1, "the sweep dropped the expired entry");
+        store.put("late", "sim", entry("c"), Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(store.remove("late").await, 0, "an expired entry is not there to remove");
+        store.put("again", "sim", entry("d"), Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!store.put("again", "sim", entry("e"), Duration::from_secs(60)).await, "nothing live was replaced");
+        assert_eq!(store.get("again").await.unwrap().response.as_ref().unwrap().text, "e");
+    }
+
+    #[test]
+    fn shards_hold_a_few_thousand_entries_and_a_few_of_the_largest() {
+        assert_eq!(shards(256 << 20, 100_000, 1 << 20), 32, "the defaults");
+        assert_eq!(shards(256 << 20, 10_000_000, 1 << 20), 64, "at most 64");
+        assert_eq!(shards(8 << 20, 10_000_000, 1 << 20), 2, "each shard holds 4 of the largest");
+        assert_eq!(shards(10_000, 1000, 1 << 16), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_store_keeps_its_bound_while_stores_keep_coming() {
+        let store = MemoryStore::new(1 << 20, 5_000, 1 << 16).unwrap();
+        for i in 0..50_000 {
+            store.put(&format!("k{i}"), "sim", entry("x"), Duration::from_secs(60)).await;
+        }
+        let size = store.size().await;
+        assert!(size.entries <= 5_000 && size.entries > 2_500, "{size:?}");
+        assert!(store.get("k49999").await.is_some(), "the newest entry is kept");
     }
 }

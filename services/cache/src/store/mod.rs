@@ -43,7 +43,11 @@ impl Store {
         }
         match &config.redis_url {
             Some(url) => Ok(Self::Redis(redis::RedisStore::connect(url, config).await?)),
-            None => Ok(Self::Memory(memory::MemoryStore::new(config.memory_max_bytes, config.memory_max_entries))),
+            None => Ok(Self::Memory(memory::MemoryStore::new(
+                config.memory_max_bytes,
+                config.memory_max_entries,
+                u64::try_from(config.max_entry_bytes).unwrap_or(u64::MAX),
+            )?)),
         }
     }
 

@@ -128,12 +128,10 @@ impl MemoryStore {
         u64::from(removed.is_some_and(|(_, stored)| stored.live(Instant::now())))
     }
 
-    /// Removes every entry of `model`: a walk over the whole store, on a blocking thread so the
-    /// service's own threads go on answering (it locks one shard at a time).
+    /// Removes every entry of `model`.
     pub async fn remove_model(&self, model: &str) -> u64 {
-        let cache = self.cache.clone();
         let model: Arc<str> = model.into();
-        let walk = tokio::task::spawn_blocking(move || {
+        let removed = self.walk("removing a model's entries", move |cache| {
             let now = Instant::now();
             let removed = Cell::new(0);
             cache.retain(|_, stored| {
@@ -145,24 +143,34 @@ impl MemoryStore {
             });
             removed.get()
         });
-        walk.await.unwrap_or_else(|error| {
-            tracing::warn!(%error, "removing a model's entries did not finish");
-            0
-        })
+        removed.await.unwrap_or(0)
     }
 
-    /// What the store holds, after sweeping out expired entries (on a blocking thread, like
-    /// [`Self::remove_model`]).
+    /// What the store holds, after sweeping out expired entries.
     pub async fn size(&self) -> Size {
-        let cache = self.cache.clone();
-        let sweep = tokio::task::spawn_blocking(move || {
+        let sweep = self.walk("sweeping expired cache entries", |cache| {
             let now = Instant::now();
             cache.retain(|_, stored| stored.live(now));
         });
-        if let Err(error) = sweep.await {
-            tracing::warn!(%error, "sweeping expired cache entries did not finish");
-        }
+        sweep.await;
         Size { entries: self.cache.len() as u64, bytes: self.cache.weight() }
+    }
+
+    /// Runs `walk` over the whole store on a blocking thread, so the service's own threads go on
+    /// answering (the walk locks one shard at a time); `None`, logged, when it did not finish.
+    async fn walk<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        walk: impl FnOnce(&Entries) -> T + Send + 'static,
+    ) -> Option<T> {
+        let cache = self.cache.clone();
+        match tokio::task::spawn_blocking(move || walk(&cache)).await {
+            Ok(done) => Some(done),
+            Err(error) => {
+                tracing::warn!(%error, "{what} did not finish");
+                None
+            }
+        }
     }
 }
 
@@ -181,6 +189,13 @@ mod tests {
 
     fn entry(text: &str) -> Entry {
         Entry { response: Some(GenerateResponse { text: text.into(), ..Default::default() }), ..Default::default() }
+    }
+
+    /// Stores `count` entries of `text` under keys `k0`, `k1`, …
+    async fn fill(store: &MemoryStore, count: usize, text: &str) {
+        for i in 0..count {
+            store.put(&format!("k{i}"), "sim", entry(text), Duration::from_secs(60)).await;
+        }
     }
 
     #[tokio::test]
@@ -209,9 +224,7 @@ mod tests {
     #[tokio::test]
     async fn bounded_by_bytes() {
         let store = MemoryStore::new(10_000, 1000, 1 << 16).unwrap();
-        for i in 0..200 {
-            store.put(&format!("k{i}"), "sim", entry(&"x".repeat(500)), Duration::from_secs(60)).await;
-        }
+        fill(&store, 200, &"x".repeat(500)).await;
         let size = store.size().await;
         assert!(size.bytes <= 10_000, "{size:?}");
         assert!(size.entries < 200, "{size:?}");
@@ -220,9 +233,7 @@ mod tests {
     #[tokio::test]
     async fn bounded_by_entries() {
         let store = MemoryStore::new(1 << 20, 50, 1 << 16).unwrap();
-        for i in 0..500 {
-            store.put(&format!("k{i}"), "sim", entry("x"), Duration::from_secs(60)).await;
-        }
+        fill(&store, 500, "x").await;
         let size = store.size().await;
         assert!(size.entries <= 50, "{size:?}");
         assert!(size.entries > 0, "{size:?}");
@@ -255,9 +266,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_store_keeps_its_bound_while_stores_keep_coming() {
         let store = MemoryStore::new(1 << 20, 5_000, 1 << 16).unwrap();
-        for i in 0..50_000 {
-            store.put(&format!("k{i}"), "sim", entry("x"), Duration::from_secs(60)).await;
-        }
+        fill(&store, 50_000, "x").await;
         let size = store.size().await;
         assert!(size.entries <= 5_000 && size.entries > 2_500, "{size:?}");
         assert!(store.get("k49999").await.is_some(), "the newest entry is kept");

@@ -23,7 +23,12 @@ use std::{
 use llmesh_proto::cache::v1::{
     LookupResponse, WatchChangesRequest, cache_client::CacheClient, watch_changes_response::Change,
 };
+use llmesh_util::shards::shard_count;
 use prost::Message as _;
+use quick_cache::{
+    DefaultHashBuilder, OptionsBuilder, Weighter,
+    sync::{Cache, DefaultLifecycle},
+};
 use tonic::{Code, transport::Channel};
 
 use crate::{
@@ -31,14 +36,24 @@ use crate::{
     metrics::{label, metrics},
 };
 
+/// The copies: sharded, S3-FIFO (quick_cache), weighed in bytes. Not moka: its table is tidied by
+/// copying all of it at once on whichever call notices, which under steady eviction held the
+/// gateway's thread for milliseconds (see the cache service's in-memory store).
+type Copies = Cache<String, Arc<Held>, ByWeight, DefaultHashBuilder, DefaultLifecycle<String, Arc<Held>>>;
+
 #[derive(Debug)]
 pub struct NearCache {
-    entries: moka::sync::Cache<String, Arc<Held>>,
+    entries: Copies,
     /// Bumped by every change applied, and whenever the feed starts or stops.
     epoch: AtomicU64,
+    /// Bumped when every copy is dropped at once: a copy kept before is never served again, and
+    /// eviction reclaims its room (so dropping everything costs nothing on the feed's thread).
+    generation: AtomicU64,
     /// Whether the feed is live: only then are answers served or kept.
     live: AtomicBool,
     max_ttl: Duration,
+    /// What a copy weighs at least: its share of the byte bound.
+    floor: u64,
 }
 
 #[derive(Debug)]
@@ -46,8 +61,22 @@ struct Held {
     answer: LookupResponse,
     kept_at: Instant,
     ttl: Duration,
-    bytes: u32,
+    generation: u64,
+    weight: u64,
 }
+
+/// Weighs a copy by what [`NearCache::keep`] worked out once.
+#[derive(Debug, Clone, Copy)]
+struct ByWeight;
+
+impl Weighter<String, Arc<Held>> for ByWeight {
+    fn weight(&self, _key: &String, held: &Arc<Held>) -> u64 {
+        held.weight
+    }
+}
+
+/// No answer read from the cache service is larger: tonic's default limit on a decoded message.
+const LARGEST_ANSWER_BYTES: u64 = 4 << 20;
 
 /// The state of the feed when a read from the cache service began, and when it began (the entry's
 /// freshness is counted from there); see [`NearCache::keep`].
@@ -57,33 +86,30 @@ pub struct Ticket {
     at: Instant,
 }
 
-struct HeldTtl;
-
-impl moka::Expiry<String, Arc<Held>> for HeldTtl {
-    fn expire_after_create(&self, _: &String, held: &Arc<Held>, _: Instant) -> Option<Duration> {
-        Some(held.ttl)
-    }
-}
-
 impl NearCache {
-    /// The near cache `config` asks for, or `None` when it is off.
-    pub fn new(config: &CacheConfig) -> Option<Self> {
-        if config.near_max_entries == 0 || config.near_max_bytes == 0 {
-            return None;
+    /// The near cache `config` asks for, or `None` when it is off; an error when its bounds make
+    /// no cache.
+    pub fn new(config: &CacheConfig) -> anyhow::Result<Option<Self>> {
+        let (max_entries, max_bytes) = (config.near_max_entries, config.near_max_bytes);
+        if max_entries == 0 || max_bytes == 0 {
+            return Ok(None);
         }
-        // Each entry weighs at least its share of the byte bound, so the count is bounded too.
-        let floor = u32::try_from(config.near_max_bytes / config.near_max_entries).unwrap_or(u32::MAX);
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(config.near_max_bytes)
-            .weigher(move |key: &String, held: &Arc<Held>| held.bytes.saturating_add(key.len() as u32).max(floor))
-            .expire_after(HeldTtl)
-            .build();
-        Some(Self {
-            entries,
+        let options = OptionsBuilder::new()
+            .shards(shard_count(max_bytes, max_entries, LARGEST_ANSWER_BYTES))
+            .estimated_items_capacity(usize::try_from(max_entries).unwrap_or(usize::MAX))
+            .weight_capacity(max_bytes)
+            .build()
+            .map_err(|error| anyhow::anyhow!("near cache: {error:?}"))?;
+        Ok(Some(Self {
+            entries: Cache::with_options(options, ByWeight, DefaultHashBuilder::default(), DefaultLifecycle::default()),
             epoch: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             live: AtomicBool::new(false),
             max_ttl: Duration::from_millis(config.near_max_ttl_ms),
-        })
+            // Each copy weighs at least its share of the byte bound (rounded up), so the count is
+            // bounded too.
+            floor: max_bytes.div_ceil(max_entries),
+        }))
     }
 
     /// The answer kept under `key`, with its age and freshness brought up to now.
@@ -92,7 +118,12 @@ impl NearCache {
             return None;
         }
         let held = self.entries.get(key)?;
+        let generation = self.generation.load(SeqCst);
         let elapsed = held.kept_at.elapsed();
+        if elapsed >= held.ttl || held.generation != generation {
+            self.entries.remove_if(key, |held| held.kept_at.elapsed() >= held.ttl || held.generation != generation);
+            return None;
+        }
         let mut answer = held.answer.clone();
         answer.age_ms = answer.age_ms.saturating_add(millis(elapsed));
         answer.fresh_for_ms = millis(held.ttl.saturating_sub(elapsed));
@@ -117,24 +148,26 @@ impl NearCache {
         if ttl.is_zero() {
             return;
         }
-        let held = Held { answer: answer.clone(), kept_at: Instant::now(), ttl, bytes: weight(answer) };
+        let weight = weight(answer).saturating_add(answer.key.len() as u64).max(self.floor);
+        let generation = self.generation.load(SeqCst);
+        let held = Held { answer: answer.clone(), kept_at: Instant::now(), ttl, generation, weight };
         self.entries.insert(answer.key.clone(), Arc::new(held));
         // A change applied between the check and the insert bumped the epoch before dropping
         // entries: either it dropped this one, or this sees the bump and drops it.
         if self.epoch.load(SeqCst) != ticket.epoch {
-            self.entries.invalidate(&answer.key);
+            self.entries.remove(&answer.key);
         }
     }
 
     /// Drops the copy under `key` (this gateway is storing a new answer for it).
     pub fn forget(&self, key: &str) {
         self.epoch.fetch_add(1, SeqCst);
-        self.entries.invalidate(key);
+        self.entries.remove(key);
     }
 
     fn forget_all(&self) {
         self.epoch.fetch_add(1, SeqCst);
-        self.entries.invalidate_all();
+        self.generation.fetch_add(1, SeqCst);
     }
 
     /// Applies one message of the feed.
@@ -158,11 +191,10 @@ impl NearCache {
         self.forget_all();
     }
 
-    /// Entries kept (moka counts lazily).
+    /// Copies held, servable or not.
     #[cfg(test)]
-    fn len(&self) -> u64 {
-        self.entries.run_pending_tasks();
-        self.entries.entry_count()
+    fn len(&self) -> usize {
+        self.entries.len()
     }
 
     /// Follows the cache service's change feed for as long as the returned task runs, watching
@@ -174,10 +206,10 @@ impl NearCache {
 
 /// What a kept answer costs in memory, roughly: its encoded size, plus a string's header and
 /// allocation slack for each streamed chunk (many small chunks cost more than their bytes).
-fn weight(answer: &LookupResponse) -> u32 {
+fn weight(answer: &LookupResponse) -> u64 {
     const PER_CHUNK: usize = std::mem::size_of::<String>() + 16;
     let bytes = answer.encoded_len().saturating_add(answer.chunks.len().saturating_mul(PER_CHUNK));
-    u32::try_from(bytes).unwrap_or(u32::MAX)
+    u64::try_from(bytes).unwrap_or(u64::MAX)
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -246,7 +278,7 @@ mod tests {
 
     fn near() -> NearCache {
         let config = CacheConfig { near_max_entries: 100, near_max_bytes: 1 << 20, ..CacheConfig::default() };
-        let near = NearCache::new(&config).unwrap();
+        let near = NearCache::new(&config).unwrap().unwrap();
         near.apply(Some(Change::Everything(true)));
         near
     }
@@ -281,7 +313,7 @@ mod tests {
     #[test]
     fn nothing_is_served_or_kept_unless_the_feed_is_live() {
         let config = CacheConfig { near_max_entries: 100, near_max_bytes: 1 << 20, ..CacheConfig::default() };
-        let near = NearCache::new(&config).unwrap();
+        let near = NearCache::new(&config).unwrap().unwrap();
         assert!(near.ticket().is_none(), "no feed yet");
         near.apply(Some(Change::Everything(true)));
         near.keep(near.ticket().unwrap(), &answer("a", 10_000));
@@ -313,6 +345,9 @@ mod tests {
         assert!(near.get("a").is_none() && near.get("b").is_some());
         near.apply(Some(Change::Model("sim".into())));
         assert!(near.get("b").is_none() && near.get("c").is_none());
+        assert_eq!(near.len(), 0, "a copy dropped with everything goes when it is next asked for");
+        near.keep(near.ticket().unwrap(), &answer("b", 10_000));
+        assert!(near.get("b").is_some(), "kept again after everything was dropped");
         near.keep(near.ticket().unwrap(), &answer("d", 10_000));
         near.forget("d");
         assert!(near.get("d").is_none());
@@ -326,13 +361,14 @@ mod tests {
             near_max_ttl_ms: 500,
             ..CacheConfig::default()
         };
-        let near = NearCache::new(&config).unwrap();
+        let near = NearCache::new(&config).unwrap().unwrap();
         near.apply(Some(Change::Everything(true)));
         near.keep(near.ticket().unwrap(), &answer("short", 200));
         near.keep(near.ticket().unwrap(), &answer("capped", 10_000));
         assert!(near.get("short").is_some() && near.get("capped").is_some());
         std::thread::sleep(Duration::from_millis(300));
         assert!(near.get("short").is_none(), "past the entry's freshness");
+        assert_eq!(near.len(), 1, "an expired copy goes when it is next asked for");
         assert!(near.get("capped").is_some());
         std::thread::sleep(Duration::from_millis(300));
         assert!(near.get("capped").is_none(), "past near_max_ttl_ms");
@@ -355,17 +391,31 @@ mod tests {
     #[test]
     fn bounded_by_entries() {
         let config = CacheConfig { near_max_entries: 10, near_max_bytes: 1 << 20, ..CacheConfig::default() };
-        let near = NearCache::new(&config).unwrap();
+        let near = NearCache::new(&config).unwrap().unwrap();
         near.apply(Some(Change::Everything(true)));
         for i in 0..100 {
             near.keep(near.ticket().unwrap(), &answer(&format!("k{i}"), 10_000));
         }
         assert!(near.len() <= 10, "{} entries", near.len());
+        assert!(near.get("k99").is_some(), "the newest copy is kept");
+    }
+
+    #[test]
+    fn a_full_near_cache_keeps_its_bounds_while_copies_keep_coming() {
+        let config = CacheConfig { near_max_entries: 5_000, near_max_bytes: 1 << 20, ..CacheConfig::default() };
+        let near = NearCache::new(&config).unwrap().unwrap();
+        near.apply(Some(Change::Everything(true)));
+        for i in 0..50_000 {
+            near.keep(near.ticket().unwrap(), &answer(&format!("k{i}"), 10_000));
+        }
+        assert!(near.len() <= 5_000 && near.len() > 2_500, "{} copies", near.len());
+        assert!(near.entries.weight() <= 1 << 20);
+        assert!(near.get("k49999").is_some(), "the newest copy is kept");
     }
 
     #[test]
     fn off_when_configured_so() {
         let config = CacheConfig { near_max_entries: 0, ..CacheConfig::default() };
-        assert!(NearCache::new(&config).is_none());
+        assert!(NearCache::new(&config).unwrap().is_none());
     }
 }

@@ -26,14 +26,9 @@ use quick_cache::{
     sync::{Cache, DefaultLifecycle, EntryAction, EntryResult},
 };
 
-use super::Size;
+use llmesh_util::shards::shard_count;
 
-/// A shard is sized for about this many entries: few enough that tidying its table is short.
-const ENTRIES_PER_SHARD: u64 = 2048;
-const MAX_SHARDS: u64 = 64;
-/// Each shard holds at least this many of the largest entries (a shard bounds its own bytes, and
-/// an entry heavier than a shard's share is not kept).
-const LARGEST_ENTRIES_PER_SHARD: u64 = 4;
+use super::Size;
 
 #[derive(Debug, Clone)]
 struct Stored {
@@ -73,7 +68,7 @@ impl MemoryStore {
     pub fn new(max_bytes: u64, max_entries: u64, max_entry_bytes: u64) -> anyhow::Result<Self> {
         let max_entries = max_entries.max(1);
         let options = OptionsBuilder::new()
-            .shards(shards(max_bytes, max_entries, max_entry_bytes))
+            .shards(shard_count(max_bytes, max_entries, max_entry_bytes))
             .estimated_items_capacity(usize::try_from(max_entries).unwrap_or(usize::MAX))
             .weight_capacity(max_bytes)
             .build()
@@ -174,14 +169,6 @@ impl MemoryStore {
     }
 }
 
-/// How many shards: about [`ENTRIES_PER_SHARD`] entries each, each still able to hold a few of the
-/// largest entries, a power of two between 1 and [`MAX_SHARDS`].
-fn shards(max_bytes: u64, max_entries: u64, max_entry_bytes: u64) -> usize {
-    let by_entries = max_entries / ENTRIES_PER_SHARD;
-    let by_bytes = max_bytes / max_entry_bytes.saturating_mul(LARGEST_ENTRIES_PER_SHARD).max(1);
-    let shards = by_entries.min(by_bytes).clamp(1, MAX_SHARDS);
-    1 << shards.ilog2()
-}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,14 +240,6 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!store.put("again", "sim", entry("e"), Duration::from_secs(60)).await, "nothing live was replaced");
         assert_eq!(store.get("again").await.unwrap().response.as_ref().unwrap().text, "e");
-    }
-
-    #[test]
-    fn shards_hold_a_few_thousand_entries_and_a_few_of_the_largest() {
-        assert_eq!(shards(256 << 20, 100_000, 1 << 20), 32, "the defaults");
-        assert_eq!(shards(256 << 20, 10_000_000, 1 << 20), 64, "at most 64");
-        assert_eq!(shards(8 << 20, 10_000_000, 1 << 20), 2, "each shard holds 4 of the largest");
-        assert_eq!(shards(10_000, 1000, 1 << 16), 1);
     }
 
     #[tokio::test]

@@ -115,25 +115,30 @@ impl Cache {
     pub async fn connect(config: &CacheConfig, within: Duration) -> anyhow::Result<Self> {
         let Some(uri) = config.endpoint() else {
             tracing::info!("cache disabled (gateway.cache.endpoint is unset)");
-            return Ok(Self::new(None, config));
+            return Ok(Self::off(config));
         };
         deps::wait_serving("cache", uri, SERVICE_NAME, within).await?;
         let channel = deps::endpoint(uri, Duration::from_millis(config.connect_timeout_ms))?.connect_lazy();
-        Ok(Self::new(Some(CacheClient::new(channel)), config))
+        Self::new(CacheClient::new(channel), config)
     }
 
-    /// The cache behind `client` (none: caching off), with a near cache when `config` asks for
-    /// one. Call within the runtime: the near cache follows the service's changes from a task, and
-    /// stores are sent from another.
-    pub fn new(client: Option<CacheClient<Channel>>, config: &CacheConfig) -> Self {
-        let near = client.as_ref().and_then(|client| {
-            let cache = Arc::new(NearCache::new(config)?);
+    /// The cache behind `client`, with a near cache when `config` asks for one. Call within the
+    /// runtime: the near cache follows the service's changes from a task, and stores are sent
+    /// from another.
+    pub fn new(client: CacheClient<Channel>, config: &CacheConfig) -> anyhow::Result<Self> {
+        let near = NearCache::new(config)?.map(|cache| {
+            let cache = Arc::new(cache);
             let follower = cache.follow(client.clone());
-            Some(Near { cache, _follower: Arc::new(llmesh_util::AbortOnDropHandle::new(follower)) })
+            Near { cache, _follower: Arc::new(llmesh_util::AbortOnDropHandle::new(follower)) }
         });
         let budget = Duration::from_millis(config.budget_ms);
-        let stores = client.as_ref().map(|client| stores::Stores::start(client.clone(), budget));
-        Self { client, stores, budget, near }
+        let stores = Some(stores::Stores::start(client.clone(), budget));
+        Ok(Self { client: Some(client), stores, budget, near })
+    }
+
+    /// Caching off: every lookup misses and nothing is stored.
+    pub fn off(config: &CacheConfig) -> Self {
+        Self { client: None, stores: None, budget: Duration::from_millis(config.budget_ms), near: None }
     }
 
     /// The cached answer, if there is one and the cache answers within budget.

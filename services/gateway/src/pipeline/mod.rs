@@ -210,7 +210,7 @@ where
 /// builds the stack from outside the crate.
 #[doc(hidden)]
 pub fn disabled_cache() -> Cache {
-    Cache::new(None, &crate::cache::CacheConfig::default())
+    Cache::off(&crate::cache::CacheConfig::default())
 }
 
 #[doc(hidden)]
@@ -259,7 +259,7 @@ mod tests {
 
     fn stack_over_mock(max_attempts: u32, secondary: Option<&str>) -> (Generation, mock::Handle<Call, Reply>) {
         let (service, handle) = mock::pair::<Call, Reply>();
-        let cache = Cache::new(None, &CacheConfig::default());
+        let cache = Cache::off(&CacheConfig::default());
         (stack_over(&config(max_attempts), fallback(secondary), cache, fail_with(service)), handle)
     }
 

@@ -47,14 +47,14 @@ async fn read_stream(client: &mut GenerationClient<Channel>, model: &str) -> (Ve
 
 /// What the upstream writes for each request; `reset` closes with RST after the writes.
 #[derive(Clone)]
-struct Script {
-    writes: Vec<String>,
-    pause_ms: u64,
-    reset: bool,
+pub(crate) struct Script {
+    pub(crate) writes: Vec<String>,
+    pub(crate) pause_ms: u64,
+    pub(crate) reset: bool,
 }
 
 /// A one-route HTTP/1.1 upstream that answers every request with its script.
-async fn upstream(script: Script) -> String {
+pub(crate) async fn upstream(script: Script) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let script = Arc::new(script);
@@ -97,7 +97,7 @@ async fn answer(mut socket: TcpStream, script: Arc<Script>) {
     }
 }
 
-fn json_response(status: &str, body: &str) -> String {
+pub(crate) fn json_response(status: &str, body: &str) -> String {
     format!(
         "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
@@ -111,7 +111,7 @@ fn sse_delta(text: &str) -> String {
 }
 
 /// Environment for an `openai` model `up` at `base_url`, whose key is `LLMESH_E2E_UPSTREAM_KEY`.
-fn openai_model(base_url: &str) -> Vec<(&'static str, String)> {
+pub(crate) fn openai_model(base_url: &str) -> Vec<(&'static str, String)> {
     vec![
         ("LLMESH_GENERATION_MODELS__UP__PROVIDER", "openai".into()),
         ("LLMESH_GENERATION_MODELS__UP__BASE_URL", base_url.into()),

@@ -1,20 +1,28 @@
 //! One tenant cannot starve or blind another, through the real gateway: failures are charged to
 //! the model whose upstream failed (not to the replica, not to other models), a client's own
 //! deadline counts against nothing, the fallback's secondary model obeys the key and is charged,
-//! and one key holding its bound of streams leaves room for the others.
+//! one key holding its bound of streams leaves room for the others, a stale answer and a model
+//! list keep to what the key may read, and one key's degraded answer is not handed to another.
 
 use std::time::Duration;
 
 use llmesh_e2e::{Mesh, MeshOptions, Redis, eventually, free_port};
 use llmesh_proto::{
+    cache::v1::StoreRequest,
     common::v1::{CachePolicy, FinishReason},
-    gateway::v1::{GenerateRequest, SubmitJobRequest, WatchJobRequest, gateway_client::GatewayClient},
+    gateway::v1::{
+        GenerateRequest, ListModelsRequest, SubmitJobRequest, WatchJobRequest, gateway_client::GatewayClient,
+    },
+    generation::v1::GenerateResponse,
     health::v1::{ServingStatus, StatusRequest, mesh_health_client::MeshHealthClient},
 };
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_check_response, health_client::HealthClient};
 
-use crate::{prompt, stream_prompt};
+use crate::{
+    generation_hardening::{Script, json_response, openai_model, upstream},
+    prompt, stream_prompt,
+};
 
 /// A request that always reaches generation (no cache).
 fn fresh(model: &str, text: &str) -> GenerateRequest {
@@ -318,4 +326,95 @@ async fn a_key_can_keep_its_cache_to_itself_or_off() {
     let status = gateway.generate(with_key(sneaky, &a)).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().starts_with("metadata"), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_stale_answer_goes_only_to_a_request_that_may_read_the_cache() {
+    let (shared, shared_entry) = key("shared", "");
+    let (off, off_entry) = key("off", r#",cache="off""#);
+    let (narrow, narrow_entry) = key("narrow", r#",models=["sim-error"]"#);
+    let options = MeshOptions {
+        env: vec![
+            ("LLMESH_GATEWAY_AUTH__KEYS", format!("[{shared_entry},{off_entry},{narrow_entry}]")),
+            ("LLMESH_GATEWAY_GENERATION__RETRY__MAX_ATTEMPTS", "1".into()),
+        ],
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with(options).await;
+    let mut gateway = mesh.gateway().await;
+
+    // An answer the cache kept for a request to a model that now fails, already past its TTL.
+    let request = GenerateRequest { model: "sim-error".into(), ..prompt("kept from better days") };
+    let kept = GenerateResponse {
+        text: "an old answer".into(),
+        model: "sim-error".into(),
+        finish_reason: FinishReason::Stop.into(),
+        ..Default::default()
+    };
+    let store = StoreRequest { request: Some(request.clone().into()), response: Some(kept), chunks: vec![], ttl_ms: 1 };
+    let stored = mesh.cache().await.store(store).await.unwrap().into_inner();
+    assert!(stored.stored, "{stored:?}");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let source =
+        |answer: &llmesh_proto::gateway::v1::GenerateResponse| answer.degraded.as_ref().map(|d| d.source.clone());
+
+    // A request that may read the cache gets the stale answer, marked as such.
+    let answer = gateway.generate(with_key(request.clone(), &shared)).await.unwrap().into_inner();
+    assert_eq!(source(&answer).as_deref(), Some("stale_cache"), "{answer:?}");
+    assert_eq!(answer.text, "an old answer");
+    // One that asked not to read it, or whose key's answers are never cached, gets the message.
+    for (policy, key) in [(CachePolicy::Bypass, &shared), (CachePolicy::Refresh, &shared), (CachePolicy::Default, &off)]
+    {
+        let asked = GenerateRequest { cache: policy.into(), ..request.clone() };
+        let answer = gateway.generate(with_key(asked, key)).await.unwrap().into_inner();
+        assert_eq!(source(&answer).as_deref(), Some("message"), "{policy:?}: {answer:?}");
+        assert_ne!(answer.text, "an old answer");
+    }
+
+    // The models a key may use, over gRPC as over HTTP.
+    let models = gateway.list_models(with_key(ListModelsRequest {}, &narrow)).await.unwrap().into_inner().models;
+    assert_eq!(models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["sim-error"]);
+    let all = gateway.list_models(with_key(ListModelsRequest {}, &shared)).await.unwrap().into_inner().models;
+    assert!(all.iter().any(|m| m.name == "sim") && all.len() > 1, "{all:?}");
+}
+
+#[tokio::test]
+async fn a_degraded_answer_is_not_shared_with_an_identical_call_of_another_key() {
+    // The upstream fails every call, after a pause long enough for a second call to join the first.
+    let base_url = upstream(Script {
+        writes: vec![String::new(), json_response("503 Service Unavailable", "{}")],
+        pause_ms: 600,
+        reset: false,
+    })
+    .await;
+    let (wide, wide_entry) = key("wide", r#",models=["up","sim"]"#);
+    let (narrow, narrow_entry) = key("narrow", r#",models=["up"]"#);
+    let mut env = openai_model(&base_url);
+    env.extend([
+        ("LLMESH_E2E_UPSTREAM_KEY", "e2e".to_string()),
+        ("LLMESH_GATEWAY_AUTH__KEYS", format!("[{wide_entry},{narrow_entry}]")),
+        ("LLMESH_GATEWAY_FALLBACK__SECONDARY_MODEL", "sim".into()),
+        ("LLMESH_GATEWAY_GENERATION__RETRY__MAX_ATTEMPTS", "1".into()),
+    ]);
+    let mesh = Mesh::start_with(MeshOptions { env, ..Default::default() }).await;
+    let gateway = mesh.gateway().await;
+    // Cacheable (a seed), so identical calls in flight at once share one generation call.
+    let request = GenerateRequest { model: "up".into(), seed: Some(7), ..prompt("one question, two keys") };
+
+    let (mut first, mut second) = (gateway.clone(), gateway.clone());
+    let leader = tokio::spawn({
+        let request = with_key(request.clone(), &wide);
+        async move { first.generate(request).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let follower = second.generate(with_key(request, &narrow)).await.unwrap().into_inner();
+    let leader = leader.await.unwrap().unwrap().into_inner();
+
+    // The wide key's call fell back to the secondary model it may use.
+    let source =
+        |answer: &llmesh_proto::gateway::v1::GenerateResponse| answer.degraded.as_ref().map(|d| d.source.clone());
+    assert_eq!(source(&leader).as_deref(), Some("secondary_model"), "{leader:?}");
+    // The narrow key may not use it: its call got its own fallback, never the other key's answer.
+    assert_eq!(source(&follower).as_deref(), Some("message"), "{follower:?}");
+    assert_ne!(follower.model, "sim", "{follower:?}");
 }

@@ -132,9 +132,10 @@ impl GatewayService {
 
     /// The models generation serves, for `caller`.
     pub async fn models(&self, caller: Principal, deadline: Deadline) -> Result<Vec<generation::Model>, Status> {
-        let reply = pipeline::ask(&self.inner.generation, Call::new(Ask::ListModels, deadline, caller)).await;
+        let reply = pipeline::ask(&self.inner.generation, Call::new(Ask::ListModels, deadline, caller.clone())).await;
         match reply.map_err(pipeline::UpstreamError::into_status)? {
-            Reply::Models(models) => Ok(models.models),
+            // Only the models the key may use, whichever API asks.
+            Reply::Models(models) => Ok(models.models.into_iter().filter(|model| caller.allows(&model.name)).collect()),
             _ => Err(Status::internal("generation's reply did not match the call")),
         }
     }

@@ -297,12 +297,11 @@ pub async fn models(ingress: &Ingress, parts: Parts) -> Result<http::Response<Bo
     let caller = parts.extensions.get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
     let models = ingress
         .gateway()
-        .models(caller.clone(), deadline)
+        .models(caller, deadline)
         .await
         .map_err(|status| super::upstream_problem(&status, deadline))?;
     let data: Vec<Value> = models
         .iter()
-        .filter(|model| caller.allows(&model.name))
         .map(|model| json!({ "id": model.name, "object": "model", "created": 0, "owned_by": model.provider }))
         .collect();
     Ok(json_response(StatusCode::OK, &json!({ "object": "list", "data": data })))

@@ -31,7 +31,7 @@ use tower::{Layer, Service, ServiceExt as _};
 
 use super::{Ask, Call, FallbackReason, FallbackSource, Reply, UpstreamError};
 use crate::{
-    cache::Cache,
+    cache::{Cache, Use},
     metrics::{label, metrics},
 };
 
@@ -247,14 +247,16 @@ where
     }
 }
 
-/// An expired cache entry for the same request, when configured and the cache kept one.
+/// An expired cache entry for the same request, when configured, the request's policy lets it
+/// read the cache (not BYPASS, not REFRESH, nor a key whose answers are never cached: admission
+/// made those BYPASS) and the cache kept one.
 async fn stale(
     call: &Call,
     request: &GenerateRequest,
     config: &FallbackConfig,
     cache: &Cache,
 ) -> Option<GenerateResponse> {
-    if !config.stale_cache || call.deadline.remaining().is_zero() {
+    if !config.stale_cache || !Use::of(request.cache, true).read || call.deadline.remaining().is_zero() {
         return None;
     }
     cache.lookup_stale(request, call.deadline.remaining()).await?.response

@@ -2,7 +2,8 @@
 //! cannot see, watch, cancel or claim (by idempotency key) another key's job, and each of those
 //! answers NOT_FOUND exactly as for a job that does not exist; a job's tokens are reserved from
 //! its key's budget until the job ends, then the unused part comes back (the worker settles it, or
-//! the cancel); a watch ends after the configured maximum.
+//! the cancel); a watch ends after the configured maximum; a key at its bound of unfinished jobs
+//! is told to wait, and the others are not.
 
 use std::time::{Duration, Instant};
 
@@ -256,4 +257,25 @@ async fn eventually<T>(within: Duration, mut check: impl AsyncFnMut() -> Option<
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn a_key_at_its_bound_of_unfinished_jobs_is_told_to_wait_and_others_are_not() {
+    let redis = Redis::start().await.unwrap();
+    let (alice, bob) = (Tenant::new("tenant-a", None), Tenant::new("tenant-b", None));
+    let bound = ("LLMESH_GATEWAY_QUEUE__OPTIONS__MAX_UNFINISHED_PER_OWNER", "2");
+    let mesh = mesh(&redis, &[&alice, &bob], &[NO_WORKERS, bound]).await;
+    let mut gateway = mesh.gateway().await;
+
+    let first = alice.submit(&mut gateway, job("one", 8)).await.unwrap().job.unwrap();
+    alice.submit(&mut gateway, job("two", 8)).await.unwrap();
+    let refused = alice.submit(&mut gateway, job("three", 8)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.metadata().get("retry-after-ms").is_some(), "a retry hint: {refused:?}");
+    assert!(refused.message().contains("max_unfinished_per_owner"), "{refused:?}");
+    // Another key still queues.
+    bob.submit(&mut gateway, job("bob's", 8)).await.unwrap();
+    // A job of alice's that ends makes room.
+    alice.cancel(&mut gateway, &first.id).await.unwrap();
+    alice.submit(&mut gateway, job("three, later", 8)).await.unwrap();
 }

@@ -31,6 +31,10 @@ pub struct QueueConfig {
     /// Longest wait for one answer on a worker's own connection. Larger than the API's: a worker
     /// is not latency-bound, and giving up on a slow answer after a job ran only delays its ack.
     pub worker_response_timeout_ms: u64,
+    /// Most jobs one owner (an API key) may have that have not ended (queued, waiting for a
+    /// retry, or running); past it `submit` refuses until one ends, so one key cannot fill Redis
+    /// or bury the others' jobs. 0: no bound.
+    pub max_unfinished_per_owner: u64,
 }
 
 impl Default for QueueConfig {
@@ -46,6 +50,7 @@ impl Default for QueueConfig {
             connect_timeout_ms: 1_000,
             response_timeout_ms: 50,
             worker_response_timeout_ms: 2_000,
+            max_unfinished_per_owner: 1_000,
         }
     }
 }

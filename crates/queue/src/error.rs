@@ -25,6 +25,9 @@ pub enum QueueError {
     /// A job id or idempotency key no job could have: refused before any call to Redis.
     #[error(transparent)]
     Invalid(#[from] InvalidInput),
+    /// The owner already has `limit` jobs that have not ended.
+    #[error("{limit} jobs of this key have not ended yet (the most one key may have)")]
+    TooManyUnfinished { limit: u64 },
     /// Only a job still waiting (queued, or waiting for a retry) can be cancelled.
     #[error("job {id} is {} and can no longer be cancelled", state.as_str_name())]
     NotCancellable { id: String, state: JobState },

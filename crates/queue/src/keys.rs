@@ -15,6 +15,9 @@ pub(crate) struct Keys {
     /// `<prefix><owner's length>:<owner>:<idempotency key>`: the id of the job the owner
     /// submitted with that key.
     pub idempotency_prefix: String,
+    /// `<prefix><owner>`: the ids of the owner's jobs that have not ended, scored by when (Redis
+    /// clock, unix ms) they were submitted.
+    pub unfinished_prefix: String,
 }
 
 impl Keys {
@@ -25,11 +28,17 @@ impl Keys {
             delayed: format!("{stream}:delayed"),
             job_prefix: format!("{stream}:job:"),
             idempotency_prefix: format!("{stream}:idem:"),
+            unfinished_prefix: format!("{stream}:unfinished:"),
         }
     }
 
     pub fn job(&self, id: &str) -> String {
         format!("{}{id}", self.job_prefix)
+    }
+
+    /// The set of `owner`'s jobs that have not ended.
+    pub fn unfinished(&self, owner: &str) -> String {
+        format!("{}{owner}", self.unfinished_prefix)
     }
 
     /// One owner's idempotency record. Each owner has its own namespace, and no two (owner, key)
@@ -52,6 +61,7 @@ mod tests {
         assert_eq!(keys.delayed, "llmesh:jobs:delayed");
         assert_eq!(keys.job("job-1"), "llmesh:jobs:job:job-1");
         assert_eq!(keys.idempotency("team-a", "abc"), "llmesh:jobs:idem:6:team-a:abc");
+        assert_eq!(keys.unfinished("team-a"), "llmesh:jobs:unfinished:team-a");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::{
     keys::Keys,
     record::{SNAPSHOT_FIELDS, Snapshot, Stored, parse_snapshot},
     reservation::{Settlement, TokenReservation, parse_reservation},
-    scripts::{CANCEL_SCRIPT, STATS_SCRIPT, SUBMIT_SCRIPT},
+    scripts::{CANCEL_SCRIPT, STATS_SCRIPT, SUBMIT_CREATED, SUBMIT_EXISTING, SUBMIT_SCRIPT},
 };
 
 /// A handle on the queue. Cheap to clone: clones share one connection.
@@ -138,14 +138,20 @@ impl JobQueue {
         let keys = self.keys();
         let id = new_job_id();
         let mut invocation = SUBMIT_SCRIPT.key(keys.job(&id));
-        invocation.key(&keys.stream);
+        invocation.key(&keys.stream).key(keys.unfinished(owner));
         if !idempotency_key.is_empty() {
             invocation.key(keys.idempotency(owner, idempotency_key));
         }
         let (store, reserved, per_minute) = tokens.map(TokenReservation::fields).unwrap_or_default();
+        let max_unfinished = self.inner.config.max_unfinished_per_owner;
         invocation.arg(&id).arg(request.encode_to_vec()).arg(&keys.job_prefix).arg(owner);
-        invocation.arg(store).arg(reserved).arg(per_minute).arg(budget.unwrap_or_default());
-        let (id, existing, snapshot): (String, bool, Snapshot) = self.inner.api.invoke("submit", &invocation).await?;
+        invocation.arg(store).arg(reserved).arg(per_minute).arg(budget.unwrap_or_default()).arg(max_unfinished);
+        let (id, outcome, snapshot): (String, u8, Snapshot) = self.inner.api.invoke("submit", &invocation).await?;
+        let existing = match outcome {
+            SUBMIT_CREATED => false,
+            SUBMIT_EXISTING => true,
+            _ => return Err(QueueError::TooManyUnfinished { limit: max_unfinished }),
+        };
         let job = self.stored(&id, snapshot)?.ok_or(QueueError::NotFound { id })?.job;
         if !existing {
             tracing::debug!(job_id = %job.id, "job submitted");

@@ -6,8 +6,9 @@
 //! skewed clocks agree on when a retry is due.
 //!
 //! The scripts declare the keys they are given in KEYS, but derive two from their values: the
-//! hash of an existing job found by idempotency key (`submit`), and a job's idempotency record
-//! (`expire_finished`). Fine on the single Redis llmesh runs; a Redis Cluster would need the
+//! hash of an existing job found by idempotency key (`submit`), a job's idempotency record and
+//! its owner's set of unfinished jobs (`expire_finished`), and the hashes of the oldest of those
+//! (`submit`, at the owner's bound). Fine on the single Redis llmesh runs; a Redis Cluster would need the
 //! keys of one queue under one hash tag.
 //!
 //! Ownership is checked in the scripts that change a job on a caller's behalf (`submit` finding
@@ -59,12 +60,17 @@ local function reservation(job)
   return redis.call('HMGET', job, unpack(RESERVATION_FIELDS))
 end
 
--- A finished job, and its idempotency record, stay readable for the result TTL only.
-local function expire_finished(job, ttl_ms)
+-- A finished job, and its idempotency record, stay readable for the result TTL only; it no
+-- longer counts against its owner's unfinished jobs.
+local function expire_finished(job, id, ttl_ms)
   redis.call('PEXPIRE', job, ttl_ms)
   local idempotency = redis.call('HGET', job, 'idempotency_key')
   if idempotency and idempotency ~= '' then
     redis.call('PEXPIRE', idempotency, ttl_ms)
+  end
+  local unfinished = redis.call('HGET', job, 'unfinished_set')
+  if unfinished and unfinished ~= '' then
+    redis.call('ZREM', unfinished, id)
   end
 end
 
@@ -76,16 +82,18 @@ end
 ";
 
 /// Creates a job and queues it, unless the idempotency record (the owner's: its key names the
-/// owner) already names a live job of the owner.
+/// owner) already names a live job of the owner, or the owner already has `max unfinished` jobs
+/// that have not ended (0: no bound).
 ///
-/// KEYS: job hash, stream, [idempotency record]. ARGV: job id, encoded request, job key prefix,
-/// owner, tokens store ('' when nothing is reserved), tokens reserved, tokens per minute, money
-/// reservation ('' when none).
-/// Returns `{job id, 1 if it already existed else 0, snapshot}`.
+/// KEYS: job hash, stream, the owner's unfinished set, [idempotency record]. ARGV: job id,
+/// encoded request, job key prefix, owner, tokens store ('' when nothing is reserved), tokens
+/// reserved, tokens per minute, money reservation ('' when none), max unfinished.
+/// Returns `{job id, 0 if created | 1 if it already existed | 2 if the owner has too many, snapshot}`.
 const SUBMIT: &str = r"
-local job, stream, idempotency = KEYS[1], KEYS[2], KEYS[3]
+local job, stream, unfinished, idempotency = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, request, job_prefix, owner = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local tokens_store, tokens_reserved, tokens_per_minute, budget = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local max_unfinished = tonumber(ARGV[9])
 if idempotency then
   local existing = redis.call('GET', idempotency)
   if existing then
@@ -94,11 +102,29 @@ if idempotency then
       return {existing, 1, snapshot(existing_job)}
     end
   end
+end
+if max_unfinished > 0 and redis.call('ZCARD', unfinished) >= max_unfinished then
+  -- A job whose record went without ending (deleted, or evicted by Redis) would hold its place
+  -- for ever: look at the oldest few, a bounded step however many the owner has.
+  for _, old in ipairs(redis.call('ZRANGE', unfinished, 0, 15)) do
+    local state = redis.call('HGET', job_prefix .. old, 'state')
+    if not state or TERMINAL[state] then
+      redis.call('ZREM', unfinished, old)
+    end
+  end
+  if redis.call('ZCARD', unfinished) >= max_unfinished then
+    return {'', 2, {}}
+  end
+end
+if idempotency then
   redis.call('SET', idempotency, id)
 end
-local now = ms_text(clock_ms())
+local now_ms = clock_ms()
+local now = ms_text(now_ms)
 redis.call('HSET', job, 'state', QUEUED, 'attempts', 0, 'request', request, 'error', '',
-  'created_at_ms', now, 'updated_at_ms', now, 'idempotency_key', idempotency or '', 'owner', owner)
+  'created_at_ms', now, 'updated_at_ms', now, 'idempotency_key', idempotency or '', 'owner', owner,
+  'unfinished_set', unfinished)
+redis.call('ZADD', unfinished, now_ms, id)
 if tokens_store ~= '' then
   redis.call('HSET', job, 'tokens_store', tokens_store, 'tokens_reserved', tokens_reserved,
     'tokens_per_minute', tokens_per_minute)
@@ -129,7 +155,7 @@ if state ~= QUEUED then
 end
 redis.call('HSET', job, 'state', CANCELLED, 'updated_at_ms', ms_text(clock_ms()))
 redis.call('ZREM', delayed, id)
-expire_finished(job, ttl_ms)
+expire_finished(job, id, ttl_ms)
 return {'cancelled', snapshot(job), reservation(job)}
 ";
 
@@ -198,7 +224,7 @@ if refused then
 end
 redis.call('HSET', job, 'state', SUCCEEDED, 'result', result, 'error', '', 'updated_at_ms', ms_text(clock_ms()))
 redis.call('ZREM', delayed, id)
-expire_finished(job, ttl_ms)
+expire_finished(job, id, ttl_ms)
 settle(stream, group, entry)
 return {'applied', reservation(job)}
 ";
@@ -236,7 +262,7 @@ if refused then
   return {refused, {}}
 end
 redis.call('HSET', job, 'state', final_state, 'error', error, 'updated_at_ms', ms_text(clock_ms()))
-expire_finished(job, ttl_ms)
+expire_finished(job, id, ttl_ms)
 if final_state == DEAD_LETTERED then
   redis.call('XADD', dead, '*', 'job', id, 'error', error, 'attempts', attempt)
 end
@@ -291,6 +317,11 @@ fn script(parts: &[&str]) -> Script {
     }
     Script::new(&source)
 }
+
+/// What `submit` answers: a job created, or an earlier one returned (anything else: the owner
+/// has too many unfinished jobs).
+pub(crate) const SUBMIT_CREATED: u8 = 0;
+pub(crate) const SUBMIT_EXISTING: u8 = 1;
 
 pub(crate) static SUBMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[SUBMIT]));
 pub(crate) static CANCEL_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[CANCEL]));

@@ -1,13 +1,16 @@
 //! Jobs belong to the key that submitted them, against a real redis-server: another owner's job
 //! is not found, exactly like a missing one; idempotency keys are per owner; ids and keys are
-//! checked before Redis is asked; records from before owners are `anonymous`'s.
+//! checked before Redis is asked; records from before owners are `anonymous`'s; an owner holds at
+//! most its bound of unfinished jobs.
 
 mod common;
 
-use common::{NO_SUCH_JOB, OWNER, RedisServer, config, connect, request};
+use std::time::Duration;
+
+use common::{NO_SUCH_JOB, OWNER, RedisServer, config, connect, echo_execute, request, spawn_worker, wait_for};
 use futures::StreamExt as _;
 use llmesh_proto::gateway::v1::JobState;
-use llmesh_queue::{InvalidInput, LEGACY_OWNER, QueueError};
+use llmesh_queue::{InvalidInput, LEGACY_OWNER, QueueConfig, QueueError};
 use redis::AsyncCommands as _;
 
 const OTHER: &str = "bob";
@@ -114,4 +117,46 @@ async fn records_from_before_owners_belong_to_anonymous_only() {
     let cancelled = queue.cancel(LEGACY_OWNER, id).await.unwrap();
     assert_eq!(cancelled.job.state(), JobState::Cancelled);
     assert_eq!(cancelled.settlement, None, "it reserved nothing");
+}
+
+#[tokio::test]
+async fn an_owner_holds_at_most_its_bound_of_unfinished_jobs() {
+    let redis = RedisServer::start().await;
+    let queue = connect(&redis, QueueConfig { max_unfinished_per_owner: 3, ..config() }).await;
+    let full = |error: &QueueError| matches!(error, QueueError::TooManyUnfinished { limit: 3 });
+    let mut jobs = Vec::new();
+    for i in 0..3 {
+        jobs.push(queue.submit(OWNER, &request(&format!("job {i}")), &format!("key-{i}"), None).await.unwrap().job);
+    }
+    let error = queue.submit(OWNER, &request("one too many"), "", None).await.unwrap_err();
+    assert!(full(&error), "{error:?}");
+    // Another owner is not held back by it.
+    queue.submit(OTHER, &request("bob's"), "", None).await.unwrap();
+    // A resubmission with an idempotency key still finds its job: it adds nothing.
+    let again = queue.submit(OWNER, &request("job 0"), "key-0", None).await.unwrap();
+    assert!(again.existing && again.job.id == jobs[0].id, "{again:?}");
+
+    // A job that ends makes room for one more.
+    queue.cancel(OWNER, &jobs[0].id).await.unwrap();
+    let fourth = queue.submit(OWNER, &request("fourth"), "", None).await.unwrap().job;
+    assert!(full(&queue.submit(OWNER, &request("fifth"), "", None).await.unwrap_err()));
+    // So do jobs that finish on a worker (it runs all three).
+    let worker = spawn_worker(&queue, "w1", echo_execute);
+    for job in [&jobs[1], &jobs[2], &fourth] {
+        wait_for(&queue, &job.id, Duration::from_secs(10), |job| job.state() == JobState::Succeeded).await;
+    }
+    worker.stop().await;
+    let mut raw = redis.raw().await;
+    let unfinished: u64 = raw.zcard(format!("llmesh:jobs:unfinished:{OWNER}")).await.unwrap();
+    assert_eq!(unfinished, 0);
+
+    // A record that vanished without ending (deleted by hand, evicted) does not hold its place.
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(queue.submit(OWNER, &request(&format!("again {i}")), "", None).await.unwrap().job.id);
+    }
+    assert!(full(&queue.submit(OWNER, &request("full again"), "", None).await.unwrap_err()));
+    let _: () = raw.del(format!("llmesh:jobs:job:{}", ids[0])).await.unwrap();
+    queue.submit(OWNER, &request("in its place"), "", None).await.unwrap();
+    assert!(full(&queue.submit(OWNER, &request("and no more"), "", None).await.unwrap_err()));
 }

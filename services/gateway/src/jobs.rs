@@ -54,7 +54,7 @@ use llmesh_ratelimit::budget::StoredHold;
 use crate::admission::{
     Budgets, Held, Principal, Quota, RateLimiter,
     budget::Spend,
-    rate_limit::{Reservation, Taken},
+    rate_limit::{RETRY_AFTER_MS, RETRY_PUSHBACK_MS, Reservation, Taken},
 };
 
 /// The answer to `WatchJob`.
@@ -254,11 +254,24 @@ fn not_found() -> Status {
     Status::not_found("job_id: no such job (never submitted with this key, or expired)")
 }
 
+/// The wait suggested to a key at its bound of unfinished jobs: when one ends cannot be known,
+/// and polling faster than this gains nothing.
+const UNFINISHED_RETRY_AFTER_MS: u64 = 1_000;
+
 /// A queue failure as the status a client can act on.
 fn status(error: QueueError) -> Status {
     match error {
         QueueError::NotFound { .. } => not_found(),
         QueueError::Invalid(invalid) => Status::invalid_argument(invalid.to_string()),
+        QueueError::TooManyUnfinished { limit } => {
+            let mut status = Status::resource_exhausted(format!(
+                "jobs: this key already has {limit} jobs that have not ended (gateway.queue.options.max_unfinished_per_owner); submit again when one has"
+            ));
+            let wait = tonic::metadata::MetadataValue::from(UNFINISHED_RETRY_AFTER_MS);
+            status.metadata_mut().insert(RETRY_AFTER_MS, wait.clone());
+            status.metadata_mut().insert(RETRY_PUSHBACK_MS, wait);
+            status
+        }
         QueueError::NotCancellable { id, state } => {
             Status::failed_precondition(format!("job {id} is {} and can no longer be cancelled", state.as_str_name()))
         }

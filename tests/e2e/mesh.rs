@@ -6,7 +6,7 @@ use llmesh_e2e::{Mesh, MeshOptions, eventually};
 use llmesh_proto::{
     common::v1::{CachePolicy, FinishReason},
     gateway::v1::{GenerateRequest, GenerateStreamRequest, ListModelsRequest},
-    health::v1::{ServingStatus, StatusRequest},
+    health::v1::{ServingStatus, StatusRequest, mesh_health_client::MeshHealthClient},
 };
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response, health_client::HealthClient};
@@ -196,7 +196,15 @@ async fn deadlines_end_slow_calls() {
 
 #[tokio::test]
 async fn every_service_reports_health_and_the_mesh_is_serving() {
-    let mesh = Mesh::start().await;
+    // The operator's token, which the health service presents to see where the replicas are.
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "operator-secret\n").unwrap();
+    let token_file = token.path().display().to_string();
+    let env = vec![
+        ("LLMESH_GATEWAY_ADMIN__BEARER_TOKEN_FILE", token_file.clone()),
+        ("LLMESH_HEALTH_ADMIN__BEARER_TOKEN_FILE", token_file),
+    ];
+    let mesh = Mesh::start_with(MeshOptions { env, ..Default::default() }).await;
     for (proc, service) in [
         (&mesh.gateway, "llmesh.gateway.v1.Gateway"),
         (&mesh.generation, "llmesh.generation.v1.Generation"),
@@ -231,6 +239,26 @@ async fn every_service_reports_health_and_the_mesh_is_serving() {
     assert_eq!(breaker.status(), ServingStatus::Serving);
     assert_eq!(breaker.address, mesh.generation.uri());
     assert!(breaker.detail.contains("circuit breaker closed"), "{breaker:?}");
+
+    // Asked on the public port, the gateway shows where its replicas are to the operator only.
+    let gateway = mesh.gateway.channel().await;
+    let replica_address = |token: Option<&'static str>| {
+        let mut client = MeshHealthClient::new(gateway.clone());
+        async move {
+            let mut request = tonic::Request::new(StatusRequest {});
+            if let Some(token) = token {
+                request.metadata_mut().insert("authorization", token.parse().unwrap());
+            }
+            let status = client.status(request).await.unwrap().into_inner();
+            let replica = status.components.iter().find(|c| c.name == "generation-breaker").unwrap();
+            assert_eq!(replica.status(), ServingStatus::Serving, "{status:?}");
+            replica.address.clone()
+        }
+    };
+    assert_eq!(replica_address(Some("Bearer operator-secret")).await, mesh.generation.uri());
+    for not_the_operator in [None, Some("Bearer guess"), Some("operator-secret")] {
+        assert_eq!(replica_address(not_the_operator).await, "", "{not_the_operator:?}");
+    }
 }
 
 #[tokio::test]

@@ -305,10 +305,7 @@ impl Base {
         } else {
             None
         };
-        let token = match &config.bearer_token_file {
-            Some(path) => Some(bearer_token(path.clone())?),
-            None => None,
-        };
+        let token = operator_token(config)?;
         let mut admin =
             llmesh_telemetry::AdminServer::bind(addr).await.with_context(|| format!("admin listener {addr}"))?;
         if let Some(upgrade) = upgrade {
@@ -429,6 +426,13 @@ fn admin_upgrade(tls: ServerTls) -> llmesh_telemetry::Upgrade {
 
 /// The admin listener's token, from `path` (trimmed; re-read when it changes). An empty or
 /// missing file is an error naming it.
+/// The operator's token (`admin.bearer_token_file`, re-read when it changes), when one is set:
+/// what the admin listener asks for, and what an operator presents for views a tenant may not
+/// have (the gateway's `MeshHealth` with replica addresses).
+pub fn operator_token(config: &crate::config::AdminConfig) -> anyhow::Result<Option<llmesh_telemetry::BearerToken>> {
+    config.bearer_token_file.clone().map(bearer_token).transpose()
+}
+
 fn bearer_token(path: std::path::PathBuf) -> anyhow::Result<llmesh_telemetry::BearerToken> {
     let read = path.clone();
     let token = reload::watch("admin_token", vec![path], move || {

@@ -179,11 +179,17 @@ struct State {
 
 /// Whether `request` carries the token (always, when none is needed).
 fn authorized(state: &State, request: &Request<Incoming>) -> bool {
-    let Some(token) = state.token.as_ref().and_then(|token| token()) else { return true };
-    let Some(presented) = request.headers().get(header::AUTHORIZATION).map(|value| value.as_bytes()) else {
-        return false;
-    };
-    let Some(presented) = presented.strip_prefix(b"Bearer ") else { return false };
+    match &state.token {
+        Some(token) => presents(token, request.headers().get(header::AUTHORIZATION).map(|value| value.as_bytes())),
+        None => true,
+    }
+}
+
+/// Whether `authorization` (the header's value) is `Bearer <token>`, compared in constant time;
+/// false while the token cannot be read.
+pub fn presents(token: &BearerToken, authorization: Option<&[u8]>) -> bool {
+    let Some(token) = token() else { return false };
+    let Some(presented) = authorization.and_then(|value| value.strip_prefix(b"Bearer ")) else { return false };
     constant_time_eq(presented, token.as_bytes())
 }
 

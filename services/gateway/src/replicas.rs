@@ -6,6 +6,11 @@
 //! calls through. An open model breaker makes it DEGRADED (that model is failing), never
 //! NOT_SERVING: the other models are served.
 //!
+//! It is served on the public port, without an API key (the health service and probes ask it),
+//! so a tenant may ask it too: where the replicas are is shown only to a call that presents the
+//! operator's token (`authorization: Bearer`, the admin listener's `admin.bearer_token_file`).
+//! Any other call gets the same components with their addresses left empty.
+//!
 //! When any key or team has a spend budget, one more component, [`BUDGET_COMPONENT`], says how
 //! the budgets are enforced: SERVING while they are shared through Redis with nothing waiting for
 //! it, DEGRADED while each replica enforces its share alone (no Redis, Redis not answering, or
@@ -18,6 +23,7 @@ use llmesh_proto::health::v1::{
     Component, ServingStatus, StatusRequest, StatusResponse, WatchRequest, WatchResponse,
     mesh_health_server::MeshHealth,
 };
+use llmesh_telemetry::BearerToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -35,10 +41,19 @@ pub const MODEL_COMPONENT: &str = "generation-model-breaker";
 /// The component name of the spend budgets' store.
 pub const BUDGET_COMPONENT: &str = "budget-store";
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Replicas {
     pub pool: Arc<Pool>,
     pub budgets: Arc<Budgets>,
+    /// The operator's token: only a call presenting it sees the replicas' addresses. None
+    /// configured: nobody does.
+    pub operator: Option<BearerToken>,
+}
+
+impl std::fmt::Debug for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicas").field("operator_token", &self.operator.is_some()).finish_non_exhaustive()
+    }
 }
 
 fn serving(state: State) -> ServingStatus {
@@ -95,22 +110,40 @@ impl Replicas {
         components.extend(models);
         StatusResponse { status: status.into(), components, checked_at_unix_ms: 0 }
     }
+
+    /// Whether the call presents the operator's token.
+    fn is_operator<T>(&self, request: &Request<T>) -> bool {
+        let authorization = request.metadata().get("authorization").map(|value| value.as_bytes());
+        self.operator.as_ref().is_some_and(|token| llmesh_telemetry::presents(token, authorization))
+    }
+
+    /// The status as the caller may see it.
+    fn status_for(&self, operator: bool) -> StatusResponse {
+        let mut status = self.status();
+        if !operator {
+            for component in &mut status.components {
+                component.address.clear();
+            }
+        }
+        status
+    }
 }
 
 #[tonic::async_trait]
 impl MeshHealth for Replicas {
-    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        Ok(Response::new(self.status()))
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(self.status_for(self.is_operator(&request))))
     }
 
     type WatchStream = futures::stream::BoxStream<'static, Result<WatchResponse, Status>>;
 
     /// The replicas now, then whenever a breaker changes (checked every second).
-    async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let operator = self.is_operator(&request);
         let replicas = self.clone();
-        let changes = futures::stream::unfold((replicas, None::<StatusResponse>), |(replicas, last)| async move {
+        let changes = futures::stream::unfold((replicas, None::<StatusResponse>), move |(replicas, last)| async move {
             loop {
-                let now = replicas.status();
+                let now = replicas.status_for(operator);
                 if last.as_ref() != Some(&now) {
                     return Some((Ok(WatchResponse { status: Some(now.clone()) }), (replicas, Some(now))));
                 }

@@ -42,6 +42,10 @@ const BREAKER_SERVICE: &str = "llmesh.gateway.v1.Gateway/breakers";
 pub struct Monitor {
     /// Each gRPC target's channel, by address (for the gateway's MeshHealth).
     channels: BTreeMap<String, Channel>,
+    /// The operator's token (this service's `admin.bearer_token_file`, the secret every
+    /// service's admin listener shares): presented to the gateways, whose `MeshHealth` shows
+    /// the replicas' addresses only to the operator.
+    operator: Option<llmesh_telemetry::BearerToken>,
     component_up: opentelemetry::metrics::Gauge<u64>,
     dependency_up: opentelemetry::metrics::Gauge<u64>,
     targets: Vec<(Target, Probe)>,
@@ -94,6 +98,8 @@ impl Monitor {
         let meter = llmesh_telemetry::meter();
         Ok(Self {
             channels,
+            operator: llmesh_common::server::operator_token(&config.admin)
+                .map_err(|error| anyhow::anyhow!("[health.admin] bearer_token_file: {error:#}"))?,
             component_up: meter.u64_gauge("llmesh.component_up").with_description("1 SERVING, 0 not").build(),
             dependency_up: meter
                 .u64_gauge("llmesh.dependency_up")
@@ -170,7 +176,12 @@ impl Monitor {
     async fn breakers(&self, gateway: &Target) -> Vec<Component> {
         let Some(channel) = self.channels.get(&gateway.address) else { return Vec::new() };
         let mut mesh = MeshHealthClient::new(channel.clone());
-        match tokio::time::timeout(self.timeout, mesh.status(StatusRequest {})).await {
+        let mut request = tonic::Request::new(StatusRequest {});
+        let token = self.operator.as_ref().and_then(|token| token());
+        if let Some(value) = token.and_then(|token| format!("Bearer {token}").parse().ok()) {
+            request.metadata_mut().insert("authorization", value);
+        }
+        match tokio::time::timeout(self.timeout, mesh.status(request)).await {
             Ok(Ok(status)) => status
                 .into_inner()
                 .components

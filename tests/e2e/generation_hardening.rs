@@ -198,10 +198,13 @@ async fn an_upstream_401_reaches_the_caller_without_its_body() {
     assert_eq!(status.message(), "upstream authentication failed (HTTP 401)");
     assert!(from_upstream(&status), "{status:?}");
 
-    // Whatever the gateway makes of it (an error or a degraded answer), none of the body is in it.
+    // Through the gateway it is the mesh's failure, not the client's: a fallback answers (the
+    // message, here), never FAILED_PRECONDITION; and none of the body is in it.
     let mut gateway = mesh.gateway().await;
     let answer =
         gateway.generate(GatewayRequest { model: "up".into(), prompt: "hello".into(), ..Default::default() }).await;
+    let degraded = answer.as_ref().ok().and_then(|answer| answer.get_ref().degraded.clone());
+    assert_eq!(degraded.map(|d| (d.reason, d.source)), Some(("error".into(), "message".into())), "{answer:?}");
     let (_, streamed) = read_stream(&mut generation, "up").await;
     let seen = format!("{answer:?} {streamed:?}");
     for leak in [SECRET, "internal.corp", "Incorrect API key", base_url.as_str()] {

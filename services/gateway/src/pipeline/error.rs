@@ -151,6 +151,9 @@ impl UpstreamError {
     /// What the breakers charge this failure to; `None` when it says nothing about generation
     /// (a client's mistake or deadline, an open breaker, no replica).
     pub fn charge(&self) -> Option<Charge> {
+        if self.misconfigured() {
+            return Some(Charge::Model);
+        }
         match self {
             Self::NoReplica | Self::CircuitOpen => None,
             Self::Timeout { cause: TimeoutCause::Client, .. } => None,
@@ -205,8 +208,24 @@ impl UpstreamError {
         }
     }
 
+    /// Whether the model's upstream refused the mesh itself: llmesh's credentials, or a model
+    /// name the provider does not have (generation's FAILED_PRECONDITION from the upstream). The
+    /// operator's mistake, not the client's: it is charged to the model, may be fallen back from,
+    /// and reaches the client as generation being unavailable.
+    fn misconfigured(&self) -> bool {
+        matches!(self, Self::Status { status, origin: Origin::Upstream } if status.code() == Code::FailedPrecondition)
+    }
+
+    /// Whether the client caused this failure: then it goes back to the client as it is.
+    fn is_client_mistake(&self) -> bool {
+        matches!(self, Self::Status { status, .. } if is_client_mistake(status.code())) && !self.misconfigured()
+    }
+
     /// Why a fallback may answer instead, or `None` when the client should see the error as it is.
     pub fn fallback_reason(&self) -> Option<FallbackReason> {
+        if self.misconfigured() {
+            return Some(FallbackReason::Error);
+        }
         match self {
             Self::CircuitOpen => Some(FallbackReason::CircuitOpen),
             Self::Timeout { .. } => Some(FallbackReason::Timeout),
@@ -227,7 +246,7 @@ impl UpstreamError {
     /// hold internal addresses or an upstream's words) goes to the log. A retry hint survives.
     pub fn into_status(self) -> Status {
         match self {
-            Self::Status { status, .. } if is_client_mistake(status.code()) => status,
+            Self::Status { status, .. } if self.is_client_mistake() => status,
             error => {
                 let (code, description) = error.public();
                 let trace = llmesh_telemetry::current_trace_id();
@@ -304,6 +323,22 @@ mod tests {
         assert_eq!(from(Status::invalid_argument("bad")).charge(), None);
         assert_eq!(upstream(Status::invalid_argument("upstream said 400")).charge(), None);
         assert_eq!(UpstreamError::CircuitOpen.charge(), None);
+    }
+
+    #[test]
+    fn an_upstream_refusing_the_mesh_is_the_operators_mistake_not_the_clients() {
+        let refused = || upstream(Status::failed_precondition("upstream authentication failed (HTTP 401)"));
+        assert_eq!(refused().charge(), Some(Charge::Model));
+        assert_eq!(refused().fallback_reason(), Some(FallbackReason::Error));
+        assert!(!refused().is_retryable(), "every replica has the same configuration");
+        let status = refused().into_status();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().starts_with(FallbackReason::Error.description()), "{status:?}");
+        assert!(!status.message().contains("401"), "{status:?}");
+        // Generation's own FAILED_PRECONDITION is about the request, as before.
+        let own = from(Status::failed_precondition("about the request"));
+        assert_eq!((own.charge(), own.fallback_reason()), (None, None));
+        assert_eq!(own.into_status().code(), Code::FailedPrecondition);
     }
 
     #[test]

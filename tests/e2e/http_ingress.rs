@@ -408,3 +408,29 @@ async fn a_client_that_goes_away_mid_stream_stops_the_upstream_call_and_settles(
     let remaining: u64 = next.header("x-ratelimit-remaining-tokens").unwrap().parse().unwrap();
     assert!(remaining > 1100, "{remaining} tokens left: the disconnected stream's reservation was kept");
 }
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_ends_with_the_calls_deadline() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mesh = Mesh::start().await;
+    let mut socket = tokio::net::TcpStream::connect(mesh.gateway.addr).await.unwrap();
+    // The head promises 1000 bytes of body; 10 come, then nothing.
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n\
+                content-length: 1000\r\nx-llmesh-timeout-ms: 500\r\n\r\n{\"model\":";
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buffer = [0u8; 4096];
+        // Until the head of the answer is in (the connection may stay open after it).
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buffer).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buffer[..n]);
+        }
+    });
+    read.await.expect("the gateway answered a stalled body within its deadline, not never");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+}

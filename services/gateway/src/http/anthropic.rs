@@ -143,7 +143,7 @@ fn message_id(id: &str) -> String {
 pub async fn messages(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::Response<Body>, Problem> {
     let deadline = ingress.deadline(&parts.headers)?;
     let cache = Ingress::cache_policy(&parts.headers)?;
-    let (request, stream) = parse(ingress.json(body).await?, cache)?;
+    let (request, stream) = parse(ingress.json(body, deadline).await?, cache)?;
     let model = request.model.clone();
     if stream {
         let input_tokens = validate::estimated_tokens(validate::prompt_bytes(&request));

@@ -205,10 +205,17 @@ impl Ingress {
         &self.shared.gateway
     }
 
-    /// The request body as a JSON object, at most `max_body_bytes` long.
-    async fn json(&self, body: Body) -> Result<Fields, Problem> {
+    /// The request body as a JSON object, at most `max_body_bytes` long, read within the call's
+    /// `deadline`: a client that sends its body slowly holds its call slot no longer than any call.
+    async fn json(&self, body: Body, deadline: Deadline) -> Result<Fields, Problem> {
         let limit = self.shared.max_body_bytes;
-        let bytes = match http_body_util::Limited::new(body, limit).collect().await {
+        let read = tokio::time::timeout(deadline.remaining(), http_body_util::Limited::new(body, limit).collect());
+        let Ok(read) = read.await else {
+            let code = Code::DeadlineExceeded;
+            let kind = Kind::Timeout { client: deadline.client_bound() };
+            return Err(Problem::new(kind, code, "request body: not received within the call's deadline"));
+        };
+        let bytes = match read {
             Ok(collected) => collected.to_bytes(),
             Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(Problem::too_large(limit)),
             // The client stopped sending mid-body.

@@ -152,7 +152,7 @@ fn message(mut fields: super::Fields) -> Result<ChatMessage, Problem> {
 pub async fn chat(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::Response<Body>, Problem> {
     let deadline = ingress.deadline(&parts.headers)?;
     let cache = Ingress::cache_policy(&parts.headers)?;
-    let Chat { request, stream, include_usage } = parse(ingress.json(body).await?, cache)?;
+    let Chat { request, stream, include_usage } = parse(ingress.json(body, deadline).await?, cache)?;
     let model = request.model.clone();
     let created = now_unix();
     if stream {

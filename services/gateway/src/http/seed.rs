@@ -104,7 +104,7 @@ fn finish(value: i32) -> &'static str {
 /// `POST /generate`.
 pub async fn generate(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::Response<Body>, Problem> {
     let deadline = ingress.deadline(&parts.headers)?;
-    let request = parse(ingress.json(body).await?, ingress.default_model())?;
+    let request = parse(ingress.json(body, deadline).await?, ingress.default_model())?;
     let model = request.model.clone();
     let Unary { response, quota } = ingress
         .gateway()

@@ -424,8 +424,6 @@ fn admin_upgrade(tls: ServerTls) -> llmesh_telemetry::Upgrade {
     })
 }
 
-/// The admin listener's token, from `path` (trimmed; re-read when it changes). An empty or
-/// missing file is an error naming it.
 /// The operator's token (`admin.bearer_token_file`, re-read when it changes), when one is set:
 /// what the admin listener asks for, and what an operator presents for views a tenant may not
 /// have (the gateway's `MeshHealth` with replica addresses).
@@ -433,6 +431,8 @@ pub fn operator_token(config: &crate::config::AdminConfig) -> anyhow::Result<Opt
     config.bearer_token_file.clone().map(bearer_token).transpose()
 }
 
+/// The admin listener's token, from `path` (trimmed; re-read when it changes). An empty or
+/// missing file is an error naming it.
 fn bearer_token(path: std::path::PathBuf) -> anyhow::Result<llmesh_telemetry::BearerToken> {
     let read = path.clone();
     let token = reload::watch("admin_token", vec![path], move || {

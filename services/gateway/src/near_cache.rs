@@ -23,10 +23,10 @@ use std::{
 use llmesh_proto::cache::v1::{
     LookupResponse, WatchChangesRequest, cache_client::CacheClient, watch_changes_response::Change,
 };
-use llmesh_util::shards::shard_count;
+use llmesh_util::bounded_cache::Bounds;
 use prost::Message as _;
 use quick_cache::{
-    DefaultHashBuilder, OptionsBuilder, Weighter,
+    DefaultHashBuilder, Weighter,
     sync::{Cache, DefaultLifecycle},
 };
 use tonic::{Code, transport::Channel};
@@ -52,7 +52,7 @@ pub struct NearCache {
     /// Whether the feed is live: only then are answers served or kept.
     live: AtomicBool,
     max_ttl: Duration,
-    /// What a copy weighs at least: its share of the byte bound.
+    /// What a copy weighs at least: its share of the byte bound, so the count is bounded too.
     floor: u64,
 }
 
@@ -94,21 +94,15 @@ impl NearCache {
         if max_entries == 0 || max_bytes == 0 {
             return Ok(None);
         }
-        let options = OptionsBuilder::new()
-            .shards(shard_count(max_bytes, max_entries, LARGEST_ANSWER_BYTES))
-            .estimated_items_capacity(usize::try_from(max_entries).unwrap_or(usize::MAX))
-            .weight_capacity(max_bytes)
-            .build()
-            .map_err(|error| anyhow::anyhow!("near cache: {error:?}"))?;
+        let bounds = Bounds { max_bytes, max_entries, largest_entry_bytes: LARGEST_ANSWER_BYTES };
+        let options = bounds.options().map_err(|error| anyhow::anyhow!("near cache: {error}"))?;
         Ok(Some(Self {
             entries: Cache::with_options(options, ByWeight, DefaultHashBuilder::default(), DefaultLifecycle::default()),
             epoch: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             live: AtomicBool::new(false),
             max_ttl: Duration::from_millis(config.near_max_ttl_ms),
-            // Each copy weighs at least its share of the byte bound (rounded up), so the count is
-            // bounded too.
-            floor: max_bytes.div_ceil(max_entries),
+            floor: bounds.floor(),
         }))
     }
 
@@ -389,28 +383,20 @@ mod tests {
     }
 
     #[test]
-    fn bounded_by_entries() {
-        let config = CacheConfig { near_max_entries: 10, near_max_bytes: 1 << 20, ..CacheConfig::default() };
-        let near = NearCache::new(&config).unwrap().unwrap();
-        near.apply(Some(Change::Everything(true)));
-        for i in 0..100 {
-            near.keep(near.ticket().unwrap(), &answer(&format!("k{i}"), 10_000));
-        }
-        assert!(near.len() <= 10, "{} entries", near.len());
-        assert!(near.get("k99").is_some(), "the newest copy is kept");
-    }
-
-    #[test]
     fn a_full_near_cache_keeps_its_bounds_while_copies_keep_coming() {
-        let config = CacheConfig { near_max_entries: 5_000, near_max_bytes: 1 << 20, ..CacheConfig::default() };
-        let near = NearCache::new(&config).unwrap().unwrap();
-        near.apply(Some(Change::Everything(true)));
-        for i in 0..50_000 {
-            near.keep(near.ticket().unwrap(), &answer(&format!("k{i}"), 10_000));
+        for (max_entries, copies) in [(10, 100), (5_000, 50_000)] {
+            let config =
+                CacheConfig { near_max_entries: max_entries, near_max_bytes: 1 << 20, ..CacheConfig::default() };
+            let near = NearCache::new(&config).unwrap().unwrap();
+            near.apply(Some(Change::Everything(true)));
+            for i in 0..copies {
+                near.keep(near.ticket().unwrap(), &answer(&format!("k{i}"), 10_000));
+            }
+            let held = near.len() as u64;
+            assert!(held <= max_entries && held > max_entries / 2, "{held} of {max_entries}");
+            assert!(near.entries.weight() <= 1 << 20);
+            assert!(near.get(&format!("k{}", copies - 1)).is_some(), "the newest copy is kept");
         }
-        assert!(near.len() <= 5_000 && near.len() > 2_500, "{} copies", near.len());
-        assert!(near.entries.weight() <= 1 << 20);
-        assert!(near.get("k49999").is_some(), "the newest copy is kept");
     }
 
     #[test]

@@ -8,9 +8,7 @@
 //! Here each shard is a table of its own, sized up front for its share of `max_entries`, so the
 //! rarest and longest step (a shard tidying its table) touches a few thousand entries, not all.
 //!
-//! quick_cache bounds one weight. Each entry weighs at least `max_bytes / max_entries`, so the byte
-//! bound also caps the count: many tiny entries cannot grow the map (and its per-entry overhead)
-//! past `max_entries`. It has no time to live: an entry carries when it expires, a read past then
+//! Bounded by bytes and entries as [`Bounds`] says. quick_cache has no time to live: an entry carries when it expires, a read past then
 //! drops it, and [`MemoryStore::size`] sweeps out the rest.
 
 use std::{
@@ -22,11 +20,11 @@ use std::{
 use llmesh_proto::cache::v1::Entry;
 use prost::Message as _;
 use quick_cache::{
-    DefaultHashBuilder, OptionsBuilder, Weighter,
+    DefaultHashBuilder, Weighter,
     sync::{Cache, DefaultLifecycle, EntryAction, EntryResult},
 };
 
-use llmesh_util::shards::shard_count;
+use llmesh_util::bounded_cache::Bounds;
 
 use super::Size;
 
@@ -66,16 +64,10 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new(max_bytes: u64, max_entries: u64, max_entry_bytes: u64) -> anyhow::Result<Self> {
-        let max_entries = max_entries.max(1);
-        let options = OptionsBuilder::new()
-            .shards(shard_count(max_bytes, max_entries, max_entry_bytes))
-            .estimated_items_capacity(usize::try_from(max_entries).unwrap_or(usize::MAX))
-            .weight_capacity(max_bytes)
-            .build()
-            .map_err(|error| anyhow::anyhow!("in-memory cache store: {error:?}"))?;
+        let bounds = Bounds { max_bytes, max_entries, largest_entry_bytes: max_entry_bytes };
+        let options = bounds.options().map_err(|error| anyhow::anyhow!("in-memory cache store: {error}"))?;
         let cache = Cache::with_options(options, ByWeight, DefaultHashBuilder::default(), DefaultLifecycle::default());
-        // Rounded up, so the byte bound never lets more than `max_entries` in.
-        Ok(Self { cache: Arc::new(cache), floor: max_bytes.div_ceil(max_entries) })
+        Ok(Self { cache: Arc::new(cache), floor: bounds.floor() })
     }
 
     pub async fn get(&self, key: &str) -> Option<Arc<Entry>> {
@@ -92,7 +84,7 @@ impl MemoryStore {
         let now = Instant::now();
         let bytes = u64::try_from(entry.encoded_len()).unwrap_or(u64::MAX);
         // The encoded size plus the key (what the entry costs, roughly), but never below the floor.
-        let weight = bytes.saturating_add(key.len() as u64).max(self.floor).max(1);
+        let weight = bytes.saturating_add(key.len() as u64).max(self.floor);
         let mut stored =
             Some(Stored { entry: Arc::new(entry), model: model.into(), expires_at: now.checked_add(ttl), weight });
         // One atomic step per key (the shard's lock), so two puts racing cannot both see "nothing

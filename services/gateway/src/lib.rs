@@ -179,7 +179,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let request_timeout = Duration::from_millis(config.request_timeout_ms);
     let service = GatewayService::new(tokens, answers, generation, jobs, request_timeout);
     let operator = server::operator_token(&config.admin).context("[gateway.admin] bearer_token_file")?;
-    let replicas = replicas::Replicas { pool, budgets: admission.budgets.clone(), operator };
+    let replicas = replicas::Replicas::new(pool, admission.budgets.clone(), operator);
     // The HTTP routes share the port, the layers and the service's one path to an answer.
     let routes = config
         .http

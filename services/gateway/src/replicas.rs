@@ -9,7 +9,9 @@
 //! It is served on the public port, without an API key (the health service and probes ask it),
 //! so a tenant may ask it too: where the replicas are is shown only to a call that presents the
 //! operator's token (`authorization: Bearer`, the admin listener's `admin.bearer_token_file`).
-//! Any other call gets the same components with their addresses left empty.
+//! Any other call gets the same components with their addresses left empty. A watch costs a
+//! status a second, so at most [`MAX_WATCHES`] are open at once (RESOURCE_EXHAUSTED past that)
+//! and each ends after [`WATCH_MAX`]: the watcher watches again.
 //!
 //! When any key or team has a spend budget, one more component, [`BUDGET_COMPONENT`], says how
 //! the budgets are enforced: SERVING while they are shared through Redis with nothing waiting for
@@ -24,6 +26,7 @@ use llmesh_proto::health::v1::{
     mesh_health_server::MeshHealth,
 };
 use llmesh_telemetry::BearerToken;
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -41,13 +44,22 @@ pub const MODEL_COMPONENT: &str = "generation-model-breaker";
 /// The component name of the spend budgets' store.
 pub const BUDGET_COMPONENT: &str = "budget-store";
 
+/// Most watches open at once on one gateway.
+pub const MAX_WATCHES: usize = 64;
+/// Longest one watch lasts.
+pub const WATCH_MAX: Duration = Duration::from_secs(300);
+/// The wait suggested to a watch refused for want of room.
+const WATCH_RETRY_AFTER_MS: u64 = 1_000;
+
 #[derive(Clone)]
 pub struct Replicas {
-    pub pool: Arc<Pool>,
-    pub budgets: Arc<Budgets>,
+    pool: Arc<Pool>,
+    budgets: Arc<Budgets>,
     /// The operator's token: only a call presenting it sees the replicas' addresses. None
     /// configured: nobody does.
-    pub operator: Option<BearerToken>,
+    operator: Option<BearerToken>,
+    /// One permit per open watch.
+    watches: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Replicas {
@@ -81,6 +93,10 @@ fn component(name: &str, address: &str, breaker: &Breaker) -> Component {
 }
 
 impl Replicas {
+    pub fn new(pool: Arc<Pool>, budgets: Arc<Budgets>, operator: Option<BearerToken>) -> Self {
+        Self { pool, budgets, operator, watches: Arc::new(Semaphore::new(MAX_WATCHES)) }
+    }
+
     fn status(&self) -> StatusResponse {
         let mut components = Vec::new();
         let mut models = Vec::new();
@@ -137,19 +153,106 @@ impl MeshHealth for Replicas {
 
     type WatchStream = futures::stream::BoxStream<'static, Result<WatchResponse, Status>>;
 
-    /// The replicas now, then whenever a breaker changes (checked every second).
+    /// The replicas now, then whenever a breaker changes (checked every second), for at most
+    /// [`WATCH_MAX`].
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let Ok(permit) = self.watches.clone().try_acquire_owned() else {
+            let mut status = Status::resource_exhausted(format!(
+                "MeshHealth/Watch: {MAX_WATCHES} watches are open on this gateway, the most it keeps; call Status, or watch again later"
+            ));
+            let wait = tonic::metadata::MetadataValue::from(WATCH_RETRY_AFTER_MS);
+            status.metadata_mut().insert("retry-after-ms", wait.clone());
+            status.metadata_mut().insert("grpc-retry-pushback-ms", wait);
+            return Err(status);
+        };
         let operator = self.is_operator(&request);
-        let replicas = self.clone();
-        let changes = futures::stream::unfold((replicas, None::<StatusResponse>), move |(replicas, last)| async move {
+        let state = (self.clone(), None::<StatusResponse>, permit);
+        let changes = futures::stream::unfold(state, move |(replicas, last, permit)| async move {
             loop {
                 let now = replicas.status_for(operator);
                 if last.as_ref() != Some(&now) {
-                    return Some((Ok(WatchResponse { status: Some(now.clone()) }), (replicas, Some(now))));
+                    return Some((Ok(WatchResponse { status: Some(now.clone()) }), (replicas, Some(now), permit)));
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
-        Ok(Response::new(changes.boxed()))
+        Ok(Response::new(changes.take_until(tokio::time::sleep(WATCH_MAX)).boxed()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        admission::BudgetConfig,
+        pipeline::{balance::EndpointSettings, breaker::BreakerConfig},
+    };
+
+    fn replicas(operator: Option<&'static str>) -> Replicas {
+        let settings = EndpointSettings {
+            connect_timeout: Duration::from_millis(100),
+            ewma_decay: Duration::from_secs(10),
+            penalty: Duration::from_secs(1),
+            breaker: BreakerConfig::default(),
+        };
+        let pool = Arc::new(Pool::new(settings));
+        pool.set(&["http://10.1.2.3:50052".to_string()]);
+        let budgets = Budgets::new(&BudgetConfig::default(), None, Duration::from_secs(1)).unwrap();
+        let operator = operator.map(|token| Arc::new(move || Some(Arc::<str>::from(token))) as BearerToken);
+        Replicas::new(pool, budgets, operator)
+    }
+
+    fn asking<T>(message: T, authorization: Option<&str>) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(value) = authorization {
+            request.metadata_mut().insert("authorization", value.parse().unwrap());
+        }
+        request
+    }
+
+    async fn address(replicas: &Replicas, authorization: Option<&str>) -> String {
+        let status = MeshHealth::status(replicas, asking(StatusRequest {}, authorization)).await.unwrap().into_inner();
+        assert_eq!(status.components.len(), 1, "{status:?}");
+        status.components[0].address.clone()
+    }
+
+    #[tokio::test]
+    async fn only_the_operator_sees_where_the_replicas_are() {
+        let guarded = replicas(Some("secret"));
+        assert_eq!(address(&guarded, Some("Bearer secret")).await, "http://10.1.2.3:50052");
+        for other in [None, Some("Bearer guess"), Some("secret"), Some("Bearer secret2")] {
+            assert_eq!(address(&guarded, other).await, "", "{other:?}");
+        }
+        // No token configured: nobody.
+        assert_eq!(address(&replicas(None), Some("Bearer secret")).await, "");
+        // Watches too.
+        let mut watch = MeshHealth::watch(&guarded, asking(WatchRequest {}, None)).await.unwrap().into_inner();
+        let first = watch.next().await.unwrap().unwrap().status.unwrap();
+        assert_eq!(first.components[0].address, "");
+    }
+
+    #[tokio::test]
+    async fn watches_are_bounded_in_number() {
+        let replicas = replicas(None);
+        let mut open = Vec::new();
+        for _ in 0..MAX_WATCHES {
+            open.push(MeshHealth::watch(&replicas, asking(WatchRequest {}, None)).await.unwrap());
+        }
+        let refused = MeshHealth::watch(&replicas, asking(WatchRequest {}, None)).await.err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+        assert!(refused.metadata().get("retry-after-ms").is_some());
+        // One that ends makes room.
+        open.pop();
+        assert!(MeshHealth::watch(&replicas, asking(WatchRequest {}, None)).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_ends_after_its_limit() {
+        let replicas = replicas(None);
+        let watch = MeshHealth::watch(&replicas, asking(WatchRequest {}, None)).await.unwrap().into_inner();
+        let started = tokio::time::Instant::now();
+        let seen: Vec<_> = watch.collect().await;
+        assert_eq!(seen.len(), 1, "the state, then no change");
+        assert_eq!(started.elapsed(), WATCH_MAX);
     }
 }

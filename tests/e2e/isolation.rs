@@ -418,3 +418,33 @@ async fn a_degraded_answer_is_not_shared_with_an_identical_call_of_another_key()
     assert_eq!(source(&follower).as_deref(), Some("message"), "{follower:?}");
     assert_ne!(follower.model, "sim", "{follower:?}");
 }
+
+#[tokio::test]
+async fn a_request_that_never_finishes_arriving_gives_its_slot_back_at_the_deadline() {
+    let options = MeshOptions {
+        env: vec![
+            ("LLMESH_GATEWAY_REQUEST_TIMEOUT_MS", "500".into()),
+            ("LLMESH_GATEWAY_SHED__MAX_IN_FLIGHT_PER_KEY", "1".into()),
+        ],
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with(options).await;
+    let channel = mesh.gateway.channel().await;
+    // A unary call whose one message never comes, and no grpc-timeout: tonic's own deadline does
+    // not apply, the handler never runs.
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/llmesh.gateway.v1.Gateway/Generate");
+    let codec = tonic_prost::ProstCodec::<GenerateRequest, llmesh_proto::gateway::v1::GenerateResponse>::default();
+    let never = tonic::Request::new(futures::stream::pending::<GenerateRequest>());
+    let started = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(30), grpc.client_streaming(never, path, codec))
+        .await
+        .expect("the gateway ended the call");
+    let status = ended.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() >= Duration::from_millis(500), "not before the limit: {:?}", started.elapsed());
+    // Its slot (the only one its key has) is free again.
+    let answer = GatewayClient::new(channel).generate(fresh("sim", "after the stalled one")).await;
+    assert!(answer.is_ok(), "{answer:?}");
+}

@@ -36,7 +36,7 @@ use tower::{ServiceBuilder, util::BoxCloneSyncService};
 pub use config::Config;
 pub use service::GatewayService;
 
-/// The admission layers (outermost first: auth, rate limit, load shed) and the limiter the
+/// The admission layers (outermost first: auth, rate limit, load shed, the call's deadline) and the limiter the
 /// handlers reserve tokens with.
 struct Admission {
     /// Re-read when the keys file changes.
@@ -44,6 +44,8 @@ struct Admission {
     limiter: Arc<admission::RateLimiter>,
     budgets: Arc<admission::Budgets>,
     shed: admission::ShedLayer,
+    /// Inside the shed layer: a call it ends gives its slots back.
+    deadline: deadline::CallDeadlineLayer,
 }
 
 impl Admission {
@@ -61,14 +63,16 @@ impl Admission {
             tracing::warn!("no API keys configured: auth is off and every caller shares the anonymous limits");
         }
         let limiter = Arc::new(admission::RateLimiter::new(&config.rate_limit)?);
-        Ok(Self { keys, limiter, budgets, shed: admission::ShedLayer::new(&config.shed) })
+        let deadline = deadline::CallDeadlineLayer::new(Duration::from_millis(config.request_timeout_ms));
+        Ok(Self { keys, limiter, budgets, shed: admission::ShedLayer::new(&config.shed), deadline })
     }
 
     /// The layers around every request; with `routes`, the HTTP routes sit innermost (beside the
     /// gRPC services, behind every layer) and the layers' refusals of plain HTTP requests are
     /// answered in the HTTP APIs' terms.
     fn layer(&self, routes: Option<http::Ingress>) -> HttpLayer {
-        let (keys, limiter, shed) = (self.keys.clone(), self.limiter.clone(), self.shed.clone());
+        let (keys, limiter, shed, deadline) =
+            (self.keys.clone(), self.limiter.clone(), self.shed.clone(), self.deadline);
         HttpLayer::new(move |inner| {
             let inner = match &routes {
                 Some(routes) => routes.around(inner),
@@ -80,6 +84,7 @@ impl Admission {
                     .layer(admission::AuthLayer::new(keys.clone()))
                     .layer(admission::RateLimitLayer::new(limiter.clone()))
                     .layer(shed.clone())
+                    .layer(deadline)
                     .service(inner),
             )
         })

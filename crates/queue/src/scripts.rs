@@ -5,11 +5,11 @@
 //! script runs atomically. All times come from the Redis clock (`TIME`), so workers on hosts with
 //! skewed clocks agree on when a retry is due.
 //!
-//! The scripts declare the keys they are given in KEYS, but derive two from their values: the
+//! The scripts declare the keys they are given in KEYS, but derive some from their values: the
 //! hash of an existing job found by idempotency key (`submit`), a job's idempotency record and
 //! its owner's set of unfinished jobs (`expire_finished`), and the hashes of the oldest of those
-//! (`submit`, at the owner's bound). Fine on the single Redis llmesh runs; a Redis Cluster would need the
-//! keys of one queue under one hash tag.
+//! (`submit`, at the owner's bound). Fine on the single Redis llmesh runs; a Redis Cluster would
+//! need the keys of one queue under one hash tag.
 //!
 //! Ownership is checked in the scripts that change a job on a caller's behalf (`submit` finding
 //! an earlier job, `cancel`), in the same atomic step as the change: another owner's job is

@@ -8,8 +8,9 @@
 //! Here each shard is a table of its own, sized up front for its share of `max_entries`, so the
 //! rarest and longest step (a shard tidying its table) touches a few thousand entries, not all.
 //!
-//! Bounded by bytes and entries as [`Bounds`] says. quick_cache has no time to live: an entry carries when it expires, a read past then
-//! drops it, and [`MemoryStore::size`] sweeps out the rest.
+//! Bounded by bytes and entries as [`Bounds`] says. quick_cache has no time to live: an entry
+//! carries when it expires, a read past then drops it, and [`MemoryStore::size`] sweeps out the
+//! rest.
 
 use std::{
     cell::Cell,
@@ -18,13 +19,12 @@ use std::{
 };
 
 use llmesh_proto::cache::v1::Entry;
+use llmesh_util::bounded_cache::Bounds;
 use prost::Message as _;
 use quick_cache::{
     DefaultHashBuilder, Weighter,
     sync::{Cache, DefaultLifecycle, EntryAction, EntryResult},
 };
-
-use llmesh_util::bounded_cache::Bounds;
 
 use super::Size;
 

@@ -158,10 +158,7 @@ impl Answers {
             return Err(unexpected_reply());
         };
         let upstream_time = called.elapsed();
-        // A degraded answer is the leader's own: it may come from a model, or a stale entry, the
-        // followers' keys may not use, and its detail names the leader's trace. Dropping the
-        // leader releases them to call on their own.
-        if let Some(leader) = leader.filter(|_| response.degraded.is_none()) {
+        if let Some(leader) = leader {
             leader.finish(&response);
         }
         if policy.write {

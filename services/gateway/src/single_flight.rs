@@ -57,13 +57,15 @@ impl SingleFlight {
 
 impl Leader {
     /// Hands a successful answer to the followers. Failures are not shared: each follower then
-    /// tries for itself.
+    /// tries for itself. A degraded answer counts as a failure: it is the leader's own (it may
+    /// come from a model, or a stale entry, a follower's key may not use, and its detail names
+    /// the leader's trace).
     ///
     /// The flight leaves the map first, so no follower joins after that: the receivers left are
     /// the followers waiting now, and without any the answer is not copied at all (most misses).
     pub fn finish(self, response: &GenerateResponse) {
         self.leave();
-        if self.tx.receiver_count() > 0 {
+        if response.degraded.is_none() && self.tx.receiver_count() > 0 {
             self.tx.send_replace(Some(response.clone()));
         }
     }
@@ -99,6 +101,19 @@ mod tests {
 
     fn answer(text: &str) -> GenerateResponse {
         GenerateResponse { text: text.into(), ..Default::default() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_degraded_answer_is_not_handed_on() {
+        let flights = SingleFlight::default();
+        let Flight::Leader(leader) = flights.join("k".into()) else { panic!("first caller leads") };
+        let Flight::Follower(follower) = flights.join("k".into()) else { panic!("second caller follows") };
+        let waiting = tokio::spawn(follower.wait(Duration::from_secs(60)));
+        let degraded = GenerateResponse { degraded: Some(Default::default()), ..answer("fallback") };
+        leader.finish(&degraded);
+        let started = tokio::time::Instant::now();
+        assert_eq!(waiting.await.unwrap(), None, "the follower goes on its own");
+        assert!(started.elapsed() < Duration::from_secs(1), "at once, not after its wait");
     }
 
     #[tokio::test(start_paused = true)]

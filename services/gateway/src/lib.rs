@@ -186,10 +186,9 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let operator = server::operator_token(&config.admin).context("[gateway.admin] bearer_token_file")?;
     let replicas = replicas::Replicas::new(pool, admission.budgets.clone(), operator);
     // The HTTP routes share the port, the layers and the service's one path to an answer.
-    let routes = config
-        .http
-        .enabled
-        .then(|| http::Ingress::new(service.clone(), catalog, config.default_model.clone(), &config.http));
+    let routes = config.http.enabled.then(|| {
+        http::Ingress::new(service.clone(), catalog, config.default_model.clone(), &config.http, &config.limits)
+    });
     let mut base = match routes {
         Some(routes) => server::Base::with_layer_and_http1(admission.layer(Some(routes)))?,
         None => server::Base::with_layer(admission.layer(None))?,

@@ -13,16 +13,24 @@ pub struct Fields {
     map: Map<String, Value>,
     /// Where this object is in the body (`messages[2]`), empty at the top.
     at: String,
+    /// Most objects a list of them ([`Fields::objects`]) may hold.
+    max_objects: usize,
 }
 
 impl Fields {
     pub fn new(map: Map<String, Value>) -> Self {
-        Self { map, at: String::new() }
+        Self { map, at: String::new(), max_objects: usize::MAX }
+    }
+
+    /// At most `max` objects in any list of them: a longer list is refused before any is read
+    /// (the request limits refuse it anyway; this spares reading it).
+    pub fn with_max_objects(self, max: usize) -> Self {
+        Self { max_objects: max, ..self }
     }
 
     /// An object found at `at` in the body.
     pub fn within(map: Map<String, Value>, at: String) -> Self {
-        Self { map, at }
+        Self { map, at, max_objects: usize::MAX }
     }
 
     /// The path of `name` in the body.
@@ -65,7 +73,7 @@ impl Fields {
         let path = self.path(name);
         match self.take::<Value>(name)? {
             None => Ok(None),
-            Some(Value::Object(map)) => Ok(Some(Fields { map, at: path })),
+            Some(Value::Object(map)) => Ok(Some(Fields { map, at: path, max_objects: self.max_objects })),
             Some(_) => Err(Problem::invalid(path, "must be an object")),
         }
     }
@@ -74,11 +82,16 @@ impl Fields {
     pub fn objects(&mut self, name: &str) -> Result<Option<Vec<Fields>>, Problem> {
         let path = self.path(name);
         let Some(items) = self.take::<Vec<Value>>(name)? else { return Ok(None) };
+        if items.len() > self.max_objects {
+            let message = format_args!("{} {name} exceed the limit of {}", items.len(), self.max_objects);
+            return Err(Problem::invalid(path, message));
+        }
+        let max_objects = self.max_objects;
         let objects = items
             .into_iter()
             .enumerate()
             .map(|(i, item)| match item {
-                Value::Object(map) => Ok(Fields { map, at: format!("{path}[{i}]") }),
+                Value::Object(map) => Ok(Fields { map, at: format!("{path}[{i}]"), max_objects }),
                 _ => Err(Problem::invalid(format!("{path}[{i}]"), "must be an object")),
             })
             .collect::<Result<_, _>>()?;
@@ -132,6 +145,16 @@ mod tests {
         assert_eq!(error.param.as_deref(), Some("messages[0].role"));
         let error = fields(json!({})).required::<String>("model").unwrap_err();
         assert_eq!(error.message, "model: required");
+    }
+
+    #[test]
+    fn a_list_longer_than_its_limit_is_refused_before_it_is_read() {
+        let mut body = fields(json!({"messages": [{}, {}, {}]})).with_max_objects(2);
+        let error = body.objects("messages").unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("messages"));
+        assert_eq!(error.message, "messages: 3 messages exceed the limit of 2", "as the request limits say it");
+        let mut body = fields(json!({"messages": [{}, {}]})).with_max_objects(2);
+        assert_eq!(body.objects("messages").unwrap().unwrap().len(), 2);
     }
 
     #[test]

@@ -73,13 +73,29 @@ use crate::{
 pub struct HttpConfig {
     /// Serve the HTTP routes on the gateway's port (which then takes HTTP/1.1 too).
     pub enabled: bool,
-    /// Largest request body, in bytes; a larger one is refused with 413.
+    /// Largest request body, in bytes; a larger one is refused with 413. 0 (the default): what
+    /// the largest valid request can take as JSON, [`JSON_PER_BYTE`] times the request limits'
+    /// largest message (about 553 KiB with the default limits).
     pub max_body_bytes: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { enabled: true, max_body_bytes: 1024 * 1024 }
+        Self { enabled: true, max_body_bytes: 0 }
+    }
+}
+
+/// JSON may write a byte of a string as six (`\u0000`): so many bytes of body a byte of a
+/// request may take.
+pub const JSON_PER_BYTE: usize = 6;
+
+impl HttpConfig {
+    /// The body limit in force: the configured one, or the one derived from `limits`.
+    pub fn body_limit(&self, limits: &llmesh_proto::validate::Limits) -> usize {
+        match self.max_body_bytes {
+            0 => limits.max_request_bytes().saturating_mul(JSON_PER_BYTE),
+            bytes => bytes,
+        }
     }
 }
 
@@ -168,12 +184,22 @@ struct Shared {
     catalog: Catalog,
     default_model: Option<String>,
     max_body_bytes: usize,
+    /// The request limits' `max_messages`: no list in a body is read past it.
+    max_messages: usize,
 }
 
 impl Ingress {
-    pub fn new(gateway: GatewayService, catalog: Catalog, default_model: Option<String>, config: &HttpConfig) -> Self {
+    pub fn new(
+        gateway: GatewayService,
+        catalog: Catalog,
+        default_model: Option<String>,
+        config: &HttpConfig,
+        limits: &llmesh_proto::validate::Limits,
+    ) -> Self {
         let default_model = default_model.filter(|model| !model.trim().is_empty());
-        Self { shared: Arc::new(Shared { gateway, catalog, default_model, max_body_bytes: config.max_body_bytes }) }
+        let max_body_bytes = config.body_limit(limits);
+        let shared = Shared { gateway, catalog, default_model, max_body_bytes, max_messages: limits.max_messages };
+        Self { shared: Arc::new(shared) }
     }
 
     /// `inner` (the gRPC services) with the HTTP routes beside it: the innermost step of the
@@ -224,7 +250,7 @@ impl Ingress {
         let value: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|error| Problem::invalid("body", format_args!("not valid JSON ({error})")))?;
         match value {
-            serde_json::Value::Object(map) => Ok(Fields::new(map)),
+            serde_json::Value::Object(map) => Ok(Fields::new(map).with_max_objects(self.shared.max_messages)),
             _ => Err(Problem::invalid("body", "must be a JSON object")),
         }
     }
@@ -410,6 +436,18 @@ impl Service<Request<Body>> for Routed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_body_limit_follows_the_request_limits_unless_set() {
+        let limits = llmesh_proto::validate::Limits::default();
+        let derived = HttpConfig::default().body_limit(&limits);
+        assert_eq!(derived, limits.max_request_bytes() * JSON_PER_BYTE);
+        assert!((512 << 10..600 << 10).contains(&derived), "{derived}");
+        let wider = llmesh_proto::validate::Limits { max_prompt_bytes: 1 << 20, ..limits.clone() };
+        assert!(HttpConfig::default().body_limit(&wider) > 6 << 20, "grows with the limits");
+        let set = HttpConfig { max_body_bytes: 1000, ..HttpConfig::default() };
+        assert_eq!(set.body_limit(&limits), 1000);
+    }
 
     #[test]
     fn every_route_has_its_own_metric_label() {

@@ -3,10 +3,18 @@
 //! recent calls, so a struggling generation is not hit with a retry storm), after a backoff with
 //! jitter or the upstream's pushback, and never past the call's deadline.
 //!
+//! The budget is two: the gateway's (a share of every call) and the caller's key's (the same
+//! share of that key's own calls, and [`KEY_MIN_PER_SECOND`]). A retry takes from both, so a key
+//! whose calls keep failing spends what its own calls put in, not the retries of the others.
+//!
 //! A stream is retried only until its first chunk: the balancer answers a stream once its first
 //! chunk has arrived, and from there on nothing is an error of this layer's.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Sleep;
@@ -46,22 +54,52 @@ impl Default for RetryConfig {
     }
 }
 
+/// Retries a key may make each second whatever its own traffic: a key with few calls can still
+/// retry now and then.
+pub const KEY_MIN_PER_SECOND: u32 = 1;
+/// Most keys with a budget of their own (the keys file bounds them; a reload may bring new ones).
+/// Past it, a key without one retries within the gateway's budget alone.
+const MAX_KEY_BUDGETS: usize = 10_000;
+
 /// The policy tower's `Retry` asks. Cloned per call: `attempts` is that call's.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     config: Arc<RetryConfig>,
-    budget: Arc<TpsBudget>,
+    budgets: Arc<Budgets>,
     attempts: u32,
+}
+
+#[derive(Debug)]
+struct Budgets {
+    gateway: TpsBudget,
+    per_key: Mutex<HashMap<Arc<str>, Arc<TpsBudget>>>,
+}
+
+impl Budgets {
+    fn window(config: &RetryConfig) -> Duration {
+        Duration::from_millis(config.budget_window_ms.max(1_000))
+    }
+
+    /// `key`'s budget, made on its first call.
+    fn of(&self, key: &Arc<str>, config: &RetryConfig) -> Option<Arc<TpsBudget>> {
+        let mut per_key = self.per_key.lock().ok()?;
+        if let Some(budget) = per_key.get(key) {
+            return Some(budget.clone());
+        }
+        if per_key.len() >= MAX_KEY_BUDGETS {
+            return None;
+        }
+        let budget = Arc::new(TpsBudget::new(Self::window(config), KEY_MIN_PER_SECOND, config.budget_ratio));
+        per_key.insert(key.clone(), budget.clone());
+        Some(budget)
+    }
 }
 
 impl RetryPolicy {
     pub fn new(config: RetryConfig) -> Self {
-        let budget = TpsBudget::new(
-            Duration::from_millis(config.budget_window_ms.max(1_000)),
-            config.budget_min_per_second,
-            config.budget_ratio,
-        );
-        Self { config: Arc::new(config), budget: Arc::new(budget), attempts: 0 }
+        let gateway = TpsBudget::new(Budgets::window(&config), config.budget_min_per_second, config.budget_ratio);
+        let budgets = Arc::new(Budgets { gateway, per_key: Mutex::default() });
+        Self { config: Arc::new(config), budgets, attempts: 0 }
     }
 
     /// `base * 2^(attempt-1)`, capped, with ±20% jitter.
@@ -86,7 +124,9 @@ impl RetryPolicy {
             return None;
         }
         let method = call.ask.method();
-        if !self.budget.withdraw() {
+        let key = self.budgets.of(&call.caller.id, &self.config);
+        // The key's first: a key past its own share must not take the gateway's.
+        if !key.is_none_or(|key| key.withdraw()) || !self.budgets.gateway.withdraw() {
             metrics().retry_budget_exhausted.add(1, &[label("endpoint", method)]);
             return None;
         }
@@ -110,7 +150,10 @@ impl Policy<Call, Reply, UpstreamError> for RetryPolicy {
         // tower asks the service's own policy once per call, before the first attempt (its clone
         // for the call asks again only before a retry): every call adds to the budget.
         if self.attempts == 0 {
-            self.budget.deposit();
+            self.budgets.gateway.deposit();
+            if let Some(key) = self.budgets.of(&call.caller.id, &self.config) {
+                key.deposit();
+            }
         }
         Some(call.clone())
     }
@@ -171,6 +214,29 @@ mod tests {
         }
         let granted = (0..100).filter(|_| shared.clone().next(&call(), &unavailable()).is_some()).count();
         assert!((15..=25).contains(&granted), "granted {granted} retries for 100 calls at 20%");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_whose_calls_keep_failing_spends_its_own_budget_not_the_others() {
+        let config = RetryConfig { budget_min_per_second: 0, budget_ratio: 0.2, ..RetryConfig::default() };
+        let mut shared = policy(config);
+        let of = |id: &str| {
+            let mut call = call();
+            call.caller = crate::admission::Principal { id: id.into(), ..crate::admission::Principal::anonymous() };
+            call
+        };
+        // Both keys make 100 calls: the gateway's budget allows 40 retries.
+        for _ in 0..100 {
+            shared.clone_request(&of("noisy"));
+            shared.clone_request(&of("quiet"));
+        }
+        // The noisy key's calls all fail: it gets its own share and the one a second its key may
+        // always have (10 over the 10 s window), 30 at most, though the gateway's has room for 40.
+        let noisy = (0..100).filter(|_| shared.clone().next(&of("noisy"), &unavailable()).is_some()).count();
+        assert!((25..=31).contains(&noisy), "the noisy key got {noisy} retries");
+        // So the quiet key still has retries.
+        let quiet = (0..100).filter(|_| shared.clone().next(&of("quiet"), &unavailable()).is_some()).count();
+        assert!(quiet >= 8, "the quiet key got {quiet} retries");
     }
 
     #[test]

@@ -76,7 +76,7 @@ async fn a_burst_of_misses_is_stored_whole() {
     })
     .await;
     let stats = cache.stats(StatsRequest {}).await.unwrap().into_inner();
-    assert_eq!(entries, Some(u64::from(burst) + 1), "{stats:?}");
+    assert_eq!(entries, Some(u64::from(burst) + 1), "{stats:?}\nGATEWAY LOGS:\n{}", mesh.gateway.logs());
     let stored = mesh.gateway.metric_sum("llmesh_cache_stores_total", "result=\"stored\"").await;
     let other = mesh.gateway.metric_sum("llmesh_cache_stores_total", "").await - stored;
     assert_eq!((stored, other), (f64::from(burst + 1), 0.0), "stores counted by result");
@@ -182,4 +182,34 @@ async fn redis_dies_requests_go_on_and_hits_resume_when_it_returns() {
     .await;
     assert!(serving.is_some());
     let _ = health.status(StatusRequest {}).await;
+}
+
+#[tokio::test]
+async fn a_client_that_cancels_thousands_of_calls_at_once_keeps_its_connection() {
+    // The gateway cancels every cache call past its budget: on a loaded host, hundreds at once,
+    // before the cache service has taken them up. The connection, and the calls on it, must live.
+    let cache = llmesh_e2e::Proc::spawn("cache", &[]).await.unwrap();
+    let channel = cache.channel().await;
+    let mut client = llmesh_proto::cache::v1::cache_client::CacheClient::new(channel.clone());
+    let mut feed = client.watch_changes(llmesh_proto::cache::v1::WatchChangesRequest {}).await.unwrap().into_inner();
+    assert!(feed.message().await.unwrap().is_some(), "the feed starts");
+    // Rounds of 500: whether the cache service has taken a call up before its cancel arrives
+    // depends on scheduling, so one round may pass by luck.
+    for round in 0..20 {
+        let lookups = (0..500).map(|i| {
+            let mut client = client.clone();
+            let request = llmesh_proto::cache::v1::LookupRequest {
+                request: Some(prompt(&format!("cancelled {round} {i}")).into()),
+                allow_stale: false,
+            };
+            // Sent, then given up on at once.
+            async move { tokio::time::timeout(Duration::from_micros(1), client.lookup(request)).await.ok() }
+        });
+        futures::future::join_all(lookups).await;
+    }
+    // The same connection still answers, and the feed on it still runs.
+    let stats = client.stats(StatsRequest {}).await;
+    assert!(stats.is_ok(), "{stats:?}\nCACHE LOGS:\n{}", cache.logs());
+    let next = tokio::time::timeout(Duration::from_secs(5), feed.message()).await.expect("a heartbeat within 5 s");
+    assert!(next.is_ok_and(|message| message.is_some()), "the feed ended\nCACHE LOGS:\n{}", cache.logs());
 }

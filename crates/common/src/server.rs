@@ -132,6 +132,14 @@ pub fn is_exempt(path: &str) -> bool {
     service.is_some_and(|service| EXEMPT_SERVICES.contains(&service))
 }
 
+/// Streams a client of an internal service may cancel before the server has taken them up, per
+/// connection. The gateway (an internal service's client, over one connection) cancels every call
+/// whose deadline or budget passed, as a matter of course: a burst of cache lookups past their
+/// 20 ms on a loaded host cancels hundreds at once. At h2's default of 20 the server took that for
+/// a rapid-reset flood and closed the connection, failing every other call on it (stores, the
+/// near cache's change feed, other keys' generations). The public port keeps the default.
+pub const MESH_PENDING_RESETS: usize = 4096;
+
 /// The largest request health checks, reflection and `llmesh.health.v1.MeshHealth` take: their
 /// requests carry a service or symbol name at most, never user content.
 pub const CONTROL_MESSAGE_BYTES: usize = 16 * 1024;
@@ -201,24 +209,29 @@ pub struct Base {
 }
 
 impl Base {
+    /// An internal service's server (generation, the cache, health): no middleware, and its
+    /// clients may cancel up to [`MESH_PENDING_RESETS`] calls at once.
     pub fn new() -> anyhow::Result<Self> {
-        Self::with_layer(HttpLayer::identity())
+        Self::build(HttpLayer::identity(), false, Some(MESH_PENDING_RESETS))
     }
 
     /// A server whose every request goes through `layer` first — inside the tracing layer, which
     /// is always outermost: it continues the caller's trace and records the seed's metrics.
     pub fn with_layer(layer: HttpLayer) -> anyhow::Result<Self> {
-        Self::build(layer, false)
+        Self::build(layer, false, None)
     }
 
     /// Like [`Base::with_layer`], and the port also takes HTTP/1.1 (besides HTTP/2, with or
     /// without TLS): for a server whose `layer` answers plain HTTP routes of its own (the
     /// gateway's OpenAI-compatible API), which curl and the official SDKs call over HTTP/1.1.
     pub fn with_layer_and_http1(layer: HttpLayer) -> anyhow::Result<Self> {
-        Self::build(layer, true)
+        Self::build(layer, true, None)
     }
 
-    fn build(layer: HttpLayer, accept_http1: bool) -> anyhow::Result<Self> {
+    /// `pending_resets`: how many streams a client may cancel before the server has taken them
+    /// up, per connection, before the connection is closed (`None`: h2's 20, its defence against
+    /// rapid-reset floods).
+    fn build(layer: HttpLayer, accept_http1: bool, pending_resets: Option<usize>) -> anyhow::Result<Self> {
         let trace = llmesh_telemetry::GrpcTraceLayer::new();
         let routes: Arc<OnceLock<Arc<llmesh_telemetry::Routes>>> = Arc::default();
         let known = routes.clone();
@@ -248,6 +261,7 @@ impl Base {
             .context("building the reflection service")?
             .max_decoding_message_size(CONTROL_MESSAGE_BYTES);
         let router = tonic::transport::Server::builder()
+            .http2_max_pending_accept_reset_streams(pending_resets)
             .tcp_nodelay(true)
             .accept_http1(accept_http1)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -199,6 +199,8 @@ pub struct Base {
     /// the layer is applied).
     routes: Arc<OnceLock<Arc<llmesh_telemetry::Routes>>>,
     admin: Option<tokio::task::JoinHandle<()>>,
+    /// The operator's token, read once ([`Base::operator_token`]).
+    operator: Option<llmesh_telemetry::BearerToken>,
     /// Whether the port takes HTTP/1.1 besides HTTP/2 (its ALPN offers both).
     accept_http1: bool,
     /// `[<service>.tls]`, as [`Base::tls`] was given it.
@@ -276,6 +278,7 @@ impl Base {
             extra: Vec::new(),
             routes,
             admin: None,
+            operator: None,
             accept_http1,
             tls_config: TlsConfig::default(),
             tls: None,
@@ -319,7 +322,7 @@ impl Base {
         } else {
             None
         };
-        let token = operator_token(config)?;
+        let token = self.operator_token(config)?;
         let mut admin =
             llmesh_telemetry::AdminServer::bind(addr).await.with_context(|| format!("admin listener {addr}"))?;
         if let Some(upgrade) = upgrade {
@@ -334,6 +337,22 @@ impl Base {
             }
         }));
         Ok(())
+    }
+
+    /// The operator's token (`admin.bearer_token_file`, re-read when it changes), when one is set:
+    /// what the admin listener asks for, and what an operator presents for views a tenant may not
+    /// have (the gateway's `MeshHealth` with replica addresses). One watcher of the file per
+    /// server, however often it is asked for.
+    pub fn operator_token(
+        &mut self,
+        config: &crate::config::AdminConfig,
+    ) -> anyhow::Result<Option<llmesh_telemetry::BearerToken>> {
+        if self.operator.is_none()
+            && let Some(path) = &config.bearer_token_file
+        {
+            self.operator = Some(bearer_token(path.clone())?);
+        }
+        Ok(self.operator.clone())
     }
 
     /// Marks `S` as SERVING in `grpc.health.v1` and remembers it for shutdown and for the tracing
@@ -436,13 +455,6 @@ fn admin_upgrade(tls: ServerTls) -> llmesh_telemetry::Upgrade {
             Ok(Box::new(stream) as Box<dyn llmesh_telemetry::AdminIo>)
         })
     })
-}
-
-/// The operator's token (`admin.bearer_token_file`, re-read when it changes), when one is set:
-/// what the admin listener asks for, and what an operator presents for views a tenant may not
-/// have (the gateway's `MeshHealth` with replica addresses).
-pub fn operator_token(config: &crate::config::AdminConfig) -> anyhow::Result<Option<llmesh_telemetry::BearerToken>> {
-    config.bearer_token_file.clone().map(bearer_token).transpose()
 }
 
 /// The admin listener's token, from `path` (trimmed; re-read when it changes). An empty or

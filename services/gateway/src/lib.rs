@@ -183,8 +183,6 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let answers = answer::Answers::new(generation.clone(), cache, catalog.clone(), &config.cache);
     let request_timeout = Duration::from_millis(config.request_timeout_ms);
     let service = GatewayService::new(tokens, answers, generation, jobs, request_timeout);
-    let operator = server::operator_token(&config.admin).context("[gateway.admin] bearer_token_file")?;
-    let replicas = replicas::Replicas::new(pool, admission.budgets.clone(), operator);
     // The HTTP routes share the port, the layers and the service's one path to an answer.
     let routes = config.http.enabled.then(|| {
         http::Ingress::new(service.clone(), catalog, config.default_model.clone(), &config.http, &config.limits)
@@ -195,6 +193,8 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     };
     base.tls(&config.tls, server::Audience::Public)?;
     base.admin(&config.admin).await?;
+    let operator = base.operator_token(&config.admin).context("[gateway.admin] bearer_token_file")?;
+    let replicas = replicas::Replicas::new(pool, admission.budgets.clone(), operator);
     base.serving::<GatewayServer<GatewayService>>().await;
     let gateway = GatewayServer::new(service).max_decoding_message_size(config.limits.max_request_bytes());
     let replicas = MeshHealthServer::new(replicas).max_decoding_message_size(server::CONTROL_MESSAGE_BYTES);

@@ -34,7 +34,8 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     // was checked.
     base.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     base.serving::<MeshHealthServer<MeshHealthService>>().await;
-    let monitor = monitor::Monitor::new(&config, base.health.clone())?;
+    let operator = base.operator_token(&config.admin).context("[health.admin] bearer_token_file")?;
+    let monitor = monitor::Monitor::new(&config, base.health.clone(), operator)?;
     let status = monitor.subscribe();
     let poller = tokio::spawn(monitor.run());
     // Stop polling before the server reports NOT_SERVING, so the poller cannot flip it back.

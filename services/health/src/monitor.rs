@@ -60,7 +60,12 @@ fn now_ms() -> i64 {
 }
 
 impl Monitor {
-    pub fn new(config: &Config, reporter: HealthReporter) -> anyhow::Result<Self> {
+    /// `operator`: the operator's token, presented to the gateways (see [`Monitor::breakers`]).
+    pub fn new(
+        config: &Config,
+        reporter: HealthReporter,
+        operator: Option<llmesh_telemetry::BearerToken>,
+    ) -> anyhow::Result<Self> {
         let timeout = Duration::from_millis(config.check_timeout_ms);
         let targets = config
             .targets
@@ -98,8 +103,7 @@ impl Monitor {
         let meter = llmesh_telemetry::meter();
         Ok(Self {
             channels,
-            operator: llmesh_common::server::operator_token(&config.admin)
-                .map_err(|error| anyhow::anyhow!("[health.admin] bearer_token_file: {error:#}"))?,
+            operator,
             component_up: meter.u64_gauge("llmesh.component_up").with_description("1 SERVING, 0 not").build(),
             dependency_up: meter
                 .u64_gauge("llmesh.dependency_up")
@@ -358,7 +362,7 @@ mod tests {
             ..Config::default()
         };
         let (reporter, _) = tonic_health::server::health_reporter();
-        let monitor = Monitor::new(&config, reporter).unwrap();
+        let monitor = Monitor::new(&config, reporter, None).unwrap();
         let mut components = Vec::new();
         for (target, probe) in &monitor.targets {
             components.extend(monitor.check_all(target, probe).await);

@@ -65,6 +65,13 @@ struct Held {
     weight: u64,
 }
 
+impl Held {
+    /// Whether the copy may still be served: fresh, and kept since everything was last dropped.
+    fn servable(&self, generation: u64) -> bool {
+        self.kept_at.elapsed() < self.ttl && self.generation == generation
+    }
+}
+
 /// Weighs a copy by what [`NearCache::keep`] worked out once.
 #[derive(Debug, Clone, Copy)]
 struct ByWeight;
@@ -113,11 +120,11 @@ impl NearCache {
         }
         let held = self.entries.get(key)?;
         let generation = self.generation.load(SeqCst);
-        let elapsed = held.kept_at.elapsed();
-        if elapsed >= held.ttl || held.generation != generation {
-            self.entries.remove_if(key, |held| held.kept_at.elapsed() >= held.ttl || held.generation != generation);
+        if !held.servable(generation) {
+            self.entries.remove_if(key, |held| !held.servable(generation));
             return None;
         }
+        let elapsed = held.kept_at.elapsed();
         let mut answer = held.answer.clone();
         answer.age_ms = answer.age_ms.saturating_add(millis(elapsed));
         answer.fresh_for_ms = millis(held.ttl.saturating_sub(elapsed));

@@ -79,7 +79,12 @@ async fn a_burst_of_misses_is_stored_whole() {
     assert_eq!(entries, Some(u64::from(burst) + 1), "{stats:?}\nGATEWAY LOGS:\n{}", mesh.gateway.logs());
     let stored = mesh.gateway.metric_sum("llmesh_cache_stores_total", "result=\"stored\"").await;
     let other = mesh.gateway.metric_sum("llmesh_cache_stores_total", "").await - stored;
-    assert_eq!((stored, other), (f64::from(burst + 1), 0.0), "stores counted by result");
+    assert_eq!(
+        (stored, other),
+        (f64::from(burst + 1), 0.0),
+        "stores counted by result\nGATEWAY LOGS:\n{}",
+        mesh.gateway.logs()
+    );
     assert!(cached_soon(&gateway, prompt("burst 7")).await, "a stored answer is not served");
 }
 

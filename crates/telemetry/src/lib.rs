@@ -58,3 +58,25 @@ pub use server::{
     GrpcTrace, GrpcTraceLayer, HTTP_ROUTES, ResponseFuture, Routes, TracedBody, UNKNOWN_ENDPOINT, UNKNOWN_SPAN_NAME,
     code_of_http_status, http_route,
 };
+
+/// Whether the current call has a span, so that its steps' spans have a parent to belong to. It
+/// has none when nothing samples it and its caller sent no trace context (see [`GrpcTraceLayer`]),
+/// or when spans are filtered out: its steps then create none either — each would be dropped
+/// unread, after formatting its fields.
+pub fn in_a_span() -> bool {
+    tracing::dispatcher::get_default(|dispatch| dispatch.current_span().id().is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_a_span;
+
+    #[test]
+    fn steps_make_spans_only_inside_a_calls_span() {
+        tracing::subscriber::with_default(tracing_subscriber::registry(), || {
+            assert!(!in_a_span(), "no span is current");
+            tracing::info_span!("grpc.server").in_scope(|| assert!(in_a_span()));
+            tracing::Span::none().in_scope(|| assert!(!in_a_span(), "a call without a span"));
+        });
+    }
+}

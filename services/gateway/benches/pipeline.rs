@@ -14,7 +14,6 @@ use std::{
 };
 
 use llmesh_gateway::{
-    admission::Principal,
     pipeline::{
         Ask, Call, Generation, Reply, UpstreamError,
         breaker::BreakerLayer,
@@ -22,6 +21,7 @@ use llmesh_gateway::{
         retry::{RetryConfig, RetryPolicy},
         timeout::PerTryTimeoutLayer,
     },
+    principal::Principal,
 };
 use llmesh_proto::generation::v1::{GenerateRequest, GenerateResponse};
 use tower::{ServiceBuilder, ServiceExt as _, retry::RetryLayer, service_fn, util::BoxCloneSyncService};

@@ -8,19 +8,17 @@ use std::{
 };
 
 use llmesh_proto::cache_key;
-use llmesh_proto::{
-    common::v1::Usage,
-    generation::v1::{GenerateRequest, GenerateResponse},
-};
+use llmesh_proto::generation::v1::{GenerateRequest, GenerateResponse};
 use tonic::Status;
 
 use crate::{
-    admission::Principal,
+    admission::Bill,
     cache::{Cache, CacheConfig, Use},
     catalog::Catalog,
     deadline::Deadline,
     metrics::{label, metrics},
     pipeline::{self, Ask, Call, FallbackSource, Generation, Reply, Started, UpstreamError},
+    principal::Principal,
     single_flight::{Flight, SingleFlight},
 };
 
@@ -48,26 +46,34 @@ pub struct Answer {
     pub chunks: Vec<String>,
     /// How long generation (or the call this one followed) took, out of the gateway's own time.
     pub upstream_time: Duration,
-    /// Whether this call is the one that paid for generating it (not a hit, not a follower).
-    generated: bool,
+    /// Where it came from, which decides what the caller pays.
+    pub source: Source,
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Generation answered this call.
+    Generated,
+    /// The fallback answered instead.
+    Fallback(FallbackSource),
+    /// The cache answered.
+    Cached,
+    /// An identical call in flight answered (single flight).
+    Shared,
 }
 
 impl Answer {
-    /// The usage the caller is charged for: what generation reported for an answer this call made —
-    /// the secondary model's included — and nothing for a cached, shared or fallback-message one.
-    pub fn billable(&self) -> Option<Usage> {
-        let charged = match &self.response.degraded {
-            None => self.generated,
-            Some(degraded) => self.generated && degraded.source == FallbackSource::SecondaryModel.as_str(),
-        };
-        self.response.usage.filter(|_| charged)
-    }
-
-    /// The usage of an answer this call reused rather than paid generation for — a cache hit, or
-    /// an identical call's answer in flight (single flight) — of which a budget charges a share.
-    /// `None` for anything else, a fallback's answer included.
-    pub fn reused(&self) -> Option<Usage> {
-        self.response.usage.filter(|_| !self.generated && self.response.degraded.is_none())
+    /// What the caller is charged for: generation's usage for an answer this call made — the
+    /// secondary model's included —, a share of it for one reused from the cache or an identical
+    /// call, and nothing for a stale or fallback-message one.
+    pub fn bill(&self) -> Bill {
+        let Some(usage) = self.response.usage else { return Bill::Free };
+        match self.source {
+            Source::Generated | Source::Fallback(FallbackSource::SecondaryModel) => Bill::Full(usage),
+            Source::Cached | Source::Shared => Bill::Reused(usage),
+            Source::Fallback(FallbackSource::StaleCache | FallbackSource::Message) => Bill::Free,
+        }
     }
 }
 
@@ -144,7 +150,7 @@ impl Answers {
                     if let Some(response) = follower.wait(self.inner.single_flight_wait.min(deadline.remaining())).await
                     {
                         let upstream_time = waited.elapsed();
-                        return Ok(Answer { response, chunks: Vec::new(), upstream_time, generated: false });
+                        return Ok(Answer { response, chunks: Vec::new(), upstream_time, source: Source::Shared });
                     }
                     None
                 }
@@ -154,8 +160,10 @@ impl Answers {
         };
         let called = Instant::now();
         let call = Call::new(Ask::Generate(request.clone()), deadline, caller.clone());
-        let Reply::Generated(response) = pipeline::ask(&self.inner.generation, call).await? else {
-            return Err(unexpected_reply());
+        let (response, source) = match pipeline::ask(&self.inner.generation, call).await? {
+            Reply::Generated(response) => (response, Source::Generated),
+            Reply::Fallback(response, source) => (response, Source::Fallback(source)),
+            Reply::Streaming(_) | Reply::Models(_) => return Err(unexpected_reply()),
         };
         let upstream_time = called.elapsed();
         if let Some(leader) = leader {
@@ -164,7 +172,7 @@ impl Answers {
         if policy.write {
             self.inner.cache.store((**request).clone(), response.clone(), Vec::new());
         }
-        Ok(Answer { response, chunks: Vec::new(), upstream_time, generated: true })
+        Ok(Answer { response, chunks: Vec::new(), upstream_time, source })
     }
 
     /// The answer to a stream: cached (replayed in its chunks), or generation's stream once its
@@ -183,12 +191,13 @@ impl Answers {
         match pipeline::ask(&self.inner.generation, call).await? {
             Reply::Streaming(started) => Ok(Streamed::Live(started, policy.write.then(|| self.inner.cache.clone()))),
             // Nothing was streamed yet: a fallback answer is the whole stream.
-            Reply::Generated(response) => Ok(Streamed::Whole(Answer {
+            Reply::Fallback(response, source) => Ok(Streamed::Whole(Answer {
                 response,
                 chunks: Vec::new(),
                 upstream_time: Duration::ZERO,
-                generated: true,
+                source: Source::Fallback(source),
             })),
+            Reply::Generated(_) => Err(unexpected_reply()),
             Reply::Models(_) => Err(unexpected_reply()),
         }
     }
@@ -211,7 +220,7 @@ impl Answers {
             && let Some(hit) = self.inner.cache.lookup(request, key, deadline.remaining()).await
             && let Some(response) = hit.response
         {
-            let answer = Answer { response, chunks: hit.chunks, upstream_time: Duration::ZERO, generated: false };
+            let answer = Answer { response, chunks: hit.chunks, upstream_time: Duration::ZERO, source: Source::Cached };
             return Ok(Cached::Hit(Box::new(answer)));
         }
         if policy.only_cached {

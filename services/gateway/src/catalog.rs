@@ -11,9 +11,9 @@ use std::{
 use llmesh_proto::generation::v1::Model;
 
 use crate::{
-    admission::Principal,
     deadline::Deadline,
     pipeline::{self, Ask, Call, Generation, Reply, UpstreamError},
+    principal::Principal,
 };
 
 #[derive(Debug, Clone, Default)]

@@ -51,10 +51,13 @@ use tonic::{Request, Response, Status};
 
 use llmesh_ratelimit::budget::StoredHold;
 
-use crate::admission::{
-    Budgets, Held, Principal, Quota, RateLimiter,
-    budget::Spend,
-    rate_limit::{RETRY_AFTER_MS, RETRY_PUSHBACK_MS, Reservation, Taken},
+use crate::{
+    admission::{
+        Budgets, Held, Quota, RateLimiter,
+        budget::Spend,
+        rate_limit::{RETRY_AFTER_MS, RETRY_PUSHBACK_MS, Reservation, Taken},
+    },
+    principal::Principal,
 };
 
 /// The answer to `WatchJob`.

@@ -18,7 +18,7 @@ pub type ChunkStream = futures::stream::BoxStream<'static, Result<gw::GenerateSt
 /// chunk when it was cached from a unary call), a fallback one as one chunk; then the final chunk
 /// with the finish reason and usage. The tokens are settled at once.
 pub fn replay(answer: Answer, tokens: Tokens) -> (ChunkStream, crate::admission::Quota) {
-    let quota = tokens.settle_answer(&answer);
+    let quota = tokens.settle_bill(answer.bill(), &answer.response.model);
     let Answer { response, chunks, .. } = answer;
     let chunks = if chunks.is_empty() { vec![response.text.clone()] } else { chunks };
     let header = move |delta: String| gw::GenerateStreamResponse {

@@ -16,12 +16,13 @@ use llmesh_proto::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    admission::{Admitted, Principal, Quota, TokenAdmission},
+    admission::{Admitted, Quota, TokenAdmission},
     answer::{AnswerError, Answers, Streamed},
     deadline::Deadline,
     jobs::{self, Jobs},
     metrics::{label, metrics},
     pipeline::{self, Ask, Call, Generation, Reply},
+    principal::Principal,
     relay::{self, ChunkStream},
 };
 
@@ -103,7 +104,7 @@ impl GatewayService {
             started.elapsed().saturating_sub(answer.upstream_time).as_secs_f64(),
             &[label("endpoint", endpoint)],
         );
-        let quota = tokens.settle_answer(&answer);
+        let quota = tokens.settle_bill(answer.bill(), &answer.response.model);
         Ok(Unary { response: answer.response, quota })
     }
 

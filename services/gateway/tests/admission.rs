@@ -17,9 +17,10 @@ mod admission {
 
     use futures::{Stream, StreamExt as _};
     use llmesh_gateway::admission::{
-        AuthLayer, KeyStore, Principal, RateLimitConfig, RateLimitLayer, RateLimiter, ShedLayer, generate_key,
+        AuthLayer, KeyStore, RateLimitConfig, RateLimitLayer, RateLimiter, ShedLayer, generate_key,
         rate_limit::{Cost, Limit, decision_from_reply, gcra},
     };
+    use llmesh_gateway::principal::Principal;
     use llmesh_proto::generation::v1::{
         GenerateRequest, GenerateResponse, GenerateStreamRequest, GenerateStreamResponse, ListModelsRequest,
         ListModelsResponse,

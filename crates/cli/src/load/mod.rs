@@ -90,7 +90,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     };
     let progress = Progress::new(goal, counters.clone());
     let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel();
-    let collector = tokio::spawn(recorder::collect(results_rx, Recorder::new()?, progress));
+    let collector = tokio::spawn(progress::collect(results_rx, Recorder::new()?, progress));
     // On a runtime thread, not on `block_on`'s: the timer that paces the calls, the tasks that
     // make them and their connections then share one thread (with one worker, the thread the timer
     // woke starts the call), instead of handing every call from one thread to another — two

@@ -8,9 +8,9 @@ use std::{
 };
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tokio::time::Instant;
+use tokio::{sync::mpsc::UnboundedReceiver, time::Instant};
 
-use super::{recorder::Recorder, runner::Counters};
+use super::{outcome::Timed, recorder::Recorder, runner::Counters};
 
 /// What the bar fills towards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,4 +82,26 @@ impl Progress {
     pub fn finish(&self) {
         self.bar.finish_and_clear();
     }
+}
+
+/// Records calls until every sender is gone (the run has ended and its tasks are dropped),
+/// refreshing the progress display as it goes.
+pub async fn collect(
+    mut results: UnboundedReceiver<Timed>,
+    mut recorder: Recorder,
+    mut progress: Progress,
+) -> Recorder {
+    let mut refresh = tokio::time::interval(Duration::from_millis(200));
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            call = results.recv() => match call {
+                Some(call) => recorder.record(&call),
+                None => break,
+            },
+            _ = refresh.tick() => progress.update(&recorder),
+        }
+    }
+    progress.finish();
+    recorder
 }

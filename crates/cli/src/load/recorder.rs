@@ -6,9 +6,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
-use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::{outcome::Timed, progress::Progress};
+use super::outcome::Timed;
 
 /// The largest value the histograms hold exactly: one hour, in microseconds. Longer values are
 /// clamped to it (no call lives that long: the timeout ends it first).
@@ -84,28 +83,6 @@ impl Recorder {
     pub fn errors(&self) -> u64 {
         self.completed - self.successes
     }
-}
-
-/// Records calls until every sender is gone (the run has ended and its tasks are dropped),
-/// refreshing the progress display as it goes.
-pub async fn collect(
-    mut results: UnboundedReceiver<Timed>,
-    mut recorder: Recorder,
-    mut progress: Progress,
-) -> Recorder {
-    let mut refresh = tokio::time::interval(Duration::from_millis(200));
-    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            call = results.recv() => match call {
-                Some(call) => recorder.record(&call),
-                None => break,
-            },
-            _ = refresh.tick() => progress.update(&recorder),
-        }
-    }
-    progress.finish();
-    recorder
 }
 
 #[cfg(test)]

@@ -23,13 +23,11 @@ mod redis_health;
 pub mod shed;
 pub mod tokens;
 
-pub use auth::{
-    ApiKey, AuthConfig, AuthLayer, Budget, BudgetLimit, CacheScope, KeyStore, Principal, Team, generate_key,
-};
+pub use auth::{ApiKey, AuthConfig, AuthLayer, Budget, BudgetLimit, CacheScope, KeyStore, Team, generate_key};
 pub use budget::{BudgetConfig, Budgets};
 pub use rate_limit::{Held, Quota, RateLimitConfig, RateLimitLayer, RateLimiter};
 pub use shed::{ShedConfig, ShedLayer};
-pub use tokens::{Admitted, Price, TokenAdmission, Tokens};
+pub use tokens::{Admitted, Bill, Price, TokenAdmission, Tokens};
 
 /// Calls every layer lets through untouched: health probes, the mesh's health and reflection
 /// (grpcurl's discovery) must work without a key and even when the gateway is saturated. The

@@ -3,7 +3,7 @@
 //! key's and its team's spend budgets cover the most the call can cost ([`super::budget`]).
 //!
 //! Both reservations are held by the call as [`Tokens`] and settled exactly once: with the usage
-//! the call is charged for ([`Tokens::settle`], [`Tokens::settle_answer`]), or — when the call
+//! the call is charged for ([`Tokens::settle`], [`Tokens::settle_bill`]), or — when the call
 //! ends without settling (the client went away) — with what the client received. Settling also
 //! counts the tokens and their cost for the key, so unary calls, streams, jobs (whose reservations
 //! their worker settles) and every fallback are accounted in one place.
@@ -30,13 +30,13 @@ use tonic::Status;
 use llmesh_ratelimit::budget::{self, Nanos, Rate};
 
 use super::{
-    CacheScope, Held, Principal, Quota, RateLimiter,
+    CacheScope, Held, Quota, RateLimiter,
     budget::{Budgets, Spend},
 };
 use crate::{
-    answer::Answer,
     catalog::Catalog,
     metrics::{Labels, label, metrics},
+    principal::Principal,
 };
 
 /// What a model costs, in US dollars per million tokens (`[gateway.prices.MODEL]`).
@@ -210,20 +210,18 @@ impl Tokens {
         self.settle_with(usage, cost.unwrap_or(0), model)
     }
 
-    /// Settles with what `answer` is charged for: its billable usage, or the share of a reused
-    /// answer's price that `[gateway.budget] cache_hit_share` says (tokens: nothing).
-    pub fn settle_answer(self, answer: &Answer) -> Quota {
-        let model = &answer.response.model;
-        if let Some(usage) = answer.billable() {
-            return self.settle(Some(usage), model);
-        }
+    /// Settles with what an answer of `model` is charged for: its usage in full, or the share of a
+    /// reused answer's price that `[gateway.budget] cache_hit_share` says (tokens: nothing).
+    pub fn settle_bill(self, bill: Bill, model: &str) -> Quota {
+        let reused = match bill {
+            Bill::Full(usage) => return self.settle(Some(usage), model),
+            Bill::Reused(usage) => usage,
+            Bill::Free => return self.settle_with(None, 0, model),
+        };
         let share = self.accounting.budgets.cache_hit_share();
-        let cost = match answer.reused() {
-            Some(usage) if share > 0.0 => {
-                let full = self.accounting.cost(&usage, model, self.spend.as_ref());
-                (full as f64 * share).round() as Nanos
-            }
-            _ => 0,
+        let cost = match share > 0.0 {
+            true => (self.accounting.cost(&reused, model, self.spend.as_ref()) as f64 * share).round() as Nanos,
+            false => 0,
         };
         self.settle_with(None, cost, model)
     }
@@ -235,6 +233,18 @@ impl Tokens {
         accounting.count(&who, model, usage, quota.remaining_tokens);
         quota
     }
+}
+
+/// What an answer is charged for (the answer step reckons it: see `crate::answer::Answer::bill`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Bill {
+    /// Generation's usage, paid in full: an answer this call made (the secondary model's too).
+    Full(Usage),
+    /// The usage of an answer this call reused (a cache hit, an identical call's answer), of which
+    /// a budget charges `cache_hit_share`; no tokens.
+    Reused(Usage),
+    /// Nothing: a stale answer, a fallback message, or no usage.
+    Free,
 }
 
 /// Tokens and cost per key and model, and the share of its token limit a key has left.

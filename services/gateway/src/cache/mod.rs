@@ -1,6 +1,6 @@
 //! The gateway's side of the response cache. Every call has a small time budget; a cache that is
 //! slow, down or failing is logged and bypassed, never a failed request. Recent hits are also kept
-//! in the gateway's near cache ([`crate::near_cache`]) and answered from there.
+//! in the gateway's near cache ([`near`]) and answered from there.
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,13 +13,11 @@ use llmesh_proto::{
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
+mod near;
 mod stores;
 
-use crate::{
-    metrics::{label, metrics},
-    near_cache::NearCache,
-    pipeline,
-};
+use self::near::NearCache;
+use crate::metrics::{label, metrics};
 
 /// `[gateway.cache]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,7 +165,7 @@ impl Cache {
         }
         let ticket = near.and_then(|near| near.ticket());
         let budget = self.budget.min(remaining);
-        let span = if pipeline::in_a_span() {
+        let span = if llmesh_telemetry::in_a_span() {
             tracing::info_span!("cache.lookup", otel.kind = "client", allow_stale, cache.hit = tracing::field::Empty)
         } else {
             tracing::Span::none()
@@ -221,7 +219,7 @@ impl Cache {
             near.cache.forget(&llmesh_proto::cache_key::of(&request));
         }
         let store = StoreRequest { request: Some(request), response: Some(response), chunks, ttl_ms: 0 };
-        if !pipeline::in_a_span() {
+        if !llmesh_telemetry::in_a_span() {
             return stores.push(store);
         }
         let span = tracing::info_span!("cache.store", otel.kind = "client");

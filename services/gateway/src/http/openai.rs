@@ -22,7 +22,7 @@ use super::{
     Facts, Ingress, Kind, Problem, finish_reason, json_response, now_unix,
     sse::{self, Events},
 };
-use crate::{admission::Principal, service::Unary};
+use crate::{principal::Principal, service::Unary};
 
 /// The one mapping of a failure to OpenAI's error body (its status is [`Kind::status`]).
 pub fn error(problem: &Problem) -> http::Response<Body> {

@@ -213,7 +213,7 @@ where
         }
         metrics().fallbacks.add(1, &[label("reason", reason.as_str()), label("source", source.as_str())]);
         tracing::info!(reason = reason.as_str(), source = source.as_str(), "answered with a fallback");
-        Ok(Reply::Generated(response))
+        Ok(Reply::Fallback(response, source))
     }
 }
 

@@ -43,7 +43,7 @@ use self::{
     retry::{RetryConfig, RetryPolicy},
     timeout::PerTryTimeoutLayer,
 };
-use crate::{admission::Principal, cache::Cache, deadline::Deadline};
+use crate::{cache::Cache, deadline::Deadline, principal::Principal};
 
 /// `[gateway.generation]`: where the replicas are and how calls to them are made.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,6 +136,9 @@ impl Call {
 /// Generation's answer.
 pub enum Reply {
     Generated(GenerateResponse),
+    /// A degraded answer the fallback gave instead, and where it came from (its `degraded` says
+    /// the same in words, for the client).
+    Fallback(GenerateResponse, FallbackSource),
     /// A stream whose first chunk has arrived: from here on it is never retried.
     Streaming(Started),
     Models(ListModelsResponse),
@@ -145,6 +148,7 @@ impl std::fmt::Debug for Reply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Generated(response) => f.debug_tuple("Generated").field(response).finish(),
+            Self::Fallback(response, source) => f.debug_tuple("Fallback").field(response).field(source).finish(),
             Self::Streaming(started) => f.debug_tuple("Streaming").field(&started.first).finish(),
             Self::Models(models) => f.debug_tuple("Models").field(models).finish(),
         }
@@ -218,14 +222,6 @@ pub fn deadline_after(limit: Duration) -> Deadline {
     Deadline::after(limit)
 }
 
-/// Whether the current call has a span, so that its steps' spans have a parent to belong to. It
-/// has none when nothing samples it and its caller sent no trace context (see
-/// `llmesh_telemetry::GrpcTraceLayer`), or when spans are filtered out: its steps then create none
-/// either — each would be dropped unread, after formatting its fields.
-pub(crate) fn in_a_span() -> bool {
-    tracing::dispatcher::get_default(|dispatch| dispatch.current_span().id().is_some())
-}
-
 /// Asks generation once, through the whole stack.
 pub async fn ask(generation: &Generation, call: Call) -> Result<Reply, UpstreamError> {
     generation.clone().oneshot(call).await
@@ -273,7 +269,7 @@ mod tests {
         let call = tokio::spawn(ask_owned(generation, generate("hello", later())));
         let (_, respond) = handle.next_request().await.unwrap();
         respond.send_error(Fail(UpstreamError::CircuitOpen));
-        let Ok(Reply::Generated(answer)) = call.await.unwrap() else { panic!("a fallback answer") };
+        let Ok(Reply::Fallback(answer, _)) = call.await.unwrap() else { panic!("a fallback answer") };
         assert_eq!(answer.finish_reason, i32::from(FinishReason::Fallback));
         let degraded = answer.degraded.unwrap();
         assert_eq!((degraded.reason.as_str(), degraded.source.as_str()), ("circuit_open", "message"));
@@ -305,7 +301,7 @@ mod tests {
             assert_eq!(request.attempt, attempt);
             respond.send_error(Fail(UpstreamError::from_client(Status::unavailable("down"))));
         }
-        let Ok(Reply::Generated(answer)) = call.await.unwrap() else { panic!("a fallback answer") };
+        let Ok(Reply::Fallback(answer, _)) = call.await.unwrap() else { panic!("a fallback answer") };
         assert_eq!(answer.degraded.unwrap().reason, "error");
     }
 
@@ -331,7 +327,7 @@ mod tests {
                 };
                 respond.send_response(Reply::Generated(answer));
             }
-            let Ok(Reply::Generated(answer)) = call.await.unwrap() else { panic!("an answer") };
+            let Ok(Reply::Fallback(answer, _)) = call.await.unwrap() else { panic!("an answer") };
             let degraded = answer.degraded.clone().unwrap();
             if allowed {
                 assert_eq!((answer.text.as_str(), degraded.source.as_str()), ("from backup", "secondary_model"));
@@ -364,14 +360,5 @@ mod tests {
 
     async fn ask_owned(generation: Generation, call: Call) -> Result<Reply, UpstreamError> {
         ask(&generation, call).await
-    }
-
-    #[test]
-    fn steps_make_spans_only_inside_a_calls_span() {
-        tracing::subscriber::with_default(tracing_subscriber::registry(), || {
-            assert!(!in_a_span(), "no span is current");
-            tracing::info_span!("grpc.server").in_scope(|| assert!(in_a_span()));
-            tracing::Span::none().in_scope(|| assert!(!in_a_span(), "a call without a span"));
-        });
     }
 }

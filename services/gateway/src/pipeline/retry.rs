@@ -222,7 +222,7 @@ mod tests {
         let mut shared = policy(config);
         let of = |id: &str| {
             let mut call = call();
-            call.caller = crate::admission::Principal { id: id.into(), ..crate::admission::Principal::anonymous() };
+            call.caller = crate::principal::Principal { id: id.into(), ..crate::principal::Principal::anonymous() };
             call
         };
         // Both keys make 100 calls: the gateway's budget allows 40 retries.

@@ -11,7 +11,7 @@ use tower::ServiceExt as _;
 use tower_test::mock::Mock;
 
 use super::{Ask, Call, Reply, UpstreamError};
-use crate::{admission::Principal, deadline::Deadline};
+use crate::{deadline::Deadline, principal::Principal};
 
 /// An error a mock sends, turned back into the [`UpstreamError`] it carries.
 #[derive(Debug)]

@@ -11,8 +11,9 @@ use llmesh_common::reload::Live;
 use tonic::Status;
 use tower::{Layer, Service};
 
-use super::{KeyStore, Principal};
+use super::KeyStore;
 use crate::admission::is_exempt;
+use crate::principal::Principal;
 
 /// The metadata key that carries the API key.
 pub const API_KEY_HEADER: &str = "x-api-key";

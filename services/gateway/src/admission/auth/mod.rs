@@ -32,13 +32,15 @@ use std::{
     collections::HashMap,
     fmt,
     path::{Path, PathBuf},
-    sync::Arc,
 };
 
 use anyhow::{Context as _, bail};
 use llmesh_common::reload::{self, Live};
-use llmesh_ratelimit::budget::{Nanos, Period, usd_to_nanos};
+use llmesh_ratelimit::budget::{Period, usd_to_nanos};
 use serde::{Deserialize, Serialize};
+
+use crate::principal::Principal;
+pub use crate::principal::{BudgetLimit, CacheScope};
 
 pub use key::{KEY_TAG, constant_time_eq, generate_key, prefix_of, sha256_hex};
 pub use layer::{API_KEY_HEADER, Auth, AuthLayer};
@@ -74,13 +76,6 @@ impl Budget {
             None => bail!("`budget.usd` must be a number of dollars from 0 to 9,000,000 (got {})", self.usd),
         }
     }
-}
-
-/// A budget as a [`Principal`] carries it: nano-dollars per period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BudgetLimit {
-    pub nanos: Nanos,
-    pub period: Period,
 }
 
 /// A team with a budget shared by every key that names it (`[[teams]]`).
@@ -119,92 +114,18 @@ pub struct ApiKey {
     pub budget: Option<Budget>,
 }
 
-/// Whose cache a key's calls read and write.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum CacheScope {
-    /// One cache for every key: an equal request from any key is answered from it.
-    #[default]
-    Shared,
-    /// Entries of this key's own, which no other key reads (nor this key another's).
-    Private,
-    /// Never cached, never answered from the cache.
-    Off,
-}
-
-/// The caller of a request, as the auth layer found it. Cheap to clone (the strings are shared).
-///
-/// Handlers read it with `request.extensions().get::<Principal>()`; it is always there on the
-/// gateway's own RPCs once [`AuthLayer`] is installed (health and reflection get none).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    /// The key's public name (`anonymous` when auth is off): rate-limit bucket, logs, metrics.
-    pub id: Arc<str>,
-    /// This key's own limit, overriding `[gateway.rate_limit]`; `Some(0)` means unlimited.
-    pub requests_per_minute: Option<u32>,
-    /// This key's own token limit, overriding `[gateway.rate_limit]`; `Some(0)` means unlimited.
-    pub tokens_per_minute: Option<u32>,
-    /// Models this key may use; empty means all.
-    pub models: Arc<[String]>,
-    /// This key's own bound on calls in flight, overriding `[gateway.shed]`; `Some(0)` means none.
-    pub max_in_flight: Option<u32>,
-    /// Whose cache this key's calls use.
-    pub cache: CacheScope,
-    /// The key's team, if any.
-    pub team: Option<Arc<str>>,
-    /// The key's own spend limit.
-    pub budget: Option<BudgetLimit>,
-    /// Its team's spend limit (shared with the team's other keys).
-    pub team_budget: Option<BudgetLimit>,
-}
-
-impl Principal {
-    /// The id of every caller when auth is off.
-    pub const ANONYMOUS: &'static str = "anonymous";
-
-    /// The caller when no keys are configured: no overrides, every model. Built once: each call
-    /// of a gateway without keys takes a clone (reference counts, no allocation).
-    pub fn anonymous() -> Self {
-        static ANONYMOUS: std::sync::LazyLock<Principal> = std::sync::LazyLock::new(|| Principal {
-            id: Principal::ANONYMOUS.into(),
-            requests_per_minute: None,
-            tokens_per_minute: None,
-            models: Arc::new([]),
-            max_in_flight: None,
-            cache: CacheScope::Shared,
-            team: None,
-            budget: None,
-            team_budget: None,
-        });
-        ANONYMOUS.clone()
-    }
-
-    /// Whether any budget applies to this key's calls (its own, or its team's).
-    pub fn has_budget(&self) -> bool {
-        self.budget.is_some() || self.team_budget.is_some()
-    }
-
-    pub fn is_anonymous(&self) -> bool {
-        &*self.id == Self::ANONYMOUS
-    }
-
-    /// Whether this key may use `model` (every model when the key lists none).
-    pub fn allows(&self, model: &str) -> bool {
-        self.models.is_empty() || self.models.iter().any(|allowed| allowed == model)
-    }
-
-    fn from_key(key: &ApiKey, budget: Option<BudgetLimit>, team_budget: Option<BudgetLimit>) -> Self {
-        Self {
-            id: key.id.as_str().into(),
-            requests_per_minute: key.requests_per_minute,
-            tokens_per_minute: key.tokens_per_minute,
-            models: key.models.iter().cloned().collect(),
-            max_in_flight: key.max_in_flight,
-            cache: key.cache,
-            team: key.team.as_deref().map(Into::into),
-            budget,
-            team_budget,
-        }
+/// The caller a configured key stands for.
+fn principal_of(key: &ApiKey, budget: Option<BudgetLimit>, team_budget: Option<BudgetLimit>) -> Principal {
+    Principal {
+        id: key.id.as_str().into(),
+        requests_per_minute: key.requests_per_minute,
+        tokens_per_minute: key.tokens_per_minute,
+        models: key.models.iter().cloned().collect(),
+        max_in_flight: key.max_in_flight,
+        cache: key.cache,
+        team: key.team.as_deref().map(Into::into),
+        budget,
+        team_budget,
     }
 }
 
@@ -428,7 +349,7 @@ fn validate(key: &ApiKey, team_budgets: &HashMap<String, Option<BudgetLimit>>) -
     };
     let budget = key.budget.as_ref().map(Budget::limit).transpose()?;
     let team_budget = key.team.as_ref().and_then(|team| team_budgets.get(team).copied().flatten());
-    Ok(Entry { digest, principal: Principal::from_key(key, budget, team_budget) })
+    Ok(Entry { digest, principal: principal_of(key, budget, team_budget) })
 }
 
 #[cfg(test)]
@@ -705,7 +626,7 @@ mod tests {
             )
         };
         std::fs::write(&path, file("", "search", "")).unwrap();
-        let budgeted = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let budgeted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let seen = budgeted.clone();
         let keys = KeyStore::watch(&AuthConfig { keys_file: Some(path.clone()), ..AuthConfig::default() }, move |s| {
             seen.store(s.has_budgets(), std::sync::atomic::Ordering::Relaxed)

@@ -59,11 +59,11 @@ use tonic::{
 
 use self::local::LocalBudgets;
 use super::redis_health::RedisHealth;
-use super::{auth::Principal, rate_limit::RETRY_PUSHBACK_MS};
 use crate::metrics::metrics;
+use crate::principal::Principal;
 
-/// Response metadata (and HTTP header): what the call's tightest budget has left, in dollars.
-pub const REMAINING_USD: &str = "x-budget-remaining-usd";
+pub use crate::headers::REMAINING_USD;
+use crate::headers::RETRY_PUSHBACK_MS;
 
 /// How often settlements and spend that could not reach Redis are retried.
 const CATCH_UP_INTERVAL: Duration = Duration::from_millis(250);

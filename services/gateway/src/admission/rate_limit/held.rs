@@ -82,7 +82,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::admission::{RateLimitConfig, auth::Principal};
+    use crate::{admission::RateLimitConfig, principal::Principal};
 
     fn limiter() -> Arc<RateLimiter> {
         let config = RateLimitConfig { tokens_per_minute: 1_000, ..RateLimitConfig::default() };

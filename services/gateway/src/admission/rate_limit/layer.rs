@@ -10,7 +10,7 @@ use http::{Request, Response};
 use tower::{Layer, Service};
 
 use super::RateLimiter;
-use crate::admission::{auth::Principal, is_exempt};
+use crate::{admission::is_exempt, principal::Principal};
 
 /// Counts each call against its principal's requests per minute (the [`Principal`] the auth
 /// layer put into the extensions; `anonymous` without one). Over the limit: RESOURCE_EXHAUSTED

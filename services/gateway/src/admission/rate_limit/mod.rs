@@ -44,7 +44,7 @@ use llmesh_ratelimit::{Kind, key as redis_key};
 use self::{local::LocalLimiter, redis::RedisLimiter};
 use serde::{Deserialize, Serialize};
 
-use crate::admission::auth::Principal;
+use crate::principal::Principal;
 
 /// `[gateway.rate_limit]`: per key, across every gateway replica sharing `redis_url`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -65,14 +65,7 @@ impl Default for RateLimitConfig {
     }
 }
 
-/// Response metadata: requests the key may still send right now.
-pub const REMAINING_REQUESTS: &str = "x-ratelimit-remaining-requests";
-/// Response metadata: tokens the key may still use right now.
-pub const REMAINING_TOKENS: &str = "x-ratelimit-remaining-tokens";
-/// Rejection metadata: milliseconds to wait before trying again.
-pub const RETRY_AFTER_MS: &str = "retry-after-ms";
-/// Rejection metadata read by gRPC clients' retry policies (negative: do not retry).
-pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
+pub use crate::headers::{REMAINING_REQUESTS, REMAINING_TOKENS, RETRY_AFTER_MS, RETRY_PUSHBACK_MS};
 
 /// What a key has left, for the response metadata. `None`: that limit is off.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -108,7 +101,7 @@ impl Quota {
         [
             (REMAINING_REQUESTS, self.remaining_requests.map(|n| n.to_string())),
             (REMAINING_TOKENS, self.remaining_tokens.map(|n| n.to_string())),
-            (crate::admission::budget::REMAINING_USD, self.remaining_budget.map(llmesh_ratelimit::budget::format_usd)),
+            (crate::headers::REMAINING_USD, self.remaining_budget.map(llmesh_ratelimit::budget::format_usd)),
         ]
         .into_iter()
         .filter_map(|(name, value)| Some((name, value?)))

@@ -30,7 +30,7 @@ pub use body::{PermitBody, Slots};
 
 use serde::{Deserialize, Serialize};
 
-use crate::admission::{Principal, is_exempt};
+use crate::{admission::is_exempt, principal::Principal};
 
 /// `[gateway.shed]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

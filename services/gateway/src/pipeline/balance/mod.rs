@@ -68,7 +68,7 @@ impl Service<Call> for Balance {
             Err(error) => return Box::pin(std::future::ready(Err(error))),
         };
         let client = lease.client();
-        let span = if super::in_a_span() {
+        let span = if llmesh_telemetry::in_a_span() {
             tracing::info_span!(
                 "generation.attempt",
                 otel.kind = "client",

@@ -165,28 +165,53 @@ pub fn echo(value: &str) -> String {
     }
 }
 
-fn invalid(message: String) -> Result<(), Status> {
-    Err(Status::invalid_argument(message))
+/// A request that cannot be served as it is, and the field at fault: typed, so that no edge parses
+/// it out of the words. As a `tonic::Status`: INVALID_ARGUMENT whose message starts with the field
+/// (`"max_tokens: 5000 exceeds the limit of 4096"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// The field's path (`messages[2].role`).
+    pub field: String,
+    /// What is wrong with it, without the field's name.
+    pub detail: String,
 }
 
-fn too_long(field: &str, bytes: usize, limit: usize) -> Result<(), Status> {
-    invalid(format!("{field}: {bytes} bytes exceed the limit of {limit} bytes"))
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.detail)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+impl From<Invalid> for Status {
+    fn from(invalid: Invalid) -> Self {
+        Status::invalid_argument(invalid.to_string())
+    }
+}
+
+fn invalid(field: impl Into<String>, detail: impl Into<String>) -> Result<(), Invalid> {
+    Err(Invalid { field: field.into(), detail: detail.into() })
+}
+
+fn too_long(field: &str, bytes: usize, limit: usize) -> Result<(), Invalid> {
+    invalid(field, format!("{bytes} bytes exceed the limit of {limit} bytes"))
 }
 
 /// Checks a model name: present, at most `limits.max_model_bytes`, and only ASCII letters, digits
 /// and [`MODEL_PUNCTUATION`]. The name is never copied before its length is known to be bounded.
-pub fn model(model: &str, limits: &Limits) -> Result<(), Status> {
+pub fn model(model: &str, limits: &Limits) -> Result<(), Invalid> {
     if model.len() > limits.max_model_bytes {
         return too_long("model", model.len(), limits.max_model_bytes);
     }
     if model.trim().is_empty() {
-        return invalid("model: required (ListModels lists the available models)".into());
+        return invalid("model", "required (ListModels lists the available models)");
     }
     if let Some(bad) = model.chars().find(|c| !c.is_ascii_alphanumeric() && !MODEL_PUNCTUATION.contains(*c)) {
-        return invalid(format!(
-            "model: {} has {bad:?}; a model name is ASCII letters, digits and {MODEL_PUNCTUATION}",
-            echo(model)
-        ));
+        return invalid(
+            "model",
+            format!("{} has {bad:?}; a model name is ASCII letters, digits and {MODEL_PUNCTUATION}", echo(model)),
+        );
     }
     Ok(())
 }
@@ -194,7 +219,7 @@ pub fn model(model: &str, limits: &Limits) -> Result<(), Status> {
 /// Checks `request` against `limits`, cheapest and smallest first: every length and count is
 /// checked before any content is read. The model name is only checked for its form here; whether
 /// it exists is for the service that routes it.
-pub fn generate_request(request: &GenerateRequest, limits: &Limits) -> Result<(), Status> {
+pub fn generate_request(request: &GenerateRequest, limits: &Limits) -> Result<(), Invalid> {
     model(&request.model, limits)?;
     if request.user.len() > limits.max_user_bytes {
         return too_long("user", request.user.len(), limits.max_user_bytes);
@@ -202,59 +227,64 @@ pub fn generate_request(request: &GenerateRequest, limits: &Limits) -> Result<()
     stop(&request.stop, limits)?;
     metadata(&request.metadata, limits)?;
     if request.messages.len() > limits.max_messages {
-        return invalid(format!(
-            "messages: {} messages exceed the limit of {}",
-            request.messages.len(),
-            limits.max_messages
-        ));
+        return invalid(
+            "messages",
+            format!("{} messages exceed the limit of {}", request.messages.len(), limits.max_messages),
+        );
     }
     // Bounded by the message count above: no content is read to sum its length.
     let prompt_bytes = prompt_bytes(request);
     if prompt_bytes > limits.max_prompt_bytes {
-        return invalid(format!("prompt: {prompt_bytes} bytes exceed the limit of {} bytes", limits.max_prompt_bytes));
+        return invalid(
+            "prompt",
+            format!("{prompt_bytes} bytes exceed the limit of {} bytes", limits.max_prompt_bytes),
+        );
     }
     match (request.prompt.is_empty(), request.messages.is_empty()) {
-        (true, true) => return invalid("prompt: required (or messages)".into()),
-        (false, false) => return invalid("prompt: set prompt or messages, not both".into()),
+        (true, true) => return invalid("prompt", "required (or messages)"),
+        (false, false) => return invalid("prompt", "set prompt or messages, not both"),
         (false, true) if request.prompt.trim().is_empty() => {
-            return invalid("prompt: must not be blank".into());
+            return invalid("prompt", "must not be blank");
         }
         _ => {}
     }
     for (i, message) in request.messages.iter().enumerate() {
         if !ROLES.contains(&message.role.as_str()) {
-            return invalid(format!("messages[{i}].role: {} is not one of {}", echo(&message.role), ROLES.join(", ")));
+            return invalid(
+                format!("messages[{i}].role"),
+                format!("{} is not one of {}", echo(&message.role), ROLES.join(", ")),
+            );
         }
     }
     if !request.messages.is_empty() && request.messages.iter().all(|m| m.content.trim().is_empty()) {
-        return invalid("messages: every message content is blank".into());
+        return invalid("messages", "every message content is blank");
     }
     if request.max_tokens > limits.max_tokens {
-        return invalid(format!("max_tokens: {} exceeds the limit of {}", request.max_tokens, limits.max_tokens));
+        return invalid("max_tokens", format!("{} exceeds the limit of {}", request.max_tokens, limits.max_tokens));
     }
     if let Some(t) = request.temperature
         && !(0.0..=2.0).contains(&t)
     {
-        return invalid(format!("temperature: {t} is outside 0..=2"));
+        return invalid("temperature", format!("{t} is outside 0..=2"));
     }
     if let Some(p) = request.top_p
         && !(p > 0.0 && p <= 1.0)
     {
-        return invalid(format!("top_p: {p} is outside (0, 1]"));
+        return invalid("top_p", format!("{p} is outside (0, 1]"));
     }
     if CachePolicy::try_from(request.cache).is_err() {
-        return invalid(format!("cache: {} is not a known cache policy", request.cache));
+        return invalid("cache", format!("{} is not a known cache policy", request.cache));
     }
     Ok(())
 }
 
-fn stop(stop: &[String], limits: &Limits) -> Result<(), Status> {
+fn stop(stop: &[String], limits: &Limits) -> Result<(), Invalid> {
     if stop.len() > limits.max_stop_sequences {
-        return invalid(format!("stop: {} sequences exceed the limit of {}", stop.len(), limits.max_stop_sequences));
+        return invalid("stop", format!("{} sequences exceed the limit of {}", stop.len(), limits.max_stop_sequences));
     }
     for (i, sequence) in stop.iter().enumerate() {
         if sequence.is_empty() {
-            return invalid(format!("stop[{i}]: sequences must not be empty"));
+            return invalid(format!("stop[{i}]"), "sequences must not be empty");
         }
         if sequence.len() > limits.max_stop_bytes {
             return too_long(&format!("stop[{i}]"), sequence.len(), limits.max_stop_bytes);
@@ -266,38 +296,39 @@ fn stop(stop: &[String], limits: &Limits) -> Result<(), Status> {
 /// Refuses metadata keys a client may not set: those with [`RESERVED_METADATA_PREFIX`], which
 /// the mesh sets itself (a client naming another key's cache scope would read its private
 /// entries). For the gateway, on a client's request.
-pub fn no_reserved_metadata(request: &GenerateRequest) -> Result<(), Status> {
+pub fn no_reserved_metadata(request: &GenerateRequest) -> Result<(), Invalid> {
     match request.metadata.keys().find(|key| key.starts_with(RESERVED_METADATA_PREFIX)) {
-        Some(key) => invalid(format!(
-            "metadata: keys starting with {RESERVED_METADATA_PREFIX:?} are the mesh's own; {} is not allowed",
-            echo(key)
-        )),
+        Some(key) => invalid(
+            "metadata",
+            format!("keys starting with {RESERVED_METADATA_PREFIX:?} are the mesh's own; {} is not allowed", echo(key)),
+        ),
         None => Ok(()),
     }
 }
 
-fn metadata(metadata: &std::collections::HashMap<String, String>, limits: &Limits) -> Result<(), Status> {
+fn metadata(metadata: &std::collections::HashMap<String, String>, limits: &Limits) -> Result<(), Invalid> {
     let reserved = metadata.keys().filter(|key| key.starts_with(RESERVED_METADATA_PREFIX)).count();
     let entries = metadata.len() - reserved.min(RESERVED_METADATA_ENTRIES);
     if entries > limits.max_metadata_entries {
-        return invalid(format!("metadata: {entries} entries exceed the limit of {}", limits.max_metadata_entries));
+        return invalid("metadata", format!("{entries} entries exceed the limit of {}", limits.max_metadata_entries));
     }
     for (key, value) in metadata {
         if key.len() > limits.max_metadata_key_bytes {
-            return invalid(format!(
-                "metadata: key {} is {} bytes, over the limit of {} bytes",
-                echo(key),
-                key.len(),
-                limits.max_metadata_key_bytes
-            ));
+            return invalid(
+                "metadata",
+                format!(
+                    "key {} is {} bytes, over the limit of {} bytes",
+                    echo(key),
+                    key.len(),
+                    limits.max_metadata_key_bytes
+                ),
+            );
         }
         if value.len() > limits.max_metadata_value_bytes {
-            return invalid(format!(
-                "metadata[{}]: {} bytes exceed the limit of {} bytes",
-                echo(key),
-                value.len(),
-                limits.max_metadata_value_bytes
-            ));
+            return invalid(
+                format!("metadata[{}]", echo(key)),
+                format!("{} bytes exceed the limit of {} bytes", value.len(), limits.max_metadata_value_bytes),
+            );
         }
     }
     Ok(())
@@ -332,7 +363,8 @@ mod tests {
     }
 
     fn rejected(request: GenerateRequest, field: &str) -> String {
-        let status = generate_request(&request, &Limits::default()).expect_err("should be rejected");
+        let invalid = generate_request(&request, &Limits::default()).expect_err("should be rejected");
+        let status = Status::from(invalid);
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().starts_with(field), "{:?} does not name {field}", status.message());
         status.message().to_string()
@@ -345,9 +377,8 @@ mod tests {
     #[test]
     fn clients_may_not_set_the_meshs_own_metadata() {
         let mine = GenerateRequest { metadata: metadata(&[("llmesh.cache_scope", "team-b")]), ..ok() };
-        let status = no_reserved_metadata(&mine).unwrap_err();
-        assert_eq!(status.code(), tonic::Code::InvalidArgument);
-        assert!(status.message().starts_with("metadata"), "{status:?}");
+        let invalid = no_reserved_metadata(&mine).unwrap_err();
+        assert_eq!(invalid.field, "metadata", "{invalid:?}");
         assert!(no_reserved_metadata(&GenerateRequest { metadata: metadata(&[("team", "a")]), ..ok() }).is_ok());
         // The mesh's own entries pass generation's check beside the most a client may send.
         let limits = Limits::default();
@@ -454,9 +485,9 @@ mod tests {
         assert_eq!(message, format!("model: {} bytes exceed the limit of 128 bytes", 1 << 20));
         // A long name with a bad character is echoed, but only its first characters.
         let limits = Limits { max_model_bytes: 1 << 20, ..Limits::default() };
-        let status = model(&format!("{} !", "m".repeat(1000)), &limits).expect_err("space");
-        assert!(status.message().len() < 200, "{}", status.message());
-        assert!(status.message().contains('…'), "{}", status.message());
+        let message = model(&format!("{} !", "m".repeat(1000)), &limits).expect_err("space").to_string();
+        assert!(message.len() < 200, "{message}");
+        assert!(message.contains('…'), "{message}");
     }
 
     #[test]

@@ -73,10 +73,7 @@ fn required(request: Option<GenerateRequest>) -> Result<GenerateRequest, Status>
 
 /// A model name within the request limits; `field` is where it was (`request.model`, `model`).
 fn model(model: &str, field: &str, limits: &Limits) -> Result<(), Status> {
-    validate::model(model, limits).map_err(|status| {
-        let detail = status.message().strip_prefix("model").unwrap_or(status.message());
-        Status::invalid_argument(format!("{field}{detail}"))
-    })
+    validate::model(model, limits).map_err(|invalid| Status::invalid_argument(format!("{field}: {}", invalid.detail)))
 }
 
 /// A store checked by [`Inner::check`]: refused (too large, not cacheable), or ready to put.

@@ -9,13 +9,13 @@ use std::{
 
 use llmesh_proto::cache_key;
 use llmesh_proto::generation::v1::{GenerateRequest, GenerateResponse};
-use tonic::Status;
 
 use crate::{
     admission::Bill,
     cache::{Cache, CacheConfig, Use},
     catalog::Catalog,
     deadline::Deadline,
+    error::CallError,
     metrics::{label, metrics},
     pipeline::{self, Ask, Call, FallbackSource, Generation, Reply, Started, UpstreamError},
     principal::Principal,
@@ -84,29 +84,6 @@ pub enum Streamed {
     Live(Started, Option<Cache>),
 }
 
-/// Why there is no answer.
-#[derive(Debug)]
-pub enum AnswerError {
-    /// ONLY_IF_CACHED, and the cache has nothing.
-    NotCached,
-    Upstream(UpstreamError),
-}
-
-impl AnswerError {
-    pub fn into_status(self) -> Status {
-        match self {
-            Self::NotCached => Status::not_found("cache: no cached answer for this request (policy ONLY_IF_CACHED)"),
-            Self::Upstream(error) => error.into_status(),
-        }
-    }
-}
-
-impl From<UpstreamError> for AnswerError {
-    fn from(error: UpstreamError) -> Self {
-        Self::Upstream(error)
-    }
-}
-
 /// What the cache said.
 enum Cached {
     Hit(Box<Answer>),
@@ -136,7 +113,7 @@ impl Answers {
         request: &Arc<GenerateRequest>,
         deadline: Deadline,
         caller: &Principal,
-    ) -> Result<Answer, AnswerError> {
+    ) -> Result<Answer, CallError> {
         let (policy, key) = match self.cached(request, deadline).await? {
             Cached::Hit(answer) => return Ok(*answer),
             Cached::Miss(policy, key) => (policy, key),
@@ -182,7 +159,7 @@ impl Answers {
         request: &Arc<GenerateRequest>,
         deadline: Deadline,
         caller: &Principal,
-    ) -> Result<Streamed, AnswerError> {
+    ) -> Result<Streamed, CallError> {
         let policy = match self.cached(request, deadline).await? {
             Cached::Hit(answer) => return Ok(Streamed::Whole(*answer)),
             Cached::Miss(policy, _) => policy,
@@ -210,7 +187,7 @@ impl Answers {
             || self.inner.catalog.deterministic(&request.model)
     }
 
-    async fn cached(&self, request: &GenerateRequest, deadline: Deadline) -> Result<Cached, AnswerError> {
+    async fn cached(&self, request: &GenerateRequest, deadline: Deadline) -> Result<Cached, CallError> {
         let policy = Use::of(request.cache, self.cacheable(request));
         if !policy.read && !policy.only_cached {
             metrics().cache_requests.add(1, &[label("result", "bypass")]);
@@ -224,13 +201,13 @@ impl Answers {
             return Ok(Cached::Hit(Box::new(answer)));
         }
         if policy.only_cached {
-            return Err(AnswerError::NotCached);
+            return Err(CallError::not_cached());
         }
         Ok(Cached::Miss(policy, key))
     }
 }
 
 /// The pipeline answers each ask with its own kind of reply; anything else is a bug of ours.
-fn unexpected_reply() -> AnswerError {
-    AnswerError::Upstream(UpstreamError::Transport(Status::internal("generation's reply did not match the call")))
+fn unexpected_reply() -> CallError {
+    UpstreamError::Transport(tonic::Status::internal("generation's reply did not match the call")).into()
 }

@@ -7,6 +7,7 @@ mod cache;
 mod catalog;
 pub mod config;
 mod deadline;
+pub mod error;
 mod headers;
 pub mod http;
 mod jobs;
@@ -46,7 +47,7 @@ struct Admission {
     budgets: Arc<admission::Budgets>,
     shed: admission::ShedLayer,
     /// Inside the shed layer: a call it ends gives its slots back.
-    deadline: deadline::CallDeadlineLayer,
+    deadline: admission::CallDeadlineLayer,
 }
 
 impl Admission {
@@ -64,7 +65,7 @@ impl Admission {
             tracing::warn!("no API keys configured: auth is off and every caller shares the anonymous limits");
         }
         let limiter = Arc::new(admission::RateLimiter::new(&config.rate_limit)?);
-        let deadline = deadline::CallDeadlineLayer::new(Duration::from_millis(config.request_timeout_ms));
+        let deadline = admission::CallDeadlineLayer::new(Duration::from_millis(config.request_timeout_ms));
         Ok(Self { keys, limiter, budgets, shed: admission::ShedLayer::new(&config.shed), deadline })
     }
 

@@ -17,8 +17,9 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     admission::{Admitted, Quota, TokenAdmission},
-    answer::{AnswerError, Answers, Streamed},
+    answer::{Answers, Streamed},
     deadline::Deadline,
+    error::CallError,
     jobs::{self, Jobs},
     metrics::{label, metrics},
     pipeline::{self, Ask, Call, Generation, Reply},
@@ -38,23 +39,6 @@ struct Inner {
     generation: Generation,
     jobs: Jobs,
     request_timeout: Duration,
-}
-
-/// Why a generation call got no answer: its admission refused it, or no answer came.
-#[derive(Debug)]
-pub enum CallError {
-    /// Invalid, not allowed for the key, or over the key's tokens (the status says which).
-    Admission(Status),
-    Answer(AnswerError),
-}
-
-impl CallError {
-    pub fn into_status(self) -> Status {
-        match self {
-            Self::Admission(status) => status,
-            Self::Answer(error) => error.into_status(),
-        }
-    }
 }
 
 /// A unary call's answer and what the key has left after it.
@@ -96,10 +80,9 @@ impl GatewayService {
     ) -> Result<Unary, CallError> {
         // The gateway's own time counts from here: the token reservation and the cache are in it.
         let started = std::time::Instant::now();
-        let Admitted { principal, request, tokens } =
-            self.inner.admission.admit(extensions, request).await.map_err(CallError::Admission)?;
+        let Admitted { principal, request, tokens } = self.inner.admission.admit(extensions, request).await?;
         // A failure drops `tokens`: the call costs the caller nothing.
-        let answer = self.inner.answers.unary(&request, deadline, &principal).await.map_err(CallError::Answer)?;
+        let answer = self.inner.answers.unary(&request, deadline, &principal).await?;
         metrics().overhead.record(
             started.elapsed().saturating_sub(answer.upstream_time).as_secs_f64(),
             &[label("endpoint", endpoint)],
@@ -117,9 +100,8 @@ impl GatewayService {
         request: generation::GenerateRequest,
         deadline: Deadline,
     ) -> Result<Stream, CallError> {
-        let Admitted { principal, request, tokens } =
-            self.inner.admission.admit(extensions, request).await.map_err(CallError::Admission)?;
-        let streamed = self.inner.answers.stream(&request, deadline, &principal).await.map_err(CallError::Answer)?;
+        let Admitted { principal, request, tokens } = self.inner.admission.admit(extensions, request).await?;
+        let streamed = self.inner.answers.stream(&request, deadline, &principal).await?;
         let (chunks, quota) = match streamed {
             Streamed::Whole(answer) => relay::replay(answer, tokens),
             // Headers go out before the tokens are known: they carry what is left after the reservation.
@@ -132,12 +114,13 @@ impl GatewayService {
     }
 
     /// The models generation serves, for `caller`.
-    pub async fn models(&self, caller: Principal, deadline: Deadline) -> Result<Vec<generation::Model>, Status> {
+    pub async fn models(&self, caller: Principal, deadline: Deadline) -> Result<Vec<generation::Model>, CallError> {
         let reply = pipeline::ask(&self.inner.generation, Call::new(Ask::ListModels, deadline, caller.clone())).await;
-        match reply.map_err(pipeline::UpstreamError::into_status)? {
+        match reply? {
             // Only the models the key may use, whichever API asks.
             Reply::Models(models) => Ok(models.models.into_iter().filter(|model| caller.allows(&model.name)).collect()),
-            _ => Err(Status::internal("generation's reply did not match the call")),
+            _ => Err(pipeline::UpstreamError::Transport(Status::internal("generation's reply did not match the call"))
+                .into()),
         }
     }
 

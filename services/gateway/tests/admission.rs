@@ -328,7 +328,7 @@ mod admission {
             let key = principal("early");
             assert!(limiter.check_request(&key).await.is_ok());
             assert!(limiter.check_request(&key).await.is_ok());
-            let status = limiter.check_request(&key).await.unwrap_err();
+            let status = limiter.check_request(&key).await.unwrap_err().into_status();
             assert_eq!(status.code(), Code::ResourceExhausted);
             assert_eq!(limiter.local_fallbacks(), 3);
             // A refused connection is an outage at once; a connection attempt that outlasts the

@@ -7,10 +7,13 @@
 //!    across replicas through Redis; RESOURCE_EXHAUSTED with `retry-after-ms` otherwise).
 //! 3. [`ShedLayer`]: a bound on calls in flight, streams included until their body ends
 //!    (RESOURCE_EXHAUSTED at once otherwise, never queued).
+//! 4. [`CallDeadlineLayer`]: inside shedding, so that a call it ends gives its slots back; ends a
+//!    call whose answer has not begun within the gateway's limit (DEADLINE_EXCEEDED).
 //!
 //! Spend budgets per key and team ([`budget`]) are reserved with the tokens, by [`TokenAdmission`].
 //!
-//! Each rejection is a gRPC status response (never an error tonic would turn into UNKNOWN).
+//! Each rejection is a [`CallError`](crate::error::CallError), answered as a gRPC status response
+//! (never an error tonic would turn into UNKNOWN) that carries the typed error in its extensions.
 //! Health checks and reflection pass every layer untouched. Token quotas need the decoded
 //! request, so the typed handler admits it through [`TokenAdmission`] ([`tokens`]), whose
 //! [`Tokens`] are settled once the usage is known, in the background so that the answer does not
@@ -18,6 +21,7 @@
 
 pub mod auth;
 pub mod budget;
+mod call_deadline;
 pub mod rate_limit;
 mod redis_health;
 pub mod shed;
@@ -25,6 +29,7 @@ pub mod tokens;
 
 pub use auth::{ApiKey, AuthConfig, AuthLayer, Budget, BudgetLimit, CacheScope, KeyStore, Team, generate_key};
 pub use budget::{BudgetConfig, Budgets};
+pub use call_deadline::CallDeadlineLayer;
 pub use rate_limit::{Held, Quota, RateLimitConfig, RateLimitLayer, RateLimiter};
 pub use shed::{ShedConfig, ShedLayer};
 pub use tokens::{Admitted, Bill, Price, TokenAdmission, Tokens};

@@ -25,7 +25,6 @@ use llmesh_proto::{
 };
 use opentelemetry::KeyValue;
 use serde::{Deserialize, Serialize};
-use tonic::Status;
 
 use llmesh_ratelimit::budget::{self, Nanos, Rate};
 
@@ -35,6 +34,7 @@ use super::{
 };
 use crate::{
     catalog::Catalog,
+    error::CallError,
     metrics::{Labels, label, metrics},
     principal::Principal,
 };
@@ -112,12 +112,16 @@ impl TokenAdmission {
 
     /// Validates `request` and admits it for the caller the auth layer put in `extensions`
     /// (anonymous when auth is off).
-    pub async fn admit(&self, extensions: &http::Extensions, mut request: GenerateRequest) -> Result<Admitted, Status> {
+    pub async fn admit(
+        &self,
+        extensions: &http::Extensions,
+        mut request: GenerateRequest,
+    ) -> Result<Admitted, CallError> {
         validate::generate_request(&request, &self.limits)?;
         validate::no_reserved_metadata(&request)?;
         let principal = extensions.get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
         if !principal.allows(&request.model) {
-            return Err(Status::permission_denied(format!(
+            return Err(CallError::Forbidden(format!(
                 "model: API key {} may not use {:?}",
                 principal.id, request.model
             )));
@@ -139,7 +143,7 @@ impl TokenAdmission {
         model: &str,
         prompt_tokens: u32,
         max_tokens: u32,
-    ) -> Result<Option<Spend>, Status> {
+    ) -> Result<Option<Spend>, CallError> {
         if !principal.has_budget() {
             return Ok(None);
         }
@@ -157,16 +161,18 @@ impl TokenAdmission {
 /// Applies the key's cache scope to its request: a private key's entries are its own (a scope in
 /// the cache key, see [`cache_key::SCOPE_METADATA_KEY`]); an `off` key's calls never touch the
 /// cache (and so `ONLY_IF_CACHED` finds nothing).
-fn scope_cache(request: &mut GenerateRequest, principal: &Principal) -> Result<(), Status> {
+fn scope_cache(request: &mut GenerateRequest, principal: &Principal) -> Result<(), CallError> {
     match principal.cache {
         CacheScope::Shared => {}
         CacheScope::Private => {
             request.metadata.insert(cache_key::SCOPE_METADATA_KEY.to_string(), principal.id.to_string());
         }
         CacheScope::Off if request.cache == i32::from(CachePolicy::OnlyIfCached) => {
-            return Err(Status::not_found(
-                "cache: no cached answer for this request (policy ONLY_IF_CACHED; this key's answers are never cached)",
-            ));
+            return Err(CallError::NotFound {
+                param: None,
+                message: "cache: no cached answer for this request (policy ONLY_IF_CACHED; this key's answers are never cached)"
+                    .into(),
+            });
         }
         CacheScope::Off => request.cache = CachePolicy::Bypass.into(),
     }
@@ -261,9 +267,9 @@ struct Accounting {
 
 impl Accounting {
     /// `model`'s price, which a budgeted call must have: an unpriced model would be served free.
-    fn rate_for_budget(&self, model: &str, what: &str) -> Result<Rate, Status> {
+    fn rate_for_budget(&self, model: &str, what: &str) -> Result<Rate, CallError> {
         self.prices.get(model).map(Price::rate).ok_or_else(|| {
-            Status::failed_precondition(format!(
+            CallError::Precondition(format!(
                 "budget: model {model:?}{what} has no price ([gateway.prices.{model}]); \
                  keys with a spend budget may use priced models only"
             ))

@@ -20,29 +20,30 @@ use serde_json::{Value, json};
 use tonic::body::Body;
 
 use super::{
-    Facts, Fields, Ingress, Kind, Problem, finish_reason, json_response,
+    Class, Facts, Fields, Ingress, Problem, finish_reason, json_response,
     sse::{self, Events},
 };
 use crate::service::Unary;
 
-/// The one mapping of a failure to Anthropic's error body (its status is [`Kind::status`]).
+/// The one mapping of a failure to Anthropic's error body (its status is [`Class::http_status`]).
 pub fn error(problem: &Problem) -> http::Response<Body> {
-    problem
-        .respond(&json!({ "type": "error", "error": { "type": error_type(problem.kind), "message": problem.message } }))
+    problem.respond(
+        &json!({ "type": "error", "error": { "type": error_type(problem.class), "message": problem.message } }),
+    )
 }
 
 /// Anthropic's error `type` for a failure.
-fn error_type(kind: Kind) -> &'static str {
-    match kind {
-        Kind::InvalidRequest | Kind::MethodNotAllowed => "invalid_request_error",
-        Kind::Unauthenticated => "authentication_error",
-        Kind::PermissionDenied => "permission_error",
-        Kind::NotFound => "not_found_error",
-        Kind::TooLarge => "request_too_large",
-        Kind::RateLimited | Kind::OverBudget => "rate_limit_error",
-        Kind::Overloaded => "overloaded_error",
-        Kind::Timeout { .. } => "timeout_error",
-        Kind::Unavailable | Kind::Cancelled | Kind::Internal => "api_error",
+fn error_type(class: Class) -> &'static str {
+    match class {
+        Class::InvalidRequest | Class::MethodNotAllowed => "invalid_request_error",
+        Class::Unauthenticated => "authentication_error",
+        Class::PermissionDenied => "permission_error",
+        Class::NotFound => "not_found_error",
+        Class::TooLarge => "request_too_large",
+        Class::RateLimited | Class::OverBudget => "rate_limit_error",
+        Class::Overloaded => "overloaded_error",
+        Class::Timeout { .. } => "timeout_error",
+        Class::Unavailable | Class::Cancelled | Class::Internal => "api_error",
     }
 }
 
@@ -236,7 +237,7 @@ impl Events for MessageEvents {
 
     fn fail(&mut self, problem: &Problem, out: &mut Vec<u8>) {
         let error =
-            json!({ "type": "error", "error": { "type": error_type(problem.kind), "message": problem.message } });
+            json!({ "type": "error", "error": { "type": error_type(problem.class), "message": problem.message } });
         sse::event("error", &error, out);
     }
 }

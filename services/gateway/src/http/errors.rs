@@ -1,11 +1,11 @@
 //! Failures of the HTTP routes, in one vocabulary every API maps to its own status and shape.
 //!
-//! A failure reaches an HTTP route as a `tonic::Status`: from an admission layer (auth, rate
-//! limit, load shed: a trailers-only gRPC response, translated at the routes' boundary by
-//! [`RejectionLayer`]), from the call's admission or answer, or from the route itself (a body that
-//! is not what the API expects). [`Problem::from_status`] is the one place a gRPC code becomes a
-//! [`Kind`]; each API then answers a kind with its own HTTP status and error body, in one function
-//! per API (`openai::error`, `anthropic::error`, `seed::error`). The gRPC code travels along in the
+//! A failure reaches an HTTP route as a [`CallError`]: from an admission layer (auth, rate limit,
+//! load shed: a trailers-only gRPC response with the error in its extensions, translated at the
+//! routes' boundary by [`RejectionLayer`]), from the call's admission or answer, or from the route
+//! itself (a body that is not what the API expects: [`Problem::invalid`]). Its [`Class`] decides
+//! the HTTP status; each API answers a class with its own error body, in one function per API
+//! (`openai::error`, `anthropic::error`, `seed::error`). The gRPC code travels along in the
 //! response's extensions, so the tracing layer counts an HTTP failure under the same `status` as
 //! the equal gRPC one.
 
@@ -17,79 +17,22 @@ use std::{
     time::Duration,
 };
 
-use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Request, Response, header};
 use tonic::{Code, Status, body::Body};
 use tower::{Layer, Service};
 
 use super::Api;
-use llmesh_ratelimit::budget::usd_to_nanos;
-
-use crate::admission::{
-    Quota,
-    budget::{OverBudget, REMAINING_USD},
-    rate_limit::{REMAINING_REQUESTS, REMAINING_TOKENS, RETRY_AFTER_MS},
-    shed::Overloaded,
+use crate::{
+    error::{CallError, Class},
+    headers::{Quota, RETRY_AFTER_MS},
 };
 
-/// What went wrong, as the HTTP APIs tell it apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// The request is malformed or asks for something the mesh does not do (400).
-    InvalidRequest,
-    /// No key, or an unknown one (401).
-    Unauthenticated,
-    /// The key may not do this, e.g. use that model (403).
-    PermissionDenied,
-    /// An unknown model, route or object (404).
-    NotFound,
-    /// The route does not take this method (405).
-    MethodNotAllowed,
-    /// The body is over `http.max_body_bytes` (413).
-    TooLarge,
-    /// The key is over one of its limits: requests or tokens per minute, calls in flight (429).
-    RateLimited,
-    /// The key's or its team's spend budget for the period is spent (429; OpenAI's
-    /// `insufficient_quota`): waiting a minute will not help.
-    OverBudget,
-    /// The gateway, or generation behind it, has no room now (503).
-    Overloaded,
-    /// The call ran out of time: the client's own timeout (408) or the gateway's (504).
-    Timeout { client: bool },
-    /// Generation could not answer (503).
-    Unavailable,
-    /// The client went away (499: nobody reads it).
-    Cancelled,
-    /// A fault of the gateway's own (500): never a client's mistake.
-    Internal,
-}
-
-impl Kind {
-    /// The HTTP status every API answers this kind with: each API's own convention where it has
-    /// one, and the same status on every route.
-    pub fn status(self) -> StatusCode {
-        match self {
-            Self::InvalidRequest => StatusCode::BAD_REQUEST,
-            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Self::PermissionDenied => StatusCode::FORBIDDEN,
-            Self::NotFound => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RateLimited | Self::OverBudget => StatusCode::TOO_MANY_REQUESTS,
-            Self::Overloaded | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Timeout { client: true } => StatusCode::REQUEST_TIMEOUT,
-            Self::Timeout { client: false } => StatusCode::GATEWAY_TIMEOUT,
-            // Nobody reads it: nginx's "client closed request".
-            Self::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
-            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-}
-
-/// One failure of an HTTP route: its kind, the gRPC code it stands for, the words for the client,
-/// the request field at fault (when the words name one), and what to tell a client that may retry.
+/// One failure of an HTTP route: its class, the gRPC code it stands for, the words for the client,
+/// the request field at fault, and what to tell a client that may retry — each read off the
+/// typed [`CallError`], never parsed from words.
 #[derive(Debug, Clone)]
 pub struct Problem {
-    pub kind: Kind,
+    pub class: Class,
     pub code: Code,
     pub message: String,
     pub param: Option<String>,
@@ -98,68 +41,51 @@ pub struct Problem {
     pub quota: Quota,
 }
 
+impl From<&CallError> for Problem {
+    fn from(error: &CallError) -> Self {
+        Self {
+            class: error.class(),
+            code: error.grpc_code(),
+            message: error.message(),
+            param: error.param().map(str::to_string),
+            retry_after: error.retry_after(),
+            quota: error.quota(),
+        }
+    }
+}
+
 impl Problem {
-    /// The one mapping of gRPC codes to kinds. An `INVALID_ARGUMENT` message starts with the
-    /// field at fault (the gateway's validation convention): that field is the `param`. A
-    /// RESOURCE_EXHAUSTED caused by [`OverBudget`] (a refusal for budget) is `OverBudget`.
+    /// A status that reached a route without a [`CallError`] (a stream's failure after its
+    /// headers, or a refusal of tonic's own): classed by its code alone.
     pub fn from_status(status: &Status) -> Self {
-        let kind = match status.code() {
-            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition | Code::AlreadyExists => {
-                Kind::InvalidRequest
-            }
-            Code::Aborted => Kind::InvalidRequest,
-            Code::Unauthenticated => Kind::Unauthenticated,
-            Code::PermissionDenied => Kind::PermissionDenied,
-            Code::NotFound | Code::Unimplemented => Kind::NotFound,
-            Code::ResourceExhausted if OverBudget::caused(status) => Kind::OverBudget,
-            Code::ResourceExhausted => Kind::RateLimited,
-            Code::DeadlineExceeded => Kind::Timeout { client: false },
-            Code::Unavailable => Kind::Unavailable,
-            Code::Cancelled => Kind::Cancelled,
-            Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => Kind::Internal,
-        };
-        let param = (kind == Kind::InvalidRequest).then(|| field_of(status.message())).flatten();
-        let metadata = status.metadata();
-        let retry_after = metadata
-            .get(RETRY_AFTER_MS)
-            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-            .map(Duration::from_millis);
-        let remaining = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
-        let remaining_budget =
-            metadata.get(REMAINING_USD).and_then(|v| usd_to_nanos(v.to_str().ok()?.trim().parse::<f64>().ok()?));
-        let quota = Quota {
-            remaining_requests: remaining(REMAINING_REQUESTS),
-            remaining_tokens: remaining(REMAINING_TOKENS),
-            remaining_budget,
-        };
-        Self { kind, code: status.code(), message: status.message().to_string(), param, retry_after, quota }
+        Self::new(Class::of_code(status.code()), status.code(), status.message())
     }
 
     /// A request the route cannot take, naming the field at fault.
     pub fn invalid(param: impl Into<String>, message: impl std::fmt::Display) -> Self {
         let param = param.into();
         let message = format!("{param}: {message}");
-        Self { param: Some(param), ..Self::new(Kind::InvalidRequest, Code::InvalidArgument, message) }
+        Self { param: Some(param), ..Self::new(Class::InvalidRequest, Code::InvalidArgument, message) }
     }
 
-    pub fn new(kind: Kind, code: Code, message: impl Into<String>) -> Self {
-        Self { kind, code, message: message.into(), param: None, retry_after: None, quota: Quota::default() }
+    pub fn new(class: Class, code: Code, message: impl Into<String>) -> Self {
+        Self { class, code, message: message.into(), param: None, retry_after: None, quota: Quota::default() }
     }
 
     /// A body over the limit.
     pub fn too_large(limit: usize) -> Self {
         Self::new(
-            Kind::TooLarge,
+            Class::TooLarge,
             Code::ResourceExhausted,
             format!("request body: larger than the limit of {limit} bytes"),
         )
     }
 
-    /// The response with the kind's status and `body`, with the headers every API sends with an error: the retry hint
+    /// The response with the class's status and `body`, with the headers every API sends with an error: the retry hint
     /// (`Retry-After` in seconds, `retry-after-ms` as the OpenAI SDKs read it), what the key has
     /// left, and the gRPC code for the tracing layer.
     pub fn respond(&self, body: &serde_json::Value) -> Response<Body> {
-        let mut response = super::json_response(self.kind.status(), body);
+        let mut response = super::json_response(self.class.http_status(), body);
         let headers = response.headers_mut();
         self.quota.write_headers(headers);
         if let Some(wait) = self.retry_after {
@@ -171,20 +97,10 @@ impl Problem {
     }
 }
 
-/// The field an INVALID_ARGUMENT message starts with (`"max_tokens: 5000 exceeds ..."`), if any.
-fn field_of(message: &str) -> Option<String> {
-    let (field, _) = message.split_once(':')?;
-    let plausible = !field.is_empty()
-        && field.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'))
-        && !field.starts_with(|c: char| c.is_ascii_digit());
-    plausible.then(|| field.to_string())
-}
-
-/// Turns the admission layers' refusals (gRPC trailers-only responses) of plain HTTP requests
-/// into the API's own error response, at the boundary of the HTTP routes: outside auth, the rate
-/// limit and load shedding, which stay protocol-blind. gRPC calls pass untouched. A refusal because
-/// the whole gateway was full (the shed layer's [`Overloaded`] mark) is `Overloaded`; any other
-/// RESOURCE_EXHAUSTED there is the key's own limit.
+/// Turns the admission layers' refusals (gRPC trailers-only responses carrying their
+/// [`CallError`]) of plain HTTP requests into the API's own error response, at the boundary of the
+/// HTTP routes: outside auth, the rate limit and load shedding, which stay protocol-blind. gRPC
+/// calls pass untouched.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RejectionLayer;
 
@@ -235,56 +151,58 @@ fn translate(api: Api, response: Response<Body>) -> Response<Body> {
     if status.code() == Code::Ok {
         return response;
     }
-    let mut problem = Problem::from_status(&status);
-    if response.extensions().get::<Overloaded>().is_some() {
-        problem.kind = Kind::Overloaded;
-    }
+    let problem = match response.extensions().get::<CallError>() {
+        Some(error) => Problem::from(error),
+        None => Problem::from_status(&status),
+    };
     api.error(problem)
 }
 
 #[cfg(test)]
 mod tests {
+    use http::StatusCode;
+
     use super::*;
+    use crate::{
+        error::Retry,
+        headers::{REMAINING_REQUESTS, REMAINING_USD},
+    };
 
     #[test]
-    fn every_code_has_a_kind_and_client_mistakes_are_never_internal() {
+    fn every_code_has_a_class_and_client_mistakes_are_never_internal() {
         let client = [
-            (Code::InvalidArgument, Kind::InvalidRequest),
-            (Code::OutOfRange, Kind::InvalidRequest),
-            (Code::FailedPrecondition, Kind::InvalidRequest),
-            (Code::Unauthenticated, Kind::Unauthenticated),
-            (Code::PermissionDenied, Kind::PermissionDenied),
-            (Code::NotFound, Kind::NotFound),
-            (Code::ResourceExhausted, Kind::RateLimited),
+            (Code::InvalidArgument, Class::InvalidRequest),
+            (Code::OutOfRange, Class::InvalidRequest),
+            (Code::FailedPrecondition, Class::InvalidRequest),
+            (Code::Unauthenticated, Class::Unauthenticated),
+            (Code::PermissionDenied, Class::PermissionDenied),
+            (Code::NotFound, Class::NotFound),
+            (Code::ResourceExhausted, Class::RateLimited),
         ];
-        for (code, kind) in client {
-            assert_eq!(Problem::from_status(&Status::new(code, "x")).kind, kind, "{code:?}");
+        for (code, class) in client {
+            assert_eq!(Problem::from_status(&Status::new(code, "x")).class, class, "{code:?}");
         }
-        assert_eq!(Problem::from_status(&Status::deadline_exceeded("x")).kind, Kind::Timeout { client: false });
-        assert_eq!(Problem::from_status(&Status::unavailable("x")).kind, Kind::Unavailable);
-        assert_eq!(Problem::from_status(&Status::internal("x")).kind, Kind::Internal);
+        assert_eq!(Problem::from_status(&Status::deadline_exceeded("x")).class, Class::Timeout { client: false });
+        assert_eq!(Problem::from_status(&Status::unavailable("x")).class, Class::Unavailable);
+        assert_eq!(Problem::from_status(&Status::internal("x")).class, Class::Internal);
     }
 
     #[test]
     fn the_field_at_fault_is_the_param() {
-        let problem = Problem::from_status(&Status::invalid_argument("max_tokens: 5000 exceeds the limit of 4096"));
+        let problem = Problem::from(&CallError::invalid("max_tokens", "5000 exceeds the limit of 4096"));
         assert_eq!(problem.param.as_deref(), Some("max_tokens"));
-        let problem = Problem::from_status(&Status::invalid_argument("messages[2].role: \"robot\" is not one of"));
-        assert_eq!(problem.param.as_deref(), Some("messages[2].role"));
-        assert_eq!(Problem::from_status(&Status::invalid_argument("no field here")).param, None);
-        assert_eq!(Problem::from_status(&Status::invalid_argument("a sentence: then")).param, None);
-        assert_eq!(Problem::from_status(&Status::permission_denied("model: no")).param, None);
+        assert_eq!(problem.message, "max_tokens: 5000 exceeds the limit of 4096");
+        // A status without a typed error has no param: nothing is parsed out of its words.
+        assert_eq!(Problem::from_status(&Status::invalid_argument("max_tokens: 5000")).param, None);
+        assert_eq!(Problem::from(&CallError::Forbidden("model: no".into())).param, None);
     }
 
     #[test]
-    fn a_refusal_for_budget_is_its_own_kind() {
-        let mut status = Status::resource_exhausted("budget: team search has spent $5.000000 of its $5.000000 budget");
-        status.metadata_mut().insert(REMAINING_USD, "0.250000".parse().unwrap());
-        // The rate limiter's refusal has the same code and no such cause.
-        assert_eq!(Problem::from_status(&status).kind, Kind::RateLimited);
-        status.set_source(std::sync::Arc::new(OverBudget));
-        let problem = Problem::from_status(&status);
-        assert_eq!(problem.kind, Kind::OverBudget);
+    fn a_refusal_for_budget_is_its_own_class() {
+        let quota = Quota { remaining_budget: Some(250_000_000), ..Quota::default() };
+        let spent = CallError::OverBudget { message: "budget: team search has spent $5".into(), quota };
+        let problem = Problem::from(&spent);
+        assert_eq!(problem.class, Class::OverBudget);
         assert_eq!(problem.quota.remaining_budget, Some(250_000_000));
         let response = problem.respond(&serde_json::json!({}));
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -293,10 +211,12 @@ mod tests {
 
     #[test]
     fn the_retry_hint_and_quota_come_along() {
-        let mut status = Status::resource_exhausted("rate limit: 2 requests per minute for key alice");
-        status.metadata_mut().insert(RETRY_AFTER_MS, "1500".parse().unwrap());
-        status.metadata_mut().insert(REMAINING_REQUESTS, "0".parse().unwrap());
-        let problem = Problem::from_status(&status);
+        let limited = CallError::RateLimited {
+            message: "rate limit: 2 requests per minute for key alice".into(),
+            retry: Retry::After(Duration::from_millis(1500)),
+            quota: Quota { remaining_requests: Some(0), ..Quota::default() },
+        };
+        let problem = Problem::from(&limited);
         assert_eq!(problem.retry_after, Some(Duration::from_millis(1500)));
         let response = problem.respond(&serde_json::json!({}));
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -304,5 +224,22 @@ mod tests {
         assert_eq!(response.headers()[RETRY_AFTER_MS], "1500");
         assert_eq!(response.headers()[REMAINING_REQUESTS], "0");
         assert_eq!(response.extensions().get::<Code>(), Some(&Code::ResourceExhausted));
+    }
+
+    #[test]
+    fn an_admission_refusal_is_translated_from_its_typed_error() {
+        let full = CallError::Overloaded {
+            message: "overloaded".into(),
+            whole: true,
+            retry_after: Duration::from_millis(250),
+        };
+        let response = translate(Api::OpenAi, full.into_http());
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "the whole gateway is full");
+        let own = CallError::Overloaded {
+            message: "overloaded".into(),
+            whole: false,
+            retry_after: Duration::from_millis(250),
+        };
+        assert_eq!(translate(Api::OpenAi, own.into_http()).status(), StatusCode::TOO_MANY_REQUESTS, "the key's bound");
     }
 }

@@ -56,15 +56,15 @@ use serde::{Deserialize, Serialize};
 use tonic::{Code, body::Body};
 use tower::Service;
 
-pub use self::errors::{Kind, Problem, RejectionLayer};
+pub use self::errors::{Problem, RejectionLayer};
 use self::fields::Fields;
 use crate::{
     admission::Quota,
-    answer::AnswerError,
     catalog::Catalog,
     deadline::Deadline,
+    error::{CallError, Class},
     relay::ChunkStream,
-    service::{CallError, GatewayService},
+    service::GatewayService,
 };
 
 /// `[gateway.http]`.
@@ -212,7 +212,7 @@ impl Ingress {
         let api = Api::of_path(route.path());
         if request.method() != route.method() {
             let message = format!("{} takes {} requests, not {}", route.path(), route.method(), request.method());
-            let mut response = api.error(Problem::new(Kind::MethodNotAllowed, Code::InvalidArgument, message));
+            let mut response = api.error(Problem::new(Class::MethodNotAllowed, Code::InvalidArgument, message));
             let allow = if route.method() == Method::GET { "GET" } else { "POST" };
             response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
             return response;
@@ -238,14 +238,16 @@ impl Ingress {
         let read = tokio::time::timeout(deadline.remaining(), http_body_util::Limited::new(body, limit).collect());
         let Ok(read) = read.await else {
             let code = Code::DeadlineExceeded;
-            let kind = Kind::Timeout { client: deadline.client_bound() };
+            let kind = Class::Timeout { client: deadline.client_bound() };
             return Err(Problem::new(kind, code, "request body: not received within the call's deadline"));
         };
         let bytes = match read {
             Ok(collected) => collected.to_bytes(),
             Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(Problem::too_large(limit)),
             // The client stopped sending mid-body.
-            Err(error) => return Err(Problem::new(Kind::Cancelled, Code::Cancelled, format!("request body: {error}"))),
+            Err(error) => {
+                return Err(Problem::new(Class::Cancelled, Code::Cancelled, format!("request body: {error}")));
+            }
         };
         let value: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|error| Problem::invalid("body", format_args!("not valid JSON ({error})")))?;
@@ -284,24 +286,18 @@ impl Ingress {
         self.shared.default_model.as_deref()
     }
 
-    /// A failed call in the HTTP APIs' terms: as its status says, except that a model generation
-    /// does not know is 404, generation (or its upstream) being out of capacity is `Overloaded`
-    /// rather than the key's own limit, and a timeout says whose deadline it was.
+    /// A failed call in the HTTP APIs' terms: as its class says, except that generation refusing a
+    /// model nobody lists is 404 for `model`, and a timeout says whose deadline it was.
     fn call_problem(&self, error: CallError, model: &str, deadline: Deadline) -> Problem {
-        match error {
-            CallError::Admission(status) => Problem::from_status(&status),
-            CallError::Answer(AnswerError::NotCached) => Problem::from_status(&AnswerError::NotCached.into_status()),
-            CallError::Answer(AnswerError::Upstream(error)) => {
-                let mut problem = upstream_problem(&error.into_status(), deadline);
-                if problem.kind == Kind::InvalidRequest
-                    && problem.param.as_deref() == Some("model")
-                    && !self.shared.catalog.knows(model)
-                {
-                    problem.kind = Kind::NotFound;
-                }
-                problem
+        let mut problem = Problem::from(&error);
+        if let CallError::Upstream(_) = error {
+            problem.class = for_deadline(problem.class, deadline);
+            if problem.class == Class::InvalidRequest && !self.shared.catalog.knows(model) {
+                problem.class = Class::NotFound;
+                problem.param = Some("model".into());
             }
         }
+        problem
     }
 
     /// A stream's first chunk (its facts make the response headers), and the stream from there on.
@@ -315,20 +311,28 @@ impl Ingress {
         match chunks.next().await {
             Some(Ok(first)) => Ok((first.clone(), futures::stream::once(async { Ok(first) }).chain(chunks).boxed())),
             Some(Err(status)) => Err(upstream_problem(&status, deadline)),
-            None => Err(Problem::new(Kind::Unavailable, Code::Unavailable, "generation sent an empty stream")),
+            None => Err(Problem::new(Class::Unavailable, Code::Unavailable, "generation sent an empty stream")),
         }
     }
 }
 
-/// A failure of generation's, or of the stream from it, in the HTTP APIs' terms.
+/// A stream's failure from generation (the relay's words, no typed error left), in the HTTP APIs'
+/// terms: generation out of capacity is `Overloaded`, not the key's own limit.
 fn upstream_problem(status: &tonic::Status, deadline: Deadline) -> Problem {
     let mut problem = Problem::from_status(status);
-    match problem.kind {
-        Kind::RateLimited => problem.kind = Kind::Overloaded,
-        Kind::Timeout { .. } => problem.kind = Kind::Timeout { client: deadline.client_bound() },
-        _ => {}
-    }
+    problem.class = match problem.class {
+        Class::RateLimited => Class::Overloaded,
+        class => for_deadline(class, deadline),
+    };
     problem
+}
+
+/// A timeout's class, saying whose deadline it was.
+fn for_deadline(class: Class, deadline: Deadline) -> Class {
+    match class {
+        Class::Timeout { .. } => Class::Timeout { client: deadline.client_bound() },
+        class => class,
+    }
 }
 
 /// The policies `x-llmesh-cache` (and the seed's `cache` field) may name.
@@ -426,7 +430,7 @@ impl Service<Request<Body>> for Routed {
         if !is_grpc(&request) {
             // Not a route and not gRPC: an HTTP client that lost its way gets a 404 it can read.
             let message = format!("no route {} {}", request.method(), request.uri().path());
-            let response = Api::OpenAi.error(Problem::new(Kind::NotFound, Code::Unimplemented, message));
+            let response = Api::OpenAi.error(Problem::new(Class::NotFound, Code::Unimplemented, message));
             return Either::Right(Box::pin(async move { Ok(response) }));
         }
         Either::Left(self.inner.call(request))

@@ -19,12 +19,12 @@ use serde_json::{Value, json};
 use tonic::body::Body;
 
 use super::{
-    Facts, Ingress, Kind, Problem, finish_reason, json_response, now_unix,
+    Class, Facts, Ingress, Problem, finish_reason, json_response, now_unix,
     sse::{self, Events},
 };
 use crate::{principal::Principal, service::Unary};
 
-/// The one mapping of a failure to OpenAI's error body (its status is [`Kind::status`]).
+/// The one mapping of a failure to OpenAI's error body (its status is [`Class::http_status`]).
 pub fn error(problem: &Problem) -> http::Response<Body> {
     let (kind, code) = error_type(problem);
     problem.respond(&json!({ "error": body(problem, kind, code) }))
@@ -32,22 +32,22 @@ pub fn error(problem: &Problem) -> http::Response<Body> {
 
 /// OpenAI's error `type` and `code` for a failure.
 fn error_type(problem: &Problem) -> (&'static str, Option<&'static str>) {
-    match problem.kind {
-        Kind::InvalidRequest | Kind::MethodNotAllowed => ("invalid_request_error", None),
-        Kind::Unauthenticated => ("authentication_error", Some("invalid_api_key")),
-        Kind::PermissionDenied => ("permission_error", None),
-        Kind::NotFound if problem.param.as_deref() == Some("model") => {
+    match problem.class {
+        Class::InvalidRequest | Class::MethodNotAllowed => ("invalid_request_error", None),
+        Class::Unauthenticated => ("authentication_error", Some("invalid_api_key")),
+        Class::PermissionDenied => ("permission_error", None),
+        Class::NotFound if problem.param.as_deref() == Some("model") => {
             ("invalid_request_error", Some("model_not_found"))
         }
-        Kind::NotFound => ("invalid_request_error", None),
-        Kind::TooLarge => ("invalid_request_error", Some("request_too_large")),
-        Kind::RateLimited => ("rate_limit_error", Some("rate_limit_exceeded")),
+        Class::NotFound => ("invalid_request_error", None),
+        Class::TooLarge => ("invalid_request_error", Some("request_too_large")),
+        Class::RateLimited => ("rate_limit_error", Some("rate_limit_exceeded")),
         // OpenAI's own answer when an account's quota or budget is spent.
-        Kind::OverBudget => ("insufficient_quota", Some("insufficient_quota")),
-        Kind::Overloaded => ("server_error", Some("overloaded")),
-        Kind::Timeout { .. } => ("timeout_error", Some("timeout")),
-        Kind::Unavailable | Kind::Internal => ("server_error", None),
-        Kind::Cancelled => ("cancelled", None),
+        Class::OverBudget => ("insufficient_quota", Some("insufficient_quota")),
+        Class::Overloaded => ("server_error", Some("overloaded")),
+        Class::Timeout { .. } => ("timeout_error", Some("timeout")),
+        Class::Unavailable | Class::Internal => ("server_error", None),
+        Class::Cancelled => ("cancelled", None),
     }
 }
 
@@ -295,11 +295,8 @@ impl Events for ChunkEvents {
 pub async fn models(ingress: &Ingress, parts: Parts) -> Result<http::Response<Body>, Problem> {
     let deadline = ingress.deadline(&parts.headers)?;
     let caller = parts.extensions.get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
-    let models = ingress
-        .gateway()
-        .models(caller, deadline)
-        .await
-        .map_err(|status| super::upstream_problem(&status, deadline))?;
+    let models =
+        ingress.gateway().models(caller, deadline).await.map_err(|error| ingress.call_problem(error, "", deadline))?;
     let data: Vec<Value> = models
         .iter()
         .map(|model| json!({ "id": model.name, "object": "model", "created": 0, "owned_by": model.provider }))
@@ -359,7 +356,7 @@ mod tests {
             let mut body = base();
             body[name] = value;
             let problem = parsed(body).err().unwrap();
-            assert_eq!(problem.kind, Kind::InvalidRequest, "{name}");
+            assert_eq!(problem.class, Class::InvalidRequest, "{name}");
             assert_eq!(problem.param.as_deref(), Some(param), "{name}: {}", problem.message);
         }
         let image = json!({"model": "sim", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]});
@@ -374,7 +371,7 @@ mod tests {
         let response = error(&problem);
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         let mut problem = Problem::invalid("model", "unknown model");
-        problem.kind = Kind::NotFound;
+        problem.class = Class::NotFound;
         assert_eq!(error(&problem).status(), StatusCode::NOT_FOUND);
         let limited = Problem::from_status(&tonic::Status::resource_exhausted("rate limit"));
         assert_eq!(error(&limited).status(), StatusCode::TOO_MANY_REQUESTS);

@@ -21,7 +21,7 @@ use tonic::body::Body;
 use super::{CACHE_POLICIES, Facts, Fields, Ingress, Problem, cache_policy_named, finish_reason, json_response};
 use crate::service::Unary;
 
-/// The one mapping of a failure to the seed's error body (its status is [`super::Kind::status`]).
+/// The one mapping of a failure to the seed's error body (its status is [`super::Class::http_status`]).
 pub fn error(problem: &Problem) -> http::Response<Body> {
     let code = llmesh_telemetry::code_name(problem.code);
     problem.respond(&json!({ "error": { "code": code, "message": problem.message } }))

@@ -241,29 +241,50 @@ impl UpstreamError {
         }
     }
 
-    /// The status a client gets. A client's mistake keeps generation's words (they are about the
-    /// request); anything else is a fixed description plus the trace id, and the detail (which may
-    /// hold internal addresses or an upstream's words) goes to the log. A retry hint survives.
+    /// The status a client gets: [`Self::client_code`], [`Self::client_message`], and a retry
+    /// hint when generation gave one. Logs the detail of a failure that is not the client's.
     pub fn into_status(self) -> Status {
+        self.log();
+        let mut status = Status::new(self.client_code(), self.client_message());
+        if let Self::Status { status: from, .. } = &self
+            && !self.is_client_mistake()
+            && let Some(pushback) = from.metadata().get("grpc-retry-pushback-ms")
+        {
+            status.metadata_mut().insert("grpc-retry-pushback-ms", pushback.clone());
+            status.metadata_mut().insert("retry-after-ms", pushback.clone());
+        }
+        status
+    }
+
+    /// The code a client gets: generation's own for the client's mistake, else what the failure
+    /// stands for.
+    pub fn client_code(&self) -> Code {
         match self {
-            Self::Status { status, .. } if self.is_client_mistake() => status,
+            Self::Status { status, .. } if self.is_client_mistake() => status.code(),
+            error => error.public().0,
+        }
+    }
+
+    /// The words a client gets. A client's mistake keeps generation's words (they are about the
+    /// request); anything else is a fixed description plus the trace id, and the detail (which may
+    /// hold internal addresses or an upstream's words) goes to the log ([`Self::log`]).
+    pub fn client_message(&self) -> String {
+        match self {
+            Self::Status { status, .. } if self.is_client_mistake() => status.message().to_string(),
             error => {
-                let (code, description) = error.public();
-                let trace = llmesh_telemetry::current_trace_id();
-                tracing::warn!(code = ?code, error = %error, "generation call failed");
-                let message = match &trace {
+                let description = error.public().1;
+                match llmesh_telemetry::current_trace_id() {
                     Some(trace) => format!("{description} (trace {trace})"),
                     None => description.to_string(),
-                };
-                let mut status = Status::new(code, message);
-                if let Self::Status { status: from, .. } = &error
-                    && let Some(pushback) = from.metadata().get("grpc-retry-pushback-ms")
-                {
-                    status.metadata_mut().insert("grpc-retry-pushback-ms", pushback.clone());
-                    status.metadata_mut().insert("retry-after-ms", pushback.clone());
                 }
-                status
             }
+        }
+    }
+
+    /// Logs a failure that is not the client's mistake, with its detail (never sent to a client).
+    pub fn log(&self) {
+        if !self.is_client_mistake() {
+            tracing::warn!(code = ?self.public().0, error = %self, "generation call failed");
         }
     }
 

@@ -8,12 +8,10 @@ use std::{
 use futures::future::Either;
 use http::{HeaderMap, Request, Response};
 use llmesh_common::reload::Live;
-use tonic::Status;
 use tower::{Layer, Service};
 
 use super::KeyStore;
-use crate::admission::is_exempt;
-use crate::principal::Principal;
+use crate::{admission::is_exempt, error::CallError, principal::Principal};
 
 /// The metadata key that carries the API key.
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -66,10 +64,10 @@ fn presented(headers: &HeaderMap) -> Option<&str> {
 }
 
 impl<S> Auth<S> {
-    fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, Status> {
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, CallError> {
         self.keys.load().authenticate(presented(headers)).map_err(|rejection| {
             tracing::debug!(reason = rejection.message(), "call refused");
-            Status::unauthenticated(rejection.message())
+            CallError::Unauthenticated(rejection.message())
         })
     }
 }
@@ -98,7 +96,7 @@ where
                 request.extensions_mut().insert(principal);
                 Either::Right(self.inner.call(request))
             }
-            Err(status) => Either::Left(ready(Ok(status.into_http()))),
+            Err(refused) => Either::Left(ready(Ok(refused.into_http()))),
         }
     }
 }

@@ -52,18 +52,10 @@ use llmesh_ratelimit::{
 };
 use opentelemetry::KeyValue;
 use serde::{Deserialize, Serialize};
-use tonic::{
-    Code, Status,
-    metadata::{MetadataMap, MetadataValue},
-};
 
 use self::local::LocalBudgets;
 use super::redis_health::RedisHealth;
-use crate::metrics::metrics;
-use crate::principal::Principal;
-
-pub use crate::headers::REMAINING_USD;
-use crate::headers::RETRY_PUSHBACK_MS;
+use crate::{error::CallError, headers::Quota, metrics::metrics, principal::Principal};
 
 /// How often settlements and spend that could not reach Redis are retried.
 const CATCH_UP_INTERVAL: Duration = Duration::from_millis(250);
@@ -214,7 +206,7 @@ impl Budgets {
         amount: Nanos,
         rate: Rate,
         prompt_tokens: u32,
-    ) -> Result<Option<Spend>, Status> {
+    ) -> Result<Option<Spend>, CallError> {
         let Some((buckets, labels)) = buckets_of(principal, now_ms()) else { return Ok(None) };
         if !self.in_use() {
             self.set_in_use(true);
@@ -227,7 +219,7 @@ impl Budgets {
     }
 
     /// Takes the hold in Redis, or alone when Redis does not answer.
-    async fn take(&self, hold: Hold, labels: &Arc<[Labels]>) -> Result<(Taken, Vec<Level>), Status> {
+    async fn take(&self, hold: Hold, labels: &Arc<[Labels]>) -> Result<(Taken, Vec<Level>), CallError> {
         if let Some(shared) = self.redis.as_ref().filter(|shared| shared.health.should_try()) {
             match shared.budget.reserve(&hold).await {
                 Ok(Reserved::Taken(levels)) => {
@@ -266,7 +258,7 @@ impl Budgets {
         }
     }
 
-    fn refused(&self, hold: &Hold, labels: &[Labels], bucket: usize, levels: &[Level]) -> Status {
+    fn refused(&self, hold: &Hold, labels: &[Labels], bucket: usize, levels: &[Level]) -> CallError {
         let level = levels.get(bucket).copied().unwrap_or_default();
         if let Some(labels) = labels.get(bucket) {
             metrics().budget_refusals.add(1, &labels.0);
@@ -514,8 +506,7 @@ fn record(labels: &[Labels], levels: &[Level], store: &'static str) {
 }
 
 /// Why a call is over budget, for the caller: which budget, what it holds, what the call needed.
-/// Its source is [`OverBudget`], which the HTTP routes answer with OpenAI's `insufficient_quota`.
-fn over_budget(hold: &Hold, bucket: usize, level: Level, labels: Option<&Labels>) -> Status {
+fn over_budget(hold: &Hold, bucket: usize, level: Level, labels: Option<&Labels>) -> CallError {
     let whose = match labels {
         Some(Labels([scope, name])) => format!("{} {}", scope.value.as_str(), name.value.as_str()),
         None => "this key".to_string(),
@@ -530,15 +521,8 @@ fn over_budget(hold: &Hold, bucket: usize, level: Level, labels: Option<&Labels>
         budget::format_usd(level.held),
         budget::format_usd(hold.amount),
     );
-    let mut metadata = MetadataMap::new();
-    // Waiting will not help within the period: clients are told not to retry.
-    metadata.insert(RETRY_PUSHBACK_MS, MetadataValue::from(-1i64));
-    if let Ok(value) = MetadataValue::try_from(budget::format_usd(remaining)) {
-        metadata.insert(REMAINING_USD, value);
-    }
-    let mut status = Status::with_metadata(Code::ResourceExhausted, message, metadata);
-    status.set_source(Arc::new(OverBudget));
-    status
+    // Waiting will not help within the period: clients are told not to retry (`CallError::retry`).
+    CallError::OverBudget { message, quota: Quota { remaining_budget: Some(remaining), ..Quota::default() } }
 }
 
 /// The period part of a bucket's key (`month 2026-12`).
@@ -547,18 +531,6 @@ fn period_of(key: &str) -> String {
     match (parts.next(), parts.next()) {
         (Some(period), Some(date)) => format!("the {period} {date} (UTC)"),
         _ => String::new(),
-    }
-}
-
-/// The cause of a refusal for budget: a call over a key's or a team's spend limit.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("over budget")]
-pub struct OverBudget;
-
-impl OverBudget {
-    /// Whether `status` is a refusal for budget.
-    pub fn caused(status: &Status) -> bool {
-        std::error::Error::source(status).is_some_and(|source| source.is::<OverBudget>())
     }
 }
 

@@ -8,7 +8,10 @@ use llmesh_ratelimit::budget::{Period, Rate};
 use tonic::Code;
 
 use super::*;
-use crate::admission::auth::BudgetLimit;
+use crate::{
+    admission::auth::BudgetLimit,
+    headers::{REMAINING_USD, RETRY_PUSHBACK_MS},
+};
 
 const DOLLAR: Nanos = 1_000_000_000;
 
@@ -49,7 +52,7 @@ async fn alone_each_replica_enforces_its_share() {
     let alice = member(None, Some(DOLLAR));
     let first = budgets.reserve(&alice, 3 * DOLLAR / 10, RATE, 10).await.unwrap().unwrap();
     assert_eq!(first.remaining(), Some(7 * DOLLAR / 10), "what the whole budget has left");
-    let refused = budgets.reserve(&alice, 3 * DOLLAR / 10, RATE, 10).await.unwrap_err();
+    let refused = budgets.reserve(&alice, 3 * DOLLAR / 10, RATE, 10).await.unwrap_err().into_status();
     assert_eq!(refused.code(), Code::ResourceExhausted);
     // Settling for less makes room again.
     assert_eq!(first.settle(DOLLAR / 10), Some(9 * DOLLAR / 10));
@@ -68,18 +71,18 @@ async fn alone_each_replica_enforces_its_share() {
 async fn the_key_and_the_team_both_bound_a_call() {
     let budgets = budgets(1);
     let alice = member(Some(DOLLAR / 2), Some(10 * DOLLAR));
-    let status = budgets.reserve(&alice, DOLLAR, RATE, 10).await.unwrap_err();
+    let status = budgets.reserve(&alice, DOLLAR, RATE, 10).await.unwrap_err().into_status();
     assert!(status.message().starts_with("budget: key alice has spent $0.000000 of its $0.500000"), "{status:?}");
     let bob = member(Some(10 * DOLLAR), Some(DOLLAR / 2));
-    let status = budgets.reserve(&bob, DOLLAR, RATE, 10).await.unwrap_err();
+    let refused = budgets.reserve(&bob, DOLLAR, RATE, 10).await.unwrap_err();
+    assert_eq!(refused.class(), crate::error::Class::OverBudget, "not a rate limit: {refused:?}");
+    let status = refused.into_status();
     assert!(status.message().contains("team search"), "{status:?}");
     assert!(status.message().contains("the day "), "{status:?}");
     assert!(status.message().contains("this call may cost up to $1.000000"), "{status:?}");
     // Clients are told not to retry, what is left, and the HTTP routes can tell it from a rate limit.
     assert_eq!(status.metadata().get(RETRY_PUSHBACK_MS).unwrap(), "-1");
     assert_eq!(status.metadata().get(REMAINING_USD).unwrap(), "0.500000");
-    assert!(OverBudget::caused(&status));
-    assert!(!OverBudget::caused(&Status::resource_exhausted("rate limit")));
 }
 
 #[tokio::test(start_paused = true)]

@@ -84,7 +84,7 @@ where
                     quota.write_headers(response.headers_mut());
                     Ok(response)
                 }
-                Err(status) => Ok(status.into_http()),
+                Err(refusal) => Ok(refusal.into_http()),
             }
         }))
     }
@@ -95,7 +95,7 @@ where
 fn record_decision(
     limiter: &RateLimiter,
     principal: &Principal,
-    decided: &Result<super::Quota, tonic::Status>,
+    decided: &Result<super::Quota, crate::error::CallError>,
     taken: Option<super::Taken>,
 ) {
     use crate::metrics::{label, metrics};

@@ -30,12 +30,6 @@ use std::{
     time::Duration,
 };
 
-use http::{HeaderMap, HeaderValue};
-use tonic::{
-    Code, Status,
-    metadata::{MetadataMap, MetadataValue},
-};
-
 pub use held::Held;
 pub use layer::{RateLimit, RateLimitLayer};
 pub use llmesh_ratelimit::{Cost, Decision, Limit, decision_from_reply, gcra};
@@ -44,7 +38,10 @@ use llmesh_ratelimit::{Kind, key as redis_key};
 use self::{local::LocalLimiter, redis::RedisLimiter};
 use serde::{Deserialize, Serialize};
 
-use crate::principal::Principal;
+use crate::{
+    error::{CallError, Retry},
+    principal::Principal,
+};
 
 /// `[gateway.rate_limit]`: per key, across every gateway replica sharing `redis_url`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -65,48 +62,7 @@ impl Default for RateLimitConfig {
     }
 }
 
-pub use crate::headers::{REMAINING_REQUESTS, REMAINING_TOKENS, RETRY_AFTER_MS, RETRY_PUSHBACK_MS};
-
-/// What a key has left, for the response metadata. `None`: that limit is off.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Quota {
-    pub remaining_requests: Option<u64>,
-    pub remaining_tokens: Option<u64>,
-    /// What the call's tightest spend budget (the key's or its team's) has left, in nano-dollars
-    /// (`x-budget-remaining-usd`, in dollars).
-    pub remaining_budget: Option<llmesh_ratelimit::budget::Nanos>,
-}
-
-impl Quota {
-    /// Writes `x-ratelimit-remaining-requests` / `-tokens` and `x-budget-remaining-usd` (those
-    /// that are limited).
-    pub fn write_headers(&self, headers: &mut HeaderMap) {
-        for (name, value) in self.entries() {
-            if let Ok(value) = HeaderValue::from_str(&value) {
-                headers.insert(name, value);
-            }
-        }
-    }
-
-    /// The same, into a tonic response's metadata.
-    pub fn write_metadata(&self, metadata: &mut MetadataMap) {
-        for (name, value) in self.entries() {
-            if let Ok(value) = MetadataValue::try_from(value) {
-                metadata.insert(name, value);
-            }
-        }
-    }
-
-    fn entries(&self) -> impl Iterator<Item = (&'static str, String)> {
-        [
-            (REMAINING_REQUESTS, self.remaining_requests.map(|n| n.to_string())),
-            (REMAINING_TOKENS, self.remaining_tokens.map(|n| n.to_string())),
-            (crate::headers::REMAINING_USD, self.remaining_budget.map(llmesh_ratelimit::budget::format_usd)),
-        ]
-        .into_iter()
-        .filter_map(|(name, value)| Some((name, value?)))
-    }
-}
+pub use crate::headers::{Quota, REMAINING_REQUESTS, REMAINING_TOKENS, RETRY_AFTER_MS, RETRY_PUSHBACK_MS};
 
 /// Where a reservation was taken, and so where it is settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,13 +179,13 @@ impl RateLimiter {
     }
 
     /// Counts one request against the principal's requests per minute.
-    pub async fn check_request(&self, principal: &Principal) -> Result<Quota, Status> {
+    pub async fn check_request(&self, principal: &Principal) -> Result<Quota, CallError> {
         self.decide_request(principal).await.0
     }
 
     /// [`check_request`](Self::check_request), and which limiter decided (`None`: the principal
     /// has no request limit, nothing was decided).
-    pub async fn decide_request(&self, principal: &Principal) -> (Result<Quota, Status>, Option<Taken>) {
+    pub async fn decide_request(&self, principal: &Principal) -> (Result<Quota, CallError>, Option<Taken>) {
         let Some(limit) = self.request_limit(principal) else {
             return (Ok(Quota::default()), None);
         };
@@ -244,7 +200,7 @@ impl RateLimiter {
 
     /// Takes `tokens` (the most the call can use: prompt plus `max_tokens`) from the principal's
     /// tokens per minute, all or nothing.
-    pub async fn reserve_tokens(&self, principal: &Principal, tokens: u32) -> Result<Reservation, Status> {
+    pub async fn reserve_tokens(&self, principal: &Principal, tokens: u32) -> Result<Reservation, CallError> {
         let Some(limit) = self.token_limit(principal) else {
             return Ok(Reservation {
                 id: principal.id.clone(),
@@ -272,7 +228,7 @@ impl RateLimiter {
     }
 
     /// [`reserve_tokens`](Self::reserve_tokens), held by the call until it settles or is dropped.
-    pub async fn hold_tokens(self: &Arc<Self>, principal: &Principal, tokens: u32) -> Result<Held, Status> {
+    pub async fn hold_tokens(self: &Arc<Self>, principal: &Principal, tokens: u32) -> Result<Held, CallError> {
         let reservation = self.reserve_tokens(principal, tokens).await?;
         Ok(Held::new(self.clone(), reservation))
     }
@@ -363,38 +319,36 @@ impl RateLimiter {
     }
 }
 
-fn exhausted(kind: Kind, limit: Limit, id: &str, decision: Decision) -> Status {
+fn exhausted(kind: Kind, limit: Limit, id: &str, decision: Decision) -> CallError {
     let wait_ms = u64::try_from(decision.retry_after.as_micros().div_ceil(1000)).unwrap_or(u64::MAX).max(1);
-    let mut metadata = MetadataMap::new();
-    metadata.insert(RETRY_AFTER_MS, MetadataValue::from(wait_ms));
-    metadata.insert(RETRY_PUSHBACK_MS, MetadataValue::from(wait_ms));
-    let remaining = match kind {
-        Kind::Requests => REMAINING_REQUESTS,
-        Kind::Tokens => REMAINING_TOKENS,
+    let wait = Duration::from_millis(wait_ms);
+    let quota = match kind {
+        Kind::Requests => Quota { remaining_requests: Some(decision.remaining), ..Quota::default() },
+        Kind::Tokens => Quota { remaining_tokens: Some(decision.remaining), ..Quota::default() },
     };
-    metadata.insert(remaining, MetadataValue::from(decision.remaining));
     tracing::debug!(key = id, limit = kind.unit(), wait_ms, "rate limited");
-    Status::with_metadata(
-        Code::ResourceExhausted,
-        format!("rate limit: {} {} per minute for key {id}", limit.burst, kind.unit()),
-        metadata,
-    )
+    CallError::RateLimited {
+        message: format!("rate limit: {} {} per minute for key {id}", limit.burst, kind.unit()),
+        retry: Retry::After(wait),
+        quota,
+    }
 }
 
 /// A reservation larger than the whole limit: waiting will not help, so clients are told not to
 /// retry.
-fn never_fits(tokens: u32, limit: Limit, id: &str) -> Status {
-    let mut metadata = MetadataMap::new();
-    metadata.insert(RETRY_PUSHBACK_MS, MetadataValue::from(-1i64));
-    Status::with_metadata(
-        Code::ResourceExhausted,
-        format!("rate limit: {} tokens per minute for key {id}; this call needs up to {tokens}", limit.burst),
-        metadata,
-    )
+fn never_fits(tokens: u32, limit: Limit, id: &str) -> CallError {
+    CallError::RateLimited {
+        message: format!("rate limit: {} tokens per minute for key {id}; this call needs up to {tokens}", limit.burst),
+        retry: Retry::Never,
+        quota: Quota::default(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderMap;
+    use tonic::{Code, Status, metadata::MetadataMap};
+
     use super::*;
 
     fn principal(id: &str, requests: Option<u32>, tokens: Option<u32>) -> Principal {
@@ -420,7 +374,7 @@ mod tests {
         let alice = principal("alice", None, None);
         assert_eq!(limiter.check_request(&alice).await.unwrap().remaining_requests, Some(1));
         assert_eq!(limiter.check_request(&alice).await.unwrap().remaining_requests, Some(0));
-        let status = limiter.check_request(&alice).await.unwrap_err();
+        let status = limiter.check_request(&alice).await.unwrap_err().into_status();
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert_eq!(status.message(), "rate limit: 2 requests per minute for key alice");
         assert_eq!(metadata(&status, RETRY_AFTER_MS).as_deref(), Some("30000"));
@@ -428,7 +382,7 @@ mod tests {
         assert_eq!(metadata(&status, REMAINING_REQUESTS).as_deref(), Some("0"));
 
         tokio::time::advance(Duration::from_secs(10)).await;
-        let status = limiter.check_request(&alice).await.unwrap_err();
+        let status = limiter.check_request(&alice).await.unwrap_err().into_status();
         assert_eq!(metadata(&status, RETRY_AFTER_MS).as_deref(), Some("20000"));
         tokio::time::advance(Duration::from_secs(20)).await;
         assert!(limiter.check_request(&alice).await.is_ok());
@@ -460,7 +414,7 @@ mod tests {
         let bob = principal("bob", None, None);
         let reservation = limiter.reserve_tokens(&bob, 600).await.unwrap();
         assert_eq!(reservation.quota().remaining_tokens, Some(400));
-        let status = limiter.reserve_tokens(&bob, 500).await.unwrap_err();
+        let status = limiter.reserve_tokens(&bob, 500).await.unwrap_err().into_status();
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert_eq!(status.message(), "rate limit: 1000 tokens per minute for key bob");
         assert_eq!(metadata(&status, RETRY_AFTER_MS).as_deref(), Some("6000"));
@@ -471,7 +425,7 @@ mod tests {
         assert_eq!(reservation.quota().remaining_tokens, Some(400));
         // 1200 used: the 700 over are charged even past the limit (300 over it, 18 s at 60 ms a token).
         assert_eq!(limiter.settle(reservation, 1_200).await.remaining_tokens, Some(0));
-        let status = limiter.reserve_tokens(&bob, 1).await.unwrap_err();
+        let status = limiter.reserve_tokens(&bob, 1).await.unwrap_err().into_status();
         assert_eq!(metadata(&status, RETRY_AFTER_MS).as_deref(), Some("18060"));
         // Exactly as reserved: nothing to do.
         tokio::time::advance(Duration::from_secs(120)).await;
@@ -492,7 +446,7 @@ mod tests {
         // The excess is charged once the background settle has run: the next call must wait.
         assert_eq!(shared.settle_in_background(reservation, 1_200).remaining_tokens, Some(0));
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let status = shared.reserve_tokens(&bob, 1).await.unwrap_err();
+        let status = shared.reserve_tokens(&bob, 1).await.unwrap_err().into_status();
         assert_eq!(status.code(), Code::ResourceExhausted);
         // A failed call gives everything back.
         tokio::time::advance(Duration::from_secs(120)).await;
@@ -509,7 +463,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reservation_larger_than_the_limit_is_refused_for_good() {
         let limiter = limiter(0, 1_000);
-        let status = limiter.reserve_tokens(&principal("carol", None, None), 1_001).await.unwrap_err();
+        let status = limiter.reserve_tokens(&principal("carol", None, None), 1_001).await.unwrap_err().into_status();
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert!(status.message().contains("needs up to 1001"), "{}", status.message());
         assert_eq!(metadata(&status, RETRY_PUSHBACK_MS).as_deref(), Some("-1"));

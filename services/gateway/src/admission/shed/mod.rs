@@ -19,18 +19,18 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use http::{Request, Response};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::{Status, metadata::MetadataValue};
 use tower::{Layer, Service};
 
 pub use body::{PermitBody, Slots};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{admission::is_exempt, principal::Principal};
+use crate::{admission::is_exempt, error::CallError, principal::Principal};
 
 /// `[gateway.shed]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -53,13 +53,8 @@ impl Default for ShedConfig {
 /// One key's bound on calls in flight, and its slots.
 type KeySlots = (u32, Arc<Semaphore>);
 
-/// Marks (in its extensions) the response of a call refused because the whole gateway was full,
-/// as opposed to its key's own bound: the HTTP routes answer it 503 rather than 429.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Overloaded;
-
 /// What a refused call is told to wait before trying again.
-const RETRY_HINT_MS: u64 = 250;
+const RETRY_HINT: Duration = Duration::from_millis(250);
 
 /// Refuses calls beyond `max_concurrency` in flight (0: no bound). Clones share the count, so
 /// keep a clone to read [`ShedLayer::shed_count`] and [`ShedLayer::in_flight`]. Health and
@@ -150,7 +145,7 @@ where
         // The key's slot first: a key at its bound must not take a global slot from the others.
         let key = match self.shared.key_slot(request.extensions().get::<Principal>()) {
             Ok(key) => key,
-            Err(status) => return ShedFuture { state: State::Refused(Some((status, None))) },
+            Err(refused) => return ShedFuture { state: State::Refused(Some(refused)) },
         };
         let global = match &self.shared.permits {
             Some(permits) => match permits.clone().try_acquire_owned() {
@@ -159,7 +154,7 @@ where
                     self.shared.shed.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(max_concurrency = self.shared.max_concurrency, "call shed");
                     let message = format!("overloaded: {} calls in flight", self.shared.max_concurrency);
-                    return ShedFuture { state: State::Refused(Some((refusal(message), Some(Overloaded)))) };
+                    return ShedFuture { state: State::Refused(Some(refusal(message, true))) };
                 }
             },
             None => None,
@@ -171,7 +166,7 @@ where
 
 impl Shared {
     /// A slot of the caller's key (anonymous when the auth layer put no principal), or the refusal.
-    fn key_slot(&self, principal: Option<&Principal>) -> Result<Option<OwnedSemaphorePermit>, Status> {
+    fn key_slot(&self, principal: Option<&Principal>) -> Result<Option<OwnedSemaphorePermit>, CallError> {
         let (id, own) = match principal {
             Some(principal) => (principal.id.clone(), principal.max_in_flight),
             None => (Principal::ANONYMOUS.into(), None),
@@ -194,19 +189,16 @@ impl Shared {
             Err(_) => {
                 self.shed_per_key.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(key = %id, bound, "call shed: the key has its bound of calls in flight");
-                Err(refusal(format!("overloaded: API key {id} has {bound} calls in flight, its limit")))
+                Err(refusal(format!("overloaded: API key {id} has {bound} calls in flight, its limit"), false))
             }
         }
     }
 }
 
-/// RESOURCE_EXHAUSTED with a hint of when to try again.
-fn refusal(message: String) -> Status {
-    let mut status = Status::resource_exhausted(message);
-    for key in ["retry-after-ms", "grpc-retry-pushback-ms"] {
-        status.metadata_mut().insert(key, MetadataValue::from(RETRY_HINT_MS));
-    }
-    status
+/// RESOURCE_EXHAUSTED with a hint of when to try again; `whole`: the whole gateway was full (the
+/// HTTP routes answer 503), not the key's own bound (429).
+fn refusal(message: String, whole: bool) -> CallError {
+    CallError::Overloaded { message, whole, retry_after: RETRY_HINT }
 }
 
 /// The response of a call that got a permit (its body then holds the permit), or the refusal.
@@ -219,8 +211,8 @@ enum State<F> {
         inner: Pin<Box<F>>,
         slots: Option<Slots>,
     },
-    /// The refusal, and whether the whole gateway (not the key) was full.
-    Refused(Option<(Status, Option<Overloaded>)>),
+    /// The refusal.
+    Refused(Option<CallError>),
 }
 
 impl<F> std::fmt::Debug for ShedFuture<F> {
@@ -249,13 +241,10 @@ where
                 }))
             }
             State::Refused(refused) => {
-                let (status, overloaded) =
-                    refused.take().unwrap_or_else(|| (Status::internal("shed future polled after completion"), None));
-                let mut response = status.into_http();
-                if let Some(overloaded) = overloaded {
-                    response.extensions_mut().insert(overloaded);
-                }
-                Poll::Ready(Ok(response))
+                let refused = refused
+                    .take()
+                    .unwrap_or_else(|| CallError::Cancelled("shed future polled after completion".into()));
+                Poll::Ready(Ok(refused.into_http()))
             }
         }
     }
@@ -270,6 +259,8 @@ mod tests {
     use tokio::sync::{mpsc, oneshot};
     use tonic::Code;
     use tower::{ServiceExt as _, service_fn};
+
+    use tonic::Status;
 
     use super::*;
 

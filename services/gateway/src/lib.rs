@@ -14,40 +14,29 @@ mod jobs;
 mod metrics;
 pub mod pipeline;
 pub mod principal;
-mod relay;
 mod replicas;
 mod service;
-mod single_flight;
+pub mod stack;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 
-use llmesh_common::{
-    ServiceArgs,
-    server::{self, HttpLayer},
-};
+use llmesh_common::{ServiceArgs, server};
 use llmesh_proto::{gateway::v1::gateway_server::GatewayServer, health::v1::mesh_health_server::MeshHealthServer};
 use opentelemetry::{
     KeyValue,
     metrics::{ObservableCounter, ObservableGauge},
 };
 use tokio::net::TcpListener;
-use tower::{ServiceBuilder, util::BoxCloneSyncService};
 
 pub use config::Config;
 pub use service::GatewayService;
 
-/// The admission layers (outermost first: auth, rate limit, load shed, the call's deadline) and the limiter the
-/// handlers reserve tokens with.
+/// The admission layers ([`stack::admission`]) and the budgets the handlers reserve money with.
 struct Admission {
-    /// Re-read when the keys file changes.
-    keys: llmesh_common::reload::Live<admission::KeyStore>,
-    limiter: Arc<admission::RateLimiter>,
+    layers: stack::AdmissionLayers,
     budgets: Arc<admission::Budgets>,
-    shed: admission::ShedLayer,
-    /// Inside the shed layer: a call it ends gives its slots back.
-    deadline: admission::CallDeadlineLayer,
 }
 
 impl Admission {
@@ -66,30 +55,8 @@ impl Admission {
         }
         let limiter = Arc::new(admission::RateLimiter::new(&config.rate_limit)?);
         let deadline = admission::CallDeadlineLayer::new(Duration::from_millis(config.request_timeout_ms));
-        Ok(Self { keys, limiter, budgets, shed: admission::ShedLayer::new(&config.shed), deadline })
-    }
-
-    /// The layers around every request; with `routes`, the HTTP routes sit innermost (beside the
-    /// gRPC services, behind every layer) and the layers' refusals of plain HTTP requests are
-    /// answered in the HTTP APIs' terms.
-    fn layer(&self, routes: Option<http::Ingress>) -> HttpLayer {
-        let (keys, limiter, shed, deadline) =
-            (self.keys.clone(), self.limiter.clone(), self.shed.clone(), self.deadline);
-        HttpLayer::new(move |inner| {
-            let inner = match &routes {
-                Some(routes) => routes.around(inner),
-                None => inner,
-            };
-            BoxCloneSyncService::new(
-                ServiceBuilder::new()
-                    .option_layer(routes.as_ref().map(|_| http::RejectionLayer))
-                    .layer(admission::AuthLayer::new(keys.clone()))
-                    .layer(admission::RateLimitLayer::new(limiter.clone()))
-                    .layer(shed.clone())
-                    .layer(deadline)
-                    .service(inner),
-            )
-        })
+        let layers = stack::AdmissionLayers { keys, limiter, shed: admission::ShedLayer::new(&config.shed), deadline };
+        Ok(Self { layers, budgets })
     }
 }
 
@@ -131,7 +98,7 @@ fn gauges(pool: &Arc<pipeline::balance::Pool>, admission: &Admission) -> Gauges 
         .with_description("Budget settlements waiting for Redis to answer again")
         .with_callback(move |gauge| gauge.observe(budgets.pending_count() as u64, &[]))
         .build();
-    let shed = admission.shed.clone();
+    let shed = admission.layers.shed.clone();
     let shed = meter
         .u64_observable_counter("llmesh.shed")
         .with_description("Calls refused by load shedding")
@@ -166,7 +133,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let startup = Duration::from_millis(config.startup_timeout_ms);
     let pool = pipeline::balance::connect(&config.generation, startup).await?;
     let cache = cache::Cache::connect(&config.cache, startup).await?;
-    let generation = pipeline::stack(&config.generation, config.fallback.clone(), cache.clone(), pool.clone());
+    let generation = stack::generation(&config.generation, config.fallback.clone(), cache.clone(), pool.clone());
     let catalog = catalog::Catalog::default();
     if let Err(error) = catalog.refresh(&generation).await {
         tracing::warn!(%error, "cannot list models yet; will retry");
@@ -176,7 +143,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let _gauges = gauges(&pool, &admission);
     let tokens = admission::TokenAdmission::new(
         config.limits.clone(),
-        admission.limiter.clone(),
+        admission.layers.limiter.clone(),
         config.prices.clone(),
         catalog.clone(),
         admission.budgets.clone(),
@@ -190,8 +157,8 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         http::Ingress::new(service.clone(), catalog, config.default_model.clone(), &config.http, &config.limits)
     });
     let mut base = match routes {
-        Some(routes) => server::Base::with_layer_and_http1(admission.layer(Some(routes)))?,
-        None => server::Base::with_layer(admission.layer(None))?,
+        Some(routes) => server::Base::with_layer_and_http1(stack::admission(&admission.layers, Some(routes)))?,
+        None => server::Base::with_layer(stack::admission(&admission.layers, None))?,
     };
     base.tls(&config.tls, server::Audience::Public)?;
     base.admin(&config.admin).await?;

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     admission::{Admitted, Quota, TokenAdmission},
+    answer::relay::{self, ChunkStream},
     answer::{Answers, Streamed},
     deadline::Deadline,
     error::CallError,
@@ -24,7 +25,6 @@ use crate::{
     metrics::{label, metrics},
     pipeline::{self, Ask, Call, Generation, Reply},
     principal::Principal,
-    relay::{self, ChunkStream},
 };
 
 #[derive(Debug, Clone)]

@@ -60,10 +60,10 @@ pub use self::errors::{Problem, RejectionLayer};
 use self::fields::Fields;
 use crate::{
     admission::Quota,
+    answer::relay::ChunkStream,
     catalog::Catalog,
     deadline::Deadline,
     error::{CallError, Class},
-    relay::ChunkStream,
     service::GatewayService,
 };
 

@@ -19,7 +19,7 @@ use serde::Serialize;
 use tonic::body::Body;
 
 use super::{Problem, upstream_problem};
-use crate::{deadline::Deadline, relay::ChunkStream};
+use crate::{answer::relay::ChunkStream, deadline::Deadline};
 
 /// What one API sends for a stream: its events for the opening, each chunk, the normal end and
 /// a failure, each as SSE text ([`event`], [`data`]).

@@ -1,5 +1,6 @@
-//! The way from the gateway to generation: one `tower::Service` stack, declared in [`stack`] and
-//! read outermost first, each layer in its own module:
+//! The way from the gateway to generation: one `tower::Service` stack, declared in
+//! [`crate::stack::generation`] with the rest of the request path and read outermost first, each
+//! layer in its own module:
 //!
 //! 1. [`fallback`]: when all else failed, a degraded answer (secondary model, stale cache,
 //!    message). Outside the breaker, so an open breaker still degrades gracefully.
@@ -32,17 +33,11 @@ use std::{
 use futures::stream::BoxStream;
 use llmesh_proto::generation::v1::{GenerateRequest, GenerateResponse, GenerateStreamResponse, ListModelsResponse};
 use serde::{Deserialize, Serialize};
-use tower::{ServiceBuilder, ServiceExt as _, retry::RetryLayer, util::BoxCloneSyncService};
+use tower::{ServiceExt as _, util::BoxCloneSyncService};
 
 pub use error::{Charge, FallbackReason, FallbackSource, Origin, TimeoutCause, UpstreamError};
 
-use self::{
-    balance::{Balance, Lease, Pool},
-    breaker::{BreakerConfig, BreakerLayer},
-    fallback::{FallbackConfig, FallbackLayer},
-    retry::{RetryConfig, RetryPolicy},
-    timeout::PerTryTimeoutLayer,
-};
+use self::{balance::Lease, breaker::BreakerConfig, retry::RetryConfig};
 use crate::{cache::Cache, deadline::Deadline, principal::Principal};
 
 /// `[gateway.generation]`: where the replicas are and how calls to them are made.
@@ -188,28 +183,6 @@ impl Pick {
 /// The pipeline as one service.
 pub type Generation = BoxCloneSyncService<Call, Reply, UpstreamError>;
 
-/// The stack over the replicas in `pool`.
-pub fn stack(config: &GenerationConfig, fallback: FallbackConfig, cache: Cache, pool: Arc<Pool>) -> Generation {
-    stack_over(config, fallback, cache, Balance::new(pool))
-}
-
-/// The stack, outermost first, over `balance` (the balancer, or a mock of it in tests); see the
-/// module docs for why each layer stands where it does.
-pub fn stack_over<B>(config: &GenerationConfig, fallback: FallbackConfig, cache: Cache, balance: B) -> Generation
-where
-    B: tower::Service<Call, Response = Reply, Error = UpstreamError> + Clone + Send + Sync + 'static,
-    B::Future: Send,
-{
-    let per_try = (config.per_try_timeout_ms > 0).then(|| Duration::from_millis(config.per_try_timeout_ms));
-    let service = ServiceBuilder::new()
-        .layer(FallbackLayer::new(fallback, cache))
-        .layer(RetryLayer::new(RetryPolicy::new(config.retry.clone())))
-        .layer(BreakerLayer)
-        .layer(PerTryTimeoutLayer::new(per_try))
-        .service(balance);
-    BoxCloneSyncService::new(service)
-}
-
 /// A cache that is off, and a deadline of the gateway's own: for the pipeline's benchmark, which
 /// builds the stack from outside the crate.
 #[doc(hidden)]
@@ -239,7 +212,7 @@ mod tests {
     use tonic::{Code, Status};
     use tower_test::mock;
 
-    use super::{testing::*, *};
+    use super::{fallback::FallbackConfig, testing::*, *};
     use crate::cache::CacheConfig;
 
     fn config(max_attempts: u32) -> GenerationConfig {
@@ -256,7 +229,7 @@ mod tests {
     fn stack_over_mock(max_attempts: u32, secondary: Option<&str>) -> (Generation, mock::Handle<Call, Reply>) {
         let (service, handle) = mock::pair::<Call, Reply>();
         let cache = Cache::off(&CacheConfig::default());
-        (stack_over(&config(max_attempts), fallback(secondary), cache, fail_with(service)), handle)
+        (crate::stack::generation_over(&config(max_attempts), fallback(secondary), cache, fail_with(service)), handle)
     }
 
     fn later() -> Deadline {

@@ -1,6 +1,7 @@
-//! Where an answer comes from: the cache, an identical call already in flight (single flight), or
-//! the pipeline to generation — and, when generation answered and the policy allows, into the
-//! cache. One place for both RPCs, so unary calls and streams read, share and store alike.
+//! Where an answer comes from: the cache, an identical call already in flight ([`single_flight`]),
+//! or the pipeline to generation — and, when generation answered and the policy allows, into the
+//! cache. One place for both RPCs, so unary calls and streams read, share and store alike; a
+//! whole answer is sent as a stream, and generation's stream passed on, by [`relay`].
 
 use std::{
     sync::Arc,
@@ -19,8 +20,12 @@ use crate::{
     metrics::{label, metrics},
     pipeline::{self, Ask, Call, FallbackSource, Generation, Reply, Started, UpstreamError},
     principal::Principal,
-    single_flight::{Flight, SingleFlight},
 };
+
+pub mod relay;
+mod single_flight;
+
+use self::single_flight::{Flight, SingleFlight};
 
 /// Answers generation requests; see the module docs.
 #[derive(Debug, Clone)]

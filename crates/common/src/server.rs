@@ -34,7 +34,10 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tonic::{body::Body, server::NamedService, transport::server::Router};
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tower::{Layer, Service, util::BoxCloneSyncService};
+use tower::{
+    Layer,
+    util::{BoxCloneSyncService, BoxCloneSyncServiceLayer},
+};
 
 use crate::{
     reload,
@@ -45,41 +48,29 @@ use crate::{
 pub type HttpService = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
 
 /// HTTP-level middleware for a whole server (tracing, auth, rate limits, load shedding), applied
-/// around every gRPC service it serves. Its layers must answer with a response (a gRPC status),
-/// never an error: tonic would turn an unknown error into UNKNOWN.
-#[derive(Clone)]
-pub struct HttpLayer(Arc<dyn Fn(HttpService) -> HttpService + Send + Sync>);
+/// around every gRPC service it serves: tower's boxed, cloneable layer over [`HttpService`]s. Its
+/// layers must answer with a response (a gRPC status), never an error: tonic would turn an unknown
+/// error into UNKNOWN.
+pub type HttpLayer = BoxCloneSyncServiceLayer<HttpService, http::Request<Body>, http::Response<Body>, Infallible>;
 
-impl HttpLayer {
-    pub fn new(wrap: impl Fn(HttpService) -> HttpService + Send + Sync + 'static) -> Self {
-        Self(Arc::new(wrap))
-    }
-
-    /// No middleware.
-    pub fn identity() -> Self {
-        Self::new(|inner| inner)
-    }
-
-    /// `self` around `inner`: `outer.around(inner)` runs `outer` first.
-    pub fn around(self, inner: HttpLayer) -> Self {
-        Self::new(move |service| (self.0)((inner.0)(service)))
-    }
+/// A layer made of a function of the service it wraps.
+pub fn http_layer(wrap: impl Fn(HttpService) -> HttpService + Send + Sync + 'static) -> HttpLayer {
+    BoxCloneSyncServiceLayer::new(tower::layer::layer_fn(wrap))
 }
 
-impl<S> Layer<S> for HttpLayer
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Service = HttpService;
+/// `outer` around `inner`: `outer` runs first.
+pub fn around(outer: HttpLayer, inner: HttpLayer) -> HttpLayer {
+    BoxCloneSyncServiceLayer::new(tower::layer::util::Stack::new(inner, outer))
+}
 
-    fn layer(&self, inner: S) -> HttpService {
-        (self.0)(BoxCloneSyncService::new(inner))
-    }
+/// The router's services ([`tonic::service::Routes`]) boxed into an [`HttpService`], then `layer`
+/// around them: what a tonic router takes as its one layer.
+type RoutesLayer =
+    BoxCloneSyncServiceLayer<tonic::service::Routes, http::Request<Body>, http::Response<Body>, Infallible>;
+
+fn routes_layer(layer: HttpLayer) -> RoutesLayer {
+    let boxed = tower::layer::layer_fn(BoxCloneSyncService::new);
+    BoxCloneSyncServiceLayer::new(tower::layer::util::Stack::new(boxed, layer))
 }
 
 /// How a server stops.
@@ -186,7 +177,7 @@ pub enum Audience {
 }
 
 /// The router every llmesh server builds on: one [`HttpLayer`] around every service.
-pub type MeshRouter = Router<tower::layer::util::Stack<HttpLayer, tower::layer::util::Identity>>;
+pub type MeshRouter = Router<tower::layer::util::Stack<RoutesLayer, tower::layer::util::Identity>>;
 
 /// A router that already serves health and reflection.
 pub struct Base {
@@ -214,7 +205,7 @@ impl Base {
     /// An internal service's server (generation, the cache, health): no middleware, and its
     /// clients may cancel up to [`MESH_PENDING_RESETS`] calls at once.
     pub fn new() -> anyhow::Result<Self> {
-        Self::build(HttpLayer::identity(), false, Some(MESH_PENDING_RESETS))
+        Self::build(http_layer(|inner| inner), false, Some(MESH_PENDING_RESETS))
     }
 
     /// A server whose every request goes through `layer` first — inside the tracing layer, which
@@ -237,7 +228,7 @@ impl Base {
         let trace = llmesh_telemetry::GrpcTraceLayer::new();
         let routes: Arc<OnceLock<Arc<llmesh_telemetry::Routes>>> = Arc::default();
         let known = routes.clone();
-        let traced = HttpLayer::new(move |inner| {
+        let traced = http_layer(move |inner| {
             // Applied when the server starts, after `serve` has set the routes; were it not, every
             // call would be recorded as unknown, which is still bounded.
             let routes = known.get().cloned().unwrap_or_default();
@@ -245,7 +236,7 @@ impl Base {
         });
         // Innermost, next to the services: what the router answers is rewritten before any
         // layer (and the metrics) see it.
-        let layer = traced.around(layer).around(oversize::layer());
+        let layer = around(around(traced, layer), oversize::layer());
         let (health, health_service) = tonic_health::server::health_reporter();
         let health_service = health_service.max_decoding_message_size(CONTROL_MESSAGE_BYTES);
         let probes = tonic::service::Routes::new(health_service.clone());
@@ -267,7 +258,7 @@ impl Base {
             .tcp_nodelay(true)
             .accept_http1(accept_http1)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .layer(layer)
+            .layer(routes_layer(layer))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);

@@ -55,7 +55,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use llmesh_common::{reload::Live, server::HttpLayer};
+use llmesh_common::{
+    reload::Live,
+    server::{HttpLayer, http_layer},
+};
 use tower::{ServiceBuilder, retry::RetryLayer, util::BoxCloneSyncService};
 
 use crate::{
@@ -87,7 +90,7 @@ pub struct AdmissionLayers {
 /// in the HTTP dialects' terms.
 pub fn admission(layers: &AdmissionLayers, routes: Option<Ingress>) -> HttpLayer {
     let AdmissionLayers { keys, limiter, shed, deadline } = layers.clone();
-    HttpLayer::new(move |inner| {
+    http_layer(move |inner| {
         let inner = match &routes {
             Some(routes) => routes.around(inner),
             None => inner,

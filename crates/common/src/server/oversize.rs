@@ -12,14 +12,14 @@ use tonic::body::Body;
 use tower::ServiceExt as _;
 use tower::util::BoxCloneSyncService;
 
-use super::HttpLayer;
+use super::{HttpLayer, http_layer};
 
 /// How tonic's message starts (tonic 0.14, `codec/decode.rs`).
 const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: found ";
 
 /// The layer; see the module docs.
 pub(super) fn layer() -> HttpLayer {
-    HttpLayer::new(|inner| BoxCloneSyncService::new(inner.map_response(rewrite)))
+    http_layer(|inner| BoxCloneSyncService::new(inner.map_response(rewrite)))
 }
 
 fn rewrite(response: http::Response<Body>) -> http::Response<Body> {
@@ -82,7 +82,7 @@ mod tests {
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         let (_reporter, health) = tonic_health::server::health_reporter();
         let server = tonic::transport::Server::builder()
-            .layer(layer())
+            .layer(super::super::routes_layer(layer()))
             .add_service(health.max_decoding_message_size(1024))
             .serve_with_incoming(incoming);
         let server = tokio::spawn(server);

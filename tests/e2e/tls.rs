@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use llmesh_e2e::{Mesh, MeshOptions, Proc, bin, eventually, free_port};
+use llmesh_e2e::{Mesh, MeshOptions, Proc, Redis, bin, eventually};
 use llmesh_proto::{
     cache::v1::{StatsRequest, StoreRequest, cache_client::CacheClient},
     gateway::v1::gateway_client::GatewayClient,
@@ -404,32 +404,21 @@ async fn a_broken_keys_file_keeps_the_old_keys_and_is_counted() {
 
 /// A redis-server speaking only TLS (the mesh's CA, its cache certificate), with the default user
 /// off and one ACL user `llmesh` with `password`.
-async fn tls_redis(certs: &Certs, password: &str) -> (tokio::process::Child, u16) {
-    let port = free_port();
-    let child = Command::new("redis-server")
-        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .args(["--tls-cert-file", &certs.shown("cache.pem"), "--tls-key-file", &certs.shown("cache-key.pem")])
-        .args(["--tls-ca-cert-file", &certs.shown("ca.pem"), "--tls-auth-clients", "no"])
+async fn tls_redis(certs: &Certs, password: &str) -> Redis {
+    Redis::builder()
+        .tls(certs.path("cache.pem"), certs.path("cache-key.pem"), certs.path("ca.pem"))
         .args(["--user", "default", "off"])
         .args(["--user", "llmesh", "on", &format!(">{password}"), "~*", "&*", "+@all"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let listening = eventually(Duration::from_secs(20), || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
-    })
-    .await;
-    assert!(listening.is_some(), "redis-server with TLS did not start");
-    (child, port)
+        .start()
+        .await
+        .unwrap()
 }
 
 /// [`tls_redis`], its password in a file (a mounted Secret, as the deploy files do), and the
 /// `rediss://` URL every Redis client of the mesh is given for it.
-async fn tls_redis_with_password_file(certs: &Certs, password: &str) -> (tokio::process::Child, String) {
-    let (redis, port) = tls_redis(certs, password).await;
+async fn tls_redis_with_password_file(certs: &Certs, password: &str) -> (Redis, String) {
+    let redis = tls_redis(certs, password).await;
+    let port = redis.port;
     std::fs::write(certs.path("redis-password"), format!("{password}\n")).unwrap();
     let url = format!(
         "rediss://llmesh@127.0.0.1:{port}/0?tls_ca={}&password_file={}",

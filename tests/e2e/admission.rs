@@ -63,7 +63,7 @@ async fn api_keys_from_the_shipped_keys_file() {
 #[tokio::test]
 async fn a_key_limited_to_some_models() {
     let (key, entry) = {
-        let (key, mut entry) = llmesh_gateway::admission::generate_key("narrow");
+        let (key, mut entry) = llmesh_keys::generate_key("narrow");
         entry.models = vec!["sim".into()];
         (key, entry)
     };

@@ -61,7 +61,7 @@ impl Setup {
         let mut keys_text = String::new();
         let mut made = Vec::new();
         for (id, extra) in keys {
-            let (key, entry) = llmesh_gateway::admission::generate_key(id);
+            let (key, entry) = llmesh_keys::generate_key(id);
             keys_text.push_str(&format!(
                 "[[keys]]\nid = \"{id}\"\nprefix = \"{}\"\nsha256 = \"{}\"\n{extra}\n\n",
                 entry.prefix, entry.sha256

@@ -254,7 +254,7 @@ async fn openai_and_anthropic_over_http1_and_http2_share_the_grpc_cache() {
 async fn the_seeds_generate_with_its_key_limits_and_cache() {
     let (key, file) = demo_keys();
     // A second key of its own with one request a minute, for the 429.
-    let (limited_key, entry) = llmesh_gateway::admission::generate_key("one-a-minute");
+    let (limited_key, entry) = llmesh_keys::generate_key("one-a-minute");
     let inline =
         format!(r#"[{{id="{}",prefix="{}",sha256="{}",requests_per_minute=1}}]"#, entry.id, entry.prefix, entry.sha256);
     let options = MeshOptions {
@@ -334,7 +334,7 @@ async fn the_seeds_generate_with_its_key_limits_and_cache() {
 
 #[tokio::test]
 async fn a_client_that_goes_away_mid_stream_stops_the_upstream_call_and_settles() {
-    let (key, entry) = llmesh_gateway::admission::generate_key("streamer");
+    let (key, entry) = llmesh_keys::generate_key("streamer");
     // 1200 tokens a minute (20 a second come back): a reservation of 1000 that was never settled
     // would still be missing from the bucket long after this test.
     let inline = format!(

@@ -37,7 +37,7 @@ fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
 
 /// A key for `id` and its entry as an inline TOML table, with `extra` fields.
 fn key(id: &str, extra: &str) -> (String, String) {
-    let (key, entry) = llmesh_gateway::admission::generate_key(id);
+    let (key, entry) = llmesh_keys::generate_key(id);
     let table = format!(r#"{{id="{}",prefix="{}",sha256="{}"{extra}}}"#, entry.id, entry.prefix, entry.sha256);
     (key, table)
 }

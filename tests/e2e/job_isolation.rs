@@ -25,7 +25,7 @@ struct Tenant {
 
 impl Tenant {
     fn new(id: &str, tokens_per_minute: Option<u32>) -> Self {
-        let (key, entry) = llmesh_gateway::admission::generate_key(id);
+        let (key, entry) = llmesh_keys::generate_key(id);
         let limit = tokens_per_minute.map(|tokens| format!(",tokens_per_minute={tokens}")).unwrap_or_default();
         let entry = format!(r#"{{id="{}",prefix="{}",sha256="{}"{limit}}}"#, entry.id, entry.prefix, entry.sha256);
         Self { key, entry }

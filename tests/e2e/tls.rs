@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use llmesh_e2e::{Mesh, MeshOptions, Proc, bin, eventually, free_port};
+use llmesh_e2e::{Mesh, MeshOptions, Proc, Redis, bin, eventually};
 use llmesh_proto::{
     cache::v1::{StatsRequest, StoreRequest, cache_client::CacheClient},
     gateway::v1::gateway_client::GatewayClient,
@@ -284,7 +284,7 @@ async fn certificates_replaced_on_disk_serve_new_connections_without_a_restart()
 }
 
 /// Writes a keys file of `keys` ((key, id) pairs) at `path`, by a rename.
-fn write_keys(path: &Path, entries: &[&llmesh_gateway::admission::ApiKey]) {
+fn write_keys(path: &Path, entries: &[&llmesh_keys::ApiKey]) {
     let text: String = entries
         .iter()
         .map(|e| format!("[[keys]]\nid = \"{}\"\nprefix = \"{}\"\nsha256 = \"{}\"\n", e.id, e.prefix, e.sha256))
@@ -311,9 +311,9 @@ async fn gateway_on_keys(keys: &Path) -> (Proc, Proc) {
 async fn a_removed_key_is_refused_within_5s_while_another_keys_calls_never_fail() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.toml");
-    let (leaving_key, leaving) = llmesh_gateway::admission::generate_key("leaving");
-    let (staying_key, staying) = llmesh_gateway::admission::generate_key("staying");
-    let (arriving_key, arriving) = llmesh_gateway::admission::generate_key("arriving");
+    let (leaving_key, leaving) = llmesh_keys::generate_key("leaving");
+    let (staying_key, staying) = llmesh_keys::generate_key("staying");
+    let (arriving_key, arriving) = llmesh_keys::generate_key("arriving");
     write_keys(&path, &[&leaving, &staying]);
     let (_generation, gateway) = gateway_on_keys(&path).await;
     let client = GatewayClient::new(gateway.channel().await);
@@ -372,7 +372,7 @@ async fn a_removed_key_is_refused_within_5s_while_another_keys_calls_never_fail(
 async fn a_broken_keys_file_keeps_the_old_keys_and_is_counted() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.toml");
-    let (key, entry) = llmesh_gateway::admission::generate_key("kept");
+    let (key, entry) = llmesh_keys::generate_key("kept");
     write_keys(&path, &[&entry]);
     let (_generation, gateway) = gateway_on_keys(&path).await;
     let mut client = GatewayClient::new(gateway.channel().await);
@@ -404,32 +404,21 @@ async fn a_broken_keys_file_keeps_the_old_keys_and_is_counted() {
 
 /// A redis-server speaking only TLS (the mesh's CA, its cache certificate), with the default user
 /// off and one ACL user `llmesh` with `password`.
-async fn tls_redis(certs: &Certs, password: &str) -> (tokio::process::Child, u16) {
-    let port = free_port();
-    let child = Command::new("redis-server")
-        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .args(["--tls-cert-file", &certs.shown("cache.pem"), "--tls-key-file", &certs.shown("cache-key.pem")])
-        .args(["--tls-ca-cert-file", &certs.shown("ca.pem"), "--tls-auth-clients", "no"])
+async fn tls_redis(certs: &Certs, password: &str) -> Redis {
+    Redis::builder()
+        .tls(certs.path("cache.pem"), certs.path("cache-key.pem"), certs.path("ca.pem"))
         .args(["--user", "default", "off"])
         .args(["--user", "llmesh", "on", &format!(">{password}"), "~*", "&*", "+@all"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let listening = eventually(Duration::from_secs(20), || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
-    })
-    .await;
-    assert!(listening.is_some(), "redis-server with TLS did not start");
-    (child, port)
+        .start()
+        .await
+        .unwrap()
 }
 
 /// [`tls_redis`], its password in a file (a mounted Secret, as the deploy files do), and the
 /// `rediss://` URL every Redis client of the mesh is given for it.
-async fn tls_redis_with_password_file(certs: &Certs, password: &str) -> (tokio::process::Child, String) {
-    let (redis, port) = tls_redis(certs, password).await;
+async fn tls_redis_with_password_file(certs: &Certs, password: &str) -> (Redis, String) {
+    let redis = tls_redis(certs, password).await;
+    let port = redis.port;
     std::fs::write(certs.path("redis-password"), format!("{password}\n")).unwrap();
     let url = format!(
         "rediss://llmesh@127.0.0.1:{port}/0?tls_ca={}&password_file={}",
@@ -518,7 +507,7 @@ async fn every_redis_client_works_over_rediss_with_a_password_from_a_file() {
 
 /// A keys file with one key, `spender`, in team `t`: the key's budget is `key_usd` a day and the
 /// team's 100 dollars a month. Written by a rename, as `write_keys`.
-fn write_budgeted_keys(path: &Path, entry: &llmesh_gateway::admission::ApiKey, key_usd: &str) {
+fn write_budgeted_keys(path: &Path, entry: &llmesh_keys::ApiKey, key_usd: &str) {
     let text = format!(
         "[[keys]]\nid = \"spender\"\nteam = \"t\"\nprefix = \"{}\"\nsha256 = \"{}\"\n\
          budget = {{ usd = {key_usd}, period = \"day\" }}\n\n[[teams]]\nname = \"t\"\nbudget = {{ usd = 100 }}\n",
@@ -541,7 +530,7 @@ async fn budgets_and_llmesh_spend_use_rediss_and_a_changed_budget_applies_at_onc
     let (_redis, url) = tls_redis_with_password_file(&certs, password).await;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.toml");
-    let (key, entry) = llmesh_gateway::admission::generate_key("spender");
+    let (key, entry) = llmesh_keys::generate_key("spender");
     write_budgeted_keys(&keys, &entry, "1");
     let config = dir.path().join("mesh.toml");
     std::fs::write(&config, "[gateway.prices.sim]\ninput_per_million = 1000.0\noutput_per_million = 2000.0\n").unwrap();

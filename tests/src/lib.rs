@@ -5,8 +5,11 @@
 
 pub mod otlp;
 
+/// The redis-server fixture every test crate shares.
+pub use llmesh_testkit::{Redis, RedisCluster, free_port};
+
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
     sync::{Arc, Mutex},
@@ -223,51 +226,6 @@ pub async fn run_to_exit(
     Ok((status, logs))
 }
 
-/// A free loopback port (bound and released: good enough for a test that starts a server on it).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A private redis-server on a free loopback port, without persistence.
-pub struct Redis {
-    pub port: u16,
-    child: Child,
-}
-
-impl Redis {
-    pub async fn start() -> anyhow::Result<Self> {
-        Self::start_on(free_port()).await
-    }
-
-    /// Starts redis-server on `port` (used again to restart one on the same port).
-    pub async fn start_on(port: u16) -> anyhow::Result<Self> {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning redis-server (scripts/test installs it)")?;
-        let redis = Self { port, child };
-        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            if tokio::time::Instant::now() > deadline {
-                bail!("redis-server did not listen on {port}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(redis)
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    pub async fn kill(&mut self) {
-        self.child.kill().await.unwrap();
-    }
-}
-
 /// What a test mesh should look like.
 #[derive(Debug, Default, Clone)]
 pub struct MeshOptions {
@@ -372,90 +330,5 @@ where
             return None;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A private three-primary Redis Cluster on loopback, without persistence.
-pub struct RedisCluster {
-    pub ports: Vec<u16>,
-    _nodes: Vec<Child>,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisCluster {
-    pub async fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("llmesh-cluster-").tempdir()?;
-        let mut ports = Vec::new();
-        // Each node also needs its cluster bus port, port + 10000.
-        while ports.len() < 3 {
-            let port = free_port();
-            if port < 55_000 && !ports.contains(&port) && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-                ports.push(port);
-            }
-        }
-        let mut nodes = Vec::new();
-        for port in &ports {
-            let node = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
-                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .context("spawning redis-server (scripts/test installs it)")?;
-            nodes.push(node);
-        }
-        for port in &ports {
-            let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-            while tokio::net::TcpStream::connect(("127.0.0.1", *port)).await.is_err() {
-                if tokio::time::Instant::now() > deadline {
-                    bail!("cluster node {port} did not listen");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let created = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .await
-            .context("redis-cli --cluster create")?;
-        if !created.status.success() {
-            bail!("cluster create failed: {}", String::from_utf8_lossy(&created.stderr));
-        }
-        let ready = eventually(START_TIMEOUT, || {
-            let ports = ports.clone();
-            async move {
-                for port in ports {
-                    let info = Command::new("redis-cli")
-                        .args(["-p", &port.to_string(), "cluster", "info"])
-                        .output()
-                        .await
-                        .ok()?;
-                    if !String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
-                        return None;
-                    }
-                }
-                Some(())
-            }
-        })
-        .await;
-        if ready.is_none() {
-            bail!("the cluster never reached cluster_state:ok");
-        }
-        Ok(Self { ports, _nodes: nodes, _dir: dir })
-    }
-
-    pub fn seed_urls(&self) -> String {
-        let urls: Vec<String> = self.ports.iter().map(|p| format!("\"redis://127.0.0.1:{p}\"")).collect();
-        format!("[{}]", urls.join(","))
     }
 }

@@ -10,7 +10,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
-use llmesh_gateway::admission::auth::{parse_keys_file, parse_teams};
+use llmesh_keys::{parse_keys_file, parse_teams};
 use llmesh_ratelimit::budget::{self, Level, Period, RedisBudget, Scope, Window};
 use serde::Serialize;
 

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{OWNER, RedisServer, config, connect, echo, request, spawn_worker};
+use common::{OWNER, Redis, config, connect, echo, request, spawn_worker};
 use llmesh_proto::{gateway::v1::JobState, generation::v1::GenerateRequest};
 use llmesh_queue::{JobError, QueueConfig, QueueStats, is_terminal};
 use redis::AsyncCommands as _;
@@ -30,7 +30,7 @@ struct Executions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_jobs_four_workers_retries_and_poison() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { backoff_base_ms: 10, backoff_max_ms: 100, ..config() }).await;
     let executions: Arc<Mutex<Executions>> = Arc::default();
 
@@ -103,7 +103,7 @@ async fn two_hundred_jobs_four_workers_retries_and_poison() {
         assert_eq!(successes, u32::from(!poison), "job {index}: successful executions");
     }
 
-    let mut raw = redis.raw().await;
+    let mut raw = redis.connection().await.unwrap();
     let letters: redis::streams::StreamRangeReply = raw.xrange_all("llmesh:jobs:dead").await.unwrap();
     let mut dead: Vec<String> = letters.ids.iter().map(|letter| letter.get("job").unwrap()).collect();
     let mut poison_ids: Vec<String> = POISON.iter().map(|&index| ids[index].clone()).collect();

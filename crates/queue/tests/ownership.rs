@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{NO_SUCH_JOB, OWNER, RedisServer, config, connect, echo_execute, request, spawn_worker, wait_for};
+use common::{NO_SUCH_JOB, OWNER, Redis, config, connect, echo_execute, request, spawn_worker, wait_for};
 use futures::StreamExt as _;
 use llmesh_proto::gateway::v1::JobState;
 use llmesh_queue::{InvalidInput, LEGACY_OWNER, QueueConfig, QueueError};
@@ -21,7 +21,7 @@ fn not_found(error: &QueueError) -> bool {
 
 #[tokio::test]
 async fn another_owners_job_is_not_found_exactly_like_a_missing_one() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, config()).await;
     let job = queue.submit(OWNER, &request("alice's"), "", None).await.unwrap().job;
 
@@ -50,7 +50,7 @@ async fn another_owners_job_is_not_found_exactly_like_a_missing_one() {
 
 #[tokio::test]
 async fn idempotency_keys_are_per_owner() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, config()).await;
 
     let alice = queue.submit(OWNER, &request("a"), "order-42", None).await.unwrap();
@@ -69,14 +69,14 @@ async fn idempotency_keys_are_per_owner() {
     let second = queue.submit("a", &request("y"), "b:c", None).await.unwrap();
     assert!(!first.existing && !second.existing);
     assert_ne!(first.job.id, second.job.id);
-    let mut raw = redis.raw().await;
+    let mut raw = redis.connection().await.unwrap();
     let record: String = raw.get("llmesh:jobs:idem:3:a:b:c").await.unwrap();
     assert_eq!(record, first.job.id);
 }
 
 #[tokio::test]
 async fn ids_and_idempotency_keys_are_checked_before_redis_is_asked() {
-    let mut redis = RedisServer::start().await;
+    let mut redis = Redis::start().await.unwrap();
     let queue = connect(&redis, config()).await;
     // With Redis gone, any call that reached it would be Unavailable.
     redis.kill().await;
@@ -102,11 +102,11 @@ async fn ids_and_idempotency_keys_are_checked_before_redis_is_asked() {
 
 #[tokio::test]
 async fn records_from_before_owners_belong_to_anonymous_only() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, config()).await;
     // A record as the queue wrote them before jobs had owners.
     let id = "job-0190000000007000800000000000000a";
-    let mut raw = redis.raw().await;
+    let mut raw = redis.connection().await.unwrap();
     let fields = [("state", "JOB_STATE_QUEUED"), ("attempts", "0"), ("created_at_ms", "1"), ("updated_at_ms", "1")];
     let _: () = raw.hset_multiple(format!("llmesh:jobs:job:{id}"), &fields).await.unwrap();
 
@@ -121,7 +121,7 @@ async fn records_from_before_owners_belong_to_anonymous_only() {
 
 #[tokio::test]
 async fn an_owner_holds_at_most_its_bound_of_unfinished_jobs() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { max_unfinished_per_owner: 3, ..config() }).await;
     let full = |error: &QueueError| matches!(error, QueueError::TooManyUnfinished { limit: 3 });
     let mut jobs = Vec::new();
@@ -146,7 +146,7 @@ async fn an_owner_holds_at_most_its_bound_of_unfinished_jobs() {
         wait_for(&queue, &job.id, Duration::from_secs(10), |job| job.state() == JobState::Succeeded).await;
     }
     worker.stop().await;
-    let mut raw = redis.raw().await;
+    let mut raw = redis.connection().await.unwrap();
     let unfinished: u64 = raw.zcard(format!("llmesh:jobs:unfinished:{OWNER}")).await.unwrap();
     assert_eq!(unfinished, 0);
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{NO_SUCH_JOB, OWNER, RedisServer, config, connect, request};
+use common::{NO_SUCH_JOB, OWNER, Redis, config, connect, request};
 use llmesh_proto::{gateway::v1::JobState, generation::v1::GenerateRequest};
 use llmesh_queue::{JobQueue, QueueConfig, QueueError, QueueStats};
 use prost::Message as _;
@@ -13,7 +13,7 @@ use redis::AsyncCommands as _;
 
 #[tokio::test]
 async fn submit_returns_a_queued_job_at_once_and_stores_its_record() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, config()).await;
     let sent = request("hello");
 
@@ -28,7 +28,7 @@ async fn submit_returns_a_queued_job_at_once_and_stores_its_record() {
     assert!(job.created_at_unix_ms > 1_600_000_000_000 && job.created_at_unix_ms == job.updated_at_unix_ms);
     assert_eq!(queue.get(OWNER, &job.id).await.unwrap(), Some(job.clone()));
 
-    let mut raw = redis.raw().await;
+    let mut raw = redis.connection().await.unwrap();
     let key = format!("llmesh:jobs:job:{}", job.id);
     let stored_request: Vec<u8> = raw.hget(&key, "request").await.unwrap();
     assert_eq!(GenerateRequest::decode(stored_request.as_slice()).unwrap(), sent);
@@ -45,7 +45,7 @@ async fn submit_returns_a_queued_job_at_once_and_stores_its_record() {
 
 #[tokio::test]
 async fn an_unknown_job_is_none_and_cannot_be_cancelled() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, config()).await;
     assert_eq!(queue.get(OWNER, NO_SUCH_JOB).await.unwrap(), None);
     let error = queue.cancel(OWNER, NO_SUCH_JOB).await.unwrap_err();
@@ -54,7 +54,7 @@ async fn an_unknown_job_is_none_and_cannot_be_cancelled() {
 
 #[tokio::test]
 async fn the_same_idempotency_key_returns_the_existing_job() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, config()).await;
 
     let first = queue.submit(OWNER, &request("a"), "key-1", None).await.unwrap();
@@ -74,7 +74,7 @@ async fn the_same_idempotency_key_returns_the_existing_job() {
 
 #[tokio::test]
 async fn racing_submissions_with_one_key_create_one_job() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     // Two handles, two connections: the race is between connections, as between gateways.
     let queues = [connect(&redis, config()).await, connect(&redis, config()).await];
 
@@ -92,7 +92,7 @@ async fn racing_submissions_with_one_key_create_one_job() {
 
 #[tokio::test]
 async fn cancel_takes_a_waiting_job_out_and_refuses_a_finished_one() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, config()).await;
     let job = queue.submit(OWNER, &request("never mind"), "", None).await.unwrap().job;
 
@@ -111,12 +111,12 @@ async fn cancel_takes_a_waiting_job_out_and_refuses_a_finished_one() {
 
 #[tokio::test]
 async fn finished_jobs_and_their_idempotency_keys_expire_after_the_result_ttl() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { result_ttl_ms: 300, ..config() }).await;
     let job = queue.submit(OWNER, &request("short-lived"), "idem", None).await.unwrap().job;
     queue.cancel(OWNER, &job.id).await.unwrap();
 
-    let mut raw = redis.raw().await;
+    let mut raw = redis.connection().await.unwrap();
     let ttl: i64 = raw.pttl(format!("llmesh:jobs:job:{}", job.id)).await.unwrap();
     assert!((1..=300).contains(&ttl), "the finished job expires: pttl {ttl}");
     let idem_ttl: i64 = raw.pttl("llmesh:jobs:idem:5:alice:idem").await.unwrap();
@@ -130,7 +130,7 @@ async fn finished_jobs_and_their_idempotency_keys_expire_after_the_result_ttl() 
 
 #[tokio::test]
 async fn queues_on_different_streams_do_not_see_each_other() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let blue = connect(&redis, QueueConfig { stream: "blue".into(), ..config() }).await;
     let green = connect(&redis, QueueConfig { stream: "green".into(), ..config() }).await;
 
@@ -145,7 +145,7 @@ async fn queues_on_different_streams_do_not_see_each_other() {
 
 #[tokio::test]
 async fn calls_fail_fast_with_unavailable_once_redis_is_gone() {
-    let mut redis = RedisServer::start().await;
+    let mut redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { response_timeout_ms: 50, ..config() }).await;
     let job = queue.submit(OWNER, &request("before"), "", None).await.unwrap().job;
     redis.kill().await;

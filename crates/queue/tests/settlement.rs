@@ -16,7 +16,8 @@ use std::{
 };
 
 use common::{
-    OWNER, RedisServer, Settled, config, connect, echo, echo_execute, request, spawn_settling_worker, wait_for,
+    OWNER, Redis, Settled, config, connect, echo, echo_execute, read_and_crash, request, spawn_settling_worker,
+    wait_for,
 };
 use llmesh_proto::{
     common::v1::Usage,
@@ -59,7 +60,7 @@ async fn submit(queue: &JobQueue, prompt: &str, tokens: Option<u32>) -> Job {
 
 #[tokio::test]
 async fn a_finished_job_is_settled_once_with_what_its_answer_used() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { max_retries: 0, ..config() }).await;
     let settled = Settled::default();
     let worker = spawn_settling_worker(
@@ -114,7 +115,7 @@ async fn a_finished_job_is_settled_once_with_what_its_answer_used() {
 
 #[tokio::test]
 async fn a_cancelled_job_is_settled_by_the_canceller_not_by_the_worker_that_reads_it_later() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, config()).await;
     let local =
         TokenReservation { store: ReservationStore::Local { replica: "gw-1".into() }, tokens: 700, per_minute: 900 };
@@ -147,11 +148,11 @@ async fn a_cancelled_job_is_settled_by_the_canceller_not_by_the_worker_that_read
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_run_twice_at_once_by_two_workers_is_settled_once() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, config()).await;
     let job = submit(&queue, "twice", Some(600)).await;
     // A second delivery of the same job (as after a takeover whose first worker was only slow).
-    let mut raw = redis.raw().await;
+    let mut raw = redis.connection().await.unwrap();
     let _: String = raw.xadd("llmesh:jobs", "*", &[("job", job.id.as_str())]).await.unwrap();
 
     let settled = Settled::default();
@@ -193,21 +194,21 @@ async fn a_job_run_twice_at_once_by_two_workers_is_settled_once() {
 
 #[tokio::test]
 async fn a_worker_that_takes_over_a_finished_job_settles_nothing_and_one_that_finishes_it_settles_once() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { claim_idle_ms: 200, ..config() }).await;
-    let mut raw = redis.raw().await;
+    let mut raw = redis.connection().await.unwrap();
 
     // Job one: its worker stored the result (terminal, settlement handed to it), then died before
     // settling or acknowledging. The settlement went with it: the reservation stays charged.
     let finished = submit(&queue, "finished", Some(600)).await;
-    redis.read_and_crash().await;
+    read_and_crash(&redis).await;
     let result = answer(&request("finished"), 10).encode_to_vec();
     let key = format!("llmesh:jobs:job:{}", finished.id);
     let fields = [("state", "JOB_STATE_SUCCEEDED".as_bytes()), ("attempts", b"1"), ("result", result.as_slice())];
     let _: () = raw.hset_multiple(&key, &fields).await.unwrap();
     // Job two: its worker died while running it.
     let orphan = submit(&queue, "orphan", Some(500)).await;
-    redis.read_and_crash().await;
+    read_and_crash(&redis).await;
     let key = format!("llmesh:jobs:job:{}", orphan.id);
     let _: () = raw.hset_multiple(&key, &[("state", "JOB_STATE_RUNNING"), ("attempts", "1")]).await.unwrap();
 
@@ -241,7 +242,7 @@ async fn a_worker_that_takes_over_a_finished_job_settles_nothing_and_one_that_fi
 
 #[tokio::test]
 async fn a_money_reservation_is_handed_over_with_the_tokens_even_without_tokens() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { max_retries: 0, ..config() }).await;
     let settled = Settled::default();
     let worker = spawn_settling_worker(

@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{NO_SUCH_JOB, OWNER, RedisServer, config, connect, echo, echo_execute, request, spawn_worker, wait_for};
+use common::{
+    NO_SUCH_JOB, OWNER, Redis, config, connect, echo, echo_execute, read_and_crash, request, spawn_worker, wait_for,
+};
 use futures::StreamExt as _;
 use llmesh_proto::{
     gateway::v1::{Job, JobState},
@@ -31,7 +33,7 @@ fn state_is(state: JobState) -> impl Fn(&Job) -> bool {
 
 #[tokio::test]
 async fn a_worker_runs_a_job_stores_its_result_and_leaves_nothing_behind() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { result_ttl_ms: 500, ..config() }).await;
     let worker = spawn_worker(&queue, "w1", echo_execute);
     let sent = request("hi");
@@ -44,7 +46,7 @@ async fn a_worker_runs_a_job_stores_its_result_and_leaves_nothing_behind() {
     assert!(done.error.is_empty());
     assert!(done.updated_at_unix_ms >= done.created_at_unix_ms);
     assert_eq!(queue.stats().await.unwrap(), QueueStats::default(), "acknowledged and off the stream");
-    let mut raw = redis.raw().await;
+    let mut raw = redis.connection().await.unwrap();
     let ttl: i64 = raw.pttl(format!("llmesh:jobs:job:{}", job.id)).await.unwrap();
     assert!((1..=500).contains(&ttl), "the finished job expires after the result ttl: pttl {ttl}");
     tokio::time::sleep(Duration::from_millis(650)).await;
@@ -54,7 +56,7 @@ async fn a_worker_runs_a_job_stores_its_result_and_leaves_nothing_behind() {
 
 #[tokio::test]
 async fn watch_yields_the_current_state_then_each_change_and_ends_when_finished() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, config()).await;
     let release = Arc::new(Notify::new());
     let job = queue.submit(OWNER, &request("slow"), "", None).await.unwrap().job;
@@ -86,7 +88,7 @@ async fn watch_yields_the_current_state_then_each_change_and_ends_when_finished(
 
 #[tokio::test]
 async fn retryable_failures_wait_with_backoff_then_succeed() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { backoff_base_ms: 100, backoff_max_ms: 1_000, ..config() }).await;
     let attempts = Arc::new(AtomicU32::new(0));
     let counter = attempts.clone();
@@ -118,7 +120,7 @@ async fn retryable_failures_wait_with_backoff_then_succeed() {
 
 #[tokio::test]
 async fn a_poison_job_is_dead_lettered_after_its_retries_and_does_not_block_others() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { max_retries: 2, backoff_base_ms: 50, ..config() }).await;
     let worker = spawn_worker(&queue, "w1", |request: GenerateRequest| async move {
         if request.prompt == "poison" { Err(JobError::retryable("provider down")) } else { Ok(echo(&request)) }
@@ -136,7 +138,7 @@ async fn a_poison_job_is_dead_lettered_after_its_retries_and_does_not_block_othe
 
     assert_eq!(dead.attempts, 3, "max_retries 2: three attempts");
     assert_eq!(dead.error, "provider down");
-    let mut raw = redis.raw().await;
+    let mut raw = redis.connection().await.unwrap();
     let letters: redis::streams::StreamRangeReply = raw.xrange_all("llmesh:jobs:dead").await.unwrap();
     assert_eq!(letters.ids.len(), 1);
     let letter = &letters.ids[0];
@@ -149,7 +151,7 @@ async fn a_poison_job_is_dead_lettered_after_its_retries_and_does_not_block_othe
 
 #[tokio::test]
 async fn a_failure_no_retry_can_fix_fails_at_once_without_a_dead_letter() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, config()).await;
     let calls = Arc::new(AtomicU32::new(0));
     let counter = calls.clone();
@@ -170,7 +172,7 @@ async fn a_failure_no_retry_can_fix_fails_at_once_without_a_dead_letter() {
 
 #[tokio::test]
 async fn a_panicking_job_fails_and_the_worker_goes_on() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, config()).await;
     let worker = spawn_worker(&queue, "w1", |request: GenerateRequest| {
         assert_ne!(request.prompt, "boom before the future", "simulated bug");
@@ -194,14 +196,14 @@ async fn a_panicking_job_fails_and_the_worker_goes_on() {
 
 #[tokio::test]
 async fn jobs_of_a_crashed_worker_are_taken_over_after_the_claim_idle_time() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { claim_idle_ms: 200, ..config() }).await;
     let job = queue.submit(OWNER, &request("orphan"), "", None).await.unwrap().job;
 
     // The crashed worker got as far as starting its attempt.
-    let (_entry, job_id) = redis.read_and_crash().await;
+    let (_entry, job_id) = read_and_crash(&redis).await;
     assert_eq!(job_id, job.id);
-    let mut raw = redis.raw().await;
+    let mut raw = redis.connection().await.unwrap();
     let key = format!("llmesh:jobs:job:{}", job.id);
     let _: () = raw.hset_multiple(&key, &[("state", "JOB_STATE_RUNNING"), ("attempts", "1")]).await.unwrap();
     assert_eq!(queue.stats().await.unwrap().pending, 1);
@@ -218,13 +220,13 @@ async fn jobs_of_a_crashed_worker_are_taken_over_after_the_claim_idle_time() {
 
 #[tokio::test]
 async fn a_job_whose_last_attempt_died_with_its_worker_is_dead_lettered_not_run_again() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { claim_idle_ms: 200, max_retries: 1, ..config() }).await;
     let job = queue.submit(OWNER, &request("crashes its worker"), "", None).await.unwrap().job;
 
     // Its second and last attempt took its worker down with it.
-    redis.read_and_crash().await;
-    let mut raw = redis.raw().await;
+    read_and_crash(&redis).await;
+    let mut raw = redis.connection().await.unwrap();
     let key = format!("llmesh:jobs:job:{}", job.id);
     let _: () = raw.hset_multiple(&key, &[("state", "JOB_STATE_RUNNING"), ("attempts", "2")]).await.unwrap();
 
@@ -245,14 +247,14 @@ async fn a_job_whose_last_attempt_died_with_its_worker_is_dead_lettered_not_run_
 
 #[tokio::test]
 async fn a_job_that_finished_before_its_worker_crashed_is_acknowledged_not_run_again() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { claim_idle_ms: 200, ..config() }).await;
     let job = queue.submit(OWNER, &request("done already"), "", None).await.unwrap().job;
 
     // The crashed worker stored its result (and SUCCEEDED, as one step), then died before XACK.
-    let (_entry, _) = redis.read_and_crash().await;
+    let (_entry, _) = read_and_crash(&redis).await;
     let first_result = GenerateResponse { text: "the first and only result".into(), ..Default::default() };
-    let mut raw = redis.raw().await;
+    let mut raw = redis.connection().await.unwrap();
     let key = format!("llmesh:jobs:job:{}", job.id);
     let _: () = redis::pipe()
         .atomic()
@@ -288,7 +290,7 @@ async fn a_job_that_finished_before_its_worker_crashed_is_acknowledged_not_run_a
 
 #[tokio::test]
 async fn a_long_job_keeps_its_claim_and_is_not_run_twice() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { claim_idle_ms: 150, ..config() }).await;
     let runs = Arc::new(AtomicU32::new(0));
     let execute = {
@@ -314,7 +316,7 @@ async fn a_long_job_keeps_its_claim_and_is_not_run_twice() {
 
 #[tokio::test]
 async fn cancel_refuses_a_running_job_and_takes_one_out_of_its_retry_wait() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { backoff_base_ms: 60_000, backoff_max_ms: 60_000, ..config() }).await;
     let release = Arc::new(Notify::new());
     let gate = release.clone();
@@ -344,7 +346,7 @@ async fn cancel_refuses_a_running_job_and_takes_one_out_of_its_retry_wait() {
 
 #[tokio::test]
 async fn shutdown_is_prompt_and_the_abandoned_job_is_taken_over() {
-    let redis = RedisServer::start().await;
+    let redis = Redis::start().await.unwrap();
     let queue = connect(&redis, QueueConfig { claim_idle_ms: 300, ..config() }).await;
     let stuck = spawn_worker(&queue, "stuck", |_request: GenerateRequest| async {
         tokio::time::sleep(Duration::from_secs(3_600)).await;
@@ -384,7 +386,7 @@ async fn a_worker_pauses_while_redis_is_down_then_resumes_where_it_left_off() {
     let warnings = WarningCounter::default();
     let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
 
-    let mut redis = RedisServer::start().await;
+    let mut redis = Redis::start().await.unwrap();
     let port = redis.port;
     let queue = connect(&redis, config()).await;
     let worker = spawn_worker(&queue, "w1", echo_execute);
@@ -398,7 +400,7 @@ async fn a_worker_pauses_while_redis_is_down_then_resumes_where_it_left_off() {
     assert!((1..=8).contains(&failed_steps), "{failed_steps} failed steps in 1.5 s");
 
     // Redis comes back empty (no persistence): the worker recreates its group and goes on.
-    let _redis = RedisServer::start_on(port).await;
+    let _redis = Redis::start_on(port).await.unwrap();
     let deadline = Instant::now() + SOON;
     let job = loop {
         match queue.submit(OWNER, &request("after"), "", None).await {

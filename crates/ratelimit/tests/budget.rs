@@ -5,41 +5,18 @@
 // Test helpers: a broken set-up should fail the test where it happens.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::{
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use llmesh_ratelimit::budget::{Bucket, Hold, Level, Period, RedisBudget, Reserved, Scope};
-use tokio::process::{Child, Command};
+use llmesh_testkit::Redis;
 
-/// A redis-server of the test's own on a free loopback port, killed when dropped.
-struct Redis {
-    _child: Child,
-    port: u16,
+/// A redis-server of the test's own (the workspace's fixture), killed when dropped.
+async fn start_redis() -> Redis {
+    Redis::start().await.unwrap()
 }
 
-impl Redis {
-    async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server runs");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Self { _child: child, port }
-    }
-
-    fn budget(&self) -> RedisBudget {
-        RedisBudget::new(&format!("redis://127.0.0.1:{}/", self.port), Duration::from_secs(2)).unwrap()
-    }
+fn budget_on(redis: &Redis) -> RedisBudget {
+    RedisBudget::new(&redis.url(), Duration::from_secs(2)).unwrap()
 }
 
 fn now_ms() -> u64 {
@@ -55,8 +32,8 @@ fn buckets(key_limit: Option<u64>, team_limit: Option<u64>) -> Vec<Bucket> {
 
 #[tokio::test]
 async fn reservations_take_from_every_bucket_or_none() {
-    let redis = Redis::start().await;
-    let budget = redis.budget();
+    let redis = start_redis().await;
+    let budget = budget_on(&redis);
     budget.warm_up().await.unwrap();
     let first = Hold::new(600, buckets(Some(1_000), Some(700)));
     let Reserved::Taken(levels) = budget.reserve(&first).await.unwrap() else { panic!("refused") };
@@ -80,8 +57,8 @@ async fn reservations_take_from_every_bucket_or_none() {
 
 #[tokio::test]
 async fn a_settlement_applies_once_however_often_it_is_sent() {
-    let redis = Redis::start().await;
-    let budget = redis.budget();
+    let redis = start_redis().await;
+    let budget = budget_on(&redis);
     let hold = Hold::new(1_000, buckets(Some(10_000), None));
     assert!(matches!(budget.reserve(&hold).await.unwrap(), Reserved::Taken(_)));
     assert!(budget.settle(&hold, 400).await.unwrap().applied);
@@ -97,8 +74,8 @@ async fn a_settlement_applies_once_however_often_it_is_sent() {
 
 #[tokio::test]
 async fn a_release_that_arrives_first_voids_the_late_reservation() {
-    let redis = Redis::start().await;
-    let budget = redis.budget();
+    let redis = start_redis().await;
+    let budget = budget_on(&redis);
     let hold = Hold::new(1_000, buckets(Some(10_000), Some(10_000)));
     // The caller gave the reservation up (its reply was lost) before Redis ever ran it.
     assert!(!budget.settle(&hold, 0).await.unwrap().applied);
@@ -110,8 +87,8 @@ async fn a_release_that_arrives_first_voids_the_late_reservation() {
 
 #[tokio::test]
 async fn spend_added_from_elsewhere_counts_once_per_id() {
-    let redis = Redis::start().await;
-    let budget = redis.budget();
+    let redis = start_redis().await;
+    let budget = budget_on(&redis);
     let flush = Hold::new(0, buckets(Some(10_000), None));
     assert!(budget.add(&flush, 123).await.unwrap().applied);
     assert!(!budget.add(&flush, 123).await.unwrap().applied);
@@ -124,11 +101,11 @@ async fn spend_added_from_elsewhere_counts_once_per_id() {
 
 #[tokio::test]
 async fn concurrent_callers_never_take_past_the_limit_and_totals_are_exact() {
-    let redis = Redis::start().await;
+    let redis = start_redis().await;
     let limit = 100_000;
     let mut tasks = Vec::new();
     for worker in 0..8u64 {
-        let budget = redis.budget();
+        let budget = budget_on(&redis);
         tasks.push(tokio::spawn(async move {
             let (mut spent, mut refused) = (0, 0);
             for call in 0..50u64 {
@@ -155,7 +132,7 @@ async fn concurrent_callers_never_take_past_the_limit_and_totals_are_exact() {
     for task in tasks {
         total += task.await.unwrap().0;
     }
-    let level = redis.budget().read(&buckets(None, Some(limit))[1].key).await.unwrap();
+    let level = budget_on(&redis).read(&buckets(None, Some(limit))[1].key).await.unwrap();
     assert_eq!(level, Level { spent: total, held: 0, limit: Some(limit) });
     assert!(total <= limit);
 }

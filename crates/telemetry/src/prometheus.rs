@@ -19,6 +19,24 @@
 //! The collector also adds `otel_scope_*` labels and turns `service.name` / `service.instance.id`
 //! into `job` / `instance`; here Prometheus's scrape sets `job` / `instance`, and the remaining
 //! resource attributes go to `target_info` as the spec asks of SDK exporters.
+//!
+//! **Why hand-written** (checked 2026-12-06 against the crates' sources). `opentelemetry-prometheus`
+//! 0.33.1 (for opentelemetry 0.33, on the `prometheus` 0.14 crate) appends the unit's suffix and
+//! `_total` without looking at the name, so `process_cpu_seconds_total`,
+//! `process_resident_memory_bytes` and `process_start_time_seconds` would become
+//! `process_cpu_seconds_total_seconds_total`, `process_resident_memory_bytes_bytes` and
+//! `process_start_time_seconds_seconds` (the memory alert in `deploy/prometheus/rules` and the CPU
+//! and uptime panels of the overview dashboard query the present names); it also adds `_ratio` to
+//! counters with unit `1`, keeps runs of `_`, does not prefix a label that starts with a digit,
+//! keeps `service_name` on `target_info`, and puts `otel_scope_*` labels on every series unless
+//! told not to. Its `without_units` / `without_counter_suffixes` would cure the doubling only by
+//! dropping `_seconds` and `_total` everywhere else; renaming the instruments instead would change
+//! the OTLP names and still leave `/metrics` differing from the collector's translation, which this
+//! module promises to match. `prometheus-client` (0.26) has no OpenTelemetry bridge: fed through one,
+//! it would take over only the text writing below (the naming rules and the walk over the SDK's data
+//! stay ours), and it writes OpenMetrics (`# EOF`, `# UNIT`, a counter's `# TYPE` without `_total`),
+//! a different exposition from the 0.0.4 text the tests and scrapes read today. So the translation
+//! stays here, with its tests against the collector's names.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;

@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use llmesh_ratelimit::budget::{Nanos, Period};
-use serde::{Deserialize, Serialize};
+pub use llmesh_keys::{BudgetLimit, CacheScope};
 
 /// The caller of a request, as the auth layer found it. Cheap to clone (the strings are shared).
 ///
@@ -67,24 +66,4 @@ impl Principal {
     pub fn allows(&self, model: &str) -> bool {
         self.models.is_empty() || self.models.iter().any(|allowed| allowed == model)
     }
-}
-
-/// A budget as a [`Principal`] carries it: nano-dollars per period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BudgetLimit {
-    pub nanos: Nanos,
-    pub period: Period,
-}
-
-/// Whose cache a key's calls read and write.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum CacheScope {
-    /// One cache for every key: an equal request from any key is answered from it.
-    #[default]
-    Shared,
-    /// Entries of this key's own, which no other key reads (nor this key another's).
-    Private,
-    /// Never cached, never answered from the cache.
-    Off,
 }

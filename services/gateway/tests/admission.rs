@@ -10,7 +10,6 @@ mod admission {
     use std::{
         future::Future,
         pin::Pin,
-        process::Stdio,
         sync::Arc,
         time::{Duration, Instant},
     };
@@ -27,7 +26,7 @@ mod admission {
         generation_client::GenerationClient,
         generation_server::{Generation, GenerationServer},
     };
-    use tokio::process::{Child, Command};
+    use llmesh_testkit::Redis;
     use tonic::{Code, Request, Response, Status};
     use tower::ServiceBuilder;
 
@@ -38,50 +37,9 @@ mod admission {
         tokio::time::timeout(TEST_LIMIT, test).await.expect("test took too long")
     }
 
-    /// A `redis-server` of the test's own on a free loopback port, killed when dropped.
-    struct Redis {
-        child: Child,
-        port: u16,
-    }
-
-    impl Redis {
-        async fn start() -> Self {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            Self::start_on(port).await
-        }
-
-        async fn start_on(port: u16) -> Self {
-            let child = Command::new("/usr/bin/redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("redis-server runs");
-            let redis = Self { child, port };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(mut conn) = redis.connection().await
-                    && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
-                {
-                    return redis;
-                }
-                assert!(Instant::now() < deadline, "redis-server did not start on port {port}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-
-        fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}/", self.port)
-        }
-
-        async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-            redis::Client::open(self.url())?.get_multiplexed_async_connection().await
-        }
-
-        async fn kill(&mut self) {
-            self.child.kill().await.unwrap();
-        }
+    /// A `redis-server` of the test's own (the workspace's fixture), killed when dropped.
+    async fn start_redis() -> Redis {
+        Redis::start().await.unwrap()
     }
 
     fn principal(id: &str) -> Principal {
@@ -109,7 +67,7 @@ mod admission {
     #[tokio::test]
     async fn the_lua_script_computes_what_the_rust_function_does() {
         bounded(async {
-            let redis = Redis::start().await;
+            let redis = start_redis().await;
             let mut conn = redis.connection().await.unwrap();
             let script = redis::Script::new(gcra::SCRIPT);
             let mut rng = fastrand::Rng::with_seed(20261101);
@@ -181,7 +139,7 @@ mod admission {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_limiters_sharing_redis_enforce_one_limit() {
         bounded(async {
-            let redis = Redis::start().await;
+            let redis = start_redis().await;
             // 1200 a minute: 20 a second between the two, after a burst of 1200.
             let config = config(&redis, 1_200, 250);
             let limiters = [Arc::new(RateLimiter::new(&config).unwrap()), Arc::new(RateLimiter::new(&config).unwrap())];
@@ -238,7 +196,7 @@ mod admission {
     #[tokio::test]
     async fn redis_killed_then_back_falls_back_locally_then_shares_again() {
         bounded(async {
-            let mut redis = Redis::start().await;
+            let mut redis = start_redis().await;
             let port = redis.port;
             let limiter = RateLimiter::new(&config(&redis, 600, 50)).unwrap();
             let key = principal("fallback");
@@ -262,7 +220,7 @@ mod admission {
             assert_eq!(limiter.local_fallbacks(), 101);
 
             // Redis back on the same port: used again, without anyone doing anything.
-            let redis = Redis::start_on(port).await;
+            let redis = Redis::start_on(port).await.unwrap();
             until_redis_decides(&limiter, &key, Duration::from_secs(5)).await;
             let fallbacks = limiter.local_fallbacks();
             for _ in 0..20 {
@@ -280,7 +238,7 @@ mod admission {
     #[tokio::test]
     async fn a_stalled_redis_is_given_up_on_after_the_timeout() {
         bounded(async {
-            let redis = Redis::start().await;
+            let redis = start_redis().await;
             let limiter = RateLimiter::new(&config(&redis, 600, 50)).unwrap();
             let key = principal("stalled");
             until_redis_decides(&limiter, &key, Duration::from_secs(5)).await;

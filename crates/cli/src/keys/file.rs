@@ -8,7 +8,7 @@
 //!   gateway, `cat` or a file watcher sees the old file or the new one, nothing in between.
 //! - **A refused edit changes nothing**: a duplicate id, an unknown id, an entry the gateway would
 //!   refuse. Before anything is written, the whole new text is read back as the gateway reads it
-//!   and checked with the gateway's own rules ([`KeyStore::from_keys`]), so `llmesh keys` cannot
+//!   and checked with the gateway's own rules ([`llmesh_keys::check_all`]), so `llmesh keys` cannot
 //!   write a file the gateway rejects, with one exception: a file without keys (after revoking the
 //!   last one), which the gateway refuses on purpose (auth fails closed).
 //! - **Only entries are written**, never a key: the secret of `llmesh keys new` stays on stdout.
@@ -32,7 +32,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use llmesh_gateway::admission::{ApiKey, Budget, KeyStore, auth::parse_keys_file};
+use llmesh_keys::{ApiKey, Budget, check_all, parse_keys_file};
 use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, value};
 
 /// Mode of a keys file this command creates: its owner's only.
@@ -277,7 +277,7 @@ impl KeysFile {
         if entries != self.entries {
             bail!("the edited keys file {} does not read back as written (a bug in llmesh)", self.shown.display());
         }
-        KeyStore::from_keys(entries)
+        check_all(&entries, &[])
             .with_context(|| format!("keys file {} not changed: the gateway would refuse it", self.shown.display()))?;
         write_atomically(&self.target, &text, self.existing.as_ref())
             .with_context(|| format!("cannot write keys file {}", self.shown.display()))
@@ -425,7 +425,7 @@ fn write_atomically(target: &Path, text: &str, existing: Option<&Metadata>) -> a
 
 #[cfg(test)]
 mod tests {
-    use llmesh_gateway::admission::generate_key;
+    use llmesh_keys::generate_key;
 
     use super::*;
 

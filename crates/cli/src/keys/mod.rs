@@ -20,7 +20,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use llmesh_gateway::admission::{ApiKey, Budget, KeyStore, auth::parse_keys_file, generate_key};
+use llmesh_keys::{ApiKey, Budget, check_all, generate_key, parse_keys_file};
 use llmesh_ratelimit::budget::Period;
 use serde::Serialize;
 
@@ -159,7 +159,7 @@ fn make_key(id: &str, settings: &Settings) -> (String, ApiKey) {
 
 fn new_key_printed(id: &str, settings: &Settings) -> anyhow::Result<()> {
     let (key, entry) = make_key(id, settings);
-    KeyStore::from_keys([entry.clone()]).context("the gateway would refuse this key")?;
+    check_all(std::slice::from_ref(&entry), &[]).context("the gateway would refuse this key")?;
     let mut err = std::io::stderr().lock();
     writeln!(
         err,

@@ -1,13 +1,12 @@
-//! Shared by the integration tests: a private redis-server per test, a queue on it, workers that
-//! stop on demand, and waiting for a job to get somewhere.
+//! Shared by the integration tests: a private redis-server per test (the workspace's fixture,
+//! `llmesh-testkit`), a queue on it, workers that stop on demand, and waiting for a job to get
+//! somewhere.
 
 // Test support: panicking on a broken setup is the point, and each test binary uses only some helpers.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::{
     future::Future,
-    net::TcpListener,
-    process::Stdio,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -17,73 +16,28 @@ use llmesh_proto::{
     generation::v1::{GenerateRequest, GenerateResponse},
 };
 use llmesh_queue::{JobError, JobQueue, QueueConfig, QueueError, Settlement, Worker};
-use tokio::{
-    process::{Child, Command},
-    sync::oneshot,
-    task::JoinHandle,
-};
+use tokio::{sync::oneshot, task::JoinHandle};
 
-/// A redis-server of the test's own, on a free loopback port, without persistence. Killed when
-/// dropped.
-pub struct RedisServer {
-    pub port: u16,
-    child: Child,
-}
+/// The redis-server fixture every test crate shares: one of the test's own per test.
+pub use llmesh_testkit::Redis;
 
-impl RedisServer {
-    pub async fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        Self::start_on(port).await
-    }
-
-    /// Starts one on `port`: used again to bring Redis back on the port it had.
-    pub async fn start_on(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawning redis-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Self { port, child }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    pub async fn kill(&mut self) {
-        self.child.kill().await.unwrap();
-    }
-
-    /// Reads one job off the stream the way a worker does, then "crashes": never acknowledges it.
-    pub async fn read_and_crash(&self) -> (String, String) {
-        let mut raw = self.raw().await;
-        let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg("llmesh-workers")
-            .arg("crashed-worker")
-            .arg("COUNT")
-            .arg(1)
-            .arg("STREAMS")
-            .arg("llmesh:jobs")
-            .arg(">")
-            .query_async(&mut raw)
-            .await
-            .unwrap();
-        let entry = reply.keys[0].ids[0].clone();
-        (entry.id.clone(), entry.get("job").unwrap())
-    }
-
-    /// A plain connection, to look at (or tamper with) what the queue stored.
-    pub async fn raw(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
-    }
+/// Reads one job off the stream the way a worker does, then "crashes": never acknowledges it.
+pub async fn read_and_crash(redis: &Redis) -> (String, String) {
+    let mut raw = redis.connection().await.unwrap();
+    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("llmesh-workers")
+        .arg("crashed-worker")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg("llmesh:jobs")
+        .arg(">")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let entry = reply.keys[0].ids[0].clone();
+    (entry.id.clone(), entry.get("job").unwrap())
 }
 
 /// Who submits the tests' jobs.
@@ -103,7 +57,7 @@ pub fn config() -> QueueConfig {
     }
 }
 
-pub async fn connect(redis: &RedisServer, config: QueueConfig) -> JobQueue {
+pub async fn connect(redis: &Redis, config: QueueConfig) -> JobQueue {
     JobQueue::connect(&redis.url(), config).await.unwrap()
 }
 

@@ -2,11 +2,12 @@
 //! [`Principal`] in the request extensions.
 //!
 //! Keys come from `[gateway.auth] keys` and from `keys_file` (a TOML file of `[[keys]]` tables of
-//! the same shape, e.g. a mounted secret, written by `llmesh keys`). The format of the keys the
-//! gateway issues is described in [`key`]. Teams' budgets come from `[[teams]]` tables, in the
-//! same two places; each key's [`Principal`] carries its own budget and its team's (the money
-//! itself is counted in Redis, see [`crate::admission::budget`], so changing a limit here changes
-//! only the limit).
+//! the same shape, e.g. a mounted secret, written by `llmesh keys`). The file's format, its rules
+//! and the format of the keys the gateway issues belong to the `llmesh-keys` crate, which `llmesh
+//! keys` shares; this module keeps what runs in the gateway. Teams' budgets come from `[[teams]]`
+//! tables, in the same two places; each key's [`Principal`] carries its own budget and its team's
+//! (the money itself is counted in Redis, see [`crate::admission::budget`], so changing a limit
+//! here changes only the limit).
 //!
 //! Auth fails closed. It is off (every caller is [`Principal::anonymous`]) only when neither
 //! `keys` nor `keys_file` is configured at all. A configured `keys_file` that is missing,
@@ -25,25 +26,18 @@
 //! [`llmesh_common::reload`]). The reload is generic over the store: whatever a `[[keys]]` entry
 //! holds follows it, and so do the `[[teams]]` (a changed budget, a key moved to another team).
 
-mod key;
 mod layer;
 
-use std::{
-    collections::HashMap,
-    fmt,
-    path::{Path, PathBuf},
-};
-
-use anyhow::{Context as _, bail};
-use llmesh_common::reload::{self, Live};
-use llmesh_ratelimit::budget::{Period, usd_to_nanos};
-use serde::{Deserialize, Serialize};
+use std::{collections::HashMap, fmt, path::PathBuf};
 
 use crate::principal::Principal;
-pub use crate::principal::{BudgetLimit, CacheScope};
+use anyhow::Context as _;
+use llmesh_common::reload::{self, Live};
+use llmesh_keys::{constant_time_eq, key, read_keys_file, team_budgets};
+use serde::{Deserialize, Serialize};
 
-pub use key::{KEY_TAG, constant_time_eq, generate_key, prefix_of, sha256_hex};
 pub use layer::{API_KEY_HEADER, Auth, AuthLayer};
+pub use llmesh_keys::{ApiKey, Budget, BudgetLimit, CacheScope, Team, generate_key};
 
 /// `[gateway.auth]`. With no keys at all, auth is off and every caller is `anonymous`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -55,63 +49,6 @@ pub struct AuthConfig {
     pub keys: Vec<ApiKey>,
     /// Teams with a budget (a key names its team in `team`).
     pub teams: Vec<Team>,
-}
-
-/// A spend limit in US dollars per calendar period (UTC): `budget = { usd = 50.0, period =
-/// "month" }` on a key or a team.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Budget {
-    pub usd: f64,
-    /// `day` or `month` (the default): the calendar period in UTC the amount is for.
-    #[serde(default)]
-    pub period: Period,
-}
-
-impl Budget {
-    /// The limit in the unit budgets are counted in.
-    fn limit(&self) -> anyhow::Result<BudgetLimit> {
-        match usd_to_nanos(self.usd) {
-            Some(nanos) => Ok(BudgetLimit { nanos, period: self.period }),
-            None => bail!("`budget.usd` must be a number of dollars from 0 to 9,000,000 (got {})", self.usd),
-        }
-    }
-}
-
-/// A team with a budget shared by every key that names it (`[[teams]]`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Team {
-    pub name: String,
-    pub budget: Option<Budget>,
-}
-
-/// One API key, stored as the SHA-256 of the key; `prefix` (the key's first characters) is public
-/// and finds the candidate to compare.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ApiKey {
-    /// Public name, used in metrics and logs.
-    pub id: String,
-    /// The team the key belongs to, if any (`llmesh keys new --team`); a key in no team stands
-    /// alone. Recorded for listings now; budgets per team build on it.
-    pub team: Option<String>,
-    pub prefix: String,
-    /// Hex SHA-256 of the whole key.
-    pub sha256: String,
-    /// Overrides `rate_limit.requests_per_minute` for this key.
-    pub requests_per_minute: Option<u32>,
-    /// Overrides `rate_limit.tokens_per_minute` for this key.
-    pub tokens_per_minute: Option<u32>,
-    /// Models this key may use; empty means all.
-    pub models: Vec<String>,
-    /// Overrides `shed.max_in_flight_per_key` for this key (0: no bound of its own).
-    pub max_in_flight: Option<u32>,
-    /// Whether this key's answers are cached with everyone's (`shared`, the default), only for
-    /// itself (`private`), or not at all (`off`).
-    pub cache: CacheScope,
-    /// This key's own spend limit (its team's, if any, applies as well).
-    pub budget: Option<Budget>,
 }
 
 /// The caller a configured key stands for.
@@ -157,14 +94,6 @@ pub struct KeyStore {
 struct Entry {
     digest: [u8; 32],
     principal: Principal,
-}
-
-/// The shape of `keys_file`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct KeysFile {
-    keys: Vec<ApiKey>,
-    teams: Vec<Team>,
 }
 
 impl KeyStore {
@@ -217,8 +146,7 @@ impl KeyStore {
         let team_budgets = team_budgets(teams)?;
         let mut store = Self { entries: Vec::new(), by_prefix: HashMap::new(), prefix_lengths: Vec::new() };
         for (index, key) in keys.into_iter().enumerate() {
-            let entry =
-                validate(&key, &team_budgets).with_context(|| format!("API key #{} (id {:?})", index + 1, key.id))?;
+            let entry = validate(&key, &team_budgets).with_context(|| llmesh_keys::entry_name(index, &key))?;
             store.by_prefix.entry(key.prefix.clone()).or_default().push(store.entries.len());
             store.entries.push(entry);
             if !store.prefix_lengths.contains(&key.prefix.len()) {
@@ -283,70 +211,10 @@ impl fmt::Debug for KeyStore {
     }
 }
 
-/// The budgets of `teams`, by name.
-fn team_budgets(teams: impl IntoIterator<Item = Team>) -> anyhow::Result<HashMap<String, Option<BudgetLimit>>> {
-    let mut budgets = HashMap::new();
-    for (index, team) in teams.into_iter().enumerate() {
-        let context = || format!("team #{} (name {:?})", index + 1, team.name);
-        if team.name.trim().is_empty() {
-            return Err(anyhow::anyhow!("`name` is empty")).with_context(context);
-        }
-        let budget = team.budget.as_ref().map(Budget::limit).transpose().with_context(context)?;
-        if budgets.insert(team.name.clone(), budget).is_some() {
-            return Err(anyhow::anyhow!("the team is listed twice")).with_context(context);
-        }
-    }
-    Ok(budgets)
-}
-
-/// The keys and teams of a configured keys file, at least one key.
-fn read_keys_file(path: &Path) -> anyhow::Result<KeysFile> {
-    if path.as_os_str().is_empty() {
-        bail!("`keys_file` is set but empty: name the keys file, or unset it to turn auth off");
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read keys file {}", path.display()))?;
-    let file: KeysFile = toml::from_str(&text).with_context(|| format!("invalid keys file {}", path.display()))?;
-    if file.keys.is_empty() {
-        bail!(
-            "keys file {} holds no keys; refusing to start with auth off (add one with \
-             `llmesh keys new --id NAME --file {}`, or unset `keys_file` to turn auth off)",
-            path.display(),
-            path.display()
-        );
-    }
-    Ok(file)
-}
-
-/// The entries of a keys file's text (`[[keys]]` tables), in order, as the gateway reads them;
-/// each is checked only when a [`KeyStore`] is built from them. `llmesh keys` reads files with it
-/// too, so that it never writes one the gateway would refuse.
-pub fn parse_keys_file(text: &str) -> anyhow::Result<Vec<ApiKey>> {
-    let file: KeysFile = toml::from_str(text)?;
-    Ok(file.keys)
-}
-
-/// The `[[teams]]` of a keys file's text, in order (`llmesh spend` reads budgets with it).
-pub fn parse_teams(text: &str) -> anyhow::Result<Vec<Team>> {
-    let file: KeysFile = toml::from_str(text)?;
-    Ok(file.teams)
-}
-
+/// An entry that meets the keys file's rules ([`llmesh_keys::check`]; `llmesh keys` checks the
+/// same ones), as the store holds it.
 fn validate(key: &ApiKey, team_budgets: &HashMap<String, Option<BudgetLimit>>) -> anyhow::Result<Entry> {
-    if key.id.trim().is_empty() {
-        bail!("`id` is empty");
-    }
-    if key.id == Principal::ANONYMOUS {
-        bail!("`id` {:?} is reserved for callers when auth is off", Principal::ANONYMOUS);
-    }
-    if key.team.as_deref().is_some_and(|team| team.trim().is_empty()) {
-        bail!("`team` is empty (leave it out for a key in no team)");
-    }
-    if key.prefix.is_empty() {
-        bail!("`prefix` is empty (the key's public first characters, e.g. `lk_1f2e3d4c`)");
-    }
-    let Some(digest) = key::parse_sha256_hex(&key.sha256) else {
-        bail!("`sha256` must be the 64 hex digits of the key's SHA-256");
-    };
+    let digest = llmesh_keys::check(key)?;
     let budget = key.budget.as_ref().map(Budget::limit).transpose()?;
     let team_budget = key.team.as_ref().and_then(|team| team_budgets.get(team).copied().flatten());
     Ok(Entry { digest, principal: principal_of(key, budget, team_budget) })
@@ -356,7 +224,15 @@ fn validate(key: &ApiKey, team_budgets: &HashMap<String, Option<BudgetLimit>>) -
 mod tests {
     use std::path::PathBuf;
 
+    use llmesh_keys::{parse_keys_file, parse_teams, prefix_of, sha256_hex};
+    use llmesh_ratelimit::budget::Period;
+
     use super::*;
+
+    #[test]
+    fn the_anonymous_id_is_the_one_the_keys_file_reserves() {
+        assert_eq!(Principal::ANONYMOUS, llmesh_keys::ANONYMOUS);
+    }
 
     fn store_of(keys: &[(&str, &str)]) -> KeyStore {
         KeyStore::from_keys(keys.iter().map(|(id, key)| ApiKey {

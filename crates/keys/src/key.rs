@@ -18,7 +18,7 @@ use std::io::Read as _;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::admission::ApiKey;
+use crate::ApiKey;
 
 /// What every generated key starts with.
 pub const KEY_TAG: &str = "lk_";
@@ -62,12 +62,13 @@ pub fn sha256_hex(key: &str) -> String {
     hex
 }
 
-pub(super) fn sha256(key: &str) -> [u8; 32] {
+/// The SHA-256 of a presented key, to compare with an entry's digest ([`constant_time_eq`]).
+pub fn sha256(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
-/// Parses 64 hex digits (either case) into a digest.
-pub(super) fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
+/// Parses 64 hex digits (either case) into a digest: an entry's `sha256`.
+pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.as_bytes();
     if hex.len() != 64 {
         return None;

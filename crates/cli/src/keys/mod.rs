@@ -210,20 +210,22 @@ fn list(path: &Path, entries: &[ApiKey], as_json: bool) -> anyhow::Result<()> {
     } else if entries.is_empty() {
         writeln!(std::io::stderr(), "{} holds no keys (a gateway refuses to start on it)", path.display())?;
     } else {
-        let rows: Vec<[String; 6]> =
-            std::iter::once(["ID", "PREFIX", "TEAM", "MODELS", "REQUESTS/MIN", "TOKENS/MIN"].map(str::to_owned))
-                .chain(entries.iter().map(|entry| {
-                    [
-                        entry.id.clone(),
-                        entry.prefix.clone(),
-                        entry.team.clone().unwrap_or_else(|| "-".to_owned()),
-                        if entry.models.is_empty() { "all".to_owned() } else { entry.models.join(",") },
-                        limit(entry.requests_per_minute),
-                        limit(entry.tokens_per_minute),
-                    ]
-                }))
-                .collect();
-        let mut widths = [0usize; 6];
+        let rows: Vec<[String; 7]> = std::iter::once(
+            ["ID", "PREFIX", "TEAM", "MODELS", "REQUESTS/MIN", "TOKENS/MIN", "BUDGET"].map(str::to_owned),
+        )
+        .chain(entries.iter().map(|entry| {
+            [
+                entry.id.clone(),
+                entry.prefix.clone(),
+                entry.team.clone().unwrap_or_else(|| "-".to_owned()),
+                if entry.models.is_empty() { "all".to_owned() } else { entry.models.join(",") },
+                limit(entry.requests_per_minute),
+                limit(entry.tokens_per_minute),
+                entry.budget.as_ref().map_or_else(|| "-".to_owned(), |b| format!("${}/{}", b.usd, b.period.as_str())),
+            ]
+        }))
+        .collect();
+        let mut widths = [0usize; 7];
         for row in &rows {
             for (width, cell) in widths.iter_mut().zip(row) {
                 *width = (*width).max(cell.chars().count());

@@ -31,6 +31,7 @@ use tokio::{
 
 const LLMESH: &str = env!("CARGO_BIN_EXE_llmesh");
 const STARTUP: Duration = Duration::from_secs(120);
+const SERVICES: [&str; 4] = ["gateway", "generation", "cache", "health"];
 
 /// A free loopback port (bound, then released).
 fn free_port() -> u16 {
@@ -142,14 +143,16 @@ impl Up {
         let mut metrics = HashMap::new();
         for line in banner.lines() {
             let words: Vec<&str> = line.split_whitespace().collect();
-            if let [name, value] = words[..]
-                && ["gateway", "generation", "cache", "health"].contains(&name)
-            {
-                if let Ok(addr) = value.parse() {
-                    addrs.entry(name.to_string()).or_insert(addr);
-                } else if value.ends_with("/metrics") {
-                    metrics.insert(name.to_string(), value.to_string());
+            match words[..] {
+                // "  gateway    127.0.0.1:4000"
+                [name, addr] if SERVICES.contains(&name) => {
+                    addrs.insert(name.to_string(), addr.parse().unwrap());
                 }
+                // "  http://127.0.0.1:9464/metrics  (gateway)"
+                [url, name] if url.ends_with("/metrics") => {
+                    metrics.insert(name.trim_matches(['(', ')']).to_string(), url.to_string());
+                }
+                _ => {}
             }
         }
         assert_eq!(addrs.len(), 4, "{banner}");
@@ -268,7 +271,7 @@ async fn redis_url_puts_rate_limits_and_budgets_in_redis() {
         ),
     );
     let up = Up::start(&["--redis-url", &redis.url(), "--config", config.to_str().unwrap()], &[]).await;
-    for store in ["cache entries", "job queue", "rate limits, spend budgets"] {
+    for store in ["response cache", "job queue", "rate limits, spend budgets"] {
         let line = up.banner.lines().find(|line| line.trim_start().starts_with(store)).unwrap_or_default();
         assert!(line.contains(&format!("Redis redis://127.0.0.1:{}/", redis.port)), "{store}:\n{}", up.banner);
     }

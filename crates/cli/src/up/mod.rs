@@ -73,7 +73,7 @@ impl Store {
 
     fn what(self) -> &'static str {
         match self {
-            Self::Cache => "cache entries",
+            Self::Cache => "response cache",
             Self::Queue => "job queue",
             Self::Limits => "rate limits, spend budgets",
         }
@@ -590,9 +590,10 @@ fn print_banner(
     let admins: Vec<_> =
         Service::ALL.into_iter().filter_map(find).filter_map(|r| Some((r.service, r.admin?))).collect();
     if !admins.is_empty() {
-        writeln!(out, "\nMetrics and CPU profiles (admin listeners, loopback):")?;
+        // No line here starts with a service's name: scripts read the addresses above by it.
+        writeln!(out, "\nMetrics and CPU profiles (admin listeners, on loopback):")?;
         for (service, admin) in &admins {
-            writeln!(out, "  {:<11}http://{admin}/metrics", service.name())?;
+            writeln!(out, "  http://{admin}/metrics  ({})", service.name())?;
         }
         if let Some((service, admin)) = admins.first() {
             writeln!(

@@ -4,6 +4,7 @@ A fenced block is runnable when its info string carries the word `runnable` afte
 
     ```sh runnable
     ```python runnable
+    ```toml runnable
 
 (GitHub and other renderers take the first word as the language and ignore the rest.) A block
 marked `runnable tls` runs against a second mesh, `llmesh up --tls certs` on the certificates an
@@ -16,8 +17,9 @@ those of a mesh on its default ports; `substitute` rewrites them to the mesh the
     127.0.0.1:9464 .. 9467       their admin listeners (/metrics, pprof)
     redis://127.0.0.1:6379       the mesh's Redis (`llmesh up --redis-url`)
 
-A `sh` block runs under `bash -euo pipefail`, a `python` block with the runner's interpreter; each
-must exit 0 within `BLOCK_TIMEOUT_S`; curl runs with `--fail-with-body` (a `.curlrc` in the
+A `sh` block runs under `bash -euo pipefail`, a `python` block with the runner's interpreter; a
+`toml` block is a config file, checked by `llmesh serve <section> --config FILE --check-config` for
+each of its sections (gateway, generation, cache, health). Each must exit 0 within `BLOCK_TIMEOUT_S`; curl runs with `--fail-with-body` (a `.curlrc` in the
 working directory), so an HTTP error fails the block too. The PATH puts the llmesh binaries and the runner's Python
 environment (python, pip, grpcurl, locust) first, as a reader's activated venv and built binaries
 would.
@@ -30,11 +32,13 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 # A fence's opening line: ``` then the language, then the rest of the info string.
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,})(?P<info>[^`]*)$")
-LANGUAGES = {"sh": "sh", "bash": "sh", "shell": "sh", "python": "python", "py": "python"}
+LANGUAGES = {"sh": "sh", "bash": "sh", "shell": "sh", "python": "python", "py": "python", "toml": "toml"}
+SECTIONS = ("gateway", "generation", "cache", "health")
 MARKER = "runnable"
 BLOCK_TIMEOUT_S = 120
 
@@ -45,7 +49,7 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379"
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-    language: str  # "sh" or "python"
+    language: str  # "sh", "python" or "toml"
     line: int  # 1-based line of the opening fence
     text: str
     tls: bool = False  # `runnable tls`: against the TLS mesh
@@ -75,7 +79,7 @@ def runnable_blocks(markdown: str) -> list[Block]:
         if MARKER in words[1:]:
             language = LANGUAGES.get(words[0]) if words else None
             if language is None:
-                raise ValueError(f"README.md:{i + 1}: a runnable block must be sh or python, not {words[:1]}")
+                raise ValueError(f"README.md:{i + 1}: a runnable block must be sh, python or toml, not {words[:1]}")
             blocks.append(Block(language, i + 1, "\n".join(body) + "\n", tls="tls" in words[1:]))
         i = j + 1
     return blocks
@@ -115,6 +119,8 @@ def run(block: Block, mesh: Mesh, cwd: Path, bin_dir: Path, timeout_s: float = B
     (cwd / ".curlrc").write_text("fail-with-body\n")
     env["CURL_HOME"] = str(cwd)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(cwd), env.get("PYTHONPATH", "")] if p)
+    if block.language == "toml":
+        return _check_config(block, text, cwd, bin_dir, env, timeout_s)
     if block.language == "sh":
         command = ["bash", "-euo", "pipefail", "-c", text]
     else:
@@ -129,3 +135,24 @@ def run(block: Block, mesh: Mesh, cwd: Path, bin_dir: Path, timeout_s: float = B
     if result.returncode != 0:
         raise BlockFailed(f"{block.name} exited {result.returncode}:\n--- as run ---\n{text}\n{output}")
     return output
+
+
+def _check_config(block: Block, text: str, cwd: Path, bin_dir: Path, env: dict[str, str], timeout_s: float) -> str:
+    """`llmesh serve <section> --config FILE --check-config` for each section of the block."""
+    try:
+        sections = list(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as error:
+        raise BlockFailed(f"{block.name} is not TOML: {error}\n{text}")
+    unknown = [name for name in sections if name not in SECTIONS]
+    if not sections or unknown:
+        raise BlockFailed(f"{block.name}: sections {unknown or sections} are not those of {SECTIONS}")
+    path = cwd / f"readme-{block.line}.toml"
+    path.write_text(text)
+    outputs = []
+    for section in sections:
+        command = [str(bin_dir / "llmesh"), "serve", section, "--config", str(path), "--check-config"]
+        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if result.returncode != 0:
+            raise BlockFailed(f"{block.name}: [{section}] is refused:\n{text}\n{result.stderr}")
+        outputs.append(result.stderr)
+    return "\n".join(outputs)

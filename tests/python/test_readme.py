@@ -116,7 +116,7 @@ def workdir(tmp_path_factory) -> Path:
 
 def test_the_readme_has_runnable_blocks():
     languages = {block.language for block in BLOCKS}
-    assert len(BLOCKS) >= 10 and languages == {"sh", "python"}, [block.name for block in BLOCKS]
+    assert len(BLOCKS) >= 10 and languages == {"sh", "python", "toml"}, [block.name for block in BLOCKS]
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"README.md:{block.line}" for block in BLOCKS])
@@ -161,7 +161,7 @@ def test_only_marked_blocks_are_found_and_a_bad_mark_is_refused():
     ]
     assert [b.tls for b in blocks] == [False, False, True]
     with pytest.raises(ValueError, match="README.md:1"):
-        readme_blocks.runnable_blocks("```toml runnable\n[gateway]\n```\n")
+        readme_blocks.runnable_blocks("```yaml runnable\ngateway: {}\n```\n")
 
 
 def test_default_addresses_become_the_meshs():
@@ -173,6 +173,19 @@ def test_default_addresses_become_the_meshs():
         "grpcurl 127.0.0.1:4001 x; http://[::1]:4004/y; 127.0.0.1:500510; "
         "http://127.0.0.1:5001/metrics; --redis redis://127.0.0.1:7000/ and redis://127.0.0.1:7000/"
     )
+
+
+def test_a_config_block_is_checked_by_every_service_it_configures(tmp_path):
+    good = readme_blocks.Block("toml", 1, '[gateway]\nrequest_timeout_ms = 1000\n[cache]\nttl_ms = 5\n')
+    readme_blocks.run(good, MESH, tmp_path, BIN_DIR)
+    for bad, why in [
+        ('[gateway]\nbogus_key = 1\n', "gateway.bogus_key"),
+        ('[cache]\nttl_ms = "soon"\n', "cache.ttl_ms"),
+        ('[gateway\n', "not TOML"),
+        ('[proxy]\nlisten = "x"\n', "not those of"),
+    ]:
+        with pytest.raises(readme_blocks.BlockFailed, match=why):
+            readme_blocks.run(readme_blocks.Block("toml", 2, bad), MESH, tmp_path, BIN_DIR)
 
 
 def test_a_failing_block_fails(tmp_path):

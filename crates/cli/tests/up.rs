@@ -402,3 +402,41 @@ async fn a_service_that_keeps_failing_stops_the_mesh_naming_it() {
         assert!(kill(Pid::from_raw(pid), None).is_err(), "{service} (pid {pid}) was left running");
     }
 }
+
+#[tokio::test]
+async fn a_config_file_reaches_every_service_and_what_it_sets_wins_over_ups_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mesh.toml");
+    // `up` would make the sim the default model and turn the fault-injection models on; the file
+    // says otherwise, and a model of its own.
+    write(
+        &config,
+        "[gateway]\ndefault_model = \"tiny\"\n\n[generation]\nfault_models = false\n\n\
+         [generation.models.tiny]\nprovider = \"sim\"\noutput_tokens = 2\n",
+    );
+    let up = Up::start(&["--config", config.to_str().unwrap()], &[]).await;
+    assert!(
+        up.banner.contains(&format!("Configuration: {}", config.canonicalize().unwrap().display())),
+        "{}",
+        up.banner
+    );
+    let client = reqwest::Client::new();
+    let gateway = up.gateway();
+    let answer: serde_json::Value = client
+        .post(format!("http://{gateway}/generate"))
+        .json(&serde_json::json!({"prompt": "which model?"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["model"], "tiny", "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 2, "{answer}");
+    let models: serde_json::Value =
+        client.get(format!("http://{gateway}/v1/models")).send().await.unwrap().json().await.unwrap();
+    let names: Vec<&str> = models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
+    assert!(names.contains(&"tiny") && names.contains(&"sim"), "{names:?}");
+    assert!(!names.contains(&"sim-error"), "the file turned the fault-injection models off: {names:?}");
+    assert!(up.stop().await.success());
+}

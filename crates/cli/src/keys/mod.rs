@@ -4,7 +4,7 @@
 //!   else; with `--file` its entry is added to the keys file, without it the entry goes to stderr
 //!   with a note saying where it belongs. The key is never written to a file, and cannot be shown
 //!   again: the gateway keeps only its SHA-256.
-//! - `list` shows each entry on one line (or as JSON): id, prefix, team, models, limits. Never a
+//! - `list` shows each entry on one line (or as JSON): id, prefix, team, models, limits, budget. Never a
 //!   digest: the prefix names a key well enough, and a listing gets pasted into tickets.
 //! - `revoke` removes one entry; `set` changes one entry's team, models or limits.
 //!
@@ -41,7 +41,7 @@ pub enum KeysCommand {
         #[command(flatten)]
         settings: Settings,
     },
-    /// List the keys of a keys file: id, prefix, team, models and limits (never a digest).
+    /// List the keys of a keys file: id, prefix, team, models, limits and budget (never a digest).
     List {
         #[arg(long)]
         file: PathBuf,

@@ -213,9 +213,9 @@ fn list_shows_every_key_and_no_digest() {
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 3, "{table}");
     let words = |line: &str| line.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
-    assert_eq!(words(lines[0]), ["ID", "PREFIX", "TEAM", "MODELS", "REQUESTS/MIN", "TOKENS/MIN"]);
-    assert_eq!(words(lines[1]), ["team-a", &entries[0].prefix, "search", "all", "60", "default"]);
-    assert_eq!(words(lines[2]), ["team-b", &entries[1].prefix, "-", "sim", "default", "unlimited"]);
+    assert_eq!(words(lines[0]), ["ID", "PREFIX", "TEAM", "MODELS", "REQUESTS/MIN", "TOKENS/MIN", "BUDGET"]);
+    assert_eq!(words(lines[1]), ["team-a", &entries[0].prefix, "search", "all", "60", "default", "-"]);
+    assert_eq!(words(lines[2]), ["team-b", &entries[1].prefix, "-", "sim", "default", "unlimited", "-"]);
 
     let json: serde_json::Value = serde_json::from_str(&ok(&["list", "--file", file, "--json"])).unwrap();
     assert_eq!(json[0]["id"], "team-a");

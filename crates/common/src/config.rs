@@ -3,7 +3,9 @@
 //! One file can configure the whole mesh: each service reads its own section (`[gateway]`,
 //! `[generation]`, `[cache]`, `[health]`). Environment variables are scoped the same way:
 //! `LLMESH_GATEWAY_LISTEN`, `LLMESH_CACHE_REDIS_URL`, and `__` for nesting
-//! (`LLMESH_GATEWAY_LIMITS__MAX_TOKENS`). Errors name the offending key.
+//! (`LLMESH_GATEWAY_LIMITS__MAX_TOKENS`). Errors name the offending key as the operator wrote it:
+//! `gateway.limits.max_token` in the file, `LLMESH_GATEWAY_LIMITS__MAX_TOKEN` in the environment
+//! (figment's own words would be `default.limits.max_token`, its profile for a section).
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -78,7 +80,38 @@ where
     if let Some(listen) = args.listen {
         figment = figment.merge(Serialized::default("listen", listen.to_string()));
     }
-    figment.extract().map_err(Box::new)
+    figment.extract().map_err(|error| Box::new(name_keys(error, section)))
+}
+
+/// `error` (each error of its chain) with the key named in `section` (`gateway.bogus_key`), or
+/// as its environment variable (`LLMESH_GATEWAY_BOGUS_KEY`), instead of under figment's profile.
+fn name_keys(error: figment::Error, section: &str) -> figment::Error {
+    let prefix = env_prefix(section);
+    let renamed = error.into_iter().map(|mut error| {
+        error.metadata = error.metadata.take().map(|metadata| {
+            if metadata.name.contains("environment variable") {
+                let prefix = prefix.clone();
+                metadata.interpolater(move |_: &figment::Profile, keys: &[&str]| {
+                    format!("{prefix}{}", keys.join("__").to_ascii_uppercase())
+                })
+            } else {
+                let section = section.to_string();
+                metadata.interpolater(move |_: &figment::Profile, keys: &[&str]| {
+                    std::iter::once(section.as_str()).chain(keys.iter().copied()).collect::<Vec<_>>().join(".")
+                })
+            }
+        });
+        error
+    });
+    // `a.chain(b)` is `b` followed by `a`: rebuild from the last.
+    let mut errors: Vec<figment::Error> = renamed.collect();
+    let Some(mut chain) = errors.pop() else {
+        return figment::Error::from(String::from("invalid configuration"));
+    };
+    while let Some(error) = errors.pop() {
+        chain = chain.chain(error);
+    }
+    chain
 }
 
 /// `gateway` -> `LLMESH_GATEWAY_`.
@@ -144,7 +177,22 @@ mod tests {
             jail.set_env("LLMESH_DEMO_LIMITS__MAX_TOKEN", "30");
             let err = load::<Demo>("demo", &ServiceArgs::default()).err().map(|e| e.to_string());
             let err = err.unwrap_or_default();
-            assert!(err.contains("max_token"), "{err}");
+            assert!(err.contains("LLMESH_DEMO_LIMITS__MAX_TOKEN"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn keys_in_the_file_are_named_by_their_section() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("mesh.toml", "[demo]\nbogus_key = 1\n[demo.limits]\nmax_tokens = \"many\"\n")?;
+            let args = ServiceArgs { config: Some("mesh.toml".into()), listen: None, check_config: false };
+            let err = load::<Demo>("demo", &args).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("\"demo.bogus_key\""), "{err}");
+            assert!(!err.contains("default."), "figment's profile: {err}");
+            jail.create_file("mesh.toml", "[demo.limits]\nmax_tokens = \"many\"\n")?;
+            let err = load::<Demo>("demo", &args).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("\"demo.limits.max_tokens\""), "{err}");
             Ok(())
         });
     }

@@ -184,6 +184,8 @@ pub struct Base {
     pub router: MeshRouter,
     pub health: HealthReporter,
     services: Vec<&'static str>,
+    /// Services served without being marked [`Base::serving`], listed by reflection all the same.
+    listed: Vec<&'static str>,
     /// Paths served outside the contract ([`Base::also_serves`]).
     extra: Vec<(&'static str, &'static [&'static str])>,
     /// What the tracing layer knows, set once the services are known (in [`Base::serve`], before
@@ -240,32 +242,18 @@ impl Base {
         let (health, health_service) = tonic_health::server::health_reporter();
         let health_service = health_service.max_decoding_message_size(CONTROL_MESSAGE_BYTES);
         let probes = tonic::service::Routes::new(health_service.clone());
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(llmesh_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("building the reflection service")?
-            .max_decoding_message_size(CONTROL_MESSAGE_BYTES);
-        // grpcurl and older clients still ask the v1alpha service.
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(llmesh_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .context("building the reflection service")?
-            .max_decoding_message_size(CONTROL_MESSAGE_BYTES);
         let router = tonic::transport::Server::builder()
             .http2_max_pending_accept_reset_streams(pending_resets)
             .tcp_nodelay(true)
             .accept_http1(accept_http1)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .layer(routes_layer(layer))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
+            .add_service(health_service);
         Ok(Self {
             router,
             health,
             services: Vec::new(),
+            listed: Vec::new(),
             extra: Vec::new(),
             routes,
             admin: None,
@@ -353,6 +341,12 @@ impl Base {
         self.services.push(S::NAME);
     }
 
+    /// Lists `S` in reflection though it is not marked [`Base::serving`] (a service exempt from
+    /// health and tracing that this server serves too, as the gateway's `MeshHealth`).
+    pub fn lists<S: NamedService>(&mut self) {
+        self.listed.push(S::NAME);
+    }
+
     /// Paths the server serves outside the contract, such as HTTP routes: `/{prefix}/{path}` for
     /// each of `paths` (`also_serves("v1", &["chat/completions"])` for `/v1/chat/completions`) is
     /// named in spans and metrics like a method of a service marked [`Base::serving`].
@@ -374,7 +368,8 @@ impl Base {
         shutdown: impl Future<Output = ()>,
         timing: ShutdownTiming,
     ) -> anyhow::Result<()> {
-        let Self { router, health, services, extra, routes: known, admin, tls, tls_config, probes, .. } = self;
+        let Self { router, health, services, listed, extra, routes: known, admin, tls, tls_config, probes, .. } = self;
+        let router = with_reflection(router, services.iter().chain(&listed).copied())?;
         // Set only here, so it can be set only once.
         let _ = known.set(Arc::new(routes(&services, &extra)));
         // Stops the admin listener when the server it belongs to stops.
@@ -422,6 +417,33 @@ impl Base {
             }
         }
     }
+}
+
+/// `router` with server reflection (v1, and v1alpha, which grpcurl and older clients still ask):
+/// it describes every type of the contract, and lists `services` (this server's own), health and
+/// itself; not the contract's other services, which this server does not serve.
+fn with_reflection(router: MeshRouter, services: impl Iterator<Item = &'static str>) -> anyhow::Result<MeshRouter> {
+    let mut names: Vec<&str> = services.collect();
+    names.extend([
+        tonic_health::pb::health_server::SERVICE_NAME,
+        tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
+        tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
+    ]);
+    names.sort_unstable();
+    names.dedup();
+    let builder = || {
+        names.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(llmesh_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |builder, name| builder.with_service_name(*name),
+        )
+    };
+    let v1 = builder().build_v1().context("building the reflection service")?;
+    let v1alpha = builder().build_v1alpha().context("building the reflection service")?;
+    Ok(router
+        .add_service(v1.max_decoding_message_size(CONTROL_MESSAGE_BYTES))
+        .add_service(v1alpha.max_decoding_message_size(CONTROL_MESSAGE_BYTES)))
 }
 
 /// Serves `grpc.health.v1` alone, in plaintext, on `addr` (for probes that cannot speak TLS).

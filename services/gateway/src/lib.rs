@@ -165,6 +165,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let operator = base.operator_token(&config.admin).context("[gateway.admin] bearer_token_file")?;
     let replicas = replicas::Replicas::new(pool, admission.budgets.clone(), operator);
     base.serving::<GatewayServer<GatewayService>>().await;
+    base.lists::<MeshHealthServer<replicas::Replicas>>();
     let gateway = GatewayServer::new(service).max_decoding_message_size(config.limits.max_request_bytes());
     let replicas = MeshHealthServer::new(replicas).max_decoding_message_size(server::CONTROL_MESSAGE_BYTES);
     base.route(|router| router.add_service(gateway).add_service(replicas))

@@ -4,7 +4,7 @@
 //!   else; with `--file` its entry is added to the keys file, without it the entry goes to stderr
 //!   with a note saying where it belongs. The key is never written to a file, and cannot be shown
 //!   again: the gateway keeps only its SHA-256.
-//! - `list` shows each entry on one line (or as JSON): id, prefix, team, models, limits. Never a
+//! - `list` shows each entry on one line (or as JSON): id, prefix, team, models, limits, budget. Never a
 //!   digest: the prefix names a key well enough, and a listing gets pasted into tickets.
 //! - `revoke` removes one entry; `set` changes one entry's team, models or limits.
 //!
@@ -41,7 +41,7 @@ pub enum KeysCommand {
         #[command(flatten)]
         settings: Settings,
     },
-    /// List the keys of a keys file: id, prefix, team, models and limits (never a digest).
+    /// List the keys of a keys file: id, prefix, team, models, limits and budget (never a digest).
     List {
         #[arg(long)]
         file: PathBuf,
@@ -210,20 +210,22 @@ fn list(path: &Path, entries: &[ApiKey], as_json: bool) -> anyhow::Result<()> {
     } else if entries.is_empty() {
         writeln!(std::io::stderr(), "{} holds no keys (a gateway refuses to start on it)", path.display())?;
     } else {
-        let rows: Vec<[String; 6]> =
-            std::iter::once(["ID", "PREFIX", "TEAM", "MODELS", "REQUESTS/MIN", "TOKENS/MIN"].map(str::to_owned))
-                .chain(entries.iter().map(|entry| {
-                    [
-                        entry.id.clone(),
-                        entry.prefix.clone(),
-                        entry.team.clone().unwrap_or_else(|| "-".to_owned()),
-                        if entry.models.is_empty() { "all".to_owned() } else { entry.models.join(",") },
-                        limit(entry.requests_per_minute),
-                        limit(entry.tokens_per_minute),
-                    ]
-                }))
-                .collect();
-        let mut widths = [0usize; 6];
+        let rows: Vec<[String; 7]> = std::iter::once(
+            ["ID", "PREFIX", "TEAM", "MODELS", "REQUESTS/MIN", "TOKENS/MIN", "BUDGET"].map(str::to_owned),
+        )
+        .chain(entries.iter().map(|entry| {
+            [
+                entry.id.clone(),
+                entry.prefix.clone(),
+                entry.team.clone().unwrap_or_else(|| "-".to_owned()),
+                if entry.models.is_empty() { "all".to_owned() } else { entry.models.join(",") },
+                limit(entry.requests_per_minute),
+                limit(entry.tokens_per_minute),
+                entry.budget.as_ref().map_or_else(|| "-".to_owned(), |b| format!("${}/{}", b.usd, b.period.as_str())),
+            ]
+        }))
+        .collect();
+        let mut widths = [0usize; 7];
         for row in &rows {
             for (width, cell) in widths.iter_mut().zip(row) {
                 *width = (*width).max(cell.chars().count());

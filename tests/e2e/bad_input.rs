@@ -8,7 +8,7 @@ use tonic::Code;
 use crate::{prompt, stream_prompt};
 
 fn cases() -> Vec<(&'static str, GenerateRequest)> {
-    let message = |role: &str| ChatMessage { role: role.into(), content: "hi".into() };
+    let message = |role: &str| ChatMessage { role: role.into(), content: "hi".into(), ..Default::default() };
     vec![
         ("prompt", GenerateRequest { prompt: String::new(), ..prompt("") }),
         ("prompt", prompt("   ")),

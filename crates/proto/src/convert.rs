@@ -63,8 +63,8 @@ move_fields!(gen_v1::Model => gw::Model { name, provider, upstream_model, determ
 mod tests {
     use super::*;
     use crate::common::v1::{
-        content_part, image, ChatMessage, ContentPart, Extensions, Image, Reasoning, ReasoningDelta,
-        ReasoningOptions, ResponseFormat, Tool, ToolCall, ToolCallDelta, ToolChoice, Usage,
+        ChatMessage, ContentPart, Extensions, Image, Reasoning, ReasoningDelta, ReasoningOptions, ResponseFormat, Tool,
+        ToolCall, ToolCallDelta, ToolChoice, Usage, content_part, image,
     };
     use prost::Message as _;
 
@@ -145,7 +145,11 @@ mod tests {
                 strict: Some(true),
                 description: "d".into(),
             }),
-            reasoning: Some(ReasoningOptions { effort: "high".into(), budget_tokens: Some(1024), summary: "auto".into() }),
+            reasoning: Some(ReasoningOptions {
+                effort: "high".into(),
+                budget_tokens: Some(1024),
+                summary: "auto".into(),
+            }),
             extensions: extensions(),
         };
         let internal: gen_v1::GenerateRequest = public.clone().into();
@@ -198,7 +202,12 @@ mod tests {
                 arguments: "{\"a".into(),
                 signature: vec![],
             }],
-            reasoning: vec![ReasoningDelta { index: 0, text: "r".into(), redacted_content: vec![], signature: vec![9] }],
+            reasoning: vec![ReasoningDelta {
+                index: 0,
+                text: "r".into(),
+                redacted_content: vec![],
+                signature: vec![9],
+            }],
             extensions: extensions(),
         };
         let public: gw::GenerateStreamResponse = chunk.clone().into();

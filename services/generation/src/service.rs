@@ -14,6 +14,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use anyhow::bail;
 use futures::{StreamExt as _, TryStreamExt as _};
+use llmesh_proto::assemble;
 use llmesh_proto::validate::{self, Limits};
 use llmesh_proto::{
     common::v1::FinishReason,
@@ -121,6 +122,11 @@ impl GenerationService {
     }
 }
 
+/// A provider's stream that names a tool call or reasoning block past the limit: its upstream's fault.
+fn malformed(error: &assemble::IndexTooHigh, model: &str) -> Status {
+    UpstreamError::new(Kind::Malformed, error.to_string()).into_status(model)
+}
+
 /// A name as an error message may show it: quoted, and cut short when long (a client may send a
 /// megabyte of it).
 fn shown(name: &str) -> String {
@@ -142,15 +148,22 @@ impl GenerationService {
             ..Default::default()
         };
         let mut events = started.events;
+        let mut assembler = assemble::Assembler::default();
         while let Some(event) = events.try_next().await.map_err(|error| error.into_status(&response.model))? {
             match event {
                 Event::Delta(delta) => response.text.push_str(&delta),
+                Event::ToolCall(delta) => assembler.tool_call(&delta).map_err(|e| malformed(&e, &response.model))?,
+                Event::Reasoning(delta) => assembler.reasoning(&delta).map_err(|e| malformed(&e, &response.model))?,
+                Event::Extensions(extensions) => response.extensions = Some(extensions),
                 Event::Finish { reason, usage } => {
                     response.finish_reason = reason.into();
                     response.usage = Some(usage);
                 }
             }
         }
+        let (tool_calls, reasoning) = assembler.into_parts();
+        response.tool_calls = tool_calls;
+        response.reasoning = reasoning;
         if response.finish_reason == i32::from(FinishReason::Unspecified) {
             let error = UpstreamError::new(Kind::Unfinished, "the provider's answer ended without a finish");
             return Err(error.into_status(&response.model));
@@ -195,22 +208,34 @@ impl Generation for GenerationService {
         let Started { id, model, provider, events } = self.start(&request, Mode::Stream)?;
         // The provider stream is polled by tonic as the client reads: back-pressure comes for free,
         // and a client that goes away drops the stream, which stops the upstream work.
-        let chunks = events.map(move |event| {
-            let event = event.map_err(|error| error.into_status(&model))?;
-            let mut chunk = GenerateStreamResponse {
-                id: id.clone(),
-                model: model.clone(),
-                provider: provider.to_string(),
-                ..Default::default()
-            };
-            match event {
-                Event::Delta(delta) => chunk.delta = delta,
-                Event::Finish { reason, usage } => {
-                    chunk.finish_reason = reason.into();
-                    chunk.usage = Some(usage);
+        // The upstream's extensions wait for the final chunk, where the contract puts them.
+        let mut extensions = None;
+        let chunks = events.filter_map(move |event| {
+            let chunk = (|| {
+                let event = event.map_err(|error| error.into_status(&model))?;
+                let mut chunk = GenerateStreamResponse {
+                    id: id.clone(),
+                    model: model.clone(),
+                    provider: provider.to_string(),
+                    ..Default::default()
+                };
+                match event {
+                    Event::Delta(delta) => chunk.delta = delta,
+                    Event::ToolCall(delta) => chunk.tool_calls = vec![delta],
+                    Event::Reasoning(delta) => chunk.reasoning = vec![delta],
+                    Event::Extensions(more) => {
+                        extensions = Some(more);
+                        return Ok(None);
+                    }
+                    Event::Finish { reason, usage } => {
+                        chunk.finish_reason = reason.into();
+                        chunk.usage = Some(usage);
+                        chunk.extensions = extensions.take();
+                    }
                 }
-            }
-            Ok(chunk)
+                Ok(Some(chunk))
+            })();
+            futures::future::ready(chunk.transpose())
         });
         Ok(Response::new(chunks.boxed()))
     }

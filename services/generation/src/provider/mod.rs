@@ -3,6 +3,7 @@
 //! whatever goes wrong in it is the model's upstream, never the replica.
 
 pub mod error;
+pub mod failure;
 pub mod openai;
 pub mod sim;
 mod sse;
@@ -10,10 +11,9 @@ mod sse;
 use std::pin::Pin;
 
 pub use self::error::UpstreamError;
-use crate::config::ModelConfig;
 use futures::Stream;
 use llmesh_proto::{
-    common::v1::{FinishReason, Usage},
+    common::v1::{Extensions, FinishReason, ReasoningDelta, ToolCallDelta, Usage},
     generation::v1::GenerateRequest,
 };
 
@@ -22,6 +22,12 @@ use llmesh_proto::{
 pub enum Event {
     /// More text.
     Delta(String),
+    /// A piece of a tool call (see `ToolCallDelta`: the first piece of a call has its id and name).
+    ToolCall(ToolCallDelta),
+    /// A piece of a reasoning block.
+    Reasoning(ReasoningDelta),
+    /// The upstream's answer fields llmesh does not act on; before the finish.
+    Extensions(Extensions),
     /// The end: why it ended and what it cost. Always the last event of a successful stream.
     Finish { reason: FinishReason, usage: Usage },
 }
@@ -34,6 +40,17 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, UpstreamError>> +
 pub enum Mode {
     Unary,
     Stream,
+}
+
+/// Which provider serves a model, and how (`[generation.models.NAME]`). Here and not in `config`
+/// so that the providers do not depend on the service's configuration (which depends on them).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(tag = "provider", rename_all = "lowercase")]
+pub enum ModelConfig {
+    /// The built-in simulated model: deterministic text, no network, no key.
+    Sim(sim::SimConfig),
+    /// Any OpenAI-compatible chat completions endpoint.
+    Openai(openai::OpenAiConfig),
 }
 
 /// A configured model's provider.

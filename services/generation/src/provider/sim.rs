@@ -420,6 +420,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tool_calls_stream_as_fragments_that_join_to_the_arguments() {
+        use llmesh_proto::common::v1::{ChatMessage, Tool};
+        let arguments = r#"{"command": "echo héllo wörld, a long one"}"#;
+        let request = GenerateRequest {
+            model: "sim".into(),
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: format!("run Bash {arguments} please"),
+                ..Default::default()
+            }],
+            tools: vec![Tool { name: "Bash".into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let sim = Sim::new(SimConfig::default());
+        let events: Vec<Event> = sim.stream(&request, 1).try_collect().await.unwrap();
+        let mut joined = String::new();
+        let mut fragments = 0;
+        for event in &events[..events.len() - 1] {
+            let Event::ToolCall(delta) = event else { panic!("not a tool call: {event:?}") };
+            assert_eq!(delta.index, 0);
+            assert!(delta.arguments.len() <= ARGUMENT_FRAGMENT_BYTES);
+            if fragments == 0 && delta.arguments.is_empty() {
+                assert_eq!(delta.name, "Bash");
+                assert!(delta.id.starts_with("call_"));
+            } else {
+                fragments += 1;
+            }
+            joined.push_str(&delta.arguments);
+        }
+        assert_eq!(joined, arguments);
+        assert!(fragments > 1);
+        // max_tokens 1 does not cut a tool call.
+        let Some(Event::Finish { reason, usage }) = events.last() else { panic!("no finish") };
+        assert_eq!(*reason, FinishReason::ToolCalls);
+        assert_eq!(usage.completion_tokens, 7, "the arguments' words");
+    }
+
+    #[tokio::test]
+    async fn a_plain_request_keeps_its_answer() {
+        // The rules add nothing to a request without the new fields: the same text as before them.
+        let sim = Sim::new(SimConfig::default());
+        let (text, _, usage) = collect(&sim, &request("hello"), 256).await;
+        assert_eq!(usage.prompt_tokens, 1);
+        assert_eq!(text.split_whitespace().count(), 24);
+        let mut with_tools = request("hello");
+        with_tools.tools = vec![llmesh_proto::common::v1::Tool { name: "f".into(), ..Default::default() }];
+        let (other, _, _) = collect(&sim, &with_tools, 256).await;
+        assert_ne!(text, other, "tools are part of what the answer depends on");
+    }
+
+    #[tokio::test]
     async fn injected_failures() {
         let flaky = Flaky::default();
         let mut failed = Vec::new();

@@ -57,7 +57,9 @@ macro_rules! chunk_fields {
 
 chunk_fields!(gen_v1::GenerateStreamResponse => gw::GenerateStreamResponse);
 
-move_fields!(gen_v1::Model => gw::Model { name, provider, upstream_model, deterministic });
+move_fields!(gen_v1::Model => gw::Model {
+    name, provider, upstream_model, deterministic, context_window, max_output_tokens, capabilities,
+});
 
 #[cfg(test)]
 mod tests {

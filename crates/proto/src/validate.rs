@@ -724,6 +724,7 @@ mod tests {
         }
         // The figure docs/CONTRACT.md and docs/OPERATIONS.md give.
         assert_eq!(Limits::default().max_request_bytes(), 15_340_684);
+        assert_eq!(Limits::default().max_json_body_bytes(), 50_275_828);
     }
 
     #[test]

@@ -76,7 +76,7 @@ pub struct HttpConfig {
     /// Largest request body, in bytes; a larger one is refused with 413. 0 (the default): what
     /// the largest valid request can take as JSON (`Limits::max_json_body_bytes`: [`JSON_PER_BYTE`]
     /// times the request limits' largest message without inline data, plus that data as base64;
-    /// about 52 MiB with the default limits).
+    /// 50,275,828 bytes, about 48 MiB, with the default limits).
     pub max_body_bytes: usize,
 }
 

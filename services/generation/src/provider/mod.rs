@@ -53,6 +53,22 @@ pub enum ModelConfig {
     Openai(openai::OpenAiConfig),
 }
 
+/// A model's catalog entry (`[generation.models.NAME.catalog]`): what ListModels reports, and
+/// the output limit generation holds `max_tokens` to.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Catalog {
+    /// The context window, in tokens (reported only; 0: unknown).
+    pub context_window: u32,
+    /// The most tokens one answer may have: a request asking for more is refused
+    /// (INVALID_ARGUMENT on `max_tokens`), one leaving `max_tokens` at 0 gets at most this. 0: no
+    /// limit but `limits.max_tokens`.
+    pub max_output_tokens: u32,
+    /// What the model takes besides text: "tools", "images", "documents", "json_schema",
+    /// "reasoning" (reported only).
+    pub capabilities: Vec<String>,
+}
+
 /// A configured model's provider.
 #[derive(Debug)]
 pub enum Provider {
@@ -82,6 +98,14 @@ impl Provider {
         match self {
             Self::Sim(sim) => sim.deterministic(),
             Self::OpenAi(openai) => openai.deterministic(),
+        }
+    }
+
+    /// The model's catalog entry.
+    pub fn catalog(&self) -> &Catalog {
+        match self {
+            Self::Sim(sim) => sim.catalog(),
+            Self::OpenAi(openai) => openai.catalog(),
         }
     }
 

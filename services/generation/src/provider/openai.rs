@@ -69,6 +69,8 @@ pub struct OpenAiConfig {
     /// Largest answer, in bytes: a unary body, or the total of a stream. Unset means the
     /// generation-wide `max_upstream_response_bytes` (8 MiB by default).
     pub max_response_bytes: Option<u64>,
+    /// The model's context window, output limit and capabilities, as the operator knows them.
+    pub catalog: super::Catalog,
 }
 
 impl Default for OpenAiConfig {
@@ -84,11 +86,13 @@ impl Default for OpenAiConfig {
             total_timeout_ms: 300_000,
             deterministic: false,
             max_response_bytes: None,
+            catalog: super::Catalog::default(),
         }
     }
 }
 
 pub struct OpenAi {
+    catalog: super::Catalog,
     client: reqwest::Client,
     url: String,
     model: String,
@@ -141,6 +145,7 @@ impl OpenAi {
             .with_context(|| format!("model {name}: building the HTTP client"))?;
         let model = if config.upstream_model.is_empty() { name.to_string() } else { config.upstream_model.clone() };
         Ok(Self {
+            catalog: config.catalog.clone(),
             client,
             url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
             model,
@@ -159,6 +164,10 @@ impl OpenAi {
 
     pub fn deterministic(&self) -> bool {
         self.deterministic
+    }
+
+    pub fn catalog(&self) -> &super::Catalog {
+        &self.catalog
     }
 
     pub fn stream(&self, request: &GenerateRequest, max_tokens: u32, mode: Mode) -> EventStream {

@@ -51,6 +51,8 @@ pub struct SimConfig {
     /// Whether to declare the model deterministic. The sim always is; `false` makes it stand in
     /// for a sampling model, which the gateway does not cache by default.
     pub deterministic: bool,
+    /// What ListModels reports; by default the sim takes tools, images, documents and JSON schemas.
+    pub catalog: super::Catalog,
 }
 
 impl Default for SimConfig {
@@ -62,6 +64,11 @@ impl Default for SimConfig {
             fail_every: 0,
             failure: Failure::Unavailable,
             deterministic: true,
+            catalog: super::Catalog {
+                context_window: 0,
+                max_output_tokens: 0,
+                capabilities: ["tools", "images", "documents", "json_schema"].map(String::from).to_vec(),
+            },
         }
     }
 }
@@ -161,6 +168,10 @@ impl Sim {
 
     pub fn deterministic(&self) -> bool {
         self.config.deterministic
+    }
+
+    pub fn catalog(&self) -> &super::Catalog {
+        &self.config.catalog
     }
 
     pub fn stream(&self, request: &GenerateRequest, max_tokens: u32) -> EventStream {

@@ -2,7 +2,11 @@
 //! services keep serving.
 
 use llmesh_e2e::Mesh;
-use llmesh_proto::{common::v1::{ChatMessage, Tool}, gateway::v1::GenerateRequest, generation::v1 as generation};
+use llmesh_proto::{
+    common::v1::{ChatMessage, Tool},
+    gateway::v1::GenerateRequest,
+    generation::v1 as generation,
+};
 use tonic::Code;
 
 use crate::{prompt, stream_prompt};

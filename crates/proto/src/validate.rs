@@ -492,6 +492,30 @@ mod tests {
     }
 
     #[test]
+    fn estimates_count_text_tools_schemas_and_images() {
+        use crate::common::v1::{ResponseFormat, image};
+        let plain = conversation(vec![user(vec![text(&"a".repeat(400))])]);
+        assert_eq!(estimated_prompt_tokens(&plain), 100);
+        let with_tools = GenerateRequest { tools: vec![tool(&"t".repeat(40), &json_of(360))], ..plain.clone() };
+        assert_eq!(estimated_prompt_tokens(&with_tools), 200);
+        let format = ResponseFormat { r#type: 3, schema: json_of(400), ..Default::default() };
+        let with_format = GenerateRequest { response_format: Some(format), ..plain.clone() };
+        assert_eq!(estimated_prompt_tokens(&with_format), 200);
+        let mut low = image(1 << 20, "image/png");
+        if let Some(crate::common::v1::content_part::Kind::Image(image)) = &mut low.kind {
+            image.detail = crate::common::v1::ImageDetail::Low.into();
+        }
+        let mut by_url = image(0, "");
+        if let Some(crate::common::v1::content_part::Kind::Image(image)) = &mut by_url.kind {
+            image.source = Some(image::Source::Url("https://example.com/a.png".into()));
+        }
+        // An image counts by the rule, not by its bytes; its URL and media type are text.
+        let images = conversation(vec![user(vec![image(1 << 20, "image/png"), low, by_url])]);
+        let text = "image/png".len() * 2 + "https://example.com/a.png".len();
+        assert_eq!(estimated_prompt_tokens(&images), estimated_tokens(text) + IMAGE_TOKENS * 2 + IMAGE_TOKENS_LOW);
+    }
+
+    #[test]
     fn model_names_are_short_and_plain() {
         let limits = Limits::default();
         for good in ["sim", "sim-flaky-3", "gpt-4o-mini", "meta-llama/Llama-3.1-8B", "qwen2.5:7b", "a@b_c.d"] {

@@ -2,20 +2,26 @@
 //! services keep serving.
 
 use llmesh_e2e::Mesh;
-use llmesh_proto::{common::v1::ChatMessage, gateway::v1::GenerateRequest, generation::v1 as generation};
+use llmesh_proto::{
+    common::v1::{ChatMessage, Tool},
+    gateway::v1::GenerateRequest,
+    generation::v1 as generation,
+};
 use tonic::Code;
 
 use crate::{prompt, stream_prompt};
 
 fn cases() -> Vec<(&'static str, GenerateRequest)> {
-    let message = |role: &str| ChatMessage { role: role.into(), content: "hi".into() };
+    let tool = |parameters: &str| Tool { name: "f".into(), parameters: parameters.into(), ..Default::default() };
+    let message = |role: &str| ChatMessage { role: role.into(), content: "hi".into(), ..Default::default() };
     vec![
         ("prompt", GenerateRequest { prompt: String::new(), ..prompt("") }),
         ("prompt", prompt("   ")),
         ("model", GenerateRequest { model: String::new(), ..prompt("hi") }),
         ("model", GenerateRequest { model: "no-such-model".into(), ..prompt("hi") }),
-        ("max_tokens", GenerateRequest { max_tokens: 5000, ..prompt("hi") }),
-        ("prompt", prompt(&"x".repeat(64 * 1024 + 1))),
+        ("max_tokens", GenerateRequest { max_tokens: 128 * 1024 + 1, ..prompt("hi") }),
+        ("prompt", prompt(&"x".repeat((4 << 20) + 1))),
+        ("tools[0].parameters", GenerateRequest { tools: vec![tool("[]")], ..prompt("hi") }),
         ("prompt", GenerateRequest { messages: vec![message("user")], ..prompt("hi") }),
         ("messages[0].role", GenerateRequest { messages: vec![message("wizard")], ..prompt("") }),
         ("temperature", GenerateRequest { temperature: Some(3.0), ..prompt("hi") }),

@@ -129,7 +129,7 @@ async fn openai_and_anthropic_over_http1_and_http2_share_the_grpc_cache() {
     let client = grpc(&mesh).await;
     let equal = GenerateRequest {
         model: "sim".into(),
-        messages: vec![ChatMessage { role: "user".into(), content: prompt.clone() }],
+        messages: vec![ChatMessage { role: "user".into(), content: prompt.clone(), ..Default::default() }],
         max_tokens: 16,
         ..Default::default()
     };

@@ -21,6 +21,11 @@ fn request(model: &str) -> GenerateRequest {
     GenerateRequest { model: model.into(), prompt: "hello".into(), ..Default::default() }
 }
 
+/// Over the largest valid request with the default limits (`Limits::max_request_bytes`, about
+/// 15 MB since the contract carries tools and images; the cache takes 1 MiB more): what a server
+/// refuses before reading it.
+const HUGE: usize = 20 << 20;
+
 /// A request carrying one metadata value of `bytes` bytes.
 fn with_metadata(bytes: usize) -> GenerateRequest {
     GenerateRequest { metadata: [("team".to_string(), "v".repeat(bytes))].into(), ..request("sim") }
@@ -60,26 +65,27 @@ async fn generation_refuses_huge_fields_without_growing() {
     let status = client.generate(request("sim flaky")).await.unwrap_err();
     assert_refused(&status, "model", "a model name with a space");
 
+    assert!(HUGE > llmesh_proto::validate::Limits::default().max_request_bytes());
     // Warm up (connections, buffers, the allocator's arenas) before measuring.
     for _ in 0..5 {
         client.generate(request("sim")).await.unwrap();
-        let _ = client.generate(with_metadata(2 << 20)).await;
+        let _ = client.generate(with_metadata(HUGE)).await;
     }
     let before = generation.rss_kib() * 1024;
 
     // Far over what any valid request can be: refused before the message is read. A different
-    // name each time: a process that kept something per name would grow by a megabyte a call.
+    // name each time: a process that kept something per name would grow by 20 MiB a call.
     for i in 0..50 {
         let (status, what) = match i % 4 {
-            0 => (client.generate(with_metadata(2 << 20)).await.unwrap_err(), "a 2 MiB metadata value"),
+            0 => (client.generate(with_metadata(HUGE)).await.unwrap_err(), "a 20 MiB metadata value"),
             1 => {
-                let model = format!("sim-flaky-{}{i}", "0".repeat(1_000_000));
-                (client.generate(request(&model)).await.unwrap_err(), "a 1 MB model name")
+                let model = format!("sim-flaky-{}{i}", "0".repeat(HUGE));
+                (client.generate(request(&model)).await.unwrap_err(), "a 20 MiB model name")
             }
-            2 => (generate_stream(&mut client, with_metadata(2 << 20)).await, "a streamed 2 MiB metadata value"),
+            2 => (generate_stream(&mut client, with_metadata(HUGE)).await, "a streamed 20 MiB metadata value"),
             _ => {
-                let model = format!("{}{i}", "m".repeat(1_000_000));
-                (generate_stream(&mut client, request(&model)).await, "a streamed 1 MB model name")
+                let model = format!("{}{i}", "m".repeat(HUGE));
+                (generate_stream(&mut client, request(&model)).await, "a streamed 20 MiB model name")
             }
         };
         assert_refused(&status, "request", what);
@@ -128,8 +134,8 @@ async fn the_cache_bounds_what_it_keeps() {
     // A model name names a Redis key and goes to every gateway: bounded.
     let status = client.store(store(Some(request(&"m".repeat(1000))), 1)).await.unwrap_err();
     assert_refused(&status, "request.model", "a 1000-byte model name");
-    let status = client.store(store(Some(with_metadata(4 << 20)), 1)).await.unwrap_err();
-    assert_refused(&status, "request", "a 4 MiB store");
+    let status = client.store(store(Some(with_metadata(HUGE)), 1)).await.unwrap_err();
+    assert_refused(&status, "request", "a 20 MiB store");
     let invalidate = |target| InvalidateRequest { target: Some(target) };
     let status = client.invalidate(invalidate(Target::Key("k".repeat(100_000)))).await.unwrap_err();
     assert_refused(&status, "key", "a 100 kB key");

@@ -185,7 +185,7 @@ def test_messages_instead_of_prompt(gateway, pb):
 BAD_INPUT = [
     pytest.param("prompt", {"prompt": ""}, id="empty-prompt"),
     pytest.param("model", {"model": "no-such-model"}, id="unknown-model"),
-    pytest.param("max_tokens", {"max_tokens": 5000}, id="max-tokens-over-cap"),
+    pytest.param("max_tokens", {"max_tokens": 128 * 1024 + 1}, id="max-tokens-over-cap"),
     pytest.param("temperature", {"temperature": 3.0}, id="temperature-too-high"),
 ]
 

@@ -38,6 +38,7 @@ pub mod health {
     }
 }
 
+pub mod assemble;
 pub mod cache_key;
 mod convert;
 pub mod validate;

@@ -1,6 +1,6 @@
 //! Validation of generation requests. Every field a client sets has a limit in [`Limits`], checked
 //! before any work; every rule answers INVALID_ARGUMENT with a message that starts with the field
-//! name, so a client can tell what to fix.
+//! path (`messages[3].parts[0].image.media_type`), so a client can tell what to fix.
 //!
 //! What it promises:
 //! - Sizes are checked before contents, and small fields before large ones: a 1 MB model name is
@@ -9,22 +9,33 @@
 //! - [`Limits::max_request_bytes`] is the largest encoded request that can pass these checks (with
 //!   a margin): servers refuse larger messages before decoding them (tonic's
 //!   `max_decoding_message_size`), so an oversized field never reaches memory at all.
+//! - JSON the contract carries as text (schemas, `cache_control`, `extra`, `extensions.json`) is
+//!   checked to be one JSON object; tool-call arguments are not parsed (carried byte for byte).
 //!
 //! What it does not check: whether a model exists (the service that routes it decides), the
 //! `idempotency_key` (the job queue's rules; [`IDEMPOTENCY_KEY_ALLOWANCE`] is the room kept for it
-//! in [`Limits::max_request_bytes`]).
+//! in [`Limits::max_request_bytes`]), whether a schema is a valid JSON Schema, whether a tool
+//! result answers a call made earlier in the conversation (the provider's rule).
+
+mod content;
+mod limits;
+mod rules;
+mod tools;
 
 use crate::{common::v1::CachePolicy, generation::v1::GenerateRequest};
-use serde::{Deserialize, Serialize};
-use tonic::Status;
 
-pub const ROLES: &[&str] = &["system", "user", "assistant", "tool", "developer"];
+pub use content::{ROLES, inline_bytes, message_bytes, parts};
+use limits::RESERVED_METADATA_ENTRIES;
+pub use limits::{
+    IDEMPOTENCY_KEY_ALLOWANCE, Limits, MAX_DIALECT_BYTES, MAX_ID_BYTES, MAX_LEVEL_BYTES, MAX_MEDIA_TYPE_BYTES,
+    MAX_NAME_BYTES,
+};
+pub use rules::{ECHO_CHARS, Invalid, echo};
+use rules::{invalid, too_long};
+pub use tools::tool_bytes;
 
 /// The characters a model name may contain, besides ASCII letters and digits.
 pub const MODEL_PUNCTUATION: &str = "._:/@-";
-
-/// The most characters of a client's value that an error message repeats.
-pub const ECHO_CHARS: usize = 64;
 
 /// Metadata keys with this prefix are the mesh's own: the gateway adds them after validating a
 /// client's request (a queued job's trace context, [`RESERVED_METADATA_KEY`]; a private cache
@@ -41,163 +52,6 @@ pub const JOB_TRACEPARENT_KEY: &str = "llmesh.traceparent";
 /// The metadata key the gateway adds to a queued job's request: [`JOB_TRACEPARENT_KEY`].
 pub const RESERVED_METADATA_KEY: &str = JOB_TRACEPARENT_KEY;
 
-/// The most reserved entries the mesh adds to one request (trace context, cache scope).
-const RESERVED_METADATA_ENTRIES: usize = 2;
-
-/// Room kept for `idempotency_key` in [`Limits::max_request_bytes`]: its rules are the job
-/// queue's, which allows far less than this.
-pub const IDEMPOTENCY_KEY_ALLOWANCE: usize = 1024;
-
-/// Size limits on what a client may ask for: `limits.*` in the gateway's and generation's
-/// configuration (and the cache's, which bounds the requests it accepts by them). Every field of a
-/// generate request is bounded by one of these, by a fixed set (`messages[].role`, `cache`) or by
-/// its type.
-///
-/// | field | limit | default |
-/// | --- | --- | --- |
-/// | `model` | `max_model_bytes`, ASCII letters, digits and `._:/@-` | 128 |
-/// | `prompt` + every `messages[].content` | `max_prompt_bytes` | 65,536 |
-/// | `messages` | `max_messages` entries; `role` one of [`ROLES`] | 256 |
-/// | `max_tokens` | `max_tokens` (0: `default_max_tokens`) | 4,096 (256) |
-/// | `temperature`, `top_p` | 0..=2, (0, 1] | |
-/// | `stop` | `max_stop_sequences` entries, none empty, each at most `max_stop_bytes` | 4, 64 |
-/// | `user` | `max_user_bytes` | 256 |
-/// | `metadata` | `max_metadata_entries` entries ([`RESERVED_METADATA_KEY`] aside), keys at most `max_metadata_key_bytes`, values at most `max_metadata_value_bytes` | 16, 64, 512 |
-///
-/// A server refuses a message larger than [`Limits::max_request_bytes`] before decoding it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Limits {
-    /// Highest `max_tokens` a request may ask for.
-    pub max_tokens: u32,
-    /// `max_tokens` used when a request leaves it at 0.
-    pub default_max_tokens: u32,
-    /// Largest prompt (or sum of message contents), in bytes.
-    pub max_prompt_bytes: usize,
-    /// Most entries in `messages`.
-    pub max_messages: usize,
-    /// Longest `model` name, in bytes.
-    pub max_model_bytes: usize,
-    /// Longest `user`, in bytes.
-    pub max_user_bytes: usize,
-    /// Most entries in `stop`.
-    pub max_stop_sequences: usize,
-    /// Longest `stop` entry, in bytes.
-    pub max_stop_bytes: usize,
-    /// Most `metadata` entries (not counting [`RESERVED_METADATA_KEY`]).
-    pub max_metadata_entries: usize,
-    /// Longest `metadata` key, in bytes.
-    pub max_metadata_key_bytes: usize,
-    /// Longest `metadata` value, in bytes.
-    pub max_metadata_value_bytes: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_tokens: 4096,
-            default_max_tokens: 256,
-            max_prompt_bytes: 64 * 1024,
-            max_messages: 256,
-            max_model_bytes: 128,
-            max_user_bytes: 256,
-            max_stop_sequences: 4,
-            max_stop_bytes: 64,
-            max_metadata_entries: 16,
-            max_metadata_key_bytes: 64,
-            max_metadata_value_bytes: 512,
-        }
-    }
-}
-
-/// Protobuf framing of a length-delimited field: a one-byte tag (field numbers below 16) and a
-/// length varint of at most five bytes (lengths below 4 GiB).
-const FIELD_FRAMING: usize = 1 + 5;
-
-/// Every scalar field of a generate request at its longest encoding: `max_tokens` (varint),
-/// `temperature` and `top_p` (fixed32), `seed` (varint of an int64) and `cache` (varint of an
-/// enum; a negative one takes ten bytes), each after its tag.
-const SCALAR_FIELDS_BYTES: usize = (1 + 5) + (1 + 4) + (1 + 4) + (1 + 10) + (1 + 10);
-
-/// Longest role name in [`ROLES`].
-const MAX_ROLE_BYTES: usize = 9;
-
-/// Added to the exact sum in [`Limits::max_request_bytes`]: room for encodings other clients
-/// choose (unknown fields are skipped by the decoder, but they travel), and for fields added later.
-const REQUEST_MARGIN_BYTES: usize = 4 * 1024;
-
-impl Limits {
-    /// The largest encoded generate request (gateway or generation, unary or stream, or a
-    /// `SubmitJob`) that can pass [`generate_request`], plus a margin: what a server's
-    /// `max_decoding_message_size` should be. A larger message cannot be valid, so it is refused
-    /// before it is read into memory. It grows with every limit here (94,291 bytes with the
-    /// defaults).
-    pub fn max_request_bytes(&self) -> usize {
-        let field = |bytes: usize| bytes.saturating_add(FIELD_FRAMING);
-        // Each message: its own framing, the role, and the content's framing (the content itself
-        // is counted in the prompt bytes).
-        let per_message = field(field(MAX_ROLE_BYTES).saturating_add(FIELD_FRAMING));
-        let per_metadata_entry =
-            field(field(self.max_metadata_key_bytes).saturating_add(field(self.max_metadata_value_bytes)));
-        let exact = [
-            field(self.max_model_bytes),
-            field(self.max_prompt_bytes),
-            per_message.saturating_mul(self.max_messages),
-            field(self.max_stop_bytes).saturating_mul(self.max_stop_sequences),
-            field(self.max_user_bytes),
-            // The mesh's own entries are allowed beside the client's.
-            per_metadata_entry.saturating_mul(self.max_metadata_entries.saturating_add(RESERVED_METADATA_ENTRIES)),
-            field(IDEMPOTENCY_KEY_ALLOWANCE),
-            SCALAR_FIELDS_BYTES,
-        ]
-        .into_iter()
-        .fold(0usize, usize::saturating_add);
-        exact.saturating_add(exact / 16).saturating_add(REQUEST_MARGIN_BYTES)
-    }
-}
-
-/// `value` for an error message: quoted, at most [`ECHO_CHARS`] characters of it, and `…` when
-/// it was cut.
-pub fn echo(value: &str) -> String {
-    match value.char_indices().nth(ECHO_CHARS) {
-        Some((cut, _)) => format!("{:?}…", &value[..cut]),
-        None => format!("{value:?}"),
-    }
-}
-
-/// A request that cannot be served as it is, and the field at fault: typed, so that no edge parses
-/// it out of the words. As a `tonic::Status`: INVALID_ARGUMENT whose message starts with the field
-/// (`"max_tokens: 5000 exceeds the limit of 4096"`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid {
-    /// The field's path (`messages[2].role`).
-    pub field: String,
-    /// What is wrong with it, without the field's name.
-    pub detail: String,
-}
-
-impl std::fmt::Display for Invalid {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.field, self.detail)
-    }
-}
-
-impl std::error::Error for Invalid {}
-
-impl From<Invalid> for Status {
-    fn from(invalid: Invalid) -> Self {
-        Status::invalid_argument(invalid.to_string())
-    }
-}
-
-fn invalid(field: impl Into<String>, detail: impl Into<String>) -> Result<(), Invalid> {
-    Err(Invalid { field: field.into(), detail: detail.into() })
-}
-
-fn too_long(field: &str, bytes: usize, limit: usize) -> Result<(), Invalid> {
-    invalid(field, format!("{bytes} bytes exceed the limit of {limit} bytes"))
-}
-
 /// Checks a model name: present, at most `limits.max_model_bytes`, and only ASCII letters, digits
 /// and [`MODEL_PUNCTUATION`]. The name is never copied before its length is known to be bounded.
 pub fn model(model: &str, limits: &Limits) -> Result<(), Invalid> {
@@ -205,13 +59,13 @@ pub fn model(model: &str, limits: &Limits) -> Result<(), Invalid> {
         return too_long("model", model.len(), limits.max_model_bytes);
     }
     if model.trim().is_empty() {
-        return invalid("model", "required (ListModels lists the available models)");
+        return invalid("model: required (ListModels lists the available models)".into());
     }
     if let Some(bad) = model.chars().find(|c| !c.is_ascii_alphanumeric() && !MODEL_PUNCTUATION.contains(*c)) {
-        return invalid(
-            "model",
-            format!("{} has {bad:?}; a model name is ASCII letters, digits and {MODEL_PUNCTUATION}", echo(model)),
-        );
+        return invalid(format!(
+            "model: {} has {bad:?}; a model name is ASCII letters, digits and {MODEL_PUNCTUATION}",
+            echo(model)
+        ));
     }
     Ok(())
 }
@@ -226,65 +80,53 @@ pub fn generate_request(request: &GenerateRequest, limits: &Limits) -> Result<()
     }
     stop(&request.stop, limits)?;
     metadata(&request.metadata, limits)?;
-    if request.messages.len() > limits.max_messages {
-        return invalid(
-            "messages",
-            format!("{} messages exceed the limit of {}", request.messages.len(), limits.max_messages),
-        );
-    }
-    // Bounded by the message count above: no content is read to sum its length.
+    content::counts(request, limits)?;
+    // Bounded by the counts above: no content is read to sum its length.
     let prompt_bytes = prompt_bytes(request);
     if prompt_bytes > limits.max_prompt_bytes {
-        return invalid(
-            "prompt",
-            format!("{prompt_bytes} bytes exceed the limit of {} bytes", limits.max_prompt_bytes),
-        );
+        return invalid(format!("prompt: {prompt_bytes} bytes exceed the limit of {} bytes", limits.max_prompt_bytes));
     }
+    content::inline(request, limits)?;
+    tools::tools(request, limits)?;
+    tools::response_format(request, limits)?;
+    tools::reasoning(request, limits)?;
+    tools::extensions(request, limits)?;
+    tools::tool_choice(request)?;
     match (request.prompt.is_empty(), request.messages.is_empty()) {
-        (true, true) => return invalid("prompt", "required (or messages)"),
-        (false, false) => return invalid("prompt", "set prompt or messages, not both"),
+        (true, true) => return invalid("prompt: required (or messages)".into()),
+        (false, false) => return invalid("prompt: set prompt or messages, not both".into()),
         (false, true) if request.prompt.trim().is_empty() => {
-            return invalid("prompt", "must not be blank");
+            return invalid("prompt: must not be blank".into());
         }
         _ => {}
     }
-    for (i, message) in request.messages.iter().enumerate() {
-        if !ROLES.contains(&message.role.as_str()) {
-            return invalid(
-                format!("messages[{i}].role"),
-                format!("{} is not one of {}", echo(&message.role), ROLES.join(", ")),
-            );
-        }
-    }
-    if !request.messages.is_empty() && request.messages.iter().all(|m| m.content.trim().is_empty()) {
-        return invalid("messages", "every message content is blank");
-    }
+    content::shapes(request, limits)?;
     if request.max_tokens > limits.max_tokens {
-        return invalid("max_tokens", format!("{} exceeds the limit of {}", request.max_tokens, limits.max_tokens));
+        return invalid(format!("max_tokens: {} exceeds the limit of {}", request.max_tokens, limits.max_tokens));
     }
     if let Some(t) = request.temperature
         && !(0.0..=2.0).contains(&t)
     {
-        return invalid("temperature", format!("{t} is outside 0..=2"));
+        return invalid(format!("temperature: {t} is outside 0..=2"));
     }
     if let Some(p) = request.top_p
         && !(p > 0.0 && p <= 1.0)
     {
-        return invalid("top_p", format!("{p} is outside (0, 1]"));
+        return invalid(format!("top_p: {p} is outside (0, 1]"));
     }
     if CachePolicy::try_from(request.cache).is_err() {
-        return invalid("cache", format!("{} is not a known cache policy", request.cache));
+        return invalid(format!("cache: {} is not a known cache policy", request.cache));
     }
     Ok(())
 }
 
 fn stop(stop: &[String], limits: &Limits) -> Result<(), Invalid> {
     if stop.len() > limits.max_stop_sequences {
-        return invalid("stop", format!("{} sequences exceed the limit of {}", stop.len(), limits.max_stop_sequences));
+        return invalid(format!("stop: {} sequences exceed the limit of {}", stop.len(), limits.max_stop_sequences));
     }
     for (i, sequence) in stop.iter().enumerate() {
         if sequence.is_empty() {
-            return invalid(format!("stop[{i}]"), "sequences must not be empty");
+            return invalid(format!("stop[{i}]: sequences must not be empty"));
         }
         if sequence.len() > limits.max_stop_bytes {
             return too_long(&format!("stop[{i}]"), sequence.len(), limits.max_stop_bytes);
@@ -298,10 +140,10 @@ fn stop(stop: &[String], limits: &Limits) -> Result<(), Invalid> {
 /// entries). For the gateway, on a client's request.
 pub fn no_reserved_metadata(request: &GenerateRequest) -> Result<(), Invalid> {
     match request.metadata.keys().find(|key| key.starts_with(RESERVED_METADATA_PREFIX)) {
-        Some(key) => invalid(
-            "metadata",
-            format!("keys starting with {RESERVED_METADATA_PREFIX:?} are the mesh's own; {} is not allowed", echo(key)),
-        ),
+        Some(key) => invalid(format!(
+            "metadata: keys starting with {RESERVED_METADATA_PREFIX:?} are the mesh's own; {} is not allowed",
+            echo(key)
+        )),
         None => Ok(()),
     }
 }
@@ -310,33 +152,34 @@ fn metadata(metadata: &std::collections::HashMap<String, String>, limits: &Limit
     let reserved = metadata.keys().filter(|key| key.starts_with(RESERVED_METADATA_PREFIX)).count();
     let entries = metadata.len() - reserved.min(RESERVED_METADATA_ENTRIES);
     if entries > limits.max_metadata_entries {
-        return invalid("metadata", format!("{entries} entries exceed the limit of {}", limits.max_metadata_entries));
+        return invalid(format!("metadata: {entries} entries exceed the limit of {}", limits.max_metadata_entries));
     }
     for (key, value) in metadata {
         if key.len() > limits.max_metadata_key_bytes {
-            return invalid(
-                "metadata",
-                format!(
-                    "key {} is {} bytes, over the limit of {} bytes",
-                    echo(key),
-                    key.len(),
-                    limits.max_metadata_key_bytes
-                ),
-            );
+            return invalid(format!(
+                "metadata: key {} is {} bytes, over the limit of {} bytes",
+                echo(key),
+                key.len(),
+                limits.max_metadata_key_bytes
+            ));
         }
         if value.len() > limits.max_metadata_value_bytes {
-            return invalid(
-                format!("metadata[{}]", echo(key)),
-                format!("{} bytes exceed the limit of {} bytes", value.len(), limits.max_metadata_value_bytes),
-            );
+            return invalid(format!(
+                "metadata[{}]: {} bytes exceed the limit of {} bytes",
+                echo(key),
+                value.len(),
+                limits.max_metadata_value_bytes
+            ));
         }
     }
     Ok(())
 }
 
-/// Bytes of prompt text the request carries.
+/// Bytes of prompt the request carries: `prompt`, and every string and bytes field of its
+/// messages but roles and inline data (contents, text parts, URLs, tool calls, tool results,
+/// reasoning blocks). What `limits.max_prompt_bytes` bounds.
 pub fn prompt_bytes(request: &GenerateRequest) -> usize {
-    request.prompt.len() + request.messages.iter().map(|m| m.content.len()).sum::<usize>()
+    request.prompt.len() + request.messages.iter().map(message_bytes).sum::<usize>()
 }
 
 /// About four characters a token (the usual rule of thumb for English text): what llmesh counts
@@ -344,6 +187,44 @@ pub fn prompt_bytes(request: &GenerateRequest) -> usize {
 /// away, usage an upstream did not report).
 pub fn estimated_tokens(chars: usize) -> u32 {
     u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX)
+}
+
+/// Tokens an image counts for in estimates: [`IMAGE_TOKENS_LOW`] with detail LOW, else
+/// [`IMAGE_TOKENS`], whatever its size (llmesh does not decode images). OpenAI charges 85 tokens
+/// for a low-detail image and 85 + 170 a 512-pixel tile for high detail (a 1024×1024 image: 765);
+/// Anthropic about width × height / 750 (1,568 for a 1092×1092 image): 1,024 sits between the
+/// two for the images agents send, and budgets are settled with the provider's own count.
+pub const IMAGE_TOKENS: u32 = 1024;
+/// See [`IMAGE_TOKENS`].
+pub const IMAGE_TOKENS_LOW: u32 = 85;
+
+/// Tokens a document counts for in estimates: its text or URL as text, and inline data as
+/// [`estimated_tokens`] of its bytes (a PDF's bytes are roughly its text's).
+fn document_tokens(part: &crate::common::v1::ContentPart) -> u32 {
+    estimated_tokens(inline_bytes(part))
+}
+
+/// The prompt tokens a request is estimated at before any tokenizer counted it: its text
+/// ([`prompt_bytes`]), its tools and response format (name, description and schema, as text)
+/// at [`estimated_tokens`], plus [`IMAGE_TOKENS`] per image and a document's inline bytes as text.
+/// What reservations (token rate limits, budgets) hold before a call, and what `sim` reports.
+pub fn estimated_prompt_tokens(request: &GenerateRequest) -> u32 {
+    use crate::common::v1::{ImageDetail, content_part::Kind};
+    let text = prompt_bytes(request)
+        + request.tools.iter().map(tool_bytes).sum::<usize>()
+        + request.response_format.as_ref().map_or(0, |f| f.name.len() + f.schema.len() + f.description.len());
+    let media = request
+        .messages
+        .iter()
+        .flat_map(|m| &m.parts)
+        .map(|part| match &part.kind {
+            Some(Kind::Image(image)) if image.detail == ImageDetail::Low as i32 => IMAGE_TOKENS_LOW,
+            Some(Kind::Image(_)) => IMAGE_TOKENS,
+            Some(Kind::Document(_)) => document_tokens(part),
+            _ => 0,
+        })
+        .fold(0u32, u32::saturating_add);
+    estimated_tokens(text).saturating_add(media)
 }
 
 /// The `max_tokens` to use: the request's, or the default when it left it at 0.
@@ -363,8 +244,9 @@ mod tests {
     }
 
     fn rejected(request: GenerateRequest, field: &str) -> String {
-        let invalid = generate_request(&request, &Limits::default()).expect_err("should be rejected");
-        let status = Status::from(invalid);
+        let status = generate_request(&request, &Limits::default())
+            .map_err(tonic::Status::from)
+            .expect_err("should be rejected");
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().starts_with(field), "{:?} does not name {field}", status.message());
         status.message().to_string()
@@ -377,8 +259,9 @@ mod tests {
     #[test]
     fn clients_may_not_set_the_meshs_own_metadata() {
         let mine = GenerateRequest { metadata: metadata(&[("llmesh.cache_scope", "team-b")]), ..ok() };
-        let invalid = no_reserved_metadata(&mine).unwrap_err();
-        assert_eq!(invalid.field, "metadata", "{invalid:?}");
+        let status = no_reserved_metadata(&mine).map_err(tonic::Status::from).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().starts_with("metadata"), "{status:?}");
         assert!(no_reserved_metadata(&GenerateRequest { metadata: metadata(&[("team", "a")]), ..ok() }).is_ok());
         // The mesh's own entries pass generation's check beside the most a client may send.
         let limits = Limits::default();
@@ -411,6 +294,12 @@ mod tests {
         ("metadata", "max_metadata_entries, max_metadata_key_bytes, max_metadata_value_bytes"),
         ("cache", "the CachePolicy values"),
         ("idempotency_key", "the job queue's rules; IDEMPOTENCY_KEY_ALLOWANCE"),
+        ("tools", "max_tools, max_schema_bytes, max_extra_bytes, max_tools_bytes, names"),
+        ("tool_choice", "the ToolChoiceMode values, MAX_NAME_BYTES, one of tools"),
+        ("parallel_tool_calls", "its type"),
+        ("response_format", "max_schema_bytes, the ResponseFormatType values"),
+        ("reasoning", "MAX_LEVEL_BYTES, max_tokens"),
+        ("extensions", "MAX_DIALECT_BYTES, max_extensions_bytes"),
     ];
 
     #[test]
@@ -450,18 +339,181 @@ mod tests {
         rejects(GenerateRequest { model: String::new(), ..ok() }, "model");
         rejects(GenerateRequest { prompt: String::new(), ..ok() }, "prompt");
         rejects(GenerateRequest { prompt: "   ".into(), ..ok() }, "prompt");
-        let message = ChatMessage { role: "user".into(), content: "hi".into() };
+        let message = ChatMessage { role: "user".into(), content: "hi".into(), ..Default::default() };
         rejects(GenerateRequest { messages: vec![message.clone()], ..ok() }, "prompt");
-        let bad_role = ChatMessage { role: "robot".into(), content: "hi".into() };
+        let bad_role = ChatMessage { role: "robot".into(), content: "hi".into(), ..Default::default() };
         rejects(GenerateRequest { prompt: String::new(), messages: vec![bad_role], ..ok() }, "messages[0].role");
-        rejects(GenerateRequest { prompt: "x".repeat(64 * 1024 + 1), ..ok() }, "prompt");
-        rejects(GenerateRequest { max_tokens: 4097, ..ok() }, "max_tokens");
+        rejects(GenerateRequest { prompt: "x".repeat((4 << 20) + 1), ..ok() }, "prompt");
+        rejects(GenerateRequest { max_tokens: 128 * 1024 + 1, ..ok() }, "max_tokens");
         rejects(GenerateRequest { temperature: Some(2.5), ..ok() }, "temperature");
         rejects(GenerateRequest { temperature: Some(f32::NAN), ..ok() }, "temperature");
         rejects(GenerateRequest { top_p: Some(0.0), ..ok() }, "top_p");
         rejects(GenerateRequest { stop: vec![String::new()], ..ok() }, "stop");
         rejects(GenerateRequest { stop: vec!["a".into(); 5], ..ok() }, "stop");
         rejects(GenerateRequest { cache: 99, ..ok() }, "cache");
+    }
+
+    fn conversation(messages: Vec<ChatMessage>) -> GenerateRequest {
+        GenerateRequest { prompt: String::new(), messages, ..ok() }
+    }
+
+    fn user(parts: Vec<crate::common::v1::ContentPart>) -> ChatMessage {
+        ChatMessage { role: "user".into(), parts, ..Default::default() }
+    }
+
+    fn image(data: usize, media_type: &str) -> crate::common::v1::ContentPart {
+        use crate::common::v1::{ContentPart, Image, content_part::Kind, image::Source};
+        let image = Image { source: Some(Source::Data(vec![0; data])), media_type: media_type.into(), detail: 0 };
+        ContentPart { kind: Some(Kind::Image(image)), ..Default::default() }
+    }
+
+    fn text(text: &str) -> crate::common::v1::ContentPart {
+        crate::common::v1::ContentPart {
+            kind: Some(crate::common::v1::content_part::Kind::Text(text.into())),
+            ..Default::default()
+        }
+    }
+
+    fn tool(name: &str, parameters: &str) -> crate::common::v1::Tool {
+        crate::common::v1::Tool { name: name.into(), parameters: parameters.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn a_tool_conversation_passes() {
+        use crate::common::v1::{Reasoning, ToolCall, ToolChoice, ToolChoiceMode};
+        let request = GenerateRequest {
+            tools: vec![tool("Bash", r#"{"type":"object","required":["command"]}"#)],
+            tool_choice: Some(ToolChoice { mode: ToolChoiceMode::Tool.into(), name: "Bash".into() }),
+            ..conversation(vec![
+                user(vec![text("run it"), image(100, "image/png")]),
+                ChatMessage {
+                    role: "assistant".into(),
+                    tool_calls: vec![ToolCall {
+                        id: "call_1".into(),
+                        name: "Bash".into(),
+                        // Not JSON: carried as the model wrote it, never parsed.
+                        arguments: r#"{"command": "ec"#.into(),
+                        signature: vec![],
+                    }],
+                    reasoning: vec![Reasoning { text: "thinking".into(), ..Default::default() }],
+                    ..Default::default()
+                },
+                ChatMessage {
+                    role: "tool".into(),
+                    tool_call_id: "call_1".into(),
+                    is_error: true,
+                    parts: vec![text("no such command")],
+                    ..Default::default()
+                },
+            ])
+        };
+        if let Err(status) = generate_request(&request, &Limits::default()) {
+            panic!("{status:?}");
+        }
+    }
+
+    #[test]
+    fn new_fields_name_the_field_at_fault() {
+        use crate::common::v1::{
+            ContentPart, Extensions, ReasoningOptions, ResponseFormat, ToolCall, ToolChoice, ToolChoiceMode,
+        };
+        let limits = Limits::default();
+        let both =
+            ChatMessage { role: "user".into(), content: "a".into(), parts: vec![text("b")], ..Default::default() };
+        rejects(conversation(vec![both]), "messages[0].content: set content or parts");
+        rejects(conversation(vec![user(vec![ContentPart::default()])]), "messages[0].parts[0]: a part needs");
+        rejects(conversation(vec![user(vec![text("a"), image(10, "")])]), "messages[0].parts[1].image.media_type");
+        rejects(
+            conversation(vec![user(vec![image(limits.max_inline_part_bytes + 1, "image/png")])]),
+            "messages[0].parts[0].data",
+        );
+        let two_big = vec![image(5 << 20, "image/png"), image(5 << 20, "image/png")];
+        rejects(conversation(vec![user(two_big)]), "messages: inline data");
+        rejects(conversation(vec![user(vec![text("a"); 257])]), "messages[0]: 257 parts");
+        let mut cached = text("a");
+        cached.cache_control = "ephemeral".into();
+        rejects(conversation(vec![user(vec![cached])]), "messages[0].parts[0].cache_control: not a JSON object");
+        let call = |name: &str, arguments: String| ChatMessage {
+            role: "assistant".into(),
+            tool_calls: vec![ToolCall { id: "c".into(), name: name.into(), arguments, signature: vec![] }],
+            ..Default::default()
+        };
+        rejects(conversation(vec![call("a b", "{}".into())]), "messages[0].tool_calls[0].name");
+        rejects(
+            conversation(vec![call("f", "x".repeat(limits.max_tool_arguments_bytes + 1))]),
+            "messages[0].tool_calls[0].arguments",
+        );
+        let mut on_user = call("f", "{}".into());
+        on_user.role = "user".into();
+        rejects(conversation(vec![on_user]), "messages[0].tool_calls: only assistant");
+        let result = ChatMessage { role: "tool".into(), content: "42".into(), ..Default::default() };
+        rejects(conversation(vec![result]), "messages[0].tool_call_id: required");
+
+        let tools = |n: usize| (0..n).map(|i| tool(&format!("t{i}"), "")).collect::<Vec<_>>();
+        rejects(GenerateRequest { tools: tools(129), ..ok() }, "tools: 129 tools");
+        rejects(GenerateRequest { tools: vec![tool("f", "[]")], ..ok() }, "tools[0].parameters: not a JSON object");
+        rejects(GenerateRequest { tools: vec![tool("f", "{")], ..ok() }, "tools[0].parameters: not a JSON object");
+        rejects(
+            GenerateRequest { tools: vec![tool("f", ""), tool("f", "")], ..ok() },
+            "tools[1].name: \"f\" is named twice",
+        );
+        let schema = format!("{{\"d\":\"{}\"}}", "x".repeat(64 << 10));
+        rejects(GenerateRequest { tools: vec![tool("f", &schema)], ..ok() }, "tools[0].parameters: ");
+        let many = (0..20).map(|i| tool(&format!("t{i}"), &json_of(60 << 10))).collect();
+        rejects(GenerateRequest { tools: many, ..ok() }, "tools: ");
+        let named = |name: &str| Some(ToolChoice { mode: ToolChoiceMode::Tool.into(), name: name.into() });
+        rejects(GenerateRequest { tools: tools(1), tool_choice: named("t9"), ..ok() }, "tool_choice.name");
+        let required = Some(ToolChoice { mode: ToolChoiceMode::Required.into(), name: String::new() });
+        rejects(GenerateRequest { tool_choice: required, ..ok() }, "tool_choice.mode: REQUIRED needs tools");
+        let unknown = Some(ToolChoice { mode: 9, name: String::new() });
+        rejects(GenerateRequest { tool_choice: unknown, ..ok() }, "tool_choice.mode");
+        let format = |r#type: i32, schema: &str| {
+            Some(ResponseFormat { r#type, name: "a".into(), schema: schema.into(), ..Default::default() })
+        };
+        rejects(GenerateRequest { response_format: format(3, ""), ..ok() }, "response_format.schema: required");
+        rejects(GenerateRequest { response_format: format(3, "1"), ..ok() }, "response_format.schema: not a JSON");
+        rejects(GenerateRequest { response_format: format(7, ""), ..ok() }, "response_format.type");
+        let effort = |effort: &str| Some(ReasoningOptions { effort: effort.into(), ..Default::default() });
+        rejects(GenerateRequest { reasoning: effort("HIGH"), ..ok() }, "reasoning.effort");
+        rejects(GenerateRequest { reasoning: effort(&"a".repeat(17)), ..ok() }, "reasoning.effort");
+        let budget = Some(ReasoningOptions { budget_tokens: Some(u32::MAX), ..Default::default() });
+        rejects(GenerateRequest { reasoning: budget, ..ok() }, "reasoning.budget_tokens");
+        let extensions = |dialect: &str, json: String| Some(Extensions { dialect: dialect.into(), json });
+        rejects(GenerateRequest { extensions: extensions("", "{}".into()), ..ok() }, "extensions.dialect: required");
+        rejects(GenerateRequest { extensions: extensions("Open AI", "{}".into()), ..ok() }, "extensions.dialect");
+        rejects(GenerateRequest { extensions: extensions("openai", "[1]".into()), ..ok() }, "extensions.json");
+        rejects(
+            GenerateRequest { extensions: extensions("openai", json_of((64 << 10) + 1)), ..ok() },
+            "extensions.json: 65537 bytes",
+        );
+        assert!(
+            generate_request(&GenerateRequest { extensions: extensions("openai", json_of(100)), ..ok() }, &limits)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn estimates_count_text_tools_schemas_and_images() {
+        use crate::common::v1::{ResponseFormat, image};
+        let plain = conversation(vec![user(vec![text(&"a".repeat(400))])]);
+        assert_eq!(estimated_prompt_tokens(&plain), 100);
+        let with_tools = GenerateRequest { tools: vec![tool(&"t".repeat(40), &json_of(360))], ..plain.clone() };
+        assert_eq!(estimated_prompt_tokens(&with_tools), 200);
+        let format = ResponseFormat { r#type: 3, schema: json_of(400), ..Default::default() };
+        let with_format = GenerateRequest { response_format: Some(format), ..plain.clone() };
+        assert_eq!(estimated_prompt_tokens(&with_format), 200);
+        let mut low = image(1 << 20, "image/png");
+        if let Some(crate::common::v1::content_part::Kind::Image(image)) = &mut low.kind {
+            image.detail = crate::common::v1::ImageDetail::Low.into();
+        }
+        let mut by_url = image(0, "");
+        if let Some(crate::common::v1::content_part::Kind::Image(image)) = &mut by_url.kind {
+            image.source = Some(image::Source::Url("https://example.com/a.png".into()));
+        }
+        // An image counts by the rule, not by its bytes; its URL and media type are text.
+        let images = conversation(vec![user(vec![image(1 << 20, "image/png"), low, by_url])]);
+        let text = "image/png".len() * 2 + "https://example.com/a.png".len();
+        assert_eq!(estimated_prompt_tokens(&images), estimated_tokens(text) + IMAGE_TOKENS * 2 + IMAGE_TOKENS_LOW);
     }
 
     #[test]
@@ -485,9 +537,10 @@ mod tests {
         assert_eq!(message, format!("model: {} bytes exceed the limit of 128 bytes", 1 << 20));
         // A long name with a bad character is echoed, but only its first characters.
         let limits = Limits { max_model_bytes: 1 << 20, ..Limits::default() };
-        let message = model(&format!("{} !", "m".repeat(1000)), &limits).expect_err("space").to_string();
-        assert!(message.len() < 200, "{message}");
-        assert!(message.contains('…'), "{message}");
+        let status =
+            model(&format!("{} !", "m".repeat(1000)), &limits).map_err(tonic::Status::from).expect_err("space");
+        assert!(status.message().len() < 200, "{}", status.message());
+        assert!(status.message().contains('…'), "{}", status.message());
     }
 
     #[test]
@@ -543,7 +596,7 @@ mod tests {
     #[test]
     fn roles_are_not_echoed_whole() {
         let role = "r".repeat(100_000);
-        let bad_role = ChatMessage { role, content: "hi".into() };
+        let bad_role = ChatMessage { role, content: "hi".into(), ..Default::default() };
         let message =
             rejected(GenerateRequest { prompt: String::new(), messages: vec![bad_role], ..ok() }, "messages[0].role");
         assert!(message.len() < 200, "{message}");
@@ -558,13 +611,58 @@ mod tests {
 
     #[test]
     fn messages_alone_are_fine() {
-        let message = ChatMessage { role: "user".into(), content: "hi".into() };
+        let message = ChatMessage { role: "user".into(), content: "hi".into(), ..Default::default() };
         let request = GenerateRequest { prompt: String::new(), messages: vec![message], ..ok() };
         assert!(generate_request(&request, &Limits::default()).is_ok());
     }
 
+    /// A JSON object of exactly `bytes` bytes (at least 8).
+    fn json_of(bytes: usize) -> String {
+        format!("{{\"x\":\"{}\"}}", "x".repeat(bytes - 8))
+    }
+
+    /// Messages at every limit: `max_messages` of them, `max_parts` parts in all, the prompt
+    /// bytes spread over text parts, and `max_inline_bytes` of images.
+    fn largest_messages(limits: &Limits) -> Vec<ChatMessage> {
+        use crate::common::v1::{ContentPart, Image, content_part::Kind, image};
+        let per_message = (limits.max_parts / limits.max_messages).clamp(1, limits.max_parts_per_message);
+        let images = if limits.max_inline_bytes == 0 {
+            0
+        } else {
+            limits.max_inline_bytes.div_ceil(limits.max_inline_part_bytes)
+        };
+        let image_bytes = limits.max_inline_bytes.checked_div(images).unwrap_or(0);
+        let media_type = "image/png";
+        let parts = limits.max_messages * per_message;
+        let share = (limits.max_prompt_bytes - images * media_type.len()) / parts;
+        let mut made = 0;
+        let mut part = || {
+            made += 1;
+            let kind = if made <= images {
+                Kind::Image(Image {
+                    source: Some(image::Source::Data(vec![0; image_bytes])),
+                    media_type: media_type.into(),
+                    detail: 3,
+                })
+            } else {
+                Kind::Text("c".repeat(share))
+            };
+            ContentPart { kind: Some(kind), ..Default::default() }
+        };
+        (0..limits.max_messages)
+            .map(|_| ChatMessage {
+                role: "developer".into(),
+                parts: (0..per_message).map(|_| part()).collect(),
+                ..Default::default()
+            })
+            .collect()
+    }
+
     /// Every field at its limit, with either the prompt or the messages carrying the prompt bytes.
     fn largest_valid(limits: &Limits, with_messages: bool) -> GenerateRequest {
+        use crate::common::v1::{
+            Extensions, ReasoningOptions, ResponseFormat, ResponseFormatType, Tool, ToolChoice, ToolChoiceMode,
+        };
         let mut metadata: std::collections::HashMap<String, String> = (0..limits.max_metadata_entries)
             .map(|i| {
                 let key = format!("{i:0width$}", width = limits.max_metadata_key_bytes);
@@ -573,12 +671,19 @@ mod tests {
             .collect();
         metadata.insert(RESERVED_METADATA_KEY.into(), "t".repeat(limits.max_metadata_value_bytes));
         let (prompt, messages) = if with_messages {
-            let share = limits.max_prompt_bytes / limits.max_messages;
-            let message = ChatMessage { role: "developer".into(), content: "c".repeat(share) };
-            (String::new(), vec![message; limits.max_messages])
+            (String::new(), largest_messages(limits))
         } else {
             ("p".repeat(limits.max_prompt_bytes), Vec::new())
         };
+        let per_tool = limits.max_tools_bytes / limits.max_tools;
+        let tools: Vec<Tool> = (0..limits.max_tools)
+            .map(|i| Tool {
+                name: format!("{i:0128}"),
+                parameters: json_of(per_tool - MAX_NAME_BYTES),
+                strict: Some(true),
+                ..Default::default()
+            })
+            .collect();
         GenerateRequest {
             model: "m".repeat(limits.max_model_bytes),
             prompt,
@@ -592,6 +697,25 @@ mod tests {
             metadata,
             cache: i32::from(CachePolicy::OnlyIfCached),
             idempotency_key: "i".repeat(IDEMPOTENCY_KEY_ALLOWANCE),
+            tool_choice: Some(ToolChoice { mode: ToolChoiceMode::Tool.into(), name: tools[0].name.clone() }),
+            tools,
+            parallel_tool_calls: Some(true),
+            response_format: Some(ResponseFormat {
+                r#type: ResponseFormatType::JsonSchema.into(),
+                name: "n".repeat(MAX_NAME_BYTES),
+                schema: json_of(limits.max_schema_bytes - MAX_NAME_BYTES),
+                strict: Some(true),
+                description: String::new(),
+            }),
+            reasoning: Some(ReasoningOptions {
+                effort: "e".repeat(MAX_LEVEL_BYTES),
+                budget_tokens: Some(limits.max_tokens),
+                summary: "s".repeat(MAX_LEVEL_BYTES),
+            }),
+            extensions: Some(Extensions {
+                dialect: "d".repeat(MAX_DIALECT_BYTES),
+                json: json_of(limits.max_extensions_bytes),
+            }),
         }
     }
 
@@ -599,20 +723,34 @@ mod tests {
     fn the_largest_valid_request_fits_max_request_bytes() {
         let bigger =
             Limits { max_prompt_bytes: 1 << 20, max_messages: 4096, max_metadata_entries: 64, ..Limits::default() };
-        let small = Limits { max_prompt_bytes: 16, max_messages: 1, max_metadata_entries: 0, ..Limits::default() };
+        let small = Limits {
+            max_prompt_bytes: 16,
+            max_messages: 1,
+            max_metadata_entries: 0,
+            max_inline_bytes: 0,
+            max_parts: 1,
+            ..Limits::default()
+        };
         for limits in [Limits::default(), bigger, small] {
             for with_messages in [false, true] {
                 let request = largest_valid(&limits, with_messages);
-                assert!(generate_request(&request, &limits).is_ok(), "{limits:?} {with_messages}");
+                if let Err(status) = generate_request(&request, &limits) {
+                    panic!("{status:?} for {limits:?} {with_messages}");
+                }
                 let encoded = request.encoded_len();
                 let max = limits.max_request_bytes();
                 assert!(encoded <= max, "{encoded} > {max} for {limits:?} {with_messages}");
                 // Not wildly above what a valid request can be either: the margin is a margin.
-                assert!(max < encoded * 2 + 8 * 1024, "{max} is far above {encoded} for {limits:?}");
+                if with_messages {
+                    assert!(max < encoded * 2 + 8 * 1024, "{max} is far above {encoded} for {limits:?}");
+                }
+                // The JSON body bound of the HTTP dialects holds the request's bytes.
+                assert!(limits.max_json_body_bytes() >= encoded, "{limits:?}");
             }
         }
-        // The figure README and docs/OPERATIONS.md give.
-        assert_eq!(Limits::default().max_request_bytes(), 94_291);
+        // The figure docs/CONTRACT.md and docs/OPERATIONS.md give.
+        assert_eq!(Limits::default().max_request_bytes(), 15_340_684);
+        assert_eq!(Limits::default().max_json_body_bytes(), 50_275_828);
     }
 
     #[test]

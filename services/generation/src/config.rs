@@ -7,10 +7,8 @@ use llmesh_proto::validate::Limits;
 use llmesh_queue::QueueSettings;
 use serde::{Deserialize, Serialize};
 
-use crate::provider::{
-    openai::{DEFAULT_MAX_RESPONSE_BYTES, OpenAiConfig},
-    sim::{Failure, SimConfig},
-};
+pub use crate::provider::ModelConfig;
+use crate::provider::{failure::Failure, openai::DEFAULT_MAX_RESPONSE_BYTES, sim::SimConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -99,16 +97,6 @@ pub fn fault_models() -> BTreeMap<String, ModelConfig> {
         ("sim-error".to_string(), ModelConfig::Sim(failing(Failure::Unavailable))),
         ("sim-429".to_string(), ModelConfig::Sim(failing(Failure::RateLimited))),
     ])
-}
-
-/// Which provider serves a model, and how.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "provider", rename_all = "lowercase")]
-pub enum ModelConfig {
-    /// The built-in simulated model: deterministic text, no network, no key.
-    Sim(SimConfig),
-    /// Any OpenAI-compatible chat completions endpoint.
-    Openai(OpenAiConfig),
 }
 
 impl llmesh_common::ServiceConfig for Config {

@@ -1,7 +1,9 @@
 //! What a generation looks like from outside: an OpenTelemetry GenAI span (`chat {model}`) and the
 //! GenAI metrics (operation duration, token usage, time to first token, time per output token).
 //! One adapter over the provider's events serves unary and streaming calls alike. Prompts and
-//! completions never go on spans or logs.
+//! completions never go on spans or logs; of tool calls only their number
+//! (`llmesh.response.tool_calls`, beside `gen_ai.response.finish_reasons`), never names or
+//! arguments.
 //!
 //! Metric labels are built once per model at start-up ([`ModelLabels`]): the model label is a
 //! configured model's name, or `sim-flaky` for the whole `sim-flaky-N` family, never a name a
@@ -119,15 +121,21 @@ pub fn observe(events: EventStream, metrics: Arc<GenAiMetrics>, call: Call<'_>) 
         gen_ai.response.finish_reasons = Empty,
         gen_ai.usage.input_tokens = Empty,
         gen_ai.usage.output_tokens = Empty,
+        llmesh.response.tool_calls = Empty,
         error.type = Empty,
         )
     };
     let labels = call.labels;
     let started = Instant::now();
     let mut first_token: Option<Instant> = None;
+    // Calls are counted by their first delta's index: one more than the highest seen.
+    let mut tool_calls: u32 = 0;
     let observed = events.map(move |event| {
+        if let Ok(Event::ToolCall(delta)) = &event {
+            tool_calls = tool_calls.max(delta.index.saturating_add(1));
+        }
         match &event {
-            Ok(Event::Delta(_)) => {
+            Ok(Event::Delta(_) | Event::ToolCall(_) | Event::Reasoning(_)) => {
                 if first_token.is_none() {
                     first_token = Some(Instant::now());
                     metrics.time_to_first_token.record(started.elapsed().as_secs_f64(), &labels.base);
@@ -147,7 +155,9 @@ pub fn observe(events: EventStream, metrics: Arc<GenAiMetrics>, call: Call<'_>) 
                 span.record("gen_ai.response.finish_reasons", reason.as_str_name());
                 span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
                 span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
+                span.record("llmesh.response.tool_calls", tool_calls);
             }
+            Ok(Event::Extensions(_)) => {}
             Err(error) => {
                 let kind = llmesh_telemetry::code_name(error.code());
                 let mut with_error = labels.base.clone();

@@ -14,6 +14,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use anyhow::bail;
 use futures::{StreamExt as _, TryStreamExt as _};
+use llmesh_proto::assemble;
 use llmesh_proto::validate::{self, Limits};
 use llmesh_proto::{
     common::v1::FinishReason,
@@ -104,9 +105,19 @@ impl GenerationService {
 
     fn start(&self, request: &GenerateRequest, mode: Mode) -> Result<Started, Status> {
         validate::generate_request(request, &self.inner.limits)?;
-        let max_tokens = validate::effective_max_tokens(request, &self.inner.limits);
+        let mut max_tokens = validate::effective_max_tokens(request, &self.inner.limits);
         let (events, provider, labels) = match self.inner.models.get(&request.model) {
             Some(model) => {
+                let limit = model.provider.catalog().max_output_tokens;
+                if limit > 0 && max_tokens > limit {
+                    if request.max_tokens > 0 {
+                        return Err(Status::invalid_argument(format!(
+                            "max_tokens: {max_tokens} exceeds the output limit of model {}, {limit}",
+                            request.model
+                        )));
+                    }
+                    max_tokens = limit;
+                }
                 (model.provider.stream(request, max_tokens, mode), model.provider.name(), model.labels.clone())
             }
             None => match (&self.inner.flaky, sim::flaky_n(&request.model)) {
@@ -119,6 +130,11 @@ impl GenerationService {
         let events = observe(events, self.inner.metrics.clone(), call);
         Ok(Started { id, model: request.model.clone(), provider, events })
     }
+}
+
+/// A provider's stream that names a tool call or reasoning block past the limit: its upstream's fault.
+fn malformed(error: &assemble::IndexTooHigh, model: &str) -> Status {
+    UpstreamError::new(Kind::Malformed, error.to_string()).into_status(model)
 }
 
 /// A name as an error message may show it: quoted, and cut short when long (a client may send a
@@ -142,15 +158,22 @@ impl GenerationService {
             ..Default::default()
         };
         let mut events = started.events;
+        let mut assembler = assemble::Assembler::default();
         while let Some(event) = events.try_next().await.map_err(|error| error.into_status(&response.model))? {
             match event {
                 Event::Delta(delta) => response.text.push_str(&delta),
+                Event::ToolCall(delta) => assembler.tool_call(&delta).map_err(|e| malformed(&e, &response.model))?,
+                Event::Reasoning(delta) => assembler.reasoning(&delta).map_err(|e| malformed(&e, &response.model))?,
+                Event::Extensions(extensions) => response.extensions = Some(extensions),
                 Event::Finish { reason, usage } => {
                     response.finish_reason = reason.into();
                     response.usage = Some(usage);
                 }
             }
         }
+        let (tool_calls, reasoning) = assembler.into_parts();
+        response.tool_calls = tool_calls;
+        response.reasoning = reasoning;
         if response.finish_reason == i32::from(FinishReason::Unspecified) {
             let error = UpstreamError::new(Kind::Unfinished, "the provider's answer ended without a finish");
             return Err(error.into_status(&response.model));
@@ -195,22 +218,34 @@ impl Generation for GenerationService {
         let Started { id, model, provider, events } = self.start(&request, Mode::Stream)?;
         // The provider stream is polled by tonic as the client reads: back-pressure comes for free,
         // and a client that goes away drops the stream, which stops the upstream work.
-        let chunks = events.map(move |event| {
-            let event = event.map_err(|error| error.into_status(&model))?;
-            let mut chunk = GenerateStreamResponse {
-                id: id.clone(),
-                model: model.clone(),
-                provider: provider.to_string(),
-                ..Default::default()
-            };
-            match event {
-                Event::Delta(delta) => chunk.delta = delta,
-                Event::Finish { reason, usage } => {
-                    chunk.finish_reason = reason.into();
-                    chunk.usage = Some(usage);
+        // The upstream's extensions wait for the final chunk, where the contract puts them.
+        let mut extensions = None;
+        let chunks = events.filter_map(move |event| {
+            let chunk = (|| {
+                let event = event.map_err(|error| error.into_status(&model))?;
+                let mut chunk = GenerateStreamResponse {
+                    id: id.clone(),
+                    model: model.clone(),
+                    provider: provider.to_string(),
+                    ..Default::default()
+                };
+                match event {
+                    Event::Delta(delta) => chunk.delta = delta,
+                    Event::ToolCall(delta) => chunk.tool_calls = vec![delta],
+                    Event::Reasoning(delta) => chunk.reasoning = vec![delta],
+                    Event::Extensions(more) => {
+                        extensions = Some(more);
+                        return Ok(None);
+                    }
+                    Event::Finish { reason, usage } => {
+                        chunk.finish_reason = reason.into();
+                        chunk.usage = Some(usage);
+                        chunk.extensions = extensions.take();
+                    }
                 }
-            }
-            Ok(chunk)
+                Ok(Some(chunk))
+            })();
+            futures::future::ready(chunk.transpose())
         });
         Ok(Response::new(chunks.boxed()))
     }
@@ -228,6 +263,9 @@ impl Generation for GenerationService {
                 provider: model.provider.name().to_string(),
                 upstream_model: model.provider.upstream_model(name).to_string(),
                 deterministic: model.provider.deterministic(),
+                context_window: model.provider.catalog().context_window,
+                max_output_tokens: model.provider.catalog().max_output_tokens,
+                capabilities: model.provider.catalog().capabilities.clone(),
             })
             .collect();
         Ok(Response::new(ListModelsResponse { models }))
@@ -275,6 +313,36 @@ mod tests {
                 Err(status) => return status,
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_models_output_limit_bounds_max_tokens_and_is_listed() {
+        use crate::provider::{Catalog, ModelConfig, sim::SimConfig};
+        let catalog = Catalog { context_window: 1000, max_output_tokens: 10, capabilities: vec!["tools".into()] };
+        let mut config = Config::default();
+        config
+            .models
+            .insert("small".into(), ModelConfig::Sim(SimConfig { output_tokens: 50, catalog, ..SimConfig::default() }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(crate::serve(config, listener, std::future::pending()));
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+        let mut client = GenerationClient::new(endpoint.connect().await.unwrap());
+
+        let status = client.generate(GenerateRequest { max_tokens: 11, ..request("small") }).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "max_tokens: 11 exceeds the output limit of model small, 10");
+        // Left at 0, the default (256) is held to the model's limit.
+        let answer = client.generate(request("small")).await.unwrap().into_inner();
+        assert_eq!(answer.usage.unwrap().completion_tokens, 10);
+        assert_eq!(answer.finish_reason, i32::from(FinishReason::Length));
+
+        let models = client.list_models(ListModelsRequest {}).await.unwrap().into_inner().models;
+        let small = models.iter().find(|m| m.name == "small").unwrap();
+        assert_eq!((small.context_window, small.max_output_tokens), (1000, 10));
+        assert_eq!(small.capabilities, ["tools"]);
+        let sim = models.iter().find(|m| m.name == "sim").unwrap();
+        assert_eq!(sim.capabilities, ["tools", "images", "documents", "json_schema"]);
     }
 
     #[tokio::test]

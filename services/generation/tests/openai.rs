@@ -457,3 +457,208 @@ async fn client_cancel_stops_the_upstream() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The raw body of the `i`th request, as the upstream got it.
+fn raw_body(upstream: &Upstream, i: usize) -> String {
+    let request = upstream.requests.lock().unwrap()[i].clone();
+    let split = request.find("\r\n\r\n").unwrap();
+    request[split + 4..].to_string()
+}
+
+/// A schema whose key order is not alphabetical: it must reach the upstream as written.
+const SCHEMA: &str =
+    r#"{"type":"object","properties":{"zone":{"type":"string"},"amount":{"type":"number"}},"required":["zone"]}"#;
+
+#[tokio::test]
+async fn tools_images_formats_and_extensions_go_upstream_and_tool_calls_come_back() {
+    use llmesh_proto::common::v1::{
+        ChatMessage, ContentPart, Extensions, Image, ReasoningOptions, Tool, ToolCall, ToolChoice, ToolChoiceMode,
+        content_part::Kind, image::Source,
+    };
+    let answer = serde_json::json!({
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-test",
+        "system_fingerprint": "fp_1",
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": null, "reasoning_content": "let me look",
+            "tool_calls": [
+                {"id": "call_a", "type": "function", "function": {"name": "Bash", "arguments": "{\"command\":  \"ls\"}"}},
+                {"id": "call_b", "type": "function", "function": {"name": "pay", "arguments": "{\"zone\":\"eu\"}"}}
+            ]}}],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 20, "total_tokens": 50,
+            "prompt_tokens_details": {"cached_tokens": 16}, "completion_tokens_details": {"reasoning_tokens": 8}}
+    })
+    .to_string();
+    let upstream = Upstream::start(Arc::new(move |_| vec![json_response("200 OK", "", &answer)])).await;
+    let mut client = generation(upstream.base_url(), None).await;
+    let part = |kind| ContentPart { kind: Some(kind), ..Default::default() };
+    let request = GenerateRequest {
+        model: "up".into(),
+        messages: vec![
+            ChatMessage { role: "system".into(), content: "be brief".into(), ..Default::default() },
+            ChatMessage {
+                role: "user".into(),
+                parts: vec![
+                    part(Kind::Text("what is in these?".into())),
+                    part(Kind::Image(Image {
+                        source: Some(Source::Data(vec![1, 2, 3])),
+                        media_type: "image/png".into(),
+                        detail: 3,
+                    })),
+                    part(Kind::Image(Image {
+                        source: Some(Source::Url("https://example.com/a.jpg".into())),
+                        ..Default::default()
+                    })),
+                ],
+                ..Default::default()
+            },
+            ChatMessage {
+                role: "assistant".into(),
+                tool_calls: vec![ToolCall {
+                    id: "call_0".into(),
+                    name: "Bash".into(),
+                    arguments: "{\"command\": \"pwd\"}".into(),
+                    signature: vec![],
+                }],
+                ..Default::default()
+            },
+            ChatMessage {
+                role: "tool".into(),
+                tool_call_id: "call_0".into(),
+                parts: vec![part(Kind::Text("/home".into()))],
+                ..Default::default()
+            },
+        ],
+        tools: vec![
+            Tool { name: "Bash".into(), description: "runs".into(), ..Default::default() },
+            Tool { name: "pay".into(), parameters: SCHEMA.into(), strict: Some(true), ..Default::default() },
+        ],
+        tool_choice: Some(ToolChoice { mode: ToolChoiceMode::Required.into(), name: String::new() }),
+        parallel_tool_calls: Some(true),
+        reasoning: Some(ReasoningOptions { effort: "high".into(), ..Default::default() }),
+        extensions: Some(Extensions {
+            dialect: "openai".into(),
+            json: r#"{"logprobs":true,"top_logprobs":2,"model":"not-this-one"}"#.into(),
+        }),
+        ..Default::default()
+    };
+    let response = client.generate(request).await.unwrap().into_inner();
+    assert_eq!(response.finish_reason, i32::from(FinishReason::ToolCalls));
+    let calls: Vec<(&str, &str, &str)> =
+        response.tool_calls.iter().map(|c| (c.id.as_str(), c.name.as_str(), c.arguments.as_str())).collect();
+    assert_eq!(calls, [("call_a", "Bash", "{\"command\":  \"ls\"}"), ("call_b", "pay", "{\"zone\":\"eu\"}")]);
+    assert_eq!(response.reasoning.len(), 1);
+    assert_eq!(response.reasoning[0].text, "let me look");
+    let usage = response.usage.unwrap();
+    assert_eq!((usage.cached_prompt_tokens, usage.reasoning_tokens, usage.estimated), (16, 8, false));
+    let extensions = response.extensions.unwrap();
+    assert_eq!(extensions.dialect, "openai");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&extensions.json).unwrap()["system_fingerprint"], "fp_1");
+
+    let (_, body) = upstream.request(0);
+    let messages = &body["messages"];
+    assert_eq!(messages[1]["content"][0], serde_json::json!({"type": "text", "text": "what is in these?"}));
+    assert_eq!(
+        messages[1]["content"][1],
+        serde_json::json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AQID", "detail": "high"}})
+    );
+    assert_eq!(messages[1]["content"][2]["image_url"]["url"], "https://example.com/a.jpg");
+    assert_eq!(messages[2]["tool_calls"][0]["function"]["arguments"], "{\"command\": \"pwd\"}");
+    assert_eq!(messages[2]["tool_calls"][0]["type"], "function");
+    assert_eq!(messages[3], serde_json::json!({"role": "tool", "content": "/home", "tool_call_id": "call_0"}));
+    assert_eq!(
+        body["tools"][0],
+        serde_json::json!({"type": "function", "function": {"name": "Bash", "description": "runs"}})
+    );
+    assert_eq!(body["tools"][1]["function"]["strict"], true);
+    assert_eq!(body["tool_choice"], "required");
+    assert_eq!(body["parallel_tool_calls"], true);
+    assert_eq!(body["reasoning_effort"], "high");
+    assert_eq!(
+        (body["logprobs"].clone(), body["top_logprobs"].clone()),
+        (serde_json::json!(true), serde_json::json!(2))
+    );
+    assert_eq!(body["model"], "gpt-test", "an extension does not override what llmesh sets");
+    // The schema reaches the upstream byte for byte (its key order is what structured outputs follow).
+    assert!(raw_body(&upstream, 0).contains(&format!(r#""parameters":{SCHEMA}"#)), "{}", raw_body(&upstream, 0));
+}
+
+#[tokio::test]
+async fn a_json_schema_response_format_and_a_named_tool_choice_go_upstream() {
+    use llmesh_proto::common::v1::{ResponseFormat, ResponseFormatType, Tool, ToolChoice, ToolChoiceMode};
+    let upstream = Upstream::start(Arc::new(|_| {
+        vec![json_response("200 OK", "", r#"{"choices":[{"message":{"content":"{}"},"finish_reason":"stop"}]}"#)]
+    }))
+    .await;
+    let mut client = generation(upstream.base_url(), None).await;
+    let request = GenerateRequest {
+        tools: vec![Tool { name: "pay".into(), parameters: SCHEMA.into(), ..Default::default() }],
+        tool_choice: Some(ToolChoice { mode: ToolChoiceMode::Tool.into(), name: "pay".into() }),
+        response_format: Some(ResponseFormat {
+            r#type: ResponseFormatType::JsonSchema.into(),
+            name: "answer".into(),
+            schema: SCHEMA.into(),
+            strict: Some(true),
+            description: String::new(),
+        }),
+        ..unary()
+    };
+    let response = client.generate(request).await.unwrap().into_inner();
+    assert_eq!(response.text, "{}");
+    let (_, body) = upstream.request(0);
+    assert_eq!(body["tool_choice"], serde_json::json!({"type": "function", "function": {"name": "pay"}}));
+    assert_eq!(body["response_format"]["type"], "json_schema");
+    assert_eq!(body["response_format"]["json_schema"]["name"], "answer");
+    assert_eq!(body["response_format"]["json_schema"]["strict"], true);
+    assert!(raw_body(&upstream, 0).contains(&format!(r#""schema":{SCHEMA}"#)));
+    assert!(body.get("parallel_tool_calls").is_none());
+}
+
+#[tokio::test]
+async fn streamed_tool_call_fragments_are_passed_on_by_index_and_join() {
+    let chunk = |calls: serde_json::Value| {
+        serde_json::json!({"choices": [{"index": 0, "delta": {"tool_calls": calls}, "finish_reason": null}]})
+            .to_string()
+    };
+    let first = chunk(serde_json::json!([
+        {"index": 0, "id": "call_a", "type": "function", "function": {"name": "Bash", "arguments": ""}}
+    ]));
+    let second = chunk(serde_json::json!([{"index": 0, "function": {"arguments": "{\"comm"}}]));
+    let third = chunk(serde_json::json!([
+        {"index": 1, "id": "call_b", "type": "function", "function": {"name": "Read", "arguments": "{\"path\""}}
+    ]));
+    let fourth = chunk(serde_json::json!([
+        {"index": 0, "function": {"arguments": "and\": \"ls\"}"}},
+        {"index": 1, "function": {"arguments": ": \"a.txt\"}"}}
+    ]));
+    let finish = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#;
+    let upstream = Upstream::start(Arc::new(move |_| {
+        vec![
+            sse_head(),
+            sse(&delta("Calling. ")),
+            sse(&first),
+            sse(&second),
+            sse(&third),
+            sse(&fourth),
+            sse(finish),
+            sse(USAGE),
+            sse("[DONE]"),
+        ]
+    }))
+    .await;
+    let mut client = generation(upstream.base_url(), None).await;
+    let chunks = collect_stream(&mut client).await.unwrap();
+    let last = chunks.last().unwrap();
+    assert_eq!(last.finish_reason, i32::from(FinishReason::ToolCalls));
+    let mut assembler = llmesh_proto::assemble::Assembler::default();
+    for chunk in &chunks {
+        assembler.add(chunk).unwrap();
+    }
+    let text: String = chunks.iter().map(|c| c.delta.as_str()).collect();
+    let answer = assembler.finish(text, last);
+    assert_eq!(answer.text, "Calling. ");
+    let calls: Vec<(&str, &str, &str)> =
+        answer.tool_calls.iter().map(|c| (c.id.as_str(), c.name.as_str(), c.arguments.as_str())).collect();
+    assert_eq!(calls, [("call_a", "Bash", "{\"command\": \"ls\"}"), ("call_b", "Read", "{\"path\": \"a.txt\"}")]);
+    // Passed on as they came: more than one delta per call.
+    assert!(chunks.iter().map(|c| c.tool_calls.len()).sum::<usize>() >= 5);
+}

@@ -131,6 +131,7 @@ fn usage(value: &Value) -> Usage {
         completion_tokens: count("completion_tokens"),
         total_tokens: count("total_tokens"),
         estimated: false,
+        ..Default::default()
     }
 }
 

@@ -127,7 +127,7 @@ impl TokenAdmission {
             )));
         }
         scope_cache(&mut request, &principal)?;
-        let prompt_tokens = validate::estimated_tokens(validate::prompt_bytes(&request));
+        let prompt_tokens = validate::estimated_prompt_tokens(&request);
         let max_tokens = validate::effective_max_tokens(&request, &self.limits);
         let held = self.limiter.hold_tokens(&principal, prompt_tokens.saturating_add(max_tokens)).await?;
         // Refused for budget, `held` is dropped: the tokens go back.

@@ -2,11 +2,11 @@
 //! stream passed on as it arrives ([`relay`]), each settling the call's tokens once.
 
 use futures::StreamExt as _;
-use llmesh_proto::validate;
+use llmesh_proto::{assemble, validate};
 use llmesh_proto::{
     common::v1::FinishReason,
     gateway::v1 as gw,
-    generation::v1::{GenerateRequest, GenerateResponse, GenerateStreamResponse},
+    generation::v1::{GenerateRequest, GenerateStreamResponse},
 };
 use tonic::Status;
 
@@ -20,21 +20,9 @@ pub type ChunkStream = futures::stream::BoxStream<'static, Result<gw::GenerateSt
 pub fn replay(answer: Answer, tokens: Tokens) -> (ChunkStream, crate::admission::Quota) {
     let quota = tokens.settle_bill(answer.bill(), &answer.response.model);
     let Answer { response, chunks, .. } = answer;
-    let chunks = if chunks.is_empty() { vec![response.text.clone()] } else { chunks };
-    let header = move |delta: String| gw::GenerateStreamResponse {
-        id: response.id.clone(),
-        model: response.model.clone(),
-        provider: response.provider.clone(),
-        cached: response.cached,
-        degraded: response.degraded.clone(),
-        delta,
-        ..Default::default()
-    };
-    let mut last = header(String::new());
-    last.finish_reason = response.finish_reason;
-    last.usage = response.usage;
-    let deltas: Vec<_> = chunks.into_iter().map(|delta| Ok(header(delta))).collect();
-    (futures::stream::iter(deltas).chain(futures::stream::once(async move { Ok(last) })).boxed(), quota)
+    // Reasoning, the text chunks, the tool calls, then the final chunk (see `assemble`).
+    let chunks: Vec<_> = assemble::replay_chunks(&response, chunks).into_iter().map(|chunk| Ok(chunk.into())).collect();
+    (futures::stream::iter(chunks).boxed(), quota)
 }
 
 /// Passes generation's chunks on as they arrive, until the call's deadline. When the stream
@@ -55,6 +43,7 @@ pub fn relay(
         request,
         cache,
         chunks: Vec::new(),
+        assembler: assemble::Assembler::default(),
         done: false,
     };
     futures::stream::unfold(state, move |mut state| async move {
@@ -89,16 +78,23 @@ struct Relay {
     request: std::sync::Arc<GenerateRequest>,
     cache: Option<Cache>,
     chunks: Vec<String>,
+    /// The tool calls and reasoning of the answer, for the cache.
+    assembler: assemble::Assembler,
     done: bool,
 }
 
 impl Relay {
     fn pass(&mut self, chunk: GenerateStreamResponse) -> gw::GenerateStreamResponse {
         if let Some(tokens) = self.tokens.as_mut() {
-            tokens.received(validate::estimated_tokens(chunk.delta.len()));
+            let arguments = chunk.tool_calls.iter().map(|call| call.arguments.len()).sum::<usize>();
+            tokens.received(validate::estimated_tokens(chunk.delta.len() + arguments));
         }
         if self.cache.is_some() && !chunk.delta.is_empty() {
             self.chunks.push(chunk.delta.clone());
+        }
+        if self.cache.is_some() && self.assembler.add(&chunk).is_err() {
+            // Not an answer the cache could replay exactly: not stored.
+            self.cache = None;
         }
         if chunk.finish_reason != i32::from(FinishReason::Unspecified) {
             self.done = true;
@@ -107,16 +103,8 @@ impl Relay {
                 tokens.settle(usage, &chunk.model);
             }
             if let Some(cache) = self.cache.take() {
-                let response = GenerateResponse {
-                    id: chunk.id.clone(),
-                    model: chunk.model.clone(),
-                    text: self.chunks.concat(),
-                    finish_reason: chunk.finish_reason,
-                    usage: chunk.usage,
-                    cached: false,
-                    degraded: chunk.degraded.clone(),
-                    provider: chunk.provider.clone(),
-                };
+                let mut response = std::mem::take(&mut self.assembler).finish(self.chunks.concat(), &chunk);
+                response.cached = false;
                 cache.store((*self.request).clone(), response, std::mem::take(&mut self.chunks));
             }
         }

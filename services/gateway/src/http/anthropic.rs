@@ -85,7 +85,11 @@ fn parse(mut body: Fields, cache: i32) -> Result<(GenerateRequest, bool), Proble
     }
     let mut messages = Vec::new();
     if let Some(system) = body.take::<Value>("system")? {
-        messages.push(ChatMessage { role: "system".into(), content: text(system, "system".into())? });
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: text(system, "system".into())?,
+            ..Default::default()
+        });
     }
     let listed = body.objects("messages")?.ok_or_else(|| Problem::invalid("messages", "required"))?;
     for mut message in listed {
@@ -96,7 +100,7 @@ fn parse(mut body: Fields, cache: i32) -> Result<(GenerateRequest, bool), Proble
         let path = message.path("content");
         let content = text(message.required("content")?, path)?;
         message.finish()?;
-        messages.push(ChatMessage { role, content });
+        messages.push(ChatMessage { role, content, ..Default::default() });
     }
     let user = match body.object("metadata")? {
         None => String::new(),
@@ -127,6 +131,7 @@ fn stop_reason(value: i32) -> &'static str {
     match finish_reason(value) {
         FinishReason::Length => "max_tokens",
         FinishReason::ContentFilter => "refusal",
+        FinishReason::ToolCalls => "tool_use",
         FinishReason::Stop | FinishReason::Fallback | FinishReason::Unspecified => "end_turn",
     }
 }

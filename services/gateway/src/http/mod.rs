@@ -74,8 +74,9 @@ pub struct HttpConfig {
     /// Serve the HTTP routes on the gateway's port (which then takes HTTP/1.1 too).
     pub enabled: bool,
     /// Largest request body, in bytes; a larger one is refused with 413. 0 (the default): what
-    /// the largest valid request can take as JSON, [`JSON_PER_BYTE`] times the request limits'
-    /// largest message (about 553 KiB with the default limits).
+    /// the largest valid request can take as JSON (`Limits::max_json_body_bytes`: [`JSON_PER_BYTE`]
+    /// times the request limits' largest message without inline data, plus that data as base64;
+    /// 50,275,828 bytes, about 48 MiB, with the default limits).
     pub max_body_bytes: usize,
 }
 
@@ -93,7 +94,7 @@ impl HttpConfig {
     /// The body limit in force: the configured one, or the one derived from `limits`.
     pub fn body_limit(&self, limits: &llmesh_proto::validate::Limits) -> usize {
         match self.max_body_bytes {
-            0 => limits.max_request_bytes().saturating_mul(JSON_PER_BYTE),
+            0 => limits.max_json_body_bytes(),
             bytes => bytes,
         }
     }
@@ -445,8 +446,8 @@ mod tests {
     fn the_body_limit_follows_the_request_limits_unless_set() {
         let limits = llmesh_proto::validate::Limits::default();
         let derived = HttpConfig::default().body_limit(&limits);
-        assert_eq!(derived, limits.max_request_bytes() * JSON_PER_BYTE);
-        assert!((512 << 10..600 << 10).contains(&derived), "{derived}");
+        assert_eq!(derived, limits.max_json_body_bytes());
+        assert!(derived > limits.max_request_bytes(), "{derived}");
         let wider = llmesh_proto::validate::Limits { max_prompt_bytes: 1 << 20, ..limits.clone() };
         assert!(HttpConfig::default().body_limit(&wider) > 6 << 20, "grows with the limits");
         let set = HttpConfig { max_body_bytes: 1000, ..HttpConfig::default() };

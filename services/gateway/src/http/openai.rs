@@ -145,7 +145,7 @@ fn message(mut fields: super::Fields) -> Result<ChatMessage, Problem> {
     };
     fields.ignore("refusal");
     fields.finish()?;
-    Ok(ChatMessage { role, content })
+    Ok(ChatMessage { role, content, ..Default::default() })
 }
 
 /// `POST /v1/chat/completions`.
@@ -215,6 +215,7 @@ fn finish(value: i32) -> &'static str {
     match finish_reason(value) {
         FinishReason::Length => "length",
         FinishReason::ContentFilter => "content_filter",
+        FinishReason::ToolCalls => "tool_calls",
         FinishReason::Stop | FinishReason::Fallback | FinishReason::Unspecified => "stop",
     }
 }

@@ -58,7 +58,7 @@ fn parse(mut body: Fields, default_model: Option<&str>) -> Result<GenerateReques
                 let role = message.required("role")?;
                 let content = message.required("content")?;
                 message.finish()?;
-                Ok(ChatMessage { role, content })
+                Ok(ChatMessage { role, content, ..Default::default() })
             })
             .collect::<Result<_, Problem>>()?,
     };
@@ -85,6 +85,7 @@ fn parse(mut body: Fields, default_model: Option<&str>) -> Result<GenerateReques
         metadata: body.take("metadata")?.unwrap_or_default(),
         cache,
         idempotency_key: body.take("idempotency_key")?.unwrap_or_default(),
+        ..Default::default()
     };
     body.finish()?;
     Ok(request)
@@ -97,6 +98,7 @@ fn finish(value: i32) -> &'static str {
         FinishReason::Length => "length",
         FinishReason::ContentFilter => "content_filter",
         FinishReason::Fallback => "fallback",
+        FinishReason::ToolCalls => "tool_calls",
         FinishReason::Unspecified => "unspecified",
     }
 }

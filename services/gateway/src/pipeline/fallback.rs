@@ -73,6 +73,7 @@ impl FallbackConfig {
             cached: false,
             degraded: Some(degraded(reason, FallbackSource::Message)),
             provider: "fallback".into(),
+            ..Default::default()
         }
     }
 }

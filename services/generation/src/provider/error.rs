@@ -15,7 +15,7 @@
 
 use tonic::{Code, Status, metadata::MetadataValue};
 
-use super::sim::{Failure, RATE_LIMIT_PUSHBACK_MS};
+use super::failure::{Failure, RATE_LIMIT_PUSHBACK_MS};
 
 /// A failure of a model's upstream.
 #[derive(Debug)]

@@ -3,6 +3,7 @@
 //! whatever goes wrong in it is the model's upstream, never the replica.
 
 pub mod error;
+pub mod failure;
 pub mod openai;
 pub mod sim;
 mod sse;
@@ -10,10 +11,9 @@ mod sse;
 use std::pin::Pin;
 
 pub use self::error::UpstreamError;
-use crate::config::ModelConfig;
 use futures::Stream;
 use llmesh_proto::{
-    common::v1::{FinishReason, Usage},
+    common::v1::{Extensions, FinishReason, ReasoningDelta, ToolCallDelta, Usage},
     generation::v1::GenerateRequest,
 };
 
@@ -22,6 +22,12 @@ use llmesh_proto::{
 pub enum Event {
     /// More text.
     Delta(String),
+    /// A piece of a tool call (see `ToolCallDelta`: the first piece of a call has its id and name).
+    ToolCall(ToolCallDelta),
+    /// A piece of a reasoning block.
+    Reasoning(ReasoningDelta),
+    /// The upstream's answer fields llmesh does not act on; before the finish.
+    Extensions(Extensions),
     /// The end: why it ended and what it cost. Always the last event of a successful stream.
     Finish { reason: FinishReason, usage: Usage },
 }
@@ -34,6 +40,33 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, UpstreamError>> +
 pub enum Mode {
     Unary,
     Stream,
+}
+
+/// Which provider serves a model, and how (`[generation.models.NAME]`). Here and not in `config`
+/// so that the providers do not depend on the service's configuration (which depends on them).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(tag = "provider", rename_all = "lowercase")]
+pub enum ModelConfig {
+    /// The built-in simulated model: deterministic text, no network, no key.
+    Sim(sim::SimConfig),
+    /// Any OpenAI-compatible chat completions endpoint.
+    Openai(openai::OpenAiConfig),
+}
+
+/// A model's catalog entry (`[generation.models.NAME.catalog]`): what ListModels reports, and
+/// the output limit generation holds `max_tokens` to.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Catalog {
+    /// The context window, in tokens (reported only; 0: unknown).
+    pub context_window: u32,
+    /// The most tokens one answer may have: a request asking for more is refused
+    /// (INVALID_ARGUMENT on `max_tokens`), one leaving `max_tokens` at 0 gets at most this. 0: no
+    /// limit but `limits.max_tokens`.
+    pub max_output_tokens: u32,
+    /// What the model takes besides text: "tools", "images", "documents", "json_schema",
+    /// "reasoning" (reported only).
+    pub capabilities: Vec<String>,
 }
 
 /// A configured model's provider.
@@ -65,6 +98,14 @@ impl Provider {
         match self {
             Self::Sim(sim) => sim.deterministic(),
             Self::OpenAi(openai) => openai.deterministic(),
+        }
+    }
+
+    /// The model's catalog entry.
+    pub fn catalog(&self) -> &Catalog {
+        match self {
+            Self::Sim(sim) => sim.catalog(),
+            Self::OpenAi(openai) => openai.catalog(),
         }
     }
 

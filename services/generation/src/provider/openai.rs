@@ -8,21 +8,28 @@
 //! fixed description, the log gets the detail (the upstream's status, a fragment of its body, the
 //! error chain, the URL with its credentials redacted, the model's key scrubbed).
 //!
+//! Tools, tool calls, images, response formats, reasoning and extensions: see [`wire`], which
+//! holds the wire format both ways. Streamed tool calls are passed on as deltas by their index;
+//! the gateway (and a unary call here) joins the fragments.
+//!
 //! An answer has a total size limit (`max_response_bytes`, else the generation-wide default): a
 //! unary body, or all the bytes of a stream, past it is UNAVAILABLE and the upstream call is
 //! dropped at that point. An error body is read only up to a few KiB, for the log.
+
+mod wire;
 
 use std::{collections::VecDeque, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _};
 use llmesh_proto::{
+    assemble::MAX_ITEMS,
     common::v1::{FinishReason, Usage},
     generation::v1::GenerateRequest,
 };
 use llmesh_util::{errors::error_chain, redact::redact_url};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{
@@ -62,6 +69,8 @@ pub struct OpenAiConfig {
     /// Largest answer, in bytes: a unary body, or the total of a stream. Unset means the
     /// generation-wide `max_upstream_response_bytes` (8 MiB by default).
     pub max_response_bytes: Option<u64>,
+    /// The model's context window, output limit and capabilities, as the operator knows them.
+    pub catalog: super::Catalog,
 }
 
 impl Default for OpenAiConfig {
@@ -77,11 +86,13 @@ impl Default for OpenAiConfig {
             total_timeout_ms: 300_000,
             deterministic: false,
             max_response_bytes: None,
+            catalog: super::Catalog::default(),
         }
     }
 }
 
 pub struct OpenAi {
+    catalog: super::Catalog,
     client: reqwest::Client,
     url: String,
     model: String,
@@ -113,7 +124,18 @@ impl OpenAi {
                     .trim()
                     .to_string(),
             ),
-            None => std::env::var(&config.api_key_env).ok().filter(|k| !k.is_empty()),
+            None => {
+                let key = std::env::var(&config.api_key_env).ok().filter(|k| !k.is_empty());
+                if key.is_none() && !config.api_key_env.is_empty() {
+                    tracing::warn!(
+                        model = name,
+                        api_key_env = %config.api_key_env,
+                        "the model's api_key_env names an unset or empty variable: calls go without a key \
+                         (fine for keyless servers such as Ollama, vLLM or llama.cpp; an API that needs one answers 401)"
+                    );
+                }
+                key
+            }
         };
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
@@ -123,6 +145,7 @@ impl OpenAi {
             .with_context(|| format!("model {name}: building the HTTP client"))?;
         let model = if config.upstream_model.is_empty() { name.to_string() } else { config.upstream_model.clone() };
         Ok(Self {
+            catalog: config.catalog.clone(),
             client,
             url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
             model,
@@ -143,9 +166,20 @@ impl OpenAi {
         self.deterministic
     }
 
+    pub fn catalog(&self) -> &super::Catalog {
+        &self.catalog
+    }
+
     pub fn stream(&self, request: &GenerateRequest, max_tokens: u32, mode: Mode) -> EventStream {
-        let body = self.body(request, max_tokens, mode == Mode::Stream);
-        let prompt_chars = prompt_chars(request);
+        let body = match wire::body(request, &self.model, max_tokens, mode == Mode::Stream) {
+            Ok(body) => body,
+            Err(error) => {
+                // Validation made every JSON text an object; this is a bug, told as the upstream's.
+                let error = UpstreamError::new(Kind::Malformed, format!("building the request body: {error}"));
+                return Box::pin(futures::stream::once(async move { Err(error) }));
+            }
+        };
+        let prompt_tokens = llmesh_proto::validate::estimated_prompt_tokens(request);
         let started = Instant::now();
         let send = self.send(body, started);
         let (idle, first_token, deadline, limit) =
@@ -155,10 +189,10 @@ impl OpenAi {
                 futures::stream::once(async move {
                     let response = send.await?;
                     let body = within(deadline, "completion", read_body(response, limit)).await??;
-                    let completion = serde_json::from_slice::<Completion>(&body).map_err(|e| {
+                    let completion = serde_json::from_slice::<wire::Completion>(&body).map_err(|e| {
                         UpstreamError::new(Kind::Malformed, format!("the completion is not valid JSON: {e}"))
                     })?;
-                    Ok(completion.into_events(prompt_chars))
+                    completion_events(completion, prompt_tokens)
                 })
                 .map(|result: Result<Vec<Event>, UpstreamError>| match result {
                     Ok(events) => futures::stream::iter(events.into_iter().map(Ok)).left_stream(),
@@ -170,7 +204,7 @@ impl OpenAi {
                 futures::stream::once(async move {
                     let response = send.await?;
                     let limits = StreamLimits { first_token, idle, deadline, bytes: limit };
-                    let chunks = SseStream::new(response.bytes_stream(), prompt_chars, limits);
+                    let chunks = SseStream::new(response.bytes_stream(), prompt_tokens, limits);
                     Ok::<_, UpstreamError>(chunks.into_stream())
                 })
                 .map(|result| match result {
@@ -182,42 +216,15 @@ impl OpenAi {
         }
     }
 
-    fn body(&self, request: &GenerateRequest, max_tokens: u32, stream: bool) -> Value {
-        let messages: Vec<Value> = if request.messages.is_empty() {
-            vec![json!({"role": "user", "content": request.prompt})]
-        } else {
-            request.messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect()
-        };
-        let mut body = json!({"model": self.model, "messages": messages, "max_tokens": max_tokens, "stream": stream});
-        if let Some(t) = request.temperature {
-            body["temperature"] = json!(t);
-        }
-        if let Some(p) = request.top_p {
-            body["top_p"] = json!(p);
-        }
-        if !request.stop.is_empty() {
-            body["stop"] = json!(request.stop);
-        }
-        if let Some(seed) = request.seed {
-            body["seed"] = json!(seed);
-        }
-        if !request.user.is_empty() {
-            body["user"] = json!(request.user);
-        }
-        if stream {
-            body["stream_options"] = json!({"include_usage": true});
-        }
-        body
-    }
-
     /// Sends the request and checks the status. The response head must come within the first
     /// token timeout (and the total).
     fn send(
         &self,
-        body: Value,
+        body: String,
         started: Instant,
     ) -> impl std::future::Future<Output = Result<reqwest::Response, UpstreamError>> + Send + 'static {
-        let mut builder = self.client.post(&self.url).json(&body);
+        let mut builder =
+            self.client.post(&self.url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
         if let Some(key) = &self.key {
             builder = builder.bearer_auth(key);
         }
@@ -333,92 +340,52 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     header("retry-after").and_then(|v| v.parse::<f64>().ok()).map(|s| Duration::from_secs_f64(s.max(0.0)))
 }
 
-fn finish_reason(reason: Option<&str>) -> FinishReason {
-    match reason {
-        Some("length") => FinishReason::Length,
-        Some("content_filter") => FinishReason::ContentFilter,
-        _ => FinishReason::Stop,
-    }
-}
-
-fn prompt_chars(request: &GenerateRequest) -> usize {
-    request.prompt.chars().count() + request.messages.iter().map(|m| m.content.chars().count()).sum::<usize>()
-}
-
 /// What llmesh reports when an upstream gives no usage.
-fn estimate(prompt_chars: usize, completion_chars: usize) -> Usage {
-    let tokens = llmesh_proto::validate::estimated_tokens;
-    let (prompt_tokens, completion_tokens) = (tokens(prompt_chars), tokens(completion_chars));
+fn estimate(prompt_tokens: u32, completion_chars: usize) -> Usage {
+    let completion_tokens = llmesh_proto::validate::estimated_tokens(completion_chars);
     Usage {
         prompt_tokens,
         completion_tokens,
         total_tokens: prompt_tokens.saturating_add(completion_tokens),
         estimated: true,
+        ..Default::default()
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct WireUsage {
-    prompt_tokens: u32,
-    completion_tokens: u32,
-    #[serde(default)]
-    total_tokens: Option<u32>,
-}
-
-impl From<WireUsage> for Usage {
-    fn from(u: WireUsage) -> Self {
-        Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            total_tokens: u.total_tokens.unwrap_or(u.prompt_tokens.saturating_add(u.completion_tokens)),
-            estimated: false,
-        }
+/// A unary completion's events: reasoning, text, tool calls (whole, one delta each), extensions,
+/// the finish.
+fn completion_events(completion: wire::Completion, prompt_tokens: u32) -> Result<Vec<Event>, UpstreamError> {
+    let wire::Completion { choices, usage, rest } = completion;
+    let choice = choices.into_iter().next();
+    let reason = wire::finish_reason(choice.as_ref().and_then(|c| c.finish_reason.as_deref()));
+    let mut message = choice.and_then(|c| c.message).unwrap_or_default();
+    let mut events = Vec::new();
+    let mut completion_chars = 0;
+    if let Some(reasoning) = message.reasoning_text() {
+        completion_chars += reasoning.chars().count();
+        events.push(Event::Reasoning(wire::reasoning_delta(reasoning)));
     }
-}
-
-#[derive(Debug, Deserialize)]
-struct Completion {
-    choices: Vec<Choice>,
-    usage: Option<WireUsage>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Choice {
-    message: Option<Message>,
-    finish_reason: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Message {
-    content: Option<String>,
-}
-
-impl Completion {
-    fn into_events(self, prompt_chars: usize) -> Vec<Event> {
-        let choice = self.choices.into_iter().next();
-        let reason = finish_reason(choice.as_ref().and_then(|c| c.finish_reason.as_deref()));
-        let text = choice.and_then(|c| c.message).and_then(|m| m.content).unwrap_or_default();
-        let usage = self.usage.map_or_else(|| estimate(prompt_chars, text.chars().count()), Usage::from);
-        vec![Event::Delta(text), Event::Finish { reason, usage }]
+    let text = message.text().unwrap_or_default();
+    completion_chars += text.chars().count();
+    events.push(Event::Delta(text));
+    if message.tool_calls.len() > MAX_ITEMS {
+        return Err(UpstreamError::new(
+            Kind::Malformed,
+            format!("{} tool calls in one answer", message.tool_calls.len()),
+        ));
     }
-}
-
-#[derive(Debug, Deserialize)]
-struct Chunk {
-    #[serde(default)]
-    choices: Vec<ChunkChoice>,
-    usage: Option<WireUsage>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ChunkChoice {
-    delta: Option<Delta>,
-    finish_reason: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Delta {
-    content: Option<String>,
+    for (call, index) in message.tool_calls.into_iter().zip(0u32..) {
+        let mut delta = wire::tool_call_delta(call, index);
+        delta.index = index;
+        completion_chars += delta.arguments.chars().count();
+        events.push(Event::ToolCall(delta));
+    }
+    if let Some(extensions) = wire::extensions(rest) {
+        events.push(Event::Extensions(extensions));
+    }
+    let usage = usage.map_or_else(|| estimate(prompt_tokens, completion_chars), Usage::from);
+    events.push(Event::Finish { reason, usage });
+    Ok(events)
 }
 
 /// How long and how much a stream may take.
@@ -436,7 +403,10 @@ struct SseStream<S> {
     bytes: Option<S>,
     parser: SseParser,
     pending: VecDeque<Result<Event, UpstreamError>>,
-    prompt_chars: usize,
+    prompt_tokens: u32,
+    /// Tool calls begun so far: the index of a call whose chunks give none.
+    tool_calls: u32,
+    extensions: Option<llmesh_proto::common::v1::Extensions>,
     completion_chars: usize,
     reason: Option<FinishReason>,
     usage: Option<Usage>,
@@ -451,12 +421,14 @@ where
     S: Stream<Item = Result<B, reqwest::Error>> + Unpin + Send + 'static,
     B: AsRef<[u8]>,
 {
-    fn new(bytes: S, prompt_chars: usize, limits: StreamLimits) -> Self {
+    fn new(bytes: S, prompt_tokens: u32, limits: StreamLimits) -> Self {
         Self {
             bytes: Some(bytes),
             parser: SseParser::default(),
             pending: VecDeque::new(),
-            prompt_chars,
+            prompt_tokens,
+            tool_calls: 0,
+            extensions: None,
             completion_chars: 0,
             reason: None,
             usage: None,
@@ -519,7 +491,7 @@ where
             self.finish();
             return;
         }
-        let chunk: Chunk = match serde_json::from_str(data) {
+        let chunk: wire::Chunk = match serde_json::from_str(data) {
             Ok(chunk) => chunk,
             Err(error) => {
                 let shown: String = data.chars().take(80).collect();
@@ -530,22 +502,47 @@ where
         if let Some(usage) = chunk.usage {
             self.usage = Some(usage.into());
         }
+        if let Some(extensions) = wire::extensions(chunk.rest) {
+            self.extensions = Some(extensions);
+        }
         for choice in chunk.choices.into_iter().take(1) {
-            if let Some(text) = choice.delta.and_then(|d| d.content).filter(|t| !t.is_empty()) {
+            let mut delta = choice.delta.unwrap_or_default();
+            if let Some(reasoning) = delta.reasoning_text() {
+                self.got_first = true;
+                self.completion_chars += reasoning.chars().count();
+                self.pending.push_back(Ok(Event::Reasoning(wire::reasoning_delta(reasoning))));
+            }
+            if let Some(text) = delta.text() {
                 self.got_first = true;
                 self.completion_chars += text.chars().count();
                 self.pending.push_back(Ok(Event::Delta(text)));
             }
+            for call in delta.tool_calls {
+                // A call without an index: a new one when it has an id, else the last one's.
+                let fallback = if call.id.is_some() { self.tool_calls } else { self.tool_calls.saturating_sub(1) };
+                let delta = wire::tool_call_delta(call, fallback);
+                if delta.index as usize >= MAX_ITEMS {
+                    let detail = format!("tool call index {} past {MAX_ITEMS}", delta.index);
+                    return self.fail(UpstreamError::new(Kind::Malformed, detail));
+                }
+                self.tool_calls = self.tool_calls.max(delta.index + 1);
+                self.got_first = true;
+                self.completion_chars += delta.arguments.chars().count();
+                self.pending.push_back(Ok(Event::ToolCall(delta)));
+            }
             if let Some(reason) = choice.finish_reason {
                 self.got_first = true;
-                self.reason = Some(finish_reason(Some(&reason)));
+                self.reason = Some(wire::finish_reason(Some(&reason)));
             }
         }
     }
 
     fn finish(&mut self) {
-        let usage = self.usage.unwrap_or_else(|| estimate(self.prompt_chars, self.completion_chars));
+        let usage = self.usage.unwrap_or_else(|| estimate(self.prompt_tokens, self.completion_chars));
         let reason = self.reason.unwrap_or(FinishReason::Stop);
+        if let Some(extensions) = self.extensions.take() {
+            self.pending.push_back(Ok(Event::Extensions(extensions)));
+        }
         self.pending.push_back(Ok(Event::Finish { reason, usage }));
         self.done = true;
     }
@@ -597,7 +594,8 @@ mod tests {
 
     #[test]
     fn estimates_when_usage_is_missing() {
-        let usage = estimate(10, 3);
+        // The prompt's tokens come estimated already (`validate::estimated_prompt_tokens`).
+        let usage = estimate(3, 3);
         assert_eq!((usage.prompt_tokens, usage.completion_tokens, usage.total_tokens), (3, 1, 4));
         assert!(usage.estimated);
     }

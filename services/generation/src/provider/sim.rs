@@ -1,6 +1,16 @@
 //! The simulated model: deterministic text derived from the request, with configurable time to
 //! first token, pace and length. Lets the mesh run, and be load-tested, with no key and no network.
 //!
+//! Tools, tool results and response formats follow the fixed rules of [`rules`]; text is streamed
+//! a word a chunk, and a tool call as a first delta with its id and name and then its arguments in
+//! fragments of at most [`ARGUMENT_FRAGMENT_BYTES`] bytes, so that callers' assembly is exercised.
+//! Tool calls are never cut by `max_tokens`; text is, with finish reason LENGTH.
+//!
+//! Usage: the sim's tokenizer is "one word, one token" over every text the request carries
+//! (prompt, contents, text parts, document text, tool-call arguments, the tools' names,
+//! descriptions and schemas, the response format's schema), plus
+//! [`llmesh_proto::validate::IMAGE_TOKENS`] per image (85 with detail LOW): exact for the sim.
+//!
 //! Its fault-injecting variants (`fail_every`, and the `sim-flaky-N` family) fail as an upstream
 //! would: their failures are the model's, not the replica's (see `provider::error`). They exist only
 //! where the generation config enables fault models.
@@ -10,14 +20,18 @@ use std::{
     time::Duration,
 };
 
+mod rules;
+
+pub use super::failure::Failure;
 use super::{
     Event, EventStream,
     error::{Kind, UpstreamError},
 };
 use futures::StreamExt as _;
 use llmesh_proto::{
-    common::v1::{FinishReason, Usage},
+    common::v1::{FinishReason, ImageDetail, ToolCall, ToolCallDelta, Usage, content_part::Kind as PartKind},
     generation::v1::GenerateRequest,
+    validate::{IMAGE_TOKENS, IMAGE_TOKENS_LOW},
 };
 use serde::{Deserialize, Serialize};
 
@@ -37,17 +51,8 @@ pub struct SimConfig {
     /// Whether to declare the model deterministic. The sim always is; `false` makes it stand in
     /// for a sampling model, which the gateway does not cache by default.
     pub deterministic: bool,
-}
-
-/// An injected failure, as a real upstream would fail.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Failure {
-    /// UNAVAILABLE, like a provider outage.
-    #[default]
-    Unavailable,
-    /// RESOURCE_EXHAUSTED with a one-second retry pushback, like an upstream 429.
-    RateLimited,
+    /// What ListModels reports; by default the sim takes tools, images, documents and JSON schemas.
+    pub catalog: super::Catalog,
 }
 
 impl Default for SimConfig {
@@ -59,12 +64,14 @@ impl Default for SimConfig {
             fail_every: 0,
             failure: Failure::Unavailable,
             deterministic: true,
+            catalog: super::Catalog {
+                context_window: 0,
+                max_output_tokens: 0,
+                capabilities: ["tools", "images", "documents", "json_schema"].map(String::from).to_vec(),
+            },
         }
     }
 }
-
-/// The retry pushback an injected rate limit asks for.
-pub const RATE_LIMIT_PUSHBACK_MS: u64 = 1_000;
 
 #[derive(Debug)]
 pub struct Sim {
@@ -163,6 +170,10 @@ impl Sim {
         self.config.deterministic
     }
 
+    pub fn catalog(&self) -> &super::Catalog {
+        &self.config.catalog
+    }
+
     pub fn stream(&self, request: &GenerateRequest, max_tokens: u32) -> EventStream {
         let call = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
         generate(&self.config, call, request, max_tokens)
@@ -175,23 +186,80 @@ fn generate(config: &SimConfig, call: u64, request: &GenerateRequest, max_tokens
         let error = injected(config.failure);
         return Box::pin(futures::stream::once(async move { Err(error) }));
     }
-    let (tokens, reason) = answer(request, config.output_tokens, max_tokens);
-    let usage = usage(request, tokens.len());
+    let seed = seed_of(request);
+    let (events, reason, completion_tokens) = match rules::decide(request, seed) {
+        rules::Decision::Usual => {
+            let (tokens, reason) = answer(request, config.output_tokens, max_tokens);
+            let count = tokens.len();
+            (tokens.into_iter().map(Event::Delta).collect(), reason, count)
+        }
+        rules::Decision::WrapInJson => {
+            let (tokens, _) = answer(request, config.output_tokens, max_tokens);
+            let text = serde_json::json!({ "answer": tokens.concat() }).to_string();
+            words_of(&text, max_tokens)
+        }
+        rules::Decision::Text(text) => words_of(&text, max_tokens),
+        rules::Decision::ToolCalls(calls) => {
+            let words = calls.iter().map(|c| c.arguments.split_whitespace().count().max(1)).sum();
+            (tool_call_events(calls), FinishReason::ToolCalls, words)
+        }
+    };
+    let usage = usage(request, completion_tokens);
     let first = Duration::from_millis(config.time_to_first_token_ms);
     let gap = if config.tokens_per_second > 0.0 {
         Duration::from_secs_f64(1.0 / config.tokens_per_second)
     } else {
         Duration::ZERO
     };
-    let deltas = futures::stream::iter(tokens.into_iter().enumerate()).then(move |(i, token)| async move {
+    let deltas = futures::stream::iter(events.into_iter().enumerate()).then(move |(i, event)| async move {
         let pause = if i == 0 { first } else { gap };
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;
         }
-        Ok(Event::Delta(token))
+        Ok(event)
     });
     let finish = futures::stream::once(async move { Ok(Event::Finish { reason, usage }) });
     Box::pin(deltas.chain(finish))
+}
+
+/// The longest fragment of a tool call's arguments the sim streams.
+pub const ARGUMENT_FRAGMENT_BYTES: usize = 16;
+
+/// `text` a word a chunk (each word with the whitespace after it), cut to `max_tokens` words with
+/// LENGTH: the events, the finish reason and the words kept.
+fn words_of(text: &str, max_tokens: u32) -> (Vec<Event>, FinishReason, usize) {
+    let words: Vec<&str> = text.split_inclusive(char::is_whitespace).collect();
+    let limit = max_tokens as usize;
+    let reason = if words.len() > limit { FinishReason::Length } else { FinishReason::Stop };
+    let kept: Vec<Event> = words.into_iter().take(limit).map(|w| Event::Delta(w.to_string())).collect();
+    let count = kept.len();
+    (kept, reason, count)
+}
+
+/// A call's first delta (index, id, name), then its arguments in fragments.
+fn tool_call_events(calls: Vec<ToolCall>) -> Vec<Event> {
+    let mut events = Vec::new();
+    for (call, index) in calls.into_iter().zip(0u32..) {
+        events.push(Event::ToolCall(ToolCallDelta { index, id: call.id, name: call.name, ..Default::default() }));
+        let mut rest = call.arguments.as_str();
+        while !rest.is_empty() {
+            let mut cut = rest.len().min(ARGUMENT_FRAGMENT_BYTES);
+            while !rest.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            if cut == 0 {
+                cut = rest.chars().next().map_or(rest.len(), char::len_utf8);
+            }
+            let (fragment, after) = rest.split_at(cut);
+            events.push(Event::ToolCall(ToolCallDelta {
+                index,
+                arguments: fragment.to_string(),
+                ..Default::default()
+            }));
+            rest = after;
+        }
+    }
+    events
 }
 
 /// The answer's tokens (each with its leading space) and why it ended.
@@ -228,8 +296,30 @@ fn answer(request: &GenerateRequest, output_tokens: u32, max_tokens: u32) -> (Ve
 
 fn usage(request: &GenerateRequest, completion_tokens: usize) -> Usage {
     // The sim's tokenizer is "one word, one token", so these counts are exact for it.
-    let prompt_tokens = request.prompt.split_whitespace().count()
-        + request.messages.iter().map(|m| m.content.split_whitespace().count()).sum::<usize>();
+    let words = |text: &str| text.split_whitespace().count();
+    let mut prompt_tokens = words(&request.prompt);
+    for message in &request.messages {
+        prompt_tokens += words(&message.content);
+        prompt_tokens += message.tool_calls.iter().map(|c| words(&c.arguments)).sum::<usize>();
+        for part in &message.parts {
+            prompt_tokens += match &part.kind {
+                Some(PartKind::Text(text)) => words(text),
+                Some(PartKind::Image(image)) if image.detail == ImageDetail::Low as i32 => IMAGE_TOKENS_LOW as usize,
+                Some(PartKind::Image(_)) => IMAGE_TOKENS as usize,
+                Some(PartKind::Document(document)) => match &document.source {
+                    Some(llmesh_proto::common::v1::document::Source::Text(text)) => words(text),
+                    _ => 0,
+                },
+                None => 0,
+            };
+        }
+    }
+    for tool in &request.tools {
+        prompt_tokens += words(&tool.name) + words(&tool.description) + words(&tool.parameters);
+    }
+    if let Some(format) = &request.response_format {
+        prompt_tokens += words(&format.schema);
+    }
     let prompt_tokens = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
     let completion_tokens = u32::try_from(completion_tokens).unwrap_or(u32::MAX);
     Usage {
@@ -237,6 +327,7 @@ fn usage(request: &GenerateRequest, completion_tokens: usize) -> Usage {
         completion_tokens,
         total_tokens: prompt_tokens.saturating_add(completion_tokens),
         estimated: false,
+        ..Default::default()
     }
 }
 
@@ -261,6 +352,11 @@ fn seed_of(request: &GenerateRequest) -> u64 {
         feed(message.content.as_bytes());
     }
     feed(&request.seed.unwrap_or_default().to_le_bytes());
+    // What came with the second part of the contract changes the answer too; a request without
+    // any of it keeps the answer it always had.
+    if llmesh_proto::cache_key::uses_the_contracts_second_part(request) {
+        feed(llmesh_proto::cache_key::of(request).as_bytes());
+    }
     hash
 }
 
@@ -332,6 +428,57 @@ mod tests {
         assert_eq!(reason, FinishReason::Stop);
         assert!(!text.contains(&stop));
         assert!(full.starts_with(&text));
+    }
+
+    #[tokio::test]
+    async fn tool_calls_stream_as_fragments_that_join_to_the_arguments() {
+        use llmesh_proto::common::v1::{ChatMessage, Tool};
+        let arguments = r#"{"command": "echo héllo wörld, a long one"}"#;
+        let request = GenerateRequest {
+            model: "sim".into(),
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: format!("run Bash {arguments} please"),
+                ..Default::default()
+            }],
+            tools: vec![Tool { name: "Bash".into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let sim = Sim::new(SimConfig::default());
+        let events: Vec<Event> = sim.stream(&request, 1).try_collect().await.unwrap();
+        let mut joined = String::new();
+        let mut fragments = 0;
+        for event in &events[..events.len() - 1] {
+            let Event::ToolCall(delta) = event else { panic!("not a tool call: {event:?}") };
+            assert_eq!(delta.index, 0);
+            assert!(delta.arguments.len() <= ARGUMENT_FRAGMENT_BYTES);
+            if fragments == 0 && delta.arguments.is_empty() {
+                assert_eq!(delta.name, "Bash");
+                assert!(delta.id.starts_with("call_"));
+            } else {
+                fragments += 1;
+            }
+            joined.push_str(&delta.arguments);
+        }
+        assert_eq!(joined, arguments);
+        assert!(fragments > 1);
+        // max_tokens 1 does not cut a tool call.
+        let Some(Event::Finish { reason, usage }) = events.last() else { panic!("no finish") };
+        assert_eq!(*reason, FinishReason::ToolCalls);
+        assert_eq!(usage.completion_tokens, 7, "the arguments' words");
+    }
+
+    #[tokio::test]
+    async fn a_plain_request_keeps_its_answer() {
+        // The rules add nothing to a request without the new fields: the same text as before them.
+        let sim = Sim::new(SimConfig::default());
+        let (text, _, usage) = collect(&sim, &request("hello"), 256).await;
+        assert_eq!(usage.prompt_tokens, 1);
+        assert_eq!(text.split_whitespace().count(), 24);
+        let mut with_tools = request("hello");
+        with_tools.tools = vec![llmesh_proto::common::v1::Tool { name: "f".into(), ..Default::default() }];
+        let (other, _, _) = collect(&sim, &with_tools, 256).await;
+        assert_ne!(text, other, "tools are part of what the answer depends on");
     }
 
     #[tokio::test]

@@ -1,5 +1,11 @@
 //! A small Server-Sent Events parser: bytes in, the `data:` payload of each complete event out.
 //!
+//! Why not a crate: `eventsource-stream` 0.2 (considered 2026-12-06) bounds
+//! nothing per event (an upstream's endless event would grow until the whole stream's byte limit)
+//! and nothing shows it linear when one long event arrives a byte at a time, the case this parser
+//! was rewritten for. This one is both, and its tests prove it (`examined`). Swap it for a crate
+//! that promises both.
+//!
 //! Linear: each byte pushed is examined a bounded number of times, however the stream is cut into
 //! pieces. The search for the end of an event resumes where the last one stopped instead of
 //! rescanning the buffer, and consumed events leave the buffer once per push, not once per event.

@@ -260,10 +260,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<AdminResponse, Infallible> {
     if !authorized(&state, &request) {
         let mut response = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
-        // Basic too: a browser asks the person for the token (as the password) only then.
-        response.headers_mut().insert(
+        // Basic too: a browser asks the person for the token (as the password) only then. One
+        // header per challenge: browsers read a single header's first challenge only.
+        let headers = response.headers_mut();
+        headers.insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        headers.append(
             header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static(r#"Bearer, Basic realm="llmesh admin", charset="UTF-8""#),
+            header::HeaderValue::from_static(r#"Basic realm="llmesh admin", charset="UTF-8""#),
         );
         return Ok(response);
     }

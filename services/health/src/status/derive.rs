@@ -7,8 +7,8 @@
 //! buckets likewise, and quantiles interpolated within a bucket as PromQL's `histogram_quantile`.
 //!
 //! Which service's metrics count: the caller's view is the gateway's (`llm_requests_total`,
-//! cache lookups, rate limits, shedding, budgets, breakers, the GenAI client duration per model);
-//! the queue's depth is generation's. Labels come from known sets in the services; the page still
+//! cache lookups, rate limits, shedding, budgets, breakers); the model calls (the GenAI client
+//! duration per model) and the queue's depth are generation's. Labels come from known sets in the services; the page still
 //! keeps at most [`MAX_ROWS`] models, replicas and budgets.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -225,20 +225,19 @@ impl Deriver {
 fn totals(service: &str, samples: &[Sample]) -> Totals {
     let mut totals = Totals::new();
     let mut add = |name: String, value: f64| *totals.entry(name).or_default() += value;
-    let gateway = service == "gateway";
-    for sample in samples.iter().filter(|_| gateway) {
+    for sample in samples {
         let value = sample.value;
-        match sample.name.as_str() {
-            "llm_requests_total" => {
+        match (service, sample.name.as_str()) {
+            ("gateway", "llm_requests_total") => {
                 add("requests".into(), value);
                 if sample.label("status") != "OK" {
                     add("errors".into(), value);
                 }
             }
-            "llm_response_time_seconds_bucket" | "llm_response_time_bucket" => {
+            ("gateway", "llm_response_time_seconds_bucket" | "llm_response_time_bucket") => {
                 add(format!("{LATENCY}{}", sample.label("le")), value);
             }
-            "llmesh_cache_requests_total" => match (sample.label("result"), sample.label("tier")) {
+            ("gateway", "llmesh_cache_requests_total") => match (sample.label("result"), sample.label("tier")) {
                 ("bypass", _) => {}
                 ("hit", "near") => {
                     add("cache_hit_near".into(), value);
@@ -250,25 +249,25 @@ fn totals(service: &str, samples: &[Sample]) -> Totals {
                 }
                 _ => add("cache_lookups".into(), value),
             },
-            "llmesh_ratelimit_decisions_total" => {
-                add(
-                    format!("ratelimit_{}", if sample.label("result") == "rejected" { "rejected" } else { "allowed" }),
-                    value,
-                );
+            ("gateway", "llmesh_ratelimit_decisions_total") => {
+                let result = if sample.label("result") == "rejected" { "rejected" } else { "allowed" };
+                add(format!("ratelimit_{result}"), value);
                 if sample.label("limiter") == "local" {
                     add("ratelimit_local".into(), value);
                 }
             }
-            "llmesh_shed_total" => add("shed".into(), value),
-            "llmesh_fallbacks_total" => add("fallbacks".into(), value),
-            "gen_ai_client_operation_duration_seconds_count" => {
+            ("gateway", "llmesh_shed_total") => add("shed".into(), value),
+            ("gateway", "llmesh_fallbacks_total") => add("fallbacks".into(), value),
+            // The model calls generation made to the providers (a call the gateway's open breaker
+            // stopped never gets there).
+            ("generation", "gen_ai_client_operation_duration_seconds_count") => {
                 let model = sample.label("gen_ai_request_model");
                 add(format!("{MODEL_CALLS}{model}"), value);
                 if !sample.label("error_type").is_empty() {
                     add(format!("{MODEL_ERRORS}{model}"), value);
                 }
             }
-            "gen_ai_client_operation_duration_seconds_bucket" => {
+            ("generation", "gen_ai_client_operation_duration_seconds_bucket") => {
                 add(format!("{MODEL_LE}{} {}", sample.label("gen_ai_request_model"), sample.label("le")), value);
             }
             _ => {}
@@ -409,17 +408,23 @@ llmesh_cache_requests_total{{result="miss"}} {requests}
 llmesh_cache_requests_total{{result="bypass"}} 1000
 llmesh_breaker_state{{endpoint="http://10.0.0.1:50052"}} 0
 llmesh_breaker_state{{endpoint="http://10.0.0.1:50052",model="sim-error"}} {state}
-gen_ai_client_operation_duration_seconds_count{{gen_ai_request_model="sim"}} {requests}
-gen_ai_client_operation_duration_seconds_count{{gen_ai_request_model="sim-error",error_type="UNAVAILABLE"}} {errors}
 llmesh_budget_spent_usd{{scope="key",name="alice"}} {spent}
 llmesh_budget_limit_usd{{scope="key",name="alice"}} 1
 "#,
                 total = requests + errors
             )
         };
-        let queue = r#"llmesh_queue_jobs{state="queued"} 3
-llmesh_queue_jobs{state="dead_lettered"} 1"#;
-        let first = [scrape(0, "gateway", &gateway(10, 0, 0, 0, 0.25)), scrape(1, "generation", queue)];
+        let generation = |calls: u32, errors: u32| {
+            format!(
+                r#"
+llmesh_queue_jobs{{state="queued"}} 3
+llmesh_queue_jobs{{state="dead_lettered"}} 1
+gen_ai_client_operation_duration_seconds_count{{gen_ai_request_model="sim"}} {calls}
+gen_ai_client_operation_duration_seconds_count{{gen_ai_request_model="sim-error",error_type="UNAVAILABLE"}} {errors}
+"#
+            )
+        };
+        let first = [scrape(0, "gateway", &gateway(10, 0, 0, 0, 0.25)), scrape(1, "generation", &generation(10, 0))];
         let (point, current) = deriver.round(1_000, 1.0, &first);
         // The first round has nothing to difference against.
         assert_eq!(point.requests_per_s, 0.0);
@@ -429,10 +434,7 @@ llmesh_queue_jobs{state="dead_lettered"} 1"#;
         assert_eq!(current.budgets[0].spent_usd, 0.25);
         assert_eq!(current.budgets[0].limit_usd, Some(1.0));
 
-        let second = [
-            scrape(0, "gateway", &gateway(30, 20, 20, 2, 0.5)),
-            Scrape { source: 1, service: "generation".into(), samples: None },
-        ];
+        let second = [scrape(0, "gateway", &gateway(30, 20, 20, 2, 0.5)), scrape(1, "generation", &generation(30, 20))];
         let (point, current) = deriver.round(3_000, 2.0, &second);
         assert_eq!(point.seq, 2);
         // 40 calls (20 failed) over the window's 3 s.
@@ -452,6 +454,13 @@ llmesh_queue_jobs{state="dead_lettered"} 1"#;
         assert_eq!((sim.breaker, sim.error_ratio), ("closed", Some(0.0)));
         assert_eq!(current.replicas, vec![ReplicaRow { endpoint: "http://10.0.0.1:50052".into(), breaker: "closed" }]);
         assert_eq!(current.budgets[0].spent_usd, 0.5);
+        // A restarted gateway (its counters start again) adds what it counted, never less; a
+        // source not reached adds nothing and shows as down.
+        let third = [
+            scrape(0, "gateway", &gateway(5, 0, 0, 0, 0.5)),
+            Scrape { source: 1, service: "generation".into(), samples: None },
+        ];
+        let (point, current) = deriver.round(4_000, 1.0, &third);
         assert_eq!(
             current.sources,
             vec![
@@ -459,9 +468,6 @@ llmesh_queue_jobs{state="dead_lettered"} 1"#;
                 SourceRow { service: "generation".into(), up: false }
             ]
         );
-
-        // A restarted gateway (its counters start again) adds what it counted, never less.
-        let (point, _) = deriver.round(4_000, 1.0, &[scrape(0, "gateway", &gateway(5, 0, 0, 0, 0.5))]);
         assert!((point.requests_per_s - 45.0 / 4.0).abs() < 1e-9, "{point:?}");
     }
 }

@@ -49,7 +49,9 @@ function drawCharts() {
         el("div", { class: "title" }, chart.title), el("div", { class: "value" }, ...parts), svgBox()));
     }
   }
+  // The last 15 minutes, or as much of them as there are points for (one minute at least).
   const now = points.length ? points[points.length - 1].t_ms : Date.now();
+  const span = Math.min(HISTORY_MS, Math.max(60 * 1000, points.length ? now - points[0].t_ms : 0));
   CHARTS.forEach((chart, index) => {
     const node = box.children[index];
     const values = chart.series.map((s) => points.map((p) => p[s]));
@@ -58,7 +60,7 @@ function drawCharts() {
       const xy = [];
       series.forEach((v, j) => {
         if (v == null) return;
-        const x = 300 - ((now - points[j].t_ms) / HISTORY_MS) * 300;
+        const x = 300 - ((now - points[j].t_ms) / span) * 300;
         xy.push(x.toFixed(1) + "," + (58 - (v / max) * 56).toFixed(1));
       });
       const line = document.createElementNS(SVG_NS, "polyline");
@@ -113,7 +115,7 @@ function drawTables(s) {
 
   const queue = Object.entries(s.queue);
   document.getElementById("queue").replaceChildren(queue.length
-    ? el("p", {}, ...queue.flatMap(([k, v]) => [el("strong", { "data-queue": k }, num(v)), " " + k.replace("_", " ") + "  "]))
+    ? el("p", {}, ...queue.flatMap(([k, v]) => [el("strong", { "data-queue": k }, v.toFixed(0)), " " + k.replace("_", " ") + "  "]))
     : el("p", { class: "muted" }, "no queue reported"));
   document.getElementById("sources").replaceChildren(el("p", {}, ...s.sources.flatMap((src) =>
     [el("span", { class: "pill", "data-status": src.up ? "SERVING" : "NOT_SERVING" }, src.service), " "]),

@@ -55,7 +55,7 @@ def browser():
     try:
         from playwright import sync_api
     except ImportError:
-        pytest.fail("playwright is missing: pip install -r tests/python/requirements-browser.txt (scripts/test does)")
+        pytest.fail("playwright is missing: pip install -r tests/python/requirements-observability.txt (scripts/test does)")
     assert os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} is missing (Debian package chromium; scripts/test installs it)"
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)

@@ -449,6 +449,48 @@ mod tests {
         assert_eq!(base64_decode(b"a"), None);
     }
 
+    /// A service's own routes answer after the token check, and only for their paths; a 401
+    /// offers both schemes, one header each.
+    #[tokio::test]
+    async fn routes_are_behind_the_token() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let token: BearerToken = Arc::new(|| Some(Arc::from("s3cret")));
+        let routes: AdminRoutes = Arc::new(|method: &Method, uri: &Uri| {
+            let answer = format!("{method} {}", uri.path());
+            (uri.path() == "/mine").then(|| {
+                Box::pin(async move { with_type(StatusCode::OK, "text/plain", answer.into_bytes()) })
+                    as Pin<Box<dyn Future<Output = AdminResponse> + Send>>
+            })
+        });
+        let server =
+            AdminServer::bind(([127, 0, 0, 1], 0).into()).await.unwrap().with_bearer_token(token).with_routes(routes);
+        let addr = server.local_addr();
+        let task = tokio::spawn(server.serve(std::future::pending()));
+        let get = |path: &'static str, authorization: &'static str| async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{authorization}Connection: close\r\n\r\n");
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut raw = String::new();
+            stream.read_to_string(&mut raw).await.unwrap();
+            raw
+        };
+        let refused = get("/mine", "").await;
+        assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+        assert!(refused.contains("www-authenticate: Bearer\r\n"), "{refused}");
+        assert!(refused.contains("www-authenticate: Basic realm=\"llmesh admin\""), "{refused}");
+        assert!(get("/mine", "Authorization: Bearer wrong\r\n").await.starts_with("HTTP/1.1 401"));
+        let mine = get("/mine", "Authorization: Bearer s3cret\r\n").await;
+        assert!(mine.starts_with("HTTP/1.1 200") && mine.ends_with("GET /mine"), "{mine}");
+        // "operator:s3cret", as a browser sends it.
+        let basic = get("/mine", "Authorization: Basic b3BlcmF0b3I6czNjcmV0\r\n").await;
+        assert!(basic.starts_with("HTTP/1.1 200"), "{basic}");
+        // Other paths are still the listener's own.
+        assert!(get("/healthz", "Authorization: Bearer s3cret\r\n").await.ends_with("ok"));
+        assert!(get("/other", "Authorization: Bearer s3cret\r\n").await.starts_with("HTTP/1.1 404"));
+        task.abort();
+    }
+
     #[test]
     fn profile_query() {
         assert_eq!(parse_profile_query(""), Ok((Duration::from_secs(10), ProfileFormat::Pprof)));

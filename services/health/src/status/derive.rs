@@ -61,6 +61,8 @@ pub struct ModelRow {
     pub p99_ms: Option<f64>,
     /// The worst state of its breakers over the replicas: `closed`, `half_open`, `open`.
     pub breaker: &'static str,
+    /// The providers (deployments) generation called for it.
+    pub providers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -113,6 +115,8 @@ const LATENCY: &str = "latency_le ";
 const MODEL_CALLS: &str = "model_calls ";
 const MODEL_ERRORS: &str = "model_errors ";
 const MODEL_LE: &str = "model_le ";
+/// `model_provider MODEL\tPROVIDER`: which providers serve a model.
+const MODEL_PROVIDER: &str = "model_provider ";
 
 impl Deriver {
     /// One round: `scrapes` of every source, `elapsed_s` since the previous round.
@@ -190,7 +194,17 @@ impl Deriver {
             .map(|(model, breaker)| {
                 let calls = get(&format!("{MODEL_CALLS}{model}"));
                 let (p50_ms, p99_ms) = quantiles(&sum, &format!("{MODEL_LE}{model} "));
+                let prefix = format!("{MODEL_PROVIDER}{model}\t");
+                let mut providers: Vec<String> = self
+                    .previous
+                    .values()
+                    .flat_map(|totals| totals.range(prefix.clone()..).take_while(|(name, _)| name.starts_with(&prefix)))
+                    .map(|(name, _)| name[prefix.len()..].to_string())
+                    .collect();
+                providers.sort_unstable();
+                providers.dedup();
                 ModelRow {
+                    providers,
                     calls_per_s: calls / seconds,
                     error_ratio: ratio(get(&format!("{MODEL_ERRORS}{model}")), calls),
                     p50_ms,
@@ -263,6 +277,7 @@ fn totals(service: &str, samples: &[Sample]) -> Totals {
             ("generation", "gen_ai_client_operation_duration_seconds_count") => {
                 let model = sample.label("gen_ai_request_model");
                 add(format!("{MODEL_CALLS}{model}"), value);
+                add(format!("{MODEL_PROVIDER}{model}\t{}", sample.label("gen_ai_provider_name")), value);
                 if !sample.label("error_type").is_empty() {
                     add(format!("{MODEL_ERRORS}{model}"), value);
                 }
@@ -419,7 +434,7 @@ llmesh_budget_limit_usd{{scope="key",name="alice"}} 1
                 r#"
 llmesh_queue_jobs{{state="queued"}} 3
 llmesh_queue_jobs{{state="dead_lettered"}} 1
-gen_ai_client_operation_duration_seconds_count{{gen_ai_request_model="sim"}} {calls}
+gen_ai_client_operation_duration_seconds_count{{gen_ai_request_model="sim",gen_ai_provider_name="sim"}} {calls}
 gen_ai_client_operation_duration_seconds_count{{gen_ai_request_model="sim-error",error_type="UNAVAILABLE"}} {errors}
 "#
             )
@@ -452,6 +467,7 @@ gen_ai_client_operation_duration_seconds_count{{gen_ai_request_model="sim-error"
         assert_eq!(error_model.error_ratio, Some(1.0));
         let sim = current.models.iter().find(|m| m.model == "sim").unwrap();
         assert_eq!((sim.breaker, sim.error_ratio), ("closed", Some(0.0)));
+        assert_eq!(sim.providers, vec!["sim".to_string()]);
         assert_eq!(current.replicas, vec![ReplicaRow { endpoint: "http://10.0.0.1:50052".into(), breaker: "closed" }]);
         assert_eq!(current.budgets[0].spent_usd, 0.5);
         // A restarted gateway (its counters start again) adds what it counted, never less; a

@@ -94,7 +94,7 @@ function drawTables(s) {
       el("td", {}, ms(c.latency_ms)), el("td", { class: "detail" }, c.detail))));
   setRows("#models", s.models.map((m) =>
     el("tr", { "data-model": m.model, "data-breaker": m.breaker },
-      el("td", {}, m.model), el("td", {}, num(m.calls_per_s)), el("td", {}, pct(m.error_ratio)),
+      el("td", {}, m.model), el("td", { class: "detail" }, m.providers.join(", ")), el("td", {}, num(m.calls_per_s)), el("td", {}, pct(m.error_ratio)),
       el("td", {}, ms(m.p50_ms)), el("td", {}, ms(m.p99_ms)), el("td", {}, state(m.breaker)))));
   setRows("#replicas", s.replicas.map((r) =>
     el("tr", { "data-replica": r.endpoint, "data-breaker": r.breaker },

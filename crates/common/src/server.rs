@@ -194,6 +194,8 @@ pub struct Base {
     admin: Option<tokio::task::JoinHandle<()>>,
     /// The operator's token, read once ([`Base::operator_token`]).
     operator: Option<llmesh_telemetry::BearerToken>,
+    /// The service's own admin routes ([`Base::admin_routes`]).
+    admin_routes: Option<llmesh_telemetry::AdminRoutes>,
     /// Whether the port takes HTTP/1.1 besides HTTP/2 (its ALPN offers both).
     accept_http1: bool,
     /// `[<service>.tls]`, as [`Base::tls`] was given it.
@@ -258,6 +260,7 @@ impl Base {
             routes,
             admin: None,
             operator: None,
+            admin_routes: None,
             accept_http1,
             tls_config: TlsConfig::default(),
             tls: None,
@@ -310,12 +313,21 @@ impl Base {
         if let Some(token) = token {
             admin = admin.with_bearer_token(token);
         }
+        if let Some(routes) = self.admin_routes.take() {
+            admin = admin.with_routes(routes);
+        }
         self.admin = Some(tokio::spawn(async move {
             if let Err(error) = admin.serve(std::future::pending()).await {
                 tracing::warn!("admin listener stopped: {error:#}");
             }
         }));
         Ok(())
+    }
+
+    /// Routes of the service's own on its admin listener, behind its token (the health service's
+    /// status page). Call before [`Base::admin`].
+    pub fn admin_routes(&mut self, routes: llmesh_telemetry::AdminRoutes) {
+        self.admin_routes = Some(routes);
     }
 
     /// The operator's token (`admin.bearer_token_file`, re-read when it changes), when one is set:

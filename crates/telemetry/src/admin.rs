@@ -9,6 +9,9 @@
 //! ```
 //! One profile at a time (a second one gets 409). Other paths are 404, other methods 405.
 //!
+//! A service may add routes of its own ([`AdminServer::with_routes`]: the health service's status
+//! page); they are asked first, for every request that passed the token check.
+//!
 //! Protection, when the listener is reachable from elsewhere (the server runner decides; see
 //! `llmesh_common::server`): [`AdminServer::with_bearer_token`] makes every path answer 401 unless
 //! the request carries `Authorization: Bearer <token>` (compared in constant time; the token is
@@ -29,7 +32,7 @@ use anyhow::Context as _;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode, header};
+use hyper::{Method, Request, Response, StatusCode, Uri, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -54,6 +57,14 @@ pub type Upgrade =
 /// The token every request must present, asked for on each request (`None`: none needed).
 pub type BearerToken = Arc<dyn Fn() -> Option<Arc<str>> + Send + Sync>;
 
+/// What the admin listener answers.
+pub type AdminResponse = Response<Full<Bytes>>;
+
+/// A service's own admin routes: asked with each authorized request's method and URI before the
+/// built-in paths; `None` leaves the request to them.
+pub type AdminRoutes =
+    Arc<dyn Fn(&Method, &Uri) -> Option<Pin<Box<dyn Future<Output = AdminResponse> + Send>>> + Send + Sync>;
+
 /// A bound admin listener; [`AdminServer::local_addr`] tells the port when binding port 0.
 pub struct AdminServer {
     listener: TcpListener,
@@ -61,6 +72,7 @@ pub struct AdminServer {
     metrics: Option<PrometheusReader>,
     upgrade: Option<Upgrade>,
     token: Option<BearerToken>,
+    routes: Option<AdminRoutes>,
 }
 
 impl std::fmt::Debug for AdminServer {
@@ -69,6 +81,7 @@ impl std::fmt::Debug for AdminServer {
             .field("local_addr", &self.local_addr)
             .field("upgrade", &self.upgrade.is_some())
             .field("token", &self.token.is_some())
+            .field("routes", &self.routes.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -81,7 +94,7 @@ impl AdminServer {
             TcpListener::bind(addr).await.with_context(|| format!("binding the admin listener on {addr}"))?;
         let local_addr = listener.local_addr().context("reading the admin listener's address")?;
         tracing::info!("admin listening on {local_addr}");
-        Ok(Self { listener, local_addr, metrics: None, upgrade: None, token: None })
+        Ok(Self { listener, local_addr, metrics: None, upgrade: None, token: None, routes: None })
     }
 
     /// Runs each accepted connection through `upgrade` (a TLS handshake) before serving it.
@@ -93,6 +106,12 @@ impl AdminServer {
     /// Answers 401 to every request without `Authorization: Bearer <token>`.
     pub fn with_bearer_token(mut self, token: BearerToken) -> Self {
         self.token = Some(token);
+        self
+    }
+
+    /// Asks `routes` first for every authorized request (see [`AdminRoutes`]).
+    pub fn with_routes(mut self, routes: AdminRoutes) -> Self {
+        self.routes = Some(routes);
         self
     }
 
@@ -109,7 +128,7 @@ impl AdminServer {
     /// Serves until `shutdown` resolves; then stops accepting and asks open connections to close
     /// after their current request.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let state = Arc::new(State { metrics: self.metrics, token: self.token });
+        let state = Arc::new(State { metrics: self.metrics, token: self.token, routes: self.routes });
         let (closing_tx, closing_rx) = tokio::sync::watch::channel(());
         tokio::pin!(shutdown);
         loop {
@@ -175,6 +194,7 @@ pub async fn serve_admin(addr: SocketAddr, shutdown: impl Future<Output = ()>) -
 struct State {
     metrics: Option<PrometheusReader>,
     token: Option<BearerToken>,
+    routes: Option<AdminRoutes>,
 }
 
 /// Whether `request` carries the token (always, when none is needed).
@@ -185,12 +205,47 @@ fn authorized(state: &State, request: &Request<Incoming>) -> bool {
     }
 }
 
-/// Whether `authorization` (the header's value) is `Bearer <token>`, compared in constant time;
-/// false while the token cannot be read.
+/// Whether `authorization` (the header's value) is `Bearer <token>`, or `Basic` with the token as
+/// the password, compared in constant time; false while the token cannot be read.
 pub fn presents(token: &BearerToken, authorization: Option<&[u8]>) -> bool {
     let Some(token) = token() else { return false };
-    let Some(presented) = authorization.and_then(|value| value.strip_prefix(b"Bearer ")) else { return false };
-    constant_time_eq(presented, token.as_bytes())
+    let Some(authorization) = authorization else { return false };
+    if let Some(presented) = authorization.strip_prefix(b"Bearer ") {
+        return constant_time_eq(presented, token.as_bytes());
+    }
+    let Some(credentials) = authorization.strip_prefix(b"Basic ").and_then(base64_decode) else { return false };
+    let Some(colon) = credentials.iter().position(|b| *b == b':') else { return false };
+    constant_time_eq(&credentials[colon + 1..], token.as_bytes())
+}
+
+/// Standard base64 (with or without padding); `None` for anything else. Fifteen lines here rather
+/// than a crate for the one header that needs it.
+fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {
+    fn sextet(c: u8) -> Option<u32> {
+        Some(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        }))
+    }
+    let text = text.trim_ascii();
+    let text = text.strip_suffix(b"==").or_else(|| text.strip_suffix(b"=")).unwrap_or(text);
+    if text.len() % 4 == 1 || text.len() > 4096 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    for chunk in text.chunks(4) {
+        let mut bits = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            bits |= sextet(*c)? << (18 - 6 * i);
+        }
+        let bytes = bits.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
 }
 
 /// Equality whose running time depends only on the lengths.
@@ -202,13 +257,21 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(difference) == 0
 }
 
-type AdminResponse = Response<Full<Bytes>>;
-
 async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<AdminResponse, Infallible> {
     if !authorized(&state, &request) {
         let mut response = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
-        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        // Basic too: a browser asks the person for the token (as the password) only then. One
+        // header per challenge: browsers read a single header's first challenge only.
+        let headers = response.headers_mut();
+        headers.insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        headers.append(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static(r#"Basic realm="llmesh admin", charset="UTF-8""#),
+        );
         return Ok(response);
+    }
+    if let Some(answer) = state.routes.as_ref().and_then(|routes| routes(request.method(), request.uri())) {
+        return Ok(answer.await);
     }
     let path = request.uri().path();
     let known = matches!(path, "/metrics" | "/healthz" | "/debug/pprof/profile");
@@ -366,6 +429,67 @@ const EMPTY_FLAMEGRAPH: &str = concat!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn basic_credentials_carry_the_token_as_the_password() {
+        let token: BearerToken = Arc::new(|| Some(Arc::from("s3cret")));
+        assert!(presents(&token, Some(b"Bearer s3cret")));
+        // "operator:s3cret", "x:s3cret" (padded), ":s3cret".
+        assert!(presents(&token, Some(b"Basic b3BlcmF0b3I6czNjcmV0")));
+        assert!(presents(&token, Some(b"Basic eDpzM2NyZXQ=")));
+        assert!(presents(&token, Some(b"Basic OnMzY3JldA==")));
+        // "operator:wrong", "s3cret" (no colon), not base64, another scheme, nothing.
+        assert!(!presents(&token, Some(b"Basic b3BlcmF0b3I6d3Jvbmc=")));
+        assert!(!presents(&token, Some(b"Basic czNjcmV0")));
+        assert!(!presents(&token, Some(b"Basic !!!!")));
+        assert!(!presents(&token, Some(b"Digest s3cret")));
+        assert!(!presents(&token, None));
+        assert_eq!(base64_decode(b"aGVsbG8="), Some(b"hello".to_vec()));
+        assert_eq!(base64_decode(b"aGVsbG8"), Some(b"hello".to_vec()));
+        assert_eq!(base64_decode(b"a"), None);
+    }
+
+    /// A service's own routes answer after the token check, and only for their paths; a 401
+    /// offers both schemes, one header each.
+    #[tokio::test]
+    async fn routes_are_behind_the_token() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let token: BearerToken = Arc::new(|| Some(Arc::from("s3cret")));
+        let routes: AdminRoutes = Arc::new(|method: &Method, uri: &Uri| {
+            let answer = format!("{method} {}", uri.path());
+            (uri.path() == "/mine").then(|| {
+                Box::pin(async move { with_type(StatusCode::OK, "text/plain", answer.into_bytes()) })
+                    as Pin<Box<dyn Future<Output = AdminResponse> + Send>>
+            })
+        });
+        let server =
+            AdminServer::bind(([127, 0, 0, 1], 0).into()).await.unwrap().with_bearer_token(token).with_routes(routes);
+        let addr = server.local_addr();
+        let task = tokio::spawn(server.serve(std::future::pending()));
+        let get = |path: &'static str, authorization: &'static str| async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{authorization}Connection: close\r\n\r\n");
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut raw = String::new();
+            stream.read_to_string(&mut raw).await.unwrap();
+            raw
+        };
+        let refused = get("/mine", "").await;
+        assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+        assert!(refused.contains("www-authenticate: Bearer\r\n"), "{refused}");
+        assert!(refused.contains("www-authenticate: Basic realm=\"llmesh admin\""), "{refused}");
+        assert!(get("/mine", "Authorization: Bearer wrong\r\n").await.starts_with("HTTP/1.1 401"));
+        let mine = get("/mine", "Authorization: Bearer s3cret\r\n").await;
+        assert!(mine.starts_with("HTTP/1.1 200") && mine.ends_with("GET /mine"), "{mine}");
+        // "operator:s3cret", as a browser sends it.
+        let basic = get("/mine", "Authorization: Basic b3BlcmF0b3I6czNjcmV0\r\n").await;
+        assert!(basic.starts_with("HTTP/1.1 200"), "{basic}");
+        // Other paths are still the listener's own.
+        assert!(get("/healthz", "Authorization: Bearer s3cret\r\n").await.ends_with("ok"));
+        assert!(get("/other", "Authorization: Bearer s3cret\r\n").await.starts_with("HTTP/1.1 404"));
+        task.abort();
+    }
 
     #[test]
     fn profile_query() {

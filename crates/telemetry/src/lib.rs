@@ -43,7 +43,7 @@ mod propagation;
 mod providers;
 mod server;
 
-pub use admin::{AdminIo, AdminServer, BearerToken, Upgrade, presents, serve_admin};
+pub use admin::{AdminIo, AdminResponse, AdminRoutes, AdminServer, BearerToken, Upgrade, presents, serve_admin};
 pub use config::{LogFormat, SamplerConfig, TelemetryConfig};
 pub use logging::build_subscriber;
 pub use metrics::{InFlight, METER_NAME, ProcessMetrics, SeedMetrics, code_name, meter, register_process_metrics};

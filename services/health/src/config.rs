@@ -22,6 +22,8 @@ pub struct Config {
     /// A target that does not answer within this is NOT_SERVING.
     pub check_timeout_ms: u64,
     pub targets: Vec<Target>,
+    /// The status page on the admin listener: which `/metrics` it reads (see [`crate::status`]).
+    pub status: crate::status::StatusConfig,
 }
 
 /// One process to watch. Several targets may share a `name` (replicas of one service).
@@ -66,6 +68,7 @@ impl Default for Config {
                 Target::new("generation", 50052, llmesh_proto::generation::v1::generation_server::SERVICE_NAME),
                 Target::new("cache", 50053, llmesh_proto::cache::v1::cache_server::SERVICE_NAME),
             ],
+            status: crate::status::StatusConfig::default(),
         }
     }
 }

@@ -1,10 +1,12 @@
 //! The health service: polls `grpc.health.v1` of every process in the mesh and serves the result
 //! as `grpc.health.v1` (service "" for the whole mesh, and each watched service name) and as the
-//! richer `llmesh.health.v1.MeshHealth`.
+//! richer `llmesh.health.v1.MeshHealth`; and on its admin listener, the mesh's live status page
+//! ([`status`]).
 
 pub mod config;
 mod monitor;
 mod service;
+pub mod status;
 
 use std::future::Future;
 
@@ -28,15 +30,19 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     llmesh_common::deps::use_client_tls(&config.client_tls).context("[health.client_tls]")?;
     let mut base = server::Base::new()?;
     base.tls(&config.tls, server::Audience::Mesh)?;
+    let operator = base.operator_token(&config.admin).context("[health.admin] bearer_token_file")?;
+    let monitor = monitor::Monitor::new(&config, base.health.clone(), operator.clone())?;
+    let status = monitor.subscribe();
+    if config.admin.listen.is_some() {
+        let page = status::StatusPage::start(&config.status, operator, status.clone()).context("[health.status]")?;
+        base.admin_routes(page.routes());
+    }
     base.admin(&config.admin).await?;
     // The mesh ("") is not SERVING until the first round of checks says so: tonic-health starts
     // it at SERVING, which would tell probes and `llmesh up` the mesh is ready before anything
     // was checked.
     base.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     base.serving::<MeshHealthServer<MeshHealthService>>().await;
-    let operator = base.operator_token(&config.admin).context("[health.admin] bearer_token_file")?;
-    let monitor = monitor::Monitor::new(&config, base.health.clone(), operator)?;
-    let status = monitor.subscribe();
     let poller = tokio::spawn(monitor.run());
     // Stop polling before the server reports NOT_SERVING, so the poller cannot flip it back.
     let shutdown = async move {

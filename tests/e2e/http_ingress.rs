@@ -220,7 +220,7 @@ async fn openai_and_anthropic_over_http1_and_http2_share_the_grpc_cache() {
         &[],
     )
     .await;
-    assert_eq!((bad.status, bad.json()["error"]["param"].as_str()), (400, Some("tools")), "{bad:?}");
+    assert_eq!((bad.status, bad.json()["error"]["param"].as_str()), (400, Some("tools[0].function")), "{bad:?}");
     let bad =
         post(gateway, "/v1/messages", &json!({"model": "sim", "messages": [{"role": "user", "content": "x"}]}), &[])
             .await;

@@ -94,7 +94,7 @@ def test_openai_bad_parameters_are_400s_naming_them(mesh):
     for params, param in [
         ({"temperature": 5}, "temperature"),
         ({"n": 2}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"max_tokens": 1_000_000}, "max_tokens"),
     ]:
         with pytest.raises(openai.BadRequestError) as error:

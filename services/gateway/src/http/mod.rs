@@ -32,6 +32,7 @@ mod anthropic;
 mod errors;
 mod fields;
 mod openai;
+mod openai_content;
 mod seed;
 mod sse;
 

@@ -3,14 +3,16 @@
 //! them.
 //!
 //! Request fields taken: `model`, `messages` (roles system, developer, user, assistant, tool;
-//! content as a string or as text parts), `max_completion_tokens` or `max_tokens`, `temperature`,
-//! `top_p`, `stop` (a string or a list), `seed`, `user`, `metadata`, `stream`,
-//! `stream_options.include_usage`, and `n`, `presence_penalty`, `frequency_penalty`, `logprobs` at
+//! content as a string or as text and image parts; assistant `tool_calls`, a tool message's
+//! `tool_call_id`), `max_completion_tokens` or `max_tokens`, `temperature`, `top_p`, `stop` (a
+//! string or a list), `seed`, `user`, `metadata`, `stream`, `stream_options.include_usage`,
+//! `tools`, `tool_choice`, `parallel_tool_calls`, `response_format`, `reasoning_effort`
+//! ([`super::openai_content`]), and `n`, `presence_penalty`, `frequency_penalty`, `logprobs` at
 //! their defaults only. Anything else is a 400 naming it.
 
 use http::{StatusCode, request::Parts};
 use llmesh_proto::{
-    common::v1::{ChatMessage, FinishReason, Usage},
+    common::v1::{ChatMessage, FinishReason, ToolCall, Usage, content_part},
     gateway::v1::GenerateStreamResponse,
     generation::v1::GenerateRequest,
 };
@@ -19,7 +21,7 @@ use serde_json::{Value, json};
 use tonic::body::Body;
 
 use super::{
-    Class, Facts, Ingress, Problem, finish_reason, json_response, now_unix,
+    Class, Facts, Ingress, Problem, finish_reason, json_response, now_unix, openai_content as content,
     sse::{self, Events},
 };
 use crate::{principal::Principal, service::Unary};
@@ -99,6 +101,10 @@ fn parse(mut body: super::Fields, cache: i32) -> Result<Chat, Problem> {
     body.only("presence_penalty", 0.0f32)?;
     body.only("frequency_penalty", 0.0f32)?;
     body.only("logprobs", false)?;
+    let tools = content::tools(&mut body)?;
+    let tool_choice = content::tool_choice(&mut body)?;
+    let response_format = content::response_format(&mut body)?;
+    let reasoning = content::reasoning(&mut body)?;
     let request = GenerateRequest {
         model,
         messages,
@@ -110,42 +116,57 @@ fn parse(mut body: super::Fields, cache: i32) -> Result<Chat, Problem> {
         user: body.take("user")?.unwrap_or_default(),
         metadata: body.take("metadata")?.unwrap_or_default(),
         cache,
+        tools,
+        tool_choice,
+        parallel_tool_calls: body.take("parallel_tool_calls")?,
+        response_format,
+        reasoning,
         ..Default::default()
     };
     body.finish()?;
     Ok(Chat { request, stream, include_usage })
 }
 
-/// One message: its role, and its content as a string or as text parts (joined by newlines).
+/// One message: its role; its content as a string, as text parts (joined by newlines), or as
+/// parts with images; an assistant's tool calls, a tool result's call id, a participant's name.
 fn message(mut fields: super::Fields) -> Result<ChatMessage, Problem> {
     let role: String = fields.required("role")?;
     let path = fields.path("content");
-    let content = match fields.required::<Value>("content")? {
-        Value::String(text) => text,
-        Value::Array(parts) => {
-            let mut texts: Vec<String> = Vec::with_capacity(parts.len());
-            for (j, part) in parts.into_iter().enumerate() {
-                let Value::Object(part) = part else {
-                    return Err(Problem::invalid(format!("{path}[{j}]"), "must be an object"));
-                };
-                let mut part = super::Fields::within(part, format!("{path}[{j}]"));
-                let kind: String = part.required("type")?;
-                if kind != "text" {
-                    return Err(Problem::invalid(
-                        part.path("type"),
-                        format_args!("{kind:?} parts are not supported by llmesh (only \"text\")"),
-                    ));
-                }
-                texts.push(part.required("text")?);
-                part.finish()?;
+    let tool_calls = content::tool_calls(&mut fields)?;
+    let (text, parts) = match fields.take::<Value>("content")? {
+        // An assistant that only called tools sends no content.
+        None if !tool_calls.is_empty() => (String::new(), Vec::new()),
+        None => return Err(Problem::invalid(path, "required")),
+        Some(Value::String(text)) => (text, Vec::new()),
+        Some(Value::Array(listed)) => {
+            let parts = content::parts(listed, &path)?;
+            let texts: Option<Vec<&str>> = parts
+                .iter()
+                .map(|part| match &part.kind {
+                    Some(content_part::Kind::Text(text)) => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect();
+            match texts {
+                // Text alone stays plain text: the same request as before parts existed, so the same cache key.
+                Some(texts) => (texts.join("\n"), Vec::new()),
+                None => (String::new(), parts),
             }
-            texts.join("\n")
         }
-        _ => return Err(Problem::invalid(path, "must be a string or a list of text parts")),
+        Some(_) => return Err(Problem::invalid(path, "must be a string or a list of parts")),
+    };
+    let message = ChatMessage {
+        role,
+        content: text,
+        parts,
+        tool_calls,
+        tool_call_id: fields.take("tool_call_id")?.unwrap_or_default(),
+        name: fields.take("name")?.unwrap_or_default(),
+        ..Default::default()
     };
     fields.ignore("refusal");
     fields.finish()?;
-    Ok(ChatMessage { role, content, ..Default::default() })
+    Ok(message)
 }
 
 /// `POST /v1/chat/completions`.
@@ -186,7 +207,7 @@ pub async fn chat(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::R
         "model": response.model,
         "choices": [{
             "index": 0,
-            "message": { "role": "assistant", "content": response.text, "refusal": null },
+            "message": message_of(&response.text, &response.tool_calls),
             "logprobs": null,
             "finish_reason": finish(response.finish_reason),
         }],
@@ -221,12 +242,19 @@ fn finish(value: i32) -> &'static str {
 }
 
 fn usage(usage: Option<Usage>) -> Value {
-    let usage = usage.unwrap_or_default();
-    json!({
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    })
+    content::usage(usage)
+}
+
+/// The assistant's message: its text (`null` when it only called tools) and its tool calls.
+fn message_of(text: &str, tool_calls: &[ToolCall]) -> Value {
+    let mut message = json!({ "role": "assistant", "content": text, "refusal": null });
+    if !tool_calls.is_empty() {
+        if text.is_empty() {
+            message["content"] = Value::Null;
+        }
+        message["tool_calls"] = content::render_tool_calls(tool_calls);
+    }
+    message
 }
 
 /// `chat.completion.chunk` events: the assistant role first, a chunk per delta, the finish
@@ -267,6 +295,13 @@ impl Events for ChunkEvents {
         if !chunk.delta.is_empty() {
             let choices = json!([{
                 "index": 0, "delta": { "content": chunk.delta }, "logprobs": null, "finish_reason": null,
+            }]);
+            sse::data(&self.make(&chunk.model, choices, None), out);
+        }
+        if !chunk.tool_calls.is_empty() {
+            let calls = content::render_tool_call_deltas(&chunk.tool_calls);
+            let choices = json!([{
+                "index": 0, "delta": { "tool_calls": calls }, "logprobs": null, "finish_reason": null,
             }]);
             sse::data(&self.make(&chunk.model, choices, None), out);
         }
@@ -347,7 +382,8 @@ mod tests {
     fn what_the_mesh_does_not_do_is_a_400_naming_it() {
         let base = || json!({"model": "sim", "messages": [{"role": "user", "content": "hi"}]});
         let cases = [
-            ("tools", json!([{"type": "function"}]), "tools"),
+            ("tools", json!([{"type": "function"}]), "tools[0].function"),
+            ("tools", json!([{"type": "web_search"}]), "tools[0].type"),
             ("n", json!(2), "n"),
             ("presence_penalty", json!(0.5), "presence_penalty"),
             ("temperature", json!("hot"), "temperature"),
@@ -361,7 +397,9 @@ mod tests {
             assert_eq!(problem.param.as_deref(), Some(param), "{name}: {}", problem.message);
         }
         let image = json!({"model": "sim", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]});
-        assert_eq!(parsed(image).err().unwrap().param.as_deref(), Some("messages[0].content[0].type"));
+        assert_eq!(parsed(image).err().unwrap().param.as_deref(), Some("messages[0].content[0].image_url"));
+        let audio = json!({"model": "sim", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]});
+        assert_eq!(parsed(audio).err().unwrap().param.as_deref(), Some("messages[0].content[0].type"));
         let missing = json!({"model": "sim"});
         assert_eq!(parsed(missing).err().unwrap().param.as_deref(), Some("messages"));
     }

@@ -2,9 +2,11 @@
 //! `anthropic-version` and `anthropic-beta` are accepted and need nothing).
 //!
 //! Request fields taken: `model`, `max_tokens` (required, as Anthropic requires it), `system` (a
-//! string or text blocks), `messages` (roles user and assistant, content as a string or text
-//! blocks; `cache_control` marks are accepted and ignored), `temperature`, `top_p`,
-//! `stop_sequences`, `metadata.user_id`, `stream`. Anything else is a 400 naming it. With
+//! string or text blocks), `messages` (roles user, assistant and system; content as a string or
+//! blocks: text, image, document, tool_use, tool_result, thinking, redacted_thinking, with their
+//! `cache_control` kept), `tools`, `tool_choice`, `thinking` ([`super::anthropic_content`]),
+//! `temperature`, `top_p`, `stop_sequences`, `metadata.user_id`, `stream`. Anything else is a 400
+//! naming it. With
 //! `stream: true` the events are Anthropic's: `message_start`, `content_block_start`, `ping`,
 //! `content_block_delta`…, `content_block_stop`, `message_delta` (stop reason and usage),
 //! `message_stop`; a failure mid-way is an `error` event.
@@ -20,7 +22,7 @@ use serde_json::{Value, json};
 use tonic::body::Body;
 
 use super::{
-    Class, Facts, Fields, Ingress, Problem, finish_reason, json_response,
+    Class, Facts, Fields, Ingress, Problem, anthropic_content as content, finish_reason, json_response,
     sse::{self, Events},
 };
 use crate::service::Unary;
@@ -94,14 +96,20 @@ fn parse(mut body: Fields, cache: i32) -> Result<(GenerateRequest, bool), Proble
     let listed = body.objects("messages")?.ok_or_else(|| Problem::invalid("messages", "required"))?;
     for mut message in listed {
         let role: String = message.required("role")?;
-        if role != "user" && role != "assistant" {
-            return Err(Problem::invalid(message.path("role"), format_args!("{role:?} is not one of user, assistant")));
+        // Coding agents put a `system` turn inside the conversation too.
+        if role != "user" && role != "assistant" && role != "system" {
+            return Err(Problem::invalid(
+                message.path("role"),
+                format_args!("{role:?} is not one of user, assistant, system"),
+            ));
         }
         let path = message.path("content");
-        let content = text(message.required("content")?, path)?;
+        content::message(&role, message.required("content")?, &path, &mut messages)?;
         message.finish()?;
-        messages.push(ChatMessage { role, content, ..Default::default() });
     }
+    let tools = content::tools(&mut body)?;
+    let (tool_choice, parallel_tool_calls) = content::tool_choice(&mut body)?;
+    let reasoning = content::thinking(&mut body)?;
     let user = match body.object("metadata")? {
         None => String::new(),
         Some(mut metadata) => {
@@ -120,6 +128,10 @@ fn parse(mut body: Fields, cache: i32) -> Result<(GenerateRequest, bool), Proble
         stop: body.take("stop_sequences")?.unwrap_or_default(),
         user,
         cache,
+        tools,
+        tool_choice,
+        parallel_tool_calls,
+        reasoning,
         ..Default::default()
     };
     body.finish()?;
@@ -137,8 +149,7 @@ fn stop_reason(value: i32) -> &'static str {
 }
 
 fn usage(usage: Option<Usage>) -> Value {
-    let usage = usage.unwrap_or_default();
-    json!({ "input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens })
+    content::usage(usage)
 }
 
 fn message_id(id: &str) -> String {
@@ -168,7 +179,8 @@ pub async fn messages(ingress: &Ingress, parts: Parts, body: Body) -> Result<htt
             quota: streamed.quota,
         };
         facts.write(&mut headers);
-        return Ok(sse::response(&first, chunks, MessageEvents { input_tokens }, deadline, headers));
+        let events = MessageEvents { input_tokens, open_block: 0, tool_blocks: Vec::new() };
+        return Ok(sse::response(&first, chunks, events, deadline, headers));
     }
     let Unary { response, quota } = ingress
         .gateway()
@@ -180,7 +192,7 @@ pub async fn messages(ingress: &Ingress, parts: Parts, body: Body) -> Result<htt
         "type": "message",
         "role": "assistant",
         "model": response.model,
-        "content": [{ "type": "text", "text": response.text }],
+        "content": content::blocks(&response.text, &response.tool_calls, &response.reasoning),
         "stop_reason": stop_reason(response.finish_reason),
         "stop_sequence": null,
         "usage": usage(response.usage),
@@ -197,11 +209,34 @@ pub async fn messages(ingress: &Ingress, parts: Parts, body: Body) -> Result<htt
     Ok(http)
 }
 
-/// Anthropic's stream events around one text block.
+/// Anthropic's stream events: a text block (index 0), then a `tool_use` block per tool call.
 struct MessageEvents {
     /// The prompt's estimated tokens, for `message_start` (the real count comes with
     /// `message_delta`).
     input_tokens: u32,
+    /// The index of the block open now.
+    open_block: u32,
+    /// The block index of each tool call, by the call's index.
+    tool_blocks: Vec<(u32, u32)>,
+}
+
+impl MessageEvents {
+    /// The block of tool call `index`: opened (closing the one before) on its first delta.
+    fn tool_block(&mut self, index: u32, id: &str, name: &str, out: &mut Vec<u8>) -> u32 {
+        if let Some((_, block)) = self.tool_blocks.iter().find(|(call, _)| *call == index) {
+            return *block;
+        }
+        sse::event("content_block_stop", &json!({ "type": "content_block_stop", "index": self.open_block }), out);
+        self.open_block += 1;
+        let block = self.open_block;
+        self.tool_blocks.push((index, block));
+        let start = json!({
+            "type": "content_block_start", "index": block,
+            "content_block": { "type": "tool_use", "id": id, "name": name, "input": {} },
+        });
+        sse::event("content_block_start", &start, out);
+        block
+    }
 }
 
 impl Events for MessageEvents {
@@ -225,8 +260,19 @@ impl Events for MessageEvents {
             });
             sse::event("content_block_delta", &delta, out);
         }
+        for call in &chunk.tool_calls {
+            let block = self.tool_block(call.index, &call.id, &call.name, out);
+            if !call.arguments.is_empty() {
+                let delta = json!({
+                    "type": "content_block_delta", "index": block,
+                    "delta": { "type": "input_json_delta", "partial_json": call.arguments },
+                });
+                sse::event("content_block_delta", &delta, out);
+            }
+        }
         if chunk.finish_reason != 0 {
-            sse::event("content_block_stop", &json!({ "type": "content_block_stop", "index": 0 }), out);
+            let stop = json!({ "type": "content_block_stop", "index": self.open_block });
+            sse::event("content_block_stop", &stop, out);
             let delta = json!({
                 "type": "message_delta",
                 "delta": { "stop_reason": stop_reason(chunk.finish_reason), "stop_sequence": null },
@@ -277,7 +323,8 @@ mod tests {
         let base = || json!({"model": "sim", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]});
         for (name, value, param) in [
             ("top_k", json!(5), "top_k"),
-            ("tools", json!([{"name": "x"}]), "tools"),
+            ("tools", json!([{"type": "web_search_20250305", "name": "x"}]), "tools[0].type"),
+            ("tool_choice", json!({"type": "sometimes"}), "tool_choice.type"),
             ("max_tokens", json!(0), "max_tokens"),
             ("metadata", json!({"user_id": "u", "other": 1}), "metadata.other"),
         ] {
@@ -290,9 +337,15 @@ mod tests {
         assert_eq!(parsed(no_max).err().unwrap().param.as_deref(), Some("max_tokens"));
         let image =
             json!({"model": "sim", "max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "image"}]}]});
-        assert_eq!(parsed(image).err().unwrap().param.as_deref(), Some("messages[0].content[0].type"));
+        assert_eq!(parsed(image).err().unwrap().param.as_deref(), Some("messages[0].content[0].source"));
+        let audio =
+            json!({"model": "sim", "max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "audio"}]}]});
+        assert_eq!(parsed(audio).err().unwrap().param.as_deref(), Some("messages[0].content[0].type"));
+        let robot = json!({"model": "sim", "max_tokens": 8, "messages": [{"role": "robot", "content": "x"}]});
+        assert_eq!(parsed(robot).err().unwrap().param.as_deref(), Some("messages[0].role"));
+        // Coding agents send a system turn inside the conversation.
         let system_role = json!({"model": "sim", "max_tokens": 8, "messages": [{"role": "system", "content": "x"}]});
-        assert_eq!(parsed(system_role).err().unwrap().param.as_deref(), Some("messages[0].role"));
+        assert!(parsed(system_role).is_ok());
     }
 
     #[test]

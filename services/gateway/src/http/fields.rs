@@ -103,6 +103,13 @@ impl Fields {
         self.map.remove(name);
     }
 
+    /// What is left unread (but empty values), as a JSON object's text; empty when nothing is: the
+    /// fields of a part the mesh carries without acting on them (`extra` in the contract).
+    pub fn rest(self) -> String {
+        let rest: Map<String, Value> = self.map.into_iter().filter(|(_, value)| !is_empty(value)).collect();
+        if rest.is_empty() { String::new() } else { Value::Object(rest).to_string() }
+    }
+
     /// Done reading: a field left over is one the mesh does not support.
     pub fn finish(self) -> Result<(), Problem> {
         match self.map.iter().find(|(_, value)| !is_empty(value)) {

@@ -29,6 +29,7 @@
 //! legacy text API) is not served.
 
 mod anthropic;
+mod anthropic_content;
 mod errors;
 mod fields;
 mod openai;

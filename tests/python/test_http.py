@@ -155,9 +155,26 @@ def test_anthropic_errors(mesh):
     with pytest.raises(anthropic.NotFoundError):
         client.messages.create(model="no-such-model", max_tokens=8, messages=user("x"))
     with pytest.raises(anthropic.BadRequestError) as error:
-        client.messages.create(model="sim", max_tokens=8, messages=user("x"), extra_body={"top_k": 5})
+        client.messages.create(model="sim", max_tokens=0, messages=user("x"))
     assert error.value.body["error"]["type"] == "invalid_request_error"
-    assert error.value.body["error"]["message"].startswith("top_k"), error.value.body
+    assert error.value.body["error"]["message"].startswith("max_tokens"), error.value.body
+
+
+def test_fields_llmesh_does_not_act_on_are_carried_and_named(mesh):
+    """A field a provider adds next month must not break clients: carried as the request's
+    extensions (to an upstream of the same dialect; into the cache key) and named in a header."""
+    raw = anthropic_client(mesh["gateway"]).messages.with_raw_response.create(
+        model="sim",
+        max_tokens=8,
+        messages=user("carried"),
+        extra_body={"top_k": 5, "output_config": {"effort": "high"}},
+    )
+    assert raw.headers["x-llmesh-unmapped-fields"] == "output_config, top_k"
+    assert raw.parse().content[0].type == "text"
+    raw = openai_client(mesh["gateway"]).chat.completions.with_raw_response.create(
+        model="sim", messages=user("carried"), extra_body={"verbosity": "low"}
+    )
+    assert raw.headers["x-llmesh-unmapped-fields"] == "verbosity"
 
 
 # --- keys and limits ------------------------------------------------------------------------------

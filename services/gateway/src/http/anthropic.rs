@@ -5,8 +5,10 @@
 //! string or text blocks), `messages` (roles user, assistant and system; content as a string or
 //! blocks: text, image, document, tool_use, tool_result, thinking, redacted_thinking, with their
 //! `cache_control` kept), `tools`, `tool_choice`, `thinking` ([`super::anthropic_content`]),
-//! `temperature`, `top_p`, `stop_sequences`, `metadata.user_id`, `stream`. Anything else is a 400
-//! naming it. With
+//! `temperature`, `top_p`, `stop_sequences`, `metadata.user_id`, `stream`. Any other top-level
+//! field (`top_k`, `output_config`, `context_management`, ...) is carried as the request's
+//! `anthropic` extensions (into the cache key; dropped by the providers llmesh has, which speak
+//! other dialects) and named in `x-llmesh-unmapped-fields`; an unknown block is a 400 naming it. With
 //! `stream: true` the events are Anthropic's: `message_start`, `content_block_start`, `ping`,
 //! `content_block_delta`…, `content_block_stop`, `message_delta` (stop reason and usage),
 //! `message_stop`; a failure mid-way is an `error` event.
@@ -22,7 +24,7 @@ use serde_json::{Value, json};
 use tonic::body::Body;
 
 use super::{
-    Class, Facts, Fields, Ingress, Problem, anthropic_content as content, finish_reason, json_response,
+    Class, Facts, Fields, Ingress, Problem, Unmapped, anthropic_content as content, finish_reason, json_response,
     sse::{self, Events},
 };
 use crate::service::Unary;
@@ -79,7 +81,7 @@ fn text(value: Value, path: String) -> Result<String, Problem> {
 }
 
 /// A messages request, parsed.
-fn parse(mut body: Fields, cache: i32) -> Result<(GenerateRequest, bool), Problem> {
+fn parse(mut body: Fields, cache: i32) -> Result<(GenerateRequest, bool, Unmapped), Problem> {
     let model: String = body.required("model")?;
     let max_tokens: u32 = body.required("max_tokens")?;
     if max_tokens == 0 {
@@ -134,8 +136,11 @@ fn parse(mut body: Fields, cache: i32) -> Result<(GenerateRequest, bool), Proble
         reasoning,
         ..Default::default()
     };
-    body.finish()?;
-    Ok((request, stream))
+    // What is left is carried, not refused: a field Anthropic adds next month reaches an Anthropic
+    // upstream (none yet: for the others it is dropped, and the header says so).
+    let unmapped = Unmapped::of(body.rest_map(), "anthropic");
+    let request = GenerateRequest { extensions: unmapped.extensions.clone(), ..request };
+    Ok((request, stream, unmapped))
 }
 
 /// Anthropic's name of a finish reason.
@@ -160,7 +165,7 @@ fn message_id(id: &str) -> String {
 pub async fn messages(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::Response<Body>, Problem> {
     let deadline = ingress.deadline(&parts.headers)?;
     let cache = Ingress::cache_policy(&parts.headers)?;
-    let (request, stream) = parse(ingress.json(body, deadline).await?, cache)?;
+    let (request, stream, unmapped) = parse(ingress.json(body, deadline).await?, cache)?;
     let model = request.model.clone();
     if stream {
         let input_tokens = validate::estimated_tokens(validate::prompt_bytes(&request));
@@ -179,6 +184,7 @@ pub async fn messages(ingress: &Ingress, parts: Parts, body: Body) -> Result<htt
             quota: streamed.quota,
         };
         facts.write(&mut headers);
+        unmapped.write(&mut headers);
         let events = MessageEvents { input_tokens, open_block: 0, tool_blocks: Vec::new() };
         return Ok(sse::response(&first, chunks, events, deadline, headers));
     }
@@ -206,6 +212,7 @@ pub async fn messages(ingress: &Ingress, parts: Parts, body: Body) -> Result<htt
         quota,
     };
     facts.write(http.headers_mut());
+    unmapped.write(http.headers_mut());
     Ok(http)
 }
 
@@ -299,7 +306,7 @@ mod tests {
 
     fn parsed(body: Value) -> Result<(GenerateRequest, bool), Problem> {
         let Value::Object(map) = body else { unreachable!() };
-        parse(Fields::new(map), 0)
+        parse(Fields::new(map), 0).map(|(request, stream, _)| (request, stream))
     }
 
     #[test]
@@ -322,7 +329,6 @@ mod tests {
     fn what_the_mesh_does_not_do_is_a_400_naming_it() {
         let base = || json!({"model": "sim", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]});
         for (name, value, param) in [
-            ("top_k", json!(5), "top_k"),
             ("tools", json!([{"type": "web_search_20250305", "name": "x"}]), "tools[0].type"),
             ("tool_choice", json!({"type": "sometimes"}), "tool_choice.type"),
             ("max_tokens", json!(0), "max_tokens"),
@@ -343,6 +349,12 @@ mod tests {
         assert_eq!(parsed(audio).err().unwrap().param.as_deref(), Some("messages[0].content[0].type"));
         let robot = json!({"model": "sim", "max_tokens": 8, "messages": [{"role": "robot", "content": "x"}]});
         assert_eq!(parsed(robot).err().unwrap().param.as_deref(), Some("messages[0].role"));
+        // A field llmesh does not act on is carried, not refused.
+        let top_k =
+            json!({"model": "sim", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], "top_k": 5});
+        let (request, _) = parsed(top_k).unwrap();
+        let extensions = request.extensions.unwrap();
+        assert_eq!((extensions.dialect.as_str(), extensions.json.as_str()), ("anthropic", r#"{"top_k":5}"#));
         // Coding agents send a system turn inside the conversation.
         let system_role = json!({"model": "sim", "max_tokens": 8, "messages": [{"role": "system", "content": "x"}]});
         assert!(parsed(system_role).is_ok());

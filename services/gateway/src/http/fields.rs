@@ -106,8 +106,13 @@ impl Fields {
     /// What is left unread (but empty values), as a JSON object's text; empty when nothing is: the
     /// fields of a part the mesh carries without acting on them (`extra` in the contract).
     pub fn rest(self) -> String {
-        let rest: Map<String, Value> = self.map.into_iter().filter(|(_, value)| !is_empty(value)).collect();
+        let rest = self.rest_map();
         if rest.is_empty() { String::new() } else { Value::Object(rest).to_string() }
+    }
+
+    /// What is left unread (but empty values).
+    pub fn rest_map(self) -> Map<String, Value> {
+        self.map.into_iter().filter(|(_, value)| !is_empty(value)).collect()
     }
 
     /// Done reading: a field left over is one the mesh does not support.

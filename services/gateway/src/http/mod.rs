@@ -355,6 +355,44 @@ fn cache_policy_named(name: &str) -> Option<i32> {
     Some(policy.into())
 }
 
+/// Names the top-level fields of a request that llmesh does not act on (`x-llmesh-unmapped-fields`).
+const UNMAPPED_HEADER: &str = "x-llmesh-unmapped-fields";
+/// At most this many names in that header, each at most this long (the fields themselves are
+/// bounded by `limits.max_extensions_bytes`).
+const UNMAPPED_NAMES: usize = 16;
+const UNMAPPED_NAME_BYTES: usize = 64;
+
+/// The top-level fields of a body that llmesh does not act on: carried as the request's
+/// extensions in `dialect` — to an upstream of the same dialect, dropped for another, and part of
+/// the cache key either way — and named in a response header so that a client can tell.
+struct Unmapped {
+    extensions: Option<llmesh_proto::common::v1::Extensions>,
+    header: Option<HeaderValue>,
+}
+
+impl Unmapped {
+    fn of(rest: serde_json::Map<String, serde_json::Value>, dialect: &str) -> Self {
+        if rest.is_empty() {
+            return Self { extensions: None, header: None };
+        }
+        let names: Vec<&str> = rest
+            .keys()
+            .map(String::as_str)
+            .filter(|name| name.len() <= UNMAPPED_NAME_BYTES && name.bytes().all(|b| b.is_ascii_graphic()))
+            .take(UNMAPPED_NAMES)
+            .collect();
+        let header = HeaderValue::from_str(&names.join(", ")).ok();
+        let json = serde_json::Value::Object(rest).to_string();
+        Self { extensions: Some(llmesh_proto::common::v1::Extensions { dialect: dialect.into(), json }), header }
+    }
+
+    fn write(&self, headers: &mut HeaderMap) {
+        if let Some(names) = &self.header {
+            headers.insert(HeaderName::from_static(UNMAPPED_HEADER), names.clone());
+        }
+    }
+}
+
 /// What the mesh says about an answer, as response headers.
 struct Facts<'a> {
     id: &'a str,

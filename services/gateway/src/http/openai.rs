@@ -8,7 +8,10 @@
 //! string or a list), `seed`, `user`, `metadata`, `stream`, `stream_options.include_usage`,
 //! `tools`, `tool_choice`, `parallel_tool_calls`, `response_format`, `reasoning_effort`
 //! ([`super::openai_content`]), and `n`, `presence_penalty`, `frequency_penalty`, `logprobs` at
-//! their defaults only. Anything else is a 400 naming it.
+//! their defaults only. Any other top-level field is carried as the request's `openai` extensions
+//! (to an OpenAI-compatible upstream, and into the cache key) and named in
+//! `x-llmesh-unmapped-fields`; a field of a part or message that llmesh does not know is a 400
+//! naming it.
 
 use http::{StatusCode, request::Parts};
 use llmesh_proto::{
@@ -21,7 +24,7 @@ use serde_json::{Value, json};
 use tonic::body::Body;
 
 use super::{
-    Class, Facts, Ingress, Problem, finish_reason, json_response, now_unix, openai_content as content,
+    Class, Facts, Ingress, Problem, Unmapped, finish_reason, json_response, now_unix, openai_content as content,
     sse::{self, Events},
 };
 use crate::{principal::Principal, service::Unary};
@@ -62,6 +65,7 @@ struct Chat {
     request: GenerateRequest,
     stream: bool,
     include_usage: bool,
+    unmapped: Unmapped,
 }
 
 /// `stop`: one sequence or several.
@@ -123,8 +127,10 @@ fn parse(mut body: super::Fields, cache: i32) -> Result<Chat, Problem> {
         reasoning,
         ..Default::default()
     };
-    body.finish()?;
-    Ok(Chat { request, stream, include_usage })
+    // What is left is carried, not refused: a field OpenAI adds next month reaches an OpenAI upstream.
+    let unmapped = Unmapped::of(body.rest_map(), "openai");
+    let request = GenerateRequest { extensions: unmapped.extensions.clone(), ..request };
+    Ok(Chat { request, stream, include_usage, unmapped })
 }
 
 /// One message: its role; its content as a string, as text parts (joined by newlines), or as
@@ -173,7 +179,7 @@ fn message(mut fields: super::Fields) -> Result<ChatMessage, Problem> {
 pub async fn chat(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::Response<Body>, Problem> {
     let deadline = ingress.deadline(&parts.headers)?;
     let cache = Ingress::cache_policy(&parts.headers)?;
-    let Chat { request, stream, include_usage } = parse(ingress.json(body, deadline).await?, cache)?;
+    let Chat { request, stream, include_usage, unmapped } = parse(ingress.json(body, deadline).await?, cache)?;
     let model = request.model.clone();
     let created = now_unix();
     if stream {
@@ -192,6 +198,7 @@ pub async fn chat(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::R
             quota: streamed.quota,
         };
         facts.write(&mut headers);
+        unmapped.write(&mut headers);
         let events = ChunkEvents { id: completion_id(&first.id), created, include_usage };
         return Ok(sse::response(&first, chunks, events, deadline, headers));
     }
@@ -223,6 +230,7 @@ pub async fn chat(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::R
         quota,
     };
     facts.write(http.headers_mut());
+    unmapped.write(http.headers_mut());
     Ok(http)
 }
 

@@ -15,7 +15,7 @@ use std::{
 
 use llmesh_gateway::{
     pipeline::{
-        Ask, Call, Generation, Reply, UpstreamError,
+        Ask, Attempt, Call, Generation, Reply, UpstreamError,
         breaker::BreakerLayer,
         fallback::{FallbackConfig, FallbackLayer},
         retry::{RetryConfig, RetryPolicy},
@@ -28,10 +28,11 @@ use tower::{ServiceBuilder, ServiceExt as _, retry::RetryLayer, service_fn, util
 
 const CALLS: u32 = 200_000;
 
-/// The balancer's stand-in: an answer at once.
+/// The balancer's stand-in: an answer at once. It takes the breaker layer's attempts, as the
+/// balancer does, so the layers below the breaker are measured with it.
 fn instant()
--> impl tower::Service<Call, Response = Reply, Error = UpstreamError, Future: Send> + Clone + Send + Sync + 'static {
-    service_fn(|_: Call| async { Ok::<_, UpstreamError>(Reply::Generated(GenerateResponse::default())) })
+-> impl tower::Service<Attempt, Response = Reply, Error = UpstreamError, Future: Send> + Clone + Send + Sync + 'static {
+    service_fn(|_: Attempt| async { Ok::<_, UpstreamError>(Reply::Generated(GenerateResponse::default())) })
 }
 
 fn stages() -> Vec<(&'static str, Generation)> {
@@ -39,10 +40,13 @@ fn stages() -> Vec<(&'static str, Generation)> {
     let retry = || RetryLayer::new(RetryPolicy::new(RetryConfig::default()));
     let fallback = || FallbackLayer::new(FallbackConfig::default(), llmesh_gateway::pipeline::disabled_cache());
     vec![
-        ("balance (stand-in)", BoxCloneSyncService::new(instant())),
-        ("+ per-try timeout", BoxCloneSyncService::new(ServiceBuilder::new().layer(per_try).service(instant()))),
+        // The balancer takes only the breaker layer's attempts: the stages start with both.
         (
-            "+ breaker",
+            "balance (stand-in) + breaker",
+            BoxCloneSyncService::new(ServiceBuilder::new().layer(BreakerLayer).service(instant())),
+        ),
+        (
+            "+ per-try timeout",
             BoxCloneSyncService::new(ServiceBuilder::new().layer(BreakerLayer).layer(per_try).service(instant())),
         ),
         (

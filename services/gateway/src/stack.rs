@@ -66,7 +66,7 @@ use crate::{
     cache::Cache,
     http::{Ingress, RejectionLayer},
     pipeline::{
-        Call, Generation, GenerationConfig, Reply, UpstreamError,
+        Attempt, Generation, GenerationConfig, Reply, UpstreamError,
         balance::{Balance, Pool},
         breaker::BreakerLayer,
         fallback::{FallbackConfig, FallbackLayer},
@@ -115,7 +115,7 @@ pub fn generation(config: &GenerationConfig, fallback: FallbackConfig, cache: Ca
 /// Steps 13 to 17 over `balance` (the balancer, or a mock of it in tests).
 pub fn generation_over<B>(config: &GenerationConfig, fallback: FallbackConfig, cache: Cache, balance: B) -> Generation
 where
-    B: tower::Service<Call, Response = Reply, Error = UpstreamError> + Clone + Send + Sync + 'static,
+    B: tower::Service<Attempt, Response = Reply, Error = UpstreamError> + Clone + Send + Sync + 'static,
     B::Future: Send,
 {
     let per_try = (config.per_try_timeout_ms > 0).then(|| Duration::from_millis(config.per_try_timeout_ms));

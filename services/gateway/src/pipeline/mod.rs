@@ -113,13 +113,11 @@ pub struct Call {
     attempt: u32,
     /// How long this attempt may take (set by the timeout layer; sent on as the callee's deadline).
     attempt_timeout: Duration,
-    /// Where the balancer leaves the attempt's lease for the breaker layer (set by that layer).
-    pick: Pick,
 }
 
 impl Call {
     pub fn new(ask: Ask, deadline: Deadline, caller: Principal) -> Self {
-        Self { ask, deadline, caller, attempt: 1, attempt_timeout: deadline.remaining(), pick: Pick::default() }
+        Self { ask, deadline, caller, attempt: 1, attempt_timeout: deadline.remaining() }
     }
 
     /// The same call asking something else (the fallback's secondary model).
@@ -157,26 +155,44 @@ pub struct Started {
     pub rest: BoxStream<'static, Result<GenerateStreamResponse, tonic::Status>>,
 }
 
-/// The slot an attempt's [`Lease`] travels in, from the balancer (which picks the replica) out to
-/// the breaker layer (which charges the outcome). Empty until the breaker layer makes one.
-#[derive(Debug, Clone, Default)]
-pub struct Pick(Option<Arc<Mutex<Option<Lease>>>>);
+/// One attempt of a call below the breaker layer: the call, and the slot the balancer leaves the
+/// attempt's [`Lease`] in for the breaker layer to charge the outcome to. Only the pipeline's own
+/// layers make one (the breaker layer, per attempt), and the balancer takes nothing else: a stack
+/// with the balancer but without the breaker layer does not type-check, so the breakers can neither
+/// gate calls that are never charged nor miss the lease of one that was.
+#[derive(Debug)]
+pub struct Attempt {
+    pub call: Call,
+    pick: Pick,
+}
 
-impl Pick {
-    fn fresh() -> Self {
-        Self(Some(Arc::default()))
+impl Attempt {
+    /// A fresh slot per attempt: a retry must not find the last attempt's lease.
+    pub(in crate::pipeline) fn new(call: Call) -> (Self, Pick) {
+        let pick = Pick::default();
+        (Self { call, pick: pick.clone() }, pick)
     }
 
+    /// Leaves the balancer's lease for the breaker layer.
+    pub(in crate::pipeline) fn picked(&self, lease: Lease) {
+        self.pick.put(lease);
+    }
+}
+
+/// The slot an attempt's [`Lease`] travels in, from the balancer (which picks the replica) out to
+/// the breaker layer (which charges the outcome).
+#[derive(Debug, Clone, Default)]
+pub(in crate::pipeline) struct Pick(Arc<Mutex<Option<Lease>>>);
+
+impl Pick {
     fn put(&self, lease: Lease) {
-        if let Some(slot) = &self.0
-            && let Ok(mut slot) = slot.lock()
-        {
+        if let Ok(mut slot) = self.0.lock() {
             *slot = Some(lease);
         }
     }
 
-    fn take(&self) -> Option<Lease> {
-        self.0.as_ref()?.lock().ok()?.take()
+    pub(in crate::pipeline) fn take(&self) -> Option<Lease> {
+        self.0.lock().ok()?.take()
     }
 }
 
@@ -226,8 +242,8 @@ mod tests {
         FallbackConfig { secondary_model: secondary.map(Into::into), ..FallbackConfig::default() }
     }
 
-    fn stack_over_mock(max_attempts: u32, secondary: Option<&str>) -> (Generation, mock::Handle<Call, Reply>) {
-        let (service, handle) = mock::pair::<Call, Reply>();
+    fn stack_over_mock(max_attempts: u32, secondary: Option<&str>) -> (Generation, mock::Handle<Attempt, Reply>) {
+        let (service, handle) = mock::pair::<Attempt, Reply>();
         let cache = Cache::off(&CacheConfig::default());
         (crate::stack::generation_over(&config(max_attempts), fallback(secondary), cache, fail_with(service)), handle)
     }
@@ -271,7 +287,7 @@ mod tests {
         let call = tokio::spawn(ask_owned(generation, generate("hello", later())));
         for attempt in 1..=3 {
             let (request, respond) = handle.next_request().await.unwrap();
-            assert_eq!(request.attempt, attempt);
+            assert_eq!(request.call.attempt, attempt);
             respond.send_error(Fail(UpstreamError::from_client(Status::unavailable("down"))));
         }
         let Ok(Reply::Fallback(answer, _)) = call.await.unwrap() else { panic!("a fallback answer") };
@@ -291,7 +307,7 @@ mod tests {
             respond.send_error(Fail(UpstreamError::from_client(Status::unavailable("down"))));
             if allowed {
                 let (second, respond) = handle.next_request().await.unwrap();
-                assert_eq!(second.ask.request().unwrap().model, "backup");
+                assert_eq!(second.call.ask.request().unwrap().model, "backup");
                 let answer = GenerateResponse {
                     model: "backup".into(),
                     text: "from backup".into(),
@@ -327,7 +343,7 @@ mod tests {
     }
 
     /// True when no further attempt reaches the mock (the stack may be gone: that is no attempt).
-    async fn no_more_requests(handle: &mut mock::Handle<Call, Reply>) -> bool {
+    async fn no_more_requests(handle: &mut mock::Handle<Attempt, Reply>) -> bool {
         !matches!(tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await, Ok(Some(_)))
     }
 

@@ -10,7 +10,7 @@ use tonic::metadata::MetadataMap;
 use tower::ServiceExt as _;
 use tower_test::mock::Mock;
 
-use super::{Ask, Call, Reply, UpstreamError};
+use super::{Ask, Attempt, Call, Reply, UpstreamError};
 use crate::{deadline::Deadline, principal::Principal};
 
 /// An error a mock sends, turned back into the [`UpstreamError`] it carries.
@@ -26,9 +26,9 @@ impl std::fmt::Display for Fail {
 impl std::error::Error for Fail {}
 
 /// A mock whose errors are [`Fail`]s, as the pipeline's services want them.
-pub fn fail_with(
-    mock: Mock<Call, Reply>,
-) -> impl tower::Service<Call, Response = Reply, Error = UpstreamError, Future: Send> + Clone + Send + Sync + 'static {
+pub fn fail_with<R: Send + 'static>(
+    mock: Mock<R, Reply>,
+) -> impl tower::Service<R, Response = Reply, Error = UpstreamError, Future: Send> + Clone + Send + Sync + 'static {
     mock.map_err(|error| match error.downcast::<Fail>() {
         Ok(fail) => fail.0,
         Err(other) => panic!("the mock failed on its own: {other}"),
@@ -46,6 +46,11 @@ pub fn request(text: &str) -> Arc<GenerateRequest> {
 
 pub fn generate(text: &str, deadline: Deadline) -> Call {
     Call::new(Ask::Generate(request(text)), deadline, Principal::anonymous())
+}
+
+/// One attempt of [`generate`]'s call, as the breaker layer makes it.
+pub fn attempt(text: &str, deadline: Deadline) -> Attempt {
+    Attempt::new(generate(text, deadline)).0
 }
 
 /// A deadline the client chose.

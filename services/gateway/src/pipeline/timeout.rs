@@ -16,7 +16,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower::{Layer, Service};
 
-use super::{Call, Reply, TimeoutCause, UpstreamError};
+use super::{Attempt, Reply, TimeoutCause, UpstreamError};
 
 /// Bounds each attempt; see the module docs.
 #[derive(Debug, Clone, Copy)]
@@ -45,9 +45,9 @@ pub struct PerTryTimeout<S> {
     per_try: Option<Duration>,
 }
 
-impl<S> Service<Call> for PerTryTimeout<S>
+impl<S> Service<Attempt> for PerTryTimeout<S>
 where
-    S: Service<Call, Response = Reply, Error = UpstreamError>,
+    S: Service<Attempt, Response = Reply, Error = UpstreamError>,
 {
     type Response = Reply;
     type Error = UpstreamError;
@@ -57,7 +57,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut call: Call) -> Self::Future {
+    fn call(&mut self, mut attempt: Attempt) -> Self::Future {
+        let call = &mut attempt.call;
         let remaining = call.deadline.remaining();
         let (limit, cause) = match self.per_try {
             Some(per_try) if per_try < remaining => (per_try, TimeoutCause::PerTry),
@@ -68,7 +69,7 @@ where
             return ResponseFuture::Expired { cause: Some(cause) };
         }
         call.attempt_timeout = limit;
-        ResponseFuture::Running { inner: self.inner.call(call), sleep: tokio::time::sleep(limit), limit, cause }
+        ResponseFuture::Running { inner: self.inner.call(attempt), sleep: tokio::time::sleep(limit), limit, cause }
     }
 }
 
@@ -112,10 +113,10 @@ mod tests {
     use crate::{deadline::Deadline, pipeline::testing};
 
     async fn timed_out(per_try: Option<Duration>, deadline: Deadline) -> (TimeoutCause, Duration) {
-        let (service, mut handle) = mock::pair::<Call, Reply>();
+        let (service, mut handle) = mock::pair::<Attempt, Reply>();
         let service = PerTryTimeoutLayer::new(per_try).layer(service.map_err(testing::never));
         let started = tokio::time::Instant::now();
-        let call = tokio::spawn(service.oneshot(testing::generate("hello", deadline)));
+        let call = tokio::spawn(service.oneshot(testing::attempt("hello", deadline)));
         let (_request, _respond) = handle.next_request().await.expect("the attempt reached the balancer");
         match call.await.unwrap() {
             Err(UpstreamError::Timeout { cause, after }) => {
@@ -141,17 +142,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_in_time_passes_and_no_time_left_fails_at_once() {
-        let (service, mut handle) = mock::pair::<Call, Reply>();
+        let (service, mut handle) = mock::pair::<Attempt, Reply>();
         let service = PerTryTimeoutLayer::new(Some(Duration::from_secs(1))).layer(service.map_err(testing::never));
         let call =
-            tokio::spawn(service.clone().oneshot(testing::generate("hello", Deadline::after(Duration::from_secs(5)))));
+            tokio::spawn(service.clone().oneshot(testing::attempt("hello", Deadline::after(Duration::from_secs(5)))));
         let (request, respond) = handle.next_request().await.unwrap();
-        assert_eq!(request.attempt_timeout, Duration::from_secs(1), "the balancer learns the attempt's budget");
+        assert_eq!(request.call.attempt_timeout, Duration::from_secs(1), "the balancer learns the attempt's budget");
         respond.send_response(testing::answer("hi"));
         assert!(matches!(call.await.unwrap(), Ok(Reply::Generated(_))));
 
         let spent = Deadline::after(Duration::ZERO);
-        let result = service.oneshot(testing::generate("late", spent)).await;
+        let result = service.oneshot(testing::attempt("late", spent)).await;
         assert!(matches!(result, Err(UpstreamError::Timeout { cause: TimeoutCause::Gateway, .. })), "{result:?}");
     }
 }

@@ -37,7 +37,7 @@ pub use connect::connect;
 pub use endpoint::{Endpoint, EndpointSettings, Lease};
 pub use pool::Pool;
 
-use super::{Ask, Call, Reply, Started, UpstreamError};
+use super::{Ask, Attempt, Call, Reply, Started, UpstreamError};
 use crate::deadline::{MARGIN, set_timeout};
 
 /// The balancer over the replicas in `pool`.
@@ -52,7 +52,7 @@ impl Balance {
     }
 }
 
-impl Service<Call> for Balance {
+impl Service<Attempt> for Balance {
     type Response = Reply;
     type Error = UpstreamError;
     type Future = BoxFuture<'static, Result<Reply, UpstreamError>>;
@@ -62,7 +62,8 @@ impl Service<Call> for Balance {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, call: Call) -> Self::Future {
+    fn call(&mut self, attempt: Attempt) -> Self::Future {
+        let call = &attempt.call;
         let lease = match self.pool.lease(call.ask.request()) {
             Ok(lease) => lease,
             Err(error) => return Box::pin(std::future::ready(Err(error))),
@@ -80,8 +81,8 @@ impl Service<Call> for Balance {
         } else {
             tracing::Span::none()
         };
-        call.pick.put(lease);
-        Box::pin(attempt(client, call).instrument(span))
+        attempt.picked(lease);
+        Box::pin(self::attempt(client, attempt.call).instrument(span))
     }
 }
 

@@ -1,11 +1,11 @@
-//! The breaker layer: gives each attempt a pick slot and charges its outcome.
+//! The breaker layer: makes each attempt (with its pick slot) and charges its outcome.
 
 use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 
 use super::ResponseFuture;
-use crate::pipeline::{Call, Pick, Reply, UpstreamError};
+use crate::pipeline::{Attempt, Call, Reply, UpstreamError};
 
 /// See the module docs of [`crate::pipeline::breaker`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -27,7 +27,7 @@ pub struct ChargeOutcomes<S> {
 
 impl<S> Service<Call> for ChargeOutcomes<S>
 where
-    S: Service<Call, Response = Reply, Error = UpstreamError>,
+    S: Service<Attempt, Response = Reply, Error = UpstreamError>,
 {
     type Response = Reply;
     type Error = UpstreamError;
@@ -37,10 +37,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut call: Call) -> Self::Future {
-        // A fresh slot per attempt: a retry must not find the last attempt's lease.
-        let pick = Pick::fresh();
-        call.pick = pick.clone();
-        ResponseFuture::new(self.inner.call(call), pick)
+    fn call(&mut self, call: Call) -> Self::Future {
+        let (attempt, pick) = Attempt::new(call);
+        ResponseFuture::new(self.inner.call(attempt), pick)
     }
 }

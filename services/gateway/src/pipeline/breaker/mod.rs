@@ -11,7 +11,9 @@
 //! The breakers live with their endpoint ([`Breakers`]), because the balancer must skip the
 //! endpoints whose breakers refuse the call before it picks one. This layer sits outside the
 //! per-try timeout and charges each attempt's outcome — a timeout included — to the replica and
-//! model the balancer picked (the [`Lease`] it left in the call's pick slot).
+//! model the balancer picked (the [`Lease`] it left in the attempt's pick slot). The gate (the
+//! balancer's skip) and the charge (this layer) cannot be used apart: this layer makes each
+//! [`Attempt`](crate::pipeline::Attempt), and the balancer takes nothing else.
 //!
 //! Per-model breakers are made on a model's first counted failure and dropped once closed and
 //! quiet, at most [`MAX_MODEL_BREAKERS`] per replica: a model past that bound is guarded only by
@@ -217,7 +219,7 @@ mod tests {
     use crate::{
         deadline::Deadline,
         pipeline::{
-            Call, Reply,
+            Attempt, Reply,
             balance::{EndpointSettings, Pool},
             testing,
             timeout::PerTryTimeoutLayer,
@@ -242,11 +244,11 @@ mod tests {
         pool: Arc<Pool>,
         delay: Duration,
         answer: fn() -> Result<Reply, UpstreamError>,
-    ) -> impl tower::Service<Call, Response = Reply, Error = UpstreamError, Future: Send> + Clone {
-        service_fn(move |call: Call| {
-            let lease = pool.lease(call.ask.request());
+    ) -> impl tower::Service<Attempt, Response = Reply, Error = UpstreamError, Future: Send> + Clone {
+        service_fn(move |attempt: Attempt| {
+            let lease = pool.lease(attempt.call.ask.request());
             async move {
-                call.pick.put(lease?);
+                attempt.picked(lease?);
                 tokio::time::sleep(delay).await;
                 answer()
             }

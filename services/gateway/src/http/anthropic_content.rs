@@ -102,32 +102,21 @@ pub fn message(role: &str, content: Value, path: &str, into: &mut Vec<ChatMessag
         let mut block = Fields::within(block, at);
         let kind: String = block.required("type")?;
         let cache_control = json_text(block.take("cache_control")?);
-        match kind.as_str() {
+        let part = match kind.as_str() {
             "text" => {
-                let text = block.required("text")?;
                 block.ignore("citations");
-                message.parts.push(ContentPart {
-                    kind: Some(content_part::Kind::Text(text)),
-                    cache_control,
-                    ..Default::default()
-                });
+                Some(content_part::Kind::Text(block.required("text")?))
             }
-            "image" => {
-                let image = image_of(&mut block)?;
-                message.parts.push(ContentPart {
-                    kind: Some(content_part::Kind::Image(image)),
-                    cache_control,
-                    ..Default::default()
-                });
-            }
-            "document" => {
-                let document = document_of(&mut block)?;
-                message.parts.push(ContentPart {
-                    kind: Some(content_part::Kind::Document(document)),
-                    cache_control,
-                    ..Default::default()
-                });
-            }
+            "image" => Some(content_part::Kind::Image(image_of(&mut block)?)),
+            "document" => Some(content_part::Kind::Document(document_of(&mut block)?)),
+            _ => None,
+        };
+        if let Some(part) = part {
+            message.parts.push(ContentPart { kind: Some(part), cache_control, ..Default::default() });
+            block.finish()?;
+            continue;
+        }
+        match kind.as_str() {
             "tool_use" => message.tool_calls.push(ToolCall {
                 id: block.required("id")?,
                 name: block.required("name")?,

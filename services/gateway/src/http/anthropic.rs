@@ -173,7 +173,7 @@ pub async fn messages(ingress: &Ingress, parts: Parts, body: Body) -> Result<htt
             .gateway()
             .stream(&parts.extensions, request, deadline)
             .await
-            .map_err(|e| ingress.call_problem(e, &model, deadline))?;
+            .map_err(|e| ingress.call_problem(e, Some(&model), deadline))?;
         let (first, chunks) = Ingress::first_chunk(streamed.chunks, deadline).await?;
         let mut headers = http::HeaderMap::new();
         let facts = Facts {
@@ -192,7 +192,7 @@ pub async fn messages(ingress: &Ingress, parts: Parts, body: Body) -> Result<htt
         .gateway()
         .unary(&parts.extensions, request, deadline, "/v1/messages")
         .await
-        .map_err(|e| ingress.call_problem(e, &model, deadline))?;
+        .map_err(|e| ingress.call_problem(e, Some(&model), deadline))?;
     let body = json!({
         "id": message_id(&response.id),
         "type": "message",

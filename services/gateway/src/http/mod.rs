@@ -241,8 +241,8 @@ impl Ingress {
         let read = tokio::time::timeout(deadline.remaining(), http_body_util::Limited::new(body, limit).collect());
         let Ok(read) = read.await else {
             let code = Code::DeadlineExceeded;
-            let kind = Class::Timeout { client: deadline.client_bound() };
-            return Err(Problem::new(kind, code, "request body: not received within the call's deadline"));
+            let class = Class::Timeout { client: deadline.client_bound() };
+            return Err(Problem::new(class, code, "request body: not received within the call's deadline"));
         };
         let bytes = match read {
             Ok(collected) => collected.to_bytes(),
@@ -291,11 +291,12 @@ impl Ingress {
 
     /// A failed call in the HTTP APIs' terms: as its class says, except that generation refusing a
     /// model nobody lists is 404 for `model`, and a timeout says whose deadline it was.
-    fn call_problem(&self, error: CallError, model: &str, deadline: Deadline) -> Problem {
+    /// `model`: the model the call asked for (`None` for a call about no model, such as listing).
+    fn call_problem(&self, error: CallError, model: Option<&str>, deadline: Deadline) -> Problem {
         let mut problem = Problem::from(&error);
         if let CallError::Upstream(_) = error {
             problem.class = for_deadline(problem.class, deadline);
-            if problem.class == Class::InvalidRequest && !self.shared.catalog.knows(model) {
+            if problem.class == Class::InvalidRequest && model.is_some_and(|model| !self.shared.catalog.knows(model)) {
                 problem.class = Class::NotFound;
                 problem.param = Some("model".into());
             }

@@ -187,7 +187,7 @@ pub async fn chat(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::R
             .gateway()
             .stream(&parts.extensions, request, deadline)
             .await
-            .map_err(|e| ingress.call_problem(e, &model, deadline))?;
+            .map_err(|e| ingress.call_problem(e, Some(&model), deadline))?;
         let (first, chunks) = Ingress::first_chunk(streamed.chunks, deadline).await?;
         let mut headers = http::HeaderMap::new();
         let facts = Facts {
@@ -206,7 +206,7 @@ pub async fn chat(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::R
         .gateway()
         .unary(&parts.extensions, request, deadline, "/v1/chat/completions")
         .await
-        .map_err(|e| ingress.call_problem(e, &model, deadline))?;
+        .map_err(|e| ingress.call_problem(e, Some(&model), deadline))?;
     let body = json!({
         "id": completion_id(&response.id),
         "object": "chat.completion",
@@ -339,8 +339,11 @@ impl Events for ChunkEvents {
 pub async fn models(ingress: &Ingress, parts: Parts) -> Result<http::Response<Body>, Problem> {
     let deadline = ingress.deadline(&parts.headers)?;
     let caller = parts.extensions.get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
-    let models =
-        ingress.gateway().models(caller, deadline).await.map_err(|error| ingress.call_problem(error, "", deadline))?;
+    let models = ingress
+        .gateway()
+        .models(caller, deadline)
+        .await
+        .map_err(|error| ingress.call_problem(error, None, deadline))?;
     let data: Vec<Value> = models
         .iter()
         .map(|model| json!({ "id": model.name, "object": "model", "created": 0, "owned_by": model.provider }))

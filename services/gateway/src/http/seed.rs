@@ -112,7 +112,7 @@ pub async fn generate(ingress: &Ingress, parts: Parts, body: Body) -> Result<htt
         .gateway()
         .unary(&parts.extensions, request, deadline, "/generate")
         .await
-        .map_err(|e| ingress.call_problem(e, &model, deadline))?;
+        .map_err(|e| ingress.call_problem(e, Some(&model), deadline))?;
     let usage = response.usage.unwrap_or_default();
     let mut body = json!({
         "id": response.id,

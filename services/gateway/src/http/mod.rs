@@ -294,7 +294,9 @@ impl Ingress {
     /// `model`: the model the call asked for (`None` for a call about no model, such as listing).
     fn call_problem(&self, error: CallError, model: Option<&str>, deadline: Deadline) -> Problem {
         let mut problem = Problem::from(&error);
-        if let CallError::Upstream(_) = error {
+        if let CallError::Upstream(upstream) = &error {
+            // The client sees a fixed description; the detail goes to the log, as on gRPC.
+            upstream.log();
             problem.class = for_deadline(problem.class, deadline);
             if problem.class == Class::InvalidRequest && model.is_some_and(|model| !self.shared.catalog.knows(model)) {
                 problem.class = Class::NotFound;

@@ -115,10 +115,17 @@ async fn llmesh_up_runs_the_mesh_and_stops_it() {
     let stdout = child.stdout.take().unwrap();
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let mut gateway = None;
+    let (mut status_page, mut token_file) = (None, None);
     let found = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(line) = lines.next_line().await.unwrap() {
             if let Some(addr) = line.trim().strip_prefix("gateway") {
                 gateway = Some(addr.trim().to_string());
+            }
+            if let Some((_, file)) = line.split_once("the password is the token in ") {
+                token_file = Some(file.trim_end_matches("):").to_string());
+            }
+            if let Some(url) = line.trim().strip_prefix("http://").and_then(|rest| rest.strip_suffix("/status")) {
+                status_page = Some(url.to_string());
             }
             if line.contains("Ctrl-C stops the mesh") {
                 return true;
@@ -135,12 +142,33 @@ async fn llmesh_up_runs_the_mesh_and_stops_it() {
     let response = client.generate(crate::prompt("hello")).await.unwrap().into_inner();
     assert!(!response.text.is_empty());
 
+    // The status page it printed: behind the token it wrote (a file only this user reads).
+    let (page, file) = (status_page.expect("the status page in the banner"), token_file.expect("its token file"));
+    let token = std::fs::read_to_string(&file).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(status_code(&page, "/status", None).await.starts_with("HTTP/1.1 401"));
+    assert!(status_code(&page, "/status", Some(&token)).await.starts_with("HTTP/1.1 200"));
+
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "{status:?}");
-    // Its children are gone too.
+    // Its children are gone too, and so is the token.
     assert!(client.generate(crate::prompt("anyone?")).await.is_err());
+    assert!(!std::path::Path::new(&file).exists(), "{file} left behind");
+}
+
+/// The status line of a plain HTTP/1.1 GET of `path` at `addr`, with the token as a bearer token.
+async fn status_code(addr: &str, path: &str, token: Option<&str>) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token.map(|token| format!("authorization: Bearer {token}\r\n")).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}connection: close\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut head = vec![0; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut head)).await.unwrap().unwrap();
+    String::from_utf8_lossy(&head[..read]).to_string()
 }
 
 #[tokio::test]

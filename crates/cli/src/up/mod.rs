@@ -23,6 +23,7 @@
 //! (`client.pem`), as does this process when it checks that each service serves.
 
 mod configured;
+mod status;
 pub mod supervise;
 mod tls;
 
@@ -271,10 +272,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     match started {
         None => {
             stop_all(running, grace).await;
+            status::remove();
             Ok(())
         }
         Some(Err(error)) => {
             stop_all(running, grace).await;
+            status::remove();
             Err(error)
         }
         Some(Ok(())) => {
@@ -331,6 +334,7 @@ async fn supervise_all(
     };
     let _ = stop_tx.send(true);
     while supervisors.next().await.is_some() {}
+    status::remove();
     result
 }
 
@@ -418,8 +422,18 @@ async fn start_all(
         // Optional: without Redis the mesh is degraded (no cache hits, no jobs), not down.
         targets.push(format!("{{name=\"redis\",address=\"{url}\",service=\"redis\",required=false}}"));
     }
-    let health =
-        spec(Service::Health, vec![(env_name(Service::Health, &["targets"]), format!("[{}]", targets.join(",")))]);
+    let mut health_env = vec![(env_name(Service::Health, &["targets"]), format!("[{}]", targets.join(",")))];
+    // The status page: the health service alone gets a token (see `status`), and reads the others' admin listeners.
+    if !configured.sets(Service::Health, &["admin", "bearer_token_file"]) {
+        let file = status::token_file()?;
+        health_env.push((env_name(Service::Health, &["admin", "bearer_token_file"]), file.display().to_string()));
+    }
+    if !configured.sets(Service::Health, &["status", "sources"]) {
+        let admins: Vec<(&str, SocketAddr)> =
+            running.iter().filter_map(|(spec, r)| Some((spec.service.name(), r.admin?))).collect();
+        health_env.push((env_name(Service::Health, &["status", "sources"]), status::sources(&admins)));
+    }
+    let health = spec(Service::Health, health_env);
     let started = start(&health).await?;
     let health_uri = uri(started.addr, tls);
     running.push((health, started));
@@ -593,7 +607,8 @@ fn print_banner(
         // No line here starts with a service's name: scripts read the addresses above by it.
         writeln!(out, "\nMetrics and CPU profiles (admin listeners, on loopback):")?;
         for (service, admin) in &admins {
-            writeln!(out, "  http://{admin}/metrics  ({})", service.name())?;
+            let token = if *service == Service::Health { ", with the token below" } else { "" };
+            writeln!(out, "  http://{admin}/metrics  ({}{token})", service.name())?;
         }
         if let Some((service, admin)) = admins.first() {
             writeln!(
@@ -603,6 +618,13 @@ fn print_banner(
                 name = service.name()
             )?;
         }
+    }
+    let health_token = running.iter().find(|(spec, _)| spec.service == Service::Health).and_then(|(spec, r)| {
+        Some((r.admin?, spec.env.iter().find(|(k, _)| k.ends_with("_ADMIN__BEARER_TOKEN_FILE"))?))
+    });
+    if let Some((admin, (_, file))) = health_token {
+        writeln!(out, "\nStatus page (live; any user name, the password is the token in {file}):")?;
+        writeln!(out, "  http://{admin}/status")?;
     }
     writeln!(
         out,

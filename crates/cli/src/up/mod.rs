@@ -607,8 +607,7 @@ fn print_banner(
         // No line here starts with a service's name: scripts read the addresses above by it.
         writeln!(out, "\nMetrics and CPU profiles (admin listeners, on loopback):")?;
         for (service, admin) in &admins {
-            let token = if *service == Service::Health { ", with the token below" } else { "" };
-            writeln!(out, "  http://{admin}/metrics  ({}{token})", service.name())?;
+            writeln!(out, "  http://{admin}/metrics  ({})", service.name())?;
         }
         if let Some((service, admin)) = admins.first() {
             writeln!(
@@ -623,7 +622,11 @@ fn print_banner(
         Some((r.admin?, spec.env.iter().find(|(k, _)| k.ends_with("_ADMIN__BEARER_TOKEN_FILE"))?))
     });
     if let Some((admin, (_, file))) = health_token {
-        writeln!(out, "\nStatus page (live; any user name, the password is the token in {file}):")?;
+        // The token guards the health service's whole admin listener, its /metrics too.
+        writeln!(
+            out,
+            "\nStatus page (live; health's admin listener: any user name, the password is the token in {file}):"
+        )?;
         writeln!(out, "  http://{admin}/status")?;
     }
     writeln!(

@@ -9,16 +9,14 @@ results come back quoted; a JSON schema gets a document valid against it.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import grpc
 import pytest
+# The gateway stores answers in the background: `eventually` polls for the hit (test_mesh.py).
+from test_mesh import CACHE_WAIT_S, eventually
 
 CALL_TIMEOUT_S = 10.0
-# The gateway stores answers in the background; an identical request is a hit within this long.
-CACHE_WAIT_S = 3.0
-POLL_INTERVAL_S = 0.05
 
 BASH_SCHEMA = json.dumps(
     {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}
@@ -36,15 +34,6 @@ ARGUMENTS = '{"command": "echo hi",  "timeout": 1.50}'
 
 def unique(label: str) -> str:
     return f"python tools {label} {uuid.uuid4().hex[:12]}"
-
-
-def eventually(call, done, within: float = CACHE_WAIT_S):
-    deadline = time.monotonic() + within
-    while True:
-        result = call()
-        if done(result) or time.monotonic() >= deadline:
-            return result
-        time.sleep(POLL_INTERVAL_S)
 
 
 def tools(pb):

@@ -31,11 +31,17 @@ use tonic::transport::Channel;
 /// How long a service may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The directory holding the built binaries: `target/<profile>/`, next to `deps/` where the test
-/// executable runs from. Run `cargo build --workspace --bins` first (scripts/test does).
+/// The directory holding the built binaries: `$LLMESH_BIN_DIR` when set (as for the Python tests),
+/// else `target/<profile>/`, next to `deps/` where the test executable runs from. Run
+/// `cargo build --workspace --bins` first (scripts/test does).
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
+    let dir = match std::env::var_os("LLMESH_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().expect("test executable path");
+            exe.parent().and_then(|deps| deps.parent()).expect("target dir").to_path_buf()
+        }
+    };
     let path = dir.join(name);
     assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
     path

@@ -67,6 +67,21 @@ pub fn in_a_span() -> bool {
     tracing::dispatcher::get_default(|dispatch| dispatch.current_span().id().is_some())
 }
 
+/// Puts who called on the current call's span (the server span [`GrpcTraceLayer`] opened): the API
+/// key's public id and its team, so a trace can be searched by key (`llmesh.api_key.id`). Never the
+/// key itself. Does nothing for a call without a span.
+pub fn record_caller(key_id: &str, team: Option<&str>) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    span.set_attribute("llmesh.api_key.id", key_id.to_owned());
+    if let Some(team) = team {
+        span.set_attribute("llmesh.team", team.to_owned());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::in_a_span;

@@ -106,6 +106,8 @@ pub fn observe(events: EventStream, metrics: Arc<GenAiMetrics>, call: Call<'_>) 
     // `llmesh_telemetry::GrpcTraceLayer`; or spans filtered out) gets none here either: it would
     // be dropped unread, after formatting its fields.
     let in_a_span = tracing::dispatcher::get_default(|dispatch| dispatch.current_span().id().is_some());
+    // Counts are recorded as i64: tracing-opentelemetry exports unsigned integers as text, and a
+    // backend compares text as text (`gen_ai.usage.output_tokens > 100` would not match).
     let span = if !in_a_span {
         tracing::Span::none()
     } else {
@@ -116,13 +118,14 @@ pub fn observe(events: EventStream, metrics: Arc<GenAiMetrics>, call: Call<'_>) 
         gen_ai.operation.name = "chat",
         gen_ai.request.model = %call.model,
         gen_ai.provider.name = call.provider,
-        gen_ai.request.max_tokens = call.max_tokens,
+        gen_ai.request.max_tokens = i64::from(call.max_tokens),
         gen_ai.response.id = %call.id,
         gen_ai.response.finish_reasons = Empty,
         gen_ai.usage.input_tokens = Empty,
         gen_ai.usage.output_tokens = Empty,
         llmesh.response.tool_calls = Empty,
         error.type = Empty,
+        otel.status_code = Empty,
         )
     };
     let labels = call.labels;
@@ -153,9 +156,9 @@ pub fn observe(events: EventStream, metrics: Arc<GenAiMetrics>, call: Call<'_>) 
                     metrics.time_per_output_token.record(per_token, &labels.base);
                 }
                 span.record("gen_ai.response.finish_reasons", reason.as_str_name());
-                span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
-                span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
-                span.record("llmesh.response.tool_calls", tool_calls);
+                span.record("gen_ai.usage.input_tokens", i64::from(usage.prompt_tokens));
+                span.record("gen_ai.usage.output_tokens", i64::from(usage.completion_tokens));
+                span.record("llmesh.response.tool_calls", i64::from(tool_calls));
             }
             Ok(Event::Extensions(_)) => {}
             Err(error) => {
@@ -164,6 +167,9 @@ pub fn observe(events: EventStream, metrics: Arc<GenAiMetrics>, call: Call<'_>) 
                 with_error.push(KeyValue::new("error.type", kind));
                 metrics.duration.record(started.elapsed().as_secs_f64(), &with_error);
                 span.record("error.type", kind);
+                // The span's status, not only its attribute: what Jaeger's `error=true` and
+                // Tempo's `status = error` search by.
+                span.record("otel.status_code", "error");
             }
         }
         event

@@ -91,6 +91,7 @@ where
         }
         match self.authenticate(request.headers()) {
             Ok(principal) => {
+                llmesh_telemetry::record_caller(&principal.id, principal.team.as_deref());
                 request.headers_mut().remove(API_KEY_HEADER);
                 request.headers_mut().remove(http::header::AUTHORIZATION);
                 request.extensions_mut().insert(principal);

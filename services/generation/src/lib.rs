@@ -1,6 +1,7 @@
 //! The generation service: routes each model name to a provider and serves `Generate`,
 //! `GenerateStream` and `ListModels` over gRPC.
 
+mod capabilities;
 pub mod config;
 mod observe;
 pub mod provider;

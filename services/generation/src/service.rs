@@ -27,6 +27,7 @@ use llmesh_queue::JobError;
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
+    capabilities,
     config::{self, Config},
     observe::{Call, GenAiMetrics, ModelLabels, observe},
     provider::{
@@ -108,6 +109,7 @@ impl GenerationService {
         let mut max_tokens = validate::effective_max_tokens(request, &self.inner.limits);
         let (events, provider, labels) = match self.inner.models.get(&request.model) {
             Some(model) => {
+                capabilities::check(request, &model.provider.catalog().capabilities)?;
                 let limit = model.provider.catalog().max_output_tokens;
                 if limit > 0 && max_tokens > limit {
                     if request.max_tokens > 0 {
@@ -336,6 +338,24 @@ mod tests {
         let answer = client.generate(request("small")).await.unwrap().into_inner();
         assert_eq!(answer.usage.unwrap().completion_tokens, 10);
         assert_eq!(answer.finish_reason, i32::from(FinishReason::Length));
+        // It lists tools only: a document is refused before the model is called, naming the part.
+        let document = llmesh_proto::common::v1::ContentPart {
+            kind: Some(llmesh_proto::common::v1::content_part::Kind::Document(llmesh_proto::common::v1::Document {
+                source: Some(llmesh_proto::common::v1::document::Source::Text("the terms".into())),
+                media_type: "text/plain".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let message =
+            llmesh_proto::common::v1::ChatMessage { role: "user".into(), parts: vec![document], ..Default::default() };
+        let refused = GenerateRequest { messages: vec![message], prompt: String::new(), ..request("small") };
+        let status = client.generate(refused).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "messages[0].parts[0]: model small does not take documents (its capabilities: tools)"
+        );
 
         let models = client.list_models(ListModelsRequest {}).await.unwrap().into_inner().models;
         let small = models.iter().find(|m| m.name == "small").unwrap();

@@ -13,27 +13,60 @@
 //! `content_block_delta`…, `content_block_stop`, `message_delta` (stop reason and usage),
 //! `message_stop`; a failure mid-way is an `error` event.
 
-use http::{StatusCode, request::Parts};
 use llmesh_proto::validate;
 use llmesh_proto::{
-    common::v1::{ChatMessage, FinishReason, Usage},
+    common::v1::{ChatMessage, FinishReason, ReasoningDelta, Usage},
     gateway::v1::GenerateStreamResponse,
-    generation::v1::GenerateRequest,
+    generation::v1::{GenerateRequest, GenerateResponse},
 };
 use serde_json::{Value, json};
-use tonic::body::Body;
 
 use super::{
-    Class, Facts, Fields, Ingress, Problem, Unmapped, anthropic_content as content, finish_reason, json_response,
+    Class, Context, Dialect, Fields, Parsed, Problem, Unmapped, anthropic_content as content, finish_reason,
     sse::{self, Events},
 };
-use crate::service::Unary;
 
-/// The one mapping of a failure to Anthropic's error body (its status is [`Class::http_status`]).
-pub fn error(problem: &Problem) -> http::Response<Body> {
-    problem.respond(
-        &json!({ "type": "error", "error": { "type": error_type(problem.class), "message": problem.message } }),
-    )
+/// Anthropic's Messages dialect.
+#[derive(Debug, Clone, Copy)]
+pub struct Anthropic;
+
+/// The extensions' dialect name.
+const DIALECT: &str = "anthropic";
+
+impl Dialect for Anthropic {
+    const ROUTE: &'static str = "/v1/messages";
+    const CACHE_HEADER: bool = true;
+    /// The prompt's estimated tokens, for `message_start` (the real count comes with
+    /// `message_delta`).
+    type Options = u32;
+    type Events = MessageEvents;
+
+    fn parse(body: Fields, context: &Context<'_>) -> Result<Parsed<u32>, Problem> {
+        let (request, stream, unmapped) = parse(body, context.cache)?;
+        let input_tokens = validate::estimated_tokens(validate::prompt_bytes(&request));
+        Ok(Parsed { request, stream, options: input_tokens, unmapped })
+    }
+
+    fn render(response: &GenerateResponse, _: &u32, _: u64) -> Value {
+        json!({
+            "id": message_id(&response.id),
+            "type": "message",
+            "role": "assistant",
+            "model": response.model,
+            "content": content::blocks(&response.text, &response.tool_calls, &response.reasoning),
+            "stop_reason": stop_reason(response.finish_reason),
+            "stop_sequence": null,
+            "usage": usage(response.usage),
+        })
+    }
+
+    fn events(_: &GenerateStreamResponse, input_tokens: u32, _: u64) -> MessageEvents {
+        MessageEvents { input_tokens, open: None, next: 0, tool_blocks: Vec::new() }
+    }
+
+    fn error_body(problem: &Problem) -> Value {
+        json!({ "type": "error", "error": { "type": error_type(problem.class), "message": problem.message } })
+    }
 }
 
 /// Anthropic's error `type` for a failure.
@@ -138,8 +171,8 @@ fn parse(mut body: Fields, cache: i32) -> Result<(GenerateRequest, bool, Unmappe
     };
     // What is left is carried, not refused: a field Anthropic adds next month reaches an Anthropic
     // upstream (none yet: for the others it is dropped, and the header says so).
-    let unmapped = Unmapped::of(body.rest_map(), "anthropic");
-    let request = GenerateRequest { extensions: unmapped.extensions.clone(), ..request };
+    let unmapped = Unmapped::of(body.rest_map(), DIALECT);
+    let request = GenerateRequest { extensions: unmapped.extensions(), ..request };
     Ok((request, stream, unmapped))
 }
 
@@ -161,89 +194,89 @@ fn message_id(id: &str) -> String {
     format!("msg_{id}")
 }
 
-/// `POST /v1/messages`.
-pub async fn messages(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::Response<Body>, Problem> {
-    let deadline = ingress.deadline(&parts.headers)?;
-    let cache = Ingress::cache_policy(&parts.headers)?;
-    let (request, stream, unmapped) = parse(ingress.json(body, deadline).await?, cache)?;
-    let model = request.model.clone();
-    if stream {
-        let input_tokens = validate::estimated_tokens(validate::prompt_bytes(&request));
-        let streamed = ingress
-            .gateway()
-            .stream(&parts.extensions, request, deadline)
-            .await
-            .map_err(|e| ingress.call_problem(e, Some(&model), deadline))?;
-        let (first, chunks) = Ingress::first_chunk(streamed.chunks, deadline).await?;
-        let mut headers = http::HeaderMap::new();
-        let facts = Facts {
-            id: &first.id,
-            cached: first.cached,
-            provider: &first.provider,
-            degraded: first.degraded.as_ref(),
-            quota: streamed.quota,
-        };
-        facts.write(&mut headers);
-        unmapped.write(&mut headers);
-        let events = MessageEvents { input_tokens, open_block: 0, tool_blocks: Vec::new() };
-        return Ok(sse::response(&first, chunks, events, deadline, headers));
-    }
-    let Unary { response, quota } = ingress
-        .gateway()
-        .unary(&parts.extensions, request, deadline, "/v1/messages")
-        .await
-        .map_err(|e| ingress.call_problem(e, Some(&model), deadline))?;
-    let body = json!({
-        "id": message_id(&response.id),
-        "type": "message",
-        "role": "assistant",
-        "model": response.model,
-        "content": content::blocks(&response.text, &response.tool_calls, &response.reasoning),
-        "stop_reason": stop_reason(response.finish_reason),
-        "stop_sequence": null,
-        "usage": usage(response.usage),
-    });
-    let mut http = json_response(StatusCode::OK, &body);
-    let facts = Facts {
-        id: &response.id,
-        cached: response.cached,
-        provider: &response.provider,
-        degraded: response.degraded.as_ref(),
-        quota,
-    };
-    facts.write(http.headers_mut());
-    unmapped.write(http.headers_mut());
-    Ok(http)
-}
-
-/// Anthropic's stream events: a text block (index 0), then a `tool_use` block per tool call.
-struct MessageEvents {
-    /// The prompt's estimated tokens, for `message_start` (the real count comes with
-    /// `message_delta`).
+/// Anthropic's stream events: the answer's blocks in order — thinking (or redacted thinking)
+/// blocks, a text block (opened at once unless the answer begins with thinking, as Anthropic's
+/// own streams do), a `tool_use` block per tool call — each opened by `content_block_start`,
+/// filled by `thinking_delta` and `signature_delta`, `text_delta` or `input_json_delta`, and
+/// closed by `content_block_stop` before the next one opens.
+pub struct MessageEvents {
     input_tokens: u32,
-    /// The index of the block open now.
-    open_block: u32,
+    /// The block open now, and its index.
+    open: Option<(Block, u32)>,
+    /// The index of the next block.
+    next: u32,
     /// The block index of each tool call, by the call's index.
     tool_blocks: Vec<(u32, u32)>,
 }
 
+/// What a block holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Block {
+    /// Reasoning block `index` of the answer.
+    Thinking(u32),
+    Text,
+    /// Tool call `index` of the answer.
+    Tool(u32),
+}
+
 impl MessageEvents {
+    /// Opens a block (closing the open one), returning its index.
+    fn start(&mut self, block: Block, content_block: Value, out: &mut Vec<u8>) -> u32 {
+        self.stop(out);
+        let index = self.next;
+        self.next += 1;
+        self.open = Some((block, index));
+        let start = json!({ "type": "content_block_start", "index": index, "content_block": content_block });
+        sse::event("content_block_start", &start, out);
+        index
+    }
+
+    /// Closes the open block, if any.
+    fn stop(&mut self, out: &mut Vec<u8>) {
+        if let Some((_, index)) = self.open.take() {
+            sse::event("content_block_stop", &json!({ "type": "content_block_stop", "index": index }), out);
+        }
+    }
+
+    /// The open block when it is `block`.
+    fn open_as(&self, block: Block) -> Option<u32> {
+        self.open.filter(|(open, _)| *open == block).map(|(_, index)| index)
+    }
+
+    fn text_block(&mut self, out: &mut Vec<u8>) -> u32 {
+        match self.open_as(Block::Text) {
+            Some(index) => index,
+            None => self.start(Block::Text, json!({ "type": "text", "text": "" }), out),
+        }
+    }
+
+    /// The block of reasoning delta `delta`: a `redacted_thinking` block holds its data whole.
+    fn thinking_block(&mut self, delta: &ReasoningDelta, out: &mut Vec<u8>) -> u32 {
+        if let Some(index) = self.open_as(Block::Thinking(delta.index)) {
+            return index;
+        }
+        let block = if delta.text.is_empty() && !delta.redacted_content.is_empty() {
+            json!({ "type": "redacted_thinking", "data": String::from_utf8_lossy(&delta.redacted_content) })
+        } else {
+            json!({ "type": "thinking", "thinking": "", "signature": "" })
+        };
+        self.start(Block::Thinking(delta.index), block, out)
+    }
+
     /// The block of tool call `index`: opened (closing the one before) on its first delta.
     fn tool_block(&mut self, index: u32, id: &str, name: &str, out: &mut Vec<u8>) -> u32 {
         if let Some((_, block)) = self.tool_blocks.iter().find(|(call, _)| *call == index) {
             return *block;
         }
-        sse::event("content_block_stop", &json!({ "type": "content_block_stop", "index": self.open_block }), out);
-        self.open_block += 1;
-        let block = self.open_block;
+        let block =
+            self.start(Block::Tool(index), json!({ "type": "tool_use", "id": id, "name": name, "input": {} }), out);
         self.tool_blocks.push((index, block));
-        let start = json!({
-            "type": "content_block_start", "index": block,
-            "content_block": { "type": "tool_use", "id": id, "name": name, "input": {} },
-        });
-        sse::event("content_block_start", &start, out);
         block
     }
+}
+
+fn delta(index: u32, delta: Value, out: &mut Vec<u8>) {
+    sse::event("content_block_delta", &json!({ "type": "content_block_delta", "index": index, "delta": delta }), out);
 }
 
 impl Events for MessageEvents {
@@ -254,32 +287,36 @@ impl Events for MessageEvents {
             "usage": { "input_tokens": self.input_tokens, "output_tokens": 0 },
         });
         sse::event("message_start", &json!({ "type": "message_start", "message": message }), out);
-        let block =
-            json!({ "type": "content_block_start", "index": 0, "content_block": { "type": "text", "text": "" } });
-        sse::event("content_block_start", &block, out);
+        match first.reasoning.first() {
+            Some(reasoning) => self.thinking_block(reasoning, out),
+            None => self.text_block(out),
+        };
         sse::event("ping", &json!({ "type": "ping" }), out);
     }
 
     fn chunk(&mut self, chunk: &GenerateStreamResponse, out: &mut Vec<u8>) {
+        for reasoning in &chunk.reasoning {
+            let index = self.thinking_block(reasoning, out);
+            if !reasoning.text.is_empty() {
+                delta(index, json!({ "type": "thinking_delta", "thinking": reasoning.text }), out);
+            }
+            if !reasoning.signature.is_empty() {
+                let signature = String::from_utf8_lossy(&reasoning.signature);
+                delta(index, json!({ "type": "signature_delta", "signature": signature }), out);
+            }
+        }
         if !chunk.delta.is_empty() {
-            let delta = json!({
-                "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": chunk.delta },
-            });
-            sse::event("content_block_delta", &delta, out);
+            let index = self.text_block(out);
+            delta(index, json!({ "type": "text_delta", "text": chunk.delta }), out);
         }
         for call in &chunk.tool_calls {
-            let block = self.tool_block(call.index, &call.id, &call.name, out);
+            let index = self.tool_block(call.index, &call.id, &call.name, out);
             if !call.arguments.is_empty() {
-                let delta = json!({
-                    "type": "content_block_delta", "index": block,
-                    "delta": { "type": "input_json_delta", "partial_json": call.arguments },
-                });
-                sse::event("content_block_delta", &delta, out);
+                delta(index, json!({ "type": "input_json_delta", "partial_json": call.arguments }), out);
             }
         }
         if chunk.finish_reason != 0 {
-            let stop = json!({ "type": "content_block_stop", "index": self.open_block });
-            sse::event("content_block_stop", &stop, out);
+            self.stop(out);
             let delta = json!({
                 "type": "message_delta",
                 "delta": { "stop_reason": stop_reason(chunk.finish_reason), "stop_sequence": null },
@@ -294,14 +331,14 @@ impl Events for MessageEvents {
     }
 
     fn fail(&mut self, problem: &Problem, out: &mut Vec<u8>) {
-        let error =
-            json!({ "type": "error", "error": { "type": error_type(problem.class), "message": problem.message } });
-        sse::event("error", &error, out);
+        sse::event("error", &Anthropic::error_body(problem), out);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use http::StatusCode;
+
     use super::*;
 
     fn parsed(body: Value) -> Result<(GenerateRequest, bool), Problem> {
@@ -362,7 +399,7 @@ mod tests {
 
     #[test]
     fn errors_have_anthropics_shape() {
-        let response = error(&Problem::from_status(&tonic::Status::unauthenticated("missing x-api-key")));
+        let response = Anthropic::error(&Problem::from_status(&tonic::Status::unauthenticated("missing x-api-key")));
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     }
 }

@@ -1,6 +1,5 @@
-//! The OpenAI Chat Completions API: `POST /v1/chat/completions` (JSON, or server-sent events
-//! ending in `data: [DONE]` with `stream: true`) and `GET /v1/models`, as the official SDKs call
-//! them.
+//! The OpenAI Chat Completions dialect: `POST /v1/chat/completions` (JSON, or server-sent events
+//! ending in `data: [DONE]` with `stream: true`), as the official SDKs call it.
 //!
 //! Request fields taken: `model`, `messages` (roles system, developer, user, assistant, tool;
 //! content as a string or as text and image parts; assistant `tool_calls`, a tool message's
@@ -12,27 +11,72 @@
 //! (to an OpenAI-compatible upstream, and into the cache key) and named in
 //! `x-llmesh-unmapped-fields`; a field of a part or message that llmesh does not know is a 400
 //! naming it.
+//!
+//! The answer: `chat.completion` (or `chat.completion.chunk` events) with the text, `tool_calls`,
+//! the finish reason and usage, plus the upstream's own answer fields when it spoke this dialect
+//! (`system_fingerprint`, `service_tier`: the answer's `openai` extensions). Reasoning blocks are
+//! not rendered: Chat Completions has no field for them.
 
-use http::{StatusCode, request::Parts};
 use llmesh_proto::{
     common::v1::{ChatMessage, FinishReason, ToolCall, Usage, content_part},
     gateway::v1::GenerateStreamResponse,
-    generation::v1::GenerateRequest,
+    generation::v1::{GenerateRequest, GenerateResponse},
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tonic::body::Body;
 
 use super::{
-    Class, Facts, Ingress, Problem, Unmapped, finish_reason, json_response, now_unix, openai_content as content,
+    Class, Context, Dialect, Fields, Parsed, Problem, Unmapped, add_extensions, finish_reason,
+    openai_content as content,
     sse::{self, Events},
 };
-use crate::{principal::Principal, service::Unary};
 
-/// The one mapping of a failure to OpenAI's error body (its status is [`Class::http_status`]).
-pub fn error(problem: &Problem) -> http::Response<Body> {
-    let (kind, code) = error_type(problem);
-    problem.respond(&json!({ "error": body(problem, kind, code) }))
+/// The OpenAI Chat Completions dialect.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenAi;
+
+/// The extensions' dialect name.
+const DIALECT: &str = "openai";
+
+impl Dialect for OpenAi {
+    const ROUTE: &'static str = "/v1/chat/completions";
+    const CACHE_HEADER: bool = true;
+    /// `stream_options.include_usage`.
+    type Options = bool;
+    type Events = ChunkEvents;
+
+    fn parse(body: Fields, context: &Context<'_>) -> Result<Parsed<bool>, Problem> {
+        let Chat { request, stream, include_usage, unmapped } = parse(body, context.cache)?;
+        Ok(Parsed { request, stream, options: include_usage, unmapped })
+    }
+
+    fn render(response: &GenerateResponse, _: &bool, created: u64) -> Value {
+        let mut body = json!({
+            "id": completion_id(&response.id),
+            "object": "chat.completion",
+            "created": created,
+            "model": response.model,
+            "choices": [{
+                "index": 0,
+                "message": message_of(&response.text, &response.tool_calls),
+                "logprobs": null,
+                "finish_reason": finish(response.finish_reason),
+            }],
+            "usage": usage(response.usage),
+            "system_fingerprint": null,
+        });
+        add_extensions(&mut body, response.extensions.as_ref(), DIALECT);
+        body
+    }
+
+    fn events(first: &GenerateStreamResponse, include_usage: bool, created: u64) -> ChunkEvents {
+        ChunkEvents { id: completion_id(&first.id), created, include_usage }
+    }
+
+    fn error_body(problem: &Problem) -> Value {
+        let (kind, code) = error_type(problem);
+        json!({ "error": body(problem, kind, code) })
+    }
 }
 
 /// OpenAI's error `type` and `code` for a failure.
@@ -85,7 +129,7 @@ impl Stop {
     }
 }
 
-fn parse(mut body: super::Fields, cache: i32) -> Result<Chat, Problem> {
+fn parse(mut body: Fields, cache: i32) -> Result<Chat, Problem> {
     let model: String = body.required("model")?;
     let messages = body.objects("messages")?.ok_or_else(|| Problem::invalid("messages", "required"))?;
     let messages = messages.into_iter().map(message).collect::<Result<Vec<_>, _>>()?;
@@ -128,14 +172,14 @@ fn parse(mut body: super::Fields, cache: i32) -> Result<Chat, Problem> {
         ..Default::default()
     };
     // What is left is carried, not refused: a field OpenAI adds next month reaches an OpenAI upstream.
-    let unmapped = Unmapped::of(body.rest_map(), "openai");
-    let request = GenerateRequest { extensions: unmapped.extensions.clone(), ..request };
+    let unmapped = Unmapped::of(body.rest_map(), DIALECT);
+    let request = GenerateRequest { extensions: unmapped.extensions(), ..request };
     Ok(Chat { request, stream, include_usage, unmapped })
 }
 
 /// One message: its role; its content as a string, as text parts (joined by newlines), or as
 /// parts with images; an assistant's tool calls, a tool result's call id, a participant's name.
-fn message(mut fields: super::Fields) -> Result<ChatMessage, Problem> {
+fn message(mut fields: Fields) -> Result<ChatMessage, Problem> {
     let role: String = fields.required("role")?;
     let path = fields.path("content");
     let tool_calls = content::tool_calls(&mut fields)?;
@@ -175,65 +219,6 @@ fn message(mut fields: super::Fields) -> Result<ChatMessage, Problem> {
     Ok(message)
 }
 
-/// `POST /v1/chat/completions`.
-pub async fn chat(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::Response<Body>, Problem> {
-    let deadline = ingress.deadline(&parts.headers)?;
-    let cache = Ingress::cache_policy(&parts.headers)?;
-    let Chat { request, stream, include_usage, unmapped } = parse(ingress.json(body, deadline).await?, cache)?;
-    let model = request.model.clone();
-    let created = now_unix();
-    if stream {
-        let streamed = ingress
-            .gateway()
-            .stream(&parts.extensions, request, deadline)
-            .await
-            .map_err(|e| ingress.call_problem(e, Some(&model), deadline))?;
-        let (first, chunks) = Ingress::first_chunk(streamed.chunks, deadline).await?;
-        let mut headers = http::HeaderMap::new();
-        let facts = Facts {
-            id: &first.id,
-            cached: first.cached,
-            provider: &first.provider,
-            degraded: first.degraded.as_ref(),
-            quota: streamed.quota,
-        };
-        facts.write(&mut headers);
-        unmapped.write(&mut headers);
-        let events = ChunkEvents { id: completion_id(&first.id), created, include_usage };
-        return Ok(sse::response(&first, chunks, events, deadline, headers));
-    }
-    let Unary { response, quota } = ingress
-        .gateway()
-        .unary(&parts.extensions, request, deadline, "/v1/chat/completions")
-        .await
-        .map_err(|e| ingress.call_problem(e, Some(&model), deadline))?;
-    let body = json!({
-        "id": completion_id(&response.id),
-        "object": "chat.completion",
-        "created": created,
-        "model": response.model,
-        "choices": [{
-            "index": 0,
-            "message": message_of(&response.text, &response.tool_calls),
-            "logprobs": null,
-            "finish_reason": finish(response.finish_reason),
-        }],
-        "usage": usage(response.usage),
-        "system_fingerprint": null,
-    });
-    let mut http = json_response(StatusCode::OK, &body);
-    let facts = Facts {
-        id: &response.id,
-        cached: response.cached,
-        provider: &response.provider,
-        degraded: response.degraded.as_ref(),
-        quota,
-    };
-    facts.write(http.headers_mut());
-    unmapped.write(http.headers_mut());
-    Ok(http)
-}
-
 fn completion_id(id: &str) -> String {
     format!("chatcmpl-{id}")
 }
@@ -267,7 +252,7 @@ fn message_of(text: &str, tool_calls: &[ToolCall]) -> Value {
 
 /// `chat.completion.chunk` events: the assistant role first, a chunk per delta, the finish
 /// reason, the usage (when asked for), then `[DONE]`.
-struct ChunkEvents {
+pub struct ChunkEvents {
     id: String,
     created: u64,
     include_usage: bool,
@@ -317,7 +302,9 @@ impl Events for ChunkEvents {
             let choices = json!([{
                 "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish(chunk.finish_reason),
             }]);
-            sse::data(&self.make(&chunk.model, choices, None), out);
+            let mut last = self.make(&chunk.model, choices, None);
+            add_extensions(&mut last, chunk.extensions.as_ref(), DIALECT);
+            sse::data(&last, out);
             if self.include_usage {
                 sse::data(&self.make(&chunk.model, json!([]), Some(usage(chunk.usage))), out);
             }
@@ -335,28 +322,12 @@ impl Events for ChunkEvents {
     }
 }
 
-/// `GET /v1/models`: the models generation serves that the key may use.
-pub async fn models(ingress: &Ingress, parts: Parts) -> Result<http::Response<Body>, Problem> {
-    let deadline = ingress.deadline(&parts.headers)?;
-    let caller = parts.extensions.get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
-    let models = ingress
-        .gateway()
-        .models(caller, deadline)
-        .await
-        .map_err(|error| ingress.call_problem(error, None, deadline))?;
-    let data: Vec<Value> = models
-        .iter()
-        .map(|model| json!({ "id": model.name, "object": "model", "created": 0, "owned_by": model.provider }))
-        .collect();
-    Ok(json_response(StatusCode::OK, &json!({ "object": "list", "data": data })))
-}
-
 #[cfg(test)]
 mod tests {
+    use http::StatusCode;
     use serde_json::json;
 
     use super::*;
-    use crate::http::fields::Fields;
 
     fn parsed(body: Value) -> Result<Chat, Problem> {
         let Value::Object(map) = body else { unreachable!() };
@@ -418,12 +389,12 @@ mod tests {
     #[test]
     fn errors_have_openais_shape_and_status() {
         let problem = Problem::invalid("temperature", "5 is outside 0..=2");
-        let response = error(&problem);
+        let response = OpenAi::error(&problem);
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         let mut problem = Problem::invalid("model", "unknown model");
         problem.class = Class::NotFound;
-        assert_eq!(error(&problem).status(), StatusCode::NOT_FOUND);
+        assert_eq!(OpenAi::error(&problem).status(), StatusCode::NOT_FOUND);
         let limited = Problem::from_status(&tonic::Status::resource_exhausted("rate limit"));
-        assert_eq!(error(&limited).status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(OpenAi::error(&limited).status(), StatusCode::TOO_MANY_REQUESTS);
     }
 }

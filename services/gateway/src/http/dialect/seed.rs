@@ -9,22 +9,75 @@
 //! fallback answered (the seed's two messages, by default). Errors are `{"error": {"code",
 //! "message"}}`, `code` being the gRPC code name the same call over gRPC would get.
 
-use http::{StatusCode, request::Parts};
 use llmesh_proto::{
     common::v1::{ChatMessage, FinishReason},
-    generation::v1::GenerateRequest,
+    gateway::v1::GenerateStreamResponse,
+    generation::v1::{GenerateRequest, GenerateResponse},
 };
 use serde::Deserialize;
-use serde_json::json;
-use tonic::body::Body;
+use serde_json::{Value, json};
 
-use super::{CACHE_POLICIES, Facts, Fields, Ingress, Problem, cache_policy_named, finish_reason, json_response};
-use crate::service::Unary;
+use super::{
+    CACHE_POLICIES, Context, Dialect, Fields, Parsed, Problem, Unmapped, cache_policy_named, finish_reason, sse::Events,
+};
 
-/// The one mapping of a failure to the seed's error body (its status is [`super::Class::http_status`]).
-pub fn error(problem: &Problem) -> http::Response<Body> {
-    let code = llmesh_telemetry::code_name(problem.code);
-    problem.respond(&json!({ "error": { "code": code, "message": problem.message } }))
+/// The seed's dialect: unary only (its body has no `stream`).
+#[derive(Debug, Clone, Copy)]
+pub struct Seed;
+
+impl Dialect for Seed {
+    const ROUTE: &'static str = "/generate";
+    /// The body's `cache` field says it.
+    const CACHE_HEADER: bool = false;
+    type Options = ();
+    type Events = NoEvents;
+
+    fn parse(body: Fields, context: &Context<'_>) -> Result<Parsed<()>, Problem> {
+        let request = parse(body, context.default_model)?;
+        Ok(Parsed { request, stream: false, options: (), unmapped: Unmapped::default() })
+    }
+
+    fn render(response: &GenerateResponse, _: &(), _: u64) -> Value {
+        let usage = response.usage.unwrap_or_default();
+        let mut body = json!({
+            "id": response.id,
+            "text": response.text,
+            "model": response.model,
+            "finish_reason": finish(response.finish_reason),
+            "usage": {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.total_tokens,
+            },
+            "cached": response.cached,
+            "provider": response.provider,
+        });
+        if let Some(degraded) = &response.degraded {
+            body["degraded"] =
+                json!({ "reason": degraded.reason, "source": degraded.source, "detail": degraded.detail });
+        }
+        body
+    }
+
+    fn events(_: &GenerateStreamResponse, _: (), _: u64) -> NoEvents {
+        NoEvents
+    }
+
+    fn error_body(problem: &Problem) -> Value {
+        let code = llmesh_telemetry::code_name(problem.code);
+        json!({ "error": { "code": code, "message": problem.message } })
+    }
+}
+
+/// The seed never streams ([`Seed::parse`] says so): no events.
+#[derive(Debug)]
+pub struct NoEvents;
+
+impl Events for NoEvents {
+    fn open(&mut self, _: &GenerateStreamResponse, _: &mut Vec<u8>) {}
+    fn chunk(&mut self, _: &GenerateStreamResponse, _: &mut Vec<u8>) {}
+    fn close(&mut self, _: &mut Vec<u8>) {}
+    fn fail(&mut self, _: &Problem, _: &mut Vec<u8>) {}
 }
 
 /// `stop`: one sequence or several.
@@ -103,48 +156,9 @@ fn finish(value: i32) -> &'static str {
     }
 }
 
-/// `POST /generate`.
-pub async fn generate(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::Response<Body>, Problem> {
-    let deadline = ingress.deadline(&parts.headers)?;
-    let request = parse(ingress.json(body, deadline).await?, ingress.default_model())?;
-    let model = request.model.clone();
-    let Unary { response, quota } = ingress
-        .gateway()
-        .unary(&parts.extensions, request, deadline, "/generate")
-        .await
-        .map_err(|e| ingress.call_problem(e, Some(&model), deadline))?;
-    let usage = response.usage.unwrap_or_default();
-    let mut body = json!({
-        "id": response.id,
-        "text": response.text,
-        "model": response.model,
-        "finish_reason": finish(response.finish_reason),
-        "usage": {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-        },
-        "cached": response.cached,
-        "provider": response.provider,
-    });
-    if let Some(degraded) = &response.degraded {
-        body["degraded"] = json!({ "reason": degraded.reason, "source": degraded.source, "detail": degraded.detail });
-    }
-    let mut http = json_response(StatusCode::OK, &body);
-    let facts = Facts {
-        id: &response.id,
-        cached: response.cached,
-        provider: &response.provider,
-        degraded: response.degraded.as_ref(),
-        quota,
-    };
-    facts.write(http.headers_mut());
-    Ok(http)
-}
-
 #[cfg(test)]
 mod tests {
-    use serde_json::Value;
+    use http::StatusCode;
 
     use super::*;
 
@@ -185,7 +199,7 @@ mod tests {
 
     #[test]
     fn errors_carry_the_grpc_code_name() {
-        let response = error(&Problem::from_status(&tonic::Status::unauthenticated("missing x-api-key")));
+        let response = Seed::error(&Problem::from_status(&tonic::Status::unauthenticated("missing x-api-key")));
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! In: `tools` (`{name, description, input_schema, cache_control}`; a tool's other fields, such as
 //! `defer_loading`, are kept as its `extra`), `tool_choice` (`auto`, `any`, `tool`, `none`;
-//! `disable_parallel_tool_use`), `thinking` (`enabled` with `budget_tokens`, or another type kept as
-//! the effort); blocks `text`, `image` and `document` (base64, URL or text sources), `tool_use`
+//! `disable_parallel_tool_use`), `thinking` (`enabled` with `budget_tokens`; another type, such as
+//! `adaptive`, as reasoning at the provider's default effort); blocks `text`, `image` and `document` (base64, URL or text sources), `tool_use`
 //! (assistant), `tool_result` (user: one `tool` message per result, before the rest of the
 //! message), `thinking` and `redacted_thinking` (carried back with their signatures).
 //! Out: `thinking`, `text` and `tool_use` blocks (the input as the JSON object the arguments are),
@@ -66,15 +66,16 @@ pub fn tool_choice(body: &mut Fields) -> Result<(Option<ToolChoice>, Option<bool
     Ok((Some(ToolChoice { mode: mode.into(), name }), parallel))
 }
 
-/// `thinking`: a token budget when enabled; another kind (`adaptive`) as the effort, its
-/// `display` as the summary.
+/// `thinking`: a token budget when enabled; another kind (`adaptive`: the model decides how much)
+/// as reasoning at the provider's default effort — not as an effort of that name, which no
+/// provider of another dialect knows —, its `display` as the summary.
 pub fn thinking(body: &mut Fields) -> Result<Option<ReasoningOptions>, Problem> {
     let Some(mut thinking) = body.object("thinking")? else { return Ok(None) };
     let kind: String = thinking.required("type")?;
     let options = match kind.as_str() {
         "disabled" => None,
         "enabled" => Some(ReasoningOptions { budget_tokens: thinking.take("budget_tokens")?, ..Default::default() }),
-        _ => Some(ReasoningOptions { effort: kind, ..Default::default() }),
+        _ => Some(ReasoningOptions::default()),
     };
     let options = match (options, thinking.take::<String>("display")?) {
         (Some(options), Some(display)) => Some(ReasoningOptions { summary: display, ..options }),

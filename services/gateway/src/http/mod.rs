@@ -25,8 +25,11 @@
 //! - `x-llmesh-cache: default | bypass | refresh | only-if-cached` sets the cache policy of the
 //!   OpenAI and Anthropic routes (the seed's body has a `cache` field, as the gRPC request does).
 //!
-//! What it does not: tools, images, audio, `n` > 1, logprobs, JSON modes. `/v1/completions` (the
-//! legacy text API) is not served.
+//! - The translation between each API and the contract is a [`dialect::Dialect`]; [`route`] serves
+//!   every dialect with one function.
+//!
+//! What it does not: audio, `n` > 1, logprobs. `/v1/completions` (the legacy text API) is not
+//! served.
 
 mod dialect;
 mod errors;

@@ -4,9 +4,10 @@
 //! In: `tools` (`{name, description, input_schema, cache_control}`; a tool's other fields, such as
 //! `defer_loading`, are kept as its `extra`), `tool_choice` (`auto`, `any`, `tool`, `none`;
 //! `disable_parallel_tool_use`), `thinking` (`enabled` with `budget_tokens`; another type, such as
-//! `adaptive`, as reasoning at the provider's default effort); blocks `text`, `image` and `document` (base64, URL or text sources), `tool_use`
-//! (assistant), `tool_result` (user: one `tool` message per result, before the rest of the
-//! message), `thinking` and `redacted_thinking` (carried back with their signatures).
+//! `adaptive`, as reasoning at the provider's default effort); blocks `text`, `image` and
+//! `document` (base64, URL or text sources), `tool_use` (assistant), `tool_result` (user: one
+//! `tool` message per result, before the rest of the message), `thinking` and `redacted_thinking`
+//! (carried back with their signatures).
 //! Out: `thinking`, `text` and `tool_use` blocks (the input as the JSON object the arguments are),
 //! stop reason `tool_use`, and usage with cache reads and writes.
 

@@ -251,11 +251,10 @@ impl Ingress {
                 return Err(Problem::new(Class::Cancelled, Code::Cancelled, format!("request body: {error}")));
             }
         };
-        let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|error| Problem::invalid("body", format_args!("not valid JSON ({error})")))?;
-        match value {
-            serde_json::Value::Object(map) => Ok(Fields::new(map).with_max_objects(self.shared.max_messages)),
-            _ => Err(Problem::invalid("body", "must be a JSON object")),
+        match Fields::parse(&bytes) {
+            Ok(Some(fields)) => Ok(fields.with_max_objects(self.shared.max_messages)),
+            Ok(None) => Err(Problem::invalid("body", "must be a JSON object")),
+            Err(error) => Err(Problem::invalid("body", format_args!("not valid JSON ({error})"))),
         }
     }
 

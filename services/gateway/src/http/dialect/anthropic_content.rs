@@ -37,7 +37,7 @@ pub fn tools(body: &mut Fields) -> Result<Vec<Tool>, Problem> {
             Ok(Tool {
                 name: tool.required("name")?,
                 description: tool.take("description")?.unwrap_or_default(),
-                parameters: tool.take::<Value>("input_schema")?.map(|schema| schema.to_string()).unwrap_or_default(),
+                parameters: tool.json_text("input_schema").unwrap_or_default(),
                 cache_control: json_text(tool.take("cache_control")?),
                 extra: tool.rest(),
                 ..Default::default()

@@ -3,14 +3,20 @@
 //! silently ignored. `null` (and an empty array or object) counts as absent: clients that echo a
 //! previous answer back (`"tool_calls": null`, `"annotations": []`) ask for nothing with it.
 
+use std::collections::BTreeMap;
+
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, value::RawValue};
 
 use super::Problem;
 
+/// An object's fields as the client wrote them: each value's JSON text, read only when asked for,
+/// so that JSON llmesh carries as text (a schema) keeps the client's key order.
+type RawMap = BTreeMap<String, Box<RawValue>>;
+
 #[derive(Debug)]
 pub struct Fields {
-    map: Map<String, Value>,
+    map: RawMap,
     /// Where this object is in the body (`messages[2]`), empty at the top.
     at: String,
     /// Most objects a list of them ([`Fields::objects`]) may hold.
@@ -18,8 +24,20 @@ pub struct Fields {
 }
 
 impl Fields {
+    /// The fields of an object already read as a value (its key order is the value's, sorted).
+    #[cfg(test)]
     pub fn new(map: Map<String, Value>) -> Self {
-        Self { map, at: String::new(), max_objects: usize::MAX }
+        Self::within(map, String::new())
+    }
+
+    /// A body's text: `Ok(None)` when it is valid JSON but not an object.
+    pub fn parse(body: &[u8]) -> Result<Option<Self>, serde_json::Error> {
+        let raw: Box<RawValue> = serde_json::from_slice(body)?;
+        if !raw.get().starts_with('{') {
+            return Ok(None);
+        }
+        let map: RawMap = serde_json::from_str(raw.get())?;
+        Ok(Some(Self { map, at: String::new(), max_objects: usize::MAX }))
     }
 
     /// At most `max` objects in any list of them: a longer list is refused before any is read
@@ -30,6 +48,10 @@ impl Fields {
 
     /// An object found at `at` in the body.
     pub fn within(map: Map<String, Value>, at: String) -> Self {
+        let map = map
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, serde_json::value::to_raw_value(&value).ok()?)))
+            .collect();
         Self { map, at, max_objects: usize::MAX }
     }
 
@@ -38,15 +60,27 @@ impl Fields {
         if self.at.is_empty() { name.to_string() } else { format!("{}.{name}", self.at) }
     }
 
+    /// `name`'s JSON text, if present (and not empty).
+    fn take_raw(&mut self, name: &str) -> Option<Box<RawValue>> {
+        self.map.remove(name).filter(|raw| !is_empty(raw))
+    }
+
     /// `name`, if present.
     pub fn take<T: DeserializeOwned>(&mut self, name: &str) -> Result<Option<T>, Problem> {
-        match self.map.remove(name) {
+        match self.take_raw(name) {
             None => Ok(None),
-            Some(value) if is_empty(&value) => Ok(None),
-            Some(value) => {
-                serde_json::from_value(value).map(Some).map_err(|error| Problem::invalid(self.path(name), error))
-            }
+            // Through a value, so that a mistake reads as it always has (no line and column).
+            Some(raw) => serde_json::from_str::<Value>(raw.get())
+                .and_then(serde_json::from_value)
+                .map(Some)
+                .map_err(|error| Problem::invalid(self.path(name), error)),
         }
+    }
+
+    /// `name` as compact JSON text, if present: its keys in the order the client wrote them
+    /// (structured outputs follow a schema's order), its whitespace dropped.
+    pub fn json_text(&mut self, name: &str) -> Option<String> {
+        self.take_raw(name).map(|raw| compact(raw.get()))
     }
 
     /// `name`, which must be present.
@@ -68,32 +102,43 @@ impl Fields {
         }
     }
 
+    /// `raw` read as an object found at `path`.
+    fn object_at(&self, raw: &RawValue, path: String) -> Result<Fields, Problem> {
+        if !raw.get().starts_with('{') {
+            return Err(Problem::invalid(path, "must be an object"));
+        }
+        let map = serde_json::from_str(raw.get()).map_err(|error| Problem::invalid(path.clone(), error))?;
+        Ok(Fields { map, at: path, max_objects: self.max_objects })
+    }
+
     /// `name` as an object of its own, if present.
     pub fn object(&mut self, name: &str) -> Result<Option<Fields>, Problem> {
         let path = self.path(name);
-        match self.take::<Value>(name)? {
+        match self.take_raw(name) {
             None => Ok(None),
-            Some(Value::Object(map)) => Ok(Some(Fields { map, at: path, max_objects: self.max_objects })),
-            Some(_) => Err(Problem::invalid(path, "must be an object")),
+            Some(raw) => self.object_at(&raw, path).map(Some),
         }
     }
 
     /// `name` as a list of objects, if present.
     pub fn objects(&mut self, name: &str) -> Result<Option<Vec<Fields>>, Problem> {
         let path = self.path(name);
-        let Some(items) = self.take::<Vec<Value>>(name)? else { return Ok(None) };
+        let Some(raw) = self.take_raw(name) else { return Ok(None) };
+        if !raw.get().starts_with('[') {
+            // Not a list: the mistake in the words `take` uses.
+            self.map.insert(name.to_string(), raw);
+            return self.take::<Vec<Value>>(name).map(|_| None);
+        }
+        let items: Vec<Box<RawValue>> =
+            serde_json::from_str(raw.get()).map_err(|error| Problem::invalid(path.clone(), error))?;
         if items.len() > self.max_objects {
             let message = format_args!("{} {name} exceed the limit of {}", items.len(), self.max_objects);
             return Err(Problem::invalid(path, message));
         }
-        let max_objects = self.max_objects;
         let objects = items
-            .into_iter()
+            .iter()
             .enumerate()
-            .map(|(i, item)| match item {
-                Value::Object(map) => Ok(Fields { map, at: format!("{path}[{i}]"), max_objects }),
-                _ => Err(Problem::invalid(format!("{path}[{i}]"), "must be an object")),
-            })
+            .map(|(i, item)| self.object_at(item, format!("{path}[{i}]")))
             .collect::<Result<_, _>>()?;
         Ok(Some(objects))
     }
@@ -112,25 +157,50 @@ impl Fields {
 
     /// What is left unread (but empty values).
     pub fn rest_map(self) -> Map<String, Value> {
-        self.map.into_iter().filter(|(_, value)| !is_empty(value)).collect()
+        self.map
+            .into_iter()
+            .filter(|(_, raw)| !is_empty(raw))
+            .filter_map(|(name, raw)| Some((name, serde_json::from_str(raw.get()).ok()?)))
+            .collect()
     }
 
     /// Done reading: a field left over is one the mesh does not support.
     pub fn finish(self) -> Result<(), Problem> {
-        match self.map.iter().find(|(_, value)| !is_empty(value)) {
+        match self.map.iter().find(|(_, raw)| !is_empty(raw)) {
             Some((name, _)) => Err(Problem::invalid(self.path(name), "not supported by llmesh")),
             None => Ok(()),
         }
     }
 }
 
-fn is_empty(value: &Value) -> bool {
-    match value {
-        Value::Null => true,
-        Value::Array(items) => items.is_empty(),
-        Value::Object(map) => map.is_empty(),
-        _ => false,
+/// `null`, `[]` or `{}` (whitespace inside allowed).
+fn is_empty(raw: &RawValue) -> bool {
+    let text = raw.get();
+    let inner = |open: char, close: char| {
+        text.strip_prefix(open).and_then(|rest| rest.strip_suffix(close)).is_some_and(|inner| inner.trim().is_empty())
+    };
+    text == "null" || inner('[', ']') || inner('{', '}')
+}
+
+/// Valid JSON text without its insignificant whitespace (strings untouched).
+fn compact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else if !c.is_ascii_whitespace() {
+            in_string = c == '"';
+            out.push(c);
+        }
     }
+    out
 }
 
 #[cfg(test)]
@@ -178,6 +248,21 @@ mod tests {
         assert_eq!(error.message, "tools: not supported by llmesh");
         let body = fields(json!({"tool_calls": null, "annotations": [], "audio": {}}));
         assert!(body.finish().is_ok());
+    }
+
+    #[test]
+    fn json_text_keeps_the_clients_key_order_without_whitespace() {
+        let body = br#"{"schema": {"type": "object", "properties": {"z": {"type": "string"}, "a": {"description": "a \"quoted\" value, with  spaces"}}}}"#;
+        let mut fields = Fields::parse(body).unwrap().unwrap();
+        assert_eq!(
+            fields.json_text("schema").unwrap(),
+            r#"{"type":"object","properties":{"z":{"type":"string"},"a":{"description":"a \"quoted\" value, with  spaces"}}}"#
+        );
+        assert!(Fields::parse(b"[1]").unwrap().is_none(), "not an object");
+        assert!(Fields::parse(b"{").is_err());
+        let mut empty = Fields::parse(br#"{"a": [ ], "b": { }, "c": null}"#).unwrap().unwrap();
+        assert!(empty.json_text("a").is_none() && empty.take::<Value>("b").unwrap().is_none());
+        assert!(empty.finish().is_ok());
     }
 
     #[test]

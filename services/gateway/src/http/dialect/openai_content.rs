@@ -9,9 +9,9 @@
 //! Out: `message.tool_calls` with the arguments byte for byte, finish reason `tool_calls`, usage
 //! details (cached prompt tokens, reasoning tokens), and streamed `delta.tool_calls` by index.
 //!
-//! JSON the contract carries as text (parameters, schemas) is written back compactly from what the
-//! client sent: its key order is kept (serde_json's `preserve_order` is not on, so objects are
-//! re-serialised with sorted keys — equal requests still give equal text, and so one cache entry).
+//! JSON the contract carries as text (parameters, schemas) is the client's own text without its
+//! whitespace: its key order is kept, which structured outputs follow (the properties of the
+//! answer come in the schema's order).
 
 use base64::Engine as _;
 use llmesh_proto::common::v1::{
@@ -41,7 +41,7 @@ fn tool(mut fields: Fields) -> Result<Tool, Problem> {
     let tool = Tool {
         name: function.required("name")?,
         description: function.take("description")?.unwrap_or_default(),
-        parameters: function.take::<Value>("parameters")?.map(|schema| schema.to_string()).unwrap_or_default(),
+        parameters: function.json_text("parameters").unwrap_or_default(),
         strict: function.take("strict")?,
         ..Default::default()
     };
@@ -93,7 +93,7 @@ pub fn response_format(body: &mut Fields) -> Result<Option<ResponseFormat>, Prob
             let parsed = ResponseFormat {
                 r#type: ResponseFormatType::JsonSchema.into(),
                 name: schema.required("name")?,
-                schema: schema.take::<Value>("schema")?.map(|schema| schema.to_string()).unwrap_or_default(),
+                schema: schema.json_text("schema").unwrap_or_default(),
                 strict: schema.take("strict")?,
                 description: schema.take("description")?.unwrap_or_default(),
             };

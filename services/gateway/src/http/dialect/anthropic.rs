@@ -2,8 +2,8 @@
 //! `anthropic-version` and `anthropic-beta` are accepted and need nothing).
 //!
 //! Request fields taken: `model`, `max_tokens` (required, as Anthropic requires it), `system` (a
-//! string or text blocks), `messages` (roles user, assistant and system; content as a string or
-//! blocks: text, image, document, tool_use, tool_result, thinking, redacted_thinking, with their
+//! string or text blocks, their `cache_control` kept), `messages` (roles user, assistant and
+//! system; content as a string or blocks: text, image, document, tool_use, tool_result, thinking, redacted_thinking, with their
 //! `cache_control` kept), `tools`, `tool_choice`, `thinking` ([`super::anthropic_content`]),
 //! `temperature`, `top_p`, `stop_sequences`, `metadata.user_id`, `stream`. Any other top-level
 //! field (`top_k`, `output_config`, `context_management`, ...) is carried as the request's
@@ -122,11 +122,13 @@ fn parse(mut body: Fields, cache: i32) -> Result<(GenerateRequest, bool, Unmappe
     }
     let mut messages = Vec::new();
     if let Some(system) = body.take::<Value>("system")? {
-        messages.push(ChatMessage {
-            role: "system".into(),
-            content: text(system, "system".into())?,
-            ..Default::default()
-        });
+        // Text blocks only (a mistake names its block); their `cache_control` is kept as the
+        // parts', as a conversation's blocks keep theirs (without any, the text joined, as before).
+        let joined = text(system.clone(), "system".into())?;
+        match system {
+            blocks @ Value::Array(_) => content::message("system", blocks, "system", &mut messages)?,
+            _ => messages.push(ChatMessage { role: "system".into(), content: joined, ..Default::default() }),
+        }
     }
     let listed = body.objects("messages")?.ok_or_else(|| Problem::invalid("messages", "required"))?;
     for mut message in listed {
@@ -356,7 +358,11 @@ mod tests {
         .unwrap();
         assert!(stream);
         let roles: Vec<_> = request.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
-        assert_eq!(roles, [("system", "be brief"), ("user", "hi"), ("assistant", "yes")]);
+        assert_eq!(roles, [("system", ""), ("user", "hi"), ("assistant", "yes")]);
+        // The system block's cache mark is kept: the block is a part.
+        let system = &request.messages[0].parts[0];
+        assert_eq!(system.kind, Some(llmesh_proto::common::v1::content_part::Kind::Text("be brief".into())));
+        assert_eq!(system.cache_control, r#"{"type":"ephemeral"}"#);
         assert_eq!((request.max_tokens, request.temperature, request.top_p), (16, Some(0.2), Some(0.5)));
         assert_eq!(request.stop, ["END"]);
         assert_eq!(request.user, "u1");

@@ -110,6 +110,17 @@ fn event_json(event: Result<Event, UpstreamError>) -> Value {
 fn body_json(request: &GenerateRequest, stream: bool) -> Value {
     let max_tokens = if request.max_tokens == 0 { 1024 } else { request.max_tokens };
     let text = wire::body(request, MODEL, max_tokens, stream).unwrap();
+    // JSON the contract carries as text goes as it came, byte for byte (key order and all), which
+    // the pretty-printed golden file cannot show.
+    let schemas = request.tools.iter().map(|tool| tool.parameters.as_str());
+    let format = request.response_format.iter().map(|format| format.schema.as_str());
+    for schema in schemas.chain(format).filter(|schema| !schema.is_empty()) {
+        assert!(text.contains(schema), "{schema} is in {text}");
+    }
+    for call in request.messages.iter().flat_map(|message| &message.tool_calls) {
+        let arguments = serde_json::to_string(&call.arguments).unwrap();
+        assert!(text.contains(&arguments), "{arguments} is in {text}");
+    }
     serde_json::from_str(&text).unwrap()
 }
 

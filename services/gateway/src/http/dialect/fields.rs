@@ -32,12 +32,11 @@ impl Fields {
 
     /// A body's text: `Ok(None)` when it is valid JSON but not an object.
     pub fn parse(body: &[u8]) -> Result<Option<Self>, serde_json::Error> {
-        let raw: Box<RawValue> = serde_json::from_slice(body)?;
-        if !raw.get().starts_with('{') {
-            return Ok(None);
+        match serde_json::from_slice::<RawMap>(body) {
+            Ok(map) => Ok(Some(Self { map, at: String::new(), max_objects: usize::MAX })),
+            // Only on the way out: is it not JSON at all, or JSON but not an object?
+            Err(_) => serde_json::from_slice::<Box<RawValue>>(body).map(|_| None),
         }
-        let map: RawMap = serde_json::from_str(raw.get())?;
-        Ok(Some(Self { map, at: String::new(), max_objects: usize::MAX }))
     }
 
     /// At most `max` objects in any list of them: a longer list is refused before any is read
@@ -260,6 +259,8 @@ mod tests {
         );
         assert!(Fields::parse(b"[1]").unwrap().is_none(), "not an object");
         assert!(Fields::parse(b"{").is_err());
+        let error = Fields::parse(b"[1").err().unwrap().to_string();
+        assert!(error.starts_with("EOF while parsing a list"), "the syntax error, as a value's parse says it: {error}");
         let mut empty = Fields::parse(br#"{"a": [ ], "b": { }, "c": null}"#).unwrap().unwrap();
         assert!(empty.json_text("a").is_none() && empty.take::<Value>("b").unwrap().is_none());
         assert!(empty.finish().is_ok());

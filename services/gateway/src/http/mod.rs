@@ -24,7 +24,6 @@
 //!   `x-llmesh-trace-id`, and the key's `x-ratelimit-remaining-*`.
 //! - `x-llmesh-cache: default | bypass | refresh | only-if-cached` sets the cache policy of the
 //!   OpenAI and Anthropic routes (the seed's body has a `cache` field, as the gRPC request does).
-//!
 //! - The translation between each API and the contract is a [`dialect::Dialect`]; [`route`] serves
 //!   every dialect with one function.
 //!

@@ -5,7 +5,7 @@
 //! routes' boundary by [`RejectionLayer`]), from the call's admission or answer, or from the route
 //! itself (a body that is not what the API expects: [`Problem::invalid`]). Its [`Class`] decides
 //! the HTTP status; each API answers a class with its own error body, in one function per API
-//! (`openai::error`, `anthropic::error`, `seed::error`). The gRPC code travels along in the
+//! ([`super::dialect::Dialect::error_body`]). The gRPC code travels along in the
 //! response's extensions, so the tracing layer counts an HTTP failure under the same `status` as
 //! the equal gRPC one.
 

@@ -24,17 +24,15 @@
 //!   `x-llmesh-trace-id`, and the key's `x-ratelimit-remaining-*`.
 //! - `x-llmesh-cache: default | bypass | refresh | only-if-cached` sets the cache policy of the
 //!   OpenAI and Anthropic routes (the seed's body has a `cache` field, as the gRPC request does).
+//! - The translation between each API and the contract is a [`dialect::Dialect`]; [`route`] serves
+//!   every dialect with one function.
 //!
-//! What it does not: tools, images, audio, `n` > 1, logprobs, JSON modes. `/v1/completions` (the
-//! legacy text API) is not served.
+//! What it does not: audio, `n` > 1, logprobs. `/v1/completions` (the legacy text API) is not
+//! served.
 
-mod anthropic;
-mod anthropic_content;
+mod dialect;
 mod errors;
-mod fields;
-mod openai;
-mod openai_content;
-mod seed;
+mod route;
 mod sse;
 
 use std::{
@@ -58,8 +56,8 @@ use serde::{Deserialize, Serialize};
 use tonic::{Code, body::Body};
 use tower::Service;
 
+use self::dialect::{Anthropic, Dialect, Fields, OpenAi, Seed};
 pub use self::errors::{Problem, RejectionLayer};
-use self::fields::Fields;
 use crate::{
     admission::Quota,
     answer::relay::ChunkStream,
@@ -163,9 +161,9 @@ impl Api {
     /// The error response in this API's terms.
     fn error(self, problem: Problem) -> Response<Body> {
         match self {
-            Self::OpenAi => openai::error(&problem),
-            Self::Anthropic => anthropic::error(&problem),
-            Self::Seed => seed::error(&problem),
+            Self::OpenAi => OpenAi::error(&problem),
+            Self::Anthropic => Anthropic::error(&problem),
+            Self::Seed => Seed::error(&problem),
         }
     }
 }
@@ -222,10 +220,10 @@ impl Ingress {
         }
         let (parts, body) = request.into_parts();
         let result = match route {
-            Route::ChatCompletions => openai::chat(&self, parts, body).await,
-            Route::Models => openai::models(&self, parts).await,
-            Route::Messages => anthropic::messages(&self, parts, body).await,
-            Route::Generate => seed::generate(&self, parts, body).await,
+            Route::ChatCompletions => route::serve::<OpenAi>(&self, parts, body).await,
+            Route::Models => route::models(&self, parts).await,
+            Route::Messages => route::serve::<Anthropic>(&self, parts, body).await,
+            Route::Generate => route::serve::<Seed>(&self, parts, body).await,
         };
         result.unwrap_or_else(|problem| api.error(problem))
     }
@@ -252,11 +250,10 @@ impl Ingress {
                 return Err(Problem::new(Class::Cancelled, Code::Cancelled, format!("request body: {error}")));
             }
         };
-        let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|error| Problem::invalid("body", format_args!("not valid JSON ({error})")))?;
-        match value {
-            serde_json::Value::Object(map) => Ok(Fields::new(map).with_max_objects(self.shared.max_messages)),
-            _ => Err(Problem::invalid("body", "must be a JSON object")),
+        match Fields::parse(&bytes) {
+            Ok(Some(fields)) => Ok(fields.with_max_objects(self.shared.max_messages)),
+            Ok(None) => Err(Problem::invalid("body", "must be a JSON object")),
+            Err(error) => Err(Problem::invalid("body", format_args!("not valid JSON ({error})"))),
         }
     }
 
@@ -356,44 +353,6 @@ fn cache_policy_named(name: &str) -> Option<i32> {
         _ => return None,
     };
     Some(policy.into())
-}
-
-/// Names the top-level fields of a request that llmesh does not act on (`x-llmesh-unmapped-fields`).
-const UNMAPPED_HEADER: &str = "x-llmesh-unmapped-fields";
-/// At most this many names in that header, each at most this long (the fields themselves are
-/// bounded by `limits.max_extensions_bytes`).
-const UNMAPPED_NAMES: usize = 16;
-const UNMAPPED_NAME_BYTES: usize = 64;
-
-/// The top-level fields of a body that llmesh does not act on: carried as the request's
-/// extensions in `dialect` — to an upstream of the same dialect, dropped for another, and part of
-/// the cache key either way — and named in a response header so that a client can tell.
-struct Unmapped {
-    extensions: Option<llmesh_proto::common::v1::Extensions>,
-    header: Option<HeaderValue>,
-}
-
-impl Unmapped {
-    fn of(rest: serde_json::Map<String, serde_json::Value>, dialect: &str) -> Self {
-        if rest.is_empty() {
-            return Self { extensions: None, header: None };
-        }
-        let names: Vec<&str> = rest
-            .keys()
-            .map(String::as_str)
-            .filter(|name| name.len() <= UNMAPPED_NAME_BYTES && name.bytes().all(|b| b.is_ascii_graphic()))
-            .take(UNMAPPED_NAMES)
-            .collect();
-        let header = HeaderValue::from_str(&names.join(", ")).ok();
-        let json = serde_json::Value::Object(rest).to_string();
-        Self { extensions: Some(llmesh_proto::common::v1::Extensions { dialect: dialect.into(), json }), header }
-    }
-
-    fn write(&self, headers: &mut HeaderMap) {
-        if let Some(names) = &self.header {
-            headers.insert(HeaderName::from_static(UNMAPPED_HEADER), names.clone());
-        }
-    }
 }
 
 /// What the mesh says about an answer, as response headers.

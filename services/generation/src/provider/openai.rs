@@ -16,6 +16,8 @@
 //! unary body, or all the bytes of a stream, past it is UNAVAILABLE and the upstream call is
 //! dropped at that point. An error body is read only up to a few KiB, for the log.
 
+#[cfg(test)]
+mod golden;
 mod wire;
 
 use std::{collections::VecDeque, path::PathBuf, time::Duration};

@@ -1,0 +1,155 @@
+//! The HTTP dialects (OpenAI Chat Completions, Anthropic Messages, the seed's `/generate`) and
+//! their translation to and from the contract, behind one shape: [`Dialect`].
+//!
+//! A dialect is four pure translations, and nothing else — no I/O, no clock, no gateway:
+//! - [`Dialect::parse`]: the client's JSON body into the contract's `GenerateRequest`, whether it
+//!   asked for a stream, what the answer's rendering needs to know ([`Dialect::Options`]), and
+//!   the top-level fields llmesh does not act on ([`Unmapped`]: carried as the request's
+//!   extensions in the dialect, and named in `x-llmesh-unmapped-fields`). A mistake is a
+//!   [`Problem`] naming the field at fault (`messages[2].content[0].type`).
+//! - [`Dialect::render`]: a `GenerateResponse` into the dialect's answer body.
+//! - [`Dialect::events`]: the [`Events`] that turn `GenerateStreamResponse` chunks into the
+//!   dialect's server-sent events.
+//! - [`Dialect::error_body`]: a [`Problem`] as the dialect's error body (its status is the
+//!   problem's class's).
+//!
+//! The routes ([`super::route`]) do the rest, once for every dialect: the body, the deadline, the
+//! call, the response headers. The golden files under `services/gateway/tests/golden/` pin each
+//! translation of each dialect byte for byte (`GOLDEN_UPDATE=1` rewrites them); `docs/CONTRACT.md`
+//! says field by field what each dialect carries, drops or refuses.
+
+mod anthropic;
+mod anthropic_content;
+mod fields;
+#[cfg(test)]
+mod golden;
+mod openai;
+mod openai_content;
+mod seed;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use llmesh_proto::{
+    common::v1::Extensions,
+    gateway::v1::GenerateStreamResponse,
+    generation::v1::{GenerateRequest, GenerateResponse},
+};
+use serde_json::Value;
+
+pub use self::{anthropic::Anthropic, fields::Fields, openai::OpenAi, seed::Seed};
+use super::{
+    CACHE_POLICIES, Class, Problem, cache_policy_named, finish_reason,
+    sse::{self, Events},
+};
+
+/// One HTTP dialect: see the module docs.
+pub trait Dialect {
+    /// The route's path, as the call's label.
+    const ROUTE: &'static str;
+    /// Whether the dialect takes its cache policy from `x-llmesh-cache` (the seed has a field).
+    const CACHE_HEADER: bool;
+    /// What rendering the answer needs to know of the request.
+    type Options: Send + 'static;
+    /// The dialect's stream events.
+    type Events: Events;
+
+    /// The client's body as the contract's request.
+    fn parse(body: Fields, context: &Context<'_>) -> Result<Parsed<Self::Options>, Problem>;
+
+    /// An answer as the dialect's body. `created`: the Unix time of the answer, in seconds.
+    fn render(response: &GenerateResponse, options: &Self::Options, created: u64) -> Value;
+
+    /// The events of a stream whose first chunk is `first`.
+    fn events(first: &GenerateStreamResponse, options: Self::Options, created: u64) -> Self::Events;
+
+    /// A failure as the dialect's error body.
+    fn error_body(problem: &Problem) -> Value;
+
+    /// A failure as the dialect's error response.
+    fn error(problem: &Problem) -> http::Response<tonic::body::Body> {
+        problem.respond(&Self::error_body(problem))
+    }
+}
+
+/// What parsing needs besides the body.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Context<'a> {
+    /// The cache policy of `x-llmesh-cache` (for dialects with [`Dialect::CACHE_HEADER`]).
+    pub cache: i32,
+    /// `gateway.default_model`, for a body that names none (the seed's only).
+    pub default_model: Option<&'a str>,
+}
+
+/// A parsed request.
+#[derive(Debug)]
+pub struct Parsed<O> {
+    pub request: GenerateRequest,
+    pub stream: bool,
+    pub options: O,
+    pub unmapped: Unmapped,
+}
+
+/// Names the top-level fields of a request that llmesh does not act on (`x-llmesh-unmapped-fields`).
+pub const UNMAPPED_HEADER: &str = "x-llmesh-unmapped-fields";
+/// At most this many names in that header, each at most this long (the fields themselves are
+/// bounded by `limits.max_extensions_bytes`).
+const UNMAPPED_NAMES: usize = 16;
+const UNMAPPED_NAME_BYTES: usize = 64;
+
+/// The top-level fields of a body that llmesh does not act on: carried as the request's
+/// extensions in `dialect` — to an upstream of the same dialect, dropped for another, and part of
+/// the cache key either way — and named in a response header so that a client can tell.
+#[derive(Debug, Default)]
+pub struct Unmapped {
+    extensions: Option<Extensions>,
+    header: Option<HeaderValue>,
+}
+
+impl Unmapped {
+    pub fn of(rest: serde_json::Map<String, Value>, dialect: &str) -> Self {
+        if rest.is_empty() {
+            return Self::default();
+        }
+        let names: Vec<&str> = rest
+            .keys()
+            .map(String::as_str)
+            .filter(|name| name.len() <= UNMAPPED_NAME_BYTES && name.bytes().all(|b| b.is_ascii_graphic()))
+            .take(UNMAPPED_NAMES)
+            .collect();
+        let header = HeaderValue::from_str(&names.join(", ")).ok();
+        let json = Value::Object(rest).to_string();
+        Self { extensions: Some(Extensions { dialect: dialect.into(), json }), header }
+    }
+
+    /// The extensions the request carries.
+    pub fn extensions(&self) -> Option<Extensions> {
+        self.extensions.clone()
+    }
+
+    /// The header's value, if any field is unmapped.
+    #[cfg(test)]
+    pub fn header(&self) -> Option<&HeaderValue> {
+        self.header.as_ref()
+    }
+
+    pub fn write(&self, headers: &mut HeaderMap) {
+        if let Some(names) = &self.header {
+            headers.insert(HeaderName::from_static(UNMAPPED_HEADER), names.clone());
+        }
+    }
+}
+
+/// Adds an answer's extensions of `dialect` (the upstream's own fields, such as OpenAI's
+/// `service_tier`) to `body`: a field the body has a value for stays as it is.
+fn add_extensions(body: &mut Value, extensions: Option<&Extensions>, dialect: &str) {
+    let Some(extensions) = extensions.filter(|e| e.dialect == dialect) else { return };
+    let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&extensions.json) else { return };
+    let Value::Object(body) = body else { return };
+    for (name, value) in fields {
+        match body.get(&name) {
+            Some(Value::Null) | None => {
+                body.insert(name, value);
+            }
+            Some(_) => {}
+        }
+    }
+}

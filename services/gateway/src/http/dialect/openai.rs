@@ -1,0 +1,400 @@
+//! The OpenAI Chat Completions dialect: `POST /v1/chat/completions` (JSON, or server-sent events
+//! ending in `data: [DONE]` with `stream: true`), as the official SDKs call it.
+//!
+//! Request fields taken: `model`, `messages` (roles system, developer, user, assistant, tool;
+//! content as a string or as text and image parts; assistant `tool_calls`, a tool message's
+//! `tool_call_id`), `max_completion_tokens` or `max_tokens`, `temperature`, `top_p`, `stop` (a
+//! string or a list), `seed`, `user`, `metadata`, `stream`, `stream_options.include_usage`,
+//! `tools`, `tool_choice`, `parallel_tool_calls`, `response_format`, `reasoning_effort`
+//! ([`super::openai_content`]), and `n`, `presence_penalty`, `frequency_penalty`, `logprobs` at
+//! their defaults only. Any other top-level field is carried as the request's `openai` extensions
+//! (to an OpenAI-compatible upstream, and into the cache key) and named in
+//! `x-llmesh-unmapped-fields`; a field of a part or message that llmesh does not know is a 400
+//! naming it.
+//!
+//! The answer: `chat.completion` (or `chat.completion.chunk` events) with the text, `tool_calls`,
+//! the finish reason and usage, plus the upstream's own answer fields when it spoke this dialect
+//! (`system_fingerprint`, `service_tier`: the answer's `openai` extensions). Reasoning blocks are
+//! not rendered: Chat Completions has no field for them.
+
+use llmesh_proto::{
+    common::v1::{ChatMessage, FinishReason, ToolCall, Usage, content_part},
+    gateway::v1::GenerateStreamResponse,
+    generation::v1::{GenerateRequest, GenerateResponse},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{
+    Class, Context, Dialect, Fields, Parsed, Problem, Unmapped, add_extensions, finish_reason,
+    openai_content as content,
+    sse::{self, Events},
+};
+
+/// The OpenAI Chat Completions dialect.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenAi;
+
+/// The extensions' dialect name.
+const DIALECT: &str = "openai";
+
+impl Dialect for OpenAi {
+    const ROUTE: &'static str = "/v1/chat/completions";
+    const CACHE_HEADER: bool = true;
+    /// `stream_options.include_usage`.
+    type Options = bool;
+    type Events = ChunkEvents;
+
+    fn parse(body: Fields, context: &Context<'_>) -> Result<Parsed<bool>, Problem> {
+        let Chat { request, stream, include_usage, unmapped } = parse(body, context.cache)?;
+        Ok(Parsed { request, stream, options: include_usage, unmapped })
+    }
+
+    fn render(response: &GenerateResponse, _: &bool, created: u64) -> Value {
+        let mut body = json!({
+            "id": completion_id(&response.id),
+            "object": "chat.completion",
+            "created": created,
+            "model": response.model,
+            "choices": [{
+                "index": 0,
+                "message": message_of(&response.text, &response.tool_calls),
+                "logprobs": null,
+                "finish_reason": finish(response.finish_reason),
+            }],
+            "usage": usage(response.usage),
+            "system_fingerprint": null,
+        });
+        add_extensions(&mut body, response.extensions.as_ref(), DIALECT);
+        body
+    }
+
+    fn events(first: &GenerateStreamResponse, include_usage: bool, created: u64) -> ChunkEvents {
+        ChunkEvents { id: completion_id(&first.id), created, include_usage }
+    }
+
+    fn error_body(problem: &Problem) -> Value {
+        let (kind, code) = error_type(problem);
+        json!({ "error": body(problem, kind, code) })
+    }
+}
+
+/// OpenAI's error `type` and `code` for a failure.
+fn error_type(problem: &Problem) -> (&'static str, Option<&'static str>) {
+    match problem.class {
+        Class::InvalidRequest | Class::MethodNotAllowed => ("invalid_request_error", None),
+        Class::Unauthenticated => ("authentication_error", Some("invalid_api_key")),
+        Class::PermissionDenied => ("permission_error", None),
+        Class::NotFound if problem.param.as_deref() == Some("model") => {
+            ("invalid_request_error", Some("model_not_found"))
+        }
+        Class::NotFound => ("invalid_request_error", None),
+        Class::TooLarge => ("invalid_request_error", Some("request_too_large")),
+        Class::RateLimited => ("rate_limit_error", Some("rate_limit_exceeded")),
+        // OpenAI's own answer when an account's quota or budget is spent.
+        Class::OverBudget => ("insufficient_quota", Some("insufficient_quota")),
+        Class::Overloaded => ("server_error", Some("overloaded")),
+        Class::Timeout { .. } => ("timeout_error", Some("timeout")),
+        Class::Unavailable | Class::Internal => ("server_error", None),
+        Class::Cancelled => ("cancelled", None),
+    }
+}
+
+fn body(problem: &Problem, kind: &str, code: Option<&str>) -> Value {
+    json!({ "message": problem.message, "type": kind, "param": problem.param, "code": code })
+}
+
+/// A chat completion request, parsed.
+struct Chat {
+    request: GenerateRequest,
+    stream: bool,
+    include_usage: bool,
+    unmapped: Unmapped,
+}
+
+/// `stop`: one sequence or several.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(one) => vec![one],
+            Self::Many(many) => many,
+        }
+    }
+}
+
+fn parse(mut body: Fields, cache: i32) -> Result<Chat, Problem> {
+    let model: String = body.required("model")?;
+    let messages = body.objects("messages")?.ok_or_else(|| Problem::invalid("messages", "required"))?;
+    let messages = messages.into_iter().map(message).collect::<Result<Vec<_>, _>>()?;
+    let max_completion_tokens: Option<u32> = body.take("max_completion_tokens")?;
+    let max_tokens: Option<u32> = body.take("max_tokens")?;
+    let stream = body.take::<bool>("stream")?.unwrap_or(false);
+    let include_usage = match body.object("stream_options")? {
+        None => false,
+        Some(_) if !stream => return Err(Problem::invalid("stream_options", "only allowed when stream is true")),
+        Some(mut options) => {
+            let include = options.take::<bool>("include_usage")?.unwrap_or(false);
+            options.finish()?;
+            include
+        }
+    };
+    body.only("n", 1u32)?;
+    body.only("presence_penalty", 0.0f32)?;
+    body.only("frequency_penalty", 0.0f32)?;
+    body.only("logprobs", false)?;
+    let tools = content::tools(&mut body)?;
+    let tool_choice = content::tool_choice(&mut body)?;
+    let response_format = content::response_format(&mut body)?;
+    let reasoning = content::reasoning(&mut body)?;
+    let request = GenerateRequest {
+        model,
+        messages,
+        max_tokens: max_completion_tokens.or(max_tokens).unwrap_or(0),
+        temperature: body.take("temperature")?,
+        top_p: body.take("top_p")?,
+        stop: body.take::<Stop>("stop")?.map(Stop::into_vec).unwrap_or_default(),
+        seed: body.take("seed")?,
+        user: body.take("user")?.unwrap_or_default(),
+        metadata: body.take("metadata")?.unwrap_or_default(),
+        cache,
+        tools,
+        tool_choice,
+        parallel_tool_calls: body.take("parallel_tool_calls")?,
+        response_format,
+        reasoning,
+        ..Default::default()
+    };
+    // What is left is carried, not refused: a field OpenAI adds next month reaches an OpenAI upstream.
+    let unmapped = Unmapped::of(body.rest_map(), DIALECT);
+    let request = GenerateRequest { extensions: unmapped.extensions(), ..request };
+    Ok(Chat { request, stream, include_usage, unmapped })
+}
+
+/// One message: its role; its content as a string, as text parts (joined by newlines), or as
+/// parts with images; an assistant's tool calls, a tool result's call id, a participant's name.
+fn message(mut fields: Fields) -> Result<ChatMessage, Problem> {
+    let role: String = fields.required("role")?;
+    let path = fields.path("content");
+    let tool_calls = content::tool_calls(&mut fields)?;
+    let (text, parts) = match fields.take::<Value>("content")? {
+        // An assistant that only called tools sends no content.
+        None if !tool_calls.is_empty() => (String::new(), Vec::new()),
+        None => return Err(Problem::invalid(path, "required")),
+        Some(Value::String(text)) => (text, Vec::new()),
+        Some(Value::Array(listed)) => {
+            let parts = content::parts(listed, &path)?;
+            let texts: Option<Vec<&str>> = parts
+                .iter()
+                .map(|part| match &part.kind {
+                    Some(content_part::Kind::Text(text)) => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect();
+            match texts {
+                // Text alone stays plain text: the same request as before parts existed, so the same cache key.
+                Some(texts) => (texts.join("\n"), Vec::new()),
+                None => (String::new(), parts),
+            }
+        }
+        Some(_) => return Err(Problem::invalid(path, "must be a string or a list of parts")),
+    };
+    let message = ChatMessage {
+        role,
+        content: text,
+        parts,
+        tool_calls,
+        tool_call_id: fields.take("tool_call_id")?.unwrap_or_default(),
+        name: fields.take("name")?.unwrap_or_default(),
+        ..Default::default()
+    };
+    fields.ignore("refusal");
+    fields.finish()?;
+    Ok(message)
+}
+
+fn completion_id(id: &str) -> String {
+    format!("chatcmpl-{id}")
+}
+
+/// OpenAI's name of a finish reason: a fallback's answer finished normally (the headers say it
+/// was a fallback).
+fn finish(value: i32) -> &'static str {
+    match finish_reason(value) {
+        FinishReason::Length => "length",
+        FinishReason::ContentFilter => "content_filter",
+        FinishReason::ToolCalls => "tool_calls",
+        FinishReason::Stop | FinishReason::Fallback | FinishReason::Unspecified => "stop",
+    }
+}
+
+fn usage(usage: Option<Usage>) -> Value {
+    content::usage(usage)
+}
+
+/// The assistant's message: its text (`null` when it only called tools) and its tool calls.
+fn message_of(text: &str, tool_calls: &[ToolCall]) -> Value {
+    let mut message = json!({ "role": "assistant", "content": text, "refusal": null });
+    if !tool_calls.is_empty() {
+        if text.is_empty() {
+            message["content"] = Value::Null;
+        }
+        message["tool_calls"] = content::render_tool_calls(tool_calls);
+    }
+    message
+}
+
+/// `chat.completion.chunk` events: the assistant role first, a chunk per delta, the finish
+/// reason, the usage (when asked for), then `[DONE]`.
+pub struct ChunkEvents {
+    id: String,
+    created: u64,
+    include_usage: bool,
+}
+
+impl ChunkEvents {
+    fn make(&self, model: &str, choices: Value, usage: Option<Value>) -> Value {
+        let mut chunk = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": model,
+            "system_fingerprint": null,
+            "choices": choices,
+        });
+        // With include_usage, every chunk has the field: null until the last.
+        if self.include_usage {
+            chunk["usage"] = usage.unwrap_or(Value::Null);
+        }
+        chunk
+    }
+}
+
+impl Events for ChunkEvents {
+    fn open(&mut self, first: &GenerateStreamResponse, out: &mut Vec<u8>) {
+        let choices = json!([{
+            "index": 0, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null,
+        }]);
+        sse::data(&self.make(&first.model, choices, None), out);
+    }
+
+    fn chunk(&mut self, chunk: &GenerateStreamResponse, out: &mut Vec<u8>) {
+        if !chunk.delta.is_empty() {
+            let choices = json!([{
+                "index": 0, "delta": { "content": chunk.delta }, "logprobs": null, "finish_reason": null,
+            }]);
+            sse::data(&self.make(&chunk.model, choices, None), out);
+        }
+        if !chunk.tool_calls.is_empty() {
+            let calls = content::render_tool_call_deltas(&chunk.tool_calls);
+            let choices = json!([{
+                "index": 0, "delta": { "tool_calls": calls }, "logprobs": null, "finish_reason": null,
+            }]);
+            sse::data(&self.make(&chunk.model, choices, None), out);
+        }
+        if chunk.finish_reason != 0 {
+            let choices = json!([{
+                "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish(chunk.finish_reason),
+            }]);
+            let mut last = self.make(&chunk.model, choices, None);
+            add_extensions(&mut last, chunk.extensions.as_ref(), DIALECT);
+            sse::data(&last, out);
+            if self.include_usage {
+                sse::data(&self.make(&chunk.model, json!([]), Some(usage(chunk.usage))), out);
+            }
+        }
+    }
+
+    fn close(&mut self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"data: [DONE]\n\n");
+    }
+
+    fn fail(&mut self, problem: &Problem, out: &mut Vec<u8>) {
+        // The SDKs raise an APIError on a data event with an `error` field.
+        let (kind, code) = error_type(problem);
+        sse::data(&json!({ "error": body(problem, kind, code) }), out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::StatusCode;
+    use serde_json::json;
+
+    use super::*;
+
+    fn parsed(body: Value) -> Result<Chat, Problem> {
+        let Value::Object(map) = body else { unreachable!() };
+        parse(Fields::new(map), 0)
+    }
+
+    #[test]
+    fn every_supported_field_maps_to_the_typed_request() {
+        let chat = parsed(json!({
+            "model": "sim",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": "ok", "refusal": null, "tool_calls": null, "annotations": []},
+            ],
+            "max_completion_tokens": 12, "temperature": 0.5, "top_p": 0.9, "stop": "END", "seed": 7,
+            "user": "u1", "metadata": {"team": "a"}, "n": 1, "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .unwrap();
+        assert!(chat.stream && chat.include_usage);
+        let r = chat.request;
+        assert_eq!(r.model, "sim");
+        assert_eq!(r.messages.len(), 3);
+        assert_eq!(r.messages[1].content, "a\nb");
+        assert_eq!((r.max_tokens, r.temperature, r.top_p, r.seed), (12, Some(0.5), Some(0.9), Some(7)));
+        assert_eq!(r.stop, ["END"]);
+        assert_eq!(r.user, "u1");
+        assert_eq!(r.metadata["team"], "a");
+        assert!(r.prompt.is_empty());
+    }
+
+    #[test]
+    fn what_the_mesh_does_not_do_is_a_400_naming_it() {
+        let base = || json!({"model": "sim", "messages": [{"role": "user", "content": "hi"}]});
+        let cases = [
+            ("tools", json!([{"type": "function"}]), "tools[0].function"),
+            ("tools", json!([{"type": "web_search"}]), "tools[0].type"),
+            ("n", json!(2), "n"),
+            ("presence_penalty", json!(0.5), "presence_penalty"),
+            ("temperature", json!("hot"), "temperature"),
+            ("stream_options", json!({"include_usage": true}), "stream_options"),
+        ];
+        for (name, value, param) in cases {
+            let mut body = base();
+            body[name] = value;
+            let problem = parsed(body).err().unwrap();
+            assert_eq!(problem.class, Class::InvalidRequest, "{name}");
+            assert_eq!(problem.param.as_deref(), Some(param), "{name}: {}", problem.message);
+        }
+        let image = json!({"model": "sim", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]});
+        assert_eq!(parsed(image).err().unwrap().param.as_deref(), Some("messages[0].content[0].image_url"));
+        let audio = json!({"model": "sim", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]});
+        assert_eq!(parsed(audio).err().unwrap().param.as_deref(), Some("messages[0].content[0].type"));
+        let missing = json!({"model": "sim"});
+        assert_eq!(parsed(missing).err().unwrap().param.as_deref(), Some("messages"));
+    }
+
+    #[test]
+    fn errors_have_openais_shape_and_status() {
+        let problem = Problem::invalid("temperature", "5 is outside 0..=2");
+        let response = OpenAi::error(&problem);
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let mut problem = Problem::invalid("model", "unknown model");
+        problem.class = Class::NotFound;
+        assert_eq!(OpenAi::error(&problem).status(), StatusCode::NOT_FOUND);
+        let limited = Problem::from_status(&tonic::Status::resource_exhausted("rate limit"));
+        assert_eq!(OpenAi::error(&limited).status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+}

@@ -496,10 +496,11 @@ def report(add, R, verdicts, H):
             f"{H.fmt(c.get('worker_cpu_us'), 1)} | {H.fmt(b.get('redis_cpu_us'), 1)} | {H.fmt(c.get('redis_cpu_us'), 1)} | "
             f"{lost_l} / {lost_c if lost_c is not None else '–'} |")
     add("")
-    add("Paced runs (ms; *after*: seconds from the submitter's end to the last job's):\n")
+    add("Paced runs (ms; *after*: seconds from the submitter's end to the last job's end; *sent/s*: the rate the "
+        "submitter achieved, jobs over its run, which is below *rate* when the submitter could not keep up):\n")
     add("| system | workers | share | rate jobs/s | submitted | SUCCEEDED | lost | submit→done p50 | submit→done p99 | "
-        "wait p50 | wait p99 | after s |")
-    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        "wait p50 | wait p99 | after s | sent/s |")
+    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     any_lost = False
     for system in ("llmesh", "celery"):
         for b in d[system]:
@@ -507,7 +508,8 @@ def report(add, R, verdicts, H):
                 any_lost = any_lost or p["lost"] != 0
                 add(f"| {system} | {b['workers']} | {p['share']:.0%} | {p['rate']:.0f} | {p['submitted']} | "
                     f"{p['succeeded']} | {p['lost']} | {H.fmt(p['sojourn_p50_ms'])} | {H.fmt(p['sojourn_p99_ms'])} | "
-                    f"{H.fmt(p.get('wait_p50_ms'))} | {H.fmt(p.get('wait_p99_ms'))} | {H.fmt(p['drain_after_s'], 1)} |")
+                    f"{H.fmt(p.get('wait_p50_ms'))} | {H.fmt(p.get('wait_p99_ms'))} | {H.fmt(p['drain_after_s'], 1)} | "
+                    f"{H.fmt(p.get('submit_rate') or p['submitted'] / d['duration'], 0)} |")
     add("")
     for b in d["llmesh"] + d["celery"]:
         any_lost = any_lost or b.get("submitted") != b.get("succeeded")

@@ -10,6 +10,7 @@ raw `llmesh load` JSON per run, and leaves no process behind.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -249,4 +250,65 @@ def test_quick_cpu_against_the_floor(tmp_path):
     profiles = sorted(p.name for p in (out / "profiles").glob("*.svg"))
     assert any(n.startswith("near-plain-w1-info-gateway") for n in profiles), profiles
     assert all((out / "profiles" / n).read_text().lstrip().startswith("<?xml") for n in profiles[:3])
+    assert_nothing_left_running(out)
+
+
+def test_quick_ingress_through_the_mesh_and_direct(tmp_path):
+    """The ingress scenario: a 1 KiB OpenAI chat request over HTTP/1.1 keep-alive (h2load --h1, 32
+    connections) straight to the bare upstream (bench/floor --mode openai), through the gateway and
+    generation's openai provider to it, and to bench/mock_openai.py; every run counted, with the CPU
+    per call of each process."""
+    assert (BIN_DIR / "floor").exists(), f"build the binaries first (cargo build --workspace --bins): no floor in {BIN_DIR}"
+    out, report = run_quick(tmp_path, "ingress", extra=["--ingress-duration", "1"])
+    assert "## 7. HTTP ingress against a real upstream shape" in report, report
+    assert len((out / "ingress-request.json").read_bytes()) == 1024
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines()
+            if line.startswith(("| direct |", "| mesh |", "| mock |"))}
+    assert set(rows) == {"direct", "mesh", "mock"}, report
+    for case, row in rows.items():
+        assert row.rstrip().endswith("| yes |"), row
+        assert float(row.split("|")[2]) > 0, row
+    mesh = rows["mesh"].split("|")
+    # gateway, generation and mesh µs per call are numbers.
+    assert all(float(mesh[i]) > 0 for i in (4, 5, 6)), rows["mesh"]
+    assert len(list((out / "raw").glob("*-ingress-*.h2load.txt"))) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert any("HTTP ingress" in v["target"] and v["verdict"] in ("met", "not met") for v in summary["verdicts"])
+    assert_nothing_left_running(out)
+
+
+def celery_python():
+    """A Python that has celery[redis] (bench/requirements-celery.txt), or None."""
+    for py in (BENCH / ".venv-celery" / "bin" / "python", Path(sys.executable)):
+        if py.exists() and subprocess.run([str(py), "-c", "import celery, redis"], capture_output=True).returncode == 0:
+            return py
+    return None
+
+
+def test_quick_queue_against_celery(tmp_path):
+    """The queue scenario, small: a backlog drained by 1 and 2 workers of llmesh's queue and of
+    Celery on one Redis, then paced runs; nothing lost, every figure filled in."""
+    py = celery_python()
+    if py is None:
+        pytest.skip("celery[redis] is not installed: pip install -r bench/requirements-celery.txt "
+                    "(into this venv or bench/.venv-celery)")
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed")
+    out, report = run_quick(tmp_path, "queue", max_time=150,
+                            extra=["--queue-workers", "1,2", "--queue-jobs", "100", "--queue-duration", "1",
+                                   "--celery-python", str(py), "--no-install"])
+    assert "## 8. The job queue against Celery" in report, report
+    rows = [line for line in report.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2, report
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert all(c not in ("", "–") for c in cells), row
+        assert cells[-1] == "0 / 0", row  # nothing lost
+    paced = [line for line in report.splitlines() if line.startswith(("| llmesh |", "| celery |"))]
+    assert len(paced) == 8, report
+    for row in paced:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[6] == "0" and cells[4] == cells[5], row  # lost, submitted = SUCCEEDED
+    summary = json.loads((out / "summary.json").read_text())
+    assert any("Celery" in v["target"] and v["verdict"] != "not measured" for v in summary["verdicts"])
     assert_nothing_left_running(out)

@@ -8,7 +8,14 @@
 //! No routing, no decoding, no tonic, no tower, no telemetry: everything a service does on top of
 //! this is its own cost.
 //!
-//!     floor [--listen 127.0.0.1:0] [--text-bytes 256]
+//! With `--mode openai` it is instead the bare upstream of bench/run's `ingress` scenario: an
+//! OpenAI-compatible chat completions server of no substance, HTTP/1.1 with keep-alive, on the same
+//! one thread. It reads each request's body to its end and answers every request, whatever its
+//! path or body, with the same `200 application/json` chat completion (the shape and text of
+//! bench/mock_openai.py's: 24 tokens, `usage` included). No JSON is parsed: what the gateway and
+//! generation spend in front of it is theirs.
+//!
+//!     floor [--listen 127.0.0.1:0] [--text-bytes 256] [--mode grpc|openai]
 //!
 //! Prints `listening on ADDR` on stderr once bound; stops on SIGINT or SIGTERM.
 
@@ -36,14 +43,24 @@ fn main() -> Result<(), String> {
     runtime.block_on(serve(args))
 }
 
+/// What the floor speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// HTTP/2, a fixed gRPC `GenerateResponse` (the cpu scenario).
+    Grpc,
+    /// HTTP/1.1 keep-alive, a fixed OpenAI chat completion (the ingress scenario).
+    OpenAi,
+}
+
 struct Args {
     listen: SocketAddr,
     text_bytes: usize,
+    mode: Mode,
 }
 
 impl Args {
     fn parse(mut args: impl Iterator<Item = String>) -> Result<Self, String> {
-        let mut parsed = Args { listen: SocketAddr::from(([127, 0, 0, 1], 0)), text_bytes: 256 };
+        let mut parsed = Args { listen: SocketAddr::from(([127, 0, 0, 1], 0)), text_bytes: 256, mode: Mode::Grpc };
         while let Some(flag) = args.next() {
             let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
             match flag.as_str() {
@@ -54,7 +71,14 @@ impl Args {
                         return Err("--text-bytes: at most 1 MiB".into());
                     }
                 }
-                other => return Err(format!("unknown option {other} (known: --listen, --text-bytes)")),
+                "--mode" => {
+                    parsed.mode = match value.as_str() {
+                        "grpc" => Mode::Grpc,
+                        "openai" => Mode::OpenAi,
+                        other => return Err(format!("--mode {other}: grpc or openai")),
+                    }
+                }
+                other => return Err(format!("unknown option {other} (known: --listen, --text-bytes, --mode)")),
             }
         }
         Ok(parsed)
@@ -64,7 +88,10 @@ impl Args {
 async fn serve(args: Args) -> Result<(), String> {
     let listener = TcpListener::bind(args.listen).await.map_err(|e| format!("binding {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| format!("reading the bound address: {e}"))?;
-    let answer = grpc_frame(&generate_response(args.text_bytes));
+    let answer = match args.mode {
+        Mode::Grpc => grpc_frame(&generate_response(args.text_bytes)),
+        Mode::OpenAi => Bytes::from_static(CHAT_COMPLETION.as_bytes()),
+    };
     // The harness waits for this line; a failed write means nobody is listening for it.
     let _ = writeln!(std::io::stderr(), "floor listening on {addr}");
 
@@ -82,12 +109,24 @@ async fn serve(args: Args) -> Result<(), String> {
         };
         let _ = stream.set_nodelay(true);
         let answer = answer.clone();
+        let mode = args.mode;
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| answer_call(request, answer.clone()));
             // A connection that breaks is the client's business; the server goes on.
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            match mode {
+                Mode::Grpc => {
+                    let service = hyper::service::service_fn(move |request| answer_call(request, answer.clone()));
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+                Mode::OpenAi => {
+                    let service = hyper::service::service_fn(move |request| answer_chat(request, answer.clone()));
+                    // Keep-alive is hyper's default for HTTP/1.1.
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+            }
         });
     }
 }
@@ -98,6 +137,27 @@ async fn answer_call(request: Request<Incoming>, answer: Bytes) -> Result<Respon
     let _ = request.into_body().collect().await;
     let mut response = Response::new(FixedAnswer { message: Some(answer), trailers_sent: false });
     response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    Ok(response)
+}
+
+/// The chat completion every request of `--mode openai` gets: bench/mock_openai.py's, byte for
+/// byte but for `created` (fixed here).
+const CHAT_COMPLETION: &str = concat!(
+    r#"{"id":"chatcmpl-mock","object":"chat.completion","created":1700000000,"model":"mock","#,
+    r#""choices":[{"index":0,"message":{"role":"assistant","content":"the mesh answers with a simulated "#,
+    r#"reply about your prompt and every token is deterministic so caches tests benchmarks agree on what "#,
+    r#"came back"},"finish_reason":"stop"}],"usage":{"prompt_tokens":8,"completion_tokens":24,"total_tokens":32}}"#
+);
+
+/// Reads the request to its end (a server must, to keep the connection), then answers the fixed
+/// chat completion; `Full` gives hyper the length, so the answer goes with `content-length`.
+async fn answer_chat(
+    request: Request<Incoming>,
+    answer: Bytes,
+) -> Result<Response<http_body_util::Full<Bytes>>, Infallible> {
+    let _ = request.into_body().collect().await;
+    let mut response = Response::new(http_body_util::Full::new(answer));
+    response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)
 }
 
@@ -199,5 +259,18 @@ mod tests {
         assert!(args(&["--listen"]).is_err());
         assert!(args(&["--port", "1"]).is_err());
         assert!(args(&["--text-bytes", "99999999"]).is_err());
+        assert!(args(&["--mode", "openai"]).is_ok_and(|a| a.mode == Mode::OpenAi));
+        assert!(args(&["--mode", "http3"]).is_err());
+    }
+
+    #[test]
+    fn the_chat_completion_is_the_mocks() {
+        // bench/mock_openai.py's TEXT: its WORDS' first 24.
+        let words = "the mesh answers with a simulated reply about your prompt and every token is \
+                     deterministic so caches tests benchmarks agree on what came back";
+        assert_eq!(words.split_whitespace().count(), 24);
+        let content = format!(r#""content":"{}""#, words.split_whitespace().collect::<Vec<_>>().join(" "));
+        assert!(CHAT_COMPLETION.contains(&content), "{CHAT_COMPLETION}");
+        assert!(CHAT_COMPLETION.contains(r#""usage":{"prompt_tokens":8,"completion_tokens":24"#));
     }
 }

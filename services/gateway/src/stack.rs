@@ -63,7 +63,11 @@ use tower::{ServiceBuilder, retry::RetryLayer, util::BoxCloneSyncService};
 
 use crate::{
     admission::{AuthLayer, CallDeadlineLayer, KeyStore, RateLimitLayer, RateLimiter, ShedLayer},
-    cache::Cache,
+    answer::{
+        Answering, generate::Generate, lookup::LookupLayer, settle::SettleLayer, single_flight::SingleFlightLayer,
+    },
+    cache::{Cache, CacheConfig},
+    catalog::Catalog,
     http::{Ingress, RejectionLayer},
     pipeline::{
         Attempt, Generation, GenerationConfig, Reply, UpstreamError,
@@ -107,12 +111,23 @@ pub fn admission(layers: &AdmissionLayers, routes: Option<Ingress>) -> HttpLayer
     })
 }
 
-/// Steps 13 to 17 over the replicas in `pool`.
+/// Steps 11 to 14 over `generation` (steps 15 to 19).
+pub fn answers(generation: Generation, cache: Cache, catalog: Catalog, config: &CacheConfig) -> Answering {
+    let single_flight_wait = Duration::from_millis(config.single_flight_wait_ms);
+    let service = ServiceBuilder::new()
+        .layer(SettleLayer)
+        .layer(LookupLayer::new(cache, catalog, config))
+        .layer(SingleFlightLayer::new(single_flight_wait))
+        .service(Generate::new(generation));
+    BoxCloneSyncService::new(service)
+}
+
+/// Steps 15 to 19 over the replicas in `pool`.
 pub fn generation(config: &GenerationConfig, fallback: FallbackConfig, cache: Cache, pool: Arc<Pool>) -> Generation {
     generation_over(config, fallback, cache, Balance::new(pool))
 }
 
-/// Steps 13 to 17 over `balance` (the balancer, or a mock of it in tests).
+/// Steps 15 to 19 over `balance` (the balancer, or a mock of it in tests).
 pub fn generation_over<B>(config: &GenerationConfig, fallback: FallbackConfig, cache: Cache, balance: B) -> Generation
 where
     B: tower::Service<Attempt, Response = Reply, Error = UpstreamError> + Clone + Send + Sync + 'static,

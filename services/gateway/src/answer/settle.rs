@@ -38,6 +38,7 @@ pub struct Settle<S> {
 }
 
 /// A settled call: what the client is sent, and what the key has left.
+#[expect(clippy::large_enum_variant, reason = "moved once per call; boxing the answer would allocate per call")]
 pub enum Settled {
     Unary {
         response: GenerateResponse,

@@ -117,3 +117,112 @@ impl Answer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use llmesh_proto::common::v1::{CachePolicy, Degraded};
+    use tonic::Code;
+    use tower::{ServiceBuilder, ServiceExt as _};
+    use tower_test::mock;
+
+    use super::{generate::Generate, lookup::LookupLayer, single_flight::SingleFlightLayer, *};
+    use crate::{
+        cache::CacheConfig,
+        catalog::Catalog,
+        pipeline::{Call, Reply, testing::fail_with},
+    };
+
+    /// The layers below settlement, as `stack::answers` orders them, over a mock of the pipeline;
+    /// the cache is off, so every lookup misses.
+    fn answers_over_mock() -> (BoxCloneSyncService<Question, Answered, CallError>, mock::Handle<Call, Reply>) {
+        let (generation, handle) = mock::pair::<Call, Reply>();
+        let config = CacheConfig::default();
+        let service = ServiceBuilder::new()
+            .layer(LookupLayer::new(Cache::off(&config), Catalog::default(), &config))
+            .layer(SingleFlightLayer::new(Duration::from_secs(30)))
+            .service(Generate::new(BoxCloneSyncService::new(fail_with(generation))));
+        (BoxCloneSyncService::new(service), handle)
+    }
+
+    /// A deterministic (so cacheable) unary question.
+    fn question(policy: CachePolicy) -> Question {
+        let request = GenerateRequest {
+            model: "sim".into(),
+            prompt: "same".into(),
+            temperature: Some(0.0),
+            cache: policy.into(),
+            ..Default::default()
+        };
+        Question::new(Arc::new(request), false, Deadline::after(Duration::from_secs(10)), Principal::anonymous())
+    }
+
+    fn whole(answered: Result<Answered, CallError>) -> Answer {
+        match answered {
+            Ok(Answered::Whole(answer)) => answer,
+            Ok(Answered::Live(..)) => panic!("a whole answer"),
+            Err(error) => panic!("an answer, not {error:?}"),
+        }
+    }
+
+    /// True when no further call reaches the pipeline.
+    async fn no_more_calls(handle: &mut mock::Handle<Call, Reply>) -> bool {
+        !matches!(tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await, Ok(Some(_)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identical_misses_share_one_call_but_never_a_degraded_answer() {
+        for degraded in [false, true] {
+            let (answers, mut handle) = answers_over_mock();
+            let leader = tokio::spawn(answers.clone().oneshot(question(CachePolicy::Default)));
+            let (_, respond) = handle.next_request().await.unwrap();
+            let follower = tokio::spawn(answers.clone().oneshot(question(CachePolicy::Default)));
+            // The follower joins the leader's flight before the leader answers.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let response = GenerateResponse { text: "once".into(), ..Default::default() };
+            if degraded {
+                let response = GenerateResponse { degraded: Some(Degraded::default()), ..response };
+                respond.send_response(Reply::Fallback(response, FallbackSource::Message));
+            } else {
+                respond.send_response(Reply::Generated(response));
+            }
+            assert_eq!(whole(leader.await.unwrap()).response.text, "once");
+            if degraded {
+                let next = tokio::time::timeout(Duration::from_secs(5), handle.next_request());
+                let (_, respond) = next.await.expect("the follower goes on its own").unwrap();
+                let response = GenerateResponse { text: "its own".into(), ..Default::default() };
+                respond.send_response(Reply::Generated(response));
+                let answer = whole(follower.await.unwrap());
+                assert_eq!((answer.response.text.as_str(), answer.source), ("its own", Source::Generated));
+            } else {
+                let answer = whole(follower.await.unwrap());
+                assert_eq!((answer.response.text.as_str(), answer.source), ("once", Source::Shared));
+                assert!(no_more_calls(&mut handle).await, "one call for both");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_miss_under_only_if_cached_never_calls_generation() {
+        let (answers, mut handle) = answers_over_mock();
+        let error = answers.oneshot(question(CachePolicy::OnlyIfCached)).await.err().unwrap();
+        assert_eq!(error.into_status().code(), Code::NotFound);
+        assert!(no_more_calls(&mut handle).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bypassed_questions_go_on_their_own() {
+        let (answers, mut handle) = answers_over_mock();
+        let first = tokio::spawn(answers.clone().oneshot(question(CachePolicy::Bypass)));
+        let second = tokio::spawn(answers.clone().oneshot(question(CachePolicy::Bypass)));
+        for _ in 0..2 {
+            let next = tokio::time::timeout(Duration::from_secs(5), handle.next_request());
+            let (_, respond) = next.await.expect("each calls on its own").unwrap();
+            respond.send_response(Reply::Generated(GenerateResponse::default()));
+        }
+        for call in [first, second] {
+            assert_eq!(whole(call.await.unwrap()).source, Source::Generated);
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! a stream's live chunks, or the fallback's whole answer when it failed before its first chunk.
 
 use std::{
+    sync::Arc,
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -20,12 +21,14 @@ use crate::{
 /// Asks the generation pipeline; see the module docs.
 #[derive(Debug, Clone)]
 pub struct Generate {
-    generation: Generation,
+    /// Shared: the layers above clone their inner service on every call, and a clone of the
+    /// pipeline clones every layer of it; only the call itself takes one (as `pipeline::ask` does).
+    generation: Arc<Generation>,
 }
 
 impl Generate {
     pub fn new(generation: Generation) -> Self {
-        Self { generation }
+        Self { generation: Arc::new(generation) }
     }
 }
 
@@ -40,7 +43,7 @@ impl Service<Question> for Generate {
     }
 
     fn call(&mut self, question: Question) -> Self::Future {
-        let generation = self.generation.clone();
+        let generation = Generation::clone(&self.generation);
         Box::pin(async move {
             let Question { request, stream, deadline, caller, .. } = question;
             let ask = if stream { Ask::Stream(request) } else { Ask::Generate(request) };

@@ -1,7 +1,7 @@
 //! The gateway: the mesh's public entry. Validates requests, answers from the cache when it can,
 //! and otherwise calls a generation replica and stores the answer.
 
-pub mod admission;
+mod admission;
 mod answer;
 mod cache;
 mod catalog;
@@ -32,6 +32,22 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 pub use service::GatewayService;
+
+/// The admission layers and the rate limit's arithmetic, reached from outside the crate by its own
+/// integration tests alone (`tests/admission.rs`: the GCRA script on a real redis-server, the
+/// layers in a real server). Only what those tests name; not an API.
+#[doc(hidden)]
+pub mod for_tests {
+    pub mod admission {
+        pub use crate::admission::{
+            AuthLayer, KeyStore, RateLimitConfig, RateLimitLayer, RateLimiter, ShedConfig, ShedLayer, generate_key,
+        };
+
+        pub mod rate_limit {
+            pub use crate::admission::rate_limit::{Cost, Limit, decision_from_reply, gcra};
+        }
+    }
+}
 
 /// The admission layers ([`stack::admission`]) and the budgets the handlers reserve money with.
 struct Admission {
@@ -149,7 +165,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         admission.budgets.clone(),
         config.fallback.secondary_model.clone().filter(|_| config.fallback.enabled),
     );
-    let answers = answer::Answers::new(generation.clone(), cache, catalog.clone(), &config.cache);
+    let answers = stack::answers(generation.clone(), cache, catalog.clone(), &config.cache);
     let request_timeout = Duration::from_millis(config.request_timeout_ms);
     let service = GatewayService::new(tokens, answers, generation, jobs, request_timeout);
     // The HTTP routes share the port, the layers and the service's one path to an answer.

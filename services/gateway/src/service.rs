@@ -1,8 +1,8 @@
 //! The `llmesh.gateway.v1.Gateway` gRPC service: RPC glue. Each generation call is admitted
-//! ([`TokenAdmission`]), answered ([`Answers`]: cache, single flight, the pipeline to generation),
-//! and settled (its [`Tokens`](crate::admission::Tokens)) in one shared path — [`GatewayService::
-//! unary`] and [`GatewayService::stream`], which the HTTP routes ([`crate::http`]) take too; the
-//! job RPCs are in [`jobs`].
+//! ([`TokenAdmission`]), then handed to the answer step ([`Answering`], declared in
+//! [`crate::stack::answers`]: settlement, cache, single flight, the pipeline to generation) in one
+//! shared path — [`GatewayService::unary`] and [`GatewayService::stream`], which the HTTP routes
+//! ([`crate::http`]) take too; the job RPCs are in [`jobs`].
 
 use std::{sync::Arc, time::Duration};
 
@@ -14,11 +14,11 @@ use llmesh_proto::{
     generation::v1 as generation,
 };
 use tonic::{Request, Response, Status};
+use tower::ServiceExt as _;
 
 use crate::{
     admission::{Admitted, Quota, TokenAdmission},
-    answer::relay::{self, ChunkStream},
-    answer::{Answers, Streamed},
+    answer::{Answering, Question, Reserved, generate::unexpected_reply, relay::ChunkStream, settle::Settled},
     deadline::Deadline,
     error::CallError,
     jobs::{self, Jobs},
@@ -35,7 +35,7 @@ pub struct GatewayService {
 #[derive(Debug)]
 struct Inner {
     admission: TokenAdmission,
-    answers: Answers,
+    answers: Answering,
     generation: Generation,
     jobs: Jobs,
     request_timeout: Duration,
@@ -56,7 +56,7 @@ pub struct Stream {
 impl GatewayService {
     pub fn new(
         admission: TokenAdmission,
-        answers: Answers,
+        answers: Answering,
         generation: Generation,
         jobs: Jobs,
         request_timeout: Duration,
@@ -81,14 +81,16 @@ impl GatewayService {
         // The gateway's own time counts from here: the token reservation and the cache are in it.
         let started = std::time::Instant::now();
         let Admitted { principal, request, tokens } = self.inner.admission.admit(extensions, request).await?;
-        // A failure drops `tokens`: the call costs the caller nothing.
-        let answer = self.inner.answers.unary(&request, deadline, &principal).await?;
-        metrics().overhead.record(
-            started.elapsed().saturating_sub(answer.upstream_time).as_secs_f64(),
-            &[label("endpoint", endpoint)],
-        );
-        let quota = tokens.settle_bill(answer.bill(), &answer.response.model);
-        Ok(Unary { response: answer.response, quota })
+        let question = Question::new(request, false, deadline, principal);
+        let Settled::Unary { response, quota, upstream_time } =
+            self.inner.answers.clone().oneshot(Reserved { question, tokens }).await?
+        else {
+            return Err(unexpected_reply());
+        };
+        metrics()
+            .overhead
+            .record(started.elapsed().saturating_sub(upstream_time).as_secs_f64(), &[label("endpoint", endpoint)]);
+        Ok(Unary { response, quota })
     }
 
     /// One streamed generation call, whichever way it came in: admitted, answered (from the cache,
@@ -101,16 +103,11 @@ impl GatewayService {
         deadline: Deadline,
     ) -> Result<Stream, CallError> {
         let Admitted { principal, request, tokens } = self.inner.admission.admit(extensions, request).await?;
-        let streamed = self.inner.answers.stream(&request, deadline, &principal).await?;
-        let (chunks, quota) = match streamed {
-            Streamed::Whole(answer) => relay::replay(answer, tokens),
-            // Headers go out before the tokens are known: they carry what is left after the reservation.
-            Streamed::Live(started, cache) => {
-                let quota = tokens.quota();
-                (relay::relay(started, request, cache, deadline, tokens), quota)
-            }
-        };
-        Ok(Stream { chunks, quota })
+        let question = Question::new(request, true, deadline, principal);
+        match self.inner.answers.clone().oneshot(Reserved { question, tokens }).await? {
+            Settled::Stream { chunks, quota } => Ok(Stream { chunks, quota }),
+            Settled::Unary { .. } => Err(unexpected_reply()),
+        }
     }
 
     /// The models generation serves, for `caller`.
@@ -119,8 +116,7 @@ impl GatewayService {
         match reply? {
             // Only the models the key may use, whichever API asks.
             Reply::Models(models) => Ok(models.models.into_iter().filter(|model| caller.allows(&model.name)).collect()),
-            _ => Err(pipeline::UpstreamError::Transport(Status::internal("generation's reply did not match the call"))
-                .into()),
+            _ => Err(unexpected_reply()),
         }
     }
 

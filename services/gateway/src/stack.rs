@@ -32,25 +32,34 @@
 //!
 //! 10. token admission ([`crate::admission::TokenAdmission::admit`]): the request is valid, the
 //!     key may use the model, its tokens per minute and spend budgets cover the most the call can
-//!     use; holds both reservations as [`Tokens`](crate::admission::Tokens).
-//! 11. the answer ([`crate::answer::Answers`]): the near cache and the cache service
-//!     ([`crate::cache`]), then an identical call in flight (single flight), then the generation
-//!     pipeline below; a fresh answer is stored.
-//! 12. settlement ([`crate::admission::Tokens::settle_bill`]): the reservations settled with what
-//!     the [`Bill`](crate::admission::Bill) of the answer says; a stream settles when it ends
-//!     ([`crate::answer::relay`]).
+//!     use; holds both reservations as [`Tokens`](crate::admission::Tokens). Then the call is one
+//!     [`Reserved`](crate::answer::Reserved) question for the answer step.
+//!
+//! **The answer step** ([`answers`], typed [`Question`](crate::answer::Question)s):
+//!
+//! 11. settlement ([`crate::answer::settle`]): the reservations settled exactly once with what the
+//!     answer's [`Bill`](crate::admission::Bill) says; a live stream settles when it ends
+//!     ([`crate::answer::relay`]). Outermost, so a cached or shared answer is billed too, and a
+//!     failure below costs nothing.
+//! 12. cache ([`crate::answer::lookup`]): the request's cache policy, the near cache and the cache
+//!     service ([`crate::cache`]); a hit is the answer, ONLY_IF_CACHED misses are NOT_FOUND, and a
+//!     fresh answer is stored on the way back. Outside single flight, which needs its cache key.
+//! 13. single flight ([`crate::answer::single_flight`]): identical cacheable unary misses share
+//!     the first one's call; a degraded answer is never shared.
+//! 14. generate ([`crate::answer::generate`]): the question asked of the pipeline below, its reply
+//!     made an answer.
 //!
 //! **The generation pipeline** ([`generation_over`], typed [`Call`]s):
 //!
-//! 13. fallback ([`crate::pipeline::fallback`]): when all else failed, a degraded answer
+//! 15. fallback ([`crate::pipeline::fallback`]): when all else failed, a degraded answer
 //!     (secondary model, stale cache, message). Outside the breaker, so an open breaker still
 //!     degrades gracefully.
-//! 14. retry ([`crate::pipeline::retry`]): another attempt for what another attempt may fix, within
+//! 16. retry ([`crate::pipeline::retry`]): another attempt for what another attempt may fix, within
 //!     a budget, after a backoff or the upstream's pushback; never after a stream's first chunk.
-//! 15. breaker ([`crate::pipeline::breaker`]): each attempt's outcome charged to the replica, or the
+//! 17. breaker ([`crate::pipeline::breaker`]): each attempt's outcome charged to the replica, or the
 //!     model on it, that failed. Outside the timeout, so a timed-out attempt is charged too.
-//! 16. per-try timeout ([`crate::pipeline::timeout`]).
-//! 17. balance ([`crate::pipeline::balance`]): power of two choices over peak EWMA among the
+//! 18. per-try timeout ([`crate::pipeline::timeout`]).
+//! 19. balance ([`crate::pipeline::balance`]): power of two choices over peak EWMA among the
 //!     replicas whose breakers let the call through, and the gRPC call to generation itself.
 
 use std::{sync::Arc, time::Duration};
@@ -63,7 +72,11 @@ use tower::{ServiceBuilder, retry::RetryLayer, util::BoxCloneSyncService};
 
 use crate::{
     admission::{AuthLayer, CallDeadlineLayer, KeyStore, RateLimitLayer, RateLimiter, ShedLayer},
-    cache::Cache,
+    answer::{
+        Answering, generate::Generate, lookup::LookupLayer, settle::SettleLayer, single_flight::SingleFlightLayer,
+    },
+    cache::{Cache, CacheConfig},
+    catalog::Catalog,
     http::{Ingress, RejectionLayer},
     pipeline::{
         Attempt, Generation, GenerationConfig, Reply, UpstreamError,
@@ -107,12 +120,23 @@ pub fn admission(layers: &AdmissionLayers, routes: Option<Ingress>) -> HttpLayer
     })
 }
 
-/// Steps 13 to 17 over the replicas in `pool`.
+/// Steps 11 to 14 over `generation` (steps 15 to 19): the answer step as one service.
+pub fn answers(generation: Generation, cache: Cache, catalog: Catalog, config: &CacheConfig) -> Answering {
+    let single_flight_wait = Duration::from_millis(config.single_flight_wait_ms);
+    let service = ServiceBuilder::new()
+        .layer(SettleLayer)
+        .layer(LookupLayer::new(cache, catalog, config))
+        .layer(SingleFlightLayer::new(single_flight_wait))
+        .service(Generate::new(generation));
+    BoxCloneSyncService::new(service)
+}
+
+/// Steps 15 to 19 over the replicas in `pool`.
 pub fn generation(config: &GenerationConfig, fallback: FallbackConfig, cache: Cache, pool: Arc<Pool>) -> Generation {
     generation_over(config, fallback, cache, Balance::new(pool))
 }
 
-/// Steps 13 to 17 over `balance` (the balancer, or a mock of it in tests).
+/// Steps 15 to 19 over `balance` (the balancer, or a mock of it in tests).
 pub fn generation_over<B>(config: &GenerationConfig, fallback: FallbackConfig, cache: Cache, balance: B) -> Generation
 where
     B: tower::Service<Attempt, Response = Reply, Error = UpstreamError> + Clone + Send + Sync + 'static,

@@ -15,7 +15,7 @@ mod admission {
     };
 
     use futures::{Stream, StreamExt as _};
-    use llmesh_gateway::admission::{
+    use llmesh_gateway::for_tests::admission::{
         AuthLayer, KeyStore, RateLimitConfig, RateLimitLayer, RateLimiter, ShedLayer, generate_key,
         rate_limit::{Cost, Limit, decision_from_reply, gcra},
     };
@@ -341,8 +341,10 @@ mod admission {
             let (free_key, free) = generate_key("free");
             let keys = Arc::new(KeyStore::from_keys([limited, free]).unwrap());
             let limiter = Arc::new(RateLimiter::new(&RateLimitConfig::default()).unwrap());
-            let shed =
-                ShedLayer::new(&llmesh_gateway::admission::ShedConfig { max_concurrency: 1, max_in_flight_per_key: 0 });
+            let shed = ShedLayer::new(&llmesh_gateway::for_tests::admission::ShedConfig {
+                max_concurrency: 1,
+                max_in_flight_per_key: 0,
+            });
 
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let address = listener.local_addr().unwrap();

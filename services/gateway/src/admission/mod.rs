@@ -27,7 +27,7 @@ mod redis_health;
 pub mod shed;
 pub mod tokens;
 
-pub use auth::{ApiKey, AuthConfig, AuthLayer, Budget, BudgetLimit, CacheScope, KeyStore, Team, generate_key};
+pub use auth::{AuthConfig, AuthLayer, CacheScope, KeyStore, generate_key};
 pub use budget::{BudgetConfig, Budgets};
 pub use call_deadline::CallDeadlineLayer;
 pub use rate_limit::{Held, Quota, RateLimitConfig, RateLimitLayer, RateLimiter};

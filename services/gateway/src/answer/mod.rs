@@ -1,46 +1,77 @@
-//! Where an answer comes from: the cache, an identical call already in flight ([`single_flight`]),
-//! or the pipeline to generation — and, when generation answered and the policy allows, into the
-//! cache. One place for both RPCs, so unary calls and streams read, share and store alike; a
-//! whole answer is sent as a stream, and generation's stream passed on, by [`relay`].
+//! The answer step: where an admitted call's answer comes from, as four tower layers declared in
+//! [`crate::stack::answers`], outermost first, each in its own module:
+//!
+//! 1. [`settle`]: the call's [`Tokens`] settled with what the answer's [`Bill`] says — at once for
+//!    a whole answer, when the stream ends for a live one ([`relay`]).
+//! 2. [`lookup`]: the cache policy, the near cache and the cache service; a hit is the answer, a
+//!    miss goes on (with its cache key) and a fresh answer is stored on the way back.
+//! 3. [`single_flight`]: the first of identical cacheable unary misses leads, the others wait for
+//!    its answer; a degraded answer is never shared.
+//! 4. [`generate`]: the generation pipeline ([`Generation`](crate::pipeline::Generation)), its
+//!    [`Reply`](crate::pipeline::Reply) made an [`Answered`].
+//!
+//! One stack for both RPCs, so unary calls and streams read, share and store alike. This module
+//! holds what travels between the layers: a [`Question`] down, an [`Answered`] back up.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
-use llmesh_proto::cache_key;
 use llmesh_proto::generation::v1::{GenerateRequest, GenerateResponse};
+use tower::util::BoxCloneSyncService;
 
 use crate::{
-    admission::Bill,
-    cache::{Cache, CacheConfig, Use},
-    catalog::Catalog,
+    admission::{Bill, Tokens},
+    cache::Cache,
     deadline::Deadline,
     error::CallError,
-    metrics::{label, metrics},
-    pipeline::{self, Ask, Call, FallbackSource, Generation, Reply, Started, UpstreamError},
+    pipeline::{FallbackSource, Started},
     principal::Principal,
 };
 
+pub mod generate;
+pub mod lookup;
 pub mod relay;
-mod single_flight;
+pub mod settle;
+pub mod single_flight;
 
-use self::single_flight::{Flight, SingleFlight};
+/// The answer step as one service: an admitted call in, the settled answer out.
+pub type Answering = BoxCloneSyncService<Reserved, settle::Settled, CallError>;
 
-/// Answers generation requests; see the module docs.
+/// One admitted generation call, as the answer step's layers see it.
 #[derive(Debug, Clone)]
-pub struct Answers {
-    inner: Arc<Inner>,
+pub struct Question {
+    /// Shared: the pipeline keeps it for retries and fallbacks.
+    pub request: Arc<GenerateRequest>,
+    /// A stream (answered once its first chunk has arrived), or a unary call.
+    pub stream: bool,
+    pub deadline: Deadline,
+    /// Who asked: the fallback's secondary model must be one the key may use.
+    pub caller: Principal,
+    /// The request's cache key when the policy lets it read the cache: set by [`lookup`] (which
+    /// computes it once) for [`single_flight`].
+    pub key: Option<String>,
 }
 
+impl Question {
+    pub fn new(request: Arc<GenerateRequest>, stream: bool, deadline: Deadline, caller: Principal) -> Self {
+        Self { request, stream, deadline, caller, key: None }
+    }
+}
+
+/// A [`Question`] with the tokens admission reserved for it, which [`settle`] settles.
 #[derive(Debug)]
-struct Inner {
-    generation: Generation,
-    cache: Cache,
-    catalog: Catalog,
-    flights: SingleFlight,
-    cache_nondeterministic: bool,
-    single_flight_wait: Duration,
+pub struct Reserved {
+    pub question: Question,
+    pub tokens: Tokens,
+}
+
+/// What the layers below [`settle`] answer: a whole answer (from the cache, an identical call,
+/// generation, or a fallback — for a stream, one before its first chunk), or generation's live
+/// stream.
+pub enum Answered {
+    Whole(Answer),
+    /// Generation's stream, and the cache to store it in once it has finished (when allowed; set
+    /// by [`lookup`]).
+    Live(Started, Option<Cache>),
 }
 
 /// A whole answer.
@@ -69,6 +100,11 @@ pub enum Source {
 }
 
 impl Answer {
+    /// An answer this call got without generation: no upstream time, no chunks.
+    fn whole(response: GenerateResponse, source: Source) -> Self {
+        Self { response, chunks: Vec::new(), upstream_time: Duration::ZERO, source }
+    }
+
     /// What the caller is charged for: generation's usage for an answer this call made — the
     /// secondary model's included —, a share of it for one reused from the cache or an identical
     /// call, and nothing for a stale or fallback-message one.
@@ -82,137 +118,111 @@ impl Answer {
     }
 }
 
-/// A stream's answer: whole (from the cache, or a fallback before the first chunk), or live.
-pub enum Streamed {
-    Whole(Answer),
-    /// Generation's stream, and the cache to store it in once it has finished (when allowed).
-    Live(Started, Option<Cache>),
-}
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
 
-/// What the cache said.
-enum Cached {
-    Hit(Box<Answer>),
-    /// What the policy allows, and the request's cache key when it may read (computed once here,
-    /// for the near cache, the cache service's lookup and single flight alike).
-    Miss(Use, Option<String>),
-}
+    use llmesh_proto::common::v1::{CachePolicy, Degraded};
+    use tonic::Code;
+    use tower::{ServiceBuilder, ServiceExt as _};
+    use tower_test::mock;
 
-impl Answers {
-    pub fn new(generation: Generation, cache: Cache, catalog: Catalog, config: &CacheConfig) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                generation,
-                cache,
-                catalog,
-                flights: SingleFlight::default(),
-                cache_nondeterministic: config.cache_nondeterministic,
-                single_flight_wait: Duration::from_millis(config.single_flight_wait_ms),
-            }),
+    use super::{generate::Generate, lookup::LookupLayer, single_flight::SingleFlightLayer, *};
+    use crate::{
+        cache::CacheConfig,
+        catalog::Catalog,
+        pipeline::{Call, Reply, testing::fail_with},
+    };
+
+    /// The layers below settlement, as `stack::answers` orders them, over a mock of the pipeline;
+    /// the cache is off, so every lookup misses.
+    fn answers_over_mock() -> (BoxCloneSyncService<Question, Answered, CallError>, mock::Handle<Call, Reply>) {
+        let (generation, handle) = mock::pair::<Call, Reply>();
+        let config = CacheConfig::default();
+        let service = ServiceBuilder::new()
+            .layer(LookupLayer::new(Cache::off(&config), Catalog::default(), &config))
+            .layer(SingleFlightLayer::new(Duration::from_secs(30)))
+            .service(Generate::new(BoxCloneSyncService::new(fail_with(generation))));
+        (BoxCloneSyncService::new(service), handle)
+    }
+
+    /// A deterministic (so cacheable) unary question.
+    fn question(policy: CachePolicy) -> Question {
+        let request = GenerateRequest {
+            model: "sim".into(),
+            prompt: "same".into(),
+            temperature: Some(0.0),
+            cache: policy.into(),
+            ..Default::default()
+        };
+        Question::new(Arc::new(request), false, Deadline::after(Duration::from_secs(10)), Principal::anonymous())
+    }
+
+    fn whole(answered: Result<Answered, CallError>) -> Answer {
+        match answered {
+            Ok(Answered::Whole(answer)) => answer,
+            Ok(Answered::Live(..)) => panic!("a whole answer"),
+            Err(error) => panic!("an answer, not {error:?}"),
         }
     }
 
-    /// The answer to a unary call: cached, shared with an identical call in flight, or generated
-    /// (and stored).
-    pub async fn unary(
-        &self,
-        request: &Arc<GenerateRequest>,
-        deadline: Deadline,
-        caller: &Principal,
-    ) -> Result<Answer, CallError> {
-        let (policy, key) = match self.cached(request, deadline).await? {
-            Cached::Hit(answer) => return Ok(*answer),
-            Cached::Miss(policy, key) => (policy, key),
-        };
-        // Identical cacheable misses in flight at once share one generation call.
-        let leader = if let Some(key) = key {
-            match self.inner.flights.join(key) {
-                Flight::Leader(leader) => Some(leader),
-                Flight::Follower(follower) => {
-                    let waited = Instant::now();
-                    if let Some(response) = follower.wait(self.inner.single_flight_wait.min(deadline.remaining())).await
-                    {
-                        let upstream_time = waited.elapsed();
-                        return Ok(Answer { response, chunks: Vec::new(), upstream_time, source: Source::Shared });
-                    }
-                    None
-                }
+    /// True when no further call reaches the pipeline.
+    async fn no_more_calls(handle: &mut mock::Handle<Call, Reply>) -> bool {
+        !matches!(tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await, Ok(Some(_)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identical_misses_share_one_call_but_never_a_degraded_answer() {
+        for degraded in [false, true] {
+            let (answers, mut handle) = answers_over_mock();
+            let leader = tokio::spawn(answers.clone().oneshot(question(CachePolicy::Default)));
+            let (_, respond) = handle.next_request().await.unwrap();
+            let follower = tokio::spawn(answers.clone().oneshot(question(CachePolicy::Default)));
+            // The follower joins the leader's flight before the leader answers.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let response = GenerateResponse { text: "once".into(), ..Default::default() };
+            if degraded {
+                let response = GenerateResponse { degraded: Some(Degraded::default()), ..response };
+                respond.send_response(Reply::Fallback(response, FallbackSource::Message));
+            } else {
+                respond.send_response(Reply::Generated(response));
             }
-        } else {
-            None
-        };
-        let called = Instant::now();
-        let call = Call::new(Ask::Generate(request.clone()), deadline, caller.clone());
-        let (response, source) = match pipeline::ask(&self.inner.generation, call).await? {
-            Reply::Generated(response) => (response, Source::Generated),
-            Reply::Fallback(response, source) => (response, Source::Fallback(source)),
-            Reply::Streaming(_) | Reply::Models(_) => return Err(unexpected_reply()),
-        };
-        let upstream_time = called.elapsed();
-        if let Some(leader) = leader {
-            leader.finish(&response);
-        }
-        if policy.write {
-            self.inner.cache.store((**request).clone(), response.clone(), Vec::new());
-        }
-        Ok(Answer { response, chunks: Vec::new(), upstream_time, source })
-    }
-
-    /// The answer to a stream: cached (replayed in its chunks), or generation's stream once its
-    /// first chunk has arrived, or a fallback answer when generation failed before that.
-    pub async fn stream(
-        &self,
-        request: &Arc<GenerateRequest>,
-        deadline: Deadline,
-        caller: &Principal,
-    ) -> Result<Streamed, CallError> {
-        let policy = match self.cached(request, deadline).await? {
-            Cached::Hit(answer) => return Ok(Streamed::Whole(*answer)),
-            Cached::Miss(policy, _) => policy,
-        };
-        let call = Call::new(Ask::Stream(request.clone()), deadline, caller.clone());
-        match pipeline::ask(&self.inner.generation, call).await? {
-            Reply::Streaming(started) => Ok(Streamed::Live(started, policy.write.then(|| self.inner.cache.clone()))),
-            // Nothing was streamed yet: a fallback answer is the whole stream.
-            Reply::Fallback(response, source) => Ok(Streamed::Whole(Answer {
-                response,
-                chunks: Vec::new(),
-                upstream_time: Duration::ZERO,
-                source: Source::Fallback(source),
-            })),
-            Reply::Generated(_) => Err(unexpected_reply()),
-            Reply::Models(_) => Err(unexpected_reply()),
+            assert_eq!(whole(leader.await.unwrap()).response.text, "once");
+            if degraded {
+                let next = tokio::time::timeout(Duration::from_secs(5), handle.next_request());
+                let (_, respond) = next.await.expect("the follower goes on its own").unwrap();
+                let response = GenerateResponse { text: "its own".into(), ..Default::default() };
+                respond.send_response(Reply::Generated(response));
+                let answer = whole(follower.await.unwrap());
+                assert_eq!((answer.response.text.as_str(), answer.source), ("its own", Source::Generated));
+            } else {
+                let answer = whole(follower.await.unwrap());
+                assert_eq!((answer.response.text.as_str(), answer.source), ("once", Source::Shared));
+                assert!(no_more_calls(&mut handle).await, "one call for both");
+            }
         }
     }
 
-    /// True when the same request is expected to give the same answer, so caching it is safe.
-    fn cacheable(&self, request: &GenerateRequest) -> bool {
-        self.inner.cache_nondeterministic
-            || request.temperature == Some(0.0)
-            || request.seed.is_some()
-            || self.inner.catalog.deterministic(&request.model)
+    #[tokio::test(start_paused = true)]
+    async fn a_miss_under_only_if_cached_never_calls_generation() {
+        let (answers, mut handle) = answers_over_mock();
+        let error = answers.oneshot(question(CachePolicy::OnlyIfCached)).await.err().unwrap();
+        assert_eq!(error.into_status().code(), Code::NotFound);
+        assert!(no_more_calls(&mut handle).await);
     }
 
-    async fn cached(&self, request: &GenerateRequest, deadline: Deadline) -> Result<Cached, CallError> {
-        let policy = Use::of(request.cache, self.cacheable(request));
-        if !policy.read && !policy.only_cached {
-            metrics().cache_requests.add(1, &[label("result", "bypass")]);
+    #[tokio::test(start_paused = true)]
+    async fn bypassed_questions_go_on_their_own() {
+        let (answers, mut handle) = answers_over_mock();
+        let first = tokio::spawn(answers.clone().oneshot(question(CachePolicy::Bypass)));
+        let second = tokio::spawn(answers.clone().oneshot(question(CachePolicy::Bypass)));
+        for _ in 0..2 {
+            let next = tokio::time::timeout(Duration::from_secs(5), handle.next_request());
+            let (_, respond) = next.await.expect("each calls on its own").unwrap();
+            respond.send_response(Reply::Generated(GenerateResponse::default()));
         }
-        let key = policy.read.then(|| cache_key::of(request));
-        if let Some(key) = &key
-            && let Some(hit) = self.inner.cache.lookup(request, key, deadline.remaining()).await
-            && let Some(response) = hit.response
-        {
-            let answer = Answer { response, chunks: hit.chunks, upstream_time: Duration::ZERO, source: Source::Cached };
-            return Ok(Cached::Hit(Box::new(answer)));
+        for call in [first, second] {
+            assert_eq!(whole(call.await.unwrap()).source, Source::Generated);
         }
-        if policy.only_cached {
-            return Err(CallError::not_cached());
-        }
-        Ok(Cached::Miss(policy, key))
     }
-}
-
-/// The pipeline answers each ask with its own kind of reply; anything else is a bug of ours.
-fn unexpected_reply() -> CallError {
-    UpstreamError::Transport(tonic::Status::internal("generation's reply did not match the call")).into()
 }

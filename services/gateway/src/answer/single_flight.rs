@@ -1,15 +1,98 @@
-//! Single flight: concurrent identical cache misses make one upstream call. The first caller of a
-//! key leads and calls generation; the others follow and take its answer. Followers wait a bounded
-//! time; if the leader fails, gives up or takes too long, each follower goes on its own.
+//! Single flight, the answer step's layer between the cache and generation: concurrent identical
+//! cacheable unary misses make one upstream call. The first caller of a key (the cache key the
+//! cache layer found) leads and calls generation; the others follow and take its answer, as
+//! [`Source::Shared`]. Followers wait a bounded time (`single_flight_wait_ms`, and never past the
+//! call's deadline); if the leader fails, gives up or takes too long, each follower goes on its
+//! own. Streams, and requests that may not read the cache, always go on their own.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Duration,
+    task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
+use futures::future::BoxFuture;
 use llmesh_proto::generation::v1::GenerateResponse;
 use tokio::sync::watch;
+use tower::{Layer, Service, ServiceExt as _};
+
+use super::{Answer, Answered, Question, Source};
+use crate::error::CallError;
+
+/// Shares one generation call among identical misses; see the module docs.
+#[derive(Debug, Clone)]
+pub struct SingleFlightLayer {
+    flights: SingleFlight,
+    wait: Duration,
+}
+
+impl SingleFlightLayer {
+    /// Followers wait at most `wait` for their leader.
+    pub fn new(wait: Duration) -> Self {
+        Self { flights: SingleFlight::default(), wait }
+    }
+}
+
+impl<S> Layer<S> for SingleFlightLayer {
+    type Service = Shared<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Shared { inner, flights: self.flights.clone(), wait: self.wait }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Shared<S> {
+    inner: S,
+    flights: SingleFlight,
+    wait: Duration,
+}
+
+impl<S> Service<Question> for Shared<S>
+where
+    S: Service<Question, Response = Answered, Error = CallError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Answered;
+    type Error = CallError;
+    type Future = BoxFuture<'static, Result<Answered, CallError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // A follower's answer never reaches the inner service: it takes its turn in the call.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, question: Question) -> Self::Future {
+        let inner = self.inner.clone();
+        let flight = match &question.key {
+            Some(key) if !question.stream => Some(self.flights.join(key.clone())),
+            _ => None,
+        };
+        let wait = self.wait;
+        Box::pin(async move {
+            let leader = match flight {
+                Some(Flight::Leader(leader)) => Some(leader),
+                Some(Flight::Follower(follower)) => {
+                    let waited = Instant::now();
+                    if let Some(response) = follower.wait(wait.min(question.deadline.remaining())).await {
+                        let answer =
+                            Answer { upstream_time: waited.elapsed(), ..Answer::whole(response, Source::Shared) };
+                        return Ok(Answered::Whole(answer));
+                    }
+                    None
+                }
+                None => None,
+            };
+            // A failure drops the leader: its followers go on their own at once.
+            let answered = inner.oneshot(question).await?;
+            if let (Some(leader), Answered::Whole(answer)) = (leader, &answered) {
+                leader.finish(&answer.response);
+            }
+            Ok(answered)
+        })
+    }
+}
 
 type Slot = watch::Receiver<Option<GenerateResponse>>;
 

@@ -36,7 +36,7 @@ use llmesh_common::reload::{self, Live};
 use llmesh_keys::{constant_time_eq, key, read_keys_file, team_budgets};
 use serde::{Deserialize, Serialize};
 
-pub use layer::{API_KEY_HEADER, Auth, AuthLayer};
+pub use layer::AuthLayer;
 pub use llmesh_keys::{ApiKey, Budget, BudgetLimit, CacheScope, Team, generate_key};
 
 /// `[gateway.auth]`. With no keys at all, auth is off and every caller is `anonymous`.

@@ -123,9 +123,12 @@ mod tests {
     use tower::{ServiceExt as _, service_fn};
 
     use super::*;
-    use crate::admission::{
-        RateLimitConfig,
-        rate_limit::{REMAINING_REQUESTS, RETRY_AFTER_MS, RETRY_PUSHBACK_MS},
+    use crate::{
+        admission::{
+            RateLimitConfig,
+            rate_limit::{RETRY_AFTER_MS, RETRY_PUSHBACK_MS},
+        },
+        headers::REMAINING_REQUESTS,
     };
 
     async fn ok(_: Request<()>) -> Result<Response<String>, Infallible> {

@@ -31,7 +31,7 @@ use std::{
 };
 
 pub use held::Held;
-pub use layer::{RateLimit, RateLimitLayer};
+pub use layer::RateLimitLayer;
 pub use llmesh_ratelimit::{Cost, Decision, Limit, decision_from_reply, gcra};
 use llmesh_ratelimit::{Kind, key as redis_key};
 
@@ -62,7 +62,7 @@ impl Default for RateLimitConfig {
     }
 }
 
-pub use crate::headers::{Quota, REMAINING_REQUESTS, REMAINING_TOKENS, RETRY_AFTER_MS, RETRY_PUSHBACK_MS};
+pub use crate::headers::{Quota, RETRY_AFTER_MS, RETRY_PUSHBACK_MS};
 
 /// Where a reservation was taken, and so where it is settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -350,6 +350,7 @@ mod tests {
     use tonic::{Code, Status, metadata::MetadataMap};
 
     use super::*;
+    use crate::headers::{REMAINING_REQUESTS, REMAINING_TOKENS};
 
     fn principal(id: &str, requests: Option<u32>, tokens: Option<u32>) -> Principal {
         Principal { id: id.into(), requests_per_minute: requests, tokens_per_minute: tokens, ..Principal::anonymous() }

@@ -123,9 +123,9 @@ mod tests {
     use tower::{ServiceExt as _, service_fn};
 
     use super::*;
-    use crate::admission::{
-        RateLimitConfig,
-        rate_limit::{REMAINING_REQUESTS, RETRY_AFTER_MS, RETRY_PUSHBACK_MS},
+    use crate::{
+        admission::RateLimitConfig,
+        headers::{REMAINING_REQUESTS, RETRY_AFTER_MS, RETRY_PUSHBACK_MS},
     };
 
     async fn ok(_: Request<()>) -> Result<Response<String>, Infallible> {

@@ -19,6 +19,7 @@
 
 mod held;
 mod layer;
+mod lease;
 mod local;
 mod redis;
 
@@ -35,7 +36,7 @@ pub use layer::{RateLimit, RateLimitLayer};
 pub use llmesh_ratelimit::{Cost, Decision, Limit, decision_from_reply, gcra};
 use llmesh_ratelimit::{Kind, key as redis_key};
 
-use self::{local::LocalLimiter, redis::RedisLimiter};
+use self::{lease::Leases, local::LocalLimiter, redis::RedisLimiter};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -62,7 +63,7 @@ impl Default for RateLimitConfig {
     }
 }
 
-pub use crate::headers::{Quota, REMAINING_REQUESTS, REMAINING_TOKENS, RETRY_AFTER_MS, RETRY_PUSHBACK_MS};
+pub use crate::headers::Quota;
 
 /// Where a reservation was taken, and so where it is settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +115,8 @@ pub struct RateLimiter {
     tokens_per_minute: u32,
     local: LocalLimiter,
     redis: Option<Arc<RedisLimiter>>,
+    /// Slices of busy keys' requests taken from Redis ([`lease`]).
+    leases: Leases,
     fallbacks: AtomicU64,
     /// This replica's name for the reservations its local limiter took (unique per process).
     replica: Arc<str>,
@@ -151,6 +154,7 @@ impl RateLimiter {
             tokens_per_minute: config.tokens_per_minute,
             local: LocalLimiter::new(local::DEFAULT_CAPACITY),
             redis,
+            leases: Leases::default(),
             fallbacks: AtomicU64::new(0),
             replica: format!("gateway-{}", uuid::Uuid::now_v7().simple()).into(),
         })
@@ -189,13 +193,53 @@ impl RateLimiter {
         let Some(limit) = self.request_limit(principal) else {
             return (Ok(Quota::default()), None);
         };
-        let (decision, taken) = self.decide(&principal.id, Kind::Requests, limit, Cost::Take(1)).await;
+        if let Some(remaining) = self.leases.admit(&principal.id) {
+            return (Ok(Quota { remaining_requests: Some(remaining), ..Quota::default() }), Some(Taken::Shared));
+        }
+        let (decision, taken) = match self.lease_in_redis(&principal.id, limit).await {
+            Some(leased) => leased,
+            None => self.decide(&principal.id, Kind::Requests, limit, Cost::Take(1)).await,
+        };
         let decided = if decision.allowed {
             Ok(Quota { remaining_requests: Some(decision.remaining), ..Quota::default() })
         } else {
             Err(exhausted(Kind::Requests, limit, &principal.id, decision))
         };
         (decided, Some(taken))
+    }
+
+    /// The call's request taken with a slice of `id`'s requests from Redis ([`lease`]): the
+    /// decision and where it was taken. `None` when `id` is not leased (no Redis, a small limit):
+    /// the call asks for itself alone, the usual way. A whole slice Redis refuses (the key is near
+    /// its limit) becomes a request for the call alone.
+    async fn lease_in_redis(&self, id: &Arc<str>, limit: Limit) -> Option<(Decision, Taken)> {
+        self.redis.as_ref()?;
+        let plan = self.leases.plan(id, limit)?;
+        if plan.refund > 0
+            && let Some(redis) = self.redis.clone().filter(|redis| redis.should_try())
+        {
+            // What an expired slice did not use goes back, beside the take.
+            let (key, refund) = (redis_key(Kind::Requests, id), Cost::Refund(plan.refund));
+            tokio::spawn(async move { redis.decide(&key, limit, refund).await });
+        }
+        let mut want = plan.want;
+        let mut answer = self.decide_in_redis(id, Kind::Requests, limit, Cost::Take(want)).await;
+        if want > 1 && answer.is_some_and(|decision| !decision.allowed) {
+            self.leases.refused(id);
+            want = 1;
+            answer = self.decide_in_redis(id, Kind::Requests, limit, Cost::Take(1)).await;
+        }
+        let Some(decision) = answer else {
+            // Redis did not answer: this replica decides alone, as for any call.
+            self.fallbacks.fetch_add(1, Ordering::Relaxed);
+            return Some((self.local.decide(id, Kind::Requests, limit, Cost::Take(1)), Taken::Local));
+        };
+        if !decision.allowed {
+            self.leases.refused(id);
+            return Some((decision, Taken::Shared));
+        }
+        let remaining = self.leases.granted(id, want, decision.remaining);
+        Some((Decision { remaining, ..decision }, Taken::Shared))
     }
 
     /// Takes `tokens` (the most the call can use: prompt plus `max_tokens`) from the principal's
@@ -350,6 +394,7 @@ mod tests {
     use tonic::{Code, Status, metadata::MetadataMap};
 
     use super::*;
+    use crate::headers::{REMAINING_REQUESTS, REMAINING_TOKENS, RETRY_AFTER_MS, RETRY_PUSHBACK_MS};
 
     fn principal(id: &str, requests: Option<u32>, tokens: Option<u32>) -> Principal {
         Principal { id: id.into(), requests_per_minute: requests, tokens_per_minute: tokens, ..Principal::anonymous() }

@@ -115,8 +115,9 @@ pub struct RateLimiter {
     tokens_per_minute: u32,
     local: LocalLimiter,
     redis: Option<Arc<RedisLimiter>>,
-    /// Slices of busy keys' requests taken from Redis ([`lease`]).
+    /// Slices of busy keys' requests, and of their tokens, taken from Redis ([`lease`]).
     leases: Leases,
+    token_leases: Leases,
     fallbacks: AtomicU64,
     /// This replica's name for the reservations its local limiter took (unique per process).
     replica: Arc<str>,
@@ -155,6 +156,7 @@ impl RateLimiter {
             local: LocalLimiter::new(local::DEFAULT_CAPACITY),
             redis,
             leases: Leases::default(),
+            token_leases: Leases::default(),
             fallbacks: AtomicU64::new(0),
             replica: format!("gateway-{}", uuid::Uuid::now_v7().simple()).into(),
         })
@@ -193,10 +195,10 @@ impl RateLimiter {
         let Some(limit) = self.request_limit(principal) else {
             return (Ok(Quota::default()), None);
         };
-        if let Some(remaining) = self.leases.admit(&principal.id) {
+        if let Some(remaining) = self.leases.admit(&principal.id, 1) {
             return (Ok(Quota { remaining_requests: Some(remaining), ..Quota::default() }), Some(Taken::Shared));
         }
-        let (decision, taken) = match self.lease_in_redis(&principal.id, limit).await {
+        let (decision, taken) = match self.lease_in_redis(Kind::Requests, &principal.id, limit, 1).await {
             Some(leased) => leased,
             None => self.decide(&principal.id, Kind::Requests, limit, Cost::Take(1)).await,
         };
@@ -208,37 +210,46 @@ impl RateLimiter {
         (decided, Some(taken))
     }
 
-    /// The call's request taken with a slice of `id`'s requests from Redis ([`lease`]): the
-    /// decision and where it was taken. `None` when `id` is not leased (no Redis, a small limit):
-    /// the call asks for itself alone, the usual way. A whole slice Redis refuses (the key is near
-    /// its limit) becomes a request for the call alone.
-    async fn lease_in_redis(&self, id: &Arc<str>, limit: Limit) -> Option<(Decision, Taken)> {
+    /// The leases of `kind`, and the largest slice of `limit` for it.
+    fn leases_of(&self, kind: Kind, limit: Limit) -> (&Leases, u32) {
+        match kind {
+            Kind::Requests => (&self.leases, lease::max_slice(limit)),
+            Kind::Tokens => (&self.token_leases, lease::max_token_slice(limit)),
+        }
+    }
+
+    /// The call's `units` taken with a slice of `id`'s `kind` from Redis ([`lease`]): the decision
+    /// and where it was taken. `None` when `id` is not leased (no Redis, a limit too small for
+    /// slices): the call asks for itself alone, the usual way. A whole slice Redis refuses (the
+    /// key is near its limit) becomes a request for the call's units alone.
+    async fn lease_in_redis(&self, kind: Kind, id: &Arc<str>, limit: Limit, units: u32) -> Option<(Decision, Taken)> {
         self.redis.as_ref()?;
-        let plan = self.leases.plan(id, limit)?;
+        let (leases, max) = self.leases_of(kind, limit);
+        let plan = leases.plan(id, units, max)?;
         if plan.refund > 0
             && let Some(redis) = self.redis.clone().filter(|redis| redis.should_try())
         {
             // What an expired slice did not use goes back, beside the take.
-            let (key, refund) = (redis_key(Kind::Requests, id), Cost::Refund(plan.refund));
+            let (key, refund) = (redis_key(kind, id), Cost::Refund(plan.refund));
             tokio::spawn(async move { redis.decide(&key, limit, refund).await });
         }
         let mut want = plan.want;
-        let mut answer = self.decide_in_redis(id, Kind::Requests, limit, Cost::Take(want)).await;
-        if want > 1 && answer.is_some_and(|decision| !decision.allowed) {
-            self.leases.refused(id);
-            want = 1;
-            answer = self.decide_in_redis(id, Kind::Requests, limit, Cost::Take(1)).await;
+        let mut answer = self.decide_in_redis(id, kind, limit, Cost::Take(want)).await;
+        if want > units && answer.is_some_and(|decision| !decision.allowed) {
+            leases.refused(id);
+            want = units;
+            answer = self.decide_in_redis(id, kind, limit, Cost::Take(units)).await;
         }
         let Some(decision) = answer else {
             // Redis did not answer: this replica decides alone, as for any call.
             self.fallbacks.fetch_add(1, Ordering::Relaxed);
-            return Some((self.local.decide(id, Kind::Requests, limit, Cost::Take(1)), Taken::Local));
+            return Some((self.local.decide(id, kind, limit, Cost::Take(units)), Taken::Local));
         };
         if !decision.allowed {
-            self.leases.refused(id);
+            leases.refused(id);
             return Some((decision, Taken::Shared));
         }
-        let remaining = self.leases.granted(id, want, decision.remaining);
+        let remaining = leases.granted(id, want, units, decision.remaining);
         Some((Decision { remaining, ..decision }, Taken::Shared))
     }
 
@@ -257,7 +268,16 @@ impl RateLimiter {
         if tokens > limit.burst {
             return Err(never_fits(tokens, limit, &principal.id));
         }
-        let (decision, taken) = self.decide(&principal.id, Kind::Tokens, limit, Cost::Take(tokens)).await;
+        if self.redis.is_some()
+            && let Some(remaining) = self.token_leases.admit(&principal.id, tokens)
+        {
+            let id = principal.id.clone();
+            return Ok(Reservation { id, limit: Some(limit), tokens, remaining: Some(remaining), taken: Taken::Shared });
+        }
+        let (decision, taken) = match self.lease_in_redis(Kind::Tokens, &principal.id, limit, tokens).await {
+            Some(leased) => leased,
+            None => self.decide(&principal.id, Kind::Tokens, limit, Cost::Take(tokens)).await,
+        };
         if decision.allowed {
             Ok(Reservation {
                 id: principal.id.clone(),
@@ -288,6 +308,9 @@ impl RateLimiter {
         let Some(cost) = llmesh_ratelimit::settlement(reservation.tokens, used_tokens) else {
             return reservation.quota();
         };
+        if let Some(remaining) = self.settle_in_lease(&reservation, cost) {
+            return Quota { remaining_tokens: Some(remaining), ..Quota::default() };
+        }
         let decision = match reservation.taken {
             Taken::Local => Some(self.local.decide(&reservation.id, Kind::Tokens, limit, cost)),
             Taken::Shared => match self.decide_in_redis(&reservation.id, Kind::Tokens, limit, cost).await {
@@ -311,6 +334,20 @@ impl RateLimiter {
         }
     }
 
+    /// Settles a reservation Redis took through the key's token slice, when it is valid: the
+    /// unused tokens go back into it, an excess comes out of it when it holds enough. Returns what
+    /// the key has left by this replica's reckoning; `None`: Redis must settle it.
+    fn settle_in_lease(&self, reservation: &Reservation, cost: Cost) -> Option<u64> {
+        if reservation.taken != Taken::Shared {
+            return None;
+        }
+        match cost {
+            Cost::Refund(tokens) => self.token_leases.give_back(&reservation.id, tokens),
+            Cost::Force(tokens) => self.token_leases.admit(&reservation.id, tokens),
+            Cost::Take(_) => None,
+        }
+    }
+
     /// [`settle`](Self::settle) in the background, so that the answer does not wait for another
     /// Redis round trip. Returns what the key has left by this reservation's reckoning: what was
     /// left once it was taken, plus the refund (at most a full bucket) or minus the excess. Calls
@@ -323,7 +360,10 @@ impl RateLimiter {
                 remaining.saturating_sub(u64::from(used_tokens - reservation.tokens))
             }
         });
-        if reservation.limit.is_some() && used_tokens != reservation.tokens {
+        let cost = llmesh_ratelimit::settlement(reservation.tokens, used_tokens);
+        if let (Some(_), Some(cost)) = (reservation.limit, cost)
+            && self.settle_in_lease(&reservation, cost).is_none()
+        {
             let limiter = self.clone();
             tokio::spawn(async move { limiter.settle(reservation, used_tokens).await });
         }

@@ -7,7 +7,10 @@
 //! Redis and the limit holds across every gateway replica; without it, or while Redis fails or is
 //! slower than `redis_timeout_ms`, each replica decides with its own in-process state (so N
 //! replicas allow up to N times the limit) and [`RateLimiter::local_fallbacks`] counts it.
-//! A limit of 0 is unlimited and costs nothing, not even a Redis call.
+//! A limit of 0 is unlimited and costs nothing, not even a Redis call. A busy key's requests and
+//! tokens are taken from Redis in slices ([`lease`]): one Redis call admits a slice of calls on
+//! this replica, and token settlements go back into the slice, so a busy key costs Redis about
+//! one call per slice instead of up to three per call.
 //!
 //! The arithmetic, its Redis script and the key names are `llmesh-ratelimit`'s, shared with
 //! generation's workers, which settle the token reservations of jobs on the same Redis keys.
@@ -272,7 +275,13 @@ impl RateLimiter {
             && let Some(remaining) = self.token_leases.admit(&principal.id, tokens)
         {
             let id = principal.id.clone();
-            return Ok(Reservation { id, limit: Some(limit), tokens, remaining: Some(remaining), taken: Taken::Shared });
+            return Ok(Reservation {
+                id,
+                limit: Some(limit),
+                tokens,
+                remaining: Some(remaining),
+                taken: Taken::Shared,
+            });
         }
         let (decision, taken) = match self.lease_in_redis(Kind::Tokens, &principal.id, limit, tokens).await {
             Some(leased) => leased,

@@ -65,6 +65,8 @@ struct Lease {
     remaining: u64,
     /// Until when slices stay at one request (Redis refused the key).
     calm_until: Instant,
+    /// The largest slice: what the slice may hold at most, settlements given back included.
+    max: u32,
 }
 
 /// What to ask Redis for: `want` requests (the call's one included), and the unused part of an
@@ -99,12 +101,13 @@ impl Leases {
     }
 
     /// Gives `units` back into `id`'s slice (a token reservation's unused part), if its slice has
-    /// not expired; returns what the key has left by this replica's reckoning. `None`: Redis must
+    /// not expired and stays within the largest slice (so that a replica never holds back more
+    /// than that); returns what the key has left by this replica's reckoning. `None`: Redis must
     /// take them.
     pub(super) fn give_back(&self, id: &str, units: u32) -> Option<u64> {
         let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
         let lease = keys.get_mut(id)?;
-        if Instant::now() >= lease.expires {
+        if Instant::now() >= lease.expires || lease.left.saturating_add(units) > lease.max {
             return None;
         }
         lease.left = lease.left.saturating_add(units);
@@ -121,8 +124,15 @@ impl Leases {
             return None;
         }
         let now = Instant::now();
-        let lease =
-            keys.entry(id.clone()).or_insert(Lease { left: 0, expires: now, slice: 1, remaining: 0, calm_until: now });
+        let lease = keys.entry(id.clone()).or_insert(Lease {
+            left: 0,
+            expires: now,
+            slice: 1,
+            remaining: 0,
+            calm_until: now,
+            max,
+        });
+        lease.max = max;
         let expired = now >= lease.expires;
         let refund = if expired { std::mem::take(&mut lease.left) } else { 0 };
         lease.slice = match (expired, refund) {
@@ -228,6 +238,8 @@ mod tests {
         let left = leases.admit(&id, 0).unwrap();
         assert_eq!(leases.give_back(&id, 500), Some(left + 500));
         assert_eq!(leases.admit(&id, 200), Some(left + 300));
+        // A slice never holds more than the largest slice: a larger refund goes to Redis.
+        assert_eq!(leases.give_back(&id, max), None);
         // A reservation larger than half the largest slice is never leased.
         assert_eq!(leases.plan(&id, 5_001, max), None);
     }

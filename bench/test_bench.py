@@ -231,7 +231,8 @@ def test_quick_cpu_against_the_floor(tmp_path):
     blocks = [line for line in report.splitlines() if line.startswith("### 1 worker thread per service, RUST_LOG=")]
     assert blocks == ["### 1 worker thread per service, RUST_LOG=info", "### 1 worker thread per service, RUST_LOG=warn"]
     titles = ["the floor", "generation directly", "near-cache hit", "cache-service hit", "cache bypass", "cache miss",
-              "near-cache hit, auth", "cache-service hit, auth", "cache bypass, auth", "cache miss, auth"]
+              "near-cache hit, auth", "cache-service hit, auth", "cache bypass, auth", "cache miss, auth",
+              "cache bypass, auth + Redis rate limit + budgets"]
     rows = [line for line in report.splitlines() if line.startswith("| ") and line.endswith(" |") and " yes |" in line]
     for title in titles:
         assert sum(title in row for row in rows) >= 2, (title, report)
@@ -245,7 +246,7 @@ def test_quick_cpu_against_the_floor(tmp_path):
     verdicts = {v["target"]: v["verdict"] for v in summary["verdicts"]}
     assert all(verdicts[t] in ("met", "not met") for t in verdicts if "floor" in t or "bypass" in t), verdicts
     # h2load's own output is kept for every saturation run, and the miss runs' JSON reports.
-    assert len(list((out / "raw").glob("*-cpu-*.h2load.txt"))) == 16
+    assert len(list((out / "raw").glob("*-cpu-*.h2load.txt"))) == 18
     assert len(list((out / "raw").glob("*-cpu-miss-*.json"))) == 4
     profiles = sorted(p.name for p in (out / "profiles").glob("*.svg"))
     assert any(n.startswith("near-plain-w1-info-gateway") for n in profiles), profiles

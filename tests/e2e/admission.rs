@@ -226,3 +226,31 @@ async fn a_stream_the_client_drops_pays_only_for_what_it_received() {
     // Without the refund about 600 would be left (minus this call); with it, nearly all 1000.
     assert!(left > 900, "{left} tokens left after a dropped stream: its reservation was kept");
 }
+
+/// A busy key's requests are leased from Redis in slices (300 a minute: slices of up to 3, see
+/// `admission/rate_limit/lease.rs`): two gateways still share one limit within ±10%.
+#[tokio::test]
+async fn two_gateways_leasing_slices_still_share_one_limit() {
+    let redis = Redis::start().await.unwrap();
+    let limits = vec![
+        ("LLMESH_GATEWAY_RATE_LIMIT__REDIS_URL", redis.url()),
+        ("LLMESH_GATEWAY_RATE_LIMIT__REQUESTS_PER_MINUTE", "300".to_string()),
+        ("LLMESH_GATEWAY_RATE_LIMIT__REDIS_TIMEOUT_MS", "2000".to_string()),
+        ("LLMESH_GATEWAY_ADMIN__LISTEN", "127.0.0.1:0".to_string()),
+    ];
+    let mesh = Mesh::start_with(MeshOptions { env: limits.clone(), ..Default::default() }).await;
+    let other = mesh.second_gateway(&limits).await;
+    let gateways = [mesh.gateway().await, GatewayClient::new(other.channel().await)];
+
+    let started = Instant::now();
+    let (allowed, limited) = hammer(&gateways, 200, Duration::from_secs(4)).await;
+    assert!(limited > 0, "the limit was never reached ({allowed} allowed): the test proves nothing");
+    // The burst plus 5 a second while the calls ran, not twice that; the slices a gateway held
+    // back unused at the end (at most 3 each) are within the margin.
+    let expected = 300.0 + 5.0 * started.elapsed().as_secs_f64();
+    assert!(
+        (allowed as f64 - expected).abs() <= 0.1 * expected,
+        "two gateways allowed {allowed} (expected about {expected:.0}); {limited} were limited"
+    );
+    assert_eq!(local_decisions(&mesh.gateway).await + local_decisions(&other).await, 0.0, "Redis decided");
+}

@@ -41,10 +41,13 @@ fn cost(usage: &Usage, input: u64, output: u64) -> u64 {
     u64::from(usage.prompt_tokens) * input + u64::from(usage.completion_tokens) * output
 }
 
-/// What the gateway reserves for a prompt at a price: the prompt's estimate (a token per four
-/// bytes) plus `MAX_TOKENS`.
+/// The most the gateway reserves for a prompt at a price: the most tokens any provider can count
+/// for it (its bytes plus the framing of a request, a message and a part:
+/// `llmesh_proto::validate::prompt_tokens_bound`) plus `MAX_TOKENS`.
 fn reservation(prompt: &str, input: u64, output: u64) -> u64 {
-    (prompt.len() as u64).div_ceil(4) * input + u64::from(MAX_TOKENS) * output
+    use llmesh_proto::validate::{BOUND_MESSAGE_TOKENS, BOUND_PART_TOKENS, BOUND_REQUEST_TOKENS};
+    let framing = u64::from(BOUND_REQUEST_TOKENS + BOUND_MESSAGE_TOKENS + BOUND_PART_TOKENS);
+    (prompt.len() as u64 + framing) * input + u64::from(MAX_TOKENS) * output
 }
 
 struct Setup {
@@ -130,8 +133,7 @@ fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
     request
 }
 
-/// A prompt of words of four letters or more (so the gateway's estimate, a token per four bytes,
-/// is never below the sim's count, a token per word: the reservation is an upper bound).
+/// A prompt of words of four letters or more.
 fn words(label: &str, n: usize) -> String {
     let mut text = format!("budget check {label}");
     for i in 0..n {
@@ -366,7 +368,7 @@ async fn each_path_is_charged_as_documented() {
     let redis = Redis::start().await.unwrap();
     let setup = Setup::new(
         &redis,
-        &[("wide", "budget = { usd = 100.0 }"), ("tiny", "budget = { usd = 0.05, period = \"day\" }")],
+        &[("wide", "budget = { usd = 100.0 }"), ("tiny", "budget = { usd = 0.3, period = \"day\" }")],
         "",
         "[gateway.fallback]\nsecondary_model = \"sim\"\n\n[gateway.generation.retry]\nmax_attempts = 1\n",
     );
@@ -473,8 +475,8 @@ async fn each_path_is_charged_as_documented() {
     // Over budget: RESOURCE_EXHAUSTED naming the budget on gRPC, 429 insufficient_quota on HTTP.
     let tiny = setup.key("tiny");
     let mut refused = None;
-    for call in 0..10 {
-        match gateway.generate(with_key(unary("sim", &words(&format!("tiny{call}"), 3)), tiny)).await {
+    for call in 0..20 {
+        match gateway.generate(with_key(unary("sim", &words(&format!("tiny{call:02}"), 3)), tiny)).await {
             Ok(_) => {}
             Err(status) => {
                 refused = Some(status);
@@ -482,10 +484,11 @@ async fn each_path_is_charged_as_documented() {
             }
         }
     }
-    let refused = refused.expect("a $0.05 budget runs out within 10 calls of up to $0.024");
+    // Each call reserves $0.123 (107 tokens of prompt bound, 8 of output) and costs at most $0.022.
+    let refused = refused.expect("a $0.30 budget runs out within 20 calls of up to $0.022");
     assert_eq!(refused.code(), Code::ResourceExhausted);
-    assert!(refused.message().starts_with("budget: key tiny has spent $0.0"), "{refused:?}");
-    assert!(refused.message().contains("of its $0.050000 budget for the day"), "{refused:?}");
+    assert!(refused.message().starts_with("budget: key tiny has spent $0.1"), "{refused:?}");
+    assert!(refused.message().contains("of its $0.300000 budget for the day"), "{refused:?}");
     assert_eq!(refused.metadata().get("grpc-retry-pushback-ms").unwrap(), "-1");
     let (status, head, body) = chat(mesh.gateway.addr, tiny, &words("http", 3)).await;
     assert_eq!(status, 429, "{body}");
@@ -548,4 +551,79 @@ async fn redis_pausing_then_back_loses_and_double_counts_nothing() {
     }
     let (level, report) = settled(&redis, &["--key", "steady"], setup.keys_file()).await;
     assert_eq!(level, Level { spent: total.load(Relaxed), held: 0 }, "{report}");
+}
+
+/// The attack on a quarter-byte estimate: a prompt of one-letter words (`"a a a …"`, a token a word
+/// for `sim`, twice the estimate) with `max_tokens: 1`. Reserved at a quarter-byte a token
+/// ($0.197 here) and charged its real $0.392, it took a $1 budget to $1.176 one call at a time, and
+/// to about $2 with twenty at once. Reserved at the prompt's byte bound, never past the budget.
+#[tokio::test]
+async fn one_letter_words_never_take_a_team_past_its_budget() {
+    let redis = Redis::start().await.unwrap();
+    let limit = DOLLAR;
+    let team = |name: &str| format!("[[teams]]\nname = \"{name}\"\nbudget = {{ usd = 1.0, period = \"day\" }}\n\n");
+    let setup = Setup::new(
+        &redis,
+        &[("lone", "team = \"one\""), ("left", "team = \"swarm\""), ("right", "team = \"swarm\"")],
+        &(team("one") + &team("swarm")),
+        "",
+    );
+    let mesh = Mesh::start_with(MeshOptions { env: setup.env(), ..Default::default() }).await;
+    let second = mesh.second_gateway(&setup.env()).await;
+    let file = setup.keys_file();
+    let attack = |call: usize| GenerateRequest {
+        max_tokens: 1,
+        ..unary("sim", &format!("{call:02} {}", "a ".repeat(390).trim_end()))
+    };
+
+    // One call at a time.
+    let mut gateway = mesh.gateway().await;
+    let (mut answered, mut spent) = (0, 0);
+    for call in 0..5 {
+        match gateway.generate(with_key(attack(call), setup.key("lone"))).await {
+            Ok(response) => {
+                let usage = response.into_inner().usage.unwrap();
+                assert_eq!(usage.prompt_tokens, 391, "sim counts a token a word");
+                spent += cost(&usage, SIM_IN, SIM_OUT);
+                answered += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.message().starts_with("budget: team one"), "{status:?}");
+            }
+        }
+        let (level, report) = settled(&redis, &["--team", "one"], file).await;
+        assert!(level.spent <= limit, "past the budget after call {call}: {report}");
+        assert_eq!(level, Level { spent, held: 0 }, "charged what the calls cost: {report}");
+    }
+    assert!(answered >= 1, "the attack was never admitted: the test proves nothing");
+    assert!(answered < 5, "never refused: the budget was not reached");
+
+    // Twenty at once from two keys of a team, on two gateways.
+    let mut tasks = Vec::new();
+    for call in 0..20 {
+        let gateway = if call % 2 == 0 { &mesh.gateway } else { &second };
+        let mut client = GatewayClient::new(gateway.channel().await);
+        let key = setup.key(if call % 2 == 0 { "left" } else { "right" }).to_string();
+        let request = attack(call);
+        tasks.push(tokio::spawn(async move { client.generate(with_key(request, &key)).await }));
+    }
+    let (mut answered, mut spent) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(response) => {
+                spent += cost(&response.into_inner().usage.unwrap(), SIM_IN, SIM_OUT);
+                answered += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.message().starts_with("budget: team swarm"), "{status:?}");
+            }
+        }
+    }
+    let (level, report) = settled(&redis, &["--team", "swarm"], file).await;
+    eprintln!("twenty at once: {answered} answered, ${:.9} spent of $1", level.spent as f64 / 1e9);
+    assert!(answered >= 1, "none admitted: the test proves nothing");
+    assert!(level.spent <= limit, "past the budget: {report}");
+    assert_eq!(level, Level { spent, held: 0 }, "charged what the answered calls cost: {report}");
 }

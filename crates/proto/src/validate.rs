@@ -227,6 +227,68 @@ pub fn estimated_prompt_tokens(request: &GenerateRequest) -> u32 {
     estimated_tokens(text).saturating_add(media)
 }
 
+/// Tokens a request's framing can add to its text, at most, in any provider's chat template:
+/// begin-of-text, a default system preamble, the reply's priming (OpenAI counts 3, Llama 3.1's
+/// template adds its knowledge-date preamble, about 25). See [`prompt_tokens_bound`].
+pub const BOUND_REQUEST_TOKENS: u32 = 64;
+/// Tokens a message's framing can add, at most (role, start and end markers: OpenAI counts 3 or
+/// 4, Llama 3's template 5), and each of its parts (a content part's, tool call's or reasoning
+/// block's type markers and ids).
+pub const BOUND_MESSAGE_TOKENS: u32 = 16;
+/// See [`BOUND_MESSAGE_TOKENS`].
+pub const BOUND_PART_TOKENS: u32 = 16;
+/// Tokens a provider can add, at most, to describe tools or a response format to the model:
+/// Anthropic's tool-use system prompt is 159 to 530 tokens by model and `tool_choice`, OpenAI's
+/// rendering of tools as a TypeScript namespace a few dozen. Once per request with tools, and once
+/// with a response format, plus [`BOUND_PART_TOKENS`] per tool.
+pub const BOUND_INSTRUCTIONS_TOKENS: u32 = 1_024;
+/// Tokens an image can count for, at most, whatever its detail: providers count pixels, which
+/// llmesh does not decode. OpenAI's largest is 1,445 (GPT-4o, high detail, 768×2048), Anthropic's
+/// about 1,600 (it scales images down to 1.15 megapixels), a patch-counted OpenAI model's 3,779
+/// (GPT-4.1 nano, 1,536 patches × 2.46). An allowance from published rules, not a proof: a
+/// provider that counts more is held to the reservation when the call settles.
+pub const BOUND_IMAGE_TOKENS: u32 = 4_096;
+/// Tokens a document's pages can add as images, at most, on top of its bytes (Anthropic reads each
+/// PDF page as text plus an image): an allowance like [`BOUND_IMAGE_TOKENS`].
+pub const BOUND_DOCUMENT_TOKENS: u32 = 4_096;
+
+/// The most prompt tokens any provider can count for `request`: what a spend budget reserves, so
+/// that a call never costs more than it reserved (the token rate limits hold the closer
+/// [`estimated_prompt_tokens`] instead: they charge an excess after the call).
+///
+/// Every tokenizer providers use (byte-level BPE such as `tiktoken`'s and Anthropic's,
+/// SentencePiece with byte fallback) makes at least one byte of UTF-8 text per token, so a text's
+/// bytes bound its tokens: a prompt of one-letter words (`"a a a …"`, two bytes a word) counts at
+/// most its bytes, not the quarter that [`estimated_tokens`] says. The bound is therefore the bytes
+/// of every text the upstream may read ([`prompt_bytes`], tools, response format, and the opaque
+/// `extensions` carried to an upstream of the same dialect), plus the framing a chat template adds
+/// ([`BOUND_REQUEST_TOKENS`], [`BOUND_MESSAGE_TOKENS`] per message, [`BOUND_PART_TOKENS`] per part
+/// and tool, [`BOUND_INSTRUCTIONS_TOKENS`] for tools and for a response format), plus
+/// [`BOUND_IMAGE_TOKENS`] per image and a document's inline bytes plus [`BOUND_DOCUMENT_TOKENS`].
+/// Never below [`estimated_prompt_tokens`].
+pub fn prompt_tokens_bound(request: &GenerateRequest) -> u32 {
+    use crate::common::v1::content_part::Kind;
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let text = prompt_bytes(request)
+        + request.tools.iter().map(tool_bytes).sum::<usize>()
+        + request.response_format.as_ref().map_or(0, |f| f.name.len() + f.schema.len() + f.description.len())
+        + request.extensions.as_ref().map_or(0, |e| e.json.len());
+    let parts: usize = request.messages.iter().map(parts).sum();
+    let framing = [
+        BOUND_REQUEST_TOKENS,
+        count(request.messages.len()).saturating_mul(BOUND_MESSAGE_TOKENS),
+        count(parts.saturating_add(request.tools.len())).saturating_mul(BOUND_PART_TOKENS),
+        if request.tools.is_empty() { 0 } else { BOUND_INSTRUCTIONS_TOKENS },
+        if request.response_format.is_some() { BOUND_INSTRUCTIONS_TOKENS } else { 0 },
+    ];
+    let media = request.messages.iter().flat_map(|m| &m.parts).map(|part| match &part.kind {
+        Some(Kind::Image(_)) => BOUND_IMAGE_TOKENS,
+        Some(Kind::Document(_)) => count(inline_bytes(part)).saturating_add(BOUND_DOCUMENT_TOKENS),
+        _ => 0,
+    });
+    framing.into_iter().chain(media).fold(count(text), u32::saturating_add).max(estimated_prompt_tokens(request))
+}
+
 /// The `max_tokens` to use: the request's, or the default when it left it at 0.
 pub fn effective_max_tokens(request: &GenerateRequest, limits: &Limits) -> u32 {
     if request.max_tokens == 0 { limits.default_max_tokens } else { request.max_tokens }
@@ -514,6 +576,44 @@ mod tests {
         let images = conversation(vec![user(vec![image(1 << 20, "image/png"), low, by_url])]);
         let text = "image/png".len() * 2 + "https://example.com/a.png".len();
         assert_eq!(estimated_prompt_tokens(&images), estimated_tokens(text) + IMAGE_TOKENS * 2 + IMAGE_TOKENS_LOW);
+    }
+
+    #[test]
+    fn the_bound_counts_every_byte_and_the_framing() {
+        use crate::common::v1::{Extensions, ResponseFormat};
+        // One-letter words: two bytes a word, so a word-per-token tokenizer counts half the bytes,
+        // twice the quarter-byte estimate. The bound holds every byte plus the framing.
+        let words = "a ".repeat(390);
+        let plain = GenerateRequest { prompt: words.clone(), ..ok() };
+        assert_eq!(estimated_prompt_tokens(&plain), 195);
+        assert_eq!(prompt_tokens_bound(&plain), 780 + BOUND_REQUEST_TOKENS);
+        assert!(prompt_tokens_bound(&plain) >= words.split_whitespace().count() as u32);
+        // Per message and part, tools, a format, and the opaque extensions.
+        let chat = conversation(vec![user(vec![text("hi"), text("there")])]);
+        assert_eq!(prompt_tokens_bound(&chat), 7 + BOUND_REQUEST_TOKENS + BOUND_MESSAGE_TOKENS + 2 * BOUND_PART_TOKENS);
+        let tools = GenerateRequest { tools: vec![tool("t", &json_of(99))], ..chat.clone() };
+        assert_eq!(
+            prompt_tokens_bound(&tools) - prompt_tokens_bound(&chat),
+            100 + BOUND_PART_TOKENS + BOUND_INSTRUCTIONS_TOKENS
+        );
+        let format = ResponseFormat { r#type: 3, schema: json_of(50), ..Default::default() };
+        let formatted = GenerateRequest { response_format: Some(format), ..chat.clone() };
+        assert_eq!(prompt_tokens_bound(&formatted) - prompt_tokens_bound(&chat), 50 + BOUND_INSTRUCTIONS_TOKENS);
+        let extended = GenerateRequest {
+            extensions: Some(Extensions { dialect: "openai".into(), json: json_of(30) }),
+            ..chat.clone()
+        };
+        assert_eq!(prompt_tokens_bound(&extended) - prompt_tokens_bound(&chat), 30);
+        // Media: the allowance per image whatever its detail; a document's bytes plus its allowance.
+        let images = conversation(vec![user(vec![image(1 << 20, "image/png")])]);
+        assert_eq!(
+            prompt_tokens_bound(&images),
+            9 + BOUND_REQUEST_TOKENS + BOUND_MESSAGE_TOKENS + BOUND_PART_TOKENS + BOUND_IMAGE_TOKENS
+        );
+        // Never below the estimate, and never wraps.
+        for request in [plain, chat, tools, formatted, extended, images] {
+            assert!(prompt_tokens_bound(&request) >= estimated_prompt_tokens(&request));
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! - **Reserve, then settle, atomically**: [`RedisBudget::reserve`] checks every bucket of the call
 //!   (the key's, and its team's) and takes the amount from all of them, or from none, in one
 //!   script; [`RedisBudget::settle`] releases the reservation and adds the real cost to each, in one
-//!   script. A bucket's level is `spent` (settled) plus `held` (reserved by calls in flight); a
+//!   script, capped at the reservation (so a settlement never takes a bucket past its limit). A bucket's level is `spent` (settled) plus `held` (reserved by calls in flight); a
 //!   reservation is refused when it would take a bucket's level past its limit.
 //! - **Each reservation settles at most once**, whoever tries how often: it has an id, and its
 //!   Redis record ([`hold_key`]) says whether it is held, settled or void. A settlement retried
@@ -320,7 +320,9 @@ return reply(1, 0, levels)
 ";
 
 /// KEYS: hold, then each bucket. ARGV: real cost, hold expiry, then per bucket its limit and
-/// expiry. Returns `{1 applied | 0 not, 0, then spent, held, limit per bucket}`.
+/// expiry. Returns `{1 applied | 0 not, 0, then spent, held, limit per bucket}`. Charges the real
+/// cost, but never more than the reservation: the reservation fitted under every limit, so no
+/// settlement takes a bucket past one.
 const SETTLE: &str = r"
 local hold = KEYS[1]
 local state = redis.call('GET', hold)
@@ -331,9 +333,11 @@ end
 if state == 'void' or state == 'settled' then
   return reply(0, 0, levels_of(3))
 end
+local charge = ARGV[1]
+if tonumber(charge) > tonumber(state) then charge = state end
 for i = 2, #KEYS do
   redis.call('HINCRBY', KEYS[i], 'held', '-' .. state)
-  redis.call('HINCRBY', KEYS[i], 'spent', ARGV[1])
+  redis.call('HINCRBY', KEYS[i], 'spent', charge)
   redis.call('PEXPIREAT', KEYS[i], ARGV[2 + 2 * (i - 1)])
 end
 redis.call('SET', hold, 'settled', 'PXAT', ARGV[2])

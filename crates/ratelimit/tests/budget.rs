@@ -136,3 +136,24 @@ async fn concurrent_callers_never_take_past_the_limit_and_totals_are_exact() {
     assert_eq!(level, Level { spent: total, held: 0, limit: Some(limit) });
     assert!(total <= limit);
 }
+
+#[tokio::test]
+async fn a_settlement_never_charges_more_than_was_reserved() {
+    let redis = start_redis().await;
+    let budget = budget_on(&redis);
+    // A provider reports more than the reservation: the bucket is charged the reservation, so
+    // it never goes past its limit.
+    let hold = Hold::new(900, buckets(Some(1_000), Some(1_000)));
+    assert!(matches!(budget.reserve(&hold).await.unwrap(), Reserved::Taken(_)));
+    let settled = budget.settle(&hold, 5_000).await.unwrap();
+    assert!(settled.applied);
+    assert_eq!(settled.levels[0], Level { spent: 900, held: 0, limit: Some(1_000) });
+    assert_eq!(settled.levels[1], Level { spent: 900, held: 0, limit: Some(1_000) });
+    // Large amounts stay exact (Lua would print a large number as `1e+15`).
+    let big = 3_000_000_000_000_000;
+    let hold = Hold::new(big, buckets(None, None));
+    assert!(matches!(budget.reserve(&hold).await.unwrap(), Reserved::Taken(_)));
+    let settled = budget.settle(&hold, big + 1).await.unwrap();
+    assert_eq!(settled.levels[0].spent, 900 + big);
+    assert_eq!(settled.levels[0].held, 0);
+}

@@ -55,8 +55,9 @@ use crate::{
     admission::{
         Budgets, Held, Quota, RateLimiter,
         budget::Spend,
-        rate_limit::{RETRY_AFTER_MS, RETRY_PUSHBACK_MS, Reservation, Taken},
+        rate_limit::{Reservation, Taken},
     },
+    headers::{RETRY_AFTER_MS, RETRY_PUSHBACK_MS},
     principal::Principal,
 };
 

@@ -193,6 +193,51 @@ mod admission {
         .await;
     }
 
+    /// Scripts Redis has run so far.
+    async fn scripts_run(redis: &Redis) -> u64 {
+        let mut conn = redis.connection().await.unwrap();
+        let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.unwrap();
+        info.lines()
+            .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+            .filter_map(|line| line.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn busy_keys_lease_slices_and_still_keep_one_limit() {
+        bounded(async {
+            let redis = start_redis().await;
+            // 12,000 a minute (200 a second): slices of up to 64 requests (1% is 120).
+            let config = config(&redis, 12_000, 250);
+            let limiters = [Arc::new(RateLimiter::new(&config).unwrap()), Arc::new(RateLimiter::new(&config).unwrap())];
+            let key = principal("busy");
+            until_redis_decides(&limiters[0], &key, Duration::from_secs(5)).await;
+            until_redis_decides(&limiters[1], &key, Duration::from_secs(5)).await;
+            let scripts_before = scripts_run(&redis).await;
+            let spending = Instant::now();
+            let mut spent = 2;
+            loop {
+                let a = limiters[0].check_request(&key).await.is_ok();
+                let b = limiters[1].check_request(&key).await.is_ok();
+                spent += usize::from(a) + usize::from(b);
+                if !a && !b {
+                    break;
+                }
+                assert!(spent <= 14_000, "the burst never ran out");
+            }
+            let scripts = scripts_run(&redis).await - scripts_before;
+            // The burst and what flowed back while it was spent (200 a second), and never more:
+            // every leased request was taken in Redis first. Slices held back at the end (at most
+            // one per limiter) may leave the count short of that by two slices.
+            let refilled = (spending.elapsed().as_secs_f64() * 200.0).ceil() as usize;
+            assert!((12_000 - 128..=12_002 + refilled).contains(&spent), "{spent} spent, {refilled} refilled");
+            // One Redis call admitted a slice of calls, not one.
+            assert!(scripts * 10 < spent as u64, "{scripts} scripts run for {spent} calls");
+            assert_eq!(limiters[0].local_fallbacks() + limiters[1].local_fallbacks(), 0, "Redis decided every call");
+        })
+        .await;
+    }
+
     #[tokio::test]
     async fn redis_killed_then_back_falls_back_locally_then_shares_again() {
         bounded(async {

@@ -131,28 +131,34 @@ impl TokenAdmission {
         let max_tokens = validate::effective_max_tokens(&request, &self.limits);
         let held = self.limiter.hold_tokens(&principal, prompt_tokens.saturating_add(max_tokens)).await?;
         // Refused for budget, `held` is dropped: the tokens go back.
-        let spend = self.reserve_money(&principal, &request.model, prompt_tokens, max_tokens).await?;
+        let spend = self.reserve_money(&principal, &request, prompt_tokens, max_tokens).await?;
         let tokens = Tokens { held, spend, who: principal.clone(), accounting: self.accounting.clone() };
         Ok(Admitted { principal, request: Arc::new(request), tokens })
     }
 
-    /// Reserves the most the call can cost from the principal's budgets (none: no budget applies).
+    /// Reserves the most the call can cost from the principal's budgets (none: no budget applies):
+    /// the most prompt tokens any provider can count ([`validate::prompt_tokens_bound`]) and
+    /// `max_tokens`, at the dearer of the model and the fallback's secondary model. Not the
+    /// quarter-byte `prompt_tokens` the rate limit holds: a budget is never to be passed, and the
+    /// settlement charges at most this reservation. `prompt_tokens` stays what a call dropped
+    /// half-way pays for its prompt.
     async fn reserve_money(
         &self,
         principal: &Principal,
-        model: &str,
+        request: &GenerateRequest,
         prompt_tokens: u32,
         max_tokens: u32,
     ) -> Result<Option<Spend>, CallError> {
         if !principal.has_budget() {
             return Ok(None);
         }
-        let accounting = &self.accounting;
+        let (accounting, model) = (&self.accounting, request.model.as_str());
         let rate = accounting.rate_for_budget(model, "")?;
-        let mut amount = budget::cost(prompt_tokens, max_tokens, rate);
+        let bound = validate::prompt_tokens_bound(request);
+        let mut amount = budget::cost(bound, max_tokens, rate);
         if let Some(secondary) = accounting.secondary_model.as_deref().filter(|m| *m != model && principal.allows(m)) {
             let secondary_rate = accounting.rate_for_budget(secondary, " (the fallback's secondary model)")?;
-            amount = amount.max(budget::cost(prompt_tokens, max_tokens, secondary_rate));
+            amount = amount.max(budget::cost(bound, max_tokens, secondary_rate));
         }
         accounting.budgets.reserve(principal, amount, rate, prompt_tokens).await
     }

@@ -12,11 +12,15 @@
 //!   output price, at the dearer of the requested model and the fallback's secondary model), taken
 //!   from the key's and the team's buckets in one atomic Redis script, or refused
 //!   (RESOURCE_EXHAUSTED naming the budget, no retry hint: waiting within the period will not
-//!   help). The settlement releases it and adds the real cost, once. So what the buckets hold is
-//!   exactly the sum of the settled costs, and a budget is never overshot while reservations are
-//!   upper bounds — only by what a provider reports beyond the prompt's estimate. A call is
-//!   refused only when what is spent plus what calls in flight hold leaves no room for it: the
-//!   most a refusal can be "early" is the reservations in flight at the time.
+//!   help). The prompt's part is the most tokens any provider can count for it
+//!   (`llmesh_proto::validate::prompt_tokens_bound`: its bytes plus the framing), not the
+//!   quarter-byte estimate the token rate limit holds. The settlement releases it and adds the
+//!   real cost, once, but never more than the reservation ([`charged`]; the Redis script caps it
+//!   too). So what the buckets hold is exactly the sum of the settled costs, and a budget is never
+//!   passed: every reservation fitted under the limit, and no settlement adds more than its
+//!   reservation took. A call is refused only when what is spent plus what calls in flight hold
+//!   leaves no room for it: the most a refusal can be "early" is the reservations in flight at the
+//!   time.
 //! - **Without Redis**, or while it does not answer, each replica decides alone, with its share of
 //!   what Redis last said was left (or of the whole limit, when it never said): `1 / replicas`
 //!   (`[gateway.budget] replicas`). Such decisions are counted (`llmesh_budget_decisions_total
@@ -269,6 +273,7 @@ impl Budgets {
     /// Settles `held` with `cost`, in the background; returns what its tightest budget has left by
     /// this reservation's reckoning.
     fn settle_in_background(self: &Arc<Self>, held: Held, cost: Nanos) -> Option<Nanos> {
+        let cost = charged(&held.hold, cost);
         let remaining = held.remaining.map(|remaining| {
             if cost <= held.hold.amount {
                 remaining.saturating_add(held.hold.amount - cost)
@@ -328,6 +333,7 @@ impl Budgets {
     /// Settles a stored reservation (a cancelled job's) with `cost`, where it was taken, when this
     /// replica can reach it: one taken in another replica's memory stays charged there.
     pub async fn settle_stored(&self, stored: StoredHold, cost: Nanos) {
+        let cost = charged(&stored.hold, cost);
         match stored.local_replica {
             Some(replica) if replica == *self.replica => {
                 self.local.settle(&stored.hold, cost);
@@ -470,6 +476,22 @@ impl std::fmt::Debug for Spend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Spend").field("held", &self.held).field("received", &self.received).finish()
     }
+}
+
+/// What a call whose real cost is `cost` is charged against `hold`: its cost, but never more than
+/// it reserved, so that no settlement takes a bucket past its limit (the reservation fitted under
+/// it). The reservation bounds every cost a provider can report for text
+/// (`llmesh_proto::validate::prompt_tokens_bound`); more is logged and left uncharged.
+fn charged(hold: &Hold, cost: Nanos) -> Nanos {
+    if cost > hold.amount {
+        tracing::info!(
+            hold = %hold.id,
+            reserved = hold.amount,
+            cost,
+            "a call cost more than its budget reservation: charged the reservation"
+        );
+    }
+    cost.min(hold.amount)
 }
 
 /// The buckets a principal's calls are counted in (its own, then its team's when the team has a

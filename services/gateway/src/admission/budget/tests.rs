@@ -154,3 +154,52 @@ fn the_cache_hit_share_is_a_share() {
         assert!(Budgets::new(&config, None, Duration::from_millis(1)).is_err(), "{share}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_settlement_beyond_the_reservation_is_charged_the_reservation_alone() {
+    // A provider reports more than was reserved: the budget is charged what was reserved, so it
+    // is never passed (the reservation fitted under it).
+    let budgets = budgets(1);
+    let alice = member(Some(DOLLAR), None);
+    let spend = budgets.reserve(&alice, 9 * DOLLAR / 10, RATE, 10).await.unwrap().unwrap();
+    assert_eq!(spend.settle(5 * DOLLAR), Some(DOLLAR / 10), "what is left by this call's reckoning");
+    settled().await;
+    assert_eq!(budgets.unshared_spend(), 9 * DOLLAR / 10);
+    assert!(budgets.reserve(&alice, DOLLAR / 10, RATE, 10).await.unwrap().is_some());
+    assert!(budgets.reserve(&alice, 1, RATE, 10).await.is_err(), "the whole dollar, and no more");
+}
+
+#[tokio::test]
+async fn on_redis_no_settlement_takes_a_budget_past_its_limit() {
+    let redis = llmesh_testkit::Redis::start().await.unwrap();
+    let budgets = Budgets::new(&BudgetConfig::default(), Some(&redis.url()), Duration::from_secs(2)).unwrap();
+    let alice = member(None, Some(DOLLAR / 50));
+    // Twenty at once, each settled for twice what it reserved (the attack of one-letter words on
+    // a quarter-byte estimate): what the team spends never passes its limit.
+    let reserve = |budgets: Arc<Budgets>| {
+        let alice = alice.clone();
+        async move { budgets.reserve(&alice, DOLLAR / 200, RATE, 10).await }
+    };
+    let calls = futures::future::join_all((0..20).map(|_| reserve(budgets.clone()))).await;
+    let mut taken = 0;
+    for call in calls {
+        if let Ok(Some(spend)) = call {
+            taken += 1;
+            spend.settle(DOLLAR / 100);
+        }
+    }
+    assert_eq!(taken, 4, "four reservations of $0.005 fit a $0.02 budget");
+    let shared = RedisBudget::new(&redis.url(), Duration::from_secs(2)).unwrap();
+    let (buckets, _) = buckets_of(&alice, now_ms()).unwrap();
+    let mut team = shared.read(&buckets[1].key).await.unwrap();
+    for _ in 0..200 {
+        if team.held == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        team = shared.read(&buckets[1].key).await.unwrap();
+    }
+    assert_eq!(team, Level { spent: DOLLAR / 50, held: 0, limit: Some(DOLLAR / 50) }, "the limit, not past it");
+    assert!(budgets.reserve(&alice, 1, RATE, 10).await.is_err());
+    assert_eq!(budgets.local_decisions(), 0, "Redis decided every call");
+}

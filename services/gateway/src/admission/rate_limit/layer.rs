@@ -124,11 +124,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        admission::{
-            RateLimitConfig,
-            rate_limit::{RETRY_AFTER_MS, RETRY_PUSHBACK_MS},
-        },
-        headers::REMAINING_REQUESTS,
+        admission::RateLimitConfig,
+        headers::{REMAINING_REQUESTS, RETRY_AFTER_MS, RETRY_PUSHBACK_MS},
     };
 
     async fn ok(_: Request<()>) -> Result<Response<String>, Infallible> {

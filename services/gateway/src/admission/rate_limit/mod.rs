@@ -7,7 +7,10 @@
 //! Redis and the limit holds across every gateway replica; without it, or while Redis fails or is
 //! slower than `redis_timeout_ms`, each replica decides with its own in-process state (so N
 //! replicas allow up to N times the limit) and [`RateLimiter::local_fallbacks`] counts it.
-//! A limit of 0 is unlimited and costs nothing, not even a Redis call.
+//! A limit of 0 is unlimited and costs nothing, not even a Redis call. A busy key's requests and
+//! tokens are taken from Redis in slices ([`lease`]): one Redis call admits a slice of calls on
+//! this replica, and token settlements go back into the slice, so a busy key costs Redis about
+//! one call per slice instead of up to three per call.
 //!
 //! The arithmetic, its Redis script and the key names are `llmesh-ratelimit`'s, shared with
 //! generation's workers, which settle the token reservations of jobs on the same Redis keys.
@@ -19,6 +22,7 @@
 
 mod held;
 mod layer;
+mod lease;
 mod local;
 mod redis;
 
@@ -31,11 +35,11 @@ use std::{
 };
 
 pub use held::Held;
-pub use layer::RateLimitLayer;
+pub use layer::{RateLimit, RateLimitLayer};
 pub use llmesh_ratelimit::{Cost, Decision, Limit, decision_from_reply, gcra};
 use llmesh_ratelimit::{Kind, key as redis_key};
 
-use self::{local::LocalLimiter, redis::RedisLimiter};
+use self::{lease::Leases, local::LocalLimiter, redis::RedisLimiter};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -62,7 +66,7 @@ impl Default for RateLimitConfig {
     }
 }
 
-pub use crate::headers::{Quota, RETRY_AFTER_MS, RETRY_PUSHBACK_MS};
+pub use crate::headers::Quota;
 
 /// Where a reservation was taken, and so where it is settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +118,9 @@ pub struct RateLimiter {
     tokens_per_minute: u32,
     local: LocalLimiter,
     redis: Option<Arc<RedisLimiter>>,
+    /// Slices of busy keys' requests, and of their tokens, taken from Redis ([`lease`]).
+    leases: Leases,
+    token_leases: Leases,
     fallbacks: AtomicU64,
     /// This replica's name for the reservations its local limiter took (unique per process).
     replica: Arc<str>,
@@ -151,6 +158,8 @@ impl RateLimiter {
             tokens_per_minute: config.tokens_per_minute,
             local: LocalLimiter::new(local::DEFAULT_CAPACITY),
             redis,
+            leases: Leases::default(),
+            token_leases: Leases::default(),
             fallbacks: AtomicU64::new(0),
             replica: format!("gateway-{}", uuid::Uuid::now_v7().simple()).into(),
         })
@@ -189,13 +198,62 @@ impl RateLimiter {
         let Some(limit) = self.request_limit(principal) else {
             return (Ok(Quota::default()), None);
         };
-        let (decision, taken) = self.decide(&principal.id, Kind::Requests, limit, Cost::Take(1)).await;
+        if let Some(remaining) = self.leases.admit(&principal.id, 1) {
+            return (Ok(Quota { remaining_requests: Some(remaining), ..Quota::default() }), Some(Taken::Shared));
+        }
+        let (decision, taken) = match self.lease_in_redis(Kind::Requests, &principal.id, limit, 1).await {
+            Some(leased) => leased,
+            None => self.decide(&principal.id, Kind::Requests, limit, Cost::Take(1)).await,
+        };
         let decided = if decision.allowed {
             Ok(Quota { remaining_requests: Some(decision.remaining), ..Quota::default() })
         } else {
             Err(exhausted(Kind::Requests, limit, &principal.id, decision))
         };
         (decided, Some(taken))
+    }
+
+    /// The leases of `kind`, and the largest slice of `limit` for it.
+    fn leases_of(&self, kind: Kind, limit: Limit) -> (&Leases, u32) {
+        match kind {
+            Kind::Requests => (&self.leases, lease::max_slice(limit)),
+            Kind::Tokens => (&self.token_leases, lease::max_token_slice(limit)),
+        }
+    }
+
+    /// The call's `units` taken with a slice of `id`'s `kind` from Redis ([`lease`]): the decision
+    /// and where it was taken. `None` when `id` is not leased (no Redis, a limit too small for
+    /// slices): the call asks for itself alone, the usual way. A whole slice Redis refuses (the
+    /// key is near its limit) becomes a request for the call's units alone.
+    async fn lease_in_redis(&self, kind: Kind, id: &Arc<str>, limit: Limit, units: u32) -> Option<(Decision, Taken)> {
+        self.redis.as_ref()?;
+        let (leases, max) = self.leases_of(kind, limit);
+        let plan = leases.plan(id, units, max)?;
+        if plan.refund > 0
+            && let Some(redis) = self.redis.clone().filter(|redis| redis.should_try())
+        {
+            // What an expired slice did not use goes back, beside the take.
+            let (key, refund) = (redis_key(kind, id), Cost::Refund(plan.refund));
+            tokio::spawn(async move { redis.decide(&key, limit, refund).await });
+        }
+        let mut want = plan.want;
+        let mut answer = self.decide_in_redis(id, kind, limit, Cost::Take(want)).await;
+        if want > units && answer.is_some_and(|decision| !decision.allowed) {
+            leases.refused(id);
+            want = units;
+            answer = self.decide_in_redis(id, kind, limit, Cost::Take(units)).await;
+        }
+        let Some(decision) = answer else {
+            // Redis did not answer: this replica decides alone, as for any call.
+            self.fallbacks.fetch_add(1, Ordering::Relaxed);
+            return Some((self.local.decide(id, kind, limit, Cost::Take(units)), Taken::Local));
+        };
+        if !decision.allowed {
+            leases.refused(id);
+            return Some((decision, Taken::Shared));
+        }
+        let remaining = leases.granted(id, want, units, decision.remaining);
+        Some((Decision { remaining, ..decision }, Taken::Shared))
     }
 
     /// Takes `tokens` (the most the call can use: prompt plus `max_tokens`) from the principal's
@@ -213,7 +271,22 @@ impl RateLimiter {
         if tokens > limit.burst {
             return Err(never_fits(tokens, limit, &principal.id));
         }
-        let (decision, taken) = self.decide(&principal.id, Kind::Tokens, limit, Cost::Take(tokens)).await;
+        if self.redis.is_some()
+            && let Some(remaining) = self.token_leases.admit(&principal.id, tokens)
+        {
+            let id = principal.id.clone();
+            return Ok(Reservation {
+                id,
+                limit: Some(limit),
+                tokens,
+                remaining: Some(remaining),
+                taken: Taken::Shared,
+            });
+        }
+        let (decision, taken) = match self.lease_in_redis(Kind::Tokens, &principal.id, limit, tokens).await {
+            Some(leased) => leased,
+            None => self.decide(&principal.id, Kind::Tokens, limit, Cost::Take(tokens)).await,
+        };
         if decision.allowed {
             Ok(Reservation {
                 id: principal.id.clone(),
@@ -244,6 +317,9 @@ impl RateLimiter {
         let Some(cost) = llmesh_ratelimit::settlement(reservation.tokens, used_tokens) else {
             return reservation.quota();
         };
+        if let Some(remaining) = self.settle_in_lease(&reservation, cost) {
+            return Quota { remaining_tokens: Some(remaining), ..Quota::default() };
+        }
         let decision = match reservation.taken {
             Taken::Local => Some(self.local.decide(&reservation.id, Kind::Tokens, limit, cost)),
             Taken::Shared => match self.decide_in_redis(&reservation.id, Kind::Tokens, limit, cost).await {
@@ -267,6 +343,20 @@ impl RateLimiter {
         }
     }
 
+    /// Settles a reservation Redis took through the key's token slice, when it is valid: the
+    /// unused tokens go back into it, an excess comes out of it when it holds enough. Returns what
+    /// the key has left by this replica's reckoning; `None`: Redis must settle it.
+    fn settle_in_lease(&self, reservation: &Reservation, cost: Cost) -> Option<u64> {
+        if reservation.taken != Taken::Shared {
+            return None;
+        }
+        match cost {
+            Cost::Refund(tokens) => self.token_leases.give_back(&reservation.id, tokens),
+            Cost::Force(tokens) => self.token_leases.admit(&reservation.id, tokens),
+            Cost::Take(_) => None,
+        }
+    }
+
     /// [`settle`](Self::settle) in the background, so that the answer does not wait for another
     /// Redis round trip. Returns what the key has left by this reservation's reckoning: what was
     /// left once it was taken, plus the refund (at most a full bucket) or minus the excess. Calls
@@ -279,7 +369,10 @@ impl RateLimiter {
                 remaining.saturating_sub(u64::from(used_tokens - reservation.tokens))
             }
         });
-        if reservation.limit.is_some() && used_tokens != reservation.tokens {
+        let cost = llmesh_ratelimit::settlement(reservation.tokens, used_tokens);
+        if let (Some(_), Some(cost)) = (reservation.limit, cost)
+            && self.settle_in_lease(&reservation, cost).is_none()
+        {
             let limiter = self.clone();
             tokio::spawn(async move { limiter.settle(reservation, used_tokens).await });
         }
@@ -350,7 +443,7 @@ mod tests {
     use tonic::{Code, Status, metadata::MetadataMap};
 
     use super::*;
-    use crate::headers::{REMAINING_REQUESTS, REMAINING_TOKENS};
+    use crate::headers::{REMAINING_REQUESTS, REMAINING_TOKENS, RETRY_AFTER_MS, RETRY_PUSHBACK_MS};
 
     fn principal(id: &str, requests: Option<u32>, tokens: Option<u32>) -> Principal {
         Principal { id: id.into(), requests_per_minute: requests, tokens_per_minute: tokens, ..Principal::anonymous() }

@@ -35,7 +35,7 @@ use std::{
 };
 
 pub use held::Held;
-pub use layer::{RateLimit, RateLimitLayer};
+pub use layer::RateLimitLayer;
 pub use llmesh_ratelimit::{Cost, Decision, Limit, decision_from_reply, gcra};
 use llmesh_ratelimit::{Kind, key as redis_key};
 

@@ -177,6 +177,22 @@ def test_fields_llmesh_does_not_act_on_are_carried_and_named(mesh):
     assert raw.headers["x-llmesh-unmapped-fields"] == "verbosity"
 
 
+def test_parsed_fields_no_upstream_takes_are_named(mesh):
+    """Fields llmesh parses but that neither the sim nor an OpenAI-compatible upstream takes
+    (docs/CONTRACT.md, "Across dialects") are named in the same header, after the unmapped ones,
+    so that a client can tell they were dropped."""
+    raw = anthropic_client(mesh["gateway"]).messages.with_raw_response.create(
+        model="sim",
+        max_tokens=2048,
+        system=[{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+        messages=user("named"),
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        extra_body={"top_k": 5},
+    )
+    assert raw.headers["x-llmesh-unmapped-fields"] == "top_k, cache_control, thinking.budget_tokens"
+    assert raw.parse().content[-1].type == "text"
+
+
 # --- keys and limits ------------------------------------------------------------------------------
 
 

@@ -22,7 +22,8 @@ use llmesh_proto::{
 use serde_json::{Value, json};
 
 use super::{
-    Class, Context, Dialect, Fields, Parsed, Problem, Unmapped, anthropic_content as content, finish_reason,
+    Class, Context, Dialect, Fields, Parsed, Problem, Unmapped, anthropic_content as content, anthropic_dropped,
+    finish_reason,
     sse::{self, Events},
 };
 
@@ -172,8 +173,9 @@ fn parse(mut body: Fields, cache: i32) -> Result<(GenerateRequest, bool, Unmappe
         ..Default::default()
     };
     // What is left is carried, not refused: a field Anthropic adds next month reaches an Anthropic
-    // upstream (none yet: for the others it is dropped, and the header says so).
-    let unmapped = Unmapped::of(body.rest_map(), DIALECT);
+    // upstream (none yet: for the others it is dropped, and the header says so, as it names the
+    // parsed fields no upstream takes).
+    let unmapped = Unmapped::of(body.rest_map(), DIALECT).and_dropped(&anthropic_dropped::dropped(&request));
     let request = GenerateRequest { extensions: unmapped.extensions(), ..request };
     Ok((request, stream, unmapped))
 }

@@ -20,6 +20,7 @@
 
 mod anthropic;
 mod anthropic_content;
+mod anthropic_dropped;
 mod fields;
 #[cfg(test)]
 mod golden;
@@ -118,6 +119,23 @@ impl Unmapped {
         let header = HeaderValue::from_str(&names.join(", ")).ok();
         let json = Value::Object(rest).to_string();
         Self { extensions: Some(Extensions { dialect: dialect.into(), json }), header }
+    }
+
+    /// Adds `dropped` to the header: fields llmesh parsed into the contract that no upstream it
+    /// has takes (see `anthropic_dropped`). The header still holds at most 16 names.
+    pub fn and_dropped(self, dropped: &[String]) -> Self {
+        if dropped.is_empty() {
+            return self;
+        }
+        let before = self.header.as_ref().and_then(|h| h.to_str().ok()).unwrap_or_default();
+        let names: Vec<&str> = before
+            .split(", ")
+            .filter(|name| !name.is_empty())
+            .chain(dropped.iter().map(String::as_str))
+            .filter(|name| name.len() <= UNMAPPED_NAME_BYTES && name.bytes().all(|b| b.is_ascii_graphic()))
+            .take(UNMAPPED_NAMES)
+            .collect();
+        Self { header: HeaderValue::from_str(&names.join(", ")).ok(), ..self }
     }
 
     /// The extensions the request carries.

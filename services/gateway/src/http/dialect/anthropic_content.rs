@@ -105,16 +105,16 @@ pub fn message(role: &str, content: Value, path: &str, into: &mut Vec<ChatMessag
         let kind: String = block.required("type")?;
         let cache_control = json_text(block.take("cache_control")?);
         let part = match kind.as_str() {
-            "text" => {
-                block.ignore("citations");
-                Some(content_part::Kind::Text(block.required("text")?))
+            "text" => Some((content_part::Kind::Text(block.required("text")?), carried(&mut block, &["citations"])?)),
+            "image" => Some((content_part::Kind::Image(image_of(&mut block)?), String::new())),
+            "document" => {
+                let document = document_of(&mut block)?;
+                Some((content_part::Kind::Document(document), carried(&mut block, &["context", "citations"])?))
             }
-            "image" => Some(content_part::Kind::Image(image_of(&mut block)?)),
-            "document" => Some(content_part::Kind::Document(document_of(&mut block)?)),
             _ => None,
         };
-        if let Some(part) = part {
-            message.parts.push(ContentPart { kind: Some(part), cache_control, ..Default::default() });
+        if let Some((part, extra)) = part {
+            message.parts.push(ContentPart { kind: Some(part), cache_control, extra, ..Default::default() });
             block.finish()?;
             continue;
         }
@@ -161,11 +161,9 @@ pub fn message(role: &str, content: Value, path: &str, into: &mut Vec<ChatMessag
         block.finish()?;
     }
     // Text alone stays plain text: the same request as before blocks existed, and one cache key.
-    if message
-        .parts
-        .iter()
-        .all(|part| part.cache_control.is_empty() && matches!(part.kind, Some(content_part::Kind::Text(_))))
-    {
+    if message.parts.iter().all(|part| {
+        part.cache_control.is_empty() && part.extra.is_empty() && matches!(part.kind, Some(content_part::Kind::Text(_)))
+    }) {
         let texts: Vec<String> = message
             .parts
             .drain(..)
@@ -236,9 +234,20 @@ fn document_of(block: &mut Fields) -> Result<Document, Problem> {
     };
     source.finish()?;
     document.name = block.take("title")?.unwrap_or_default();
-    block.ignore("context");
-    block.ignore("citations");
     Ok(document)
+}
+
+/// The fields `names` of a block that llmesh carries without acting on them (`citations`, a
+/// document's `context`), as the part's `extra`: sent to an upstream of this dialect, named in
+/// `x-llmesh-unmapped-fields` for the others (`anthropic_dropped`).
+fn carried(block: &mut Fields, names: &[&str]) -> Result<String, Problem> {
+    let mut extra = serde_json::Map::new();
+    for name in names {
+        if let Some(value) = block.take::<Value>(name)? {
+            extra.insert((*name).to_owned(), value);
+        }
+    }
+    Ok(if extra.is_empty() { String::new() } else { Value::Object(extra).to_string() })
 }
 
 fn base64_of(source: &mut Fields) -> Result<Vec<u8>, Problem> {

@@ -7,8 +7,9 @@
 
 use llmesh_proto::{common::v1::content_part::Kind, common::v1::document::Source, generation::v1::GenerateRequest};
 
-/// At most this many of a tool's `extra` fields are named (the header holds 16 names in all).
-const TOOL_EXTRA_NAMES: usize = 4;
+/// At most this many of a part's or a tool's `extra` fields are named (the header holds 16 names
+/// in all).
+const EXTRA_NAMES: usize = 4;
 
 /// The dropped fields `request` has, in a fixed order, each named once.
 pub fn dropped(request: &GenerateRequest) -> Vec<String> {
@@ -42,18 +43,25 @@ pub fn dropped(request: &GenerateRequest) -> Vec<String> {
             names.push("thinking.display".to_owned());
         }
     }
+    // A block's fields carried as its part's `extra` (`citations`, a document's `context`).
+    for part in messages.iter().flat_map(|m| &m.parts).filter(|p| !p.extra.is_empty()) {
+        push_keys(&mut names, "content[]", &part.extra);
+    }
     for tool in request.tools.iter().filter(|t| !t.extra.is_empty()) {
-        let Ok(serde_json::Value::Object(extra)) = serde_json::from_str::<serde_json::Value>(&tool.extra) else {
-            continue;
-        };
-        for key in extra.keys().take(TOOL_EXTRA_NAMES) {
-            let name = format!("tools[].{key}");
-            if !names.contains(&name) {
-                names.push(name);
-            }
-        }
+        push_keys(&mut names, "tools[]", &tool.extra);
     }
     names
+}
+
+/// Names the first keys of `extra` (a JSON object's text) under `prefix`, each once.
+fn push_keys(names: &mut Vec<String>, prefix: &str, extra: &str) {
+    let Ok(serde_json::Value::Object(extra)) = serde_json::from_str::<serde_json::Value>(extra) else { return };
+    for key in extra.keys().take(EXTRA_NAMES) {
+        let name = format!("{prefix}.{key}");
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -77,11 +85,21 @@ mod tests {
             cache_control: r#"{"type":"ephemeral"}"#.into(),
             ..Default::default()
         };
+        let cited = ContentPart {
+            kind: Some(Kind::Text("as said".into())),
+            extra: r#"{"citations":[]}"#.into(),
+            ..Default::default()
+        };
         let tool = |extra: &str| Tool { name: "Bash".into(), extra: extra.into(), ..Default::default() };
         let everything = GenerateRequest {
             messages: vec![
                 ChatMessage { role: "system".into(), parts: vec![marked], ..Default::default() },
-                ChatMessage { role: "assistant".into(), reasoning: vec![Reasoning::default()], ..Default::default() },
+                ChatMessage {
+                    role: "assistant".into(),
+                    reasoning: vec![Reasoning::default()],
+                    parts: vec![cited],
+                    ..Default::default()
+                },
                 ChatMessage { role: "tool".into(), is_error: true, parts: vec![image], ..Default::default() },
             ],
             tools: vec![tool(r#"{"defer_loading":true}"#), tool(r#"{"defer_loading":false,"strict":true}"#)],
@@ -101,6 +119,7 @@ mod tests {
                 "cache_control",
                 "thinking.budget_tokens",
                 "thinking.display",
+                "content[].citations",
                 "tools[].defer_loading",
                 "tools[].strict",
             ]

@@ -114,7 +114,7 @@ pub fn message(role: &str, content: Value, path: &str, into: &mut Vec<ChatMessag
             _ => None,
         };
         if let Some((part, extra)) = part {
-            message.parts.push(ContentPart { kind: Some(part), cache_control, extra, ..Default::default() });
+            message.parts.push(ContentPart { kind: Some(part), cache_control, extra });
             block.finish()?;
             continue;
         }

@@ -41,6 +41,21 @@ def test_a_tool_use_block_comes_back(mesh):
     assert (use.name, use.input) == ("Bash", INPUT)
 
 
+def test_the_same_tool_use_is_served_from_the_cache_identically(mesh):
+    messages = ask("cached")
+    create = lambda: client(mesh).messages.with_raw_response.create(  # noqa: E731
+        model="sim", max_tokens=256, messages=messages, tools=[BASH]
+    )
+    first = create()
+    assert first.headers["x-llmesh-cached"] == "false"
+    for _ in range(60):  # the gateway stores in the background
+        second = create()
+        if second.headers["x-llmesh-cached"] == "true":
+            break
+    assert second.headers["x-llmesh-cached"] == "true"
+    assert first.parse().content == second.parse().content
+
+
 def test_a_tool_result_round_trip(mesh):
     sdk = client(mesh)
     messages = ask("result")

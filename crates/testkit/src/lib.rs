@@ -7,6 +7,7 @@
 //! - [`Redis::builder`]: TLS only ([`RedisBuilder::tls`]) and any further `redis-server` arguments
 //!   (ACL users, cluster mode).
 //! - [`RedisCluster::start`]: three primaries joined by `redis-cli --cluster create`.
+//! - [`golden`]: golden-file comparison (`GOLDEN_UPDATE=1` rewrites the files).
 //!
 //! A server counts as started once its own process answers on the port (`INFO server`'s process
 //! id; a plain port) or the port accepts a connection (a TLS port). A server that exits at start-up
@@ -15,6 +16,8 @@
 
 // Test support: a broken setup fails the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod golden;
 
 use std::{
     ffi::OsString,

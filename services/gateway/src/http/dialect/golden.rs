@@ -18,6 +18,7 @@
 use std::path::{Path, PathBuf};
 
 use llmesh_proto::{gateway::v1::GenerateStreamResponse, generation::v1::GenerateResponse};
+use llmesh_testkit::golden::{check, inputs, read_json, report};
 use prost::Message as _;
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use serde_json::{Value, json};
@@ -58,50 +59,13 @@ fn parse<D: Dialect>(body: &Value) -> Result<Parsed<D::Options>, Problem> {
 /// The cases of a direction: each input with its output's path.
 fn cases(dialect: &str, direction: &str) -> Vec<(String, Value, PathBuf)> {
     let dir = root().join(dialect).join(direction);
-    let mut cases: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|entry| entry.unwrap().path())
-        .filter_map(|path| {
-            let name = path.file_name()?.to_str()?.strip_suffix(".in.json")?.to_string();
-            let input = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            Some((name.clone(), input, dir.join(format!("{name}.out.json"))))
+    inputs(&dir, ".in.json")
+        .into_iter()
+        .map(|(name, path)| {
+            let output = dir.join(format!("{name}.out.json"));
+            (name, read_json(&path), output)
         })
-        .collect();
-    cases.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(!cases.is_empty(), "no cases in {}", dir.display());
-    cases
-}
-
-/// Compares `actual` with the file at `path` (both pretty-printed), or writes it there with
-/// `GOLDEN_UPDATE`. Returns the mismatch, if any.
-pub fn check(path: &Path, actual: &Value) -> Option<String> {
-    let text = format!("{}\n", serde_json::to_string_pretty(actual).unwrap());
-    if std::env::var_os("GOLDEN_UPDATE").is_some() {
-        std::fs::write(path, &text).unwrap();
-        return None;
-    }
-    let Ok(expected) = std::fs::read_to_string(path) else {
-        return Some(format!("{}: missing (GOLDEN_UPDATE=1 writes it)", path.display()));
-    };
-    let expected: Value = serde_json::from_str(&expected).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let expected = format!("{}\n", serde_json::to_string_pretty(&expected).unwrap());
-    if expected == text {
-        return None;
-    }
-    let line = expected.lines().zip(text.lines()).position(|(a, b)| a != b).unwrap_or(0);
-    let at = |text: &str| text.lines().skip(line.saturating_sub(2)).take(5).collect::<Vec<_>>().join("\n");
-    Some(format!(
-        "{} differs at line {}:\n--- expected\n{}\n--- actual\n{}",
-        path.display(),
-        line + 1,
-        at(&expected),
-        at(&text)
-    ))
-}
-
-fn report(failures: Vec<String>) {
-    assert!(failures.is_empty(), "{} golden file(s) differ:\n\n{}", failures.len(), failures.join("\n\n"));
+        .collect()
 }
 
 fn problem_json<D: Dialect>(problem: &Problem) -> Value {

@@ -11,6 +11,8 @@
 
 use std::path::{Path, PathBuf};
 
+use llmesh_testkit::golden::{check, inputs, read_json, report};
+
 use futures::StreamExt as _;
 use llmesh_proto::generation::v1::GenerateRequest;
 use prost_reflect::{DescriptorPool, DynamicMessage, prost::Message as _};
@@ -42,52 +44,6 @@ fn from_proto_json<M: prost_reflect::prost::Message + Default>(value: &Value, na
     let descriptor = pool().get_message_by_name(name).unwrap();
     let dynamic = DynamicMessage::deserialize(descriptor, value).unwrap_or_else(|e| panic!("{name}: {e}: {value}"));
     M::decode(dynamic.encode_to_vec().as_slice()).unwrap()
-}
-
-/// Compares `actual` with the file at `path` (both pretty-printed), or writes it with
-/// `GOLDEN_UPDATE`.
-fn check(path: &Path, actual: &Value) -> Option<String> {
-    let text = format!("{}\n", serde_json::to_string_pretty(actual).unwrap());
-    if std::env::var_os("GOLDEN_UPDATE").is_some() {
-        std::fs::write(path, &text).unwrap();
-        return None;
-    }
-    let Ok(expected) = std::fs::read_to_string(path) else {
-        return Some(format!("{}: missing (GOLDEN_UPDATE=1 writes it)", path.display()));
-    };
-    let expected: Value = serde_json::from_str(&expected).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let expected = format!("{}\n", serde_json::to_string_pretty(&expected).unwrap());
-    if expected == text {
-        return None;
-    }
-    let line = expected.lines().zip(text.lines()).position(|(a, b)| a != b).unwrap_or(0);
-    let at = |text: &str| text.lines().skip(line.saturating_sub(2)).take(5).collect::<Vec<_>>().join("\n");
-    Some(format!(
-        "{} differs at line {}:\n--- expected\n{}\n--- actual\n{}",
-        path.display(),
-        line + 1,
-        at(&expected),
-        at(&text)
-    ))
-}
-
-fn report(failures: Vec<String>) {
-    assert!(failures.is_empty(), "{} golden file(s) differ:\n\n{}", failures.len(), failures.join("\n\n"));
-}
-
-/// The files of `dir` ending in `suffix`, by name without it.
-fn inputs(dir: &Path, suffix: &str) -> Vec<(String, PathBuf)> {
-    let mut found: Vec<_> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|entry| entry.unwrap().path())
-        .filter_map(|path| Some((path.file_name()?.to_str()?.strip_suffix(suffix)?.to_string(), path.clone())))
-        .collect();
-    found.sort();
-    found
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn event_json(event: Result<Event, UpstreamError>) -> Value {

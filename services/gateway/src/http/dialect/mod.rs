@@ -102,7 +102,8 @@ const UNMAPPED_NAME_BYTES: usize = 64;
 #[derive(Debug, Default)]
 pub struct Unmapped {
     extensions: Option<Extensions>,
-    header: Option<HeaderValue>,
+    /// What the header names: at most [`UNMAPPED_NAMES`], each a short printable name.
+    names: Vec<String>,
 }
 
 impl Unmapped {
@@ -110,32 +111,16 @@ impl Unmapped {
         if rest.is_empty() {
             return Self::default();
         }
-        let names: Vec<&str> = rest
-            .keys()
-            .map(String::as_str)
-            .filter(|name| name.len() <= UNMAPPED_NAME_BYTES && name.bytes().all(|b| b.is_ascii_graphic()))
-            .take(UNMAPPED_NAMES)
-            .collect();
-        let header = HeaderValue::from_str(&names.join(", ")).ok();
+        let names = nameable(rest.keys());
         let json = Value::Object(rest).to_string();
-        Self { extensions: Some(Extensions { dialect: dialect.into(), json }), header }
+        Self { extensions: Some(Extensions { dialect: dialect.into(), json }), names }
     }
 
     /// Adds `dropped` to the header: fields llmesh parsed into the contract that no upstream it
     /// has takes (see `anthropic_dropped`). The header still holds at most 16 names.
-    pub fn and_dropped(self, dropped: &[String]) -> Self {
-        if dropped.is_empty() {
-            return self;
-        }
-        let before = self.header.as_ref().and_then(|h| h.to_str().ok()).unwrap_or_default();
-        let names: Vec<&str> = before
-            .split(", ")
-            .filter(|name| !name.is_empty())
-            .chain(dropped.iter().map(String::as_str))
-            .filter(|name| name.len() <= UNMAPPED_NAME_BYTES && name.bytes().all(|b| b.is_ascii_graphic()))
-            .take(UNMAPPED_NAMES)
-            .collect();
-        Self { header: HeaderValue::from_str(&names.join(", ")).ok(), ..self }
+    pub fn and_dropped(mut self, dropped: &[String]) -> Self {
+        self.names = nameable(self.names.iter().chain(dropped));
+        self
     }
 
     /// The extensions the request carries.
@@ -144,16 +129,27 @@ impl Unmapped {
     }
 
     /// The header's value, if any field is unmapped.
-    #[cfg(test)]
-    pub fn header(&self) -> Option<&HeaderValue> {
-        self.header.as_ref()
+    fn header(&self) -> Option<HeaderValue> {
+        if self.names.is_empty() {
+            return None;
+        }
+        HeaderValue::from_str(&self.names.join(", ")).ok()
     }
 
     pub fn write(&self, headers: &mut HeaderMap) {
-        if let Some(names) = &self.header {
-            headers.insert(HeaderName::from_static(UNMAPPED_HEADER), names.clone());
+        if let Some(names) = self.header() {
+            headers.insert(HeaderName::from_static(UNMAPPED_HEADER), names);
         }
     }
+}
+
+/// The first [`UNMAPPED_NAMES`] of `names` that fit in the header (short, printable ASCII).
+fn nameable<'a>(names: impl Iterator<Item = &'a String>) -> Vec<String> {
+    names
+        .filter(|name| name.len() <= UNMAPPED_NAME_BYTES && name.bytes().all(|b| b.is_ascii_graphic()))
+        .take(UNMAPPED_NAMES)
+        .cloned()
+        .collect()
 }
 
 /// Adds an answer's extensions of `dialect` (the upstream's own fields, such as OpenAI's

@@ -99,14 +99,14 @@ impl Jobs {
         admit: A,
     ) -> Result<Response<SubmitJobResponse>, Status>
     where
-        A: AsyncFnOnce(&http::Extensions, &GenerateRequest) -> Result<(Principal, Held, Option<Spend>), Status>,
+        A: AsyncFnOnce(Principal, &GenerateRequest) -> Result<(Principal, Held, Option<Spend>), Status>,
     {
         let queue = self.queue()?;
         let (_, extensions, request) = request.into_parts();
         check_idempotency_key(&request.idempotency_key).map_err(|error| Status::invalid_argument(error.to_string()))?;
         let idempotency_key = request.idempotency_key.clone();
         let mut generate: GenerateRequest = request.into();
-        let (who, held, spend) = admit(&extensions, &generate).await?;
+        let (who, held, spend) = admit(Principal::of(&extensions), &generate).await?;
         // The worker's span continues this trace.
         generate.metadata.remove(llmesh_telemetry::JOB_TRACEPARENT_KEY);
         if let Some(traceparent) = llmesh_telemetry::current_traceparent() {
@@ -149,7 +149,7 @@ impl Jobs {
     /// `GetJob`: the caller's job.
     pub async fn get(&self, request: Request<GetJobRequest>) -> Result<Response<GetJobResponse>, Status> {
         let queue = self.queue()?;
-        let who = principal(request.extensions());
+        let who = Principal::of(request.extensions());
         let id = job_id(&request.get_ref().job_id)?;
         let job = queue.get(&who.id, id).await.map_err(status)?.ok_or_else(not_found)?;
         Ok(Response::new(GetJobResponse { job: Some(job) }))
@@ -159,7 +159,7 @@ impl Jobs {
     /// `watch_max`.
     pub async fn watch(&self, request: Request<WatchJobRequest>) -> Result<Response<WatchStream>, Status> {
         let queue = self.queue()?;
-        let who = principal(request.extensions());
+        let who = Principal::of(request.extensions());
         let id = job_id(&request.get_ref().job_id)?;
         let changes = queue
             .watch(&who.id, id)
@@ -175,7 +175,7 @@ impl Jobs {
         budgets: &Budgets,
     ) -> Result<Response<CancelJobResponse>, Status> {
         let queue = self.queue()?;
-        let who = principal(request.extensions());
+        let who = Principal::of(request.extensions());
         let id = job_id(&request.get_ref().job_id)?;
         let cancelled = queue.cancel(&who.id, id).await.map_err(status)?;
         let quota = match cancelled.settlement {
@@ -186,11 +186,6 @@ impl Jobs {
         quota.write_metadata(response.metadata_mut());
         Ok(response)
     }
-}
-
-/// The caller, as admission found it (`anonymous` when auth is off).
-fn principal(extensions: &http::Extensions) -> Principal {
-    extensions.get::<Principal>().cloned().unwrap_or_else(Principal::anonymous)
 }
 
 fn job_id(id: &str) -> Result<&str, Status> {

@@ -165,7 +165,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         admission.budgets.clone(),
         config.fallback.secondary_model.clone().filter(|_| config.fallback.enabled),
     );
-    let answers = stack::answers(generation.clone(), cache, catalog.clone(), &config.cache);
+    let answers = stack::answers(tokens.clone(), generation.clone(), cache, catalog.clone(), &config.cache);
     let request_timeout = Duration::from_millis(config.request_timeout_ms);
     let service = GatewayService::new(tokens, answers, generation, jobs, request_timeout);
     // The HTTP routes share the port, the layers and the service's one path to an answer.

@@ -53,6 +53,11 @@ impl Principal {
         ANONYMOUS.clone()
     }
 
+    /// The caller the auth layer put in a request's `extensions` (anonymous when auth is off).
+    pub fn of(extensions: &http::Extensions) -> Self {
+        extensions.get::<Principal>().cloned().unwrap_or_else(Principal::anonymous)
+    }
+
     /// Whether any budget applies to this key's calls (its own, or its team's).
     pub fn has_budget(&self) -> bool {
         self.budget.is_some() || self.team_budget.is_some()

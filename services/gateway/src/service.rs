@@ -1,8 +1,9 @@
-//! The `llmesh.gateway.v1.Gateway` gRPC service: RPC glue. Each generation call is admitted
-//! ([`TokenAdmission`]), then handed to the answer step ([`Answering`], declared in
-//! [`crate::stack::answers`]: settlement, cache, single flight, the pipeline to generation) in one
-//! shared path — [`GatewayService::unary`] and [`GatewayService::stream`], which the HTTP routes
-//! ([`crate::http`]) take too; the job RPCs are in [`jobs`].
+//! The `llmesh.gateway.v1.Gateway` gRPC service: RPC glue. Each generation call is handed to the
+//! answer step ([`Answering`], declared in [`crate::stack::answers`]: token admission, settlement,
+//! cache, single flight, the pipeline to generation) in one shared path —
+//! [`GatewayService::unary`] and [`GatewayService::stream`], which the HTTP routes
+//! ([`crate::http`]) take too; the job RPCs are in [`jobs`], admitted by the same
+//! [`TokenAdmission`].
 
 use std::{sync::Arc, time::Duration};
 
@@ -17,8 +18,8 @@ use tonic::{Request, Response, Status};
 use tower::ServiceExt as _;
 
 use crate::{
-    admission::{Admitted, Quota, TokenAdmission},
-    answer::{Answering, Question, Reserved, generate::unexpected_reply, relay::ChunkStream, settle::Settled},
+    admission::{Quota, TokenAdmission},
+    answer::{Answering, Asked, generate::unexpected_reply, relay::ChunkStream, settle::Settled},
     deadline::Deadline,
     error::CallError,
     jobs::{self, Jobs},
@@ -34,6 +35,7 @@ pub struct GatewayService {
 
 #[derive(Debug)]
 struct Inner {
+    /// Admits jobs (generation calls are admitted inside `answers`).
     admission: TokenAdmission,
     answers: Answering,
     generation: Generation,
@@ -69,22 +71,19 @@ impl GatewayService {
         self.inner.request_timeout
     }
 
-    /// One unary generation call, whichever way it came in: admitted for the caller the auth layer
-    /// put in `extensions`, answered, and settled. `endpoint` labels the overhead metric.
+    /// One unary generation call, whichever way it came in: admitted for `caller`, answered, and
+    /// settled. `endpoint` labels the overhead metric.
     pub async fn unary(
         &self,
-        extensions: &http::Extensions,
+        caller: Principal,
         request: generation::GenerateRequest,
         deadline: Deadline,
         endpoint: &'static str,
     ) -> Result<Unary, CallError> {
         // The gateway's own time counts from here: the token reservation and the cache are in it.
         let started = std::time::Instant::now();
-        let Admitted { principal, request, tokens } = self.inner.admission.admit(extensions, request).await?;
-        let question = Question::new(request, false, deadline, principal);
-        let Settled::Unary { response, quota, upstream_time } =
-            self.inner.answers.clone().oneshot(Reserved { question, tokens }).await?
-        else {
+        let asked = Asked { request, stream: false, deadline, caller };
+        let Settled::Unary { response, quota, upstream_time } = self.inner.answers.clone().oneshot(asked).await? else {
             return Err(unexpected_reply());
         };
         metrics()
@@ -98,13 +97,12 @@ impl GatewayService {
     /// client goes away first, when its chunks are dropped.
     pub async fn stream(
         &self,
-        extensions: &http::Extensions,
+        caller: Principal,
         request: generation::GenerateRequest,
         deadline: Deadline,
     ) -> Result<Stream, CallError> {
-        let Admitted { principal, request, tokens } = self.inner.admission.admit(extensions, request).await?;
-        let question = Question::new(request, true, deadline, principal);
-        match self.inner.answers.clone().oneshot(Reserved { question, tokens }).await? {
+        let asked = Asked { request, stream: true, deadline, caller };
+        match self.inner.answers.clone().oneshot(asked).await? {
             Settled::Stream { chunks, quota } => Ok(Stream { chunks, quota }),
             Settled::Unary { .. } => Err(unexpected_reply()),
         }
@@ -120,23 +118,23 @@ impl GatewayService {
         }
     }
 
-    /// The call's deadline, and its request with the caller the auth layer found.
+    /// The call's deadline, the caller the auth layer found, and its request.
     fn parts<T: Into<generation::GenerateRequest>>(
         &self,
         request: Request<T>,
-    ) -> (Deadline, http::Extensions, generation::GenerateRequest) {
+    ) -> (Deadline, Principal, generation::GenerateRequest) {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
-        let (_, extensions, request) = request.into_parts();
-        (deadline, extensions, request.into())
+        let caller = Principal::of(request.extensions());
+        (deadline, caller, request.into_inner().into())
     }
 }
 
 #[tonic::async_trait]
 impl Gateway for GatewayService {
     async fn generate(&self, request: Request<gw::GenerateRequest>) -> Result<Response<gw::GenerateResponse>, Status> {
-        let (deadline, extensions, request) = self.parts(request);
+        let (deadline, caller, request) = self.parts(request);
         let Unary { response, quota } =
-            self.unary(&extensions, request, deadline, "Generate").await.map_err(CallError::into_status)?;
+            self.unary(caller, request, deadline, "Generate").await.map_err(CallError::into_status)?;
         let mut response = Response::new(gw::GenerateResponse::from(response));
         quota.write_metadata(response.metadata_mut());
         Ok(response)
@@ -148,9 +146,8 @@ impl Gateway for GatewayService {
         &self,
         request: Request<gw::GenerateStreamRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (deadline, extensions, request) = self.parts(request);
-        let Stream { chunks, quota } =
-            self.stream(&extensions, request, deadline).await.map_err(CallError::into_status)?;
+        let (deadline, caller, request) = self.parts(request);
+        let Stream { chunks, quota } = self.stream(caller, request, deadline).await.map_err(CallError::into_status)?;
         let mut response = Response::new(chunks);
         quota.write_metadata(response.metadata_mut());
         Ok(response)
@@ -159,8 +156,8 @@ impl Gateway for GatewayService {
     async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
         let admission = &self.inner.admission;
         // Jobs are admitted exactly as generate calls are; the job then holds the tokens.
-        let admit = async |extensions: &http::Extensions, generate: &generation::GenerateRequest| {
-            let admitted = admission.admit(extensions, generate.clone()).await?;
+        let admit = async |caller: Principal, generate: &generation::GenerateRequest| {
+            let admitted = admission.admit(caller, generate.clone()).await?;
             let (held, spend) = admitted.tokens.into_parts();
             Ok((admitted.principal, held, spend))
         };
@@ -184,7 +181,7 @@ impl Gateway for GatewayService {
 
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         let deadline = Deadline::new(request.metadata(), self.inner.request_timeout);
-        let caller = request.extensions().get().cloned().unwrap_or_else(Principal::anonymous);
+        let caller = Principal::of(request.extensions());
         let models = self.models(caller, deadline).await?;
         Ok(Response::new(ListModelsResponse { models: models.into_iter().map(Into::into).collect() }))
     }

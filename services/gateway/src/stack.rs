@@ -28,15 +28,14 @@
 //! 9. routes: the gRPC services, and beside them the HTTP routes ([`crate::http::Ingress`]), which
 //!    translate their dialect into the same typed request.
 //!
-//! **The call** ([`crate::service::GatewayService::unary`] / `stream`, typed requests):
+//! **The answer step** ([`answers`], called once per generation call by
+//! [`crate::service::GatewayService::unary`] / `stream` with a typed [`Asked`](crate::answer::Asked)):
 //!
-//! 10. token admission ([`crate::admission::TokenAdmission::admit`]): the request is valid, the
-//!     key may use the model, its tokens per minute and spend budgets cover the most the call can
-//!     use; holds both reservations as [`Tokens`](crate::admission::Tokens). Then the call is one
-//!     [`Reserved`](crate::answer::Reserved) question for the answer step.
-//!
-//! **The answer step** ([`answers`], typed [`Question`](crate::answer::Question)s):
-//!
+//! 10. token admission ([`crate::answer::admit`], [`crate::admission::TokenAdmission::admit`]): the
+//!     request is valid, the key may use the model, its tokens per minute and spend budgets cover
+//!     the most the call can use; holds both reservations as
+//!     [`Tokens`](crate::admission::Tokens), and the call goes on as a
+//!     [`Reserved`](crate::answer::Reserved) [`Question`](crate::answer::Question).
 //! 11. settlement ([`crate::answer::settle`]): the reservations settled exactly once with what the
 //!     answer's [`Bill`](crate::admission::Bill) says; a live stream settles when it ends
 //!     ([`crate::answer::relay`]). Outermost, so a cached or shared answer is billed too, and a
@@ -71,9 +70,10 @@ use llmesh_common::{
 use tower::{ServiceBuilder, retry::RetryLayer, util::BoxCloneSyncService};
 
 use crate::{
-    admission::{AuthLayer, CallDeadlineLayer, KeyStore, RateLimitLayer, RateLimiter, ShedLayer},
+    admission::{AuthLayer, CallDeadlineLayer, KeyStore, RateLimitLayer, RateLimiter, ShedLayer, TokenAdmission},
     answer::{
-        Answering, generate::Generate, lookup::LookupLayer, settle::SettleLayer, single_flight::SingleFlightLayer,
+        Answering, admit::AdmitLayer, generate::Generate, lookup::LookupLayer, settle::SettleLayer,
+        single_flight::SingleFlightLayer,
     },
     cache::{Cache, CacheConfig},
     catalog::Catalog,
@@ -120,10 +120,17 @@ pub fn admission(layers: &AdmissionLayers, routes: Option<Ingress>) -> HttpLayer
     })
 }
 
-/// Steps 11 to 14 over `generation` (steps 15 to 19): the answer step as one service.
-pub fn answers(generation: Generation, cache: Cache, catalog: Catalog, config: &CacheConfig) -> Answering {
+/// Steps 10 to 14 over `generation` (steps 15 to 19): the answer step as one service.
+pub fn answers(
+    admission: TokenAdmission,
+    generation: Generation,
+    cache: Cache,
+    catalog: Catalog,
+    config: &CacheConfig,
+) -> Answering {
     let single_flight_wait = Duration::from_millis(config.single_flight_wait_ms);
     let service = ServiceBuilder::new()
+        .layer(AdmitLayer::new(admission))
         .layer(SettleLayer)
         .layer(LookupLayer::new(cache, catalog, config))
         .layer(SingleFlightLayer::new(single_flight_wait))

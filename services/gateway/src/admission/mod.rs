@@ -1,4 +1,4 @@
-//! Admission: who may call, how often, and whether the gateway has room. Three tower layers on
+//! Admission: who may call, how often, and whether the gateway has room. Four tower layers on
 //! the HTTP requests, outermost first:
 //!
 //! 1. [`AuthLayer`]: checks `x-api-key` and puts the caller's [`Principal`] into the request
@@ -15,7 +15,8 @@
 //! Each rejection is a [`CallError`](crate::error::CallError), answered as a gRPC status response
 //! (never an error tonic would turn into UNKNOWN) that carries the typed error in its extensions.
 //! Health checks and reflection pass every layer untouched. Token quotas need the decoded
-//! request, so the typed handler admits it through [`TokenAdmission`] ([`tokens`]), whose
+//! request, so the answer step's first layer ([`crate::answer::admit`]) admits it through
+//! [`TokenAdmission`] ([`tokens`]), whose
 //! [`Tokens`] are settled once the usage is known, in the background so that the answer does not
 //! wait for that Redis round trip; a call that ends without settling pays for what it received.
 

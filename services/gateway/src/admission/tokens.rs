@@ -110,16 +110,10 @@ impl TokenAdmission {
         &self.limiter
     }
 
-    /// Validates `request` and admits it for the caller the auth layer put in `extensions`
-    /// (anonymous when auth is off).
-    pub async fn admit(
-        &self,
-        extensions: &http::Extensions,
-        mut request: GenerateRequest,
-    ) -> Result<Admitted, CallError> {
+    /// Validates `request` and admits it for `principal`, the caller the auth layer found.
+    pub async fn admit(&self, principal: Principal, mut request: GenerateRequest) -> Result<Admitted, CallError> {
         validate::generate_request(&request, &self.limits)?;
         validate::no_reserved_metadata(&request)?;
-        let principal = extensions.get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
         if !principal.allows(&request.model) {
             return Err(CallError::Forbidden(format!(
                 "model: API key {} may not use {:?}",

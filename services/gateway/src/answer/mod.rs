@@ -1,6 +1,8 @@
-//! The answer step: where an admitted call's answer comes from, as four tower layers declared in
+//! The answer step: where a call's answer comes from, as five tower layers declared in
 //! [`crate::stack::answers`], outermost first, each in its own module:
 //!
+//! 0. [`admit`]: the call admitted ([`TokenAdmission`](crate::admission::TokenAdmission)): valid,
+//!    the key may use the model, its tokens and budgets reserved as [`Tokens`].
 //! 1. [`settle`]: the call's [`Tokens`] settled with what the answer's [`Bill`] says — at once for
 //!    a whole answer, when the stream ends for a live one ([`relay`]).
 //! 2. [`lookup`]: the cache policy, the near cache and the cache service; a hit is the answer, a
@@ -11,7 +13,8 @@
 //!    [`Reply`](crate::pipeline::Reply) made an [`Answered`].
 //!
 //! One stack for both RPCs, so unary calls and streams read, share and store alike. This module
-//! holds what travels between the layers: a [`Question`] down, an [`Answered`] back up.
+//! holds what travels between the layers: an [`Asked`] call down to admission, a [`Reserved`]
+//! question down to settlement, a [`Question`] below it, an [`Answered`] back up.
 
 use std::{sync::Arc, time::Duration};
 
@@ -27,14 +30,26 @@ use crate::{
     principal::Principal,
 };
 
+pub mod admit;
 pub mod generate;
 pub mod lookup;
 pub mod relay;
 pub mod settle;
 pub mod single_flight;
 
-/// The answer step as one service: an admitted call in, the settled answer out.
-pub type Answering = BoxCloneSyncService<Reserved, settle::Settled, CallError>;
+/// The answer step as one service: a call in, admitted, answered and settled out.
+pub type Answering = BoxCloneSyncService<Asked, settle::Settled, CallError>;
+
+/// One generation call as a route hands it over, not yet admitted.
+#[derive(Debug)]
+pub struct Asked {
+    pub request: GenerateRequest,
+    /// A stream, or a unary call.
+    pub stream: bool,
+    pub deadline: Deadline,
+    /// The caller the auth layer found ([`Principal::of`]).
+    pub caller: Principal,
+}
 
 /// One admitted generation call, as the answer step's layers see it.
 #[derive(Debug, Clone)]

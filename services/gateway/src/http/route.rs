@@ -24,7 +24,7 @@ pub async fn serve<D: Dialect>(ingress: &Ingress, parts: Parts, body: Body) -> R
     if stream {
         let streamed = ingress
             .gateway()
-            .stream(&parts.extensions, request, deadline)
+            .stream(Principal::of(&parts.extensions), request, deadline)
             .await
             .map_err(|e| ingress.call_problem(e, Some(&model), deadline))?;
         let (first, chunks) = Ingress::first_chunk(streamed.chunks, deadline).await?;
@@ -43,7 +43,7 @@ pub async fn serve<D: Dialect>(ingress: &Ingress, parts: Parts, body: Body) -> R
     }
     let Unary { response, quota } = ingress
         .gateway()
-        .unary(&parts.extensions, request, deadline, D::ROUTE)
+        .unary(Principal::of(&parts.extensions), request, deadline, D::ROUTE)
         .await
         .map_err(|e| ingress.call_problem(e, Some(&model), deadline))?;
     let mut http = json_response(StatusCode::OK, &D::render(&response, &options, created));
@@ -62,7 +62,7 @@ pub async fn serve<D: Dialect>(ingress: &Ingress, parts: Parts, body: Body) -> R
 /// `GET /v1/models`: the models generation serves that the key may use, in OpenAI's list.
 pub async fn models(ingress: &Ingress, parts: Parts) -> Result<http::Response<Body>, Problem> {
     let deadline = ingress.deadline(&parts.headers)?;
-    let caller = parts.extensions.get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
+    let caller = Principal::of(&parts.extensions);
     let models = ingress
         .gateway()
         .models(caller, deadline)

@@ -70,7 +70,7 @@ where
         if !limited {
             return Either::Left(self.inner.call(request));
         }
-        let principal = request.extensions().get::<Principal>().cloned().unwrap_or_else(Principal::anonymous);
+        let principal = Principal::of(request.extensions());
         // The service polled ready goes into the future; a fresh clone stays for the next call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);

@@ -52,6 +52,13 @@ async fn submit_watch_succeed() {
     assert_eq!(last.state(), JobState::Succeeded, "{states:?}");
     assert_eq!(states.last(), Some(&JobState::Succeeded));
     let direct = gateway.generate(crate::prompt("a job")).await.unwrap().into_inner();
+    // When its attempt started, between its submission and its end; and generation's worker
+    // counted the job's wait in the queue.
+    assert!(
+        last.created_at_unix_ms <= last.started_at_unix_ms && last.started_at_unix_ms <= last.updated_at_unix_ms,
+        "{last:?}"
+    );
+    assert_eq!(mesh.generation.metric_sum("llmesh_queue_wait_seconds_count", "").await, 1.0);
     assert_eq!(last.result.unwrap().text, direct.text);
     assert_eq!(last.attempts, 1);
 }

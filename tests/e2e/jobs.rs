@@ -28,8 +28,8 @@ async fn get(gateway: &mut GatewayClient<Channel>, id: &str) -> Job {
 #[tokio::test]
 async fn submit_watch_succeed() {
     let redis = Redis::start().await.unwrap();
-    let mesh =
-        Mesh::start_with(MeshOptions { env: queue_env(&redis, &[]), redis_url: None, ..Default::default() }).await;
+    let env = queue_env(&redis, &[("LLMESH_GENERATION_ADMIN__LISTEN", "127.0.0.1:0")]);
+    let mesh = Mesh::start_with(MeshOptions { env, redis_url: None, ..Default::default() }).await;
     let mut gateway = mesh.gateway().await;
 
     let submitted = gateway.submit_job(job("a job")).await.unwrap().into_inner();

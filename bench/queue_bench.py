@@ -17,10 +17,12 @@ worker count of `--queue-workers` (default 1, 2, 4), first llmesh, then Celery:
    Celery: each result's `date_done`). CPU per job of the workers and of Redis, from /proc.
 3. **Paced**: at 50% and 90% of that rate, `--queue-duration` seconds of submissions on a
    timetable (llmesh: h2load `--rps`; Celery: the submitter's own timetable) while the workers
-   run; then, once every job has ended, the time from submit to SUCCEEDED of each, p50 and p99.
-   llmesh: `created_at_ms` → `updated_at_ms` of the record (Redis's clock, ms): the wait in the
-   queue plus the sub-millisecond run of a sim job. Celery: the submitter's clock before
-   `apply_async` → `date_done`; and, since the task notes when it started, the wait alone too.
+   run; then, once every job has ended, the time from submit to SUCCEEDED of each, p50 and p99,
+   and the wait in the queue alone (submit → start). llmesh: `created_at_ms` → `updated_at_ms`
+   of the record (Redis's clock, whole ms): the wait in the queue plus the sub-millisecond run of
+   a sim job; the wait alone is `created_at_ms` → `started_at_ms` (the latest attempt's start: a
+   sim job is not retried, so its only one). Celery: the submitter's clock before `apply_async`
+   → `date_done`; the wait alone from the start the task notes.
 
 Nothing lost: every block counts the jobs submitted (h2load's 2xx, or the ids Celery returned)
 against the records that reached SUCCEEDED; any difference is reported and the run is not counted.
@@ -265,17 +267,28 @@ def redis_time_ms(db):
 
 
 def llmesh_records(db, since_ms=None):
-    """Every job record: [(state, created_ms, updated_ms)], those created at or after `since_ms`."""
+    """Every job record: [(state, created_ms, updated_ms, started_ms or None)], those created at or
+    after `since_ms`. `started_at_ms` is the latest attempt's start; absent until one starts (and in
+    records of a queue from before it was kept)."""
     keys = [k for k in db.scan(f"{STREAM}:job:*") if k.count(b":") == 3]
-    rows = db.pipeline([("HMGET", k, "state", "created_at_ms", "updated_at_ms") for k in keys])
+    rows = db.pipeline([("HMGET", k, "state", "created_at_ms", "updated_at_ms", "started_at_ms") for k in keys])
     out = []
-    for state, created, updated in rows:
+    for state, created, updated, started in rows:
         if state is None or created is None:
             continue
         created, updated = int(created), int(updated or 0)
         if since_ms is None or created >= since_ms:
-            out.append((state, created, updated))
+            out.append((state, created, updated, int(started) if started else None))
     return out
+
+
+def paced_times(records):
+    """From llmesh's records: (submit→done ms of each SUCCEEDED job, its wait in the queue alone in
+    ms: created → started, or None when no record has a start, a queue that does not keep it)."""
+    done = [r for r in records if r[0] == SUCCEEDED]
+    sojourn = [updated - created for _, created, updated, _ in done]
+    wait = [started - created for _, created, _, started in done if started is not None]
+    return sojourn, (wait if wait else None)
 
 
 def wait_until(H, what, check, timeout):
@@ -333,7 +346,7 @@ def llmesh_block(bench, H, h2load, body, db, redis, catalog, n, data):
         wait_until(H, f"llmesh backlog of {queued} jobs, {n} worker(s)", lambda: all_ended(db), 60 + jobs / 50)
         cpu1, rcpu1 = H.cpu_seconds(worker.pid), H.cpu_seconds(redis.pid)
         records = llmesh_records(db)
-        done = [u / 1000 for s, _, u in records if s == SUCCEEDED]
+        done = [u / 1000 for s, _, u, _ in records if s == SUCCEEDED]
         block.update(succeeded=len(done), rate=drain_rate(done),
                      worker_cpu_us=H.diff(cpu1, cpu0) * 1e6 / max(1, len(done)) if cpu0 is not None and cpu1 is not None else None,
                      redis_cpu_us=(rcpu1 - rcpu0) * 1e6 / max(1, len(done)))
@@ -351,9 +364,9 @@ def llmesh_block(bench, H, h2load, body, db, redis, catalog, n, data):
             stopped = redis_time_ms(db)
             wait_until(H, f"llmesh paced run at {rate:.0f}/s", lambda: all_ended(db), 60 + sent / 50)
             records = llmesh_records(db, since)
-            sojourn = [u - c for s, c, u in records if s == SUCCEEDED]
-            drain_s = max(0, max((u for _, _, u in records), default=stopped) - stopped) / 1000
-            block["paced"].append(paced_row(H, share, rate, sent, len(records), sojourn, None, drain_s))
+            sojourn, wait = paced_times(records)
+            drain_s = max(0, max((u for _, _, u, _ in records), default=stopped) - stopped) / 1000
+            block["paced"].append(paced_row(H, share, rate, sent, len(records), sojourn, wait, drain_s))
         bench.procs.stop(worker)
     finally:
         bench.procs.stop(gw)
@@ -482,7 +495,8 @@ def report(add, R, verdicts, H):
         f"prefork --concurrency N`. Prompt: {d['prompt_bytes']} bytes. *submitted*: jobs the queue accepted (its "
         "records; h2load's count of 200s leaves out the calls in flight when its time is up). *submit→done*: llmesh's record's "
         "`created_at_ms` → `updated_at_ms` at SUCCEEDED (Redis's clock, whole ms: the wait in the queue plus a "
-        "sub-millisecond run); Celery's submitter's clock before `apply_async` → `date_done`; *wait*: Celery's "
+        "sub-millisecond run); Celery's submitter's clock before `apply_async` → `date_done`; *wait*: the wait in "
+        "the queue alone, llmesh's record's `created_at_ms` → `started_at_ms` (Redis's clock, whole ms), Celery's "
         "task start − submit. CPU per job: the workers' (all of Celery's worker processes) and Redis's user + "
         "system time over the drain, from /proc. *lost*: jobs the client saw accepted that have no record, plus "
         "records that did not reach SUCCEEDED.\n")

@@ -286,6 +286,20 @@ def celery_python():
     return None
 
 
+def test_queue_wait_is_read_from_the_records_start():
+    """llmesh's paced figures from its job records: submit→done is created → updated, the wait alone
+    created → started, of the SUCCEEDED jobs only; a queue that keeps no start gives no wait."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import queue_bench
+    finally:
+        sys.path.remove(str(BENCH))
+    ok, queued = queue_bench.SUCCEEDED, b"JOB_STATE_QUEUED"
+    records = [(ok, 100, 130, 125), (ok, 200, 204, 203), (queued, 300, 300, None), (b"JOB_STATE_FAILED", 1, 9, 2)]
+    assert queue_bench.paced_times(records) == ([30, 4], [25, 3])
+    assert queue_bench.paced_times([(ok, 100, 130, None)]) == ([30], None)
+
+
 def test_quick_queue_against_celery(tmp_path):
     """The queue scenario, small: a backlog drained by 1 and 2 workers of llmesh's queue and of
     Celery on one Redis, then paced runs; nothing lost, every figure filled in."""
@@ -310,6 +324,7 @@ def test_quick_queue_against_celery(tmp_path):
     for row in paced:
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[6] == "0" and cells[4] == cells[5], row  # lost, submitted = SUCCEEDED
+        assert cells[9] != "–" and cells[10] != "–", row  # the wait alone, llmesh's from its records' starts
     summary = json.loads((out / "summary.json").read_text())
     assert any("Celery" in v["target"] and v["verdict"] != "not measured" for v in summary["verdicts"])
     assert_nothing_left_running(out)

@@ -28,8 +28,8 @@ async fn get(gateway: &mut GatewayClient<Channel>, id: &str) -> Job {
 #[tokio::test]
 async fn submit_watch_succeed() {
     let redis = Redis::start().await.unwrap();
-    let mesh =
-        Mesh::start_with(MeshOptions { env: queue_env(&redis, &[]), redis_url: None, ..Default::default() }).await;
+    let env = queue_env(&redis, &[("LLMESH_GENERATION_ADMIN__LISTEN", "127.0.0.1:0")]);
+    let mesh = Mesh::start_with(MeshOptions { env, redis_url: None, ..Default::default() }).await;
     let mut gateway = mesh.gateway().await;
 
     let submitted = gateway.submit_job(job("a job")).await.unwrap().into_inner();
@@ -52,6 +52,13 @@ async fn submit_watch_succeed() {
     assert_eq!(last.state(), JobState::Succeeded, "{states:?}");
     assert_eq!(states.last(), Some(&JobState::Succeeded));
     let direct = gateway.generate(crate::prompt("a job")).await.unwrap().into_inner();
+    // When its attempt started, between its submission and its end; and generation's worker
+    // counted the job's wait in the queue.
+    assert!(
+        last.created_at_unix_ms <= last.started_at_unix_ms && last.started_at_unix_ms <= last.updated_at_unix_ms,
+        "{last:?}"
+    );
+    assert_eq!(mesh.generation.metric_sum("llmesh_queue_wait_seconds_count", "").await, 1.0);
     assert_eq!(last.result.unwrap().text, direct.text);
     assert_eq!(last.attempts, 1);
 }

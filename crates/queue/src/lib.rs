@@ -23,8 +23,9 @@
 //! # Redis layout (`<stream>` is `QueueConfig::stream`, by default `llmesh:jobs`)
 //! - `<stream>`: stream of jobs to run, entries `job=<id>`, read by the consumer group
 //!   `QueueConfig::group`. Entries are deleted once acknowledged.
-//! - `<stream>:job:<id>`: hash per job: state, attempts, request, result, error, timestamps (see
-//!   `record`). Expires `result_ttl_ms` after the job finishes.
+//! - `<stream>:job:<id>`: hash per job: state, attempts, request, result, error, timestamps
+//!   (created, the latest attempt's start, the last change; see `record`). Expires
+//!   `result_ttl_ms` after the job finishes.
 //! - `<stream>:idem:<n>:<owner>:<key>`: the id of the job `<owner>` (`<n>` bytes long) submitted
 //!   with idempotency key `<key>`; expires with its job.
 //! - `<stream>:delayed`: sorted set of jobs waiting for a retry, scored by when they are due.

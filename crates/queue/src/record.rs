@@ -3,7 +3,10 @@
 //! Fields: `state` (the proto name, e.g. `JOB_STATE_QUEUED`, readable in redis-cli), `attempts`
 //! (attempts started), `request` (encoded `generation.v1.GenerateRequest`), `result` (encoded
 //! `generation.v1.GenerateResponse`, once SUCCEEDED), `error` (the last attempt's failure),
-//! `created_at_ms` and `updated_at_ms` (Redis clock, unix ms), `idempotency_key` (the Redis key
+//! `created_at_ms` and `updated_at_ms` (Redis clock, unix ms), `started_at_ms` (Redis clock,
+//! unix ms: when the latest attempt started, absent until the first does; a retried or taken-over
+//! job's is its newest attempt's, so `started_at_ms − created_at_ms` is the whole wait before
+//! that attempt, earlier attempts and retry delays included), `idempotency_key` (the Redis key
 //! of the job's idempotency record, or empty), `owner` (the API key id that submitted it; see
 //! [`LEGACY_OWNER`]), and the token reservation's fields (see `reservation`).
 
@@ -21,8 +24,10 @@ use crate::error::CorruptRecord;
 pub const LEGACY_OWNER: &str = "anonymous";
 
 /// The fields a `Job` and its owner are built from, in the order scripts and HMGET return them.
-pub(crate) const SNAPSHOT_FIELDS: [&str; 7] =
-    ["state", "attempts", "result", "error", "created_at_ms", "updated_at_ms", "owner"];
+/// `owner` and `started_at_ms` may be absent (a record from before owners, a job not started
+/// yet): they come last, so a shorter snapshot reads as one without them.
+pub(crate) const SNAPSHOT_FIELDS: [&str; 8] =
+    ["state", "attempts", "result", "error", "created_at_ms", "updated_at_ms", "owner", "started_at_ms"];
 
 /// The values of [`SNAPSHOT_FIELDS`], `None` where a field is absent.
 pub(crate) type Snapshot = Vec<Option<Vec<u8>>>;
@@ -56,6 +61,7 @@ pub(crate) fn parse_snapshot(id: &str, snapshot: Snapshot) -> Result<Option<Stor
     let mut next = || fields.next().flatten();
     let (state, attempts, result, error, created, updated) = (next(), next(), next(), next(), next(), next());
     let owner = next().map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+    let started = next();
 
     let state = parse_state(required("state", state)?)?;
     let attempts = parse_number("attempts", required("attempts", attempts)?)?;
@@ -75,6 +81,7 @@ pub(crate) fn parse_snapshot(id: &str, snapshot: Snapshot) -> Result<Option<Stor
         error: error.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default(),
         created_at_unix_ms: parse_number("created_at_ms", required("created_at_ms", created)?)?,
         updated_at_unix_ms: parse_number("updated_at_ms", required("updated_at_ms", updated)?)?,
+        started_at_unix_ms: started.map(|started| parse_number("started_at_ms", started)).transpose()?.unwrap_or(0),
     };
     Ok(Some(Stored { job, owner }))
 }
@@ -109,7 +116,7 @@ mod tests {
 
     #[test]
     fn a_missing_record_is_none() {
-        assert_eq!(parse_snapshot("job-1", vec![None; 7]).unwrap(), None);
+        assert_eq!(parse_snapshot("job-1", vec![None; SNAPSHOT_FIELDS.len()]).unwrap(), None);
     }
 
     #[test]
@@ -123,6 +130,7 @@ mod tests {
             bytes("10"),
             bytes("20"),
             bytes("team-a"),
+            bytes("15"),
         ];
         let stored = parse_snapshot("job-1", snapshot).unwrap().unwrap();
         assert!(stored.owned_by("team-a") && !stored.owned_by("team-b") && !stored.owned_by(LEGACY_OWNER));
@@ -130,7 +138,36 @@ mod tests {
         assert_eq!(job.state(), JobState::Succeeded);
         assert_eq!(job.attempts, 2);
         assert_eq!(job.result.unwrap().text, "hello");
-        assert_eq!((job.created_at_unix_ms, job.updated_at_unix_ms), (10, 20));
+        assert_eq!((job.created_at_unix_ms, job.started_at_unix_ms, job.updated_at_unix_ms), (10, 15, 20));
+    }
+
+    #[test]
+    fn a_job_not_started_yet_has_no_start() {
+        let snapshot = vec![
+            bytes("JOB_STATE_QUEUED"),
+            bytes("0"),
+            None,
+            bytes(""),
+            bytes("10"),
+            bytes("10"),
+            bytes("team-a"),
+            None,
+        ];
+        let job = parse_snapshot("job-1", snapshot).unwrap().unwrap().job;
+        assert_eq!(job.started_at_unix_ms, 0);
+
+        let snapshot = vec![
+            bytes("JOB_STATE_RUNNING"),
+            bytes("1"),
+            None,
+            bytes(""),
+            bytes("10"),
+            bytes("12"),
+            bytes("team-a"),
+            bytes("soon"),
+        ];
+        let error = parse_snapshot("job-1", snapshot).unwrap_err();
+        assert!(matches!(error, CorruptRecord::Invalid { field: "started_at_ms", .. }), "{error}");
     }
 
     #[test]

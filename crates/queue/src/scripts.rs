@@ -159,32 +159,37 @@ expire_finished(job, id, ttl_ms)
 return {'cancelled', snapshot(job), reservation(job)}
 ";
 
-/// Starts an attempt at a delivered job: RUNNING, one more attempt. A job that is finished (or
+/// Starts an attempt at a delivered job: RUNNING, one more attempt, `started_at_ms` the
+/// attempt's start (so the latest attempt's, once a job is retried). A job that is finished (or
 /// gone) is only acknowledged: whatever happened before (a worker that died between storing
 /// its result and acknowledging), it never runs again. A job whose last allowed attempt was
 /// lost with its worker is left to the caller to dead-letter.
 ///
 /// KEYS: job hash, stream. ARGV: group, entry id, max attempts.
-/// Returns `{'run' | 'finished' | 'gone' | 'exhausted', state, attempts, request or nil}`.
+/// Returns `{'run' | 'finished' | 'gone' | 'exhausted', state, attempts, request or nil, ms from
+/// the job's creation to this start (0 unless run)}`.
 const BEGIN_ATTEMPT: &str = r"
 local job, stream = KEYS[1], KEYS[2]
 local group, entry, max_attempts = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local state = redis.call('HGET', job, 'state')
 if not state then
   settle(stream, group, entry)
-  return {'gone', '', 0, false}
+  return {'gone', '', 0, false, 0}
 end
 local attempts = tonumber(redis.call('HGET', job, 'attempts'))
 if TERMINAL[state] then
   settle(stream, group, entry)
-  return {'finished', state, attempts, false}
+  return {'finished', state, attempts, false, 0}
 end
 if attempts >= max_attempts then
-  return {'exhausted', state, attempts, false}
+  return {'exhausted', state, attempts, false, 0}
 end
 attempts = attempts + 1
-redis.call('HSET', job, 'state', RUNNING, 'attempts', attempts, 'updated_at_ms', ms_text(clock_ms()))
-return {'run', RUNNING, attempts, redis.call('HGET', job, 'request')}
+local now_ms = clock_ms()
+local now = ms_text(now_ms)
+redis.call('HSET', job, 'state', RUNNING, 'attempts', attempts, 'started_at_ms', now, 'updated_at_ms', now)
+local created_ms = tonumber(redis.call('HGET', job, 'created_at_ms')) or now_ms
+return {'run', RUNNING, attempts, redis.call('HGET', job, 'request'), math.max(0, now_ms - created_ms)}
 ";
 
 /// Checks shared by the scripts that end an attempt. Returns nil when the attempt may be ended,

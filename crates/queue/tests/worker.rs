@@ -13,7 +13,8 @@ use std::{
 };
 
 use common::{
-    NO_SUCH_JOB, OWNER, Redis, config, connect, echo, echo_execute, read_and_crash, request, spawn_worker, wait_for,
+    NO_SUCH_JOB, OWNER, Redis, Waits, config, connect, echo, echo_execute, read_and_crash, request,
+    spawn_observing_worker, spawn_worker, wait_for,
 };
 use futures::StreamExt as _;
 use llmesh_proto::{
@@ -115,6 +116,56 @@ async fn retryable_failures_wait_with_backoff_then_succeed() {
     assert!(elapsed < Duration::from_secs(3), "and bounded: {elapsed:?}");
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
     assert_eq!(queue.stats().await.unwrap(), QueueStats::default());
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_started_job_records_its_latest_attempts_start_and_its_wait_before_the_first() {
+    let redis = Redis::start().await.unwrap();
+    let queue = connect(&redis, config()).await;
+    let job = queue.submit(OWNER, &request("flaky"), "", None).await.unwrap().job;
+    assert_eq!(job.started_at_unix_ms, 0, "not started yet");
+    // Waits in the queue a while before any worker is there.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(queue.get(OWNER, &job.id).await.unwrap().unwrap().started_at_unix_ms, 0, "still not started");
+
+    let (attempts, release) = (Arc::new(AtomicU32::new(0)), Arc::new(Notify::new()));
+    let (counter, gate) = (attempts.clone(), release.clone());
+    let waits = Waits::default();
+    let worker = spawn_observing_worker(
+        &queue,
+        "w1",
+        move |request: GenerateRequest| {
+            let attempt = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            let gate = gate.clone();
+            async move {
+                if attempt == 1 {
+                    gate.notified().await;
+                    return Err(JobError::retryable("overloaded"));
+                }
+                Ok(echo(&request))
+            }
+        },
+        &waits,
+    );
+
+    let first = wait_for(&queue, &job.id, SOON, state_is(JobState::Running)).await;
+    assert_eq!(first.attempts, 1);
+    assert!(first.created_at_unix_ms <= first.started_at_unix_ms, "{first:?}");
+    assert_eq!(first.started_at_unix_ms, first.updated_at_unix_ms, "the start is the latest change: {first:?}");
+    release.notify_one();
+
+    let done = wait_for(&queue, &job.id, SOON, state_is(JobState::Succeeded)).await;
+    assert_eq!(done.attempts, 2);
+    assert_eq!(done.created_at_unix_ms, first.created_at_unix_ms);
+    // The retry waited its backoff (at least 8 ms) after the first attempt failed.
+    assert!(done.started_at_unix_ms > first.started_at_unix_ms, "the latest attempt's start: {first:?} {done:?}");
+    assert!(done.started_at_unix_ms <= done.updated_at_unix_ms, "{done:?}");
+
+    // One wait, the first attempt's, on Redis's clock: its start less the submission.
+    let first_wait = u64::try_from(first.started_at_unix_ms - first.created_at_unix_ms).unwrap();
+    assert!(first_wait >= 30, "it waited for its worker: {first_wait} ms");
+    assert_eq!(*waits.lock().unwrap(), [Duration::from_millis(first_wait)], "the retry is no wait in the queue");
     worker.stop().await;
 }
 

@@ -12,6 +12,11 @@
 //! reservation when the answer reported no usage), and nothing for a job that FAILED or was
 //! DEAD_LETTERED. A settlement that fails is retried a few times; settling twice is harmless (each
 //! reservation settles once), so a retry never double-counts.
+//!
+//! Metrics, without per-job or per-key labels: `llmesh_queue_jobs{state}` (the shared backlog),
+//! `llmesh_queue_jobs_completed_total{outcome}` (attempts this process's workers finished), and
+//! `llmesh_queue_wait_seconds` (how long each job this process's workers started had waited, from
+//! its submission to its first attempt, on Redis's clock: see `llmesh_queue::Worker::observing_waits`).
 
 use std::{
     sync::{
@@ -33,6 +38,13 @@ use tokio::sync::watch;
 
 use crate::{GenerationService, config::RateLimitSettings};
 
+/// Buckets of `llmesh_queue_wait_seconds`, in seconds: the queue measures whole milliseconds
+/// (Redis's clock), and a backlog can hold a job for many minutes.
+const WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1800.0, 3600.0,
+];
+
 /// Starts `settings.workers` workers when a queue is configured, settling the token reservations
 /// of the jobs they end on `rate_limit`'s Redis (the queue's by default). They stop when `stop`
 /// turns true (a job in hand is abandoned and taken over by another worker later).
@@ -52,12 +64,20 @@ pub async fn start(
         .u64_counter("llmesh.queue.jobs_completed")
         .with_description("Jobs finished by this process's workers, by outcome")
         .build();
+    let waited = llmesh_telemetry::meter()
+        .f64_histogram("llmesh.queue.wait")
+        .with_unit("s")
+        .with_description("Time jobs waited in the queue, from submission to the start of their first attempt")
+        .with_boundaries(WAIT_BUCKETS.to_vec())
+        .build();
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "generation".into());
     for i in 0..settings.workers {
         let consumer = format!("{host}-{}-{i}", std::process::id());
         let tokens = tokens.clone();
-        let worker =
-            Worker::new(queue.clone(), consumer).settling_with(move |settlement| tokens.clone().settle(settlement));
+        let waited = waited.clone();
+        let worker = Worker::new(queue.clone(), consumer)
+            .settling_with(move |settlement| tokens.clone().settle(settlement))
+            .observing_waits(move |wait| waited.record(wait.as_secs_f64(), &[]));
         let service = service.clone();
         let completed = completed.clone();
         let mut stop = stop.clone();

@@ -29,8 +29,9 @@ pub(crate) struct Delivery {
 /// What starting an attempt found.
 #[derive(Debug)]
 pub(crate) enum Begin {
-    /// Run it: this is attempt `attempt` (from 1), with the stored request (`None` if missing).
-    Run { attempt: u32, request: Option<Vec<u8>> },
+    /// Run it: this is attempt `attempt` (from 1), with the stored request (`None` if missing);
+    /// `since_created`: from the job's creation to this start (Redis's clock, whole ms).
+    Run { attempt: u32, request: Option<Vec<u8>>, since_created: Duration },
     /// Already finished (the delivery is acknowledged): never run twice.
     Finished(JobState),
     /// The job record is gone (expired); the delivery is acknowledged.
@@ -149,11 +150,13 @@ impl Deliveries {
     pub async fn begin(&self, delivery: &Delivery) -> Result<Begin, QueueError> {
         let mut invocation = BEGIN_ATTEMPT_SCRIPT.key(self.keys.job(&delivery.job_id));
         invocation.key(&self.keys.stream).arg(&self.group).arg(&delivery.entry).arg(self.max_attempts);
-        let (outcome, state, attempts, request): (String, Vec<u8>, u32, Option<Vec<u8>>) =
+        let (outcome, state, attempts, request, since_created_ms): (String, Vec<u8>, u32, Option<Vec<u8>>, u64) =
             self.conn.invoke("start an attempt", &invocation).await?;
         let corrupt = |cause| QueueError::Corrupt { id: delivery.job_id.clone(), cause };
         match outcome.as_str() {
-            "run" => Ok(Begin::Run { attempt: attempts, request }),
+            "run" => {
+                Ok(Begin::Run { attempt: attempts, request, since_created: Duration::from_millis(since_created_ms) })
+            }
             "finished" => Ok(Begin::Finished(parse_state(state).map_err(corrupt)?)),
             "exhausted" => Ok(Begin::Exhausted { attempts }),
             _ => Ok(Begin::Gone),

@@ -13,6 +13,12 @@
 //! When the worker's step makes a job terminal, and the job reserved tokens, the worker settles
 //! them through the function given to [`Worker::settling_with`] (without one they stay charged):
 //! with the usage the answer reported, or none for a job that failed or was dead-lettered.
+//!
+//! When it starts a job's first attempt, the worker tells the function given to
+//! [`Worker::observing_waits`] how long the job waited in the queue: from its submission to that
+//! start, both on Redis's clock (whole milliseconds), so workers on skewed hosts agree. Later
+//! attempts (retries, take-overs) are not reported: their time since submission holds earlier
+//! attempts and retry delays, not a wait in the queue alone.
 
 mod delivery;
 
@@ -46,11 +52,15 @@ const OUTAGE_PAUSE: Backoff = Backoff::from_millis(100, 5_000);
 /// Settles the token reservation of a job this worker ended.
 type Settle = Arc<dyn Fn(Settlement) -> BoxFuture<'static, ()> + Send + Sync>;
 
+/// Hears how long each job waited in the queue before its first attempt.
+type ObserveWait = Arc<dyn Fn(Duration) + Send + Sync>;
+
 /// Takes jobs off a queue and runs them.
 pub struct Worker {
     queue: JobQueue,
     consumer: String,
     settle: Option<Settle>,
+    observe_wait: Option<ObserveWait>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -59,6 +69,7 @@ impl std::fmt::Debug for Worker {
             .field("queue", &self.queue)
             .field("consumer", &self.consumer)
             .field("settles", &self.settle.is_some())
+            .field("observes_waits", &self.observe_wait.is_some())
             .finish()
     }
 }
@@ -67,7 +78,16 @@ impl Worker {
     /// `consumer_name` names this worker in the consumer group: unique among live workers, and
     /// best stable across restarts of the same worker (a host name and an index).
     pub fn new(queue: JobQueue, consumer_name: impl Into<String>) -> Self {
-        Self { queue, consumer: consumer_name.into(), settle: None }
+        Self { queue, consumer: consumer_name.into(), settle: None, observe_wait: None }
+    }
+
+    /// Tells `observe` how long each job this worker starts waited in the queue: from its
+    /// submission to the start of its first attempt (see the module doc). Called on the worker's
+    /// task before the job runs, so keep it quick (a metric, not a call over the network).
+    #[must_use]
+    pub fn observing_waits(mut self, observe: impl Fn(Duration) + Send + Sync + 'static) -> Self {
+        self.observe_wait = Some(Arc::new(observe));
+        self
     }
 
     /// Settles the token reservations of the jobs this worker ends with `settle`, awaited before
@@ -96,7 +116,7 @@ impl Worker {
         Fut: Future<Output = Result<GenerateResponse, JobError>>,
     {
         let span = tracing::info_span!("worker", consumer = %self.consumer, stream = %self.queue.keys().stream);
-        let worker = WorkerLoop::new(&self.queue, self.consumer, execute, self.settle)?;
+        let worker = WorkerLoop::new(&self.queue, self.consumer, execute, self.settle, self.observe_wait)?;
         worker.run(shutdown).instrument(span).await;
         Ok(())
     }
@@ -107,6 +127,7 @@ struct WorkerLoop<F> {
     deliveries: Deliveries,
     execute: F,
     settle: Option<Settle>,
+    observe_wait: Option<ObserveWait>,
     max_attempts: u32,
     retry_backoff: Backoff,
     rng: fastrand::Rng,
@@ -123,7 +144,13 @@ where
     F: Fn(GenerateRequest) -> Fut,
     Fut: Future<Output = Result<GenerateResponse, JobError>>,
 {
-    fn new(queue: &JobQueue, consumer: String, execute: F, settle: Option<Settle>) -> Result<Self, QueueError> {
+    fn new(
+        queue: &JobQueue,
+        consumer: String,
+        execute: F,
+        settle: Option<Settle>,
+        observe_wait: Option<ObserveWait>,
+    ) -> Result<Self, QueueError> {
         let config = queue.config();
         let limit = config.worker_response_timeout();
         let conn = queue.open_connection(limit, MAX_BLOCK + limit)?;
@@ -132,6 +159,7 @@ where
             deliveries: Deliveries::new(conn, queue.keys().clone(), config, consumer),
             execute,
             settle,
+            observe_wait,
             max_attempts: config.max_attempts(),
             retry_backoff: Backoff::new(
                 Duration::from_millis(config.backoff_base_ms),
@@ -201,8 +229,11 @@ where
         let span = tracing::info_span!("job", job_id = %delivery.job_id);
         async {
             match self.deliveries.begin(&delivery).await? {
-                Begin::Run { attempt, request } => {
-                    tracing::debug!(attempt, "attempt started");
+                Begin::Run { attempt, request, since_created } => {
+                    tracing::debug!(attempt, since_created_ms = since_created.as_millis(), "attempt started");
+                    if let (1, Some(observe)) = (attempt, &self.observe_wait) {
+                        observe(since_created);
+                    }
                     let started = read_request(request).and_then(|request| {
                         std::panic::catch_unwind(AssertUnwindSafe(|| (self.execute)(request))).map_err(|_| panicked())
                     });

@@ -105,6 +105,20 @@ where
     run_worker(worker, execute)
 }
 
+/// The queue waits a worker reported, in order.
+pub type Waits = Arc<Mutex<Vec<Duration>>>;
+
+/// A worker that records the queue waits it reports in `waits`.
+pub fn spawn_observing_worker<F, Fut>(queue: &JobQueue, name: &str, execute: F, waits: &Waits) -> RunningWorker
+where
+    F: Fn(GenerateRequest) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<GenerateResponse, JobError>> + Send + 'static,
+{
+    let waits = waits.clone();
+    let worker = Worker::new(queue.clone(), name).observing_waits(move |wait| waits.lock().unwrap().push(wait));
+    run_worker(worker, execute)
+}
+
 fn run_worker<F, Fut>(worker: Worker, execute: F) -> RunningWorker
 where
     F: Fn(GenerateRequest) -> Fut + Send + 'static,

@@ -24,8 +24,8 @@ worker count of `--queue-workers` (default 1, 2, 4), first llmesh, then Celery:
    sim job is not retried, so its only one). Celery: the submitter's clock before `apply_async`
    → `date_done`; the wait alone from the start the task notes.
 
-Nothing lost: every block counts the jobs submitted (h2load's 2xx, or the ids Celery returned)
-against the records that reached SUCCEEDED; any difference is reported and the run is not counted.
+Nothing lost: every block counts the jobs submitted (the gateway's SubmitJob calls answered OK,
+or the ids Celery returned) against the records that reached SUCCEEDED; any difference is reported and the run is not counted.
 Every process (h2load or the Python submitter, the gateway, the workers, Redis) shares the cores.
 
 Celery needs a Python with `celery[redis]`: `--celery-python`, else bench/.venv-celery, else the
@@ -303,8 +303,11 @@ def wait_until(H, what, check, timeout):
 
 def h2load_submit(bench, H, h2load, gw, body, label, jobs=None, rate=None, duration=None):
     """SubmitJob through the gateway with h2load: `jobs` as fast as it goes (4 connections × 16
-    streams) or `rate` a second for `duration` s (4 connections, `--rps` each). Returns the calls
-    that got HTTP 200 (a gRPC error shows as missing records, which the caller counts)."""
+    streams) or `rate` a second for `duration` s (4 connections, `--rps` each). Returns the jobs
+    the gateway accepted: its `llm_requests_total{endpoint="SubmitJob",status="OK"}` over the run.
+    Not h2load's count of HTTP 200s: a gRPC error (a refusal the client was told of, such as
+    UNAVAILABLE when Redis did not answer in time on a busy host) comes with HTTP 200 too, and is
+    not a lost job."""
     argv = [h2load, "-t", "1", "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", body, "-c", "4"]
     if rate:
         argv += ["-m", "16", "--rps", f"{rate / 4:.3f}", "-D", f"{duration:g}"]
@@ -314,14 +317,26 @@ def h2load_submit(bench, H, h2load, gw, body, label, jobs=None, rate=None, durat
     cmd = " ".join(shlex.quote(a) for a in argv)
     H.log(f"$ {cmd}")
     bench.commands.append(cmd)
+    before = H.scrape(gw.admin)
     run = subprocess.run(argv, capture_output=True, text=True, timeout=(duration or 0) + 120)
+    after = H.scrape(gw.admin)
     bench.load_counter += 1
     with open(os.path.join(bench.raw, f"{bench.load_counter:03d}-queue-{label}.h2load.txt"), "w") as f:
         f.write(f"$ {cmd}\n{run.stdout}{run.stderr}")
     summary = H.h2load_summary(run.stdout)
     if run.returncode != 0 or not summary:
         raise H.BenchError(f"h2load ({label}) failed (exit {run.returncode}):\n{run.stdout[-1500:]}{run.stderr[-800:]}")
-    return summary["succeeded"]
+    if before is None or after is None:
+        raise H.BenchError(f"cannot read the gateway's /metrics at {gw.admin} ({label})")
+
+    def calls(samples, **status):
+        return H.metric_sum(samples, "llm_requests_total", endpoint="SubmitJob", **status)
+
+    accepted = round(calls(after, status="OK") - calls(before, status="OK"))
+    refused = round(calls(after) - calls(before)) - accepted
+    if refused:
+        H.log(f"  ({label}: the gateway refused {refused} of {accepted + refused} SubmitJob calls; not counted as sent)")
+    return accepted
 
 
 def llmesh_block(bench, H, h2load, body, db, redis, catalog, n, data):
@@ -493,7 +508,8 @@ def report(add, R, verdicts, H):
         "model `sim`. Celery: `apply_async` of an equivalent sleep-free task (same model, prompt and max_tokens; "
         "a fixed 24-word result), `task_acks_late`, Redis as broker and result backend, `celery worker --pool "
         f"prefork --concurrency N`. Prompt: {d['prompt_bytes']} bytes. *submitted*: jobs the queue accepted (its "
-        "records; h2load's count of 200s leaves out the calls in flight when its time is up). *submit→done*: llmesh's record's "
+        "records; the gateway's count of SubmitJob calls answered OK leaves out the calls in flight when h2load's "
+        "time is up, and a call refused with a gRPC error is not a job). *submit→done*: llmesh's record's "
         "`created_at_ms` → `updated_at_ms` at SUCCEEDED (Redis's clock, whole ms: the wait in the queue plus a "
         "sub-millisecond run); Celery's submitter's clock before `apply_async` → `date_done`; *wait*: the wait in "
         "the queue alone, llmesh's record's `created_at_ms` → `started_at_ms` (Redis's clock, whole ms), Celery's "

@@ -42,8 +42,8 @@ impl Dialect for Anthropic {
     type Options = u32;
     type Events = MessageEvents;
 
-    fn parse(body: Fields, context: &Context<'_>) -> Result<Parsed<u32>, Problem> {
-        let (request, stream, unmapped) = parse(body, context.cache)?;
+    fn parse(body: &[u8], context: &Context<'_>) -> Result<Parsed<u32>, Problem> {
+        let (request, stream, unmapped) = parse(Fields::read(body, context.max_objects)?, context.cache)?;
         let input_tokens = validate::estimated_tokens(validate::prompt_bytes(&request));
         Ok(Parsed { request, stream, options: input_tokens, unmapped })
     }

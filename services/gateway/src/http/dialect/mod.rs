@@ -36,7 +36,8 @@ use llmesh_proto::{
 };
 use serde_json::Value;
 
-pub use self::{anthropic::Anthropic, fields::Fields, openai::OpenAi, seed::Seed};
+use self::fields::Fields;
+pub use self::{anthropic::Anthropic, openai::OpenAi, seed::Seed};
 use super::{
     CACHE_POLICIES, Class, Problem, cache_policy_named, finish_reason,
     sse::{self, Events},
@@ -53,8 +54,8 @@ pub trait Dialect {
     /// The dialect's stream events.
     type Events: Events;
 
-    /// The client's body as the contract's request.
-    fn parse(body: Fields, context: &Context<'_>) -> Result<Parsed<Self::Options>, Problem>;
+    /// The client's body (JSON text) as the contract's request.
+    fn parse(body: &[u8], context: &Context<'_>) -> Result<Parsed<Self::Options>, Problem>;
 
     /// An answer as the dialect's body. `created`: the Unix time of the answer, in seconds.
     fn render(response: &GenerateResponse, options: &Self::Options, created: u64) -> Value;
@@ -72,12 +73,14 @@ pub trait Dialect {
 }
 
 /// What parsing needs besides the body.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
     /// The cache policy of `x-llmesh-cache` (for dialects with [`Dialect::CACHE_HEADER`]).
     pub cache: i32,
     /// `gateway.default_model`, for a body that names none (the seed's only).
     pub default_model: Option<&'a str>,
+    /// The request limits' `max_messages`: no list of objects in a body is read past it.
+    pub max_objects: usize,
 }
 
 /// A parsed request.

@@ -45,8 +45,9 @@ impl Dialect for OpenAi {
     type Options = bool;
     type Events = ChunkEvents;
 
-    fn parse(body: Fields, context: &Context<'_>) -> Result<Parsed<bool>, Problem> {
-        let Chat { request, stream, include_usage, unmapped } = parse(body, context.cache)?;
+    fn parse(body: &[u8], context: &Context<'_>) -> Result<Parsed<bool>, Problem> {
+        let Chat { request, stream, include_usage, unmapped } =
+            parse(Fields::read(body, context.max_objects)?, context.cache)?;
         Ok(Parsed { request, stream, options: include_usage, unmapped })
     }
 

@@ -15,7 +15,7 @@
 //! A mistake reads as serde says it, without a line and column (`max_tokens: invalid type: string
 //! "many", expected u32`); a body that is not JSON, or not an object, is said of the whole body.
 
-use std::{cell::Cell, collections::BTreeMap, fmt, marker::PhantomData};
+use std::{cell::Cell, fmt, marker::PhantomData};
 
 use serde::{
     Deserialize, Deserializer,
@@ -88,7 +88,6 @@ where
 }
 
 /// `deserialize_with` for an object's field (absent as [`opt`] says).
-#[allow(dead_code)] // For the OpenAI and Anthropic structs, next.
 pub fn object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: Deserializer<'de>,
@@ -107,7 +106,6 @@ where
 }
 
 /// `deserialize_with` for JSON carried as text: the client's text without its whitespace.
-#[allow(dead_code)] // For the OpenAI and Anthropic structs, next.
 pub fn json_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
     let raw = Box::<RawValue>::deserialize(deserializer)?;
     Ok((!is_empty_text(raw.get())).then(|| compact(raw.get())))
@@ -345,15 +343,74 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for Seen<A> {
     }
 }
 
+/// A string, a list of `L`, an object as `O`, or something else (`Other`: a number, a boolean),
+/// which the caller refuses in its own words (`must be a string or a list of parts`).
+pub enum TextOr<L, O> {
+    Text(String),
+    List(Vec<L>),
+    Object(O),
+    Other,
+}
+
+impl<'de, L: Deserialize<'de>, O: Deserialize<'de>> Deserialize<'de> for TextOr<L, O> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(TextOrVisitor(PhantomData))
+    }
+}
+
+struct TextOrVisitor<L, O>(PhantomData<(L, O)>);
+
+impl<'de, L: Deserialize<'de>, O: Deserialize<'de>> Visitor<'de> for TextOrVisitor<L, O> {
+    type Value = TextOr<L, O>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a string, a list or an object")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(TextOr::Text(v.to_string()))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(TextOr::Text(v))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        Vec::deserialize(SeqAccessDeserializer::new(seq)).map(TextOr::List)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        O::deserialize(MapAccessDeserializer::new(map)).map(TextOr::Object)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(TextOr::Other)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(TextOr::Other)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(TextOr::Other)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(TextOr::Other)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(TextOr::Other)
+    }
+}
+
 /// The fields of `rest` that are not empty.
-#[allow(dead_code)] // For the OpenAI and Anthropic structs, next.
 pub fn present(rest: Map<String, Value>) -> Map<String, Value> {
     rest.into_iter().filter(|(_, value)| !is_empty(value)).collect()
 }
 
 /// `rest` (an object's fields llmesh carries without acting on them) as a JSON object's text,
 /// empty when it has none but empty ones (`extra` in the contract).
-#[allow(dead_code)] // For the OpenAI and Anthropic structs, next.
 pub fn rest_text(rest: Map<String, Value>) -> String {
     let rest = present(rest);
     if rest.is_empty() { String::new() } else { Value::Object(rest).to_string() }
@@ -377,7 +434,6 @@ pub fn required<T>(value: Option<T>, at: &str, name: &str) -> Result<T, Problem>
 
 /// `value` of `name`, which must be absent or `default` (a parameter the mesh takes only at its
 /// default).
-#[allow(dead_code)] // For the OpenAI and Anthropic structs, next.
 pub fn only<T: PartialEq + fmt::Debug>(value: Option<T>, name: &str, default: T) -> Result<(), Problem> {
     match value {
         Some(given) if given != default => {
@@ -427,7 +483,7 @@ fn compact(text: &str) -> String {
 }
 
 #[cfg(test)]
-mod serde_tests {
+mod tests {
     use serde_json::json;
 
     use super::*;
@@ -547,251 +603,5 @@ mod serde_tests {
             (error.param.as_deref(), error.message.as_str()),
             (Some("presence_penalty"), "presence_penalty: only 0.0 is supported by llmesh")
         );
-    }
-}
-
-// ---- The walker the dialects not yet on structs use (going). ----
-
-/// An object's fields as the client wrote them: each value's JSON text, read only when asked for,
-/// so that JSON llmesh carries as text (a schema) keeps the client's key order.
-type RawMap = BTreeMap<String, Box<RawValue>>;
-
-#[derive(Debug)]
-pub struct Fields {
-    map: RawMap,
-    /// Where this object is in the body (`messages[2]`), empty at the top.
-    at: String,
-    /// Most objects a list of them ([`Fields::objects`]) may hold.
-    max_objects: usize,
-}
-
-impl Fields {
-    /// The fields of an object already read as a value (its key order is the value's, sorted).
-    #[cfg(test)]
-    pub fn new(map: Map<String, Value>) -> Self {
-        Self::within(map, String::new())
-    }
-
-    /// A body's fields, any list of objects in it at most `max_objects` long.
-    pub fn read(body: &[u8], max_objects: usize) -> Result<Self, Problem> {
-        match Self::parse(body) {
-            Ok(Some(fields)) => Ok(fields.with_max_objects(max_objects)),
-            Ok(None) => Err(Problem::invalid("body", "must be a JSON object")),
-            Err(error) => Err(Problem::invalid("body", format_args!("not valid JSON ({error})"))),
-        }
-    }
-
-    /// A body's text: `Ok(None)` when it is valid JSON but not an object.
-    fn parse(body: &[u8]) -> Result<Option<Self>, serde_json::Error> {
-        match serde_json::from_slice::<RawMap>(body) {
-            Ok(map) => Ok(Some(Self { map, at: String::new(), max_objects: usize::MAX })),
-            // Only on the way out: is it not JSON at all, or JSON but not an object?
-            Err(_) => serde_json::from_slice::<Box<RawValue>>(body).map(|_| None),
-        }
-    }
-
-    /// At most `max` objects in any list of them: a longer list is refused before any is read
-    /// (the request limits refuse it anyway; this spares reading it).
-    pub fn with_max_objects(self, max: usize) -> Self {
-        Self { max_objects: max, ..self }
-    }
-
-    /// An object found at `at` in the body.
-    pub fn within(map: Map<String, Value>, at: String) -> Self {
-        let map = map
-            .into_iter()
-            .filter_map(|(name, value)| Some((name, serde_json::value::to_raw_value(&value).ok()?)))
-            .collect();
-        Self { map, at, max_objects: usize::MAX }
-    }
-
-    /// The path of `name` in the body.
-    pub fn path(&self, name: &str) -> String {
-        if self.at.is_empty() { name.to_string() } else { format!("{}.{name}", self.at) }
-    }
-
-    /// `name`'s JSON text, if present (and not empty).
-    fn take_raw(&mut self, name: &str) -> Option<Box<RawValue>> {
-        self.map.remove(name).filter(|raw| !is_empty_text(raw.get()))
-    }
-
-    /// `name`, if present.
-    pub fn take<T: DeserializeOwned>(&mut self, name: &str) -> Result<Option<T>, Problem> {
-        match self.take_raw(name) {
-            None => Ok(None),
-            // Through a value, so that a mistake reads as it always has (no line and column).
-            Some(raw) => serde_json::from_str::<Value>(raw.get())
-                .and_then(serde_json::from_value)
-                .map(Some)
-                .map_err(|error| Problem::invalid(self.path(name), error)),
-        }
-    }
-
-    /// `name` as compact JSON text, if present: its keys in the order the client wrote them
-    /// (structured outputs follow a schema's order), its whitespace dropped.
-    pub fn json_text(&mut self, name: &str) -> Option<String> {
-        self.take_raw(name).map(|raw| compact(raw.get()))
-    }
-
-    /// `name`, which must be present.
-    pub fn required<T: DeserializeOwned>(&mut self, name: &str) -> Result<T, Problem> {
-        self.take(name)?.ok_or_else(|| Problem::invalid(self.path(name), "required"))
-    }
-
-    /// `name`, which must be absent or `value` (a parameter the mesh takes only at its default).
-    pub fn only<T: DeserializeOwned + PartialEq + std::fmt::Debug>(
-        &mut self,
-        name: &str,
-        value: T,
-    ) -> Result<(), Problem> {
-        match self.take::<T>(name)? {
-            Some(given) if given != value => {
-                Err(Problem::invalid(self.path(name), format_args!("only {value:?} is supported by llmesh")))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// `raw` read as an object found at `path`.
-    fn object_at(&self, raw: &RawValue, path: String) -> Result<Fields, Problem> {
-        if !raw.get().starts_with('{') {
-            return Err(Problem::invalid(path, "must be an object"));
-        }
-        let map = serde_json::from_str(raw.get()).map_err(|error| Problem::invalid(path.clone(), error))?;
-        Ok(Fields { map, at: path, max_objects: self.max_objects })
-    }
-
-    /// `name` as an object of its own, if present.
-    pub fn object(&mut self, name: &str) -> Result<Option<Fields>, Problem> {
-        let path = self.path(name);
-        match self.take_raw(name) {
-            None => Ok(None),
-            Some(raw) => self.object_at(&raw, path).map(Some),
-        }
-    }
-
-    /// `name` as a list of objects, if present.
-    pub fn objects(&mut self, name: &str) -> Result<Option<Vec<Fields>>, Problem> {
-        let path = self.path(name);
-        let Some(raw) = self.take_raw(name) else { return Ok(None) };
-        if !raw.get().starts_with('[') {
-            // Not a list: the mistake in the words `take` uses.
-            self.map.insert(name.to_string(), raw);
-            return self.take::<Vec<Value>>(name).map(|_| None);
-        }
-        let items: Vec<Box<RawValue>> =
-            serde_json::from_str(raw.get()).map_err(|error| Problem::invalid(path.clone(), error))?;
-        if items.len() > self.max_objects {
-            let message = format_args!("{} {name} exceed the limit of {}", items.len(), self.max_objects);
-            return Err(Problem::invalid(path, message));
-        }
-        let objects = items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| self.object_at(item, format!("{path}[{i}]")))
-            .collect::<Result<_, _>>()?;
-        Ok(Some(objects))
-    }
-
-    /// Ignores `name` (a hint the mesh has no use for, such as a cache-control mark).
-    pub fn ignore(&mut self, name: &str) {
-        self.map.remove(name);
-    }
-
-    /// What is left unread (but empty values), as a JSON object's text; empty when nothing is: the
-    /// fields of a part the mesh carries without acting on them (`extra` in the contract).
-    pub fn rest(self) -> String {
-        let rest = self.rest_map();
-        if rest.is_empty() { String::new() } else { Value::Object(rest).to_string() }
-    }
-
-    /// What is left unread (but empty values).
-    pub fn rest_map(self) -> Map<String, Value> {
-        self.map
-            .into_iter()
-            .filter(|(_, raw)| !is_empty_text(raw.get()))
-            .filter_map(|(name, raw)| Some((name, serde_json::from_str(raw.get()).ok()?)))
-            .collect()
-    }
-
-    /// Done reading: a field left over is one the mesh does not support.
-    pub fn finish(self) -> Result<(), Problem> {
-        match self.map.iter().find(|(_, raw)| !is_empty_text(raw.get())) {
-            Some((name, _)) => Err(Problem::invalid(self.path(name), "not supported by llmesh")),
-            None => Ok(()),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::*;
-
-    fn fields(value: Value) -> Fields {
-        match value {
-            Value::Object(map) => Fields::new(map),
-            _ => unreachable!(),
-        }
-    }
-
-    #[test]
-    fn mistakes_name_their_field() {
-        let mut body = fields(json!({"max_tokens": "many", "messages": [{"role": 5}]}));
-        let error = body.take::<u32>("max_tokens").unwrap_err();
-        assert_eq!(error.param.as_deref(), Some("max_tokens"));
-        assert!(error.message.starts_with("max_tokens: invalid type"), "{}", error.message);
-        let mut messages = body.objects("messages").unwrap().unwrap();
-        let error = messages[0].required::<String>("role").unwrap_err();
-        assert_eq!(error.param.as_deref(), Some("messages[0].role"));
-        let error = fields(json!({})).required::<String>("model").unwrap_err();
-        assert_eq!(error.message, "model: required");
-    }
-
-    #[test]
-    fn a_list_longer_than_its_limit_is_refused_before_it_is_read() {
-        let mut body = fields(json!({"messages": [{}, {}, {}]})).with_max_objects(2);
-        let error = body.objects("messages").unwrap_err();
-        assert_eq!(error.param.as_deref(), Some("messages"));
-        assert_eq!(error.message, "messages: 3 messages exceed the limit of 2", "as the request limits say it");
-        let mut body = fields(json!({"messages": [{}, {}]})).with_max_objects(2);
-        assert_eq!(body.objects("messages").unwrap().unwrap().len(), 2);
-    }
-
-    #[test]
-    fn fields_left_over_are_unsupported_unless_empty() {
-        let mut body = fields(json!({"model": "sim", "tools": [{"type": "function"}], "tool_choice": null}));
-        let _: String = body.required("model").unwrap();
-        let error = body.finish().unwrap_err();
-        assert_eq!(error.param.as_deref(), Some("tools"));
-        assert_eq!(error.message, "tools: not supported by llmesh");
-        let body = fields(json!({"tool_calls": null, "annotations": [], "audio": {}}));
-        assert!(body.finish().is_ok());
-    }
-
-    #[test]
-    fn json_text_keeps_the_clients_key_order_without_whitespace() {
-        let body = br#"{"schema": {"type": "object", "properties": {"z": {"type": "string"}, "a": {"description": "a \"quoted\" value, with  spaces"}}}}"#;
-        let mut fields = Fields::parse(body).unwrap().unwrap();
-        assert_eq!(
-            fields.json_text("schema").unwrap(),
-            r#"{"type":"object","properties":{"z":{"type":"string"},"a":{"description":"a \"quoted\" value, with  spaces"}}}"#
-        );
-        assert!(Fields::parse(b"[1]").unwrap().is_none(), "not an object");
-        assert!(Fields::parse(b"{").is_err());
-        let error = Fields::parse(b"[1").err().unwrap().to_string();
-        assert!(error.starts_with("EOF while parsing a list"), "the syntax error, as a value's parse says it: {error}");
-        let mut empty = Fields::parse(br#"{"a": [ ], "b": { }, "c": null}"#).unwrap().unwrap();
-        assert!(empty.json_text("a").is_none() && empty.take::<Value>("b").unwrap().is_none());
-        assert!(empty.finish().is_ok());
-    }
-
-    #[test]
-    fn defaults_only() {
-        let mut body = fields(json!({"n": 1, "presence_penalty": 0.5}));
-        assert!(body.only("n", 1u32).is_ok());
-        let error = body.only("presence_penalty", 0.0f32).unwrap_err();
-        assert_eq!(error.param.as_deref(), Some("presence_penalty"));
     }
 }

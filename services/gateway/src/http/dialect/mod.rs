@@ -2,9 +2,10 @@
 //! their translation to and from the contract, behind one shape: [`Dialect`].
 //!
 //! A dialect is four pure translations, and nothing else — no I/O, no clock, no gateway:
-//! - [`Dialect::parse`]: the client's JSON body into the contract's `GenerateRequest`, whether it
-//!   asked for a stream, what the answer's rendering needs to know ([`Dialect::Options`]), and
-//!   the top-level fields llmesh does not act on ([`Unmapped`]: carried as the request's
+//! - [`Dialect::parse`]: the client's JSON body — read into the dialect's serde structs, one per
+//!   object of the provider's wire format, by the shared rules of [`fields`] — into the
+//!   contract's `GenerateRequest`, whether it asked for a stream, what the answer's rendering
+//!   needs to know ([`Dialect::Options`]), and the top-level fields llmesh does not act on ([`Unmapped`]: carried as the request's
 //!   extensions in the dialect, and named in `x-llmesh-unmapped-fields`). A mistake is a
 //!   [`Problem`] naming the field at fault (`messages[2].content[0].type`).
 //! - [`Dialect::render`]: a `GenerateResponse` into the dialect's answer body.
@@ -36,7 +37,6 @@ use llmesh_proto::{
 };
 use serde_json::Value;
 
-use self::fields::Fields;
 pub use self::{anthropic::Anthropic, openai::OpenAi, seed::Seed};
 use super::{
     CACHE_POLICIES, Class, Problem, cache_policy_named, finish_reason,

@@ -112,7 +112,7 @@ struct Body {
     temperature: Option<f32>,
     #[serde(default, deserialize_with = "fields::opt")]
     top_p: Option<f32>,
-    #[serde(default, deserialize_with = "fields::opt")]
+    #[serde(default, deserialize_with = "fields::whole")]
     stop_sequences: Option<Vec<String>>,
     /// Carried, not refused: a field Anthropic adds next month reaches an Anthropic upstream (none
     /// yet: for the others it is dropped, and the header says so, as it names the parsed fields no

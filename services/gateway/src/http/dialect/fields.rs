@@ -87,6 +87,20 @@ where
     deserializer.deserialize_any(OrAbsent(PhantomData))
 }
 
+/// `deserialize_with` for a map or list of plain values (`metadata`, `stop_sequences`; absent as
+/// [`opt`] says): read whole, so that a mistake inside names the field (`metadata`), as the
+/// contract's validation does, not a key within it.
+pub fn whole<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    match opt::<D, Value>(deserializer)? {
+        None => Ok(None),
+        Some(value) => T::deserialize(value).map(Some).map_err(de::Error::custom),
+    }
+}
+
 /// `deserialize_with` for an object's field (absent as [`opt`] says).
 pub fn object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where

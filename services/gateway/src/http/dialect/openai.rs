@@ -174,7 +174,7 @@ struct Body {
     seed: Option<i64>,
     #[serde(default, deserialize_with = "fields::opt")]
     user: Option<String>,
-    #[serde(default, deserialize_with = "fields::opt")]
+    #[serde(default, deserialize_with = "fields::whole")]
     metadata: Option<HashMap<String, String>>,
     #[serde(default, deserialize_with = "fields::opt")]
     parallel_tool_calls: Option<bool>,

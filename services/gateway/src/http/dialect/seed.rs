@@ -108,7 +108,7 @@ struct Body {
     seed: Option<i64>,
     #[serde(default, deserialize_with = "fields::opt")]
     user: Option<String>,
-    #[serde(default, deserialize_with = "fields::opt")]
+    #[serde(default, deserialize_with = "fields::whole")]
     metadata: Option<HashMap<String, String>>,
     #[serde(default, deserialize_with = "fields::opt")]
     idempotency_key: Option<String>,
@@ -242,6 +242,8 @@ mod tests {
             (json!({"prompt": "p", "max_tokens": -1}), "max_tokens"),
             (json!({"prompt": "p", "cache": "sometimes"}), "cache"),
             (json!({"prompt": "p", "stream": true}), "stream"),
+            // A map read whole: its mistake names the field, as before the structs.
+            (json!({"prompt": "p", "metadata": {"k": 1}}), "metadata"),
         ] {
             let error = parsed(body.clone(), Some("sim")).unwrap_err();
             assert_eq!(error.param.as_deref(), Some(param), "{body}: {}", error.message);

@@ -8,12 +8,19 @@
 //!   by its length before more of it is read into structs);
 //! - JSON llmesh carries as text (a schema) is the client's own text without its whitespace
 //!   ([`json_text`]): its key order is kept, which structured outputs follow;
+//! - a map or list of plain values (`metadata`) is read whole ([`whole`]): a mistake in it names
+//!   the field;
+//! - a field that is a string or blocks is a [`TextOr`], refused in its dialect's words when it is
+//!   neither;
 //! - a struct keeps the fields it does not name (`#[serde(flatten)] rest: Map<String, Value>`):
 //!   the top level carries them ([`present`]), an inner object refuses the first of them by name
 //!   ([`refuse_rest`]), as a field the mesh does not support.
 //!
 //! A mistake reads as serde says it, without a line and column (`max_tokens: invalid type: string
 //! "many", expected u32`); a body that is not JSON, or not an object, is said of the whole body.
+//! The body is read once, in its order: of several mistakes in one body, a value of the wrong type
+//! is found first (before a missing field or an over-long list that a check after reading finds),
+//! and a field the struct names, given twice, is refused (`duplicate field`).
 
 use std::{cell::Cell, fmt, marker::PhantomData};
 

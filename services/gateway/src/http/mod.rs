@@ -56,7 +56,7 @@ use serde::{Deserialize, Serialize};
 use tonic::{Code, body::Body};
 use tower::Service;
 
-use self::dialect::{Anthropic, Dialect, Fields, OpenAi, Seed};
+use self::dialect::{Anthropic, Dialect, OpenAi, Seed};
 pub use self::errors::{Problem, RejectionLayer};
 use crate::{
     admission::Quota,
@@ -232,9 +232,9 @@ impl Ingress {
         &self.shared.gateway
     }
 
-    /// The request body as a JSON object, at most `max_body_bytes` long, read within the call's
-    /// `deadline`: a client that sends its body slowly holds its call slot no longer than any call.
-    async fn json(&self, body: Body, deadline: Deadline) -> Result<Fields, Problem> {
+    /// The request body, at most `max_body_bytes` long, read within the call's `deadline`: a
+    /// client that sends its body slowly holds its call slot no longer than any call.
+    async fn body(&self, body: Body, deadline: Deadline) -> Result<Bytes, Problem> {
         let limit = self.shared.max_body_bytes;
         let read = tokio::time::timeout(deadline.remaining(), http_body_util::Limited::new(body, limit).collect());
         let Ok(read) = read.await else {
@@ -242,19 +242,17 @@ impl Ingress {
             let class = Class::Timeout { client: deadline.client_bound() };
             return Err(Problem::new(class, code, "request body: not received within the call's deadline"));
         };
-        let bytes = match read {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(Problem::too_large(limit)),
+        match read {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(Problem::too_large(limit)),
             // The client stopped sending mid-body.
-            Err(error) => {
-                return Err(Problem::new(Class::Cancelled, Code::Cancelled, format!("request body: {error}")));
-            }
-        };
-        match Fields::parse(&bytes) {
-            Ok(Some(fields)) => Ok(fields.with_max_objects(self.shared.max_messages)),
-            Ok(None) => Err(Problem::invalid("body", "must be a JSON object")),
-            Err(error) => Err(Problem::invalid("body", format_args!("not valid JSON ({error})"))),
+            Err(error) => Err(Problem::new(Class::Cancelled, Code::Cancelled, format!("request body: {error}"))),
         }
+    }
+
+    /// The request limits' `max_messages`: no list in a body is read past it.
+    fn max_objects(&self) -> usize {
+        self.shared.max_messages
     }
 
     /// The call's deadline: the configured limit, or the client's own timeout when shorter.

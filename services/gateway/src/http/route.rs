@@ -17,8 +17,8 @@ use crate::{principal::Principal, service::Unary};
 pub async fn serve<D: Dialect>(ingress: &Ingress, parts: Parts, body: Body) -> Result<http::Response<Body>, Problem> {
     let deadline = ingress.deadline(&parts.headers)?;
     let cache = if D::CACHE_HEADER { Ingress::cache_policy(&parts.headers)? } else { 0 };
-    let context = Context { cache, default_model: ingress.default_model() };
-    let Parsed { request, stream, options, unmapped } = D::parse(ingress.json(body, deadline).await?, &context)?;
+    let context = Context { cache, default_model: ingress.default_model(), max_objects: ingress.max_objects() };
+    let Parsed { request, stream, options, unmapped } = D::parse(&ingress.body(body, deadline).await?, &context)?;
     let model = request.model.clone();
     let created = now_unix();
     if stream {

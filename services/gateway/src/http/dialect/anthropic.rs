@@ -19,10 +19,12 @@ use llmesh_proto::{
     gateway::v1::GenerateStreamResponse,
     generation::v1::{GenerateRequest, GenerateResponse},
 };
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
 
 use super::{
-    Class, Context, Dialect, Fields, Parsed, Problem, Unmapped, anthropic_content as content, anthropic_dropped,
+    Class, Context, Dialect, Parsed, Problem, Unmapped, anthropic_content as content, anthropic_dropped,
+    fields::{self, Listed, TextOr, path, refuse_rest, required},
     finish_reason,
     sse::{self, Events},
 };
@@ -42,8 +44,8 @@ impl Dialect for Anthropic {
     type Options = u32;
     type Events = MessageEvents;
 
-    fn parse(body: Fields, context: &Context<'_>) -> Result<Parsed<u32>, Problem> {
-        let (request, stream, unmapped) = parse(body, context.cache)?;
+    fn parse(body: &[u8], context: &Context<'_>) -> Result<Parsed<u32>, Problem> {
+        let (request, stream, unmapped) = parse(fields::parse(body, context.max_objects)?, context.cache)?;
         let input_tokens = validate::estimated_tokens(validate::prompt_bytes(&request));
         Ok(Parsed { request, stream, options: input_tokens, unmapped })
     }
@@ -85,85 +87,118 @@ fn error_type(class: Class) -> &'static str {
     }
 }
 
-/// Text blocks, or a string: the text.
-fn text(value: Value, path: String) -> Result<String, Problem> {
-    match value {
-        Value::String(text) => Ok(text),
-        Value::Array(blocks) => {
-            let mut texts = Vec::with_capacity(blocks.len());
-            for (i, block) in blocks.into_iter().enumerate() {
-                let at = format!("{path}[{i}]");
-                let Value::Object(block) = block else { return Err(Problem::invalid(at, "must be an object")) };
-                let mut block = Fields::within(block, at.clone());
-                let kind: String = block.take("type")?.unwrap_or_default();
-                if kind != "text" {
-                    return Err(Problem::invalid(
-                        format!("{at}.type"),
-                        format_args!("{kind:?} blocks are not supported by llmesh (only \"text\")"),
-                    ));
-                }
-                let text: String = block.required("text")?;
-                block.ignore("cache_control");
-                block.ignore("citations");
-                block.finish()?;
-                texts.push(text);
-            }
-            Ok(texts.join("\n"))
-        }
-        _ => Err(Problem::invalid(path, "must be a string or a list of text blocks")),
-    }
+/// A messages request, as the client sends it.
+#[derive(Deserialize)]
+struct Body {
+    #[serde(default, deserialize_with = "fields::opt")]
+    model: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    max_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    system: Option<content::ContentBody>,
+    #[serde(default, deserialize_with = "fields::objects")]
+    messages: Option<Vec<Message>>,
+    #[serde(default, deserialize_with = "fields::objects")]
+    tools: Option<Vec<content::ToolBody>>,
+    #[serde(default, deserialize_with = "fields::object")]
+    tool_choice: Option<content::ChoiceBody>,
+    #[serde(default, deserialize_with = "fields::object")]
+    thinking: Option<content::ThinkingBody>,
+    #[serde(default, deserialize_with = "fields::object")]
+    metadata: Option<Metadata>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    stream: Option<bool>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    temperature: Option<f32>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    top_p: Option<f32>,
+    #[serde(default, deserialize_with = "fields::whole")]
+    stop_sequences: Option<Vec<String>>,
+    /// Carried, not refused: a field Anthropic adds next month reaches an Anthropic upstream (none
+    /// yet: for the others it is dropped, and the header says so, as it names the parsed fields no
+    /// upstream takes).
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// One of `messages`.
+#[derive(Deserialize)]
+struct Message {
+    #[serde(default, deserialize_with = "fields::opt")]
+    role: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    content: Option<content::ContentBody>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+impl Listed for Message {
+    const LIST: &'static str = "messages";
+}
+
+#[derive(Deserialize)]
+struct Metadata {
+    #[serde(default, deserialize_with = "fields::opt")]
+    user_id: Option<String>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
 }
 
 /// A messages request, parsed.
-fn parse(mut body: Fields, cache: i32) -> Result<(GenerateRequest, bool, Unmapped), Problem> {
-    let model: String = body.required("model")?;
-    let max_tokens: u32 = body.required("max_tokens")?;
+fn parse(body: Body, cache: i32) -> Result<(GenerateRequest, bool, Unmapped), Problem> {
+    let model = required(body.model, "", "model")?;
+    let max_tokens = required(body.max_tokens, "", "max_tokens")?;
     if max_tokens == 0 {
         return Err(Problem::invalid("max_tokens", "must be at least 1"));
     }
     let mut messages = Vec::new();
-    if let Some(system) = body.take::<Value>("system")? {
+    match body.system {
+        None => {}
+        Some(TextOr::Text(text)) => {
+            messages.push(ChatMessage { role: "system".into(), content: text, ..Default::default() });
+        }
         // Text blocks only (a mistake names its block); their `cache_control` is kept as the
         // parts', as a conversation's blocks keep theirs (without any, the text joined, as before).
-        let joined = text(system.clone(), "system".into())?;
-        match system {
-            blocks @ Value::Array(_) => content::message("system", blocks, "system", &mut messages)?,
-            _ => messages.push(ChatMessage { role: "system".into(), content: joined, ..Default::default() }),
+        Some(TextOr::List(blocks)) => {
+            content::system_blocks(&blocks)?;
+            content::message("system", TextOr::List(blocks), "system", &mut messages)?;
+        }
+        Some(TextOr::Object(_) | TextOr::Other) => {
+            return Err(Problem::invalid("system", "must be a string or a list of text blocks"));
         }
     }
-    let listed = body.objects("messages")?.ok_or_else(|| Problem::invalid("messages", "required"))?;
-    for mut message in listed {
-        let role: String = message.required("role")?;
+    let listed = required(body.messages, "", "messages")?;
+    for (i, message) in listed.into_iter().enumerate() {
+        let at = format!("messages[{i}]");
+        let role = required(message.role, &at, "role")?;
         // Coding agents put a `system` turn inside the conversation too.
         if role != "user" && role != "assistant" && role != "system" {
             return Err(Problem::invalid(
-                message.path("role"),
+                path(&at, "role"),
                 format_args!("{role:?} is not one of user, assistant, system"),
             ));
         }
-        let path = message.path("content");
-        content::message(&role, message.required("content")?, &path, &mut messages)?;
-        message.finish()?;
+        let content = required(message.content, &at, "content")?;
+        content::message(&role, content, &path(&at, "content"), &mut messages)?;
+        refuse_rest(&at, &message.rest, &[])?;
     }
-    let tools = content::tools(&mut body)?;
-    let (tool_choice, parallel_tool_calls) = content::tool_choice(&mut body)?;
-    let reasoning = content::thinking(&mut body)?;
-    let user = match body.object("metadata")? {
+    let tools = content::tools(body.tools)?;
+    let (tool_choice, parallel_tool_calls) = content::tool_choice(body.tool_choice)?;
+    let reasoning = content::thinking(body.thinking)?;
+    let user = match body.metadata {
         None => String::new(),
-        Some(mut metadata) => {
-            let user = metadata.take::<String>("user_id")?.unwrap_or_default();
-            metadata.finish()?;
-            user
+        Some(metadata) => {
+            refuse_rest("metadata", &metadata.rest, &[])?;
+            metadata.user_id.unwrap_or_default()
         }
     };
-    let stream = body.take::<bool>("stream")?.unwrap_or(false);
     let request = GenerateRequest {
         model,
         messages,
         max_tokens,
-        temperature: body.take("temperature")?,
-        top_p: body.take("top_p")?,
-        stop: body.take("stop_sequences")?.unwrap_or_default(),
+        temperature: body.temperature,
+        top_p: body.top_p,
+        stop: body.stop_sequences.unwrap_or_default(),
         user,
         cache,
         tools,
@@ -172,12 +207,9 @@ fn parse(mut body: Fields, cache: i32) -> Result<(GenerateRequest, bool, Unmappe
         reasoning,
         ..Default::default()
     };
-    // What is left is carried, not refused: a field Anthropic adds next month reaches an Anthropic
-    // upstream (none yet: for the others it is dropped, and the header says so, as it names the
-    // parsed fields no upstream takes).
-    let unmapped = Unmapped::of(body.rest_map(), DIALECT).and_dropped(&anthropic_dropped::dropped(&request));
+    let unmapped = Unmapped::of(fields::present(body.rest), DIALECT).and_dropped(&anthropic_dropped::dropped(&request));
     let request = GenerateRequest { extensions: unmapped.extensions(), ..request };
-    Ok((request, stream, unmapped))
+    Ok((request, body.stream.unwrap_or(false), unmapped))
 }
 
 /// Anthropic's name of a finish reason.
@@ -346,8 +378,8 @@ mod tests {
     use super::*;
 
     fn parsed(body: Value) -> Result<(GenerateRequest, bool), Problem> {
-        let Value::Object(map) = body else { unreachable!() };
-        parse(Fields::new(map), 0).map(|(request, stream, _)| (request, stream))
+        let body = fields::parse(&serde_json::to_vec(&body).unwrap(), usize::MAX)?;
+        parse(body, 0).map(|(request, stream, _)| (request, stream))
     }
 
     #[test]

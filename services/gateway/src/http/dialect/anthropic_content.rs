@@ -16,30 +16,177 @@ use llmesh_proto::common::v1::{
     ChatMessage, ContentPart, Document, Image, Reasoning, ReasoningOptions, Tool, ToolCall, ToolChoice, ToolChoiceMode,
     Usage, content_part, document, image,
 };
-use serde_json::{Value, json};
+use serde::{Deserialize, de::IgnoredAny};
+use serde_json::{Map, Value, json};
 
-use super::{Fields, Problem};
+use super::{
+    Problem,
+    fields::{self, Listed, Obj, TextOr, path, refuse_rest, required},
+};
+
+/// One of `tools`: `{name, description, input_schema, cache_control}`, the rest kept as its `extra`.
+#[derive(Deserialize)]
+pub struct ToolBody {
+    #[serde(default, rename = "type", deserialize_with = "fields::opt")]
+    kind: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    name: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    description: Option<String>,
+    #[serde(default, deserialize_with = "fields::json_text")]
+    input_schema: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    cache_control: Option<Value>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+impl Listed for ToolBody {
+    const LIST: &'static str = "tools";
+}
+
+/// `tool_choice`.
+#[derive(Deserialize)]
+pub struct ChoiceBody {
+    #[serde(default, rename = "type", deserialize_with = "fields::opt")]
+    kind: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    name: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    disable_parallel_tool_use: Option<bool>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// `thinking`.
+#[derive(Deserialize)]
+pub struct ThinkingBody {
+    #[serde(default, rename = "type", deserialize_with = "fields::opt")]
+    kind: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    budget_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    display: Option<String>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// A message's content (or `system`, or a tool result's): a string or blocks.
+pub type ContentBody = TextOr<Obj<Block>, IgnoredAny>;
+
+/// A content block of any type: the fields of every type, each type taking its own
+/// ([`Block::unread`] names the others').
+#[derive(Deserialize)]
+pub struct Block {
+    #[serde(default, rename = "type", deserialize_with = "fields::opt")]
+    kind: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    cache_control: Option<Value>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    text: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    citations: Option<Value>,
+    #[serde(default, deserialize_with = "fields::object")]
+    source: Option<Source>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    context: Option<Value>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    title: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    id: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    name: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    input: Option<Value>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    tool_use_id: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    is_error: Option<bool>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    content: Option<ContentBody>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    thinking: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    signature: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    data: Option<String>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+impl Block {
+    /// The fields present that a block of type `kind` does not take (all of them for a type llmesh
+    /// does not know), by name.
+    fn unread(&self, kind: &str) -> Vec<(&'static str, bool)> {
+        let own: &[&str] = match kind {
+            "text" => &["text", "citations"],
+            "image" => &["source"],
+            "document" => &["source", "context", "citations", "title"],
+            "tool_use" => &["id", "name", "input"],
+            "tool_result" => &["tool_use_id", "is_error", "content"],
+            "thinking" => &["thinking", "signature"],
+            "redacted_thinking" => &["data"],
+            _ => &[],
+        };
+        [
+            ("citations", self.citations.is_some()),
+            ("content", self.content.is_some()),
+            ("context", self.context.is_some()),
+            ("data", self.data.is_some()),
+            ("id", self.id.is_some()),
+            ("input", self.input.is_some()),
+            ("is_error", self.is_error.is_some()),
+            ("name", self.name.is_some()),
+            ("signature", self.signature.is_some()),
+            ("source", self.source.is_some()),
+            ("text", self.text.is_some()),
+            ("thinking", self.thinking.is_some()),
+            ("title", self.title.is_some()),
+            ("tool_use_id", self.tool_use_id.is_some()),
+        ]
+        .into_iter()
+        .filter(|(name, present)| *present && !own.contains(name))
+        .collect()
+    }
+}
+
+/// An image's or a document's `source`.
+#[derive(Deserialize)]
+pub struct Source {
+    #[serde(default, rename = "type", deserialize_with = "fields::opt")]
+    kind: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    media_type: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    data: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    url: Option<String>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
 
 /// `tools`.
-pub fn tools(body: &mut Fields) -> Result<Vec<Tool>, Problem> {
-    let Some(listed) = body.objects("tools")? else { return Ok(Vec::new()) };
+pub fn tools(listed: Option<Vec<ToolBody>>) -> Result<Vec<Tool>, Problem> {
     listed
+        .unwrap_or_default()
         .into_iter()
-        .map(|mut tool| {
-            if let Some(kind) = tool.take::<String>("type")?
+        .enumerate()
+        .map(|(i, tool)| {
+            let at = format!("tools[{i}]");
+            if let Some(kind) = tool.kind
                 && kind != "custom"
             {
                 return Err(Problem::invalid(
-                    tool.path("type"),
+                    path(&at, "type"),
                     format_args!("{kind:?} tools are Anthropic's own and not served by llmesh (only custom tools)"),
                 ));
             }
             Ok(Tool {
-                name: tool.required("name")?,
-                description: tool.take("description")?.unwrap_or_default(),
-                parameters: tool.json_text("input_schema").unwrap_or_default(),
-                cache_control: json_text(tool.take("cache_control")?),
-                extra: tool.rest(),
+                name: required(tool.name, &at, "name")?,
+                description: tool.description.unwrap_or_default(),
+                parameters: tool.input_schema.unwrap_or_default(),
+                cache_control: json_text(tool.cache_control),
+                extra: fields::rest_text(tool.rest),
                 ..Default::default()
             })
         })
@@ -47,118 +194,148 @@ pub fn tools(body: &mut Fields) -> Result<Vec<Tool>, Problem> {
 }
 
 /// `tool_choice`, and whether parallel tool use is allowed.
-pub fn tool_choice(body: &mut Fields) -> Result<(Option<ToolChoice>, Option<bool>), Problem> {
-    let Some(mut choice) = body.object("tool_choice")? else { return Ok((None, None)) };
-    let kind: String = choice.required("type")?;
+pub fn tool_choice(choice: Option<ChoiceBody>) -> Result<(Option<ToolChoice>, Option<bool>), Problem> {
+    let Some(choice) = choice else { return Ok((None, None)) };
+    let at = "tool_choice";
+    let kind = required(choice.kind, at, "type")?;
+    let named = kind == "tool";
     let (mode, name) = match kind.as_str() {
         "auto" => (ToolChoiceMode::Auto, String::new()),
         "any" => (ToolChoiceMode::Required, String::new()),
         "none" => (ToolChoiceMode::None, String::new()),
-        "tool" => (ToolChoiceMode::Tool, choice.required("name")?),
+        "tool" => (ToolChoiceMode::Tool, required(choice.name.clone(), at, "name")?),
         _ => {
             return Err(Problem::invalid(
-                choice.path("type"),
+                path(at, "type"),
                 format_args!("{kind:?} is not one of auto, any, tool, none"),
             ));
         }
     };
-    let parallel = choice.take::<bool>("disable_parallel_tool_use")?.map(|disabled| !disabled);
-    choice.finish()?;
+    let parallel = choice.disable_parallel_tool_use.map(|disabled| !disabled);
+    refuse_rest(at, &choice.rest, &[("name", !named && choice.name.is_some())])?;
     Ok((Some(ToolChoice { mode: mode.into(), name }), parallel))
 }
 
 /// `thinking`: a token budget when enabled; another kind (`adaptive`: the model decides how much)
 /// as reasoning at the provider's default effort — not as an effort of that name, which no
 /// provider of another dialect knows —, its `display` as the summary.
-pub fn thinking(body: &mut Fields) -> Result<Option<ReasoningOptions>, Problem> {
-    let Some(mut thinking) = body.object("thinking")? else { return Ok(None) };
-    let kind: String = thinking.required("type")?;
+pub fn thinking(thinking: Option<ThinkingBody>) -> Result<Option<ReasoningOptions>, Problem> {
+    let Some(thinking) = thinking else { return Ok(None) };
+    let at = "thinking";
+    let kind = required(thinking.kind, at, "type")?;
+    let enabled = kind == "enabled";
     let options = match kind.as_str() {
         "disabled" => None,
-        "enabled" => Some(ReasoningOptions { budget_tokens: thinking.take("budget_tokens")?, ..Default::default() }),
+        "enabled" => Some(ReasoningOptions { budget_tokens: thinking.budget_tokens, ..Default::default() }),
         _ => Some(ReasoningOptions::default()),
     };
-    let options = match (options, thinking.take::<String>("display")?) {
+    let options = match (options, thinking.display) {
         (Some(options), Some(display)) => Some(ReasoningOptions { summary: display, ..options }),
         (options, _) => options,
     };
-    thinking.finish()?;
+    refuse_rest(at, &thinking.rest, &[("budget_tokens", !enabled && thinking.budget_tokens.is_some())])?;
     Ok(options)
+}
+
+/// `system` given as blocks: text blocks only (a mistake names its block).
+pub fn system_blocks(blocks: &[Obj<Block>]) -> Result<(), Problem> {
+    for (i, Obj(block)) in blocks.iter().enumerate() {
+        let at = format!("system[{i}]");
+        let kind = block.kind.as_deref().unwrap_or_default();
+        if kind != "text" {
+            return Err(Problem::invalid(
+                path(&at, "type"),
+                format_args!("{kind:?} blocks are not supported by llmesh (only \"text\")"),
+            ));
+        }
+        required(block.text.as_ref(), &at, "text")?;
+        refuse_rest(&at, &block.rest, &block.unread(kind))?;
+    }
+    Ok(())
 }
 
 /// One message of the conversation: its blocks sorted into the contract's messages (tool results
 /// first, each a `tool` message; then the rest as one message of `role`).
-pub fn message(role: &str, content: Value, path: &str, into: &mut Vec<ChatMessage>) -> Result<(), Problem> {
+pub fn message(role: &str, content: ContentBody, path_of: &str, into: &mut Vec<ChatMessage>) -> Result<(), Problem> {
     let blocks = match content {
-        Value::String(text) => {
+        TextOr::Text(text) => {
             into.push(ChatMessage { role: role.to_string(), content: text, ..Default::default() });
             return Ok(());
         }
-        Value::Array(blocks) => blocks,
-        _ => return Err(Problem::invalid(path, "must be a string or a list of blocks")),
+        TextOr::List(blocks) => blocks,
+        TextOr::Object(_) | TextOr::Other => {
+            return Err(Problem::invalid(path_of, "must be a string or a list of blocks"));
+        }
     };
     let mut message = ChatMessage { role: role.to_string(), ..Default::default() };
-    for (i, block) in blocks.into_iter().enumerate() {
-        let at = format!("{path}[{i}]");
-        let Value::Object(block) = block else { return Err(Problem::invalid(at, "must be an object")) };
-        let mut block = Fields::within(block, at);
-        let kind: String = block.required("type")?;
-        let cache_control = json_text(block.take("cache_control")?);
+    for (i, Obj(block)) in blocks.into_iter().enumerate() {
+        let at = format!("{path_of}[{i}]");
+        let kind = required(block.kind.clone(), &at, "type")?;
+        let unread = block.unread(&kind);
+        let rest = &block.rest;
+        let cache_control = json_text(block.cache_control);
         let part = match kind.as_str() {
-            "text" => Some((content_part::Kind::Text(block.required("text")?), carried(&mut block, &["citations"])?)),
-            "image" => Some((content_part::Kind::Image(image_of(&mut block)?), String::new())),
+            "text" => Some((
+                content_part::Kind::Text(required(block.text, &at, "text")?),
+                carried([("citations", block.citations)]),
+            )),
+            "image" => Some((content_part::Kind::Image(image_of(block.source, &at)?), String::new())),
             "document" => {
-                let document = document_of(&mut block)?;
-                Some((content_part::Kind::Document(document), carried(&mut block, &["context", "citations"])?))
+                let mut document = document_of(block.source, &at)?;
+                document.name = block.title.unwrap_or_default();
+                let extra = carried([("context", block.context), ("citations", block.citations)]);
+                Some((content_part::Kind::Document(document), extra))
             }
             _ => None,
         };
         if let Some((part, extra)) = part {
             message.parts.push(ContentPart { kind: Some(part), cache_control, extra });
-            block.finish()?;
+            refuse_rest(&at, rest, &unread)?;
             continue;
         }
         match kind.as_str() {
             "tool_use" => message.tool_calls.push(ToolCall {
-                id: block.required("id")?,
-                name: block.required("name")?,
-                arguments: block.take::<Value>("input")?.unwrap_or_else(|| json!({})).to_string(),
+                id: required(block.id, &at, "id")?,
+                name: required(block.name, &at, "name")?,
+                arguments: block.input.unwrap_or_else(|| json!({})).to_string(),
                 ..Default::default()
             }),
             "tool_result" => {
-                let id: String = block.required("tool_use_id")?;
-                let is_error = block.take::<bool>("is_error")?.unwrap_or(false);
+                let id = required(block.tool_use_id, &at, "tool_use_id")?;
+                let is_error = block.is_error.unwrap_or(false);
                 let mut result = ChatMessage { role: "tool".into(), tool_call_id: id, is_error, ..Default::default() };
-                let content_path = block.path("content");
-                match block.take::<Value>("content")? {
+                let content_path = path(&at, "content");
+                match block.content {
                     None => {}
-                    Some(Value::String(text)) => result.content = text,
-                    Some(nested @ Value::Array(_)) => {
+                    Some(TextOr::Text(text)) => result.content = text,
+                    Some(nested @ TextOr::List(_)) => {
                         let mut inner = Vec::new();
                         message_blocks_only(nested, &content_path, &mut inner)?;
                         result.parts = inner.into_iter().flat_map(|m| m.parts).collect();
                     }
-                    Some(_) => return Err(Problem::invalid(content_path, "must be a string or a list of blocks")),
+                    Some(TextOr::Object(_) | TextOr::Other) => {
+                        return Err(Problem::invalid(content_path, "must be a string or a list of blocks"));
+                    }
                 }
                 into.push(result);
             }
             "thinking" => message.reasoning.push(Reasoning {
-                text: block.required("thinking")?,
-                signature: block.take::<String>("signature")?.unwrap_or_default().into_bytes(),
+                text: required(block.thinking, &at, "thinking")?,
+                signature: block.signature.unwrap_or_default().into_bytes(),
                 ..Default::default()
             }),
             "redacted_thinking" => message.reasoning.push(Reasoning {
-                redacted_content: block.required::<String>("data")?.into_bytes(),
+                redacted_content: required(block.data, &at, "data")?.into_bytes(),
                 ..Default::default()
             }),
             other => {
                 return Err(Problem::invalid(
-                    block.path("type"),
+                    path(&at, "type"),
                     format_args!("{other:?} blocks are not supported by llmesh"),
                 ));
             }
         }
-        block.finish()?;
+        refuse_rest(&at, rest, &unread)?;
     }
     // Text alone stays plain text: the same request as before blocks existed, and one cache key.
     if message.parts.iter().all(|part| {
@@ -185,10 +362,10 @@ pub fn message(role: &str, content: Value, path: &str, into: &mut Vec<ChatMessag
 }
 
 /// A tool result's own blocks: text, images and documents only.
-fn message_blocks_only(content: Value, path: &str, into: &mut Vec<ChatMessage>) -> Result<(), Problem> {
-    message("tool", content, path, into)?;
+fn message_blocks_only(content: ContentBody, path_of: &str, into: &mut Vec<ChatMessage>) -> Result<(), Problem> {
+    message("tool", content, path_of, into)?;
     if into.iter().any(|m| m.role != "tool" || !m.tool_calls.is_empty() || !m.tool_call_id.is_empty()) {
-        return Err(Problem::invalid(path, "a tool result holds text, image and document blocks only"));
+        return Err(Problem::invalid(path_of, "a tool result holds text, image and document blocks only"));
     }
     for message in into.iter_mut() {
         if !message.content.is_empty() {
@@ -199,63 +376,76 @@ fn message_blocks_only(content: Value, path: &str, into: &mut Vec<ChatMessage>) 
     Ok(())
 }
 
-fn image_of(block: &mut Fields) -> Result<Image, Problem> {
-    let mut source = block.object("source")?.ok_or_else(|| Problem::invalid(block.path("source"), "required"))?;
-    let kind: String = source.required("type")?;
-    let image = match kind.as_str() {
-        "base64" => Image {
-            media_type: source.required("media_type")?,
-            source: Some(image::Source::Data(base64_of(&mut source)?)),
-            ..Default::default()
-        },
-        "url" => Image { source: Some(image::Source::Url(source.required("url")?)), ..Default::default() },
-        _ => return Err(Problem::invalid(source.path("type"), "must be \"base64\" or \"url\"")),
+/// A block's `source` (`at`: the block's path).
+fn source_of(source: Option<Source>, at: &str) -> Result<(Source, String), Problem> {
+    let source = required(source, at, "source")?;
+    Ok((source, path(at, "source")))
+}
+
+fn image_of(source: Option<Source>, at: &str) -> Result<Image, Problem> {
+    let (source, at) = source_of(source, at)?;
+    let kind = required(source.kind, &at, "type")?;
+    let (image, unread) = match kind.as_str() {
+        "base64" => {
+            let media_type = required(source.media_type, &at, "media_type")?;
+            let data = base64_of(source.data, &at)?;
+            let image = Image { media_type, source: Some(image::Source::Data(data)), ..Default::default() };
+            (image, [("url", source.url.is_some())])
+        }
+        "url" => {
+            let url = required(source.url, &at, "url")?;
+            let unread = [("data", source.data.is_some()), ("media_type", source.media_type.is_some())];
+            refuse_rest(&at, &source.rest, &unread)?;
+            return Ok(Image { source: Some(image::Source::Url(url)), ..Default::default() });
+        }
+        _ => return Err(Problem::invalid(path(&at, "type"), "must be \"base64\" or \"url\"")),
     };
-    source.finish()?;
+    refuse_rest(&at, &source.rest, &unread)?;
     Ok(image)
 }
 
-fn document_of(block: &mut Fields) -> Result<Document, Problem> {
-    let mut source = block.object("source")?.ok_or_else(|| Problem::invalid(block.path("source"), "required"))?;
-    let kind: String = source.required("type")?;
-    let mut document = match kind.as_str() {
-        "base64" => Document {
-            media_type: source.required("media_type")?,
-            source: Some(document::Source::Data(base64_of(&mut source)?)),
-            ..Default::default()
-        },
-        "url" => Document { source: Some(document::Source::Url(source.required("url")?)), ..Default::default() },
-        "text" => Document {
-            media_type: source.take("media_type")?.unwrap_or_else(|| "text/plain".into()),
-            source: Some(document::Source::Text(source.required("data")?)),
-            ..Default::default()
-        },
-        _ => return Err(Problem::invalid(source.path("type"), "must be \"base64\", \"url\" or \"text\"")),
+fn document_of(source: Option<Source>, at: &str) -> Result<Document, Problem> {
+    let (source, at) = source_of(source, at)?;
+    let kind = required(source.kind, &at, "type")?;
+    let (document, unread) = match kind.as_str() {
+        "base64" => {
+            let media_type = required(source.media_type, &at, "media_type")?;
+            let data = base64_of(source.data, &at)?;
+            let document = Document { media_type, source: Some(document::Source::Data(data)), ..Default::default() };
+            (document, vec![("url", source.url.is_some())])
+        }
+        "url" => {
+            let url = required(source.url, &at, "url")?;
+            let document = Document { source: Some(document::Source::Url(url)), ..Default::default() };
+            (document, vec![("data", source.data.is_some()), ("media_type", source.media_type.is_some())])
+        }
+        "text" => {
+            let media_type = source.media_type.unwrap_or_else(|| "text/plain".into());
+            let text = required(source.data, &at, "data")?;
+            let document = Document { media_type, source: Some(document::Source::Text(text)), ..Default::default() };
+            (document, vec![("url", source.url.is_some())])
+        }
+        _ => return Err(Problem::invalid(path(&at, "type"), "must be \"base64\", \"url\" or \"text\"")),
     };
-    source.finish()?;
-    document.name = block.take("title")?.unwrap_or_default();
+    refuse_rest(&at, &source.rest, &unread)?;
     Ok(document)
 }
 
-/// The fields `names` of a block that llmesh carries without acting on them (`citations`, a
-/// document's `context`), as the part's `extra`: sent to an upstream of this dialect, named in
+/// The fields of a block that llmesh carries without acting on them (`citations`, a document's
+/// `context`), as the part's `extra`: sent to an upstream of this dialect, named in
 /// `x-llmesh-unmapped-fields` for the others (`anthropic_dropped`).
-fn carried(block: &mut Fields, names: &[&str]) -> Result<String, Problem> {
-    let mut extra = serde_json::Map::new();
-    for name in names {
-        if let Some(value) = block.take::<Value>(name)? {
-            extra.insert((*name).to_owned(), value);
-        }
-    }
-    Ok(if extra.is_empty() { String::new() } else { Value::Object(extra).to_string() })
+fn carried<'a>(fields: impl IntoIterator<Item = (&'a str, Option<Value>)>) -> String {
+    let extra: Map<String, Value> =
+        fields.into_iter().filter_map(|(name, value)| Some((name.to_owned(), value?))).collect();
+    if extra.is_empty() { String::new() } else { Value::Object(extra).to_string() }
 }
 
-fn base64_of(source: &mut Fields) -> Result<Vec<u8>, Problem> {
-    let path = source.path("data");
-    let data: String = source.required("data")?;
+/// A source's `data` (`at`: the source's path), base64.
+fn base64_of(data: Option<String>, at: &str) -> Result<Vec<u8>, Problem> {
+    let data = required(data, at, "data")?;
     base64::engine::general_purpose::STANDARD
         .decode(data)
-        .map_err(|error| Problem::invalid(path, format_args!("not valid base64 ({error})")))
+        .map_err(|error| Problem::invalid(path(at, "data"), format_args!("not valid base64 ({error})")))
 }
 
 /// A JSON value as the contract's text (empty: none).
@@ -308,14 +498,26 @@ pub fn usage(usage: Option<Usage>) -> Value {
 mod tests {
     use super::*;
 
+    #[derive(Deserialize)]
+    struct Body {
+        #[serde(deserialize_with = "fields::opt")]
+        content: Option<ContentBody>,
+    }
+
+    /// `value` read as a message's content.
+    fn content(value: Value) -> ContentBody {
+        let body: Body = fields::parse(&serde_json::to_vec(&json!({ "content": value })).unwrap(), usize::MAX).unwrap();
+        body.content.unwrap()
+    }
+
     #[test]
     fn tool_results_come_first_as_tool_messages_and_text_stays_plain() {
         let mut into = Vec::new();
-        let content = json!([
+        let given = json!([
             {"type": "tool_result", "tool_use_id": "toolu_1", "content": "hi", "is_error": true},
             {"type": "text", "text": "go on"},
         ]);
-        message("user", content, "messages[2].content", &mut into).unwrap();
+        message("user", content(given), "messages[2].content", &mut into).unwrap();
         assert_eq!(into.len(), 2);
         assert_eq!(
             (into[0].role.as_str(), into[0].tool_call_id.as_str(), into[0].content.as_str(), into[0].is_error),
@@ -327,11 +529,11 @@ mod tests {
     #[test]
     fn a_tool_use_and_its_thinking_are_carried_back() {
         let mut into = Vec::new();
-        let content = json!([
+        let given = json!([
             {"type": "thinking", "thinking": "hmm", "signature": "sig"},
             {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}},
         ]);
-        message("assistant", content, "messages[1].content", &mut into).unwrap();
+        message("assistant", content(given), "messages[1].content", &mut into).unwrap();
         assert_eq!(into[0].tool_calls[0].arguments, r#"{"command":"ls"}"#);
         assert_eq!(into[0].reasoning[0].signature, b"sig");
         let rendered = blocks("", &into[0].tool_calls, &[]);
@@ -340,7 +542,12 @@ mod tests {
 
     #[test]
     fn an_unknown_block_names_its_field() {
-        let error = message("user", json!([{"type": "audio"}]), "messages[0].content", &mut Vec::new()).unwrap_err();
+        let error =
+            message("user", content(json!([{"type": "audio"}])), "messages[0].content", &mut Vec::new()).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("messages[0].content[0].type"));
+        // A field of another type of block is one this type does not take, named first by name.
+        let given = json!([{"type": "text", "text": "a", "tool_use_id": "t", "id": "x"}]);
+        let error = message("user", content(given), "messages[0].content", &mut Vec::new()).unwrap_err();
+        assert_eq!(error.message, "messages[0].content[0].id: not supported by llmesh");
     }
 }

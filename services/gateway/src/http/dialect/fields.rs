@@ -1,180 +1,481 @@
-//! A JSON object read field by field, so that every mistake names its field (`messages[2].role`),
-//! and a field nobody read — one the mesh does not support — is an error naming it rather than
-//! silently ignored. `null` (and an empty array or object) counts as absent: clients that echo a
-//! previous answer back (`"tool_calls": null`, `"annotations": []`) ask for nothing with it.
+//! The dialects' request bodies read into typed structs — `#[derive(Deserialize)]`, one per object
+//! of each provider's wire format — with the field path of every mistake (`messages[2].role`, by
+//! `serde_path_to_error`), and the rules every dialect's structs share, each in one place here:
+//! - `null`, `[]` and `{}` count as absent ([`opt`]): clients that echo a previous answer back
+//!   (`"tool_calls": null`, `"annotations": []`) ask for nothing with it;
+//! - an object is an object ([`object`]: anything else is "must be an object"), and a list of
+//!   objects holds at most the request limits' `max_messages` ([`objects`]: a longer one is refused
+//!   by its length before more of it is read into structs);
+//! - JSON llmesh carries as text (a schema) is the client's own text without its whitespace
+//!   ([`json_text`]): its key order is kept, which structured outputs follow;
+//! - a map or list of plain values (`metadata`) is read whole ([`whole`]): a mistake in it names
+//!   the field;
+//! - a field that is a string or blocks is a [`TextOr`], refused in its dialect's words when it is
+//!   neither;
+//! - a struct keeps the fields it does not name (`#[serde(flatten)] rest: Map<String, Value>`):
+//!   the top level carries them ([`present`]), an inner object refuses the first of them by name
+//!   ([`refuse_rest`]), as a field the mesh does not support.
+//!
+//! A mistake reads as serde says it, without a line and column (`max_tokens: invalid type: string
+//! "many", expected u32`); a body that is not JSON, or not an object, is said of the whole body.
+//! The body is read once, in its order: of several mistakes in one body, a value of the wrong type
+//! is found first (before a missing field or an over-long list that a check after reading finds),
+//! and a field the struct names, given twice, is refused (`duplicate field`).
 
-use std::collections::BTreeMap;
+use std::{cell::Cell, fmt, marker::PhantomData};
 
-use serde::de::DeserializeOwned;
+use serde::{
+    Deserialize, Deserializer,
+    de::{
+        self, DeserializeOwned, DeserializeSeed, IgnoredAny, IntoDeserializer as _, MapAccess, SeqAccess, Visitor,
+        value::{BorrowedStrDeserializer, MapAccessDeserializer, SeqAccessDeserializer, StrDeserializer},
+    },
+};
 use serde_json::{Map, Value, value::RawValue};
 
 use super::Problem;
 
-/// An object's fields as the client wrote them: each value's JSON text, read only when asked for,
-/// so that JSON llmesh carries as text (a schema) keeps the client's key order.
-type RawMap = BTreeMap<String, Box<RawValue>>;
-
-#[derive(Debug)]
-pub struct Fields {
-    map: RawMap,
-    /// Where this object is in the body (`messages[2]`), empty at the top.
-    at: String,
-    /// Most objects a list of them ([`Fields::objects`]) may hold.
-    max_objects: usize,
+thread_local! {
+    /// The most objects a list of them may hold in the body [`parse`] reads now on this thread
+    /// (serde's derived structs take no arguments; the read is synchronous, and `parse` restores it).
+    static MAX_OBJECTS: Cell<usize> = const { Cell::new(usize::MAX) };
 }
 
-impl Fields {
-    /// The fields of an object already read as a value (its key order is the value's, sorted).
-    #[cfg(test)]
-    pub fn new(map: Map<String, Value>) -> Self {
-        Self::within(map, String::new())
-    }
-
-    /// A body's text: `Ok(None)` when it is valid JSON but not an object.
-    pub fn parse(body: &[u8]) -> Result<Option<Self>, serde_json::Error> {
-        match serde_json::from_slice::<RawMap>(body) {
-            Ok(map) => Ok(Some(Self { map, at: String::new(), max_objects: usize::MAX })),
-            // Only on the way out: is it not JSON at all, or JSON but not an object?
-            Err(_) => serde_json::from_slice::<Box<RawValue>>(body).map(|_| None),
-        }
-    }
-
-    /// At most `max` objects in any list of them: a longer list is refused before any is read
-    /// (the request limits refuse it anyway; this spares reading it).
-    pub fn with_max_objects(self, max: usize) -> Self {
-        Self { max_objects: max, ..self }
-    }
-
-    /// An object found at `at` in the body.
-    pub fn within(map: Map<String, Value>, at: String) -> Self {
-        let map = map
-            .into_iter()
-            .filter_map(|(name, value)| Some((name, serde_json::value::to_raw_value(&value).ok()?)))
-            .collect();
-        Self { map, at, max_objects: usize::MAX }
-    }
-
-    /// The path of `name` in the body.
-    pub fn path(&self, name: &str) -> String {
-        if self.at.is_empty() { name.to_string() } else { format!("{}.{name}", self.at) }
-    }
-
-    /// `name`'s JSON text, if present (and not empty).
-    fn take_raw(&mut self, name: &str) -> Option<Box<RawValue>> {
-        self.map.remove(name).filter(|raw| !is_empty(raw))
-    }
-
-    /// `name`, if present.
-    pub fn take<T: DeserializeOwned>(&mut self, name: &str) -> Result<Option<T>, Problem> {
-        match self.take_raw(name) {
-            None => Ok(None),
-            // Through a value, so that a mistake reads as it always has (no line and column).
-            Some(raw) => serde_json::from_str::<Value>(raw.get())
-                .and_then(serde_json::from_value)
-                .map(Some)
-                .map_err(|error| Problem::invalid(self.path(name), error)),
-        }
-    }
-
-    /// `name` as compact JSON text, if present: its keys in the order the client wrote them
-    /// (structured outputs follow a schema's order), its whitespace dropped.
-    pub fn json_text(&mut self, name: &str) -> Option<String> {
-        self.take_raw(name).map(|raw| compact(raw.get()))
-    }
-
-    /// `name`, which must be present.
-    pub fn required<T: DeserializeOwned>(&mut self, name: &str) -> Result<T, Problem> {
-        self.take(name)?.ok_or_else(|| Problem::invalid(self.path(name), "required"))
-    }
-
-    /// `name`, which must be absent or `value` (a parameter the mesh takes only at its default).
-    pub fn only<T: DeserializeOwned + PartialEq + std::fmt::Debug>(
-        &mut self,
-        name: &str,
-        value: T,
-    ) -> Result<(), Problem> {
-        match self.take::<T>(name)? {
-            Some(given) if given != value => {
-                Err(Problem::invalid(self.path(name), format_args!("only {value:?} is supported by llmesh")))
+/// `body` as `T`; any list of objects in it holds at most `max_objects`.
+pub fn parse<T: DeserializeOwned>(body: &[u8], max_objects: usize) -> Result<T, Problem> {
+    let before = MAX_OBJECTS.with(|max| max.replace(max_objects));
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let parsed = serde_path_to_error::deserialize::<_, T>(&mut json);
+    MAX_OBJECTS.with(|max| max.set(before));
+    match parsed {
+        Ok(parsed) => match json.end() {
+            Ok(()) => Ok(parsed),
+            Err(error) => {
+                Err(not_an_object(body).unwrap_or_else(|| Problem::invalid("body", without_position(&error))))
             }
-            _ => Ok(()),
+        },
+        Err(error) => Err(not_an_object(body).unwrap_or_else(|| {
+            let path = error.path().to_string();
+            // The path of the whole body reads ".".
+            let path = if path == "." { "body".to_string() } else { path };
+            Problem::invalid(path, without_position(error.inner()))
+        })),
+    }
+}
+
+/// A body that is not JSON, or JSON but not an object: the mistake it is first, whatever a struct
+/// found before it (only on the way out).
+fn not_an_object(body: &[u8]) -> Option<Problem> {
+    match serde_json::from_slice::<Box<RawValue>>(body) {
+        Err(error) => Some(Problem::invalid("body", format_args!("not valid JSON ({error})"))),
+        Ok(raw) if !raw.get().trim_start().starts_with('{') => Some(Problem::invalid("body", "must be a JSON object")),
+        Ok(_) => None,
+    }
+}
+
+/// A mistake's words without serde_json's ` at line 1 column 40`.
+fn without_position(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    let position = format!(" at line {} column {}", error.line(), error.column());
+    text.strip_suffix(&position).map(str::to_string).unwrap_or(text)
+}
+
+/// The path of `name` in the object at `at` (empty: the top).
+pub fn path(at: &str, name: &str) -> String {
+    if at.is_empty() { name.to_string() } else { format!("{at}.{name}") }
+}
+
+/// `deserialize_with` for any field: `null`, `[]` and `{}` are `None`.
+pub fn opt<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    deserializer.deserialize_any(OrAbsent(PhantomData))
+}
+
+/// `deserialize_with` for a map or list of plain values (`metadata`, `stop_sequences`; absent as
+/// [`opt`] says): read whole, so that a mistake inside names the field (`metadata`), as the
+/// contract's validation does, not a key within it.
+pub fn whole<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    match opt::<D, Value>(deserializer)? {
+        None => Ok(None),
+        Some(value) => T::deserialize(value).map(Some).map_err(de::Error::custom),
+    }
+}
+
+/// `deserialize_with` for an object's field (absent as [`opt`] says).
+pub fn object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(opt::<D, Obj<T>>(deserializer)?.map(|Obj(object)| object))
+}
+
+/// `deserialize_with` for a list of objects (absent as [`opt`] says), at most the body's limit.
+pub fn objects<'de, D, T>(deserializer: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Listed,
+{
+    Ok(opt::<D, Bounded<T>>(deserializer)?.map(|Bounded(items)| items))
+}
+
+/// `deserialize_with` for JSON carried as text: the client's text without its whitespace.
+pub fn json_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    let raw = Box::<RawValue>::deserialize(deserializer)?;
+    Ok((!is_empty_text(raw.get())).then(|| compact(raw.get())))
+}
+
+/// What a list of objects is called in the refusal of a long one (`messages`).
+pub trait Listed {
+    const LIST: &'static str;
+}
+
+/// An object; anything else is "must be an object".
+pub struct Obj<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ObjVisitor(PhantomData))
+    }
+}
+
+struct ObjVisitor<T>(PhantomData<T>);
+
+const NOT_AN_OBJECT: &str = "must be an object";
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjVisitor<T> {
+    type Value = Obj<T>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        T::deserialize(MapAccessDeserializer::new(map)).map(Obj)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(de::Error::custom(NOT_AN_OBJECT))
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+}
+
+/// A list of objects, at most [`MAX_OBJECTS`] of them.
+struct Bounded<T>(Vec<T>);
+
+impl<'de, T: Deserialize<'de> + Listed> Deserialize<'de> for Bounded<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_seq(BoundedVisitor(PhantomData))
+    }
+}
+
+struct BoundedVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de> + Listed> Visitor<'de> for BoundedVisitor<T> {
+    type Value = Bounded<T>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a sequence")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let max = MAX_OBJECTS.with(Cell::get);
+        let mut items = Vec::new();
+        while items.len() < max {
+            match seq.next_element::<Obj<T>>()? {
+                Some(Obj(item)) => items.push(item),
+                None => return Ok(Bounded(items)),
+            }
+        }
+        // At the limit: the rest is only counted, for the refusal's words.
+        let mut count = items.len();
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            count += 1;
+        }
+        if count > max {
+            return Err(de::Error::custom(format_args!("{count} {} exceed the limit of {max}", T::LIST)));
+        }
+        Ok(Bounded(items))
+    }
+}
+
+/// [`opt`]'s visitor: a value given to `T` as it came, but an empty one.
+struct OrAbsent<T>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for OrAbsent<T> {
+    type Value = Option<T>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("any value")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        opt(deserializer)
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        T::deserialize(v.into_deserializer()).map(Some)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        T::deserialize(v.into_deserializer()).map(Some)
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        T::deserialize(v.into_deserializer()).map(Some)
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        T::deserialize(v.into_deserializer()).map(Some)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        T::deserialize(StrDeserializer::new(v)).map(Some)
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        T::deserialize(BorrowedStrDeserializer::new(v)).map(Some)
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        T::deserialize(v.into_deserializer()).map(Some)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        let mut seen = Seen { access: seq, touched: false, items: 0, ended: false };
+        match T::deserialize(SeqAccessDeserializer::new(&mut seen)) {
+            Ok(_) if seen.items == 0 => Ok(None),
+            Ok(value) => Ok(Some(value)),
+            Err(_) if seen.ended && seen.items == 0 => Ok(None),
+            // `T` takes no list (a string): `[]` is absent all the same.
+            Err(error) if !seen.touched => match seen.access.next_element::<IgnoredAny>()? {
+                None => Ok(None),
+                Some(_) => Err(error),
+            },
+            Err(error) => Err(error),
         }
     }
 
-    /// `raw` read as an object found at `path`.
-    fn object_at(&self, raw: &RawValue, path: String) -> Result<Fields, Problem> {
-        if !raw.get().starts_with('{') {
-            return Err(Problem::invalid(path, "must be an object"));
-        }
-        let map = serde_json::from_str(raw.get()).map_err(|error| Problem::invalid(path.clone(), error))?;
-        Ok(Fields { map, at: path, max_objects: self.max_objects })
-    }
-
-    /// `name` as an object of its own, if present.
-    pub fn object(&mut self, name: &str) -> Result<Option<Fields>, Problem> {
-        let path = self.path(name);
-        match self.take_raw(name) {
-            None => Ok(None),
-            Some(raw) => self.object_at(&raw, path).map(Some),
-        }
-    }
-
-    /// `name` as a list of objects, if present.
-    pub fn objects(&mut self, name: &str) -> Result<Option<Vec<Fields>>, Problem> {
-        let path = self.path(name);
-        let Some(raw) = self.take_raw(name) else { return Ok(None) };
-        if !raw.get().starts_with('[') {
-            // Not a list: the mistake in the words `take` uses.
-            self.map.insert(name.to_string(), raw);
-            return self.take::<Vec<Value>>(name).map(|_| None);
-        }
-        let items: Vec<Box<RawValue>> =
-            serde_json::from_str(raw.get()).map_err(|error| Problem::invalid(path.clone(), error))?;
-        if items.len() > self.max_objects {
-            let message = format_args!("{} {name} exceed the limit of {}", items.len(), self.max_objects);
-            return Err(Problem::invalid(path, message));
-        }
-        let objects = items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| self.object_at(item, format!("{path}[{i}]")))
-            .collect::<Result<_, _>>()?;
-        Ok(Some(objects))
-    }
-
-    /// Ignores `name` (a hint the mesh has no use for, such as a cache-control mark).
-    pub fn ignore(&mut self, name: &str) {
-        self.map.remove(name);
-    }
-
-    /// What is left unread (but empty values), as a JSON object's text; empty when nothing is: the
-    /// fields of a part the mesh carries without acting on them (`extra` in the contract).
-    pub fn rest(self) -> String {
-        let rest = self.rest_map();
-        if rest.is_empty() { String::new() } else { Value::Object(rest).to_string() }
-    }
-
-    /// What is left unread (but empty values).
-    pub fn rest_map(self) -> Map<String, Value> {
-        self.map
-            .into_iter()
-            .filter(|(_, raw)| !is_empty(raw))
-            .filter_map(|(name, raw)| Some((name, serde_json::from_str(raw.get()).ok()?)))
-            .collect()
-    }
-
-    /// Done reading: a field left over is one the mesh does not support.
-    pub fn finish(self) -> Result<(), Problem> {
-        match self.map.iter().find(|(_, raw)| !is_empty(raw)) {
-            Some((name, _)) => Err(Problem::invalid(self.path(name), "not supported by llmesh")),
-            None => Ok(()),
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = Seen { access: map, touched: false, items: 0, ended: false };
+        match T::deserialize(MapAccessDeserializer::new(&mut seen)) {
+            Ok(_) if seen.items == 0 => Ok(None),
+            Ok(value) => Ok(Some(value)),
+            Err(_) if seen.ended && seen.items == 0 => Ok(None),
+            Err(error) if !seen.touched => match seen.access.next_key::<IgnoredAny>()? {
+                None => Ok(None),
+                Some(_) => Err(error),
+            },
+            Err(error) => Err(error),
         }
     }
 }
 
-/// `null`, `[]` or `{}` (whitespace inside allowed).
-fn is_empty(raw: &RawValue) -> bool {
-    let text = raw.get();
+/// A list's or an object's access, telling whether it was read and held anything.
+struct Seen<A> {
+    access: A,
+    touched: bool,
+    items: usize,
+    ended: bool,
+}
+
+impl<A> Seen<A> {
+    fn saw<T>(&mut self, next: Option<T>) -> Option<T> {
+        self.touched = true;
+        match next {
+            Some(_) => self.items += 1,
+            None => self.ended = true,
+        }
+        next
+    }
+}
+
+impl<'de, A: SeqAccess<'de>> SeqAccess<'de> for Seen<A> {
+    type Error = A::Error;
+
+    fn next_element_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<Option<S::Value>, A::Error> {
+        self.touched = true;
+        let next = self.access.next_element_seed(seed)?;
+        Ok(self.saw(next))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.access.size_hint()
+    }
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for Seen<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
+        self.touched = true;
+        let next = self.access.next_key_seed(seed)?;
+        Ok(self.saw(next))
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        self.access.next_value_seed(seed)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.access.size_hint()
+    }
+}
+
+/// A string, a list of `L`, an object as `O`, or something else (`Other`: a number, a boolean),
+/// which the caller refuses in its own words (`must be a string or a list of parts`).
+pub enum TextOr<L, O> {
+    Text(String),
+    List(Vec<L>),
+    Object(O),
+    Other,
+}
+
+impl<'de, L: Deserialize<'de>, O: Deserialize<'de>> Deserialize<'de> for TextOr<L, O> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(TextOrVisitor(PhantomData))
+    }
+}
+
+struct TextOrVisitor<L, O>(PhantomData<(L, O)>);
+
+impl<'de, L: Deserialize<'de>, O: Deserialize<'de>> Visitor<'de> for TextOrVisitor<L, O> {
+    type Value = TextOr<L, O>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a string, a list or an object")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(TextOr::Text(v.to_string()))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(TextOr::Text(v))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        Vec::deserialize(SeqAccessDeserializer::new(seq)).map(TextOr::List)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        O::deserialize(MapAccessDeserializer::new(map)).map(TextOr::Object)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(TextOr::Other)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(TextOr::Other)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(TextOr::Other)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(TextOr::Other)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(TextOr::Other)
+    }
+}
+
+/// The fields of `rest` that are not empty.
+pub fn present(rest: Map<String, Value>) -> Map<String, Value> {
+    rest.into_iter().filter(|(_, value)| !is_empty(value)).collect()
+}
+
+/// `rest` (an object's fields llmesh carries without acting on them) as a JSON object's text,
+/// empty when it has none but empty ones (`extra` in the contract).
+pub fn rest_text(rest: Map<String, Value>) -> String {
+    let rest = present(rest);
+    if rest.is_empty() { String::new() } else { Value::Object(rest).to_string() }
+}
+
+/// Refuses the first field by name — of those `rest` holds and those `unread` says are present
+/// (a field of another kind of block) — that is not empty: one the mesh does not support here.
+pub fn refuse_rest(at: &str, rest: &Map<String, Value>, unread: &[(&str, bool)]) -> Result<(), Problem> {
+    let left = rest.iter().filter(|(_, value)| !is_empty(value)).map(|(name, _)| name.as_str());
+    let unread = unread.iter().filter(|(_, present)| *present).map(|(name, _)| *name);
+    match left.chain(unread).min() {
+        Some(name) => Err(Problem::invalid(path(at, name), "not supported by llmesh")),
+        None => Ok(()),
+    }
+}
+
+/// `name`, which must be present.
+pub fn required<T>(value: Option<T>, at: &str, name: &str) -> Result<T, Problem> {
+    value.ok_or_else(|| Problem::invalid(path(at, name), "required"))
+}
+
+/// `value` of `name`, which must be absent or `default` (a parameter the mesh takes only at its
+/// default).
+pub fn only<T: PartialEq + fmt::Debug>(value: Option<T>, name: &str, default: T) -> Result<(), Problem> {
+    match value {
+        Some(given) if given != default => {
+            Err(Problem::invalid(name, format_args!("only {default:?} is supported by llmesh")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `null`, `[]` or `{}`.
+fn is_empty(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Array(items) => items.is_empty(),
+        Value::Object(fields) => fields.is_empty(),
+        _ => false,
+    }
+}
+
+/// `null`, `[]` or `{}` as text (whitespace inside allowed).
+fn is_empty_text(text: &str) -> bool {
     let inner = |open: char, close: char| {
         text.strip_prefix(open).and_then(|rest| rest.strip_suffix(close)).is_some_and(|inner| inner.trim().is_empty())
     };
@@ -208,69 +509,120 @@ mod tests {
 
     use super::*;
 
-    fn fields(value: Value) -> Fields {
-        match value {
-            Value::Object(map) => Fields::new(map),
-            _ => unreachable!(),
-        }
+    #[derive(Debug, Deserialize)]
+    struct Body {
+        #[serde(default, deserialize_with = "opt")]
+        max_tokens: Option<u32>,
+        #[serde(default, deserialize_with = "opt")]
+        model: Option<String>,
+        #[serde(default, deserialize_with = "objects")]
+        messages: Option<Vec<Message>>,
+        #[serde(default, deserialize_with = "object")]
+        options: Option<Message>,
+        #[serde(default, deserialize_with = "json_text")]
+        schema: Option<String>,
+        #[serde(default, deserialize_with = "opt")]
+        stop: Option<Vec<String>>,
+        #[serde(flatten)]
+        rest: Map<String, Value>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Message {
+        #[serde(default, deserialize_with = "opt")]
+        role: Option<String>,
+        #[serde(flatten)]
+        rest: Map<String, Value>,
+    }
+
+    impl Listed for Message {
+        const LIST: &'static str = "messages";
+    }
+
+    fn body(text: &str, max: usize) -> Result<Body, Problem> {
+        parse(text.as_bytes(), max)
     }
 
     #[test]
-    fn mistakes_name_their_field() {
-        let mut body = fields(json!({"max_tokens": "many", "messages": [{"role": 5}]}));
-        let error = body.take::<u32>("max_tokens").unwrap_err();
+    fn mistakes_name_their_field_without_a_position() {
+        let error = body(r#"{"max_tokens": "many"}"#, 9).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("max_tokens"));
-        assert!(error.message.starts_with("max_tokens: invalid type"), "{}", error.message);
-        let mut messages = body.objects("messages").unwrap().unwrap();
-        let error = messages[0].required::<String>("role").unwrap_err();
-        assert_eq!(error.param.as_deref(), Some("messages[0].role"));
-        let error = fields(json!({})).required::<String>("model").unwrap_err();
-        assert_eq!(error.message, "model: required");
+        assert_eq!(error.message, r#"max_tokens: invalid type: string "many", expected u32"#);
+        let error = body(r#"{"messages": [{"role": "user"}, {"role": 5}]}"#, 9).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("messages[1].role"));
+        let error = body(r#"{"messages": [{"role": "user"}, 5]}"#, 9).unwrap_err();
+        assert_eq!(
+            (error.param.as_deref(), error.message.as_str()),
+            (Some("messages[1]"), "messages[1]: must be an object")
+        );
+        let error = body(r#"{"options": "x"}"#, 9).unwrap_err();
+        assert_eq!(error.message, "options: must be an object");
+        let error = body(r#"{"messages": {"role": "user"}}"#, 9).unwrap_err();
+        assert_eq!(error.message, "messages: invalid type: map, expected a sequence");
+        let message = Message { role: None, rest: Map::new() };
+        assert_eq!(required(message.role, "messages[0]", "role").unwrap_err().message, "messages[0].role: required");
     }
 
     #[test]
-    fn a_list_longer_than_its_limit_is_refused_before_it_is_read() {
-        let mut body = fields(json!({"messages": [{}, {}, {}]})).with_max_objects(2);
-        let error = body.objects("messages").unwrap_err();
+    fn a_body_that_is_not_json_or_not_an_object_is_said_of_the_body() {
+        let error = body("[1", 9).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("body"));
+        assert!(error.message.starts_with("body: not valid JSON (EOF while parsing a list"), "{}", error.message);
+        assert_eq!(body("[1]", 9).unwrap_err().message, "body: must be a JSON object");
+        // A syntax error after a mistake: the body is not JSON, first.
+        let error = body(r#"{"max_tokens": "many", "#, 9).unwrap_err();
+        assert!(error.message.starts_with("body: not valid JSON"), "{}", error.message);
+        assert!(body(r#"{} x"#, 9).unwrap_err().message.starts_with("body: not valid JSON (trailing characters"));
+    }
+
+    #[test]
+    fn a_list_longer_than_its_limit_is_refused_by_its_length() {
+        let error = body(r#"{"messages": [{}, {}, 5]}"#, 2).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("messages"));
         assert_eq!(error.message, "messages: 3 messages exceed the limit of 2", "as the request limits say it");
-        let mut body = fields(json!({"messages": [{}, {}]})).with_max_objects(2);
-        assert_eq!(body.objects("messages").unwrap().unwrap().len(), 2);
+        let messages = body(r#"{"messages": [{}, {"role": "user", "name": "a"}]}"#, 2).unwrap().messages.unwrap();
+        assert_eq!((messages.len(), messages[1].role.as_deref(), messages[1].rest.len()), (2, Some("user"), 1));
+        // The limit is the body's: another parse on the thread is not bound by it.
+        assert_eq!(body(r#"{"messages": [{}, {}, {}]}"#, usize::MAX).unwrap().messages.unwrap().len(), 3);
     }
 
     #[test]
-    fn fields_left_over_are_unsupported_unless_empty() {
-        let mut body = fields(json!({"model": "sim", "tools": [{"type": "function"}], "tool_choice": null}));
-        let _: String = body.required("model").unwrap();
-        let error = body.finish().unwrap_err();
-        assert_eq!(error.param.as_deref(), Some("tools"));
-        assert_eq!(error.message, "tools: not supported by llmesh");
-        let body = fields(json!({"tool_calls": null, "annotations": [], "audio": {}}));
-        assert!(body.finish().is_ok());
+    fn empty_values_are_absent_and_other_fields_are_kept() {
+        let read = body(
+            r#"{"model": [], "max_tokens": null, "messages": [], "options": {}, "schema": { }, "stop": [],
+                "tool_calls": null, "annotations": [], "audio": {}, "top_k": 5}"#,
+            9,
+        )
+        .unwrap();
+        assert!(read.model.is_none() && read.max_tokens.is_none() && read.messages.is_none());
+        assert!(read.options.is_none() && read.schema.is_none() && read.stop.is_none());
+        assert_eq!(present(read.rest.clone()), json!({"top_k": 5}).as_object().unwrap().clone());
+        assert_eq!(rest_text(read.rest.clone()), r#"{"top_k":5}"#);
+        let error = refuse_rest("messages[0]", &read.rest, &[("id", true)]).unwrap_err();
+        assert_eq!(error.message, "messages[0].id: not supported by llmesh", "the first by name");
+        assert!(refuse_rest("", &Map::new(), &[("id", false)]).is_ok());
+        // A value that is not empty is read as usual.
+        let error = body(r#"{"model": ["x"]}"#, 9).unwrap_err();
+        assert_eq!(error.message, "model: invalid type: sequence, expected a string");
+        assert_eq!(body(r#"{"stop": ["x"]}"#, 9).unwrap().stop.unwrap(), ["x"]);
     }
 
     #[test]
     fn json_text_keeps_the_clients_key_order_without_whitespace() {
-        let body = br#"{"schema": {"type": "object", "properties": {"z": {"type": "string"}, "a": {"description": "a \"quoted\" value, with  spaces"}}}}"#;
-        let mut fields = Fields::parse(body).unwrap().unwrap();
+        let text = r#"{"schema": {"type": "object", "properties": {"z": {"type": "string"}, "a": {"description": "a \"quoted\" value, with  spaces"}}}}"#;
         assert_eq!(
-            fields.json_text("schema").unwrap(),
+            body(text, 9).unwrap().schema.unwrap(),
             r#"{"type":"object","properties":{"z":{"type":"string"},"a":{"description":"a \"quoted\" value, with  spaces"}}}"#
         );
-        assert!(Fields::parse(b"[1]").unwrap().is_none(), "not an object");
-        assert!(Fields::parse(b"{").is_err());
-        let error = Fields::parse(b"[1").err().unwrap().to_string();
-        assert!(error.starts_with("EOF while parsing a list"), "the syntax error, as a value's parse says it: {error}");
-        let mut empty = Fields::parse(br#"{"a": [ ], "b": { }, "c": null}"#).unwrap().unwrap();
-        assert!(empty.json_text("a").is_none() && empty.take::<Value>("b").unwrap().is_none());
-        assert!(empty.finish().is_ok());
     }
 
     #[test]
     fn defaults_only() {
-        let mut body = fields(json!({"n": 1, "presence_penalty": 0.5}));
-        assert!(body.only("n", 1u32).is_ok());
-        let error = body.only("presence_penalty", 0.0f32).unwrap_err();
-        assert_eq!(error.param.as_deref(), Some("presence_penalty"));
+        assert!(only(Some(1u32), "n", 1).is_ok() && only(None, "n", 1u32).is_ok());
+        let error = only(Some(0.5f32), "presence_penalty", 0.0).unwrap_err();
+        assert_eq!(
+            (error.param.as_deref(), error.message.as_str()),
+            (Some("presence_penalty"), "presence_penalty: only 0.0 is supported by llmesh")
+        );
     }
 }

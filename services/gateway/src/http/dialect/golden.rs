@@ -23,7 +23,7 @@ use prost::Message as _;
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use serde_json::{Value, json};
 
-use super::{Anthropic, Context, Dialect, Fields, OpenAi, Parsed, Seed};
+use super::{Anthropic, Context, Dialect, OpenAi, Parsed, Seed};
 use crate::http::{Problem, sse::Events};
 
 /// `created` in every rendered answer.
@@ -47,13 +47,12 @@ fn from_proto_json<M: prost::Message + Default>(value: &Value, name: &str) -> M 
     M::decode(dynamic.encode_to_vec().as_slice()).unwrap()
 }
 
-fn fields(body: &Value) -> Fields {
-    let Value::Object(map) = body.clone() else { panic!("a body is an object: {body}") };
-    Fields::new(map)
-}
+/// What every case parses with.
+const CONTEXT: Context<'static> = Context { cache: 0, default_model: Some("sim"), max_objects: usize::MAX };
 
 fn parse<D: Dialect>(body: &Value) -> Result<Parsed<D::Options>, Problem> {
-    D::parse(fields(body), &Context { cache: 0, default_model: Some("sim") })
+    assert!(body.is_object(), "a body is an object: {body}");
+    D::parse(&serde_json::to_vec(body).unwrap(), &CONTEXT)
 }
 
 /// The cases of a direction: each input with its output's path.
@@ -84,9 +83,7 @@ where
     for (name, _, out) in cases(dialect, "request") {
         // From the file's text, as a body comes: the key order of JSON carried as text is the client's.
         let text = std::fs::read(root().join(dialect).join("request").join(format!("{name}.in.json"))).unwrap();
-        let body = Fields::parse(&text).unwrap().unwrap();
-        let context = Context { cache: 0, default_model: Some("sim") };
-        let actual = match D::parse(body, &context) {
+        let actual = match D::parse(&text, &CONTEXT) {
             Ok(Parsed { request, stream, options, unmapped }) => json!({
                 "stream": stream,
                 "options": format!("{options:?}"),

@@ -2,9 +2,10 @@
 //! their translation to and from the contract, behind one shape: [`Dialect`].
 //!
 //! A dialect is four pure translations, and nothing else — no I/O, no clock, no gateway:
-//! - [`Dialect::parse`]: the client's JSON body into the contract's `GenerateRequest`, whether it
-//!   asked for a stream, what the answer's rendering needs to know ([`Dialect::Options`]), and
-//!   the top-level fields llmesh does not act on ([`Unmapped`]: carried as the request's
+//! - [`Dialect::parse`]: the client's JSON body — read into the dialect's serde structs, one per
+//!   object of the provider's wire format, by the shared rules of [`fields`] — into the
+//!   contract's `GenerateRequest`, whether it asked for a stream, what the answer's rendering
+//!   needs to know ([`Dialect::Options`]), and the top-level fields llmesh does not act on ([`Unmapped`]: carried as the request's
 //!   extensions in the dialect, and named in `x-llmesh-unmapped-fields`). A mistake is a
 //!   [`Problem`] naming the field at fault (`messages[2].content[0].type`).
 //! - [`Dialect::render`]: a `GenerateResponse` into the dialect's answer body.
@@ -36,7 +37,7 @@ use llmesh_proto::{
 };
 use serde_json::Value;
 
-pub use self::{anthropic::Anthropic, fields::Fields, openai::OpenAi, seed::Seed};
+pub use self::{anthropic::Anthropic, openai::OpenAi, seed::Seed};
 use super::{
     CACHE_POLICIES, Class, Problem, cache_policy_named, finish_reason,
     sse::{self, Events},
@@ -53,8 +54,8 @@ pub trait Dialect {
     /// The dialect's stream events.
     type Events: Events;
 
-    /// The client's body as the contract's request.
-    fn parse(body: Fields, context: &Context<'_>) -> Result<Parsed<Self::Options>, Problem>;
+    /// The client's body (JSON text) as the contract's request.
+    fn parse(body: &[u8], context: &Context<'_>) -> Result<Parsed<Self::Options>, Problem>;
 
     /// An answer as the dialect's body. `created`: the Unix time of the answer, in seconds.
     fn render(response: &GenerateResponse, options: &Self::Options, created: u64) -> Value;
@@ -72,12 +73,14 @@ pub trait Dialect {
 }
 
 /// What parsing needs besides the body.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
     /// The cache policy of `x-llmesh-cache` (for dialects with [`Dialect::CACHE_HEADER`]).
     pub cache: i32,
     /// `gateway.default_model`, for a body that names none (the seed's only).
     pub default_model: Option<&'a str>,
+    /// The request limits' `max_messages`: no list of objects in a body is read past it.
+    pub max_objects: usize,
 }
 
 /// A parsed request.

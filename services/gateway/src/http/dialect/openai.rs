@@ -22,12 +22,15 @@ use llmesh_proto::{
     gateway::v1::GenerateStreamResponse,
     generation::v1::{GenerateRequest, GenerateResponse},
 };
-use serde::Deserialize;
-use serde_json::{Value, json};
+use std::collections::HashMap;
+
+use serde::{Deserialize, de::IgnoredAny};
+use serde_json::{Map, Value, json};
 
 use super::{
-    Class, Context, Dialect, Fields, Parsed, Problem, Unmapped, add_extensions, finish_reason,
-    openai_content as content,
+    Class, Context, Dialect, Parsed, Problem, Unmapped, add_extensions,
+    fields::{self, Listed, TextOr, path, refuse_rest, required},
+    finish_reason, openai_content as content,
     sse::{self, Events},
 };
 
@@ -45,8 +48,9 @@ impl Dialect for OpenAi {
     type Options = bool;
     type Events = ChunkEvents;
 
-    fn parse(body: Fields, context: &Context<'_>) -> Result<Parsed<bool>, Problem> {
-        let Chat { request, stream, include_usage, unmapped } = parse(body, context.cache)?;
+    fn parse(body: &[u8], context: &Context<'_>) -> Result<Parsed<bool>, Problem> {
+        let Chat { request, stream, include_usage, unmapped } =
+            parse(fields::parse(body, context.max_objects)?, context.cache)?;
         Ok(Parsed { request, stream, options: include_usage, unmapped })
     }
 
@@ -129,67 +133,146 @@ impl Stop {
     }
 }
 
-fn parse(mut body: Fields, cache: i32) -> Result<Chat, Problem> {
-    let model: String = body.required("model")?;
-    let messages = body.objects("messages")?.ok_or_else(|| Problem::invalid("messages", "required"))?;
-    let messages = messages.into_iter().map(message).collect::<Result<Vec<_>, _>>()?;
-    let max_completion_tokens: Option<u32> = body.take("max_completion_tokens")?;
-    let max_tokens: Option<u32> = body.take("max_tokens")?;
-    let stream = body.take::<bool>("stream")?.unwrap_or(false);
-    let include_usage = match body.object("stream_options")? {
+/// A chat completion request, as the client sends it.
+#[derive(Deserialize)]
+struct Body {
+    #[serde(default, deserialize_with = "fields::opt")]
+    model: Option<String>,
+    #[serde(default, deserialize_with = "fields::objects")]
+    messages: Option<Vec<Message>>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    max_completion_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    max_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    stream: Option<bool>,
+    #[serde(default, deserialize_with = "fields::object")]
+    stream_options: Option<StreamOptions>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    n: Option<u32>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    presence_penalty: Option<f32>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    frequency_penalty: Option<f32>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    logprobs: Option<bool>,
+    #[serde(default, deserialize_with = "fields::objects")]
+    tools: Option<Vec<content::ToolBody>>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    tool_choice: Option<content::ToolChoiceBody>,
+    #[serde(default, deserialize_with = "fields::object")]
+    response_format: Option<content::FormatBody>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    reasoning_effort: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    temperature: Option<f32>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    top_p: Option<f32>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    stop: Option<Stop>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    seed: Option<i64>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    user: Option<String>,
+    #[serde(default, deserialize_with = "fields::whole")]
+    metadata: Option<HashMap<String, String>>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    parallel_tool_calls: Option<bool>,
+    /// Carried, not refused: a field OpenAI adds next month reaches an OpenAI upstream.
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default, deserialize_with = "fields::opt")]
+    include_usage: Option<bool>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// One of `messages`.
+#[derive(Deserialize)]
+struct Message {
+    #[serde(default, deserialize_with = "fields::opt")]
+    role: Option<String>,
+    #[serde(default, deserialize_with = "fields::objects")]
+    tool_calls: Option<Vec<content::CallBody>>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    content: Option<content::ContentBody>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    tool_call_id: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    name: Option<String>,
+    /// An answer's refusal, echoed back: nothing to ask for.
+    #[serde(default, rename = "refusal")]
+    _refusal: IgnoredAny,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+impl Listed for Message {
+    const LIST: &'static str = "messages";
+}
+
+fn parse(body: Body, cache: i32) -> Result<Chat, Problem> {
+    let model = required(body.model, "", "model")?;
+    let messages = required(body.messages, "", "messages")?;
+    let messages = messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, given)| message(given, &format!("messages[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let stream = body.stream.unwrap_or(false);
+    let include_usage = match body.stream_options {
         None => false,
         Some(_) if !stream => return Err(Problem::invalid("stream_options", "only allowed when stream is true")),
-        Some(mut options) => {
-            let include = options.take::<bool>("include_usage")?.unwrap_or(false);
-            options.finish()?;
-            include
+        Some(options) => {
+            refuse_rest("stream_options", &options.rest, &[])?;
+            options.include_usage.unwrap_or(false)
         }
     };
-    body.only("n", 1u32)?;
-    body.only("presence_penalty", 0.0f32)?;
-    body.only("frequency_penalty", 0.0f32)?;
-    body.only("logprobs", false)?;
-    let tools = content::tools(&mut body)?;
-    let tool_choice = content::tool_choice(&mut body)?;
-    let response_format = content::response_format(&mut body)?;
-    let reasoning = content::reasoning(&mut body)?;
+    fields::only(body.n, "n", 1u32)?;
+    fields::only(body.presence_penalty, "presence_penalty", 0.0f32)?;
+    fields::only(body.frequency_penalty, "frequency_penalty", 0.0f32)?;
+    fields::only(body.logprobs, "logprobs", false)?;
     let request = GenerateRequest {
         model,
         messages,
-        max_tokens: max_completion_tokens.or(max_tokens).unwrap_or(0),
-        temperature: body.take("temperature")?,
-        top_p: body.take("top_p")?,
-        stop: body.take::<Stop>("stop")?.map(Stop::into_vec).unwrap_or_default(),
-        seed: body.take("seed")?,
-        user: body.take("user")?.unwrap_or_default(),
-        metadata: body.take("metadata")?.unwrap_or_default(),
+        max_tokens: body.max_completion_tokens.or(body.max_tokens).unwrap_or(0),
+        temperature: body.temperature,
+        top_p: body.top_p,
+        stop: body.stop.map(Stop::into_vec).unwrap_or_default(),
+        seed: body.seed,
+        user: body.user.unwrap_or_default(),
+        metadata: body.metadata.unwrap_or_default(),
         cache,
-        tools,
-        tool_choice,
-        parallel_tool_calls: body.take("parallel_tool_calls")?,
-        response_format,
-        reasoning,
+        tools: content::tools(body.tools)?,
+        tool_choice: content::tool_choice(body.tool_choice)?,
+        parallel_tool_calls: body.parallel_tool_calls,
+        response_format: content::response_format(body.response_format)?,
+        reasoning: content::reasoning(body.reasoning_effort),
         ..Default::default()
     };
-    // What is left is carried, not refused: a field OpenAI adds next month reaches an OpenAI upstream.
-    let unmapped = Unmapped::of(body.rest_map(), DIALECT);
+    let unmapped = Unmapped::of(fields::present(body.rest), DIALECT);
     let request = GenerateRequest { extensions: unmapped.extensions(), ..request };
     Ok(Chat { request, stream, include_usage, unmapped })
 }
 
-/// One message: its role; its content as a string, as text parts (joined by newlines), or as
-/// parts with images; an assistant's tool calls, a tool result's call id, a participant's name.
-fn message(mut fields: Fields) -> Result<ChatMessage, Problem> {
-    let role: String = fields.required("role")?;
-    let path = fields.path("content");
-    let tool_calls = content::tool_calls(&mut fields)?;
-    let (text, parts) = match fields.take::<Value>("content")? {
+/// One message (`at`: its path): its role; its content as a string, as text parts (joined by
+/// newlines), or as parts with images; an assistant's tool calls, a tool result's call id, a
+/// participant's name.
+fn message(given: Message, at: &str) -> Result<ChatMessage, Problem> {
+    let role = required(given.role, at, "role")?;
+    let content_path = path(at, "content");
+    let tool_calls = content::tool_calls(given.tool_calls, at)?;
+    let (text, parts) = match given.content {
         // An assistant that only called tools sends no content.
         None if !tool_calls.is_empty() => (String::new(), Vec::new()),
-        None => return Err(Problem::invalid(path, "required")),
-        Some(Value::String(text)) => (text, Vec::new()),
-        Some(Value::Array(listed)) => {
-            let parts = content::parts(listed, &path)?;
+        None => return Err(Problem::invalid(content_path, "required")),
+        Some(TextOr::Text(text)) => (text, Vec::new()),
+        Some(TextOr::List(listed)) => {
+            let parts = content::parts(listed, &content_path)?;
             let texts: Option<Vec<&str>> = parts
                 .iter()
                 .map(|part| match &part.kind {
@@ -203,19 +286,20 @@ fn message(mut fields: Fields) -> Result<ChatMessage, Problem> {
                 None => (String::new(), parts),
             }
         }
-        Some(_) => return Err(Problem::invalid(path, "must be a string or a list of parts")),
+        Some(TextOr::Object(_) | TextOr::Other) => {
+            return Err(Problem::invalid(content_path, "must be a string or a list of parts"));
+        }
     };
     let message = ChatMessage {
         role,
         content: text,
         parts,
         tool_calls,
-        tool_call_id: fields.take("tool_call_id")?.unwrap_or_default(),
-        name: fields.take("name")?.unwrap_or_default(),
+        tool_call_id: given.tool_call_id.unwrap_or_default(),
+        name: given.name.unwrap_or_default(),
         ..Default::default()
     };
-    fields.ignore("refusal");
-    fields.finish()?;
+    refuse_rest(at, &given.rest, &[])?;
     Ok(message)
 }
 
@@ -330,8 +414,7 @@ mod tests {
     use super::*;
 
     fn parsed(body: Value) -> Result<Chat, Problem> {
-        let Value::Object(map) = body else { unreachable!() };
-        parse(Fields::new(map), 0)
+        parse(fields::parse(&serde_json::to_vec(&body).unwrap(), usize::MAX)?, 0)
     }
 
     #[test]

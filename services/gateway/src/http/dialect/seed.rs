@@ -14,11 +14,16 @@ use llmesh_proto::{
     gateway::v1::GenerateStreamResponse,
     generation::v1::{GenerateRequest, GenerateResponse},
 };
+use std::collections::HashMap;
+
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::{
-    CACHE_POLICIES, Context, Dialect, Fields, Parsed, Problem, Unmapped, cache_policy_named, finish_reason, sse::Events,
+    CACHE_POLICIES, Context, Dialect, Parsed, Problem, Unmapped, cache_policy_named,
+    fields::{self, Listed, required},
+    finish_reason,
+    sse::Events,
 };
 
 /// The seed's dialect: unary only (its body has no `stream`).
@@ -32,8 +37,8 @@ impl Dialect for Seed {
     type Options = ();
     type Events = NoEvents;
 
-    fn parse(body: Fields, context: &Context<'_>) -> Result<Parsed<()>, Problem> {
-        let request = parse(body, context.default_model)?;
+    fn parse(body: &[u8], context: &Context<'_>) -> Result<Parsed<()>, Problem> {
+        let request = parse(fields::parse(body, context.max_objects)?, context.default_model)?;
         Ok(Parsed { request, stream: false, options: (), unmapped: Unmapped::default() })
     }
 
@@ -80,6 +85,53 @@ impl Events for NoEvents {
     fn fail(&mut self, _: &Problem, _: &mut Vec<u8>) {}
 }
 
+/// The seed's body: the gRPC request's fields under their names.
+#[derive(Deserialize)]
+struct Body {
+    #[serde(default, deserialize_with = "fields::opt")]
+    model: Option<String>,
+    #[serde(default, deserialize_with = "fields::objects")]
+    messages: Option<Vec<Message>>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    cache: Option<Cache>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    prompt: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    max_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    temperature: Option<f32>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    top_p: Option<f32>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    stop: Option<Stop>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    seed: Option<i64>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    user: Option<String>,
+    #[serde(default, deserialize_with = "fields::whole")]
+    metadata: Option<HashMap<String, String>>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    idempotency_key: Option<String>,
+    /// Refused: the seed's body has no other field.
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// One of `messages`.
+#[derive(Deserialize)]
+struct Message {
+    #[serde(default, deserialize_with = "fields::opt")]
+    role: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt")]
+    content: Option<String>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+impl Listed for Message {
+    const LIST: &'static str = "messages";
+}
+
 /// `stop`: one sequence or several.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -96,52 +148,52 @@ enum Cache {
     Number(i32),
 }
 
-fn parse(mut body: Fields, default_model: Option<&str>) -> Result<GenerateRequest, Problem> {
-    let model = match body.take::<String>("model")? {
+fn parse(body: Body, default_model: Option<&str>) -> Result<GenerateRequest, Problem> {
+    let model = match body.model {
         Some(model) => model,
         None => default_model
             .map(str::to_string)
             .ok_or_else(|| Problem::invalid("model", "required (no gateway.default_model is configured)"))?,
     };
-    let messages = match body.objects("messages")? {
-        None => Vec::new(),
-        Some(listed) => listed
-            .into_iter()
-            .map(|mut message| {
-                let role = message.required("role")?;
-                let content = message.required("content")?;
-                message.finish()?;
-                Ok(ChatMessage { role, content, ..Default::default() })
-            })
-            .collect::<Result<_, Problem>>()?,
-    };
-    let cache = match body.take::<Cache>("cache")? {
+    let messages = body
+        .messages
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, message)| {
+            let at = format!("messages[{i}]");
+            let role = required(message.role, &at, "role")?;
+            let content = required(message.content, &at, "content")?;
+            fields::refuse_rest(&at, &message.rest, &[])?;
+            Ok(ChatMessage { role, content, ..Default::default() })
+        })
+        .collect::<Result<_, Problem>>()?;
+    let cache = match body.cache {
         None => 0,
         Some(Cache::Number(n)) => n,
         Some(Cache::Name(name)) => cache_policy_named(&name)
             .ok_or_else(|| Problem::invalid("cache", format_args!("{name:?} is not one of {CACHE_POLICIES}")))?,
     };
-    let request = GenerateRequest {
+    fields::refuse_rest("", &body.rest, &[])?;
+    Ok(GenerateRequest {
         model,
-        prompt: body.take("prompt")?.unwrap_or_default(),
+        prompt: body.prompt.unwrap_or_default(),
         messages,
-        max_tokens: body.take("max_tokens")?.unwrap_or(0),
-        temperature: body.take("temperature")?,
-        top_p: body.take("top_p")?,
-        stop: match body.take::<Stop>("stop")? {
+        max_tokens: body.max_tokens.unwrap_or(0),
+        temperature: body.temperature,
+        top_p: body.top_p,
+        stop: match body.stop {
             None => Vec::new(),
             Some(Stop::One(one)) => vec![one],
             Some(Stop::Many(many)) => many,
         },
-        seed: body.take("seed")?,
-        user: body.take("user")?.unwrap_or_default(),
-        metadata: body.take("metadata")?.unwrap_or_default(),
+        seed: body.seed,
+        user: body.user.unwrap_or_default(),
+        metadata: body.metadata.unwrap_or_default(),
         cache,
-        idempotency_key: body.take("idempotency_key")?.unwrap_or_default(),
+        idempotency_key: body.idempotency_key.unwrap_or_default(),
         ..Default::default()
-    };
-    body.finish()?;
-    Ok(request)
+    })
 }
 
 /// The proto's name of a finish reason, short: `stop`, `length`, `content_filter`, `fallback`.
@@ -163,8 +215,7 @@ mod tests {
     use super::*;
 
     fn parsed(body: Value, default_model: Option<&str>) -> Result<GenerateRequest, Problem> {
-        let Value::Object(map) = body else { unreachable!() };
-        parse(Fields::new(map), default_model)
+        parse(fields::parse(&serde_json::to_vec(&body).unwrap(), usize::MAX)?, default_model)
     }
 
     #[test]
@@ -191,6 +242,8 @@ mod tests {
             (json!({"prompt": "p", "max_tokens": -1}), "max_tokens"),
             (json!({"prompt": "p", "cache": "sometimes"}), "cache"),
             (json!({"prompt": "p", "stream": true}), "stream"),
+            // A map read whole: its mistake names the field, as before the structs.
+            (json!({"prompt": "p", "metadata": {"k": 1}}), "metadata"),
         ] {
             let error = parsed(body.clone(), Some("sim")).unwrap_err();
             assert_eq!(error.param.as_deref(), Some(param), "{body}: {}", error.message);

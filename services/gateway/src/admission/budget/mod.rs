@@ -39,6 +39,7 @@
 //! the limit). Redis restarted without its data forgets the period's spend: run the limiter's
 //! Redis with persistence where budgets matter.
 
+mod batch;
 mod local;
 
 use std::{
@@ -50,14 +51,14 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use llmesh_ratelimit::{
-    Failure,
-    budget::{self, Bucket, Hold, Level, Nanos, Rate, RedisBudget, Reserved, Scope, StoredHold},
-};
+use llmesh_ratelimit::budget::{self, Bucket, Hold, Level, Nanos, Rate, RedisBudget, Reserved, Scope, StoredHold};
 use opentelemetry::KeyValue;
 use serde::{Deserialize, Serialize};
 
-use self::local::LocalBudgets;
+use self::{
+    batch::{Batches, MAX_BATCH, Settlement},
+    local::LocalBudgets,
+};
 use super::redis_health::RedisHealth;
 use crate::{error::CallError, headers::Quota, metrics::metrics, principal::Principal};
 
@@ -93,6 +94,8 @@ pub struct Budgets {
     local: LocalBudgets,
     /// Settlements Redis did not take yet (it failed, or was being given a rest).
     pending: Mutex<VecDeque<Pending>>,
+    /// Reservations and settlements waiting for the script call in flight.
+    batches: Batches,
     local_decisions: AtomicU64,
     /// Whether any key or team has a budget (health shows the store only then).
     in_use: AtomicBool,
@@ -175,6 +178,7 @@ impl Budgets {
             redis,
             local: LocalBudgets::default(),
             pending: Mutex::new(VecDeque::new()),
+            batches: Batches::default(),
             local_decisions: AtomicU64::new(0),
             in_use: AtomicBool::new(false),
             replica: format!("gateway-{}", uuid::Uuid::now_v7().simple()).into(),
@@ -215,45 +219,46 @@ impl Budgets {
         if !self.in_use() {
             self.set_in_use(true);
         }
-        let hold = Hold::new(amount, buckets);
-        let (taken, levels) = self.take(hold.clone(), &labels).await?;
+        let (hold, taken, levels) = self.take(Hold::new(amount, buckets), &labels).await?;
         let remaining = levels.iter().filter_map(Level::remaining).min();
         let held = Held { hold, taken, remaining, labels };
         Ok(Some(Spend { budgets: self.clone(), held: Some(held), rate, prompt_tokens, received: 0 }))
     }
 
-    /// Takes the hold in Redis, or alone when Redis does not answer.
-    async fn take(&self, hold: Hold, labels: &Arc<[Labels]>) -> Result<(Taken, Vec<Level>), CallError> {
-        if let Some(shared) = self.redis.as_ref().filter(|shared| shared.health.should_try()) {
-            match shared.budget.reserve(&hold).await {
-                Ok(Reserved::Taken(levels)) => {
-                    shared.health.answered();
+    /// Takes the hold in Redis (alone, or in the next batch: [`batch`]), or alone when Redis does
+    /// not answer.
+    async fn take(
+        self: &Arc<Self>,
+        hold: Hold,
+        labels: &Arc<[Labels]>,
+    ) -> Result<(Hold, Taken, Vec<Level>), CallError> {
+        let hold = match self.redis.as_ref().filter(|shared| shared.health.should_try()) {
+            Some(shared) => match self.reserve_in_redis(shared, hold).await? {
+                (hold, Some(Reserved::Taken(levels))) => {
                     self.local.learn(&hold, &levels);
                     record(labels, &levels, "redis");
-                    return Ok((Taken::Shared, levels));
+                    return Ok((hold, Taken::Shared, levels));
                 }
-                Ok(Reserved::Refused { bucket, levels }) => {
-                    shared.health.answered();
+                (hold, Some(Reserved::Refused { bucket, levels })) => {
                     self.local.learn(&hold, &levels);
                     record(labels, &levels, "redis");
                     return Err(self.refused(&hold, labels, bucket, &levels));
                 }
-                Ok(Reserved::Void) => tracing::warn!(hold = %hold.id, "a fresh budget reservation was void"),
-                Err(failure) => {
-                    shared.health.failed(&failure);
-                    // It may still run once Redis reads it: release it, so that it takes nothing.
-                    if matches!(failure, Failure::Timeout(_)) {
-                        self.defer(Pending::Settle { hold: hold.clone(), cost: 0 });
-                    }
+                (hold, Some(Reserved::Void)) => {
+                    tracing::warn!(hold = %hold.id, "a fresh budget reservation was void");
+                    hold
                 }
-            }
-        }
+                // Redis failed (counted in its health; a lost reply is released): decide alone.
+                (hold, None) => hold,
+            },
+            None => hold,
+        };
         self.local_decisions.fetch_add(1, Ordering::Relaxed);
         let decision = self.local.reserve(&hold, self.replicas);
         match decision {
             Ok(levels) => {
                 record(labels, &levels, "local");
-                Ok((Taken::Local, levels))
+                Ok((hold, Taken::Local, levels))
             }
             Err((bucket, levels)) => {
                 record(labels, &levels, "local");
@@ -281,25 +286,21 @@ impl Budgets {
                 remaining.saturating_sub(cost - held.hold.amount)
             }
         });
-        let budgets = self.clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move { budgets.settle(held, cost).await });
-            }
-            // Only at shutdown: the reservation stays held, which errs on the side of the budget.
-            Err(_) => tracing::debug!("no runtime: a budget reservation stays held"),
+        match held.taken {
+            Taken::Local => match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let budgets = self.clone();
+                    runtime.spawn(async move {
+                        let levels = budgets.local.settle(&held.hold, cost);
+                        record(&held.labels, &levels, "local");
+                    });
+                }
+                // Only at shutdown: the reservation stays held, which errs on the side of the budget.
+                Err(_) => tracing::debug!("no runtime: a budget reservation stays held"),
+            },
+            Taken::Shared => self.settle_soon(Settlement { hold: held.hold, cost, labels: Some(held.labels) }),
         }
         remaining
-    }
-
-    async fn settle(&self, held: Held, cost: Nanos) {
-        match held.taken {
-            Taken::Local => {
-                let levels = self.local.settle(&held.hold, cost);
-                record(&held.labels, &levels, "local");
-            }
-            Taken::Shared => self.settle_shared(held.hold, cost, Some(&held.labels)).await,
-        }
     }
 
     async fn settle_shared(&self, hold: Hold, cost: Nanos, labels: Option<&[Labels]>) {
@@ -382,17 +383,29 @@ impl Budgets {
             return self.pending_count() == 0 && self.local.unflushed() == 0;
         }
         loop {
-            let next = self.pending.lock().ok().and_then(|mut queue| queue.pop_front());
-            let Some(Pending::Settle { hold, cost }) = next else { break };
-            match shared.budget.settle(&hold, cost).await {
+            let batch: Vec<(Hold, Nanos)> = match self.pending.lock() {
+                Ok(mut queue) => {
+                    let n = queue.len().min(MAX_BATCH);
+                    queue.drain(..n).map(|Pending::Settle { hold, cost }| (hold, cost)).collect()
+                }
+                Err(_) => Vec::new(),
+            };
+            if batch.is_empty() {
+                break;
+            }
+            match shared.budget.settle_many(batch.iter().map(|(hold, cost)| (hold, *cost))).await {
                 Ok(settled) => {
                     shared.health.answered();
-                    self.local.learn(&hold, &settled.levels);
+                    for ((hold, _), settled) in batch.iter().zip(&settled) {
+                        self.local.learn(hold, &settled.levels);
+                    }
                 }
                 Err(failure) => {
                     shared.health.failed(&failure);
                     if let Ok(mut queue) = self.pending.lock() {
-                        queue.push_front(Pending::Settle { hold, cost });
+                        for (hold, cost) in batch.into_iter().rev() {
+                            queue.push_front(Pending::Settle { hold, cost });
+                        }
                     }
                     return false;
                 }

@@ -21,14 +21,21 @@
 //!   reservation took. A call is refused only when what is spent plus what calls in flight hold
 //!   leaves no room for it: the most a refusal can be "early" is the reservations in flight at the
 //!   time.
+//! - **In batches** (`batch.rs`): a replica sends its reservations, and its settlements, by group
+//!   commit: one script call of each kind in flight at a time, carrying what arrived while the
+//!   previous one was (up to 64 holds), each hold checked in turn as if alone; a call that finds
+//!   none in flight goes at once. Batching changes what a call costs Redis, not what Redis
+//!   decides.
 //! - **Without Redis**, or while it does not answer, each replica decides alone, with its share of
 //!   what Redis last said was left (or of the whole limit, when it never said): `1 / replicas`
 //!   (`[gateway.budget] replicas`). Such decisions are counted (`llmesh_budget_decisions_total
 //!   {store="local"}`) and the gateway's MeshHealth shows the budget store DEGRADED. When Redis
 //!   answers again, the spend decided alone is added to Redis (once: each addition has an id), and
 //!   settlements that could not reach it are retried (once: each reservation has an id): nothing is
-//!   lost and nothing is counted twice. A reservation whose reply was lost is released, and a late
-//!   one is void (see `llmesh_ratelimit::budget`).
+//!   lost and nothing is counted twice. A reservation whose reply was lost (a batch that timed
+//!   out: each of its reservations) is released, and a late one is void (see
+//!   `llmesh_ratelimit::budget`); so is the reservation of a call that went away before its
+//!   answer (its client cancelled while it was in flight or waiting for its batch).
 //! - Settlements run in the background: an answer does not wait for them. A call that ends
 //!   without settling (the client went away) pays for what it was sent: nothing when it was sent
 //!   nothing, else its prompt's estimate at the input price plus the text streamed to it so far at
@@ -225,7 +232,7 @@ impl Budgets {
         Ok(Some(Spend { budgets: self.clone(), held: Some(held), rate, prompt_tokens, received: 0 }))
     }
 
-    /// Takes the hold in Redis (alone, or in the next batch: [`batch`]), or alone when Redis does
+    /// Takes the hold in Redis (alone, or in the next batch: `batch.rs`), or alone when Redis does
     /// not answer.
     async fn take(
         self: &Arc<Self>,
@@ -275,8 +282,9 @@ impl Budgets {
         over_budget(hold, bucket, level, labels.get(bucket))
     }
 
-    /// Settles `held` with `cost`, in the background; returns what its tightest budget has left by
-    /// this reservation's reckoning.
+    /// Settles `held` with `cost`, in the background (in Redis: with the next batch, or at once when
+    /// none is in flight); returns what its tightest budget has left by this reservation's
+    /// reckoning.
     fn settle_in_background(self: &Arc<Self>, held: Held, cost: Nanos) -> Option<Nanos> {
         let cost = charged(&held.hold, cost);
         let remaining = held.remaining.map(|remaining| {

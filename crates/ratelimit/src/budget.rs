@@ -312,16 +312,19 @@ end
 /// buckets, its amount, its record's expiry (unix ms), then per bucket its limit (-1: none) and its
 /// expiry. A hold sees what the holds before it in the batch did, exactly as if each ran alone in
 /// that order: the bucket's level is kept in the script (read with the first hold that names it),
-/// and what the batch changes is written once at the end (summed; `%d` keeps the sum an exact
-/// integer where Lua would print `1e+15`). Returns, per hold, `{status, which, then spent, held,
-/// limit per bucket}`, the levels as that hold left them.
+/// and the levels the batch left are written once at the end, in one HSET (`%d` keeps them exact
+/// integers where Lua would print `1e+15`), with the limit only when it changed and the expiry
+/// only when the bucket is new (a bucket's expiry follows from its period, so it never changes).
+/// Returns, per hold, `{status, which, then spent, held, limit per bucket}`, the levels as that
+/// hold left them.
 const BATCH_PRELUDE: &str = r"
 local buckets, order = {}, {}
 local function bucket(key)
   local b = buckets[key]
   if not b then
-    local v = redis.call('HMGET', key, 'spent', 'held')
-    b = {spent = tonumber(v[1] or '0'), held = tonumber(v[2] or '0'), d_spent = 0, d_held = 0}
+    local v = redis.call('HMGET', key, 'spent', 'held', 'limit')
+    b = {spent = tonumber(v[1] or '0'), held = tonumber(v[2] or '0'), stored_limit = v[3],
+         existed = v[1] ~= false or v[2] ~= false or v[3] ~= false}
     buckets[key] = b
     order[#order + 1] = key
   end
@@ -354,10 +357,13 @@ local function flush()
   for _, key in ipairs(order) do
     local b = buckets[key]
     if b.expiry then
-      if b.d_held ~= 0 then redis.call('HINCRBY', key, 'held', string.format('%d', b.d_held)) end
-      if b.d_spent ~= 0 then redis.call('HINCRBY', key, 'spent', string.format('%d', b.d_spent)) end
-      if b.limit then redis.call('HSET', key, 'limit', b.limit) end
-      redis.call('PEXPIREAT', key, b.expiry)
+      local fields = {'spent', string.format('%d', b.spent), 'held', string.format('%d', b.held)}
+      if b.limit and b.limit ~= b.stored_limit then
+        fields[5] = 'limit'
+        fields[6] = b.limit
+      end
+      redis.call('HSET', key, unpack(fields))
+      if not b.existed then redis.call('PEXPIREAT', key, b.expiry) end
     end
   end
 end
@@ -376,7 +382,6 @@ local function reserve(hold)
   end
   for _, hb in ipairs(hold.buckets) do
     hb.b.held = hb.b.held + amount
-    hb.b.d_held = hb.b.d_held + amount
     hb.b.limit = hb.limit
     hb.b.expiry = hb.expiry
   end
@@ -404,9 +409,7 @@ local function settle(hold)
   if charge > held then charge = held end
   for _, hb in ipairs(hold.buckets) do
     hb.b.held = hb.b.held - held
-    hb.b.d_held = hb.b.d_held - held
     hb.b.spent = hb.b.spent + charge
-    hb.b.d_spent = hb.b.d_spent + charge
     hb.b.expiry = hb.expiry
   end
   redis.call('SET', hold.key, 'settled', 'PXAT', hold.expiry)

@@ -217,3 +217,30 @@ async fn batches_sum_large_amounts_exactly() {
     let level = budget.read(&holds[0].buckets[1].key).await.unwrap();
     assert_eq!(level, Level { spent: 2 * big - 4, held: 0, limit: Some(3 * big) });
 }
+
+#[tokio::test]
+async fn buckets_expire_with_their_period_and_keep_the_last_limit() {
+    let redis = start_redis().await;
+    let budget = budget_on(&redis);
+    let mut conn = redis.connection().await.unwrap();
+    let hold = Hold::new(100, buckets(Some(1_000), Some(700)));
+    assert!(matches!(budget.reserve(&hold).await.unwrap(), Reserved::Taken(_)));
+    for bucket in &hold.buckets {
+        let expiry: i64 = redis::cmd("PEXPIRETIME").arg(&bucket.key).query_async(&mut conn).await.unwrap();
+        assert_eq!(expiry, bucket.expire_at_ms as i64, "{}", bucket.key);
+    }
+    let record_expiry: i64 =
+        redis::cmd("PEXPIRETIME").arg(format!("llmesh:budget:hold:{}", hold.id)).query_async(&mut conn).await.unwrap();
+    assert_eq!(record_expiry, hold.buckets[0].expire_at_ms.max(hold.buckets[1].expire_at_ms) as i64);
+    // A new limit is what the bucket says from then on; settling keeps the expiry.
+    let second = Hold::new(100, buckets(Some(2_000), None));
+    assert!(matches!(budget.reserve(&second).await.unwrap(), Reserved::Taken(_)));
+    assert_eq!(budget.read(&hold.buckets[0].key).await.unwrap(), Level { spent: 0, held: 200, limit: Some(2_000) });
+    assert_eq!(budget.read(&hold.buckets[1].key).await.unwrap(), Level { spent: 0, held: 200, limit: None });
+    budget.settle_many([(&hold, 30), (&second, 40)]).await.unwrap();
+    assert_eq!(budget.read(&hold.buckets[0].key).await.unwrap(), Level { spent: 70, held: 0, limit: Some(2_000) });
+    for bucket in &hold.buckets {
+        let expiry: i64 = redis::cmd("PEXPIRETIME").arg(&bucket.key).query_async(&mut conn).await.unwrap();
+        assert_eq!(expiry, bucket.expire_at_ms as i64, "{}", bucket.key);
+    }
+}

@@ -176,14 +176,13 @@ impl Budgets {
             let batch: Vec<Waiting> = {
                 let mut queue = lock(&self.batches.reserving);
                 let n = queue.waiting.len().min(MAX_BATCH);
-                queue.waiting.drain(..n).collect()
+                if n == 0 {
+                    queue.busy = false;
+                    return;
+                }
+                // A call that went away while waiting takes nothing: not sent.
+                queue.waiting.drain(..n).filter(|waiting| !waiting.reply.is_closed()).collect()
             };
-            if batch.is_empty() {
-                self.next_reservations(false);
-                return;
-            }
-            // A call that went away while waiting takes nothing: not sent.
-            let batch: Vec<Waiting> = batch.into_iter().filter(|waiting| !waiting.reply.is_closed()).collect();
             if batch.is_empty() {
                 continue;
             }

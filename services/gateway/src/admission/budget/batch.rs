@@ -19,6 +19,10 @@
 //!   nothing, as for a single reservation. A call that goes away while its reservation is in
 //!   flight or waiting (its client cancelled) has it released the same way: nothing stays held
 //!   for a call that will never settle.
+//! - **A wait as bounded as a call**: a reservation that has waited longer than the Redis timeout
+//!   for its batch to go (the one in flight was slow) is decided in this replica's memory instead
+//!   of sent, so no call waits for Redis much more than twice the timeout (the batch in flight,
+//!   then its own).
 //! - **A failure is one failure**: a batch that fails counts once for Redis's health; its
 //!   reservations, and the ones waiting behind it (not sent: they waited one failure already), are
 //!   decided in this replica's memory. Settlements that fail, or find Redis resting, wait with the
@@ -37,7 +41,7 @@ use llmesh_ratelimit::{
     Failure,
     budget::{Hold, Nanos, Reserved},
 };
-use tokio::sync::oneshot;
+use tokio::{sync::oneshot, time::Instant};
 
 use super::{Budgets, Labels, Pending, Shared, record};
 use crate::error::CallError;
@@ -76,6 +80,7 @@ fn lock<T>(queue: &Mutex<Queue<T>>) -> MutexGuard<'_, Queue<T>> {
 struct Waiting {
     hold: Hold,
     reply: oneshot::Sender<(Hold, Option<Reserved>)>,
+    since: Instant,
 }
 
 /// A settlement for Redis.
@@ -99,7 +104,7 @@ impl Budgets {
             let mut queue = lock(&self.batches.reserving);
             if queue.busy {
                 let (reply, answer) = oneshot::channel();
-                queue.waiting.push_back(Waiting { hold, reply });
+                queue.waiting.push_back(Waiting { hold, reply, since: Instant::now() });
                 Err(answer)
             } else {
                 queue.busy = true;
@@ -173,7 +178,8 @@ impl Budgets {
     /// Sends what waits, a batch at a time, until nothing does.
     async fn reserve_batches(self: Arc<Self>) {
         loop {
-            let batch: Vec<Waiting> = {
+            let wait_limit = self.redis.as_ref().map_or(Duration::ZERO, |shared| shared.timeout);
+            let (batch, late): (Vec<Waiting>, Vec<Waiting>) = {
                 let mut queue = lock(&self.batches.reserving);
                 let n = queue.waiting.len().min(MAX_BATCH);
                 if n == 0 {
@@ -181,8 +187,15 @@ impl Budgets {
                     return;
                 }
                 // A call that went away while waiting takes nothing: not sent.
-                queue.waiting.drain(..n).filter(|waiting| !waiting.reply.is_closed()).collect()
+                queue
+                    .waiting
+                    .drain(..n)
+                    .filter(|waiting| !waiting.reply.is_closed())
+                    .partition(|waiting| waiting.since.elapsed() < wait_limit)
             };
+            for waiting in late {
+                self.answer(waiting, None);
+            }
             if batch.is_empty() {
                 continue;
             }

@@ -124,6 +124,8 @@ impl std::fmt::Debug for Budgets {
 struct Shared {
     budget: RedisBudget,
     health: RedisHealth,
+    /// How long a script call may take: also the longest a reservation waits for its batch.
+    timeout: Duration,
 }
 
 /// Work for Redis that has to wait for it.
@@ -170,9 +172,10 @@ impl Budgets {
         let redis = match redis_url.filter(|url| !url.trim().is_empty()) {
             Some(url) => {
                 let redacted = llmesh_util::redact::redact_url(url);
-                let budget = RedisBudget::new(url, timeout.max(Duration::from_millis(1)))
+                let timeout = timeout.max(Duration::from_millis(1));
+                let budget = RedisBudget::new(url, timeout)
                     .map_err(|error| anyhow::anyhow!("invalid rate_limit.redis_url {redacted}: {error}"))?;
-                Some(Shared { budget, health: RedisHealth::new(redacted, "budgets") })
+                Some(Shared { budget, health: RedisHealth::new(redacted, "budgets"), timeout })
             }
             None => None,
         };

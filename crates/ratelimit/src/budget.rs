@@ -14,8 +14,17 @@
 //! - **Reserve, then settle, atomically**: [`RedisBudget::reserve`] checks every bucket of the call
 //!   (the key's, and its team's) and takes the amount from all of them, or from none, in one
 //!   script; [`RedisBudget::settle`] releases the reservation and adds the real cost to each, in one
-//!   script, capped at the reservation (so a settlement never takes a bucket past its limit). A bucket's level is `spent` (settled) plus `held` (reserved by calls in flight); a
-//!   reservation is refused when it would take a bucket's level past its limit.
+//!   script, capped at the reservation (so a settlement never takes a bucket past its limit). A
+//!   bucket's level is `spent` (settled) plus `held` (reserved by calls in flight); a reservation
+//!   is refused when it would take a bucket's level past its limit.
+//! - **Many in one script call, each as if alone**: [`RedisBudget::reserve_many`] and
+//!   [`RedisBudget::settle_many`] run a batch of reservations (or settlements) in one script
+//!   call, each in turn: a hold sees what the ones before it in the batch took, is all or nothing
+//!   across its buckets, and has its own outcome, exactly as if the single calls had run one after
+//!   another in that order. The script reads each bucket once and writes it once per batch (what
+//!   the batch changed, summed): beyond the first, a hold on the same buckets costs Redis only the
+//!   read and write of its own record. The single calls are batches of one. The caller bounds a
+//!   batch's size.
 //! - **Each reservation settles at most once**, whoever tries how often: it has an id, and its
 //!   Redis record ([`hold_key`]) says whether it is held, settled or void. A settlement retried
 //!   after a timeout (which may have been applied) is a no-op the second time; a settlement that
@@ -271,7 +280,8 @@ pub struct Settled {
     pub levels: Vec<Level>,
 }
 
-/// Reads the levels of every bucket in KEYS[2..] (ARGV[3..] are their limits and expiries).
+/// For [`ADD`]: reads the levels of every bucket in KEYS[2..] (ARGV[3..] are their limits and
+/// expiries).
 /// Amounts go to Redis as the strings they came in: Lua would print a large number as `1e+15`,
 /// which HINCRBY refuses.
 const PRELUDE: &str = r"
@@ -295,53 +305,119 @@ local function reply(status, which, levels)
 end
 ";
 
-/// KEYS: hold, then each bucket. ARGV: amount, hold expiry (unix ms), then per bucket its limit
-/// (-1: none) and its expiry. Returns `{1 taken | 0 refused | -1 void, refusing bucket (1-based)
-/// or 0, then spent, held, limit per bucket}`.
-const RESERVE: &str = r"
-local hold, amount = KEYS[1], tonumber(ARGV[1])
-local levels = levels_of(3)
-if redis.call('EXISTS', hold) == 1 then
-  return reply(-1, 0, levels)
+/// What the batch scripts share: each hold of the batch in turn, and each bucket read once and
+/// written once per batch.
+///
+/// KEYS: per hold, its record ([`hold_key`]) then its buckets. ARGV: per hold, its number of
+/// buckets, its amount, its record's expiry (unix ms), then per bucket its limit (-1: none) and its
+/// expiry. A hold sees what the holds before it in the batch did, exactly as if each ran alone in
+/// that order: the bucket's level is kept in the script (read with the first hold that names it),
+/// and the levels the batch left are written once at the end, in one HSET (`%d` keeps them exact
+/// integers where Lua would print `1e+15`), with the limit only when it changed and the expiry
+/// only when the bucket is new (a bucket's expiry follows from its period, so it never changes).
+/// Returns, per hold, `{status, which, then spent, held, limit per bucket}`, the levels as that
+/// hold left them.
+const BATCH_PRELUDE: &str = r"
+local buckets, order = {}, {}
+local function bucket(key)
+  local b = buckets[key]
+  if not b then
+    local v = redis.call('HMGET', key, 'spent', 'held', 'limit')
+    b = {spent = tonumber(v[1] or '0'), held = tonumber(v[2] or '0'), stored_limit = v[3],
+         existed = v[1] ~= false or v[2] ~= false or v[3] ~= false}
+    buckets[key] = b
+    order[#order + 1] = key
+  end
+  return b
 end
-for i, level in ipairs(levels) do
-  if level[3] >= 0 and level[1] + level[2] + amount > level[3] then
-    return reply(0, i, levels)
+
+local function each_hold(apply)
+  local out, k, a = {}, 1, 1
+  while a <= #ARGV do
+    local n = tonumber(ARGV[a])
+    local hold = {key = KEYS[k], amount = ARGV[a + 1], expiry = ARGV[a + 2], buckets = {}}
+    for i = 1, n do
+      hold.buckets[i] = {b = bucket(KEYS[k + i]), limit = ARGV[a + 1 + 2 * i], expiry = ARGV[a + 2 + 2 * i]}
+    end
+    local status, which = apply(hold)
+    out[#out + 1] = status
+    out[#out + 1] = which
+    for _, hb in ipairs(hold.buckets) do
+      out[#out + 1] = hb.b.spent
+      out[#out + 1] = hb.b.held
+      out[#out + 1] = tonumber(hb.limit)
+    end
+    k = k + 1 + n
+    a = a + 3 + 2 * n
+  end
+  return out
+end
+
+local function flush()
+  for _, key in ipairs(order) do
+    local b = buckets[key]
+    if b.expiry then
+      local fields = {'spent', string.format('%d', b.spent), 'held', string.format('%d', b.held)}
+      if b.limit and b.limit ~= b.stored_limit then
+        fields[5] = 'limit'
+        fields[6] = b.limit
+      end
+      redis.call('HSET', key, unpack(fields))
+      if not b.existed then redis.call('PEXPIREAT', key, b.expiry) end
+    end
   end
 end
-for i, level in ipairs(levels) do
-  local bucket = KEYS[i + 1]
-  level[2] = redis.call('HINCRBY', bucket, 'held', ARGV[1])
-  redis.call('HSET', bucket, 'limit', ARGV[2 + 2 * i - 1])
-  redis.call('PEXPIREAT', bucket, ARGV[2 + 2 * i])
-end
-redis.call('SET', hold, ARGV[1], 'PXAT', ARGV[2])
-return reply(1, 0, levels)
 ";
 
-/// KEYS: hold, then each bucket. ARGV: real cost, hold expiry, then per bucket its limit and
-/// expiry. Returns `{1 applied | 0 not, 0, then spent, held, limit per bucket}`. Charges the real
-/// cost, but never more than the reservation: the reservation fitted under every limit, so no
-/// settlement takes a bucket past one.
+/// Reserves each hold of a batch (see [`BATCH_PRELUDE`]; the amount is the reservation's). Status
+/// `1` taken from every bucket, `0` refused by bucket `which` (1-based) and nothing taken, `-1`
+/// void (the hold's record exists: it was settled or voided already).
+const RESERVE: &str = r"
+local function reserve(hold)
+  if redis.call('EXISTS', hold.key) == 1 then return -1, 0 end
+  local amount = tonumber(hold.amount)
+  for i, hb in ipairs(hold.buckets) do
+    local limit = tonumber(hb.limit)
+    if limit >= 0 and hb.b.spent + hb.b.held + amount > limit then return 0, i end
+  end
+  for _, hb in ipairs(hold.buckets) do
+    hb.b.held = hb.b.held + amount
+    hb.b.limit = hb.limit
+    hb.b.expiry = hb.expiry
+  end
+  redis.call('SET', hold.key, hold.amount, 'PXAT', hold.expiry)
+  return 1, 0
+end
+local out = each_hold(reserve)
+flush()
+return out
+";
+
+/// Settles each hold of a batch (see [`BATCH_PRELUDE`]; the amount is the real cost). Status `1`
+/// applied, `0` not (settled already, or voided: a hold with no record gets a `void` one). Charges
+/// the real cost, but never more than the reservation: the reservation fitted under every limit,
+/// so no settlement takes a bucket past one.
 const SETTLE: &str = r"
-local hold = KEYS[1]
-local state = redis.call('GET', hold)
-if not state then
-  redis.call('SET', hold, 'void', 'PXAT', ARGV[2])
-  return reply(0, 0, levels_of(3))
+local function settle(hold)
+  local state = redis.call('GET', hold.key)
+  if not state then
+    redis.call('SET', hold.key, 'void', 'PXAT', hold.expiry)
+    return 0, 0
+  end
+  if state == 'void' or state == 'settled' then return 0, 0 end
+  local held, charge = tonumber(state), tonumber(hold.amount)
+  if charge > held then charge = held end
+  for _, hb in ipairs(hold.buckets) do
+    hb.b.held = hb.b.held - held
+    hb.b.spent = hb.b.spent + charge
+    hb.b.expiry = hb.expiry
+  end
+  redis.call('SET', hold.key, 'settled', 'PXAT', hold.expiry)
+  return 1, 0
 end
-if state == 'void' or state == 'settled' then
-  return reply(0, 0, levels_of(3))
-end
-local charge = ARGV[1]
-if tonumber(charge) > tonumber(state) then charge = state end
-for i = 2, #KEYS do
-  redis.call('HINCRBY', KEYS[i], 'held', '-' .. state)
-  redis.call('HINCRBY', KEYS[i], 'spent', charge)
-  redis.call('PEXPIREAT', KEYS[i], ARGV[2 + 2 * (i - 1)])
-end
-redis.call('SET', hold, 'settled', 'PXAT', ARGV[2])
-return reply(1, 0, levels_of(3))
+local out = each_hold(settle)
+flush()
+return out
 ";
 
 /// KEYS: the add's marker, then each bucket. ARGV: amount, marker expiry, then per bucket its
@@ -378,12 +454,12 @@ impl RedisBudget {
     /// `timeout`. Needs a Tokio runtime. Fails only on a malformed URL (the error may hold the
     /// URL: callers name it redacted).
     pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
-        let script = |body: &str| redis::Script::new(&format!("{PRELUDE}{body}"));
+        let script = |prelude: &str, body: &str| redis::Script::new(&format!("{prelude}{body}"));
         Ok(Self {
             conn: connection(url, timeout)?,
-            reserve: script(RESERVE),
-            settle: script(SETTLE),
-            add: script(ADD),
+            reserve: script(BATCH_PRELUDE, RESERVE),
+            settle: script(BATCH_PRELUDE, SETTLE),
+            add: script(PRELUDE, ADD),
             timeout: timeout.max(Duration::from_millis(1)),
         })
     }
@@ -406,19 +482,42 @@ impl RedisBudget {
     /// Takes `hold.amount` from every bucket of `hold`, or nothing when one would go past its
     /// limit, atomically.
     pub async fn reserve(&self, hold: &Hold) -> Result<Reserved, Failure> {
-        let (status, which, levels) = self.run(&self.reserve, &hold_key(&hold.id), hold.amount, hold).await?;
-        match status {
-            1 => Ok(Reserved::Taken(levels)),
-            0 => Ok(Reserved::Refused { bucket: which.saturating_sub(1), levels }),
-            _ => Ok(Reserved::Void),
-        }
+        let mut reserved = self.reserve_many([hold]).await?;
+        reserved.pop().ok_or(Failure::BudgetReply(Vec::new()))
+    }
+
+    /// [`Self::reserve`] for each of `holds`, in one script call: each in turn, as if alone in
+    /// that order (a hold sees what the ones before it took), all or nothing per hold. The outcomes
+    /// in the holds' order. The caller bounds the batch (its reply grows with it).
+    pub async fn reserve_many<'a>(&self, holds: impl IntoIterator<Item = &'a Hold>) -> Result<Vec<Reserved>, Failure> {
+        let holds: Vec<_> = holds.into_iter().map(|hold| (hold, hold.amount)).collect();
+        let replies = self.run_many(&self.reserve, &holds).await?;
+        Ok(replies
+            .into_iter()
+            .map(|(status, which, levels)| match status {
+                1 => Reserved::Taken(levels),
+                0 => Reserved::Refused { bucket: which.saturating_sub(1), levels },
+                _ => Reserved::Void,
+            })
+            .collect())
     }
 
     /// Settles `hold` with what the call really cost (0 for a call that failed or was cancelled),
     /// at most once: see the module docs.
     pub async fn settle(&self, hold: &Hold, cost: Nanos) -> Result<Settled, Failure> {
-        let (status, _, levels) = self.run(&self.settle, &hold_key(&hold.id), cost, hold).await?;
-        Ok(Settled { applied: status == 1, levels })
+        let mut settled = self.settle_many([(hold, cost)]).await?;
+        settled.pop().ok_or(Failure::BudgetReply(Vec::new()))
+    }
+
+    /// [`Self::settle`] for each of `settlements` (a hold and its real cost), in one script call,
+    /// in order. The outcomes in the same order. The caller bounds the batch.
+    pub async fn settle_many<'a>(
+        &self,
+        settlements: impl IntoIterator<Item = (&'a Hold, Nanos)>,
+    ) -> Result<Vec<Settled>, Failure> {
+        let settlements: Vec<_> = settlements.into_iter().collect();
+        let replies = self.run_many(&self.settle, &settlements).await?;
+        Ok(replies.into_iter().map(|(status, _, levels)| Settled { applied: status == 1, levels }).collect())
     }
 
     /// Adds `amount` spent elsewhere to every bucket of `hold` (whose amount is ignored), once per
@@ -443,6 +542,30 @@ impl RedisBudget {
         Ok(Level { spent: nanos(spent).unwrap_or(0), held: nanos(held).unwrap_or(0), limit: nanos(limit) })
     }
 
+    /// Runs a batch script (`RESERVE` or `SETTLE`) over `holds`, each with its amount.
+    async fn run_many(
+        &self,
+        script: &redis::Script,
+        holds: &[(&Hold, Nanos)],
+    ) -> Result<Vec<(i64, usize, Vec<Level>)>, Failure> {
+        if holds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = script.prepare_invoke();
+        for (hold, amount) in holds {
+            invocation.key(hold_key(&hold.id)).arg(hold.buckets.len()).arg(*amount).arg(hold.expire_at_ms());
+            for bucket in &hold.buckets {
+                invocation.key(&bucket.key).arg(limit_arg(bucket)).arg(bucket.expire_at_ms);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<i64> = match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
+            Ok(reply) => reply?,
+            Err(_) => return Err(Failure::Timeout(self.timeout)),
+        };
+        parse_many(&reply, holds).ok_or(Failure::BudgetReply(reply))
+    }
+
     async fn run(
         &self,
         script: &redis::Script,
@@ -453,8 +576,7 @@ impl RedisBudget {
         let mut invocation = script.key(marker);
         invocation.arg(amount).arg(hold.expire_at_ms());
         for bucket in &hold.buckets {
-            let limit = bucket.limit.and_then(|limit| i64::try_from(limit).ok()).unwrap_or(-1);
-            invocation.key(&bucket.key).arg(limit).arg(bucket.expire_at_ms);
+            invocation.key(&bucket.key).arg(limit_arg(bucket)).arg(bucket.expire_at_ms);
         }
         let mut conn = self.conn.clone();
         let reply: Vec<i64> = match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
@@ -463,6 +585,27 @@ impl RedisBudget {
         };
         parse_reply(&reply, hold.buckets.len()).ok_or(Failure::BudgetReply(reply))
     }
+}
+
+/// A bucket's limit as the scripts take it: -1 for none.
+fn limit_arg(bucket: &Bucket) -> i64 {
+    bucket.limit.and_then(|limit| i64::try_from(limit).ok()).unwrap_or(-1)
+}
+
+/// One reply per hold, each `{status, which, (spent, held, limit) per bucket}`, one after another.
+fn parse_many(reply: &[i64], holds: &[(&Hold, Nanos)]) -> Option<Vec<(i64, usize, Vec<Level>)>> {
+    let mut rest = reply;
+    let mut parsed = Vec::with_capacity(holds.len());
+    for (hold, _) in holds {
+        let len = 2 + 3 * hold.buckets.len();
+        if rest.len() < len {
+            return None;
+        }
+        let (one, tail) = rest.split_at(len);
+        parsed.push(parse_reply(one, hold.buckets.len())?);
+        rest = tail;
+    }
+    rest.is_empty().then_some(parsed)
 }
 
 /// `{status, which, (spent, held, limit) per bucket}`.
@@ -571,6 +714,20 @@ mod tests {
         assert_eq!(levels[1].remaining(), Some(3));
         assert_eq!(parse_reply(&[1, 0, 1, 2], 1), None);
         assert_eq!(parse_reply(&[1], 0), None);
+    }
+
+    #[test]
+    fn batch_replies_are_checked_hold_by_hold() {
+        let one = Hold::new(1, vec![Bucket::new(Period::Day, Scope::Key, "a", Some(9), 0)]);
+        let two = Hold::new(2, vec![Bucket::new(Period::Day, Scope::Key, "a", None, 0); 2]);
+        let holds = [(&one, 1), (&two, 2)];
+        let parsed = parse_many(&[1, 0, 0, 1, 9, 0, 1, 0, 3, -1, 0, 3, -1], &holds).unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[0], (1, 0, vec![Level { spent: 0, held: 1, limit: Some(9) }]));
+        assert_eq!((parsed[1].0, parsed[1].1, parsed[1].2.len()), (0, 1, 2));
+        assert_eq!(parse_many(&[1, 0, 0, 1, 9, 0, 1, 0, 3, -1, 0, 3], &holds), None, "short");
+        assert_eq!(parse_many(&[1, 0, 0, 1, 9, 0, 1, 0, 3, -1, 0, 3, -1, 7], &holds), None, "long");
+        assert_eq!(parse_many(&[], &[]), Some(Vec::new()));
     }
 
     #[test]

@@ -157,3 +157,90 @@ async fn a_settlement_never_charges_more_than_was_reserved() {
     assert_eq!(settled.levels[0].spent, 900 + big);
     assert_eq!(settled.levels[0].held, 0);
 }
+
+#[tokio::test]
+async fn a_batch_reserves_each_hold_in_turn_all_or_nothing() {
+    let redis = start_redis().await;
+    let budget = budget_on(&redis);
+    // A settled hold, sent again in the batch: void.
+    let settled = Hold::new(100, buckets(Some(1_000), Some(700)));
+    assert!(matches!(budget.reserve(&settled).await.unwrap(), Reserved::Taken(_)));
+    assert!(budget.settle(&settled, 100).await.unwrap().applied);
+    // 100 spent; then 400 fits, 300 does not (the team's 700), 200 does, 100 does not, a bucket
+    // without a limit counts alone.
+    let holds = [
+        Hold::new(400, buckets(Some(1_000), Some(700))),
+        Hold::new(300, buckets(Some(1_000), Some(700))),
+        settled.clone(),
+        Hold::new(200, buckets(Some(1_000), Some(700))),
+        Hold::new(100, buckets(Some(1_000), Some(700))),
+        Hold::new(5_000, vec![Bucket::new(Period::Day, Scope::Key, "bob", None, now_ms())]),
+    ];
+    let reserved = budget.reserve_many(&holds).await.unwrap();
+    let Reserved::Taken(levels) = &reserved[0] else { panic!("{reserved:?}") };
+    assert_eq!(levels[1], Level { spent: 100, held: 400, limit: Some(700) }, "as the first hold left it");
+    let Reserved::Refused { bucket: 1, levels } = &reserved[1] else { panic!("{reserved:?}") };
+    assert_eq!(levels[0], Level { spent: 100, held: 400, limit: Some(1_000) }, "nothing taken from the key's");
+    assert_eq!(reserved[2], Reserved::Void);
+    let Reserved::Taken(levels) = &reserved[3] else { panic!("{reserved:?}") };
+    assert_eq!(levels[1], Level { spent: 100, held: 600, limit: Some(700) });
+    assert!(matches!(reserved[4], Reserved::Refused { bucket: 1, .. }), "{reserved:?}");
+    assert!(matches!(&reserved[5], Reserved::Taken(levels) if levels[0].held == 5_000), "{reserved:?}");
+    for bucket in &holds[0].buckets {
+        assert_eq!(budget.read(&bucket.key).await.unwrap().held, 600, "{}", bucket.key);
+    }
+    // Settled in one batch, the refused ones too: a hold that took nothing has nothing to release
+    // (its record becomes void), one sent twice applies once.
+    let settlements = [(&holds[0], 150), (&holds[1], 0), (&holds[3], 999), (&holds[0], 150), (&holds[5], 1)];
+    let settled = budget.settle_many(settlements).await.unwrap();
+    let applied: Vec<_> = settled.iter().map(|settled| settled.applied).collect();
+    assert_eq!(applied, [true, false, true, false, true]);
+    assert_eq!(settled[2].levels[1], Level { spent: 100 + 150 + 200, held: 0, limit: Some(700) }, "capped at 200");
+    assert_eq!(budget.read(&holds[0].buckets[1].key).await.unwrap().spent, 450);
+    assert_eq!(budget.read(&holds[5].buckets[0].key).await.unwrap(), Level { spent: 1, held: 0, limit: None });
+    // The refused hold was voided by its release: sent late, it takes nothing.
+    assert_eq!(budget.reserve(&holds[1]).await.unwrap(), Reserved::Void);
+    assert!(budget.reserve_many(std::iter::empty()).await.unwrap().is_empty(), "nothing to send");
+}
+
+#[tokio::test]
+async fn batches_sum_large_amounts_exactly() {
+    let redis = start_redis().await;
+    let budget = budget_on(&redis);
+    let big = 3_000_000_000_000_001;
+    let holds: Vec<_> = (0..2).map(|_| Hold::new(big, buckets(None, Some(3 * big)))).collect();
+    let reserved = budget.reserve_many(&holds).await.unwrap();
+    assert!(reserved.iter().all(|reserved| matches!(reserved, Reserved::Taken(_))), "{reserved:?}");
+    assert_eq!(budget.read(&holds[0].buckets[1].key).await.unwrap().held, 2 * big);
+    let settled = budget.settle_many(holds.iter().map(|hold| (hold, big - 2))).await.unwrap();
+    assert!(settled.iter().all(|settled| settled.applied));
+    let level = budget.read(&holds[0].buckets[1].key).await.unwrap();
+    assert_eq!(level, Level { spent: 2 * big - 4, held: 0, limit: Some(3 * big) });
+}
+
+#[tokio::test]
+async fn buckets_expire_with_their_period_and_keep_the_last_limit() {
+    let redis = start_redis().await;
+    let budget = budget_on(&redis);
+    let mut conn = redis.connection().await.unwrap();
+    let hold = Hold::new(100, buckets(Some(1_000), Some(700)));
+    assert!(matches!(budget.reserve(&hold).await.unwrap(), Reserved::Taken(_)));
+    for bucket in &hold.buckets {
+        let expiry: i64 = redis::cmd("PEXPIRETIME").arg(&bucket.key).query_async(&mut conn).await.unwrap();
+        assert_eq!(expiry, bucket.expire_at_ms as i64, "{}", bucket.key);
+    }
+    let record_expiry: i64 =
+        redis::cmd("PEXPIRETIME").arg(format!("llmesh:budget:hold:{}", hold.id)).query_async(&mut conn).await.unwrap();
+    assert_eq!(record_expiry, hold.buckets[0].expire_at_ms.max(hold.buckets[1].expire_at_ms) as i64);
+    // A new limit is what the bucket says from then on; settling keeps the expiry.
+    let second = Hold::new(100, buckets(Some(2_000), None));
+    assert!(matches!(budget.reserve(&second).await.unwrap(), Reserved::Taken(_)));
+    assert_eq!(budget.read(&hold.buckets[0].key).await.unwrap(), Level { spent: 0, held: 200, limit: Some(2_000) });
+    assert_eq!(budget.read(&hold.buckets[1].key).await.unwrap(), Level { spent: 0, held: 200, limit: None });
+    budget.settle_many([(&hold, 30), (&second, 40)]).await.unwrap();
+    assert_eq!(budget.read(&hold.buckets[0].key).await.unwrap(), Level { spent: 70, held: 0, limit: Some(2_000) });
+    for bucket in &hold.buckets {
+        let expiry: i64 = redis::cmd("PEXPIRETIME").arg(&bucket.key).query_async(&mut conn).await.unwrap();
+        assert_eq!(expiry, bucket.expire_at_ms as i64, "{}", bucket.key);
+    }
+}

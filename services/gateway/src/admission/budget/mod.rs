@@ -21,14 +21,21 @@
 //!   reservation took. A call is refused only when what is spent plus what calls in flight hold
 //!   leaves no room for it: the most a refusal can be "early" is the reservations in flight at the
 //!   time.
+//! - **In batches** (`batch.rs`): a replica sends its reservations, and its settlements, by group
+//!   commit: one script call of each kind in flight at a time, carrying what arrived while the
+//!   previous one was (up to 64 holds), each hold checked in turn as if alone; a call that finds
+//!   none in flight goes at once. Batching changes what a call costs Redis, not what Redis
+//!   decides.
 //! - **Without Redis**, or while it does not answer, each replica decides alone, with its share of
 //!   what Redis last said was left (or of the whole limit, when it never said): `1 / replicas`
 //!   (`[gateway.budget] replicas`). Such decisions are counted (`llmesh_budget_decisions_total
 //!   {store="local"}`) and the gateway's MeshHealth shows the budget store DEGRADED. When Redis
 //!   answers again, the spend decided alone is added to Redis (once: each addition has an id), and
 //!   settlements that could not reach it are retried (once: each reservation has an id): nothing is
-//!   lost and nothing is counted twice. A reservation whose reply was lost is released, and a late
-//!   one is void (see `llmesh_ratelimit::budget`).
+//!   lost and nothing is counted twice. A reservation whose reply was lost (a batch that timed
+//!   out: each of its reservations) is released, and a late one is void (see
+//!   `llmesh_ratelimit::budget`); so is the reservation of a call that went away before its
+//!   answer (its client cancelled while it was in flight or waiting for its batch).
 //! - Settlements run in the background: an answer does not wait for them. A call that ends
 //!   without settling (the client went away) pays for what it was sent: nothing when it was sent
 //!   nothing, else its prompt's estimate at the input price plus the text streamed to it so far at
@@ -39,6 +46,7 @@
 //! the limit). Redis restarted without its data forgets the period's spend: run the limiter's
 //! Redis with persistence where budgets matter.
 
+mod batch;
 mod local;
 
 use std::{
@@ -50,14 +58,14 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use llmesh_ratelimit::{
-    Failure,
-    budget::{self, Bucket, Hold, Level, Nanos, Rate, RedisBudget, Reserved, Scope, StoredHold},
-};
+use llmesh_ratelimit::budget::{self, Bucket, Hold, Level, Nanos, Rate, RedisBudget, Reserved, Scope, StoredHold};
 use opentelemetry::KeyValue;
 use serde::{Deserialize, Serialize};
 
-use self::local::LocalBudgets;
+use self::{
+    batch::{Batches, MAX_BATCH, Settlement},
+    local::LocalBudgets,
+};
 use super::redis_health::RedisHealth;
 use crate::{error::CallError, headers::Quota, metrics::metrics, principal::Principal};
 
@@ -93,6 +101,8 @@ pub struct Budgets {
     local: LocalBudgets,
     /// Settlements Redis did not take yet (it failed, or was being given a rest).
     pending: Mutex<VecDeque<Pending>>,
+    /// Reservations and settlements waiting for the script call in flight.
+    batches: Batches,
     local_decisions: AtomicU64,
     /// Whether any key or team has a budget (health shows the store only then).
     in_use: AtomicBool,
@@ -114,6 +124,8 @@ impl std::fmt::Debug for Budgets {
 struct Shared {
     budget: RedisBudget,
     health: RedisHealth,
+    /// How long a script call may take: also the longest a reservation waits for its batch.
+    timeout: Duration,
 }
 
 /// Work for Redis that has to wait for it.
@@ -160,9 +172,10 @@ impl Budgets {
         let redis = match redis_url.filter(|url| !url.trim().is_empty()) {
             Some(url) => {
                 let redacted = llmesh_util::redact::redact_url(url);
-                let budget = RedisBudget::new(url, timeout.max(Duration::from_millis(1)))
+                let timeout = timeout.max(Duration::from_millis(1));
+                let budget = RedisBudget::new(url, timeout)
                     .map_err(|error| anyhow::anyhow!("invalid rate_limit.redis_url {redacted}: {error}"))?;
-                Some(Shared { budget, health: RedisHealth::new(redacted, "budgets") })
+                Some(Shared { budget, health: RedisHealth::new(redacted, "budgets"), timeout })
             }
             None => None,
         };
@@ -175,6 +188,7 @@ impl Budgets {
             redis,
             local: LocalBudgets::default(),
             pending: Mutex::new(VecDeque::new()),
+            batches: Batches::default(),
             local_decisions: AtomicU64::new(0),
             in_use: AtomicBool::new(false),
             replica: format!("gateway-{}", uuid::Uuid::now_v7().simple()).into(),
@@ -215,45 +229,46 @@ impl Budgets {
         if !self.in_use() {
             self.set_in_use(true);
         }
-        let hold = Hold::new(amount, buckets);
-        let (taken, levels) = self.take(hold.clone(), &labels).await?;
+        let (hold, taken, levels) = self.take(Hold::new(amount, buckets), &labels).await?;
         let remaining = levels.iter().filter_map(Level::remaining).min();
         let held = Held { hold, taken, remaining, labels };
         Ok(Some(Spend { budgets: self.clone(), held: Some(held), rate, prompt_tokens, received: 0 }))
     }
 
-    /// Takes the hold in Redis, or alone when Redis does not answer.
-    async fn take(&self, hold: Hold, labels: &Arc<[Labels]>) -> Result<(Taken, Vec<Level>), CallError> {
-        if let Some(shared) = self.redis.as_ref().filter(|shared| shared.health.should_try()) {
-            match shared.budget.reserve(&hold).await {
-                Ok(Reserved::Taken(levels)) => {
-                    shared.health.answered();
+    /// Takes the hold in Redis (alone, or in the next batch: `batch.rs`), or alone when Redis does
+    /// not answer.
+    async fn take(
+        self: &Arc<Self>,
+        hold: Hold,
+        labels: &Arc<[Labels]>,
+    ) -> Result<(Hold, Taken, Vec<Level>), CallError> {
+        let hold = match self.redis.as_ref().filter(|shared| shared.health.should_try()) {
+            Some(shared) => match self.reserve_in_redis(shared, hold).await? {
+                (hold, Some(Reserved::Taken(levels))) => {
                     self.local.learn(&hold, &levels);
                     record(labels, &levels, "redis");
-                    return Ok((Taken::Shared, levels));
+                    return Ok((hold, Taken::Shared, levels));
                 }
-                Ok(Reserved::Refused { bucket, levels }) => {
-                    shared.health.answered();
+                (hold, Some(Reserved::Refused { bucket, levels })) => {
                     self.local.learn(&hold, &levels);
                     record(labels, &levels, "redis");
                     return Err(self.refused(&hold, labels, bucket, &levels));
                 }
-                Ok(Reserved::Void) => tracing::warn!(hold = %hold.id, "a fresh budget reservation was void"),
-                Err(failure) => {
-                    shared.health.failed(&failure);
-                    // It may still run once Redis reads it: release it, so that it takes nothing.
-                    if matches!(failure, Failure::Timeout(_)) {
-                        self.defer(Pending::Settle { hold: hold.clone(), cost: 0 });
-                    }
+                (hold, Some(Reserved::Void)) => {
+                    tracing::warn!(hold = %hold.id, "a fresh budget reservation was void");
+                    hold
                 }
-            }
-        }
+                // Redis failed (counted in its health; a lost reply is released): decide alone.
+                (hold, None) => hold,
+            },
+            None => hold,
+        };
         self.local_decisions.fetch_add(1, Ordering::Relaxed);
         let decision = self.local.reserve(&hold, self.replicas);
         match decision {
             Ok(levels) => {
                 record(labels, &levels, "local");
-                Ok((Taken::Local, levels))
+                Ok((hold, Taken::Local, levels))
             }
             Err((bucket, levels)) => {
                 record(labels, &levels, "local");
@@ -270,8 +285,9 @@ impl Budgets {
         over_budget(hold, bucket, level, labels.get(bucket))
     }
 
-    /// Settles `held` with `cost`, in the background; returns what its tightest budget has left by
-    /// this reservation's reckoning.
+    /// Settles `held` with `cost`, in the background (in Redis: with the next batch, or at once when
+    /// none is in flight); returns what its tightest budget has left by this reservation's
+    /// reckoning.
     fn settle_in_background(self: &Arc<Self>, held: Held, cost: Nanos) -> Option<Nanos> {
         let cost = charged(&held.hold, cost);
         let remaining = held.remaining.map(|remaining| {
@@ -281,25 +297,21 @@ impl Budgets {
                 remaining.saturating_sub(cost - held.hold.amount)
             }
         });
-        let budgets = self.clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move { budgets.settle(held, cost).await });
-            }
-            // Only at shutdown: the reservation stays held, which errs on the side of the budget.
-            Err(_) => tracing::debug!("no runtime: a budget reservation stays held"),
+        match held.taken {
+            Taken::Local => match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let budgets = self.clone();
+                    runtime.spawn(async move {
+                        let levels = budgets.local.settle(&held.hold, cost);
+                        record(&held.labels, &levels, "local");
+                    });
+                }
+                // Only at shutdown: the reservation stays held, which errs on the side of the budget.
+                Err(_) => tracing::debug!("no runtime: a budget reservation stays held"),
+            },
+            Taken::Shared => self.settle_soon(Settlement { hold: held.hold, cost, labels: Some(held.labels) }),
         }
         remaining
-    }
-
-    async fn settle(&self, held: Held, cost: Nanos) {
-        match held.taken {
-            Taken::Local => {
-                let levels = self.local.settle(&held.hold, cost);
-                record(&held.labels, &levels, "local");
-            }
-            Taken::Shared => self.settle_shared(held.hold, cost, Some(&held.labels)).await,
-        }
     }
 
     async fn settle_shared(&self, hold: Hold, cost: Nanos, labels: Option<&[Labels]>) {
@@ -382,17 +394,29 @@ impl Budgets {
             return self.pending_count() == 0 && self.local.unflushed() == 0;
         }
         loop {
-            let next = self.pending.lock().ok().and_then(|mut queue| queue.pop_front());
-            let Some(Pending::Settle { hold, cost }) = next else { break };
-            match shared.budget.settle(&hold, cost).await {
+            let batch: Vec<(Hold, Nanos)> = match self.pending.lock() {
+                Ok(mut queue) => {
+                    let n = queue.len().min(MAX_BATCH);
+                    queue.drain(..n).map(|Pending::Settle { hold, cost }| (hold, cost)).collect()
+                }
+                Err(_) => Vec::new(),
+            };
+            if batch.is_empty() {
+                break;
+            }
+            match shared.budget.settle_many(batch.iter().map(|(hold, cost)| (hold, *cost))).await {
                 Ok(settled) => {
                     shared.health.answered();
-                    self.local.learn(&hold, &settled.levels);
+                    for ((hold, _), settled) in batch.iter().zip(&settled) {
+                        self.local.learn(hold, &settled.levels);
+                    }
                 }
                 Err(failure) => {
                     shared.health.failed(&failure);
                     if let Ok(mut queue) = self.pending.lock() {
-                        queue.push_front(Pending::Settle { hold, cost });
+                        for (hold, cost) in batch.into_iter().rev() {
+                            queue.push_front(Pending::Settle { hold, cost });
+                        }
                     }
                     return false;
                 }

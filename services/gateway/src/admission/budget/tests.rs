@@ -203,3 +203,120 @@ async fn on_redis_no_settlement_takes_a_budget_past_its_limit() {
     assert!(budgets.reserve(&alice, 1, RATE, 10).await.is_err());
     assert_eq!(budgets.local_decisions(), 0, "Redis decided every call");
 }
+
+/// Scripts Redis has run so far (`INFO commandstats`).
+async fn scripts_run(redis: &llmesh_testkit::Redis) -> u64 {
+    let mut conn = redis.connection().await.unwrap();
+    let info: String = ::redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.unwrap();
+    info.lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| line.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A bucket's level once nothing is held in it any more (the settlements run in the background),
+/// or after two seconds.
+async fn once_settled(redis: &llmesh_testkit::Redis, bucket: &str) -> Level {
+    let shared = RedisBudget::new(&redis.url(), Duration::from_secs(2)).unwrap();
+    let mut level = shared.read(bucket).await.unwrap();
+    for _ in 0..200 {
+        if level.held == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        level = shared.read(bucket).await.unwrap();
+    }
+    level
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_send_their_calls_in_batches_and_end_exact() {
+    let redis = llmesh_testkit::Redis::start().await.unwrap();
+    let config = BudgetConfig { replicas: 2, ..BudgetConfig::default() };
+    let gateways = [
+        Budgets::new(&config, Some(&redis.url()), Duration::from_secs(2)).unwrap(),
+        Budgets::new(&config, Some(&redis.url()), Duration::from_secs(2)).unwrap(),
+    ];
+    let amount: Nanos = 1_234_567;
+    let limit = 100 * amount;
+    let alice = member(None, Some(limit));
+    let (buckets, _) = buckets_of(&alice, now_ms()).unwrap();
+    // One call on each first, so that both have their scripts loaded.
+    for budgets in &gateways {
+        budgets.reserve(&alice, amount, RATE, 10).await.unwrap().unwrap().settle(0);
+    }
+    assert_eq!(once_settled(&redis, &buckets[1].key).await, Level { spent: 0, held: 0, limit: Some(limit) });
+    let scripts_before = scripts_run(&redis).await;
+    // 400 calls at once, 200 on each gateway, each settled for all it reserved: exactly 100 fit,
+    // whatever the batches they went in.
+    let calls = (0..400).map(|call| {
+        let budgets = gateways[call % 2].clone();
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            match budgets.reserve(&alice, amount, RATE, 10).await {
+                Ok(spend) => {
+                    spend.expect("a budget applies").settle(amount);
+                    Ok(())
+                }
+                Err(refused) => Err(refused.class()),
+            }
+        })
+    });
+    let (mut taken, mut refused) = (0, 0);
+    for call in futures::future::join_all(calls).await {
+        match call.unwrap() {
+            Ok(()) => taken += 1,
+            Err(class) => {
+                assert_eq!(class, crate::error::Class::OverBudget);
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((taken, refused), (100, 300));
+    let team = once_settled(&redis, &buckets[1].key).await;
+    assert_eq!(team, Level { spent: limit, held: 0, limit: Some(limit) }, "the limit to the nano-dollar");
+    assert_eq!(once_settled(&redis, &buckets[0].key).await, Level { spent: limit, held: 0, limit: None });
+    // 400 reservations and 100 settlements, in far fewer script calls.
+    let scripts = scripts_run(&redis).await - scripts_before;
+    assert!(scripts * 4 < 500, "{scripts} scripts for 500 reservations and settlements");
+    assert_eq!(gateways[0].local_decisions() + gateways[1].local_decisions(), 0, "Redis decided every call");
+    assert_eq!(gateways[0].pending_count() + gateways[1].pending_count(), 0);
+}
+
+#[tokio::test]
+async fn a_call_that_goes_away_mid_reservation_holds_nothing() {
+    let redis = llmesh_testkit::Redis::start().await.unwrap();
+    let budgets = Budgets::new(&BudgetConfig::default(), Some(&redis.url()), Duration::from_secs(2)).unwrap();
+    let alice = member(Some(DOLLAR), None);
+    let (buckets, _) = buckets_of(&alice, now_ms()).unwrap();
+    budgets.reserve(&alice, DOLLAR, RATE, 10).await.unwrap().unwrap().settle(0);
+    assert_eq!(once_settled(&redis, &buckets[0].key).await.held, 0);
+    // Alone: its reservation was sent (and most likely taken: the pause lets Redis answer) when
+    // the call goes away.
+    let mut alone = Box::pin(budgets.reserve(&alice, DOLLAR / 4, RATE, 10));
+    assert!(futures::poll!(&mut alone).is_pending());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(alone);
+    // Waiting behind another: its batch went (and most likely came back) before it goes away.
+    let mut first = Box::pin(budgets.reserve(&alice, DOLLAR / 4, RATE, 10));
+    assert!(futures::poll!(&mut first).is_pending());
+    let mut waiting = Box::pin(budgets.reserve(&alice, DOLLAR / 4, RATE, 10));
+    assert!(futures::poll!(&mut waiting).is_pending());
+    let first = first.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(waiting);
+    // What the calls that went away took is given back; the one that stayed holds its own.
+    let mut level = Level::default();
+    for _ in 0..200 {
+        level = RedisBudget::new(&redis.url(), Duration::from_secs(2)).unwrap().read(&buckets[0].key).await.unwrap();
+        if level.held == DOLLAR / 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(level, Level { spent: 0, held: DOLLAR / 4, limit: Some(DOLLAR) });
+    first.settle(0);
+    assert_eq!(once_settled(&redis, &buckets[0].key).await, Level { spent: 0, held: 0, limit: Some(DOLLAR) });
+    assert!(budgets.reserve(&alice, DOLLAR, RATE, 10).await.unwrap().is_some(), "nothing left held");
+    assert_eq!(budgets.local_decisions(), 0);
+}

@@ -2,7 +2,8 @@
 //!
 //! A worker runs one job at a time; run several, each under its own consumer name, for more.
 //! Each step of its loop:
-//! 1. moves the retries that are due back onto the stream;
+//! 1. moves the retries that are due back onto the stream (while jobs keep coming, at most every
+//!    20 ms: a due retry may wait that much longer);
 //! 2. now and then, takes over a job delivered to a worker that stopped answering (XAUTOCLAIM);
 //! 3. waits for a new job (XREADGROUP BLOCK on a connection of its own), no longer than until
 //!    the next retry is due or the next look for abandoned jobs.
@@ -46,6 +47,10 @@ use crate::{
 const MAX_BLOCK: Duration = Duration::from_secs(1);
 /// Shortest wait between steps when a retry is due right away, so the loop never spins.
 const MIN_BLOCK: Duration = Duration::from_millis(5);
+/// While jobs keep coming, due retries are moved back onto the stream at most this often (a
+/// script call each time, once a job before): a busy worker spends its round trips on jobs, and a
+/// due retry waits at most this much longer for it. A worker that wakes from waiting looks at once.
+const PROMOTE_EVERY: Duration = Duration::from_millis(20);
 /// Pauses after a failed step (Redis down): from 100 ms, doubling, up to 5 s.
 const OUTAGE_PAUSE: Backoff = Backoff::from_millis(100, 5_000);
 
@@ -137,6 +142,10 @@ struct WorkerLoop<F> {
     reclaim_every: Duration,
     heartbeat_every: Duration,
     next_reclaim: Instant,
+    /// When due retries are next moved back onto the stream ([`PROMOTE_EVERY`]).
+    next_promote: Instant,
+    /// When the earliest retry this worker knows of is due (as of its last look).
+    next_due: Option<Instant>,
 }
 
 impl<F, Fut> WorkerLoop<F>
@@ -170,6 +179,8 @@ where
             reclaim_every: (claim_idle / 2).max(MIN_BLOCK),
             heartbeat_every: (claim_idle / 3).max(MIN_BLOCK),
             next_reclaim: Instant::now(),
+            next_promote: Instant::now(),
+            next_due: None,
         })
     }
 
@@ -204,8 +215,14 @@ where
     }
 
     async fn step(&mut self) -> Result<(), QueueError> {
-        let next_due = self.deliveries.promote_due().await?;
         let now = Instant::now();
+        let looked = now >= self.next_promote;
+        if looked {
+            let next_due = self.deliveries.promote_due().await?;
+            self.next_due = next_due.map(|wait| now + wait);
+            // More were due than one script moves: look again at the next step.
+            self.next_promote = if next_due == Some(Duration::ZERO) { now } else { now + PROMOTE_EVERY };
+        }
         if now >= self.next_reclaim {
             let reclaimed = self.deliveries.reclaim().await?;
             // Look again at once while there is more to look at; otherwise after a while.
@@ -217,8 +234,14 @@ where
                 return self.handle(delivery).await;
             }
         }
-        let until_reclaim = self.next_reclaim.saturating_duration_since(now);
-        let block = next_due.unwrap_or(MAX_BLOCK).min(until_reclaim).clamp(MIN_BLOCK, MAX_BLOCK);
+        let until = |at: Instant| at.saturating_duration_since(now);
+        let mut block = self.next_due.map_or(MAX_BLOCK, until).min(until(self.next_reclaim));
+        if !looked {
+            // What this worker knows of the retries may be stale (it, or another worker, may have
+            // scheduled one since): wait no longer than until the next look.
+            block = block.min(until(self.next_promote));
+        }
+        let block = block.clamp(MIN_BLOCK, MAX_BLOCK);
         match self.deliveries.read_new(block).await? {
             Some(delivery) => self.handle(delivery).await,
             None => Ok(()),

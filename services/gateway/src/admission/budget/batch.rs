@@ -251,9 +251,7 @@ impl Budgets {
                     queue.busy = false;
                     queue.waiting.drain(..).collect()
                 };
-                for settlement in waiting {
-                    self.defer(Pending::Settle { hold: settlement.hold, cost: settlement.cost });
-                }
+                self.defer_settlements(waiting);
             }
         }
     }
@@ -271,9 +269,7 @@ impl Budgets {
                 queue.waiting.drain(..n).collect()
             };
             let Some(shared) = self.redis.as_ref().filter(|shared| shared.health.should_try()) else {
-                for settlement in batch {
-                    self.defer(Pending::Settle { hold: settlement.hold, cost: settlement.cost });
-                }
+                self.defer_settlements(batch);
                 continue;
             };
             match shared.budget.settle_many(batch.iter().map(|settlement| (&settlement.hold, settlement.cost))).await {
@@ -288,11 +284,16 @@ impl Budgets {
                 }
                 Err(failure) => {
                     shared.health.failed(&failure);
-                    for settlement in batch {
-                        self.defer(Pending::Settle { hold: settlement.hold, cost: settlement.cost });
-                    }
+                    self.defer_settlements(batch);
                 }
             }
+        }
+    }
+
+    /// Settlements Redis did not take: they wait for the catch-up.
+    fn defer_settlements(&self, settlements: impl IntoIterator<Item = Settlement>) {
+        for Settlement { hold, cost, .. } in settlements {
+            self.defer(Pending::Settle { hold, cost });
         }
     }
 }

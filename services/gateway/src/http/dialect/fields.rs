@@ -564,6 +564,16 @@ mod tests {
     }
 
     #[test]
+    fn a_named_field_given_twice_is_refused() {
+        let error = body(r#"{"model": "a", "max_tokens": 1, "model": "b"}"#, 9).unwrap_err();
+        assert!(error.message.contains("duplicate field `model`"), "{}", error.message);
+        // Inside a list of objects too: the path says where.
+        let error = body(r#"{"messages": [{"role": "user", "role": "assistant"}]}"#, 9).unwrap_err();
+        assert!(error.message.contains("duplicate field `role`"), "{}", error.message);
+        assert!(error.message.starts_with("messages[0]"), "{}", error.message);
+    }
+
+    #[test]
     fn a_body_that_is_not_json_or_not_an_object_is_said_of_the_body() {
         let error = body("[1", 9).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("body"));

@@ -137,6 +137,17 @@ class Redis:
                 return int(line.split(":", 1)[1])
         raise RuntimeError("INFO memory has no used_memory")
 
+    def command_stats(self):
+        """INFO commandstats: {command: (calls, usec)} since the last CONFIG RESETSTAT."""
+        out = {}
+        for line in self.call("INFO", "commandstats").decode().splitlines():
+            if not line.startswith("cmdstat_"):
+                continue
+            name, fields = line[len("cmdstat_"):].split(":", 1)
+            values = dict(f.split("=", 1) for f in fields.split(","))
+            out[name] = (int(values["calls"]), int(values["usec"]))
+        return out
+
     def scan(self, pattern):
         cursor, keys = b"0", []
         while True:
@@ -358,10 +369,13 @@ def llmesh_block(bench, H, h2load, body, db, redis, catalog, n, data):
             "LLMESH_GENERATION_QUEUE__REDIS_URL": redis.url, "LLMESH_GENERATION_QUEUE__WORKERS": str(n),
             "LLMESH_WORKER_THREADS": str(n)})
         cpu0, rcpu0 = H.cpu_seconds(worker.pid), H.cpu_seconds(redis.pid)
+        db.call("CONFIG", "RESETSTAT")
         wait_until(H, f"llmesh backlog of {queued} jobs, {n} worker(s)", lambda: all_ended(db), 60 + jobs / 50)
         cpu1, rcpu1 = H.cpu_seconds(worker.pid), H.cpu_seconds(redis.pid)
+        commands = db.command_stats()
         records = llmesh_records(db)
         done = [u / 1000 for s, _, u, _ in records if s == SUCCEEDED]
+        block.update(redis_commands=redis_commands_per_job(H, commands, len(done)))
         block.update(succeeded=len(done), rate=drain_rate(done),
                      worker_cpu_us=H.diff(cpu1, cpu0) * 1e6 / max(1, len(done)) if cpu0 is not None and cpu1 is not None else None,
                      redis_cpu_us=(rcpu1 - rcpu0) * 1e6 / max(1, len(done)))
@@ -386,6 +400,18 @@ def llmesh_block(bench, H, h2load, body, db, redis, catalog, n, data):
     finally:
         bench.procs.stop(gw)
     return block
+
+
+def redis_commands_per_job(H, commands, jobs):
+    """What Redis ran for the workers while they drained the backlog, a job at a time: {command:
+    {"calls": calls a job, "usec": Redis's own µs a job}}, busiest first; logged in one line. The
+    harness's own polls (XLEN, ZCARD, INFO) are in it too, a few a second."""
+    jobs = max(1, jobs)
+    out = {name: {"calls": calls / jobs, "usec": usec / jobs}
+           for name, (calls, usec) in sorted(commands.items(), key=lambda item: -item[1][1])}
+    H.log("  Redis a job, by command (calls, µs): " + ", ".join(
+        f"{name} {row['calls']:.2f} {row['usec']:.1f}" for name, row in out.items() if row["calls"] >= 0.01))
+    return out
 
 
 def all_ended(db):

@@ -22,6 +22,11 @@ pub struct QueueConfig {
     /// A job delivered to a worker that has not acknowledged it, nor sent a heartbeat, for this
     /// long is taken over by another worker: its worker is presumed dead.
     pub claim_idle_ms: u64,
+    /// A job that ran shorter than this lets its worker read the next jobs ahead, so that a
+    /// backlog of quick jobs costs one round trip to Redis a job; what was read ahead is given
+    /// back, for any worker to take, once the job in hand runs longer (see `Worker`). At most a
+    /// quarter of `claim_idle_ms`; 0: never read ahead.
+    pub read_ahead_ms: u64,
     /// How long finished (and cancelled) jobs, with their results, stay readable.
     pub result_ttl_ms: u64,
     pub connect_timeout_ms: u64,
@@ -46,6 +51,7 @@ impl Default for QueueConfig {
             backoff_base_ms: 1_000,
             backoff_max_ms: 60_000,
             claim_idle_ms: 30_000,
+            read_ahead_ms: 10,
             result_ttl_ms: 24 * 60 * 60 * 1_000,
             connect_timeout_ms: 1_000,
             response_timeout_ms: 50,
@@ -75,6 +81,11 @@ impl QueueConfig {
 
     pub(crate) fn claim_idle(&self) -> Duration {
         Duration::from_millis(self.claim_idle_ms.max(1))
+    }
+
+    /// Below this, a job counts as quick and its worker reads ahead ([`Self::read_ahead_ms`]).
+    pub(crate) fn quick_job(&self) -> Duration {
+        Duration::from_millis(self.read_ahead_ms).min(self.claim_idle() / 4)
     }
 
     /// PEXPIRE takes at least 1 ms; 0 would delete a record the moment it finishes.

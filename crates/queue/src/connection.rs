@@ -74,8 +74,18 @@ impl BoundedConnection {
         operation: &'static str,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, QueueError> {
+        self.invoke_within(operation, invocation, self.limit).await
+    }
+
+    /// A script allowed a limit of its own (shorter, for a step on the way out).
+    pub async fn invoke_within<T: FromRedisValue>(
+        &self,
+        operation: &'static str,
+        invocation: &ScriptInvocation<'_>,
+        limit: Duration,
+    ) -> Result<T, QueueError> {
         let mut conn = self.conn.clone();
-        bounded(operation, self.limit, invocation.invoke_async(&mut conn)).await
+        bounded(operation, limit, invocation.invoke_async(&mut conn)).await
     }
 }
 

@@ -275,6 +275,36 @@ settle(stream, group, entry)
 return {'applied', reservation(job)}
 ";
 
+/// Gives back deliveries a worker holds but will not run (it read them ahead, see `worker`): each
+/// is acknowledged, dropped from the stream and queued again at its end, for any worker to take.
+/// A job the worker had started (RUNNING at the attempt it began) is first put back as it was,
+/// QUEUED with that attempt uncounted. A delivery no longer pending (another worker took it over)
+/// is left alone; a job that has finished meanwhile, or is gone, is not queued again.
+///
+/// KEYS: stream, then the job hash of each delivery. ARGV: group, then per delivery: entry id,
+/// job id, the attempt the worker began ('0' if none). Returns how many were queued again.
+const GIVE_BACK: &str = r"
+local stream, group = KEYS[1], ARGV[1]
+local queued = 0
+for i = 2, #KEYS do
+  local job, at = KEYS[i], (i - 2) * 3 + 2
+  local entry, id, begun = ARGV[at], ARGV[at + 1], ARGV[at + 2]
+  if redis.call('XACK', stream, group, entry) == 1 then
+    redis.call('XDEL', stream, entry)
+    local state = redis.call('HGET', job, 'state')
+    if state == RUNNING and begun ~= '0' and redis.call('HGET', job, 'attempts') == begun then
+      redis.call('HSET', job, 'state', QUEUED, 'attempts', tonumber(begun) - 1)
+      state = QUEUED
+    end
+    if state and not TERMINAL[state] then
+      redis.call('XADD', stream, '*', 'job', id)
+      queued = queued + 1
+    end
+  end
+end
+return queued
+";
+
 /// Moves retries that are due from the delayed set back onto the stream. Atomic, so two workers
 /// running it at once cannot queue one job twice.
 ///
@@ -335,5 +365,6 @@ pub(crate) static COMPLETE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[
 pub(crate) static SCHEDULE_RETRY_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[END_ATTEMPT_CHECKS, SCHEDULE_RETRY]));
 pub(crate) static GIVE_UP_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[END_ATTEMPT_CHECKS, GIVE_UP]));
+pub(crate) static GIVE_BACK_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[GIVE_BACK]));
 pub(crate) static PROMOTE_DUE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[PROMOTE_DUE]));
 pub(crate) static STATS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[STATS]));

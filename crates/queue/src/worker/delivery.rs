@@ -13,7 +13,10 @@ use crate::{
     keys::Keys,
     record::parse_state,
     reservation::{Settlement, parse_reservation},
-    scripts::{BEGIN_ATTEMPT_SCRIPT, COMPLETE_SCRIPT, GIVE_UP_SCRIPT, PROMOTE_DUE_SCRIPT, SCHEDULE_RETRY_SCRIPT},
+    scripts::{
+        BEGIN_ATTEMPT_SCRIPT, COMPLETE_SCRIPT, GIVE_BACK_SCRIPT, GIVE_UP_SCRIPT, PROMOTE_DUE_SCRIPT,
+        SCHEDULE_RETRY_SCRIPT,
+    },
 };
 
 /// Most due retries moved back onto the stream in one go; the rest follow on the next step.
@@ -100,20 +103,51 @@ impl Deliveries {
         }
     }
 
+    /// How long one call may take.
+    pub fn limit(&self) -> Duration {
+        self.conn.limit()
+    }
+
     /// Waits up to `block` for a job no worker has had yet.
     pub async fn read_new(&self, block: Duration) -> Result<Option<Delivery>, QueueError> {
-        let block_ms = u64::try_from(block.as_millis()).unwrap_or(u64::MAX).max(1);
+        Ok(self.read(1, Some(block)).await?.into_iter().next())
+    }
+
+    /// Up to `count` jobs no worker has had yet, those already there: does not wait for more.
+    pub async fn read_ready(&self, count: usize) -> Result<Vec<Delivery>, QueueError> {
+        self.read(count, None).await
+    }
+
+    async fn read(&self, count: usize, block: Option<Duration>) -> Result<Vec<Delivery>, QueueError> {
         let mut read = redis::cmd("XREADGROUP");
-        read.arg("GROUP").arg(&self.group).arg(&self.consumer);
-        read.arg("COUNT").arg(1).arg("BLOCK").arg(block_ms).arg("STREAMS").arg(&self.keys.stream).arg(">");
-        let reply: Result<Option<StreamReadReply>, _> =
-            self.conn.query_within("read the stream", &read, block + self.conn.limit()).await;
-        let reply = self.recreate_group_if_missing(reply).await?.flatten();
-        let entry = reply.and_then(|reply| reply.keys.into_iter().next()).and_then(|key| key.ids.into_iter().next());
-        match entry {
-            Some(entry) => self.accept(entry).await,
-            None => Ok(None),
+        read.arg("GROUP").arg(&self.group).arg(&self.consumer).arg("COUNT").arg(count);
+        let mut limit = self.conn.limit();
+        if let Some(block) = block {
+            read.arg("BLOCK").arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX).max(1));
+            limit += block;
         }
+        read.arg("STREAMS").arg(&self.keys.stream).arg(">");
+        let reply: Result<Option<StreamReadReply>, _> = self.conn.query_within("read the stream", &read, limit).await;
+        let reply = self.recreate_group_if_missing(reply).await?.flatten();
+        let entries = reply.and_then(|reply| reply.keys.into_iter().next()).map(|key| key.ids).unwrap_or_default();
+        let mut deliveries = Vec::with_capacity(entries.len());
+        for entry in entries {
+            deliveries.extend(self.accept(entry).await?);
+        }
+        Ok(deliveries)
+    }
+
+    /// Gives back deliveries this worker holds and will not run, for any worker to take: each is
+    /// queued again at the stream's end; `begun` is the attempt this worker started at the job,
+    /// which is put back uncounted (see the script). Returns how many were queued again.
+    pub async fn give_back(&self, deliveries: &[(Delivery, u32)], within: Duration) -> Result<u64, QueueError> {
+        let mut invocation = GIVE_BACK_SCRIPT.key(&self.keys.stream);
+        invocation.arg(&self.group);
+        for (delivery, begun) in deliveries {
+            invocation.key(self.keys.job(&delivery.job_id));
+            invocation.arg(&delivery.entry).arg(&delivery.job_id).arg(*begun);
+        }
+        self.conn.invoke_within("give back jobs read ahead", &invocation, within).await
     }
 
     /// Takes over one job delivered to a worker that has not been heard of for the claim idle
@@ -263,5 +297,76 @@ impl Deliveries {
             }
             Err(error) => Err(error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use llmesh_proto::generation::v1::GenerateRequest;
+    use llmesh_testkit::Redis;
+
+    use super::*;
+    use crate::JobQueue;
+
+    const LIMIT: Duration = Duration::from_secs(2);
+    const OWNER: &str = "alice";
+
+    async fn queue_and_deliveries(redis: &Redis) -> (JobQueue, Deliveries) {
+        let queue = JobQueue::connect(&redis.url(), QueueConfig::default()).await.unwrap();
+        let conn = queue.open_connection(LIMIT, LIMIT * 2).unwrap();
+        let deliveries = Deliveries::new(conn, queue.keys().clone(), queue.config(), "w1".into());
+        (queue, deliveries)
+    }
+
+    fn request(prompt: &str) -> GenerateRequest {
+        GenerateRequest { model: "sim".into(), prompt: prompt.into(), max_tokens: 8, ..Default::default() }
+    }
+
+    async fn pending(redis: &Redis) -> u64 {
+        let mut conn = redis.connection().await.unwrap();
+        let summary: Vec<redis::Value> =
+            redis::cmd("XPENDING").arg("llmesh:jobs").arg("llmesh-workers").query_async(&mut conn).await.unwrap();
+        redis::from_redis_value(summary[0].clone()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_started_job_given_back_is_queued_again_with_its_attempt_uncounted() {
+        let redis = Redis::start().await.unwrap();
+        let (queue, deliveries) = queue_and_deliveries(&redis).await;
+        let job = queue.submit(OWNER, &request("x"), "", None).await.unwrap().job;
+        let delivery = deliveries.read_new(Duration::from_millis(100)).await.unwrap().unwrap();
+        let Begin::Run { attempt: 1, .. } = deliveries.begin(&delivery).await.unwrap() else {
+            panic!("the first attempt starts")
+        };
+
+        assert_eq!(deliveries.give_back(&[(delivery.clone(), 1)], LIMIT).await.unwrap(), 1);
+        let given_back = queue.get(OWNER, &job.id).await.unwrap().unwrap();
+        assert_eq!((given_back.state(), given_back.attempts), (JobState::Queued, 0));
+        assert_eq!(pending(&redis).await, 0, "the first delivery is acknowledged");
+
+        let again = deliveries.read_ready(5).await.unwrap();
+        assert_eq!(again.len(), 1, "queued once: {again:?}");
+        assert_eq!(again[0].job_id, delivery.job_id);
+        assert_ne!(again[0].entry, delivery.entry, "a new entry at the stream's end");
+        assert!(matches!(deliveries.begin(&again[0]).await.unwrap(), Begin::Run { attempt: 1, .. }));
+    }
+
+    #[tokio::test]
+    async fn a_delivery_given_back_twice_or_after_its_job_finished_is_not_queued_again() {
+        let redis = Redis::start().await.unwrap();
+        let (queue, deliveries) = queue_and_deliveries(&redis).await;
+        let first = queue.submit(OWNER, &request("read ahead"), "", None).await.unwrap().job;
+        let second = queue.submit(OWNER, &request("cancelled meanwhile"), "", None).await.unwrap().job;
+        let read = deliveries.read_ready(2).await.unwrap();
+        assert_eq!(read.iter().map(|d| d.job_id.as_str()).collect::<Vec<_>>(), [first.id.as_str(), second.id.as_str()]);
+        queue.cancel(OWNER, &second.id).await.unwrap();
+
+        let held: Vec<_> = read.iter().cloned().map(|delivery| (delivery, 0)).collect();
+        assert_eq!(deliveries.give_back(&held, LIMIT).await.unwrap(), 1, "only the job still queued");
+        assert_eq!(deliveries.give_back(&held, LIMIT).await.unwrap(), 0, "no longer pending: left alone");
+        let again = deliveries.read_ready(5).await.unwrap();
+        assert_eq!(again.iter().map(|d| d.job_id.as_str()).collect::<Vec<_>>(), [first.id.as_str()]);
+        let job = queue.get(OWNER, &first.id).await.unwrap().unwrap();
+        assert_eq!((job.state(), job.attempts), (JobState::Queued, 0), "never started: nothing to put back");
     }
 }

@@ -132,7 +132,9 @@ impl Worker {
     /// another attempt may help.
     ///
     /// On shutdown the job in hand, if any, is abandoned: its delivery stays pending, and another
-    /// worker takes it over after the claim idle time. While Redis is down the worker pauses
+    /// worker takes it over after the claim idle time. The jobs read ahead are given back first
+    /// (within 250 ms; past that they too are taken over after the claim idle time). While Redis
+    /// is down the worker pauses
     /// between tries, from 100 ms up to 5 s. Returns an error only when the worker cannot
     /// start (its connection cannot be set up); a Redis outage never ends it.
     pub async fn run<F, Fut>(self, execute: F, shutdown: impl Future<Output = ()>) -> Result<(), QueueError>

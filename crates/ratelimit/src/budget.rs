@@ -26,11 +26,15 @@
 //!   read and write of its own record. The single calls are batches of one. The caller bounds a
 //!   batch's size.
 //! - **Each reservation settles at most once**, whoever tries how often: it has an id, and its
-//!   Redis record ([`hold_key`]) says whether it is held, settled or void. A settlement retried
-//!   after a timeout (which may have been applied) is a no-op the second time; a settlement that
-//!   reaches Redis before its reservation (a reservation whose reply was lost, released by the
-//!   caller) voids it, and the late reservation then takes nothing. This is what lets callers
-//!   retry through a Redis outage without counting anything twice.
+//!   Redis record ([`hold_key`]) exists while it is held. Settling deletes it, so nothing of a call
+//!   stays in Redis once it is settled (a record kept per call would grow Redis by about 100
+//!   bytes a call for the whole period, and a full Redis evicts keys with a TTL: the buckets
+//!   too). A settlement that finds no record changes no bucket and leaves a `void` record: so a
+//!   settlement retried after a timeout (which may have been applied) is a no-op the second
+//!   time, and a settlement that reaches Redis before its reservation (a reservation whose reply
+//!   was lost, released by the caller) voids it, and the late reservation then takes nothing.
+//!   This is what lets callers retry through a Redis outage without counting anything twice. A
+//!   reservation is sent once: the same one sent again after its settlement would be taken anew.
 //! - [`RedisBudget::add`] adds spend made elsewhere (a replica that decided alone while Redis was
 //!   away) once per id, for the same reason.
 //!
@@ -45,7 +49,8 @@
 //! - `llmesh:budget:<period>:<date>:<key|team>:<name>`: hash `spent`, `held`, `limit` (nano-dollars;
 //!   `limit` is the last one a reservation was checked against, -1 for none). Expires
 //!   [`RETENTION`] after its period ends, so last month's spend stays readable for a while.
-//! - `llmesh:budget:hold:<id>`: one reservation: its amount while held, then `settled` or `void`.
+//! - `llmesh:budget:hold:<id>`: one reservation: its amount while held, deleted when settled;
+//!   `void` when a settlement found none (rare: a lost reply, a retried settlement).
 //! - `llmesh:budget:added:<id>`: marks an [`RedisBudget::add`] as applied.
 
 use std::time::Duration;
@@ -393,10 +398,10 @@ flush()
 return out
 ";
 
-/// Settles each hold of a batch (see [`BATCH_PRELUDE`]; the amount is the real cost). Status `1`
-/// applied, `0` not (settled already, or voided: a hold with no record gets a `void` one). Charges
-/// the real cost, but never more than the reservation: the reservation fitted under every limit,
-/// so no settlement takes a bucket past one.
+/// Settles each hold of a batch (see [`BATCH_PRELUDE`]; the amount is the real cost) and deletes
+/// its record. Status `1` applied, `0` not (settled already, or voided: a hold with no record gets
+/// a `void` one). Charges the real cost, but never more than the reservation: the reservation
+/// fitted under every limit, so no settlement takes a bucket past one.
 const SETTLE: &str = r"
 local function settle(hold)
   local state = redis.call('GET', hold.key)
@@ -404,7 +409,7 @@ local function settle(hold)
     redis.call('SET', hold.key, 'void', 'PXAT', hold.expiry)
     return 0, 0
   end
-  if state == 'void' or state == 'settled' then return 0, 0 end
+  if state == 'void' then return 0, 0 end
   local held, charge = tonumber(state), tonumber(hold.amount)
   if charge > held then charge = held end
   for _, hb in ipairs(hold.buckets) do
@@ -412,7 +417,7 @@ local function settle(hold)
     hb.b.spent = hb.b.spent + charge
     hb.b.expiry = hb.expiry
   end
-  redis.call('SET', hold.key, 'settled', 'PXAT', hold.expiry)
+  redis.call('DEL', hold.key)
   return 1, 0
 end
 local out = each_hold(settle)

@@ -67,9 +67,30 @@ async fn a_settlement_applies_once_however_often_it_is_sent() {
         assert!(!again.applied);
         assert_eq!(again.levels[0], Level { spent: 400, held: 0, limit: Some(10_000) });
     }
-    // The same reservation sent again after it was settled takes nothing.
+    // The retried settlements left a void record: the same reservation sent again takes nothing.
     assert_eq!(budget.reserve(&hold).await.unwrap(), Reserved::Void);
     assert_eq!(budget.read(&hold.buckets[0].key).await.unwrap().held, 0);
+}
+
+#[tokio::test]
+async fn nothing_of_a_settled_call_stays_in_redis() {
+    let redis = start_redis().await;
+    let budget = budget_on(&redis);
+    let mut conn = redis.connection().await.unwrap();
+    let holds: Vec<_> = (0..50).map(|_| Hold::new(1_000, buckets(Some(1_000_000), Some(1_000_000)))).collect();
+    let reserved = budget.reserve_many(&holds).await.unwrap();
+    assert!(reserved.iter().all(|reserved| matches!(reserved, Reserved::Taken(_))), "{reserved:?}");
+    let keys: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    assert_eq!(keys, 2 + 50, "two buckets and a record per reservation held");
+
+    let settled = budget.settle_many(holds.iter().map(|hold| (hold, 400))).await.unwrap();
+    assert!(settled.iter().all(|settled| settled.applied));
+    let keys: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    assert_eq!(keys, 2, "only the two buckets: settled records are deleted");
+    assert_eq!(
+        budget.read(&holds[0].buckets[1].key).await.unwrap(),
+        Level { spent: 50 * 400, held: 0, limit: Some(1_000_000) }
+    );
 }
 
 #[tokio::test]
@@ -162,16 +183,19 @@ async fn a_settlement_never_charges_more_than_was_reserved() {
 async fn a_batch_reserves_each_hold_in_turn_all_or_nothing() {
     let redis = start_redis().await;
     let budget = budget_on(&redis);
-    // A settled hold, sent again in the batch: void.
-    let settled = Hold::new(100, buckets(Some(1_000), Some(700)));
-    assert!(matches!(budget.reserve(&settled).await.unwrap(), Reserved::Taken(_)));
-    assert!(budget.settle(&settled, 100).await.unwrap().applied);
+    // 100 spent by an earlier call.
+    let spent = Hold::new(100, buckets(Some(1_000), Some(700)));
+    assert!(matches!(budget.reserve(&spent).await.unwrap(), Reserved::Taken(_)));
+    assert!(budget.settle(&spent, 100).await.unwrap().applied);
+    // A hold released before Redis ran it (its reply was lost), arriving late in the batch: void.
+    let released = Hold::new(100, buckets(Some(1_000), Some(700)));
+    assert!(!budget.settle(&released, 0).await.unwrap().applied);
     // 100 spent; then 400 fits, 300 does not (the team's 700), 200 does, 100 does not, a bucket
     // without a limit counts alone.
     let holds = [
         Hold::new(400, buckets(Some(1_000), Some(700))),
         Hold::new(300, buckets(Some(1_000), Some(700))),
-        settled.clone(),
+        released.clone(),
         Hold::new(200, buckets(Some(1_000), Some(700))),
         Hold::new(100, buckets(Some(1_000), Some(700))),
         Hold::new(5_000, vec![Bucket::new(Period::Day, Scope::Key, "bob", None, now_ms())]),

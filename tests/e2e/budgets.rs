@@ -627,3 +627,41 @@ async fn one_letter_words_never_take_a_team_past_its_budget() {
     assert!(level.spent <= limit, "past the budget: {report}");
     assert_eq!(level, Level { spent, held: 0 }, "charged what the answered calls cost: {report}");
 }
+
+/// A busy key's calls take their money from slices the gateway reserved ahead; a gateway that
+/// stops settles them first, so nothing stays held and the spend is what the calls cost.
+#[tokio::test]
+async fn a_stopping_gateway_settles_the_slices_it_reserved() {
+    let redis = Redis::start().await.unwrap();
+    let setup = Setup::new(
+        &redis,
+        &[("busy", "team = \"big\"")],
+        "[[teams]]\nname = \"big\"\nbudget = { usd = 1000.0, period = \"day\" }\n",
+        "",
+    );
+    let mut mesh = Mesh::start_with(MeshOptions { env: setup.env(), ..Default::default() }).await;
+    let key = setup.key("busy").to_string();
+    let spent = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for caller in 0..4 {
+        let mut client = GatewayClient::new(mesh.gateway.channel().await);
+        let (key, spent) = (key.clone(), spent.clone());
+        tasks.push(tokio::spawn(async move {
+            for call in 0..25 {
+                let request = unary("sim", &words(&format!("slice{caller}x{call}"), 3 + call % 5));
+                let usage = client.generate(with_key(request, &key)).await.unwrap().into_inner().usage.unwrap();
+                spent.fetch_add(cost(&usage, SIM_IN, SIM_OUT), Relaxed);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    // At once, before a slice's life (100 ms) ends and the gateway's sweep would settle it.
+    mesh.gateway.terminate();
+    let status = mesh.gateway.wait(Duration::from_secs(10)).await.expect("the gateway exits after SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", mesh.gateway.logs());
+    let (level, report) = spend(&redis, &["--team", "big"], setup.keys_file()).await;
+    assert_eq!(level, Level { spent: spent.load(Relaxed), held: 0 }, "nothing held after the stop: {report}");
+    assert!(mesh.gateway.logs().contains("budget slices settled"), "no slice was used: {}", mesh.gateway.logs());
+}

@@ -184,7 +184,11 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     base.lists::<MeshHealthServer<replicas::Replicas>>();
     let gateway = GatewayServer::new(service).max_decoding_message_size(config.limits.max_request_bytes());
     let replicas = MeshHealthServer::new(replicas).max_decoding_message_size(server::CONTROL_MESSAGE_BYTES);
-    base.route(|router| router.add_service(gateway).add_service(replicas))
+    let served = base
+        .route(|router| router.add_service(gateway).add_service(replicas))
         .serve(listener, shutdown, server::ShutdownTiming::from_ms(config.shutdown_drain_ms, config.shutdown_grace_ms))
-        .await
+        .await;
+    // The calls have ended: the money reserved ahead for them goes back.
+    admission.budgets.close().await;
+    served
 }

@@ -157,7 +157,7 @@ impl Gateway for GatewayService {
         let admission = &self.inner.admission;
         // Jobs are admitted exactly as generate calls are; the job then holds the tokens.
         let admit = async |caller: Principal, generate: &generation::GenerateRequest| {
-            let admitted = admission.admit(caller, generate.clone()).await?;
+            let admitted = admission.admit_job(caller, generate.clone()).await?;
             let (held, spend) = admitted.tokens.into_parts();
             Ok((admitted.principal, held, spend))
         };

@@ -30,7 +30,7 @@ use llmesh_ratelimit::budget::{self, Nanos, Rate};
 
 use super::{
     CacheScope, Held, Quota, RateLimiter,
-    budget::{Budgets, Spend},
+    budget::{Budgets, Slicing, Spend},
 };
 use crate::{
     catalog::Catalog,
@@ -111,7 +111,22 @@ impl TokenAdmission {
     }
 
     /// Validates `request` and admits it for `principal`, the caller the auth layer found.
-    pub async fn admit(&self, principal: Principal, mut request: GenerateRequest) -> Result<Admitted, CallError> {
+    pub async fn admit(&self, principal: Principal, request: GenerateRequest) -> Result<Admitted, CallError> {
+        self.admit_with(principal, request, Slicing::Allowed).await
+    }
+
+    /// [`Self::admit`] for a job: its money is reserved alone, never from a slice (the job
+    /// stores its reservation, and a worker settles it).
+    pub async fn admit_job(&self, principal: Principal, request: GenerateRequest) -> Result<Admitted, CallError> {
+        self.admit_with(principal, request, Slicing::Never).await
+    }
+
+    async fn admit_with(
+        &self,
+        principal: Principal,
+        mut request: GenerateRequest,
+        slicing: Slicing,
+    ) -> Result<Admitted, CallError> {
         validate::generate_request(&request, &self.limits)?;
         validate::no_reserved_metadata(&request)?;
         if !principal.allows(&request.model) {
@@ -125,7 +140,7 @@ impl TokenAdmission {
         let max_tokens = validate::effective_max_tokens(&request, &self.limits);
         let held = self.limiter.hold_tokens(&principal, prompt_tokens.saturating_add(max_tokens)).await?;
         // Refused for budget, `held` is dropped: the tokens go back.
-        let spend = self.reserve_money(&principal, &request, prompt_tokens, max_tokens).await?;
+        let spend = self.reserve_money(&principal, &request, prompt_tokens, max_tokens, slicing).await?;
         let tokens = Tokens { held, spend, who: principal.clone(), accounting: self.accounting.clone() };
         Ok(Admitted { principal, request: Arc::new(request), tokens })
     }
@@ -142,6 +157,7 @@ impl TokenAdmission {
         request: &GenerateRequest,
         prompt_tokens: u32,
         max_tokens: u32,
+        slicing: Slicing,
     ) -> Result<Option<Spend>, CallError> {
         if !principal.has_budget() {
             return Ok(None);
@@ -154,7 +170,7 @@ impl TokenAdmission {
             let secondary_rate = accounting.rate_for_budget(secondary, " (the fallback's secondary model)")?;
             amount = amount.max(budget::cost(bound, max_tokens, secondary_rate));
         }
-        accounting.budgets.reserve(principal, amount, rate, prompt_tokens).await
+        accounting.budgets.reserve_with(principal, amount, rate, prompt_tokens, slicing).await
     }
 }
 

@@ -20,7 +20,12 @@
 //!   passed: every reservation fitted under the limit, and no settlement adds more than its
 //!   reservation took. A call is refused only when what is spent plus what calls in flight hold
 //!   leaves no room for it: the most a refusal can be "early" is the reservations in flight at the
-//!   time.
+//!   time, plus what slices hold unused.
+//! - **In slices** (`slices.rs`): a busy key's calls take their reservations from a slice this
+//!   replica reserved in Redis ahead (a reservation like a call's, settled with the sum of its
+//!   calls' costs), so that two script calls serve a slice of calls. Quiet keys, keys near their
+//!   limit, small budgets and jobs reserve each call alone. A replica settles its slices when it
+//!   stops ([`Budgets::close`]).
 //! - **In batches** (`batch.rs`): a replica sends its reservations, and its settlements, by group
 //!   commit: one script call of each kind in flight at a time, carrying what arrived while the
 //!   previous one was (up to 64 holds), each hold checked in turn as if alone; a call that finds
@@ -48,6 +53,7 @@
 
 mod batch;
 mod local;
+mod slices;
 
 use std::{
     collections::VecDeque,
@@ -65,6 +71,7 @@ use serde::{Deserialize, Serialize};
 use self::{
     batch::{Batches, MAX_BATCH, Settlement},
     local::LocalBudgets,
+    slices::{Done, Plan, SliceRef, Slices},
 };
 use super::redis_health::RedisHealth;
 use crate::{error::CallError, headers::Quota, metrics::metrics, principal::Principal};
@@ -103,6 +110,8 @@ pub struct Budgets {
     pending: Mutex<VecDeque<Pending>>,
     /// Reservations and settlements waiting for the script call in flight.
     batches: Batches,
+    /// Money reserved ahead for busy keys' calls (`slices.rs`).
+    slices: Slices,
     local_decisions: AtomicU64,
     /// Whether any key or team has a budget (health shows the store only then).
     in_use: AtomicBool,
@@ -135,10 +144,21 @@ enum Pending {
 }
 
 /// Where a reservation was taken, and so where it is settled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Taken {
     Shared,
     Local,
+    /// From a slice this replica reserved in Redis ahead (`slices.rs`).
+    Slice(SliceRef),
+}
+
+/// Whether a reservation may come from a slice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slicing {
+    /// A call: yes, when its key is busy.
+    Allowed,
+    /// A job: never. Its reservation is stored with it and settled by a worker, in Redis.
+    Never,
 }
 
 /// The money a call holds until it settles; settles on drop with what the caller was sent.
@@ -189,6 +209,7 @@ impl Budgets {
             local: LocalBudgets::default(),
             pending: Mutex::new(VecDeque::new()),
             batches: Batches::default(),
+            slices: Slices::default(),
             local_decisions: AtomicU64::new(0),
             in_use: AtomicBool::new(false),
             replica: format!("gateway-{}", uuid::Uuid::now_v7().simple()).into(),
@@ -225,14 +246,104 @@ impl Budgets {
         rate: Rate,
         prompt_tokens: u32,
     ) -> Result<Option<Spend>, CallError> {
+        self.reserve_with(principal, amount, rate, prompt_tokens, Slicing::Allowed).await
+    }
+
+    /// [`Self::reserve`], from a slice only when `slicing` allows it.
+    pub async fn reserve_with(
+        self: &Arc<Self>,
+        principal: &Principal,
+        amount: Nanos,
+        rate: Rate,
+        prompt_tokens: u32,
+        slicing: Slicing,
+    ) -> Result<Option<Spend>, CallError> {
         let Some((buckets, labels)) = buckets_of(principal, now_ms()) else { return Ok(None) };
         if !self.in_use() {
             self.set_in_use(true);
         }
+        let shared = self.redis.as_ref().filter(|shared| shared.health.should_try());
+        let slice_key = (slicing == Slicing::Allowed && shared.is_some()).then(|| slice_key(&buckets));
+        if let (Some(shared), Some(key)) = (shared, &slice_key)
+            && let Some(held) = self.take_from_slice(shared, key, amount, &buckets, &labels).await?
+        {
+            return Ok(Some(Spend { budgets: self.clone(), held: Some(held), rate, prompt_tokens, received: 0 }));
+        }
         let (hold, taken, levels) = self.take(Hold::new(amount, buckets), &labels).await?;
         let remaining = levels.iter().filter_map(Level::remaining).min();
+        if let (Some(key), Taken::Shared) = (&slice_key, &taken) {
+            self.slices.learn(key, remaining);
+        }
         let held = Held { hold, taken, remaining, labels };
         Ok(Some(Spend { budgets: self.clone(), held: Some(held), rate, prompt_tokens, received: 0 }))
+    }
+
+    /// Takes `amount` from the key's open slice, or from a new slice reserved in Redis when the
+    /// key is busy; `None` when the call is to reserve alone (`slices.rs`).
+    async fn take_from_slice(
+        self: &Arc<Self>,
+        shared: &Shared,
+        key: &str,
+        amount: Nanos,
+        buckets: &[Bucket],
+        labels: &Arc<[Labels]>,
+    ) -> Result<Option<Held>, CallError> {
+        let limit = buckets.iter().filter_map(|bucket| bucket.limit).min();
+        let mut done = Vec::new();
+        let plan = self.slices.plan(key, amount, limit, tokio::time::Instant::now(), &mut done);
+        self.settle_slices(done);
+        let size = match plan {
+            Plan::Took { slice, remaining } => {
+                metrics().budget_decisions.add(1, &[KeyValue::new("store", "slice")]);
+                let hold = Hold::new(amount, buckets.to_vec());
+                return Ok(Some(Held { hold, taken: Taken::Slice(slice), remaining, labels: labels.clone() }));
+            }
+            Plan::Open(size) => size,
+            Plan::Alone => return Ok(None),
+        };
+        match self.reserve_in_redis(shared, Hold::new(size, buckets.to_vec())).await? {
+            (slice, Some(Reserved::Taken(levels))) => {
+                self.local.learn(&slice, &levels);
+                record(labels, &levels, "redis");
+                let remaining = levels.iter().filter_map(Level::remaining).min();
+                let now = tokio::time::Instant::now();
+                let mut done = Vec::new();
+                let (slice, remaining) =
+                    self.slices.opened(key, slice, labels.clone(), amount, remaining, now, &mut done);
+                self.settle_slices(done);
+                let hold = Hold::new(amount, buckets.to_vec());
+                Ok(Some(Held { hold, taken: Taken::Slice(slice), remaining, labels: labels.clone() }))
+            }
+            // Not room for a slice (the key is near a limit): the call asks for itself alone.
+            (slice, Some(Reserved::Refused { levels, .. })) => {
+                self.local.learn(&slice, &levels);
+                self.slices.learn(key, levels.iter().filter_map(Level::remaining).min());
+                Ok(None)
+            }
+            // Redis did not decide (a lost reply is released): the call goes the usual way.
+            (_, Some(Reserved::Void) | None) => Ok(None),
+        }
+    }
+
+    /// Settles in Redis the slices that closed with no call left.
+    fn settle_slices(self: &Arc<Self>, done: Vec<Done>) {
+        for Done { hold, spent, labels } in done {
+            self.settle_soon(Settlement { hold, cost: spent, labels: Some(labels) });
+        }
+    }
+
+    /// At shutdown, once no call is in flight: settles every slice in Redis (within the script
+    /// timeout). What cannot be settled stays held until its period ends.
+    pub async fn close(&self) {
+        let done = self.slices.close_all();
+        let Some(shared) = self.redis.as_ref().filter(|_| !done.is_empty()) else { return };
+        match shared.budget.settle_many(done.iter().map(|done| (&done.hold, done.spent))).await {
+            Ok(_) => tracing::info!(slices = done.len(), "budget slices settled"),
+            Err(failure) => {
+                shared.health.failed(&failure);
+                tracing::warn!(slices = done.len(), "budget slices could not be settled: held until their period ends");
+            }
+        }
     }
 
     /// Takes the hold in Redis (alone, or in the next batch: `batch.rs`), or alone when Redis does
@@ -298,6 +409,11 @@ impl Budgets {
             }
         });
         match held.taken {
+            Taken::Slice(slice) => {
+                if let Some(done) = self.slices.settle(&slice, held.hold.amount, cost) {
+                    self.settle_slices(vec![done]);
+                }
+            }
             Taken::Local => match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => {
                     let budgets = self.clone();
@@ -337,6 +453,11 @@ impl Budgets {
     /// A job's reservation, as its record stores it (`None`: nothing to store).
     pub fn store(&self, spend: Spend) -> Option<StoredHold> {
         let mut spend = spend;
+        if matches!(spend.held.as_ref().map(|held| &held.taken), Some(Taken::Slice(_))) {
+            // Jobs reserve with `Slicing::Never`; a slice's money cannot go with one job.
+            tracing::error!("a job's budget reservation came from a slice: it settles as a call's instead");
+            return None;
+        }
         let held = spend.held.take()?;
         let local_replica = (held.taken == Taken::Local).then(|| self.replica.to_string());
         Some(StoredHold { hold: held.hold, rate: spend.rate, local_replica })
@@ -454,6 +575,7 @@ async fn catch_up(budgets: std::sync::Weak<Budgets>) {
     loop {
         ticker.tick().await;
         let Some(budgets) = budgets.upgrade() else { return };
+        budgets.settle_slices(budgets.slices.sweep(tokio::time::Instant::now()));
         budgets.catch_up_once().await;
     }
 }
@@ -536,6 +658,16 @@ fn buckets_of(principal: &Principal, now_ms: u64) -> Option<(Vec<Bucket>, Arc<[L
         labels.push(Labels([KeyValue::new("scope", "team"), KeyValue::new("name", team.clone())]));
     }
     Some((buckets, labels.into()))
+}
+
+/// The name of a key's slices: its buckets' keys (a key changing team gets other slices).
+fn slice_key(buckets: &[Bucket]) -> String {
+    let mut key = String::with_capacity(buckets.iter().map(|bucket| bucket.key.len() + 1).sum());
+    for bucket in buckets {
+        key.push_str(&bucket.key);
+        key.push('\n');
+    }
+    key
 }
 
 /// Spent, remaining and limit per bucket, and the decision, as metrics.

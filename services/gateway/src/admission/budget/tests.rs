@@ -320,3 +320,87 @@ async fn a_call_that_goes_away_mid_reservation_holds_nothing() {
     assert!(budgets.reserve(&alice, DOLLAR, RATE, 10).await.unwrap().is_some(), "nothing left held");
     assert_eq!(budgets.local_decisions(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_keys_calls_come_from_slices_and_settle_exact() {
+    let redis = llmesh_testkit::Redis::start().await.unwrap();
+    let budgets = Budgets::new(&BudgetConfig::default(), Some(&redis.url()), Duration::from_secs(2)).unwrap();
+    let amount: Nanos = 1_000_003;
+    let alice = member(Some(100_000 * amount), Some(50_000 * amount));
+    let (buckets, _) = buckets_of(&alice, now_ms()).unwrap();
+    budgets.reserve(&alice, amount, RATE, 10).await.unwrap().unwrap().settle(0);
+    assert_eq!(once_settled(&redis, &buckets[1].key).await.held, 0);
+    let scripts_before = scripts_run(&redis).await;
+    // One call at a time: without slices, a script to reserve each.
+    let mut expected = 0;
+    for call in 0..500 {
+        let spend = budgets.reserve(&alice, amount, RATE, 10).await.unwrap().unwrap();
+        let cost = amount / 3 + call;
+        expected += cost;
+        spend.settle(cost);
+        tokio::task::yield_now().await;
+    }
+    let scripts = scripts_run(&redis).await - scripts_before;
+    // Alone, one at a time, each call would reserve in a script of its own: 500 at least.
+    assert!(scripts < 250, "{scripts} scripts for 500 calls: slices not used");
+    // Open slices hold money until they are settled; closing settles them.
+    budgets.close().await;
+    for bucket in &buckets {
+        let level = once_settled(&redis, &bucket.key).await;
+        assert_eq!((level.spent, level.held), (expected, 0), "{}: exact to the nano-dollar", bucket.key);
+    }
+    assert_eq!(budgets.local_decisions(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slices_on_two_gateways_never_take_a_budget_past_its_limit() {
+    let redis = llmesh_testkit::Redis::start().await.unwrap();
+    let config = BudgetConfig { replicas: 2, ..BudgetConfig::default() };
+    let gateways = [
+        Budgets::new(&config, Some(&redis.url()), Duration::from_secs(2)).unwrap(),
+        Budgets::new(&config, Some(&redis.url()), Duration::from_secs(2)).unwrap(),
+    ];
+    let amount: Nanos = 7_777;
+    let limit = 1_000 * amount;
+    let alice = member(None, Some(limit));
+    let (buckets, _) = buckets_of(&alice, now_ms()).unwrap();
+    for budgets in &gateways {
+        budgets.reserve(&alice, amount, RATE, 10).await.unwrap().unwrap().settle(0);
+    }
+    // Eight callers per gateway, one call after another each, each charged all it reserved,
+    // until the budget refuses them: 1,600 calls ask for 1.6 times the budget.
+    let callers = (0..16).map(|caller| {
+        let budgets = gateways[caller % 2].clone();
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            let (mut taken, mut refused) = (0u64, 0u64);
+            for _ in 0..100 {
+                match budgets.reserve(&alice, amount, RATE, 10).await {
+                    Ok(spend) => {
+                        spend.expect("a budget applies").settle(amount);
+                        taken += 1;
+                    }
+                    Err(error) => {
+                        assert_eq!(error.class(), crate::error::Class::OverBudget);
+                        refused += 1;
+                    }
+                }
+            }
+            (taken, refused)
+        })
+    });
+    let mut taken = 0;
+    for caller in futures::future::join_all(callers).await {
+        taken += caller.unwrap().0;
+    }
+    for budgets in &gateways {
+        budgets.close().await;
+    }
+    let team = once_settled(&redis, &buckets[1].key).await;
+    assert_eq!(team, Level { spent: taken * amount, held: 0, limit: Some(limit) }, "exact");
+    assert!(team.spent <= limit, "never past the limit");
+    // Refused only near the end: early by at most what slices held unused (a slice is at most 1%
+    // of the limit, 10 calls' worth; a gateway holds its open slice and the closed ones its callers
+    // are still in, at most 8 + 1) and the reservations in flight (16).
+    assert!(taken >= 1_000 - 2 * 9 * 10 - 16, "{taken} of 1,000 calls' worth taken: refused too early");
+}

@@ -318,10 +318,14 @@ impl Budgets {
             (slice, Some(Reserved::Refused { levels, .. })) => {
                 self.local.learn(&slice, &levels);
                 self.slices.learn(key, levels.iter().filter_map(Level::remaining).min());
+                self.slices.not_opened(key);
                 Ok(None)
             }
             // Redis did not decide (a lost reply is released): the call goes the usual way.
-            (_, Some(Reserved::Void) | None) => Ok(None),
+            (_, Some(Reserved::Void) | None) => {
+                self.slices.not_opened(key);
+                Ok(None)
+            }
         }
     }
 

@@ -16,7 +16,8 @@
 //!   key that called within [`LIFE`] of its previous call on this replica, and only while the
 //!   tightest budget had [`ROOM`] slices' worth left at the last look: a quiet key, a key near its
 //!   limit, and a budget too small for a slice of two calls reserve each call alone, exactly as
-//!   without slices. A slice Redis refuses makes the call reserve alone.
+//!   without slices. A slice Redis refuses makes the call reserve alone; so do the key's other
+//!   calls while one call's slice is being reserved (they go in the same batch as it).
 //! - So a refusal can be early by what this replica's open slices hold unused, besides the
 //!   reservations in flight: at most 1% of the limit per busy key and replica, and only while
 //!   more than [`ROOM`]% was left.
@@ -74,7 +75,14 @@ struct Key {
     /// Slices that take no more calls, waiting for theirs to settle.
     closed: Vec<Slice>,
     next_id: u64,
+    /// Since when a call has been reserving the next slice in Redis: meanwhile the key's other
+    /// calls reserve alone rather than each reserve a slice of its own. A call that goes away
+    /// mid-reservation leaves it set: it counts for [`OPENING`] at most.
+    opening: Option<Instant>,
 }
+
+/// Longest one call's reservation of a slice keeps the key's other calls from opening one.
+const OPENING: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Slice {
@@ -141,9 +149,21 @@ impl Slices {
             entry.next_calls = if live { (entry.next_calls * 2).min(MAX_CALLS) } else { Key::FIRST_CALLS };
             entry.close_open(done);
         }
+        let opening = entry.opening.is_some_and(|since| now.saturating_duration_since(since) < OPENING);
         match entry.slice_size(amount, limit) {
-            Some(size) if busy => Plan::Open(size),
+            Some(size) if busy && !opening => {
+                entry.opening = Some(now);
+                Plan::Open(size)
+            }
             _ => Plan::Alone,
+        }
+    }
+
+    /// The slice a call planned to open was not taken (Redis refused it, or did not answer).
+    pub fn not_opened(&self, key: &str) {
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = keys.get_mut(key) {
+            entry.opening = None;
         }
     }
 
@@ -162,7 +182,8 @@ impl Slices {
     ) -> (SliceRef, Option<Nanos>) {
         let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = keys.entry(key.into()).or_insert_with(|| Key::new(key, now));
-        // Two calls may open a slice at once: the older closes.
+        entry.opening = None;
+        // A slice the previous opener took after its planned one's life ended closes now.
         entry.close_open(done);
         let id = entry.next_id;
         entry.next_id += 1;
@@ -248,6 +269,7 @@ impl Key {
             open: None,
             closed: Vec::new(),
             next_id: 0,
+            opening: None,
         }
     }
 
@@ -370,6 +392,25 @@ mod tests {
         assert_eq!(slices.plan(KEY, 100, Some(LIMIT), now + LIFE, &mut done), Plan::Open(200), "closed with room");
         // Every closed slice had calls in flight: none handed over yet.
         assert!(done.is_empty());
+    }
+
+    #[test]
+    fn while_one_call_opens_a_slice_the_others_reserve_alone() {
+        let slices = Slices::default();
+        let now = Instant::now();
+        let mut done = Vec::new();
+        slices.plan(KEY, 100, Some(LIMIT), now, &mut done);
+        assert_eq!(slices.plan(KEY, 100, Some(LIMIT), now, &mut done), Plan::Open(200));
+        assert_eq!(slices.plan(KEY, 100, Some(LIMIT), now, &mut done), Plan::Alone, "one is being opened");
+        slices.not_opened(KEY);
+        assert_eq!(slices.plan(KEY, 100, Some(LIMIT), now, &mut done), Plan::Open(200), "that one was refused");
+        // Its caller went away: after a while another busy call opens one.
+        let later = now + OPENING / 2;
+        assert_eq!(slices.plan(KEY, 100, Some(LIMIT), later, &mut done), Plan::Alone, "quiet since");
+        assert_eq!(slices.plan(KEY, 100, Some(LIMIT), later, &mut done), Plan::Alone, "still being opened");
+        let later = now + OPENING;
+        assert_eq!(slices.plan(KEY, 100, Some(LIMIT), later, &mut done), Plan::Alone, "quiet since");
+        assert_eq!(slices.plan(KEY, 100, Some(LIMIT), later, &mut done), Plan::Open(200));
     }
 
     #[test]

@@ -18,10 +18,11 @@
 //!   limit, and a budget too small for a slice of two calls reserve each call alone, exactly as
 //!   without slices. A slice Redis refuses makes the call reserve alone; so do the key's other
 //!   calls while one call's slice is being reserved (they go in the same batch as it).
-//! - So a refusal can be early by what this replica's slices hold unused (the open one, and closed
-//!   ones whose calls are still in flight: each at most 1% of the limit), besides the
-//!   reservations in flight. No slice is taken once less than [`ROOM`] slices' worth is left, so
-//!   near a budget's end the slices still held are the last ones closing.
+//! - So a refusal can be early by what this replica's slices hold unused, besides the
+//!   reservations in flight: what the open one has free (at most 1% of the limit), and what the
+//!   settled calls of a closed slice did not spend while its other calls still run (released with
+//!   its last call, not with each). No slice is taken once less than [`ROOM`] slices' worth is
+//!   left, so near a budget's end the slices still held are the last ones closing.
 //! - A closed slice whose calls have all settled is handed back for settlement by the next call
 //!   of its key, or by [`Slices::sweep`], which the budgets' catch-up runs every 250 ms; at
 //!   shutdown, [`Slices::close_all`].

@@ -12,9 +12,9 @@
 //! job is not mistaken for one whose worker died.
 //!
 //! **Reading ahead.** While jobs are quick (the last one ran under `read_ahead_ms`, 10 ms by
-//! default, and at most a quarter of the claim idle time), the worker reads ahead: as it records how a job ended, it
-//! starts the job it read ahead and reads the one after, three commands sent together in one
-//! round trip to Redis. A backlog of quick jobs then costs one round trip a job instead of three.
+//! default, and at most a quarter of the claim idle time), the worker reads ahead: as it records
+//! how a job ended, it starts the job it read ahead and reads the one after, three commands sent
+//! together in one round trip to Redis. A backlog of quick jobs then costs one round trip a job instead of three.
 //! The worker holds at most two jobs besides the one it runs, one in steady state. What it read
 //! ahead waits in its hand no longer than the quick-job bound: when the job it runs takes longer,
 //! the worker gives back what it read ahead (acknowledged, then queued again at the stream's end,

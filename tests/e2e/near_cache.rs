@@ -157,14 +157,27 @@ async fn until_text(gateway: &GatewayClient<Channel>, request: &GenerateRequest,
 async fn an_entry_replaced_at_another_cache_replica_drops_the_copies() {
     let (_redis, mesh, other) = mesh_and_another_cache_replica().await;
     let mut other_cache = CacheClient::new(other.channel().await);
+    // A reset of the near cache (its feed silent for 3 s on a starved machine) drops every copy,
+    // the bystander's too: an attempt that saw one proves nothing either way, and is made again.
+    for attempt in 0..3 {
+        if replaced_key_alone_is_dropped(&mesh, &mut other_cache, attempt).await {
+            return;
+        }
+    }
+    panic!("the near cache reset during each of three attempts");
+}
+
+/// One attempt of the test above; false when the near cache reset meanwhile.
+async fn replaced_key_alone_is_dropped(mesh: &Mesh, other_cache: &mut CacheClient<Channel>, attempt: u32) -> bool {
     let gateway = mesh.gateway().await;
-    let request = prompt("replace me");
+    let request = prompt(&format!("replace me {attempt}"));
     let first = gateway.clone().generate(request.clone()).await.unwrap().into_inner();
     // A copy of another entry, which the replacement must leave alone.
-    let bystander = prompt("leave me");
+    let bystander = prompt(&format!("leave me {attempt}"));
     gateway.clone().generate(bystander.clone()).await.unwrap();
-    until_near(&mesh, &bystander).await;
-    assert_eq!(until_near(&mesh, &request).await.text, first.text);
+    until_near(mesh, &bystander).await;
+    assert_eq!(until_near(mesh, &request).await.text, first.text);
+    let resets_before = near_resets(&mesh.gateway).await;
 
     let replacement = llmesh_proto::generation::v1::GenerateResponse {
         text: "the replacement".into(),
@@ -183,11 +196,20 @@ async fn an_entry_replaced_at_another_cache_replica_drops_the_copies() {
         .into_inner();
     assert!(stored.stored, "{}", stored.reason);
     until_text(&gateway, &request, "the replacement").await;
-    assert_eq!(until_near(&mesh, &request).await.text, "the replacement");
+    assert_eq!(until_near(mesh, &request).await.text, "the replacement");
     // One key changed, so the other copy is still served by the gateway alone.
     let near_before = near_hits(&mesh.gateway).await;
     gateway.clone().generate(bystander).await.unwrap();
-    assert_eq!(near_hits(&mesh.gateway).await, near_before + 1.0, "the bystander's copy was dropped too");
+    let near_after = near_hits(&mesh.gateway).await;
+    if near_resets(&mesh.gateway).await != resets_before {
+        return false;
+    }
+    assert_eq!(near_after, near_before + 1.0, "the bystander's copy was dropped too");
+    true
+}
+
+async fn near_resets(gateway: &Proc) -> f64 {
+    gateway.metric_sum("llmesh_cache_near_resets_total", "").await
 }
 
 #[tokio::test]

@@ -559,15 +559,9 @@ impl RedisBudget {
         let mut invocation = script.prepare_invoke();
         for (hold, amount) in holds {
             invocation.key(hold_key(&hold.id)).arg(hold.buckets.len()).arg(*amount).arg(hold.expire_at_ms());
-            for bucket in &hold.buckets {
-                invocation.key(&bucket.key).arg(limit_arg(bucket)).arg(bucket.expire_at_ms);
-            }
+            bucket_args(&mut invocation, hold);
         }
-        let mut conn = self.conn.clone();
-        let reply: Vec<i64> = match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
-            Ok(reply) => reply?,
-            Err(_) => return Err(Failure::Timeout(self.timeout)),
-        };
+        let reply = self.invoke(&invocation).await?;
         parse_many(&reply, holds).ok_or(Failure::BudgetReply(reply))
     }
 
@@ -580,15 +574,25 @@ impl RedisBudget {
     ) -> Result<(i64, usize, Vec<Level>), Failure> {
         let mut invocation = script.key(marker);
         invocation.arg(amount).arg(hold.expire_at_ms());
-        for bucket in &hold.buckets {
-            invocation.key(&bucket.key).arg(limit_arg(bucket)).arg(bucket.expire_at_ms);
-        }
-        let mut conn = self.conn.clone();
-        let reply: Vec<i64> = match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
-            Ok(reply) => reply?,
-            Err(_) => return Err(Failure::Timeout(self.timeout)),
-        };
+        bucket_args(&mut invocation, hold);
+        let reply = self.invoke(&invocation).await?;
         parse_reply(&reply, hold.buckets.len()).ok_or(Failure::BudgetReply(reply))
+    }
+
+    /// Runs a prepared script within the timeout.
+    async fn invoke(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<Vec<i64>, Failure> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
+            Ok(reply) => Ok(reply?),
+            Err(_) => Err(Failure::Timeout(self.timeout)),
+        }
+    }
+}
+
+/// A hold's buckets as the scripts take them: each its key, limit and expiry.
+fn bucket_args(invocation: &mut redis::ScriptInvocation<'_>, hold: &Hold) {
+    for bucket in &hold.buckets {
+        invocation.key(&bucket.key).arg(limit_arg(bucket)).arg(bucket.expire_at_ms);
     }
 }
 

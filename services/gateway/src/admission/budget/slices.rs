@@ -74,7 +74,8 @@ struct Key {
     remaining: Option<Nanos>,
     /// The slice new calls take from.
     open: Option<Slice>,
-    /// Slices that take no more calls, waiting for theirs to settle.
+    /// Slices that take no more calls, waiting for theirs to settle: each has one in flight (a
+    /// slice closing with none is handed over at once, and the last call to settle hands it over).
     closed: Vec<Slice>,
     next_id: u64,
     /// Since when a call has been reserving the next slice in Redis: meanwhile the key's other
@@ -232,7 +233,6 @@ impl Slices {
                 entry.next_calls = Key::FIRST_CALLS;
                 entry.close_open(&mut done);
             }
-            entry.hand_over_settled(&mut done);
             entry.open.is_some()
                 || !entry.closed.is_empty()
                 || now.saturating_duration_since(entry.last_call) < LIFE * 10
@@ -246,7 +246,6 @@ impl Slices {
         let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
         for entry in keys.values_mut() {
             entry.close_open(&mut done);
-            entry.hand_over_settled(&mut done);
         }
         done
     }
@@ -299,13 +298,6 @@ impl Key {
                 self.closed.push(open);
             }
         }
-    }
-
-    fn hand_over_settled(&mut self, done: &mut Vec<Done>) {
-        let (settled, waiting): (Vec<Slice>, Vec<Slice>) =
-            std::mem::take(&mut self.closed).into_iter().partition(|closed| closed.calls == 0);
-        self.closed = waiting;
-        done.extend(settled.into_iter().map(Slice::done));
     }
 }
 

@@ -389,6 +389,20 @@ mod tests {
     }
 
     #[test]
+    fn a_slice_serves_only_the_key_whose_buckets_it_was_taken_from() {
+        let slices = Slices::default();
+        let now = Instant::now();
+        let mut done = Vec::new();
+        assert!(call(&slices, 100, now, &mut done).is_none());
+        assert!(call(&slices, 100, now, &mut done).is_some(), "alice's slice, with room for one more call");
+        // Bob, in alice's team: his buckets are named apart (his own and the team's), so alice's
+        // slice is not his, and his first call is a quiet key's.
+        let bob = "llmesh:budget:month:2026-12:key:bob\nllmesh:budget:day:2026-12-06:team:search\n";
+        assert_eq!(slices.plan(bob, 100, Some(LIMIT), now, &mut done), Plan::Alone);
+        assert!(matches!(slices.plan(KEY, 100, Some(LIMIT), now, &mut done), Plan::Took { .. }), "still alice's");
+    }
+
+    #[test]
     fn while_one_call_opens_a_slice_the_others_reserve_alone() {
         let slices = Slices::default();
         let now = Instant::now();

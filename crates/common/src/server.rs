@@ -21,6 +21,9 @@
 //! speak TLS (Kubernetes' gRPC probes) get `tls.health_listen`: plaintext, `grpc.health.v1` only.
 
 mod oversize;
+mod writes;
+
+pub use writes::GatheredWrites;
 
 use std::{
     convert::Infallible,
@@ -32,6 +35,7 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tonic::{body::Body, server::NamedService, transport::server::Router};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::{
@@ -395,10 +399,16 @@ impl Base {
         let stopped = async {
             let _ = stop_rx.await;
         };
+        // An answer's frames in one write (`writes`).
         let mut server = match tls {
-            Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(tls::incoming(listener, tls), stopped)),
+            Some(tls) => {
+                let incoming = tls::incoming(listener, tls).map(|io| io.map(GatheredWrites::new));
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            }
             None => {
-                let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .map(|io| io.map(GatheredWrites::new));
                 tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
             }
         };

@@ -96,7 +96,9 @@ impl Default for OpenAiConfig {
 pub struct OpenAi {
     catalog: super::Catalog,
     client: reqwest::Client,
-    url: String,
+    /// `{base_url}/chat/completions`, parsed once: a malformed `base_url` stops start-up (naming the
+    /// model) instead of failing every call, and no call parses it again.
+    url: reqwest::Url,
     model: String,
     key: Option<String>,
     first_token: Duration,
@@ -110,7 +112,7 @@ impl std::fmt::Debug for OpenAi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key.
         f.debug_struct("OpenAi")
-            .field("url", &redact_url(&self.url))
+            .field("url", &redact_url(self.url.as_str()))
             .field("model", &self.model)
             .finish_non_exhaustive()
     }
@@ -149,7 +151,7 @@ impl OpenAi {
         Ok(Self {
             catalog: config.catalog.clone(),
             client,
-            url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
+            url: completions_url(name, &config.base_url)?,
             model,
             key,
             first_token: Duration::from_millis(config.first_token_timeout_ms),
@@ -226,12 +228,12 @@ impl OpenAi {
         started: Instant,
     ) -> impl std::future::Future<Output = Result<reqwest::Response, UpstreamError>> + Send + 'static {
         let mut builder =
-            self.client.post(&self.url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+            self.client.post(self.url.clone()).header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
         if let Some(key) = &self.key {
             builder = builder.bearer_auth(key);
         }
         let deadline = (started + self.first_token).min(started + self.total);
-        let (url, key) = (redact_url(&self.url), self.key.clone());
+        let (url, key) = (redact_url(self.url.as_str()), self.key.clone());
         async move {
             let response = within(deadline, "response", builder.send()).await?.map_err(|e| {
                 // The URL is logged once, redacted: reqwest's own message would show it whole.
@@ -315,6 +317,16 @@ fn scrub(text: &str, key: Option<&str>) -> String {
     match key {
         Some(key) if key.len() >= 4 => text.replace(key, "***"),
         _ => text.to_string(),
+    }
+}
+
+/// The chat completions endpoint under `base_url`.
+fn completions_url(model: &str, base_url: &str) -> anyhow::Result<reqwest::Url> {
+    let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
+    match reqwest::Url::parse(&url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(url),
+        Ok(_) => anyhow::bail!("model {model}: base_url {} is not an http:// or https:// URL", redact_url(base_url)),
+        Err(error) => anyhow::bail!("model {model}: base_url {} is not a URL: {error}", redact_url(base_url)),
     }
 }
 
@@ -576,6 +588,18 @@ mod tests {
         assert_eq!(error(400, &none).code(), tonic::Code::InvalidArgument);
         assert_eq!(error(401, &none).code(), tonic::Code::FailedPrecondition);
         assert_eq!(error(404, &none).code(), tonic::Code::FailedPrecondition);
+    }
+
+    #[test]
+    fn a_malformed_base_url_stops_start_up_naming_the_model_and_never_its_credentials() {
+        let url = completions_url("m", "http://127.0.0.1:8000/v1/").unwrap();
+        assert_eq!(url.as_str(), "http://127.0.0.1:8000/v1/chat/completions");
+        for bad in ["http://user:s3cret@[::1/v1", "ftp://user:s3cret@host/v1", "not a url"] {
+            let config = OpenAiConfig { base_url: bad.into(), ..OpenAiConfig::default() };
+            let error = format!("{:#}", OpenAi::new("m", &config, 1).unwrap_err());
+            assert!(error.starts_with("model m: base_url "), "{bad}: {error}");
+            assert!(!error.contains("s3cret"), "{bad}: {error}");
+        }
     }
 
     #[test]

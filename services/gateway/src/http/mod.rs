@@ -386,7 +386,7 @@ impl Facts<'_> {
 }
 
 /// A JSON response.
-fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<Body> {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut response = Response::new(Body::new(http_body_util::Full::new(Bytes::from(bytes))));
     *response.status_mut() = status;

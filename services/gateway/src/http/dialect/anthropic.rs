@@ -50,6 +50,8 @@ impl Dialect for Anthropic {
         Ok(Parsed { request, stream, options: input_tokens, unmapped })
     }
 
+    type Rendered<'a> = Value;
+
     fn render(response: &GenerateResponse, _: &u32, _: u64) -> Value {
         json!({
             "id": message_id(&response.id),

@@ -57,8 +57,11 @@ pub trait Dialect {
     /// The client's body (JSON text) as the contract's request.
     fn parse(body: &[u8], context: &Context<'_>) -> Result<Parsed<Self::Options>, Problem>;
 
+    /// An answer's body, serialized as the response's JSON.
+    type Rendered<'a>: serde::Serialize;
+
     /// An answer as the dialect's body. `created`: the Unix time of the answer, in seconds.
-    fn render(response: &GenerateResponse, options: &Self::Options, created: u64) -> Value;
+    fn render<'a>(response: &'a GenerateResponse, options: &Self::Options, created: u64) -> Self::Rendered<'a>;
 
     /// The events of a stream whose first chunk is `first`.
     fn events(first: &GenerateStreamResponse, options: Self::Options, created: u64) -> Self::Events;
@@ -158,8 +161,7 @@ fn nameable<'a>(names: impl Iterator<Item = &'a String>) -> Vec<String> {
 /// Adds an answer's extensions of `dialect` (the upstream's own fields, such as OpenAI's
 /// `service_tier`) to `body`: a field the body has a value for stays as it is.
 fn add_extensions(body: &mut Value, extensions: Option<&Extensions>, dialect: &str) {
-    let Some(extensions) = extensions.filter(|e| e.dialect == dialect) else { return };
-    let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&extensions.json) else { return };
+    let Some(fields) = extension_fields(extensions, dialect) else { return };
     let Value::Object(body) = body else { return };
     for (name, value) in fields {
         match body.get(&name) {
@@ -168,5 +170,15 @@ fn add_extensions(body: &mut Value, extensions: Option<&Extensions>, dialect: &s
             }
             Some(_) => {}
         }
+    }
+}
+
+/// An answer's extensions of `dialect` as the fields they hold (none when they are another
+/// dialect's, or not a JSON object).
+fn extension_fields(extensions: Option<&Extensions>, dialect: &str) -> Option<serde_json::Map<String, Value>> {
+    let extensions = extensions.filter(|e| e.dialect == dialect)?;
+    match serde_json::from_str::<Value>(&extensions.json) {
+        Ok(Value::Object(fields)) => Some(fields),
+        _ => None,
     }
 }

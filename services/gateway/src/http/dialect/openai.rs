@@ -18,17 +18,17 @@
 //! not rendered: Chat Completions has no field for them.
 
 use llmesh_proto::{
-    common::v1::{ChatMessage, FinishReason, ToolCall, Usage, content_part},
+    common::v1::{ChatMessage, FinishReason, Usage, content_part},
     gateway::v1::GenerateStreamResponse,
     generation::v1::{GenerateRequest, GenerateResponse},
 };
 use std::collections::HashMap;
 
-use serde::{Deserialize, de::IgnoredAny};
+use serde::{Deserialize, Serialize, de::IgnoredAny};
 use serde_json::{Map, Value, json};
 
 use super::{
-    Class, Context, Dialect, Parsed, Problem, Unmapped, add_extensions,
+    Class, Context, Dialect, Parsed, Problem, Unmapped, add_extensions, extension_fields,
     fields::{self, Listed, TextOr, path, refuse_rest, required},
     finish_reason, openai_content as content,
     sse::{self, Events},
@@ -54,23 +54,10 @@ impl Dialect for OpenAi {
         Ok(Parsed { request, stream, options: include_usage, unmapped })
     }
 
-    fn render(response: &GenerateResponse, _: &bool, created: u64) -> Value {
-        let mut body = json!({
-            "id": completion_id(&response.id),
-            "object": "chat.completion",
-            "created": created,
-            "model": response.model,
-            "choices": [{
-                "index": 0,
-                "message": message_of(&response.text, &response.tool_calls),
-                "logprobs": null,
-                "finish_reason": finish(response.finish_reason),
-            }],
-            "usage": usage(response.usage),
-            "system_fingerprint": null,
-        });
-        add_extensions(&mut body, response.extensions.as_ref(), DIALECT);
-        body
+    type Rendered<'a> = Completion<'a>;
+
+    fn render<'a>(response: &'a GenerateResponse, _: &bool, created: u64) -> Completion<'a> {
+        Completion::of(response, created)
     }
 
     fn events(first: &GenerateStreamResponse, include_usage: bool, created: u64) -> ChunkEvents {
@@ -304,8 +291,11 @@ fn message(given: Message, at: &str) -> Result<ChatMessage, Problem> {
 }
 
 fn completion_id(id: &str) -> String {
-    format!("chatcmpl-{id}")
+    format!("{COMPLETION_ID_PREFIX}{id}")
 }
+
+/// What OpenAI's completion ids begin with.
+const COMPLETION_ID_PREFIX: &str = "chatcmpl-";
 
 /// OpenAI's name of a finish reason: a fallback's answer finished normally (the headers say it
 /// was a fallback).
@@ -322,16 +312,74 @@ fn usage(usage: Option<Usage>) -> Value {
     content::usage(usage)
 }
 
+/// A `chat.completion`, serialized straight from the answer: it is what this dialect writes most,
+/// and building it as a `Value` first (then dropping it) cost 9% of the gateway's instructions a
+/// call on the HTTP path (`docs/BENCHMARKS.md` §25).
+#[derive(Serialize)]
+pub struct Completion<'a> {
+    #[serde(serialize_with = "serialize_completion_id")]
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [Choice<'a>; 1],
+    usage: Value,
+    /// `null` unless the upstream's extensions give one.
+    system_fingerprint: Value,
+    /// The upstream's other fields (`service_tier`, …); never one named above.
+    #[serde(flatten)]
+    extensions: Map<String, Value>,
+}
+
+#[derive(Serialize)]
+struct Choice<'a> {
+    index: u32,
+    message: AnswerMessage<'a>,
+    logprobs: Option<Value>,
+    finish_reason: &'static str,
+}
+
 /// The assistant's message: its text (`null` when it only called tools) and its tool calls.
-fn message_of(text: &str, tool_calls: &[ToolCall]) -> Value {
-    let mut message = json!({ "role": "assistant", "content": text, "refusal": null });
-    if !tool_calls.is_empty() {
-        if text.is_empty() {
-            message["content"] = Value::Null;
+#[derive(Serialize)]
+struct AnswerMessage<'a> {
+    role: &'static str,
+    content: Option<&'a str>,
+    refusal: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Value>,
+}
+
+impl<'a> Completion<'a> {
+    /// The fields an extension may not replace: each always has a value.
+    const OWN: [&'static str; 6] = ["id", "object", "created", "model", "choices", "usage"];
+
+    fn of(response: &'a GenerateResponse, created: u64) -> Self {
+        let (text, tool_calls) = (response.text.as_str(), &response.tool_calls);
+        let message = AnswerMessage {
+            role: "assistant",
+            content: (tool_calls.is_empty() || !text.is_empty()).then_some(text),
+            refusal: None,
+            tool_calls: (!tool_calls.is_empty()).then(|| content::render_tool_calls(tool_calls)),
+        };
+        let mut extensions = extension_fields(response.extensions.as_ref(), DIALECT).unwrap_or_default();
+        extensions.retain(|name, _| !Self::OWN.contains(&name.as_str()));
+        let system_fingerprint = extensions.remove("system_fingerprint").unwrap_or(Value::Null);
+        Self {
+            id: &response.id,
+            object: "chat.completion",
+            created,
+            model: &response.model,
+            choices: [Choice { index: 0, message, logprobs: None, finish_reason: finish(response.finish_reason) }],
+            usage: usage(response.usage),
+            system_fingerprint,
+            extensions,
         }
-        message["tool_calls"] = content::render_tool_calls(tool_calls);
     }
-    message
+}
+
+/// [`completion_id`], written without building the string.
+fn serialize_completion_id<S: serde::Serializer>(id: &&str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&format_args!("{COMPLETION_ID_PREFIX}{id}"))
 }
 
 /// `chat.completion.chunk` events: the assistant role first, a chunk per delta, the finish

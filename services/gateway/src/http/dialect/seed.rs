@@ -42,6 +42,8 @@ impl Dialect for Seed {
         Ok(Parsed { request, stream: false, options: (), unmapped: Unmapped::default() })
     }
 
+    type Rendered<'a> = Value;
+
     fn render(response: &GenerateResponse, _: &(), _: u64) -> Value {
         let usage = response.usage.unwrap_or_default();
         let mut body = json!({

@@ -19,7 +19,7 @@ use llmesh_proto::{
     gateway::v1::GenerateStreamResponse,
     generation::v1::{GenerateRequest, GenerateResponse},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::{
@@ -50,19 +50,19 @@ impl Dialect for Anthropic {
         Ok(Parsed { request, stream, options: input_tokens, unmapped })
     }
 
-    type Rendered<'a> = Value;
+    type Rendered<'a> = Answer<'a>;
 
-    fn render(response: &GenerateResponse, _: &u32, _: u64) -> Value {
-        json!({
-            "id": message_id(&response.id),
-            "type": "message",
-            "role": "assistant",
-            "model": response.model,
-            "content": content::blocks(&response.text, &response.tool_calls, &response.reasoning),
-            "stop_reason": stop_reason(response.finish_reason),
-            "stop_sequence": null,
-            "usage": usage(response.usage),
-        })
+    fn render<'a>(response: &'a GenerateResponse, _: &u32, _: u64) -> Answer<'a> {
+        Answer {
+            id: &response.id,
+            kind: "message",
+            role: "assistant",
+            model: &response.model,
+            content: content::blocks(&response.text, &response.tool_calls, &response.reasoning),
+            stop_reason: stop_reason(response.finish_reason),
+            stop_sequence: None,
+            usage: usage(response.usage),
+        }
     }
 
     fn events(_: &GenerateStreamResponse, input_tokens: u32, _: u64) -> MessageEvents {
@@ -229,7 +229,30 @@ fn usage(usage: Option<Usage>) -> Value {
 }
 
 fn message_id(id: &str) -> String {
-    format!("msg_{id}")
+    format!("{MESSAGE_ID_PREFIX}{id}")
+}
+
+/// What Anthropic's message ids begin with.
+const MESSAGE_ID_PREFIX: &str = "msg_";
+
+/// A `message`, serialized straight from the answer (as OpenAI's `Completion`, for the same reason).
+#[derive(Serialize)]
+pub struct Answer<'a> {
+    #[serde(serialize_with = "serialize_message_id")]
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    role: &'static str,
+    model: &'a str,
+    content: Vec<content::AnswerBlock<'a>>,
+    stop_reason: &'static str,
+    stop_sequence: Option<&'a str>,
+    usage: Value,
+}
+
+/// [`message_id`], written without building the string.
+fn serialize_message_id<S: serde::Serializer>(id: &&str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&format_args!("{MESSAGE_ID_PREFIX}{id}"))
 }
 
 /// Anthropic's stream events: the answer's blocks in order — thinking (or redacted thinking)

@@ -11,12 +11,14 @@
 //! Out: `thinking`, `text` and `tool_use` blocks (the input as the JSON object the arguments are),
 //! stop reason `tool_use`, and usage with cache reads and writes.
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 use llmesh_proto::common::v1::{
     ChatMessage, ContentPart, Document, Image, Reasoning, ReasoningOptions, Tool, ToolCall, ToolChoice, ToolChoiceMode,
     Usage, content_part, document, image,
 };
-use serde::{Deserialize, de::IgnoredAny};
+use serde::{Deserialize, Serialize, de::IgnoredAny};
 use serde_json::{Map, Value, json};
 
 use super::{
@@ -455,24 +457,32 @@ fn json_text(value: Option<Value>) -> String {
 
 /// The answer's blocks: its reasoning, its text (when there is any, or when nothing else is), its
 /// tool calls (the input as the JSON object the arguments are; `{}` when they are not one).
-pub fn blocks(text: &str, tool_calls: &[ToolCall], reasoning: &[Reasoning]) -> Value {
-    let mut blocks = Vec::new();
+pub fn blocks<'a>(text: &'a str, tool_calls: &'a [ToolCall], reasoning: &'a [Reasoning]) -> Vec<AnswerBlock<'a>> {
+    let mut blocks = Vec::with_capacity(reasoning.len() + 1 + tool_calls.len());
     for block in reasoning {
-        if block.text.is_empty() && !block.redacted_content.is_empty() {
-            blocks
-                .push(json!({ "type": "redacted_thinking", "data": String::from_utf8_lossy(&block.redacted_content) }));
+        blocks.push(if block.text.is_empty() && !block.redacted_content.is_empty() {
+            AnswerBlock::RedactedThinking { data: String::from_utf8_lossy(&block.redacted_content) }
         } else {
-            blocks.push(json!({ "type": "thinking", "thinking": block.text, "signature": String::from_utf8_lossy(&block.signature) }));
-        }
+            AnswerBlock::Thinking { thinking: &block.text, signature: String::from_utf8_lossy(&block.signature) }
+        });
     }
     if !text.is_empty() || tool_calls.is_empty() {
-        blocks.push(json!({ "type": "text", "text": text }));
+        blocks.push(AnswerBlock::Text { text });
     }
     for call in tool_calls {
-        blocks
-            .push(json!({ "type": "tool_use", "id": call.id, "name": call.name, "input": input_of(&call.arguments) }));
+        blocks.push(AnswerBlock::ToolUse { id: &call.id, name: &call.name, input: input_of(&call.arguments) });
     }
-    Value::Array(blocks)
+    blocks
+}
+
+/// One block of an answer's `content`, serialized straight from the answer.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AnswerBlock<'a> {
+    RedactedThinking { data: Cow<'a, str> },
+    Thinking { thinking: &'a str, signature: Cow<'a, str> },
+    Text { text: &'a str },
+    ToolUse { id: &'a str, name: &'a str, input: Value },
 }
 
 /// A call's arguments as the object Anthropic's `input` is.
@@ -536,7 +546,8 @@ mod tests {
         message("assistant", content(given), "messages[1].content", &mut into).unwrap();
         assert_eq!(into[0].tool_calls[0].arguments, r#"{"command":"ls"}"#);
         assert_eq!(into[0].reasoning[0].signature, b"sig");
-        let rendered = blocks("", &into[0].tool_calls, &[]);
+        let rendered = serde_json::to_value(blocks("", &into[0].tool_calls, &[])).unwrap();
+        assert_eq!(rendered[0]["type"], "tool_use");
         assert_eq!(rendered[0]["input"]["command"], "ls");
     }
 

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::{
-    Class, Context, Dialect, Parsed, Problem, Unmapped, anthropic_content as content, anthropic_dropped,
+    Class, Context, Dialect, Parsed, PrefixedId, Problem, Unmapped, anthropic_content as content, anthropic_dropped,
     fields::{self, Listed, TextOr, path, refuse_rest, required},
     finish_reason,
     sse::{self, Events},
@@ -54,7 +54,7 @@ impl Dialect for Anthropic {
 
     fn render<'a>(response: &'a GenerateResponse, _: &u32, _: u64) -> Answer<'a> {
         Answer {
-            id: &response.id,
+            id: PrefixedId { prefix: MESSAGE_ID_PREFIX, id: &response.id },
             kind: "message",
             role: "assistant",
             model: &response.model,
@@ -229,7 +229,7 @@ fn usage(usage: Option<Usage>) -> Value {
 }
 
 fn message_id(id: &str) -> String {
-    format!("{MESSAGE_ID_PREFIX}{id}")
+    PrefixedId { prefix: MESSAGE_ID_PREFIX, id }.to_string()
 }
 
 /// What Anthropic's message ids begin with.
@@ -238,8 +238,7 @@ const MESSAGE_ID_PREFIX: &str = "msg_";
 /// A `message`, serialized straight from the answer (as OpenAI's `Completion`, for the same reason).
 #[derive(Serialize)]
 pub struct Answer<'a> {
-    #[serde(serialize_with = "serialize_message_id")]
-    id: &'a str,
+    id: PrefixedId<'a>,
     #[serde(rename = "type")]
     kind: &'static str,
     role: &'static str,
@@ -248,11 +247,6 @@ pub struct Answer<'a> {
     stop_reason: &'static str,
     stop_sequence: Option<&'a str>,
     usage: Value,
-}
-
-/// [`message_id`], written without building the string.
-fn serialize_message_id<S: serde::Serializer>(id: &&str, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(&format_args!("{MESSAGE_ID_PREFIX}{id}"))
 }
 
 /// Anthropic's stream events: the answer's blocks in order — thinking (or redacted thinking)

@@ -182,3 +182,22 @@ fn extension_fields(extensions: Option<&Extensions>, dialect: &str) -> Option<se
         _ => None,
     }
 }
+
+/// An id under a dialect's prefix (`chatcmpl-…`, `msg_…`), serialized without building the string.
+#[derive(Debug, Clone, Copy)]
+struct PrefixedId<'a> {
+    prefix: &'static str,
+    id: &'a str,
+}
+
+impl std::fmt::Display for PrefixedId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.prefix, self.id)
+    }
+}
+
+impl serde::Serialize for PrefixedId<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize, de::IgnoredAny};
 use serde_json::{Map, Value, json};
 
 use super::{
-    Class, Context, Dialect, Parsed, Problem, Unmapped, add_extensions, extension_fields,
+    Class, Context, Dialect, Parsed, PrefixedId, Problem, Unmapped, add_extensions, extension_fields,
     fields::{self, Listed, TextOr, path, refuse_rest, required},
     finish_reason, openai_content as content,
     sse::{self, Events},
@@ -291,7 +291,7 @@ fn message(given: Message, at: &str) -> Result<ChatMessage, Problem> {
 }
 
 fn completion_id(id: &str) -> String {
-    format!("{COMPLETION_ID_PREFIX}{id}")
+    PrefixedId { prefix: COMPLETION_ID_PREFIX, id }.to_string()
 }
 
 /// What OpenAI's completion ids begin with.
@@ -317,8 +317,7 @@ fn usage(usage: Option<Usage>) -> Value {
 /// call on the HTTP path (`docs/BENCHMARKS.md` §25).
 #[derive(Serialize)]
 pub struct Completion<'a> {
-    #[serde(serialize_with = "serialize_completion_id")]
-    id: &'a str,
+    id: PrefixedId<'a>,
     object: &'static str,
     created: u64,
     model: &'a str,
@@ -365,7 +364,7 @@ impl<'a> Completion<'a> {
         extensions.retain(|name, _| !Self::OWN.contains(&name.as_str()));
         let system_fingerprint = extensions.remove("system_fingerprint").unwrap_or(Value::Null);
         Self {
-            id: &response.id,
+            id: PrefixedId { prefix: COMPLETION_ID_PREFIX, id: &response.id },
             object: "chat.completion",
             created,
             model: &response.model,
@@ -375,11 +374,6 @@ impl<'a> Completion<'a> {
             extensions,
         }
     }
-}
-
-/// [`completion_id`], written without building the string.
-fn serialize_completion_id<S: serde::Serializer>(id: &&str, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(&format_args!("{COMPLETION_ID_PREFIX}{id}"))
 }
 
 /// `chat.completion.chunk` events: the assistant role first, a chunk per delta, the finish

@@ -42,12 +42,21 @@ thread_local! {
 }
 
 /// `body` as `T`; any list of objects in it holds at most `max_objects`.
+///
+/// A body that parses is read once, without tracking where the reader is; only one that does not
+/// is read again, with the path, to name the field at fault (parsing is deterministic, so the
+/// second read stops at the same mistake).
 pub fn parse<T: DeserializeOwned>(body: &[u8], max_objects: usize) -> Result<T, Problem> {
     let before = MAX_OBJECTS.with(|max| max.replace(max_objects));
-    let mut json = serde_json::Deserializer::from_slice(body);
-    let parsed = serde_path_to_error::deserialize::<_, T>(&mut json);
+    let parsed = serde_json::from_slice::<T>(body).or_else(|_| with_path::<T>(body));
     MAX_OBJECTS.with(|max| max.set(before));
-    match parsed {
+    parsed
+}
+
+/// `body` as `T`, with the path of the first mistake in the problem.
+fn with_path<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+    let mut json = serde_json::Deserializer::from_slice(body);
+    match serde_path_to_error::deserialize::<_, T>(&mut json) {
         Ok(parsed) => match json.end() {
             Ok(()) => Ok(parsed),
             Err(error) => {

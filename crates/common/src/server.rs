@@ -23,8 +23,6 @@
 mod oversize;
 mod writes;
 
-pub use writes::GatheredWrites;
-
 use std::{
     convert::Infallible,
     future::Future,
@@ -43,6 +41,7 @@ use tower::{
     util::{BoxCloneSyncService, BoxCloneSyncServiceLayer},
 };
 
+use self::writes::GatheredWrites;
 use crate::{
     reload,
     tls::{self, ServerTls, TlsConfig},

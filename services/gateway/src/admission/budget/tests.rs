@@ -19,6 +19,12 @@ fn budgets(replicas: u32) -> Arc<Budgets> {
     Budgets::new(&BudgetConfig { replicas, ..BudgetConfig::default() }, None, Duration::from_millis(20)).unwrap()
 }
 
+/// The budgets of two gateways sharing `redis`.
+fn two_gateways(redis: &llmesh_testkit::Redis) -> [Arc<Budgets>; 2] {
+    let config = BudgetConfig { replicas: 2, ..BudgetConfig::default() };
+    [(); 2].map(|()| Budgets::new(&config, Some(&redis.url()), Duration::from_secs(2)).unwrap())
+}
+
 fn member(key: Option<Nanos>, team: Option<Nanos>) -> Principal {
     Principal {
         id: "alice".into(),
@@ -232,11 +238,7 @@ async fn once_settled(redis: &llmesh_testkit::Redis, bucket: &str) -> Level {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_send_their_calls_in_batches_and_end_exact() {
     let redis = llmesh_testkit::Redis::start().await.unwrap();
-    let config = BudgetConfig { replicas: 2, ..BudgetConfig::default() };
-    let gateways = [
-        Budgets::new(&config, Some(&redis.url()), Duration::from_secs(2)).unwrap(),
-        Budgets::new(&config, Some(&redis.url()), Duration::from_secs(2)).unwrap(),
-    ];
+    let gateways = two_gateways(&redis);
     let amount: Nanos = 1_234_567;
     let limit = 100 * amount;
     let alice = member(None, Some(limit));
@@ -355,11 +357,7 @@ async fn a_busy_keys_calls_come_from_slices_and_settle_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slices_on_two_gateways_never_take_a_budget_past_its_limit() {
     let redis = llmesh_testkit::Redis::start().await.unwrap();
-    let config = BudgetConfig { replicas: 2, ..BudgetConfig::default() };
-    let gateways = [
-        Budgets::new(&config, Some(&redis.url()), Duration::from_secs(2)).unwrap(),
-        Budgets::new(&config, Some(&redis.url()), Duration::from_secs(2)).unwrap(),
-    ];
+    let gateways = two_gateways(&redis);
     let amount: Nanos = 7_777;
     let limit = 1_000 * amount;
     let alice = member(None, Some(limit));

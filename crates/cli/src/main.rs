@@ -17,6 +17,10 @@ use std::{future::Future, process::ExitCode};
 use clap::{Parser, Subcommand};
 use llmesh_common::ServiceArgs;
 
+/// jemalloc, as the services: `serve` runs one in this process (docs/BENCHMARKS.md §26).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "llmesh", version, about = "llmesh: a gRPC service mesh for LLM applications")]
 struct Cli {

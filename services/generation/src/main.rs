@@ -2,6 +2,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// jemalloc, not glibc's malloc: fewer instructions a call (docs/BENCHMARKS.md §26).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// llmesh generation service: serves LLM providers (the simulated model, OpenAI-compatible HTTP).
 #[derive(Parser)]
 #[command(name = "generation", version)]

@@ -2,6 +2,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// jemalloc, not glibc's malloc: fewer instructions a call (docs/BENCHMARKS.md §26).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// llmesh health service: the mesh's health over grpc.health.v1 and llmesh.health.v1.MeshHealth.
 #[derive(Parser)]
 #[command(name = "health", version)]

@@ -77,6 +77,11 @@ impl CallHeaders {
     }
 }
 
+/// The header that carries a call's trace and span ids. Its value differs on every call, so it is
+/// sent never indexed: HPACK would add each one to the connection's table, where no later call
+/// finds it, and search that table on every call (docs/BENCHMARKS.md §27).
+const TRACEPARENT: &str = "traceparent";
+
 /// What `TraceContextPropagator::inject_context` writes for `span`: nothing for an invalid one,
 /// else `traceparent` (`00-<trace id>-<span id>-<sampled flag>`, lowercase hex) and `tracestate`.
 fn w3c_headers(span: &SpanContext) -> Vec<(MetadataKey<Ascii>, MetadataValue<Ascii>)> {
@@ -91,8 +96,9 @@ fn w3c_headers(span: &SpanContext) -> Vec<(MetadataKey<Ascii>, MetadataValue<Asc
     traceparent.push('-');
     push_hex(&mut traceparent, &[(span.trace_flags() & TraceFlags::SAMPLED).to_u8()]);
     let mut headers = Vec::with_capacity(2);
-    if let Ok(value) = MetadataValue::try_from(traceparent) {
-        headers.push((MetadataKey::from_static("traceparent"), value));
+    if let Ok(mut value) = MetadataValue::try_from(traceparent) {
+        value.set_sensitive(true);
+        headers.push((MetadataKey::from_static(TRACEPARENT), value));
     }
     if let Ok(value) = MetadataValue::try_from(span.trace_state().header()) {
         headers.push((MetadataKey::from_static("tracestate"), value));
@@ -173,7 +179,8 @@ struct MetadataInjector<'a>(&'a mut MetadataMap);
 
 impl Injector for MetadataInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(key), Ok(value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value)) {
+        if let (Ok(key), Ok(mut value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value)) {
+            value.set_sensitive(key == TRACEPARENT);
             self.0.insert(key, value);
         }
     }
@@ -201,9 +208,10 @@ pub(crate) struct HeaderInjector<'a>(pub(crate) &'a mut http::HeaderMap);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) =
+        if let (Ok(name), Ok(mut value)) =
             (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value))
         {
+            value.set_sensitive(name == TRACEPARENT);
             self.0.insert(name, value);
         }
     }
@@ -285,6 +293,11 @@ mod tests {
             let mut written = MetadataMap::new();
             for (key, value) in w3c_headers(&span) {
                 written.insert(key, value);
+            }
+            // Either way, the value that changes on every call is sent never indexed.
+            for headers in [&written, &expected] {
+                assert!(headers.get(TRACEPARENT).is_none_or(|value| value.is_sensitive()), "{span:?}");
+                assert!(headers.get("tracestate").is_none_or(|value| !value.is_sensitive()), "{span:?}");
             }
             assert_eq!(written.into_headers(), expected.into_headers(), "{span:?}");
         }

@@ -122,7 +122,12 @@ pub fn set_timeout<T>(request: &mut tonic::Request<T>, timeout: Duration) {
     value.extend(digits[start..].iter().map(|&d| char::from(d)));
     value.push(unit);
     match tonic::metadata::MetadataValue::try_from(value) {
-        Ok(value) => {
+        Ok(mut value) => {
+            // A timeout measured off a deadline is never sent twice: it goes never indexed, or HPACK
+            // would add each one to the connection's table, where no later call finds it, and
+            // search it on every call. A whole number of milliseconds is a configured one (the
+            // cache's budget), sent on every call: that one is worth indexing (docs/BENCHMARKS.md §27).
+            value.set_sensitive(!timeout.subsec_nanos().is_multiple_of(1_000_000));
             request.metadata_mut().insert("grpc-timeout", value);
         }
         Err(_) => request.set_timeout(timeout),
@@ -161,6 +166,21 @@ mod tests {
         for timeout in timeouts {
             assert_eq!(ours(timeout), tonics(timeout), "{timeout:?}");
         }
+    }
+
+    #[test]
+    fn a_timeout_off_a_deadline_is_sent_never_indexed_and_a_configured_one_indexed() {
+        let written = |timeout| {
+            let mut request = tonic::Request::new(());
+            set_timeout(&mut request, timeout);
+            request.metadata().get("grpc-timeout").cloned().expect("grpc-timeout")
+        };
+        let measured = written(Duration::new(29, 999_123_456));
+        assert_eq!(measured, "29999123u");
+        assert!(measured.is_sensitive(), "HPACK must not add a value no later call sends to its table");
+        let configured = written(Duration::from_millis(20));
+        assert_eq!(configured, "20000000n");
+        assert!(!configured.is_sensitive(), "a value every call sends is worth indexing");
     }
 
     #[test]

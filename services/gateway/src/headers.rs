@@ -32,7 +32,8 @@ impl Quota {
     /// that are limited).
     pub fn write_headers(&self, headers: &mut HeaderMap) {
         for (name, value) in self.entries() {
-            if let Ok(value) = HeaderValue::from_str(&value) {
+            if let Ok(mut value) = HeaderValue::from_str(&value) {
+                value.set_sensitive(true);
                 headers.insert(name, value);
             }
         }
@@ -41,12 +42,15 @@ impl Quota {
     /// The same, into a tonic response's metadata.
     pub fn write_metadata(&self, metadata: &mut MetadataMap) {
         for (name, value) in self.entries() {
-            if let Ok(value) = MetadataValue::try_from(value) {
+            if let Ok(mut value) = MetadataValue::try_from(value) {
+                value.set_sensitive(true);
                 metadata.insert(name, value);
             }
         }
     }
 
+    /// The values change from call to call, so each is sent never indexed (as `grpc-timeout`:
+    /// `deadline::set_timeout`).
     fn entries(&self) -> impl Iterator<Item = (&'static str, String)> {
         [
             (REMAINING_REQUESTS, self.remaining_requests.map(|n| n.to_string())),
@@ -55,5 +59,29 @@ impl Quota {
         ]
         .into_iter()
         .filter_map(|(name, value)| Some((name, value?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a key has left changes from call to call: HPACK must not add it to its table.
+    #[test]
+    fn quotas_are_written_never_indexed() {
+        let quota = Quota { remaining_requests: Some(9), remaining_tokens: Some(1_000), remaining_budget: None };
+        let mut metadata = MetadataMap::new();
+        quota.write_metadata(&mut metadata);
+        let mut headers = HeaderMap::new();
+        quota.write_headers(&mut headers);
+        for (name, value) in [(REMAINING_REQUESTS, "9"), (REMAINING_TOKENS, "1000")] {
+            let written = metadata.get(name).expect(name);
+            assert_eq!(written, value);
+            assert!(written.is_sensitive(), "{name}");
+            let written = headers.get(name).expect(name);
+            assert_eq!(written, value);
+            assert!(written.is_sensitive(), "{name}");
+        }
+        assert!(metadata.get(REMAINING_USD).is_none() && headers.get(REMAINING_USD).is_none());
     }
 }

@@ -31,6 +31,9 @@ use tonic::transport::Channel;
 /// How long a service may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The gateway's service name in `grpc.health.v1`.
+const GATEWAY_SERVICE: &str = "llmesh.gateway.v1.Gateway";
+
 /// The directory holding the built binaries: `$LLMESH_BIN_DIR` when set (as for the Python tests),
 /// else `target/<profile>/`, next to `deps/` where the test executable runs from. Run
 /// `cargo build --workspace --bins` first (scripts/test does).
@@ -97,6 +100,15 @@ impl Proc {
 
     pub async fn channel(&self) -> Channel {
         tonic::transport::Endpoint::from_shared(self.uri()).unwrap().connect().await.unwrap()
+    }
+
+    /// Waits until the process answers SERVING for `service` over `grpc.health.v1`. Past its
+    /// `listening on` line a service may still be connecting to what it depends on (a gateway to
+    /// generation and the cache), and one that loses them then stops: a test that kills a
+    /// dependency must not do so before this.
+    pub async fn wait_serving(&self, service: &str) {
+        let ready = llmesh_common::deps::wait_serving(&self.name, &self.uri(), service, START_TIMEOUT).await;
+        ready.unwrap_or_else(|error| panic!("{error:#}\n{} LOGS:\n{}", self.name, self.logs()));
     }
 
     /// Everything the process has logged so far.
@@ -275,9 +287,10 @@ impl Mesh {
         gateway_env.push(("LLMESH_GATEWAY_GENERATION__ENDPOINTS", format!("[{}]", endpoints.join(","))));
         gateway_env.push(("LLMESH_GATEWAY_CACHE__ENDPOINT", cache.uri()));
         let gateway = Proc::spawn("gateway", &gateway_env).await.unwrap();
+        gateway.wait_serving(GATEWAY_SERVICE).await;
         let mut health_env = env.clone();
         let targets = [
-            ("gateway", &gateway, "llmesh.gateway.v1.Gateway"),
+            ("gateway", &gateway, GATEWAY_SERVICE),
             ("generation", &generation, "llmesh.generation.v1.Generation"),
             ("cache", &cache, "llmesh.cache.v1.Cache"),
         ]
@@ -301,7 +314,9 @@ impl Mesh {
         let mut env = env.to_vec();
         env.push(("LLMESH_GATEWAY_GENERATION__ENDPOINTS", format!("[\"{}\"]", self.generation.uri())));
         env.push(("LLMESH_GATEWAY_CACHE__ENDPOINT", self.cache.uri()));
-        Proc::spawn("gateway", &env).await.unwrap()
+        let gateway = Proc::spawn("gateway", &env).await.unwrap();
+        gateway.wait_serving(GATEWAY_SERVICE).await;
+        gateway
     }
 
     pub async fn gateway(&self) -> GatewayClient<Channel> {

@@ -241,7 +241,8 @@ async fn two_gateways_share_one_team_budget_to_the_nano_dollar() {
         &redis,
         &[("alice", "team = \"search\""), ("bob", "team = \"search\"")],
         "[[teams]]\nname = \"search\"\nbudget = { usd = 0.5, period = \"day\" }\n",
-        "",
+        // Metrics, for the budget gauges.
+        "[gateway.admin]\nlisten = \"127.0.0.1:0\"\n",
     );
     let mesh = Mesh::start_with(MeshOptions { env: setup.env(), ..Default::default() }).await;
     let second = mesh.second_gateway(&setup.env()).await;
@@ -353,6 +354,16 @@ async fn two_gateways_share_one_team_budget_to_the_nano_dollar() {
         limit,
         bound
     );
+    // Each gateway's gauges show the team's budget as Redis last reported it to that gateway.
+    for gateway in gateways {
+        let team_budget = "name=\"search\"";
+        let shown_limit = gateway.metric_sum("llmesh_budget_limit_usd", team_budget).await;
+        assert_eq!(shown_limit, limit as f64 / 1e9, "{}", gateway.name);
+        let shown_spent = gateway.metric_sum("llmesh_budget_spent_usd", team_budget).await;
+        assert!(shown_spent > 0.0 && shown_spent <= team.spent as f64 / 1e9, "{} shows ${shown_spent}", gateway.name);
+        let shown_remaining = gateway.metric_sum("llmesh_budget_remaining_usd", team_budget).await;
+        assert!(shown_remaining < shown_limit, "{} shows ${shown_remaining} left", gateway.name);
+    }
 }
 
 /// The MeshHealth component that says how a gateway enforces the budgets.

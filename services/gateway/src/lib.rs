@@ -30,6 +30,8 @@ use opentelemetry::{
 };
 use tokio::net::TcpListener;
 
+use crate::admission::budget::Shown;
+
 pub use config::Config;
 pub use service::GatewayService;
 
@@ -77,7 +79,8 @@ impl Admission {
 }
 
 /// Gauges read when metrics are collected: each breaker (a replica's, or a model's on it), how
-/// many replicas are ready, and how many calls were shed. Kept alive for as long as the server runs.
+/// many replicas are ready, how many calls were shed, and each budget's levels. Kept alive for as
+/// long as the server runs.
 fn gauges(pool: &Arc<pipeline::balance::Pool>, admission: &Admission) -> Gauges {
     let meter = llmesh_telemetry::meter();
     let replicas = pool.clone();
@@ -123,7 +126,24 @@ fn gauges(pool: &Arc<pipeline::balance::Pool>, admission: &Admission) -> Gauges 
             counter.observe(shed.shed_per_key_count(), &[KeyValue::new("reason", "key_concurrency")]);
         })
         .build();
-    Gauges { _breakers: breakers, _ready: ready, _shed: shed, _pending: pending }
+    let budget_levels = [
+        ("llmesh.budget.spent_usd", "Spend settled in the budget's current period, in USD", Shown::Spent),
+        (
+            "llmesh.budget.remaining_usd",
+            "Budget left to reserve in the current period (limit - spent - held), in USD",
+            Shown::Remaining,
+        ),
+        ("llmesh.budget.limit_usd", "The budget's limit per period, in USD", Shown::Limit),
+    ]
+    .map(|(name, description, shown)| {
+        let budgets = admission.budgets.clone();
+        meter
+            .f64_observable_gauge(name)
+            .with_description(description)
+            .with_callback(move |gauge| budgets.observe_levels(shown, gauge))
+            .build()
+    });
+    Gauges { _breakers: breakers, _ready: ready, _shed: shed, _pending: pending, _budget_levels: budget_levels }
 }
 
 /// Held so the observable instruments live as long as the server.
@@ -132,6 +152,7 @@ struct Gauges {
     _ready: ObservableGauge<u64>,
     _shed: ObservableCounter<u64>,
     _pending: ObservableGauge<u64>,
+    _budget_levels: [ObservableGauge<f64>; 3],
 }
 
 /// Loads the configuration and serves until SIGTERM or Ctrl-C.

@@ -36,13 +36,8 @@ pub struct GatewayMetrics {
     pub ratelimit_decisions: Counter<u64>,
     /// `api_key`, `kind` (requests, tokens).
     pub ratelimit_remaining_ratio: Gauge<f64>,
-    /// `scope` (key, team), `name` (the key's id or the team's name, from the keys file): the
-    /// period's settled spend, as Redis (or, without it, this replica) last reported it.
-    pub budget_spent: Gauge<f64>,
-    /// `scope`, `name`: what may still be reserved (limit − spent − held by calls in flight).
-    pub budget_remaining: Gauge<f64>,
-    /// `scope`, `name`.
-    pub budget_limit: Gauge<f64>,
+    // The budget gauges (`llmesh.budget.spent_usd`, `remaining_usd`, `limit_usd`) are observed at
+    // collection from what the budgets keep (`crate::gauges`).
     /// `scope`, `name`: calls refused for that budget.
     pub budget_refusals: Counter<u64>,
     /// `store` (redis, local): budget reservations and settlements, by who decided.
@@ -91,18 +86,6 @@ pub fn metrics() -> &'static GatewayMetrics {
             ratelimit_remaining_ratio: meter
                 .f64_gauge("llmesh.ratelimit.remaining_ratio")
                 .with_description("Share of the per-minute quota left")
-                .build(),
-            budget_spent: meter
-                .f64_gauge("llmesh.budget.spent_usd")
-                .with_description("Spend settled in the budget's current period, in USD")
-                .build(),
-            budget_remaining: meter
-                .f64_gauge("llmesh.budget.remaining_usd")
-                .with_description("Budget left to reserve in the current period (limit - spent - held), in USD")
-                .build(),
-            budget_limit: meter
-                .f64_gauge("llmesh.budget.limit_usd")
-                .with_description("The budget's limit per period, in USD")
                 .build(),
             budget_refusals: meter
                 .u64_counter("llmesh.budget.refusals")

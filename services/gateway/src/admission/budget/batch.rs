@@ -43,7 +43,7 @@ use llmesh_ratelimit::{
 };
 use tokio::{sync::oneshot, time::Instant};
 
-use super::{Budgets, Labels, Pending, Shared, record};
+use super::{Budgets, Labels, Pending, Shared};
 use crate::error::CallError;
 
 /// Most holds in one script call: enough that a busy replica sends few, few enough that a batch
@@ -278,7 +278,7 @@ impl Budgets {
                     for (settlement, settled) in batch.iter().zip(&settled) {
                         self.local.learn(&settlement.hold, &settled.levels);
                         if let Some(labels) = &settlement.labels {
-                            record(labels, &settled.levels, "redis");
+                            self.record(labels, &settled.levels, "redis");
                         }
                     }
                 }

@@ -52,6 +52,7 @@
 //! Redis with persistence where budgets matter.
 
 mod batch;
+mod levels;
 mod local;
 mod slices;
 
@@ -68,8 +69,10 @@ use llmesh_ratelimit::budget::{self, Bucket, Hold, Level, Nanos, Rate, RedisBudg
 use opentelemetry::KeyValue;
 use serde::{Deserialize, Serialize};
 
+pub use self::levels::Shown;
 use self::{
     batch::{Batches, MAX_BATCH, Settlement},
+    levels::LastLevels,
     local::LocalBudgets,
     slices::{Done, Plan, SliceRef, Slices},
 };
@@ -117,6 +120,8 @@ pub struct Budgets {
     in_use: AtomicBool,
     /// This process's name for the reservations it took in its own memory.
     replica: Arc<str>,
+    /// What the budget gauges show.
+    last_levels: LastLevels,
 }
 
 impl std::fmt::Debug for Budgets {
@@ -182,7 +187,7 @@ struct Held {
 }
 
 /// Metric labels of a hold's buckets, in its order.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Labels([KeyValue; 2]);
 
 impl Budgets {
@@ -213,6 +218,7 @@ impl Budgets {
             local_decisions: AtomicU64::new(0),
             in_use: AtomicBool::new(false),
             replica: format!("gateway-{}", uuid::Uuid::now_v7().simple()).into(),
+            last_levels: LastLevels::default(),
         });
         if budgets.redis.is_some() {
             let runtime = tokio::runtime::Handle::try_current()
@@ -304,7 +310,7 @@ impl Budgets {
         match self.reserve_in_redis(shared, Hold::new(size, buckets.to_vec())).await? {
             (slice, Some(Reserved::Taken(levels))) => {
                 self.local.learn(&slice, &levels);
-                record(labels, &levels, "redis");
+                self.record(labels, &levels, "redis");
                 let remaining = levels.iter().filter_map(Level::remaining).min();
                 let now = tokio::time::Instant::now();
                 let mut done = Vec::new();
@@ -361,12 +367,12 @@ impl Budgets {
             Some(shared) => match self.reserve_in_redis(shared, hold).await? {
                 (hold, Some(Reserved::Taken(levels))) => {
                     self.local.learn(&hold, &levels);
-                    record(labels, &levels, "redis");
+                    self.record(labels, &levels, "redis");
                     return Ok((hold, Taken::Shared, levels));
                 }
                 (hold, Some(Reserved::Refused { bucket, levels })) => {
                     self.local.learn(&hold, &levels);
-                    record(labels, &levels, "redis");
+                    self.record(labels, &levels, "redis");
                     return Err(self.refused(&hold, labels, bucket, &levels));
                 }
                 (hold, Some(Reserved::Void)) => {
@@ -382,14 +388,25 @@ impl Budgets {
         let decision = self.local.reserve(&hold, self.replicas);
         match decision {
             Ok(levels) => {
-                record(labels, &levels, "local");
+                self.record(labels, &levels, "local");
                 Ok((hold, Taken::Local, levels))
             }
             Err((bucket, levels)) => {
-                record(labels, &levels, "local");
+                self.record(labels, &levels, "local");
                 Err(self.refused(&hold, labels, bucket, &levels))
             }
         }
+    }
+
+    /// The decision, counted, and each bucket's levels for the budget gauges.
+    fn record(&self, labels: &[Labels], levels: &[Level], store: &'static str) {
+        metrics().budget_decisions.add(1, &[KeyValue::new("store", store)]);
+        self.last_levels.note(labels, levels);
+    }
+
+    /// Observes `shown` of every budget for its gauge (`llmesh_budget_*_usd`), at collection.
+    pub fn observe_levels(&self, shown: Shown, gauge: &dyn opentelemetry::metrics::AsyncInstrument<f64>) {
+        self.last_levels.observe(shown, gauge);
     }
 
     fn refused(&self, hold: &Hold, labels: &[Labels], bucket: usize, levels: &[Level]) -> CallError {
@@ -423,7 +440,7 @@ impl Budgets {
                     let budgets = self.clone();
                     runtime.spawn(async move {
                         let levels = budgets.local.settle(&held.hold, cost);
-                        record(&held.labels, &levels, "local");
+                        budgets.record(&held.labels, &levels, "local");
                     });
                 }
                 // Only at shutdown: the reservation stays held, which errs on the side of the budget.
@@ -444,7 +461,7 @@ impl Budgets {
                 shared.health.answered();
                 self.local.learn(&hold, &settled.levels);
                 if let Some(labels) = labels {
-                    record(labels, &settled.levels, "redis");
+                    self.record(labels, &settled.levels, "redis");
                 }
             }
             Err(failure) => {
@@ -672,19 +689,6 @@ fn slice_key(buckets: &[Bucket]) -> String {
         key.push('\n');
     }
     key
-}
-
-/// Spent, remaining and limit per bucket, and the decision, as metrics.
-fn record(labels: &[Labels], levels: &[Level], store: &'static str) {
-    let metrics = metrics();
-    metrics.budget_decisions.add(1, &[KeyValue::new("store", store)]);
-    for (labels, level) in labels.iter().zip(levels) {
-        metrics.budget_spent.record(budget::nanos_to_usd(level.spent), &labels.0);
-        if let Some(limit) = level.limit {
-            metrics.budget_limit.record(budget::nanos_to_usd(limit), &labels.0);
-            metrics.budget_remaining.record(budget::nanos_to_usd(level.remaining().unwrap_or(0)), &labels.0);
-        }
-    }
 }
 
 /// Why a call is over budget, for the caller: which budget, what it holds, what the call needed.

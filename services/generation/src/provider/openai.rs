@@ -20,7 +20,7 @@
 mod golden;
 mod wire;
 
-use std::{collections::VecDeque, path::PathBuf, time::Duration};
+use std::{collections::VecDeque, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _};
@@ -99,8 +99,11 @@ pub struct OpenAi {
     /// `{base_url}/chat/completions`, parsed once: a malformed `base_url` stops start-up (naming the
     /// model) instead of failing every call, and no call parses it again.
     url: reqwest::Url,
+    /// `url` with any credentials in it hidden, as errors name it: worked out once, not per call.
+    shown_url: Arc<str>,
     model: String,
-    key: Option<String>,
+    /// Shared with each call's error path, which scrubs it from what the upstream said.
+    key: Option<Arc<str>>,
     first_token: Duration,
     idle: Duration,
     total: Duration,
@@ -111,10 +114,7 @@ pub struct OpenAi {
 impl std::fmt::Debug for OpenAi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key.
-        f.debug_struct("OpenAi")
-            .field("url", &redact_url(self.url.as_str()))
-            .field("model", &self.model)
-            .finish_non_exhaustive()
+        f.debug_struct("OpenAi").field("url", &self.shown_url).field("model", &self.model).finish_non_exhaustive()
     }
 }
 
@@ -148,12 +148,14 @@ impl OpenAi {
             .build()
             .with_context(|| format!("model {name}: building the HTTP client"))?;
         let model = if config.upstream_model.is_empty() { name.to_string() } else { config.upstream_model.clone() };
+        let url = completions_url(name, &config.base_url)?;
         Ok(Self {
             catalog: config.catalog.clone(),
             client,
-            url: completions_url(name, &config.base_url)?,
+            shown_url: redact_url(url.as_str()).into(),
+            url,
             model,
-            key,
+            key: key.map(Arc::from),
             first_token: Duration::from_millis(config.first_token_timeout_ms),
             idle: Duration::from_millis(config.idle_timeout_ms),
             total: Duration::from_millis(config.total_timeout_ms),
@@ -233,7 +235,7 @@ impl OpenAi {
             builder = builder.bearer_auth(key);
         }
         let deadline = (started + self.first_token).min(started + self.total);
-        let (url, key) = (redact_url(self.url.as_str()), self.key.clone());
+        let (url, key) = (self.shown_url.clone(), self.key.clone());
         async move {
             let response = within(deadline, "response", builder.send()).await?.map_err(|e| {
                 // The URL is logged once, redacted: reqwest's own message would show it whole.

@@ -8,7 +8,7 @@ use llmesh_queue::QueueSettings;
 use serde::{Deserialize, Serialize};
 
 pub use crate::provider::ModelConfig;
-use crate::provider::{failure::Failure, openai::DEFAULT_MAX_RESPONSE_BYTES, sim::SimConfig};
+use crate::provider::{failure::Failure, http::DEFAULT_MAX_RESPONSE_BYTES, sim::SimConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -120,7 +120,7 @@ impl GenerationService {
                     }
                     max_tokens = limit;
                 }
-                (model.provider.stream(request, max_tokens, mode), model.provider.name(), model.labels.clone())
+                (model.provider.stream(request, max_tokens, mode)?, model.provider.name(), model.labels.clone())
             }
             None => match (&self.inner.flaky, sim::flaky_n(&request.model)) {
                 (Some((flaky, labels)), Some(n)) => (flaky.stream(n, request, max_tokens), "sim", labels.clone()),

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use llmesh_generation::{Config, config::ModelConfig, provider::openai::OpenAiConfig};
+use llmesh_generation::{Config, config::ModelConfig, provider::http::HttpModelConfig};
 use llmesh_proto::{
     common::v1::FinishReason,
     generation::v1::{GenerateRequest, GenerateStreamRequest, generation_client::GenerationClient},
@@ -146,16 +146,16 @@ async fn generation_with(
     max_response_bytes: Option<u64>,
 ) -> GenerationClient<Channel> {
     let mut config = Config::default();
-    let openai = OpenAiConfig {
+    let openai = HttpModelConfig {
         max_response_bytes,
-        base_url,
+        base_url: Some(base_url),
         upstream_model: "gpt-test".into(),
-        api_key_env: "LLMESH_TEST_UNSET_KEY".into(),
+        api_key_env: Some("LLMESH_TEST_UNSET_KEY".into()),
         api_key_file: key_file,
         first_token_timeout_ms: 1_000,
         idle_timeout_ms: 300,
         total_timeout_ms: 5_000,
-        ..OpenAiConfig::default()
+        ..HttpModelConfig::default()
     };
     config.models.insert("up".into(), ModelConfig::Openai(openai));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -37,7 +37,7 @@ pub async fn serve<D: Dialect>(ingress: &Ingress, parts: Parts, body: Body) -> R
             quota: streamed.quota,
         };
         facts.write(&mut headers);
-        unmapped.write(&mut headers);
+        unmapped.write(&mut headers, &first.provider);
         let events = D::events(&first, options, created);
         return Ok(sse::response(&first, chunks, events, deadline, headers));
     }
@@ -55,7 +55,7 @@ pub async fn serve<D: Dialect>(ingress: &Ingress, parts: Parts, body: Body) -> R
         quota,
     };
     facts.write(http.headers_mut());
-    unmapped.write(http.headers_mut());
+    unmapped.write(http.headers_mut(), &response.provider);
     Ok(http)
 }
 

@@ -2,8 +2,12 @@
 //! so both RPCs share one code path per provider. A provider fails only with an [`UpstreamError`]:
 //! whatever goes wrong in it is the model's upstream, never the replica.
 
+pub mod anthropic;
 pub mod error;
 pub mod failure;
+#[cfg(test)]
+mod golden;
+pub mod http;
 pub mod openai;
 pub mod sim;
 mod sse;
@@ -16,6 +20,7 @@ use llmesh_proto::{
     common::v1::{Extensions, FinishReason, ReasoningDelta, ToolCallDelta, Usage},
     generation::v1::GenerateRequest,
 };
+use tonic::Status;
 
 /// One step of a generation.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,7 +55,9 @@ pub enum ModelConfig {
     /// The built-in simulated model: deterministic text, no network, no key.
     Sim(sim::SimConfig),
     /// Any OpenAI-compatible chat completions endpoint.
-    Openai(openai::OpenAiConfig),
+    Openai(http::HttpModelConfig),
+    /// Anthropic's Messages API, natively.
+    Anthropic(http::HttpModelConfig),
 }
 
 /// A model's catalog entry (`[generation.models.NAME.catalog]`): what ListModels reports, and
@@ -74,6 +81,7 @@ pub struct Catalog {
 pub enum Provider {
     Sim(sim::Sim),
     OpenAi(openai::OpenAi),
+    Anthropic(anthropic::Anthropic),
 }
 
 impl Provider {
@@ -82,6 +90,9 @@ impl Provider {
         Ok(match config {
             ModelConfig::Sim(sim) => Self::Sim(sim::Sim::new(sim.clone())),
             ModelConfig::Openai(openai) => Self::OpenAi(openai::OpenAi::new(name, openai, max_response_bytes)?),
+            ModelConfig::Anthropic(anthropic) => {
+                Self::Anthropic(anthropic::Anthropic::new(name, anthropic, max_response_bytes)?)
+            }
         })
     }
 
@@ -90,6 +101,7 @@ impl Provider {
         match self {
             Self::Sim(_) => "sim",
             Self::OpenAi(_) => "openai",
+            Self::Anthropic(_) => "anthropic",
         }
     }
 
@@ -98,6 +110,7 @@ impl Provider {
         match self {
             Self::Sim(sim) => sim.deterministic(),
             Self::OpenAi(openai) => openai.deterministic(),
+            Self::Anthropic(anthropic) => anthropic.deterministic(),
         }
     }
 
@@ -106,6 +119,7 @@ impl Provider {
         match self {
             Self::Sim(sim) => sim.catalog(),
             Self::OpenAi(openai) => openai.catalog(),
+            Self::Anthropic(anthropic) => anthropic.catalog(),
         }
     }
 
@@ -114,14 +128,18 @@ impl Provider {
         match self {
             Self::Sim(_) => name,
             Self::OpenAi(openai) => openai.upstream_model(),
+            Self::Anthropic(anthropic) => anthropic.upstream_model(),
         }
     }
 
-    /// Starts generating. `max_tokens` is already resolved against the configured default.
-    pub fn stream(&self, request: &GenerateRequest, max_tokens: u32, mode: Mode) -> EventStream {
-        match self {
+    /// Starts generating. `max_tokens` is already resolved against the configured default. A
+    /// request the provider's API has no form for is refused here (INVALID_ARGUMENT naming the
+    /// field), before anything is sent; whatever fails later is the upstream's.
+    pub fn stream(&self, request: &GenerateRequest, max_tokens: u32, mode: Mode) -> Result<EventStream, Status> {
+        Ok(match self {
             Self::Sim(sim) => sim.stream(request, max_tokens),
             Self::OpenAi(openai) => openai.stream(request, max_tokens, mode),
-        }
+            Self::Anthropic(anthropic) => anthropic.stream(request, max_tokens, mode)?,
+        })
     }
 }

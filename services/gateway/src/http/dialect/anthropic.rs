@@ -209,8 +209,8 @@ fn parse(body: Body, cache: i32) -> Result<(GenerateRequest, bool, Unmapped), Pr
         reasoning,
         ..Default::default()
     };
-    let unmapped = Unmapped::of(fields::present(body.rest), DIALECT).and_dropped(&anthropic_dropped::dropped(&request));
-    let request = GenerateRequest { extensions: unmapped.extensions(), ..request };
+    let unmapped = Unmapped::of(fields::present(body.rest), DIALECT).and_dropped(anthropic_dropped::dropped(&request));
+    let request = GenerateRequest { extensions: unmapped.extensions_for(&request, DIALECT), ..request };
     Ok((request, body.stream.unwrap_or(false), unmapped))
 }
 

@@ -87,7 +87,8 @@ where
             Ok(Parsed { request, stream, options, unmapped }) => json!({
                 "stream": stream,
                 "options": format!("{options:?}"),
-                "unmapped_header": unmapped.header().map(|h| h.to_str().unwrap().to_string()),
+                // As a provider of another dialect answers (the sim): see `Unmapped::header`.
+                "unmapped_header": unmapped.header("sim").map(|h| h.to_str().unwrap().to_string()),
                 "request": proto_json(&request, "llmesh.generation.v1.GenerateRequest"),
             }),
             Err(problem) => problem_json::<D>(&problem),

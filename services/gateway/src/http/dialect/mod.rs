@@ -108,42 +108,59 @@ const UNMAPPED_NAME_BYTES: usize = 64;
 #[derive(Debug, Default)]
 pub struct Unmapped {
     extensions: Option<Extensions>,
-    /// What the header names: at most [`UNMAPPED_NAMES`], each a short printable name.
+    /// The top-level fields the header names: at most [`UNMAPPED_NAMES`], each a short printable
+    /// name.
     names: Vec<String>,
+    /// Fields parsed into the contract that only an upstream of the client's dialect takes, and
+    /// that dialect: named too unless such an upstream answered.
+    dropped: Vec<String>,
+    dialect: &'static str,
 }
 
 impl Unmapped {
-    pub fn of(rest: serde_json::Map<String, Value>, dialect: &str) -> Self {
+    pub fn of(rest: serde_json::Map<String, Value>, dialect: &'static str) -> Self {
         if rest.is_empty() {
-            return Self::default();
+            return Self { dialect, ..Self::default() };
         }
         let names = nameable(rest.keys());
         let json = Value::Object(rest).to_string();
-        Self { extensions: Some(Extensions { dialect: dialect.into(), json }), names }
+        Self { extensions: Some(Extensions { dialect: dialect.into(), json }), names, dropped: Vec::new(), dialect }
     }
 
-    /// Adds `dropped` to the header: fields llmesh parsed into the contract that no upstream it
-    /// has takes (see `anthropic_dropped`). The header still holds at most 16 names.
-    pub fn and_dropped(mut self, dropped: &[String]) -> Self {
-        self.names = nameable(self.names.iter().chain(dropped));
+    /// Adds `dropped` to the header, unless the answer comes from a provider of the client's
+    /// dialect: fields llmesh parsed into the contract that only such a provider takes (see
+    /// `anthropic_dropped`). The header still holds at most 16 names.
+    pub fn and_dropped(mut self, dropped: Vec<String>) -> Self {
+        self.dropped = dropped;
         self
     }
 
-    /// The extensions the request carries.
-    pub fn extensions(&self) -> Option<Extensions> {
-        self.extensions.clone()
+    /// The extensions `request` carries: the top-level fields llmesh does not act on, in
+    /// `dialect`. When it has none but a part or a tool has an `extra` (Anthropic `citations`, a
+    /// tool's `defer_loading`), the dialect alone: it is what tells an upstream of the same dialect
+    /// that those are its own fields to send.
+    pub fn extensions_for(&self, request: &GenerateRequest, dialect: &str) -> Option<Extensions> {
+        if self.extensions.is_some() {
+            return self.extensions.clone();
+        }
+        let mut parts = request.messages.iter().flat_map(|m| &m.parts);
+        let extra = parts.any(|p| !p.extra.is_empty()) || request.tools.iter().any(|t| !t.extra.is_empty());
+        extra.then(|| Extensions { dialect: dialect.into(), json: String::new() })
     }
 
-    /// The header's value, if any field is unmapped.
-    fn header(&self) -> Option<HeaderValue> {
-        if self.names.is_empty() {
+    /// The header's value for an answer of `provider`, if any field is unmapped.
+    fn header(&self, provider: &str) -> Option<HeaderValue> {
+        let dropped = if provider == self.dialect { &[][..] } else { &self.dropped[..] };
+        let names = nameable(self.names.iter().chain(dropped));
+        if names.is_empty() {
             return None;
         }
-        HeaderValue::from_str(&self.names.join(", ")).ok()
+        HeaderValue::from_str(&names.join(", ")).ok()
     }
 
-    pub fn write(&self, headers: &mut HeaderMap) {
-        if let Some(names) = self.header() {
+    /// Names the unmapped fields of a call `provider` answered.
+    pub fn write(&self, headers: &mut HeaderMap, provider: &str) {
+        if let Some(names) = self.header(provider) {
             headers.insert(HeaderName::from_static(UNMAPPED_HEADER), names);
         }
     }

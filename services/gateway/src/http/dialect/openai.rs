@@ -242,7 +242,7 @@ fn parse(body: Body, cache: i32) -> Result<Chat, Problem> {
         ..Default::default()
     };
     let unmapped = Unmapped::of(fields::present(body.rest), DIALECT);
-    let request = GenerateRequest { extensions: unmapped.extensions(), ..request };
+    let request = GenerateRequest { extensions: unmapped.extensions_for(&request, DIALECT), ..request };
     Ok(Chat { request, stream, include_usage, unmapped })
 }
 

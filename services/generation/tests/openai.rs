@@ -6,126 +6,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+mod upstream;
 
-use llmesh_generation::{Config, config::ModelConfig, provider::http::HttpModelConfig};
+use std::{sync::Arc, time::Duration};
+
+use llmesh_generation::{config::ModelConfig, provider::http::HttpModelConfig};
 use llmesh_proto::{
     common::v1::FinishReason,
     generation::v1::{GenerateRequest, GenerateStreamRequest, generation_client::GenerationClient},
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
 use tonic::{Code, transport::Channel};
-
-/// What the upstream does with one request.
-#[derive(Clone)]
-enum Step {
-    Write(String),
-    Sleep(u64),
-    /// Close with RST instead of FIN.
-    Reset,
-}
-
-type Script = Arc<dyn Fn(&str) -> Vec<Step> + Send + Sync>;
-
-/// A one-route HTTP/1.1 server that follows a script per request and remembers what it got.
-struct Upstream {
-    addr: SocketAddr,
-    requests: Arc<Mutex<Vec<String>>>,
-    /// Set when a write to the client failed: it went away.
-    broken: Arc<Mutex<bool>>,
-}
-
-impl Upstream {
-    async fn start(script: Script) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let broken = Arc::new(Mutex::new(false));
-        let (seen, gone) = (requests.clone(), broken.clone());
-        tokio::spawn(async move {
-            while let Ok((socket, _)) = listener.accept().await {
-                let (script, seen, gone) = (script.clone(), seen.clone(), gone.clone());
-                tokio::spawn(async move { serve(socket, script, seen, gone).await });
-            }
-        });
-        Self { addr, requests, broken }
-    }
-
-    fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
-    }
-
-    fn request(&self, i: usize) -> (String, serde_json::Value) {
-        let request = self.requests.lock().unwrap()[i].clone();
-        let split = request.find("\r\n\r\n").unwrap();
-        (request[..split].to_lowercase(), serde_json::from_str(&request[split + 4..]).unwrap())
-    }
-}
-
-async fn serve(mut socket: TcpStream, script: Script, seen: Arc<Mutex<Vec<String>>>, gone: Arc<Mutex<bool>>) {
-    let mut buffer = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let (head_end, length) = loop {
-        let n = socket.read(&mut chunk).await.unwrap_or(0);
-        if n == 0 {
-            return;
-        }
-        buffer.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buffer[..end]).to_lowercase();
-            let length =
-                head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
-            break (end + 4, length);
-        }
-    };
-    while buffer.len() < head_end + length {
-        let n = socket.read(&mut chunk).await.unwrap_or(0);
-        if n == 0 {
-            return;
-        }
-        buffer.extend_from_slice(&chunk[..n]);
-    }
-    let request = String::from_utf8_lossy(&buffer).to_string();
-    let body = request[head_end..].to_string();
-    seen.lock().unwrap().push(request);
-    for step in script(&body) {
-        match step {
-            Step::Write(text) => {
-                if socket.write_all(text.as_bytes()).await.is_err() || socket.flush().await.is_err() {
-                    *gone.lock().unwrap() = true;
-                    return;
-                }
-            }
-            Step::Sleep(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
-            Step::Reset => {
-                socket.set_zero_linger().unwrap();
-                return;
-            }
-        }
-    }
-}
-
-fn json_response(status: &str, extra_headers: &str, body: &str) -> Step {
-    Step::Write(format!(
-        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra_headers}connection: close\r\n\r\n{body}",
-        body.len()
-    ))
-}
-
-fn sse_head() -> Step {
-    Step::Write("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n".into())
-}
-
-fn sse(data: &str) -> Step {
-    Step::Write(format!("data: {data}\n\n"))
-}
+use upstream::{Step, Upstream, from_upstream, json_response, serve_model, sse, sse_head};
 
 fn delta(text: &str) -> String {
     format!(r#"{{"choices":[{{"index":0,"delta":{{"content":"{text}"}},"finish_reason":null}}]}}"#)
@@ -145,7 +36,6 @@ async fn generation_with(
     key_file: Option<std::path::PathBuf>,
     max_response_bytes: Option<u64>,
 ) -> GenerationClient<Channel> {
-    let mut config = Config::default();
     let openai = HttpModelConfig {
         max_response_bytes,
         base_url: Some(base_url),
@@ -157,18 +47,7 @@ async fn generation_with(
         total_timeout_ms: 5_000,
         ..HttpModelConfig::default()
     };
-    config.models.insert("up".into(), ModelConfig::Openai(openai));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(llmesh_generation::serve(config, listener, std::future::pending()));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    GenerationClient::new(channel)
-}
-
-/// Whether `status` says the model's upstream failed.
-fn from_upstream(status: &tonic::Status) -> bool {
-    status.metadata().get(llmesh_proto::failure::ORIGIN_KEY).and_then(|v| v.to_str().ok())
-        == Some(llmesh_proto::failure::ORIGIN_UPSTREAM)
+    serve_model(ModelConfig::Openai(openai)).await
 }
 
 fn unary() -> GenerateRequest {
@@ -458,13 +337,6 @@ async fn client_cancel_stops_the_upstream() {
     }
 }
 
-/// The raw body of the `i`th request, as the upstream got it.
-fn raw_body(upstream: &Upstream, i: usize) -> String {
-    let request = upstream.requests.lock().unwrap()[i].clone();
-    let split = request.find("\r\n\r\n").unwrap();
-    request[split + 4..].to_string()
-}
-
 /// A schema whose key order is not alphabetical: it must reach the upstream as written.
 const SCHEMA: &str =
     r#"{"type":"object","properties":{"zone":{"type":"string"},"amount":{"type":"number"}},"required":["zone"]}"#;
@@ -579,7 +451,7 @@ async fn tools_images_formats_and_extensions_go_upstream_and_tool_calls_come_bac
     );
     assert_eq!(body["model"], "gpt-test", "an extension does not override what llmesh sets");
     // The schema reaches the upstream byte for byte (its key order is what structured outputs follow).
-    assert!(raw_body(&upstream, 0).contains(&format!(r#""parameters":{SCHEMA}"#)), "{}", raw_body(&upstream, 0));
+    assert!(upstream.raw_body(0).contains(&format!(r#""parameters":{SCHEMA}"#)), "{}", upstream.raw_body(0));
 }
 
 #[tokio::test]
@@ -609,7 +481,7 @@ async fn a_json_schema_response_format_and_a_named_tool_choice_go_upstream() {
     assert_eq!(body["response_format"]["type"], "json_schema");
     assert_eq!(body["response_format"]["json_schema"]["name"], "answer");
     assert_eq!(body["response_format"]["json_schema"]["strict"], true);
-    assert!(raw_body(&upstream, 0).contains(&format!(r#""schema":{SCHEMA}"#)));
+    assert!(upstream.raw_body(0).contains(&format!(r#""schema":{SCHEMA}"#)));
     assert!(body.get("parallel_tool_calls").is_none());
 }
 

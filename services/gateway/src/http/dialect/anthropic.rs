@@ -4,11 +4,13 @@
 //! Request fields taken: `model`, `max_tokens` (required, as Anthropic requires it), `system` (a
 //! string or text blocks, their `cache_control` kept), `messages` (roles user, assistant and
 //! system; content as a string or blocks: text, image, document, tool_use, tool_result, thinking, redacted_thinking, with their
-//! `cache_control` kept), `tools`, `tool_choice`, `thinking` ([`super::anthropic_content`]),
+//! `cache_control` kept), `tools`, `tool_choice`, `thinking`, `output_config.format` (structured
+//! output: the contract's JSON_SCHEMA response format) ([`super::anthropic_content`]),
 //! `temperature`, `top_p`, `stop_sequences`, `metadata.user_id`, `stream`. Any other top-level
-//! field (`top_k`, `output_config`, `context_management`, ...) is carried as the request's
-//! `anthropic` extensions (into the cache key; dropped by the providers llmesh has, which speak
-//! other dialects) and named in `x-llmesh-unmapped-fields`; an unknown block is a 400 naming it. With
+//! field (`top_k`, `output_config`'s other keys such as `effort`, `context_management`, ...) is
+//! carried as the request's `anthropic` extensions (into the cache key; sent as they came to an
+//! `anthropic` provider, dropped by the others) and named in `x-llmesh-unmapped-fields`; an
+//! unknown block is a 400 naming it. With
 //! `stream: true` the events are Anthropic's: `message_start`, `content_block_start`, `ping`,
 //! `content_block_delta`…, `content_block_stop`, `message_delta` (stop reason and usage),
 //! `message_stop`; a failure mid-way is an `error` event.
@@ -107,6 +109,8 @@ struct Body {
     #[serde(default, deserialize_with = "fields::object")]
     thinking: Option<content::ThinkingBody>,
     #[serde(default, deserialize_with = "fields::object")]
+    output_config: Option<content::OutputConfigBody>,
+    #[serde(default, deserialize_with = "fields::object")]
     metadata: Option<Metadata>,
     #[serde(default, deserialize_with = "fields::opt")]
     stream: Option<bool>,
@@ -187,6 +191,11 @@ fn parse(body: Body, cache: i32) -> Result<(GenerateRequest, bool, Unmapped), Pr
     let tools = content::tools(body.tools)?;
     let (tool_choice, parallel_tool_calls) = content::tool_choice(body.tool_choice)?;
     let reasoning = content::thinking(body.thinking)?;
+    let (response_format, output_config) = content::output_config(body.output_config)?;
+    let mut rest = body.rest;
+    if let Some(output_config) = output_config {
+        rest.insert("output_config".into(), Value::Object(output_config));
+    }
     let user = match body.metadata {
         None => String::new(),
         Some(metadata) => {
@@ -207,9 +216,10 @@ fn parse(body: Body, cache: i32) -> Result<(GenerateRequest, bool, Unmapped), Pr
         tool_choice,
         parallel_tool_calls,
         reasoning,
+        response_format,
         ..Default::default()
     };
-    let unmapped = Unmapped::of(fields::present(body.rest), DIALECT).and_dropped(anthropic_dropped::dropped(&request));
+    let unmapped = Unmapped::of(fields::present(rest), DIALECT).and_dropped(anthropic_dropped::dropped(&request));
     let request = GenerateRequest { extensions: unmapped.extensions_for(&request, DIALECT), ..request };
     Ok((request, body.stream.unwrap_or(false), unmapped))
 }

@@ -4,7 +4,8 @@
 //! In: `tools` (`{name, description, input_schema, cache_control}`; a tool's other fields, such as
 //! `defer_loading`, are kept as its `extra`), `tool_choice` (`auto`, `any`, `tool`, `none`;
 //! `disable_parallel_tool_use`), `thinking` (`enabled` with `budget_tokens`; another type, such as
-//! `adaptive`, as reasoning at the provider's default effort); blocks `text`, `image` and
+//! `adaptive`, as reasoning at the provider's default effort), `output_config.format` (a JSON schema
+//! the answer follows: the contract's response format); blocks `text`, `image` and
 //! `document` (base64, URL or text sources), `tool_use` (assistant), `tool_result` (user: one
 //! `tool` message per result, before the rest of the message), `thinking` and `redacted_thinking`
 //! (carried back with their signatures).
@@ -15,8 +16,8 @@ use std::borrow::Cow;
 
 use base64::Engine as _;
 use llmesh_proto::common::v1::{
-    ChatMessage, ContentPart, Document, Image, Reasoning, ReasoningOptions, Tool, ToolCall, ToolChoice, ToolChoiceMode,
-    Usage, content_part, document, image,
+    ChatMessage, ContentPart, Document, Image, Reasoning, ReasoningOptions, ResponseFormat, ResponseFormatType, Tool,
+    ToolCall, ToolChoice, ToolChoiceMode, Usage, content_part, document, image,
 };
 use serde::{Deserialize, Serialize, de::IgnoredAny};
 use serde_json::{Map, Value, json};
@@ -69,6 +70,26 @@ pub struct ThinkingBody {
     budget_tokens: Option<u32>,
     #[serde(default, deserialize_with = "fields::opt")]
     display: Option<String>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// `output_config`: its `format` is read; its other keys (`effort`, ...) are carried.
+#[derive(Deserialize)]
+pub struct OutputConfigBody {
+    #[serde(default, deserialize_with = "fields::object")]
+    format: Option<OutputFormatBody>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// `output_config.format`: `{type: "json_schema", schema}`.
+#[derive(Deserialize)]
+pub struct OutputFormatBody {
+    #[serde(default, rename = "type", deserialize_with = "fields::opt")]
+    kind: Option<String>,
+    #[serde(default, deserialize_with = "fields::json_text")]
+    schema: Option<String>,
     #[serde(flatten)]
     rest: Map<String, Value>,
 }
@@ -237,6 +258,26 @@ pub fn thinking(thinking: Option<ThinkingBody>) -> Result<Option<ReasoningOption
     };
     refuse_rest(at, &thinking.rest, &[("budget_tokens", !enabled && thinking.budget_tokens.is_some())])?;
     Ok(options)
+}
+
+/// What `output_config` holds: its `format` as the contract's response format (structured
+/// output), and its other keys, to be carried as they came (none: `None`).
+type OutputConfig = (Option<ResponseFormat>, Option<Map<String, Value>>);
+
+/// Reads `output_config`.
+pub fn output_config(config: Option<OutputConfigBody>) -> Result<OutputConfig, Problem> {
+    let Some(config) = config else { return Ok((None, None)) };
+    let rest = Some(fields::present(config.rest)).filter(|rest| !rest.is_empty());
+    let Some(format) = config.format else { return Ok((None, rest)) };
+    let at = "output_config.format";
+    let kind = required(format.kind, at, "type")?;
+    if kind != "json_schema" {
+        return Err(Problem::invalid(path(at, "type"), format_args!("{kind:?} is not \"json_schema\"")));
+    }
+    let schema = required(format.schema, at, "schema")?;
+    refuse_rest(at, &format.rest, &[])?;
+    let format = ResponseFormat { r#type: ResponseFormatType::JsonSchema.into(), schema, ..Default::default() };
+    Ok((Some(format), rest))
 }
 
 /// `system` given as blocks: text blocks only (a mistake names its block).

@@ -21,6 +21,12 @@ pub trait ServiceConfig: Serialize + DeserializeOwned + Default {
     const SECTION: &'static str;
 
     fn listen(&self) -> SocketAddr;
+
+    /// What loading cannot tell: whether the configuration can run (a model's provider can be
+    /// built, its key file read). Checked by `--check-config` and before the port is bound.
+    fn check(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// `[<service>.admin]`: the HTTP listener for `/metrics`, `/healthz` and `/debug/pprof/profile`.

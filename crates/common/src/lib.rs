@@ -30,6 +30,7 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let config: C = config::load(C::SECTION, &args)?;
+    config.check()?;
     if args.check_config {
         tracing::info!("configuration is valid");
         return Ok(());

@@ -105,4 +105,34 @@ impl llmesh_common::ServiceConfig for Config {
     fn listen(&self) -> SocketAddr {
         self.listen
     }
+
+    /// Every configured model's provider can be built (its URL, headers and key file).
+    fn check(&self) -> anyhow::Result<()> {
+        for (name, model) in &self.models {
+            crate::provider::Provider::from_config(name, model, self.max_upstream_response_bytes)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use llmesh_common::ServiceConfig as _;
+
+    use super::*;
+    use crate::provider::http::HttpModelConfig;
+
+    #[test]
+    fn a_model_that_cannot_be_built_fails_the_check_naming_it() {
+        assert!(Config::default().check().is_ok());
+        let mut config = Config::default();
+        let keyed = HttpModelConfig {
+            headers: BTreeMap::from([("x-api-key".into(), "sk-secret".into())]),
+            ..HttpModelConfig::default()
+        };
+        config.models.insert("claude".into(), ModelConfig::Anthropic(keyed));
+        let error = format!("{:#}", config.check().unwrap_err());
+        assert!(error.starts_with("model claude: headers: x-api-key"), "{error}");
+        assert!(!error.contains("sk-secret"), "{error}");
+    }
 }

@@ -535,10 +535,14 @@ fn input_of(arguments: &str) -> Value {
 }
 
 /// Usage, with the prompt cache's reads and writes.
+/// Anthropic's `input_tokens` are the prompt's tokens the cache neither read nor wrote; the
+/// contract's `prompt_tokens` count them all.
 pub fn usage(usage: Option<Usage>) -> Value {
     let usage = usage.unwrap_or_default();
+    let uncached =
+        usage.prompt_tokens.saturating_sub(usage.cached_prompt_tokens).saturating_sub(usage.cache_write_tokens);
     json!({
-        "input_tokens": usage.prompt_tokens,
+        "input_tokens": uncached,
         "output_tokens": usage.completion_tokens,
         "cache_read_input_tokens": usage.cached_prompt_tokens,
         "cache_creation_input_tokens": usage.cache_write_tokens,

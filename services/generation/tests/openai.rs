@@ -534,3 +534,32 @@ async fn streamed_tool_call_fragments_are_passed_on_by_index_and_join() {
     // Passed on as they came: more than one delta per call.
     assert!(chunks.iter().map(|c| c.tool_calls.len()).sum::<usize>() >= 5);
 }
+
+#[tokio::test]
+async fn an_azure_model_calls_its_deployment_with_an_api_key_header() {
+    let upstream = Upstream::start(Arc::new(|_| {
+        vec![json_response(
+            "200 OK",
+            "",
+            r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi from Azure"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":3,"total_tokens":6}}"#,
+        )]
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "azure-key-123\n").unwrap();
+    let azure = HttpModelConfig {
+        base_url: Some(upstream.origin()),
+        upstream_model: "my-gpt-4o-deployment".into(),
+        api_key_file: Some(key),
+        ..HttpModelConfig::default()
+    };
+    let mut client = serve_model(ModelConfig::Azure(azure)).await;
+    let response = client.generate(unary()).await.unwrap().into_inner();
+    assert_eq!((response.text.as_str(), response.provider.as_str()), ("Hi from Azure", "azure"));
+    let (head, body) = upstream.request(0);
+    assert!(head.starts_with("post /openai/v1/chat/completions "), "{head}");
+    assert!(head.contains("api-key: azure-key-123"), "{head}");
+    assert!(!head.contains("authorization:"), "{head}");
+    assert_eq!(body["model"], "my-gpt-4o-deployment");
+}

@@ -31,8 +31,10 @@ use super::{
 
 /// How Anthropic's API is called.
 const API: Api = Api {
+    name: "anthropic",
     base_url: "https://api.anthropic.com",
     path: "/v1/messages",
+    stream_path: "",
     api_key_env: "ANTHROPIC_API_KEY",
     auth: Auth::Header("x-api-key"),
     headers: &[("anthropic-version", "2023-06-01")],
@@ -52,7 +54,7 @@ impl Anthropic {
         let model = if config.upstream_model.is_empty() { name.to_string() } else { config.upstream_model.clone() };
         Ok(Self {
             catalog: config.catalog.clone(),
-            upstream: Upstream::new(name, config, &API, max_response_bytes)?,
+            upstream: Upstream::new(name, &model, config, &API, max_response_bytes)?,
             model,
             deterministic: config.deterministic,
         })

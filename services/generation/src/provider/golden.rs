@@ -1,8 +1,9 @@
 //! The golden-file drivers every HTTP provider's translation is pinned with, byte for byte
 //! (`GOLDEN_UPDATE=1` rewrites the `.out.json` files, which a person then reads against the
 //! provider's wire format before committing them). Under a provider's `golden/`:
-//! - `request/`: the contract's `GenerateRequest` → the upstream body. The inputs are that
-//!   directory's `<case>.in.json` (canonical proto3 JSON) and every request the gateway's own
+//! - `request/`: the contract's `GenerateRequest` → the upstream body. The inputs are the
+//!   requests every provider is pinned with (`provider/golden-requests/<case>.in.json`, canonical
+//!   proto3 JSON), the provider's own `request/<case>.in.json`, and every request the gateway's own
 //!   golden files make of a client's body (`services/gateway/tests/golden/<dialect>/request/`),
 //!   so that every pair of client dialect and upstream is pinned: `<dialect>.<case>.out.json`.
 //!   A request the provider refuses is pinned as `{"refused": MESSAGE}`.
@@ -84,7 +85,12 @@ pub fn requests(provider: &str, body: impl Fn(&GenerateRequest, bool) -> Result<
         Err(refusal) => json!({ "refused": refusal }),
     };
     let mut failures = Vec::new();
-    for (name, path) in inputs(&dir, ".in.json") {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/provider/golden-requests");
+    // A provider may have cases of its own beside the shared ones.
+    let own =
+        std::fs::read_dir(&dir).unwrap().any(|entry| entry.unwrap().path().to_string_lossy().ends_with(".in.json"));
+    let own = if own { inputs(&dir, ".in.json") } else { Vec::new() };
+    for (name, path) in inputs(&shared, ".in.json").into_iter().chain(own) {
         let request = from_proto_json(&read_json(&path), "llmesh.generation.v1.GenerateRequest");
         failures.extend(check(&dir.join(format!("{name}.out.json")), &pinned(&request, false)));
     }

@@ -38,20 +38,22 @@ const ERROR_BODY_BYTES: usize = 4 * 1024;
 /// How much of it the log shows.
 const ERROR_DETAIL_CHARS: usize = 200;
 
-/// A model served by an HTTP API (`[generation.models.NAME]` with `provider = "openai"` or
-/// `"anthropic"`). What is unset takes the provider's default.
+/// A model served by an HTTP API (`[generation.models.NAME]` with `provider = "openai"`,
+/// `"azure"`, `"anthropic"` or `"gemini"`). What is unset takes the provider's default.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpModelConfig {
     /// Where the API is. OpenAI-compatible: up to and including the version
     /// (`https://api.openai.com/v1`, `http://127.0.0.1:8000/v1`); Anthropic: the host
-    /// (`https://api.anthropic.com`), as its SDKs take it.
+    /// (`https://api.anthropic.com`), as its SDKs take it; Azure: the resource's endpoint
+    /// (`https://NAME.openai.azure.com`, required); Gemini: the host
+    /// (`https://generativelanguage.googleapis.com`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
     /// The model name sent upstream; empty means the name clients use.
     pub upstream_model: String,
-    /// Environment variable holding the API key (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY` when
-    /// unset). A variable that is unset or empty means no key (fine for vLLM, Ollama, llama.cpp);
+    /// Environment variable holding the API key (`OPENAI_API_KEY`, `AZURE_OPENAI_API_KEY`,
+    /// `ANTHROPIC_API_KEY`, `GEMINI_API_KEY` when unset). A variable that is unset or empty means no key (fine for vLLM, Ollama, llama.cpp);
     /// `""` means none is looked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_key_env: Option<String>,
@@ -99,10 +101,15 @@ impl Default for HttpModelConfig {
 
 /// What a provider brings to [`Upstream::new`]: its defaults and how its API takes a key.
 pub struct Api {
-    /// The base URL when the model sets none.
+    /// The provider's name in responses and metrics.
+    pub name: &'static str,
+    /// The base URL when the model sets none; empty: the model must set one.
     pub base_url: &'static str,
-    /// The path under the base URL, e.g. `/chat/completions`.
+    /// The path under the base URL, e.g. `/chat/completions`; `{model}` stands for the upstream
+    /// model's name (Gemini's `/v1beta/models/{model}:generateContent`).
     pub path: &'static str,
+    /// The path of a streamed call, when it differs (empty: `path`).
+    pub stream_path: &'static str,
     /// The key's variable when the model names none.
     pub api_key_env: &'static str,
     /// How the key goes.
@@ -129,6 +136,8 @@ pub struct Upstream {
     /// The endpoint, parsed once: a malformed `base_url` stops start-up (naming the model) instead
     /// of failing every call, and no call parses it again.
     url: reqwest::Url,
+    /// A streamed call's endpoint (most APIs: `url`).
+    stream_url: reqwest::Url,
     /// `url` with any credentials in it hidden, as errors name it: worked out once, not per call.
     shown_url: Arc<str>,
     /// Shared with each call's error path, which scrubs it from what the upstream said.
@@ -154,9 +163,15 @@ impl std::fmt::Debug for Upstream {
 pub type ReadAnswer = fn(&[u8], u32) -> Result<Vec<Event>, UpstreamError>;
 
 impl Upstream {
-    /// `name` is the model's, for start-up errors; `max_response_bytes` the generation-wide
-    /// default, for a model that sets none.
-    pub fn new(name: &str, config: &HttpModelConfig, api: &Api, max_response_bytes: u64) -> anyhow::Result<Self> {
+    /// `name` is the model's, for start-up errors, `model` the upstream's name for it;
+    /// `max_response_bytes` the generation-wide default, for a model that sets none.
+    pub fn new(
+        name: &str,
+        model: &str,
+        config: &HttpModelConfig,
+        api: &Api,
+        max_response_bytes: u64,
+    ) -> anyhow::Result<Self> {
         let key = read_key(name, config, api)?;
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
@@ -164,9 +179,16 @@ impl Upstream {
             .tcp_nodelay(true)
             .build()
             .with_context(|| format!("model {name}: building the HTTP client"))?;
-        let url = endpoint(name, config.base_url.as_deref().unwrap_or(api.base_url), api.path)?;
+        let base_url = config.base_url.as_deref().unwrap_or(api.base_url);
+        if base_url.is_empty() {
+            anyhow::bail!("model {name}: a {} model needs a base_url (its endpoint)", api.name);
+        }
+        let url = endpoint(name, base_url, &api.path.replace("{model}", model))?;
+        let stream_path = if api.stream_path.is_empty() { api.path } else { api.stream_path };
+        let stream_url = endpoint(name, base_url, &stream_path.replace("{model}", model))?;
         Ok(Self {
             client,
+            stream_url,
             shown_url: redact_url(url.as_str()).into(),
             url,
             key: key.map(Arc::from),
@@ -190,7 +212,8 @@ impl Upstream {
         decoder: D,
     ) -> EventStream {
         let started = Instant::now();
-        let send = self.send(body, started);
+        let url = if mode == Mode::Stream { &self.stream_url } else { &self.url };
+        let send = self.send(url, body, started);
         let (idle, first_token, deadline, limit) =
             (self.idle, self.first_token, started + self.total, self.max_response_bytes);
         match mode {
@@ -225,12 +248,13 @@ impl Upstream {
     /// token timeout (and the total).
     fn send(
         &self,
+        url: &reqwest::Url,
         body: String,
         started: Instant,
     ) -> impl std::future::Future<Output = Result<reqwest::Response, UpstreamError>> + Send + 'static {
         let mut builder = self
             .client
-            .post(self.url.clone())
+            .post(url.clone())
             .headers(self.headers.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
@@ -390,17 +414,20 @@ fn scrub(text: &str, key: Option<&str>) -> String {
 
 /// Maps an upstream HTTP error to the failure a caller can act on.
 fn http_error(status: reqwest::StatusCode, headers: &HeaderMap, detail: String) -> UpstreamError {
-    let http = status.as_u16();
-    let kind = match http {
-        429 => Kind::RateLimited {
-            retry_after_ms: retry_after(headers).map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
-        },
+    let retry_after_ms = retry_after(headers).map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+    UpstreamError::new(status_kind(status.as_u16(), retry_after_ms), detail)
+}
+
+/// The failure an HTTP status code means, whether it came as the response's status or inside an
+/// error body (Gemini's `error.code`); `retry_after_ms` is the upstream's wait, for a 429.
+pub fn status_kind(http: u16, retry_after_ms: Option<u64>) -> Kind {
+    match http {
+        429 => Kind::RateLimited { retry_after_ms },
         400 | 413 | 422 => Kind::Rejected { http },
         401 | 403 => Kind::Unauthorized { http },
         404 => Kind::NoSuchModel,
         _ => Kind::Failed { http },
-    };
-    UpstreamError::new(kind, detail)
+    }
 }
 
 /// `retry-after-ms` (OpenAI's), else `retry-after` in seconds.
@@ -557,8 +584,10 @@ mod tests {
     }
 
     const API: Api = Api {
+        name: "example",
         base_url: "https://api.example.com/v1",
         path: "/chat/completions",
+        stream_path: "",
         api_key_env: "LLMESH_TEST_UNSET_KEY",
         auth: Auth::Bearer,
         headers: &[("x-version", "1")],
@@ -586,10 +615,19 @@ mod tests {
         assert_eq!(url.as_str(), "http://127.0.0.1:8000/v1/chat/completions");
         for bad in ["http://user:s3cret@[::1/v1", "ftp://user:s3cret@host/v1", "not a url"] {
             let config = HttpModelConfig { base_url: Some(bad.into()), ..HttpModelConfig::default() };
-            let error = format!("{:#}", Upstream::new("m", &config, &API, 1).unwrap_err());
+            let error = format!("{:#}", Upstream::new("m", "m", &config, &API, 1).unwrap_err());
             assert!(error.starts_with("model m: base_url "), "{bad}: {error}");
             assert!(!error.contains("s3cret"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn an_api_without_a_default_endpoint_needs_a_base_url() {
+        let api = Api { base_url: "", ..API };
+        let error = format!("{:#}", Upstream::new("m", "m", &HttpModelConfig::default(), &api, 1).unwrap_err());
+        assert_eq!(error, "model m: a example model needs a base_url (its endpoint)");
+        let config = HttpModelConfig { base_url: Some("https://r.openai.azure.com".into()), ..Default::default() };
+        assert!(Upstream::new("m", "m", &config, &api, 1).is_ok());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod anthropic;
 pub mod error;
 pub mod failure;
+pub mod gemini;
 #[cfg(test)]
 mod golden;
 pub mod http;
@@ -58,6 +59,10 @@ pub enum ModelConfig {
     Openai(http::HttpModelConfig),
     /// Anthropic's Messages API, natively.
     Anthropic(http::HttpModelConfig),
+    /// Azure OpenAI's v1 API: OpenAI's wire format at the resource's endpoint.
+    Azure(http::HttpModelConfig),
+    /// Google's Gemini API, natively.
+    Gemini(http::HttpModelConfig),
 }
 
 /// A model's catalog entry (`[generation.models.NAME.catalog]`): what ListModels reports, and
@@ -82,6 +87,7 @@ pub enum Provider {
     Sim(sim::Sim),
     OpenAi(openai::OpenAi),
     Anthropic(anthropic::Anthropic),
+    Gemini(gemini::Gemini),
 }
 
 impl Provider {
@@ -89,7 +95,13 @@ impl Provider {
     pub fn from_config(name: &str, config: &ModelConfig, max_response_bytes: u64) -> anyhow::Result<Self> {
         Ok(match config {
             ModelConfig::Sim(sim) => Self::Sim(sim::Sim::new(sim.clone())),
-            ModelConfig::Openai(openai) => Self::OpenAi(openai::OpenAi::new(name, openai, max_response_bytes)?),
+            ModelConfig::Openai(config) => {
+                Self::OpenAi(openai::OpenAi::new(name, config, &openai::OPENAI, max_response_bytes)?)
+            }
+            ModelConfig::Azure(config) => {
+                Self::OpenAi(openai::OpenAi::new(name, config, &openai::AZURE, max_response_bytes)?)
+            }
+            ModelConfig::Gemini(gemini) => Self::Gemini(gemini::Gemini::new(name, gemini, max_response_bytes)?),
             ModelConfig::Anthropic(anthropic) => {
                 Self::Anthropic(anthropic::Anthropic::new(name, anthropic, max_response_bytes)?)
             }
@@ -100,8 +112,9 @@ impl Provider {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Sim(_) => "sim",
-            Self::OpenAi(_) => "openai",
+            Self::OpenAi(openai) => openai.provider(),
             Self::Anthropic(_) => "anthropic",
+            Self::Gemini(_) => "gemini",
         }
     }
 
@@ -111,6 +124,7 @@ impl Provider {
             Self::Sim(sim) => sim.deterministic(),
             Self::OpenAi(openai) => openai.deterministic(),
             Self::Anthropic(anthropic) => anthropic.deterministic(),
+            Self::Gemini(gemini) => gemini.deterministic(),
         }
     }
 
@@ -120,6 +134,7 @@ impl Provider {
             Self::Sim(sim) => sim.catalog(),
             Self::OpenAi(openai) => openai.catalog(),
             Self::Anthropic(anthropic) => anthropic.catalog(),
+            Self::Gemini(gemini) => gemini.catalog(),
         }
     }
 
@@ -129,6 +144,7 @@ impl Provider {
             Self::Sim(_) => name,
             Self::OpenAi(openai) => openai.upstream_model(),
             Self::Anthropic(anthropic) => anthropic.upstream_model(),
+            Self::Gemini(gemini) => gemini.upstream_model(),
         }
     }
 
@@ -140,6 +156,7 @@ impl Provider {
             Self::Sim(sim) => sim.stream(request, max_tokens),
             Self::OpenAi(openai) => openai.stream(request, max_tokens, mode),
             Self::Anthropic(anthropic) => anthropic.stream(request, max_tokens, mode)?,
+            Self::Gemini(gemini) => gemini.stream(request, max_tokens, mode)?,
         })
     }
 }

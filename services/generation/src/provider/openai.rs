@@ -1,4 +1,5 @@
-//! Any OpenAI-compatible chat completions endpoint: OpenAI, vLLM, Ollama, llama.cpp, LM Studio.
+//! Any OpenAI-compatible chat completions endpoint: OpenAI, vLLM, Ollama, llama.cpp, LM Studio,
+//! and Azure OpenAI's v1 API ([`AZURE`]: the same wire format at the resource's endpoint).
 //!
 //! Unary calls ask for a plain JSON completion; streaming calls ask for Server-Sent Events with
 //! `stream_options.include_usage`, so streamed answers still report tokens. The HTTP side (key,
@@ -26,17 +27,34 @@ use super::{
     http::{Api, Auth, Decoder, HttpModelConfig, Upstream, estimate, malformed},
 };
 
-/// How OpenAI's API is called.
-const API: Api = Api {
+/// How OpenAI's API is called, and any OpenAI-compatible server's.
+pub const OPENAI: Api = Api {
+    name: "openai",
     base_url: "https://api.openai.com/v1",
     path: "/chat/completions",
+    stream_path: "",
     api_key_env: "OPENAI_API_KEY",
     auth: Auth::Bearer,
     headers: &[],
 };
 
+/// How Azure OpenAI's v1 API is called: the resource's endpoint (`https://NAME.openai.azure.com`,
+/// no default), the deployment's name as the model, the key as `api-key`.
+pub const AZURE: Api = Api {
+    name: "azure",
+    base_url: "",
+    path: "/openai/v1/chat/completions",
+    stream_path: "",
+    api_key_env: "AZURE_OPENAI_API_KEY",
+    auth: Auth::Header("api-key"),
+    headers: &[],
+};
+
+/// A model served in OpenAI's chat completions format, by OpenAI, a compatible server, or Azure.
 #[derive(Debug)]
 pub struct OpenAi {
+    /// `openai` or `azure`, as responses and metrics name the provider.
+    provider: &'static str,
     catalog: super::Catalog,
     upstream: Upstream,
     model: String,
@@ -44,15 +62,21 @@ pub struct OpenAi {
 }
 
 impl OpenAi {
-    /// `max_response_bytes` is the generation-wide default, for a model that sets none.
-    pub fn new(name: &str, config: &HttpModelConfig, max_response_bytes: u64) -> anyhow::Result<Self> {
+    /// `api` is [`OPENAI`] or [`AZURE`]; `max_response_bytes` the generation-wide default, for a
+    /// model that sets none.
+    pub fn new(name: &str, config: &HttpModelConfig, api: &Api, max_response_bytes: u64) -> anyhow::Result<Self> {
         let model = if config.upstream_model.is_empty() { name.to_string() } else { config.upstream_model.clone() };
         Ok(Self {
+            provider: api.name,
             catalog: config.catalog.clone(),
-            upstream: Upstream::new(name, config, &API, max_response_bytes)?,
+            upstream: Upstream::new(name, &model, config, api, max_response_bytes)?,
             model,
             deterministic: config.deterministic,
         })
+    }
+
+    pub fn provider(&self) -> &'static str {
+        self.provider
     }
 
     pub fn upstream_model(&self) -> &str {

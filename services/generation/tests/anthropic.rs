@@ -10,52 +10,24 @@ mod upstream;
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use llmesh_generation::{config::ModelConfig, provider::http::HttpModelConfig};
+use llmesh_generation::config::ModelConfig;
 use llmesh_proto::{
-    common::v1::{ChatMessage, FinishReason, ResponseFormat, ResponseFormatType, Tool},
+    common::v1::{FinishReason, ResponseFormat, ResponseFormatType},
     generation::v1::{
         GenerateRequest, GenerateStreamRequest, GenerateStreamResponse, generation_client::GenerationClient,
     },
 };
 use tonic::{Code, transport::Channel};
-use upstream::{Upstream, from_upstream, json_response, serve_model, sse, sse_head};
+use upstream::{Upstream, bash_request, from_upstream, json_response, keyed_model, serve_model, sse, sse_head};
 
 const MESSAGE: &str = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-test","content":[{"type":"text","text":"Let me run it."},{"type":"tool_use","id":"toolu_1","name":"Bash","input":{"command":"echo hi"}}],"stop_reason":"tool_use","stop_sequence":null,"usage":{"input_tokens":20,"output_tokens":9,"cache_read_input_tokens":100}}"#;
 
-/// A generation server whose model `up` is the Anthropic API at `upstream`, with the key in a
-/// file (kept for as long as the server may read it) and an `anthropic-beta` header.
+/// A generation server whose model `up` is the Anthropic API at `upstream`, with an
+/// `anthropic-beta` header.
 async fn generation(upstream: &Upstream) -> (GenerationClient<Channel>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    std::fs::write(&key, "sk-ant-test-123\n").unwrap();
-    let config = HttpModelConfig {
-        base_url: Some(upstream.origin()),
-        upstream_model: "claude-test".into(),
-        api_key_file: Some(key),
-        headers: BTreeMap::from([("anthropic-beta".into(), "fine-grained-tool-streaming-2025-05-14".into())]),
-        first_token_timeout_ms: 1_000,
-        idle_timeout_ms: 500,
-        total_timeout_ms: 5_000,
-        ..HttpModelConfig::default()
-    };
-    (serve_model(ModelConfig::Anthropic(config)).await, dir)
-}
-
-fn request() -> GenerateRequest {
-    GenerateRequest {
-        model: "up".into(),
-        messages: vec![
-            ChatMessage { role: "system".into(), content: "Be brief.".into(), ..Default::default() },
-            ChatMessage { role: "user".into(), content: "run echo hi".into(), ..Default::default() },
-        ],
-        max_tokens: 64,
-        tools: vec![Tool {
-            name: "Bash".into(),
-            parameters: r#"{"type":"object","properties":{"command":{"type":"string"}}}"#.into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    let (mut config, key) = keyed_model(upstream.origin(), "claude-test", "sk-ant-test-123");
+    config.headers = BTreeMap::from([("anthropic-beta".into(), "fine-grained-tool-streaming-2025-05-14".into())]);
+    (serve_model(ModelConfig::Anthropic(config)).await, key)
 }
 
 async fn stream(
@@ -76,7 +48,7 @@ async fn a_unary_message_with_a_tool_call_and_what_went_out() {
     let upstream = Upstream::start(Arc::new(|_| vec![json_response("200 OK", "", MESSAGE)])).await;
     let (mut client, _key) = generation(&upstream).await;
 
-    let response = client.generate(request()).await.unwrap().into_inner();
+    let response = client.generate(bash_request()).await.unwrap().into_inner();
     assert_eq!(response.provider, "anthropic");
     assert_eq!(response.text, "Let me run it.");
     assert_eq!(response.finish_reason, i32::from(FinishReason::ToolCalls));
@@ -122,7 +94,7 @@ async fn streamed_tool_input_is_passed_on_by_index_and_joins() {
         Upstream::start(Arc::new(move |_| std::iter::once(sse_head()).chain(events.iter().map(|e| sse(e))).collect()))
             .await;
     let (mut client, _key) = generation(&upstream).await;
-    let chunks = stream(&mut client, request()).await.unwrap();
+    let chunks = stream(&mut client, bash_request()).await.unwrap();
     let fragments: Vec<_> = chunks.iter().flat_map(|c| &c.tool_calls).collect();
     assert_eq!((fragments[0].id.as_str(), fragments[0].name.as_str()), ("toolu_1", "Bash"));
     let arguments: String = fragments.iter().map(|f| f.arguments.as_str()).collect();
@@ -149,7 +121,7 @@ async fn a_429_pushes_back_and_an_overloaded_api_is_unavailable() {
     .await;
     let (mut client, _key) = generation(&upstream).await;
     let ask =
-        |text: &str| GenerateRequest { prompt: text.into(), messages: Vec::new(), tools: Vec::new(), ..request() };
+        |text: &str| GenerateRequest { prompt: text.into(), messages: Vec::new(), tools: Vec::new(), ..bash_request() };
 
     let status = client.generate(ask("limited")).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
@@ -173,7 +145,7 @@ async fn an_error_event_mid_stream_fails_the_stream_after_its_first_chunks() {
         Upstream::start(Arc::new(move |_| std::iter::once(sse_head()).chain(events.iter().map(|e| sse(e))).collect()))
             .await;
     let (mut client, _key) = generation(&upstream).await;
-    let request = GenerateStreamRequest::from(request());
+    let request = GenerateStreamRequest::from(bash_request());
     let mut stream = client.generate_stream(request).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
     assert_eq!(first.delta, "Hel");
@@ -187,7 +159,8 @@ async fn a_request_with_no_anthropic_form_is_refused_before_anything_is_sent() {
     let upstream = Upstream::start(Arc::new(|_| vec![json_response("200 OK", "", MESSAGE)])).await;
     let (mut client, _key) = generation(&upstream).await;
     let json_mode = ResponseFormat { r#type: ResponseFormatType::JsonObject.into(), ..Default::default() };
-    let status = client.generate(GenerateRequest { response_format: Some(json_mode), ..request() }).await.unwrap_err();
+    let status =
+        client.generate(GenerateRequest { response_format: Some(json_mode), ..bash_request() }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().starts_with("response_format: "), "{status:?}");
     assert!(!from_upstream(&status), "the client's request, not the upstream, failed");

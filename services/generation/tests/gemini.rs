@@ -8,51 +8,20 @@ mod upstream;
 
 use std::sync::Arc;
 
-use llmesh_generation::{config::ModelConfig, provider::http::HttpModelConfig};
+use llmesh_generation::config::ModelConfig;
 use llmesh_proto::{
-    common::v1::{ChatMessage, FinishReason, Tool, ToolCall},
+    common::v1::{ChatMessage, FinishReason, ToolCall},
     generation::v1::{GenerateRequest, GenerateStreamRequest, generation_client::GenerationClient},
 };
 use tonic::{Code, transport::Channel};
-use upstream::{Upstream, from_upstream, json_response, serve_model, sse, sse_head};
+use upstream::{Upstream, bash_request, from_upstream, json_response, keyed_model, serve_model, sse, sse_head};
 
 const CALL: &str = r#"{"candidates":[{"content":{"parts":[{"functionCall":{"name":"Bash","args":{"command":"echo hi"}},"thoughtSignature":"c2lnLTE="}],"role":"model"},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":30,"candidatesTokenCount":5,"totalTokenCount":35}}"#;
 
+/// A generation server whose model `up` is the Gemini API at `upstream`.
 async fn generation(upstream: &Upstream) -> (GenerationClient<Channel>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    std::fs::write(&key, "gemini-key-123\n").unwrap();
-    let config = HttpModelConfig {
-        base_url: Some(upstream.origin()),
-        upstream_model: "gemini-2.5-flash".into(),
-        api_key_file: Some(key),
-        first_token_timeout_ms: 1_000,
-        idle_timeout_ms: 500,
-        total_timeout_ms: 5_000,
-        ..HttpModelConfig::default()
-    };
-    (serve_model(ModelConfig::Gemini(config)).await, dir)
-}
-
-fn bash() -> Tool {
-    Tool {
-        name: "Bash".into(),
-        parameters: r#"{"type":"object","properties":{"command":{"type":"string"}}}"#.into(),
-        ..Default::default()
-    }
-}
-
-fn request() -> GenerateRequest {
-    GenerateRequest {
-        model: "up".into(),
-        messages: vec![
-            ChatMessage { role: "system".into(), content: "Be brief.".into(), ..Default::default() },
-            ChatMessage { role: "user".into(), content: "run echo hi".into(), ..Default::default() },
-        ],
-        max_tokens: 64,
-        tools: vec![bash()],
-        ..Default::default()
-    }
+    let (config, key) = keyed_model(upstream.origin(), "gemini-2.5-flash", "gemini-key-123");
+    (serve_model(ModelConfig::Gemini(config)).await, key)
 }
 
 #[tokio::test]
@@ -60,7 +29,7 @@ async fn a_function_call_comes_back_and_its_result_goes_out_with_its_signature()
     let upstream = Upstream::start(Arc::new(|_| vec![json_response("200 OK", "", CALL)])).await;
     let (mut client, _key) = generation(&upstream).await;
 
-    let response = client.generate(request()).await.unwrap().into_inner();
+    let response = client.generate(bash_request()).await.unwrap().into_inner();
     assert_eq!(response.provider, "gemini");
     assert_eq!(response.finish_reason, i32::from(FinishReason::ToolCalls));
     let call = &response.tool_calls[0];
@@ -83,7 +52,7 @@ async fn a_function_call_comes_back_and_its_result_goes_out_with_its_signature()
     );
 
     // The result of the call, by its id: Gemini gets the function's name and the signature back.
-    let mut next = request();
+    let mut next = bash_request();
     next.messages.push(ChatMessage { role: "assistant".into(), tool_calls: vec![call.clone()], ..Default::default() });
     next.messages.push(ChatMessage {
         role: "tool".into(),
@@ -112,7 +81,7 @@ async fn a_stream_goes_to_the_streaming_path_and_relays_its_parts() {
         Upstream::start(Arc::new(move |_| std::iter::once(sse_head()).chain(events.iter().map(|e| sse(e))).collect()))
             .await;
     let (mut client, _key) = generation(&upstream).await;
-    let request = GenerateStreamRequest::from(GenerateRequest { tools: Vec::new(), ..request() });
+    let request = GenerateStreamRequest::from(GenerateRequest { tools: Vec::new(), ..bash_request() });
     let mut stream = client.generate_stream(request).await.unwrap().into_inner();
     let mut text = String::new();
     let mut last = None;
@@ -146,7 +115,7 @@ async fn a_429_and_an_error_mid_stream_are_the_upstreams_failures() {
     .await;
     let (mut client, _key) = generation(&upstream).await;
     let ask =
-        |text: &str| GenerateRequest { prompt: text.into(), messages: Vec::new(), tools: Vec::new(), ..request() };
+        |text: &str| GenerateRequest { prompt: text.into(), messages: Vec::new(), tools: Vec::new(), ..bash_request() };
 
     let status = client.generate(ask("limited")).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
@@ -164,7 +133,7 @@ async fn a_429_and_an_error_mid_stream_are_the_upstreams_failures() {
 async fn a_tool_result_for_no_known_call_is_refused_before_anything_is_sent() {
     let upstream = Upstream::start(Arc::new(|_| vec![json_response("200 OK", "", CALL)])).await;
     let (mut client, _key) = generation(&upstream).await;
-    let mut orphan = request();
+    let mut orphan = bash_request();
     let call = ToolCall { id: "call_9".into(), name: "Bash".into(), arguments: "{}".into(), ..Default::default() };
     orphan.messages.push(ChatMessage { role: "assistant".into(), tool_calls: vec![call], ..Default::default() });
     orphan.messages.push(ChatMessage {

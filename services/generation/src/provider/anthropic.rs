@@ -12,25 +12,23 @@
 
 #[cfg(test)]
 mod golden;
-mod wire;
+pub mod wire;
 
 use std::collections::{BTreeMap, VecDeque};
 
 use llmesh_proto::{
     assemble::MAX_ITEMS,
     common::v1::{Extensions, FinishReason},
-    generation::v1::GenerateRequest,
 };
-use tonic::Status;
 
 use super::{
-    Event, EventStream, Mode,
+    Event,
     error::{Kind, UpstreamError},
-    http::{Api, Auth, Decoder, HttpModelConfig, Upstream, estimate, malformed},
+    http::{Api, Auth, Decoder, estimate, malformed},
 };
 
 /// How Anthropic's API is called.
-const API: Api = Api {
+pub const API: Api = Api {
     name: "anthropic",
     base_url: "https://api.anthropic.com",
     path: "/v1/messages",
@@ -40,60 +38,9 @@ const API: Api = Api {
     headers: &[("anthropic-version", "2023-06-01")],
 };
 
-#[derive(Debug)]
-pub struct Anthropic {
-    catalog: super::Catalog,
-    upstream: Upstream,
-    model: String,
-    deterministic: bool,
-}
-
-impl Anthropic {
-    /// `max_response_bytes` is the generation-wide default, for a model that sets none.
-    pub fn new(name: &str, config: &HttpModelConfig, max_response_bytes: u64) -> anyhow::Result<Self> {
-        let model = if config.upstream_model.is_empty() { name.to_string() } else { config.upstream_model.clone() };
-        Ok(Self {
-            catalog: config.catalog.clone(),
-            upstream: Upstream::new(name, &model, config, &API, max_response_bytes)?,
-            model,
-            deterministic: config.deterministic,
-        })
-    }
-
-    pub fn upstream_model(&self) -> &str {
-        &self.model
-    }
-
-    pub fn deterministic(&self) -> bool {
-        self.deterministic
-    }
-
-    pub fn catalog(&self) -> &super::Catalog {
-        &self.catalog
-    }
-
-    /// Starts the call; a request the Messages API has no form for is INVALID_ARGUMENT, naming the
-    /// field, before anything is sent.
-    pub fn stream(&self, request: &GenerateRequest, max_tokens: u32, mode: Mode) -> Result<EventStream, Status> {
-        let body = match wire::body(request, &self.model, max_tokens, mode == Mode::Stream) {
-            Ok(body) => body,
-            Err(refusal @ wire::Refusal::Field { .. }) => {
-                return Err(Status::invalid_argument(format!("{refusal} (model {})", request.model)));
-            }
-            Err(error @ wire::Refusal::Json(_)) => {
-                // Validation made every JSON text an object; this is a bug, told as the upstream's.
-                let error = UpstreamError::new(Kind::Malformed, error.to_string());
-                return Ok(Box::pin(futures::stream::once(async move { Err(error) })));
-            }
-        };
-        let prompt_tokens = llmesh_proto::validate::estimated_prompt_tokens(request);
-        Ok(self.upstream.call(body, mode, prompt_tokens, read_message, Events::new(prompt_tokens)))
-    }
-}
-
 /// A unary message's events: reasoning blocks, the text, tool calls (whole, one delta each),
 /// extensions, the finish.
-fn read_message(body: &[u8], prompt_tokens: u32) -> Result<Vec<Event>, UpstreamError> {
+pub fn read_message(body: &[u8], prompt_tokens: u32) -> Result<Vec<Event>, UpstreamError> {
     let answer = wire::answer(body).map_err(|e| malformed(format_args!("the message is not valid JSON: {e}")))?;
     let mut events = Vec::new();
     let mut text = String::new();
@@ -163,7 +110,7 @@ enum Open {
 }
 
 /// The events of a streamed message.
-struct Events {
+pub struct Events {
     prompt_tokens: u32,
     blocks: BTreeMap<u32, Open>,
     tool_calls: u32,
@@ -175,7 +122,7 @@ struct Events {
 }
 
 impl Events {
-    fn new(prompt_tokens: u32) -> Self {
+    pub fn new(prompt_tokens: u32) -> Self {
         Self {
             prompt_tokens,
             blocks: BTreeMap::new(),
@@ -188,7 +135,12 @@ impl Events {
         }
     }
 
-    fn start(&mut self, index: u32, block: wire::StartBlock, out: &mut VecDeque<Event>) -> Result<(), UpstreamError> {
+    fn start(
+        &mut self,
+        index: u32,
+        block: wire::AnswerBlock<'_>,
+        out: &mut VecDeque<Event>,
+    ) -> Result<(), UpstreamError> {
         if self.blocks.len() >= 2 * MAX_ITEMS {
             return Err(malformed(format_args!("more than {} blocks in one message", 2 * MAX_ITEMS)));
         }
@@ -281,20 +233,20 @@ impl Events {
 
 impl Decoder for Events {
     fn event(&mut self, data: &str, out: &mut VecDeque<Event>) -> Result<bool, UpstreamError> {
-        let event: wire::StreamEvent = serde_json::from_str(data).map_err(|error| {
+        let event = wire::stream_event(data).map_err(|error| {
             let shown: String = data.chars().take(80).collect();
             malformed(format_args!("event {shown:?} is not a message event: {error}"))
         })?;
         match event {
-            wire::StreamEvent::MessageStart { message } => {
+            wire::StreamEvent::MessageStart(message) => {
                 self.usage = self.usage.update(message.usage.unwrap_or_default());
                 self.extensions = wire::extensions(message.rest);
             }
-            wire::StreamEvent::ContentBlockStart { index, content_block } => self.start(index, content_block, out)?,
+            wire::StreamEvent::ContentBlockStart { index, block } => self.start(index, block, out)?,
             wire::StreamEvent::ContentBlockDelta { index, delta } => self.delta(index, delta, out)?,
             wire::StreamEvent::ContentBlockStop { index } => self.stop(index, out),
-            wire::StreamEvent::MessageDelta { delta, usage } => {
-                if let Some(reason) = delta.stop_reason {
+            wire::StreamEvent::MessageDelta { stop_reason, usage } => {
+                if let Some(reason) = stop_reason {
                     self.reason = Some(wire::finish_reason(Some(&reason)));
                 }
                 self.usage = self.usage.update(usage.unwrap_or_default());
@@ -303,7 +255,7 @@ impl Decoder for Events {
                 self.finish(out);
                 return Ok(true);
             }
-            wire::StreamEvent::Error { error } => return Err(stream_error(error)),
+            wire::StreamEvent::Error(error) => return Err(stream_error(error)),
             wire::StreamEvent::Other => {}
         }
         Ok(false)

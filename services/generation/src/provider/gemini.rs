@@ -9,25 +9,23 @@
 
 #[cfg(test)]
 mod golden;
-mod wire;
+pub mod wire;
 
 use std::collections::VecDeque;
 
 use llmesh_proto::{
     assemble::MAX_ITEMS,
     common::v1::{Extensions, FinishReason, ReasoningDelta, ToolCallDelta},
-    generation::v1::GenerateRequest,
 };
-use tonic::Status;
 
 use super::{
-    Event, EventStream, Mode,
+    Event,
     error::{Kind, UpstreamError},
-    http::{Api, Auth, Decoder, HttpModelConfig, Upstream, estimate, malformed, status_kind},
+    http::{Api, Auth, Decoder, estimate, malformed, status_kind},
 };
 
 /// How the Gemini API is called.
-const API: Api = Api {
+pub const API: Api = Api {
     name: "gemini",
     base_url: "https://generativelanguage.googleapis.com",
     path: "/v1beta/models/{model}:generateContent",
@@ -37,62 +35,8 @@ const API: Api = Api {
     headers: &[],
 };
 
-#[derive(Debug)]
-pub struct Gemini {
-    catalog: super::Catalog,
-    upstream: Upstream,
-    model: String,
-    deterministic: bool,
-}
-
-impl Gemini {
-    /// `max_response_bytes` is the generation-wide default, for a model that sets none.
-    pub fn new(name: &str, config: &HttpModelConfig, max_response_bytes: u64) -> anyhow::Result<Self> {
-        let model = if config.upstream_model.is_empty() { name.to_string() } else { config.upstream_model.clone() };
-        // The model's name goes in the URL's path.
-        if !model.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
-            anyhow::bail!("model {name}: the Gemini model name {model:?} has characters a URL path cannot hold");
-        }
-        Ok(Self {
-            catalog: config.catalog.clone(),
-            upstream: Upstream::new(name, &model, config, &API, max_response_bytes)?,
-            model,
-            deterministic: config.deterministic,
-        })
-    }
-
-    pub fn upstream_model(&self) -> &str {
-        &self.model
-    }
-
-    pub fn deterministic(&self) -> bool {
-        self.deterministic
-    }
-
-    pub fn catalog(&self) -> &super::Catalog {
-        &self.catalog
-    }
-
-    /// Starts the call; a request the Gemini API has no form for is INVALID_ARGUMENT, naming the
-    /// field, before anything is sent.
-    pub fn stream(&self, request: &GenerateRequest, max_tokens: u32, mode: Mode) -> Result<EventStream, Status> {
-        let body = match wire::body(request, max_tokens) {
-            Ok(body) => body,
-            Err(refusal @ wire::Refusal::Field { .. }) => {
-                return Err(Status::invalid_argument(format!("{refusal} (model {})", request.model)));
-            }
-            Err(error @ wire::Refusal::Json(_)) => {
-                let error = UpstreamError::new(Kind::Malformed, error.to_string());
-                return Ok(Box::pin(futures::stream::once(async move { Err(error) })));
-            }
-        };
-        let prompt_tokens = llmesh_proto::validate::estimated_prompt_tokens(request);
-        Ok(self.upstream.call(body, mode, prompt_tokens, read_response, Responses::new(prompt_tokens)))
-    }
-}
-
 /// A unary response's events: read as a stream of one response.
-fn read_response(body: &[u8], prompt_tokens: u32) -> Result<Vec<Event>, UpstreamError> {
+pub fn read_response(body: &[u8], prompt_tokens: u32) -> Result<Vec<Event>, UpstreamError> {
     let mut responses = Responses::new(prompt_tokens);
     let mut out = VecDeque::new();
     responses.read(body, &mut out)?;
@@ -101,7 +45,7 @@ fn read_response(body: &[u8], prompt_tokens: u32) -> Result<Vec<Event>, Upstream
 }
 
 /// The responses of one answer, read one after the other.
-struct Responses {
+pub struct Responses {
     prompt_tokens: u32,
     tool_calls: u32,
     completion_chars: usize,
@@ -112,7 +56,7 @@ struct Responses {
 }
 
 impl Responses {
-    fn new(prompt_tokens: u32) -> Self {
+    pub fn new(prompt_tokens: u32) -> Self {
         Self {
             prompt_tokens,
             tool_calls: 0,

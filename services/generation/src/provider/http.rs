@@ -132,6 +132,8 @@ const OWN_HEADERS: &[&str] = &["authorization", "x-api-key", "api-key", "content
 
 /// One model's HTTP API: the client, the endpoint, the key and the limits of a call.
 pub struct Upstream {
+    /// The provider's name ([`Api::name`]).
+    name: &'static str,
     client: reqwest::Client,
     /// The endpoint, parsed once: a malformed `base_url` stops start-up (naming the model) instead
     /// of failing every call, and no call parses it again.
@@ -183,10 +185,16 @@ impl Upstream {
         if base_url.is_empty() {
             anyhow::bail!("model {name}: a {} model needs a base_url (its endpoint)", api.name);
         }
+        // The model's name goes in some APIs' paths (Gemini's).
+        let in_path = api.path.contains("{model}") || api.stream_path.contains("{model}");
+        if in_path && !model.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+            anyhow::bail!("model {name}: the upstream model name {model:?} has characters a URL path cannot hold");
+        }
         let url = endpoint(name, base_url, &api.path.replace("{model}", model))?;
         let stream_path = if api.stream_path.is_empty() { api.path } else { api.stream_path };
         let stream_url = endpoint(name, base_url, &stream_path.replace("{model}", model))?;
         Ok(Self {
+            name: api.name,
             client,
             stream_url,
             shown_url: redact_url(url.as_str()).into(),
@@ -199,6 +207,11 @@ impl Upstream {
             total: Duration::from_millis(config.total_timeout_ms),
             max_response_bytes: config.max_response_bytes.unwrap_or(max_response_bytes),
         })
+    }
+
+    /// The provider's name, as responses and metrics give it.
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     /// Calls the API with `body` and reads its answer: whole with `read` (unary), or as

@@ -10,8 +10,10 @@ pub mod gemini;
 mod golden;
 pub mod http;
 pub mod openai;
+mod remote;
 pub mod sim;
 mod sse;
+mod translate;
 
 use std::pin::Pin;
 
@@ -22,6 +24,8 @@ use llmesh_proto::{
     generation::v1::GenerateRequest,
 };
 use tonic::Status;
+
+use self::remote::Wire;
 
 /// One step of a generation.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,36 +89,29 @@ pub struct Catalog {
 #[derive(Debug)]
 pub enum Provider {
     Sim(sim::Sim),
-    OpenAi(openai::OpenAi),
-    Anthropic(anthropic::Anthropic),
-    Gemini(gemini::Gemini),
+    /// OpenAI-compatible, Azure, Anthropic or Gemini (boxed: a model is built once, and the enum
+    /// stays small).
+    Remote(Box<remote::Remote>),
 }
 
 impl Provider {
     /// `max_response_bytes`: the default size limit of an upstream's answer.
     pub fn from_config(name: &str, config: &ModelConfig, max_response_bytes: u64) -> anyhow::Result<Self> {
-        Ok(match config {
-            ModelConfig::Sim(sim) => Self::Sim(sim::Sim::new(sim.clone())),
-            ModelConfig::Openai(config) => {
-                Self::OpenAi(openai::OpenAi::new(name, config, &openai::OPENAI, max_response_bytes)?)
-            }
-            ModelConfig::Azure(config) => {
-                Self::OpenAi(openai::OpenAi::new(name, config, &openai::AZURE, max_response_bytes)?)
-            }
-            ModelConfig::Gemini(gemini) => Self::Gemini(gemini::Gemini::new(name, gemini, max_response_bytes)?),
-            ModelConfig::Anthropic(anthropic) => {
-                Self::Anthropic(anthropic::Anthropic::new(name, anthropic, max_response_bytes)?)
-            }
-        })
+        let (config, wire, api) = match config {
+            ModelConfig::Sim(sim) => return Ok(Self::Sim(sim::Sim::new(sim.clone()))),
+            ModelConfig::Openai(config) => (config, Wire::OpenAi, &openai::OPENAI),
+            ModelConfig::Azure(config) => (config, Wire::OpenAi, &openai::AZURE),
+            ModelConfig::Anthropic(config) => (config, Wire::Anthropic, &anthropic::API),
+            ModelConfig::Gemini(config) => (config, Wire::Gemini, &gemini::API),
+        };
+        Ok(Self::Remote(Box::new(remote::Remote::new(name, config, wire, api, max_response_bytes)?)))
     }
 
     /// The provider's low-cardinality name, as reported in responses and metrics.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Sim(_) => "sim",
-            Self::OpenAi(openai) => openai.provider(),
-            Self::Anthropic(_) => "anthropic",
-            Self::Gemini(_) => "gemini",
+            Self::Remote(remote) => remote.provider(),
         }
     }
 
@@ -122,9 +119,7 @@ impl Provider {
     pub fn deterministic(&self) -> bool {
         match self {
             Self::Sim(sim) => sim.deterministic(),
-            Self::OpenAi(openai) => openai.deterministic(),
-            Self::Anthropic(anthropic) => anthropic.deterministic(),
-            Self::Gemini(gemini) => gemini.deterministic(),
+            Self::Remote(remote) => remote.deterministic(),
         }
     }
 
@@ -132,9 +127,7 @@ impl Provider {
     pub fn catalog(&self) -> &Catalog {
         match self {
             Self::Sim(sim) => sim.catalog(),
-            Self::OpenAi(openai) => openai.catalog(),
-            Self::Anthropic(anthropic) => anthropic.catalog(),
-            Self::Gemini(gemini) => gemini.catalog(),
+            Self::Remote(remote) => remote.catalog(),
         }
     }
 
@@ -142,9 +135,7 @@ impl Provider {
     pub fn upstream_model<'a>(&'a self, name: &'a str) -> &'a str {
         match self {
             Self::Sim(_) => name,
-            Self::OpenAi(openai) => openai.upstream_model(),
-            Self::Anthropic(anthropic) => anthropic.upstream_model(),
-            Self::Gemini(gemini) => gemini.upstream_model(),
+            Self::Remote(remote) => remote.upstream_model(),
         }
     }
 
@@ -152,11 +143,9 @@ impl Provider {
     /// request the provider's API has no form for is refused here (INVALID_ARGUMENT naming the
     /// field), before anything is sent; whatever fails later is the upstream's.
     pub fn stream(&self, request: &GenerateRequest, max_tokens: u32, mode: Mode) -> Result<EventStream, Status> {
-        Ok(match self {
-            Self::Sim(sim) => sim.stream(request, max_tokens),
-            Self::OpenAi(openai) => openai.stream(request, max_tokens, mode),
-            Self::Anthropic(anthropic) => anthropic.stream(request, max_tokens, mode)?,
-            Self::Gemini(gemini) => gemini.stream(request, max_tokens, mode)?,
-        })
+        match self {
+            Self::Sim(sim) => Ok(sim.stream(request, max_tokens)),
+            Self::Remote(remote) => remote.stream(request, max_tokens, mode),
+        }
     }
 }

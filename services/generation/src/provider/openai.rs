@@ -11,20 +11,19 @@
 
 #[cfg(test)]
 mod golden;
-mod wire;
+pub mod wire;
 
 use std::collections::VecDeque;
 
 use llmesh_proto::{
     assemble::MAX_ITEMS,
     common::v1::{FinishReason, Usage},
-    generation::v1::GenerateRequest,
 };
 
 use super::{
-    Event, EventStream, Mode,
+    Event,
     error::{Kind, UpstreamError},
-    http::{Api, Auth, Decoder, HttpModelConfig, Upstream, estimate, malformed},
+    http::{Api, Auth, Decoder, estimate, malformed},
 };
 
 /// How OpenAI's API is called, and any OpenAI-compatible server's.
@@ -50,63 +49,8 @@ pub const AZURE: Api = Api {
     headers: &[],
 };
 
-/// A model served in OpenAI's chat completions format, by OpenAI, a compatible server, or Azure.
-#[derive(Debug)]
-pub struct OpenAi {
-    /// `openai` or `azure`, as responses and metrics name the provider.
-    provider: &'static str,
-    catalog: super::Catalog,
-    upstream: Upstream,
-    model: String,
-    deterministic: bool,
-}
-
-impl OpenAi {
-    /// `api` is [`OPENAI`] or [`AZURE`]; `max_response_bytes` the generation-wide default, for a
-    /// model that sets none.
-    pub fn new(name: &str, config: &HttpModelConfig, api: &Api, max_response_bytes: u64) -> anyhow::Result<Self> {
-        let model = if config.upstream_model.is_empty() { name.to_string() } else { config.upstream_model.clone() };
-        Ok(Self {
-            provider: api.name,
-            catalog: config.catalog.clone(),
-            upstream: Upstream::new(name, &model, config, api, max_response_bytes)?,
-            model,
-            deterministic: config.deterministic,
-        })
-    }
-
-    pub fn provider(&self) -> &'static str {
-        self.provider
-    }
-
-    pub fn upstream_model(&self) -> &str {
-        &self.model
-    }
-
-    pub fn deterministic(&self) -> bool {
-        self.deterministic
-    }
-
-    pub fn catalog(&self) -> &super::Catalog {
-        &self.catalog
-    }
-
-    pub fn stream(&self, request: &GenerateRequest, max_tokens: u32, mode: Mode) -> EventStream {
-        let body = match wire::body(request, &self.model, max_tokens, mode == Mode::Stream) {
-            Ok(body) => body,
-            Err(error) => {
-                // Validation made every JSON text an object; this is a bug, told as the upstream's.
-                let error = UpstreamError::new(Kind::Malformed, format!("building the request body: {error}"));
-                return Box::pin(futures::stream::once(async move { Err(error) }));
-            }
-        };
-        let prompt_tokens = llmesh_proto::validate::estimated_prompt_tokens(request);
-        self.upstream.call(body, mode, prompt_tokens, read_completion, Chunks::new(prompt_tokens))
-    }
-}
-
 /// A unary completion's events.
-fn read_completion(body: &[u8], prompt_tokens: u32) -> Result<Vec<Event>, UpstreamError> {
+pub fn read_completion(body: &[u8], prompt_tokens: u32) -> Result<Vec<Event>, UpstreamError> {
     let completion = serde_json::from_slice::<wire::Completion>(body)
         .map_err(|e| malformed(format_args!("the completion is not valid JSON: {e}")))?;
     completion_events(completion, prompt_tokens)
@@ -149,7 +93,7 @@ fn completion_events(completion: wire::Completion, prompt_tokens: u32) -> Result
 }
 
 /// The chunks of a streamed completion.
-struct Chunks {
+pub struct Chunks {
     prompt_tokens: u32,
     /// Tool calls begun so far: the index of a call whose chunks give none.
     tool_calls: u32,
@@ -160,7 +104,7 @@ struct Chunks {
 }
 
 impl Chunks {
-    fn new(prompt_tokens: u32) -> Self {
+    pub fn new(prompt_tokens: u32) -> Self {
         Self { prompt_tokens, tool_calls: 0, extensions: None, completion_chars: 0, reason: None, usage: None }
     }
 

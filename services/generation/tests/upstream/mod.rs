@@ -9,8 +9,11 @@ use std::{
     time::Duration,
 };
 
-use llmesh_generation::{Config, config::ModelConfig};
-use llmesh_proto::generation::v1::generation_client::GenerationClient;
+use llmesh_generation::{Config, config::ModelConfig, provider::http::HttpModelConfig};
+use llmesh_proto::{
+    common::v1::{ChatMessage, Tool},
+    generation::v1::{GenerateRequest, generation_client::GenerationClient},
+};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -26,6 +29,45 @@ pub async fn serve_model(model: ModelConfig) -> GenerationClient<Channel> {
     tokio::spawn(llmesh_generation::serve(config, listener, std::future::pending()));
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     GenerationClient::new(channel)
+}
+
+/// A model at `upstream` (its `origin`), named `model` there, with `key` in a file, the timeouts
+/// short; the directory of the key file goes with the second value (the server reads it at
+/// start).
+pub fn keyed_model(origin: String, model: &str, key: &str) -> (HttpModelConfig, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("key");
+    std::fs::write(&file, format!("{key}\n")).unwrap();
+    let config = HttpModelConfig {
+        base_url: Some(origin),
+        upstream_model: model.into(),
+        api_key_file: Some(file),
+        first_token_timeout_ms: 1_000,
+        idle_timeout_ms: 500,
+        total_timeout_ms: 5_000,
+        ..HttpModelConfig::default()
+    };
+    (config, dir)
+}
+
+/// A request for model `up` with a system prompt, a user turn asking to run `echo hi`, and a
+/// `Bash` tool.
+pub fn bash_request() -> GenerateRequest {
+    let bash = Tool {
+        name: "Bash".into(),
+        parameters: r#"{"type":"object","properties":{"command":{"type":"string"}}}"#.into(),
+        ..Default::default()
+    };
+    GenerateRequest {
+        model: "up".into(),
+        messages: vec![
+            ChatMessage { role: "system".into(), content: "Be brief.".into(), ..Default::default() },
+            ChatMessage { role: "user".into(), content: "run echo hi".into(), ..Default::default() },
+        ],
+        max_tokens: 64,
+        tools: vec![bash],
+        ..Default::default()
+    }
 }
 
 /// Whether `status` says the model's upstream failed.

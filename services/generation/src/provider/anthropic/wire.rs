@@ -37,7 +37,6 @@
 
 use std::collections::BTreeMap;
 
-use base64::Engine as _;
 use llmesh_proto::{
     common::v1::{
         ChatMessage, ContentPart, Extensions, FinishReason, ReasoningDelta, ResponseFormatType, ToolCallDelta,
@@ -48,23 +47,10 @@ use llmesh_proto::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, value::RawValue};
 
+use crate::provider::translate::{self, Refusal, arguments_object, base64, object, raw, refuse};
+
 /// The dialect name of Anthropic's extensions.
 pub const DIALECT: &str = "anthropic";
-
-/// Why a request cannot be sent in this wire format.
-#[derive(Debug, thiserror::Error)]
-pub enum Refusal {
-    /// A field the Messages API has no form for: the client's to change.
-    #[error("{field}: {why}")]
-    Field { field: String, why: &'static str },
-    /// Text the contract validated as JSON that is not: a bug, told as the upstream's.
-    #[error("building the request body: {0}")]
-    Json(#[from] serde_json::Error),
-}
-
-fn refuse(field: impl Into<String>, why: &'static str) -> Refusal {
-    Refusal::Field { field: field.into(), why }
-}
 
 /// The body llmesh builds for a request, as JSON text.
 pub fn body(request: &GenerateRequest, model: &str, max_tokens: u32, stream: bool) -> Result<String, Refusal> {
@@ -195,19 +181,6 @@ fn merged(
 
 fn to_raw(value: &(impl Serialize + ?Sized)) -> Result<Box<RawValue>, Refusal> {
     Ok(serde_json::value::to_raw_value(value)?)
-}
-
-/// `text` (validated to be a JSON object, or empty) as raw JSON, kept byte for byte.
-fn raw(text: &str) -> Result<Option<&RawValue>, Refusal> {
-    if text.is_empty() { Ok(None) } else { Ok(Some(serde_json::from_str::<&RawValue>(text)?)) }
-}
-
-/// A JSON object text as a map (empty when it is empty or not an object).
-fn object(text: &str) -> Map<String, Value> {
-    if text.is_empty() {
-        return Map::new();
-    }
-    serde_json::from_str(text).unwrap_or_default()
 }
 
 fn tool_choice(request: &GenerateRequest) -> Option<ToolChoice<'_>> {
@@ -452,14 +425,11 @@ fn assistant<'a>(message: &'a ChatMessage, at: &str, ours: bool) -> Result<Conte
         Content::Blocks(parts) => blocks.extend(parts),
     }
     for (c, call) in message.tool_calls.iter().enumerate() {
-        let input = if call.arguments.trim().is_empty() { "{}" } else { call.arguments.as_str() };
-        // The API takes the input as a JSON object; the contract does not parse arguments.
-        let input = serde_json::from_str::<&RawValue>(input)
-            .ok()
-            .filter(|raw| raw.get().trim_start().starts_with('{'))
-            .ok_or_else(|| {
-                refuse(format!("{at}.tool_calls[{c}].arguments"), "the Anthropic API takes a JSON object")
-            })?;
+        let input = arguments_object(
+            &call.arguments,
+            &format!("{at}.tool_calls[{c}]"),
+            "the Anthropic API takes a JSON object",
+        )?;
         blocks.push(block(BlockKind::ToolUse { id: &call.id, name: &call.name, input }));
     }
     Ok(Content::Blocks(blocks))
@@ -495,10 +465,6 @@ fn part_block<'a>(part: &'a ContentPart, at: &str, ours: bool) -> Result<Block<'
         cache_control: raw(&part.cache_control)?,
         extra: if ours { object(&part.extra) } else { Map::new() },
     })
-}
-
-fn base64(data: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 /// Anthropic's `stop_reason`.
@@ -553,7 +519,8 @@ impl WireUsage {
     }
 }
 
-/// A content block of an answer (unknown fields are skipped).
+/// A content block of an answer, or of a stream's `content_block_start` (unknown fields are
+/// skipped).
 #[derive(Debug, Deserialize)]
 pub struct AnswerBlock<'a> {
     #[serde(rename = "type")]
@@ -612,24 +579,16 @@ pub fn answer(body: &[u8]) -> Result<Answer<'_>, serde_json::Error> {
 
 /// The fields of `rest` worth keeping as extensions, if any.
 pub fn extensions(rest: Map<String, Value>) -> Option<Extensions> {
-    let kept: Map<String, Value> =
-        rest.into_iter().filter(|(name, value)| !COMMON_FIELDS.contains(&name.as_str()) && !value.is_null()).collect();
-    if kept.is_empty() {
-        return None;
-    }
-    Some(Extensions { dialect: DIALECT.into(), json: Value::Object(kept).to_string() })
+    translate::extensions(rest, COMMON_FIELDS, DIALECT)
 }
 
 /// One server-sent event of a streamed message.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum StreamEvent {
-    MessageStart {
-        message: StartMessage,
-    },
+#[derive(Debug)]
+pub enum StreamEvent<'a> {
+    MessageStart(StartMessage),
     ContentBlockStart {
         index: u32,
-        content_block: StartBlock,
+        block: AnswerBlock<'a>,
     },
     ContentBlockDelta {
         index: u32,
@@ -639,18 +598,63 @@ pub enum StreamEvent {
         index: u32,
     },
     MessageDelta {
-        #[serde(default)]
-        delta: MessageDelta,
-        #[serde(default)]
+        stop_reason: Option<String>,
         usage: Option<WireUsage>,
     },
     MessageStop,
-    Error {
-        error: WireError,
-    },
+    Error(WireError),
     /// `ping`, and any event type the API adds.
-    #[serde(other)]
     Other,
+}
+
+/// An event's fields, each read as its type needs: a block's `input` stays raw (serde's tagged
+/// enums would buffer it into values).
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    index: Option<u32>,
+    #[serde(default, borrow)]
+    content_block: Option<AnswerBlock<'a>>,
+    #[serde(default, borrow)]
+    delta: Option<&'a RawValue>,
+    #[serde(default)]
+    message: Option<StartMessage>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+    #[serde(default)]
+    error: Option<WireError>,
+}
+
+/// Reads one event's data.
+pub fn stream_event(data: &str) -> Result<StreamEvent<'_>, serde_json::Error> {
+    use serde::de::Error as _;
+    let envelope: Envelope<'_> = serde_json::from_str(data)?;
+    let missing = serde_json::Error::missing_field;
+    let index = envelope.index.ok_or_else(|| missing("index"));
+    Ok(match envelope.kind.as_str() {
+        "message_start" => StreamEvent::MessageStart(envelope.message.ok_or_else(|| missing("message"))?),
+        "content_block_start" => StreamEvent::ContentBlockStart {
+            index: index?,
+            block: envelope.content_block.ok_or_else(|| missing("content_block"))?,
+        },
+        "content_block_delta" => StreamEvent::ContentBlockDelta {
+            index: index?,
+            delta: serde_json::from_str(envelope.delta.ok_or_else(|| missing("delta"))?.get())?,
+        },
+        "content_block_stop" => StreamEvent::ContentBlockStop { index: index? },
+        "message_delta" => {
+            let delta: MessageDelta = match envelope.delta {
+                Some(raw) => serde_json::from_str(raw.get())?,
+                None => MessageDelta::default(),
+            };
+            StreamEvent::MessageDelta { stop_reason: delta.stop_reason, usage: envelope.usage }
+        }
+        "message_stop" => StreamEvent::MessageStop,
+        "error" => StreamEvent::Error(envelope.error.ok_or_else(|| missing("error"))?),
+        _ => StreamEvent::Other,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -659,24 +663,6 @@ pub struct StartMessage {
     pub usage: Option<WireUsage>,
     #[serde(flatten)]
     pub rest: Map<String, Value>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct StartBlock {
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub text: Option<String>,
-    #[serde(default)]
-    pub thinking: Option<String>,
-    #[serde(default)]
-    pub signature: Option<String>,
-    #[serde(default)]
-    pub data: Option<String>,
-    #[serde(default)]
-    pub id: Option<String>,
-    #[serde(default)]
-    pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -696,7 +682,7 @@ pub enum Delta {
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub struct MessageDelta {
+struct MessageDelta {
     #[serde(default)]
     pub stop_reason: Option<String>,
 }

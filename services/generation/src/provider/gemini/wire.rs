@@ -42,23 +42,10 @@ use llmesh_proto::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, value::RawValue};
 
+use crate::provider::translate::{self, Refusal, arguments_object, base64, raw, refuse, text_of};
+
 /// The dialect name of Gemini's extensions.
 pub const DIALECT: &str = "gemini";
-
-/// Why a request cannot be sent in this wire format.
-#[derive(Debug, thiserror::Error)]
-pub enum Refusal {
-    /// A field the Gemini API has no form for: the client's to change.
-    #[error("{field}: {why}")]
-    Field { field: String, why: &'static str },
-    /// Text the contract validated as JSON that is not: a bug, told as the upstream's.
-    #[error("building the request body: {0}")]
-    Json(#[from] serde_json::Error),
-}
-
-fn refuse(field: impl Into<String>, why: &'static str) -> Refusal {
-    Refusal::Field { field: field.into(), why }
-}
 
 /// The body llmesh builds for a request, as JSON text (the model and the stream are in the URL).
 pub fn body(request: &GenerateRequest, max_tokens: u32) -> Result<String, Refusal> {
@@ -109,11 +96,6 @@ pub fn body(request: &GenerateRequest, max_tokens: u32) -> Result<String, Refusa
         },
     };
     Ok(serde_json::to_string(&body)?)
-}
-
-/// `text` (validated to be a JSON object, or empty) as raw JSON, kept byte for byte.
-fn raw(text: &str) -> Result<Option<&RawValue>, Refusal> {
-    if text.is_empty() { Ok(None) } else { Ok(Some(serde_json::from_str::<&RawValue>(text)?)) }
 }
 
 fn tool_config(request: &GenerateRequest) -> Option<ToolConfig<'_>> {
@@ -310,11 +292,7 @@ fn parts<'a>(message: &'a ChatMessage, at: &str) -> Result<Vec<Part<'a>>, Refusa
 fn model_parts<'a>(message: &'a ChatMessage, at: &str) -> Result<Vec<Part<'a>>, Refusal> {
     let mut out = parts(message, at)?;
     for (c, call) in message.tool_calls.iter().enumerate() {
-        let arguments = if call.arguments.trim().is_empty() { "{}" } else { call.arguments.as_str() };
-        let args = serde_json::from_str::<&RawValue>(arguments)
-            .ok()
-            .filter(|raw| raw.get().trim_start().starts_with('{'))
-            .ok_or_else(|| refuse(format!("{at}.tool_calls[{c}].arguments"), "Gemini takes a JSON object"))?;
+        let args = arguments_object(&call.arguments, &format!("{at}.tool_calls[{c}]"), "Gemini takes a JSON object")?;
         out.push(Part {
             data: PartData::FunctionCall { id: &call.id, name: &call.name, args },
             thought_signature: (!call.signature.is_empty()).then(|| base64(&call.signature)),
@@ -336,23 +314,7 @@ fn function_response<'a>(
         .ok_or_else(|| {
             refuse(format!("{at}.tool_call_id"), "answers no earlier tool call (Gemini needs the function's name)")
         })?;
-    let text = if message.parts.is_empty() {
-        message.content.clone()
-    } else {
-        let texts: Vec<&str> = message
-            .parts
-            .iter()
-            .filter_map(|p| match &p.kind {
-                Some(Kind::Text(text)) => Some(text.as_str()),
-                Some(Kind::Document(document)) => match &document.source {
-                    Some(document::Source::Text(text)) => Some(text.as_str()),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .collect();
-        texts.join("\n")
-    };
+    let text = if message.parts.is_empty() { message.content.clone() } else { text_of(&message.parts) };
     let key = if message.is_error { "error" } else { "output" };
     let response = Map::from_iter([(key.to_owned(), Value::String(text))]);
     Ok(part(PartData::FunctionResponse { id: &message.tool_call_id, name, response }))
@@ -402,10 +364,6 @@ fn media_type<'a>(given: &'a str, uri: &str, at: &str) -> Result<&'a str, Refusa
         "txt" => "text/plain",
         _ => return Err(refuse(format!("{at}.media_type"), "Gemini needs the media type of a file it fetches")),
     })
-}
-
-fn base64(data: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 /// Gemini's `finishReason`; `calls` when the answer calls a tool (Gemini says STOP).
@@ -544,8 +502,7 @@ pub fn response(body: &[u8]) -> Result<Response<'_>, serde_json::Error> {
         .filter(|(name, _)| !READ_FIELDS.contains(name))
         .map(|(name, raw)| Ok((name.to_owned(), serde_json::from_str::<Value>(raw.get())?)))
         .collect::<Result<_, serde_json::Error>>()?;
-    let extensions =
-        (!rest.is_empty()).then(|| Extensions { dialect: DIALECT.into(), json: Value::Object(rest).to_string() });
+    let extensions = translate::extensions(rest, READ_FIELDS, DIALECT);
     let (parts, finish_reason) = match candidates.into_iter().next() {
         Some(candidate) => (candidate.content.map(|c| c.parts).unwrap_or_default(), candidate.finish_reason),
         None => (Vec::new(), None),

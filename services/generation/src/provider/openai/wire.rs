@@ -23,7 +23,6 @@
 //! `completion_tokens_details.reasoning_tokens`, and every other top-level field of the
 //! completion as `extensions` of dialect `openai`.
 
-use base64::Engine as _;
 use llmesh_proto::{
     common::v1::{
         ChatMessage, ContentPart, Extensions, FinishReason, ImageDetail, ReasoningDelta, ResponseFormatType,
@@ -34,16 +33,13 @@ use llmesh_proto::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json, value::RawValue};
 
+use crate::provider::translate::{self, Refusal, base64, object, raw, text_of};
+
 /// The dialect name of OpenAI's extensions.
 pub const DIALECT: &str = "openai";
 
 /// The body llmesh builds for a request, as JSON text.
-pub fn body(
-    request: &GenerateRequest,
-    model: &str,
-    max_tokens: u32,
-    stream: bool,
-) -> Result<String, serde_json::Error> {
+pub fn body(request: &GenerateRequest, model: &str, max_tokens: u32, stream: bool) -> Result<String, Refusal> {
     let extras = request.extensions.as_ref().filter(|e| e.dialect == DIALECT);
     let ours = dialect_is_ours(request);
     let messages: Vec<Value> = if request.messages.is_empty() {
@@ -66,7 +62,7 @@ pub fn body(
                 extra: if ours { object(&tool.extra) } else { Map::new() },
             })
         })
-        .collect::<Result<_, serde_json::Error>>()?;
+        .collect::<Result<_, Refusal>>()?;
     let response_format = match &request.response_format {
         None => None,
         Some(format) => Some(match ResponseFormatType::try_from(format.r#type) {
@@ -117,19 +113,6 @@ pub fn body(
 /// Whether parts' and tools' `extra` are in this dialect.
 fn dialect_is_ours(request: &GenerateRequest) -> bool {
     request.extensions.as_ref().is_some_and(|e| e.dialect == DIALECT)
-}
-
-/// `text` (validated to be a JSON object, or empty) as raw JSON, kept byte for byte.
-fn raw(text: &str) -> Result<Option<&RawValue>, serde_json::Error> {
-    if text.is_empty() { Ok(None) } else { serde_json::from_str::<&RawValue>(text).map(Some) }
-}
-
-/// A JSON object text as a map (empty when it is empty or not an object).
-fn object(text: &str) -> Map<String, Value> {
-    if text.is_empty() {
-        return Map::new();
-    }
-    serde_json::from_str(text).unwrap_or_default()
 }
 
 /// The fields llmesh sets itself: an extension of the same name is not sent.
@@ -271,23 +254,8 @@ fn message(message: &ChatMessage, ours: bool) -> Value {
     Value::Object(out)
 }
 
-fn text_of(parts: &[ContentPart]) -> String {
-    let texts: Vec<&str> = parts
-        .iter()
-        .filter_map(|p| match &p.kind {
-            Some(Kind::Text(text)) => Some(text.as_str()),
-            Some(Kind::Document(document)) => match &document.source {
-                Some(document::Source::Text(text)) => Some(text.as_str()),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect();
-    texts.join("\n")
-}
-
 fn data_url(media_type: &str, data: &[u8]) -> String {
-    format!("data:{media_type};base64,{}", base64::engine::general_purpose::STANDARD.encode(data))
+    format!("data:{media_type};base64,{}", base64(data))
 }
 
 fn part(part: &ContentPart, ours: bool) -> Value {
@@ -446,12 +414,7 @@ const COMMON_FIELDS: &[&str] = &["id", "object", "created", "model"];
 
 /// The fields of `rest` worth keeping as extensions, if any.
 pub fn extensions(rest: Map<String, Value>) -> Option<Extensions> {
-    let kept: Map<String, Value> =
-        rest.into_iter().filter(|(name, value)| !COMMON_FIELDS.contains(&name.as_str()) && !value.is_null()).collect();
-    if kept.is_empty() {
-        return None;
-    }
-    Some(Extensions { dialect: DIALECT.into(), json: Value::Object(kept).to_string() })
+    translate::extensions(rest, COMMON_FIELDS, DIALECT)
 }
 
 impl Message {

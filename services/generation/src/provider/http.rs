@@ -215,7 +215,9 @@ impl Upstream {
     }
 
     /// Calls the API with `body` and reads its answer: whole with `read` (unary), or as
-    /// Server-Sent Events through `decoder`. `prompt_tokens` is the prompt's estimate.
+    /// Server-Sent Events through `decoder`. `prompt_tokens` is the prompt's estimate. Nothing is
+    /// sent, and no time limit starts, until the stream is first polled: a model group may make a
+    /// call it only sends when the deployments before it failed.
     pub fn call<D: Decoder>(
         &self,
         body: String,
@@ -224,15 +226,14 @@ impl Upstream {
         read: ReadAnswer,
         decoder: D,
     ) -> EventStream {
-        let started = Instant::now();
         let url = if mode == Mode::Stream { &self.stream_url } else { &self.url };
-        let send = self.send(url, body, started);
-        let (idle, first_token, deadline, limit) =
-            (self.idle, self.first_token, started + self.total, self.max_response_bytes);
+        let send = self.send(url, body);
+        let (idle, first_token, total, limit) = (self.idle, self.first_token, self.total, self.max_response_bytes);
         match mode {
             Mode::Unary => Box::pin(
                 futures::stream::once(async move {
-                    let response = send.await?;
+                    let (response, started) = send.await?;
+                    let deadline = started + total;
                     let body = within(deadline, "completion", read_body(response, limit)).await??;
                     read(&body, prompt_tokens)
                 })
@@ -244,8 +245,8 @@ impl Upstream {
             ),
             Mode::Stream => Box::pin(
                 futures::stream::once(async move {
-                    let response = send.await?;
-                    let limits = StreamLimits { first_token, idle, deadline, bytes: limit };
+                    let (response, started) = send.await?;
+                    let limits = StreamLimits { first_token, idle, deadline: started + total, bytes: limit };
                     Ok::<_, UpstreamError>(SseStream::new(response.bytes_stream(), decoder, limits).into_stream())
                 })
                 .map(|result| match result {
@@ -257,14 +258,14 @@ impl Upstream {
         }
     }
 
-    /// Sends the request and checks the status. The response head must come within the first
-    /// token timeout (and the total).
+    /// Sends the request and checks the status, starting the call's clock when first polled (the
+    /// `Instant` it answers). The response head must come within the first token timeout (and the
+    /// total).
     fn send(
         &self,
         url: &reqwest::Url,
         body: String,
-        started: Instant,
-    ) -> impl std::future::Future<Output = Result<reqwest::Response, UpstreamError>> + Send + 'static {
+    ) -> impl std::future::Future<Output = Result<(reqwest::Response, Instant), UpstreamError>> + Send + 'static {
         let mut builder = self
             .client
             .post(url.clone())
@@ -277,15 +278,17 @@ impl Upstream {
                 Auth::Header(name) => builder.header(name, key.as_ref()),
             };
         }
-        let deadline = (started + self.first_token).min(started + self.total);
+        let (first_token, total) = (self.first_token, self.total);
         let (url, key) = (self.shown_url.clone(), self.key.clone());
         async move {
+            let started = Instant::now();
+            let deadline = (started + first_token).min(started + total);
             let response = within(deadline, "response", builder.send()).await?.map_err(|e| {
                 // The URL is logged once, redacted: reqwest's own message would show it whole.
                 UpstreamError::new(Kind::Unreachable, format!("POST {url}: {}", error_chain(&e.without_url())))
             })?;
             if response.status().is_success() {
-                return Ok(response);
+                return Ok((response, started));
             }
             let status = response.status();
             let headers = response.headers().clone();

@@ -8,6 +8,7 @@ pub mod failure;
 pub mod gemini;
 #[cfg(test)]
 mod golden;
+pub mod group;
 pub mod http;
 pub mod openai;
 mod remote;
@@ -67,6 +68,8 @@ pub enum ModelConfig {
     Azure(http::HttpModelConfig),
     /// Google's Gemini API, natively.
     Gemini(http::HttpModelConfig),
+    /// One name over several deployments, with failover and cool-downs.
+    Group(group::GroupConfig),
 }
 
 /// A model's catalog entry (`[generation.models.NAME.catalog]`): what ListModels reports, and
@@ -92,6 +95,7 @@ pub enum Provider {
     /// OpenAI-compatible, Azure, Anthropic or Gemini (boxed: a model is built once, and the enum
     /// stays small).
     Remote(Box<remote::Remote>),
+    Group(Box<group::Group>),
 }
 
 impl Provider {
@@ -99,6 +103,9 @@ impl Provider {
     pub fn from_config(name: &str, config: &ModelConfig, max_response_bytes: u64) -> anyhow::Result<Self> {
         let (config, wire, api) = match config {
             ModelConfig::Sim(sim) => return Ok(Self::Sim(sim::Sim::new(sim.clone()))),
+            ModelConfig::Group(group) => {
+                return Ok(Self::Group(Box::new(group::Group::new(name, group, max_response_bytes)?)));
+            }
             ModelConfig::Openai(config) => (config, Wire::OpenAi, &openai::OPENAI),
             ModelConfig::Azure(config) => (config, Wire::OpenAi, &openai::AZURE),
             ModelConfig::Anthropic(config) => (config, Wire::Anthropic, &anthropic::API),
@@ -112,6 +119,7 @@ impl Provider {
         match self {
             Self::Sim(_) => "sim",
             Self::Remote(remote) => remote.provider(),
+            Self::Group(_) => "group",
         }
     }
 
@@ -120,6 +128,7 @@ impl Provider {
         match self {
             Self::Sim(sim) => sim.deterministic(),
             Self::Remote(remote) => remote.deterministic(),
+            Self::Group(group) => group.deterministic(),
         }
     }
 
@@ -128,6 +137,7 @@ impl Provider {
         match self {
             Self::Sim(sim) => sim.catalog(),
             Self::Remote(remote) => remote.catalog(),
+            Self::Group(group) => group.catalog(),
         }
     }
 
@@ -136,6 +146,7 @@ impl Provider {
         match self {
             Self::Sim(_) => name,
             Self::Remote(remote) => remote.upstream_model(),
+            Self::Group(group) => group.upstream_model(name),
         }
     }
 
@@ -146,6 +157,7 @@ impl Provider {
         match self {
             Self::Sim(sim) => Ok(sim.stream(request, max_tokens)),
             Self::Remote(remote) => remote.stream(request, max_tokens, mode),
+            Self::Group(group) => group.stream(request, max_tokens, mode),
         }
     }
 }

@@ -8,7 +8,7 @@
 //! ends without a `grpc-status` trailer ended well (HTTP has no trailers to say otherwise).
 
 /// Every HTTP route's path, which is also its `endpoint` label.
-pub const HTTP_ROUTES: &[&str] = &["/v1/chat/completions", "/v1/models", "/v1/messages", "/generate"];
+pub const HTTP_ROUTES: &[&str] = &["/v1/chat/completions", "/v1/models", "/v1/messages", "/v1/responses", "/generate"];
 
 /// The `endpoint` label of `path` when it is one of [`HTTP_ROUTES`].
 pub fn http_route(path: &str) -> Option<&'static str> {

@@ -56,7 +56,7 @@ use serde::{Deserialize, Serialize};
 use tonic::{Code, body::Body};
 use tower::Service;
 
-use self::dialect::{Anthropic, Dialect, OpenAi, Seed};
+use self::dialect::{Anthropic, Dialect, OpenAi, Responses, Seed};
 pub use self::errors::{Problem, RejectionLayer};
 use crate::{
     admission::Quota,
@@ -113,11 +113,12 @@ enum Route {
     ChatCompletions,
     Models,
     Messages,
+    Responses,
     Generate,
 }
 
 impl Route {
-    const ALL: [Route; 4] = [Self::ChatCompletions, Self::Models, Self::Messages, Self::Generate];
+    const ALL: [Route; 5] = [Self::ChatCompletions, Self::Models, Self::Messages, Self::Responses, Self::Generate];
 
     fn of(path: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|route| route.path() == path)
@@ -128,6 +129,7 @@ impl Route {
             Self::ChatCompletions => "/v1/chat/completions",
             Self::Models => "/v1/models",
             Self::Messages => "/v1/messages",
+            Self::Responses => "/v1/responses",
             Self::Generate => "/generate",
         }
     }
@@ -223,6 +225,7 @@ impl Ingress {
             Route::ChatCompletions => route::serve::<OpenAi>(&self, parts, body).await,
             Route::Models => route::models(&self, parts).await,
             Route::Messages => route::serve::<Anthropic>(&self, parts, body).await,
+            Route::Responses => route::serve::<Responses>(&self, parts, body).await,
             Route::Generate => route::serve::<Seed>(&self, parts, body).await,
         };
         result.unwrap_or_else(|problem| api.error(problem))

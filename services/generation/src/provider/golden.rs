@@ -95,7 +95,7 @@ pub fn requests(provider: &str, body: impl Fn(&GenerateRequest, bool) -> Result<
         failures.extend(check(&dir.join(format!("{name}.out.json")), &pinned(&request, false)));
     }
     let gateway = Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway/tests/golden");
-    for dialect in ["openai", "anthropic"] {
+    for dialect in ["openai", "anthropic", "responses"] {
         for (name, path) in inputs(&gateway.join(dialect).join("request"), ".out.json") {
             let translated = read_json(&path);
             let Some(request) = translated.get("request") else { continue };

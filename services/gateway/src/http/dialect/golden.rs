@@ -23,7 +23,7 @@ use prost::Message as _;
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use serde_json::{Value, json};
 
-use super::{Anthropic, Context, Dialect, OpenAi, Parsed, Seed};
+use super::{Anthropic, Context, Dialect, OpenAi, Parsed, Responses, Seed};
 use crate::http::{Problem, sse::Events};
 
 /// `created` in every rendered answer.
@@ -200,6 +200,21 @@ fn anthropic_responses() {
 #[test]
 fn anthropic_streams() {
     streams::<Anthropic>("anthropic");
+}
+
+#[test]
+fn responses_requests() {
+    requests::<Responses>("responses");
+}
+
+#[test]
+fn responses_responses() {
+    responses::<Responses>("responses");
+}
+
+#[test]
+fn responses_streams() {
+    streams::<Responses>("responses");
 }
 
 #[test]

@@ -27,6 +27,7 @@ mod fields;
 mod golden;
 mod openai;
 mod openai_content;
+mod responses;
 mod seed;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -37,7 +38,7 @@ use llmesh_proto::{
 };
 use serde_json::Value;
 
-pub use self::{anthropic::Anthropic, openai::OpenAi, seed::Seed};
+pub use self::{anthropic::Anthropic, openai::OpenAi, responses::Responses, seed::Seed};
 use super::{
     CACHE_POLICIES, Class, Problem, cache_policy_named, finish_reason,
     sse::{self, Events},

@@ -322,7 +322,7 @@ pub fn parts(parts: Vec<Obj<PartBody>>, path_of: &str) -> Result<Vec<ContentPart
 }
 
 /// An image by URL, or a `data:` URL's bytes and media type.
-fn image_of(url: &str, detail: ImageDetail, path: &str) -> Result<Image, Problem> {
+pub fn image_of(url: &str, detail: ImageDetail, path: &str) -> Result<Image, Problem> {
     let Some(data) = url.strip_prefix("data:") else {
         return Ok(Image {
             source: Some(image::Source::Url(url.to_string())),

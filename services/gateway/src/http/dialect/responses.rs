@@ -82,9 +82,7 @@ impl Dialect for Responses {
             created,
             sequence: 0,
             items: Vec::new(),
-            open: None,
-            calls: HashMap::new(),
-            reasoning: HashMap::new(),
+            open: false,
             finish: 0,
             usage: None,
         }
@@ -742,28 +740,37 @@ fn usage_object(usage: Usage) -> Value {
     })
 }
 
-/// The item a stream is writing.
+/// What an item of a stream is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Open {
-    Reasoning { block: u32 },
+enum OutputKind {
+    Reasoning,
     Message,
-    Call { call: u32 },
+    Call,
 }
 
-/// A stream's events (see the module's comment). The items are kept whole as they are written,
-/// for their `.done` events and `response.completed`.
+/// An item of a stream, as written so far. Its text grows by `push_str` (a copy of the whole
+/// text per delta would make a long answer cost its length squared).
+struct Output {
+    kind: OutputKind,
+    /// Its index among the items of its kind (a call's or a reasoning block's own index).
+    index: u32,
+    /// The message's text, the reasoning's summary, or the call's arguments.
+    text: String,
+    call_id: String,
+    name: String,
+    encrypted: Vec<u8>,
+}
+
+/// A stream's events (see the module's comment). The items are kept as they are written, for
+/// their `.done` events and `response.completed`.
 pub struct ResponseEvents {
     id: String,
     model: String,
     created: u64,
     sequence: u64,
-    /// The items so far, in order, each with what it is.
-    items: Vec<(Open, Value)>,
-    open: Option<Open>,
-    /// A call's item, by the call's index.
-    calls: HashMap<u32, usize>,
-    /// A reasoning block's item, by the block's index.
-    reasoning: HashMap<u32, usize>,
+    items: Vec<Output>,
+    /// Whether the last item is still open.
+    open: bool,
     finish: i32,
     usage: Option<Usage>,
 }
@@ -776,117 +783,122 @@ impl ResponseEvents {
         sse::event(name, &value, out);
     }
 
+    /// Item `at` as the API writes it: whole, or `announced` (nothing in it yet).
+    fn item(&self, at: usize, announced: bool) -> Value {
+        let item = &self.items[at];
+        let status = if announced { "in_progress" } else { "completed" };
+        match item.kind {
+            OutputKind::Reasoning => {
+                let block = Reasoning {
+                    text: item.text.clone(),
+                    redacted_content: item.encrypted.clone(),
+                    ..Default::default()
+                };
+                let mut value = reasoning_item(&self.id, item.index as usize, &block);
+                if announced {
+                    value["summary"] = json!([]);
+                }
+                value
+            }
+            OutputKind::Message => {
+                let mut value = message_item(&self.id, &item.text, status);
+                if announced {
+                    value["content"] = json!([]);
+                }
+                value
+            }
+            OutputKind::Call => {
+                let arguments = if announced { "" } else { item.text.as_str() };
+                call_item(&self.id, item.index as usize, &item.call_id, &item.name, arguments, status)
+            }
+        }
+    }
+
     fn object(&self, status: &str) -> Value {
-        let output = self.items.iter().map(|(_, item)| item.clone()).collect();
+        let output = (0..self.items.len()).map(|at| self.item(at, false)).collect();
         response_object(&self.id, &self.model, self.created, status, self.finish, output, self.usage)
     }
 
-    /// Opens `open` (closing the item before it), when it is not the open one.
-    fn begin(&mut self, open: Open, item: Value, out: &mut Vec<u8>) -> usize {
+    /// The open item of `kind` and `index`, or a new one (the open item closed first).
+    fn at(&mut self, kind: OutputKind, index: u32, out: &mut Vec<u8>) -> usize {
+        if self.open && self.items.last().is_some_and(|item| item.kind == kind && item.index == index) {
+            return self.items.len() - 1;
+        }
         self.close_open(out);
-        let index = self.items.len();
-        // As announced, an item holds nothing yet: its parts come with their own events.
-        let mut announced = item.clone();
-        for empty in ["content", "summary"] {
-            if let Some(field) = announced.get_mut(empty) {
-                *field = json!([]);
-            }
-        }
-        self.items.push((open, item));
-        self.open = Some(open);
-        self.send("response.output_item.added", json!({ "output_index": index, "item": announced }), out);
-        match open {
-            Open::Message => {
+        let at = self.items.len();
+        let item = Output {
+            kind,
+            index,
+            text: String::new(),
+            call_id: String::new(),
+            name: String::new(),
+            encrypted: Vec::new(),
+        };
+        self.items.push(item);
+        self.open = true;
+        at
+    }
+
+    /// Announces item `at` (and, for a message or a reasoning block, its one part).
+    fn announce(&mut self, at: usize, out: &mut Vec<u8>) {
+        let item = self.item(at, true);
+        let item_id = item["id"].clone();
+        self.send("response.output_item.added", json!({ "output_index": at, "item": item }), out);
+        match self.items[at].kind {
+            OutputKind::Message => {
                 let part = json!({ "type": "output_text", "text": "", "annotations": [] });
-                let item_id = self.items[index].1["id"].clone();
-                self.send(
-                    "response.content_part.added",
-                    json!({ "item_id": item_id, "output_index": index, "content_index": 0, "part": part }),
-                    out,
-                );
+                let added = json!({ "item_id": item_id, "output_index": at, "content_index": 0, "part": part });
+                self.send("response.content_part.added", added, out);
             }
-            Open::Reasoning { .. } => {
+            OutputKind::Reasoning => {
                 let part = json!({ "type": "summary_text", "text": "" });
-                let item_id = self.items[index].1["id"].clone();
-                self.send(
-                    "response.reasoning_summary_part.added",
-                    json!({ "item_id": item_id, "output_index": index, "summary_index": 0, "part": part }),
-                    out,
-                );
+                let added = json!({ "item_id": item_id, "output_index": at, "summary_index": 0, "part": part });
+                self.send("response.reasoning_summary_part.added", added, out);
             }
-            Open::Call { .. } => {}
+            OutputKind::Call => {}
         }
-        index
     }
 
     /// Ends the open item with its `.done` events.
     fn close_open(&mut self, out: &mut Vec<u8>) {
-        let Some(open) = self.open.take() else { return };
-        let Some(index) = self.items.iter().rposition(|(kind, _)| *kind == open) else { return };
-        let item_id = self.items[index].1["id"].clone();
-        match open {
-            Open::Message => {
-                let text = self.items[index].1["content"][0]["text"].clone();
-                self.send(
-                    "response.output_text.done",
-                    json!({ "item_id": item_id, "output_index": index, "content_index": 0, "text": text }),
-                    out,
-                );
-                let part = self.items[index].1["content"][0].clone();
-                self.send(
-                    "response.content_part.done",
-                    json!({ "item_id": item_id, "output_index": index, "content_index": 0, "part": part }),
-                    out,
-                );
+        if !std::mem::take(&mut self.open) {
+            return;
+        }
+        let at = self.items.len() - 1;
+        let item = self.item(at, false);
+        let item_id = item["id"].clone();
+        match self.items[at].kind {
+            OutputKind::Message => {
+                let part = item["content"][0].clone();
+                let text = part["text"].clone();
+                let done = json!({ "item_id": item_id, "output_index": at, "content_index": 0, "text": text });
+                self.send("response.output_text.done", done, out);
+                let done = json!({ "item_id": item_id, "output_index": at, "content_index": 0, "part": part });
+                self.send("response.content_part.done", done, out);
             }
-            Open::Reasoning { .. } => {
-                let text = self.items[index].1["summary"][0]["text"].clone();
-                self.send(
-                    "response.reasoning_summary_text.done",
-                    json!({ "item_id": item_id, "output_index": index, "summary_index": 0, "text": text }),
-                    out,
-                );
-                let part = self.items[index].1["summary"][0].clone();
-                self.send(
-                    "response.reasoning_summary_part.done",
-                    json!({ "item_id": item_id, "output_index": index, "summary_index": 0, "part": part }),
-                    out,
-                );
+            OutputKind::Reasoning => {
+                let part = json!({ "type": "summary_text", "text": self.items[at].text });
+                let done = json!({ "item_id": item_id, "output_index": at, "summary_index": 0, "text": part["text"] });
+                self.send("response.reasoning_summary_text.done", done, out);
+                let done = json!({ "item_id": item_id, "output_index": at, "summary_index": 0, "part": part });
+                self.send("response.reasoning_summary_part.done", done, out);
             }
-            Open::Call { .. } => {
-                let arguments = self.items[index].1["arguments"].clone();
-                self.send(
-                    "response.function_call_arguments.done",
-                    json!({ "item_id": item_id, "output_index": index, "arguments": arguments }),
-                    out,
-                );
+            OutputKind::Call => {
+                let done = json!({ "item_id": item_id, "output_index": at, "arguments": item["arguments"] });
+                self.send("response.function_call_arguments.done", done, out);
             }
         }
-        self.items[index].1["status"] = "completed".into();
-        if matches!(open, Open::Reasoning { .. }) {
-            // Reasoning items have no status.
-            if let Some(item) = self.items[index].1.as_object_mut() {
-                item.remove("status");
-            }
-        }
-        let item = self.items[index].1.clone();
-        self.send("response.output_item.done", json!({ "output_index": index, "item": item }), out);
+        self.send("response.output_item.done", json!({ "output_index": at, "item": item }), out);
     }
 
-    fn text(&mut self, delta: &str, out: &mut Vec<u8>) {
-        let index = match self.open {
-            Some(Open::Message) => self.items.len() - 1,
-            _ => self.begin(Open::Message, message_item(&self.id.clone(), "", "in_progress"), out),
-        };
-        if let Some(text) = self.items[index].1["content"][0]["text"].as_str() {
-            self.items[index].1["content"][0]["text"] = format!("{text}{delta}").into();
+    /// Item `at`'s id, as its events name it.
+    fn item_id(&self, at: usize) -> String {
+        let item = &self.items[at];
+        match item.kind {
+            OutputKind::Reasoning => format!("rs_{}_{}", self.id, item.index),
+            OutputKind::Message => format!("msg_{}", self.id),
+            OutputKind::Call => format!("fc_{}_{}", self.id, item.index),
         }
-        let item_id = self.items[index].1["id"].clone();
-        self.send(
-            "response.output_text.delta",
-            json!({ "item_id": item_id, "output_index": index, "content_index": 0, "delta": delta, "logprobs": [] }),
-            out,
-        );
     }
 }
 
@@ -898,57 +910,51 @@ impl Events for ResponseEvents {
     }
 
     fn chunk(&mut self, chunk: &GenerateStreamResponse, out: &mut Vec<u8>) {
-        let id = self.id.clone();
         for delta in &chunk.reasoning {
-            let index = match self.reasoning.get(&delta.index) {
-                Some(&index) if self.open == Some(Open::Reasoning { block: delta.index }) => index,
-                _ => {
-                    let block = Reasoning::default();
-                    let mut item = reasoning_item(&id, delta.index as usize, &block);
-                    item["summary"] = json!([{ "type": "summary_text", "text": "" }]);
-                    let index = self.begin(Open::Reasoning { block: delta.index }, item, out);
-                    self.reasoning.insert(delta.index, index);
-                    index
-                }
-            };
+            let at = self.at(OutputKind::Reasoning, delta.index, out);
+            let new = self.items[at].text.is_empty() && self.items[at].encrypted.is_empty();
             if !delta.redacted_content.is_empty() {
-                self.items[index].1["encrypted_content"] = String::from_utf8_lossy(&delta.redacted_content).into();
+                self.items[at].encrypted.clone_from(&delta.redacted_content);
+            }
+            if new {
+                self.announce(at, out);
             }
             if !delta.text.is_empty() {
-                if let Some(text) = self.items[index].1["summary"][0]["text"].as_str() {
-                    self.items[index].1["summary"][0]["text"] = format!("{text}{}", delta.text).into();
-                }
-                let item_id = self.items[index].1["id"].clone();
-                self.send(
-                    "response.reasoning_summary_text.delta",
-                    json!({ "item_id": item_id, "output_index": index, "summary_index": 0, "delta": delta.text }),
-                    out,
-                );
+                self.items[at].text.push_str(&delta.text);
+                let item_id = self.item_id(at);
+                let event = json!({ "item_id": item_id, "output_index": at, "summary_index": 0, "delta": delta.text });
+                self.send("response.reasoning_summary_text.delta", event, out);
             }
         }
         if !chunk.delta.is_empty() {
-            self.text(&chunk.delta, out);
+            let at = self.at(OutputKind::Message, 0, out);
+            if self.items[at].text.is_empty() {
+                self.announce(at, out);
+            }
+            self.items[at].text.push_str(&chunk.delta);
+            let item_id = self.item_id(at);
+            let event = json!({
+                "item_id": item_id, "output_index": at, "content_index": 0, "delta": chunk.delta, "logprobs": [],
+            });
+            self.send("response.output_text.delta", event, out);
         }
         for delta in &chunk.tool_calls {
-            let index = match self.calls.get(&delta.index) {
-                Some(&index) => index,
+            let known = self.items.iter().rposition(|item| item.kind == OutputKind::Call && item.index == delta.index);
+            let at = match known {
+                Some(at) => at,
                 None => {
-                    let item = call_item(&id, delta.index as usize, &delta.id, &delta.name, "", "in_progress");
-                    let index = self.begin(Open::Call { call: delta.index }, item, out);
-                    self.calls.insert(delta.index, index);
-                    index
+                    let at = self.at(OutputKind::Call, delta.index, out);
+                    self.items[at].call_id.clone_from(&delta.id);
+                    self.items[at].name.clone_from(&delta.name);
+                    self.announce(at, out);
+                    at
                 }
             };
             if !delta.arguments.is_empty() {
-                if let Some(arguments) = self.items[index].1["arguments"].as_str() {
-                    self.items[index].1["arguments"] = format!("{arguments}{}", delta.arguments).into();
-                }
-                let item_id = self.items[index].1["id"].clone();
-                self.send(
-                    "response.function_call_arguments.delta",
-                    json!({ "item_id": item_id, "output_index": index, "delta": delta.arguments }),
-                    out,
-                );
+                self.items[at].text.push_str(&delta.arguments);
+                let item_id = self.item_id(at);
+                let event = json!({ "item_id": item_id, "output_index": at, "delta": delta.arguments });
+                self.send("response.function_call_arguments.delta", event, out);
             }
         }
         if chunk.finish_reason != 0 {
@@ -961,7 +967,8 @@ impl Events for ResponseEvents {
         self.close_open(out);
         if self.items.is_empty() {
             // An answer of nothing is an empty message, as the unary answer gives it.
-            self.begin(Open::Message, message_item(&self.id.clone(), "", "in_progress"), out);
+            let at = self.at(OutputKind::Message, 0, out);
+            self.announce(at, out);
             self.close_open(out);
         }
         let response = self.object("completed");

@@ -123,3 +123,18 @@ async fn a_deployment_without_a_form_for_the_request_is_passed_over() {
     assert_eq!(client.generate(request).await.unwrap().into_inner().text, "from B");
     assert_eq!(claude.received(), 0);
 }
+
+#[tokio::test]
+async fn a_deployment_whose_headers_say_it_has_nothing_left_is_passed_over_before_its_429() {
+    let spent = "x-ratelimit-remaining-requests: 0\r\nx-ratelimit-reset-requests: 30s\r\n";
+    let a = Upstream::start(Arc::new(move |_| vec![json_response("200 OK", spent, ANSWER)])).await;
+    let b =
+        Upstream::start(Arc::new(|_| vec![json_response("200 OK", "x-ratelimit-remaining-requests: 99\r\n", ANSWER)]))
+            .await;
+    let mut client = group(vec![openai_at(&a), openai_at(&b)]).await;
+    for _ in 0..4 {
+        client.generate(ask("hello")).await.unwrap();
+    }
+    assert_eq!(a.received(), 1, "its last answer said it had no requests left for 30 s");
+    assert_eq!(b.received(), 3);
+}

@@ -4,7 +4,9 @@
 //! but the upstream refusing the request itself) is passed over for the call, which goes on to the
 //! next, and cools down: no call goes to it for `cooldown_ms`, or for as long as a 429's
 //! Retry-After asks when that is longer. When every deployment is cooling, the call is
-//! RESOURCE_EXHAUSTED with the shortest wait as its pushback, and no upstream is called. Once a
+//! RESOURCE_EXHAUSTED with the shortest wait as its pushback, and no upstream is called. A
+//! deployment whose last response's rate-limit headers said nothing remains (`headroom`) is out
+//! the same way until the reset they gave, before it ever answers 429. Once a
 //! deployment's answer has begun, a failure is the call's: a stream is never resent.
 //!
 //! A deployment that has no form for the request (an Anthropic one and a JSON_OBJECT response
@@ -125,10 +127,16 @@ impl Group {
     /// cooling ones left out. `Err` with the shortest wait when every one is cooling.
     fn order(&self, now: Instant) -> Result<Vec<usize>, Duration> {
         let Ok(mut state) = self.state.lock() else { return Ok((0..self.deployments.len()).collect()) };
-        let available: Vec<usize> =
-            (0..self.deployments.len()).filter(|&i| state.cooling[i].is_none_or(|until| until <= now)).collect();
+        // Out: cooling after a failure, or out of headroom by its own rate-limit headers.
+        let out: Vec<Option<Instant>> = (0..self.deployments.len())
+            .map(|i| {
+                let cooling = state.cooling[i].filter(|until| *until > now);
+                cooling.max(self.deployments[i].exhausted_until(now))
+            })
+            .collect();
+        let available: Vec<usize> = (0..self.deployments.len()).filter(|&i| out[i].is_none()).collect();
         if available.is_empty() {
-            let wait = state.cooling.iter().flatten().map(|until| until.saturating_duration_since(now)).min();
+            let wait = out.iter().flatten().map(|until| until.saturating_duration_since(now)).min();
             return Err(wait.unwrap_or(self.cooldown));
         }
         let total: i64 = available.iter().map(|&i| self.weights[i]).sum();

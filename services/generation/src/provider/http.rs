@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use super::{
     Catalog, Event, EventStream, Mode,
     error::{Kind, UpstreamError},
+    headroom::Headroom,
     sse::SseParser,
 };
 
@@ -151,6 +152,8 @@ pub struct Upstream {
     idle: Duration,
     total: Duration,
     max_response_bytes: u64,
+    /// What the last response's rate-limit headers said.
+    headroom: Arc<Headroom>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -206,12 +209,18 @@ impl Upstream {
             idle: Duration::from_millis(config.idle_timeout_ms),
             total: Duration::from_millis(config.total_timeout_ms),
             max_response_bytes: config.max_response_bytes.unwrap_or(max_response_bytes),
+            headroom: Arc::default(),
         })
     }
 
     /// The provider's name, as responses and metrics give it.
     pub fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// Until when the upstream's rate-limit headers said it has no headroom, if still ahead.
+    pub fn exhausted_until(&self, now: Instant) -> Option<Instant> {
+        self.headroom.exhausted_until(now)
     }
 
     /// Calls the API with `body` and reads its answer: whole with `read` (unary), or as
@@ -279,7 +288,7 @@ impl Upstream {
             };
         }
         let (first_token, total) = (self.first_token, self.total);
-        let (url, key) = (self.shown_url.clone(), self.key.clone());
+        let (url, key, headroom) = (self.shown_url.clone(), self.key.clone(), self.headroom.clone());
         async move {
             let started = Instant::now();
             let deadline = (started + first_token).min(started + total);
@@ -287,6 +296,7 @@ impl Upstream {
                 // The URL is logged once, redacted: reqwest's own message would show it whole.
                 UpstreamError::new(Kind::Unreachable, format!("POST {url}: {}", error_chain(&e.without_url())))
             })?;
+            headroom.note(response.headers());
             if response.status().is_success() {
                 return Ok((response, started));
             }

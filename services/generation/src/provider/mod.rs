@@ -9,6 +9,7 @@ pub mod gemini;
 #[cfg(test)]
 mod golden;
 pub mod group;
+mod headroom;
 pub mod http;
 pub mod openai;
 mod remote;
@@ -147,6 +148,15 @@ impl Provider {
             Self::Sim(_) => name,
             Self::Remote(remote) => remote.upstream_model(),
             Self::Group(group) => group.upstream_model(name),
+        }
+    }
+
+    /// Until when the model's upstream said it has no headroom left (a remote model's rate-limit
+    /// headers), if that is still ahead.
+    pub fn exhausted_until(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        match self {
+            Self::Remote(remote) => remote.exhausted_until(now),
+            Self::Sim(_) | Self::Group(_) => None,
         }
     }
 

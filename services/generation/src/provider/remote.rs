@@ -71,6 +71,11 @@ impl Remote {
         &self.catalog
     }
 
+    /// Until when the upstream's rate-limit headers said it has no headroom, if still ahead.
+    pub fn exhausted_until(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        self.upstream.exhausted_until(now)
+    }
+
     /// Starts the call. A request the wire format has no form for is INVALID_ARGUMENT, naming the
     /// field, before anything is sent.
     pub fn stream(&self, request: &GenerateRequest, max_tokens: u32, mode: Mode) -> Result<EventStream, Status> {

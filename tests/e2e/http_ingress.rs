@@ -228,6 +228,11 @@ async fn openai_and_anthropic_over_http1_and_http2_share_the_grpc_cache() {
     assert_eq!(bad.json()["type"], "error");
     assert_eq!(bad.json()["error"]["type"], "invalid_request_error");
     assert!(bad.json()["error"]["message"].as_str().unwrap().starts_with("max_tokens"), "{bad:?}");
+    let answered = post(gateway, "/v1/responses", &json!({"model": "sim", "input": "hello there"}), &[]).await;
+    assert_eq!((answered.status, answered.json()["object"].as_str()), (200, Some("response")), "{answered:?}");
+    let stateful =
+        post(gateway, "/v1/responses", &json!({"model": "sim", "input": "x", "previous_response_id": "r"}), &[]).await;
+    assert_eq!((stateful.status, stateful.json()["error"]["param"].as_str()), (400, Some("previous_response_id")));
     let big = chat(&"x".repeat(5000));
     let too_large = post(gateway, "/v1/chat/completions", &big, &[]).await;
     assert_eq!(too_large.status, 413, "{too_large:?}");
@@ -247,6 +252,8 @@ async fn openai_and_anthropic_over_http1_and_http2_share_the_grpc_cache() {
     assert!(requests(r#"endpoint="/v1/chat/completions",status="INVALID_ARGUMENT""#).await >= 2.0);
     assert!(requests(r#"endpoint="/v1/messages",status="INVALID_ARGUMENT""#).await >= 1.0);
     assert!(requests(r#"endpoint="/v1/models",status="OK""#).await >= 1.0);
+    assert!(requests(r#"endpoint="/v1/responses",status="OK""#).await >= 1.0);
+    assert!(requests(r#"endpoint="/v1/responses",status="INVALID_ARGUMENT""#).await >= 1.0);
     assert!(requests(r#"endpoint="Generate",status="OK""#).await >= 1.0);
 }
 

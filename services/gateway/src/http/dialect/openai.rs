@@ -71,7 +71,7 @@ impl Dialect for OpenAi {
 }
 
 /// OpenAI's error `type` and `code` for a failure.
-fn error_type(problem: &Problem) -> (&'static str, Option<&'static str>) {
+pub(super) fn error_type(problem: &Problem) -> (&'static str, Option<&'static str>) {
     match problem.class {
         Class::InvalidRequest | Class::MethodNotAllowed => ("invalid_request_error", None),
         Class::Unauthenticated => ("authentication_error", Some("invalid_api_key")),

@@ -182,18 +182,26 @@ fn tool(body: ToolBody, at: &str) -> Result<Tool, Problem> {
     Ok(tool)
 }
 
+/// A `tool_choice` given as a mode's name (OpenAI's Chat Completions and Responses both take
+/// them).
+pub fn tool_mode(name: &str) -> Result<Option<ToolChoice>, Problem> {
+    let mode = match name {
+        "auto" => ToolChoiceMode::Auto,
+        "none" => ToolChoiceMode::None,
+        "required" => ToolChoiceMode::Required,
+        _ => {
+            return Err(Problem::invalid("tool_choice", "must be \"auto\", \"none\", \"required\" or a named function"));
+        }
+    };
+    Ok(Some(ToolChoice { mode: mode.into(), name: String::new() }))
+}
+
 /// `tool_choice`: a mode's name, or `{type: "function", function: {name}}`.
 pub fn tool_choice(body: Option<ToolChoiceBody>) -> Result<Option<ToolChoice>, Problem> {
     let at = "tool_choice";
-    let mode = |mode: ToolChoiceMode| Ok(Some(ToolChoice { mode: mode.into(), name: String::new() }));
     match body {
         None => Ok(None),
-        Some(TextOr::Text(name)) => match name.as_str() {
-            "auto" => mode(ToolChoiceMode::Auto),
-            "none" => mode(ToolChoiceMode::None),
-            "required" => mode(ToolChoiceMode::Required),
-            _ => Err(Problem::invalid(at, "must be \"auto\", \"none\", \"required\" or a named function")),
-        },
+        Some(TextOr::Text(name)) => tool_mode(&name),
         Some(TextOr::Object(choice)) => {
             let kind = required(choice.kind, at, "type")?;
             if kind != "function" {

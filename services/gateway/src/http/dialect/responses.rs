@@ -36,7 +36,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{
-    Class, Context, Dialect, Parsed, Problem, Unmapped,
+    Context, Dialect, OpenAi, Parsed, Problem, Unmapped,
     fields::{self, Listed, Obj, TextOr, path, refuse_rest, required},
     finish_reason, openai_content,
     sse::{self, Events},
@@ -88,25 +88,9 @@ impl Dialect for Responses {
         }
     }
 
+    /// OpenAI's error body, as the Chat Completions route gives it.
     fn error_body(problem: &Problem) -> Value {
-        let (kind, code) = error_type(problem.class);
-        json!({ "error": { "message": problem.message, "type": kind, "param": problem.param, "code": code } })
-    }
-}
-
-/// OpenAI's error `type` and `code` for a failure (as the Chat Completions route gives them).
-fn error_type(class: Class) -> (&'static str, Option<&'static str>) {
-    match class {
-        Class::InvalidRequest | Class::MethodNotAllowed | Class::NotFound | Class::TooLarge => {
-            ("invalid_request_error", None)
-        }
-        Class::Unauthenticated => ("authentication_error", Some("invalid_api_key")),
-        Class::PermissionDenied => ("permission_error", None),
-        Class::RateLimited => ("rate_limit_error", Some("rate_limit_exceeded")),
-        Class::OverBudget => ("insufficient_quota", Some("insufficient_quota")),
-        Class::Overloaded => ("server_error", Some("overloaded")),
-        Class::Timeout { .. } => ("timeout_error", Some("timeout")),
-        Class::Unavailable | Class::Internal | Class::Cancelled => ("server_error", None),
+        OpenAi::error_body(problem)
     }
 }
 
@@ -599,17 +583,12 @@ fn tool(body: ToolBody, at: &str) -> Result<Tool, Problem> {
     })
 }
 
+/// `tool_choice`: a mode's name, or `{type: "function", name}`.
 fn tool_choice(body: Option<TextOr<serde::de::IgnoredAny, ChoiceBody>>) -> Result<Option<ToolChoice>, Problem> {
     let at = "tool_choice";
-    let mode = |mode: ToolChoiceMode| Ok(Some(ToolChoice { mode: mode.into(), name: String::new() }));
     match body {
         None => Ok(None),
-        Some(TextOr::Text(name)) => match name.as_str() {
-            "auto" => mode(ToolChoiceMode::Auto),
-            "none" => mode(ToolChoiceMode::None),
-            "required" => mode(ToolChoiceMode::Required),
-            _ => Err(Problem::invalid(at, "must be \"auto\", \"none\", \"required\" or a function")),
-        },
+        Some(TextOr::Text(name)) => openai_content::tool_mode(&name),
         Some(TextOr::Object(choice)) => {
             let kind = required(choice.kind, at, "type")?;
             if kind != "function" {
@@ -977,7 +956,7 @@ impl Events for ResponseEvents {
     }
 
     fn fail(&mut self, problem: &Problem, out: &mut Vec<u8>) {
-        let (_, code) = error_type(problem.class);
+        let (_, code) = super::openai::error_type(problem);
         self.send("error", json!({ "code": code, "message": problem.message, "param": problem.param }), out);
     }
 }

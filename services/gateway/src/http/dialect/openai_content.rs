@@ -190,7 +190,10 @@ pub fn tool_mode(name: &str) -> Result<Option<ToolChoice>, Problem> {
         "none" => ToolChoiceMode::None,
         "required" => ToolChoiceMode::Required,
         _ => {
-            return Err(Problem::invalid("tool_choice", "must be \"auto\", \"none\", \"required\" or a named function"));
+            return Err(Problem::invalid(
+                "tool_choice",
+                "must be \"auto\", \"none\", \"required\" or a named function",
+            ));
         }
     };
     Ok(Some(ToolChoice { mode: mode.into(), name: String::new() }))

@@ -36,6 +36,26 @@ pub fn arguments_object<'a>(arguments: &'a str, at: &str, why: &'static str) -> 
         .ok_or_else(|| refuse(format!("{at}.arguments"), why))
 }
 
+/// Adds `fields` to the end of a JSON object's text, before its closing brace, their values byte
+/// for byte; a field named in `own` (one llmesh sets itself) is left out.
+pub fn append_fields<'a>(
+    body: &mut String,
+    fields: impl IntoIterator<Item = (&'a str, &'a RawValue)>,
+    own: &[&str],
+) -> Result<(), serde_json::Error> {
+    for (name, value) in fields.into_iter().filter(|(name, _)| !own.contains(name)) {
+        if body.ends_with('}') {
+            body.pop();
+            body.push(',');
+            body.push_str(&serde_json::to_string(name)?);
+            body.push(':');
+            body.push_str(value.get());
+            body.push('}');
+        }
+    }
+    Ok(())
+}
+
 /// A JSON object's text as a map (empty when it is empty or not an object).
 pub fn object(text: &str) -> Map<String, Value> {
     if text.is_empty() {

@@ -54,8 +54,10 @@ pub const DIALECT: &str = "anthropic";
 
 /// The body llmesh builds for a request, as JSON text.
 pub fn body(request: &GenerateRequest, model: &str, max_tokens: u32, stream: bool) -> Result<String, Refusal> {
-    let extensions = request.extensions.as_ref().filter(|e| e.dialect == DIALECT && !e.json.is_empty());
-    let ours = extensions.is_some() || request.extensions.as_ref().is_some_and(|e| e.dialect == DIALECT);
+    // Parts' and tools' `extra` are ours with extensions of this dialect, even without `json`.
+    let extensions = request.extensions.as_ref().filter(|e| e.dialect == DIALECT);
+    let ours = extensions.is_some();
+    let extensions = extensions.filter(|e| !e.json.is_empty());
     let (system, messages) = conversation(request, ours)?;
     let tools = request
         .tools
@@ -129,16 +131,7 @@ pub fn body(request: &GenerateRequest, model: &str, max_tokens: u32, stream: boo
         output_config,
     };
     let mut text = serde_json::to_string(&body)?;
-    for (name, value) in rest.iter().filter(|(name, _)| !OWN_FIELDS.contains(&name.as_str())) {
-        if text.ends_with('}') {
-            text.pop();
-            text.push(',');
-            text.push_str(&serde_json::to_string(name)?);
-            text.push(':');
-            text.push_str(value.get());
-            text.push('}');
-        }
-    }
+    translate::append_fields(&mut text, rest.iter().map(|(name, value)| (name.as_str(), &**value)), OWN_FIELDS)?;
     Ok(text)
 }
 

@@ -141,17 +141,7 @@ fn add_extensions(body: &mut String, extensions: &str) -> Result<(), serde_json:
         return Ok(());
     }
     let fields: std::collections::BTreeMap<String, &RawValue> = serde_json::from_str(extensions)?;
-    for (name, value) in fields.into_iter().filter(|(name, _)| !OWN_FIELDS.contains(&name.as_str())) {
-        if body.ends_with('}') {
-            body.pop();
-            body.push(',');
-            body.push_str(&serde_json::to_string(&name)?);
-            body.push(':');
-            body.push_str(value.get());
-            body.push('}');
-        }
-    }
-    Ok(())
+    translate::append_fields(body, fields.iter().map(|(name, value)| (name.as_str(), *value)), OWN_FIELDS)
 }
 
 #[derive(Serialize)]

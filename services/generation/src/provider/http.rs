@@ -128,21 +128,20 @@ pub enum Auth {
     Header(&'static str),
 }
 
-/// Headers a model's `headers` may not set: the key's, and what every call sets itself.
-const OWN_HEADERS: &[&str] = &["authorization", "x-api-key", "api-key", "content-type", "content-length", "host"];
+/// Headers a model's `headers` may not set: every API's key header (a test holds each [`Auth`]
+/// of the providers to this list), and what every call sets itself.
+const OWN_HEADERS: &[&str] =
+    &["authorization", "x-api-key", "api-key", "x-goog-api-key", "content-type", "content-length", "host"];
 
 /// One model's HTTP API: the client, the endpoint, the key and the limits of a call.
 pub struct Upstream {
     /// The provider's name ([`Api::name`]).
     name: &'static str,
     client: reqwest::Client,
-    /// The endpoint, parsed once: a malformed `base_url` stops start-up (naming the model) instead
-    /// of failing every call, and no call parses it again.
-    url: reqwest::Url,
-    /// A streamed call's endpoint (most APIs: `url`).
-    stream_url: reqwest::Url,
-    /// `url` with any credentials in it hidden, as errors name it: worked out once, not per call.
-    shown_url: Arc<str>,
+    /// A unary call's endpoint.
+    unary: Endpoint,
+    /// A streamed call's (most APIs': the same).
+    stream: Endpoint,
     /// Shared with each call's error path, which scrubs it from what the upstream said.
     key: Option<Arc<str>>,
     auth: Auth,
@@ -156,10 +155,26 @@ pub struct Upstream {
     headroom: Arc<Headroom>,
 }
 
+/// An endpoint, parsed once: a malformed `base_url` stops start-up (naming the model) instead of
+/// failing every call, and no call parses it again.
+struct Endpoint {
+    url: reqwest::Url,
+    /// `url` with any credentials in it hidden, as errors name it: worked out once, not per call.
+    shown: Arc<str>,
+}
+
+impl Endpoint {
+    /// `path` under `base_url`; `model` names the model in errors.
+    fn new(model: &str, base_url: &str, path: &str) -> anyhow::Result<Self> {
+        let url = endpoint(model, base_url, path)?;
+        Ok(Self { shown: redact_url(url.as_str()).into(), url })
+    }
+}
+
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key.
-        f.debug_struct("Upstream").field("url", &self.shown_url).finish_non_exhaustive()
+        f.debug_struct("Upstream").field("url", &self.unary.shown).finish_non_exhaustive()
     }
 }
 
@@ -193,15 +208,12 @@ impl Upstream {
         if in_path && !model.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
             anyhow::bail!("model {name}: the upstream model name {model:?} has characters a URL path cannot hold");
         }
-        let url = endpoint(name, base_url, &api.path.replace("{model}", model))?;
         let stream_path = if api.stream_path.is_empty() { api.path } else { api.stream_path };
-        let stream_url = endpoint(name, base_url, &stream_path.replace("{model}", model))?;
         Ok(Self {
             name: api.name,
             client,
-            stream_url,
-            shown_url: redact_url(url.as_str()).into(),
-            url,
+            unary: Endpoint::new(name, base_url, &api.path.replace("{model}", model))?,
+            stream: Endpoint::new(name, base_url, &stream_path.replace("{model}", model))?,
             key: key.map(Arc::from),
             auth: api.auth,
             headers: headers(name, api.headers, &config.headers)?,
@@ -235,8 +247,8 @@ impl Upstream {
         read: ReadAnswer,
         decoder: D,
     ) -> EventStream {
-        let url = if mode == Mode::Stream { &self.stream_url } else { &self.url };
-        let send = self.send(url, body);
+        let endpoint = if mode == Mode::Stream { &self.stream } else { &self.unary };
+        let send = self.send(endpoint, body);
         let (idle, first_token, total, limit) = (self.idle, self.first_token, self.total, self.max_response_bytes);
         match mode {
             Mode::Unary => Box::pin(
@@ -272,12 +284,12 @@ impl Upstream {
     /// total).
     fn send(
         &self,
-        url: &reqwest::Url,
+        endpoint: &Endpoint,
         body: String,
     ) -> impl std::future::Future<Output = Result<(reqwest::Response, Instant), UpstreamError>> + Send + 'static {
         let mut builder = self
             .client
-            .post(url.clone())
+            .post(endpoint.url.clone())
             .headers(self.headers.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
@@ -288,7 +300,7 @@ impl Upstream {
             };
         }
         let (first_token, total) = (self.first_token, self.total);
-        let (url, key, headroom) = (self.shown_url.clone(), self.key.clone(), self.headroom.clone());
+        let (url, key, headroom) = (endpoint.shown.clone(), self.key.clone(), self.headroom.clone());
         async move {
             let started = Instant::now();
             let deadline = (started + first_token).min(started + total);
@@ -664,7 +676,9 @@ mod tests {
         let map = headers("m", API.headers, &configured(&[("anthropic-beta", "a,b"), ("x-version", "2")])).unwrap();
         assert_eq!(map.get("anthropic-beta").unwrap(), "a,b");
         assert_eq!(map.get("x-version").unwrap(), "2", "the model's value replaces the provider's");
-        for (name, value) in [("Authorization", "Bearer sk-s3cret"), ("x-api-key", "sk-s3cret")] {
+        for (name, value) in
+            [("Authorization", "Bearer sk-s3cret"), ("x-api-key", "sk-s3cret"), ("x-goog-api-key", "s3cret")]
+        {
             let error = format!("{:#}", headers("m", &[], &configured(&[(name, value)])).unwrap_err());
             assert!(error.contains("is set by llmesh") && !error.contains("s3cret"), "{error}");
         }
@@ -672,6 +686,18 @@ mod tests {
         assert!(error.contains("x-ok") && !error.contains("s3cret"), "{error}");
         let error = format!("{:#}", headers("m", &[], &configured(&[("bad name", "v")])).unwrap_err());
         assert!(error.contains("is not a header name"), "{error}");
+    }
+
+    #[test]
+    fn no_provider_takes_its_key_in_a_header_a_model_may_set() {
+        use crate::provider::{anthropic, gemini, openai};
+        for api in [&openai::OPENAI, &openai::AZURE, &anthropic::API, &gemini::API] {
+            let header = match api.auth {
+                Auth::Bearer => "authorization",
+                Auth::Header(name) => name,
+            };
+            assert!(OWN_HEADERS.contains(&header), "{}: {header}", api.name);
+        }
     }
 
     #[test]

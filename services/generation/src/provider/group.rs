@@ -161,43 +161,52 @@ impl Group {
                 return Ok(Box::pin(futures::stream::once(async move { Err(error) })));
             }
         };
-        // Every call is made now (nothing is sent until it is polled), so that a request no
-        // deployment can take is refused at once, as a single provider would refuse it.
-        let mut attempts = Vec::new();
+        // The first deployment that takes the request is asked now, so that a request no
+        // deployment can take is refused at once, as a single provider would refuse it. The others'
+        // bodies are built only when the call fails over to them.
+        let mut order = order.into_iter();
         let mut refusal = None;
-        for i in order {
+        let (first, events) = loop {
+            let Some(i) = order.next() else {
+                return Err(refusal.unwrap_or_else(|| Status::internal("a group without deployments")));
+            };
             match self.deployments[i].stream(request, max_tokens, mode) {
-                Ok(events) => attempts.push((i, events)),
+                Ok(events) => break (i, events),
                 Err(status) => {
                     refusal.get_or_insert(status);
                 }
             }
-        }
-        if attempts.is_empty() {
-            return Err(refusal.unwrap_or_else(|| Status::internal("a group without deployments")));
-        }
-        let (state, cooldown) = (self.state.clone(), self.cooldown);
+        };
+        let rest: Vec<usize> = order.collect();
+        let request = (!rest.is_empty()).then(|| request.clone());
+        let (deployments, state, cooldown) = (self.deployments.clone(), self.state.clone(), self.cooldown);
         let answer = async move {
-            let last = attempts.len() - 1;
-            for (n, (i, mut events)) in attempts.into_iter().enumerate() {
+            let later = rest.into_iter().filter_map(|i| {
+                // One that has no form for the request is passed over.
+                let request = request.as_ref()?;
+                deployments[i].stream(request, max_tokens, mode).ok().map(|events| (i, events))
+            });
+            let mut last = None;
+            for (i, mut events) in std::iter::once((first, events)).chain(later) {
                 match events.next().await {
-                    Some(Ok(first)) => {
-                        return Box::pin(futures::stream::once(async { Ok(first) }).chain(events)) as EventStream;
+                    Some(Ok(event)) => {
+                        return Box::pin(futures::stream::once(async { Ok(event) }).chain(events)) as EventStream;
                     }
                     Some(Err(error)) => {
-                        let fails_over = !matches!(error.kind(), Kind::Rejected { .. });
-                        if fails_over {
-                            cool(&state, i, &error, cooldown);
-                        }
-                        if !fails_over || n == last {
+                        if matches!(error.kind(), Kind::Rejected { .. }) {
                             return Box::pin(futures::stream::once(async { Err(error) }));
                         }
-                        tracing::warn!(deployment = i, error = %error.detail(), "deployment failed; the call goes to the next");
+                        cool(&state, i, &error, cooldown);
+                        tracing::warn!(deployment = i, error = %error.detail(), "deployment failed before its answer began; cooling it down");
+                        last = Some(error);
                     }
                     None => return Box::pin(futures::stream::empty()),
                 }
             }
-            Box::pin(futures::stream::empty())
+            match last {
+                Some(error) => Box::pin(futures::stream::once(async { Err(error) })),
+                None => Box::pin(futures::stream::empty()),
+            }
         };
         Ok(Box::pin(futures::stream::once(answer).flatten()))
     }

@@ -23,7 +23,8 @@ pub trait ServiceConfig: Serialize + DeserializeOwned + Default {
     fn listen(&self) -> SocketAddr;
 
     /// What loading cannot tell: whether the configuration can run (a model's provider can be
-    /// built, its key file read). Checked by `--check-config` and before the port is bound.
+    /// built, its key file read). Checked by `--check-config`; a real start finds the same errors
+    /// as it builds the service.
     fn check(&self) -> anyhow::Result<()> {
         Ok(())
     }

@@ -30,8 +30,10 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let config: C = config::load(C::SECTION, &args)?;
-    config.check()?;
     if args.check_config {
+        // A real start builds the same things itself (and stops on the same errors): checking
+        // them there too would do the work, and log its warnings, twice.
+        config.check()?;
         tracing::info!("configuration is valid");
         return Ok(());
     }

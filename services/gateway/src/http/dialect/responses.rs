@@ -394,9 +394,7 @@ fn item(item: Item, at: &str, into: &mut Vec<ChatMessage>) -> Result<(), Problem
             }
             let (content, parts) = content(required(item.content, at, "content")?, &path(at, "content"))?;
             if role == "assistant" {
-                let turn = assistant_turn(into);
-                turn.content.push_str(&content);
-                turn.parts.extend(parts);
+                append(assistant_turn(into), content, parts);
             } else {
                 into.push(ChatMessage { role, content, parts, ..Default::default() });
             }
@@ -448,6 +446,27 @@ fn item(item: Item, at: &str, into: &mut Vec<ChatMessage>) -> Result<(), Problem
         }
     }
     Ok(())
+}
+
+/// Adds a message's content to a turn that may hold some already: texts joined by a newline, as
+/// a message's text parts are; parts, the turn's text first, when either has any (a message has
+/// `content` or `parts`, never both).
+fn append(turn: &mut ChatMessage, content: String, parts: Vec<ContentPart>) {
+    if parts.is_empty() && turn.parts.is_empty() {
+        if !turn.content.is_empty() && !content.is_empty() {
+            turn.content.push('\n');
+        }
+        turn.content.push_str(&content);
+        return;
+    }
+    if !turn.content.is_empty() {
+        let text = std::mem::take(&mut turn.content);
+        turn.parts.push(ContentPart { kind: Some(content_part::Kind::Text(text)), ..Default::default() });
+    }
+    if !content.is_empty() {
+        turn.parts.push(ContentPart { kind: Some(content_part::Kind::Text(content)), ..Default::default() });
+    }
+    turn.parts.extend(parts);
 }
 
 /// The assistant turn being written: the last message when it is the assistant's, else a new one.
